@@ -1,0 +1,1 @@
+"""OrgBillingActor (pure core), ShardActor (Ray shell) and placement."""

@@ -1,0 +1,138 @@
+"""Commands to an org: what the journal stores and what replay re-applies.
+
+`execute` is the single dispatcher for both the live path and recovery: a command and the
+time it was applied at give the same state change every time. Catalog look-ups (plan
+version, tier cap) are resolved before a command is built, so replay never depends on a
+catalog that changed later.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from actors.metering import LeaseUsage
+from actors.org import BillingError, Effects, OrgBillingActor, Resources
+from actors.timeutil import us_to_rfc3339
+from config.catalog import Catalog
+
+
+class AcquireLease(msgspec.Struct, tag="acq", array_like=True):
+    lease_id: str
+    resources: Resources
+    ttl_s: int
+
+
+class RenewLease(msgspec.Struct, tag="renew", array_like=True):
+    lease_id: str
+
+
+class ReleaseLease(msgspec.Struct, tag="rel", array_like=True):
+    lease_id: str
+
+
+class ApplyUsage(msgspec.Struct, tag="use", array_like=True):
+    usages: list[LeaseUsage]
+
+
+class Credit(msgspec.Struct, tag="credit", array_like=True):
+    kind: str
+    amount_micros: int  # > 0 adds credit; < 0 takes it back (refund, negative adjustment)
+    expires_at_us: int | None = None
+    note: str | None = None
+    idempotency_key: str | None = None
+
+
+class Halt(msgspec.Struct, tag="halt", array_like=True):
+    pass
+
+
+class Resume(msgspec.Struct, tag="resume", array_like=True):
+    pass
+
+
+class SetPlan(msgspec.Struct, tag="plan", array_like=True):
+    plan_id: str
+    plan_version: int
+
+
+class SetTier(msgspec.Struct, tag="tier", array_like=True):
+    tier: str
+    max_concurrent: int
+
+
+class SetLimits(msgspec.Struct, tag="limits", array_like=True):
+    max_disk_mb: int | None = None
+    machine_quotas: dict[str, dict[str, int]] | None = None
+
+
+class Advance(msgspec.Struct, tag="advance", array_like=True):
+    """Apply what time alone changed (expired leases and grants, a new period)."""
+
+
+Command = (AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | Halt | Resume
+           | SetPlan | SetTier | SetLimits | Advance)
+
+
+class JournalItem(msgspec.Struct, array_like=True):
+    at_us: int
+    command: Command
+
+
+JOURNAL_DECODER = msgspec.msgpack.Decoder(list[JournalItem])
+JOURNAL_ENCODER = msgspec.msgpack.Encoder()
+
+
+def lease_view(lease, created: bool | None = None) -> dict:
+    view = {"lease_id": lease.lease_id, "expires_at": us_to_rfc3339(lease.expires_at_us),
+            "ttl_s": lease.ttl_s, "quantity": lease.quantity}
+    if created is not None:
+        view["created"] = created
+    return view
+
+
+def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int,
+            fx: Effects) -> dict:
+    """Apply one command; returns its result. BillingError leaves time's effects applied."""
+    match command:
+        case ApplyUsage(usages=usages):
+            return {"debited_micros": org.apply_usage(usages, now_us, fx)}
+        case AcquireLease(lease_id=lease_id, resources=resources, ttl_s=ttl_s):
+            deny, lease, created = org.acquire_lease(lease_id, resources, ttl_s, now_us, fx)
+            if deny is not None:
+                return {"denied": msgspec.to_builtins(deny)}
+            return {"lease": lease_view(lease, created)}
+        case RenewLease(lease_id=lease_id):
+            return {"lease": lease_view(org.renew_lease(lease_id, now_us, fx))}
+        case ReleaseLease(lease_id=lease_id):
+            return {"released": org.release_lease(lease_id, now_us, fx)}
+        case Credit(kind=kind, amount_micros=amount, expires_at_us=expires, note=note):
+            if amount > 0:
+                entry = org.credit(kind, amount, expires, note, now_us, fx)
+            else:
+                entry = org.debit(kind, -amount, note, now_us, fx)
+            return {"entry": msgspec.to_builtins(entry), "balance_micros": org.balance_micros}
+        case Halt():
+            org.halt(now_us, fx)
+        case Resume():
+            org.resume(now_us, fx)
+        case SetPlan(plan_id=plan_id, plan_version=version):
+            org.set_plan(catalog.plan_version(plan_id, version), now_us, fx)
+        case SetTier(tier=tier, max_concurrent=cap):
+            org.set_tier(tier, cap, now_us, fx)
+        case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):
+            org.set_limits(max_disk_mb, quotas, now_us, fx)
+        case Advance():
+            org.advance(now_us, fx)
+        case _:
+            raise AssertionError(f"unknown command {command!r}")
+    return {"state": org.view(now_us)}
+
+
+def replay(org: OrgBillingActor, items: list[JournalItem], catalog: Catalog) -> None:
+    """Re-apply journaled commands; their effects were written when they first ran."""
+    sink = Effects()
+    for item in items:
+        try:
+            execute(org, item.command, catalog, item.at_us, sink)
+        except BillingError:
+            pass  # it failed the same way the first time; its time effects are reapplied

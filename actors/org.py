@@ -1,0 +1,617 @@
+"""OrgBillingActor: the functional core of one organization's billing.
+
+A plain object. Every method takes the current time as an argument and returns a decision;
+mutations also append the ledger entries and events they produce to an Effects collector.
+No I/O, no Ray, no clock reads: replaying the same commands with the same times gives the
+same state, which is how a shard rebuilds an org from its snapshot and journal.
+
+Money is integer micro-USD. The balance is the sum of the live grants minus the debt; the
+period quota is spent before any grant and is not money in the ledger.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterable
+
+import msgspec
+
+from actors.metering import SCALED_PER_MICRO, LeaseUsage, cost_scaled, split_micros
+from actors.timeutil import US_PER_S, period_bounds, us_to_rfc3339
+from config.catalog import Plan
+
+# Limits on everything held per org, so a runaway caller fails fast instead of growing a shard.
+MAX_LEASES_PER_ORG = 10_000
+MAX_GRANTS_PER_ORG = 1_000
+MAX_AMOUNT_MICROS = 10**12  # 1,000,000 USD in one ledger operation
+MAX_TTL_S = 86_400
+
+PROMOTIONAL_KINDS = frozenset({"signup_grant", "grant"})
+PURCHASED_KINDS = frozenset({"topup", "auto_recharge", "adjustment"})
+CREDIT_KINDS = PROMOTIONAL_KINDS | PURCHASED_KINDS
+DEBIT_KINDS = frozenset({"refund", "adjustment"})
+ACTIONS = ("create", "wake", "ingest", "purchase")
+THRESHOLD_PERCENTS = (80, 100)
+
+STATUS_BY_REASON = {
+    "ok": 200,
+    "insufficient_balance": 402,
+    "halted": 402,
+    "suspended": 402,
+    "quota_exceeded": 402,
+    "no_payment_method": 402,
+    "degraded": 402,
+    "concurrency_limit": 429,
+    "resource_limit": 403,
+}
+
+
+class BillingError(Exception):
+    """A command the org cannot apply; `code` is the API error code."""
+
+    code = "invalid_command"
+    status = 400
+
+
+class UnknownLease(BillingError):
+    code = "unknown_lease"
+    status = 404
+
+
+class LeaseConflict(BillingError):
+    code = "idempotency_conflict"
+    status = 409
+
+
+class Grant(msgspec.Struct, array_like=True):
+    grant_id: str
+    kind: str
+    remaining_micros: int
+    expires_at_us: int | None = None
+
+
+class Lease(msgspec.Struct, array_like=True):
+    lease_id: str
+    expires_at_us: int
+    ttl_s: int
+    quantity: int
+    region: str | None
+    machine_type: str | None
+    memory_mb: int
+    cpu_count: int
+    disk_mb: int
+
+
+class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    memory_mb: int = 0
+    cpu_count: int = 0
+    disk_mb: int = 0
+    machine_type: str | None = None
+    region: str | None = None
+    quantity: int = 1
+
+
+class Decision(msgspec.Struct, omit_defaults=True):
+    allowed: bool
+    reason: str
+    status: int
+    balance_micros: int
+    active_leases: int
+    max_concurrent: int
+    limit: int | None = None
+    requested: int | None = None
+    in_use: int | None = None
+    resource: str | None = None
+
+
+class LedgerEntry(msgspec.Struct, omit_defaults=True):
+    kind: str
+    amount_micros: int
+    at_us: int
+    grant_id: str | None = None
+    expires_at_us: int | None = None
+    note: str | None = None
+
+
+class Event(msgspec.Struct):
+    type: str
+    org_id: str
+    at_us: int
+    data: dict
+
+
+class Effects:
+    """What a batch of commands produced, for the shard to write in its commit."""
+
+    __slots__ = ("ledger", "events")
+
+    def __init__(self) -> None:
+        self.ledger: list[tuple[str, LedgerEntry]] = []
+        self.events: list[Event] = []
+
+
+class OrgSnapshot(msgspec.Struct, array_like=True):
+    """The persisted form of an org; the plan is stored by id and version."""
+
+    org_id: str
+    email: str
+    prepaid: bool
+    plan_id: str
+    plan_version: int
+    tier: str
+    max_concurrent: int
+    max_disk_mb: int
+    machine_quotas: dict[str, dict[str, int]] | None
+    grants: list[Grant] | None
+    debt_micros: int
+    remainder_scaled: int
+    period_key: str
+    period_start_us: int
+    period_end_us: int
+    period_usage_micros: int
+    quota_used_micros: int
+    thresholds_fired: int
+    halted: str | None
+    suspended: bool
+    past_due_since_us: int | None
+    leases: list[Lease] | None
+    has_payment_method: bool
+    created_us: int
+    grant_seq: int
+
+
+def _burn_order(grant: Grant) -> tuple:
+    # Expiring grants first (soonest first), then promotional credit, then purchased credit.
+    expiring = grant.expires_at_us is not None
+    return (not expiring, grant.expires_at_us or 0, grant.kind in PURCHASED_KINDS)
+
+
+def _clawback_order(grant: Grant) -> tuple:
+    # A refund takes back purchased credit first; only then anything else, in burn order.
+    return (grant.kind not in PURCHASED_KINDS,) + _burn_order(grant)
+
+
+class OrgBillingActor:
+    __slots__ = (
+        "org_id", "email", "prepaid", "plan", "tier", "max_concurrent", "max_disk_mb",
+        "machine_quotas", "grants", "debt_micros", "remainder_scaled", "period_key",
+        "period_start_us", "period_end_us", "period_usage_micros", "quota_used_micros",
+        "thresholds_fired", "halted", "suspended", "past_due_since_us", "leases",
+        "has_payment_method", "created_us", "grant_seq",
+    )
+
+    def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
+                 max_concurrent: int, max_disk_mb: int, now_us: int) -> None:
+        self.org_id = sys.intern(org_id)
+        self.email = email
+        self.prepaid = prepaid
+        self.plan = plan
+        self.tier = sys.intern(tier)
+        self.max_concurrent = max_concurrent
+        self.max_disk_mb = max_disk_mb
+        self.machine_quotas: dict[str, dict[str, int]] | None = None
+        self.grants: list[Grant] | None = None
+        self.debt_micros = 0
+        self.remainder_scaled = 0
+        self.period_key, self.period_start_us, self.period_end_us = "", 0, 0
+        self.period_usage_micros = 0
+        self.quota_used_micros = 0
+        self.thresholds_fired = 0
+        self.halted: str | None = None  # "balance" (ran out) or "admin"
+        self.suspended = False
+        self.past_due_since_us: int | None = None
+        self.leases: dict[str, Lease] | None = None
+        self.has_payment_method = False
+        self.created_us = now_us
+        self.grant_seq = 0
+        self._start_period(now_us)
+
+    # ----- creation ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
+               max_concurrent: int, max_disk_mb: int, signup_grant_micros: int,
+               now_us: int, fx: Effects) -> "OrgBillingActor":
+        org = cls(org_id, email, prepaid, plan, tier, max_concurrent, max_disk_mb, now_us)
+        if signup_grant_micros > 0:
+            org.credit("signup_grant", signup_grant_micros, None, None, now_us, fx)
+        elif prepaid:
+            org._halt_if_out_of_money(now_us, fx)
+        return org
+
+    # ----- reads ------------------------------------------------------------------------
+
+    def balance_at(self, now_us: int) -> int:
+        live = 0
+        for grant in self.grants or ():
+            if grant.expires_at_us is None or grant.expires_at_us > now_us:
+                live += grant.remaining_micros
+        return live - self.debt_micros
+
+    @property
+    def balance_micros(self) -> int:
+        return sum(g.remaining_micros for g in self.grants or ()) - self.debt_micros
+
+    def quota_remaining_at(self, now_us: int) -> int:
+        used = 0 if now_us >= self.period_end_us else self.quota_used_micros
+        return max(0, self.plan.included_micros - used)
+
+    def active_leases_at(self, now_us: int) -> int:
+        return sum(l.quantity for l in self.leases.values() if l.expires_at_us > now_us) if self.leases else 0
+
+    def gate(self, action: str, resources: Resources, now_us: int) -> Decision:
+        """Read-only: may this org do `action` with `resources` now?"""
+        assert action in ACTIONS, action
+        balance = self.balance_at(now_us)
+        active = self.active_leases_at(now_us)
+
+        def decide(reason: str, **detail: int | str) -> Decision:
+            return Decision(allowed=reason == "ok", reason=reason, status=STATUS_BY_REASON[reason],
+                            balance_micros=balance, active_leases=active,
+                            max_concurrent=self.max_concurrent, **detail)
+
+        if self.suspended:
+            return decide("suspended")
+        if action == "purchase":
+            return decide("ok")
+        if self.halted is not None:
+            return decide("halted")
+        if not self._may_spend(balance, now_us):
+            return decide("quota_exceeded" if self.plan.included_micros > 0 else "insufficient_balance")
+        if action in ("create", "wake"):
+            denied = self._resource_deny(resources, now_us)
+            if denied is not None:
+                return decide("resource_limit", **denied)
+            if active + resources.quantity > self.max_concurrent:
+                return decide("concurrency_limit")
+        return decide("ok")
+
+    def _may_spend(self, balance: int, now_us: int) -> bool:
+        if not self.prepaid and self.plan.overage:
+            return True  # postpaid: usage past credit is invoiced
+        return balance + self.quota_remaining_at(now_us) > 0
+
+    def _resource_deny(self, resources: Resources, now_us: int) -> dict | None:
+        if resources.disk_mb > self.max_disk_mb:
+            return {"limit": self.max_disk_mb, "requested": resources.disk_mb, "resource": "disk_mb"}
+        if self.machine_quotas and resources.region and resources.machine_type:
+            limit = self.machine_quotas.get(resources.region, {}).get(resources.machine_type)
+            if limit is not None:
+                in_use = sum(
+                    l.quantity for l in (self.leases or {}).values()
+                    if l.expires_at_us > now_us and l.region == resources.region
+                    and l.machine_type == resources.machine_type
+                )
+                if in_use + resources.quantity > limit:
+                    return {"limit": limit, "requested": in_use + resources.quantity, "in_use": in_use,
+                            "resource": f"machine_type:{resources.region}/{resources.machine_type}"}
+        return None
+
+    # ----- leases -----------------------------------------------------------------------
+
+    def acquire_lease(self, lease_id: str, resources: Resources, ttl_s: int, now_us: int,
+                      fx: Effects) -> tuple[Decision | None, Lease | None, bool]:
+        """(deny, None, False) | (None, lease, created). The same lease_id returns the lease."""
+        assert 0 < ttl_s <= MAX_TTL_S, ttl_s
+        self.advance(now_us, fx)
+        existing = self.leases.get(lease_id) if self.leases else None
+        if existing is not None:
+            if not self._same_lease(existing, resources):
+                raise LeaseConflict(f"lease {lease_id} exists with other resources")
+            return None, existing, False
+        decision = self.gate("create", resources, now_us)
+        if not decision.allowed:
+            return decision, None, False
+        if self.leases is None:
+            self.leases = {}
+        if len(self.leases) >= MAX_LEASES_PER_ORG:
+            raise BillingError(f"an org holds at most {MAX_LEASES_PER_ORG} leases")
+        lease = Lease(lease_id=lease_id, expires_at_us=now_us + ttl_s * US_PER_S, ttl_s=ttl_s,
+                      quantity=resources.quantity, region=resources.region,
+                      machine_type=resources.machine_type, memory_mb=resources.memory_mb,
+                      cpu_count=resources.cpu_count, disk_mb=resources.disk_mb)
+        self.leases[lease_id] = lease
+        assert self.active_leases_at(now_us) <= self.max_concurrent, "lease cap exceeded"
+        return None, lease, True
+
+    @staticmethod
+    def _same_lease(lease: Lease, resources: Resources) -> bool:
+        return (lease.quantity, lease.region, lease.machine_type, lease.memory_mb,
+                lease.cpu_count, lease.disk_mb) == (
+                resources.quantity, resources.region, resources.machine_type,
+                resources.memory_mb, resources.cpu_count, resources.disk_mb)
+
+    def renew_lease(self, lease_id: str, now_us: int, fx: Effects) -> Lease:
+        self.advance(now_us, fx)
+        lease = self.leases.get(lease_id) if self.leases else None
+        if lease is None:
+            raise UnknownLease(f"lease {lease_id} is not active")
+        lease.expires_at_us = max(lease.expires_at_us, now_us + lease.ttl_s * US_PER_S)
+        return lease
+
+    def release_lease(self, lease_id: str, now_us: int, fx: Effects) -> bool:
+        """Release; releasing a lease that is already gone is not an error (a retried DELETE)."""
+        self.advance(now_us, fx)
+        if self.leases and self.leases.pop(lease_id, None) is not None:
+            if not self.leases:
+                self.leases = None
+            return True
+        return False
+
+    # ----- usage ------------------------------------------------------------------------
+
+    def apply_usage(self, usages: Iterable[LeaseUsage], now_us: int, fx: Effects) -> int:
+        """Bill summed ticks; returns the micro-USD debited (quota part included)."""
+        self.advance(now_us, fx)
+        scaled = 0
+        for usage in usages:
+            scaled += cost_scaled(self.plan, usage)
+            lease = self.leases.get(usage.lease_id) if self.leases else None
+            if lease is not None:  # a tick is a heartbeat: it renews its lease
+                lease.expires_at_us = max(lease.expires_at_us, now_us + lease.ttl_s * US_PER_S)
+        micros, self.remainder_scaled = split_micros(self.remainder_scaled, scaled)
+        assert 0 <= self.remainder_scaled < SCALED_PER_MICRO
+        if micros:
+            self._spend(micros, now_us, fx)
+        return micros
+
+    def _spend(self, micros: int, now_us: int, fx: Effects) -> None:
+        self.period_usage_micros += micros
+        from_quota = min(micros, self.quota_remaining_at(now_us))
+        self.quota_used_micros += from_quota
+        from_credit = micros - from_quota
+        if from_credit:
+            self._take(from_credit, _burn_order)
+            fx.ledger.append((self.org_id, LedgerEntry("usage", -from_credit, now_us)))
+        self._fire_quota_thresholds(now_us, fx)
+        self._halt_if_out_of_money(now_us, fx)
+
+    def _take(self, micros: int, order: Callable[[Grant], tuple]) -> None:
+        """Take micros from the grants in `order`; what they cannot cover becomes debt."""
+        assert micros > 0
+        if self.grants:
+            for grant in sorted(self.grants, key=order):
+                taken = min(grant.remaining_micros, micros)
+                grant.remaining_micros -= taken
+                micros -= taken
+                if micros == 0:
+                    break
+            self.grants = [g for g in self.grants if g.remaining_micros > 0] or None
+        self.debt_micros += micros
+
+    def _fire_quota_thresholds(self, now_us: int, fx: Effects) -> None:
+        included = self.plan.included_micros
+        if included == 0:
+            return
+        for bit, percent in enumerate(THRESHOLD_PERCENTS):
+            if self.thresholds_fired >> bit & 1:
+                continue
+            if self.quota_used_micros * 100 >= included * percent:
+                self.thresholds_fired |= 1 << bit
+                fx.events.append(Event("quota.threshold_crossed", self.org_id, now_us, {
+                    "percent": percent, "period": self.period_key,
+                    "quota_micros": included, "used_micros": self.quota_used_micros}))
+
+    def _halt_if_out_of_money(self, now_us: int, fx: Effects) -> None:
+        if not self.prepaid or self.halted is not None:
+            return
+        if self.balance_micros + self.quota_remaining_at(now_us) > 0:
+            return
+        self.halted = "balance"
+        fx.events.append(Event("org.halted", self.org_id, now_us, {
+            "reason": "balance", "lease_ids": sorted(self.leases or ()),
+            "balance_micros": self.balance_micros}))
+
+    # ----- credit -----------------------------------------------------------------------
+
+    def credit(self, kind: str, amount_micros: int, expires_at_us: int | None, note: str | None,
+               now_us: int, fx: Effects) -> LedgerEntry:
+        """Add credit; debt is paid first. A halt for lack of money lifts; no lease is made."""
+        assert kind in CREDIT_KINDS, kind
+        assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
+        assert expires_at_us is None or expires_at_us > now_us, "grant already expired"
+        self.advance(now_us, fx)
+        self.grant_seq += 1
+        grant_id = f"gr_{self.grant_seq}"
+        to_debt = min(self.debt_micros, amount_micros)
+        self.debt_micros -= to_debt
+        if amount_micros > to_debt:
+            if len(self.grants or ()) >= MAX_GRANTS_PER_ORG:
+                raise BillingError(f"an org holds at most {MAX_GRANTS_PER_ORG} live grants")
+            grant = Grant(grant_id, sys.intern(kind), amount_micros - to_debt, expires_at_us)
+            self.grants = (self.grants or []) + [grant]
+        entry = LedgerEntry(kind, amount_micros, now_us, grant_id, expires_at_us, note)
+        fx.ledger.append((self.org_id, entry))
+        if self.halted == "balance" and self.balance_micros + self.quota_remaining_at(now_us) > 0:
+            self.halted = None
+            fx.events.append(Event("org.resumed", self.org_id, now_us,
+                                   {"reason": "credit", "balance_micros": self.balance_micros}))
+        return entry
+
+    def debit(self, kind: str, amount_micros: int, note: str | None, now_us: int,
+              fx: Effects) -> LedgerEntry:
+        """Take credit back (refund, negative adjustment): purchased credit first."""
+        assert kind in DEBIT_KINDS, kind
+        assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
+        self.advance(now_us, fx)
+        self._take(amount_micros, _clawback_order)
+        entry = LedgerEntry(kind, -amount_micros, now_us, None, None, note)
+        fx.ledger.append((self.org_id, entry))
+        self._halt_if_out_of_money(now_us, fx)
+        return entry
+
+    # ----- admin ------------------------------------------------------------------------
+
+    def halt(self, now_us: int, fx: Effects) -> None:
+        self.advance(now_us, fx)
+        if self.halted != "admin":
+            self.halted = "admin"
+            fx.events.append(Event("org.halted", self.org_id, now_us, {
+                "reason": "admin", "lease_ids": sorted(self.leases or ()),
+                "balance_micros": self.balance_micros}))
+
+    def resume(self, now_us: int, fx: Effects) -> None:
+        """Unblock; never wakes anything. An org still out of money stays denied by the gate."""
+        self.advance(now_us, fx)
+        if self.halted is not None:
+            self.halted = None
+            fx.events.append(Event("org.resumed", self.org_id, now_us,
+                                   {"reason": "admin", "balance_micros": self.balance_micros}))
+
+    def set_plan(self, plan: Plan, now_us: int, fx: Effects) -> None:
+        self.advance(now_us, fx)
+        period_changed = plan.period != self.plan.period
+        self.plan = plan
+        if period_changed:
+            self._start_period(now_us)
+        self._halt_if_out_of_money(now_us, fx)
+
+    def set_tier(self, tier: str, max_concurrent: int, now_us: int, fx: Effects) -> None:
+        """A lower cap never ends running leases; it only stops new ones."""
+        assert max_concurrent >= 0
+        self.advance(now_us, fx)
+        self.tier = sys.intern(tier)
+        self.max_concurrent = max_concurrent
+
+    def set_limits(self, max_disk_mb: int | None, machine_quotas: dict[str, dict[str, int]] | None,
+                   now_us: int, fx: Effects) -> None:
+        self.advance(now_us, fx)
+        if max_disk_mb is not None:
+            self.max_disk_mb = max_disk_mb
+        if machine_quotas is not None:
+            self.machine_quotas = machine_quotas or None
+
+    # ----- time -------------------------------------------------------------------------
+
+    def advance(self, now_us: int, fx: Effects) -> None:
+        """Apply what time alone changed: a new period, expired grants, expired leases."""
+        if now_us >= self.period_end_us:
+            self._start_period(now_us)
+        if self.grants and any(g.expires_at_us is not None and g.expires_at_us <= now_us for g in self.grants):
+            self._expire_grants(now_us, fx)
+        if self.leases and any(l.expires_at_us <= now_us for l in self.leases.values()):
+            self._expire_leases(now_us, fx)
+
+    def _start_period(self, now_us: int) -> None:
+        key, start, end = period_bounds(self.plan.period, now_us)
+        self.period_key = sys.intern(key)
+        self.period_start_us, self.period_end_us = start, end
+        self.period_usage_micros = 0
+        self.quota_used_micros = 0
+        self.thresholds_fired = 0
+
+    def _expire_grants(self, now_us: int, fx: Effects) -> None:
+        kept = []
+        for grant in self.grants or ():
+            if grant.expires_at_us is not None and grant.expires_at_us <= now_us:
+                fx.ledger.append((self.org_id, LedgerEntry(
+                    "expiration", -grant.remaining_micros, now_us, grant.grant_id, grant.expires_at_us)))
+            else:
+                kept.append(grant)
+        self.grants = kept or None
+        self._halt_if_out_of_money(now_us, fx)
+
+    def _expire_leases(self, now_us: int, fx: Effects) -> None:
+        assert self.leases is not None
+        for lease in [l for l in self.leases.values() if l.expires_at_us <= now_us]:
+            del self.leases[lease.lease_id]
+            fx.events.append(Event("lease.expired", self.org_id, now_us, {
+                "lease_id": lease.lease_id, "expired_at": us_to_rfc3339(lease.expires_at_us)}))
+        if not self.leases:
+            self.leases = None
+
+    # ----- persistence ------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        assert self.debt_micros >= 0, self.debt_micros
+        assert 0 <= self.remainder_scaled < SCALED_PER_MICRO, self.remainder_scaled
+        for grant in self.grants or ():
+            assert grant.remaining_micros > 0, grant
+        assert 0 <= self.quota_used_micros <= self.period_usage_micros
+        assert len(self.leases or ()) <= MAX_LEASES_PER_ORG
+        assert not (self.grants and self.debt_micros), "debt while credit remains"
+
+    def to_snapshot(self) -> OrgSnapshot:
+        self.check_invariants()
+        return OrgSnapshot(
+            org_id=self.org_id, email=self.email, prepaid=self.prepaid, plan_id=self.plan.id,
+            plan_version=self.plan.version, tier=self.tier, max_concurrent=self.max_concurrent,
+            max_disk_mb=self.max_disk_mb, machine_quotas=self.machine_quotas,
+            grants=[msgspec.structs.replace(g) for g in self.grants] if self.grants else None,
+            debt_micros=self.debt_micros, remainder_scaled=self.remainder_scaled,
+            period_key=self.period_key, period_start_us=self.period_start_us,
+            period_end_us=self.period_end_us, period_usage_micros=self.period_usage_micros,
+            quota_used_micros=self.quota_used_micros, thresholds_fired=self.thresholds_fired,
+            halted=self.halted, suspended=self.suspended, past_due_since_us=self.past_due_since_us,
+            leases=[msgspec.structs.replace(l) for l in self.leases.values()] if self.leases else None,
+            has_payment_method=self.has_payment_method, created_us=self.created_us,
+            grant_seq=self.grant_seq)
+
+    @classmethod
+    def from_snapshot(cls, snap: OrgSnapshot, plan: Plan) -> "OrgBillingActor":
+        assert (plan.id, plan.version) == (snap.plan_id, snap.plan_version)
+        org = cls.__new__(cls)
+        org.org_id = sys.intern(snap.org_id)
+        org.email = snap.email
+        org.prepaid = snap.prepaid
+        org.plan = plan
+        org.tier = sys.intern(snap.tier)
+        org.max_concurrent = snap.max_concurrent
+        org.max_disk_mb = snap.max_disk_mb
+        org.machine_quotas = snap.machine_quotas
+        org.grants = snap.grants
+        org.debt_micros = snap.debt_micros
+        org.remainder_scaled = snap.remainder_scaled
+        org.period_key = sys.intern(snap.period_key)
+        org.period_start_us = snap.period_start_us
+        org.period_end_us = snap.period_end_us
+        org.period_usage_micros = snap.period_usage_micros
+        org.quota_used_micros = snap.quota_used_micros
+        org.thresholds_fired = snap.thresholds_fired
+        org.halted = snap.halted
+        org.suspended = snap.suspended
+        org.past_due_since_us = snap.past_due_since_us
+        org.leases = {l.lease_id: l for l in snap.leases} if snap.leases else None
+        org.has_payment_method = snap.has_payment_method
+        org.created_us = snap.created_us
+        org.grant_seq = snap.grant_seq
+        org.check_invariants()
+        return org
+
+    def view(self, now_us: int) -> dict:
+        """The org's state as GET /v1/orgs/{org_id} shows it."""
+        active = [l for l in (self.leases or {}).values() if l.expires_at_us > now_us]
+        quota_used = 0 if now_us >= self.period_end_us else self.quota_used_micros
+        usage = 0 if now_us >= self.period_end_us else self.period_usage_micros
+        return {
+            "org_id": self.org_id,
+            "email": self.email,
+            "billing_mode": "prepaid" if self.prepaid else "postpaid",
+            "balance_micros": self.balance_at(now_us),
+            "debt_micros": self.debt_micros,
+            "grants": [
+                {"grant_id": g.grant_id, "kind": g.kind, "remaining_micros": g.remaining_micros,
+                 "expires_at": us_to_rfc3339(g.expires_at_us) if g.expires_at_us else None}
+                for g in sorted(self.grants or (), key=_burn_order)
+            ],
+            "period": {
+                "key": self.period_key, "usage_micros": usage, "quota_micros": self.plan.included_micros,
+                "quota_used_micros": quota_used, "resets_at": us_to_rfc3339(self.period_end_us),
+                # kept under the names API.md lists as well
+                "usage": usage, "quota": self.plan.included_micros,
+            },
+            "is_halted": self.halted is not None,
+            "halt_reason": self.halted,
+            "suspended": self.suspended,
+            "past_due_since": us_to_rfc3339(self.past_due_since_us) if self.past_due_since_us else None,
+            "active_leases": sum(l.quantity for l in active),
+            "leases": [{"lease_id": l.lease_id, "expires_at": us_to_rfc3339(l.expires_at_us),
+                        "quantity": l.quantity} for l in active],
+            "max_concurrent": self.max_concurrent,
+            "tier": self.tier,
+            "plan": {"id": self.plan.id, "version": self.plan.version},
+            "limits": {"max_disk_mb": self.max_disk_mb, "machine_quotas": self.machine_quotas or {}},
+            "auto_recharge": {"enabled": False},
+            "has_payment_method": self.has_payment_method,
+            "created_at": us_to_rfc3339(self.created_us),
+        }

@@ -1,0 +1,1 @@
+"""Settings (METERGATE_* environment variables) and the plan/tier catalog."""

@@ -1,0 +1,86 @@
+"""Service settings from METERGATE_* environment variables, validated at start."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalog.toml"
+
+
+class SettingsError(Exception):
+    """Settings that cannot start the service; the message names every bad variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METERGATE_", extra="ignore")
+
+    # Unset: an embedded Postgres (pgserver) in data_dir/pg.
+    database_url: str | None = None
+    data_dir: Path = PROJECT_DIR / ".metergate"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    # Unset: generated at start and printed (make up), so a fresh machine needs no setup.
+    service_token: str | None = Field(None, min_length=16)
+    admin_token: str | None = Field(None, min_length=16)
+    shards: int = Field(2, ge=1, le=256)
+    catalog: Path = DEFAULT_CATALOG
+    ingress_replicas: int = Field(1, ge=1, le=64)
+
+    # Group commit: a batch is cut when the previous commit returns; these bound its size.
+    commit_max_commands: int = Field(20_000, ge=1, le=1_000_000)
+    snapshot_every_entries: int = Field(64, ge=1, le=100_000)
+    passivate_after_s: int = Field(900, ge=1)
+    tick_id_retention_s: int = Field(26 * 3600, ge=24 * 3600)
+
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_usage_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_ticks_per_request: int = Field(10_000, ge=1, le=100_000)
+
+    stripe_secret_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_base: str | None = None
+    svix_webhook_secret: str | None = None
+    webhook_secret: str | None = None
+    webhook_urls: str = ""
+    test_clock: bool = False
+
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"catalog file {path} does not exist")
+        return path
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must start with postgresql:// or postgres://")
+        return url
+
+
+def load_settings() -> Settings:
+    """Read and validate the settings; a SettingsError names each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"METERGATE_{field.upper()}: {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+def with_generated_tokens(settings: Settings) -> Settings:
+    """Fill in missing service/admin tokens with fresh random ones (printed by the launcher)."""
+    update = {}
+    if settings.service_token is None:
+        update["service_token"] = "mg_svc_" + secrets.token_urlsafe(24)
+    if settings.admin_token is None:
+        update["admin_token"] = "mg_adm_" + secrets.token_urlsafe(24)
+    return settings.model_copy(update=update)
