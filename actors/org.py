@@ -422,11 +422,15 @@ class OrgBillingActor:
             self.grants = (self.grants or []) + [grant]
         entry = LedgerEntry(kind, amount_micros, now_us, grant_id, expires_at_us, note)
         fx.ledger.append((self.org_id, entry))
+        self._resume_if_funded("credit", now_us, fx)
+        return entry
+
+    def _resume_if_funded(self, reason: str, now_us: int, fx: Effects) -> None:
+        """Lift a halt for lack of money once there is money (credit or quota) again."""
         if self.halted == "balance" and self.balance_micros + self.quota_remaining_at(now_us) > 0:
             self.halted = None
             fx.events.append(Event("org.resumed", self.org_id, now_us,
-                                   {"reason": "credit", "balance_micros": self.balance_micros}))
-        return entry
+                                   {"reason": reason, "balance_micros": self.balance_micros}))
 
     def debit(self, kind: str, amount_micros: int, note: str | None, now_us: int,
               fx: Effects) -> LedgerEntry:
@@ -457,6 +461,9 @@ class OrgBillingActor:
             self.halted = None
             fx.events.append(Event("org.resumed", self.org_id, now_us,
                                    {"reason": "admin", "balance_micros": self.balance_micros}))
+            # Invariant 5: a prepaid org with nothing to spend stays halted, now for balance,
+            # so the next credit (not another admin call) lifts it.
+            self._halt_if_out_of_money(now_us, fx)
 
     def set_plan(self, plan: Plan, now_us: int, fx: Effects) -> None:
         self.advance(now_us, fx)
@@ -465,6 +472,7 @@ class OrgBillingActor:
         if period_changed:
             self._start_period(now_us)
         self._halt_if_out_of_money(now_us, fx)
+        self._resume_if_funded("plan", now_us, fx)
 
     def set_tier(self, tier: str, max_concurrent: int, now_us: int, fx: Effects) -> None:
         """A lower cap never ends running leases; it only stops new ones."""
@@ -485,12 +493,17 @@ class OrgBillingActor:
 
     def advance(self, now_us: int, fx: Effects) -> None:
         """Apply what time alone changed: a new period, expired grants, expired leases."""
-        if now_us >= self.period_end_us:
+        new_period = now_us >= self.period_end_us
+        if new_period:
             self._start_period(now_us)
         if self.grants and any(g.expires_at_us is not None and g.expires_at_us <= now_us for g in self.grants):
             self._expire_grants(now_us, fx)
         if self.leases and any(l.expires_at_us <= now_us for l in self.leases.values()):
             self._expire_leases(now_us, fx)
+        if new_period:
+            # The new period's quota is money to spend: a halt for lack of money lifts, as
+            # after a credit; after the grant expiry above, so it never lifts then re-halts.
+            self._resume_if_funded("period", now_us, fx)
 
     def _start_period(self, now_us: int) -> None:
         key, start, end = period_bounds(self.plan.period, now_us)

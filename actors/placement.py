@@ -1,0 +1,22 @@
+"""Where an org lives: a stable hash to a fixed slot space, slots mapped to shard actors."""
+
+from __future__ import annotations
+
+import hashlib
+
+# Fixed forever: changing it would move every org. Shards own slots, never orgs directly.
+SLOT_COUNT = 1024
+NAMESPACE = "metergate"
+
+
+def slot_of(org_id: str) -> int:
+    digest = hashlib.blake2b(org_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % SLOT_COUNT
+
+
+def shard_name(shard: int) -> str:
+    return f"metergate-shard-{shard}"
+
+
+def default_assignment(slot: int, shard_count: int) -> int:
+    return slot % shard_count

@@ -1,0 +1,566 @@
+"""ShardActor: the imperative shell around many OrgBillingActors.
+
+A Ray actor (async, named, detached, restartable) that owns the orgs whose slot maps to its
+shard. Commands for all its orgs go through one commit loop, so each org has a single writer
+and commands apply in arrival order. The loop cuts a batch whenever the previous commit has
+returned (group commit): it loads missing orgs, dedupes tick ids in Postgres, applies the
+batch in memory, writes journal, ledger, rollups and outbox in one transaction fenced by the
+shard's epoch, and only then answers the callers. Gate checks are read-only and answer from
+memory at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+
+from actors import commands as cmd
+from actors.clock import now_us
+from actors.metering import LeaseUsage, UnknownUnit, cost_scaled
+from actors.org import BillingError, Effects, OrgBillingActor, OrgSnapshot, Resources
+from actors.placement import slot_of
+from actors.ticks import TICKS_DECODER, Tick
+from actors.timeutil import minute_us
+from config.catalog import Catalog, load_catalog
+from config.settings import Settings
+from storage import journal as store
+from storage.db import create_pool
+
+log = logging.getLogger("metergate.shard")
+
+SNAPSHOT_DECODER = msgspec.msgpack.Decoder(OrgSnapshot)
+ENCODER = msgspec.msgpack.Encoder()
+MAX_PENDING_ITEMS = 100_000  # back-pressure: beyond this, callers get shard_busy
+RECENT_KEYS_MAX = 10_000
+IDLE_SNAPSHOT_AFTER_S = 2
+HOUSEKEEPING_EVERY_S = 1.0
+TICK_PRUNE_EVERY_S = 60.0
+
+
+def error(code: str, message: str, status: int) -> dict:
+    return {"error": {"code": code, "message": message, "status": status}}
+
+
+def tick_key(org_id: str, tick_id: str) -> uuid.UUID:
+    return uuid.UUID(bytes=hashlib.blake2b(f"{org_id}\x1f{tick_id}".encode(), digest_size=16).digest())
+
+
+class CreateOrg(msgspec.Struct):
+    email: str
+    plan_id: str
+    prepaid: bool
+
+
+class GetState(msgspec.Struct):
+    pass
+
+
+class LoadedOrg:
+    """An org in memory plus what the shell needs: its journal position and last use."""
+
+    __slots__ = ("org", "seq", "tail", "touched_s")
+
+    def __init__(self, org: OrgBillingActor, seq: int, tail: int, touched_s: int) -> None:
+        self.org = org
+        self.seq = seq
+        self.tail = tail
+        self.touched_s = touched_s
+
+
+@dataclass
+class CommandItem:
+    org_id: str
+    command: object
+    future: asyncio.Future
+    request_hash: str | None = None
+
+
+@dataclass
+class UsageItem:
+    ticks: list[Tick]
+    future: asyncio.Future
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list = field(default_factory=list)
+
+
+class ShardActor:
+    def __init__(self, shard: int, settings_json: str) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.shard = shard
+        self.settings = Settings.model_validate_json(settings_json)
+        self.catalog: Catalog = load_catalog(self.settings.catalog)
+        self.orgs: dict[str, LoadedOrg] = {}
+        self.absent: set[str] = set()  # looked up during this batch and not found
+        self.loading: dict[str, asyncio.Future] = {}
+        self.pending: list = []
+        self.recent_keys: dict[tuple[str, str], tuple[str, dict]] = {}
+        self.epoch = 0
+        self.slots: set[int] = set()
+        self.pool = None
+        self.wake: asyncio.Event | None = None
+        self.started: asyncio.Task | None = None
+        self.loop_task: asyncio.Task | None = None
+        self.last_housekeeping = 0.0
+        self.last_prune = 0.0
+        self.stats_commits = 0
+        self.stats_commit_ms_total = 0.0
+        self.stats_items = 0
+
+    # ----- life cycle -------------------------------------------------------------------
+
+    async def _ensure_started(self) -> None:
+        if self.started is None:
+            self.started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self.started)
+
+    async def _start(self) -> None:
+        self.wake = asyncio.Event()
+        self.pool = await create_pool(self.settings.database_url, min_size=2, max_size=4)
+        async with self.pool.acquire() as conn:
+            self.epoch, self.slots = await store.claim_shard(conn, self.shard)
+        self.loop_task = asyncio.ensure_future(self._commit_loop())
+        log.info("shard %s up: epoch %s, %s slots, pid %s", self.shard, self.epoch, len(self.slots), os.getpid())
+
+    async def ready(self) -> dict:
+        await self._ensure_started()
+        return {"shard": self.shard, "epoch": self.epoch, "slots": len(self.slots), "pid": os.getpid()}
+
+    async def drain(self) -> dict:
+        """Wait for everything queued to commit, then snapshot every org with a journal tail."""
+        await self._ensure_started()
+        while self.pending:
+            await asyncio.sleep(0.01)
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending.append(("snapshot_all", done))
+        self.wake.set()
+        return await done
+
+    async def stats(self) -> dict:
+        await self._ensure_started()
+        import psutil
+
+        return {
+            "shard": self.shard, "epoch": self.epoch, "pid": os.getpid(),
+            "loaded_orgs": len(self.orgs), "pending": len(self.pending),
+            "commits": self.stats_commits, "items": self.stats_items,
+            "commit_ms_avg": self.stats_commit_ms_total / self.stats_commits if self.stats_commits else 0.0,
+            "rss_bytes": psutil.Process().memory_info().rss,
+        }
+
+    # ----- reads ------------------------------------------------------------------------
+
+    async def gate(self, requests: list[tuple[str, str, Resources]]) -> list[dict]:
+        """Read-only decisions, answered from memory (loading an org on first use)."""
+        await self._ensure_started()
+        await self._ensure_loaded({org_id for org_id, _, _ in requests})
+        now = now_us()
+        results = []
+        for org_id, action, resources in requests:
+            loaded = self.orgs.get(org_id)
+            if loaded is None:
+                results.append(error("unknown_org", f"org {org_id} does not exist", 404))
+            else:
+                results.append(msgspec.to_builtins(loaded.org.gate(action, resources, now)))
+        return results
+
+    # ----- writes -----------------------------------------------------------------------
+
+    async def submit(self, items: list[tuple[str, object, str | None]]) -> list[dict]:
+        """Commands (org_id, command, request_hash); each answered after its commit."""
+        await self._ensure_started()
+        if len(self.pending) >= MAX_PENDING_ITEMS:
+            return [error("shard_busy", "shard is overloaded, retry", 503) for _ in items]
+        loop = asyncio.get_running_loop()
+        futures = []
+        for org_id, command, request_hash in items:
+            future = loop.create_future()
+            self.pending.append(CommandItem(org_id, command, future, request_hash))
+            futures.append(future)
+        self.wake.set()
+        return list(await asyncio.gather(*futures))
+
+    async def usage(self, ticks_msgpack: bytes) -> dict:
+        """A batch of validated ticks; answered after the commit that bills them."""
+        await self._ensure_started()
+        if len(self.pending) >= MAX_PENDING_ITEMS:
+            return error("shard_busy", "shard is overloaded, retry", 503)
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(UsageItem(TICKS_DECODER.decode(ticks_msgpack), future))
+        self.wake.set()
+        return await future
+
+    # ----- loading ----------------------------------------------------------------------
+
+    async def _ensure_loaded(self, org_ids) -> None:
+        wanted = [o for o in org_ids if o not in self.orgs]
+        if not wanted:
+            return
+        waits = [self.loading[o] for o in wanted if o in self.loading]
+        to_load = [o for o in wanted if o not in self.loading]
+        if to_load:
+            future = asyncio.get_running_loop().create_future()
+            for org_id in to_load:
+                self.loading[org_id] = future
+            try:
+                async with self.pool.acquire() as conn:
+                    rows = await store.load_orgs(conn, to_load)
+                now_s = int(time.monotonic())
+                for org_id, (seq, state, entries) in rows.items():
+                    if org_id not in self.orgs:
+                        self.orgs[org_id] = self._rebuild(seq, state, entries, now_s)
+                future.set_result(None)
+            except BaseException as exc:
+                future.set_exception(exc)
+                raise
+            finally:
+                for org_id in to_load:
+                    self.loading.pop(org_id, None)
+        for wait in waits:
+            await wait
+
+    def _rebuild(self, seq: int, state: bytes, entries: list[bytes], now_s: int) -> LoadedOrg:
+        snap = SNAPSHOT_DECODER.decode(state)
+        org = OrgBillingActor.from_snapshot(snap, self.catalog.plan_version(snap.plan_id, snap.plan_version))
+        for entry in entries:
+            cmd.replay(org, cmd.JOURNAL_DECODER.decode(entry), self.catalog)
+        org.check_invariants()
+        return LoadedOrg(org, seq + len(entries), len(entries), now_s)
+
+    # ----- the commit loop --------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            if not self.pending:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=HOUSEKEEPING_EVERY_S)
+                except asyncio.TimeoutError:
+                    pass
+            if not self.pending or time.monotonic() - self.last_housekeeping > HOUSEKEEPING_EVERY_S * 5:
+                await self._housekeeping_safely()
+                continue
+            batch, self.pending = self._cut_batch()
+            try:
+                await self._commit(batch)
+            except Exception as exc:  # the batch failed as a whole: nothing of it was acknowledged
+                log.exception("shard %s: commit failed", self.shard)
+                self._fail(batch, exc)
+
+    def _cut_batch(self) -> tuple[list, list]:
+        budget = self.settings.commit_max_commands
+        for i, item in enumerate(self.pending):
+            if isinstance(item, tuple):  # a drain marker runs alone, after what came before it
+                if i == 0:
+                    return [item], self.pending[1:]
+                return self.pending[:i], self.pending[i:]
+            budget -= len(item.ticks) if isinstance(item, UsageItem) else 1
+            if budget <= 0:
+                return self.pending[: i + 1], self.pending[i + 1:]
+        return self.pending, []
+
+    def _fail(self, batch: list, exc: Exception) -> None:
+        # Memory may hold effects that never committed: forget the orgs, reload on next use.
+        for org_id in self._org_ids(batch):
+            self.orgs.pop(org_id, None)
+        reply = error("shard_unavailable", f"commit failed ({type(exc).__name__}); retry the request", 503)
+        for item in batch:
+            future = item[1] if isinstance(item, tuple) else item.future
+            if future.done():
+                continue
+            if isinstance(item, tuple):
+                future.set_exception(exc)
+            else:
+                future.set_result(reply)
+
+    @staticmethod
+    def _org_ids(batch: list) -> set[str]:
+        ids: set[str] = set()
+        for item in batch:
+            if isinstance(item, CommandItem):
+                ids.add(item.org_id)
+            elif isinstance(item, UsageItem):
+                ids.update(t.org_id for t in item.ticks)
+        return ids
+
+    async def _commit(self, batch: list) -> None:
+        if isinstance(batch[0], tuple):
+            batch[0][1].set_result(await self._snapshot_dirty(only_idle=False))
+            return
+        started = time.perf_counter()
+        org_ids = self._org_ids(batch)
+        await self._ensure_loaded(org_ids)
+        now = now_us()
+        tick_keys = self._candidate_ticks(batch)
+        key_pairs = [(i.org_id, i.command.idempotency_key) for i in batch
+                     if isinstance(i, CommandItem) and isinstance(i.command, cmd.Credit)
+                     and i.command.idempotency_key
+                     and (i.org_id, i.command.idempotency_key) not in self.recent_keys]
+        results: dict[int, dict] = {}
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await store.fence(conn, self.shard, self.epoch)
+                fresh = await store.claim_tick_ids(conn, list(tick_keys))
+                keyed = await store.keyed_entries(conn, key_pairs)
+                work = _BatchWork(self, now)
+                for index, item in enumerate(batch):
+                    if isinstance(item, UsageItem):
+                        work.apply_usage(item, tick_keys, fresh)
+                    else:
+                        results[index] = work.apply_command(item, keyed)
+                out = work.finish()
+                event_ids = await store.write_batch(conn, out)
+        work.after_commit(event_ids)
+        for index, item in enumerate(batch):
+            if isinstance(item, UsageItem):
+                item.future.set_result({"accepted": item.accepted, "duplicates": item.duplicates,
+                                        "rejected": item.rejected})
+            else:
+                item.future.set_result(results[index])
+        self.stats_commits += 1
+        self.stats_items += len(batch)
+        self.stats_commit_ms_total += (time.perf_counter() - started) * 1000
+
+    def _candidate_ticks(self, batch: list) -> dict[uuid.UUID, Tick]:
+        """Ticks that may be billed: known org, valid for its plan, first in this batch."""
+        keys: dict[uuid.UUID, Tick] = {}
+        for item in batch:
+            if not isinstance(item, UsageItem):
+                continue
+            for tick in item.ticks:
+                loaded = self.orgs.get(tick.org_id)
+                if loaded is None:
+                    item.rejected.append({"tick_id": tick.tick_id, "org_id": tick.org_id,
+                                          "error": "unknown_org"})
+                    continue
+                if tick.units:
+                    unknown = [u for u in tick.units if u not in loaded.org.plan.unit_nanos]
+                    if unknown:
+                        item.rejected.append({"tick_id": tick.tick_id, "org_id": tick.org_id,
+                                              "error": f"unknown_unit: {unknown[0]}"})
+                        continue
+                keys.setdefault(tick_key(tick.org_id, tick.tick_id), tick)
+        return keys
+
+    # ----- housekeeping -----------------------------------------------------------------
+
+    async def _housekeeping_safely(self) -> None:
+        self.last_housekeeping = time.monotonic()
+        try:
+            await self._snapshot_dirty(only_idle=True)
+            self._passivate()
+            if self.shard == 0 and time.monotonic() - self.last_prune > TICK_PRUNE_EVERY_S:
+                self.last_prune = time.monotonic()
+                async with self.pool.acquire() as conn:
+                    cutoff = store.us_to_dt(now_us() - self.settings.tick_id_retention_s * 1_000_000)
+                    await store.prune_tick_ids(conn, cutoff)
+        except Exception:
+            log.exception("shard %s: housekeeping failed (will retry)", self.shard)
+
+    async def _snapshot_dirty(self, only_idle: bool) -> dict:
+        """Snapshot orgs with a journal tail and compact their journal behind it."""
+        now_s = int(time.monotonic())
+        dirty = [(org_id, lo) for org_id, lo in self.orgs.items()
+                 if lo.tail and (not only_idle or now_s - lo.touched_s >= IDLE_SNAPSHOT_AFTER_S)]
+        if not dirty:
+            return {"snapshots": 0}
+        batch = store.CommitBatch()
+        for org_id, lo in dirty[:5_000]:
+            batch.snapshots.append((org_id, lo.seq, ENCODER.encode(lo.org.to_snapshot())))
+            batch.compact.append((org_id, lo.seq))
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await store.fence(conn, self.shard, self.epoch)
+                await store.write_batch(conn, batch)
+        for org_id, _ in dirty[:5_000]:
+            lo = self.orgs.get(org_id)
+            if lo is not None:
+                lo.tail = 0
+        return {"snapshots": len(batch.snapshots)}
+
+    def _passivate(self) -> None:
+        cutoff = int(time.monotonic()) - self.settings.passivate_after_s
+        idle = [org_id for org_id, lo in self.orgs.items() if lo.tail == 0 and lo.touched_s < cutoff]
+        for org_id in idle:
+            del self.orgs[org_id]
+
+
+class _BatchWork:
+    """Applies one batch in memory and gathers what its commit must write."""
+
+    def __init__(self, shard: ShardActor, now: int) -> None:
+        self.shard = shard
+        self.now = now
+        self.now_s = int(time.monotonic())
+        self.fx = Effects()
+        self.out = store.CommitBatch()
+        self.journal: dict[str, list[cmd.JournalItem]] = {}
+        self.created: set[str] = set()
+        self.batch_keys: dict[tuple[str, str], tuple[str, dict]] = {}
+        self.entry_meta: dict[int, tuple[str, str | None, str | None]] = {}
+
+    def _record(self, org_id: str, command) -> None:
+        if org_id not in self.created:
+            self.journal.setdefault(org_id, []).append(cmd.JournalItem(self.now, command))
+        self.shard.orgs[org_id].touched_s = self.now_s
+
+    def apply_usage(self, item: UsageItem, tick_keys: dict, fresh: set) -> None:
+        per_org: dict[str, dict[str, LeaseUsage]] = {}
+        rollups = self.out.rollups
+        for tick in item.ticks:
+            key = tick_key(tick.org_id, tick.tick_id)
+            if tick_keys.get(key) is not tick:
+                if key in tick_keys:  # same tick twice in this batch
+                    item.duplicates += 1
+                continue
+            if key not in fresh:
+                item.duplicates += 1
+                continue
+            usage = tick.usage()
+            leases = per_org.setdefault(tick.org_id, {})
+            if tick.lease_id in leases:
+                leases[tick.lease_id].add(usage)
+            else:
+                leases[tick.lease_id] = msgspec.structs.replace(usage)
+            rollup_key = (tick.org_id, minute_us(tick.started_at_us), tick.lease_id)
+            if rollup_key in rollups:
+                rollups[rollup_key].add(usage)
+            else:
+                rollups[rollup_key] = usage
+            item.accepted += 1
+        for org_id, leases in per_org.items():
+            command = cmd.ApplyUsage(list(leases.values()))
+            cmd.execute(self.shard.orgs[org_id].org, command, self.shard.catalog, self.now, self.fx)
+            self._record(org_id, command)
+
+    def apply_command(self, item: CommandItem, keyed: dict) -> dict:
+        shard = self.shard
+        command = item.command
+        loaded = shard.orgs.get(item.org_id)
+        if isinstance(command, CreateOrg):
+            return self._create(item.org_id, command, loaded)
+        if loaded is None:
+            return error("unknown_org", f"org {item.org_id} does not exist", 404)
+        if isinstance(command, GetState):
+            return {"state": loaded.org.view(self.now)}
+        if isinstance(command, cmd.Credit) and command.idempotency_key:
+            replay = self._keyed_replay(item, keyed)
+            if replay is not None:
+                return replay
+        try:
+            result = cmd.execute(loaded.org, command, shard.catalog, self.now, self.fx)
+        except BillingError as exc:
+            result = error(exc.code, str(exc), exc.status)
+        except UnknownUnit as exc:
+            result = error("unknown_unit", str(exc), 422)
+        self._record(item.org_id, command)
+        if isinstance(command, cmd.Credit) and "entry" in result:
+            # The command's own ledger entry is the last one it appended (time effects come first).
+            entry_id = "le_" + uuid.uuid4().hex[:24]
+            result["entry"]["entry_id"] = entry_id
+            self.entry_meta[len(self.fx.ledger) - 1] = (entry_id, command.idempotency_key, item.request_hash)
+            if command.idempotency_key:
+                self.batch_keys[(item.org_id, command.idempotency_key)] = (item.request_hash, result)
+        return result
+
+    def _keyed_replay(self, item: CommandItem, keyed: dict) -> dict | None:
+        key = (item.org_id, item.command.idempotency_key)
+        seen = self.batch_keys.get(key) or self.shard.recent_keys.get(key)
+        if seen is None and key in keyed:
+            row = keyed[key]
+            seen = (row["request_hash"], {"entry": _entry_from_row(row), "balance_micros": None})
+        if seen is None:
+            return None
+        request_hash, first = seen
+        if request_hash != item.request_hash:
+            return error("idempotency_conflict",
+                         "this Idempotency-Key was used with a different request", 409)
+        replay = dict(first)
+        replay["balance_micros"] = self.shard.orgs[item.org_id].org.balance_micros
+        replay["replayed"] = True
+        return replay
+
+    def _create(self, org_id: str, command: CreateOrg, loaded: LoadedOrg | None) -> dict:
+        if loaded is not None:
+            return {"created": False, "state": loaded.org.view(self.now)}
+        catalog = self.shard.catalog
+        plan = catalog.current_plan(command.plan_id, self.now)
+        if plan is None:
+            return error("unknown_plan", f"plan {command.plan_id} is not in the catalog", 422)
+        org = OrgBillingActor.create(
+            org_id, command.email, command.prepaid, plan, catalog.default_tier,
+            catalog.tiers[catalog.default_tier], catalog.default_max_disk_mb,
+            catalog.signup_grant_micros, self.now, self.fx)
+        self.shard.orgs[org_id] = LoadedOrg(org, 0, 0, self.now_s)
+        self.created.add(org_id)
+        self.out.new_orgs.append((org_id, command.email, "prepaid" if command.prepaid else "postpaid",
+                                  slot_of(org_id), store.us_to_dt(self.now)))
+        return {"created": True, "state": org.view(self.now)}
+
+    def finish(self) -> store.CommitBatch:
+        """Turn the batch's effects into rows: journal or snapshot per org, ledger, outbox."""
+        out = self.out
+        shard = self.shard
+        every = shard.settings.snapshot_every_entries
+        self.new_positions: dict[str, tuple[int, int]] = {}
+        for org_id in self.created:
+            lo = shard.orgs[org_id]
+            out.snapshots.append((org_id, 1, ENCODER.encode(lo.org.to_snapshot())))
+            self.new_positions[org_id] = (1, 0)
+        for org_id, items in self.journal.items():
+            lo = shard.orgs[org_id]
+            seq = lo.seq + 1
+            if lo.tail + 1 >= every:
+                out.snapshots.append((org_id, seq, ENCODER.encode(lo.org.to_snapshot())))
+                out.compact.append((org_id, seq))
+                self.new_positions[org_id] = (seq, 0)
+            else:
+                out.journal.append((org_id, seq, cmd.JOURNAL_ENCODER.encode(items)))
+                self.new_positions[org_id] = (seq, lo.tail + 1)
+        for rollup_key, usage in list(out.rollups.items()):
+            plan = shard.orgs[rollup_key[0]].org.plan
+            units = msgspec.json.encode(usage.units).decode() if usage.units else None
+            out.rollups[rollup_key] = (usage.memory_mb_ms, usage.cpu_ms, usage.disk_mb_ms, usage.ticks,
+                                   cost_scaled(plan, usage), units)
+        for index, (org_id, entry) in enumerate(self.fx.ledger):
+            if entry.kind == "usage":
+                debit = out.usage_debits.setdefault((org_id, minute_us(entry.at_us)), [0, entry.at_us])
+                debit[0] += entry.amount_micros
+                continue
+            entry_id, key, request_hash = self.entry_meta.get(index) or ("le_" + uuid.uuid4().hex[:24], None, None)
+            out.ledger.append((entry_id, org_id, entry.kind, entry.amount_micros, entry.grant_id,
+                               store.us_to_dt(entry.expires_at_us) if entry.expires_at_us else None,
+                               entry.note, key, request_hash, store.us_to_dt(entry.at_us)))
+        for event in self.fx.events:
+            payload = {"org_id": event.org_id, **event.data}
+            out.events.append((event.org_id, event.type, msgspec.json.encode(payload).decode(),
+                               store.us_to_dt(event.at_us)))
+        return out
+
+    def after_commit(self, event_ids: list[int]) -> None:
+        for org_id, (seq, tail) in self.new_positions.items():
+            lo = self.shard.orgs.get(org_id)
+            if lo is not None:
+                lo.seq, lo.tail = seq, tail
+        recent = self.shard.recent_keys
+        recent.update(self.batch_keys)
+        while len(recent) > RECENT_KEYS_MAX:
+            recent.pop(next(iter(recent)))
+
+
+def _entry_from_row(row) -> dict:
+    entry = {"entry_id": row["entry_id"], "kind": row["kind"], "amount_micros": row["amount_micros"],
+             "at_us": int(row["created_at"].timestamp() * 1_000_000)}
+    for name in ("grant_id", "note"):
+        if row[name] is not None:
+            entry[name] = row[name]
+    if row["expires_at"] is not None:
+        entry["expires_at_us"] = int(row["expires_at"].timestamp() * 1_000_000)
+    return entry

@@ -1,0 +1,119 @@
+"""Request bodies: msgspec for the hot path (gate, leases, usage), pydantic for admin."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.org import MAX_AMOUNT_MICROS, MAX_TTL_S, Resources
+from actors.ticks import ID_PATTERN, Id
+from serve_app.errors import ApiError
+
+Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+Ttl = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_S)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):
+    memory_mb: NonNeg = 0
+    cpu_count: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    disk_mb: NonNeg = 0
+    machine_type: Name | None = None
+    region: Name | None = None
+    quantity: Quantity = 1
+
+    def to_core(self) -> Resources:
+        return Resources(self.memory_mb, self.cpu_count, self.disk_mb, self.machine_type,
+                         self.region, self.quantity)
+
+
+class GateBody(msgspec.Struct, forbid_unknown_fields=True):
+    org_id: Id
+    action: Literal["create", "wake", "ingest", "purchase"]
+    resources: ResourcesIn | None = None
+
+
+class LeaseBody(msgspec.Struct, forbid_unknown_fields=True):
+    org_id: Id
+    lease_id: Id
+    resources: ResourcesIn | None = None
+    ttl_s: Ttl = 60
+
+
+def decode(decoder: msgspec.json.Decoder, body: bytes):
+    """Decode a hot-path body: 400 for broken JSON, 422 naming the field for wrong content."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        field = message.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in message else "body"
+        raise ApiError(422, "invalid_request", message, field=field) from None
+    except msgspec.DecodeError:
+        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+
+
+GATE_DECODER = msgspec.json.Decoder(GateBody)
+LEASE_DECODER = msgspec.json.Decoder(LeaseBody)
+
+# ----- admin bodies (pydantic, for the OpenAPI page) ----------------------------------------
+
+OrgId = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateOrgBody(StrictModel):
+    org_id: OrgId
+    email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+    plan_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    billing_mode: Literal["prepaid", "postpaid"] = "prepaid"
+
+
+class CreditBody(StrictModel):
+    kind: Literal["grant", "adjustment", "refund"]
+    amount_micros: Annotated[int, Field(ge=-MAX_AMOUNT_MICROS, le=MAX_AMOUNT_MICROS)]
+    expires_at: str | int | None = None
+    note: Annotated[str, Field(max_length=500)] | None = None
+
+
+class PlanBody(StrictModel):
+    plan_id: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class TierBody(StrictModel):
+    tier: Literal["base", "pro", "pro_plus", "pro_plus_plus", "custom"]
+    max_concurrent: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+
+
+class LimitsBody(StrictModel):
+    max_disk_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
+    machine_quotas: dict[
+        Annotated[str, Field(min_length=1, max_length=64)],
+        dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[int, Field(ge=0, le=1_000_000)]],
+    ] | None = None
+
+
+def parse_model(model: type[BaseModel], raw: bytes):
+    """Parse an admin body whatever its Content-Type; errors name the field."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+        fields = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]} for e in errors]
+        raise ApiError(422, "invalid_request", f"{fields[0]['field']}: {fields[0]['message']}",
+                       field=fields[0]["field"], fields=fields) from None
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """openapi_extra documenting a body that the handler parses itself."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": model.model_json_schema()}}}}

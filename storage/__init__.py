@@ -1,0 +1,1 @@
+"""Postgres: embedded server, migrations, and the batched reads and writes of the shards."""

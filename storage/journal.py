@@ -1,0 +1,202 @@
+"""The shard's batched Postgres work: fencing, loading, tick dedupe and the group commit.
+
+Every function takes an open connection; the shard owns the transaction. Each write is one
+statement over arrays (unnest), so a commit costs a handful of round trips whatever its size.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import asyncpg
+
+from actors.placement import SLOT_COUNT, default_assignment
+
+
+class Fenced(Exception):
+    """Another incarnation of this shard claimed its slots: this one must not write."""
+
+
+def us_to_dt(us: int) -> datetime:
+    return datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(microsecond=us % 1_000_000)
+
+
+@dataclass
+class CommitBatch:
+    new_orgs: list[tuple] = field(default_factory=list)      # org_id, email, billing_mode, slot, created_at
+    snapshots: list[tuple] = field(default_factory=list)     # org_id, seq, state
+    journal: list[tuple] = field(default_factory=list)       # org_id, seq, entry
+    compact: list[tuple] = field(default_factory=list)       # org_id, up-to seq (inclusive)
+    ledger: list[tuple] = field(default_factory=list)        # entry_id, org_id, kind, amount, grant_id,
+                                                             # expires_at, note, key, hash, created_at
+    usage_debits: dict = field(default_factory=dict)         # (org_id, minute_us) -> [amount (< 0), first at_us]
+    rollups: dict = field(default_factory=dict)              # (org_id, minute_us, lease_id) -> [mem, cpu, disk, ticks, cost, units]
+    events: list[tuple] = field(default_factory=list)        # org_id, type, payload json, created_at
+
+
+async def ensure_slots(conn: asyncpg.Connection, shard_count: int) -> int:
+    """Create the slot map for shard_count shards; reassign slots if the count changed.
+
+    Returns how many slots moved. Moving bumps the epoch of every shard, so an owner that
+    still runs with the old map is fenced out at its next commit.
+    """
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE slots IN EXCLUSIVE MODE")
+        await conn.execute(
+            "INSERT INTO slots (slot, shard) SELECT s, s % $1 FROM generate_series(0, $2 - 1) AS s"
+            " ON CONFLICT (slot) DO NOTHING", shard_count, SLOT_COUNT)
+        moved = await conn.fetchval(
+            "WITH m AS (UPDATE slots SET shard = slot % $1 WHERE shard <> slot % $1 RETURNING 1)"
+            " SELECT count(*) FROM m", shard_count)
+        await conn.execute(
+            "INSERT INTO shard_owners (shard, epoch) SELECT k, 0 FROM generate_series(0, $1 - 1) AS k"
+            " ON CONFLICT (shard) DO NOTHING", shard_count)
+        if moved:
+            await conn.execute("UPDATE shard_owners SET epoch = epoch + 1")
+    assert default_assignment(0, shard_count) == 0
+    return moved
+
+
+async def slot_map(conn: asyncpg.Connection) -> list[int]:
+    rows = await conn.fetch("SELECT slot, shard FROM slots ORDER BY slot")
+    assert len(rows) == SLOT_COUNT, f"slot map has {len(rows)} slots, expected {SLOT_COUNT}"
+    return [r["shard"] for r in rows]
+
+
+async def claim_shard(conn: asyncpg.Connection, shard: int) -> tuple[int, set[int]]:
+    """Become the owner of `shard`: a new epoch, waiting for any old owner's commit to end."""
+    async with conn.transaction():
+        epoch = await conn.fetchval(
+            "UPDATE shard_owners SET epoch = epoch + 1 WHERE shard = $1 RETURNING epoch", shard)
+        if epoch is None:
+            raise Fenced(f"shard {shard} is not in the slot map")
+        slots = {r["slot"] for r in await conn.fetch("SELECT slot FROM slots WHERE shard = $1", shard)}
+    return epoch, slots
+
+
+async def fence(conn: asyncpg.Connection, shard: int, epoch: int) -> None:
+    current = await conn.fetchval(
+        "SELECT epoch FROM shard_owners WHERE shard = $1 FOR SHARE", shard)
+    if current != epoch:
+        raise Fenced(f"shard {shard} epoch {epoch} is stale (now {current})")
+
+
+async def load_orgs(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, tuple[int, bytes, list[bytes]]]:
+    """org_id -> (snapshot seq, snapshot state, journal entries after it, in order)."""
+    snaps = await conn.fetch(
+        "SELECT org_id, seq, state FROM org_snapshots WHERE org_id = ANY($1::text[])", org_ids)
+    found = {r["org_id"]: (r["seq"], r["state"], []) for r in snaps}
+    if found:
+        tail = await conn.fetch(
+            "SELECT j.org_id, j.entry FROM org_journal j JOIN org_snapshots s USING (org_id)"
+            " WHERE j.org_id = ANY($1::text[]) AND j.seq > s.seq ORDER BY j.org_id, j.seq",
+            list(found))
+        for row in tail:
+            found[row["org_id"]][2].append(row["entry"])
+    return found
+
+
+async def claim_tick_ids(conn: asyncpg.Connection, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Record tick ids; returns those never seen before (the ones to bill)."""
+    if not ids:
+        return set()
+    rows = await conn.fetch(
+        "INSERT INTO tick_ids (id) SELECT unnest($1::uuid[]) ON CONFLICT (id) DO NOTHING RETURNING id", ids)
+    return {r["id"] for r in rows}
+
+
+async def keyed_entries(conn: asyncpg.Connection, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], asyncpg.Record]:
+    """Ledger entries already written under (org_id, idempotency_key)."""
+    if not pairs:
+        return {}
+    rows = await conn.fetch(
+        "SELECT l.* FROM ledger l JOIN unnest($1::text[], $2::text[]) AS k(org_id, key)"
+        " ON l.org_id = k.org_id AND l.idempotency_key = k.key",
+        [p[0] for p in pairs], [p[1] for p in pairs])
+    return {(r["org_id"], r["idempotency_key"]): r for r in rows}
+
+
+async def write_batch(conn: asyncpg.Connection, batch: CommitBatch) -> list[int]:
+    """All writes of one group commit; returns the outbox ids of its events, in order."""
+    if batch.new_orgs:
+        await conn.execute(
+            "INSERT INTO orgs (org_id, email, billing_mode, slot, created_at)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[])",
+            *_columns(batch.new_orgs, 5))
+    if batch.snapshots:
+        await conn.execute(
+            "INSERT INTO org_snapshots (org_id, seq, state)"
+            " SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[])"
+            " ON CONFLICT (org_id) DO UPDATE SET seq = EXCLUDED.seq, state = EXCLUDED.state, updated_at = now()"
+            " WHERE org_snapshots.seq < EXCLUDED.seq",
+            *_columns(batch.snapshots, 3))
+    if batch.journal:
+        await conn.execute(
+            "INSERT INTO org_journal (org_id, seq, entry)"
+            " SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[])",
+            *_columns(batch.journal, 3))
+    if batch.compact:
+        await conn.execute(
+            "DELETE FROM org_journal j USING unnest($1::text[], $2::int8[]) AS c(org_id, seq)"
+            " WHERE j.org_id = c.org_id AND j.seq <= c.seq",
+            *_columns(batch.compact, 2))
+    if batch.ledger:
+        await conn.execute(
+            "INSERT INTO ledger (entry_id, org_id, kind, amount_micros, grant_id, expires_at, note,"
+            " idempotency_key, request_hash, created_at)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],"
+            " $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::timestamptz[])",
+            *_columns(batch.ledger, 10))
+    if batch.usage_debits:
+        keys = list(batch.usage_debits)
+        await conn.execute(
+            "INSERT INTO ledger (entry_id, org_id, kind, amount_micros, usage_minute, created_at)"
+            " SELECT 'lu_' || o || '_' || extract(epoch FROM m)::bigint, o, 'usage', a, m, t"
+            " FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::timestamptz[]) AS u(o, m, a, t)"
+            " ON CONFLICT (org_id, usage_minute) WHERE usage_minute IS NOT NULL"
+            " DO UPDATE SET amount_micros = ledger.amount_micros + EXCLUDED.amount_micros",
+            [k[0] for k in keys], [us_to_dt(k[1]) for k in keys],
+            [v[0] for v in batch.usage_debits.values()], [us_to_dt(v[1]) for v in batch.usage_debits.values()])
+    if batch.rollups:
+        keys = list(batch.rollups)
+        values = list(batch.rollups.values())
+        await conn.execute(
+            "INSERT INTO usage_rollups (org_id, minute, lease_id, memory_mb_ms, cpu_ms, disk_mb_ms,"
+            " ticks, cost_scaled, units)"
+            " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::int8[], $5::int8[],"
+            " $6::int8[], $7::int8[], $8::numeric[], $9::jsonb[])"
+            " ON CONFLICT (org_id, minute, lease_id) DO UPDATE SET"
+            " memory_mb_ms = usage_rollups.memory_mb_ms + EXCLUDED.memory_mb_ms,"
+            " cpu_ms = usage_rollups.cpu_ms + EXCLUDED.cpu_ms,"
+            " disk_mb_ms = usage_rollups.disk_mb_ms + EXCLUDED.disk_mb_ms,"
+            " ticks = usage_rollups.ticks + EXCLUDED.ticks,"
+            " cost_scaled = usage_rollups.cost_scaled + EXCLUDED.cost_scaled,"
+            " units = mg_units_add(usage_rollups.units, EXCLUDED.units)",
+            [k[0] for k in keys], [us_to_dt(k[1]) for k in keys], [k[2] for k in keys],
+            *_columns(values, 6))
+    if batch.events:
+        rows = await conn.fetch(
+            "INSERT INTO outbox (org_id, type, payload, created_at)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::timestamptz[])"
+            " RETURNING id",
+            *_columns(batch.events, 4))
+        return [r["id"] for r in rows]
+    return []
+
+
+async def prune_tick_ids(conn: asyncpg.Connection, older_than: datetime, limit: int = 50_000) -> int:
+    status = await conn.execute(
+        "DELETE FROM tick_ids WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM tick_ids WHERE seen_at < $1 LIMIT $2))", older_than, limit)
+    return int(status.split()[-1])
+
+
+def _columns(rows: list[tuple], width: int) -> list[list]:
+    columns: list[list] = [[] for _ in range(width)]
+    for row in rows:
+        assert len(row) == width, (row, width)
+        for i, value in enumerate(row):
+            columns[i].append(value)
+    return columns

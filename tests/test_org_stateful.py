@@ -1,0 +1,406 @@
+"""Property and stateful tests of the billing core, driven through `execute` like the shard.
+
+The state machine applies random commands at a moving clock and checks the ledger
+invariants of DESIGN.md after every step; at teardown it replays the journal it recorded on
+a fresh org and demands the same snapshot.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from actors.commands import (
+    JOURNAL_DECODER,
+    JOURNAL_ENCODER,
+    AcquireLease,
+    Advance,
+    ApplyUsage,
+    Credit,
+    Halt,
+    JournalItem,
+    ReleaseLease,
+    RenewLease,
+    Resume,
+    SetLimits,
+    SetPlan,
+    SetTier,
+    execute,
+    replay,
+)
+from actors.metering import SCALED_PER_MICRO, LeaseUsage, cost_scaled
+from actors.org import (
+    BillingError,
+    Effects,
+    LeaseConflict,
+    OrgBillingActor,
+    OrgSnapshot,
+    Resources,
+    UnknownLease,
+)
+from actors.timeutil import US_PER_S, rfc3339_to_us
+from config.catalog import load_catalog
+from config.settings import DEFAULT_CATALOG
+
+CATALOG = load_catalog(DEFAULT_CATALOG)
+ORG_ID = "org_prop"
+T0 = rfc3339_to_us("2026-03-02T09:00:00Z")
+PLAN_IDS = ("payg", "hobby_weekly", "free")
+LEASE_IDS = tuple(f"ls_{i}" for i in range(6))
+RESOURCE_CHOICES = (
+    Resources(memory_mb=512, cpu_count=1),
+    Resources(memory_mb=2048, cpu_count=2, disk_mb=10_240),
+    Resources(machine_type="a100", region="us-east"),
+    Resources(machine_type="a100", region="us-east", quantity=2),
+    Resources(machine_type="a100", region="eu-west"),
+    Resources(disk_mb=30_000),
+    Resources(quantity=3),
+)
+
+lease_usages = st.builds(
+    LeaseUsage,
+    lease_id=st.sampled_from(LEASE_IDS + ("ls_unknown",)),
+    # tiny ticks (sub-micro, carried) as well as big ones (hundreds of thousands of µUSD)
+    memory_mb_ms=st.one_of(st.integers(0, 5_000), st.integers(0, 10**11)),
+    cpu_ms=st.one_of(st.integers(0, 100), st.integers(0, 10**8)),
+    disk_mb_ms=st.one_of(st.just(0), st.integers(0, 10**10)),
+    units=st.one_of(st.none(), st.fixed_dictionaries({"ingest_bytes": st.integers(0, 10**9)})),
+    ticks=st.integers(1, 60),
+)
+amounts_micros = st.one_of(st.integers(1, 2_000), st.integers(1, 3_000_000))
+
+
+def new_org(plan_id: str, prepaid: bool, signup_micros: int, tier: str, now_us: int,
+            fx: Effects) -> OrgBillingActor:
+    return OrgBillingActor.create(ORG_ID, "prop@example.test", prepaid,
+                                  CATALOG.current_plan(plan_id, now_us), tier, CATALOG.tiers[tier],
+                                  CATALOG.default_max_disk_mb, signup_micros, now_us, fx)
+
+
+def snapshot_through_msgpack(org: OrgBillingActor) -> OrgBillingActor:
+    snap = msgspec.msgpack.decode(msgspec.msgpack.encode(org.to_snapshot()), type=OrgSnapshot)
+    return OrgBillingActor.from_snapshot(snap, CATALOG.plan_version(snap.plan_id, snap.plan_version))
+
+
+class OrgLedgerMachine(RuleBasedStateMachine):
+    """One org under random commands; every command is journaled as the shard would."""
+
+    @initialize(plan_id=st.sampled_from(PLAN_IDS), prepaid=st.booleans(),
+                signup_micros=st.sampled_from((0, 1_000, 5_000_000)),
+                tier=st.sampled_from(("base", "pro")),
+                start_offset_s=st.integers(0, 7 * 86_400))
+    def create_org(self, plan_id, prepaid, signup_micros, tier, start_offset_s):
+        self.now = T0 + start_offset_s * US_PER_S
+        self.creation = (plan_id, prepaid, signup_micros, tier, self.now)
+        fx = Effects()
+        self.org = new_org(*self.creation, fx)
+        self.ledger_total_micros = 0
+        self.journal: list[JournalItem] = []
+        self._record(fx)
+        self.applied_us = self.now
+
+    def _record(self, fx: Effects) -> None:
+        for org_id, entry in fx.ledger:
+            assert org_id == ORG_ID
+            self.ledger_total_micros += entry.amount_micros
+        for event in fx.events:
+            assert event.org_id == ORG_ID
+            assert event.at_us == self.now
+
+    def apply(self, command) -> tuple[dict | None, BillingError | None]:
+        fx = Effects()
+        result, error = None, None
+        try:
+            result = execute(self.org, command, CATALOG, self.now, fx)
+        except BillingError as exc:
+            error = exc  # time's effects stay applied, and replay fails the same way
+        self.journal.append(JournalItem(self.now, command))
+        self.applied_us = self.now
+        self._record(fx)
+        return result, error
+
+    def _active_lease_ids(self) -> list[str]:
+        return sorted(l.lease_id for l in (self.org.leases or {}).values()
+                      if l.expires_at_us > self.now)
+
+    # ----- rules ----------------------------------------------------------------------
+
+    @rule(usages=st.lists(lease_usages, max_size=4))
+    def use(self, usages):
+        scaled = sum(cost_scaled(self.org.plan, usage) for usage in usages)
+        expected_micros, expected_remainder = divmod(self.org.remainder_scaled + scaled,
+                                                     SCALED_PER_MICRO)
+        result, error = self.apply(ApplyUsage(usages))
+        assert error is None
+        assert result["debited_micros"] == expected_micros
+        assert self.org.remainder_scaled == expected_remainder
+
+    @rule(kind=st.sampled_from(("grant", "topup", "auto_recharge", "adjustment")),
+          amount=amounts_micros,
+          expires_in_s=st.one_of(st.none(), st.integers(1, 14 * 86_400)))
+    def credit(self, kind, amount, expires_in_s):
+        expires = None if expires_in_s is None else self.now + expires_in_s * US_PER_S
+        result, error = self.apply(Credit(kind, amount, expires))
+        assert error is None
+        assert result["entry"]["amount_micros"] == amount
+        assert result["balance_micros"] == self.org.balance_micros
+        if self.org.halted == "balance":
+            assert self.org.balance_micros + self.org.quota_remaining_at(self.now) <= 0
+
+    @rule(kind=st.sampled_from(("refund", "adjustment")), amount=amounts_micros)
+    def take_back(self, kind, amount):
+        result, error = self.apply(Credit(kind, -amount))
+        assert error is None
+        assert result["entry"]["amount_micros"] == -amount
+
+    @rule(lease_id=st.sampled_from(LEASE_IDS), resources=st.sampled_from(RESOURCE_CHOICES),
+          ttl_s=st.sampled_from((1, 30, 600, 3_600, 86_400)))
+    def acquire(self, lease_id, resources, ttl_s):
+        result, error = self.apply(AcquireLease(lease_id, resources, ttl_s))
+        if error is not None:
+            assert isinstance(error, LeaseConflict)
+            return
+        if "denied" in result:
+            assert result["denied"]["allowed"] is False
+            assert lease_id not in (self.org.leases or {})
+            return
+        assert self.org.leases[lease_id].expires_at_us > self.now
+        if result["lease"]["created"]:
+            # invariant 3: a new lease never takes the org past its cap (an existing one
+            # answered again may be above a cap lowered since; lowering ends nothing)
+            assert self.org.active_leases_at(self.now) <= self.org.max_concurrent
+            assert self.org.leases[lease_id].expires_at_us == self.now + ttl_s * US_PER_S
+
+    @precondition(lambda self: bool(self._active_lease_ids()))
+    @rule(data=st.data())
+    def acquire_same_lease_again(self, data):
+        lease_id = data.draw(st.sampled_from(self._active_lease_ids()))
+        self.apply(Advance())  # let time's own effects land first, so only the acquire is compared
+        lease = self.org.leases[lease_id]
+        resources = Resources(memory_mb=lease.memory_mb, cpu_count=lease.cpu_count,
+                              disk_mb=lease.disk_mb, machine_type=lease.machine_type,
+                              region=lease.region, quantity=lease.quantity)
+        before = self.org.to_snapshot()
+
+        result, error = self.apply(AcquireLease(lease_id, resources, lease.ttl_s))
+
+        assert error is None
+        assert result["lease"]["lease_id"] == lease_id
+        assert result["lease"]["created"] is False
+        assert self.org.leases[lease_id] is lease
+        assert self.org.to_snapshot() == before
+
+    @precondition(lambda self: bool(self._active_lease_ids()))
+    @rule(data=st.data())
+    def acquire_same_lease_with_other_resources(self, data):
+        lease_id = data.draw(st.sampled_from(self._active_lease_ids()))
+        self.apply(Advance())
+        lease = self.org.leases[lease_id]
+        others = [r for r in RESOURCE_CHOICES if not OrgBillingActor._same_lease(lease, r)]
+        resources = data.draw(st.sampled_from(others))
+        before = self.org.to_snapshot()
+
+        result, error = self.apply(AcquireLease(lease_id, resources, 600))
+
+        assert result is None
+        assert isinstance(error, LeaseConflict)
+        assert self.org.to_snapshot() == before
+
+    @rule(lease_id=st.sampled_from(LEASE_IDS))
+    def renew(self, lease_id):
+        result, error = self.apply(RenewLease(lease_id))
+        if error is not None:
+            assert isinstance(error, UnknownLease)
+            assert lease_id not in (self.org.leases or {})
+        else:
+            assert self.org.leases[lease_id].expires_at_us > self.now
+
+    @rule(lease_id=st.sampled_from(LEASE_IDS))
+    def release(self, lease_id):
+        was_active = lease_id in self._active_lease_ids()
+        result, error = self.apply(ReleaseLease(lease_id))
+        assert error is None
+        assert result["released"] is was_active
+        assert lease_id not in (self.org.leases or {})
+
+    @rule(tier=st.sampled_from(("base", "pro", "custom")), custom_cap=st.integers(0, 6))
+    def set_tier(self, tier, custom_cap):
+        cap = custom_cap if tier == "custom" else CATALOG.tiers[tier]
+        active_before = self.org.active_leases_at(self.now)
+        self.apply(SetTier(tier, cap))
+        assert self.org.max_concurrent == cap
+        assert self.org.active_leases_at(self.now) == active_before  # a lower cap ends nothing
+
+    @rule(max_disk_mb=st.sampled_from((None, 1_000, 20_480, 40_000)),
+          a100_east=st.sampled_from((None, -1, 0, 1, 2, 4)))
+    def set_limits(self, max_disk_mb, a100_east):
+        quotas = None if a100_east is None else {} if a100_east < 0 else {"us-east": {"a100": a100_east}}
+        self.apply(SetLimits(max_disk_mb, quotas))
+
+    @rule(plan_id=st.sampled_from(PLAN_IDS))
+    def set_plan(self, plan_id):
+        self.apply(SetPlan(plan_id, 1))
+        assert self.org.plan.id == plan_id
+
+    @rule()
+    def halt(self):
+        self.apply(Halt())
+        assert self.org.halted == "admin"
+
+    @rule()
+    def resume(self):
+        self.apply(Resume())
+        if self.org.halted is not None:
+            assert self.org.halted == "balance"
+            assert self.org.prepaid
+
+    @rule(seconds=st.one_of(st.sampled_from((1, 59, 3_600, 86_400, 3 * 86_400, 8 * 86_400)),
+                            st.integers(1, 40 * 86_400)),
+          apply_advance=st.booleans())
+    def time_passes(self, seconds, apply_advance):
+        self.now += seconds * US_PER_S
+        if apply_advance:
+            self.apply(Advance())
+            assert all(l.expires_at_us > self.now for l in (self.org.leases or {}).values())
+            assert all(g.expires_at_us is None or g.expires_at_us > self.now
+                       for g in self.org.grants or ())
+
+    # ----- invariants -----------------------------------------------------------------
+
+    @invariant()
+    def balance_is_the_sum_of_every_ledger_entry(self):
+        assert self.org.balance_micros == self.ledger_total_micros
+
+    @invariant()
+    def debt_is_never_negative_nor_held_beside_live_grants(self):
+        assert self.org.debt_micros >= 0
+        if self.org.grants:
+            assert self.org.debt_micros == 0
+            assert all(g.remaining_micros > 0 for g in self.org.grants)
+
+    @invariant()
+    def prepaid_org_with_nothing_to_spend_is_halted(self):
+        org = self.org
+        if org.prepaid and org.balance_micros + org.quota_remaining_at(self.applied_us) <= 0:
+            assert org.halted is not None
+
+    @invariant()
+    def postpaid_org_is_never_halted_for_balance(self):
+        if not self.org.prepaid:
+            assert self.org.halted != "balance"
+
+    @invariant()
+    def remainder_is_less_than_one_micro(self):
+        assert 0 <= self.org.remainder_scaled < SCALED_PER_MICRO
+
+    @invariant()
+    def quota_used_is_part_of_period_usage(self):
+        assert 0 <= self.org.quota_used_micros <= self.org.period_usage_micros
+
+    def teardown(self):
+        if not hasattr(self, "org"):
+            return
+        final = self.org.to_snapshot()
+        assert snapshot_through_msgpack(self.org).to_snapshot() == final
+
+        items = JOURNAL_DECODER.decode(JOURNAL_ENCODER.encode(self.journal))
+        assert len(items) == len(self.journal)
+        fresh = new_org(*self.creation, Effects())
+        replay(fresh, items, CATALOG)
+        assert fresh.to_snapshot() == final
+        assert fresh.view(self.now) == self.org.view(self.now)
+
+
+OrgLedgerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestOrgLedger = OrgLedgerMachine.TestCase
+
+
+# ----- additivity -----------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(plan_id=st.sampled_from(PLAN_IDS), prepaid=st.booleans(),
+       signup_micros=st.sampled_from((0, 1_000, 5_000_000)),
+       memory_mb=st.integers(0, 65_536), cpu_count=st.integers(0, 64),
+       disk_mb=st.integers(0, 100_000), total_ms=st.integers(0, 48 * 3_600_000),
+       cut_fractions=st.lists(st.floats(0, 1), max_size=12),
+       prior_memory_mb_ms=st.integers(0, 10**9))
+def test_usage_split_into_any_parts_costs_exactly_what_the_whole_costs(
+        plan_id, prepaid, signup_micros, memory_mb, cpu_count, disk_mb, total_ms,
+        cut_fractions, prior_memory_mb_ms):
+    cuts = sorted(int(total_ms * f) for f in cut_fractions)
+    bounds = [0, *cuts, total_ms]
+    parts_ms = [b - a for a, b in zip(bounds, bounds[1:])]
+    assert sum(parts_ms) == total_ms
+
+    def usage(duration_ms: int) -> LeaseUsage:
+        return LeaseUsage("ls_1", memory_mb_ms=memory_mb * duration_ms,
+                          cpu_ms=cpu_count * duration_ms, disk_mb_ms=disk_mb * duration_ms,
+                          ticks=1)
+
+    whole = new_org(plan_id, prepaid, signup_micros, "base", T0, Effects())
+    split = new_org(plan_id, prepaid, signup_micros, "base", T0, Effects())
+    prior = ApplyUsage([LeaseUsage("ls_0", memory_mb_ms=prior_memory_mb_ms)])  # any carry to start
+    execute(whole, prior, CATALOG, T0, Effects())
+    execute(split, prior, CATALOG, T0, Effects())
+    start_remainder = whole.remainder_scaled
+    start_balance = whole.balance_micros
+    start_quota_used = whole.quota_used_micros
+
+    debited_whole = execute(whole, ApplyUsage([usage(total_ms)]), CATALOG, T0 + 1,
+                            Effects())["debited_micros"]
+    debited_split = sum(
+        execute(split, ApplyUsage([usage(part)]), CATALOG, T0 + 1 + i, Effects())["debited_micros"]
+        for i, part in enumerate(parts_ms))
+
+    expected_micros, expected_remainder = divmod(
+        start_remainder + cost_scaled(whole.plan, usage(total_ms)), SCALED_PER_MICRO)
+    assert debited_whole == expected_micros
+    assert debited_split == expected_micros
+    assert whole.remainder_scaled == split.remainder_scaled == expected_remainder
+    assert whole.balance_micros == split.balance_micros
+    assert whole.quota_used_micros == split.quota_used_micros
+    # what the quota did not cover came out of the balance, to the micro
+    from_quota = whole.quota_used_micros - start_quota_used
+    assert start_balance - whole.balance_micros == expected_micros - from_quota
+
+
+# ----- idempotency of leases ------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(first=st.sampled_from(RESOURCE_CHOICES[:5]), second=st.sampled_from(RESOURCE_CHOICES),
+       ttl_s=st.integers(1, 86_400), later_s=st.integers(0, 86_399))
+def test_same_lease_id_returns_the_first_lease_or_conflicts_and_changes_nothing(
+        first, second, ttl_s, later_s):
+    org = new_org("payg", True, 5_000_000, "pro", T0, Effects())
+    first_result = execute(org, AcquireLease("ls_1", first, ttl_s), CATALOG, T0, Effects())
+    assert first_result["lease"]["created"] is True
+    at = T0 + min(later_s, ttl_s - 1) * US_PER_S  # still within the lease's life
+    execute(org, Advance(), CATALOG, at, Effects())
+    before = org.to_snapshot()
+    fx = Effects()
+
+    if second == first:
+        again = execute(org, AcquireLease("ls_1", second, ttl_s), CATALOG, at, fx)
+        assert again["lease"] == {**first_result["lease"], "created": False}
+    else:
+        try:
+            execute(org, AcquireLease("ls_1", second, ttl_s), CATALOG, at, fx)
+        except LeaseConflict:
+            pass
+        else:
+            raise AssertionError("a different lease under the same lease_id was accepted")
+
+    assert org.to_snapshot() == before
+    assert (fx.ledger, fx.events) == ([], [])
