@@ -48,6 +48,11 @@ def decode(decoder: msgspec.json.Decoder, body: bytes):
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
+        # msgspec stops at the first problem it meets; broken JSON further on is still 400.
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
         message = str(exc)
         field = message.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in message else "body"
         raise ApiError(422, "invalid_request", message, field=field) from None

@@ -1,0 +1,218 @@
+"""Scenarios through real HTTP, real Ray, real Postgres."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+
+# payg: 4 GiB × 3600 s × 4,500 nanos + 2 vCPU × 3600 s × 14,000 nanos = 165,600 micro-USD
+HOUR_TICK_MICROS = 165_600
+SIGNUP_MICROS = 5_000_000
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hour_tick(org_id: str, tick_id: str, lease_id: str = "sbx_1") -> dict:
+    return {"tick_id": tick_id, "org_id": org_id, "lease_id": lease_id, "started_at": now_rfc3339(),
+            "duration_ms": 3_600_000, "memory_mb": 4096, "cpu_count": 2, "disk_mb": 0}
+
+
+def ledger_sum(sql, org_id: str) -> int:
+    return sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org_id)
+
+
+def outbox(sql, org_id: str, event_type: str) -> list[dict]:
+    rows = sql.fetch("SELECT payload FROM outbox WHERE org_id = $1 AND type = $2 ORDER BY id", org_id, event_type)
+    return [json.loads(r["payload"]) for r in rows]
+
+
+def test_org_runs_out_of_money_halts_and_a_grant_resumes_it_without_a_lease(admin, compute, sql, new_org):
+    org = new_org()
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["balance_micros"] == SIGNUP_MICROS
+    assert state["max_concurrent"] == 5 and state["tier"] == "base"
+
+    gate = compute.post("/v1/gate", json={"org_id": org, "action": "create",
+                                          "resources": {"memory_mb": 4096, "cpu_count": 2}})
+    assert gate.status_code == 200
+    assert gate.json()["allowed"] is True and gate.json()["reason"] == "ok"
+
+    for n in range(5):
+        response = compute.post("/v1/leases", json={"org_id": org, "lease_id": f"sbx_{n}", "ttl_s": 600})
+        assert response.status_code == 201, response.text
+    over = compute.post("/v1/leases", json={"org_id": org, "lease_id": "sbx_5", "ttl_s": 600})
+    assert over.status_code == 429
+    assert over.json()["reason"] == "concurrency_limit" and over.json()["error"]["code"] == "concurrency_limit"
+    again = compute.post("/v1/leases", json={"org_id": org, "lease_id": "sbx_0", "ttl_s": 600})
+    assert again.status_code == 200 and again.json()["lease_id"] == "sbx_0"
+
+    ticks = [hour_tick(org, f"t{n}", f"sbx_{n % 5}") for n in range(31)]  # 31 × 165,600 > 5,000,000
+    response = compute.post("/v1/usage", json={"ticks": ticks})
+    assert response.json() == {"accepted": 31, "duplicates": 0, "rejected": []}
+
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["balance_micros"] == SIGNUP_MICROS - 31 * HOUR_TICK_MICROS
+    assert state["is_halted"] is True
+    gate = compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()
+    assert (gate["allowed"], gate["reason"], gate["status"]) == (False, "halted", 402)
+    halted = outbox(sql, org, "org.halted")
+    assert len(halted) == 1
+    assert halted[0]["lease_ids"] == [f"sbx_{n}" for n in range(5)]
+
+    grant = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 10_000_000},
+                       headers={"Idempotency-Key": f"grant-{org}"})
+    assert grant.status_code == 201, grant.text
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["is_halted"] is False
+    assert state["balance_micros"] == SIGNUP_MICROS - 31 * HOUR_TICK_MICROS + 10_000_000
+    assert state["active_leases"] == 5  # the credit unblocked; it did not create or wake anything
+    assert len(outbox(sql, org, "org.resumed")) == 1
+    assert compute.post("/v1/gate", json={"org_id": org, "action": "ingest"}).json()["reason"] == "ok"
+    assert ledger_sum(sql, org) == state["balance_micros"]
+
+
+def test_duplicate_ticks_are_billed_once_and_a_bad_tick_is_rejected_alone(admin, compute, sql, new_org):
+    org = new_org()
+    good = hour_tick(org, "dup-1")
+    bad = {**hour_tick(org, "bad-1"), "duration_ms": -5}
+    unknown = hour_tick("no_such_org_x", "t-unknown")
+    response = compute.post("/v1/usage", json={"ticks": [good, good, bad, unknown]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["accepted"] == 1 and body["duplicates"] == 1
+    errors = {r["tick_id"]: r["error"] for r in body["rejected"]}
+    assert "duration_ms" in errors["bad-1"]
+    assert errors["t-unknown"] == "unknown_org"
+
+    again = compute.post("/v1/usage", json={"ticks": [good]}).json()
+    assert again == {"accepted": 0, "duplicates": 1, "rejected": []}
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["balance_micros"] == SIGNUP_MICROS - HOUR_TICK_MICROS
+    assert sql.val("SELECT sum(ticks)::int8 FROM usage_rollups WHERE org_id = $1", org) == 1
+    assert ledger_sum(sql, org) == state["balance_micros"]
+
+
+def test_split_ticks_cost_exactly_the_same_as_one_tick(admin, compute, new_org):
+    whole, split = new_org(), new_org()
+    started = now_rfc3339()
+    base = {"lease_id": "s", "started_at": started, "memory_mb": 1000, "cpu_count": 1, "disk_mb": 777}
+    compute.post("/v1/usage", json={"ticks": [{**base, "org_id": whole, "tick_id": "w", "duration_ms": 59_999}]})
+    parts = [7, 1, 59_991]  # an odd split: no part is a whole micro on its own
+    compute.post("/v1/usage", json={"ticks": [
+        {**base, "org_id": split, "tick_id": f"p{i}", "duration_ms": d} for i, d in enumerate(parts)]})
+    balance_whole = admin.get(f"/v1/orgs/{whole}").json()["balance_micros"]
+    balance_split = admin.get(f"/v1/orgs/{split}").json()["balance_micros"]
+    assert balance_whole == balance_split < SIGNUP_MICROS
+
+
+def test_lease_release_frees_the_slot_and_renew_extends_it(admin, compute, new_org):
+    org = new_org()
+    lease = compute.post("/v1/leases", json={"org_id": org, "lease_id": "a", "ttl_s": 30}).json()
+    renewed = compute.post(f"/v1/leases/{org}/a/renew")
+    assert renewed.status_code == 200 and renewed.json()["expires_at"] >= lease["expires_at"]
+    assert compute.delete(f"/v1/leases/{org}/a").status_code == 204
+    assert compute.delete(f"/v1/leases/{org}/a").status_code == 204  # already gone: still 204
+    assert admin.get(f"/v1/orgs/{org}").json()["active_leases"] == 0
+    missing = compute.post(f"/v1/leases/{org}/a/renew")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_lease"
+
+
+def test_resource_limits_deny_with_limit_and_requested(admin, compute, new_org):
+    org = new_org()
+    put = admin.put(f"/v1/orgs/{org}/limits", json={"max_disk_mb": 10_240,
+                                                    "machine_quotas": {"us-central1": {"a3-highgpu-8g": 2}}})
+    assert put.status_code == 200, put.text
+    disk = compute.post("/v1/gate", json={"org_id": org, "action": "create", "resources": {"disk_mb": 20_480}}).json()
+    assert (disk["reason"], disk["status"], disk["limit"], disk["requested"], disk["resource"]) == (
+        "resource_limit", 403, 10_240, 20_480, "disk_mb")
+    gpu = {"machine_type": "a3-highgpu-8g", "region": "us-central1", "quantity": 2}
+    assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "g", "resources": gpu}).status_code == 201
+    deny = compute.post("/v1/gate", json={"org_id": org, "action": "create",
+                                          "resources": {**gpu, "quantity": 1}}).json()
+    assert (deny["reason"], deny["limit"], deny["requested"]) == ("resource_limit", 2, 3)
+    assert deny["resource"] == "machine_type:us-central1/a3-highgpu-8g"
+
+
+def test_tier_change_raises_the_cap_and_a_lower_cap_keeps_running_leases(admin, compute, new_org):
+    org = new_org()
+    assert admin.put(f"/v1/orgs/{org}/tier", json={"tier": "pro"}).json()["max_concurrent"] == 100
+    for n in range(7):
+        assert compute.post("/v1/leases", json={"org_id": org, "lease_id": f"l{n}"}).status_code == 201
+    state = admin.put(f"/v1/orgs/{org}/tier", json={"tier": "base"}).json()
+    assert state["max_concurrent"] == 5 and state["active_leases"] == 7
+    assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "l8"}).status_code == 429
+    custom = admin.put(f"/v1/orgs/{org}/tier", json={"tier": "custom", "max_concurrent": 9})
+    assert custom.json()["max_concurrent"] == 9
+
+
+def test_admin_halt_is_not_lifted_by_credit_only_by_resume(admin, compute, new_org):
+    org = new_org()
+    assert admin.post(f"/v1/orgs/{org}/halt").json()["is_halted"] is True
+    admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000_000})
+    assert compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()["reason"] == "halted"
+    assert admin.post(f"/v1/orgs/{org}/resume").json()["is_halted"] is False
+    assert compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()["reason"] == "ok"
+
+
+def test_creating_an_org_twice_applies_the_signup_grant_once(admin, sql, new_org):
+    org = new_org()
+    again = admin.post("/v1/orgs", json={"org_id": org, "email": f"{org}@example.com"})
+    assert again.status_code == 200
+    assert sql.val("SELECT count(*) FROM ledger WHERE org_id = $1 AND kind = 'signup_grant'", org) == 1
+    assert again.json()["balance_micros"] == SIGNUP_MICROS
+
+
+def test_credit_with_the_same_key_is_applied_once_and_other_content_conflicts(admin, sql, new_org):
+    org = new_org()
+    key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    first = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 2_000_000}, headers=key)
+    second = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 2_000_000}, headers=key)
+    assert first.status_code == second.status_code == 201
+    assert first.json() == second.json()
+    conflict = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 3_000_000}, headers=key)
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_conflict"
+    assert admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == SIGNUP_MICROS + 2_000_000
+    assert ledger_sum(sql, org) == SIGNUP_MICROS + 2_000_000
+
+
+def test_refund_claws_back_and_halts_a_prepaid_org_at_zero(admin, compute, sql, new_org):
+    org = new_org()
+    refund = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "refund", "amount_micros": SIGNUP_MICROS})
+    assert refund.status_code == 201 and refund.json()["amount_micros"] == -SIGNUP_MICROS
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["balance_micros"] == 0 and state["is_halted"] is True
+    assert ledger_sum(sql, org) == 0
+
+
+def test_ledger_pages_newest_first_with_a_cursor(admin, new_org):
+    org = new_org()
+    for n in range(4):
+        admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000 + n})
+        time.sleep(0.002)
+    page1 = admin.get(f"/v1/orgs/{org}/ledger", params={"limit": 3}).json()
+    page2 = admin.get(f"/v1/orgs/{org}/ledger", params={"limit": 3, "cursor": page1["next_cursor"]}).json()
+    amounts = [e["amount_micros"] for e in page1["entries"] + page2["entries"]]
+    assert amounts == [1_003, 1_002, 1_001, 1_000, SIGNUP_MICROS]
+    assert page1["has_more"] is True and page2["has_more"] is False
+
+
+def test_usage_report_groups_by_lease_and_day(admin, compute, new_org):
+    org = new_org()
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "u1", "a"), hour_tick(org, "u2", "b"),
+                                              hour_tick(org, "u3", "b")]})
+    by_lease = admin.get(f"/v1/orgs/{org}/usage", params={"group_by": "lease"}).json()["groups"]
+    assert [(g["lease_id"], g["ticks"], g["cost_micros"]) for g in by_lease] == [
+        ("a", 1, HOUR_TICK_MICROS), ("b", 2, 2 * HOUR_TICK_MICROS)]
+    by_day = admin.get(f"/v1/orgs/{org}/usage", params={"group_by": "day"}).json()["groups"]
+    assert sum(g["cost_micros"] for g in by_day) == 3 * HOUR_TICK_MICROS
+
+
+def test_ops_endpoints_answer(service, compute):
+    assert compute.get("/healthz").json() == {"ok": True}
+    ready = compute.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert compute.get("/docs").status_code == 200
