@@ -254,7 +254,7 @@ class OrgBillingActor:
             return decide("suspended")
         if action == "purchase":
             return decide("ok")
-        if self.halted is not None:
+        if self.halted == "admin" or (self.halted == "balance" and not self._funded_at(balance, now_us)):
             return decide("halted")
         if not self._may_spend(balance, now_us):
             return decide("quota_exceeded" if self.plan.included_micros > 0 else "insufficient_balance")
@@ -265,6 +265,11 @@ class OrgBillingActor:
             if active + resources.quantity > self.max_concurrent:
                 return decide("concurrency_limit")
         return decide("ok")
+
+    def _funded_at(self, balance: int, now_us: int) -> bool:
+        # A balance halt is lifted by the next mutation once money or new quota exists; a
+        # read-only gate must not deny in the meantime (e.g. right after a period starts).
+        return balance + self.quota_remaining_at(now_us) > 0
 
     def _may_spend(self, balance: int, now_us: int) -> bool:
         if not self.prepaid and self.plan.overage:
@@ -293,6 +298,7 @@ class OrgBillingActor:
                       fx: Effects) -> tuple[Decision | None, Lease | None, bool]:
         """(deny, None, False) | (None, lease, created). The same lease_id returns the lease."""
         assert 0 < ttl_s <= MAX_TTL_S, ttl_s
+        assert resources.quantity >= 1, resources
         self.advance(now_us, fx)
         existing = self.leases.get(lease_id) if self.leases else None
         if existing is not None:

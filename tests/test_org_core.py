@@ -210,7 +210,7 @@ def test_tick_costing_less_than_a_micro_is_carried_not_lost_or_rounded_up():
 # ----- burn-down order ------------------------------------------------------------------
 
 
-def test_hobby_org_spends_weekly_quota_then_soonest_expiring_grants_then_promotional_then_purchased():
+def test_hobby_org_burns_weekly_quota_then_expiring_grants_then_promotional_then_purchased():
     org, fx = make_org(plan=HOBBY)                                          # gr_1 signup 5 USD
     org.credit("topup", 3_000_000, None, None, T0, fx)                      # gr_2 purchased
     org.credit("grant", 1_000_000, T0 + 10 * DAY_US, None, T0, fx)          # gr_3 expires day 10
@@ -420,6 +420,23 @@ def test_prepaid_hobby_org_halted_for_balance_resumes_when_next_week_quota_arriv
     assert org.gate("create", SMALL, next_monday).reason == "ok"
 
 
+def test_gate_stops_saying_halted_as_soon_as_a_new_week_brings_quota_before_any_mutation():
+    org, _ = make_org(plan=HOBBY, signup_micros=0)
+    spend(org, 5_000_000, T0)
+    assert org.gate("create", SMALL, T0).reason == "halted"
+    next_monday = rfc3339_to_us("2026-03-09T00:00:00Z")
+
+    assert org.halted == "balance"  # nothing has mutated the org yet
+    assert org.gate("create", SMALL, next_monday).reason == "ok"
+    assert org.gate("create", SMALL, next_monday - 1).reason == "halted"
+
+
+def test_admin_halt_still_denies_after_a_new_period_brings_quota():
+    org, _ = make_org(plan=HOBBY)
+    org.halt(T0, Effects())
+    assert org.gate("create", SMALL, rfc3339_to_us("2026-03-09T00:00:00Z")).reason == "halted"
+
+
 def test_prepaid_org_halted_for_balance_resumes_when_moved_to_a_plan_with_unused_quota():
     org, _ = make_org(signup_micros=0)
     assert org.halted == "balance"
@@ -433,7 +450,7 @@ def test_prepaid_org_halted_for_balance_resumes_when_moved_to_a_plan_with_unused
         ("org.resumed", {"reason": "plan", "balance_micros": 0})]
 
 
-def test_prepaid_payg_org_moved_to_hobby_after_spending_its_week_stays_halted_until_monday():
+def test_prepaid_hobby_org_moved_to_free_in_the_same_week_stays_halted_with_its_quota_spent():
     org, _ = make_org(plan=HOBBY, signup_micros=0)
     spend(org, 5_000_000, T0)
     execute(org, SetPlan("free", 1), CATALOG, T0, Effects())  # same weekly period, quota spent
@@ -867,7 +884,8 @@ def test_replay_of_the_journal_rebuilds_identical_state():
         JournalItem(T0, AcquireLease("ls_1", Resources(memory_mb=1024, cpu_count=1,
                                                        machine_type="h100", region="eu-west"),
                                      300)),
-        JournalItem(T0, AcquireLease("ls_2", Resources(machine_type="h100", region="eu-west"), 300)),
+        JournalItem(T0, AcquireLease("ls_2", Resources(machine_type="h100", region="eu-west"),
+                                     300)),
         JournalItem(T0, AcquireLease("ls_1", SMALL, 300)),  # conflict: replays as a failure too
         JournalItem(T0 + US_PER_S, Credit("grant", 900_000, T0 + 2 * DAY_US, "promo", "k1")),
         JournalItem(T0 + US_PER_S, Credit("topup", 4_000_000)),

@@ -1,0 +1,44 @@
+"""Gate checks/s and p50/p99 through Serve, against a no-op Serve endpoint (the floor).
+
+Run: .venv/bin/python -m bench.gate   (needs wrk: apt-get install wrk)
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from bench.harness import ADMIN_TOKEN, deploy_noop, have_wrk, running_service, wrk
+
+SECONDS = 15
+CONNECTIONS = 16
+ORGS = 100
+
+
+def main() -> dict:
+    assert have_wrk(), "this benchmark needs wrk (apt-get install wrk)"
+    with running_service() as service:
+        deploy_noop()
+        with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                          timeout=60) as admin:
+            for n in range(ORGS):
+                admin.post("/v1/orgs", json={"org_id": f"bench_{n}", "email": f"b{n}@example.com"})
+        bodies = [json.dumps({"org_id": f"bench_{n}", "action": "create",
+                              "resources": {"memory_mb": 4096, "cpu_count": 2, "disk_mb": 10240}})
+                  for n in range(ORGS)]
+        wrk(service.base_url + "/noop", bodies, 3, CONNECTIONS)  # warm both paths
+        wrk(service.base_url + "/v1/gate", bodies, 3, CONNECTIONS)
+        floor = wrk(service.base_url + "/noop", bodies, SECONDS, CONNECTIONS)
+        gate = wrk(service.base_url + "/v1/gate", bodies, SECONDS, CONNECTIONS)
+    result = {"noop_floor": floor, "gate": gate, "gate_over_floor": gate["rps"] / floor["rps"],
+              "target_ratio": 0.8, "connections": CONNECTIONS, "seconds": SECONDS}
+    print(f"no-op Serve floor: {floor['rps']:.0f} req/s  p50 {floor['p50_ms']:.1f} ms  p99 {floor['p99_ms']:.1f} ms")
+    print(f"POST /v1/gate:     {gate['rps']:.0f} req/s  p50 {gate['p50_ms']:.1f} ms  p99 {gate['p99_ms']:.1f} ms"
+          f"  errors {gate['errors']}")
+    print(f"gate / floor = {result['gate_over_floor']:.2f} (target >= 0.8)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

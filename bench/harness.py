@@ -1,0 +1,113 @@
+"""Start the real service for a benchmark (embedded Postgres, local Ray, Serve) and drive it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from actors.placement import NAMESPACE, shard_name
+from config.settings import Settings
+
+SERVICE_TOKEN = "bench-service-token-0123456789"
+ADMIN_TOKEN = "bench-admin-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@serve.deployment(max_ongoing_requests=2000, ray_actor_options={"num_cpus": 0.1})
+class NoOp:
+    """The floor: a Serve endpoint that does nothing but answer."""
+
+    async def __call__(self, request: Request) -> Response:
+        await request.body()
+        return Response(b'{"allowed":true,"reason":"ok","status":200}', media_type="application/json")
+
+
+@contextmanager
+def running_service(shards: int = 2, **overrides):
+    from serve_app import launch
+
+    data_dir = Path(tempfile.mkdtemp(prefix="metergate-bench-"))
+    settings = Settings(data_dir=data_dir, http_port=free_port(), service_token=SERVICE_TOKEN,
+                        admin_token=ADMIN_TOKEN, shards=shards, **overrides)
+    running = launch.start(settings, ray_init_kwargs={"num_cpus": 2, "log_to_driver": False})
+    try:
+        yield running
+    finally:
+        launch.stop(running)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def deploy_noop() -> None:
+    serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+
+
+def shard(k: int):
+    return ray.get_actor(shard_name(k), namespace=NAMESPACE)
+
+
+WRK_SCRIPT = """
+local bodies = {BODIES}
+local n = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer TOKEN"
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, bodies[(n % #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"errors":%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+def wrk(url: str, bodies: list[str], seconds: int, connections: int, token: str = SERVICE_TOKEN) -> dict:
+    """Load with wrk (a separate process); returns requests/s, p50 and p99 in ms, errors."""
+    lua_bodies = "{" + ",".join(json.dumps(b) for b in bodies) + "}"
+    script = WRK_SCRIPT.replace("{BODIES}", lua_bodies).replace("TOKEN", token)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", handle.name, url],
+                             capture_output=True, text=True, timeout=seconds + 60).stdout
+    finally:
+        os.unlink(handle.name)
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    raw = json.loads(line[len("RESULT "):])
+    return {"rps": raw["requests"] / (raw["duration_us"] / 1e6), "p50_ms": raw["p50_us"] / 1000,
+            "p99_ms": raw["p99_us"] / 1000, "errors": raw["errors"], "requests": raw["requests"]}
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def run(coro):
+    return asyncio.run(coro)

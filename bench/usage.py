@@ -1,0 +1,78 @@
+"""Durable usage ticks/s through POST /v1/usage in batches of 1,000.
+
+Every 200 response means its ticks are committed to Postgres. Baseline in the same run: the
+same bodies posted to a no-op Serve endpoint (what HTTP alone carries).
+Run: .venv/bin/python -m bench.usage
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import httpx
+import msgspec
+
+from bench.harness import ADMIN_TOKEN, SERVICE_TOKEN, deploy_noop, running_service
+
+BATCH = 1_000
+REQUESTS = 300
+CONCURRENCY = 6
+ORGS = 1_000
+
+
+def bodies(prefix: str) -> list[bytes]:
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = []
+    for r in range(REQUESTS):
+        ticks = [{"tick_id": f"{prefix}-{r}-{n}", "org_id": f"u_{(r * BATCH + n) % ORGS}",
+                  "lease_id": f"sbx_{n % 7}", "started_at": started, "duration_ms": 5_000,
+                  "memory_mb": 2048, "cpu_count": 1, "disk_mb": 1024} for n in range(BATCH)]
+        out.append(msgspec.json.encode({"ticks": ticks}))
+    return out
+
+
+async def blast(url: str, payloads: list[bytes]) -> tuple[float, int]:
+    queue = list(payloads)
+    accepted = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal accepted
+        while queue:
+            body = queue.pop()
+            response = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+            assert response.status_code == 200, response.text[:300]
+            data = response.json()
+            accepted += data.get("accepted", BATCH)
+
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(timeout=120, limits=limits,
+                                 headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(CONCURRENCY)))
+        return time.perf_counter() - started, accepted
+
+
+def main() -> dict:
+    with running_service() as service:
+        deploy_noop()
+        with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                          timeout=60) as admin:
+            for n in range(ORGS):
+                admin.post("/v1/orgs", json={"org_id": f"u_{n}", "email": f"u{n}@example.com"})
+        asyncio.run(blast(service.base_url + "/v1/usage", bodies("warm")[:20]))
+        noop_s, _ = asyncio.run(blast(service.base_url + "/noop", bodies("noop")))
+        usage_s, accepted = asyncio.run(blast(service.base_url + "/v1/usage", bodies("run")))
+    assert accepted == REQUESTS * BATCH, accepted
+    floor = REQUESTS * BATCH / noop_s
+    durable = accepted / usage_s
+    print(f"no-op Serve endpoint, same bodies: {floor:,.0f} ticks/s")
+    print(f"POST /v1/usage durable:           {durable:,.0f} ticks/s  ({accepted:,} ticks in {usage_s:.1f} s,"
+          f" batches of {BATCH}, {CONCURRENCY} in flight)")
+    print(f"durable / floor = {durable / floor:.2f}; target >= 50,000 ticks/s")
+    return {"noop_ticks_per_s": floor, "durable_ticks_per_s": durable, "ratio": durable / floor}
+
+
+if __name__ == "__main__":
+    main()
