@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 # Fixed forever: changing it would move every org. Shards own slots, never orgs directly.
 SLOT_COUNT = 1024
 NAMESPACE = "metergate"
 
 
+@lru_cache(maxsize=200_000)
 def slot_of(org_id: str) -> int:
     digest = hashlib.blake2b(org_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % SLOT_COUNT

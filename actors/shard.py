@@ -48,8 +48,9 @@ def error(code: str, message: str, status: int) -> dict:
     return {"error": {"code": code, "message": message, "status": status}}
 
 
-def tick_key(org_id: str, tick_id: str) -> uuid.UUID:
-    return uuid.UUID(bytes=hashlib.blake2b(f"{org_id}\x1f{tick_id}".encode(), digest_size=16).digest())
+def tick_key(org_id: str, tick_id: str) -> bytes:
+    """128-bit key of a tick id within its org: what tick_ids stores for dedupe."""
+    return hashlib.blake2b(f"{org_id}\x1f{tick_id}".encode(), digest_size=16).digest()
 
 
 class CreateOrg(msgspec.Struct):
@@ -89,6 +90,7 @@ class UsageItem:
     accepted: int = 0
     duplicates: int = 0
     rejected: list = field(default_factory=list)
+    keys: list = field(default_factory=list)  # per tick: its dedupe key, None if rejected
 
 
 class ShardActor:
@@ -113,6 +115,7 @@ class ShardActor:
         self.stats_commits = 0
         self.stats_commit_ms_total = 0.0
         self.stats_items = 0
+        self.stats_phase_ms: dict[str, float] = {}
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -153,6 +156,7 @@ class ShardActor:
             "commits": self.stats_commits, "items": self.stats_items,
             "commit_ms_avg": self.stats_commit_ms_total / self.stats_commits if self.stats_commits else 0.0,
             "rss_bytes": psutil.Process().memory_info().rss,
+            "commit_phase_ms_total": {k: round(v, 1) for k, v in self.stats_phase_ms.items()},
         }
 
     # ----- reads ------------------------------------------------------------------------
@@ -280,6 +284,17 @@ class ShardActor:
             else:
                 future.set_result(reply)
 
+    def _phase_clock(self):
+        """Accumulates time per commit phase, for stats()."""
+        last = [time.perf_counter()]
+
+        def mark(name: str) -> None:
+            now = time.perf_counter()
+            self.stats_phase_ms[name] = self.stats_phase_ms.get(name, 0.0) + (now - last[0]) * 1000
+            last[0] = now
+
+        return mark
+
     @staticmethod
     def _org_ids(batch: list) -> set[str]:
         ids: set[str] = set()
@@ -304,19 +319,24 @@ class ShardActor:
                      and i.command.idempotency_key
                      and (i.org_id, i.command.idempotency_key) not in self.recent_keys]
         results: dict[int, dict] = {}
+        phase = self._phase_clock()
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 await store.fence(conn, self.shard, self.epoch)
-                fresh = await store.claim_tick_ids(conn, list(tick_keys))
+                seen_before = await store.claim_tick_ids(conn, list(tick_keys))
                 keyed = await store.keyed_entries(conn, key_pairs)
+                phase("dedupe")
                 work = _BatchWork(self, now)
                 for index, item in enumerate(batch):
                     if isinstance(item, UsageItem):
-                        work.apply_usage(item, tick_keys, fresh)
+                        work.apply_usage(item, tick_keys, seen_before)
                     else:
                         results[index] = work.apply_command(item, keyed)
                 out = work.finish()
+                phase("apply")
                 event_ids = await store.write_batch(conn, out)
+                phase("write")
+            phase("commit")
         work.after_commit(event_ids)
         for index, item in enumerate(batch):
             if isinstance(item, UsageItem):
@@ -328,25 +348,33 @@ class ShardActor:
         self.stats_items += len(batch)
         self.stats_commit_ms_total += (time.perf_counter() - started) * 1000
 
-    def _candidate_ticks(self, batch: list) -> dict[uuid.UUID, Tick]:
-        """Ticks that may be billed: known org, valid for its plan, first in this batch."""
-        keys: dict[uuid.UUID, Tick] = {}
+    def _candidate_ticks(self, batch: list) -> dict[bytes, Tick]:
+        """Ticks that may be billed: known org, valid for its plan, first in this batch.
+
+        Marks each usage item's ticks with their key (or None when rejected) for apply_usage.
+        """
+        keys: dict[bytes, Tick] = {}
         for item in batch:
             if not isinstance(item, UsageItem):
                 continue
+            item.keys = []
             for tick in item.ticks:
                 loaded = self.orgs.get(tick.org_id)
                 if loaded is None:
                     item.rejected.append({"tick_id": tick.tick_id, "org_id": tick.org_id,
                                           "error": "unknown_org"})
+                    item.keys.append(None)
                     continue
                 if tick.units:
                     unknown = [u for u in tick.units if u not in loaded.org.plan.unit_nanos]
                     if unknown:
                         item.rejected.append({"tick_id": tick.tick_id, "org_id": tick.org_id,
                                               "error": f"unknown_unit: {unknown[0]}"})
+                        item.keys.append(None)
                         continue
-                keys.setdefault(tick_key(tick.org_id, tick.tick_id), tick)
+                key = tick_key(tick.org_id, tick.tick_id)
+                item.keys.append(key)
+                keys.setdefault(key, tick)
         return keys
 
     # ----- housekeeping -----------------------------------------------------------------
@@ -411,17 +439,14 @@ class _BatchWork:
             self.journal.setdefault(org_id, []).append(cmd.JournalItem(self.now, command))
         self.shard.orgs[org_id].touched_s = self.now_s
 
-    def apply_usage(self, item: UsageItem, tick_keys: dict, fresh: set) -> None:
+    def apply_usage(self, item: UsageItem, tick_keys: dict, seen_before: set) -> None:
         per_org: dict[str, dict[str, LeaseUsage]] = {}
         rollups = self.out.rollups
-        for tick in item.ticks:
-            key = tick_key(tick.org_id, tick.tick_id)
-            if tick_keys.get(key) is not tick:
-                if key in tick_keys:  # same tick twice in this batch
-                    item.duplicates += 1
-                continue
-            if key not in fresh:
-                item.duplicates += 1
+        for tick, key in zip(item.ticks, item.keys):
+            if key is None:
+                continue  # rejected before the commit
+            if tick_keys[key] is not tick or key in seen_before:
+                item.duplicates += 1  # seen before, or twice in this batch
                 continue
             usage = tick.usage()
             leases = per_org.setdefault(tick.org_id, {})

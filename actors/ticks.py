@@ -65,20 +65,58 @@ class UsageBody(msgspec.Struct, forbid_unknown_fields=True):
     ticks: list[msgspec.Raw]
 
 
+class TypedUsageBody(msgspec.Struct, forbid_unknown_fields=True):
+    ticks: list[TickIn]
+
+
 USAGE_DECODER = msgspec.json.Decoder(UsageBody)
+_TYPED_USAGE_DECODER = msgspec.json.Decoder(TypedUsageBody)
 
 
-def decode_tick(raw: bytes | msgspec.Raw, now_us: int) -> Tick:
+def _normalise(tick: TickIn, now_us: int, times: dict) -> Tick:
+    started_us = times.get(tick.started_at)
+    if started_us is None:
+        try:
+            started_us = parse_time_us(tick.started_at)
+        except BadTime as exc:
+            raise ValueError(f"{exc} - at `$.started_at`") from None
+        times[tick.started_at] = started_us
+    if started_us > now_us + MAX_FUTURE_US:
+        raise ValueError("started_at is more than 5 minutes in the future - at `$.started_at`")
+    return Tick(tick.tick_id, tick.org_id, tick.lease_id or "", started_us, tick.duration_ms,
+                tick.memory_mb, tick.cpu_count, tick.disk_mb, tick.units)
+
+
+def decode_tick(raw: bytes | msgspec.Raw, now_us: int, times: dict | None = None) -> Tick:
     """Decode one tick; raises ValueError with a message naming the bad field."""
     try:
         tick = _TICK_DECODER.decode(raw)
     except msgspec.DecodeError as exc:
         raise ValueError(str(exc)) from None
+    return _normalise(tick, now_us, {} if times is None else times)
+
+
+def decode_usage(body: bytes, now_us: int) -> tuple[list[Tick], list[tuple[int, msgspec.Raw, str]]]:
+    """All ticks of a usage body: (valid ticks, [(index, raw tick, error)] for the bad ones).
+
+    A body of well-formed ticks decodes in one pass; only when something is wrong is each tick
+    decoded on its own, so that one bad tick is rejected alone. Raises msgspec errors for a
+    body that is not {"ticks": [...]} at all.
+    """
+    times: dict = {}
     try:
-        started_us = parse_time_us(tick.started_at)
-    except BadTime as exc:
-        raise ValueError(f"{exc} - at `$.started_at`") from None
-    if started_us > now_us + MAX_FUTURE_US:
-        raise ValueError("started_at is more than 5 minutes in the future - at `$.started_at`")
-    return Tick(tick.tick_id, tick.org_id, tick.lease_id or "", started_us, tick.duration_ms,
-                tick.memory_mb, tick.cpu_count, tick.disk_mb, tick.units)
+        typed = _TYPED_USAGE_DECODER.decode(body).ticks
+    except msgspec.DecodeError:
+        typed = None
+    if typed is not None:
+        try:
+            return [_normalise(tick, now_us, times) for tick in typed], []
+        except ValueError:
+            pass  # some tick has a bad time: sort them out one by one below
+    valid, rejected = [], []
+    for index, raw in enumerate(USAGE_DECODER.decode(body).ticks):
+        try:
+            valid.append(decode_tick(raw, now_us, times))
+        except ValueError as exc:
+            rejected.append((index, raw, str(exc)))
+    return valid, rejected

@@ -18,8 +18,8 @@ from bench.harness import ADMIN_TOKEN, SERVICE_TOKEN, deploy_noop, running_servi
 
 BATCH = 1_000
 REQUESTS = 300
-CONCURRENCY = 6
-ORGS = 1_000
+CONCURRENCY = int(__import__("os").environ.get("BENCH_CONCURRENCY", "6"))
+ORGS = int(__import__("os").environ.get("BENCH_ORGS", "1000"))
 
 
 def bodies(prefix: str) -> list[bytes]:

@@ -17,7 +17,7 @@ from actors.clock import now_us
 from actors.metering import SCALED_PER_MICRO
 from actors.org import Resources
 from actors.shard import CreateOrg, GetState
-from actors.ticks import USAGE_DECODER, decode_tick
+from actors.ticks import USAGE_DECODER, decode_usage
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from config.catalog import Catalog
 from config.settings import Settings
@@ -145,18 +145,13 @@ def build_app(ctx: Context) -> FastAPI:
     @app.post("/v1/usage", tags=["usage"])
     async def post_usage(request: Request) -> Response:
         ctx.service(request)
-        body = decode(USAGE_DECODER, await request.body())
-        if len(body.ticks) > ctx.settings.max_ticks_per_request:
+        raw_body = await request.body()
+        count = len(decode(USAGE_DECODER, raw_body).ticks)  # also the 400/422 for a bad envelope
+        if count > ctx.settings.max_ticks_per_request:
             raise ApiError(413, "too_many_ticks",
                            f"at most {ctx.settings.max_ticks_per_request} ticks per request")
-        now = now_us()
-        valid, rejected = [], []
-        for index, raw in enumerate(body.ticks):
-            try:
-                valid.append(decode_tick(raw, now))
-            except ValueError as exc:
-                tick_id = _tick_id_of(raw)
-                rejected.append({"index": index, "tick_id": tick_id, "error": str(exc)})
+        valid, bad = decode_usage(raw_body, now_us())
+        rejected = [{"index": index, "tick_id": _tick_id_of(raw), "error": error} for index, raw, error in bad]
         accepted = duplicates = 0
         for part in await router.usage(valid) if valid else []:
             part = raise_for_shard_error(part)

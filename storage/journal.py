@@ -6,9 +6,8 @@ statement over arrays (unnest), so a commit costs a handful of round trips whate
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
@@ -19,8 +18,11 @@ class Fenced(Exception):
     """Another incarnation of this shard claimed its slots: this one must not write."""
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def us_to_dt(us: int) -> datetime:
-    return datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(microsecond=us % 1_000_000)
+    return _EPOCH + timedelta(microseconds=us)
 
 
 @dataclass
@@ -98,13 +100,18 @@ async def load_orgs(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, t
     return found
 
 
-async def claim_tick_ids(conn: asyncpg.Connection, ids: list[uuid.UUID]) -> set[uuid.UUID]:
-    """Record tick ids; returns those never seen before (the ones to bill)."""
+async def claim_tick_ids(conn: asyncpg.Connection, ids: list[bytes]) -> set[bytes]:
+    """Record tick ids (16-byte keys, distinct); returns those seen before (not to bill).
+
+    Only the duplicates come back, since they are few: no row per fresh tick to decode.
+    """
     if not ids:
         return set()
     rows = await conn.fetch(
-        "INSERT INTO tick_ids (id) SELECT unnest($1::uuid[]) ON CONFLICT (id) DO NOTHING RETURNING id", ids)
-    return {r["id"] for r in rows}
+        "WITH input AS (SELECT unnest($1::bytea[]) AS id),"
+        " fresh AS (INSERT INTO tick_ids (id) SELECT id FROM input ON CONFLICT (id) DO NOTHING RETURNING id)"
+        " SELECT id FROM input EXCEPT ALL SELECT id FROM fresh", ids)
+    return {r[0] for r in rows}
 
 
 async def keyed_entries(conn: asyncpg.Connection, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], asyncpg.Record]:

@@ -47,7 +47,7 @@ CREATE TABLE ledger (
     request_hash    text,
     usage_minute    timestamptz,
     created_at      timestamptz NOT NULL
-);
+) WITH (fillfactor = 70);  -- room for HOT updates of the per-minute usage rows
 CREATE UNIQUE INDEX ledger_org_idempotency ON ledger (org_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE UNIQUE INDEX ledger_org_usage_minute ON ledger (org_id, usage_minute)
@@ -56,7 +56,7 @@ CREATE INDEX ledger_org_newest ON ledger (org_id, created_at DESC, entry_id DESC
 
 -- Tick ids seen (16-byte hash of org_id and tick_id), kept >= 24 h for dedupe across restarts.
 CREATE TABLE tick_ids (
-    id      uuid PRIMARY KEY,
+    id      bytea PRIMARY KEY,
     seen_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX tick_ids_seen_at ON tick_ids USING brin (seen_at);
@@ -73,7 +73,7 @@ CREATE TABLE usage_rollups (
     cost_scaled  numeric NOT NULL,
     units        jsonb,
     PRIMARY KEY (org_id, minute, lease_id)
-);
+) WITH (fillfactor = 70);  -- rollups are updated in place every commit of their minute
 
 CREATE FUNCTION mg_units_add(a jsonb, b jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
