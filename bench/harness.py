@@ -111,3 +111,35 @@ def timed(fn):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def create_orgs(count: int, prefix: str, shard_index: int = 0, batch: int = 2_000) -> list[str]:
+    """Create orgs through the shard's own command path (group commit), in batches."""
+    from actors.shard import CreateOrg
+
+    handle = shard(shard_index)
+    ids = [f"{prefix}_{n}" for n in range(count)]
+    for start in range(0, count, batch):
+        part = ids[start:start + batch]
+        results = ray.get(handle.submit.remote(
+            [(org_id, CreateOrg(f"{org_id}@example.com", "payg", True), None) for org_id in part]))
+        assert all(r.get("created") for r in results), results[:3]
+    return ids
+
+
+def kill_shard_process(shard_index: int = 0) -> int:
+    """kill -9 the shard's process; Ray restarts the actor (max_restarts=-1)."""
+    import signal
+
+    pid = ray.get(shard(shard_index).ready.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def gate_all(org_ids: list[str], shard_index: int = 0, batch: int = 5_000) -> None:
+    from actors.org import Resources
+
+    handle = shard(shard_index)
+    for start in range(0, len(org_ids), batch):
+        results = ray.get(handle.gate.remote([(o, "create", Resources()) for o in org_ids[start:start + batch]]))
+        assert all("allowed" in r for r in results), results[:3]

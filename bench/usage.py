@@ -18,7 +18,7 @@ from bench.harness import ADMIN_TOKEN, SERVICE_TOKEN, deploy_noop, running_servi
 
 BATCH = 1_000
 REQUESTS = 300
-CONCURRENCY = int(__import__("os").environ.get("BENCH_CONCURRENCY", "6"))
+CONCURRENCY = int(__import__("os").environ.get("BENCH_CONCURRENCY", "16"))
 ORGS = int(__import__("os").environ.get("BENCH_ORGS", "1000"))
 
 
