@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -61,6 +63,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.InterfaceError)
+    @app.exception_handler(ConnectionError)
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Postgres went away mid-request (restart, failover): the caller should retry.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "database_unavailable", "the database is unavailable; retry the request")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
