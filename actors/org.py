@@ -160,6 +160,11 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     grant_seq: int
 
 
+# Snapshot fields that are copied as they are; plan, grants and leases need converting.
+_SNAPSHOT_PLAIN_FIELDS = tuple(
+    name for name in OrgSnapshot.__struct_fields__ if name not in ("plan_id", "plan_version", "grants", "leases"))
+
+
 def _burn_order(grant: Grant) -> tuple:
     # Expiring grants first (soonest first), then promotional credit, then purchased credit.
     expiring = grant.expires_at_us is not None
@@ -553,47 +558,23 @@ class OrgBillingActor:
     def to_snapshot(self) -> OrgSnapshot:
         self.check_invariants()
         return OrgSnapshot(
-            org_id=self.org_id, email=self.email, prepaid=self.prepaid, plan_id=self.plan.id,
-            plan_version=self.plan.version, tier=self.tier, max_concurrent=self.max_concurrent,
-            max_disk_mb=self.max_disk_mb, machine_quotas=self.machine_quotas,
+            plan_id=self.plan.id, plan_version=self.plan.version,
             grants=[msgspec.structs.replace(g) for g in self.grants] if self.grants else None,
-            debt_micros=self.debt_micros, remainder_scaled=self.remainder_scaled,
-            period_key=self.period_key, period_start_us=self.period_start_us,
-            period_end_us=self.period_end_us, period_usage_micros=self.period_usage_micros,
-            quota_used_micros=self.quota_used_micros, thresholds_fired=self.thresholds_fired,
-            halted=self.halted, suspended=self.suspended, past_due_since_us=self.past_due_since_us,
             leases=[msgspec.structs.replace(l) for l in self.leases.values()] if self.leases else None,
-            has_payment_method=self.has_payment_method, created_us=self.created_us,
-            grant_seq=self.grant_seq)
+            **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
     def from_snapshot(cls, snap: OrgSnapshot, plan: Plan) -> "OrgBillingActor":
         assert (plan.id, plan.version) == (snap.plan_id, snap.plan_version)
         org = cls.__new__(cls)
-        org.org_id = sys.intern(snap.org_id)
-        org.email = snap.email
-        org.prepaid = snap.prepaid
+        for name in _SNAPSHOT_PLAIN_FIELDS:
+            setattr(org, name, getattr(snap, name))
         org.plan = plan
-        org.tier = sys.intern(snap.tier)
-        org.max_concurrent = snap.max_concurrent
-        org.max_disk_mb = snap.max_disk_mb
-        org.machine_quotas = snap.machine_quotas
         org.grants = snap.grants
-        org.debt_micros = snap.debt_micros
-        org.remainder_scaled = snap.remainder_scaled
-        org.period_key = sys.intern(snap.period_key)
-        org.period_start_us = snap.period_start_us
-        org.period_end_us = snap.period_end_us
-        org.period_usage_micros = snap.period_usage_micros
-        org.quota_used_micros = snap.quota_used_micros
-        org.thresholds_fired = snap.thresholds_fired
-        org.halted = snap.halted
-        org.suspended = snap.suspended
-        org.past_due_since_us = snap.past_due_since_us
         org.leases = {l.lease_id: l for l in snap.leases} if snap.leases else None
-        org.has_payment_method = snap.has_payment_method
-        org.created_us = snap.created_us
-        org.grant_seq = snap.grant_seq
+        # Shared strings: thousands of orgs hold the same period key and tier.
+        org.org_id, org.tier, org.period_key = (sys.intern(snap.org_id), sys.intern(snap.tier),
+                                                sys.intern(snap.period_key))
         org.check_invariants()
         return org
 
@@ -634,3 +615,7 @@ class OrgBillingActor:
             "has_payment_method": self.has_payment_method,
             "created_at": us_to_rfc3339(self.created_us),
         }
+
+
+# Every piece of org state is in the snapshot, or recovery would silently forget it.
+assert set(_SNAPSHOT_PLAIN_FIELDS) | {"plan", "grants", "leases"} == set(OrgBillingActor.__slots__)
