@@ -166,14 +166,20 @@ class ShardActor:
         await self._ensure_started()
         await self._ensure_loaded({org_id for org_id, _, _ in requests})
         now = now_us()
+        now_s = int(time.monotonic())
         results = []
         for org_id, action, resources in requests:
             loaded = self.orgs.get(org_id)
             if loaded is None:
                 results.append(error("unknown_org", f"org {org_id} does not exist", 404))
             else:
+                loaded.touched_s = now_s  # an org that is only read is in use too
                 results.append(msgspec.to_builtins(loaded.org.gate(action, resources, now)))
         return results
+
+    async def loaded(self, org_ids: list[str]) -> list[bool]:
+        """Which of these orgs are in memory now (for operators and tests)."""
+        return [org_id in self.orgs for org_id in org_ids]
 
     # ----- writes -----------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ def service(tmp_path_factory):
         admin_token=ADMIN_TOKEN,
         shards=2,
         snapshot_every_entries=8,  # small, so tests cross snapshot + compaction often
+        passivate_after_s=1,  # idle orgs leave memory within seconds: later steps reload them
     )
     running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
     yield running

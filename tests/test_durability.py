@@ -57,6 +57,19 @@ def test_journal_is_compacted_behind_snapshots_and_stays_short(service, compute,
              "the idle org's journal to be compacted")
 
 
+def test_idle_org_is_passivated_and_comes_back_with_its_state(service, admin, compute, org_id_on, new_org):
+    org = new_org(org_id=org_id_on(0, "idle"))
+    admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_234_567})
+    assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "kept", "ttl_s": 3600}).status_code == 201
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "before-idle", "kept")]})
+    before = admin.get(f"/v1/orgs/{org}").json()
+    shard0 = ray.get_actor(shard_name(0), namespace=NAMESPACE)
+    wait_for(lambda: ray.get(shard0.loaded.remote([org])) == [False], "the idle org to leave memory")
+    after = admin.get(f"/v1/orgs/{org}").json()  # loads it again from its snapshot
+    assert ray.get(shard0.loaded.remote([org])) == [True]
+    assert after == before
+
+
 def test_duplicate_tick_is_recognised_after_the_shard_restarts(service, compute, admin, org_id_on, new_org):
     org = new_org(org_id=org_id_on(1, "restart"))
     tick = hour_tick(org, "once-only")
