@@ -30,21 +30,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fresh_database(base_url: str) -> str:
-    name = f"metergate_test_{uuid.uuid4().hex[:10]}"
-
-    async def create() -> None:
+def _on_server(base_url: str, statement: str) -> None:
+    async def run() -> None:
         conn = await asyncpg.connect(base_url)
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            await conn.execute(statement)
         finally:
             await conn.close()
 
-    asyncio.run(create())
+    asyncio.run(run())
+
+
+def _database_url(base_url: str, name: str) -> str:
     head, _, tail = base_url.rpartition("/")
-    query = ""
-    if "?" in tail:
-        query = "?" + tail.split("?", 1)[1]
+    query = "?" + tail.split("?", 1)[1] if "?" in tail else ""
     return f"{head}/{name}{query}"
 
 
@@ -54,8 +53,11 @@ def service(tmp_path_factory):
 
     data_dir: Path = tmp_path_factory.mktemp("metergate")
     external = os.environ.get("METERGATE_DATABASE_URL")
+    database = f"metergate_test_{uuid.uuid4().hex[:10]}"
+    if external:  # a database of its own on that server, dropped at the end
+        _on_server(external, f'CREATE DATABASE "{database}"')
     settings = Settings(
-        database_url=_fresh_database(external) if external else None,
+        database_url=_database_url(external, database) if external else None,
         data_dir=data_dir,
         http_port=free_port(),
         service_token=SERVICE_TOKEN,
@@ -67,6 +69,8 @@ def service(tmp_path_factory):
     running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
     yield running
     launch.stop(running)
+    if external:
+        _on_server(external, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
