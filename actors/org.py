@@ -380,14 +380,18 @@ class OrgBillingActor:
     def _take(self, micros: int, order: Callable[[Grant], tuple]) -> None:
         """Take micros from the grants in `order`; what they cannot cover becomes debt."""
         assert micros > 0
-        if self.grants:
-            for grant in sorted(self.grants, key=order):
+        grants = self.grants
+        if grants:
+            exhausted = False
+            for grant in grants if len(grants) == 1 else sorted(grants, key=order):
                 taken = min(grant.remaining_micros, micros)
                 grant.remaining_micros -= taken
                 micros -= taken
+                exhausted |= grant.remaining_micros == 0
                 if micros == 0:
                     break
-            self.grants = [g for g in self.grants if g.remaining_micros > 0] or None
+            if exhausted:
+                self.grants = [g for g in grants if g.remaining_micros > 0] or None
         self.debt_micros += micros
 
     def _fire_quota_thresholds(self, now_us: int, fx: Effects) -> None:
@@ -507,10 +511,15 @@ class OrgBillingActor:
         new_period = now_us >= self.period_end_us
         if new_period:
             self._start_period(now_us)
-        if self.grants and any(g.expires_at_us is not None and g.expires_at_us <= now_us for g in self.grants):
-            self._expire_grants(now_us, fx)
-        if self.leases and any(l.expires_at_us <= now_us for l in self.leases.values()):
-            self._expire_leases(now_us, fx)
+        for grant in self.grants or ():
+            if grant.expires_at_us is not None and grant.expires_at_us <= now_us:
+                self._expire_grants(now_us, fx)
+                break
+        if self.leases:
+            for lease in self.leases.values():
+                if lease.expires_at_us <= now_us:
+                    self._expire_leases(now_us, fx)
+                    break
         if new_period:
             # The new period's quota is money to spend: a halt for lack of money lifts, as
             # after a credit; after the grant expiry above, so it never lifts then re-halts.

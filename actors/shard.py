@@ -23,7 +23,7 @@ import msgspec
 
 from actors import commands as cmd
 from actors.clock import now_us
-from actors.metering import LeaseUsage, UnknownUnit, cost_scaled
+from actors.metering import SCALED_PER_NANO, LeaseUsage, UnknownUnit, cost_scaled
 from actors.org import BillingError, Effects, OrgBillingActor, OrgSnapshot, Resources
 from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
@@ -559,7 +559,7 @@ class _BatchWork:
             plan = shard.orgs[rollup_key[0]].org.plan
             units = msgspec.json.encode(usage.units).decode() if usage.units else None
             out.rollups[rollup_key] = (usage.memory_mb_ms, usage.cpu_ms, usage.disk_mb_ms, usage.ticks,
-                                   cost_scaled(plan, usage), units)
+                                   cost_scaled(plan, usage) // SCALED_PER_NANO, units)
         for index, (org_id, entry) in enumerate(self.fx.ledger):
             if entry.kind == "usage":
                 debit = out.usage_debits.setdefault((org_id, minute_us(entry.at_us)), [0, entry.at_us])

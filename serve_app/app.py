@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse
 
 from actors import commands as cmd
 from actors.clock import now_us
-from actors.metering import SCALED_PER_MICRO
 from actors.org import Resources
 from actors.shard import CreateOrg, GetState
 from actors.ticks import USAGE_DECODER, decode_usage
@@ -255,14 +254,14 @@ def build_app(ctx: Context) -> FastAPI:
             rows = await conn.fetch(
                 f"SELECT {key} AS k, sum(memory_mb_ms)::int8 AS memory_mb_ms, sum(cpu_ms)::int8 AS cpu_ms,"
                 " sum(disk_mb_ms)::int8 AS disk_mb_ms, sum(ticks)::int8 AS ticks,"
-                " sum(cost_scaled) AS cost_scaled FROM usage_rollups WHERE org_id = $1"
+                " sum(cost_nanos)::int8 AS cost_nanos FROM usage_rollups WHERE org_id = $1"
                 " AND ($2::timestamptz IS NULL OR minute >= $2) AND ($3::timestamptz IS NULL OR minute < $3)"
                 " GROUP BY 1 ORDER BY 1",
                 org_id, _dt(from_us), _dt(to_us))
         groups = []
         for r in rows:
             group = {"memory_mb_ms": r["memory_mb_ms"], "cpu_ms": r["cpu_ms"], "disk_mb_ms": r["disk_mb_ms"],
-                     "ticks": r["ticks"], "cost_micros": int(r["cost_scaled"]) // SCALED_PER_MICRO}
+                     "ticks": r["ticks"], "cost_micros": r["cost_nanos"] // 1_000}
             if group_by == "lease":
                 group = {"lease_id": r["k"], **group}
             elif group_by == "day":

@@ -25,6 +25,12 @@ def us_to_dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
+def _minutes_to_dt(minutes_us: list[int]) -> list[datetime]:
+    """us_to_dt over many values that repeat (rows of one commit share a few minutes)."""
+    seen: dict[int, datetime] = {}
+    return [seen.get(m) or seen.setdefault(m, us_to_dt(m)) for m in minutes_us]
+
+
 @dataclass
 class CommitBatch:
     new_orgs: list[tuple] = field(default_factory=list)      # org_id, email, billing_mode, slot, created_at
@@ -34,7 +40,7 @@ class CommitBatch:
     ledger: list[tuple] = field(default_factory=list)        # entry_id, org_id, kind, amount, grant_id,
                                                              # expires_at, note, key, hash, created_at
     usage_debits: dict = field(default_factory=dict)         # (org_id, minute_us) -> [amount (< 0), first at_us]
-    rollups: dict = field(default_factory=dict)              # (org_id, minute_us, lease_id) -> [mem, cpu, disk, ticks, cost, units]
+    rollups: dict = field(default_factory=dict)              # (org_id, minute_us, lease_id) -> (mem, cpu, disk, ticks, cost_nanos, units)
     events: list[tuple] = field(default_factory=list)        # org_id, type, payload json, created_at
 
 
@@ -164,24 +170,24 @@ async def write_batch(conn: asyncpg.Connection, batch: CommitBatch) -> list[int]
             " FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::timestamptz[]) AS u(o, m, a, t)"
             " ON CONFLICT (org_id, usage_minute) WHERE usage_minute IS NOT NULL"
             " DO UPDATE SET amount_micros = ledger.amount_micros + EXCLUDED.amount_micros",
-            [k[0] for k in keys], [us_to_dt(k[1]) for k in keys],
+            [k[0] for k in keys], _minutes_to_dt([k[1] for k in keys]),
             [v[0] for v in batch.usage_debits.values()], [us_to_dt(v[1]) for v in batch.usage_debits.values()])
     if batch.rollups:
         keys = list(batch.rollups)
         values = list(batch.rollups.values())
         await conn.execute(
             "INSERT INTO usage_rollups (org_id, minute, lease_id, memory_mb_ms, cpu_ms, disk_mb_ms,"
-            " ticks, cost_scaled, units)"
+            " ticks, cost_nanos, units)"
             " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::int8[], $5::int8[],"
-            " $6::int8[], $7::int8[], $8::numeric[], $9::jsonb[])"
+            " $6::int8[], $7::int8[], $8::int8[], $9::jsonb[])"
             " ON CONFLICT (org_id, minute, lease_id) DO UPDATE SET"
             " memory_mb_ms = usage_rollups.memory_mb_ms + EXCLUDED.memory_mb_ms,"
             " cpu_ms = usage_rollups.cpu_ms + EXCLUDED.cpu_ms,"
             " disk_mb_ms = usage_rollups.disk_mb_ms + EXCLUDED.disk_mb_ms,"
             " ticks = usage_rollups.ticks + EXCLUDED.ticks,"
-            " cost_scaled = usage_rollups.cost_scaled + EXCLUDED.cost_scaled,"
+            " cost_nanos = usage_rollups.cost_nanos + EXCLUDED.cost_nanos,"
             " units = mg_units_add(usage_rollups.units, EXCLUDED.units)",
-            [k[0] for k in keys], [us_to_dt(k[1]) for k in keys], [k[2] for k in keys],
+            [k[0] for k in keys], _minutes_to_dt([k[1] for k in keys]), [k[2] for k in keys],
             *_columns(values, 6))
     if batch.events:
         rows = await conn.fetch(

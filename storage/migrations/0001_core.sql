@@ -70,7 +70,7 @@ CREATE TABLE usage_rollups (
     cpu_ms       bigint NOT NULL,
     disk_mb_ms   bigint NOT NULL,
     ticks        bigint NOT NULL,
-    cost_scaled  numeric NOT NULL,
+    cost_nanos   bigint NOT NULL,  -- floor of the exact cost; the ledger holds the exact debit
     units        jsonb,
     PRIMARY KEY (org_id, minute, lease_id)
 ) WITH (fillfactor = 70);  -- rollups are updated in place every commit of their minute
