@@ -116,6 +116,7 @@ class ShardActor:
         self.stats_commit_ms_total = 0.0
         self.stats_items = 0
         self.stats_phase_ms: dict[str, float] = {}
+        self.stats_loop_errors = 0
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -153,7 +154,7 @@ class ShardActor:
         return {
             "shard": self.shard, "epoch": self.epoch, "pid": os.getpid(),
             "loaded_orgs": len(self.orgs), "pending": len(self.pending),
-            "commits": self.stats_commits, "items": self.stats_items,
+            "commits": self.stats_commits, "items": self.stats_items, "loop_errors": self.stats_loop_errors,
             "commit_ms_avg": self.stats_commit_ms_total / self.stats_commits if self.stats_commits else 0.0,
             "rss_bytes": psutil.Process().memory_info().rss,
             "commit_phase_ms_total": {k: round(v, 1) for k, v in self.stats_phase_ms.items()},
@@ -176,6 +177,17 @@ class ShardActor:
                 loaded.touched_s = now_s  # an org that is only read is in use too
                 results.append(msgspec.to_builtins(loaded.org.gate(action, resources, now)))
         return results
+
+    async def tasks(self) -> list[str]:
+        """What each coroutine of this shard is waiting on (for operators chasing a stall)."""
+        import io
+
+        dumps = []
+        for task in asyncio.all_tasks():
+            out = io.StringIO()
+            task.print_stack(limit=8, file=out)
+            dumps.append(out.getvalue())
+        return dumps
 
     async def loaded(self, org_ids: list[str]) -> list[bool]:
         """Which of these orgs are in memory now (for operators and tests)."""
@@ -248,21 +260,30 @@ class ShardActor:
 
     async def _commit_loop(self) -> None:
         while True:
-            if not self.pending:
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=HOUSEKEEPING_EVERY_S)
-                except asyncio.TimeoutError:
-                    pass
-            if not self.pending or time.monotonic() - self.last_housekeeping > HOUSEKEEPING_EVERY_S * 5:
-                await self._housekeeping_safely()
-                continue
-            batch, self.pending = self._cut_batch()
             try:
-                await self._commit(batch)
-            except Exception as exc:  # the batch failed as a whole: nothing of it was acknowledged
-                log.exception("shard %s: commit failed", self.shard)
-                self._fail(batch, exc)
+                await self._commit_step()
+            except Exception:  # noqa: BLE001 - a bug; the loop must go on or the shard stops committing
+                self.stats_loop_errors += 1
+                log.exception("shard %s: commit loop error", self.shard)
+                await asyncio.sleep(0.1)
+
+    async def _commit_step(self) -> None:
+        """One turn of the commit loop: housekeeping, or one group commit."""
+        if not self.pending:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=HOUSEKEEPING_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
+        if not self.pending or time.monotonic() - self.last_housekeeping > HOUSEKEEPING_EVERY_S * 5:
+            await self._housekeeping_safely()
+            return
+        batch, self.pending = self._cut_batch()
+        try:
+            await self._commit(batch)
+        except Exception as exc:  # the batch failed as a whole: nothing of it was acknowledged
+            log.exception("shard %s: commit failed", self.shard)
+            self._fail(batch, exc)
 
     def _cut_batch(self) -> tuple[list, list]:
         budget = self.settings.commit_max_commands
@@ -313,7 +334,9 @@ class ShardActor:
 
     async def _commit(self, batch: list) -> None:
         if isinstance(batch[0], tuple):
-            batch[0][1].set_result(await self._snapshot_dirty(only_idle=False))
+            result = await self._snapshot_dirty(only_idle=False)
+            if not batch[0][1].done():
+                batch[0][1].set_result(result)
             return
         started = time.perf_counter()
         org_ids = self._org_ids(batch)
@@ -345,6 +368,8 @@ class ShardActor:
             phase("commit")
         work.after_commit(event_ids)
         for index, item in enumerate(batch):
+            if item.future.done():
+                continue  # the caller went away (its request was cancelled); the work is committed
             if isinstance(item, UsageItem):
                 item.future.set_result({"accepted": item.accepted, "duplicates": item.duplicates,
                                         "rejected": item.rejected})

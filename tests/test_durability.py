@@ -162,3 +162,60 @@ def test_acknowledged_credit_survives_a_postgres_restart_and_a_shard_restart(ser
 def _get_ok(client, path: str):
     response = client.get(path)
     return response.json() if response.status_code == 200 else None
+
+
+@pytest.mark.skipif(bool(os.environ.get("METERGATE_DATABASE_URL")), reason="restarts the embedded Postgres")
+def test_ticks_streaming_through_a_postgres_restart_are_billed_exactly_once(service, admin, sql, new_org):
+    """Connections drop while batches are being written and the next ones already applied."""
+    import threading
+
+    import httpx
+    import pgserver
+
+    from tests.conftest import SERVICE_TOKEN
+    from tests.test_crash import TICK_MICROS, TICKS_PER_REQUEST, send_until_acknowledged, tick_batch
+
+    orgs = [new_org() for _ in range(6)]  # on both shards
+    for org in orgs:
+        admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 100_000_000})
+    start_balance = {org: admin.get(f"/v1/orgs/{org}").json()["balance_micros"] for org in orgs}
+    requests_per_thread, threads = 25, 4
+    outcome: dict[int, bool] = {}
+
+    def stream(thread_no: int) -> None:
+        with httpx.Client(base_url=service.base_url, timeout=30,
+                          headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}) as client:
+            for n in range(requests_per_thread):
+                request_no = thread_no * 1000 + n
+                try:
+                    response = client.post("/v1/usage", json=tick_batch(orgs, request_no))
+                    outcome[request_no] = response.status_code == 200
+                except httpx.HTTPError:
+                    outcome[request_no] = False
+
+    workers = [threading.Thread(target=stream, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    service.pg_server.cleanup()
+    service.pg_server = pgserver.get_server(service.settings.data_dir / "pg", cleanup_mode="stop")
+    for worker in workers:
+        worker.join(timeout=300)
+    assert not any(worker.is_alive() for worker in workers)
+
+    acknowledged = [no for no, ok in outcome.items() if ok]
+    failed = [no for no, ok in outcome.items() if not ok]
+    billed = sql.val("SELECT COALESCE(sum(ticks), 0)::int8 FROM usage_rollups WHERE org_id = ANY($1)", orgs)
+    assert len(acknowledged) * TICKS_PER_REQUEST <= billed <= len(outcome) * TICKS_PER_REQUEST
+    with httpx.Client(base_url=service.base_url, timeout=30,
+                      headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}) as client:
+        for request_no in failed:
+            send_until_acknowledged(client, tick_batch(orgs, request_no))
+    assert sql.val("SELECT sum(ticks)::int8 FROM usage_rollups WHERE org_id = ANY($1)", orgs) == \
+        len(outcome) * TICKS_PER_REQUEST
+    for org in orgs:
+        ticks_of_org = sum(1 for no in outcome for t in tick_batch(orgs, no)["ticks"] if t["org_id"] == org)
+        state = wait_for(lambda: _get_ok(admin, f"/v1/orgs/{org}"), "the org")
+        assert state["balance_micros"] == start_balance[org] - ticks_of_org * TICK_MICROS
+        assert ledger_sum(sql, org) == state["balance_micros"]
+    print(f"through a Postgres restart: {len(acknowledged)} acknowledged, {len(failed)} failed and retried")
