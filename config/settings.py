@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -77,10 +78,19 @@ def load_settings() -> Settings:
 
 
 def with_generated_tokens(settings: Settings) -> Settings:
-    """Fill in missing service/admin tokens with fresh random ones (printed by the launcher)."""
-    update = {}
-    if settings.service_token is None:
-        update["service_token"] = "mg_svc_" + secrets.token_urlsafe(24)
-    if settings.admin_token is None:
-        update["admin_token"] = "mg_adm_" + secrets.token_urlsafe(24)
+    """Fill in missing service/admin tokens: the ones generated before, kept in data_dir, or new.
+
+    Generated tokens are saved (mode 600) so that a restart keeps the tokens callers were given.
+    """
+    missing = [name for name in ("service_token", "admin_token") if getattr(settings, name) is None]
+    if not missing:
+        return settings
+    path = Path(settings.data_dir) / "tokens.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    prefixes = {"service_token": "mg_svc_", "admin_token": "mg_adm_"}
+    update = {name: saved.get(name) or prefixes[name] + secrets.token_urlsafe(24) for name in missing}
+    if any(saved.get(name) != update[name] for name in missing):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        path.write_text(json.dumps({**saved, **update}, indent=2))
     return settings.model_copy(update=update)

@@ -1,0 +1,40 @@
+"""Settings: validated with messages naming the variable; generated tokens survive restarts."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from config.catalog import CatalogError, parse_catalog
+from config.settings import Settings, SettingsError, load_settings, with_generated_tokens
+
+
+def test_generated_tokens_are_kept_for_the_next_start(tmp_path):
+    first = with_generated_tokens(Settings(data_dir=tmp_path))
+    second = with_generated_tokens(Settings(data_dir=tmp_path))
+    assert first.admin_token.startswith("mg_adm_") and first.service_token.startswith("mg_svc_")
+    assert (second.admin_token, second.service_token) == (first.admin_token, first.service_token)
+    assert stat.S_IMODE((tmp_path / "tokens.json").stat().st_mode) == 0o600
+
+
+def test_tokens_set_in_the_environment_win_and_are_not_written(tmp_path):
+    settings = with_generated_tokens(Settings(data_dir=tmp_path, admin_token="a" * 20, service_token="s" * 20))
+    assert settings.admin_token == "a" * 20
+    assert not (tmp_path / "tokens.json").exists()
+
+
+def test_bad_settings_name_the_variable(monkeypatch):
+    monkeypatch.setenv("METERGATE_HTTP_PORT", "99999")
+    monkeypatch.setenv("METERGATE_DATABASE_URL", "mysql://nope")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "METERGATE_HTTP_PORT" in str(caught.value)
+    assert "METERGATE_DATABASE_URL" in str(caught.value)
+
+
+def test_a_catalog_without_its_default_plan_is_refused():
+    with pytest.raises(CatalogError, match="default_plan"):
+        parse_catalog({"default_plan": "gold", "signup_grant_micros": 0, "default_max_disk_mb": 1,
+                       "tiers": {t: 1 for t in ("base", "pro", "pro_plus", "pro_plus_plus", "custom")},
+                       "plans": []})
