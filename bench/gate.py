@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 
-import httpx
-
-from bench.harness import ADMIN_TOKEN, deploy_noop, have_wrk, running_service, wrk
+from bench.harness import create_orgs_via_api, deploy_noop, have_wrk, running_service, wrk
 
 SECONDS = 10
 ROUNDS = 3
@@ -21,10 +19,7 @@ def main() -> dict:
     assert have_wrk(), "this benchmark needs wrk (apt-get install wrk)"
     with running_service() as service:
         deploy_noop()
-        with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                          timeout=60) as admin:
-            for n in range(ORGS):
-                admin.post("/v1/orgs", json={"org_id": f"bench_{n}", "email": f"b{n}@example.com"})
+        create_orgs_via_api(service.base_url, [f"bench_{n}" for n in range(ORGS)])
         bodies = [json.dumps({"org_id": f"bench_{n}", "action": "create",
                               "resources": {"memory_mb": 4096, "cpu_count": 2, "disk_mb": 10240}})
                   for n in range(ORGS)]

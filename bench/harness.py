@@ -113,6 +113,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def create_orgs_via_api(base_url: str, org_ids: list[str]) -> None:
+    """Create orgs through POST /v1/orgs, as a user would."""
+    import httpx
+
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60) as admin:
+        for org_id in org_ids:
+            response = admin.post("/v1/orgs", json={"org_id": org_id, "email": f"{org_id}@example.com"})
+            assert response.status_code in (200, 201), response.text
+
+
 def create_orgs(count: int, prefix: str, shard_index: int = 0, batch: int = 2_000) -> list[str]:
     """Create orgs through the shard's own command path (group commit), in batches."""
     from actors.shard import CreateOrg

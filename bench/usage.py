@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 import httpx
 import msgspec
 
-from bench.harness import ADMIN_TOKEN, SERVICE_TOKEN, deploy_noop, running_service
+from bench.harness import SERVICE_TOKEN, create_orgs_via_api, deploy_noop, running_service
 
 BATCH = 1_000
 REQUESTS = 200
@@ -61,10 +61,7 @@ def main() -> dict:
     floors, durables = [], []
     with running_service() as service:
         deploy_noop()
-        with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                          timeout=60) as admin:
-            for n in range(ORGS):
-                admin.post("/v1/orgs", json={"org_id": f"u_{n}", "email": f"u{n}@example.com"})
+        create_orgs_via_api(service.base_url, [f"u_{n}" for n in range(ORGS)])
         asyncio.run(blast(service.base_url + "/v1/usage", bodies("warm")[:20]))
         for round_no in range(ROUNDS):
             noop_s, _ = asyncio.run(blast(service.base_url + "/noop", bodies(f"noop{round_no}")))
