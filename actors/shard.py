@@ -48,6 +48,9 @@ def error(code: str, message: str, status: int) -> dict:
     return {"error": {"code": code, "message": message, "status": status}}
 
 
+WRONG_SHARD = error("wrong_shard", "this org is not on the shard the request reached; retry", 503)
+
+
 def tick_key(org_id: str, tick_id: str) -> bytes:
     """128-bit key of a tick id within its org: what tick_ids stores for dedupe."""
     return hashlib.blake2b(f"{org_id}\x1f{tick_id}".encode(), digest_size=16).digest()
@@ -100,7 +103,6 @@ class ShardActor:
         self.settings = Settings.model_validate_json(settings_json)
         self.catalog: Catalog = load_catalog(self.settings.catalog)
         self.orgs: dict[str, LoadedOrg] = {}
-        self.absent: set[str] = set()  # looked up during this batch and not found
         self.loading: dict[str, asyncio.Future] = {}
         self.pending: list = []
         self.recent_keys: dict[tuple[str, str], tuple[str, dict]] = {}
@@ -121,9 +123,15 @@ class ShardActor:
     # ----- life cycle -------------------------------------------------------------------
 
     async def _ensure_started(self) -> None:
-        if self.started is None:
-            self.started = asyncio.ensure_future(self._start())
+        if self.started is None or (self.started.done() and not self.started.cancelled()
+                                    and self.started.exception() is not None):
+            self.started = asyncio.ensure_future(self._start())  # first call, or a failed start again
         await asyncio.shield(self.started)
+
+    def owns(self, org_id: str) -> bool:
+        # Single writer per org: a command routed here by a stale slot map must not load or
+        # write the org, since the shard that owns its slot may hold it too.
+        return org_id in self.orgs or slot_of(org_id) in self.slots  # loaded orgs are ours
 
     async def _start(self) -> None:
         self.wake = asyncio.Event()
@@ -165,13 +173,15 @@ class ShardActor:
     async def gate(self, requests: list[tuple[str, str, Resources]]) -> list[dict]:
         """Read-only decisions, answered from memory (loading an org on first use)."""
         await self._ensure_started()
-        await self._ensure_loaded({org_id for org_id, _, _ in requests})
+        await self._ensure_loaded({org_id for org_id, _, _ in requests if self.owns(org_id)})
         now = now_us()
         now_s = int(time.monotonic())
         results = []
         for org_id, action, resources in requests:
             loaded = self.orgs.get(org_id)
-            if loaded is None:
+            if not self.owns(org_id):
+                results.append(WRONG_SHARD)
+            elif loaded is None:
                 results.append(error("unknown_org", f"org {org_id} does not exist", 404))
             else:
                 loaded.touched_s = now_s  # an org that is only read is in use too
@@ -322,15 +332,15 @@ class ShardActor:
 
         return mark
 
-    @staticmethod
-    def _org_ids(batch: list) -> set[str]:
+    def _org_ids(self, batch: list) -> set[str]:
+        """The orgs of this shard that a batch touches."""
         ids: set[str] = set()
         for item in batch:
             if isinstance(item, CommandItem):
                 ids.add(item.org_id)
             elif isinstance(item, UsageItem):
                 ids.update(t.org_id for t in item.ticks)
-        return ids
+        return {org_id for org_id in ids if self.owns(org_id)}
 
     async def _commit(self, batch: list) -> None:
         if isinstance(batch[0], tuple):
@@ -390,10 +400,10 @@ class ShardActor:
                 continue
             item.keys = []
             for tick in item.ticks:
-                loaded = self.orgs.get(tick.org_id)
+                loaded = self.orgs.get(tick.org_id) if self.owns(tick.org_id) else None
                 if loaded is None:
                     item.rejected.append({"tick_id": tick.tick_id, "org_id": tick.org_id,
-                                          "error": "unknown_org"})
+                                          "error": "unknown_org" if self.owns(tick.org_id) else "wrong_shard"})
                     item.keys.append(None)
                     continue
                 if tick.units:
@@ -499,6 +509,8 @@ class _BatchWork:
     def apply_command(self, item: CommandItem, keyed: dict) -> dict:
         shard = self.shard
         command = item.command
+        if not shard.owns(item.org_id):
+            return WRONG_SHARD
         loaded = shard.orgs.get(item.org_id)
         if isinstance(command, CreateOrg):
             return self._create(item.org_id, command, loaded)

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 import ray
 from ray.exceptions import RayError
 
-from actors.placement import NAMESPACE, shard_name, slot_of
+from actors.placement import NAMESPACE, cached_slot_of, shard_name
 from actors.ticks import TICKS_ENCODER, Tick
 from serve_app.errors import ApiError
 
@@ -77,7 +77,7 @@ class ShardRouter:
         self.commands = [Batcher(k, h.submit.remote) for k, h in enumerate(self.handles)]
 
     def shard_of(self, org_id: str) -> int:
-        return self.slot_to_shard[slot_of(org_id)]
+        return self.slot_to_shard[cached_slot_of(org_id)]
 
     async def gate(self, org_id: str, action: str, resources) -> dict:
         return await self.gates[self.shard_of(org_id)].call((org_id, action, resources))

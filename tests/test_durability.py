@@ -219,3 +219,25 @@ def test_ticks_streaming_through_a_postgres_restart_are_billed_exactly_once(serv
         assert state["balance_micros"] == start_balance[org] - ticks_of_org * TICK_MICROS
         assert ledger_sum(sql, org) == state["balance_micros"]
     print(f"through a Postgres restart: {len(acknowledged)} acknowledged, {len(failed)} failed and retried")
+
+
+def test_a_shard_refuses_orgs_of_another_shard_and_writes_nothing(service, sql, org_id_on, new_org):
+    from actors.org import Resources
+    from actors.shard import CreateOrg
+    from actors.ticks import TICKS_ENCODER, Tick
+
+    foreign = new_org(org_id=org_id_on(1, "foreign"))
+    stranger = org_id_on(1, "stranger")
+    shard0 = ray.get_actor(shard_name(0), namespace=NAMESPACE)
+    before = sql.val("SELECT count(*) FROM ledger WHERE org_id = ANY($1)", [foreign, stranger])
+
+    gate = ray.get(shard0.gate.remote([(foreign, "create", Resources())]))
+    created = ray.get(shard0.submit.remote([(stranger, CreateOrg("s@example.com", "payg", True), None)]))
+    ticks = ray.get(shard0.usage.remote(TICKS_ENCODER.encode(
+        [Tick("x1", foreign, "l", time.time_ns() // 1000, 1000, 1024, 1, 0, None)])))
+
+    assert gate[0]["error"]["code"] == created[0]["error"]["code"] == "wrong_shard"
+    assert ticks["accepted"] == 0 and ticks["rejected"][0]["error"] == "wrong_shard"
+    assert ray.get(shard0.loaded.remote([foreign, stranger])) == [False, False]
+    assert sql.val("SELECT count(*) FROM orgs WHERE org_id = $1", stranger) == 0
+    assert sql.val("SELECT count(*) FROM ledger WHERE org_id = ANY($1)", [foreign, stranger]) == before
