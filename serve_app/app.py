@@ -6,17 +6,18 @@ import asyncio
 import base64
 import hashlib
 from dataclasses import dataclass
+from typing import Annotated
 
 import asyncpg
 import msgspec
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from actors import commands as cmd
 from actors.clock import now_us
 from actors.org import Resources
 from actors.shard import CreateOrg, GetState
-from actors.ticks import USAGE_DECODER, decode_usage
+from actors.ticks import ID_PATTERN, USAGE_DECODER, decode_usage
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from config.catalog import Catalog
 from config.settings import Settings
@@ -29,6 +30,8 @@ from serve_app.routing import ShardRouter
 from storage.db import create_pool
 
 NO_RESOURCES = Resources()
+OrgPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
+LeasePath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -128,13 +131,13 @@ def build_app(ctx: Context) -> FastAPI:
         return json({"org_id": body.org_id, **lease}, 201 if created else 200)
 
     @app.post("/v1/leases/{org_id}/{lease_id}/renew", tags=["gate"])
-    async def renew_lease(org_id: str, lease_id: str, request: Request) -> Response:
+    async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         result = raise_for_shard_error(await router.command(org_id, cmd.RenewLease(lease_id)))
         return json({"org_id": org_id, **result["lease"]})
 
     @app.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204)
-    async def release_lease(org_id: str, lease_id: str, request: Request) -> Response:
+    async def release_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         raise_for_shard_error(await router.command(org_id, cmd.ReleaseLease(lease_id)))
         return Response(status_code=204)
@@ -178,12 +181,12 @@ def build_app(ctx: Context) -> FastAPI:
         return await idempotent(ctx, request, run)
 
     @app.get("/v1/orgs/{org_id}", tags=["orgs"])
-    async def get_org(org_id: str, request: Request) -> Response:
+    async def get_org(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return json(raise_for_shard_error(await router.command(org_id, GetState()))["state"])
 
     @app.post("/v1/orgs/{org_id}/credits", tags=["orgs"], openapi_extra=body_schema(CreditBody))
-    async def post_credit(org_id: str, request: Request) -> Response:
+    async def post_credit(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(CreditBody, await request.body())
         now = now_us()
@@ -213,7 +216,7 @@ def build_app(ctx: Context) -> FastAPI:
         return await idempotent(ctx, request, run)
 
     @app.get("/v1/orgs/{org_id}/ledger", tags=["orgs"])
-    async def get_ledger(org_id: str, request: Request, cursor: str | None = None, limit: int = 50) -> Response:
+    async def get_ledger(org_id: OrgPath, request: Request, cursor: str | None = None, limit: int = 50) -> Response:
         ctx.admin(request)
         if not 1 <= limit <= 500:
             raise ApiError(422, "invalid_request", "limit must be between 1 and 500", field="limit")
@@ -236,7 +239,7 @@ def build_app(ctx: Context) -> FastAPI:
         return json({"entries": entries, "next_cursor": next_cursor, "has_more": next_cursor is not None})
 
     @app.get("/v1/orgs/{org_id}/usage", tags=["orgs"])
-    async def get_usage(org_id: str, request: Request, group_by: str = "lease") -> Response:
+    async def get_usage(org_id: OrgPath, request: Request, group_by: str = "lease") -> Response:
         ctx.admin(request)
         if group_by not in ("lease", "meter", "day"):
             raise ApiError(422, "invalid_request", "group_by must be lease, meter or day", field="group_by")
@@ -274,7 +277,7 @@ def build_app(ctx: Context) -> FastAPI:
         return json({"org_id": org_id, "group_by": group_by, "groups": groups})
 
     @app.put("/v1/orgs/{org_id}/plan", tags=["orgs"], openapi_extra=body_schema(PlanBody))
-    async def put_plan(org_id: str, request: Request) -> Response:
+    async def put_plan(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(PlanBody, await request.body())
         plan = ctx.catalog.current_plan(body.plan_id, now_us())
@@ -284,7 +287,7 @@ def build_app(ctx: Context) -> FastAPI:
         return await state_command(ctx, request, org_id, cmd.SetPlan(plan.id, plan.version))
 
     @app.put("/v1/orgs/{org_id}/tier", tags=["orgs"], openapi_extra=body_schema(TierBody))
-    async def put_tier(org_id: str, request: Request) -> Response:
+    async def put_tier(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(TierBody, await request.body())
         if body.tier == "custom":
@@ -300,18 +303,18 @@ def build_app(ctx: Context) -> FastAPI:
         return await state_command(ctx, request, org_id, cmd.SetTier(body.tier, cap))
 
     @app.put("/v1/orgs/{org_id}/limits", tags=["orgs"], openapi_extra=body_schema(LimitsBody))
-    async def put_limits(org_id: str, request: Request) -> Response:
+    async def put_limits(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(LimitsBody, await request.body())
         return await state_command(ctx, request, org_id, cmd.SetLimits(body.max_disk_mb, body.machine_quotas))
 
     @app.post("/v1/orgs/{org_id}/halt", tags=["orgs"])
-    async def halt(org_id: str, request: Request) -> Response:
+    async def halt(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return await state_command(ctx, request, org_id, cmd.Halt())
 
     @app.post("/v1/orgs/{org_id}/resume", tags=["orgs"])
-    async def resume(org_id: str, request: Request) -> Response:
+    async def resume(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return await state_command(ctx, request, org_id, cmd.Resume())
 

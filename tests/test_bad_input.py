@@ -131,3 +131,9 @@ def test_oversize_bodies_are_413_declared_or_streamed(admin, compute, sql, org):
 
 def test_unknown_route_is_a_json_404(compute):
     assert_error(compute.get("/v1/nothing-here"), 404, "not_found")
+
+
+def test_ids_in_the_path_are_validated_like_ids_in_bodies(admin, compute):
+    assert_error(admin.get("/v1/orgs/" + "x" * 200), 422, "invalid_request", "org_id")
+    assert_error(compute.post("/v1/leases/org%20with%20space/l1/renew"), 422, "invalid_request", "org_id")
+    assert_error(compute.delete("/v1/leases/org_1/" + "y" * 129), 422, "invalid_request", "lease_id")
