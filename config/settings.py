@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # Unset: generated at start and printed (make up), so a fresh machine needs no setup.
     service_token: str | None = Field(None, min_length=16)
     admin_token: str | None = Field(None, min_length=16)
+    # Signs org tokens. Unset: generated once and kept with the generated tokens.
+    org_token_secret: str | None = Field(None, min_length=32)
     shards: int = Field(2, ge=1, le=256)
     catalog: Path = DEFAULT_CATALOG
     ingress_replicas: int = Field(1, ge=1, le=64)
@@ -78,17 +80,17 @@ def load_settings() -> Settings:
 
 
 def with_generated_tokens(settings: Settings) -> Settings:
-    """Fill in missing service/admin tokens: the ones generated before, kept in data_dir, or new.
+    """Fill in missing tokens and secrets: the ones generated before, kept in data_dir, or new.
 
     Generated tokens are saved (mode 600) so that a restart keeps the tokens callers were given.
     """
-    missing = [name for name in ("service_token", "admin_token") if getattr(settings, name) is None]
+    missing = [name for name in ("service_token", "admin_token", "org_token_secret") if getattr(settings, name) is None]
     if not missing:
         return settings
     path = Path(settings.data_dir) / "tokens.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    prefixes = {"service_token": "mg_svc_", "admin_token": "mg_adm_"}
-    update = {name: saved.get(name) or prefixes[name] + secrets.token_urlsafe(24) for name in missing}
+    prefixes = {"service_token": "mg_svc_", "admin_token": "mg_adm_", "org_token_secret": ""}
+    update = {name: saved.get(name) or prefixes[name] + secrets.token_urlsafe(32) for name in missing}
     if any(saved.get(name) != update[name] for name in missing):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Annotated
 import asyncpg
 import msgspec
 from fastapi import FastAPI, Path, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from actors import commands as cmd
 from actors.clock import now_us
@@ -21,9 +21,10 @@ from actors.ticks import ID_PATTERN, USAGE_DECODER, decode_usage
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from config.catalog import Catalog
 from config.settings import Settings
-from serve_app.auth import require_token
+from serve_app.auth import Caller, OrgTokens, bearer, forbidden, identify
+from serve_app.billing_page import render as render_billing_page
 from serve_app.bodies import (GATE_DECODER, LEASE_DECODER, CreateOrgBody, CreditBody, LimitsBody,
-                              PlanBody, TierBody, body_schema, decode, parse_model)
+                              PlanBody, TierBody, TokenBody, body_schema, decode, parse_model)
 from serve_app.errors import ApiError, error_body, install_error_handlers, raise_for_shard_error
 from serve_app.limits import BodyLimit
 from serve_app.routing import ShardRouter
@@ -52,11 +53,28 @@ class Context:
                     self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=4)
         return self.pool
 
+    def __post_init__(self) -> None:
+        self.org_tokens = OrgTokens(self.settings.org_token_secret)
+
+    def caller(self, request: Request, allow_query: bool = False) -> Caller:
+        return identify(bearer(request, allow_query), self.settings.service_token, self.settings.admin_token,
+                        self.org_tokens, now_us() // 1_000_000)
+
     def service(self, request: Request) -> None:
-        require_token(request, self.settings.service_token, self.settings.admin_token)
+        """The compute plane's endpoints: service token (or admin)."""
+        if self.caller(request).role == "org":
+            raise forbidden("an org token cannot use the compute-plane API")
 
     def admin(self, request: Request) -> None:
-        require_token(request, self.settings.admin_token)
+        if self.caller(request).role != "admin":
+            raise forbidden("this endpoint needs the admin token")
+
+    def org_or_admin(self, request: Request, org_id: str, allow_query: bool = False) -> Caller:
+        """Self-serve: the org's own token, or admin. Another org's token is 403."""
+        caller = self.caller(request, allow_query)
+        if caller.role == "admin" or (caller.role == "org" and caller.org_id == org_id):
+            return caller
+        raise forbidden("this token does not give access to this org")
 
 
 def json(body: object, status: int = 200) -> Response:
@@ -317,6 +335,29 @@ def build_app(ctx: Context) -> FastAPI:
     async def resume(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return await state_command(ctx, request, org_id, cmd.Resume())
+
+    @app.post("/v1/orgs/{org_id}/tokens", tags=["orgs"], openapi_extra=body_schema(TokenBody))
+    async def mint_org_token(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        body = parse_model(TokenBody, await request.body())
+        async with (await ctx.db()).acquire() as conn:
+            await _require_org(conn, org_id)
+        token, expires_s = ctx.org_tokens.mint(org_id, now_us() // 1_000_000, body.ttl_s)
+        return json({"org_id": org_id, "token": token, "expires_at": us_to_rfc3339(expires_s * 1_000_000)}, 201)
+
+    @app.get("/billing/{org_id}", tags=["self-serve"], response_class=HTMLResponse)
+    async def billing_page(org_id: OrgPath, request: Request) -> Response:
+        """The org's billing page; open it with the org's token (`?token=` or a bearer header)."""
+        ctx.org_or_admin(request, org_id, allow_query=True)
+        state = raise_for_shard_error(await router.command(org_id, GetState()))["state"]
+        async with (await ctx.db()).acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT kind, amount_micros, note, created_at FROM ledger WHERE org_id = $1"
+                " ORDER BY created_at DESC, entry_id DESC LIMIT 20", org_id)
+        ledger = [{"kind": r["kind"], "amount_micros": r["amount_micros"], "note": r["note"],
+                   "created_at": r["created_at"].strftime("%Y-%m-%d %H:%M UTC")} for r in rows]
+        page = render_billing_page(state, ledger, payments_configured=bool(ctx.settings.stripe_secret_key))
+        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
     return app
 

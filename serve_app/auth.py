@@ -1,26 +1,93 @@
-"""Bearer tokens: the service token (compute plane) and the admin token."""
+"""Who is calling: the service token (compute plane), the admin token, or an org token.
+
+An org token is `mgo_<payload>.<signature>`: the payload names one org and an expiry, the
+signature is HMAC-SHA256 with METERGATE_ORG_TOKEN_SECRET. It opens that org's self-serve
+pages and nothing else. A token that is not valid is 401; a valid one used where its role
+or org has no access is 403.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+from dataclasses import dataclass
 
+import msgspec
 from fastapi import Request
 
 from serve_app.errors import ApiError
 
+ORG_TOKEN_PREFIX = "mgo_"
+MIN_ORG_TOKEN_TTL_S = 60
+MAX_ORG_TOKEN_TTL_S = 30 * 86_400
 
-def bearer(request: Request) -> str:
+
+@dataclass(frozen=True)
+class Caller:
+    role: str  # "service" | "admin" | "org"
+    org_id: str | None = None
+
+
+class OrgTokenClaims(msgspec.Struct, forbid_unknown_fields=True):
+    org: str
+    exp: int  # epoch seconds
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class OrgTokens:
+    def __init__(self, secret: str) -> None:
+        self._key = secret.encode()
+
+    def _sign(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+
+    def mint(self, org_id: str, now_s: int, ttl_s: int) -> tuple[str, int]:
+        assert MIN_ORG_TOKEN_TTL_S <= ttl_s <= MAX_ORG_TOKEN_TTL_S, ttl_s
+        expires_s = now_s + ttl_s
+        payload = _b64(msgspec.json.encode(OrgTokenClaims(org_id, expires_s)))
+        return f"{ORG_TOKEN_PREFIX}{payload}.{self._sign(payload)}", expires_s
+
+    def verify(self, token: str, now_s: int) -> str:
+        """The org the token is for; 401 if it is forged, malformed or expired."""
+        payload, _, signature = token[len(ORG_TOKEN_PREFIX):].partition(".")
+        if not hmac.compare_digest(signature.encode(), self._sign(payload).encode()):
+            raise ApiError(401, "unauthorized", "invalid token")
+        try:
+            claims = msgspec.json.decode(_unb64(payload), type=OrgTokenClaims)
+        except (ValueError, msgspec.DecodeError):
+            raise ApiError(401, "unauthorized", "invalid token") from None
+        if claims.exp <= now_s:
+            raise ApiError(401, "token_expired", "this org token has expired; ask for a new one")
+        return claims.org
+
+
+def bearer(request: Request, allow_query: bool = False) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
-    return token.strip()
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if allow_query and request.query_params.get("token"):
+        return request.query_params["token"]  # a browser following a link cannot set headers
+    raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
 
 
-def require_token(request: Request, *accepted: str) -> str:
-    """The caller's token if it is one of `accepted` (compared in constant time)."""
-    token = bearer(request)
-    for expected in accepted:
-        if hmac.compare_digest(token.encode(), expected.encode()):
-            return expected
+def identify(token: str, service_token: str, admin_token: str, org_tokens: OrgTokens, now_s: int) -> Caller:
+    if hmac.compare_digest(token.encode(), admin_token.encode()):
+        return Caller("admin")
+    if hmac.compare_digest(token.encode(), service_token.encode()):
+        return Caller("service")
+    if token.startswith(ORG_TOKEN_PREFIX):
+        return Caller("org", org_tokens.verify(token, now_s))
     raise ApiError(401, "unauthorized", "invalid token")
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.org import MAX_AMOUNT_MICROS, MAX_TTL_S, Resources
 from actors.ticks import ID_PATTERN, Id
+from serve_app.auth import MAX_ORG_TOKEN_TTL_S, MIN_ORG_TOKEN_TTL_S
 from serve_app.errors import ApiError
 
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
@@ -93,6 +94,10 @@ class PlanBody(StrictModel):
 class TierBody(StrictModel):
     tier: Literal["base", "pro", "pro_plus", "pro_plus_plus", "custom"]
     max_concurrent: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+
+
+class TokenBody(StrictModel):
+    ttl_s: Annotated[int, Field(ge=MIN_ORG_TOKEN_TTL_S, le=MAX_ORG_TOKEN_TTL_S)] = 3600
 
 
 class LimitsBody(StrictModel):

@@ -101,14 +101,15 @@ def test_unknown_org_is_404_unknown_org(admin, compute):
     assert_error(admin.post("/v1/orgs/ghost/halt"), 404, "unknown_org")
 
 
-def test_missing_or_wrong_token_is_401_and_the_service_token_is_not_admin(service, sql, org):
+def test_missing_or_wrong_token_is_401_and_the_service_token_on_admin_endpoints_is_403(service, sql, org):
     before = footprint(sql, org)
     with httpx.Client(base_url=service.base_url, timeout=30) as anonymous:
         assert_error(anonymous.post("/v1/gate", json={"org_id": org, "action": "create"}), 401, "unauthorized")
         assert_error(anonymous.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 5},
                                     headers={"Authorization": "Bearer wrong-token-xxxxxxxx"}), 401, "unauthorized")
+        # A valid token without the role is 403, not 401.
         assert_error(anonymous.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 5},
-                                    headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}), 401, "unauthorized")
+                                    headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}), 403, "forbidden")
         assert_error(anonymous.post("/v1/usage", json={"ticks": [hour_tick(org, "x")]},
                                     headers={"Authorization": f"Basic {ADMIN_TOKEN}"}), 401, "unauthorized")
     assert footprint(sql, org) == before

@@ -14,12 +14,15 @@ def test_generated_tokens_are_kept_for_the_next_start(tmp_path):
     first = with_generated_tokens(Settings(data_dir=tmp_path))
     second = with_generated_tokens(Settings(data_dir=tmp_path))
     assert first.admin_token.startswith("mg_adm_") and first.service_token.startswith("mg_svc_")
-    assert (second.admin_token, second.service_token) == (first.admin_token, first.service_token)
+    assert (second.admin_token, second.service_token, second.org_token_secret) == (
+        first.admin_token, first.service_token, first.org_token_secret)
+    assert len(first.org_token_secret) >= 32
     assert stat.S_IMODE((tmp_path / "tokens.json").stat().st_mode) == 0o600
 
 
 def test_tokens_set_in_the_environment_win_and_are_not_written(tmp_path):
-    settings = with_generated_tokens(Settings(data_dir=tmp_path, admin_token="a" * 20, service_token="s" * 20))
+    settings = with_generated_tokens(Settings(data_dir=tmp_path, admin_token="a" * 20, service_token="s" * 20,
+                                              org_token_secret="o" * 32))
     assert settings.admin_token == "a" * 20
     assert not (tmp_path / "tokens.json").exists()
 
