@@ -21,7 +21,7 @@ def rss() -> int:
 
 
 def main() -> dict:
-    with running_service(shards=1) as service:
+    with running_service(shards=1):
         started = time.perf_counter()
         ids = create_orgs(ORGS, "mem")
         created_s = time.perf_counter() - started

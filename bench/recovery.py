@@ -22,7 +22,7 @@ TARGET_S = 5.0
 
 
 def main() -> dict:
-    with running_service(shards=1) as service:
+    with running_service(shards=1):
         ids = create_orgs(ORGS, "rec")
         for round_no in range(3):  # three journal entries per org, none snapshotted yet
             ticks = [Tick(f"r{round_no}-{o}", o, "sbx", now_us(), 1_000, 1024, 1, 0, None) for o in ids]

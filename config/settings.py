@@ -59,6 +59,18 @@ class Settings(BaseSettings):
             raise ValueError(f"catalog file {path} does not exist")
         return path
 
+    @field_validator("svix_webhook_secret", "webhook_secret")
+    @classmethod
+    def _svix_secret(cls, secret: str | None) -> str | None:
+        if secret is not None:
+            from svix.webhooks import Webhook
+
+            try:
+                Webhook(secret)
+            except Exception:  # noqa: BLE001 - any failure means the same thing to the operator
+                raise ValueError("must be a Svix signing secret: whsec_<base64>") from None
+        return secret
+
     @field_validator("database_url")
     @classmethod
     def _database_url_scheme(cls, url: str | None) -> str | None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
-import msgspec
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -17,68 +15,21 @@ from actors import commands as cmd
 from actors.clock import now_us
 from actors.org import Resources
 from actors.shard import CreateOrg, GetState
-from actors.ticks import ID_PATTERN, USAGE_DECODER, decode_usage
+from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
-from config.catalog import Catalog
-from config.settings import Settings
-from serve_app.auth import Caller, OrgTokens, bearer, forbidden, identify
 from serve_app.billing_page import render as render_billing_page
-from serve_app.bodies import (GATE_DECODER, LEASE_DECODER, CreateOrgBody, CreditBody, LimitsBody,
+from serve_app.bodies import (GATE_DECODER, CreateOrgBody, CreditBody, LimitsBody,
                               PlanBody, TierBody, TokenBody, body_schema, decode, parse_model)
-from serve_app.errors import ApiError, error_body, install_error_handlers, raise_for_shard_error
+from serve_app.errors import ApiError, install_error_handlers, raise_for_shard_error
 from serve_app.limits import BodyLimit
-from serve_app.routing import ShardRouter
-from storage.db import create_pool
+from serve_app.compute import record_usage, release_lease, take_lease
+from serve_app.context import Context, json
+from serve_app.webhooks_in import svix_webhook
 
 NO_RESOURCES = Resources()
 OrgPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
 LeasePath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
 MAX_IDEMPOTENCY_KEY = 255
-
-
-@dataclass
-class Context:
-    settings: Settings
-    catalog: Catalog
-    router: ShardRouter
-    pool: asyncpg.Pool | None = None
-    _pool_lock: asyncio.Lock | None = None
-
-    async def db(self) -> asyncpg.Pool:
-        """The replica's pool, made on first use (it must be made on the serving loop)."""
-        if self.pool is None:
-            self._pool_lock = self._pool_lock or asyncio.Lock()
-            async with self._pool_lock:
-                if self.pool is None:
-                    self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=4)
-        return self.pool
-
-    def __post_init__(self) -> None:
-        self.org_tokens = OrgTokens(self.settings.org_token_secret)
-
-    def caller(self, request: Request, allow_query: bool = False) -> Caller:
-        return identify(bearer(request, allow_query), self.settings.service_token, self.settings.admin_token,
-                        self.org_tokens, now_us() // 1_000_000)
-
-    def service(self, request: Request) -> None:
-        """The compute plane's endpoints: service token (or admin)."""
-        if self.caller(request).role == "org":
-            raise forbidden("an org token cannot use the compute-plane API")
-
-    def admin(self, request: Request) -> None:
-        if self.caller(request).role != "admin":
-            raise forbidden("this endpoint needs the admin token")
-
-    def org_or_admin(self, request: Request, org_id: str, allow_query: bool = False) -> Caller:
-        """Self-serve: the org's own token, or admin. Another org's token is 403."""
-        caller = self.caller(request, allow_query)
-        if caller.role == "admin" or (caller.role == "org" and caller.org_id == org_id):
-            return caller
-        raise forbidden("this token does not give access to this org")
-
-
-def json(body: object, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
 
 
 def ledger_view(entry: dict) -> dict:
@@ -97,7 +48,8 @@ def build_app(ctx: Context) -> FastAPI:
     app = FastAPI(title="metergate", version="1", description="Usage billing and entitlements")
     install_error_handlers(app)
     app.add_middleware(BodyLimit, default_limit=ctx.settings.max_body_bytes,
-                       limits={"/v1/usage": ctx.settings.max_usage_body_bytes})
+                       limits={"/v1/usage": ctx.settings.max_usage_body_bytes,
+                               "/webhooks/svix": ctx.settings.max_usage_body_bytes})
     router = ctx.router
 
     # ----- ops ----------------------------------------------------------------------------
@@ -134,19 +86,10 @@ def build_app(ctx: Context) -> FastAPI:
         return json(result)
 
     @app.post("/v1/leases", tags=["gate"])
-    async def take_lease(request: Request) -> Response:
+    async def take_lease_route(request: Request) -> Response:
         ctx.service(request)
-        body = decode(LEASE_DECODER, await request.body())
-        resources = body.resources.to_core() if body.resources else NO_RESOURCES
-        result = raise_for_shard_error(await router.command(
-            body.org_id, cmd.AcquireLease(body.lease_id, resources, body.ttl_s)))
-        if "denied" in result:
-            denied = result["denied"]
-            return json({**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied},
-                        denied["status"])
-        lease = result["lease"]
-        created = lease.pop("created")
-        return json({"org_id": body.org_id, **lease}, 201 if created else 200)
+        status, body = await take_lease(ctx, await request.body())
+        return json(body, status)
 
     @app.post("/v1/leases/{org_id}/{lease_id}/renew", tags=["gate"])
     async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
@@ -155,9 +98,9 @@ def build_app(ctx: Context) -> FastAPI:
         return json({"org_id": org_id, **result["lease"]})
 
     @app.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204)
-    async def release_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
+    async def release_lease_route(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
-        raise_for_shard_error(await router.command(org_id, cmd.ReleaseLease(lease_id)))
+        await release_lease(ctx, org_id, lease_id)
         return Response(status_code=204)
 
     # ----- usage --------------------------------------------------------------------------
@@ -165,20 +108,15 @@ def build_app(ctx: Context) -> FastAPI:
     @app.post("/v1/usage", tags=["usage"])
     async def post_usage(request: Request) -> Response:
         ctx.service(request)
-        raw_body = await request.body()
-        count = len(decode(USAGE_DECODER, raw_body).ticks)  # also the 400/422 for a bad envelope
-        if count > ctx.settings.max_ticks_per_request:
-            raise ApiError(413, "too_many_ticks",
-                           f"at most {ctx.settings.max_ticks_per_request} ticks per request")
-        valid, bad = decode_usage(raw_body, now_us())
-        rejected = [{"index": index, "tick_id": _tick_id_of(raw), "error": error} for index, raw, error in bad]
-        accepted = duplicates = 0
-        for part in await router.usage(valid) if valid else []:
-            part = raise_for_shard_error(part)
-            accepted += part["accepted"]
-            duplicates += part["duplicates"]
-            rejected.extend(part["rejected"])
-        return json({"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
+        return json(await record_usage(ctx, await request.body()))
+
+    # ----- webhooks in ----------------------------------------------------------------------
+
+    @app.post("/webhooks/svix", tags=["webhooks"])
+    async def svix(request: Request) -> Response:
+        """Compute-plane lifecycle events, signed with the Svix / Standard Webhooks scheme."""
+        status, body = await svix_webhook(ctx, await request.body(), request.headers)
+        return json(body, status)
 
     # ----- organizations (admin token) ----------------------------------------------------
 
@@ -424,15 +362,3 @@ def _decode_cursor(cursor: str | None):
         return _dt(int(at)), entry_id
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
-
-
-def _tick_id_of(raw: msgspec.Raw) -> str | None:
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
-    tick_id = value.get("tick_id") if isinstance(value, dict) else None
-    return tick_id if isinstance(tick_id, str) else None
-
-
-

@@ -7,6 +7,7 @@ that METERGATE_DATABASE_URL points at. Ray starts once (it takes seconds) and st
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import socket
@@ -22,6 +23,7 @@ from config.settings import Settings
 
 SERVICE_TOKEN = "test-service-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+SVIX_SECRET = "whsec_" + base64.b64encode(b"metergate-test-svix-secret-32-b!").decode()
 
 
 def free_port() -> int:
@@ -64,7 +66,8 @@ def service(tmp_path_factory):
         admin_token=ADMIN_TOKEN,
         shards=2,
         snapshot_every_entries=8,  # small, so tests cross snapshot + compaction often
-        passivate_after_s=1,  # idle orgs leave memory within seconds: later steps reload them
+        passivate_after_s=1,
+        svix_webhook_secret=SVIX_SECRET,  # idle orgs leave memory within seconds: later steps reload them
     )
     running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
     yield running

@@ -1,0 +1,58 @@
+"""Compute-plane operations (leases, usage), shared by the HTTP API and the Svix webhook."""
+
+from __future__ import annotations
+
+import msgspec
+
+from actors import commands as cmd
+from actors.clock import now_us
+from actors.org import Resources
+from actors.ticks import USAGE_DECODER, decode_usage
+from serve_app.bodies import LEASE_DECODER, decode
+from serve_app.context import Context
+from serve_app.errors import ApiError, error_body, raise_for_shard_error
+
+NO_RESOURCES = Resources()
+
+
+async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
+    """(status, body): 201 a new lease, 200 the same lease again, or the deny's status and gate body."""
+    body = decode(LEASE_DECODER, raw_body)
+    resources = body.resources.to_core() if body.resources else NO_RESOURCES
+    result = raise_for_shard_error(await ctx.router.command(
+        body.org_id, cmd.AcquireLease(body.lease_id, resources, body.ttl_s)))
+    if "denied" in result:
+        denied = result["denied"]
+        return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied}
+    lease = result["lease"]
+    created = lease.pop("created")
+    return (201 if created else 200), {"org_id": body.org_id, **lease}
+
+
+async def release_lease(ctx: Context, org_id: str, lease_id: str) -> None:
+    raise_for_shard_error(await ctx.router.command(org_id, cmd.ReleaseLease(lease_id)))
+
+
+async def record_usage(ctx: Context, raw_body: bytes) -> dict:
+    """Bill a usage body; returns {accepted, duplicates, rejected} once it is durable."""
+    count = len(decode(USAGE_DECODER, raw_body).ticks)  # also the 400/422 for a bad envelope
+    if count > ctx.settings.max_ticks_per_request:
+        raise ApiError(413, "too_many_ticks", f"at most {ctx.settings.max_ticks_per_request} ticks per request")
+    valid, bad = decode_usage(raw_body, now_us())
+    rejected = [{"index": index, "tick_id": _tick_id_of(raw), "error": error} for index, raw, error in bad]
+    accepted = duplicates = 0
+    for part in await ctx.router.usage(valid) if valid else []:
+        part = raise_for_shard_error(part)
+        accepted += part["accepted"]
+        duplicates += part["duplicates"]
+        rejected.extend(part["rejected"])
+    return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+
+
+def _tick_id_of(raw: msgspec.Raw) -> str | None:
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    tick_id = value.get("tick_id") if isinstance(value, dict) else None
+    return tick_id if isinstance(tick_id, str) else None

@@ -1,0 +1,62 @@
+"""What every request handler of a replica shares: settings, catalog, shard router, pool, auth."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+from fastapi import Request, Response
+
+from actors.clock import now_us
+from config.catalog import Catalog
+from config.settings import Settings
+from serve_app.auth import Caller, OrgTokens, bearer, forbidden, identify
+from serve_app.routing import ShardRouter
+from storage.db import create_pool
+
+
+@dataclass
+class Context:
+    settings: Settings
+    catalog: Catalog
+    router: ShardRouter
+    pool: asyncpg.Pool | None = None
+    _pool_lock: asyncio.Lock | None = None
+
+    async def db(self) -> asyncpg.Pool:
+        """The replica's pool, made on first use (it must be made on the serving loop)."""
+        if self.pool is None:
+            self._pool_lock = self._pool_lock or asyncio.Lock()
+            async with self._pool_lock:
+                if self.pool is None:
+                    self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=4)
+        return self.pool
+
+    def __post_init__(self) -> None:
+        self.org_tokens = OrgTokens(self.settings.org_token_secret)
+
+    def caller(self, request: Request, allow_query: bool = False) -> Caller:
+        return identify(bearer(request, allow_query), self.settings.service_token, self.settings.admin_token,
+                        self.org_tokens, now_us() // 1_000_000)
+
+    def service(self, request: Request) -> None:
+        """The compute plane's endpoints: service token (or admin)."""
+        if self.caller(request).role == "org":
+            raise forbidden("an org token cannot use the compute-plane API")
+
+    def admin(self, request: Request) -> None:
+        if self.caller(request).role != "admin":
+            raise forbidden("this endpoint needs the admin token")
+
+    def org_or_admin(self, request: Request, org_id: str, allow_query: bool = False) -> Caller:
+        """Self-serve: the org's own token, or admin. Another org's token is 403."""
+        caller = self.caller(request, allow_query)
+        if caller.role == "admin" or (caller.role == "org" and caller.org_id == org_id):
+            return caller
+        raise forbidden("this token does not give access to this org")
+
+
+def json(body: object, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
