@@ -58,6 +58,11 @@ class SetPlan(msgspec.Struct, tag="plan", array_like=True):
 class SetTier(msgspec.Struct, tag="tier", array_like=True):
     tier: str
     max_concurrent: int
+    as_of_us: int | None = None  # when the source decided it; older decisions are ignored
+
+
+class SetPaymentMethod(msgspec.Struct, tag="card", array_like=True):
+    present: bool
 
 
 class SetLimits(msgspec.Struct, tag="limits", array_like=True):
@@ -70,7 +75,7 @@ class Advance(msgspec.Struct, tag="advance", array_like=True):
 
 
 Command = (AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | Halt | Resume
-           | SetPlan | SetTier | SetLimits | Advance)
+           | SetPlan | SetTier | SetLimits | SetPaymentMethod | Advance)
 
 
 class JournalItem(msgspec.Struct, array_like=True):
@@ -117,8 +122,11 @@ def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: in
             org.resume(now_us, fx)
         case SetPlan(plan_id=plan_id, plan_version=version):
             org.set_plan(catalog.plan_version(plan_id, version), now_us, fx)
-        case SetTier(tier=tier, max_concurrent=cap):
-            org.set_tier(tier, cap, now_us, fx)
+        case SetTier(tier=tier, max_concurrent=cap, as_of_us=as_of_us):
+            if not org.set_tier(tier, cap, now_us, fx, as_of_us):
+                return {"state": org.view(now_us), "stale": True}
+        case SetPaymentMethod(present=present):
+            org.set_payment_method(present, now_us, fx)
         case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):
             org.set_limits(max_disk_mb, quotas, now_us, fx)
         case Advance():

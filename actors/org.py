@@ -158,6 +158,7 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     has_payment_method: bool
     created_us: int
     grant_seq: int
+    tier_as_of_us: int = 0  # added after v1 snapshots: they decode with 0
 
 
 # Snapshot fields that are copied as they are; plan, grants and leases need converting.
@@ -182,7 +183,7 @@ class OrgBillingActor:
         "machine_quotas", "grants", "debt_micros", "remainder_scaled", "period_key",
         "period_start_us", "period_end_us", "period_usage_micros", "quota_used_micros",
         "thresholds_fired", "halted", "suspended", "past_due_since_us", "leases",
-        "has_payment_method", "created_us", "grant_seq",
+        "has_payment_method", "created_us", "grant_seq", "tier_as_of_us",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -207,6 +208,7 @@ class OrgBillingActor:
         self.past_due_since_us: int | None = None
         self.leases: dict[str, Lease] | None = None
         self.has_payment_method = False
+        self.tier_as_of_us = 0
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us)
@@ -424,7 +426,6 @@ class OrgBillingActor:
         """Add credit; debt is paid first. A halt for lack of money lifts; no lease is made."""
         assert kind in CREDIT_KINDS, kind
         assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
-        assert expires_at_us is None or expires_at_us > now_us, "grant already expired"
         self.advance(now_us, fx)
         self.grant_seq += 1
         grant_id = f"gr_{self.grant_seq}"
@@ -437,6 +438,11 @@ class OrgBillingActor:
             self.grants = (self.grants or []) + [grant]
         entry = LedgerEntry(kind, amount_micros, now_us, grant_id, expires_at_us, note)
         fx.ledger.append((self.org_id, entry))
+        if expires_at_us is not None and expires_at_us <= now_us:
+            # Reported after its expiry (a late payment event for a pack that lapses): it is
+            # credited and lapses at once, so the ledger shows both.
+            self._expire_grants(now_us, fx)
+            return entry
         self._resume_if_funded("credit", now_us, fx)
         return entry
 
@@ -489,12 +495,27 @@ class OrgBillingActor:
         self._halt_if_out_of_money(now_us, fx)
         self._resume_if_funded("plan", now_us, fx)
 
-    def set_tier(self, tier: str, max_concurrent: int, now_us: int, fx: Effects) -> None:
-        """A lower cap never ends running leases; it only stops new ones."""
+    def set_tier(self, tier: str, max_concurrent: int, now_us: int, fx: Effects,
+                 as_of_us: int | None = None) -> bool:
+        """A lower cap never ends running leases; it only stops new ones.
+
+        `as_of_us` is when the source (a Stripe subscription event) said so: a change older
+        than the one applied last is ignored, so events out of order end in the newest state.
+        Returns whether the tier was applied.
+        """
         assert max_concurrent >= 0
         self.advance(now_us, fx)
+        if as_of_us is not None:
+            if as_of_us < self.tier_as_of_us:
+                return False
+            self.tier_as_of_us = as_of_us
         self.tier = sys.intern(tier)
         self.max_concurrent = max_concurrent
+        return True
+
+    def set_payment_method(self, present: bool, now_us: int, fx: Effects) -> None:
+        self.advance(now_us, fx)
+        self.has_payment_method = present
 
     def set_limits(self, max_disk_mb: int | None, machine_quotas: dict[str, dict[str, int]] | None,
                    now_us: int, fx: Effects) -> None:

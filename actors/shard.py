@@ -522,6 +522,7 @@ class _BatchWork:
             replay = self._keyed_replay(item, keyed)
             if replay is not None:
                 return replay
+        first_entry = len(self.fx.ledger)
         try:
             result = cmd.execute(loaded.org, command, shard.catalog, self.now, self.fx)
         except BillingError as exc:
@@ -530,10 +531,12 @@ class _BatchWork:
             result = error("unknown_unit", str(exc), 422)
         self._record(item.org_id, command)
         if isinstance(command, cmd.Credit) and "entry" in result:
-            # The command's own ledger entry is the last one it appended (time effects come first).
+            # The command's own entry is the first of its kind that it appended: time effects
+            # (expirations) may come before it, and a grant that lapses at once after it.
+            own = next(i for i in range(first_entry, len(self.fx.ledger)) if self.fx.ledger[i][1].kind == command.kind)
             entry_id = "le_" + uuid.uuid4().hex[:24]
             result["entry"]["entry_id"] = entry_id
-            self.entry_meta[len(self.fx.ledger) - 1] = (entry_id, command.idempotency_key, item.request_hash)
+            self.entry_meta[own] = (entry_id, command.idempotency_key, item.request_hash)
             if command.idempotency_key:
                 self.batch_keys[(item.org_id, command.idempotency_key)] = (item.request_hash, result)
         return result

@@ -24,7 +24,7 @@ from serve_app.errors import ApiError, install_error_handlers, raise_for_shard_e
 from serve_app.limits import BodyLimit
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context, json
-from serve_app.webhooks_in import svix_webhook
+from serve_app.webhooks_in import stripe_webhook, svix_webhook
 
 NO_RESOURCES = Resources()
 OrgPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
@@ -116,6 +116,12 @@ def build_app(ctx: Context) -> FastAPI:
     async def svix(request: Request) -> Response:
         """Compute-plane lifecycle events, signed with the Svix / Standard Webhooks scheme."""
         status, body = await svix_webhook(ctx, await request.body(), request.headers)
+        return json(body, status)
+
+    @app.post("/webhooks/stripe", tags=["webhooks"])
+    async def stripe_events(request: Request) -> Response:
+        """Stripe events, verified with Stripe-Signature (±5 minutes)."""
+        status, body = await stripe_webhook(ctx, await request.body(), request.headers)
         return json(body, status)
 
     # ----- organizations (admin token) ----------------------------------------------------

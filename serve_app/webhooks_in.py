@@ -1,5 +1,6 @@
-"""POST /webhooks/svix: compute-plane lifecycle events, signed with the Svix scheme.
+"""Webhooks in: POST /webhooks/svix (compute plane) and POST /webhooks/stripe (money).
 
+Svix:
 Body: {"type": ..., "data": ...}. `sandbox.started` carries the body of POST /v1/leases,
 `sandbox.stopped` carries {"org_id", "lease_id"}, and `usage.batch` the body of POST
 /v1/usage. Each message id (`svix-id`) is applied once. Its effects are themselves
@@ -9,17 +10,23 @@ either. Any other type is acknowledged and ignored.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Mapping
 
 import msgspec
+import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
+from actors.clock import now_us
 from serve_app.bodies import Id, decode
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, raise_for_shard_error
+from serve_app.stripe_events import EventError, commands_for
 
 SOURCE = "svix"
+STRIPE_TOLERANCE_S = 300
 
 
 class Envelope(msgspec.Struct):
@@ -53,11 +60,9 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
     if not secret:
         raise ApiError(503, "svix_not_configured", "METERGATE_SVIX_WEBHOOK_SECRET is not set on this server")
     message_id = verify(secret, body, headers)
-    async with (await ctx.db()).acquire() as conn:
-        seen = await conn.fetchrow(
-            "SELECT status, response FROM inbound_webhooks WHERE source = $1 AND event_id = $2", SOURCE, message_id)
+    seen = await _seen(ctx, SOURCE, message_id)
     if seen is not None:
-        return seen["status"], {**msgspec.json.decode(seen["response"]), "duplicate": True}
+        return seen
     envelope = decode(ENVELOPE_DECODER, body)
     data = msgspec.json.encode(envelope.data)
     if envelope.type == "sandbox.started":
@@ -72,9 +77,71 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
     else:
         status, result = 200, {"ignored": True}
     result = {"type": envelope.type, "result": result}
+    await _remember(ctx, SOURCE, message_id, envelope.type, status, result)
+    return status, result
+
+
+async def _seen(ctx: Context, source: str, event_id: str) -> tuple[int, dict] | None:
+    """The first answer to a message already applied (a fast path: effects are idempotent anyway)."""
+    async with (await ctx.db()).acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT status, response FROM inbound_webhooks WHERE source = $1 AND event_id = $2", source, event_id)
+    return None if row is None else (row["status"], {**msgspec.json.decode(row["response"]), "duplicate": True})
+
+
+async def _remember(ctx: Context, source: str, event_id: str, event_type: str, status: int, result: dict) -> None:
     async with (await ctx.db()).acquire() as conn:
         await conn.execute(
             "INSERT INTO inbound_webhooks (source, event_id, event_type, status, response)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            SOURCE, message_id, envelope.type, status, msgspec.json.encode(result))
-    return status, result
+            source, event_id, event_type, status, msgspec.json.encode(result))
+
+
+def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> dict:
+    """The event, if Stripe-Signature checks out and its time is within 5 minutes either way."""
+    if not header:
+        raise ApiError(400, "invalid_signature", "missing Stripe-Signature header")
+    # stripe-python refuses old timestamps but accepts any future one: a signature minted
+    # "later" (a skewed or hostile clock) must not outlive the tolerance either.
+    stamps = [part[2:] for part in header.split(",") if part.startswith("t=")]
+    if not stamps or not stamps[0].isdigit():
+        raise ApiError(400, "invalid_signature", "Stripe-Signature has no timestamp")
+    if int(stamps[0]) > now_s + STRIPE_TOLERANCE_S:
+        raise ApiError(400, "invalid_signature", "Stripe-Signature timestamp is in the future")
+    try:
+        stripe.Webhook.construct_event(body, header, secret, tolerance=STRIPE_TOLERANCE_S)
+    except stripe.SignatureVerificationError as exc:
+        raise ApiError(400, "invalid_signature", f"webhook rejected: {exc.user_message or exc}") from None
+    except ValueError:
+        raise ApiError(400, "invalid_json", "webhook body is not valid JSON") from None
+    event = json.loads(body)
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str):
+        raise ApiError(400, "invalid_json", "webhook body is not a Stripe event")
+    return event
+
+
+async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict]:
+    secret = ctx.settings.stripe_webhook_secret
+    if not secret:
+        raise ApiError(503, "stripe_not_configured", "METERGATE_STRIPE_WEBHOOK_SECRET is not set on this server")
+    event = verify_stripe(secret, body, headers.get("stripe-signature"), now_us() // 1_000_000)
+    seen = await _seen(ctx, "stripe", event["id"])
+    if seen is not None:
+        return seen
+    try:
+        commands = commands_for(event, ctx.catalog)
+    except EventError as exc:
+        raise ApiError(422, "unprocessable_event", str(exc)) from None
+    applied = []
+    for org_id, command in commands:
+        # Fingerprint the effect, not the event: two events about one payment must replay, not conflict.
+        fingerprint = hashlib.sha256(msgspec.msgpack.encode(command)).hexdigest()
+        result = await ctx.router.command(org_id, command, fingerprint)
+        if result.get("error", {}).get("code") == "unknown_org":
+            raise ApiError(422, "unprocessable_event", f"event names org {org_id}, which does not exist")
+        result = raise_for_shard_error(result)
+        applied.append({"org_id": org_id, "command": type(command).__name__,
+                        "replayed": bool(result.get("replayed")), "stale": bool(result.get("stale"))})
+    result = {"event": event["id"], "type": event.get("type"), "applied": applied}
+    await _remember(ctx, "stripe", event["id"], str(event.get("type")), 200, result)
+    return 200, result

@@ -23,6 +23,7 @@ from config.settings import Settings
 
 SERVICE_TOKEN = "test-service-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+STRIPE_WEBHOOK_SECRET = "whsec_test_stripe_endpoint_secret_0123"
 SVIX_SECRET = "whsec_" + base64.b64encode(b"metergate-test-svix-secret-32-b!").decode()
 
 
@@ -67,7 +68,8 @@ def service(tmp_path_factory):
         shards=2,
         snapshot_every_entries=8,  # small, so tests cross snapshot + compaction often
         passivate_after_s=1,
-        svix_webhook_secret=SVIX_SECRET,  # idle orgs leave memory within seconds: later steps reload them
+        svix_webhook_secret=SVIX_SECRET,
+        stripe_webhook_secret=STRIPE_WEBHOOK_SECRET,  # idle orgs leave memory within seconds: later steps reload them
     )
     running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
     yield running

@@ -38,6 +38,8 @@ ROUTES = [
     ("PUT", "/v1/orgs/{org}/limits", "admin"), ("POST", "/v1/orgs/{org}/halt", "admin"),
     ("GET", "/v1/orgs/{org}/ledger?limit={text}&cursor={text}", "admin"),
     ("GET", "/v1/orgs/{org}/usage?group_by={text}&from={text}", "admin"),
+    ("GET", "/billing/{org}?token={text}", "admin"),
+    ("POST", "/webhooks/svix", "admin"), ("POST", "/webhooks/stripe", "admin"),
 ]
 
 

@@ -1,0 +1,89 @@
+"""Stripe events → org commands. Pure: an event in, (org_id, command) pairs out.
+
+Money effects carry an idempotency key named after the Stripe object that moved the money
+(the payment intent, the refund). The ledger's unique key then applies each one once, in
+the same transaction as its entry, however many events report it and in whatever order.
+Tier changes carry the event's `created` time, so an older event never undoes a newer one.
+Objects name their org in `metadata.org_id` (or a checkout session's `client_reference_id`);
+metergate sets it on everything it creates in Stripe.
+"""
+
+from __future__ import annotations
+
+from actors.commands import Command, Credit, SetPaymentMethod, SetTier
+from config.catalog import Catalog
+
+MICROS_PER_CENT = 10_000
+PAID_TIERS = ("pro", "pro_plus", "pro_plus_plus")
+ENDED_SUBSCRIPTION = ("canceled", "unpaid", "incomplete_expired")
+
+
+class EventError(ValueError):
+    """An event that names an org but cannot be applied as sent (a field missing or wrong)."""
+
+
+def org_of(obj: dict) -> str | None:
+    org_id = (obj.get("metadata") or {}).get("org_id") or obj.get("client_reference_id")
+    return org_id if isinstance(org_id, str) and org_id else None
+
+
+def commands_for(event: dict, catalog: Catalog) -> list[tuple[str, Command]]:
+    obj = (event.get("data") or {}).get("object") or {}
+    kind = event.get("type", "")
+    org_id = org_of(obj)
+    if org_id is None:
+        return []
+    as_of_us = int(event.get("created", 0)) * 1_000_000
+    try:
+        if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+            return [(org_id, c) for c in _checkout(obj, catalog, as_of_us)]
+        if kind in ("setup_intent.succeeded", "payment_method.attached"):
+            return [(org_id, SetPaymentMethod(True))]
+        if kind in ("customer.subscription.created", "customer.subscription.updated"):
+            return [(org_id, c) for c in _subscription(obj, catalog, as_of_us)]
+        if kind == "customer.subscription.deleted":
+            return [(org_id, _base_tier(catalog, as_of_us))]
+        if kind == "charge.refunded":
+            return [(org_id, c) for c in _refunds(obj)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EventError(f"{kind}: {exc!r}") from None
+    return []
+
+
+def _checkout(session: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
+    mode = session.get("mode")
+    if mode == "setup":
+        return [SetPaymentMethod(True)]
+    if mode == "subscription":
+        return _subscription({"status": "active", "metadata": session.get("metadata")}, catalog, as_of_us)
+    if mode != "payment" or session.get("payment_status") != "paid":
+        return []  # not paid yet: async methods report later with async_payment_succeeded
+    metadata = session.get("metadata") or {}
+    amount = int(metadata["credit_micros"]) if metadata.get("credit_micros") else \
+        int(session["amount_total"]) * MICROS_PER_CENT
+    expires = metadata.get("credit_expires_at")
+    payment = session.get("payment_intent") or session["id"]
+    return [Credit("topup", amount, int(expires) * 1_000_000 if expires else None,
+                   f"Stripe checkout {session['id']}", f"stripe:payment:{payment}")]
+
+
+def _subscription(subscription: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
+    tier = (subscription.get("metadata") or {}).get("tier")
+    status = subscription.get("status")
+    if status in ENDED_SUBSCRIPTION:
+        return [_base_tier(catalog, as_of_us)]
+    if status in ("active", "trialing") and tier in PAID_TIERS:
+        return [SetTier(tier, catalog.tiers[tier], as_of_us)]
+    return []
+
+
+def _base_tier(catalog: Catalog, as_of_us: int) -> SetTier:
+    return SetTier(catalog.default_tier, catalog.tiers[catalog.default_tier], as_of_us)
+
+
+def _refunds(charge: dict) -> list[Command]:
+    refunds = (charge.get("refunds") or {}).get("data")
+    if refunds is None:
+        raise EventError("charge.refunded without refunds.data; expand `refunds` on the webhook")
+    return [Credit("refund", -int(r["amount"]) * MICROS_PER_CENT, None, f"Stripe refund {r['id']}",
+                   f"stripe:refund:{r['id']}") for r in refunds if r.get("status", "succeeded") == "succeeded"]
