@@ -48,6 +48,7 @@ class Catalog:
     tiers: dict[str, int]
     plans: dict[tuple[str, int], Plan]
     packs: dict[str, Pack] = field(default_factory=dict)
+    stripe_prices: dict[str, str] = field(default_factory=dict)  # paid tier -> Stripe price id
 
     def plan_version(self, plan_id: str, version: int) -> Plan:
         plan = self.plans.get((plan_id, version))
@@ -155,6 +156,7 @@ def parse_catalog(raw: dict) -> Catalog:
         tiers={name: int(cap) for name, cap in tiers.items()},
         plans=plans,
         packs=packs,
+        stripe_prices={str(k): str(v) for k, v in raw.get("stripe_prices", {}).items()},
     )
     if not any(plan_id == catalog.default_plan for plan_id, _ in plans):
         raise CatalogError(f"default_plan {catalog.default_plan!r} is not a plan in the catalog")

@@ -22,6 +22,7 @@ from serve_app.bodies import (GATE_DECODER, CreateOrgBody, CreditBody, LimitsBod
                               PlanBody, TierBody, TokenBody, body_schema, decode, parse_model)
 from serve_app.errors import ApiError, install_error_handlers, raise_for_shard_error
 from serve_app.limits import BodyLimit
+from serve_app.self_serve import add_routes as add_self_serve_routes
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context, json
 from serve_app.webhooks_in import stripe_webhook, svix_webhook
@@ -279,6 +280,8 @@ def build_app(ctx: Context) -> FastAPI:
     async def resume(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return await state_command(ctx, request, org_id, cmd.Resume())
+
+    add_self_serve_routes(app, ctx)
 
     @app.post("/v1/orgs/{org_id}/tokens", tags=["orgs"], openapi_extra=body_schema(TokenBody))
     async def mint_org_token(org_id: OrgPath, request: Request) -> Response:

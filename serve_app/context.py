@@ -14,6 +14,7 @@ from config.catalog import Catalog
 from config.settings import Settings
 from serve_app.auth import Caller, OrgTokens, bearer, forbidden, identify
 from serve_app.routing import ShardRouter
+from serve_app.stripe_gateway import StripeGateway
 from storage.db import create_pool
 
 
@@ -36,6 +37,7 @@ class Context:
 
     def __post_init__(self) -> None:
         self.org_tokens = OrgTokens(self.settings.org_token_secret)
+        self.stripe = StripeGateway(self.settings)
 
     def caller(self, request: Request, allow_query: bool = False) -> Caller:
         return identify(bearer(request, allow_query), self.settings.service_token, self.settings.admin_token,

@@ -4,8 +4,9 @@ Money effects carry an idempotency key named after the Stripe object that moved 
 (the payment intent, the refund). The ledger's unique key then applies each one once, in
 the same transaction as its entry, however many events report it and in whatever order.
 Tier changes carry the event's `created` time, so an older event never undoes a newer one.
-Objects name their org in `metadata.org_id` (or a checkout session's `client_reference_id`);
-metergate sets it on everything it creates in Stripe.
+Objects name their org in `metadata.org_id` (or a checkout session's `client_reference_id`),
+which metergate sets on everything it creates in Stripe, or by their `customer`, whose org
+is kept in stripe_customers.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ def org_of(obj: dict) -> str | None:
     return org_id if isinstance(org_id, str) and org_id else None
 
 
-def commands_for(event: dict, catalog: Catalog) -> list[tuple[str, Command]]:
+def customer_of(event: dict) -> str | None:
+    customer = ((event.get("data") or {}).get("object") or {}).get("customer")
+    return customer if isinstance(customer, str) else None
+
+
+def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None) -> list[tuple[str, Command]]:
+    """`customer_org`: the org whose Stripe customer the object names, for objects without our metadata."""
     obj = (event.get("data") or {}).get("object") or {}
     kind = event.get("type", "")
-    org_id = org_of(obj)
+    org_id = org_of(obj) or customer_org
     if org_id is None:
         return []
     as_of_us = int(event.get("created", 0)) * 1_000_000

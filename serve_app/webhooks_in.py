@@ -23,7 +23,7 @@ from serve_app.bodies import Id, decode
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, raise_for_shard_error
-from serve_app.stripe_events import EventError, commands_for
+from serve_app.stripe_events import EventError, commands_for, customer_of
 
 SOURCE = "svix"
 STRIPE_TOLERANCE_S = 300
@@ -128,8 +128,13 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     seen = await _seen(ctx, "stripe", event["id"])
     if seen is not None:
         return seen
+    customer_org = None
+    if customer_of(event):
+        async with (await ctx.db()).acquire() as conn:
+            customer_org = await conn.fetchval(
+                "SELECT org_id FROM stripe_customers WHERE customer_id = $1", customer_of(event))
     try:
-        commands = commands_for(event, ctx.catalog)
+        commands = commands_for(event, ctx.catalog, customer_org)
     except EventError as exc:
         raise ApiError(422, "unprocessable_event", str(exc)) from None
     applied = []

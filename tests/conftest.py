@@ -20,9 +20,11 @@ import pytest
 
 from actors.placement import slot_of
 from config.settings import Settings
+from tests.stripe_servers import stripe_on_loopback
 
 SERVICE_TOKEN = "test-service-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+STRIPE_SECRET_KEY = "sk_test_metergate_loopback"
 STRIPE_WEBHOOK_SECRET = "whsec_test_stripe_endpoint_secret_0123"
 SVIX_SECRET = "whsec_" + base64.b64encode(b"metergate-test-svix-secret-32-b!").decode()
 
@@ -57,25 +59,30 @@ def service(tmp_path_factory):
     data_dir: Path = tmp_path_factory.mktemp("metergate")
     external = os.environ.get("METERGATE_DATABASE_URL")
     database = f"metergate_test_{uuid.uuid4().hex[:10]}"
-    if external:  # a database of its own on that server, dropped at the end
-        _on_server(external, f'CREATE DATABASE "{database}"')
-    settings = Settings(
-        database_url=_database_url(external, database) if external else None,
-        data_dir=data_dir,
-        http_port=free_port(),
-        service_token=SERVICE_TOKEN,
-        admin_token=ADMIN_TOKEN,
-        shards=2,
-        snapshot_every_entries=8,  # small, so tests cross snapshot + compaction often
-        passivate_after_s=1,
-        svix_webhook_secret=SVIX_SECRET,
-        stripe_webhook_secret=STRIPE_WEBHOOK_SECRET,  # idle orgs leave memory within seconds: later steps reload them
-    )
-    running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
-    yield running
-    launch.stop(running)
-    if external:
-        _on_server(external, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with stripe_on_loopback(tmp_path_factory.mktemp("stripe")) as stripe_api_base:
+        if external:  # a database of its own on that server, dropped at the end
+            _on_server(external, f'CREATE DATABASE "{database}"')
+        settings = Settings(
+            database_url=_database_url(external, database) if external else None,
+            data_dir=data_dir,
+            http_port=free_port(),
+            service_token=SERVICE_TOKEN,
+            admin_token=ADMIN_TOKEN,
+            shards=2,
+            snapshot_every_entries=8,  # small, so tests cross snapshot + compaction often
+            passivate_after_s=1,  # idle orgs leave memory within seconds: later steps reload them
+            svix_webhook_secret=SVIX_SECRET,
+            stripe_webhook_secret=STRIPE_WEBHOOK_SECRET,
+            stripe_secret_key=STRIPE_SECRET_KEY,
+            stripe_api_base=stripe_api_base,
+        )
+        running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
+        try:
+            yield running
+        finally:
+            launch.stop(running)
+            if external:
+                _on_server(external, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,48 @@
+"""Calls to Stripe: stripe-python, an idempotency key on every write, errors mapped once.
+
+The API base and key come from the settings, so tests point it at a server on loopback.
+stripe-python is synchronous; calls run in a thread so the replica's loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import stripe
+
+from config.settings import Settings
+from serve_app.errors import ApiError
+
+# Within this window, the same request (a double click) gets the same Checkout Session.
+DOUBLE_CLICK_WINDOW_S = 600
+
+
+class StripeGateway:
+    def __init__(self, settings: Settings) -> None:
+        self.client: stripe.StripeClient | None = None
+        if settings.stripe_secret_key:
+            base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+            self.client = stripe.StripeClient(settings.stripe_secret_key, base_addresses=base,
+                                              max_network_retries=2)
+
+    def require(self) -> stripe.StripeClient:
+        if self.client is None:
+            raise ApiError(503, "stripe_not_configured", "METERGATE_STRIPE_SECRET_KEY is not set on this server")
+        return self.client
+
+    async def create(self, method, params: dict, idempotency_key: str):
+        """One Stripe write; the same key always names the same operation."""
+        try:
+            return await asyncio.to_thread(method, params=params, options={"idempotency_key": idempotency_key})
+        except stripe.StripeError as exc:
+            raise ApiError(502, "stripe_error", f"Stripe refused the request: {exc.user_message or exc}") from None
+
+
+def operation_key(org_id: str, operation: str, params: dict, caller_key: str | None, now_s: int) -> str:
+    """An idempotency key from the operation: the caller's own key, or the content and a time window."""
+    if caller_key:
+        return f"metergate:{org_id}:{operation}:key:{caller_key}"
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
+    return f"metergate:{org_id}:{operation}:{digest}:{now_s // DOUBLE_CLICK_WINDOW_S}"
