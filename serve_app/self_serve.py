@@ -66,10 +66,13 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
     def back_to_billing(request: Request, org_id: str) -> str:
         return f"{str(request.base_url).rstrip('/')}/billing/{org_id}"
 
-    async def checkout(request: Request, org_id: str, operation: str, params: dict) -> dict:
+    async def checkout(request: Request, org_id: str, operation: str, body: SetupBody | TopupBody,
+                       params: dict) -> dict:
         client = ctx.stripe.require()
         customer = await customer_for(ctx, org_id)
-        params = {"customer": customer, "client_reference_id": org_id, **params}
+        params = {"customer": customer, "client_reference_id": org_id, **params,
+                  "success_url": body.success_url or back_to_billing(request, org_id),
+                  "cancel_url": body.cancel_url or back_to_billing(request, org_id)}
         key = operation_key(org_id, operation, params, request.headers.get("idempotency-key"),
                             now_us() // 1_000_000)
         session = await ctx.stripe.create(client.v1.checkout.sessions.create, params, key)
@@ -96,24 +99,20 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
         if amount % MICROS_PER_CENT:
             raise ApiError(422, "invalid_amount", "amount_micros must be a whole number of cents", field="amount_micros")
         metadata["credit_micros"] = str(amount)
-        return json(await checkout(request, org_id, "topup", {
+        return json(await checkout(request, org_id, "topup", body, {
             "mode": "payment",
             "line_items": [{"quantity": 1, "price_data": {"currency": "usd", "unit_amount": amount // MICROS_PER_CENT,
                                                           "product_data": {"name": name}}}],
-            "metadata": metadata, "payment_intent_data": {"metadata": {"org_id": org_id}},
-            "success_url": body.success_url or back_to_billing(request, org_id),
-            "cancel_url": body.cancel_url or back_to_billing(request, org_id)}))
+            "metadata": metadata, "payment_intent_data": {"metadata": {"org_id": org_id}}}))
 
     @app.post("/v1/orgs/{org_id}/checkout/setup", tags=["self-serve"], openapi_extra=body_schema(SetupBody))
     async def checkout_setup(org_id: OrgPath, request: Request) -> Response:
         ctx.org_or_admin(request, org_id)
         ctx.stripe.require()
         body = parse_model(SetupBody, await request.body())
-        return json(await checkout(request, org_id, "setup", {
+        return json(await checkout(request, org_id, "setup", body, {
             "mode": "setup", "currency": "usd", "metadata": {"org_id": org_id},
-            "setup_intent_data": {"metadata": {"org_id": org_id}},
-            "success_url": body.success_url or back_to_billing(request, org_id),
-            "cancel_url": body.cancel_url or back_to_billing(request, org_id)}))
+            "setup_intent_data": {"metadata": {"org_id": org_id}}}))
 
     @app.post("/v1/orgs/{org_id}/checkout/tier", tags=["self-serve"], openapi_extra=body_schema(TierCheckoutBody))
     async def checkout_tier(org_id: OrgPath, request: Request) -> Response:
@@ -125,11 +124,9 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
             raise ApiError(422, "invalid_request", f"tier must be one of {sorted(ctx.catalog.stripe_prices)}",
                            field="tier")
         tagged = {"org_id": org_id, "tier": body.tier}
-        return json(await checkout(request, org_id, f"tier-{body.tier}", {
+        return json(await checkout(request, org_id, f"tier-{body.tier}", body, {
             "mode": "subscription", "line_items": [{"price": price, "quantity": 1}],
-            "metadata": tagged, "subscription_data": {"metadata": tagged},
-            "success_url": body.success_url or back_to_billing(request, org_id),
-            "cancel_url": body.cancel_url or back_to_billing(request, org_id)}))
+            "metadata": tagged, "subscription_data": {"metadata": tagged}}))
 
     @app.post("/v1/orgs/{org_id}/portal", tags=["self-serve"], openapi_extra=body_schema(PortalBody))
     async def portal(org_id: OrgPath, request: Request) -> Response:

@@ -13,7 +13,7 @@ from config.catalog import load_catalog
 from config.settings import Settings
 from serve_app.app import build_app
 from serve_app.context import Context
-from tests.conftest import ADMIN_TOKEN, STRIPE_SECRET_KEY
+from tests.conftest import ADMIN_TOKEN, STRIPE_SECRET_KEY, free_port
 from tests.test_http_scenarios import SIGNUP_MICROS, ledger_sum
 from tests.test_org_tokens import mint, org_client
 from tests.test_webhooks_stripe import deliver, event
@@ -136,3 +136,19 @@ def test_unknown_org_self_serve_is_404(admin, path):
     body = {"tier": "pro"} if path == "checkout/tier" else {}
     response = admin.post(f"/v1/orgs/ghost_self_serve/{path}", json=body)
     assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_org"
+
+
+def test_stripe_out_of_reach_is_a_502_not_a_500(service, new_org):
+    org = new_org()
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = Settings(**{**service.settings.model_dump(), "stripe_api_base": closed})
+    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate",
+                                     timeout=60) as client:
+            return await client.post(f"/v1/orgs/{org}/checkout/setup", json={},
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    response = asyncio.run(call())
+    assert response.status_code == 502 and response.json()["error"]["code"] == "stripe_error"
