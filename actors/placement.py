@@ -23,6 +23,3 @@ cached_slot_of = lru_cache(maxsize=200_000)(slot_of)
 def shard_name(shard: int) -> str:
     return f"metergate-shard-{shard}"
 
-
-def default_assignment(slot: int, shard_count: int) -> int:
-    return slot % shard_count

@@ -148,8 +148,6 @@ class ShardActor:
     async def drain(self) -> dict:
         """Wait for everything queued to commit, then snapshot every org with a journal tail."""
         await self._ensure_started()
-        while self.pending:
-            await asyncio.sleep(0.01)
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pending.append(("snapshot_all", done))
         self.wake.set()

@@ -96,12 +96,16 @@ def decode_tick(raw: bytes | msgspec.Raw, now_us: int, times: dict | None = None
     return _normalise(tick, now_us, {} if times is None else times)
 
 
-def decode_usage(body: bytes, now_us: int) -> tuple[list[Tick], list[tuple[int, msgspec.Raw, str]]]:
+class TooManyTicks(ValueError):
+    """A usage body with more ticks than one request may carry."""
+
+
+def decode_usage(body: bytes, now_us: int, max_ticks: int) -> tuple[list[Tick], list[tuple[int, msgspec.Raw, str]]]:
     """All ticks of a usage body: (valid ticks, [(index, raw tick, error)] for the bad ones).
 
     A body of well-formed ticks decodes in one pass; only when something is wrong is each tick
-    decoded on its own, so that one bad tick is rejected alone. Raises msgspec errors for a
-    body that is not {"ticks": [...]} at all.
+    decoded on its own, so that one bad tick is rejected alone. Raises TooManyTicks past
+    max_ticks, and msgspec errors for a body that is not {"ticks": [...]} at all.
     """
     times: dict = {}
     try:
@@ -109,12 +113,17 @@ def decode_usage(body: bytes, now_us: int) -> tuple[list[Tick], list[tuple[int, 
     except msgspec.DecodeError:
         typed = None
     if typed is not None:
+        if len(typed) > max_ticks:
+            raise TooManyTicks(len(typed))
         try:
             return [_normalise(tick, now_us, times) for tick in typed], []
         except ValueError:
             pass  # some tick has a bad time: sort them out one by one below
+    raw_ticks = USAGE_DECODER.decode(body).ticks
+    if len(raw_ticks) > max_ticks:
+        raise TooManyTicks(len(raw_ticks))
     valid, rejected = [], []
-    for index, raw in enumerate(USAGE_DECODER.decode(body).ticks):
+    for index, raw in enumerate(raw_ticks):
         try:
             valid.append(decode_tick(raw, now_us, times))
         except ValueError as exc:

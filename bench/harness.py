@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,16 +99,6 @@ def wrk(url: str, bodies: list[str], seconds: int, connections: int, token: str 
 
 def have_wrk() -> bool:
     return shutil.which("wrk") is not None
-
-
-def timed(fn):
-    started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def create_orgs_via_api(base_url: str, org_ids: list[str]) -> None:

@@ -22,6 +22,7 @@ from serve_app.bodies import (GATE_DECODER, CreateOrgBody, CreditBody, LimitsBod
                               PlanBody, TierBody, TokenBody, body_schema, decode, parse_model)
 from serve_app.errors import ApiError, install_error_handlers, raise_for_shard_error
 from serve_app.limits import BodyLimit
+from storage.journal import us_to_dt
 from serve_app.self_serve import add_routes as add_self_serve_routes
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context, json
@@ -353,8 +354,6 @@ async def _require_org(conn: asyncpg.Connection, org_id: str) -> None:
 
 
 def _dt(us: int | None):
-    from storage.journal import us_to_dt
-
     return None if us is None else us_to_dt(us)
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.org import MAX_AMOUNT_MICROS, MAX_TTL_S, Resources
 from actors.ticks import ID_PATTERN, Id
 from serve_app.auth import MAX_ORG_TOKEN_TTL_S, MIN_ORG_TOKEN_TTL_S
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, invalid_request
 
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 Ttl = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_S)]
@@ -115,12 +115,7 @@ def parse_model(model: type[BaseModel], raw: bytes):
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        errors = exc.errors()
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
-        fields = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]} for e in errors]
-        raise ApiError(422, "invalid_request", f"{fields[0]['field']}: {fields[0]['message']}",
-                       field=fields[0]["field"], fields=fields) from None
+        raise invalid_request(exc.errors()) from None
 
 
 def body_schema(model: type[BaseModel]) -> dict:

@@ -7,7 +7,7 @@ import msgspec
 from actors import commands as cmd
 from actors.clock import now_us
 from actors.org import Resources
-from actors.ticks import USAGE_DECODER, decode_usage
+from actors.ticks import USAGE_DECODER, TooManyTicks, decode_usage
 from serve_app.bodies import LEASE_DECODER, decode
 from serve_app.context import Context
 from serve_app.errors import ApiError, error_body, raise_for_shard_error
@@ -35,10 +35,14 @@ async def release_lease(ctx: Context, org_id: str, lease_id: str) -> None:
 
 async def record_usage(ctx: Context, raw_body: bytes) -> dict:
     """Bill a usage body; returns {accepted, duplicates, rejected} once it is durable."""
-    count = len(decode(USAGE_DECODER, raw_body).ticks)  # also the 400/422 for a bad envelope
-    if count > ctx.settings.max_ticks_per_request:
-        raise ApiError(413, "too_many_ticks", f"at most {ctx.settings.max_ticks_per_request} ticks per request")
-    valid, bad = decode_usage(raw_body, now_us())
+    limit = ctx.settings.max_ticks_per_request
+    try:
+        valid, bad = decode_usage(raw_body, now_us(), limit)
+    except TooManyTicks:
+        raise ApiError(413, "too_many_ticks", f"at most {limit} ticks per request") from None
+    except msgspec.DecodeError:
+        decode(USAGE_DECODER, raw_body)  # not {"ticks": [...]}: raises its 400 or 422
+        raise
     rejected = [{"index": index, "tick_id": _tick_id_of(raw), "error": error} for index, raw, error in bad]
     accepted = duplicates = 0
     for part in await ctx.router.usage(valid) if valid else []:

@@ -39,9 +39,15 @@ def raise_for_shard_error(result: dict) -> dict:
     return result
 
 
-def _field_path(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
+def invalid_request(errors: list[dict]) -> ApiError:
+    """pydantic/FastAPI validation errors as the API's: 400 for broken JSON, else 422 naming the field."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return ApiError(400, "invalid_json", "request body is not valid JSON")
+    fields = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")) or "body",
+               "message": e["msg"]} for e in errors]
+    first = fields[0]
+    return ApiError(422, "invalid_request", f"{first['field']}: {first['message']}",
+                    field=first["field"], fields=fields)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -51,13 +57,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "invalid_json", "request body is not valid JSON")
-        fields = [{"field": _field_path(tuple(e["loc"])), "message": e["msg"]} for e in errors]
-        first = fields[0]
-        return error_response(422, "invalid_request", f"{first['field']}: {first['message']}",
-                              fields=fields)
+        error = invalid_request(list(exc.errors()))
+        return error_response(error.status, error.code, error.message, **error.details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
