@@ -8,6 +8,9 @@ catalog that changed later.
 
 from __future__ import annotations
 
+import hashlib
+from typing import ClassVar
+
 import msgspec
 
 from actors.metering import LeaseUsage
@@ -65,6 +68,36 @@ class SetPaymentMethod(msgspec.Struct, tag="card", array_like=True):
     present: bool
 
 
+class SetAutoRecharge(msgspec.Struct, tag="ar", array_like=True):
+    enabled: bool
+    threshold_micros: int = 0
+    amount_micros: int = 0
+    max_per_day: int = 1
+    cooldown_s: int = 0
+
+
+class SettleRecharge(msgspec.Struct, tag="ar_settle", array_like=True):
+    """The outcome of an auto-recharge charge, from the charger or from a Stripe event.
+
+    Both build the same command for the same payment intent, so whichever comes second
+    replays the first (its idempotency key is the payment's, as for any Stripe payment).
+    """
+
+    kind: ClassVar[str] = "auto_recharge"
+    charge_id: str
+    succeeded: bool
+    amount_micros: int
+    payment_id: str | None = None
+    reason: str | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def of_payment(cls, charge_id: str, succeeded: bool, amount_micros: int, payment_id: str | None,
+                   reason: str | None = None) -> "SettleRecharge":
+        key = f"stripe:payment:{payment_id}" if succeeded and payment_id else None
+        return cls(charge_id, succeeded, amount_micros, payment_id, None if succeeded else reason, key)
+
+
 class SetLimits(msgspec.Struct, tag="limits", array_like=True):
     max_disk_mb: int | None = None
     machine_quotas: dict[str, dict[str, int]] | None = None
@@ -75,7 +108,15 @@ class Advance(msgspec.Struct, tag="advance", array_like=True):
 
 
 Command = (AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | Halt | Resume
-           | SetPlan | SetTier | SetLimits | SetPaymentMethod | Advance)
+           | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | Advance)
+
+# Commands that may carry an idempotency key for the ledger entry they make.
+KEYED = (Credit, SettleRecharge)
+
+
+def fingerprint(command: Command) -> str:
+    """What a keyed command is compared by when its key comes again."""
+    return hashlib.sha256(msgspec.msgpack.encode(command)).hexdigest()
 
 
 class JournalItem(msgspec.Struct, array_like=True):
@@ -127,6 +168,14 @@ def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: in
                 return {"state": org.view(now_us), "stale": True}
         case SetPaymentMethod(present=present):
             org.set_payment_method(present, now_us, fx)
+        case SetAutoRecharge(enabled=enabled, threshold_micros=threshold, amount_micros=amount,
+                             max_per_day=per_day, cooldown_s=cooldown):
+            org.configure_recharge(enabled, threshold, amount, per_day, cooldown, now_us, fx)
+        case SettleRecharge(charge_id=charge_id, succeeded=ok, amount_micros=amount, payment_id=payment,
+                            reason=reason):
+            entry = org.settle_recharge(charge_id, ok, amount, payment, reason, now_us, fx)
+            if entry is not None:
+                return {"entry": msgspec.to_builtins(entry), "balance_micros": org.balance_micros}
         case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):
             org.set_limits(max_disk_mb, quotas, now_us, fx)
         case Advance():

@@ -25,6 +25,8 @@ MAX_LEASES_PER_ORG = 10_000
 MAX_GRANTS_PER_ORG = 1_000
 MAX_AMOUNT_MICROS = 10**12  # 1,000,000 USD in one ledger operation
 MAX_TTL_S = 86_400
+MICROS_PER_CENT = 10_000  # card charges are whole cents
+US_PER_DAY = 86_400 * US_PER_S
 
 PROMOTIONAL_KINDS = frozenset({"signup_grant", "grant"})
 PURCHASED_KINDS = frozenset({"topup", "auto_recharge", "adjustment"})
@@ -120,14 +122,49 @@ class Event(msgspec.Struct):
     data: dict
 
 
+class ChargeRequest(msgspec.Struct, frozen=True):
+    """An auto-recharge charge the org asked for; the shard makes it after the commit."""
+
+    org_id: str
+    charge_id: str
+    amount_micros: int
+    idempotency_key: str
+
+
 class Effects:
     """What a batch of commands produced, for the shard to write in its commit."""
 
-    __slots__ = ("ledger", "events")
+    __slots__ = ("ledger", "events", "charges")
 
     def __init__(self) -> None:
         self.ledger: list[tuple[str, LedgerEntry]] = []
         self.events: list[Event] = []
+        self.charges: list[ChargeRequest] = []
+
+
+class AutoRecharge(msgspec.Struct, array_like=True):
+    """Auto-recharge settings and the state that keeps it to one charge at a time.
+
+    `pending_id` is the charge asked for and not yet settled: while it is set no other charge
+    is asked for. `day`/`day_count` count charges per UTC day; `last_us` starts the cooldown.
+    `paused` is set by a failed charge and lifted by a new card or new settings, so a card
+    that declines is not charged again and again.
+    """
+
+    enabled: bool
+    threshold_micros: int
+    amount_micros: int
+    max_per_day: int
+    cooldown_s: int
+    pending_id: str | None = None
+    pending_micros: int = 0
+    pending_since_us: int = 0
+    seq: int = 0
+    day: int = 0
+    day_count: int = 0
+    last_us: int = 0
+    paused: str | None = None
+    limit_noted_day: int = -1
 
 
 class OrgSnapshot(msgspec.Struct, array_like=True):
@@ -159,6 +196,7 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     created_us: int
     grant_seq: int
     tier_as_of_us: int = 0  # added after v1 snapshots: they decode with 0
+    recharge: AutoRecharge | None = None  # added later too
 
 
 # Snapshot fields that are copied as they are; plan, grants and leases need converting.
@@ -183,7 +221,7 @@ class OrgBillingActor:
         "machine_quotas", "grants", "debt_micros", "remainder_scaled", "period_key",
         "period_start_us", "period_end_us", "period_usage_micros", "quota_used_micros",
         "thresholds_fired", "halted", "suspended", "past_due_since_us", "leases",
-        "has_payment_method", "created_us", "grant_seq", "tier_as_of_us",
+        "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -209,6 +247,7 @@ class OrgBillingActor:
         self.leases: dict[str, Lease] | None = None
         self.has_payment_method = False
         self.tier_as_of_us = 0
+        self.recharge: AutoRecharge | None = None
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us)
@@ -378,6 +417,8 @@ class OrgBillingActor:
             fx.ledger.append((self.org_id, LedgerEntry("usage", -from_credit, now_us)))
         self._fire_quota_thresholds(now_us, fx)
         self._halt_if_out_of_money(now_us, fx)
+        if self.recharge is not None and from_credit:
+            self._maybe_recharge(now_us, fx)
 
     def _take(self, micros: int, order: Callable[[Grant], tuple]) -> None:
         """Take micros from the grants in `order`; what they cannot cover becomes debt."""
@@ -463,6 +504,8 @@ class OrgBillingActor:
         entry = LedgerEntry(kind, -amount_micros, now_us, None, None, note)
         fx.ledger.append((self.org_id, entry))
         self._halt_if_out_of_money(now_us, fx)
+        if self.recharge is not None:
+            self._maybe_recharge(now_us, fx)
         return entry
 
     # ----- admin ------------------------------------------------------------------------
@@ -516,6 +559,110 @@ class OrgBillingActor:
     def set_payment_method(self, present: bool, now_us: int, fx: Effects) -> None:
         self.advance(now_us, fx)
         self.has_payment_method = present
+        if present and self.recharge is not None:
+            if self.recharge.paused == "payment_failed":
+                self.recharge.paused = None  # a new card: auto-recharge may try again
+            self._maybe_recharge(now_us, fx)
+
+    # ----- auto-recharge ------------------------------------------------------------------
+
+    def configure_recharge(self, enabled: bool, threshold_micros: int, amount_micros: int,
+                           max_per_day: int, cooldown_s: int, now_us: int, fx: Effects) -> None:
+        """Turn auto-recharge on or off. Turning it on with the balance already under the
+        threshold makes the first (arming) charge at once; a charge in flight still settles."""
+        self.advance(now_us, fx)
+        current = self.recharge
+        if not enabled:
+            if current is not None:
+                current.enabled = False
+            return
+        assert threshold_micros >= 0 and amount_micros > 0 and amount_micros % MICROS_PER_CENT == 0
+        assert max_per_day >= 1 and cooldown_s >= 0
+        if current is None:
+            self.recharge = AutoRecharge(True, threshold_micros, amount_micros, max_per_day, cooldown_s)
+        else:
+            current.enabled, current.threshold_micros, current.amount_micros = True, threshold_micros, amount_micros
+            current.max_per_day, current.cooldown_s, current.paused = max_per_day, cooldown_s, None
+        self._maybe_recharge(now_us, fx)
+
+    def recharge_amount(self, balance: int) -> int:
+        """The configured amount, or more when that would not bring the balance above the
+        threshold in one charge; whole cents."""
+        r = self.recharge
+        short = r.threshold_micros - balance + 1
+        needed = -(-short // MICROS_PER_CENT) * MICROS_PER_CENT
+        return min(max(r.amount_micros, needed), MAX_AMOUNT_MICROS)
+
+    def _maybe_recharge(self, now_us: int, fx: Effects) -> None:
+        r = self.recharge
+        if not r.enabled or r.pending_id is not None or r.paused is not None or not self.has_payment_method:
+            return
+        balance = self.balance_micros
+        if balance >= r.threshold_micros:
+            return
+        if r.last_us and now_us - r.last_us < r.cooldown_s * US_PER_S:
+            return
+        day = now_us // US_PER_DAY
+        if day != r.day:
+            r.day, r.day_count = day, 0
+        if r.day_count >= r.max_per_day:
+            if r.limit_noted_day != day:  # said once a day, not at every debit
+                r.limit_noted_day = day
+                fx.events.append(Event("auto_recharge.failed", self.org_id, now_us, {
+                    "reason": "daily_limit", "max_per_day": r.max_per_day, "balance_micros": balance}))
+            return
+        r.seq += 1
+        r.day_count += 1
+        r.last_us = now_us
+        r.pending_id = f"ar_{r.seq}"
+        r.pending_micros = self.recharge_amount(balance)
+        r.pending_since_us = now_us
+        fx.charges.append(self.pending_charge())
+
+    def pending_charge(self) -> ChargeRequest | None:
+        """The charge in flight, as the charger makes it; the same key every time it is asked."""
+        r = self.recharge
+        if r is None or r.pending_id is None:
+            return None
+        key = f"metergate:{self.org_id}:{self.created_us}:auto_recharge:{r.pending_id}"
+        return ChargeRequest(self.org_id, r.pending_id, r.pending_micros, key)
+
+    def settle_recharge(self, charge_id: str, succeeded: bool, amount_micros: int,
+                        payment_id: str | None, reason: str | None, now_us: int,
+                        fx: Effects) -> LedgerEntry | None:
+        """The outcome of a charge. Money taken is credited whatever else happened meanwhile;
+        a failure counts only for the charge in flight (a late or repeated one changes nothing)."""
+        self.advance(now_us, fx)
+        r = self.recharge
+        current = r is not None and r.pending_id == charge_id
+        if current:
+            r.pending_id, r.pending_micros, r.pending_since_us = None, 0, 0
+        if succeeded:
+            entry = self.credit("auto_recharge", amount_micros, None,
+                                f"auto-recharge {charge_id} ({payment_id})", now_us, fx)
+            fx.events.append(Event("auto_recharge.succeeded", self.org_id, now_us, {
+                "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,
+                "balance_micros": self.balance_micros}))
+            return entry
+        if current:
+            r.paused = "payment_failed"
+            fx.events.append(Event("auto_recharge.failed", self.org_id, now_us, {
+                "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,
+                "reason": reason or "payment_failed", "balance_micros": self.balance_micros}))
+        return None
+
+    def recharge_view(self) -> dict:
+        r = self.recharge
+        if r is None:
+            return {"enabled": False}
+        return {
+            "enabled": r.enabled, "threshold_micros": r.threshold_micros, "amount_micros": r.amount_micros,
+            "max_per_day": r.max_per_day, "cooldown_s": r.cooldown_s, "charges_today": r.day_count,
+            "pending": {"charge_id": r.pending_id, "amount_micros": r.pending_micros,
+                        "requested_at": us_to_rfc3339(r.pending_since_us)} if r.pending_id else None,
+            "last_charge_at": us_to_rfc3339(r.last_us) if r.last_us else None,
+            "paused": r.paused,
+        }
 
     def set_limits(self, max_disk_mb: int | None, machine_quotas: dict[str, dict[str, int]] | None,
                    now_us: int, fx: Effects) -> None:
@@ -564,6 +711,8 @@ class OrgBillingActor:
                 kept.append(grant)
         self.grants = kept or None
         self._halt_if_out_of_money(now_us, fx)
+        if self.recharge is not None:
+            self._maybe_recharge(now_us, fx)
 
     def _expire_leases(self, now_us: int, fx: Effects) -> None:
         assert self.leases is not None
@@ -641,7 +790,7 @@ class OrgBillingActor:
             "tier": self.tier,
             "plan": {"id": self.plan.id, "version": self.plan.version},
             "limits": {"max_disk_mb": self.max_disk_mb, "machine_quotas": self.machine_quotas or {}},
-            "auto_recharge": {"enabled": False},
+            "auto_recharge": self.recharge_view(),
             "has_payment_method": self.has_payment_method,
             "created_at": us_to_rfc3339(self.created_us),
         }

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from actors import commands as cmd
+from actors.charger import Charger
 from actors.clock import now_us
 from actors.metering import SCALED_PER_NANO, LeaseUsage, UnknownUnit, cost_scaled
-from actors.org import BillingError, Effects, OrgBillingActor, OrgSnapshot, Resources
+from actors.org import BillingError, ChargeRequest, Effects, OrgBillingActor, OrgSnapshot, Resources
 from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
 from actors.timeutil import minute_us
@@ -42,6 +43,8 @@ RECENT_KEYS_MAX = 10_000
 IDLE_SNAPSHOT_AFTER_S = 2
 HOUSEKEEPING_EVERY_S = 1.0
 TICK_PRUNE_EVERY_S = 60.0
+RECHARGE_SCAN_EVERY_S = 30.0
+RECHARGE_RETRY_AFTER_S = 120  # a pending charge with no charger running is tried again after this
 
 
 def error(code: str, message: str, status: int) -> dict:
@@ -119,6 +122,9 @@ class ShardActor:
         self.stats_items = 0
         self.stats_phase_ms: dict[str, float] = {}
         self.stats_loop_errors = 0
+        self.charger: Charger | None = None
+        self.charging: dict[tuple[str, str], asyncio.Task] = {}
+        self.last_recharge_scan = 0.0
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -138,6 +144,7 @@ class ShardActor:
         self.pool = await create_pool(self.settings.database_url, min_size=2, max_size=4)
         async with self.pool.acquire() as conn:
             self.epoch, self.slots = await store.claim_shard(conn, self.shard)
+        self.charger = Charger(self.settings, self.pool)
         self.loop_task = asyncio.ensure_future(self._commit_loop())
         log.info("shard %s up: epoch %s, %s slots, pid %s", self.shard, self.epoch, len(self.slots), os.getpid())
 
@@ -262,6 +269,9 @@ class ShardActor:
         for entry in entries:
             cmd.replay(org, cmd.JOURNAL_DECODER.decode(entry), self.catalog)
         org.check_invariants()
+        charge = org.pending_charge()
+        if charge is not None:  # asked for before a restart or a passivation: see it through
+            self._start_charges([charge])
         return LoadedOrg(org, seq + len(entries), len(entries), now_s)
 
     # ----- the commit loop --------------------------------------------------------------
@@ -352,7 +362,7 @@ class ShardActor:
         now = now_us()
         tick_keys = self._candidate_ticks(batch)
         key_pairs = [(i.org_id, i.command.idempotency_key) for i in batch
-                     if isinstance(i, CommandItem) and isinstance(i.command, cmd.Credit)
+                     if isinstance(i, CommandItem) and isinstance(i.command, cmd.KEYED)
                      and i.command.idempotency_key
                      and (i.org_id, i.command.idempotency_key) not in self.recent_keys]
         results: dict[int, dict] = {}
@@ -375,6 +385,8 @@ class ShardActor:
                 phase("write")
             phase("commit")
         work.after_commit(event_ids)
+        if work.fx.charges:
+            self._start_charges(work.fx.charges)
         for index, item in enumerate(batch):
             if item.future.done():
                 continue  # the caller went away (its request was cancelled); the work is committed
@@ -423,6 +435,9 @@ class ShardActor:
         try:
             await self._snapshot_dirty(only_idle=True)
             self._passivate()
+            if time.monotonic() - self.last_recharge_scan > RECHARGE_SCAN_EVERY_S:
+                self.last_recharge_scan = time.monotonic()
+                self._retry_stuck_charges()
             if self.shard == 0 and time.monotonic() - self.last_prune > TICK_PRUNE_EVERY_S:
                 self.last_prune = time.monotonic()
                 async with self.pool.acquire() as conn:
@@ -452,9 +467,41 @@ class ShardActor:
                 lo.tail = 0
         return {"snapshots": len(batch.snapshots)}
 
+    # ----- auto-recharge ------------------------------------------------------------------
+
+    def _start_charges(self, charges: list[ChargeRequest]) -> None:
+        """Run each requested charge once per process (its Stripe key makes reruns harmless)."""
+        for charge in charges:
+            key = (charge.org_id, charge.charge_id)
+            if key not in self.charging:
+                self.charging[key] = asyncio.ensure_future(self._run_charge(charge))
+
+    async def _run_charge(self, charge: ChargeRequest) -> None:
+        try:
+            settle = await self.charger.charge(charge)
+            if settle is not None:
+                future = asyncio.get_running_loop().create_future()
+                self.pending.append(CommandItem(charge.org_id, settle, future, cmd.fingerprint(settle)))
+                self.wake.set()
+                await future
+        except Exception:  # noqa: BLE001 - the charge stays pending and is tried again later
+            log.exception("shard %s: auto-recharge %s/%s", self.shard, charge.org_id, charge.charge_id)
+        finally:
+            self.charging.pop((charge.org_id, charge.charge_id), None)
+
+    def _retry_stuck_charges(self) -> None:
+        cutoff = now_us() - RECHARGE_RETRY_AFTER_S * 1_000_000
+        stuck = []
+        for lo in self.orgs.values():
+            r = lo.org.recharge
+            if r is not None and r.pending_id is not None and r.pending_since_us < cutoff:
+                stuck.append(lo.org.pending_charge())
+        self._start_charges(stuck)
+
     def _passivate(self) -> None:
         cutoff = int(time.monotonic()) - self.settings.passivate_after_s
-        idle = [org_id for org_id, lo in self.orgs.items() if lo.tail == 0 and lo.touched_s < cutoff]
+        idle = [org_id for org_id, lo in self.orgs.items()
+                if lo.tail == 0 and lo.touched_s < cutoff and lo.org.pending_charge() is None]
         for org_id in idle:
             del self.orgs[org_id]
 
@@ -516,7 +563,7 @@ class _BatchWork:
             return error("unknown_org", f"org {item.org_id} does not exist", 404)
         if isinstance(command, GetState):
             return {"state": loaded.org.view(self.now)}
-        if isinstance(command, cmd.Credit) and command.idempotency_key:
+        if isinstance(command, cmd.KEYED) and command.idempotency_key:
             replay = self._keyed_replay(item, keyed)
             if replay is not None:
                 return replay
@@ -528,7 +575,7 @@ class _BatchWork:
         except UnknownUnit as exc:
             result = error("unknown_unit", str(exc), 422)
         self._record(item.org_id, command)
-        if isinstance(command, cmd.Credit) and "entry" in result:
+        if isinstance(command, cmd.KEYED) and "entry" in result:
             # The command's own entry is the first of its kind that it appended: time effects
             # (expirations) may come before it, and a grant that lapses at once after it.
             own = next(i for i in range(first_entry, len(self.fx.ledger)) if self.fx.ledger[i][1].kind == command.kind)

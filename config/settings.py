@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_usage_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_ticks_per_request: int = Field(10_000, ge=1, le=100_000)
 
+    # Auto-recharge: after a charge, no other for this long, whatever the balance does.
+    auto_recharge_cooldown_s: int = Field(60, ge=0, le=86_400)
+
     stripe_secret_key: str | None = None
     stripe_webhook_secret: str | None = None
     stripe_api_base: str | None = None

@@ -13,12 +13,12 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from actors import commands as cmd
 from actors.clock import now_us
-from actors.org import Resources
+from actors.org import MICROS_PER_CENT, Resources
 from actors.shard import CreateOrg, GetState
 from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from serve_app.billing_page import render as render_billing_page
-from serve_app.bodies import (GATE_DECODER, CreateOrgBody, CreditBody, LimitsBody,
+from serve_app.bodies import (GATE_DECODER, AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody,
                               PlanBody, TierBody, TokenBody, body_schema, decode, parse_model)
 from serve_app.errors import ApiError, install_error_handlers, raise_for_shard_error
 from serve_app.limits import BodyLimit
@@ -271,6 +271,25 @@ def build_app(ctx: Context) -> FastAPI:
         ctx.admin(request)
         body = parse_model(LimitsBody, await request.body())
         return await state_command(ctx, request, org_id, cmd.SetLimits(body.max_disk_mb, body.machine_quotas))
+
+    @app.put("/v1/orgs/{org_id}/auto-recharge", tags=["orgs"], openapi_extra=body_schema(AutoRechargeBody))
+    async def put_auto_recharge(org_id: OrgPath, request: Request) -> Response:
+        """Opt in or out. With the balance under the threshold and a card on file, turning it on
+        charges at once (the arming charge); later a debit that takes the balance under the
+        threshold charges, at most once per cooldown and `max_per_day` times a UTC day."""
+        ctx.org_or_admin(request, org_id)
+        body = parse_model(AutoRechargeBody, await request.body())
+        if not body.enabled:
+            return await state_command(ctx, request, org_id, cmd.SetAutoRecharge(False))
+        for name in ("threshold_micros", "amount_micros"):
+            if getattr(body, name) is None:
+                raise ApiError(422, "invalid_request", f"{name} is required to enable auto-recharge", field=name)
+        if body.amount_micros % MICROS_PER_CENT:
+            raise ApiError(422, "invalid_amount", "amount_micros must be a whole number of cents",
+                           field="amount_micros")
+        return await state_command(ctx, request, org_id, cmd.SetAutoRecharge(
+            True, body.threshold_micros, body.amount_micros, body.max_per_day,
+            ctx.settings.auto_recharge_cooldown_s))
 
     @app.post("/v1/orgs/{org_id}/halt", tags=["orgs"])
     async def halt(org_id: OrgPath, request: Request) -> Response:

@@ -100,6 +100,13 @@ class TokenBody(StrictModel):
     ttl_s: Annotated[int, Field(ge=MIN_ORG_TOKEN_TTL_S, le=MAX_ORG_TOKEN_TTL_S)] = 3600
 
 
+class AutoRechargeBody(StrictModel):
+    enabled: bool
+    threshold_micros: Annotated[int, Field(ge=0, le=10**12)] | None = None
+    amount_micros: Annotated[int, Field(ge=500_000, le=10**10)] | None = None  # Stripe's least charge is 0.50 USD
+    max_per_day: Annotated[int, Field(ge=1, le=100)] = 3
+
+
 class LimitsBody(StrictModel):
     max_disk_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
     machine_quotas: dict[

@@ -12,7 +12,8 @@ from actors.ticks import ID_PATTERN
 from serve_app.bodies import StrictModel, body_schema, parse_model
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
-from serve_app.stripe_events import MICROS_PER_CENT, PAID_TIERS
+from actors.org import MICROS_PER_CENT
+from serve_app.stripe_events import PAID_TIERS
 from serve_app.stripe_gateway import operation_key
 
 OrgPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]

@@ -11,10 +11,9 @@ is kept in stripe_customers.
 
 from __future__ import annotations
 
-from actors.commands import Command, Credit, SetPaymentMethod, SetTier
+from actors.commands import Command, Credit, SetPaymentMethod, SettleRecharge, SetTier
+from actors.org import MICROS_PER_CENT
 from config.catalog import Catalog
-
-MICROS_PER_CENT = 10_000
 PAID_TIERS = ("pro", "pro_plus", "pro_plus_plus")
 ENDED_SUBSCRIPTION = ("canceled", "unpaid", "incomplete_expired")
 
@@ -52,6 +51,8 @@ def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None)
             return [(org_id, _base_tier(catalog, as_of_us))]
         if kind == "charge.refunded":
             return [(org_id, c) for c in _refunds(obj)]
+        if kind in ("payment_intent.succeeded", "payment_intent.payment_failed"):
+            return [(org_id, c) for c in _auto_recharge(obj, kind == "payment_intent.succeeded")]
     except (KeyError, TypeError, ValueError) as exc:
         raise EventError(f"{kind}: {exc!r}") from None
     return []
@@ -86,6 +87,17 @@ def _subscription(subscription: dict, catalog: Catalog, as_of_us: int) -> list[C
 
 def _base_tier(catalog: Catalog, as_of_us: int) -> SetTier:
     return SetTier(catalog.default_tier, catalog.tiers[catalog.default_tier], as_of_us)
+
+
+def _auto_recharge(intent: dict, succeeded: bool) -> list[Command]:
+    """Only our own off-session charges: a checkout's payment is credited by its session."""
+    metadata = intent.get("metadata") or {}
+    if metadata.get("kind") != "auto_recharge":
+        return []
+    error = intent.get("last_payment_error") or {}
+    reason = error.get("code") or error.get("decline_code") or "payment_failed"
+    return [SettleRecharge.of_payment(metadata["charge_id"], succeeded, int(intent["amount"]) * MICROS_PER_CENT,
+                                      intent["id"], reason)]
 
 
 def _refunds(charge: dict) -> list[Command]:

@@ -10,7 +10,6 @@ either. Any other type is acknowledged and ignored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Mapping
 
@@ -19,6 +18,7 @@ import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from actors.clock import now_us
+from actors.commands import fingerprint
 from serve_app.bodies import Id, decode
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
@@ -140,8 +140,7 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     applied = []
     for org_id, command in commands:
         # Fingerprint the effect, not the event: two events about one payment must replay, not conflict.
-        fingerprint = hashlib.sha256(msgspec.msgpack.encode(command)).hexdigest()
-        result = await ctx.router.command(org_id, command, fingerprint)
+        result = await ctx.router.command(org_id, command, fingerprint(command))
         if result.get("error", {}).get("code") == "unknown_org":
             raise ApiError(422, "unprocessable_event", f"event names org {org_id}, which does not exist")
         result = raise_for_shard_error(result)

@@ -1,19 +1,33 @@
-"""A small Stripe-protocol fake for what localstripe lacks: Checkout and portal sessions.
+"""A small Stripe-protocol fake for what localstripe lacks: Checkout and portal sessions,
+and the `checkout.session.completed` and `charge.refunded` events.
 
 Everything else is proxied to localstripe, so one `api_base` serves both. Idempotency-Key
-is honoured for the sessions made here (localstripe ignores it). GET /_fake/sessions lists
-them for tests. Run: python this.py PORT LOCALSTRIPE_PORT
+is honoured for the sessions made here (localstripe ignores it). For tests:
+- GET /_fake/sessions lists the sessions;
+- POST /_fake/sessions/{id}/complete does what a customer finishing Checkout makes Stripe do,
+  with real localstripe objects: a saved card (setup), a paid payment intent (payment) or a
+  subscription (subscription); then it sends `checkout.session.completed`;
+- POST /_config/webhooks/{name} registers a webhook endpoint here and in localstripe, so the
+  events of both reach it, signed the same way.
+Run: python this.py PORT LOCALSTRIPE_PORT
 """
 
+import asyncio
+import hashlib
+import hmac
 import itertools
+import json
 import sys
+import time
 import urllib.parse
 
 from aiohttp import ClientSession, web
 
 sessions: dict[str, dict] = {}
 by_key: dict[str, dict] = {}
+webhooks: dict[str, dict] = {}
 counter = itertools.count(1)
+CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
 
 
 def nested(form: list[tuple[str, str]]) -> dict:
@@ -61,6 +75,103 @@ async def list_sessions(request: web.Request) -> web.Response:
     return web.json_response(list(sessions.values()))
 
 
+def form(params: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Dicts into Stripe's form encoding."""
+    pairs = []
+    for key, value in params.items():
+        name = f"{prefix}[{key}]" if prefix else key
+        if isinstance(value, dict):
+            pairs += form(value, name)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                pairs += form(item, f"{name}[{i}]") if isinstance(item, dict) else [(f"{name}[{i}]", str(item))]
+        elif value is not None:
+            pairs.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
+    return pairs
+
+
+async def call_upstream(request: web.Request, method: str, path: str, params: dict | None = None) -> dict:
+    headers = {"Authorization": request.headers.get("Authorization", "Bearer sk_test_front"),
+               "Content-Type": "application/x-www-form-urlencoded"}
+    body = urllib.parse.urlencode(form(params or {})) if method != "GET" else None
+    async with ClientSession() as client:
+        async with client.request(method, request.app["upstream"] + path, headers=headers, data=body) as response:
+            body = await response.json()
+            if response.status >= 400:
+                raise web.HTTPBadRequest(text=json.dumps(body), content_type="application/json")
+            return body
+
+
+async def send_event(kind: str, obj: dict) -> None:
+    """Signed as Stripe signs (and as localstripe does), to every registered endpoint."""
+    created = int(time.time())
+    payload = json.dumps({"id": f"evt_front_{next(counter)}", "object": "event", "type": kind,
+                          "created": created, "data": {"object": obj}}).encode()
+    for hook in list(webhooks.values()):
+        if hook["events"] is not None and kind not in hook["events"]:
+            continue
+        signature = hmac.new(hook["secret"].encode(), b"%d.%s" % (created, payload), hashlib.sha256).hexdigest()
+        async with ClientSession() as client:
+            async with client.post(hook["url"], data=payload, headers={
+                    "Content-Type": "application/json", "Stripe-Signature": f"t={created},v1={signature}"}) as r:
+                await r.read()
+
+
+async def default_card(request: web.Request, customer: str, number: str | None) -> str:
+    """A card attached to the customer and made its default (what Checkout collects)."""
+    card = await call_upstream(request, "POST", "/v1/payment_methods",
+                          {"type": "card", "card": {**CARD, "number": number or CARD["number"]}})
+    await call_upstream(request, "POST", f"/v1/payment_methods/{card['id']}/attach", {"customer": customer})
+    await call_upstream(request, "POST", f"/v1/customers/{customer}",
+                   {"invoice_settings": {"default_payment_method": card["id"]}})
+    return card["id"]
+
+
+async def complete_session(request: web.Request) -> web.Response:
+    session = sessions[request.match_info["id"]]
+    options = await request.json() if request.can_read_body else {}
+    customer, mode = session["customer"], session["mode"]
+    card = await default_card(request, customer, options.get("card"))
+    if mode == "payment":
+        intent = await call_upstream(request, "POST", "/v1/payment_intents", {
+            "amount": session["amount_total"], "currency": "usd", "customer": customer, "payment_method": card,
+            "confirm": True, "metadata": session.get("payment_intent_data", {}).get("metadata", {})})
+        session.update(payment_intent=intent["id"], payment_status="paid")
+    elif mode == "subscription":
+        price = session["line_items"][0]["price"]
+        try:
+            await call_upstream(request, "GET", f"/v1/plans/{price}")
+        except web.HTTPBadRequest:
+            await call_upstream(request, "POST", "/v1/plans", {"id": price, "amount": 2000, "currency": "usd",
+                                                         "interval": "month", "product": {"name": price}})
+        subscription = await call_upstream(request, "POST", "/v1/subscriptions", {
+            "customer": customer, "items": [{"plan": price}],
+            "metadata": session.get("subscription_data", {}).get("metadata", {})})
+        session.update(subscription=subscription["id"], payment_status="paid")
+    else:
+        session.update(setup_intent=None, payment_method=card)
+    session["status"] = "complete"
+    asyncio.ensure_future(send_event("checkout.session.completed", session))
+    return web.json_response(session)
+
+
+async def config_webhook(request: web.Request) -> web.Response:
+    data = await request.json()
+    webhooks[request.match_info["name"]] = {"url": data["url"], "secret": data["secret"],
+                                            "events": data.get("events")}
+    return await proxy(request)
+
+
+async def refund(request: web.Request) -> web.Response:
+    """localstripe refunds but sends no `charge.refunded`: send it, with the charge's refunds."""
+    response = await proxy(request)
+    if response.status == 200:
+        refunded = json.loads(response.body)
+        charge = await call_upstream(request, "GET", f"/v1/charges/{refunded['charge']}")
+        asyncio.ensure_future(send_event("charge.refunded", charge))
+    return response
+
+
 async def proxy(request: web.Request) -> web.Response:
     upstream = request.app["upstream"]
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
@@ -78,6 +189,9 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/v1/checkout/sessions", lambda r: create_session(r, "checkout"))
     application.router.add_post("/v1/billing_portal/sessions", lambda r: create_session(r, "portal"))
     application.router.add_get("/_fake/sessions", list_sessions)
+    application.router.add_post("/_fake/sessions/{id}/complete", complete_session)
+    application.router.add_post("/_config/webhooks/{name}", config_webhook)
+    application.router.add_post("/v1/refunds", refund)
     application.router.add_route("*", "/{tail:.*}", proxy)
     return application
 

@@ -32,7 +32,10 @@ from actors.commands import (
     Resume,
     SetLimits,
     SetPlan,
+    SetAutoRecharge,
+    SetPaymentMethod,
     SetTier,
+    SettleRecharge,
     execute,
     replay,
 )
@@ -105,6 +108,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         self.org = new_org(*self.creation, fx)
         self.ledger_total_micros = 0
         self.journal: list[JournalItem] = []
+        self.charges: list = []  # every charge the org asked for, with the time it asked
         self._record(fx)
         self.applied_us = self.now
 
@@ -115,6 +119,17 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         for event in fx.events:
             assert event.org_id == ORG_ID
             assert event.at_us == self.now
+        for charge in fx.charges:
+            recharge = self.org.recharge
+            assert len(fx.charges) == 1, "one charge at a time"
+            assert charge.amount_micros % 10_000 == 0
+            assert self.org.balance_micros + charge.amount_micros > recharge.threshold_micros
+            if self.charges:  # the cooldown since the last charge asked for
+                assert self.now - self.charges[-1][1] >= recharge.cooldown_s * US_PER_S
+            day = self.now // (86_400 * US_PER_S)
+            today = sum(1 for _, at in self.charges if at // (86_400 * US_PER_S) == day)
+            assert today + 1 <= recharge.max_per_day, "the daily cap"
+            self.charges.append((charge, self.now))
 
     def apply(self, command) -> tuple[dict | None, BillingError | None]:
         fx = Effects()
@@ -287,6 +302,31 @@ class OrgLedgerMachine(RuleBasedStateMachine):
             assert all(l.expires_at_us > self.now for l in (self.org.leases or {}).values())
             assert all(g.expires_at_us is None or g.expires_at_us > self.now
                        for g in self.org.grants or ())
+
+    @rule(enabled=st.booleans(), threshold=st.sampled_from((0, 1_000_000, 4_000_000, 50_000_000)),
+          amount=st.sampled_from((500_000, 10_000_000)), per_day=st.integers(1, 3),
+          cooldown_s=st.sampled_from((0, 60, 3_600)), card=st.booleans())
+    def configure_auto_recharge(self, enabled, threshold, amount, per_day, cooldown_s, card):
+        self.apply(SetPaymentMethod(card))
+        self.apply(SetAutoRecharge(enabled, threshold, amount, per_day, cooldown_s))
+
+    @precondition(lambda self: self.org.pending_charge() is not None)
+    @rule(succeeded=st.booleans(), twice=st.booleans())
+    def settle_the_charge(self, succeeded, twice):
+        charge = self.org.pending_charge()
+        balance = self.org.balance_micros
+        settle = SettleRecharge.of_payment(charge.charge_id, succeeded, charge.amount_micros, f"pi_{charge.charge_id}",
+                                           "card_declined")
+        self.apply(settle)
+        assert self.org.pending_charge() is None or self.org.pending_charge().charge_id != charge.charge_id
+        if succeeded:
+            assert self.org.balance_micros >= balance + charge.amount_micros - 1  # credited (debt first)
+        else:
+            assert self.org.recharge.paused == "payment_failed"
+            if twice:  # a repeated failure report changes nothing
+                before = self.org.to_snapshot()
+                self.apply(settle)
+                assert self.org.to_snapshot() == before
 
     # ----- invariants -----------------------------------------------------------------
 

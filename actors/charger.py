@@ -1,0 +1,97 @@
+"""The auto-recharge charger: one off-session PaymentIntent per charge an org asked for.
+
+It runs in the shard process, outside the commit loop: the org's commit has recorded the
+charge as pending before anything is sent, and the outcome comes back as a SettleRecharge
+command through the same loop. Every attempt at one charge carries the same Stripe
+idempotency key (the org, its creation time and the charge number), so a retry after a
+timeout or a shard restart can never charge twice. Stripe's own `payment_intent.*` events
+build the same SettleRecharge, so whichever arrives second changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import stripe
+
+from actors.commands import SettleRecharge
+from actors.org import MICROS_PER_CENT, ChargeRequest
+from config.settings import Settings
+
+log = logging.getLogger("metergate.charger")
+
+RETRY_DELAYS_S = (0.5, 2.0, 8.0)  # then the charge stays pending; the shard tries again later
+
+
+class StripeUnavailable(Exception):
+    """Stripe did not answer (network, 5xx, 429): the charge stays pending and is retried."""
+
+
+class Charger:
+    def __init__(self, settings: Settings, pool) -> None:
+        self.pool = pool
+        self.client: stripe.StripeClient | None = None
+        if settings.stripe_secret_key:
+            base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+            self.client = stripe.StripeClient(settings.stripe_secret_key, base_addresses=base,
+                                              max_network_retries=0)
+
+    async def charge(self, request: ChargeRequest) -> SettleRecharge | None:
+        """The outcome to settle, or None when Stripe could not be reached (still pending)."""
+        if self.client is None:
+            return self._failed(request, None, "stripe_not_configured")
+        async with self.pool.acquire() as conn:
+            customer = await conn.fetchval(
+                "SELECT customer_id FROM stripe_customers WHERE org_id = $1", request.org_id)
+        if customer is None:
+            return self._failed(request, None, "no_stripe_customer")
+        for attempt, delay in enumerate((0.0,) + RETRY_DELAYS_S):
+            await asyncio.sleep(delay)
+            try:
+                return await asyncio.to_thread(self._charge_now, request, customer)
+            except StripeUnavailable as exc:
+                log.warning("auto-recharge %s/%s: Stripe unavailable (attempt %s): %s",
+                            request.org_id, request.charge_id, attempt + 1, exc)
+        return None
+
+    def _charge_now(self, request: ChargeRequest, customer: str) -> SettleRecharge | None:
+        client = self.client
+        try:
+            method = self._payment_method(customer)
+            if method is None:
+                return self._failed(request, None, "no_payment_method")
+            intent = client.v1.payment_intents.create(params={
+                "amount": request.amount_micros // MICROS_PER_CENT, "currency": "usd",
+                "customer": customer, "payment_method": method, "off_session": True, "confirm": True,
+                "metadata": {"org_id": request.org_id, "kind": "auto_recharge", "charge_id": request.charge_id,
+                             "amount_micros": str(request.amount_micros)},
+            }, options={"idempotency_key": request.idempotency_key})
+        except stripe.CardError as exc:
+            intent = (exc.error.payment_intent if exc.error else None) or {}
+            return self._failed(request, intent.get("id"), exc.code or "card_declined")
+        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+            raise StripeUnavailable(str(exc)) from None
+        except stripe.StripeError as exc:
+            if exc.http_status is None or exc.http_status >= 500:
+                raise StripeUnavailable(str(exc)) from None
+            return self._failed(request, None, exc.code or "stripe_refused")
+        if intent.status == "succeeded":
+            return SettleRecharge.of_payment(request.charge_id, True, intent.amount * MICROS_PER_CENT, intent.id)
+        if intent.status == "processing":
+            return None  # Stripe reports the outcome with payment_intent.succeeded / payment_failed
+        return self._failed(request, intent.id, intent.status)  # e.g. requires_action: off session, a failure
+
+    def _payment_method(self, customer_id: str) -> str | None:
+        """The customer's default card, else the card saved last."""
+        customer = self.client.v1.customers.retrieve(customer_id).to_dict()
+        default = (customer.get("invoice_settings") or {}).get("default_payment_method")
+        if default:
+            return default if isinstance(default, str) else default["id"]
+        cards = self.client.v1.payment_methods.list(params={"customer": customer_id, "type": "card"})
+        return cards.data[0].id if cards.data else None
+
+    @staticmethod
+    def _failed(request: ChargeRequest, payment_id: str | None, reason: str) -> SettleRecharge:
+        log.info("auto-recharge %s/%s failed: %s", request.org_id, request.charge_id, reason)
+        return SettleRecharge.of_payment(request.charge_id, False, request.amount_micros, payment_id, reason)
