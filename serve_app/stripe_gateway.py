@@ -34,8 +34,11 @@ class StripeGateway:
 
     async def create(self, method, params: dict, idempotency_key: str):
         """One Stripe write; the same key always names the same operation."""
+        return await self.call(method, params, {"idempotency_key": idempotency_key})
+
+    async def call(self, method, params: dict, options: dict | None = None):
         try:
-            return await asyncio.to_thread(method, params=params, options={"idempotency_key": idempotency_key})
+            return await asyncio.to_thread(method, params=params, options=options or {})
         except stripe.StripeError as exc:
             raise ApiError(502, "stripe_error", f"Stripe refused the request: {exc.user_message or exc}") from None
 

@@ -120,6 +120,17 @@ def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> d
     return event
 
 
+async def _expand_refunds(ctx: Context, event: dict) -> None:
+    """Newer API versions send `charge.refunded` without `refunds.data`: list them from Stripe."""
+    charge = (event.get("data") or {}).get("object") or {}
+    if event.get("type") != "charge.refunded" or (charge.get("refunds") or {}).get("data") is not None:
+        return
+    if ctx.stripe.client is None or not isinstance(charge.get("id"), str):
+        return  # commands_for then says what is missing
+    refunds = await ctx.stripe.call(ctx.stripe.client.v1.refunds.list, {"charge": charge["id"], "limit": 100})
+    charge["refunds"] = {"data": [r.to_dict() for r in refunds.data]}
+
+
 async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict]:
     secret = ctx.settings.stripe_webhook_secret
     if not secret:
@@ -133,6 +144,7 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
         async with (await ctx.db()).acquire() as conn:
             customer_org = await conn.fetchval(
                 "SELECT org_id FROM stripe_customers WHERE customer_id = $1", customer_of(event))
+    await _expand_refunds(ctx, event)
     try:
         commands = commands_for(event, ctx.catalog, customer_org)
     except EventError as exc:
