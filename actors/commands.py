@@ -98,6 +98,27 @@ class SettleRecharge(msgspec.Struct, tag="ar_settle", array_like=True):
         return cls(charge_id, succeeded, amount_micros, payment_id, None if succeeded else reason, key)
 
 
+class InvoiceFailed(msgspec.Struct, tag="inv_failed", array_like=True):
+    """`invoice.payment_failed`: the past-due clock, with the dunning policy of the settings."""
+
+    since_us: int
+    suspend_after_s: int
+    degrade_after_s: int
+    downgrade_after_s: int
+    free_plan_id: str
+    free_plan_version: int
+
+
+class InvoicePaid(msgspec.Struct, tag="inv_paid", array_like=True):
+    as_of_us: int
+
+
+class ResetPeriod(msgspec.Struct, tag="period", array_like=True):
+    """A subscription's current_period_start (µs): when it moves, the quota period restarts."""
+
+    anchor_us: int
+
+
 class SetLimits(msgspec.Struct, tag="limits", array_like=True):
     max_disk_mb: int | None = None
     machine_quotas: dict[str, dict[str, int]] | None = None
@@ -108,7 +129,7 @@ class Advance(msgspec.Struct, tag="advance", array_like=True):
 
 
 Command = (AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | Halt | Resume
-           | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | Advance)
+           | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | InvoiceFailed | InvoicePaid | ResetPeriod | Advance)
 
 # Commands that may carry an idempotency key for the ledger entry they make.
 KEYED = (Credit, SettleRecharge)
@@ -176,6 +197,14 @@ def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: in
             entry = org.settle_recharge(charge_id, ok, amount, payment, reason, now_us, fx)
             if entry is not None:
                 return {"entry": msgspec.to_builtins(entry), "balance_micros": org.balance_micros}
+        case InvoiceFailed():
+            org.invoice_failed(command.since_us, command.suspend_after_s, command.degrade_after_s,
+                               command.downgrade_after_s,
+                               catalog.plan_version(command.free_plan_id, command.free_plan_version), now_us, fx)
+        case InvoicePaid(as_of_us=as_of_us):
+            org.invoice_paid(as_of_us, now_us, fx)
+        case ResetPeriod(anchor_us=anchor_us):
+            org.reset_period(anchor_us, now_us, fx)
         case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):
             org.set_limits(max_disk_mb, quotas, now_us, fx)
         case Advance():

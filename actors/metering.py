@@ -32,8 +32,10 @@ class LeaseUsage(msgspec.Struct, array_like=True):
     disk_mb_ms: int = 0
     units: dict[str, int] | None = None
     ticks: int = 0
+    duration_ms: int = 0  # lease time (not priced): usage hours in the monthly accounting
 
     def add(self, other: "LeaseUsage") -> None:
+        self.duration_ms += other.duration_ms
         self.memory_mb_ms += other.memory_mb_ms
         self.cpu_ms += other.cpu_ms
         self.disk_mb_ms += other.disk_mb_ms

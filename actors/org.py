@@ -18,7 +18,7 @@ import msgspec
 
 from actors.metering import SCALED_PER_MICRO, LeaseUsage, cost_scaled, split_micros
 from actors.timeutil import US_PER_S, period_bounds, us_to_rfc3339
-from config.catalog import Plan
+from config.catalog import Plan, plan_for_period
 
 # Limits on everything held per org, so a runaway caller fails fast instead of growing a shard.
 MAX_LEASES_PER_ORG = 10_000
@@ -30,6 +30,7 @@ US_PER_DAY = 86_400 * US_PER_S
 
 PROMOTIONAL_KINDS = frozenset({"signup_grant", "grant"})
 PURCHASED_KINDS = frozenset({"topup", "auto_recharge", "adjustment"})
+PAID_KINDS = frozenset({"topup", "auto_recharge"})
 CREDIT_KINDS = PROMOTIONAL_KINDS | PURCHASED_KINDS
 DEBIT_KINDS = frozenset({"refund", "adjustment"})
 ACTIONS = ("create", "wake", "ingest", "purchase")
@@ -134,12 +135,42 @@ class ChargeRequest(msgspec.Struct, frozen=True):
 class Effects:
     """What a batch of commands produced, for the shard to write in its commit."""
 
-    __slots__ = ("ledger", "events", "charges")
+    __slots__ = ("ledger", "events", "charges", "periods")
 
     def __init__(self) -> None:
         self.ledger: list[tuple[str, LedgerEntry]] = []
         self.events: list[Event] = []
         self.charges: list[ChargeRequest] = []
+        self.periods: list[ClosedPeriod] = []
+
+
+class ClosedPeriod(msgspec.Struct, frozen=True):
+    """A period's usage, archived when the next period starts (in the same commit)."""
+
+    org_id: str
+    period_key: str
+    start_us: int
+    end_us: int
+    usage_micros: int
+    quota_used_micros: int
+    plan_id: str
+    plan_version: int
+
+
+class Dunning(msgspec.Struct, array_like=True):
+    """An unpaid invoice's clock. The policy comes with the failure, so replay needs no settings.
+
+    Steps: 1 suspended (only an org that never paid an invoice), 2 degraded (no purchases),
+    3 moved to `free_plan`. Payment clears every step and restores `prior_plan`.
+    """
+
+    since_us: int
+    suspend_after_s: int
+    degrade_after_s: int
+    downgrade_after_s: int
+    free_plan: Plan
+    step: int = 0
+    prior_plan: Plan | None = None
 
 
 class AutoRecharge(msgspec.Struct, array_like=True):
@@ -197,6 +228,11 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     grant_seq: int
     tier_as_of_us: int = 0  # added after v1 snapshots: they decode with 0
     recharge: AutoRecharge | None = None  # added later too
+    dunning: Dunning | None = None
+    paid_invoice: bool = False
+    invoice_as_of_us: int = 0
+    period_anchor_us: int = 0
+    paid_credit: bool = False
 
 
 # Snapshot fields that are copied as they are; plan, grants and leases need converting.
@@ -222,6 +258,7 @@ class OrgBillingActor:
         "period_start_us", "period_end_us", "period_usage_micros", "quota_used_micros",
         "thresholds_fired", "halted", "suspended", "past_due_since_us", "leases",
         "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
+        "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -248,9 +285,14 @@ class OrgBillingActor:
         self.has_payment_method = False
         self.tier_as_of_us = 0
         self.recharge: AutoRecharge | None = None
+        self.dunning: Dunning | None = None
+        self.paid_invoice = False
+        self.invoice_as_of_us = 0
+        self.period_anchor_us = 0
+        self.paid_credit = False  # ever credited with money paid (top-up, auto-recharge)
         self.created_us = now_us
         self.grant_seq = 0
-        self._start_period(now_us)
+        self._start_period(now_us, None)
 
     # ----- creation ---------------------------------------------------------------------
 
@@ -299,10 +341,14 @@ class OrgBillingActor:
         if self.suspended:
             return decide("suspended")
         if action == "purchase":
-            return decide("ok")
-        if self.halted == "admin" or (self.halted == "balance" and not self._funded_at(balance, now_us)):
+            return decide("degraded" if self.dunning is not None and self.dunning.step >= 2 else "ok")
+        if self.halted == "admin":
             return decide("halted")
+        if self.halted == "balance" and not self._funded_at(balance, now_us):
+            return decide("no_payment_method" if action == "create" and self._needs_card() else "halted")
         if not self._may_spend(balance, now_us):
+            if action == "create" and self._needs_card():
+                return decide("no_payment_method")
             return decide("quota_exceeded" if self.plan.included_micros > 0 else "insufficient_balance")
         if action in ("create", "wake"):
             denied = self._resource_deny(resources, now_us)
@@ -311,6 +357,10 @@ class OrgBillingActor:
             if active + resources.quantity > self.max_concurrent:
                 return decide("concurrency_limit")
         return decide("ok")
+
+    def _needs_card(self) -> bool:
+        """Free credit used up and nothing to pay with: the user must add a card, not just wait."""
+        return not self.has_payment_method and not self.paid_credit
 
     def _funded_at(self, balance: int, now_us: int) -> bool:
         # A balance halt is lifted by the next mutation once money or new quota exists; a
@@ -470,6 +520,8 @@ class OrgBillingActor:
         self.advance(now_us, fx)
         self.grant_seq += 1
         grant_id = f"gr_{self.grant_seq}"
+        if kind in PAID_KINDS:
+            self.paid_credit = True
         to_debt = min(self.debt_micros, amount_micros)
         self.debt_micros -= to_debt
         if amount_micros > to_debt:
@@ -531,10 +583,9 @@ class OrgBillingActor:
 
     def set_plan(self, plan: Plan, now_us: int, fx: Effects) -> None:
         self.advance(now_us, fx)
-        period_changed = plan.period != self.plan.period
+        if plan.period != self.plan.period:
+            self._start_period(now_us, fx, plan)
         self.plan = plan
-        if period_changed:
-            self._start_period(now_us)
         self._halt_if_out_of_money(now_us, fx)
         self._resume_if_funded("plan", now_us, fx)
 
@@ -675,10 +726,10 @@ class OrgBillingActor:
     # ----- time -------------------------------------------------------------------------
 
     def advance(self, now_us: int, fx: Effects) -> None:
-        """Apply what time alone changed: a new period, expired grants, expired leases."""
+        """Apply what time alone changed: a new period, expired grants and leases, dunning."""
         new_period = now_us >= self.period_end_us
         if new_period:
-            self._start_period(now_us)
+            self._start_period(now_us, fx)
         for grant in self.grants or ():
             if grant.expires_at_us is not None and grant.expires_at_us <= now_us:
                 self._expire_grants(now_us, fx)
@@ -688,18 +739,110 @@ class OrgBillingActor:
                 if lease.expires_at_us <= now_us:
                     self._expire_leases(now_us, fx)
                     break
+        if self.dunning is not None:
+            self._dunning_steps(now_us, fx)
         if new_period:
             # The new period's quota is money to spend: a halt for lack of money lifts, as
             # after a credit; after the grant expiry above, so it never lifts then re-halts.
             self._resume_if_funded("period", now_us, fx)
 
-    def _start_period(self, now_us: int) -> None:
+    def next_due_us(self) -> int:
+        """The next time at which time alone changes this org (the scheduler wakes it then)."""
+        due = self.period_end_us
+        for grant in self.grants or ():
+            if grant.expires_at_us is not None and grant.expires_at_us < due:
+                due = grant.expires_at_us
+        for lease in (self.leases or {}).values():
+            if lease.expires_at_us < due:
+                due = lease.expires_at_us
+        dunning = self.dunning
+        if dunning is not None and dunning.step < 3:
+            after = (dunning.suspend_after_s, dunning.degrade_after_s, dunning.downgrade_after_s)[dunning.step]
+            due = min(due, dunning.since_us + after * US_PER_S)
+        return due
+
+    def _start_period(self, now_us: int, fx: Effects | None, plan: Plan | None = None) -> None:
+        """Archive the running period (in `fx`) and start the one containing now_us, on `plan`
+        or else on the version of the current plan in effect then."""
+        if fx is not None and self.period_key and now_us > self.period_start_us:
+            fx.periods.append(ClosedPeriod(
+                self.org_id, self.period_key, self.period_start_us, min(self.period_end_us, now_us),
+                self.period_usage_micros, self.quota_used_micros, self.plan.id, self.plan.version))
+        self.plan = plan or plan_for_period(self.plan, now_us)
         key, start, end = period_bounds(self.plan.period, now_us)
         self.period_key = sys.intern(key)
         self.period_start_us, self.period_end_us = start, end
         self.period_usage_micros = 0
         self.quota_used_micros = 0
         self.thresholds_fired = 0
+
+    def reset_period(self, anchor_us: int, now_us: int, fx: Effects) -> bool:
+        """A subscription period began (Stripe's current_period_start moved): the quota resets
+        now. The first anchor only records it; the same or an older one changes nothing."""
+        self.advance(now_us, fx)
+        if anchor_us <= self.period_anchor_us:
+            return False
+        first = self.period_anchor_us == 0
+        self.period_anchor_us = anchor_us
+        if first:
+            return False
+        self._start_period(now_us, fx)
+        self.period_start_us = now_us  # archived periods stay distinct within one calendar period
+        self._resume_if_funded("period", now_us, fx)
+        return True
+
+    # ----- dunning ------------------------------------------------------------------------
+
+    def invoice_failed(self, since_us: int, suspend_after_s: int, degrade_after_s: int,
+                       downgrade_after_s: int, free_plan: Plan, now_us: int, fx: Effects) -> bool:
+        """An invoice payment failed at `since_us`: the past-due clock starts (once)."""
+        self.advance(now_us, fx)
+        if since_us < self.invoice_as_of_us:
+            return False  # older than the last invoice news: a payment since then wins
+        self.invoice_as_of_us = since_us
+        if self.dunning is None:
+            self.past_due_since_us = since_us
+            self.dunning = Dunning(since_us, suspend_after_s, degrade_after_s, downgrade_after_s, free_plan)
+            self._dunning_steps(now_us, fx)
+        return True
+
+    def invoice_paid(self, as_of_us: int, now_us: int, fx: Effects) -> bool:
+        """An invoice was paid: everything dunning did is undone at once."""
+        self.advance(now_us, fx)
+        if as_of_us < self.invoice_as_of_us:
+            return False
+        self.invoice_as_of_us = as_of_us
+        self.paid_invoice = True
+        dunning = self.dunning
+        if dunning is None:
+            return True
+        was_suspended = self.suspended
+        self.dunning, self.past_due_since_us, self.suspended = None, None, False
+        if dunning.prior_plan is not None:
+            self.set_plan(dunning.prior_plan, now_us, fx)
+        fx.events.append(Event("org.unsuspended", self.org_id, now_us, {
+            "was_suspended": was_suspended, "step": dunning.step,
+            "past_due_since": us_to_rfc3339(dunning.since_us)}))
+        return True
+
+    def _dunning_steps(self, now_us: int, fx: Effects) -> None:
+        dunning = self.dunning
+        elapsed = now_us - dunning.since_us
+        if dunning.step < 1 and elapsed >= dunning.suspend_after_s * US_PER_S:
+            dunning.step = 1
+            if not self.paid_invoice:
+                self.suspended = True
+                fx.events.append(Event("org.suspended", self.org_id, now_us, {
+                    "reason": "past_due", "past_due_since": us_to_rfc3339(dunning.since_us),
+                    "lease_ids": sorted(self.leases or ())}))
+        if dunning.step < 2 and elapsed >= dunning.degrade_after_s * US_PER_S:
+            dunning.step = 2
+        if dunning.step < 3 and elapsed >= dunning.downgrade_after_s * US_PER_S:
+            dunning.step = 3
+            if self.plan.id != dunning.free_plan.id:
+                dunning.prior_plan = self.plan
+                self._start_period(now_us, fx, dunning.free_plan)
+                self._halt_if_out_of_money(now_us, fx)
 
     def _expire_grants(self, now_us: int, fx: Effects) -> None:
         kept = []
@@ -782,6 +925,7 @@ class OrgBillingActor:
             "is_halted": self.halted is not None,
             "halt_reason": self.halted,
             "suspended": self.suspended,
+            "degraded": self.dunning is not None and self.dunning.step >= 2,
             "past_due_since": us_to_rfc3339(self.past_due_since_us) if self.past_due_since_us else None,
             "active_leases": sum(l.quantity for l in active),
             "leases": [{"lease_id": l.lease_id, "expires_at": us_to_rfc3339(l.expires_at_us),

@@ -23,6 +23,7 @@ import msgspec
 
 from actors import commands as cmd
 from actors.charger import Charger
+from actors import clock
 from actors.clock import now_us
 from actors.metering import SCALED_PER_NANO, LeaseUsage, UnknownUnit, cost_scaled
 from actors.org import BillingError, ChargeRequest, Effects, OrgBillingActor, OrgSnapshot, Resources
@@ -72,13 +73,14 @@ class GetState(msgspec.Struct):
 class LoadedOrg:
     """An org in memory plus what the shell needs: its journal position and last use."""
 
-    __slots__ = ("org", "seq", "tail", "touched_s")
+    __slots__ = ("org", "seq", "tail", "touched_s", "due_us")
 
     def __init__(self, org: OrgBillingActor, seq: int, tail: int, touched_s: int) -> None:
         self.org = org
         self.seq = seq
         self.tail = tail
         self.touched_s = touched_s
+        self.due_us = 0  # the wake-up time last written to org_due (0: none since loading)
 
 
 @dataclass
@@ -144,6 +146,8 @@ class ShardActor:
         self.pool = await create_pool(self.settings.database_url, min_size=2, max_size=4)
         async with self.pool.acquire() as conn:
             self.epoch, self.slots = await store.claim_shard(conn, self.shard)
+            if self.settings.test_clock:
+                clock.set_offset_us(await clock.load_offset_us(conn))
         self.charger = Charger(self.settings, self.pool)
         self.loop_task = asyncio.ensure_future(self._commit_loop())
         log.info("shard %s up: epoch %s, %s slots, pid %s", self.shard, self.epoch, len(self.slots), os.getpid())
@@ -159,6 +163,13 @@ class ShardActor:
         self.pending.append(("snapshot_all", done))
         self.wake.set()
         return await done
+
+    async def set_clock(self, offset_us: int) -> int:
+        """The test clock moved (METERGATE_TEST_CLOCK=1 only): take the new offset."""
+        await self._ensure_started()
+        if self.settings.test_clock:
+            clock.set_offset_us(offset_us)
+        return clock.offset_us()
 
     async def stats(self) -> dict:
         await self._ensure_started()
@@ -626,6 +637,7 @@ class _BatchWork:
         shard = self.shard
         every = shard.settings.snapshot_every_entries
         self.new_positions: dict[str, tuple[int, int]] = {}
+        self.new_due: dict[str, int] = {}
         for org_id in self.created:
             lo = shard.orgs[org_id]
             out.snapshots.append((org_id, 1, ENCODER.encode(lo.org.to_snapshot())))
@@ -644,7 +656,7 @@ class _BatchWork:
             plan = shard.orgs[rollup_key[0]].org.plan
             units = msgspec.json.encode(usage.units).decode() if usage.units else None
             out.rollups[rollup_key] = (usage.memory_mb_ms, usage.cpu_ms, usage.disk_mb_ms, usage.ticks,
-                                   cost_scaled(plan, usage) // SCALED_PER_NANO, units)
+                                   cost_scaled(plan, usage) // SCALED_PER_NANO, units, usage.duration_ms)
         for index, (org_id, entry) in enumerate(self.fx.ledger):
             if entry.kind == "usage":
                 debit = out.usage_debits.setdefault((org_id, minute_us(entry.at_us)), [0, entry.at_us])
@@ -654,6 +666,18 @@ class _BatchWork:
             out.ledger.append((entry_id, org_id, entry.kind, entry.amount_micros, entry.grant_id,
                                store.us_to_dt(entry.expires_at_us) if entry.expires_at_us else None,
                                entry.note, key, request_hash, store.us_to_dt(entry.at_us)))
+        for org_id in set(self.journal) | self.created:
+            # Wake-up times only move earlier in org_due, or once the written one has passed:
+            # a heartbeat that pushes a lease's expiry later costs no write.
+            lo = shard.orgs[org_id]
+            due = lo.org.next_due_us()
+            if lo.due_us == 0 or due < lo.due_us or lo.due_us <= self.now:
+                out.due.append((org_id, store.us_to_dt(due)))
+                self.new_due[org_id] = due
+        for period in self.fx.periods:
+            out.periods.append((period.org_id, period.period_key, store.us_to_dt(period.start_us),
+                                store.us_to_dt(period.end_us), period.usage_micros, period.quota_used_micros,
+                                period.plan_id, period.plan_version))
         for event in self.fx.events:
             payload = {"org_id": event.org_id, **event.data}
             out.events.append((event.org_id, event.type, msgspec.json.encode(payload).decode(),
@@ -665,6 +689,10 @@ class _BatchWork:
             lo = self.shard.orgs.get(org_id)
             if lo is not None:
                 lo.seq, lo.tail = seq, tail
+        for org_id, due in self.new_due.items():
+            lo = self.shard.orgs.get(org_id)
+            if lo is not None:
+                lo.due_us = due
         recent = self.shard.recent_keys
         recent.update(self.batch_keys)
         while len(recent) > RECENT_KEYS_MAX:

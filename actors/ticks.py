@@ -53,7 +53,7 @@ class Tick(msgspec.Struct, array_like=True):
         d = self.duration_ms
         units = {k: v for k, v in self.units.items() if v} if self.units else None
         return LeaseUsage(self.lease_id, self.memory_mb * d, self.cpu_count * d, self.disk_mb * d,
-                          units or None, 1)
+                          units or None, 1, d)
 
 
 _TICK_DECODER = msgspec.json.Decoder(TickIn)

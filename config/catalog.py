@@ -13,6 +13,22 @@ PERIODS = ("week", "month")
 UNIT_NAME_MAX = 64
 
 
+# Each plan version's next version, from every catalog loaded in this process. Plan versions
+# are immutable (a change is a new version), so this is configuration, not state: replaying
+# an org's journal takes the same versions at the same period starts.
+_SUCCESSORS: dict[tuple[str, int], "Plan"] = {}
+
+
+def plan_for_period(plan: "Plan", start_us: int) -> "Plan":
+    """The version of `plan` that a period starting at start_us runs on."""
+    while plan.effective_until_us is not None and plan.effective_until_us <= start_us:
+        successor = _SUCCESSORS.get((plan.id, plan.version))
+        if successor is None:
+            break
+        plan = successor
+    return plan
+
+
 class CatalogError(Exception):
     """The catalog file is not valid; the message says where."""
 
@@ -158,6 +174,10 @@ def parse_catalog(raw: dict) -> Catalog:
         packs=packs,
         stripe_prices={str(k): str(v) for k, v in raw.get("stripe_prices", {}).items()},
     )
+    for plan in plans.values():
+        later = [p for p in plans.values() if p.id == plan.id and p.version > plan.version]
+        if later:
+            _SUCCESSORS[(plan.id, plan.version)] = min(later, key=lambda p: p.version)
     if not any(plan_id == catalog.default_plan for plan_id, _ in plans):
         raise CatalogError(f"default_plan {catalog.default_plan!r} is not a plan in the catalog")
     if catalog.default_tier not in catalog.tiers:

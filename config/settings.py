@@ -53,7 +53,17 @@ class Settings(BaseSettings):
     svix_webhook_secret: str | None = None
     webhook_secret: str | None = None
     webhook_urls: str = ""
+    webhook_max_attempts: int = Field(8, ge=1, le=100)
+    webhook_backoff_s: int = Field(5, ge=1, le=3_600)  # then doubled per attempt, at most an hour
     test_clock: bool = False
+    # The scheduler (actors/jobs.py): off only for tools that must not run it.
+    jobs_enabled: bool = True
+
+    # Dunning: days past due (in seconds) before each step; the plan an org ends up on.
+    dunning_suspend_after_s: int = Field(3 * 86_400, ge=0)
+    dunning_degrade_after_s: int = Field(7 * 86_400, ge=0)
+    dunning_downgrade_after_s: int = Field(14 * 86_400, ge=0)
+    dunning_free_plan: str = "free"
 
     @field_validator("catalog")
     @classmethod

@@ -8,21 +8,24 @@ import hashlib
 from typing import Annotated
 
 import asyncpg
+import msgspec
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from actors import commands as cmd
+from actors import clock
 from actors.clock import now_us
 from actors.org import MICROS_PER_CENT, Resources
 from actors.shard import CreateOrg, GetState
 from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from serve_app.billing_page import render as render_billing_page
-from serve_app.bodies import (GATE_DECODER, AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody,
+from serve_app.bodies import (GATE_DECODER, AutoRechargeBody, ClockAdvanceBody, CreateOrgBody, CreditBody, LimitsBody,
                               PlanBody, TierBody, TokenBody, body_schema, decode, parse_model)
 from serve_app.errors import ApiError, install_error_handlers, raise_for_shard_error
 from serve_app.limits import BodyLimit
-from storage.journal import us_to_dt
+from serve_app.months import summarize
+from storage.journal import dt_to_us, us_to_dt
 from serve_app.self_serve import add_routes as add_self_serve_routes
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context, json
@@ -240,6 +243,22 @@ def build_app(ctx: Context) -> FastAPI:
                 ("memory", "memory_mb_ms", "MB·ms"), ("cpu", "cpu_ms", "vCPU·ms"), ("disk", "disk_mb_ms", "MB·ms"))]
         return json({"org_id": org_id, "group_by": group_by, "groups": groups})
 
+    @app.get("/v1/orgs/{org_id}/months", tags=["orgs"])
+    async def get_months(org_id: OrgPath, request: Request) -> Response:
+        """Per month: spend, usage hours, free credits applied, billable; recomputed from the ledger."""
+        ctx.admin(request)
+        async with (await ctx.db()).acquire() as conn:
+            await _require_org(conn, org_id)
+            async with conn.transaction(isolation="repeatable_read", readonly=True):  # one consistent view
+                ledger = await conn.fetch(
+                    "SELECT kind, amount_micros, grant_id, created_at FROM ledger WHERE org_id = $1"
+                    " ORDER BY created_at, entry_id", org_id)
+                usage = await conn.fetch(
+                    "SELECT to_char(minute AT TIME ZONE 'UTC', 'YYYY-MM') AS month, sum(duration_ms)::int8 AS ms"
+                    " FROM usage_rollups WHERE org_id = $1 GROUP BY 1", org_id)
+        entries = [(r["kind"], r["amount_micros"], r["grant_id"], dt_to_us(r["created_at"])) for r in ledger]
+        return json({"org_id": org_id, "months": summarize(entries, {r["month"]: r["ms"] for r in usage}, now_us())})
+
     @app.put("/v1/orgs/{org_id}/plan", tags=["orgs"], openapi_extra=body_schema(PlanBody))
     async def put_plan(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
@@ -302,6 +321,61 @@ def build_app(ctx: Context) -> FastAPI:
         return await state_command(ctx, request, org_id, cmd.Resume())
 
     add_self_serve_routes(app, ctx)
+
+    # ----- outbound webhooks (admin) ------------------------------------------------------
+
+    @app.get("/v1/webhooks/outbox", tags=["webhooks"])
+    async def list_outbox(request: Request, status: str = "dead", limit: int = 50) -> Response:
+        """Outbound events by delivery status: `pending`, `delivered` or `dead` (the dead letters)."""
+        ctx.admin(request)
+        if status not in ("pending", "delivered", "dead"):
+            raise ApiError(422, "invalid_request", "status must be pending, delivered or dead", field="status")
+        if not 1 <= limit <= 500:
+            raise ApiError(422, "invalid_request", "limit must be 1-500", field="limit")
+        async with (await ctx.db()).acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, org_id, type, payload, created_at, status, attempts, last_error, delivered_at"
+                " FROM outbox WHERE status = $1 ORDER BY id DESC LIMIT $2", status, limit)
+        return json({"events": [{
+            "id": f"msg_{r['id']}", "org_id": r["org_id"], "type": r["type"], "status": r["status"],
+            "attempts": r["attempts"], "last_error": r["last_error"],
+            "created_at": r["created_at"].isoformat(), "data": msgspec.json.decode(r["payload"]),
+            "delivered_at": r["delivered_at"].isoformat() if r["delivered_at"] else None} for r in rows]})
+
+    @app.post("/v1/webhooks/outbox/{message_id}/retry", tags=["webhooks"])
+    async def retry_outbox(message_id: Annotated[str, Path(pattern=r"^msg_[0-9]{1,18}$")], request: Request) -> Response:
+        """A dead letter goes back to pending, tried again now with the same message id."""
+        ctx.admin(request)
+        async with (await ctx.db()).acquire() as conn:
+            row = await conn.fetchrow(
+                "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = '-infinity'"
+                " WHERE id = $1 AND status = 'dead' RETURNING id", int(message_id[4:]))
+            if row is None:
+                exists = await conn.fetchval("SELECT status FROM outbox WHERE id = $1", int(message_id[4:]))
+                if exists is None:
+                    raise ApiError(404, "not_found", f"no outbound event {message_id}")
+                raise ApiError(409, "not_dead", f"{message_id} is {exists}, not dead")
+        return json({"id": message_id, "status": "pending"})
+
+    # ----- test clock -------------------------------------------------------------------
+
+    if ctx.settings.test_clock:
+        @app.get("/v1/test-clock", tags=["test clock"])
+        async def get_test_clock(request: Request) -> Response:
+            ctx.admin(request)
+            async with (await ctx.db()).acquire() as conn:
+                clock.set_offset_us(await clock.load_offset_us(conn))
+            return json({"now": us_to_rfc3339(now_us()), "now_us": now_us(), "offset_s": clock.offset_us() // 1_000_000})
+
+        @app.post("/v1/test-clock/advance", tags=["test clock"], openapi_extra=body_schema(ClockAdvanceBody))
+        async def advance_test_clock(request: Request) -> Response:
+            """Move the service's clock forward and run what became due (resets, dunning, expiries)."""
+            ctx.admin(request)
+            body = parse_model(ClockAdvanceBody, await request.body())
+            result = await ctx.jobs().advance_clock.remote(body.seconds)
+            clock.set_offset_us(result["offset_us"])
+            return json({"now": us_to_rfc3339(now_us()), "now_us": now_us(),
+                         "offset_s": result["offset_us"] // 1_000_000, "ran": result["ran"]})
 
     @app.post("/v1/orgs/{org_id}/tokens", tags=["orgs"], openapi_extra=body_schema(TokenBody))
     async def mint_org_token(org_id: OrgPath, request: Request) -> Response:

@@ -100,6 +100,10 @@ class TokenBody(StrictModel):
     ttl_s: Annotated[int, Field(ge=MIN_ORG_TOKEN_TTL_S, le=MAX_ORG_TOKEN_TTL_S)] = 3600
 
 
+class ClockAdvanceBody(StrictModel):
+    seconds: Annotated[int, Field(ge=1, le=400 * 86_400)]
+
+
 class AutoRechargeBody(StrictModel):
     enabled: bool
     threshold_micros: Annotated[int, Field(ge=0, le=10**12)] | None = None

@@ -9,6 +9,7 @@ import asyncpg
 import msgspec
 from fastapi import Request, Response
 
+from actors import clock
 from actors.clock import now_us
 from config.catalog import Catalog
 from config.settings import Settings
@@ -25,6 +26,7 @@ class Context:
     router: ShardRouter
     pool: asyncpg.Pool | None = None
     _pool_lock: asyncio.Lock | None = None
+    _clock_task: asyncio.Task | None = None
 
     async def db(self) -> asyncpg.Pool:
         """The replica's pool, made on first use (it must be made on the serving loop)."""
@@ -33,7 +35,28 @@ class Context:
             async with self._pool_lock:
                 if self.pool is None:
                     self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=4)
+                    if self.settings.test_clock:
+                        self._clock_task = asyncio.ensure_future(self._follow_test_clock())
         return self.pool
+
+    async def _follow_test_clock(self) -> None:
+        """Test clock only: take the offset another replica or the scheduler set, within a second."""
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    clock.set_offset_us(await clock.load_offset_us(conn))
+            except Exception:  # noqa: BLE001 - Postgres away: try again in a second
+                pass
+            await asyncio.sleep(1.0)
+
+    def jobs(self):
+        """The scheduler actor."""
+        import ray
+
+        from actors.jobs import JOBS_NAME
+        from actors.placement import NAMESPACE
+
+        return ray.get_actor(JOBS_NAME, namespace=NAMESPACE)
 
     def __post_init__(self) -> None:
         self.org_tokens = OrgTokens(self.settings.org_token_secret)

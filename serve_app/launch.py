@@ -11,6 +11,7 @@ import asyncpg
 import ray
 from ray import serve
 
+from actors.jobs import JOBS_NAME, SchedulerActor
 from actors.placement import NAMESPACE, shard_name
 from actors.shard import ShardActor
 from config.catalog import load_catalog
@@ -21,6 +22,7 @@ from storage.db import migrate, start_embedded_postgres
 log = logging.getLogger("metergate.launch")
 APP_NAME = "metergate"
 SHARD_CPUS = 0.1
+JOBS_CPUS = 0.05
 
 
 @dataclass
@@ -66,6 +68,15 @@ def start_shards(settings: Settings) -> list:
     return handles
 
 
+def start_jobs(settings: Settings, slot_map: list[int]):
+    handle = ray.remote(SchedulerActor).options(
+        name=JOBS_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=0, num_cpus=JOBS_CPUS, max_concurrency=100,
+    ).remote(settings.model_dump_json(), slot_map)
+    ray.get(handle.ready.remote())
+    return handle
+
+
 def start(settings: Settings, ray_init_kwargs: dict | None = None) -> Running:
     load_catalog(settings.catalog)  # fail fast on a bad catalog
     settings = with_generated_tokens(settings)
@@ -76,6 +87,7 @@ def start(settings: Settings, ray_init_kwargs: dict | None = None) -> Running:
                  include_dashboard=False, **(ray_init_kwargs or {}))
         started_ray = True
     start_shards(settings)
+    start_jobs(settings, slot_map)
     from serve_app.deployment import Ingress
 
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
@@ -91,6 +103,10 @@ def stop(running: Running) -> None:
         serve.delete(APP_NAME)
     except Exception:  # noqa: BLE001 - stopping anyway
         log.exception("serve.delete failed")
+    try:
+        ray.kill(ray.get_actor(JOBS_NAME, namespace=NAMESPACE), no_restart=True)
+    except Exception:  # noqa: BLE001 - not running
+        log.exception("stopping the scheduler failed")
     for handle in handles:
         try:
             ray.get(handle.drain.remote(), timeout=60)

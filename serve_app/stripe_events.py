@@ -11,11 +11,22 @@ is kept in stripe_customers.
 
 from __future__ import annotations
 
-from actors.commands import Command, Credit, SetPaymentMethod, SettleRecharge, SetTier
+from dataclasses import dataclass
+
+from actors.commands import (Command, Credit, InvoiceFailed, InvoicePaid, ResetPeriod, SetPaymentMethod,
+                             SettleRecharge, SetTier)
 from actors.org import MICROS_PER_CENT
 from config.catalog import Catalog
 PAID_TIERS = ("pro", "pro_plus", "pro_plus_plus")
 ENDED_SUBSCRIPTION = ("canceled", "unpaid", "incomplete_expired")
+
+
+@dataclass(frozen=True)
+class DunningPolicy:
+    suspend_after_s: int
+    degrade_after_s: int
+    downgrade_after_s: int
+    free_plan: str
 
 
 class EventError(ValueError):
@@ -32,7 +43,8 @@ def customer_of(event: dict) -> str | None:
     return customer if isinstance(customer, str) else None
 
 
-def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None) -> list[tuple[str, Command]]:
+def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None,
+                 dunning: DunningPolicy | None = None) -> list[tuple[str, Command]]:
     """`customer_org`: the org whose Stripe customer the object names, for objects without our metadata."""
     obj = (event.get("data") or {}).get("object") or {}
     kind = event.get("type", "")
@@ -46,7 +58,18 @@ def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None)
         if kind in ("setup_intent.succeeded", "payment_method.attached"):
             return [(org_id, SetPaymentMethod(True))]
         if kind in ("customer.subscription.created", "customer.subscription.updated"):
-            return [(org_id, c) for c in _subscription(obj, catalog, as_of_us)]
+            commands = _subscription(obj, catalog, as_of_us)
+            if obj.get("current_period_start"):
+                commands.append(ResetPeriod(int(obj["current_period_start"]) * 1_000_000))
+            return [(org_id, c) for c in commands]
+        if kind == "invoice.payment_failed" and dunning is not None:
+            free = catalog.current_plan(dunning.free_plan, as_of_us)
+            if free is None:
+                raise EventError(f"the dunning free plan {dunning.free_plan!r} is not in the catalog")
+            return [(org_id, InvoiceFailed(as_of_us, dunning.suspend_after_s, dunning.degrade_after_s,
+                                           dunning.downgrade_after_s, free.id, free.version))]
+        if kind in ("invoice.paid", "invoice.payment_succeeded"):
+            return [(org_id, InvoicePaid(as_of_us))]
         if kind == "customer.subscription.deleted":
             return [(org_id, _base_tier(catalog, as_of_us))]
         if kind == "charge.refunded":

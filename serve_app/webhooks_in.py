@@ -11,19 +11,19 @@ either. Any other type is acknowledged and ignored.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Mapping
 
 import msgspec
 import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
-from actors.clock import now_us
 from actors.commands import fingerprint
 from serve_app.bodies import Id, decode
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, raise_for_shard_error
-from serve_app.stripe_events import EventError, commands_for, customer_of
+from serve_app.stripe_events import DunningPolicy, EventError, commands_for, customer_of
 
 SOURCE = "svix"
 STRIPE_TOLERANCE_S = 300
@@ -135,7 +135,8 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     secret = ctx.settings.stripe_webhook_secret
     if not secret:
         raise ApiError(503, "stripe_not_configured", "METERGATE_STRIPE_WEBHOOK_SECRET is not set on this server")
-    event = verify_stripe(secret, body, headers.get("stripe-signature"), now_us() // 1_000_000)
+    # Real time, not the service clock: the signature's timestamp is Stripe's transport time.
+    event = verify_stripe(secret, body, headers.get("stripe-signature"), int(time.time()))
     seen = await _seen(ctx, "stripe", event["id"])
     if seen is not None:
         return seen
@@ -146,7 +147,10 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
                 "SELECT org_id FROM stripe_customers WHERE customer_id = $1", customer_of(event))
     await _expand_refunds(ctx, event)
     try:
-        commands = commands_for(event, ctx.catalog, customer_org)
+        settings = ctx.settings
+        commands = commands_for(event, ctx.catalog, customer_org, DunningPolicy(
+            settings.dunning_suspend_after_s, settings.dunning_degrade_after_s,
+            settings.dunning_downgrade_after_s, settings.dunning_free_plan))
     except EventError as exc:
         raise ApiError(422, "unprocessable_event", str(exc)) from None
     applied = []

@@ -25,6 +25,11 @@ def us_to_dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
+def dt_to_us(moment: datetime) -> int:
+    """Exact: no float on the way."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
 def _minutes_to_dt(minutes_us: list[int]) -> list[datetime]:
     """us_to_dt over many values that repeat (rows of one commit share a few minutes)."""
     seen: dict[int, datetime] = {}
@@ -42,6 +47,9 @@ class CommitBatch:
     usage_debits: dict = field(default_factory=dict)         # (org_id, minute_us) -> [amount (< 0), first at_us]
     rollups: dict = field(default_factory=dict)              # (org_id, minute_us, lease_id) -> (mem, cpu, disk, ticks, cost_nanos, units)
     events: list[tuple] = field(default_factory=list)        # org_id, type, payload json, created_at
+    due: list[tuple] = field(default_factory=list)           # org_id, due_at
+    periods: list[tuple] = field(default_factory=list)       # org_id, key, started, ended, usage, quota used,
+                                                             # plan_id, plan_version
 
 
 async def ensure_slots(conn: asyncpg.Connection, shard_count: int) -> int:
@@ -176,18 +184,29 @@ async def write_batch(conn: asyncpg.Connection, batch: CommitBatch) -> list[int]
         values = list(batch.rollups.values())
         await conn.execute(
             "INSERT INTO usage_rollups (org_id, minute, lease_id, memory_mb_ms, cpu_ms, disk_mb_ms,"
-            " ticks, cost_nanos, units)"
+            " ticks, cost_nanos, units, duration_ms)"
             " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::int8[], $5::int8[],"
-            " $6::int8[], $7::int8[], $8::int8[], $9::jsonb[])"
+            " $6::int8[], $7::int8[], $8::int8[], $9::jsonb[], $10::int8[])"
             " ON CONFLICT (org_id, minute, lease_id) DO UPDATE SET"
             " memory_mb_ms = usage_rollups.memory_mb_ms + EXCLUDED.memory_mb_ms,"
             " cpu_ms = usage_rollups.cpu_ms + EXCLUDED.cpu_ms,"
             " disk_mb_ms = usage_rollups.disk_mb_ms + EXCLUDED.disk_mb_ms,"
             " ticks = usage_rollups.ticks + EXCLUDED.ticks,"
             " cost_nanos = usage_rollups.cost_nanos + EXCLUDED.cost_nanos,"
-            " units = mg_units_add(usage_rollups.units, EXCLUDED.units)",
+            " units = mg_units_add(usage_rollups.units, EXCLUDED.units),"
+            " duration_ms = usage_rollups.duration_ms + EXCLUDED.duration_ms",
             [k[0] for k in keys], _minutes_to_dt([k[1] for k in keys]), [k[2] for k in keys],
-            *_columns(values, 6))
+            *_columns(values, 7))
+    if batch.due:
+        await conn.execute(
+            "INSERT INTO org_due (org_id, due_at) SELECT * FROM unnest($1::text[], $2::timestamptz[])"
+            " ON CONFLICT (org_id) DO UPDATE SET due_at = EXCLUDED.due_at", *_columns(batch.due, 2))
+    if batch.periods:
+        await conn.execute(
+            "INSERT INTO period_usage (org_id, period_key, started_at, ended_at, usage_micros,"
+            " quota_used_micros, plan_id, plan_version)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int8[],"
+            " $6::int8[], $7::text[], $8::int[]) ON CONFLICT DO NOTHING", *_columns(batch.periods, 8))
     if batch.events:
         rows = await conn.fetch(
             "INSERT INTO outbox (org_id, type, payload, created_at)"

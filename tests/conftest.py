@@ -27,6 +27,21 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 STRIPE_SECRET_KEY = "sk_test_metergate_loopback"
 STRIPE_WEBHOOK_SECRET = "whsec_test_stripe_endpoint_secret_0123"
 SVIX_SECRET = "whsec_" + base64.b64encode(b"metergate-test-svix-secret-32-b!").decode()
+OUTBOUND_SECRET = "whsec_" + base64.b64encode(b"metergate-outbound-secret-32-by!").decode()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that move the shared test clock run last: the rest of the session sees real time."""
+    items.sort(key=lambda item: item.get_closest_marker("time_travel") is not None)
+
+
+@pytest.fixture(scope="session")
+def receiver():
+    from tests.webhook_receiver import Receiver
+
+    running = Receiver(OUTBOUND_SECRET).start()
+    yield running
+    running.stop()
 
 
 def free_port() -> int:
@@ -53,7 +68,7 @@ def _database_url(base_url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory):
+def service(tmp_path_factory, receiver):
     from serve_app import launch
 
     data_dir: Path = tmp_path_factory.mktemp("metergate")
@@ -75,6 +90,11 @@ def service(tmp_path_factory):
             stripe_webhook_secret=STRIPE_WEBHOOK_SECRET,
             stripe_secret_key=STRIPE_SECRET_KEY,
             stripe_api_base=stripe_api_base,
+            test_clock=True,
+            webhook_urls=receiver.url,
+            webhook_secret=OUTBOUND_SECRET,
+            webhook_backoff_s=1,
+            webhook_max_attempts=4,
         )
         running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
         try:

@@ -58,7 +58,10 @@ def test_org_runs_out_of_money_halts_and_a_grant_resumes_it_without_a_lease(admi
     assert state["balance_micros"] == SIGNUP_MICROS - 31 * HOUR_TICK_MICROS
     assert state["is_halted"] is True
     gate = compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()
-    assert (gate["allowed"], gate["reason"], gate["status"]) == (False, "halted", 402)
+    # Its free credit is used up and it has no card: the gateway should ask for one.
+    assert (gate["allowed"], gate["reason"], gate["status"]) == (False, "no_payment_method", 402)
+    wake = compute.post("/v1/gate", json={"org_id": org, "action": "wake"}).json()
+    assert (wake["allowed"], wake["reason"], wake["status"]) == (False, "halted", 402)
     halted = outbox(sql, org, "org.halted")
     assert len(halted) == 1
     assert halted[0]["lease_ids"] == [f"sbx_{n}" for n in range(5)]

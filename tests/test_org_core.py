@@ -64,10 +64,12 @@ SMALL = Resources(memory_mb=512, cpu_count=1)
 
 
 def make_org(plan=PAYG, prepaid=True, signup_micros=CATALOG.signup_grant_micros,
-             tier="base", now_us=T0) -> tuple[OrgBillingActor, Effects]:
+             tier="base", now_us=T0, card=False) -> tuple[OrgBillingActor, Effects]:
     fx = Effects()
     org = OrgBillingActor.create(ORG_ID, "ops@acme.test", prepaid, plan, tier, CATALOG.tiers[tier],
                                  CATALOG.default_max_disk_mb, signup_micros, now_us, fx)
+    if card:  # a card on file: running out says halted / quota_exceeded, not no_payment_method
+        org.has_payment_method = True
     return org, fx
 
 
@@ -260,7 +262,7 @@ def test_view_lists_grants_in_the_order_they_will_be_spent():
 
 
 def test_prepaid_org_halts_when_balance_reaches_zero_and_lists_its_leases():
-    org, _ = make_org(signup_micros=1_000)
+    org, _ = make_org(signup_micros=1_000, card=True)
     fx = Effects()
     for lease_id in ("ls_b", "ls_a"):
         deny, _, created = org.acquire_lease(lease_id, SMALL, 600, T0, fx)
@@ -385,7 +387,7 @@ def test_second_admin_halt_emits_nothing_more():
 def test_admin_resume_of_prepaid_org_out_of_money_leaves_it_halted_for_balance():
     # Invariant 5: a prepaid org with nothing to spend is halted; lifting the admin halt
     # must not leave it running on zero.
-    org, _ = make_org(signup_micros=1_000)
+    org, _ = make_org(signup_micros=1_000, card=True)
     org.acquire_lease("ls_1", SMALL, 600, T0, Effects())
     org.halt(T0, Effects())
     spend(org, 1_000, T0 + US_PER_S)  # ticks of the running lease, billed while admin-halted
@@ -421,7 +423,7 @@ def test_prepaid_hobby_org_halted_for_balance_resumes_when_next_week_quota_arriv
 
 
 def test_gate_stops_saying_halted_as_soon_as_a_new_week_brings_quota_before_any_mutation():
-    org, _ = make_org(plan=HOBBY, signup_micros=0)
+    org, _ = make_org(plan=HOBBY, signup_micros=0, card=True)
     spend(org, 5_000_000, T0)
     assert org.gate("create", SMALL, T0).reason == "halted"
     next_monday = rfc3339_to_us("2026-03-09T00:00:00Z")
@@ -481,7 +483,7 @@ def test_postpaid_org_is_never_halted_for_balance_and_runs_into_debt():
 
 
 def test_postpaid_org_on_free_plan_past_its_quota_gets_quota_exceeded_not_halted():
-    org, _ = make_org(plan=FREE, prepaid=False, signup_micros=0)
+    org, _ = make_org(plan=FREE, prepaid=False, signup_micros=0, card=True)
     spend(org, 999_999, T0)
     assert org.gate("create", SMALL, T0).reason == "ok"
 
@@ -497,7 +499,7 @@ def test_postpaid_org_on_free_plan_past_its_quota_gets_quota_exceeded_not_halted
 def test_insufficient_balance_quota_exceeded_and_halted_are_distinct_denials():
     # A prepaid payg org whose only grant expired, before anything applied the expiry:
     # the read-only gate already sees no money, but nothing has halted it yet.
-    org, _ = make_org(signup_micros=0)
+    org, _ = make_org(signup_micros=0, card=True)
     org.credit("grant", 1_000_000, T0 + DAY_US, None, T0, Effects())
     assert org.halted is None
     after_expiry = T0 + DAY_US + US_PER_S
@@ -510,7 +512,7 @@ def test_insufficient_balance_quota_exceeded_and_halted_are_distinct_denials():
     halted = org.gate("create", SMALL, after_expiry)
     assert (halted.reason, halted.status) == ("halted", 402)
 
-    free_org, _ = make_org(plan=FREE, prepaid=False, signup_micros=0)
+    free_org, _ = make_org(plan=FREE, prepaid=False, signup_micros=0, card=True)
     spend(free_org, 1_000_000, T0)
     exceeded = free_org.gate("create", SMALL, T0)
     assert (exceeded.reason, exceeded.status) == ("quota_exceeded", 402)
@@ -1003,3 +1005,16 @@ def test_month_period_runs_from_the_first_to_the_first_of_the_next_month(moment,
 def test_unknown_period_name_is_refused():
     with pytest.raises(ValueError):
         period_bounds("fortnight", T0)
+
+
+def test_free_credit_used_up_without_a_card_asks_for_one_at_create():
+    org, _ = make_org(signup_micros=1_000)
+    org.apply_usage([usage_costing(1_000)], T0, Effects())
+    assert org.halted == "balance"
+    for action, reason in (("create", "no_payment_method"), ("wake", "halted"), ("ingest", "halted")):
+        decision = org.gate(action, SMALL, T0)
+        assert (decision.allowed, decision.reason, decision.status) == (False, reason, 402), action
+    paid, _ = make_org(signup_micros=1_000)
+    paid.credit("topup", 1_000, None, None, T0, Effects())  # paid once: it knows how to pay
+    paid.apply_usage([usage_costing(2_000)], T0, Effects())
+    assert paid.gate("create", SMALL, T0).reason == "halted"

@@ -1,0 +1,207 @@
+"""The scheduler: time-driven work for every org, one Ray actor (`metergate-jobs`).
+
+Each job runs inside a transaction holding a Postgres advisory lock, so a second scheduler
+(or a re-run) finds the lock taken and skips; and each job's effects are idempotent anyway:
+- sweep: orgs whose `org_due` time has come get an Advance command through their shard,
+  which applies what time changed (a new period with its usage archived, grant and pack
+  expiry, lease expiry, dunning steps) from the org's own state, so a second Advance at the
+  same time changes nothing;
+- outbox: events are delivered to METERGATE_WEBHOOK_URLS, signed with the svix library, with
+  the same message id on every attempt, exponential backoff and a dead-letter state.
+
+Jobs read the time from actors.clock. With METERGATE_TEST_CLOCK=1, `advance_clock` moves it
+(in Postgres and in every shard) and then runs the jobs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+
+import httpx
+import msgspec
+from svix.webhooks import Webhook
+
+from actors import clock
+from actors.clock import now_us
+from actors.commands import Advance
+from config.settings import Settings
+from storage import journal as store
+from storage.db import create_pool
+
+log = logging.getLogger("metergate.jobs")
+
+JOBS_NAME = "metergate-jobs"
+LOCK_SWEEP = 7_310_101
+LOCK_OUTBOX = 7_310_102
+SWEEP_BATCH = 2_000
+SWEEP_ROUNDS = 50  # per run; what is left is taken by the next run
+OUTBOX_BATCH = 200
+OUTBOX_EVERY_S = 1.0
+SWEEP_EVERY_S = 10.0
+DELIVERY_TIMEOUT_S = 10.0
+
+
+def backoff_s(attempts: int, base_s: int) -> int:
+    """Seconds before attempt n+1: base, 2·base, 4·base, … at most an hour."""
+    return min(base_s * 2 ** max(attempts - 1, 0), 3_600)
+
+
+class SchedulerActor:
+    def __init__(self, settings_json: str, slot_map: list[int]) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.settings = Settings.model_validate_json(settings_json)
+        self.slot_map = slot_map
+        self.pool = None
+        self.router = None
+        self.loop_task: asyncio.Task | None = None
+        self.started: asyncio.Task | None = None
+        self.urls = [u.strip() for u in self.settings.webhook_urls.split(",") if u.strip()]
+        self.signer = Webhook(self.settings.webhook_secret) if self.settings.webhook_secret else None
+        self.runs = {"sweep": 0, "outbox": 0, "skipped_locked": 0, "errors": 0}
+
+    async def _ensure_started(self) -> None:
+        if self.started is None or (self.started.done() and self.started.exception() is not None):
+            self.started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self.started)
+
+    async def _start(self) -> None:
+        from serve_app.routing import ShardRouter  # the ingress's router: batched calls per shard
+
+        self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=4)
+        self.router = ShardRouter(self.slot_map)
+        if self.settings.test_clock:
+            async with self.pool.acquire() as conn:
+                clock.set_offset_us(await clock.load_offset_us(conn))
+        if self.settings.jobs_enabled:
+            self.loop_task = asyncio.ensure_future(self._loop())
+
+    async def ready(self) -> dict:
+        await self._ensure_started()
+        return {"runs": self.runs, "offset_us": clock.offset_us()}
+
+    async def _loop(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_sweep >= SWEEP_EVERY_S:
+                    last_sweep = time.monotonic()
+                    await self.sweep()
+                await self.deliver_outbox()
+            except Exception:  # noqa: BLE001 - a failed run is retried at the next tick
+                self.runs["errors"] += 1
+                log.exception("scheduler run failed")
+            await asyncio.sleep(OUTBOX_EVERY_S)
+
+    async def run_due(self) -> dict:
+        """Run every job once now (the test clock does this after moving time)."""
+        await self._ensure_started()
+        return {"sweep": await self.sweep(), "outbox": await self.deliver_outbox()}
+
+    async def advance_clock(self, seconds: int) -> dict:
+        """Test clock only: move time forward for the whole service, then run what became due."""
+        await self._ensure_started()
+        assert self.settings.test_clock, "the test clock is off"
+        async with self.pool.acquire() as conn:
+            offset = await conn.fetchval(
+                "INSERT INTO test_clock (id, offset_us) VALUES (1, $1) ON CONFLICT (id)"
+                " DO UPDATE SET offset_us = test_clock.offset_us + $1 RETURNING offset_us", seconds * 1_000_000)
+        clock.set_offset_us(offset)
+        await asyncio.gather(*(h.set_clock.remote(offset) for h in self.router.handles))
+        ran = await self.run_due()
+        return {"offset_us": offset, "now_us": now_us(), "ran": ran}
+
+    # ----- jobs ---------------------------------------------------------------------------
+
+    async def _locked(self, key: int, job):
+        """Run job(conn) holding advisory lock `key` for its transaction; None if another holds it."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key):
+                    self.runs["skipped_locked"] += 1
+                    return None
+                return await job(conn)
+
+    async def sweep(self) -> dict | None:
+        async def job(conn) -> dict:
+            advanced, gone = 0, 0
+            previous: list[str] = []
+            for _ in range(SWEEP_ROUNDS):
+                now = store.us_to_dt(now_us())
+                org_ids = [r["org_id"] for r in await conn.fetch(
+                    "SELECT org_id FROM org_due WHERE due_at <= $1 ORDER BY due_at LIMIT $2", now, SWEEP_BATCH)]
+                if not org_ids or org_ids == previous:
+                    break  # nothing due, or nothing moved (a shard is down): the next run retries
+                previous = org_ids
+                results = await asyncio.gather(*(self.router.command(o, Advance()) for o in org_ids),
+                                               return_exceptions=True)
+                unknown = [o for o, r in zip(org_ids, results)
+                           if isinstance(r, dict) and r.get("error", {}).get("code") == "unknown_org"]
+                if unknown:
+                    await conn.execute("DELETE FROM org_due WHERE org_id = ANY($1::text[])", unknown)
+                advanced += sum(1 for r in results if isinstance(r, dict) and "state" in r)
+                gone += len(unknown)
+            self.runs["sweep"] += 1
+            return {"advanced": advanced, "unknown": gone}
+
+        return await self._locked(LOCK_SWEEP, job)
+
+    async def deliver_outbox(self) -> dict | None:
+        if not self.urls or self.signer is None:
+            return {"delivered": 0, "failed": 0, "dead": 0, "configured": False}
+
+        async def job(conn) -> dict:
+            rows = await conn.fetch(
+                "SELECT id, org_id, type, payload, created_at, attempts FROM outbox"
+                " WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
+                store.us_to_dt(now_us()), OUTBOX_BATCH)
+            counts = {"delivered": 0, "failed": 0, "dead": 0, "configured": True}
+            if not rows:
+                return counts
+            async with httpx.AsyncClient(timeout=DELIVERY_TIMEOUT_S) as client:
+                outcomes = await asyncio.gather(*(self._deliver(client, row) for row in rows))
+            for row, error in zip(rows, outcomes):
+                attempts = row["attempts"] + 1
+                if error is None:
+                    counts["delivered"] += 1
+                    await conn.execute("UPDATE outbox SET status = 'delivered', attempts = $2, delivered_at = $3,"
+                                       " last_error = NULL WHERE id = $1", row["id"], attempts,
+                                       store.us_to_dt(now_us()))
+                elif attempts >= self.settings.webhook_max_attempts:
+                    counts["dead"] += 1
+                    await conn.execute("UPDATE outbox SET status = 'dead', attempts = $2, last_error = $3"
+                                       " WHERE id = $1", row["id"], attempts, error)
+                    log.warning("outbox %s (%s) dead after %s attempts: %s", row["id"], row["type"], attempts, error)
+                else:
+                    counts["failed"] += 1
+                    retry_at = now_us() + backoff_s(attempts, self.settings.webhook_backoff_s) * 1_000_000
+                    await conn.execute("UPDATE outbox SET attempts = $2, last_error = $3, next_attempt_at = $4"
+                                       " WHERE id = $1", row["id"], attempts, error, store.us_to_dt(retry_at))
+            self.runs["outbox"] += 1
+            return counts
+
+        return await self._locked(LOCK_OUTBOX, job)
+
+    async def _deliver(self, client: httpx.AsyncClient, row) -> str | None:
+        """POST one event to every URL; None when all took it, else what went wrong."""
+        message_id = f"msg_{row['id']}"  # the same on every attempt: receivers dedupe on it
+        body = msgspec.json.encode({
+            "id": message_id, "type": row["type"], "created_at": row["created_at"].isoformat(),
+            "data": msgspec.json.decode(row["payload"]) if isinstance(row["payload"], (str, bytes)) else row["payload"],
+        }).decode()
+        # The signature's timestamp is transport time, real UTC: receivers check it against
+        # their own clock, which the test clock does not move.
+        sent_at = datetime.now(timezone.utc)
+        headers = {"content-type": "application/json", "svix-id": message_id,
+                   "svix-timestamp": str(int(sent_at.timestamp())),
+                   "svix-signature": self.signer.sign(message_id, sent_at, body)}
+        for url in self.urls:
+            try:
+                response = await client.post(url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                return f"{url}: {type(exc).__name__}"
+            if not 200 <= response.status_code < 300:
+                return f"{url}: HTTP {response.status_code}"
+        return None

@@ -1,0 +1,213 @@
+"""Time-driven billing with the test clock: periods, dunning, expirations, outbound webhooks.
+
+These move the service's shared clock forward (days at a time), so they run after every other
+test of the session (see conftest). The scheduler, not a request, applies what time changed:
+each check reads what it wrote before any request touches the org.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+import pytest
+import ray
+
+from actors.timeutil import period_bounds, us_to_rfc3339
+from config.catalog import load_catalog
+from config.settings import Settings
+from serve_app.app import build_app
+from serve_app.context import Context
+from tests.conftest import ADMIN_TOKEN
+from tests.test_http_scenarios import HOUR_TICK_MICROS, SIGNUP_MICROS, hour_tick, outbox
+from tests.test_webhooks_stripe import deliver, event
+
+pytestmark = pytest.mark.time_travel
+US = 1_000_000
+DAY_S = 86_400
+
+
+def clock_us(admin) -> int:
+    response = admin.get("/v1/test-clock")
+    assert response.status_code == 200, response.text
+    return response.json()["now_us"]
+
+
+def advance(admin, seconds: int) -> dict:
+    response = admin.post("/v1/test-clock/advance", json={"seconds": seconds})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(what: str, probe, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_the_test_clock_moves_forward_only_and_is_absent_without_the_setting(service, admin):
+    before = clock_us(admin)
+    moved = advance(admin, 3_600)
+    assert moved["now_us"] >= before + 3_600 * US
+    assert clock_us(admin) >= before + 3_600 * US
+    for body in ({"seconds": 0}, {"seconds": -5}, {"seconds": "1"}, {}):
+        response = admin.post("/v1/test-clock/advance", json=body)
+        assert response.status_code == 422, body
+    settings = Settings(**{**service.settings.model_dump(), "test_clock": False})
+    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+
+    async def call() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mg") as client:
+            auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            return [(await client.get("/v1/test-clock", headers=auth)).status_code,
+                    (await client.post("/v1/test-clock/advance", json={"seconds": 5}, headers=auth)).status_code]
+
+    assert asyncio.run(call()) == [404, 404]
+
+
+def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_change(admin, compute, sql, new_org):
+    org = new_org(plan_id="hobby_weekly")
+    compute.post("/v1/leases", json={"org_id": org, "lease_id": "w1", "ttl_s": 86_400})
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"w_{n}", "w1") for n in range(3)]})
+    period = admin.get(f"/v1/orgs/{org}").json()["period"]
+    assert period["usage_micros"] == 3 * HOUR_TICK_MICROS
+    now = clock_us(admin)
+    _, _, end = period_bounds("week", now)
+    advance(admin, (end - now) // US + 1)
+    archived = sql.fetch("SELECT period_key, usage_micros FROM period_usage WHERE org_id = $1", org)
+    assert [(r["period_key"], r["usage_micros"]) for r in archived] == [(period["key"], 3 * HOUR_TICK_MICROS)]
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["period"]["key"] != period["key"] and state["period"]["usage_micros"] == 0
+
+    # A subscription's period moving resets the quota too (the first one only sets the anchor).
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"w2_{n}", "w1") for n in range(2)]})
+    now_s = clock_us(admin) // US
+    subscription = {"id": f"sub_{uuid.uuid4().hex[:8]}", "object": "subscription", "status": "active",
+                    "metadata": {"org_id": org, "tier": "pro"}, "current_period_start": now_s - 3_600}
+    assert deliver(compute, event("customer.subscription.created", subscription, created=now_s)).status_code == 200
+    assert admin.get(f"/v1/orgs/{org}").json()["period"]["usage_micros"] == 2 * HOUR_TICK_MICROS
+    moved = {**subscription, "current_period_start": now_s}
+    assert deliver(compute, event("customer.subscription.updated", moved, created=now_s + 1)).status_code == 200
+    assert admin.get(f"/v1/orgs/{org}").json()["period"]["usage_micros"] == 0
+    assert sql.val("SELECT count(*) FROM period_usage WHERE org_id = $1", org) == 2
+    assert deliver(compute, event("customer.subscription.updated", moved, created=now_s + 2)).status_code == 200
+    assert sql.val("SELECT count(*) FROM period_usage WHERE org_id = $1", org) == 2  # same period: no reset
+
+
+def test_the_dunning_ladder_and_payment_clearing_it(admin, compute, sql, new_org):
+    org = new_org(plan_id="hobby_weekly")
+    invoice = {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice", "metadata": {"org_id": org}}
+    failed_at = clock_us(admin) // US
+    assert deliver(compute, event("invoice.payment_failed", invoice, created=failed_at)).status_code == 200
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["past_due_since"] == us_to_rfc3339(failed_at * US) and state["suspended"] is False
+
+    advance(admin, 3 * DAY_S)
+    assert len(outbox(sql, org, "org.suspended")) == 1  # the scheduler did it, before any request
+    gate = compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()
+    assert (gate["allowed"], gate["status"], gate["reason"]) == (False, 402, "suspended")
+
+    advance(admin, 4 * DAY_S)
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["degraded"] is True and state["plan"]["id"] == "hobby_weekly"
+    purchase = compute.post("/v1/gate", json={"org_id": org, "action": "purchase"}).json()
+    assert (purchase["status"], purchase["reason"]) == (402, "suspended")  # suspended comes first
+    advance(admin, 7 * DAY_S)
+    assert admin.get(f"/v1/orgs/{org}").json()["plan"]["id"] == "free"
+    assert len(outbox(sql, org, "org.suspended")) == 1
+
+    paid_at = clock_us(admin) // US
+    assert deliver(compute, event("invoice.paid", invoice, created=paid_at)).status_code == 200
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert (state["suspended"], state["degraded"], state["past_due_since"], state["plan"]["id"]) == (
+        False, False, None, "hobby_weekly")
+    assert len(outbox(sql, org, "org.unsuspended")) == 1
+    assert compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()["allowed"] is True
+
+
+def test_a_grant_lapses_with_exactly_its_unused_part_and_a_lease_expires(admin, compute, sql, new_org):
+    org = new_org()
+    expires_at = clock_us(admin) + DAY_S * US
+    credit = admin.post(f"/v1/orgs/{org}/credits", json={
+        "kind": "grant", "amount_micros": 2 * US, "expires_at": us_to_rfc3339(expires_at), "note": "trial"})
+    assert credit.status_code == 201, credit.text
+    assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "short", "ttl_s": 60}).status_code == 201
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "g1", "short")]})  # burns the expiring grant first
+    advance(admin, 120)
+    (expired,) = wait_for("lease.expired", lambda: outbox(sql, org, "lease.expired"))
+    assert expired["lease_id"] == "short"
+    advance(admin, DAY_S)
+    rows = sql.fetch("SELECT amount_micros FROM ledger WHERE org_id = $1 AND kind = 'expiration'", org)
+    assert [r["amount_micros"] for r in rows] == [-(2 * US - HOUR_TICK_MICROS)]
+    assert admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == SIGNUP_MICROS
+
+
+def test_outbound_webhooks_are_signed_retried_with_one_id_and_dead_lettered(admin, sql, receiver, new_org):
+    org = new_org()
+    receiver.fail_next[org] = 2
+    assert admin.post(f"/v1/orgs/{org}/halt").status_code == 200
+    deliveries = wait_for("three deliveries", lambda: [m for m in receiver.of_org(org) if m["type"] == "org.halted"][2:] and
+                          [m for m in receiver.of_org(org) if m["type"] == "org.halted"])
+    assert [m["accepted"] for m in deliveries] == [False, False, True]
+    assert len({m["svix_id"] for m in deliveries}) == 1  # the same message id on every attempt
+    assert receiver.rejected == 0  # every delivery verified with the svix library
+    time.sleep(2)
+    assert len([m for m in receiver.of_org(org) if m["type"] == "org.halted"]) == 3  # seen once, then left alone
+
+    dead = new_org()
+    receiver.fail_next[dead] = 1_000
+    admin.post(f"/v1/orgs/{dead}/halt")
+    for _ in range(12):  # backoff 1, 2, 4 s... moved along by the clock
+        advance(admin, 60)
+        rows = admin.get("/v1/webhooks/outbox", params={"status": "dead"}).json()["events"]
+        if any(r["org_id"] == dead for r in rows):
+            break
+        time.sleep(0.5)
+    (letter,) = [r for r in rows if r["org_id"] == dead]
+    assert (letter["type"], letter["attempts"]) == ("org.halted", 4) and "HTTP 500" in letter["last_error"]
+    receiver.fail_next[dead] = 0
+    assert admin.post(f"/v1/webhooks/outbox/{letter['id']}/retry").status_code == 200
+    wait_for("the retried dead letter", lambda: receiver.of_org(dead, accepted_only=True))
+    assert admin.post(f"/v1/webhooks/outbox/{letter['id']}/retry").status_code == 409
+    assert admin.post("/v1/webhooks/outbox/msg_999999999/retry").status_code == 404
+    assert admin.get("/v1/webhooks/outbox", params={"status": "lost"}).status_code == 422
+
+
+def test_two_schedulers_at_once_apply_every_effect_once(service, admin, compute, sql, receiver, new_org):
+    from actors.jobs import SchedulerActor
+    from actors.placement import NAMESPACE, shard_name
+
+    orgs = [new_org() for _ in range(4)]
+    start = clock_us(admin)
+    for org in orgs:
+        admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": US,
+                                                    "expires_at": us_to_rfc3339(start + 600 * US)})
+        compute.post("/v1/leases", json={"org_id": org, "lease_id": "twin", "ttl_s": 300})
+    # Move the clock behind the schedulers' backs, then let three runners race for the work.
+    offset = sql.val("UPDATE test_clock SET offset_us = offset_us + $1 RETURNING offset_us", 900 * US)
+    ray.get([ray.get_actor(shard_name(k), namespace=NAMESPACE).set_clock.remote(offset)
+             for k in range(service.settings.shards)])
+    settings = service.settings.model_copy(update={"jobs_enabled": False}).model_dump_json()
+    twins = [ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
+             for _ in range(2)]
+    ray.get([t.ready.remote() for t in twins])
+    ray.get([t.run_due.remote() for t in twins] + [t.run_due.remote() for t in twins])
+    advance(admin, 1)  # and the real scheduler
+    for org in orgs:
+        assert sql.val("SELECT count(*) FROM ledger WHERE org_id = $1 AND kind = 'expiration'", org) == 1
+        assert len(outbox(sql, org, "lease.expired")) == 1
+    for org in orgs:
+        wait_for("delivery", lambda: [m for m in receiver.of_org(org, accepted_only=True) if m["type"] == "lease.expired"])
+    time.sleep(1.5)
+    for org in orgs:
+        ids = [m["svix_id"] for m in receiver.of_org(org) if m["type"] == "lease.expired"]
+        assert len(ids) == 1, ids  # delivered once, though three runners saw it due
+    for twin in twins:
+        ray.kill(twin)
