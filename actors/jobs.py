@@ -36,6 +36,13 @@ log = logging.getLogger("metergate.jobs")
 JOBS_NAME = "metergate-jobs"
 LOCK_SWEEP = 7_310_101
 LOCK_OUTBOX = 7_310_102
+LOCK_METER = 7_310_103
+LOCK_PARITY = 7_310_104
+PARITY_EVERY_S = 300.0
+METER_GRACE_S = 120  # an hour is rolled up this long after it ends (late ticks land first)
+METER_BATCH = 500
+# Usage meters: (meter, rollup column). A meter event carries the hour's quantity.
+METERS = (("memory_mb_ms", "memory_mb_ms"), ("cpu_ms", "cpu_ms"), ("disk_mb_ms", "disk_mb_ms"))
 SWEEP_BATCH = 2_000
 SWEEP_ROUNDS = 50  # per run; what is left is taken by the next run
 OUTBOX_BATCH = 200
@@ -60,7 +67,7 @@ class SchedulerActor:
         self.started: asyncio.Task | None = None
         self.urls = [u.strip() for u in self.settings.webhook_urls.split(",") if u.strip()]
         self.signer = Webhook(self.settings.webhook_secret) if self.settings.webhook_secret else None
-        self.runs = {"sweep": 0, "outbox": 0, "skipped_locked": 0, "errors": 0}
+        self.runs = {"sweep": 0, "outbox": 0, "skipped_locked": 0, "errors": 0, "parity_drift": 0}
 
     async def _ensure_started(self) -> None:
         if self.started is None or (self.started.done() and self.started.exception() is not None):
@@ -83,12 +90,16 @@ class SchedulerActor:
         return {"runs": self.runs, "offset_us": clock.offset_us()}
 
     async def _loop(self) -> None:
-        last_sweep = 0.0
+        last_sweep = last_parity = 0.0
         while True:
             try:
+                if time.monotonic() - last_parity >= PARITY_EVERY_S:
+                    last_parity = time.monotonic()
+                    await self.parity()
                 if time.monotonic() - last_sweep >= SWEEP_EVERY_S:
                     last_sweep = time.monotonic()
                     await self.sweep()
+                    await self.meter_rollup()
                 await self.deliver_outbox()
             except Exception:  # noqa: BLE001 - a failed run is retried at the next tick
                 self.runs["errors"] += 1
@@ -98,7 +109,8 @@ class SchedulerActor:
     async def run_due(self) -> dict:
         """Run every job once now (the test clock does this after moving time)."""
         await self._ensure_started()
-        return {"sweep": await self.sweep(), "outbox": await self.deliver_outbox()}
+        return {"sweep": await self.sweep(), "meter": await self.meter_rollup(),
+                "outbox": await self.deliver_outbox()}
 
     async def advance_clock(self, seconds: int) -> dict:
         """Test clock only: move time forward for the whole service, then run what became due."""
@@ -117,6 +129,7 @@ class SchedulerActor:
 
     async def _locked(self, key: int, job):
         """Run job(conn) holding advisory lock `key` for its transaction; None if another holds it."""
+        await self._ensure_started()
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key):
@@ -147,6 +160,89 @@ class SchedulerActor:
             return {"advanced": advanced, "unknown": gone}
 
         return await self._locked(LOCK_SWEEP, job)
+
+    async def parity(self) -> dict | None:
+        """Each shard rebuilds its loaded orgs from the journal and compares them with memory."""
+        async def job(conn) -> dict:
+            results = await asyncio.gather(*(h.parity.remote() for h in self.router.handles))
+            drift = sorted(org_id for r in results for org_id in r["drift"])
+            self.runs["parity_drift"] = len(drift)  # the metric: orgs found drifted in the last run
+            for org_id in drift:
+                log.error("parity drift: org %s differs in memory from its journal", org_id)
+            return {"checked": sum(r["checked"] for r in results), "drift": drift}
+
+        return await self._locked(LOCK_PARITY, job)
+
+    async def meter_rollup(self) -> dict | None:
+        """Postpaid usage per org, meter and closed hour → meter events (shadow unless turned off)."""
+        settings = self.settings
+
+        async def job(conn) -> dict:
+            closed_before = store.us_to_dt(now_us() - METER_GRACE_S * 1_000_000)  # hours ended before this
+            bill_from = settings.stripe_meter_bill_from
+            status = "shadow" if settings.stripe_meter_shadow else "pending"
+            selects = " UNION ALL ".join(
+                f"SELECT '{meter}' AS meter, h, o, sum({column})::int8 AS v FROM hours GROUP BY o, h"
+                for meter, column in METERS)
+            inserted = await conn.fetchval(
+                "WITH hours AS (SELECT r.org_id AS o, date_trunc('hour', r.minute) AS h, r.*"
+                " FROM usage_rollups r JOIN orgs USING (org_id) WHERE orgs.billing_mode = 'postpaid'"
+                " AND r.minute < date_trunc('hour', $1::timestamptz)),"
+                f" buckets AS ({selects}),"
+                " ins AS (INSERT INTO meter_events (identifier, org_id, meter, hour, value, status)"
+                " SELECT 'mg_' || md5(o || '|' || meter || '|' || extract(epoch FROM h)::bigint), o, meter, h, v,"
+                " CASE WHEN $2::timestamptz IS NOT NULL AND h < $2 THEN 'consumed' ELSE $3 END"
+                " FROM buckets WHERE v > 0 ON CONFLICT (identifier) DO NOTHING RETURNING 1)"
+                " SELECT count(*) FROM ins", closed_before, bill_from, status)
+            moved = 0
+            if not settings.stripe_meter_shadow:  # shadow turned off: what it computed is billed from BILL_FROM
+                moved = int((await conn.execute(
+                    "UPDATE meter_events SET status = CASE WHEN $1::timestamptz IS NOT NULL AND hour < $1"
+                    " THEN 'consumed' ELSE 'pending' END WHERE status = 'shadow'", bill_from)).split()[-1])
+            sent, deferred = await self._send_meter_events(conn)
+            return {"new": inserted, "released": moved, "sent": sent, "deferred": deferred}
+
+        return await self._locked(LOCK_METER, job)
+
+    async def _send_meter_events(self, conn) -> tuple[int, int]:
+        """Send pending meter events; a 429 backs off the whole run, other failures back off the event."""
+        if self.settings.stripe_meter_shadow or not self.settings.stripe_secret_key:
+            return 0, 0
+        import stripe
+
+        rows = await conn.fetch(
+            "SELECT m.identifier, m.org_id, m.meter, m.hour, m.value, m.attempts, c.customer_id FROM meter_events m"
+            " LEFT JOIN stripe_customers c USING (org_id) WHERE m.status = 'pending' AND m.next_attempt_at <= $1"
+            " ORDER BY m.hour LIMIT $2", store.us_to_dt(now_us()), METER_BATCH)
+        base = {"api": self.settings.stripe_api_base} if self.settings.stripe_api_base else None
+        client = stripe.StripeClient(self.settings.stripe_secret_key, base_addresses=base, max_network_retries=0)
+        sent = deferred = 0
+        for row in rows:
+            error = None
+            if row["customer_id"] is None:
+                error = "org has no Stripe customer"
+            else:
+                params = {"event_name": f"{self.settings.stripe_meter_prefix}_{row['meter']}",
+                          "identifier": row["identifier"], "timestamp": int(row["hour"].timestamp()),
+                          "payload": {"stripe_customer_id": row["customer_id"], "value": str(row["value"])}}
+                try:
+                    await asyncio.to_thread(client.v1.billing.meter_events.create, params=params)
+                except stripe.RateLimitError:
+                    error = "429"
+                except stripe.StripeError as exc:
+                    error = f"{type(exc).__name__}: {exc.user_message or exc}"
+            if error is None:
+                sent += 1
+                await conn.execute("UPDATE meter_events SET status = 'sent', attempts = attempts + 1, sent_at = $2,"
+                                   " last_error = NULL WHERE identifier = $1", row["identifier"], store.us_to_dt(now_us()))
+                continue
+            deferred += 1
+            retry_at = now_us() + backoff_s(row["attempts"] + 1, self.settings.webhook_backoff_s) * 1_000_000
+            await conn.execute("UPDATE meter_events SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3"
+                               " WHERE identifier = $1", row["identifier"], error, store.us_to_dt(retry_at))
+            if error == "429":
+                break  # Stripe asks us to slow down: the rest waits for the next run
+        return sent, deferred
 
     async def deliver_outbox(self) -> dict | None:
         if not self.urls or self.signer is None:

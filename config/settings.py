@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator
@@ -56,6 +57,11 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1, le=100)
     webhook_backoff_s: int = Field(5, ge=1, le=3_600)  # then doubled per attempt, at most an hour
     test_clock: bool = False
+    # Stripe meter events for postpaid orgs: computed and stored but not sent while shadow is
+    # on; hours before bill_from are marked consumed and never billed.
+    stripe_meter_shadow: bool = True
+    stripe_meter_bill_from: datetime | None = None
+    stripe_meter_prefix: str = "metergate"
     # The scheduler (actors/jobs.py): off only for tools that must not run it.
     jobs_enabled: bool = True
 

@@ -26,6 +26,8 @@ from aiohttp import ClientSession, web
 sessions: dict[str, dict] = {}
 by_key: dict[str, dict] = {}
 webhooks: dict[str, dict] = {}
+meter_events: list[dict] = []  # every meter event request, with the status it got
+meter_failures = {"next": 0}
 counter = itertools.count(1)
 CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
 
@@ -155,6 +157,23 @@ async def complete_session(request: web.Request) -> web.Response:
     return web.json_response(session)
 
 
+async def create_meter_event(request: web.Request) -> web.Response:
+    """Stripe's Billing meter events (localstripe has none); answers 429 while told to."""
+    params = nested(urllib.parse.parse_qsl(await request.text()))
+    if meter_failures["next"] > 0:
+        meter_failures["next"] -= 1
+        meter_events.append({**params, "status": 429})
+        return web.json_response({"error": {"type": "rate_limit_error", "message": "Too many requests"}}, status=429)
+    meter_events.append({**params, "status": 200})
+    return web.json_response({"object": "billing.meter_event", **params})
+
+
+async def meter_control(request: web.Request) -> web.Response:
+    if request.method == "POST":
+        meter_failures["next"] = int((await request.json())["fail_next"])
+    return web.json_response(meter_events)
+
+
 async def config_webhook(request: web.Request) -> web.Response:
     data = await request.json()
     webhooks[request.match_info["name"]] = {"url": data["url"], "secret": data["secret"],
@@ -192,6 +211,8 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/_fake/sessions/{id}/complete", complete_session)
     application.router.add_post("/_config/webhooks/{name}", config_webhook)
     application.router.add_post("/v1/refunds", refund)
+    application.router.add_post("/v1/billing/meter_events", create_meter_event)
+    application.router.add_route("*", "/_fake/meter_events", meter_control)
     application.router.add_route("*", "/{tail:.*}", proxy)
     return application
 

@@ -211,3 +211,60 @@ def test_two_schedulers_at_once_apply_every_effect_once(service, admin, compute,
         assert len(ids) == 1, ids  # delivered once, though three runners saw it due
     for twin in twins:
         ray.kill(twin)
+
+
+def test_meter_events_shadow_then_sent_with_the_same_identifiers_after_a_429(service, admin, compute, sql, new_org):
+    from datetime import datetime, timedelta, timezone
+
+    from actors.jobs import SchedulerActor
+    from actors.placement import NAMESPACE
+
+    api = service.settings.stripe_api_base
+    org = new_org(billing_mode="postpaid")
+    assert admin.post(f"/v1/orgs/{org}/checkout/setup", json={}).status_code == 200  # its Stripe customer
+    customer = sql.val("SELECT customer_id FROM stripe_customers WHERE org_id = $1", org)
+    compute.post("/v1/leases", json={"org_id": org, "lease_id": "meter", "ttl_s": 86_400})
+    this_hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    earlier = this_hour - timedelta(hours=3)
+    ticks = [hour_tick(org, "early", "meter") | {"started_at": earlier.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                                   "duration_ms": 60_000},
+             hour_tick(org, "late", "meter") | {"started_at": this_hour.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                                  "duration_ms": 60_000}]
+    assert compute.post("/v1/usage", json={"ticks": ticks}).json()["accepted"] == 2
+    advance(admin, 3 * 3_600)  # both hours are closed now; the scheduler rolls them up, in shadow
+
+    def rows():
+        return {(r["meter"], r["hour"]): (r["identifier"], r["status"], r["value"]) for r in sql.fetch(
+            "SELECT identifier, meter, hour, status, value FROM meter_events WHERE org_id = $1", org)}
+
+    shadow = wait_for("shadow meter events", rows)
+    assert sorted(shadow) == sorted((m, h) for m in ("memory_mb_ms", "cpu_ms") for h in (earlier, this_hour))
+    assert {status for _, status, _ in shadow.values()} == {"shadow"}
+    assert shadow[("cpu_ms", this_hour)][2] == 2 * 60_000
+    assert [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
+            if e["payload"]["stripe_customer_id"] == customer] == []
+
+    # Shadow off, billing from this hour on; the first send meets a 429 and backs off.
+    settings = service.settings.model_copy(update={
+        "jobs_enabled": False, "stripe_meter_shadow": False, "stripe_meter_bill_from": this_hour}).model_dump_json()
+    billing = ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
+    httpx.post(f"{api}/_fake/meter_events", json={"fail_next": 1}, timeout=10)
+    first = ray.get(billing.meter_rollup.remote())
+    assert first["deferred"] == 1
+    time.sleep(1.2)  # the backoff: 1 s
+    for _ in range(10):
+        ray.get(billing.meter_rollup.remote())
+        if all(status != "pending" for _, status, _ in rows().values()):
+            break
+        time.sleep(1.0)
+    ray.kill(billing)
+    final = rows()
+    assert {k: v[1] for k, v in final.items()} == {("memory_mb_ms", earlier): "consumed", ("cpu_ms", earlier): "consumed",
+                                                   ("memory_mb_ms", this_hour): "sent", ("cpu_ms", this_hour): "sent"}
+    assert {k: v[0] for k, v in final.items()} == {k: v[0] for k, v in shadow.items()}  # the same identifiers
+    seen = [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
+            if e["payload"]["stripe_customer_id"] == customer]
+    sent_ids = {final[("memory_mb_ms", this_hour)][0], final[("cpu_ms", this_hour)][0]}
+    assert {e["identifier"] for e in seen} == sent_ids  # nothing before BILL_FROM was sent
+    assert sorted(e["status"] for e in seen) == [200, 200, 429]  # the 429'd one went again, same identifier
+    assert len([e for e in seen if e["status"] == 200]) == 2
