@@ -32,6 +32,9 @@ from actors.commands import (
     Resume,
     SetLimits,
     SetPlan,
+    InvoiceFailed,
+    InvoicePaid,
+    ResetPeriod,
     SetAutoRecharge,
     SetPaymentMethod,
     SetTier,
@@ -328,7 +331,34 @@ class OrgLedgerMachine(RuleBasedStateMachine):
                 self.apply(settle)
                 assert self.org.to_snapshot() == before
 
+    @rule(paid=st.booleans(), back_s=st.integers(0, 20 * 86_400))
+    def invoice_news(self, paid, back_s):
+        """Invoice events, possibly about the past (delivered late)."""
+        at = self.now - back_s * US_PER_S
+        if paid:
+            was_past_due = self.org.dunning is not None
+            self.apply(InvoicePaid(at))
+            if was_past_due and self.org.dunning is None:
+                assert not self.org.suspended and self.org.past_due_since_us is None
+        else:
+            self.apply(InvoiceFailed(at, 3 * 86_400, 7 * 86_400, 14 * 86_400, "free", 1))
+
+    @rule(back_s=st.integers(-86_400, 86_400))
+    def subscription_period(self, back_s):
+        self.apply(ResetPeriod(self.now - back_s * US_PER_S))
+
     # ----- invariants -----------------------------------------------------------------
+
+    @invariant()
+    def dunning_steps_follow_the_clock(self):
+        dunning = self.org.dunning
+        if dunning is None:
+            assert not self.org.suspended
+            return
+        elapsed = self.applied_us - dunning.since_us
+        limits = (dunning.suspend_after_s, dunning.degrade_after_s, dunning.downgrade_after_s)
+        assert dunning.step == sum(1 for s in limits if elapsed >= s * US_PER_S)
+        assert self.org.suspended == (dunning.step >= 1 and not self.org.paid_invoice)
 
     @invariant()
     def balance_is_the_sum_of_every_ledger_entry(self):

@@ -268,3 +268,18 @@ def test_meter_events_shadow_then_sent_with_the_same_identifiers_after_a_429(ser
     assert {e["identifier"] for e in seen} == sent_ids  # nothing before BILL_FROM was sent
     assert sorted(e["status"] for e in seen) == [200, 200, 429]  # the 429'd one went again, same identifier
     assert len([e for e in seen if e["status"] == 200]) == 2
+
+
+def test_the_month_summary_closes_with_the_month_and_recomputes_identically(admin, compute, new_org):
+    org = new_org()
+    compute.post("/v1/leases", json={"org_id": org, "lease_id": "mm", "ttl_s": 86_400})
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"mm_{n}", "mm") for n in range(3)]})
+    before = admin.get(f"/v1/orgs/{org}/months").json()["months"]
+    assert [m["status"] for m in before] == ["open"]
+    advance(admin, 32 * DAY_S)
+    after = admin.get(f"/v1/orgs/{org}/months").json()
+    assert admin.get(f"/v1/orgs/{org}/months").json() == after  # recomputed, the same
+    (month,) = [m for m in after["months"] if m["month"] == before[0]["month"]]
+    assert month == {**before[0], "status": "closed"}
+    assert (month["spend_micros"], month["credits_applied_micros"], month["usage_hours"]) == (
+        3 * HOUR_TICK_MICROS, 3 * HOUR_TICK_MICROS, 3.0)
