@@ -15,6 +15,7 @@ import logging
 
 import stripe
 
+from actors.clock import now_us
 from actors.commands import SettleRecharge
 from actors.org import MICROS_PER_CENT, ChargeRequest
 from config.settings import Settings
@@ -22,6 +23,10 @@ from config.settings import Settings
 log = logging.getLogger("metergate.charger")
 
 RETRY_DELAYS_S = (0.5, 2.0, 8.0)  # then the charge stays pending; the shard tries again later
+# Stripe keeps an idempotency key for 24 hours. A charge still unsettled after this long is
+# given up (settled as failed, auto-recharge paused) rather than sent again under a key Stripe
+# may have forgotten; if Stripe did take the money, its payment_intent.succeeded credits it.
+GIVE_UP_AFTER_US = 23 * 3_600 * 1_000_000
 
 
 class StripeUnavailable(Exception):
@@ -32,6 +37,7 @@ class Charger:
     def __init__(self, settings: Settings, pool) -> None:
         self.pool = pool
         self.client: stripe.StripeClient | None = None
+        self.methods: dict[str, str] = {}  # idempotency key -> the card its first attempt used
         if settings.stripe_secret_key:
             base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
             self.client = stripe.StripeClient(settings.stripe_secret_key, base_addresses=base,
@@ -41,6 +47,8 @@ class Charger:
         """The outcome to settle, or None when Stripe could not be reached (still pending)."""
         if self.client is None:
             return self._failed(request, None, "stripe_not_configured")
+        if request.requested_us and now_us() - request.requested_us > GIVE_UP_AFTER_US:
+            return self._failed(request, None, "unconfirmed_after_23h")
         async with self.pool.acquire() as conn:
             customer = await conn.fetchval(
                 "SELECT customer_id FROM stripe_customers WHERE org_id = $1", request.org_id)
@@ -58,9 +66,11 @@ class Charger:
     def _charge_now(self, request: ChargeRequest, customer: str) -> SettleRecharge | None:
         client = self.client
         try:
-            method = self._payment_method(customer)
+            # Every attempt of one charge sends the same parameters, or Stripe refuses the key.
+            method = self.methods.get(request.idempotency_key) or self._payment_method(customer)
             if method is None:
                 return self._failed(request, None, "no_payment_method")
+            self.methods[request.idempotency_key] = method
             intent = client.v1.payment_intents.create(params={
                 "amount": request.amount_micros // MICROS_PER_CENT, "currency": "usd",
                 "customer": customer, "payment_method": method, "off_session": True, "confirm": True,
@@ -68,18 +78,25 @@ class Charger:
                              "amount_micros": str(request.amount_micros)},
             }, options={"idempotency_key": request.idempotency_key})
         except stripe.CardError as exc:
+            self.methods.pop(request.idempotency_key, None)
             intent = (exc.error.payment_intent if exc.error else None) or {}
             return self._failed(request, intent.get("id"), exc.code or "card_declined")
-        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.IdempotencyError) as exc:
+            # Not an answer about the charge (an idempotency error means an attempt is in
+            # flight or was sent otherwise): it stays pending, never "failed" on a guess.
             raise StripeUnavailable(str(exc)) from None
         except stripe.StripeError as exc:
-            if exc.http_status is None or exc.http_status >= 500:
+            if exc.http_status is None or exc.http_status >= 500 or exc.http_status == 409:
                 raise StripeUnavailable(str(exc)) from None
             return self._failed(request, None, exc.code or "stripe_refused")
+        if intent.status != "processing":
+            self.methods.pop(request.idempotency_key, None)
         if intent.status == "succeeded":
             return SettleRecharge.of_payment(request.charge_id, True, intent.amount * MICROS_PER_CENT, intent.id)
         if intent.status == "processing":
-            return None  # Stripe reports the outcome with payment_intent.succeeded / payment_failed
+            # The outcome comes with payment_intent.succeeded / payment_failed; until then the
+            # shard asks again every few minutes, same key, so Stripe answers with this intent.
+            return None
         return self._failed(request, intent.id, intent.status)  # e.g. requires_action: off session, a failure
 
     def _payment_method(self, customer_id: str) -> str | None:

@@ -107,16 +107,21 @@ class InvoiceFailed(msgspec.Struct, tag="inv_failed", array_like=True):
     downgrade_after_s: int
     free_plan_id: str
     free_plan_version: int
+    invoice_id: str | None = None
 
 
 class InvoicePaid(msgspec.Struct, tag="inv_paid", array_like=True):
     as_of_us: int
+    invoice_id: str | None = None
+    amount_paid: int | None = None  # cents; 0: not a payment (a trial or proration invoice)
 
 
 class ResetPeriod(msgspec.Struct, tag="period", array_like=True):
-    """A subscription's current_period_start (µs): when it moves, the quota period restarts."""
+    """A subscription's current period [anchor_us, end_us): when its start moves, the quota
+    period restarts; from then on the org's periods follow the subscription's."""
 
     anchor_us: int
+    end_us: int | None = None
 
 
 class SetLimits(msgspec.Struct, tag="limits", array_like=True):
@@ -200,11 +205,12 @@ def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: in
         case InvoiceFailed():
             org.invoice_failed(command.since_us, command.suspend_after_s, command.degrade_after_s,
                                command.downgrade_after_s,
-                               catalog.plan_version(command.free_plan_id, command.free_plan_version), now_us, fx)
-        case InvoicePaid(as_of_us=as_of_us):
-            org.invoice_paid(as_of_us, now_us, fx)
-        case ResetPeriod(anchor_us=anchor_us):
-            org.reset_period(anchor_us, now_us, fx)
+                               catalog.plan_version(command.free_plan_id, command.free_plan_version), now_us, fx,
+                               command.invoice_id)
+        case InvoicePaid(as_of_us=as_of_us, invoice_id=invoice_id, amount_paid=amount_paid):
+            org.invoice_paid(as_of_us, now_us, fx, invoice_id, amount_paid)
+        case ResetPeriod(anchor_us=anchor_us, end_us=end_us):
+            org.reset_period(anchor_us, end_us, now_us, fx)
         case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):
             org.set_limits(max_disk_mb, quotas, now_us, fx)
         case Advance():

@@ -41,6 +41,8 @@ LOCK_PARITY = 7_310_104
 PARITY_EVERY_S = 300.0
 METER_GRACE_S = 120  # an hour is rolled up this long after it ends (late ticks land first)
 METER_BATCH = 500
+METER_LOOKBACK_S = 35 * 86_400  # Stripe takes meter events up to 35 days old
+METER_EVERY_S = 60.0
 # Usage meters: (meter, rollup column). A meter event carries the hour's quantity.
 METERS = (("memory_mb_ms", "memory_mb_ms"), ("cpu_ms", "cpu_ms"), ("disk_mb_ms", "disk_mb_ms"))
 SWEEP_BATCH = 2_000
@@ -90,7 +92,7 @@ class SchedulerActor:
         return {"runs": self.runs, "offset_us": clock.offset_us()}
 
     async def _loop(self) -> None:
-        last_sweep = last_parity = 0.0
+        last_sweep = last_parity = last_meter = 0.0
         while True:
             try:
                 if time.monotonic() - last_parity >= PARITY_EVERY_S:
@@ -99,6 +101,8 @@ class SchedulerActor:
                 if time.monotonic() - last_sweep >= SWEEP_EVERY_S:
                     last_sweep = time.monotonic()
                     await self.sweep()
+                if time.monotonic() - last_meter >= METER_EVERY_S:
+                    last_meter = time.monotonic()
                     await self.meter_rollup()
                 await self.deliver_outbox()
             except Exception:  # noqa: BLE001 - a failed run is retried at the next tick
@@ -140,24 +144,30 @@ class SchedulerActor:
     async def sweep(self) -> dict | None:
         async def job(conn) -> dict:
             advanced, gone = 0, 0
-            previous: list[str] = []
+            failed: list[str] = []  # left for the next run (a shard down); never asked again in this one
             for _ in range(SWEEP_ROUNDS):
                 now = store.us_to_dt(now_us())
                 org_ids = [r["org_id"] for r in await conn.fetch(
-                    "SELECT org_id FROM org_due WHERE due_at <= $1 ORDER BY due_at LIMIT $2", now, SWEEP_BATCH)]
-                if not org_ids or org_ids == previous:
-                    break  # nothing due, or nothing moved (a shard is down): the next run retries
-                previous = org_ids
+                    "SELECT org_id FROM org_due WHERE due_at <= $1 AND org_id <> ALL($3::text[])"
+                    " ORDER BY due_at LIMIT $2", now, SWEEP_BATCH, failed)]
+                if not org_ids:
+                    break
                 results = await asyncio.gather(*(self.router.command(o, Advance()) for o in org_ids),
                                                return_exceptions=True)
                 unknown = [o for o, r in zip(org_ids, results)
                            if isinstance(r, dict) and r.get("error", {}).get("code") == "unknown_org"]
                 if unknown:
                     await conn.execute("DELETE FROM org_due WHERE org_id = ANY($1::text[])", unknown)
-                advanced += sum(1 for r in results if isinstance(r, dict) and "state" in r)
+                done = [o for o, r in zip(org_ids, results) if isinstance(r, dict) and "state" in r]
+                # An org whose due time did not move (its Advance failed, or changed nothing it
+                # tracks) is not asked again in this run.
+                still = await conn.fetch("SELECT org_id FROM org_due WHERE org_id = ANY($1::text[]) AND due_at <= $2",
+                                         org_ids, now)
+                failed += [r["org_id"] for r in still]
+                advanced += len(done)
                 gone += len(unknown)
             self.runs["sweep"] += 1
-            return {"advanced": advanced, "unknown": gone}
+            return {"advanced": advanced, "unknown": gone, "left": len(failed)}
 
         return await self._locked(LOCK_SWEEP, job)
 
@@ -181,19 +191,28 @@ class SchedulerActor:
             closed_before = store.us_to_dt(now_us() - METER_GRACE_S * 1_000_000)  # hours ended before this
             bill_from = settings.stripe_meter_bill_from
             status = "shadow" if settings.stripe_meter_shadow else "pending"
-            selects = " UNION ALL ".join(
-                f"SELECT '{meter}' AS meter, h, o, sum({column})::int8 AS v FROM hours GROUP BY o, h"
-                for meter, column in METERS)
+            # Each (org, meter, hour) bucket is compared with what meter events already carry:
+            # usage that lands late (a retried batch) becomes one more event with the
+            # difference, numbered after the ones before it, so its identifier is fixed too.
+            selects = " UNION ALL ".join(f"SELECT o, h, '{meter}' AS meter, {column} AS v FROM hours"
+                                         for meter, column in METERS)
             inserted = await conn.fetchval(
-                "WITH hours AS (SELECT r.org_id AS o, date_trunc('hour', r.minute) AS h, r.*"
+                "WITH hours AS (SELECT r.org_id AS o, date_trunc('hour', r.minute) AS h,"
+                " sum(r.memory_mb_ms)::int8 AS memory_mb_ms, sum(r.cpu_ms)::int8 AS cpu_ms,"
+                " sum(r.disk_mb_ms)::int8 AS disk_mb_ms"
                 " FROM usage_rollups r JOIN orgs USING (org_id) WHERE orgs.billing_mode = 'postpaid'"
-                " AND r.minute < date_trunc('hour', $1::timestamptz)),"
+                " AND r.minute < date_trunc('hour', $1::timestamptz) AND r.minute >= $4 GROUP BY 1, 2),"
                 f" buckets AS ({selects}),"
+                " known AS (SELECT org_id AS o, meter, hour AS h, sum(value)::int8 AS v, count(*) AS n"
+                " FROM meter_events WHERE hour >= date_trunc('hour', $4::timestamptz) GROUP BY 1, 2, 3),"
                 " ins AS (INSERT INTO meter_events (identifier, org_id, meter, hour, value, status)"
-                " SELECT 'mg_' || md5(o || '|' || meter || '|' || extract(epoch FROM h)::bigint), o, meter, h, v,"
-                " CASE WHEN $2::timestamptz IS NOT NULL AND h < $2 THEN 'consumed' ELSE $3 END"
-                " FROM buckets WHERE v > 0 ON CONFLICT (identifier) DO NOTHING RETURNING 1)"
-                " SELECT count(*) FROM ins", closed_before, bill_from, status)
+                " SELECT 'mg_' || md5(b.o || '|' || b.meter || '|' || extract(epoch FROM b.h)::bigint"
+                " || '|' || coalesce(k.n, 0)), b.o, b.meter, b.h, b.v - coalesce(k.v, 0),"
+                " CASE WHEN $2::timestamptz IS NOT NULL AND b.h < $2 THEN 'consumed' ELSE $3 END"
+                " FROM buckets b LEFT JOIN known k ON k.o = b.o AND k.meter = b.meter AND k.h = b.h"
+                " WHERE b.v > coalesce(k.v, 0) ON CONFLICT (identifier) DO NOTHING RETURNING 1)"
+                " SELECT count(*) FROM ins", closed_before, bill_from, status,
+                store.us_to_dt(now_us() - METER_LOOKBACK_S * 1_000_000))
             moved = 0
             if not settings.stripe_meter_shadow:  # shadow turned off: what it computed is billed from BILL_FROM
                 moved = int((await conn.execute(
@@ -293,11 +312,13 @@ class SchedulerActor:
         headers = {"content-type": "application/json", "svix-id": message_id,
                    "svix-timestamp": str(int(sent_at.timestamp())),
                    "svix-signature": self.signer.sign(message_id, sent_at, body)}
-        for url in self.urls:
+        errors = []
+        for url in self.urls:  # one URL down does not keep the event from the others
             try:
                 response = await client.post(url, content=body, headers=headers)
             except httpx.HTTPError as exc:
-                return f"{url}: {type(exc).__name__}"
+                errors.append(f"{url}: {type(exc).__name__}")
+                continue
             if not 200 <= response.status_code < 300:
-                return f"{url}: HTTP {response.status_code}"
-        return None
+                errors.append(f"{url}: HTTP {response.status_code}")
+        return "; ".join(errors) or None

@@ -26,6 +26,7 @@ MAX_GRANTS_PER_ORG = 1_000
 MAX_AMOUNT_MICROS = 10**12  # 1,000,000 USD in one ledger operation
 MAX_TTL_S = 86_400
 MICROS_PER_CENT = 10_000  # card charges are whole cents
+MAX_CHARGE_MICROS = 10**10  # one auto-recharge charge: at most 10,000 USD (Stripe's cap is 999,999.99)
 US_PER_DAY = 86_400 * US_PER_S
 
 PROMOTIONAL_KINDS = frozenset({"signup_grant", "grant"})
@@ -130,6 +131,7 @@ class ChargeRequest(msgspec.Struct, frozen=True):
     charge_id: str
     amount_micros: int
     idempotency_key: str
+    requested_us: int = 0
 
 
 class Effects:
@@ -171,6 +173,7 @@ class Dunning(msgspec.Struct, array_like=True):
     free_plan: Plan
     step: int = 0
     prior_plan: Plan | None = None
+    invoice_ids: list[str] | None = None  # the unpaid invoices; paying them all ends dunning
 
 
 class AutoRecharge(msgspec.Struct, array_like=True):
@@ -642,7 +645,7 @@ class OrgBillingActor:
         r = self.recharge
         short = r.threshold_micros - balance + 1
         needed = -(-short // MICROS_PER_CENT) * MICROS_PER_CENT
-        return min(max(r.amount_micros, needed), MAX_AMOUNT_MICROS)
+        return min(max(r.amount_micros, needed), MAX_CHARGE_MICROS)
 
     def _maybe_recharge(self, now_us: int, fx: Effects) -> None:
         r = self.recharge
@@ -670,13 +673,24 @@ class OrgBillingActor:
         r.pending_since_us = now_us
         fx.charges.append(self.pending_charge())
 
+    def _recharge_retry_us(self) -> int | None:
+        """When a charge held back by the cooldown or the daily cap may go out, if one is wanted."""
+        r = self.recharge
+        if (r is None or not r.enabled or r.pending_id is not None or r.paused is not None
+                or not self.has_payment_method or self.balance_micros >= r.threshold_micros):
+            return None
+        at = r.last_us + r.cooldown_s * US_PER_S if r.last_us else 0
+        if r.day_count >= r.max_per_day:
+            at = max(at, (r.day + 1) * US_PER_DAY)
+        return at or None
+
     def pending_charge(self) -> ChargeRequest | None:
         """The charge in flight, as the charger makes it; the same key every time it is asked."""
         r = self.recharge
         if r is None or r.pending_id is None:
             return None
         key = f"metergate:{self.org_id}:{self.created_us}:auto_recharge:{r.pending_id}"
-        return ChargeRequest(self.org_id, r.pending_id, r.pending_micros, key)
+        return ChargeRequest(self.org_id, r.pending_id, r.pending_micros, key, r.pending_since_us)
 
     def settle_recharge(self, charge_id: str, succeeded: bool, amount_micros: int,
                         payment_id: str | None, reason: str | None, now_us: int,
@@ -741,6 +755,10 @@ class OrgBillingActor:
                     break
         if self.dunning is not None:
             self._dunning_steps(now_us, fx)
+        if self.recharge is not None:
+            # A charge held back by the cooldown or the daily cap goes out once that ends, even
+            # if no debit comes (a halted org sends none): the scheduler wakes the org for it.
+            self._maybe_recharge(now_us, fx)
         if new_period:
             # The new period's quota is money to spend: a halt for lack of money lifts, as
             # after a credit; after the grant expiry above, so it never lifts then re-halts.
@@ -755,6 +773,9 @@ class OrgBillingActor:
         for lease in (self.leases or {}).values():
             if lease.expires_at_us < due:
                 due = lease.expires_at_us
+        retry = self._recharge_retry_us()
+        if retry is not None:
+            due = min(due, retry)
         dunning = self.dunning
         if dunning is not None and dunning.step < 3:
             after = (dunning.suspend_after_s, dunning.degrade_after_s, dunning.downgrade_after_s)[dunning.step]
@@ -764,37 +785,59 @@ class OrgBillingActor:
     def _start_period(self, now_us: int, fx: Effects | None, plan: Plan | None = None) -> None:
         """Archive the running period (in `fx`) and start the one containing now_us, on `plan`
         or else on the version of the current plan in effect then."""
-        if fx is not None and self.period_key and now_us > self.period_start_us:
+        old_start, old_end = self.period_start_us, self.period_end_us
+        if fx is not None and self.period_key and now_us > old_start:
             fx.periods.append(ClosedPeriod(
-                self.org_id, self.period_key, self.period_start_us, min(self.period_end_us, now_us),
+                self.org_id, self.period_key, old_start, min(old_end, now_us),
                 self.period_usage_micros, self.quota_used_micros, self.plan.id, self.plan.version))
         self.plan = plan or plan_for_period(self.plan, now_us)
-        key, start, end = period_bounds(self.plan.period, now_us)
+        if (plan is None and self.period_anchor_us and old_start < old_end <= now_us
+                and self.period_anchor_us < old_end):
+            # A subscription sets the periods: the next one starts where the last one ended and
+            # is as long, until Stripe's next period says otherwise (reset_period).
+            length = old_end - max(old_start, self.period_anchor_us)
+            start = old_end + (now_us - old_end) // length * length
+            end = start + length
+            key = "sub-" + us_to_rfc3339(start)[:10]
+        else:
+            key, start, end = period_bounds(self.plan.period, now_us)
+            if plan is not None or self.period_key and old_end > now_us:
+                start = now_us  # cut short mid-period (a plan switch): the new one starts now
         self.period_key = sys.intern(key)
         self.period_start_us, self.period_end_us = start, end
         self.period_usage_micros = 0
         self.quota_used_micros = 0
         self.thresholds_fired = 0
 
-    def reset_period(self, anchor_us: int, now_us: int, fx: Effects) -> bool:
-        """A subscription period began (Stripe's current_period_start moved): the quota resets
-        now. The first anchor only records it; the same or an older one changes nothing."""
+    def reset_period(self, anchor_us: int, end_us: int | None, now_us: int, fx: Effects) -> bool:
+        """Stripe's subscription period [anchor_us, end_us) from now on sets the org's periods.
+
+        The first one aligns the running period's end with it. A later one whose start moved
+        past the start of the running period begins a new period now, quota reset, the old one
+        archived. If the running period already began at or after it (it rolled over at the
+        renewal), only its end is aligned. The same or an older anchor changes nothing.
+        """
         self.advance(now_us, fx)
         if anchor_us <= self.period_anchor_us:
             return False
         first = self.period_anchor_us == 0
         self.period_anchor_us = anchor_us
-        if first:
-            return False
-        self._start_period(now_us, fx)
-        self.period_start_us = now_us  # archived periods stay distinct within one calendar period
-        self._resume_if_funded("period", now_us, fx)
-        return True
+        reset = not first and anchor_us > self.period_start_us
+        if reset:
+            self._start_period(now_us, fx)
+            self.period_start_us = now_us
+            self.period_key = sys.intern("sub-" + us_to_rfc3339(now_us)[:10])
+        if end_us is not None and end_us > now_us:
+            self.period_end_us = end_us
+        if reset:
+            self._resume_if_funded("period", now_us, fx)
+        return reset
 
     # ----- dunning ------------------------------------------------------------------------
 
     def invoice_failed(self, since_us: int, suspend_after_s: int, degrade_after_s: int,
-                       downgrade_after_s: int, free_plan: Plan, now_us: int, fx: Effects) -> bool:
+                       downgrade_after_s: int, free_plan: Plan, now_us: int, fx: Effects,
+                       invoice_id: str | None = None) -> bool:
         """An invoice payment failed at `since_us`: the past-due clock starts (once)."""
         self.advance(now_us, fx)
         if since_us < self.invoice_as_of_us:
@@ -804,18 +847,32 @@ class OrgBillingActor:
             self.past_due_since_us = since_us
             self.dunning = Dunning(since_us, suspend_after_s, degrade_after_s, downgrade_after_s, free_plan)
             self._dunning_steps(now_us, fx)
+        if invoice_id is not None and invoice_id not in (self.dunning.invoice_ids or ()):
+            self.dunning.invoice_ids = (self.dunning.invoice_ids or []) + [invoice_id]
         return True
 
-    def invoice_paid(self, as_of_us: int, now_us: int, fx: Effects) -> bool:
-        """An invoice was paid: everything dunning did is undone at once."""
+    def invoice_paid(self, as_of_us: int, now_us: int, fx: Effects, invoice_id: str | None = None,
+                     amount_paid: int | None = None) -> bool:
+        """An invoice was paid. Once every invoice that failed is paid, everything dunning did
+        is undone at once. A zero-amount invoice (a trial, a proration) proves nothing."""
         self.advance(now_us, fx)
-        if as_of_us < self.invoice_as_of_us:
+        if amount_paid == 0:
             return False
-        self.invoice_as_of_us = as_of_us
-        self.paid_invoice = True
         dunning = self.dunning
+        unpaid = dunning.invoice_ids if dunning is not None else None
+        if invoice_id is None or unpaid is None:
+            if as_of_us < self.invoice_as_of_us:
+                return False  # an older payment: the failure since then stands
+            self.invoice_as_of_us = as_of_us
+        self.paid_invoice = True
         if dunning is None:
             return True
+        if unpaid is not None and invoice_id is not None:
+            if invoice_id not in unpaid:
+                return True  # another invoice: the failed one is still unpaid
+            dunning.invoice_ids = [i for i in unpaid if i != invoice_id] or None
+            if dunning.invoice_ids:
+                return True
         was_suspended = self.suspended
         self.dunning, self.past_due_since_us, self.suspended = None, None, False
         if dunning.prior_plan is not None:

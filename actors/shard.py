@@ -45,6 +45,7 @@ IDLE_SNAPSHOT_AFTER_S = 2
 HOUSEKEEPING_EVERY_S = 1.0
 TICK_PRUNE_EVERY_S = 60.0
 RECHARGE_SCAN_EVERY_S = 30.0
+PARITY_CHUNK = 500  # orgs checked per pause of the commit loop
 RECHARGE_RETRY_AFTER_S = 120  # a pending charge with no charger running is tried again after this
 
 
@@ -158,29 +159,37 @@ class ShardActor:
         return {"shard": self.shard, "epoch": self.epoch, "slots": len(self.slots), "pid": os.getpid()}
 
     async def parity(self) -> dict:
-        """Rebuild every loaded org from Postgres and compare it with memory; runs between commits."""
-        await self._ensure_started()
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.pending.append(("parity", done))
-        self.wake.set()
-        return await done
+        """Rebuild every loaded org from Postgres and compare it with memory.
 
-    async def _parity_now(self) -> dict:
-        checked, drift = 0, []
+        Each chunk of orgs is checked between two commits (memory then equals what is
+        committed), and commits go on between chunks.
+        """
+        await self._ensure_started()
         org_ids = list(self.orgs)
-        for start in range(0, len(org_ids), 1_000):
-            async with self.pool.acquire() as conn:
-                rows = await store.load_orgs(conn, org_ids[start:start + 1_000])
-            for org_id, (seq, state, entries) in rows.items():
-                lo = self.orgs.get(org_id)
-                if lo is None or lo.seq != seq + len(entries):
-                    continue  # passivated or moved on meanwhile: next time
-                checked += 1
-                if self._replayed(state, entries).to_snapshot() != lo.org.to_snapshot():
-                    drift.append(org_id)
-                    log.error("parity: org %s on shard %s differs from its journal", org_id, self.shard)
+        checked, drift = 0, []
+        for start in range(0, len(org_ids), PARITY_CHUNK):
+            done: asyncio.Future = asyncio.get_running_loop().create_future()
+            self.pending.append(("parity", done, org_ids[start:start + PARITY_CHUNK]))
+            self.wake.set()
+            part = await done
+            checked += part["checked"]
+            drift += part["drift"]
         self.stats_parity_drift = len(drift)
         return {"shard": self.shard, "checked": checked, "drift": drift}
+
+    async def _parity_now(self, org_ids: list[str]) -> dict:
+        checked, drift = 0, []
+        async with self.pool.acquire() as conn:
+            rows = await store.load_orgs(conn, [o for o in org_ids if o in self.orgs])
+        for org_id, (seq, state, entries) in rows.items():
+            lo = self.orgs.get(org_id)
+            if lo is None or lo.seq != seq + len(entries):
+                continue  # passivated or moved on meanwhile: next time
+            checked += 1
+            if self._replayed(state, entries).to_snapshot() != lo.org.to_snapshot():
+                drift.append(org_id)
+                log.error("parity: org %s on shard %s differs from its journal", org_id, self.shard)
+        return {"checked": checked, "drift": drift}
 
     async def drain(self) -> dict:
         """Wait for everything queued to commit, then snapshot every org with a journal tail."""
@@ -396,7 +405,8 @@ class ShardActor:
     async def _commit(self, batch: list) -> None:
         if isinstance(batch[0], tuple):
             marker = batch[0][0]
-            result = await (self._parity_now() if marker == "parity" else self._snapshot_dirty(only_idle=False))
+            result = await (self._parity_now(batch[0][2]) if marker == "parity"
+                            else self._snapshot_dirty(only_idle=False))
             if not batch[0][1].done():
                 batch[0][1].set_result(result)
             return

@@ -106,7 +106,9 @@ class ClockAdvanceBody(StrictModel):
 
 class AutoRechargeBody(StrictModel):
     enabled: bool
-    threshold_micros: Annotated[int, Field(ge=0, le=10**12)] | None = None
+    # Charged when the balance goes under it: at least 1 µUSD, or an org that runs down to
+    # exactly zero (and halts) would never be recharged.
+    threshold_micros: Annotated[int, Field(ge=1, le=10**10)] | None = None
     amount_micros: Annotated[int, Field(ge=500_000, le=10**10)] | None = None  # Stripe's least charge is 0.50 USD
     max_per_day: Annotated[int, Field(ge=1, le=100)] = 3
 

@@ -59,17 +59,19 @@ def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None,
             return [(org_id, SetPaymentMethod(True))]
         if kind in ("customer.subscription.created", "customer.subscription.updated"):
             commands = _subscription(obj, catalog, as_of_us)
-            if obj.get("current_period_start"):
-                commands.append(ResetPeriod(int(obj["current_period_start"]) * 1_000_000))
+            period = _current_period(obj)
+            if period is not None:
+                commands.append(ResetPeriod(*period))
             return [(org_id, c) for c in commands]
         if kind == "invoice.payment_failed" and dunning is not None:
             free = catalog.current_plan(dunning.free_plan, as_of_us)
             if free is None:
                 raise EventError(f"the dunning free plan {dunning.free_plan!r} is not in the catalog")
             return [(org_id, InvoiceFailed(as_of_us, dunning.suspend_after_s, dunning.degrade_after_s,
-                                           dunning.downgrade_after_s, free.id, free.version))]
+                                           dunning.downgrade_after_s, free.id, free.version, _str(obj.get("id"))))]
         if kind in ("invoice.paid", "invoice.payment_succeeded"):
-            return [(org_id, InvoicePaid(as_of_us))]
+            paid = obj.get("amount_paid")
+            return [(org_id, InvoicePaid(as_of_us, _str(obj.get("id")), int(paid) if paid is not None else None))]
         if kind == "customer.subscription.deleted":
             return [(org_id, _base_tier(catalog, as_of_us))]
         if kind == "charge.refunded":
@@ -106,6 +108,22 @@ def _subscription(subscription: dict, catalog: Catalog, as_of_us: int) -> list[C
     if status in ("active", "trialing") and tier in PAID_TIERS:
         return [SetTier(tier, catalog.tiers[tier], as_of_us)]
     return []
+
+
+def _str(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _current_period(subscription: dict) -> tuple[int, int | None] | None:
+    """The subscription's current period in µs; newer API versions keep it on the items."""
+    holder = subscription
+    if not holder.get("current_period_start"):
+        items = (subscription.get("items") or {}).get("data") or []
+        holder = items[0] if items and isinstance(items[0], dict) else {}
+    start, end = holder.get("current_period_start"), holder.get("current_period_end")
+    if not start:
+        return None
+    return int(start) * 1_000_000, int(end) * 1_000_000 if end else None
 
 
 def _base_tier(catalog: Catalog, as_of_us: int) -> SetTier:

@@ -28,6 +28,7 @@ by_key: dict[str, dict] = {}
 webhooks: dict[str, dict] = {}
 meter_events: list[dict] = []  # every meter event request, with the status it got
 meter_failures = {"next": 0}
+intent_failures = {"next": 0}  # POST /v1/payment_intents answered 500 while > 0 (Stripe having a bad minute)
 counter = itertools.count(1)
 CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
 
@@ -174,6 +175,20 @@ async def meter_control(request: web.Request) -> web.Response:
     return web.json_response(meter_events)
 
 
+async def create_payment_intent(request: web.Request) -> web.Response:
+    if intent_failures["next"] > 0:
+        intent_failures["next"] -= 1
+        return web.json_response({"error": {"type": "api_error", "message": "Stripe is having a bad minute"}},
+                                 status=500)
+    return await proxy(request)
+
+
+async def intent_control(request: web.Request) -> web.Response:
+    if request.method == "POST":
+        intent_failures["next"] = int((await request.json())["fail_next"])
+    return web.json_response(intent_failures)
+
+
 async def config_webhook(request: web.Request) -> web.Response:
     data = await request.json()
     webhooks[request.match_info["name"]] = {"url": data["url"], "secret": data["secret"],
@@ -212,6 +227,8 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/_config/webhooks/{name}", config_webhook)
     application.router.add_post("/v1/refunds", refund)
     application.router.add_post("/v1/billing/meter_events", create_meter_event)
+    application.router.add_post("/v1/payment_intents", create_payment_intent)
+    application.router.add_route("*", "/_fake/payment_intents", intent_control)
     application.router.add_route("*", "/_fake/meter_events", meter_control)
     application.router.add_route("*", "/{tail:.*}", proxy)
     return application

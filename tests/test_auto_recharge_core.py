@@ -150,3 +150,17 @@ def test_the_pending_charge_survives_snapshot_and_replay():
     replay(rebuilt, JOURNAL_DECODER.decode(JOURNAL_ENCODER.encode(journal[-1:])), CATALOG)
     assert rebuilt.to_snapshot() == org.to_snapshot()
     assert rebuilt.pending_charge() is None
+
+
+def test_a_charge_held_back_by_the_cooldown_goes_out_when_time_alone_passes():
+    org, _ = armed(threshold=4 * US, amount=1 * US, cooldown_s=60)
+    (charge,) = spend(org, 2 * US, T0 + US).charges  # 3 USD left: ar_1 for 1.01 USD
+    org.settle_recharge(charge.charge_id, True, charge.amount_micros, "pi_1", None, T0 + 2 * US, Effects())
+    fx = spend(org, 10 * US, T0 + 3 * US)  # drained within the cooldown: halted, no charge
+    assert fx.charges == [] and org.halted == "balance"
+    assert org.next_due_us() == T0 + US + 60 * US  # the scheduler wakes it when the cooldown ends
+    fx = Effects()
+    org.advance(org.next_due_us(), fx)  # no debit comes from a halted org; time does it
+    assert [c.charge_id for c in fx.charges] == ["ar_2"]
+    org.settle_recharge("ar_2", True, fx.charges[0].amount_micros, "pi_2", None, T0 + 70 * US, Effects())
+    assert org.halted is None and org.balance_micros > 4 * US

@@ -167,3 +167,44 @@ def test_auto_recharge_settings_are_checked(admin, new_org):
     off = admin.put(f"/v1/orgs/{org}/auto-recharge", json={"enabled": False})
     assert off.status_code == 200 and off.json()["auto_recharge"] == {"enabled": False}
     assert admin.put("/v1/orgs/ghost_ar/auto-recharge", json={"enabled": False}).status_code == 404
+
+
+def test_a_charge_pending_when_the_shard_dies_is_made_once_after_the_restart(
+        service, stripe_webhooks, admin, sql, org_id_on, new_org):
+    import os
+    import signal
+
+    from tests.test_crash import shard_pid
+
+    api = service.settings.stripe_api_base
+    org = new_org(org_id=org_id_on(0, "arcrash"))
+    assert admin.post(f"/v1/orgs/{org}/checkout/setup", json=URLS).status_code == 200
+    (setup,) = [s for s in fake_sessions(service, org) if s["mode"] == "setup"]
+    complete(service, setup["id"])
+    wait_for("the card on file", lambda: admin.get(f"/v1/orgs/{org}").json()["has_payment_method"])
+    # Stripe fails every attempt the charger makes: the charge stays pending, nothing else is asked.
+    httpx.post(f"{api}/_fake/payment_intents", json={"fail_next": 4}, timeout=10)
+    state = admin.put(f"/v1/orgs/{org}/auto-recharge", json={
+        "enabled": True, "threshold_micros": 6 * US, "amount_micros": 10 * US}).json()
+    pending = state["auto_recharge"]["pending"]
+    assert pending["amount_micros"] == 10 * US
+    wait_for("the charger to give up for now",
+             lambda: httpx.get(f"{api}/_fake/payment_intents", timeout=10).json()["next"] == 0)
+    time.sleep(0.5)
+    assert admin.get(f"/v1/orgs/{org}").json()["auto_recharge"]["pending"] == pending
+
+    os.kill(shard_pid(0), signal.SIGKILL)  # the process that knew about the charge is gone
+    # On restart the org reloads with its pending charge, which is made, with the same key, once.
+    wait_for("the charge after the restart",
+             lambda: _balance_or_none(admin, org) == SIGNUP_MICROS + 10 * US, timeout_s=90)
+    assert [amount for kind, amount in kinds(sql, org) if kind == "auto_recharge"] == [10 * US]
+    view = admin.get(f"/v1/orgs/{org}").json()["auto_recharge"]
+    assert (view["pending"], view["charges_today"]) == (None, 1)
+
+
+def _balance_or_none(admin, org: str) -> int | None:
+    try:
+        response = admin.get(f"/v1/orgs/{org}")
+    except httpx.HTTPError:
+        return None
+    return response.json().get("balance_micros") if response.status_code == 200 else None

@@ -125,3 +125,52 @@ def test_next_due_is_the_earliest_of_period_grant_lease_and_dunning():
     assert org.next_due_us() == T0 + DAY_US
     org.acquire_lease("ls", Resources(), 60, T0, Effects())
     assert org.next_due_us() == T0 + 60 * US
+
+
+def test_once_a_subscription_sets_the_periods_the_calendar_does_not_reset_them_again():
+    org, _ = make_org(plan=HOBBY)  # T0 = Monday 09:00 of 2026-W10; 5 USD quota per period
+    sub_start = T0 - 3_600 * US  # Monday 08:00 to next Monday 08:00, past the ISO week's end
+    sub_end = sub_start + 7 * DAY_US
+    run(org, ResetPeriod(sub_start, sub_end), T0)
+    assert org.period_end_us == sub_end  # aligned, not reset
+    org.apply_usage([usage_costing(5 * US)], T0 + US, Effects())
+    monday = rfc3339_to_us("2026-03-09T00:00:00Z")
+    fx = Effects()
+    org.advance(monday, fx)  # the calendar week ends first: no free quota from it
+    assert fx.periods == [] and org.quota_used_micros == 5 * US
+    fx = Effects()
+    org.advance(sub_end, fx)  # the subscription's period ends: the next one, as long, starts
+    assert [p.usage_micros for p in fx.periods] == [5 * US]
+    assert (org.period_start_us, org.period_end_us, org.quota_used_micros) == (sub_end, sub_end + 7 * DAY_US, 0)
+    org.apply_usage([usage_costing(2 * US)], sub_end + US, Effects())
+    # Stripe's renewal event for that same period: it is the running one; nothing resets.
+    renewal = run(org, ResetPeriod(sub_end, sub_end + 7 * DAY_US), sub_end + 60 * US)
+    assert renewal.periods == [] and org.quota_used_micros == 2 * US
+
+
+def test_periods_cut_short_are_archived_apart():
+    org, _ = make_org(plan=HOBBY)
+    run(org, InvoiceFailed(T0, *POLICY), T0)
+    fx = Effects()
+    org.advance(T0 + 14 * DAY_US, fx)  # 2026-W12, Monday 09:00: rolled over, then moved to free
+    org.advance(rfc3339_to_us("2026-03-23T00:00:00Z"), fx)  # the end of W12, on free
+    # W10 on hobby; W12 on hobby until the downgrade at 09:00, then W12 on free: two W12
+    # archives, with their own starts (the archive's key), so neither overwrites the other.
+    starts = [(p.period_key, p.start_us, p.plan_id) for p in fx.periods]
+    assert [(k, plan) for k, _, plan in starts] == [
+        ("2026-W10", "hobby_weekly"), ("2026-W12", "hobby_weekly"), ("2026-W12", "free")]
+    assert len({start for _, start, _ in starts}) == 3
+
+
+def test_only_paying_the_failed_invoices_ends_dunning_and_a_zero_invoice_proves_nothing():
+    org, _ = make_org()
+    run(org, InvoiceFailed(T0, *POLICY, "in_a"), T0)
+    run(org, InvoicePaid(T0 + US, "in_trial", 0), T0 + US)  # a $0 invoice
+    assert org.dunning is not None and org.paid_invoice is False
+    run(org, InvoicePaid(T0 + 2 * US, "in_b", 500), T0 + 2 * US)  # another invoice, really paid
+    assert org.dunning is not None and org.paid_invoice is True
+    run(org, InvoiceFailed(T0 + 3 * US, *POLICY, "in_c"), T0 + 3 * US)
+    run(org, InvoicePaid(T0 + 4 * US, "in_a", 900), T0 + 4 * US)
+    assert org.dunning is not None  # in_c is still unpaid
+    fx = run(org, InvoicePaid(T0 + 5 * US, "in_c", 900), T0 + 5 * US)
+    assert org.dunning is None and org.past_due_since_us is None and types(fx) == ["org.unsuspended"]

@@ -72,6 +72,78 @@ def test_the_test_clock_moves_forward_only_and_is_absent_without_the_setting(ser
     assert asyncio.run(call()) == [404, 404]
 
 
+# First of the clock-moving tests that need it: the rollup looks back 35 days of service time,
+# and these ticks carry real time.
+def test_meter_events_shadow_then_sent_with_the_same_identifiers_after_a_429(service, admin, compute, sql, new_org):
+    from datetime import datetime, timedelta, timezone
+
+    from actors.jobs import SchedulerActor
+    from actors.placement import NAMESPACE
+
+    api = service.settings.stripe_api_base
+    org = new_org(billing_mode="postpaid")
+    assert admin.post(f"/v1/orgs/{org}/checkout/setup", json={}).status_code == 200  # its Stripe customer
+    customer = sql.val("SELECT customer_id FROM stripe_customers WHERE org_id = $1", org)
+    compute.post("/v1/leases", json={"org_id": org, "lease_id": "meter", "ttl_s": 86_400})
+    this_hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    earlier = this_hour - timedelta(hours=3)
+    ticks = [hour_tick(org, "early", "meter") | {"started_at": earlier.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                                   "duration_ms": 60_000},
+             hour_tick(org, "late", "meter") | {"started_at": this_hour.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                                  "duration_ms": 60_000}]
+    assert compute.post("/v1/usage", json={"ticks": ticks}).json()["accepted"] == 2
+    advance(admin, 3 * 3_600)  # both hours are closed now; the scheduler rolls them up, in shadow
+
+    def rows():
+        return {(r["meter"], r["hour"]): (r["identifier"], r["status"], r["value"]) for r in sql.fetch(
+            "SELECT identifier, meter, hour, status, value FROM meter_events WHERE org_id = $1", org)}
+
+    shadow = wait_for("shadow meter events", rows)
+    assert sorted(shadow) == sorted((m, h) for m in ("memory_mb_ms", "cpu_ms") for h in (earlier, this_hour))
+    assert {status for _, status, _ in shadow.values()} == {"shadow"}
+    assert shadow[("cpu_ms", this_hour)][2] == 2 * 60_000
+    assert [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
+            if e["payload"]["stripe_customer_id"] == customer] == []
+
+    # Shadow off, billing from this hour on; the first send meets a 429 and backs off.
+    settings = service.settings.model_copy(update={
+        "jobs_enabled": False, "stripe_meter_shadow": False, "stripe_meter_bill_from": this_hour}).model_dump_json()
+    billing = ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
+    httpx.post(f"{api}/_fake/meter_events", json={"fail_next": 1}, timeout=10)
+    first = ray.get(billing.meter_rollup.remote())
+    assert first["deferred"] == 1
+    time.sleep(1.2)  # the backoff: 1 s
+    for _ in range(10):
+        ray.get(billing.meter_rollup.remote())
+        if all(status != "pending" for _, status, _ in rows().values()):
+            break
+        time.sleep(1.0)
+    ray.kill(billing)
+    final = rows()
+    assert {k: v[1] for k, v in final.items()} == {("memory_mb_ms", earlier): "consumed", ("cpu_ms", earlier): "consumed",
+                                                   ("memory_mb_ms", this_hour): "sent", ("cpu_ms", this_hour): "sent"}
+    assert {k: v[0] for k, v in final.items()} == {k: v[0] for k, v in shadow.items()}  # the same identifiers
+    seen = [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
+            if e["payload"]["stripe_customer_id"] == customer]
+    sent_ids = {final[("memory_mb_ms", this_hour)][0], final[("cpu_ms", this_hour)][0]}
+    assert {e["identifier"] for e in seen} == sent_ids  # nothing before BILL_FROM was sent
+    assert sorted(e["status"] for e in seen) == [200, 200, 429]  # the 429'd one went again, same identifier
+    assert len([e for e in seen if e["status"] == 200]) == 2
+
+    # Usage that lands late for an hour already sent: one more event, with the difference.
+    late = hour_tick(org, "late-again", "meter") | {"started_at": this_hour.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                                      "duration_ms": 30_000}
+    assert compute.post("/v1/usage", json={"ticks": [late]}).json()["accepted"] == 1
+    billing = ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
+    assert ray.get(billing.meter_rollup.remote())["new"] == 2
+    assert ray.get(billing.meter_rollup.remote())["new"] == 0  # nothing more to add
+    ray.kill(billing)
+    cpu = sql.fetch("SELECT identifier, value, status FROM meter_events WHERE org_id = $1 AND meter = 'cpu_ms'"
+                    " AND hour = $2 ORDER BY created_at, identifier", org, this_hour)
+    assert [(r["value"], r["status"]) for r in cpu] == [(2 * 60_000, "sent"), (2 * 30_000, "sent")]
+    assert len({r["identifier"] for r in cpu}) == 2
+
+
 def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_change(admin, compute, sql, new_org):
     org = new_org(plan_id="hobby_weekly")
     compute.post("/v1/leases", json={"org_id": org, "lease_id": "w1", "ttl_s": 86_400})
@@ -88,14 +160,17 @@ def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_c
 
     # A subscription's period moving resets the quota too (the first one only sets the anchor).
     compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"w2_{n}", "w1") for n in range(2)]})
+    advance(admin, 60)  # a start in the same second as the week's would be "the running period"
     now_s = clock_us(admin) // US
     subscription = {"id": f"sub_{uuid.uuid4().hex[:8]}", "object": "subscription", "status": "active",
                     "metadata": {"org_id": org, "tier": "pro"}, "current_period_start": now_s - 3_600}
     assert deliver(compute, event("customer.subscription.created", subscription, created=now_s)).status_code == 200
     assert admin.get(f"/v1/orgs/{org}").json()["period"]["usage_micros"] == 2 * HOUR_TICK_MICROS
     moved = {**subscription, "current_period_start": now_s}
-    assert deliver(compute, event("customer.subscription.updated", moved, created=now_s + 1)).status_code == 200
-    assert admin.get(f"/v1/orgs/{org}").json()["period"]["usage_micros"] == 0
+    answer = deliver(compute, event("customer.subscription.updated", moved, created=now_s + 1))
+    assert answer.status_code == 200, answer.text
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["period"]["usage_micros"] == 0, (answer.text, state["period"], now_s)
     assert sql.val("SELECT count(*) FROM period_usage WHERE org_id = $1", org) == 2
     assert deliver(compute, event("customer.subscription.updated", moved, created=now_s + 2)).status_code == 200
     assert sql.val("SELECT count(*) FROM period_usage WHERE org_id = $1", org) == 2  # same period: no reset
@@ -213,67 +288,12 @@ def test_two_schedulers_at_once_apply_every_effect_once(service, admin, compute,
         ray.kill(twin)
 
 
-def test_meter_events_shadow_then_sent_with_the_same_identifiers_after_a_429(service, admin, compute, sql, new_org):
-    from datetime import datetime, timedelta, timezone
-
-    from actors.jobs import SchedulerActor
-    from actors.placement import NAMESPACE
-
-    api = service.settings.stripe_api_base
-    org = new_org(billing_mode="postpaid")
-    assert admin.post(f"/v1/orgs/{org}/checkout/setup", json={}).status_code == 200  # its Stripe customer
-    customer = sql.val("SELECT customer_id FROM stripe_customers WHERE org_id = $1", org)
-    compute.post("/v1/leases", json={"org_id": org, "lease_id": "meter", "ttl_s": 86_400})
-    this_hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    earlier = this_hour - timedelta(hours=3)
-    ticks = [hour_tick(org, "early", "meter") | {"started_at": earlier.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                                   "duration_ms": 60_000},
-             hour_tick(org, "late", "meter") | {"started_at": this_hour.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                                  "duration_ms": 60_000}]
-    assert compute.post("/v1/usage", json={"ticks": ticks}).json()["accepted"] == 2
-    advance(admin, 3 * 3_600)  # both hours are closed now; the scheduler rolls them up, in shadow
-
-    def rows():
-        return {(r["meter"], r["hour"]): (r["identifier"], r["status"], r["value"]) for r in sql.fetch(
-            "SELECT identifier, meter, hour, status, value FROM meter_events WHERE org_id = $1", org)}
-
-    shadow = wait_for("shadow meter events", rows)
-    assert sorted(shadow) == sorted((m, h) for m in ("memory_mb_ms", "cpu_ms") for h in (earlier, this_hour))
-    assert {status for _, status, _ in shadow.values()} == {"shadow"}
-    assert shadow[("cpu_ms", this_hour)][2] == 2 * 60_000
-    assert [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
-            if e["payload"]["stripe_customer_id"] == customer] == []
-
-    # Shadow off, billing from this hour on; the first send meets a 429 and backs off.
-    settings = service.settings.model_copy(update={
-        "jobs_enabled": False, "stripe_meter_shadow": False, "stripe_meter_bill_from": this_hour}).model_dump_json()
-    billing = ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
-    httpx.post(f"{api}/_fake/meter_events", json={"fail_next": 1}, timeout=10)
-    first = ray.get(billing.meter_rollup.remote())
-    assert first["deferred"] == 1
-    time.sleep(1.2)  # the backoff: 1 s
-    for _ in range(10):
-        ray.get(billing.meter_rollup.remote())
-        if all(status != "pending" for _, status, _ in rows().values()):
-            break
-        time.sleep(1.0)
-    ray.kill(billing)
-    final = rows()
-    assert {k: v[1] for k, v in final.items()} == {("memory_mb_ms", earlier): "consumed", ("cpu_ms", earlier): "consumed",
-                                                   ("memory_mb_ms", this_hour): "sent", ("cpu_ms", this_hour): "sent"}
-    assert {k: v[0] for k, v in final.items()} == {k: v[0] for k, v in shadow.items()}  # the same identifiers
-    seen = [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
-            if e["payload"]["stripe_customer_id"] == customer]
-    sent_ids = {final[("memory_mb_ms", this_hour)][0], final[("cpu_ms", this_hour)][0]}
-    assert {e["identifier"] for e in seen} == sent_ids  # nothing before BILL_FROM was sent
-    assert sorted(e["status"] for e in seen) == [200, 200, 429]  # the 429'd one went again, same identifier
-    assert len([e for e in seen if e["status"] == 200]) == 2
-
-
 def test_the_month_summary_closes_with_the_month_and_recomputes_identically(admin, compute, new_org):
     org = new_org()
     compute.post("/v1/leases", json={"org_id": org, "lease_id": "mm", "ttl_s": 86_400})
-    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"mm_{n}", "mm") for n in range(3)]})
+    at = us_to_rfc3339(clock_us(admin) // US * US)  # service time: the month the ledger sees too
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"mm_{n}", "mm") | {"started_at": at}
+                                              for n in range(3)]})
     before = admin.get(f"/v1/orgs/{org}/months").json()["months"]
     assert [m["status"] for m in before] == ["open"]
     advance(admin, 32 * DAY_S)
