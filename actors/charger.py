@@ -18,7 +18,7 @@ import stripe
 from actors.clock import now_us
 from actors.commands import SettleRecharge
 from actors.org import MICROS_PER_CENT, ChargeRequest
-from config.settings import Settings
+from config.settings import Settings, stripe_client
 
 log = logging.getLogger("metergate.charger")
 
@@ -36,12 +36,8 @@ class StripeUnavailable(Exception):
 class Charger:
     def __init__(self, settings: Settings, pool) -> None:
         self.pool = pool
-        self.client: stripe.StripeClient | None = None
+        self.client: stripe.StripeClient | None = stripe_client(settings)
         self.methods: dict[str, str] = {}  # idempotency key -> the card its first attempt used
-        if settings.stripe_secret_key:
-            base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
-            self.client = stripe.StripeClient(settings.stripe_secret_key, base_addresses=base,
-                                              max_network_retries=0)
 
     async def charge(self, request: ChargeRequest) -> SettleRecharge | None:
         """The outcome to settle, or None when Stripe could not be reached (still pending)."""

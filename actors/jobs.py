@@ -27,7 +27,7 @@ from svix.webhooks import Webhook
 from actors import clock
 from actors.clock import now_us
 from actors.commands import Advance
-from config.settings import Settings
+from config.settings import Settings, stripe_client
 from storage import journal as store
 from storage.db import create_pool
 
@@ -69,6 +69,7 @@ class SchedulerActor:
         self.started: asyncio.Task | None = None
         self.urls = [u.strip() for u in self.settings.webhook_urls.split(",") if u.strip()]
         self.signer = Webhook(self.settings.webhook_secret) if self.settings.webhook_secret else None
+        self.stripe = stripe_client(self.settings)
         self.runs = {"sweep": 0, "outbox": 0, "skipped_locked": 0, "errors": 0, "parity_drift": 0}
 
     async def _ensure_started(self) -> None:
@@ -225,7 +226,7 @@ class SchedulerActor:
 
     async def _send_meter_events(self, conn) -> tuple[int, int]:
         """Send pending meter events; a 429 backs off the whole run, other failures back off the event."""
-        if self.settings.stripe_meter_shadow or not self.settings.stripe_secret_key:
+        if self.settings.stripe_meter_shadow or self.stripe is None:
             return 0, 0
         import stripe
 
@@ -233,8 +234,7 @@ class SchedulerActor:
             "SELECT m.identifier, m.org_id, m.meter, m.hour, m.value, m.attempts, c.customer_id FROM meter_events m"
             " LEFT JOIN stripe_customers c USING (org_id) WHERE m.status = 'pending' AND m.next_attempt_at <= $1"
             " ORDER BY m.hour LIMIT $2", store.us_to_dt(now_us()), METER_BATCH)
-        base = {"api": self.settings.stripe_api_base} if self.settings.stripe_api_base else None
-        client = stripe.StripeClient(self.settings.stripe_secret_key, base_addresses=base, max_network_retries=0)
+        client = self.stripe
         sent = deferred = 0
         for row in rows:
             error = None
@@ -277,23 +277,27 @@ class SchedulerActor:
                 return counts
             async with httpx.AsyncClient(timeout=DELIVERY_TIMEOUT_S) as client:
                 outcomes = await asyncio.gather(*(self._deliver(client, row) for row in rows))
+            now = now_us()
+            marks = []  # id, status, attempts, error, next attempt
             for row, error in zip(rows, outcomes):
                 attempts = row["attempts"] + 1
                 if error is None:
-                    counts["delivered"] += 1
-                    await conn.execute("UPDATE outbox SET status = 'delivered', attempts = $2, delivered_at = $3,"
-                                       " last_error = NULL WHERE id = $1", row["id"], attempts,
-                                       store.us_to_dt(now_us()))
+                    status, retry_at = "delivered", now
                 elif attempts >= self.settings.webhook_max_attempts:
-                    counts["dead"] += 1
-                    await conn.execute("UPDATE outbox SET status = 'dead', attempts = $2, last_error = $3"
-                                       " WHERE id = $1", row["id"], attempts, error)
+                    status, retry_at = "dead", now
                     log.warning("outbox %s (%s) dead after %s attempts: %s", row["id"], row["type"], attempts, error)
                 else:
-                    counts["failed"] += 1
-                    retry_at = now_us() + backoff_s(attempts, self.settings.webhook_backoff_s) * 1_000_000
-                    await conn.execute("UPDATE outbox SET attempts = $2, last_error = $3, next_attempt_at = $4"
-                                       " WHERE id = $1", row["id"], attempts, error, store.us_to_dt(retry_at))
+                    status = "pending"
+                    retry_at = now + backoff_s(attempts, self.settings.webhook_backoff_s) * 1_000_000
+                counts["failed" if status == "pending" else status] += 1
+                marks.append((row["id"], status, attempts, error, store.us_to_dt(retry_at)))
+            await conn.execute(
+                "UPDATE outbox o SET status = m.status, attempts = m.attempts, last_error = m.error,"
+                " next_attempt_at = m.retry_at,"
+                " delivered_at = CASE WHEN m.status = 'delivered' THEN m.retry_at ELSE o.delivered_at END"
+                " FROM unnest($1::int8[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])"
+                " AS m(id, status, attempts, error, retry_at) WHERE o.id = m.id",
+                *(list(column) for column in zip(*marks)))
             self.runs["outbox"] += 1
             return counts
 

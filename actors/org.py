@@ -801,7 +801,7 @@ class OrgBillingActor:
             key = "sub-" + us_to_rfc3339(start)[:10]
         else:
             key, start, end = period_bounds(self.plan.period, now_us)
-            if plan is not None or self.period_key and old_end > now_us:
+            if plan is not None or (self.period_key and old_end > now_us):
                 start = now_us  # cut short mid-period (a plan switch): the new one starts now
         self.period_key = sys.intern(key)
         self.period_start_us, self.period_end_us = start, end

@@ -98,6 +98,17 @@ class Settings(BaseSettings):
         return url
 
 
+def stripe_client(settings: Settings, max_network_retries: int = 0):
+    """The Stripe client these settings name (key, API base), or None without a key."""
+    if not settings.stripe_secret_key:
+        return None
+    import stripe
+
+    base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+    return stripe.StripeClient(settings.stripe_secret_key, base_addresses=base,
+                               max_network_retries=max_network_retries)
+
+
 def load_settings() -> Settings:
     """Read and validate the settings; a SettingsError names each bad variable."""
     try:

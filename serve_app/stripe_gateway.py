@@ -12,7 +12,7 @@ import json
 
 import stripe
 
-from config.settings import Settings
+from config.settings import Settings, stripe_client
 from serve_app.errors import ApiError
 
 # Within this window, the same request (a double click) gets the same Checkout Session.
@@ -21,11 +21,7 @@ DOUBLE_CLICK_WINDOW_S = 600
 
 class StripeGateway:
     def __init__(self, settings: Settings) -> None:
-        self.client: stripe.StripeClient | None = None
-        if settings.stripe_secret_key:
-            base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
-            self.client = stripe.StripeClient(settings.stripe_secret_key, base_addresses=base,
-                                              max_network_retries=2)
+        self.client: stripe.StripeClient | None = stripe_client(settings, max_network_retries=2)
 
     def require(self) -> stripe.StripeClient:
         if self.client is None:

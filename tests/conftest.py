@@ -11,6 +11,7 @@ import base64
 import itertools
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def receiver():
     running = Receiver(OUTBOUND_SECRET).start()
     yield running
     running.stop()
+
+
+def wait_for(what: str, probe, timeout_s: float = 30.0):
+    """probe() until it gives something truthy (returned), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import STRIPE_WEBHOOK_SECRET
+from tests.conftest import STRIPE_WEBHOOK_SECRET, wait_for
 from tests.test_http_scenarios import HOUR_TICK_MICROS, SIGNUP_MICROS, hour_tick, ledger_sum, outbox
 from tests.test_org_tokens import mint, org_client
 from tests.test_self_serve_stripe import URLS, fake_sessions, stripe_client
@@ -33,17 +33,6 @@ def stripe_webhooks(service):
     assert httpx.post(f"{api}/_config/webhooks/metergate", json=hook, timeout=10).status_code == 200
     yield
     httpx.post(f"{api}/_config/webhooks/metergate", json={**hook, "events": []}, timeout=10)
-
-
-def wait_for(what: str, probe, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def complete(service, session_id: str, **options) -> dict:

@@ -125,7 +125,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         for charge in fx.charges:
             recharge = self.org.recharge
             assert len(fx.charges) == 1, "one charge at a time"
-            assert charge.amount_micros % 10_000 == 0
+            assert 0 < charge.amount_micros <= 10**10 and charge.amount_micros % 10_000 == 0
             assert self.org.balance_micros + charge.amount_micros > recharge.threshold_micros
             if self.charges:  # the cooldown since the last charge asked for
                 assert self.now - self.charges[-1][1] >= recharge.cooldown_s * US_PER_S
