@@ -10,6 +10,9 @@ from actors.metering import LeaseUsage
 from actors.timeutil import BadTime, parse_time_us
 
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
+# Text that is stored or shown: no control characters (Postgres refuses NUL in text and jsonb,
+# and no log line or page should carry the others).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
 # Bounds: an hour per tick, 4 TiB of memory, 1024 vCPUs, 64 TiB of disk. A tick outside them
 # is a caller bug, and rejecting it keeps every product below 2**63.
@@ -18,7 +21,7 @@ MemoryMb = Annotated[int, msgspec.Meta(ge=0, le=4_194_304)]
 CpuCount = Annotated[int, msgspec.Meta(ge=0, le=1024)]
 DiskMb = Annotated[int, msgspec.Meta(ge=0, le=67_108_864)]
 UnitCount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
-UnitName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+UnitName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 MAX_FUTURE_US = 300 * 1_000_000  # a tick may not start more than 5 minutes in the future
 
 
@@ -37,7 +40,8 @@ class TickIn(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Tick(msgspec.Struct, array_like=True):
-    """A validated tick, as shards receive it (msgpack, compact)."""
+    """A validated tick, as shards receive it (msgpack, compact). `index` is its place in the
+    request, so that whichever layer rejects it can say which one it was."""
 
     tick_id: str
     org_id: str
@@ -48,6 +52,7 @@ class Tick(msgspec.Struct, array_like=True):
     cpu_count: int
     disk_mb: int
     units: dict[str, int] | None
+    index: int = 0
 
     def usage(self) -> LeaseUsage:
         d = self.duration_ms
@@ -73,7 +78,17 @@ USAGE_DECODER = msgspec.json.Decoder(UsageBody)
 _TYPED_USAGE_DECODER = msgspec.json.Decoder(TypedUsageBody)
 
 
-def _normalise(tick: TickIn, now_us: int, times: dict) -> Tick:
+class BadBody(ValueError):
+    """A body that is not JSON the decoder can read: broken, not UTF-8, or nested too deep."""
+
+
+# What a msgspec decoder can raise for bytes a caller sent, besides a ValidationError: its own
+# DecodeError, a UnicodeDecodeError for invalid UTF-8 in a string, a RecursionError for deep
+# nesting in an untyped part.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _normalise(tick: TickIn, now_us: int, times: dict, index: int) -> Tick:
     started_us = times.get(tick.started_at)
     if started_us is None:
         try:
@@ -84,16 +99,18 @@ def _normalise(tick: TickIn, now_us: int, times: dict) -> Tick:
     if started_us > now_us + MAX_FUTURE_US:
         raise ValueError("started_at is more than 5 minutes in the future - at `$.started_at`")
     return Tick(tick.tick_id, tick.org_id, tick.lease_id or "", started_us, tick.duration_ms,
-                tick.memory_mb, tick.cpu_count, tick.disk_mb, tick.units)
+                tick.memory_mb, tick.cpu_count, tick.disk_mb, tick.units, index)
 
 
-def decode_tick(raw: bytes | msgspec.Raw, now_us: int, times: dict | None = None) -> Tick:
+def decode_tick(raw: bytes | msgspec.Raw, now_us: int, times: dict | None = None, index: int = 0) -> Tick:
     """Decode one tick; raises ValueError with a message naming the bad field."""
     try:
         tick = _TICK_DECODER.decode(raw)
-    except msgspec.DecodeError as exc:
+    except msgspec.ValidationError as exc:
         raise ValueError(str(exc)) from None
-    return _normalise(tick, now_us, {} if times is None else times)
+    except DECODE_ERRORS:
+        raise ValueError("tick is not valid JSON") from None
+    return _normalise(tick, now_us, {} if times is None else times, index)
 
 
 class TooManyTicks(ValueError):
@@ -105,27 +122,33 @@ def decode_usage(body: bytes, now_us: int, max_ticks: int) -> tuple[list[Tick], 
 
     A body of well-formed ticks decodes in one pass; only when something is wrong is each tick
     decoded on its own, so that one bad tick is rejected alone. Raises TooManyTicks past
-    max_ticks, and msgspec errors for a body that is not {"ticks": [...]} at all.
+    max_ticks, msgspec.ValidationError for a body that is not {"ticks": [...]}, and BadBody
+    for one that is not readable JSON at all.
     """
     times: dict = {}
     try:
         typed = _TYPED_USAGE_DECODER.decode(body).ticks
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         typed = None
     if typed is not None:
         if len(typed) > max_ticks:
             raise TooManyTicks(len(typed))
         try:
-            return [_normalise(tick, now_us, times) for tick in typed], []
+            return [_normalise(tick, now_us, times, index) for index, tick in enumerate(typed)], []
         except ValueError:
             pass  # some tick has a bad time: sort them out one by one below
-    raw_ticks = USAGE_DECODER.decode(body).ticks
+    try:
+        raw_ticks = USAGE_DECODER.decode(body).ticks
+    except msgspec.ValidationError:
+        raise
+    except DECODE_ERRORS:
+        raise BadBody("request body is not valid JSON") from None
     if len(raw_ticks) > max_ticks:
         raise TooManyTicks(len(raw_ticks))
     valid, rejected = [], []
     for index, raw in enumerate(raw_ticks):
         try:
-            valid.append(decode_tick(raw, now_us, times))
+            valid.append(decode_tick(raw, now_us, times, index))
         except ValueError as exc:
             rejected.append((index, raw, str(exc)))
     return valid, rejected

@@ -8,14 +8,14 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.org import MAX_AMOUNT_MICROS, MAX_TTL_S, Resources
-from actors.ticks import ID_PATTERN, Id
+from actors.ticks import DECODE_ERRORS, ID_PATTERN, NAME_PATTERN, Id
 from serve_app.auth import MAX_ORG_TOKEN_TTL_S, MIN_ORG_TOKEN_TTL_S
 from serve_app.errors import ApiError, invalid_request
 
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 Ttl = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_S)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 
 
 class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -45,20 +45,60 @@ class LeaseBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def decode(decoder: msgspec.json.Decoder, body: bytes):
-    """Decode a hot-path body: 400 for broken JSON, 422 naming the field for wrong content."""
+    """Decode a hot-path body: 400 for what is not JSON, 422 naming the field for wrong content.
+
+    Nothing a caller sends escapes as another exception: invalid UTF-8 and nesting past what
+    the decoder can follow are 400 too.
+    """
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         # msgspec stops at the first problem it meets; broken JSON further on is still 400.
-        try:
-            msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
-        message = str(exc)
-        field = message.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in message else "body"
-        raise ApiError(422, "invalid_request", message, field=field) from None
-    except msgspec.DecodeError:
-        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+        if not is_json(body):
+            raise not_json() from None
+        raise invalid_field(str(exc)) from None
+    except DECODE_ERRORS:
+        raise not_json() from None
+
+
+def is_json(body: bytes) -> bool:
+    try:
+        msgspec.json.decode(body)
+    except DECODE_ERRORS:
+        return False
+    return True
+
+
+def not_json() -> ApiError:
+    return ApiError(400, "invalid_json", "request body is not valid JSON (UTF-8, nested at most "
+                    f"{MAX_JSON_DEPTH} levels)")
+
+
+def invalid_field(message: str) -> ApiError:
+    """A msgspec validation message as the API's 422, naming the field."""
+    field = message.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in message else "body"
+    return ApiError(422, "invalid_request", message, field=field)
+
+
+def json_depth(value: object, limit: int = 0) -> int:
+    """How deep a decoded JSON value nests (stops counting past `limit` when given)."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if limit and depth > limit:
+            return depth
+        children = []
+        for item in level:
+            if isinstance(item, dict):
+                children.extend(item.values())
+            elif isinstance(item, list):
+                children.extend(item)
+        level = children
+    return depth - 1
+
+
+# Deeper than any body of this API; webhook payloads (Stripe events) nest about eight levels.
+MAX_JSON_DEPTH = 32
 
 
 GATE_DECODER = msgspec.json.Decoder(GateBody)
@@ -67,6 +107,7 @@ LEASE_DECODER = msgspec.json.Decoder(LeaseBody)
 # ----- admin bodies (pydantic, for the OpenAPI page) ----------------------------------------
 
 OrgId = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
+Text = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 
 
 class StrictModel(BaseModel):
@@ -75,8 +116,8 @@ class StrictModel(BaseModel):
 
 class CreateOrgBody(StrictModel):
     org_id: OrgId
-    email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
-    plan_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")]
+    plan_id: Text | None = None
     billing_mode: Literal["prepaid", "postpaid"] = "prepaid"
 
 
@@ -84,11 +125,11 @@ class CreditBody(StrictModel):
     kind: Literal["grant", "adjustment", "refund"]
     amount_micros: Annotated[int, Field(ge=-MAX_AMOUNT_MICROS, le=MAX_AMOUNT_MICROS)]
     expires_at: str | int | None = None
-    note: Annotated[str, Field(max_length=500)] | None = None
+    note: Annotated[str, Field(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")] | None = None
 
 
 class PlanBody(StrictModel):
-    plan_id: Annotated[str, Field(min_length=1, max_length=64)]
+    plan_id: Text
 
 
 class TierBody(StrictModel):
@@ -115,10 +156,7 @@ class AutoRechargeBody(StrictModel):
 
 class LimitsBody(StrictModel):
     max_disk_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
-    machine_quotas: dict[
-        Annotated[str, Field(min_length=1, max_length=64)],
-        dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[int, Field(ge=0, le=1_000_000)]],
-    ] | None = None
+    machine_quotas: dict[Text, dict[Text, Annotated[int, Field(ge=0, le=1_000_000)]]] | None = None
 
 
 def parse_model(model: type[BaseModel], raw: bytes):

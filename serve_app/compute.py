@@ -7,8 +7,8 @@ import msgspec
 from actors import commands as cmd
 from actors.clock import now_us
 from actors.org import Resources
-from actors.ticks import USAGE_DECODER, TooManyTicks, decode_usage
-from serve_app.bodies import LEASE_DECODER, decode
+from actors.ticks import DECODE_ERRORS, BadBody, TooManyTicks, decode_usage
+from serve_app.bodies import LEASE_DECODER, decode, invalid_field, is_json, not_json
 from serve_app.context import Context
 from serve_app.errors import ApiError, error_body, raise_for_shard_error
 
@@ -40,9 +40,10 @@ async def record_usage(ctx: Context, raw_body: bytes) -> dict:
         valid, bad = decode_usage(raw_body, now_us(), limit)
     except TooManyTicks:
         raise ApiError(413, "too_many_ticks", f"at most {limit} ticks per request") from None
-    except msgspec.DecodeError:
-        decode(USAGE_DECODER, raw_body)  # not {"ticks": [...]}: raises its 400 or 422
-        raise
+    except BadBody:
+        raise not_json() from None
+    except msgspec.ValidationError as exc:  # not {"ticks": [...]}, or not JSON further on
+        raise (invalid_field(str(exc)) if is_json(raw_body) else not_json()) from None
     rejected = [{"index": index, "tick_id": _tick_id_of(raw), "error": error} for index, raw, error in bad]
     accepted = duplicates = 0
     for part in await ctx.router.usage(valid) if valid else []:
@@ -50,13 +51,14 @@ async def record_usage(ctx: Context, raw_body: bytes) -> dict:
         accepted += part["accepted"]
         duplicates += part["duplicates"]
         rejected.extend(part["rejected"])
+    rejected.sort(key=lambda r: r["index"])
     return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
 
 
 def _tick_id_of(raw: msgspec.Raw) -> str | None:
     try:
         value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         return None
     tick_id = value.get("tick_id") if isinstance(value, dict) else None
     return tick_id if isinstance(tick_id, str) else None

@@ -27,8 +27,13 @@ def error_body(code: str, message: str, **details: object) -> dict:
     return {"error": {"code": code, "message": message, **details}}
 
 
+RETRY_AFTER_S = 1  # what a 503 asks a caller to wait before retrying
+
+
 def error_response(status: int, code: str, message: str, **details: object) -> JSONResponse:
-    return JSONResponse(error_body(code, message, **details), status_code=status)
+    # A 503 is an outage the caller should wait out and retry; every other error is final.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(error_body(code, message, **details), status_code=status, headers=headers)
 
 
 def raise_for_shard_error(result: dict) -> dict:
@@ -44,10 +49,16 @@ def invalid_request(errors: list[dict]) -> ApiError:
     if any(e.get("type") == "json_invalid" for e in errors):
         return ApiError(400, "invalid_json", "request body is not valid JSON")
     fields = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")) or "body",
-               "message": e["msg"]} for e in errors]
+               "message": _message(e)} for e in errors]
     first = fields[0]
     return ApiError(422, "invalid_request", f"{first['field']}: {first['message']}",
                     field=first["field"], fields=fields)
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "string_pattern_mismatch" and "\\x00" in str((error.get("ctx") or {}).get("pattern")):
+        return "must not contain control characters"
+    return error["msg"]
 
 
 def install_error_handlers(app: FastAPI) -> None:

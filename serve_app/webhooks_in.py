@@ -10,28 +10,33 @@ either. Any other type is acknowledged and ignored.
 
 from __future__ import annotations
 
-import json
+import re
 import time
-from typing import Any, Mapping
+from typing import Annotated, Mapping
 
 import msgspec
 import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from actors.commands import fingerprint
-from serve_app.bodies import Id, decode
+from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, json_depth, not_json
+from actors.ticks import DECODE_ERRORS, ID_PATTERN
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, raise_for_shard_error
 from serve_app.stripe_events import DunningPolicy, EventError, commands_for, customer_of
 
 SOURCE = "svix"
+STRIPE_ID = re.compile(ID_PATTERN)
 STRIPE_TOLERANCE_S = 300
 
 
+EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
+
+
 class Envelope(msgspec.Struct):
-    type: str
-    data: Any = None
+    type: EventType
+    data: msgspec.Raw = msgspec.Raw(b"null")  # decoded by the body type of its event
 
 
 class Stopped(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,7 +57,10 @@ def verify(secret: str, body: bytes, headers: Mapping[str, str]) -> str:
         raise ApiError(400, "invalid_signature", f"webhook rejected: {exc}") from None
     except ValueError:  # a signature header that is not "v1,<base64>" fails before any check
         raise ApiError(400, "invalid_signature", "webhook rejected: malformed svix-signature header") from None
-    return wanted["svix-id"]
+    message_id = wanted["svix-id"]
+    if len(message_id) > 255 or not message_id.isprintable():
+        raise ApiError(400, "invalid_request", "svix-id must be at most 255 printable characters", field="svix-id")
+    return message_id
 
 
 async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict]:
@@ -64,7 +72,7 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
     if seen is not None:
         return seen
     envelope = decode(ENVELOPE_DECODER, body)
-    data = msgspec.json.encode(envelope.data)
+    data = bytes(envelope.data)
     if envelope.type == "sandbox.started":
         status, result = await take_lease(ctx, data)
         status = 200  # the sandbox runs already; a deny is news for the sender, not a retryable failure
@@ -109,14 +117,23 @@ def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> d
     if int(stamps[0]) > now_s + STRIPE_TOLERANCE_S:
         raise ApiError(400, "invalid_signature", "Stripe-Signature timestamp is in the future")
     try:
-        stripe.Webhook.construct_event(body, header, secret, tolerance=STRIPE_TOLERANCE_S)
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise not_json() from None
+    try:
+        stripe.WebhookSignature.verify_header(text, header, secret, tolerance=STRIPE_TOLERANCE_S)
     except stripe.SignatureVerificationError as exc:
         raise ApiError(400, "invalid_signature", f"webhook rejected: {exc.user_message or exc}") from None
-    except ValueError:
-        raise ApiError(400, "invalid_json", "webhook body is not valid JSON") from None
-    event = json.loads(body)
+    try:
+        event = msgspec.json.decode(body)
+    except DECODE_ERRORS:
+        raise not_json() from None
+    if json_depth(event, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise not_json()
     if not isinstance(event, dict) or not isinstance(event.get("id"), str):
         raise ApiError(400, "invalid_json", "webhook body is not a Stripe event")
+    if not STRIPE_ID.match(event["id"]) or not STRIPE_ID.match(str(event.get("type", ""))):
+        raise ApiError(422, "invalid_request", "the event's id or type is not a Stripe identifier", field="id")
     return event
 
 
