@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import asyncpg
 import msgspec
 
 from actors import commands as cmd
@@ -54,6 +55,18 @@ def error(code: str, message: str, status: int) -> dict:
 
 
 WRONG_SHARD = error("wrong_shard", "this org is not on the shard the request reached; retry", 503)
+UNAVAILABLE = error("shard_unavailable", "the billing database is unavailable; retry the request", 503)
+UNSTORABLE = error("unstorable_input", "a value in this request cannot be stored; correct it, retrying will not help", 422)
+# Failures of the database or the link to it, not of any one item: the batch as a whole is
+# retried by its callers. Anything else may be caused by one item, and is isolated.
+OUTAGES = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+           asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
+           asyncpg.exceptions.TransactionRollbackError, asyncpg.exceptions.InternalServerError,
+           asyncpg.exceptions.ObjectNotInPrerequisiteStateError, store.Fenced)
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, OUTAGES)
 
 
 def tick_key(org_id: str, tick_id: str) -> bytes:
@@ -126,6 +139,7 @@ class ShardActor:
         self.stats_phase_ms: dict[str, float] = {}
         self.stats_loop_errors = 0
         self.stats_parity_drift = 0
+        self.stats_isolations = 0
         self.charger: Charger | None = None
         self.charging: dict[tuple[str, str], asyncio.Task] = {}
         self.last_recharge_scan = 0.0
@@ -214,7 +228,7 @@ class ShardActor:
             "shard": self.shard, "epoch": self.epoch, "pid": os.getpid(),
             "loaded_orgs": len(self.orgs), "pending": len(self.pending),
             "commits": self.stats_commits, "items": self.stats_items, "loop_errors": self.stats_loop_errors,
-            "parity_drift": self.stats_parity_drift,
+            "parity_drift": self.stats_parity_drift, "isolations": self.stats_isolations,
             "commit_ms_avg": self.stats_commit_ms_total / self.stats_commits if self.stats_commits else 0.0,
             "rss_bytes": psutil.Process().memory_info().rss,
             "commit_phase_ms_total": {k: round(v, 1) for k, v in self.stats_phase_ms.items()},
@@ -349,11 +363,10 @@ class ShardActor:
             await self._housekeeping_safely()
             return
         batch, self.pending = self._cut_batch()
-        try:
-            await self._commit(batch)
-        except Exception as exc:  # the batch failed as a whole: nothing of it was acknowledged
-            log.exception("shard %s: commit failed", self.shard)
-            self._fail(batch, exc)
+        if isinstance(batch[0], tuple):
+            await self._run_marker(batch[0])
+        else:
+            await self._commit_isolating(batch)
 
     def _cut_batch(self) -> tuple[list, list]:
         budget = self.settings.commit_max_commands
@@ -367,19 +380,97 @@ class ShardActor:
                 return self.pending[: i + 1], self.pending[i + 1:]
         return self.pending, []
 
-    def _fail(self, batch: list, exc: Exception) -> None:
-        # Memory may hold effects that never committed: forget the orgs, reload on next use.
+    async def _run_marker(self, marker: tuple) -> None:
+        kind, done = marker[0], marker[1]
+        try:
+            result = await (self._parity_now(marker[2]) if kind == "parity" else self._snapshot_dirty(only_idle=False))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller that waits on it
+            log.exception("shard %s: %s failed", self.shard, kind)
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not done.done():
+            done.set_result(result)
+
+    async def _commit_isolating(self, batch: list) -> None:
+        """Commit a batch; if one of its items makes the commit fail, commit all the others.
+
+        One request must never fail another. A failure that an item can cause (a value
+        Postgres refuses, a bug hit by one input) splits the batch in halves, each committed
+        on its own, down to the guilty items, which are refused alone; a single usage item is
+        split by ticks the same way. A failure of the database itself (connection lost, epoch
+        fenced) fails the whole batch with 503: nothing of it was acknowledged, and a retry
+        is safe. Either way memory forgets the orgs the failed attempt touched, since it may
+        hold effects that never committed; they reload from Postgres on next use.
+        """
+        started = time.perf_counter()
+        try:
+            committed = await self._commit(batch)
+        except Exception as exc:  # noqa: BLE001 - sorted below: outage or a guilty item
+            self._forget(batch)
+            if is_outage(exc):
+                log.warning("shard %s: commit of %d items failed, database unavailable: %r",
+                            self.shard, len(batch), exc)
+                self._answer(batch, UNAVAILABLE)
+                return
+            failure = exc
+        else:
+            self._acknowledge(batch, *committed)
+            self.stats_commit_ms_total += (time.perf_counter() - started) * 1000
+            return
+        if len(batch) > 1:
+            self.stats_isolations += 1
+            middle = len(batch) // 2
+            await self._commit_isolating(batch[:middle])
+            await self._commit_isolating(batch[middle:])
+        elif isinstance(batch[0], UsageItem) and len(batch[0].ticks) > 1:
+            await self._commit_usage_in_halves(batch[0])
+        else:
+            self._refuse(batch[0], failure)
+
+    async def _commit_usage_in_halves(self, item: UsageItem) -> None:
+        loop = asyncio.get_running_loop()
+        middle = len(item.ticks) // 2
+        halves = [UsageItem(item.ticks[:middle], loop.create_future()),
+                  UsageItem(item.ticks[middle:], loop.create_future())]
+        for half in halves:
+            await self._commit_isolating([half])
+        answers = [half.future.result() for half in halves]
+        failed = next((a for a in answers if "error" in a), None)
+        if not item.future.done():
+            item.future.set_result(failed or {
+                "accepted": sum(a["accepted"] for a in answers),
+                "duplicates": sum(a["duplicates"] for a in answers),
+                "rejected": [r for a in answers for r in a["rejected"]]})
+
+    def _refuse(self, item, exc: Exception) -> None:
+        """The one item whose commit fails on its own: it gets an answer of its own."""
+        if isinstance(exc, asyncpg.DataError):
+            log.warning("shard %s: refused an item Postgres cannot store: %r", self.shard, exc)
+            reply = UNSTORABLE
+        else:  # a bug that one input reaches: logged whole, the caller is told nothing internal
+            log.error("shard %s: an item failed its commit on its own", self.shard, exc_info=exc)
+            reply = error("internal_error", "internal error; it has been logged", 500)
+        if isinstance(item, UsageItem):
+            reply = {"accepted": 0, "duplicates": 0, "rejected": [
+                {"index": t.index, "tick_id": t.tick_id, "org_id": t.org_id, "error": reply["error"]["code"]}
+                for t in item.ticks]}
+        if not item.future.done():
+            item.future.set_result(reply)
+
+    def _forget(self, batch: list) -> None:
         for org_id in self._org_ids(batch):
             self.orgs.pop(org_id, None)
-        reply = error("shard_unavailable", f"commit failed ({type(exc).__name__}); retry the request", 503)
         for item in batch:
-            future = item[1] if isinstance(item, tuple) else item.future
-            if future.done():
-                continue
-            if isinstance(item, tuple):
-                future.set_exception(exc)
-            else:
-                future.set_result(reply)
+            if isinstance(item, UsageItem):
+                item.accepted = item.duplicates = 0
+                item.rejected, item.keys = [], []
+
+    @staticmethod
+    def _answer(batch: list, reply: dict) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(reply)
 
     def _phase_clock(self):
         """Accumulates time per commit phase, for stats()."""
@@ -402,15 +493,10 @@ class ShardActor:
                 ids.update(t.org_id for t in item.ticks)
         return {org_id for org_id in ids if self.owns(org_id)}
 
-    async def _commit(self, batch: list) -> None:
-        if isinstance(batch[0], tuple):
-            marker = batch[0][0]
-            result = await (self._parity_now(batch[0][2]) if marker == "parity"
-                            else self._snapshot_dirty(only_idle=False))
-            if not batch[0][1].done():
-                batch[0][1].set_result(result)
-            return
-        started = time.perf_counter()
+    async def _commit(self, batch: list) -> tuple["_BatchWork", dict[int, dict], list[int]]:
+        """One group commit: (the batch's work, command results by position, outbox ids).
+
+        Raises if the transaction failed; nothing of the batch is then committed."""
         org_ids = self._org_ids(batch)
         await self._ensure_loaded(org_ids)
         now = now_us()
@@ -438,6 +524,10 @@ class ShardActor:
                 event_ids = await store.write_batch(conn, out)
                 phase("write")
             phase("commit")
+        return work, results, event_ids
+
+    def _acknowledge(self, batch: list, work: "_BatchWork", results: dict[int, dict], event_ids: list[int]) -> None:
+        """After the commit: memory moves on, charges start, callers get their answers."""
         work.after_commit(event_ids)
         if work.fx.charges:
             self._start_charges(work.fx.charges)
@@ -451,7 +541,6 @@ class ShardActor:
                 item.future.set_result(results[index])
         self.stats_commits += 1
         self.stats_items += len(batch)
-        self.stats_commit_ms_total += (time.perf_counter() - started) * 1000
 
     def _candidate_ticks(self, batch: list) -> dict[bytes, Tick]:
         """Ticks that may be billed: known org, valid for its plan, first in this batch.
@@ -466,14 +555,14 @@ class ShardActor:
             for tick in item.ticks:
                 loaded = self.orgs.get(tick.org_id) if self.owns(tick.org_id) else None
                 if loaded is None:
-                    item.rejected.append({"tick_id": tick.tick_id, "org_id": tick.org_id,
+                    item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
                                           "error": "unknown_org" if self.owns(tick.org_id) else "wrong_shard"})
                     item.keys.append(None)
                     continue
                 if tick.units:
                     unknown = [u for u in tick.units if u not in loaded.org.plan.unit_nanos]
                     if unknown:
-                        item.rejected.append({"tick_id": tick.tick_id, "org_id": tick.org_id,
+                        item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
                                               "error": f"unknown_unit: {unknown[0]}"})
                         item.keys.append(None)
                         continue

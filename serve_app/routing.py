@@ -23,7 +23,7 @@ MAX_BATCH = 4096
 class ShardUnavailable(ApiError):
     def __init__(self, shard: int, exc: BaseException) -> None:
         super().__init__(503, "shard_unavailable",
-                         f"billing shard {shard} is unavailable ({type(exc).__name__}); retry the request")
+                         f"billing shard {shard} is unavailable; retry the request")
 
 
 class Batcher:

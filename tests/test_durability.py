@@ -93,6 +93,8 @@ def test_a_stale_shard_owner_cannot_write(service, admin, sql, org_id_on, new_or
     sql.val("UPDATE shard_owners SET epoch = epoch + 1 WHERE shard = 1 RETURNING epoch")
     refused = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shard_unavailable"
+    assert refused.headers["Retry-After"] == "1"
+    assert "Fenced" not in refused.text and "Error" not in refused.text  # no internal class named
     assert (ledger_sum(sql, org), sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", org)) == before
     # A restart claims a fresh epoch, and writes go through again.
     restart_shard_process(1)
