@@ -22,6 +22,7 @@ from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from serve_app.billing_page import render as render_billing_page
 from serve_app.bodies import (GATE_DECODER, AutoRechargeBody, ClockAdvanceBody, CreateOrgBody, CreditBody, LimitsBody,
                               PlanBody, TierBody, TokenBody, body_schema, decode, parse_model)
+from serve_app import openapi
 from serve_app.errors import ApiError, install_error_handlers, raise_for_shard_error
 from serve_app.limits import BodyLimit
 from serve_app.months import summarize
@@ -52,6 +53,7 @@ def ledger_view(entry: dict) -> dict:
 def build_app(ctx: Context) -> FastAPI:
     app = FastAPI(title="metergate", version="1", description="Usage billing and entitlements")
     install_error_handlers(app)
+    openapi.install(app)
     app.add_middleware(BodyLimit, default_limit=ctx.settings.max_body_bytes,
                        limits={"/v1/usage": ctx.settings.max_usage_body_bytes,
                                "/webhooks/svix": ctx.settings.max_usage_body_bytes})
@@ -82,7 +84,7 @@ def build_app(ctx: Context) -> FastAPI:
 
     # ----- gate and leases (service token) ------------------------------------------------
 
-    @app.post("/v1/gate", tags=["gate"])
+    @app.post("/v1/gate", tags=["gate"], openapi_extra=openapi.GATE)
     async def gate(request: Request) -> Response:
         ctx.service(request)
         body = decode(GATE_DECODER, await request.body())
@@ -90,7 +92,7 @@ def build_app(ctx: Context) -> FastAPI:
         result = raise_for_shard_error(await router.gate(body.org_id, body.action, resources))
         return json(result)
 
-    @app.post("/v1/leases", tags=["gate"])
+    @app.post("/v1/leases", tags=["gate"], openapi_extra=openapi.LEASE)
     async def take_lease_route(request: Request) -> Response:
         ctx.service(request)
         status, body = await take_lease(ctx, await request.body())
@@ -110,20 +112,20 @@ def build_app(ctx: Context) -> FastAPI:
 
     # ----- usage --------------------------------------------------------------------------
 
-    @app.post("/v1/usage", tags=["usage"])
+    @app.post("/v1/usage", tags=["usage"], openapi_extra=openapi.USAGE)
     async def post_usage(request: Request) -> Response:
         ctx.service(request)
         return json(await record_usage(ctx, await request.body()))
 
     # ----- webhooks in ----------------------------------------------------------------------
 
-    @app.post("/webhooks/svix", tags=["webhooks"])
+    @app.post("/webhooks/svix", tags=["webhooks"], openapi_extra=openapi.SVIX)
     async def svix(request: Request) -> Response:
         """Compute-plane lifecycle events, signed with the Svix / Standard Webhooks scheme."""
         status, body = await svix_webhook(ctx, await request.body(), request.headers)
         return json(body, status)
 
-    @app.post("/webhooks/stripe", tags=["webhooks"])
+    @app.post("/webhooks/stripe", tags=["webhooks"], openapi_extra=openapi.STRIPE)
     async def stripe_events(request: Request) -> Response:
         """Stripe events, verified with Stripe-Signature (±5 minutes)."""
         status, body = await stripe_webhook(ctx, await request.body(), request.headers)
@@ -421,8 +423,9 @@ async def idempotent(ctx: Context, request: Request, run) -> Response:
     key = request.headers.get("idempotency-key")
     if key is None:
         return await run()
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise ApiError(400, "invalid_idempotency_key", f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} chars")
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise ApiError(400, "invalid_idempotency_key",
+                       f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters")
     fingerprint = await request_hash(request)
     async with (await ctx.db()).acquire() as conn:
         row = await conn.fetchrow(
