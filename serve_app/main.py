@@ -1,27 +1,160 @@
-"""`make up`: the service with its embedded defaults, until Ctrl-C."""
+"""`make up`: the service with its embedded defaults, until Ctrl-C or SIGTERM.
+
+Two processes. The one `make up` starts only relays stop signals. The service runs in a
+child, in a session of its own, with Ray and the embedded Postgres under it. A signal sent
+to the whole process group (Ctrl-C in a terminal, `kill -- -PGID`) then reaches the relay
+alone, and the service stops in order: it drains, then stops Ray and Postgres. Without the
+split, the group signal kills Ray's processes first and the drain hangs until something
+kills the service. The child also stops by itself when the relay dies (kill -9), so
+nothing outlives a killed `make up`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 
 from config.catalog import CatalogError
 from config.settings import SettingsError, load_settings
 from serve_app import launch
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_RELAY_ENV = "METERGATE_RELAY_PID"  # set in the child that runs the service: its relay's pid
+PARENT_CHECK_EVERY_S = 0.5
+# A stop must end within 15 s. Start-up can sit in a call that no signal interrupts (ray.init
+# waiting on its own processes), and a stop step can hang on a half-dead cluster: past these
+# the service stops Postgres and kills its own process group (Ray's processes and itself).
+# Nothing is lost by that: an acknowledgement is only ever sent after its commit.
+HARD_STOP_DURING_START_S = 8.0
+HARD_STOP_AFTER_S = launch.STOP_BUDGET_S + 1.5
+
+
+class StopRequested(BaseException):
+    """A stop signal came while the service was still starting (like KeyboardInterrupt)."""
+
 
 def main() -> int:
+    relay_pid = os.environ.get(_RELAY_ENV)
+    if relay_pid:
+        return run_service(int(relay_pid))
+    return relay()
+
+
+def relay() -> int:
+    """Start the service in its own session, pass every stop signal on to it, and clean up
+    after it if it died abnormally."""
+    child = subprocess.Popen([sys.executable, "-m", "serve_app.main", *sys.argv[1:]],
+                             env={**os.environ, _RELAY_ENV: str(os.getpid())}, start_new_session=True)
+    stop_asked = threading.Event()
+
+    def forward(_signum, _frame) -> None:
+        stop_asked.set()
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
+    code = child.wait()  # retried after each forwarded signal (PEP 475)
+    if code < 0:
+        # Killed by a signal (its own hard stop, or a crash of Ray's native code while
+        # stopping): take down what it may have left in its process group, and the Postgres.
+        _kill_group(child.pid)
+        launch.kill_postgres_of(_loaded_settings())
+        print(f"metergate: stopped (the service process ended by signal {-code})", flush=True)
+        return 0 if stop_asked.is_set() else 128 - code
+    return code
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
+
+
+def _loaded_settings():
+    try:
+        return load_settings()
+    except SettingsError:
+        return None
+
+
+def run_service(relay_pid: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop_requested = threading.Event()
+    starting = True
+    settings = running = None
+
+    def on_stop_signal(_signum, _frame) -> None:
+        nonlocal starting
+        if stop_requested.is_set():
+            return
+        stop_requested.set()
+        if starting:  # interrupt the start-up once; launch.start stops what it had started
+            starting = False
+            _hard_stop_after(HARD_STOP_DURING_START_S, settings_now())
+            raise StopRequested
+        _hard_stop_after(HARD_STOP_AFTER_S, settings_now())
+
+    def settings_now():
+        return settings
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_stop_signal)
+    _stop_when_orphaned(relay_pid)
     try:
         settings = load_settings()
-        running = launch.start(settings)
+        running = launch.Running(settings)
+        launch.start(settings, running=running)
+        starting = False
     except (SettingsError, CatalogError) as exc:
         print(f"metergate: {exc}", file=sys.stderr)
         return 2
+    except StopRequested:
+        if running is not None:
+            launch.stop(running, drain=False)  # a no-op unless start-up had just completed
+        print("metergate: stopped during start-up", flush=True)
+        return 0
+    if not stop_requested.is_set():
+        print(banner(running), flush=True)
+        stop_requested.wait()
+    print("metergate: stopping (draining shards)...", flush=True)
+    started = time.monotonic()
+    launch.stop(running)
+    print(f"metergate: stopped in {time.monotonic() - started:.1f} s", flush=True)
+    return 0
+
+
+def _stop_when_orphaned(relay_pid: int) -> None:
+    """The relay was killed (kill -9): stop as if it had passed on a SIGTERM. The relay's pid
+    comes from the relay itself: it may be dead before this process gets here."""
+
+    def watch() -> None:
+        while os.getppid() == relay_pid:
+            time.sleep(PARENT_CHECK_EVERY_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-relay", daemon=True).start()
+
+
+def _hard_stop_after(seconds: float, settings) -> None:
+    def hard_stop() -> None:
+        time.sleep(seconds)
+        print(f"metergate: the stop did not finish within {seconds:.0f} s; stopping Postgres and killing "
+              "this service's processes", flush=True)
+        launch.kill_now(settings)
+
+    threading.Thread(target=hard_stop, name="hard-stop", daemon=True).start()
+
+
+def banner(running: launch.Running) -> str:
     s = running.settings
-    print(f"""
+    return f"""
 metergate is up
   API          {running.base_url}/v1/...
   API docs     {running.base_url}/docs
@@ -31,15 +164,7 @@ metergate is up
   service token  {s.service_token}
   admin token    {s.admin_token}
 Ctrl-C stops it; every acknowledged change is already in Postgres.
-""", flush=True)
-    stop_requested = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    stop_requested.wait()
-    print("metergate: stopping (draining shards)...", flush=True)
-    launch.stop(running)
-    print("metergate: stopped", flush=True)
-    return 0
+"""
 
 
 if __name__ == "__main__":

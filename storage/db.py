@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 from importlib import resources
 from pathlib import Path
 
@@ -23,8 +25,44 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, object]:
 
     pg_dir = Path(data_dir) / "pg"
     pg_dir.mkdir(parents=True, exist_ok=True)
+    _forget_dead_holders(pg_dir)
     server = pgserver.get_server(pg_dir, cleanup_mode="stop")
     return server.get_uri(), server
+
+
+def stop_embedded_postgres(server) -> None:
+    server.cleanup()
+
+
+def stop_postgres_now(data_dir: Path, wait_s: float = 3.0) -> None:
+    """Fast shutdown (SIGINT: clients cut off, in-flight transactions rolled back, data safe)
+    of the embedded Postgres in data_dir, if one runs; waits for it at most wait_s."""
+    import psutil
+
+    try:
+        pid = int((Path(data_dir) / "pg" / "postmaster.pid").read_text().split()[0])
+        postmaster = psutil.Process(pid)
+        postmaster.send_signal(signal.SIGINT)
+        postmaster.wait(wait_s)
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass  # not running, already gone, or not ours to wait for
+
+
+def _forget_dead_holders(pg_dir: Path) -> None:
+    """pgserver stops its server when the last process holding it lets go, and keeps those
+    pids in a file. A holder killed with -9 never lets go, so its pid would keep the server
+    running past every later stop: drop the pids of processes that no longer exist."""
+    import psutil
+
+    holders = pg_dir / ".handle_pids.json"
+    try:
+        pids = json.loads(holders.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+    if alive != pids:
+        log.info("embedded Postgres: forgetting holders that are gone: %s", sorted(set(pids) - set(alive)))
+        holders.write_text(json.dumps(alive))
 
 
 def migration_files() -> list[tuple[int, str, str]]:
