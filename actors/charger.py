@@ -17,8 +17,9 @@ import stripe
 
 from actors.clock import now_us
 from actors.commands import SettleRecharge
-from actors.org import MICROS_PER_CENT, ChargeRequest
+from actors.recharge import MICROS_PER_CENT, ChargeRequest
 from config.settings import Settings, stripe_client
+from storage import stripe_customers
 
 log = logging.getLogger("metergate.charger")
 
@@ -46,8 +47,7 @@ class Charger:
         if request.requested_us and now_us() - request.requested_us > GIVE_UP_AFTER_US:
             return self._failed(request, None, "unconfirmed_after_23h")
         async with self.pool.acquire() as conn:
-            customer = await conn.fetchval(
-                "SELECT customer_id FROM stripe_customers WHERE org_id = $1", request.org_id)
+            customer = await stripe_customers.customer_of(conn, request.org_id)
         if customer is None:
             return self._failed(request, None, "no_stripe_customer")
         for attempt, delay in enumerate((0.0,) + RETRY_DELAYS_S):

@@ -24,7 +24,3 @@ def set_offset_us(offset: int) -> None:
     """Move this process's clock to real time + offset; the clock never goes back."""
     global _offset_us
     _offset_us = max(_offset_us, offset)
-
-
-async def load_offset_us(conn) -> int:
-    return await conn.fetchval("SELECT offset_us FROM test_clock WHERE id = 1") or 0

@@ -108,3 +108,9 @@ async def migrate(url: str) -> list[str]:
 async def create_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
                                      command_timeout=60)
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    """Raises if Postgres cannot answer a query."""
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")

@@ -1,4 +1,4 @@
-"""The shard's batched Postgres work: fencing, loading, tick dedupe and the group commit.
+"""The shard's batched Postgres work: loading, tick dedupe and the group commit.
 
 Every function takes an open connection; the shard owns the transaction. Each write is one
 statement over arrays (unnest), so a commit costs a handful of round trips whatever its size.
@@ -7,27 +7,11 @@ statement over arrays (unnest), so a commit costs a handful of round trips whate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import asyncpg
 
-from actors.placement import SLOT_COUNT
-
-
-class Fenced(Exception):
-    """Another incarnation of this shard claimed its slots: this one must not write."""
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def us_to_dt(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
-
-
-def dt_to_us(moment: datetime) -> int:
-    """Exact: no float on the way."""
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+from storage.times import us_to_dt
 
 
 def _minutes_to_dt(minutes_us: list[int]) -> list[datetime]:
@@ -50,52 +34,6 @@ class CommitBatch:
     due: list[tuple] = field(default_factory=list)           # org_id, due_at
     periods: list[tuple] = field(default_factory=list)       # org_id, key, started, ended, usage, quota used,
                                                              # plan_id, plan_version
-
-
-async def ensure_slots(conn: asyncpg.Connection, shard_count: int) -> int:
-    """Create the slot map for shard_count shards; reassign slots if the count changed.
-
-    Returns how many slots moved. Moving bumps the epoch of every shard, so an owner that
-    still runs with the old map is fenced out at its next commit.
-    """
-    async with conn.transaction():
-        await conn.execute("LOCK TABLE slots IN EXCLUSIVE MODE")
-        await conn.execute(
-            "INSERT INTO slots (slot, shard) SELECT s, s % $1 FROM generate_series(0, $2 - 1) AS s"
-            " ON CONFLICT (slot) DO NOTHING", shard_count, SLOT_COUNT)
-        moved = await conn.fetchval(
-            "WITH m AS (UPDATE slots SET shard = slot % $1 WHERE shard <> slot % $1 RETURNING 1)"
-            " SELECT count(*) FROM m", shard_count)
-        await conn.execute(
-            "INSERT INTO shard_owners (shard, epoch) SELECT k, 0 FROM generate_series(0, $1 - 1) AS k"
-            " ON CONFLICT (shard) DO NOTHING", shard_count)
-        if moved:
-            await conn.execute("UPDATE shard_owners SET epoch = epoch + 1")
-    return moved
-
-
-async def slot_map(conn: asyncpg.Connection) -> list[int]:
-    rows = await conn.fetch("SELECT slot, shard FROM slots ORDER BY slot")
-    assert len(rows) == SLOT_COUNT, f"slot map has {len(rows)} slots, expected {SLOT_COUNT}"
-    return [r["shard"] for r in rows]
-
-
-async def claim_shard(conn: asyncpg.Connection, shard: int) -> tuple[int, set[int]]:
-    """Become the owner of `shard`: a new epoch, waiting for any old owner's commit to end."""
-    async with conn.transaction():
-        epoch = await conn.fetchval(
-            "UPDATE shard_owners SET epoch = epoch + 1 WHERE shard = $1 RETURNING epoch", shard)
-        if epoch is None:
-            raise Fenced(f"shard {shard} is not in the slot map")
-        slots = {r["slot"] for r in await conn.fetch("SELECT slot FROM slots WHERE shard = $1", shard)}
-    return epoch, slots
-
-
-async def fence(conn: asyncpg.Connection, shard: int, epoch: int) -> None:
-    current = await conn.fetchval(
-        "SELECT epoch FROM shard_owners WHERE shard = $1 FOR SHARE", shard)
-    if current != epoch:
-        raise Fenced(f"shard {shard} epoch {epoch} is stale (now {current})")
 
 
 async def load_orgs(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, tuple[int, bytes, list[bytes]]]:

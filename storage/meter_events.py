@@ -1,0 +1,81 @@
+"""Stripe meter events: postpaid usage per org, meter and closed hour, and their delivery state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from storage.times import dt_to_us, us_to_dt
+
+# Usage meters: (meter, rollup column). A meter event carries the hour's quantity.
+METERS = (("memory_mb_ms", "memory_mb_ms"), ("cpu_ms", "cpu_ms"), ("disk_mb_ms", "disk_mb_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class MeterEvent:
+    identifier: str
+    org_id: str
+    meter: str
+    hour_us: int
+    value: int
+    attempts: int
+    customer_id: str | None
+
+
+async def roll_up(conn: asyncpg.Connection, closed_before_us: int, since_us: int, bill_from: datetime | None,
+                  status: str) -> int:
+    """New events for closed hours since `since_us`; returns how many.
+
+    Each (org, meter, hour) bucket is compared with what meter events already carry: usage
+    that lands late (a retried batch) becomes one more event with the difference, numbered
+    after the ones before it, so its identifier is fixed too. Hours before `bill_from` are
+    'consumed' (never billed); the others get `status`.
+    """
+    selects = " UNION ALL ".join(f"SELECT o, h, '{meter}' AS meter, {column} AS v FROM hours"
+                                 for meter, column in METERS)
+    return await conn.fetchval(
+        "WITH hours AS (SELECT r.org_id AS o, date_trunc('hour', r.minute) AS h,"
+        " sum(r.memory_mb_ms)::int8 AS memory_mb_ms, sum(r.cpu_ms)::int8 AS cpu_ms,"
+        " sum(r.disk_mb_ms)::int8 AS disk_mb_ms"
+        " FROM usage_rollups r JOIN orgs USING (org_id) WHERE orgs.billing_mode = 'postpaid'"
+        " AND r.minute < date_trunc('hour', $1::timestamptz) AND r.minute >= $4 GROUP BY 1, 2),"
+        f" buckets AS ({selects}),"
+        " known AS (SELECT org_id AS o, meter, hour AS h, sum(value)::int8 AS v, count(*) AS n"
+        " FROM meter_events WHERE hour >= date_trunc('hour', $4::timestamptz) GROUP BY 1, 2, 3),"
+        " ins AS (INSERT INTO meter_events (identifier, org_id, meter, hour, value, status)"
+        " SELECT 'mg_' || md5(b.o || '|' || b.meter || '|' || extract(epoch FROM b.h)::bigint"
+        " || '|' || coalesce(k.n, 0)), b.o, b.meter, b.h, b.v - coalesce(k.v, 0),"
+        " CASE WHEN $2::timestamptz IS NOT NULL AND b.h < $2 THEN 'consumed' ELSE $3 END"
+        " FROM buckets b LEFT JOIN known k ON k.o = b.o AND k.meter = b.meter AND k.h = b.h"
+        " WHERE b.v > coalesce(k.v, 0) ON CONFLICT (identifier) DO NOTHING RETURNING 1)"
+        " SELECT count(*) FROM ins", us_to_dt(closed_before_us), bill_from, status, us_to_dt(since_us))
+
+
+async def release_shadow(conn: asyncpg.Connection, bill_from: datetime | None) -> int:
+    """Shadow turned off: what shadow mode computed is billed from `bill_from` on."""
+    status = await conn.execute(
+        "UPDATE meter_events SET status = CASE WHEN $1::timestamptz IS NOT NULL AND hour < $1"
+        " THEN 'consumed' ELSE 'pending' END WHERE status = 'shadow'", bill_from)
+    return int(status.split()[-1])
+
+
+async def due(conn: asyncpg.Connection, now_us: int, limit: int) -> list[MeterEvent]:
+    rows = await conn.fetch(
+        "SELECT m.identifier, m.org_id, m.meter, m.hour, m.value, m.attempts, c.customer_id FROM meter_events m"
+        " LEFT JOIN stripe_customers c USING (org_id) WHERE m.status = 'pending' AND m.next_attempt_at <= $1"
+        " ORDER BY m.hour LIMIT $2", us_to_dt(now_us), limit)
+    return [MeterEvent(r["identifier"], r["org_id"], r["meter"], dt_to_us(r["hour"]), r["value"], r["attempts"],
+                       r["customer_id"]) for r in rows]
+
+
+async def mark_sent(conn: asyncpg.Connection, identifier: str, now_us: int) -> None:
+    await conn.execute("UPDATE meter_events SET status = 'sent', attempts = attempts + 1, sent_at = $2,"
+                       " last_error = NULL WHERE identifier = $1", identifier, us_to_dt(now_us))
+
+
+async def mark_failed(conn: asyncpg.Connection, identifier: str, error: str, status: str, retry_at_us: int) -> None:
+    await conn.execute("UPDATE meter_events SET status = $4, attempts = attempts + 1, last_error = $2,"
+                       " next_attempt_at = $3 WHERE identifier = $1", identifier, error, us_to_dt(retry_at_us),
+                       status)

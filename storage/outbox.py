@@ -1,0 +1,71 @@
+"""The outbox of outbound webhook events (the group commit appends; the scheduler delivers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+
+from storage.times import dt_to_us, us_to_dt
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundEvent:
+    id: int
+    org_id: str
+    type: str
+    data: dict
+    created_us: int
+    attempts: int
+    status: str = "pending"
+    last_error: str | None = None
+    delivered_us: int | None = None
+
+
+def _event(row: asyncpg.Record) -> OutboundEvent:
+    payload = row["payload"]
+    return OutboundEvent(row["id"], row["org_id"], row["type"],
+                         msgspec.json.decode(payload) if isinstance(payload, (str, bytes)) else payload,
+                         dt_to_us(row["created_at"]), row["attempts"], row.get("status", "pending"),
+                         row.get("last_error"),
+                         dt_to_us(row["delivered_at"]) if row.get("delivered_at") is not None else None)
+
+
+async def by_status(conn: asyncpg.Connection, status: str, limit: int) -> list[OutboundEvent]:
+    rows = await conn.fetch(
+        "SELECT id, org_id, type, payload, created_at, status, attempts, last_error, delivered_at"
+        " FROM outbox WHERE status = $1 ORDER BY id DESC LIMIT $2", status, limit)
+    return [_event(r) for r in rows]
+
+
+async def retry_dead(conn: asyncpg.Connection, event_id: int) -> str | None:
+    """A dead event back to pending, due now. Returns its status before: 'dead' when it moved,
+    another status when it did not, None when there is no such event."""
+    moved = await conn.fetchval(
+        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = '-infinity'"
+        " WHERE id = $1 AND status = 'dead' RETURNING id", event_id)
+    if moved is not None:
+        return "dead"
+    return await conn.fetchval("SELECT status FROM outbox WHERE id = $1", event_id)
+
+
+async def due(conn: asyncpg.Connection, now_us: int, limit: int) -> list[OutboundEvent]:
+    rows = await conn.fetch(
+        "SELECT id, org_id, type, payload, created_at, attempts FROM outbox"
+        " WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY id LIMIT $2", us_to_dt(now_us), limit)
+    return [_event(r) for r in rows]
+
+
+async def mark(conn: asyncpg.Connection, marks: list[tuple[int, str, int, str | None, int]]) -> None:
+    """One statement for a run: (id, status, attempts, last error, next attempt or delivery µs)."""
+    if not marks:
+        return
+    ids, statuses, attempts, errors, times = (list(column) for column in zip(*marks))
+    await conn.execute(
+        "UPDATE outbox o SET status = m.status, attempts = m.attempts, last_error = m.error,"
+        " next_attempt_at = m.retry_at,"
+        " delivered_at = CASE WHEN m.status = 'delivered' THEN m.retry_at ELSE o.delivered_at END"
+        " FROM unnest($1::int8[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])"
+        " AS m(id, status, attempts, error, retry_at) WHERE o.id = m.id",
+        ids, statuses, attempts, errors, [us_to_dt(t) for t in times])

@@ -1,0 +1,20 @@
+"""The one Stripe customer of each org."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def customer_of(conn: asyncpg.Connection, org_id: str) -> str | None:
+    return await conn.fetchval("SELECT customer_id FROM stripe_customers WHERE org_id = $1", org_id)
+
+
+async def org_of(conn: asyncpg.Connection, customer_id: str) -> str | None:
+    return await conn.fetchval("SELECT org_id FROM stripe_customers WHERE customer_id = $1", customer_id)
+
+
+async def remember(conn: asyncpg.Connection, org_id: str, customer_id: str) -> str:
+    """Record the org's customer unless it has one; returns the one it has (the first wins)."""
+    await conn.execute("INSERT INTO stripe_customers (org_id, customer_id) VALUES ($1, $2)"
+                       " ON CONFLICT (org_id) DO NOTHING", org_id, customer_id)
+    return await customer_of(conn, org_id)
