@@ -1,9 +1,10 @@
 """Commands to an org: what the journal stores and what replay re-applies.
 
-`execute` is the single dispatcher for both the live path and recovery: a command and the
-time it was applied at give the same state change every time. Catalog look-ups (plan
-version, tier cap) are resolved before a command is built, so replay never depends on a
-catalog that changed later.
+`execute` is the single dispatcher for creation, the live path and recovery: a command and
+the time it was applied at give the same state change every time, and a typed outcome. An
+outcome is a fact (a lease granted, an entry booked), never a view: replay builds none, and
+the shell shapes the answer from it. Catalog look-ups (plan version, tier cap) are resolved
+before a command is built, so replay never depends on a catalog that changed later.
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ from typing import ClassVar
 
 import msgspec
 
+from actors.effects import Effects
+from actors.gate import Decision, Resources
+from actors.leases import Lease
 from actors.metering import LeaseUsage
-from actors.org import BillingError, Effects, OrgBillingActor, Resources
-from actors.timeutil import us_to_rfc3339
+from actors.money import LedgerEntry
+from actors.org import OrgBillingActor
+from actors.refusals import BillingError, UnknownPlan
 from config.catalog import Catalog
+
+
+class CreateOrg(msgspec.Struct, tag="create", array_like=True):
+    """Never journaled: a new org is written as its first snapshot, in the same commit."""
+
+    email: str
+    plan_id: str
+    prepaid: bool
 
 
 class AcquireLease(msgspec.Struct, tag="acq", array_like=True):
@@ -133,8 +146,9 @@ class Advance(msgspec.Struct, tag="advance", array_like=True):
     """Apply what time alone changed (expired leases and grants, a new period)."""
 
 
-Command = (AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | Halt | Resume
-           | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | InvoiceFailed | InvoicePaid | ResetPeriod | Advance)
+Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | Halt | Resume
+           | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | InvoiceFailed
+           | InvoicePaid | ResetPeriod | Advance)
 
 # Commands that may carry an idempotency key for the ledger entry they make.
 KEYED = (Credit, SettleRecharge)
@@ -154,35 +168,82 @@ JOURNAL_DECODER = msgspec.msgpack.Decoder(list[JournalItem])
 JOURNAL_ENCODER = msgspec.msgpack.Encoder()
 
 
-def lease_view(lease, created: bool | None = None) -> dict:
-    view = {"lease_id": lease.lease_id, "expires_at": us_to_rfc3339(lease.expires_at_us),
-            "ttl_s": lease.ttl_s, "quantity": lease.quantity}
-    if created is not None:
-        view["created"] = created
-    return view
+# ----- outcomes ----------------------------------------------------------------------------
 
 
-def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int,
-            fx: Effects) -> dict:
-    """Apply one command; returns its result. BillingError leaves time's effects applied."""
+class Applied(msgspec.Struct, frozen=True):
+    """Done; what changed is the org's state."""
+
+
+class Stale(msgspec.Struct, frozen=True):
+    """Older than what was applied last (a tier decided before the current one): ignored."""
+
+
+class OrgCreated(msgspec.Struct, frozen=True):
+    org: OrgBillingActor
+    created: bool  # False: the org existed, and is as it was
+
+
+class Debited(msgspec.Struct, frozen=True):
+    micros: int  # the quota part included
+
+
+class LeaseGranted(msgspec.Struct, frozen=True):
+    lease: Lease  # the live lease; copy it to keep it
+    created: bool  # False: the same lease_id again, the lease as it is
+
+
+class LeaseRenewed(msgspec.Struct, frozen=True):
+    lease: Lease  # the live lease; copy it to keep it
+
+
+class LeaseDenied(msgspec.Struct, frozen=True):
+    decision: Decision
+
+
+class Released(msgspec.Struct, frozen=True):
+    released: bool  # False: already gone (a retried release)
+
+
+class Booked(msgspec.Struct, frozen=True):
+    entry: LedgerEntry
+    balance_micros: int
+
+
+Outcome = (Applied | Stale | OrgCreated | Debited | LeaseGranted | LeaseRenewed | LeaseDenied | Released
+           | Booked)
+
+APPLIED = Applied()
+STALE = Stale()
+
+
+def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now_us: int,
+            fx: Effects, *, org_id: str | None = None) -> Outcome:
+    """Apply one command; returns its outcome. BillingError leaves time's effects applied.
+
+    `org` is None only for a CreateOrg of an org that does not exist yet, named by `org_id`.
+    """
+    if org is None:
+        assert isinstance(command, CreateOrg) and org_id, (command, org_id)
+        return _create(org_id, command, catalog, now_us, fx)
     match command:
         case ApplyUsage(usages=usages):
-            return {"debited_micros": org.apply_usage(usages, now_us, fx)}
+            return Debited(org.apply_usage(usages, now_us, fx))
         case AcquireLease(lease_id=lease_id, resources=resources, ttl_s=ttl_s):
             deny, lease, created = org.acquire_lease(lease_id, resources, ttl_s, now_us, fx)
             if deny is not None:
-                return {"denied": msgspec.to_builtins(deny)}
-            return {"lease": lease_view(lease, created)}
+                return LeaseDenied(deny)
+            return LeaseGranted(lease, created)
         case RenewLease(lease_id=lease_id):
-            return {"lease": lease_view(org.renew_lease(lease_id, now_us, fx))}
+            return LeaseRenewed(org.renew_lease(lease_id, now_us, fx))
         case ReleaseLease(lease_id=lease_id):
-            return {"released": org.release_lease(lease_id, now_us, fx)}
+            return Released(org.release_lease(lease_id, now_us, fx))
         case Credit(kind=kind, amount_micros=amount, expires_at_us=expires, note=note):
             if amount > 0:
                 entry = org.credit(kind, amount, expires, note, now_us, fx)
             else:
                 entry = org.debit(kind, -amount, note, now_us, fx)
-            return {"entry": msgspec.to_builtins(entry), "balance_micros": org.balance_micros}
+            return Booked(entry, org.balance_micros)
         case Halt():
             org.halt(now_us, fx)
         case Resume():
@@ -191,7 +252,7 @@ def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: in
             org.set_plan(catalog.plan_version(plan_id, version), now_us, fx)
         case SetTier(tier=tier, max_concurrent=cap, as_of_us=as_of_us):
             if not org.set_tier(tier, cap, now_us, fx, as_of_us):
-                return {"state": org.view(now_us), "stale": True}
+                return STALE
         case SetPaymentMethod(present=present):
             org.set_payment_method(present, now_us, fx)
         case SetAutoRecharge(enabled=enabled, threshold_micros=threshold, amount_micros=amount,
@@ -201,7 +262,7 @@ def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: in
                             reason=reason):
             entry = org.settle_recharge(charge_id, ok, amount, payment, reason, now_us, fx)
             if entry is not None:
-                return {"entry": msgspec.to_builtins(entry), "balance_micros": org.balance_micros}
+                return Booked(entry, org.balance_micros)
         case InvoiceFailed():
             org.invoice_failed(command.since_us, command.suspend_after_s, command.degrade_after_s,
                                command.downgrade_after_s,
@@ -215,15 +276,30 @@ def execute(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: in
             org.set_limits(max_disk_mb, quotas, now_us, fx)
         case Advance():
             org.advance(now_us, fx)
+        case CreateOrg():
+            return OrgCreated(org, False)
         case _:
             raise AssertionError(f"unknown command {command!r}")
-    return {"state": org.view(now_us)}
+    return APPLIED
+
+
+def _create(org_id: str, command: CreateOrg, catalog: Catalog, now_us: int, fx: Effects) -> OrgCreated:
+    # The plan in effect now, looked up here: creation is never replayed (it is a snapshot).
+    plan = catalog.current_plan(command.plan_id, now_us)
+    if plan is None:
+        raise UnknownPlan(f"plan {command.plan_id} is not in the catalog")
+    org = OrgBillingActor.create(
+        org_id, command.email, command.prepaid, plan, catalog.default_tier,
+        catalog.tiers[catalog.default_tier], catalog.default_max_disk_mb,
+        catalog.signup_grant_micros, now_us, fx)
+    return OrgCreated(org, True)
 
 
 def replay(org: OrgBillingActor, items: list[JournalItem], catalog: Catalog) -> None:
     """Re-apply journaled commands; their effects were written when they first ran."""
     sink = Effects()
     for item in items:
+        assert not isinstance(item.command, CreateOrg), "creation is a snapshot, never journaled"
         try:
             execute(org, item.command, catalog, item.at_us, sink)
         except BillingError:

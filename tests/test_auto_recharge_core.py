@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from actors.commands import JOURNAL_DECODER, JOURNAL_ENCODER, JournalItem, SetAutoRecharge, SettleRecharge, execute, replay
 from actors.org import Effects, OrgBillingActor
-from tests.test_org_core import CATALOG, DAY_US, ORG_ID, T0, make_org, usage_costing
+from tests.helpers import CATALOG, DAY_US, ORG_ID, T0, make_org, usage_costing
 
 US = 1_000_000
 SIGNUP = CATALOG.signup_grant_micros  # 5 USD
@@ -42,8 +42,8 @@ def test_a_debit_under_the_threshold_asks_for_one_charge_and_success_credits_onc
     assert org.balance_micros == SIGNUP - 2_100_000 + 10 * US
     assert [e.type for e in fx.events] == ["auto_recharge.succeeded"]
     assert org.pending_charge() is None
-    view = org.view(T0 + 4 * US)["auto_recharge"]
-    assert (view["enabled"], view["charges_today"], view["pending"]) == (True, 1, None)
+    recharge = org.state(T0 + 4 * US).recharge
+    assert (recharge.enabled, recharge.day_count, recharge.pending_id) == (True, 1, None)
 
 
 def test_the_charge_is_sized_to_get_back_above_the_threshold_in_whole_cents():
@@ -72,7 +72,7 @@ def test_no_card_no_charge_and_disabled_no_charge():
     org, fx = armed()
     org.configure_recharge(False, 0, 0, 1, 0, T0, Effects())
     assert spend(org, 2 * US, T0 + US).charges == []
-    assert org.view(T0 + US)["auto_recharge"]["enabled"] is False
+    assert org.state(T0 + US).recharge.enabled is False
 
 
 def test_a_failure_pauses_until_a_new_card_and_a_late_failure_changes_nothing():
@@ -82,7 +82,7 @@ def test_a_failure_pauses_until_a_new_card_and_a_late_failure_changes_nothing():
     assert org.settle_recharge(charge.charge_id, False, charge.amount_micros, "pi_x", "card_declined",
                                T0 + 2 * US, fx) is None
     assert [(e.type, e.data["reason"]) for e in fx.events] == [("auto_recharge.failed", "card_declined")]
-    assert org.view(T0)["auto_recharge"]["paused"] == "payment_failed"
+    assert org.state(T0).recharge.paused == "payment_failed"
     # Not retried in a loop: more debits, after the cooldown, ask for nothing.
     assert spend(org, 100_000, T0 + 600 * US).charges == []
     # The same failure reported again (Stripe's event after the charger's answer): nothing.

@@ -25,8 +25,13 @@ from actors.commands import (
     Advance,
     ApplyUsage,
     Credit,
+    Debited,
     Halt,
     JournalItem,
+    LeaseDenied,
+    LeaseGranted,
+    Outcome,
+    Released,
     ReleaseLease,
     RenewLease,
     Resume,
@@ -42,6 +47,7 @@ from actors.commands import (
     execute,
     replay,
 )
+from actors.leases import same_resources
 from actors.metering import SCALED_PER_MICRO, LeaseUsage, cost_scaled
 from actors.org import (
     BillingError,
@@ -134,7 +140,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
             assert today + 1 <= recharge.max_per_day, "the daily cap"
             self.charges.append((charge, self.now))
 
-    def apply(self, command) -> tuple[dict | None, BillingError | None]:
+    def apply(self, command) -> tuple[Outcome | None, BillingError | None]:
         fx = Effects()
         result, error = None, None
         try:
@@ -159,7 +165,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
                                                      SCALED_PER_MICRO)
         result, error = self.apply(ApplyUsage(usages))
         assert error is None
-        assert result["debited_micros"] == expected_micros
+        assert result == Debited(expected_micros)
         assert self.org.remainder_scaled == expected_remainder
 
     @rule(kind=st.sampled_from(("grant", "topup", "auto_recharge", "adjustment")),
@@ -169,8 +175,8 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         expires = None if expires_in_s is None else self.now + expires_in_s * US_PER_S
         result, error = self.apply(Credit(kind, amount, expires))
         assert error is None
-        assert result["entry"]["amount_micros"] == amount
-        assert result["balance_micros"] == self.org.balance_micros
+        assert result.entry.amount_micros == amount
+        assert result.balance_micros == self.org.balance_micros
         if self.org.halted == "balance":
             assert self.org.balance_micros + self.org.quota_remaining_at(self.now) <= 0
 
@@ -181,7 +187,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
             amount = self.org.balance_micros  # a full refund, down to exactly zero
         result, error = self.apply(Credit(kind, -amount))
         assert error is None
-        assert result["entry"]["amount_micros"] == -amount
+        assert result.entry.amount_micros == -amount
 
     @rule(lease_id=st.sampled_from(LEASE_IDS), resources=st.sampled_from(RESOURCE_CHOICES),
           ttl_s=st.sampled_from((1, 30, 600, 3_600, 86_400)))
@@ -190,12 +196,12 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         if error is not None:
             assert isinstance(error, LeaseConflict)
             return
-        if "denied" in result:
-            assert result["denied"]["allowed"] is False
+        if isinstance(result, LeaseDenied):
+            assert result.decision.allowed is False
             assert lease_id not in (self.org.leases or {})
             return
         assert self.org.leases[lease_id].expires_at_us > self.now
-        if result["lease"]["created"]:
+        if result.created:
             # invariant 3: a new lease never takes the org past its cap (an existing one
             # answered again may be above a cap lowered since; lowering ends nothing)
             assert self.org.active_leases_at(self.now) <= self.org.max_concurrent
@@ -215,9 +221,8 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         result, error = self.apply(AcquireLease(lease_id, resources, lease.ttl_s))
 
         assert error is None
-        assert result["lease"]["lease_id"] == lease_id
-        assert result["lease"]["created"] is False
-        assert self.org.leases[lease_id] is lease
+        assert result == LeaseGranted(lease, created=False)
+        assert result.lease is self.org.leases[lease_id] is lease
         assert self.org.to_snapshot() == before
 
     @precondition(lambda self: bool(self._active_lease_ids()))
@@ -226,7 +231,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         lease_id = data.draw(st.sampled_from(self._active_lease_ids()))
         self.apply(Advance())
         lease = self.org.leases[lease_id]
-        others = [r for r in RESOURCE_CHOICES if not OrgBillingActor._same_lease(lease, r)]
+        others = [r for r in RESOURCE_CHOICES if not same_resources(lease, r)]
         resources = data.draw(st.sampled_from(others))
         before = self.org.to_snapshot()
 
@@ -246,7 +251,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
             assert isinstance(error, UnknownLease)
             assert lease_id not in (self.org.leases or {})
         else:
-            assert result["lease"]["lease_id"] == lease_id
+            assert result.lease.lease_id == lease_id
             assert self.org.leases[lease_id].expires_at_us == max(
                 expires_before, self.now + lease.ttl_s * US_PER_S)
 
@@ -255,7 +260,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         was_active = lease_id in self._active_lease_ids()
         result, error = self.apply(ReleaseLease(lease_id))
         assert error is None
-        assert result["released"] is was_active
+        assert result == Released(was_active)
         assert lease_id not in (self.org.leases or {})
 
     @rule(tier=st.sampled_from(("base", "pro", "custom")), custom_cap=st.integers(0, 6))
@@ -401,7 +406,7 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         fresh = new_org(*self.creation, Effects())
         replay(fresh, items, CATALOG)
         assert fresh.to_snapshot() == final
-        assert fresh.view(self.now) == self.org.view(self.now)
+        assert fresh.state(self.now) == self.org.state(self.now)
 
 
 OrgLedgerMachine.TestCase.settings = settings(
@@ -441,10 +446,9 @@ def test_usage_split_into_any_parts_costs_exactly_what_the_whole_costs(
     start_balance = whole.balance_micros
     start_quota_used = whole.quota_used_micros
 
-    debited_whole = execute(whole, ApplyUsage([usage(total_ms)]), CATALOG, T0 + 1,
-                            Effects())["debited_micros"]
+    debited_whole = execute(whole, ApplyUsage([usage(total_ms)]), CATALOG, T0 + 1, Effects()).micros
     debited_split = sum(
-        execute(split, ApplyUsage([usage(part)]), CATALOG, T0 + 1 + i, Effects())["debited_micros"]
+        execute(split, ApplyUsage([usage(part)]), CATALOG, T0 + 1 + i, Effects()).micros
         for i, part in enumerate(parts_ms))
 
     expected_micros, expected_remainder = divmod(
@@ -469,7 +473,8 @@ def test_same_lease_id_returns_the_first_lease_or_conflicts_and_changes_nothing(
         first, second, ttl_s, later_s):
     org = new_org("payg", True, 5_000_000, "pro", T0, Effects())
     first_result = execute(org, AcquireLease("ls_1", first, ttl_s), CATALOG, T0, Effects())
-    assert first_result["lease"]["created"] is True
+    assert first_result.created is True
+    first_lease = msgspec.structs.replace(first_result.lease)  # the live lease, as it was
     at = T0 + min(later_s, ttl_s - 1) * US_PER_S  # still within the lease's life
     execute(org, Advance(), CATALOG, at, Effects())
     before = org.to_snapshot()
@@ -477,7 +482,7 @@ def test_same_lease_id_returns_the_first_lease_or_conflicts_and_changes_nothing(
 
     if second == first:
         again = execute(org, AcquireLease("ls_1", second, ttl_s), CATALOG, at, fx)
-        assert again["lease"] == {**first_result["lease"], "created": False}
+        assert again == LeaseGranted(first_lease, created=False)
     else:
         try:
             execute(org, AcquireLease("ls_1", second, ttl_s), CATALOG, at, fx)

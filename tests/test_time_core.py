@@ -5,11 +5,11 @@ from __future__ import annotations
 import tomllib
 
 from actors.commands import InvoiceFailed, InvoicePaid, ResetPeriod, execute
-from actors.org import Effects, Resources
+from actors.org import DunningStep, Effects, Resources
 from actors.timeutil import rfc3339_to_us
 from config.catalog import parse_catalog
 from config.settings import DEFAULT_CATALOG
-from tests.test_org_core import CATALOG, DAY_US, FREE, HOBBY, T0, make_org, usage_costing
+from tests.helpers import CATALOG, DAY_US, FREE, HOBBY, T0, make_org, usage_costing
 
 US = 1_000_000
 POLICY = (3 * 86_400, 7 * 86_400, 14 * 86_400, "free", 1)
@@ -64,7 +64,7 @@ def test_an_org_that_paid_before_is_degraded_not_suspended():
     # degraded: the current quota and credit still usable, purchases denied
     assert org.gate("create", Resources(), T0 + 7 * DAY_US).allowed
     assert org.gate("purchase", Resources(), T0 + 7 * DAY_US).reason == "degraded"
-    assert org.gate("purchase", Resources(), T0 + 7 * DAY_US).status == 402
+    assert org.dunning.step == DunningStep.DEGRADED and org.state(T0 + 7 * DAY_US).degraded
 
 
 def test_an_older_payment_event_does_not_clear_a_newer_failure():

@@ -1,0 +1,114 @@
+"""The gate: may an org do an action now? A pure function of the few facts it reads.
+
+The shard asks it of an org in memory; a gateway is to ask it of the gate view it holds
+(DESIGN.md, gate projection). So `decide` reads a GateView, never the org, and answers a
+reason, never an HTTP status: the edge maps reasons to statuses.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+ACTIONS = ("create", "wake", "ingest", "purchase")
+
+
+class Reason(StrEnum):
+    OK = "ok"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    HALTED = "halted"
+    SUSPENDED = "suspended"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    NO_PAYMENT_METHOD = "no_payment_method"
+    CONCURRENCY_LIMIT = "concurrency_limit"
+    RESOURCE_LIMIT = "resource_limit"
+    DEGRADED = "degraded"
+
+
+class HaltCause(StrEnum):
+    BALANCE = "balance"  # ran out of money: money (a credit, new quota) lifts it
+    ADMIN = "admin"  # an operator's: only an operator lifts it
+
+
+class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    memory_mb: int = 0
+    cpu_count: int = 0
+    disk_mb: int = 0
+    machine_type: str | None = None
+    region: str | None = None
+    quantity: int = 1
+
+
+class Decision(msgspec.Struct, omit_defaults=True):
+    allowed: bool
+    reason: Reason
+    balance_micros: int
+    active_leases: int
+    max_concurrent: int
+    limit: int | None = None
+    requested: int | None = None
+    in_use: int | None = None
+    resource: str | None = None
+
+
+class GateView(msgspec.Struct, frozen=True):
+    """What the gate reads of an org, as of one instant."""
+
+    balance_micros: int
+    quota_remaining_micros: int
+    included_micros: int  # the plan's quota: running out then says quota_exceeded
+    active_leases: int
+    max_concurrent: int
+    max_disk_mb: int
+    halted: HaltCause | None
+    suspended: bool
+    degraded: bool
+    overdraws: bool  # postpaid with overage: usage past credit is invoiced, never denied
+    needs_card: bool  # free credit used up and nothing to pay with: the user must add a card
+    machine_quotas: dict[str, dict[str, int]] | None = None
+    machine_in_use: dict[str, dict[str, int]] | None = None  # active, by region and machine type
+
+
+def decide(action: str, resources: Resources, view: GateView) -> Decision:
+    assert action in ACTIONS, action
+
+    def answer(reason: Reason, **detail: int | str) -> Decision:
+        return Decision(reason == Reason.OK, reason, view.balance_micros, view.active_leases,
+                        view.max_concurrent, **detail)
+
+    if view.suspended:
+        return answer(Reason.SUSPENDED)
+    if action == "purchase":
+        return answer(Reason.DEGRADED if view.degraded else Reason.OK)
+    if view.halted == HaltCause.ADMIN:
+        return answer(Reason.HALTED)
+    # A balance halt is lifted by the next mutation once money or new quota exists; a
+    # read-only gate must not deny in the meantime (e.g. right after a period starts).
+    funded = view.balance_micros + view.quota_remaining_micros > 0
+    if view.halted == HaltCause.BALANCE and not funded:
+        return answer(Reason.NO_PAYMENT_METHOD if action == "create" and view.needs_card else Reason.HALTED)
+    if not funded and not view.overdraws:
+        if action == "create" and view.needs_card:
+            return answer(Reason.NO_PAYMENT_METHOD)
+        return answer(Reason.QUOTA_EXCEEDED if view.included_micros > 0 else Reason.INSUFFICIENT_BALANCE)
+    if action in ("create", "wake"):
+        denied = _resource_deny(resources, view)
+        if denied is not None:
+            return answer(Reason.RESOURCE_LIMIT, **denied)
+        if view.active_leases + resources.quantity > view.max_concurrent:
+            return answer(Reason.CONCURRENCY_LIMIT)
+    return answer(Reason.OK)
+
+
+def _resource_deny(resources: Resources, view: GateView) -> dict | None:
+    if resources.disk_mb > view.max_disk_mb:
+        return {"limit": view.max_disk_mb, "requested": resources.disk_mb, "resource": "disk_mb"}
+    if view.machine_quotas and resources.region and resources.machine_type:
+        limit = view.machine_quotas.get(resources.region, {}).get(resources.machine_type)
+        if limit is not None:
+            in_use = (view.machine_in_use or {}).get(resources.region, {}).get(resources.machine_type, 0)
+            if in_use + resources.quantity > limit:
+                return {"limit": limit, "requested": in_use + resources.quantity, "in_use": in_use,
+                        "resource": f"machine_type:{resources.region}/{resources.machine_type}"}
+    return None

@@ -1,0 +1,237 @@
+"""Time in an org: quota periods, what expires, and the dunning clock of an unpaid invoice.
+
+Nothing here reads a clock: `advance(now_us)` applies what time alone changed since the last
+command, and `next_due_us()` tells the scheduler when that will next be something.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import IntEnum
+
+import msgspec
+
+from actors.effects import Effects, Event
+from actors.timeutil import US_PER_S, period_bounds, us_to_rfc3339
+from config.catalog import Plan, plan_for_period
+
+
+class DunningStep(IntEnum):
+    """How far dunning went; each step keeps the ones before it."""
+
+    NONE = 0
+    SUSPENDED = 1  # only an org that never paid an invoice is suspended
+    DEGRADED = 2  # no purchases
+    DOWNGRADED = 3  # moved to the free plan
+
+
+class Dunning(msgspec.Struct, array_like=True):
+    """An unpaid invoice's clock. The policy comes with the failure, so replay needs no settings.
+
+    Payment clears every step and restores `prior_plan`.
+    """
+
+    since_us: int
+    suspend_after_s: int
+    degrade_after_s: int
+    downgrade_after_s: int
+    free_plan: Plan
+    step: DunningStep = DunningStep.NONE
+    prior_plan: Plan | None = None
+    invoice_ids: list[str] | None = None  # the unpaid invoices; paying them all ends dunning
+
+
+class ClosedPeriod(msgspec.Struct, frozen=True):
+    """A period's usage, archived when the next period starts (in the same commit)."""
+
+    org_id: str
+    period_key: str
+    start_us: int
+    end_us: int
+    usage_micros: int
+    quota_used_micros: int
+    plan_id: str
+    plan_version: int
+
+
+class Periods:
+    """OrgBillingActor's time: plan, the period (key, bounds, anchor), dunning, suspended,
+    past_due_since_us, paid_invoice, invoice_as_of_us."""
+
+    __slots__ = ()
+
+    @property
+    def degraded(self) -> bool:
+        return self.dunning is not None and self.dunning.step >= DunningStep.DEGRADED
+
+    def advance(self, now_us: int, fx: Effects) -> None:
+        """Apply what time alone changed: a new period, expired grants and leases, dunning."""
+        new_period = now_us >= self.period_end_us
+        if new_period:
+            self._start_period(now_us, fx)
+        for grant in self.grants or ():
+            if grant.expires_at_us is not None and grant.expires_at_us <= now_us:
+                self._expire_grants(now_us, fx)
+                break
+        if self.leases:
+            for lease in self.leases.values():
+                if lease.expires_at_us <= now_us:
+                    self._expire_leases(now_us, fx)
+                    break
+        if self.dunning is not None:
+            self._dunning_steps(now_us, fx)
+        if self.recharge is not None:
+            # A charge held back by the cooldown or the daily cap goes out once that ends, even
+            # if no debit comes (a halted org sends none): the scheduler wakes the org for it.
+            self._maybe_recharge(now_us, fx)
+        if new_period:
+            # The new period's quota is money to spend: a halt for lack of money lifts, as
+            # after a credit; after the grant expiry above, so it never lifts then re-halts.
+            self._resume_if_funded("period", now_us, fx)
+
+    def next_due_us(self) -> int:
+        """The next time at which time alone changes this org (the scheduler wakes it then)."""
+        due = self.period_end_us
+        for grant in self.grants or ():
+            if grant.expires_at_us is not None and grant.expires_at_us < due:
+                due = grant.expires_at_us
+        for lease in (self.leases or {}).values():
+            if lease.expires_at_us < due:
+                due = lease.expires_at_us
+        retry = self._recharge_retry_us()
+        if retry is not None:
+            due = min(due, retry)
+        dunning = self.dunning
+        if dunning is not None and dunning.step < DunningStep.DOWNGRADED:
+            after = (dunning.suspend_after_s, dunning.degrade_after_s, dunning.downgrade_after_s)[dunning.step]
+            due = min(due, dunning.since_us + after * US_PER_S)
+        return due
+
+    # ----- periods ----------------------------------------------------------------------
+
+    def _start_period(self, now_us: int, fx: Effects | None, plan: Plan | None = None) -> None:
+        """Archive the running period (in `fx`) and start the one containing now_us, on `plan`
+        or else on the version of the current plan in effect then."""
+        old_start, old_end = self.period_start_us, self.period_end_us
+        if fx is not None and self.period_key and now_us > old_start:
+            fx.periods.append(ClosedPeriod(
+                self.org_id, self.period_key, old_start, min(old_end, now_us),
+                self.period_usage_micros, self.quota_used_micros, self.plan.id, self.plan.version))
+        self.plan = plan or plan_for_period(self.plan, now_us)
+        if (plan is None and self.period_anchor_us and old_start < old_end <= now_us
+                and self.period_anchor_us < old_end):
+            # A subscription sets the periods: the next one starts where the last one ended and
+            # is as long, until Stripe's next period says otherwise (reset_period).
+            length = old_end - max(old_start, self.period_anchor_us)
+            start = old_end + (now_us - old_end) // length * length
+            end = start + length
+            key = "sub-" + us_to_rfc3339(start)[:10]
+        else:
+            key, start, end = period_bounds(self.plan.period, now_us)
+            if plan is not None or (self.period_key and old_end > now_us):
+                start = now_us  # cut short mid-period (a plan switch): the new one starts now
+        self.period_key = sys.intern(key)
+        self.period_start_us, self.period_end_us = start, end
+        self.period_usage_micros = 0
+        self.quota_used_micros = 0
+        self.thresholds_fired = 0
+
+    def reset_period(self, anchor_us: int, end_us: int | None, now_us: int, fx: Effects) -> bool:
+        """Stripe's subscription period [anchor_us, end_us) from now on sets the org's periods.
+
+        The first one aligns the running period's end with it. A later one whose start moved
+        past the start of the running period begins a new period now, quota reset, the old one
+        archived. If the running period already began at or after it (it rolled over at the
+        renewal), only its end is aligned. The same or an older anchor changes nothing.
+        """
+        self.advance(now_us, fx)
+        if anchor_us <= self.period_anchor_us:
+            return False
+        first = self.period_anchor_us == 0
+        self.period_anchor_us = anchor_us
+        reset = not first and anchor_us > self.period_start_us
+        if reset:
+            self._start_period(now_us, fx)
+            self.period_start_us = now_us
+            self.period_key = sys.intern("sub-" + us_to_rfc3339(now_us)[:10])
+        if end_us is not None and end_us > now_us:
+            self.period_end_us = end_us
+        if reset:
+            self._resume_if_funded("period", now_us, fx)
+        return reset
+
+    def set_plan(self, plan: Plan, now_us: int, fx: Effects) -> None:
+        self.advance(now_us, fx)
+        if plan.period != self.plan.period:
+            self._start_period(now_us, fx, plan)
+        self.plan = plan
+        self._halt_if_out_of_money(now_us, fx)
+        self._resume_if_funded("plan", now_us, fx)
+
+    # ----- dunning ----------------------------------------------------------------------
+
+    def invoice_failed(self, since_us: int, suspend_after_s: int, degrade_after_s: int,
+                       downgrade_after_s: int, free_plan: Plan, now_us: int, fx: Effects,
+                       invoice_id: str | None = None) -> bool:
+        """An invoice payment failed at `since_us`: the past-due clock starts (once)."""
+        self.advance(now_us, fx)
+        if since_us < self.invoice_as_of_us:
+            return False  # older than the last invoice news: a payment since then wins
+        self.invoice_as_of_us = since_us
+        if self.dunning is None:
+            self.past_due_since_us = since_us
+            self.dunning = Dunning(since_us, suspend_after_s, degrade_after_s, downgrade_after_s, free_plan)
+            self._dunning_steps(now_us, fx)
+        if invoice_id is not None and invoice_id not in (self.dunning.invoice_ids or ()):
+            self.dunning.invoice_ids = (self.dunning.invoice_ids or []) + [invoice_id]
+        return True
+
+    def invoice_paid(self, as_of_us: int, now_us: int, fx: Effects, invoice_id: str | None = None,
+                     amount_paid: int | None = None) -> bool:
+        """An invoice was paid. Once every invoice that failed is paid, everything dunning did
+        is undone at once. A zero-amount invoice (a trial, a proration) proves nothing."""
+        self.advance(now_us, fx)
+        if amount_paid == 0:
+            return False
+        dunning = self.dunning
+        unpaid = dunning.invoice_ids if dunning is not None else None
+        if invoice_id is None or unpaid is None:
+            if as_of_us < self.invoice_as_of_us:
+                return False  # an older payment: the failure since then stands
+            self.invoice_as_of_us = as_of_us
+        self.paid_invoice = True
+        if dunning is None:
+            return True
+        if unpaid is not None and invoice_id is not None:
+            if invoice_id not in unpaid:
+                return True  # another invoice: the failed one is still unpaid
+            dunning.invoice_ids = [i for i in unpaid if i != invoice_id] or None
+            if dunning.invoice_ids:
+                return True
+        was_suspended = self.suspended
+        self.dunning, self.past_due_since_us, self.suspended = None, None, False
+        if dunning.prior_plan is not None:
+            self.set_plan(dunning.prior_plan, now_us, fx)
+        fx.events.append(Event("org.unsuspended", self.org_id, now_us, {
+            "was_suspended": was_suspended, "step": dunning.step,
+            "past_due_since": us_to_rfc3339(dunning.since_us)}))
+        return True
+
+    def _dunning_steps(self, now_us: int, fx: Effects) -> None:
+        dunning = self.dunning
+        elapsed = now_us - dunning.since_us
+        if dunning.step < DunningStep.SUSPENDED and elapsed >= dunning.suspend_after_s * US_PER_S:
+            dunning.step = DunningStep.SUSPENDED
+            if not self.paid_invoice:
+                self.suspended = True
+                fx.events.append(Event("org.suspended", self.org_id, now_us, {
+                    "reason": "past_due", "past_due_since": us_to_rfc3339(dunning.since_us),
+                    "lease_ids": sorted(self.leases or ())}))
+        if dunning.step < DunningStep.DEGRADED and elapsed >= dunning.degrade_after_s * US_PER_S:
+            dunning.step = DunningStep.DEGRADED
+        if dunning.step < DunningStep.DOWNGRADED and elapsed >= dunning.downgrade_after_s * US_PER_S:
+            dunning.step = DunningStep.DOWNGRADED
+            if self.plan.id != dunning.free_plan.id:
+                dunning.prior_plan = self.plan
+                self._start_period(now_us, fx, dunning.free_plan)
+                self._halt_if_out_of_money(now_us, fx)
