@@ -1,19 +1,18 @@
-"""Where an org lives: a stable hash to a fixed slot space, slots mapped to shard actors."""
+"""Ray names of the shard actors, and the ingress's cached slot lookup.
+
+The slot of an org (a stable hash into a fixed slot space) is storage's, since the slot map
+lives in Postgres; this module names what runs them.
+"""
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 
-# Fixed forever: changing it would move every org. Shards own slots, never orgs directly.
-SLOT_COUNT = 1024
+from storage.slots import SLOT_COUNT, slot_of
+
+__all__ = ["NAMESPACE", "SLOT_COUNT", "cached_slot_of", "shard_name", "slot_of"]
+
 NAMESPACE = "metergate"
-
-
-def slot_of(org_id: str) -> int:
-    digest = hashlib.blake2b(org_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % SLOT_COUNT
-
 
 # For the ingress, which routes the same orgs over and over. Not for shards: a cache entry
 # per org there would cost more memory than the org itself.
@@ -22,4 +21,3 @@ cached_slot_of = lru_cache(maxsize=200_000)(slot_of)
 
 def shard_name(shard: int) -> str:
     return f"metergate-shard-{shard}"
-

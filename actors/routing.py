@@ -1,4 +1,5 @@
-"""Routing by org to cached shard handles, with per-shard call batching.
+"""Routing by org to cached shard handles, with per-shard call batching (used by the ingress
+and by the scheduler).
 
 One Ray call per request would cost a hop per request; instead each shard gets a batcher that
 sends whatever queued up while its previous call was in flight, so under load many gate
@@ -15,15 +16,16 @@ from ray.exceptions import RayError
 
 from actors.placement import NAMESPACE, cached_slot_of, shard_name
 from actors.ticks import TICKS_ENCODER, Tick
-from serve_app.errors import ApiError
 
 MAX_BATCH = 4096
 
 
-class ShardUnavailable(ApiError):
-    def __init__(self, shard: int, exc: BaseException) -> None:
-        super().__init__(503, "shard_unavailable",
-                         f"billing shard {shard} is unavailable; retry the request")
+class ShardUnavailable(Exception):
+    """A shard actor could not be reached (restarting, or its node gone): retry the request."""
+
+    def __init__(self, shard: int) -> None:
+        super().__init__(f"billing shard {shard} is unavailable; retry the request")
+        self.shard = shard
 
 
 class Batcher:
@@ -49,8 +51,8 @@ class Batcher:
     async def _send(self, batch: list[tuple[object, asyncio.Future]]) -> None:
         try:
             results = await self.send([item for item, _ in batch])
-        except RayError as exc:
-            failure = ShardUnavailable(self.shard, exc)
+        except RayError:
+            failure = ShardUnavailable(self.shard)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(failure)
@@ -75,12 +77,17 @@ class ShardRouter:
         self.handles = [ray.get_actor(shard_name(k), namespace=NAMESPACE) for k in range(shard_count)]
         self.gates = [Batcher(k, h.gate.remote) for k, h in enumerate(self.handles)]
         self.commands = [Batcher(k, h.submit.remote) for k, h in enumerate(self.handles)]
+        self.states = [Batcher(k, h.state.remote) for k, h in enumerate(self.handles)]
 
     def shard_of(self, org_id: str) -> int:
         return self.slot_to_shard[cached_slot_of(org_id)]
 
     async def gate(self, org_id: str, action: str, resources) -> dict:
         return await self.gates[self.shard_of(org_id)].call((org_id, action, resources))
+
+    async def state(self, org_id: str) -> dict:
+        """The org's state from its shard's memory: {"state": OrgState} or {"error": ...}."""
+        return await self.states[self.shard_of(org_id)].call(org_id)
 
     async def command(self, org_id: str, command, request_hash: str | None = None) -> dict:
         return await self.commands[self.shard_of(org_id)].call((org_id, command, request_hash))
@@ -94,7 +101,7 @@ class ShardRouter:
         async def send(shard: int, part: list[Tick]) -> dict:
             try:
                 return await self.handles[shard].usage.remote(TICKS_ENCODER.encode(part))
-            except RayError as exc:
-                raise ShardUnavailable(shard, exc) from None
+            except RayError:
+                raise ShardUnavailable(shard) from None
 
         return list(await asyncio.gather(*(send(k, p) for k, p in parts.items())))

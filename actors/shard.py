@@ -28,12 +28,15 @@ from actors import clock
 from actors.clock import now_us
 from actors.metering import SCALED_PER_NANO, LeaseUsage, UnknownUnit, cost_scaled
 from actors.org import BillingError, ChargeRequest, Effects, OrgBillingActor, OrgSnapshot, Resources
+from actors.refusals import Refusal
 from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
 from actors.timeutil import minute_us
 from config.catalog import Catalog, load_catalog
 from config.settings import Settings
+from storage import clock_offset
 from storage import journal as store
+from storage.slots import Fenced, claim_shard, fence
 from storage.db import create_pool
 
 log = logging.getLogger("metergate.shard")
@@ -44,25 +47,32 @@ MAX_PENDING_ITEMS = 100_000  # back-pressure: beyond this, callers get shard_bus
 RECENT_KEYS_MAX = 10_000
 IDLE_SNAPSHOT_AFTER_S = 2
 HOUSEKEEPING_EVERY_S = 1.0
-TICK_PRUNE_EVERY_S = 60.0
 RECHARGE_SCAN_EVERY_S = 30.0
 PARITY_CHUNK = 500  # orgs checked per pause of the commit loop
 RECHARGE_RETRY_AFTER_S = 120  # a pending charge with no charger running is tried again after this
 
 
-def error(code: str, message: str, status: int) -> dict:
-    return {"error": {"code": code, "message": message, "status": status}}
+def error(code: Refusal, message: str) -> dict:
+    """A refusal as the shard answers it. What it means in HTTP is decided at the edge
+    (serve_app/errors.py)."""
+    return {"error": {"code": Refusal(code), "message": message}}
 
 
-WRONG_SHARD = error("wrong_shard", "this org is not on the shard the request reached; retry", 503)
-UNAVAILABLE = error("shard_unavailable", "the billing database is unavailable; retry the request", 503)
-UNSTORABLE = error("unstorable_input", "a value in this request cannot be stored; correct it, retrying will not help", 422)
+def unknown_org(org_id: str) -> dict:
+    return error(Refusal.UNKNOWN_ORG, f"org {org_id} does not exist")
+
+
+WRONG_SHARD = error(Refusal.WRONG_SHARD, "this org is not on the shard the request reached; retry")
+UNAVAILABLE = error(Refusal.SHARD_UNAVAILABLE, "the billing database is unavailable; retry the request")
+UNSTORABLE = error(Refusal.UNSTORABLE_INPUT,
+                   "a value in this request cannot be stored; correct it, retrying will not help")
+STATE_WAIT_S = 10  # a state read waits at most this for the commit of its org's last command
 # Failures of the database or the link to it, not of any one item: the batch as a whole is
 # retried by its callers. Anything else may be caused by one item, and is isolated.
 OUTAGES = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
            asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
            asyncpg.exceptions.TransactionRollbackError, asyncpg.exceptions.InternalServerError,
-           asyncpg.exceptions.ObjectNotInPrerequisiteStateError, store.Fenced)
+           asyncpg.exceptions.ObjectNotInPrerequisiteStateError, Fenced)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -74,14 +84,8 @@ def tick_key(org_id: str, tick_id: str) -> bytes:
     return hashlib.blake2b(f"{org_id}\x1f{tick_id}".encode(), digest_size=16).digest()
 
 
-class CreateOrg(msgspec.Struct):
-    email: str
-    plan_id: str
-    prepaid: bool
-
-
-class GetState(msgspec.Struct):
-    pass
+# Orgs are created through submit() like any command; the name stays importable from here.
+CreateOrg = cmd.CreateOrg
 
 
 class LoadedOrg:
@@ -123,6 +127,7 @@ class ShardActor:
         self.catalog: Catalog = load_catalog(self.settings.catalog)
         self.orgs: dict[str, LoadedOrg] = {}
         self.loading: dict[str, asyncio.Future] = {}
+        self.unanswered: dict[str, asyncio.Future] = {}  # org → its last command applied, not yet answered
         self.pending: list = []
         self.recent_keys: dict[tuple[str, str], tuple[str, dict]] = {}
         self.epoch = 0
@@ -132,7 +137,6 @@ class ShardActor:
         self.started: asyncio.Task | None = None
         self.loop_task: asyncio.Task | None = None
         self.last_housekeeping = 0.0
-        self.last_prune = 0.0
         self.stats_commits = 0
         self.stats_commit_ms_total = 0.0
         self.stats_items = 0
@@ -161,9 +165,9 @@ class ShardActor:
         self.wake = asyncio.Event()
         self.pool = await create_pool(self.settings.database_url, min_size=2, max_size=4)
         async with self.pool.acquire() as conn:
-            self.epoch, self.slots = await store.claim_shard(conn, self.shard)
+            self.epoch, self.slots = await claim_shard(conn, self.shard)
             if self.settings.test_clock:
-                clock.set_offset_us(await clock.load_offset_us(conn))
+                clock.set_offset_us(await clock_offset.offset_us(conn))
         self.charger = Charger(self.settings, self.pool)
         self.loop_task = asyncio.ensure_future(self._commit_loop())
         log.info("shard %s up: epoch %s, %s slots, pid %s", self.shard, self.epoch, len(self.slots), os.getpid())
@@ -238,21 +242,55 @@ class ShardActor:
 
     async def gate(self, requests: list[tuple[str, str, Resources]]) -> list[dict]:
         """Read-only decisions, answered from memory (loading an org on first use)."""
-        await self._ensure_started()
-        await self._ensure_loaded({org_id for org_id, _, _ in requests if self.owns(org_id)})
+        orgs = await self._readable([org_id for org_id, _, _ in requests])
         now = now_us()
+        return [msgspec.to_builtins(org.gate(action, resources, now)) if isinstance(org, OrgBillingActor) else org
+                for org, (_, action, resources) in zip(orgs, requests)]
+
+    async def state(self, org_ids: list[str]) -> list[dict]:
+        """Each org's state as of now, answered from memory like the gate: {"state": OrgState}.
+
+        Unlike the gate it first waits for the commands applied to these orgs to be answered:
+        a commit in flight may still fail, and a read must not show what it would lose.
+        """
+        deadline = time.monotonic() + STATE_WAIT_S
+        while True:
+            orgs = await self._readable(org_ids)
+            waits = [f for f in map(self.unanswered.get, org_ids) if f is not None and not f.done()]
+            if not waits:
+                break
+            if time.monotonic() >= deadline:
+                return [UNAVAILABLE for _ in org_ids]
+            await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()))
+        now = now_us()
+        return [{"state": org.state(now)} if isinstance(org, OrgBillingActor) else org for org in orgs]
+
+    def _unanswered(self, org_id: str, future: asyncio.Future) -> None:
+        """Reads of the org wait for `future`: its command is in memory, not yet committed."""
+        self.unanswered[org_id] = future
+
+        def answered(done: asyncio.Future) -> None:
+            if self.unanswered.get(org_id) is done:
+                del self.unanswered[org_id]
+
+        future.add_done_callback(answered)
+
+    async def _readable(self, org_ids: list[str]) -> list[OrgBillingActor | dict]:
+        """Each org in memory (loaded on first use), or the refusal to read it."""
+        await self._ensure_started()
+        await self._ensure_loaded({org_id for org_id in org_ids if self.owns(org_id)})
         now_s = int(time.monotonic())
-        results = []
-        for org_id, action, resources in requests:
+        found: list[OrgBillingActor | dict] = []
+        for org_id in org_ids:
             loaded = self.orgs.get(org_id)
             if not self.owns(org_id):
-                results.append(WRONG_SHARD)
+                found.append(WRONG_SHARD)
             elif loaded is None:
-                results.append(error("unknown_org", f"org {org_id} does not exist", 404))
+                found.append(unknown_org(org_id))
             else:
                 loaded.touched_s = now_s  # an org that is only read is in use too
-                results.append(msgspec.to_builtins(loaded.org.gate(action, resources, now)))
-        return results
+                found.append(loaded.org)
+        return found
 
     async def tasks(self) -> list[str]:
         """What each coroutine of this shard is waiting on (for operators chasing a stall)."""
@@ -275,7 +313,7 @@ class ShardActor:
         """Commands (org_id, command, request_hash); each answered after its commit."""
         await self._ensure_started()
         if len(self.pending) >= MAX_PENDING_ITEMS:
-            return [error("shard_busy", "shard is overloaded, retry", 503) for _ in items]
+            return [error(Refusal.SHARD_BUSY, "shard is overloaded, retry") for _ in items]
         loop = asyncio.get_running_loop()
         futures = []
         for org_id, command, request_hash in items:
@@ -289,7 +327,7 @@ class ShardActor:
         """A batch of validated ticks; answered after the commit that bills them."""
         await self._ensure_started()
         if len(self.pending) >= MAX_PENDING_ITEMS:
-            return error("shard_busy", "shard is overloaded, retry", 503)
+            return error(Refusal.SHARD_BUSY, "shard is overloaded, retry")
         future = asyncio.get_running_loop().create_future()
         self.pending.append(UsageItem(TICKS_DECODER.decode(ticks_msgpack), future))
         self.wake.set()
@@ -450,7 +488,7 @@ class ShardActor:
             reply = UNSTORABLE
         else:  # a bug that one input reaches: logged whole, the caller is told nothing internal
             log.error("shard %s: an item failed its commit on its own", self.shard, exc_info=exc)
-            reply = error("internal_error", "internal error; it has been logged", 500)
+            reply = error(Refusal.INTERNAL_ERROR, "internal error; it has been logged")
         if isinstance(item, UsageItem):
             reply = {"accepted": 0, "duplicates": 0, "rejected": [
                 {"index": t.index, "tick_id": t.tick_id, "org_id": t.org_id, "error": reply["error"]["code"]}
@@ -509,7 +547,7 @@ class ShardActor:
         phase = self._phase_clock()
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                await store.fence(conn, self.shard, self.epoch)
+                await fence(conn, self.shard, self.epoch)
                 seen_before = await store.claim_tick_ids(conn, list(tick_keys))
                 keyed = await store.keyed_entries(conn, key_pairs)
                 phase("dedupe")
@@ -556,7 +594,8 @@ class ShardActor:
                 loaded = self.orgs.get(tick.org_id) if self.owns(tick.org_id) else None
                 if loaded is None:
                     item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
-                                          "error": "unknown_org" if self.owns(tick.org_id) else "wrong_shard"})
+                                          "error": Refusal.UNKNOWN_ORG if self.owns(tick.org_id)
+                                          else Refusal.WRONG_SHARD})
                     item.keys.append(None)
                     continue
                 if tick.units:
@@ -581,11 +620,6 @@ class ShardActor:
             if time.monotonic() - self.last_recharge_scan > RECHARGE_SCAN_EVERY_S:
                 self.last_recharge_scan = time.monotonic()
                 self._retry_stuck_charges()
-            if self.shard == 0 and time.monotonic() - self.last_prune > TICK_PRUNE_EVERY_S:
-                self.last_prune = time.monotonic()
-                async with self.pool.acquire() as conn:
-                    cutoff = store.us_to_dt(now_us() - self.settings.tick_id_retention_s * 1_000_000)
-                    await store.prune_tick_ids(conn, cutoff)
         except Exception:
             log.exception("shard %s: housekeeping failed (will retry)", self.shard)
 
@@ -602,7 +636,7 @@ class ShardActor:
             batch.compact.append((org_id, lo.seq))
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                await store.fence(conn, self.shard, self.epoch)
+                await fence(conn, self.shard, self.epoch)
                 await store.write_batch(conn, batch)
         for org_id, _ in dirty[:5_000]:
             lo = self.orgs.get(org_id)
@@ -700,25 +734,30 @@ class _BatchWork:
         if not shard.owns(item.org_id):
             return WRONG_SHARD
         loaded = shard.orgs.get(item.org_id)
-        if isinstance(command, CreateOrg):
-            return self._create(item.org_id, command, loaded)
+        if isinstance(command, cmd.CreateOrg):
+            return self._create(item, loaded)
         if loaded is None:
-            return error("unknown_org", f"org {item.org_id} does not exist", 404)
-        if isinstance(command, GetState):
-            return {"state": loaded.org.view(self.now)}
+            return unknown_org(item.org_id)
         if isinstance(command, cmd.KEYED) and command.idempotency_key:
             replay = self._keyed_replay(item, keyed)
             if replay is not None:
                 return replay
         first_entry = len(self.fx.ledger)
+        refusal = None
         try:
-            result = cmd.execute(loaded.org, command, shard.catalog, self.now, self.fx)
+            outcome = cmd.execute(loaded.org, command, shard.catalog, self.now, self.fx)
         except BillingError as exc:
-            result = error(exc.code, str(exc), exc.status)
+            refusal = error(exc.code, str(exc))
         except UnknownUnit as exc:
-            result = error("unknown_unit", str(exc), 422)
+            refusal = error(Refusal.UNKNOWN_UNIT, str(exc))
+        # Journaled even when refused: its time effects were applied, and replay refuses it alike.
         self._record(item.org_id, command)
-        if isinstance(command, cmd.KEYED) and "entry" in result:
+        shard._unanswered(item.org_id, item.future)
+        if refusal is not None:
+            return refusal
+        result = answer(outcome, loaded.org, self.now)
+        if isinstance(outcome, cmd.Booked):
+            assert isinstance(command, cmd.KEYED), command
             # The command's own entry is the first of its kind that it appended: time effects
             # (expirations) may come before it, and a grant that lapses at once after it.
             own = next(i for i in range(first_entry, len(self.fx.ledger)) if self.fx.ledger[i][1].kind == command.kind)
@@ -739,29 +778,26 @@ class _BatchWork:
             return None
         request_hash, first = seen
         if request_hash != item.request_hash:
-            return error("idempotency_conflict",
-                         "this Idempotency-Key was used with a different request", 409)
+            return error(Refusal.IDEMPOTENCY_CONFLICT, "this Idempotency-Key was used with a different request")
         replay = dict(first)
         replay["balance_micros"] = self.shard.orgs[item.org_id].org.balance_micros
         replay["replayed"] = True
         return replay
 
-    def _create(self, org_id: str, command: CreateOrg, loaded: LoadedOrg | None) -> dict:
-        if loaded is not None:
-            return {"created": False, "state": loaded.org.view(self.now)}
-        catalog = self.shard.catalog
-        plan = catalog.current_plan(command.plan_id, self.now)
-        if plan is None:
-            return error("unknown_plan", f"plan {command.plan_id} is not in the catalog", 422)
-        org = OrgBillingActor.create(
-            org_id, command.email, command.prepaid, plan, catalog.default_tier,
-            catalog.tiers[catalog.default_tier], catalog.default_max_disk_mb,
-            catalog.signup_grant_micros, self.now, self.fx)
-        self.shard.orgs[org_id] = LoadedOrg(org, 0, 0, self.now_s)
-        self.created.add(org_id)
-        self.out.new_orgs.append((org_id, command.email, "prepaid" if command.prepaid else "postpaid",
-                                  slot_of(org_id), store.us_to_dt(self.now)))
-        return {"created": True, "state": org.view(self.now)}
+    def _create(self, item: CommandItem, loaded: LoadedOrg | None) -> dict:
+        org_id, command = item.org_id, item.command
+        org = loaded.org if loaded is not None else None
+        try:
+            outcome = cmd.execute(org, command, self.shard.catalog, self.now, self.fx, org_id=org_id)
+        except BillingError as exc:
+            return error(exc.code, str(exc))
+        if outcome.created:  # its first snapshot is written by finish(); it is never journaled
+            self.shard.orgs[org_id] = LoadedOrg(outcome.org, 0, 0, self.now_s)
+            self.created.add(org_id)
+            self.shard._unanswered(org_id, item.future)
+            self.out.new_orgs.append((org_id, command.email, "prepaid" if command.prepaid else "postpaid",
+                                      slot_of(org_id), store.us_to_dt(self.now)))
+        return answer(outcome, outcome.org, self.now)
 
     def finish(self) -> store.CommitBatch:
         """Turn the batch's effects into rows: journal or snapshot per org, ledger, outbox."""
@@ -829,6 +865,32 @@ class _BatchWork:
         recent.update(self.batch_keys)
         while len(recent) > RECENT_KEYS_MAX:
             recent.pop(next(iter(recent)))
+
+
+def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
+    """A command's reply, from its typed outcome. Built at once, from copies: later commands
+    of the batch may change the org before the reply is sent."""
+    match outcome:
+        case cmd.Applied():
+            return {"state": org.state(now_us)}
+        case cmd.Stale():
+            return {"state": org.state(now_us), "stale": True}
+        case cmd.OrgCreated(created=created):
+            return {"created": created, "state": org.state(now_us)}
+        case cmd.Debited(micros=micros):
+            return {"debited_micros": micros}
+        case cmd.LeaseGranted(lease=lease, created=created):
+            return {"lease": msgspec.structs.replace(lease), "created": created}
+        case cmd.LeaseRenewed(lease=lease):
+            return {"lease": msgspec.structs.replace(lease)}
+        case cmd.LeaseDenied(decision=decision):
+            return {"denied": msgspec.to_builtins(decision)}
+        case cmd.Released(released=released):
+            return {"released": released}
+        case cmd.Booked(entry=entry, balance_micros=balance):
+            return {"entry": msgspec.to_builtins(entry), "balance_micros": balance}
+        case _:
+            raise AssertionError(f"unknown outcome {outcome!r}")
 
 
 def _entry_from_row(row) -> dict:

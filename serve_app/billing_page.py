@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from serve_app.money import format_usd
+from serve_app.views import format_usd
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Billing · {org}</title>

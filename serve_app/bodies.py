@@ -159,6 +159,35 @@ class LimitsBody(StrictModel):
     machine_quotas: dict[Text, dict[Text, Annotated[int, Field(ge=0, le=1_000_000)]]] | None = None
 
 
+# ----- self-serve bodies ------------------------------------------------------------------
+
+# Where Stripe sends the customer back: an http(s) URL, no spaces or control characters.
+Url = Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://[^\x00-\x20\x7f]+$")]
+MIN_TOPUP_MICROS = 500_000  # Stripe's smallest USD charge is 0.50
+MAX_TOPUP_MICROS = 10_000_000_000
+
+
+class TopupBody(StrictModel):
+    amount_micros: Annotated[int, Field(ge=MIN_TOPUP_MICROS, le=MAX_TOPUP_MICROS)] | None = None
+    pack_id: Text | None = None
+    success_url: Url | None = None
+    cancel_url: Url | None = None
+
+
+class SetupBody(StrictModel):
+    success_url: Url | None = None
+    cancel_url: Url | None = None
+
+
+class TierCheckoutBody(SetupBody):
+    tier: Text
+
+
+class PortalBody(StrictModel):
+    return_url: Url | None = None
+
+
+
 def parse_model(model: type[BaseModel], raw: bytes):
     """Parse an admin body whatever its Content-Type; errors name the field."""
     from pydantic import ValidationError

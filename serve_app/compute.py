@@ -11,6 +11,7 @@ from actors.ticks import DECODE_ERRORS, BadBody, TooManyTicks, decode_usage
 from serve_app.bodies import LEASE_DECODER, decode, invalid_field, is_json, not_json
 from serve_app.context import Context
 from serve_app.errors import ApiError, error_body, raise_for_shard_error
+from serve_app.views import decision_view, lease_view
 
 NO_RESOURCES = Resources()
 
@@ -22,11 +23,9 @@ async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
     result = raise_for_shard_error(await ctx.router.command(
         body.org_id, cmd.AcquireLease(body.lease_id, resources, body.ttl_s)))
     if "denied" in result:
-        denied = result["denied"]
+        denied = decision_view(result["denied"])
         return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied}
-    lease = result["lease"]
-    created = lease.pop("created")
-    return (201 if created else 200), {"org_id": body.org_id, **lease}
+    return (201 if result["created"] else 200), {"org_id": body.org_id, **lease_view(result["lease"])}
 
 
 async def release_lease(ctx: Context, org_id: str, lease_id: str) -> None:

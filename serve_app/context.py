@@ -14,8 +14,9 @@ from actors.clock import now_us
 from config.catalog import Catalog
 from config.settings import Settings
 from serve_app.auth import Caller, OrgTokens, bearer, forbidden, identify
-from serve_app.routing import ShardRouter
+from actors.routing import ShardRouter
 from serve_app.stripe_gateway import StripeGateway
+from storage import clock_offset
 from storage.db import create_pool
 
 
@@ -44,7 +45,7 @@ class Context:
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    clock.set_offset_us(await clock.load_offset_us(conn))
+                    clock.set_offset_us(await clock_offset.offset_us(conn))
             except Exception:  # noqa: BLE001 - Postgres away: try again in a second
                 pass
             await asyncio.sleep(1.0)

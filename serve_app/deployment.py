@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ray import serve
 
+from actors.routing import ShardRouter
 from config.catalog import load_catalog
 from config.settings import Settings
-from serve_app.app import Context, build_app
-from serve_app.routing import ShardRouter
+from serve_app.app import build_app
+from serve_app.context import Context
 
 
 @serve.deployment(

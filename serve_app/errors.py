@@ -11,6 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.routing import ShardUnavailable
+from actors.refusals import Refusal
+
 log = logging.getLogger("metergate.http")
 
 
@@ -36,11 +39,33 @@ def error_response(status: int, code: str, message: str, **details: object) -> J
     return JSONResponse(error_body(code, message, **details), status_code=status, headers=headers)
 
 
+# What each refusal of a shard means in HTTP: the one place a shard's code becomes a status.
+STATUS_BY_REFUSAL: dict[Refusal, int] = {
+    Refusal.INVALID_COMMAND: 400,
+    Refusal.UNKNOWN_LEASE: 404,
+    Refusal.IDEMPOTENCY_CONFLICT: 409,
+    Refusal.UNKNOWN_ORG: 404,
+    Refusal.UNKNOWN_PLAN: 422,
+    Refusal.UNKNOWN_UNIT: 422,
+    Refusal.WRONG_SHARD: 503,
+    Refusal.SHARD_BUSY: 503,
+    Refusal.SHARD_UNAVAILABLE: 503,
+    Refusal.UNSTORABLE_INPUT: 422,
+    Refusal.INTERNAL_ERROR: 500,
+}
+assert set(STATUS_BY_REFUSAL) == set(Refusal), "every refusal has its HTTP status"
+
+
+def unknown_org(org_id: str) -> ApiError:
+    return ApiError(404, Refusal.UNKNOWN_ORG, f"org {org_id} does not exist")
+
+
 def raise_for_shard_error(result: dict) -> dict:
-    """A shard answers errors as values; turn one into the API error it stands for."""
+    """A shard answers refusals as values; turn one into the API error it stands for."""
     err = result.get("error")
     if err is not None:
-        raise ApiError(err["status"], err["code"], err["message"])
+        code = Refusal(err["code"])
+        raise ApiError(STATUS_BY_REFUSAL[code], code.value, err["message"])
     return result
 
 
@@ -75,6 +100,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(ShardUnavailable)
+    async def _shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:
+        return error_response(503, "shard_unavailable", str(exc))
 
     @app.exception_handler(asyncpg.PostgresConnectionError)
     @app.exception_handler(asyncpg.InterfaceError)

@@ -19,7 +19,7 @@ from actors.placement import NAMESPACE, shard_name
 from actors.shard import ShardActor
 from config.catalog import load_catalog
 from config.settings import Settings, with_generated_tokens
-from storage import journal as store
+from storage import slots
 from storage.db import migrate, start_embedded_postgres, stop_embedded_postgres, stop_postgres_now
 
 log = logging.getLogger("metergate.launch")
@@ -57,8 +57,8 @@ def prepare_database(settings: Settings, running: Running) -> Settings:
         await migrate(settings.database_url)
         conn = await asyncpg.connect(settings.database_url)
         try:
-            await store.ensure_slots(conn, settings.shards)
-            return await store.slot_map(conn)
+            await slots.ensure_slots(conn, settings.shards)
+            return await slots.slot_map(conn)
         finally:
             await conn.close()
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import msgspec
 from fastapi import FastAPI
 
-from actors.org import Decision
 from actors.ticks import TypedUsageBody
 from serve_app.bodies import GateBody, LeaseBody
+from serve_app.views import Decision
 
 REF = "#/components/schemas/{name}"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from actors.commands import (Command, Credit, InvoiceFailed, InvoicePaid, ResetPeriod, SetPaymentMethod,
                              SettleRecharge, SetTier)
-from actors.org import MICROS_PER_CENT
+from actors.org import MAX_AMOUNT_MICROS, MICROS_PER_CENT
 from config.catalog import Catalog
 PAID_TIERS = ("pro", "pro_plus", "pro_plus_plus")
 ENDED_SUBSCRIPTION = ("canceled", "unpaid", "incomplete_expired")
@@ -27,6 +27,33 @@ class DunningPolicy:
     degrade_after_s: int
     downgrade_after_s: int
     free_plan: str
+
+
+MAX_EPOCH_S = 253_402_300_799  # 9999-12-31: a later time is no time Stripe sends
+
+
+def _integer(value, field: str, low: int, high: int) -> int:
+    """An integer field of an event, within bounds the core can hold (else the event is refused)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise EventError(f"{field} is not an integer") from None
+    if not low <= number <= high:
+        raise EventError(f"{field} is out of range")
+    return number
+
+
+def _micros(value, field: str) -> int:
+    return _integer(value, field, 1, MAX_AMOUNT_MICROS)
+
+
+def _cents(value, field: str, low: int = 1) -> int:
+    """Stripe's cents as micro-USD."""
+    return _integer(value, field, low, MAX_AMOUNT_MICROS // MICROS_PER_CENT) * MICROS_PER_CENT
+
+
+def _epoch_s(value, field: str) -> int:
+    return _integer(value, field, 0, MAX_EPOCH_S)
 
 
 class EventError(ValueError):
@@ -51,7 +78,7 @@ def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None,
     org_id = org_of(obj) or customer_org
     if org_id is None:
         return []
-    as_of_us = int(event.get("created", 0)) * 1_000_000
+    as_of_us = _epoch_s(event.get("created", 0), "created") * 1_000_000
     try:
         if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
             return [(org_id, c) for c in _checkout(obj, catalog, as_of_us)]
@@ -71,7 +98,7 @@ def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None,
                                            dunning.downgrade_after_s, free.id, free.version, _str(obj.get("id"))))]
         if kind in ("invoice.paid", "invoice.payment_succeeded"):
             paid = obj.get("amount_paid")
-            return [(org_id, InvoicePaid(as_of_us, _str(obj.get("id")), int(paid) if paid is not None else None))]
+            return [(org_id, InvoicePaid(as_of_us, _str(obj.get("id")), _cents(paid, "amount_paid", 0) // MICROS_PER_CENT if paid is not None else None))]
         if kind == "customer.subscription.deleted":
             return [(org_id, _base_tier(catalog, as_of_us))]
         if kind == "charge.refunded":
@@ -92,11 +119,11 @@ def _checkout(session: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
     if mode != "payment" or session.get("payment_status") != "paid":
         return []  # not paid yet: async methods report later with async_payment_succeeded
     metadata = session.get("metadata") or {}
-    amount = int(metadata["credit_micros"]) if metadata.get("credit_micros") else \
-        int(session["amount_total"]) * MICROS_PER_CENT
+    amount = _micros(metadata["credit_micros"], "metadata.credit_micros") if metadata.get("credit_micros") else \
+        _cents(session["amount_total"], "amount_total")
     expires = metadata.get("credit_expires_at")
     payment = session.get("payment_intent") or session["id"]
-    return [Credit("topup", amount, int(expires) * 1_000_000 if expires else None,
+    return [Credit("topup", amount, _epoch_s(expires, "metadata.credit_expires_at") * 1_000_000 if expires else None,
                    f"Stripe checkout {session['id']}", f"stripe:payment:{payment}")]
 
 
@@ -123,7 +150,8 @@ def _current_period(subscription: dict) -> tuple[int, int | None] | None:
     start, end = holder.get("current_period_start"), holder.get("current_period_end")
     if not start:
         return None
-    return int(start) * 1_000_000, int(end) * 1_000_000 if end else None
+    return (_epoch_s(start, "current_period_start") * 1_000_000,
+            _epoch_s(end, "current_period_end") * 1_000_000 if end else None)
 
 
 def _base_tier(catalog: Catalog, as_of_us: int) -> SetTier:
@@ -137,7 +165,7 @@ def _auto_recharge(intent: dict, succeeded: bool) -> list[Command]:
         return []
     error = intent.get("last_payment_error") or {}
     reason = error.get("code") or error.get("decline_code") or "payment_failed"
-    return [SettleRecharge.of_payment(metadata["charge_id"], succeeded, int(intent["amount"]) * MICROS_PER_CENT,
+    return [SettleRecharge.of_payment(metadata["charge_id"], succeeded, _cents(intent["amount"], "amount"),
                                       intent["id"], reason)]
 
 
@@ -145,5 +173,5 @@ def _refunds(charge: dict) -> list[Command]:
     refunds = (charge.get("refunds") or {}).get("data")
     if refunds is None:
         raise EventError("charge.refunded without refunds.data; expand `refunds` on the webhook")
-    return [Credit("refund", -int(r["amount"]) * MICROS_PER_CENT, None, f"Stripe refund {r['id']}",
+    return [Credit("refund", -_cents(r["amount"], "refunds.amount"), None, f"Stripe refund {r['id']}",
                    f"stripe:refund:{r['id']}") for r in refunds if r.get("status", "succeeded") == "succeeded"]

@@ -19,12 +19,14 @@ import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from actors.commands import fingerprint
+from actors.refusals import Refusal
 from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, json_depth, not_json
 from actors.ticks import DECODE_ERRORS, ID_PATTERN
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, raise_for_shard_error
 from serve_app.stripe_events import DunningPolicy, EventError, commands_for, customer_of
+from storage import inbound_webhooks, stripe_customers
 
 SOURCE = "svix"
 STRIPE_ID = re.compile(ID_PATTERN)
@@ -92,17 +94,13 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
 async def _seen(ctx: Context, source: str, event_id: str) -> tuple[int, dict] | None:
     """The first answer to a message already applied (a fast path: effects are idempotent anyway)."""
     async with (await ctx.db()).acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT status, response FROM inbound_webhooks WHERE source = $1 AND event_id = $2", source, event_id)
-    return None if row is None else (row["status"], {**msgspec.json.decode(row["response"]), "duplicate": True})
+        seen = await inbound_webhooks.first_answer(conn, source, event_id)
+    return None if seen is None else (seen[0], {**seen[1], "duplicate": True})
 
 
 async def _remember(ctx: Context, source: str, event_id: str, event_type: str, status: int, result: dict) -> None:
     async with (await ctx.db()).acquire() as conn:
-        await conn.execute(
-            "INSERT INTO inbound_webhooks (source, event_id, event_type, status, response)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            source, event_id, event_type, status, msgspec.json.encode(result))
+        await inbound_webhooks.remember(conn, source, event_id, event_type, status, result)
 
 
 def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> dict:
@@ -160,8 +158,7 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     customer_org = None
     if customer_of(event):
         async with (await ctx.db()).acquire() as conn:
-            customer_org = await conn.fetchval(
-                "SELECT org_id FROM stripe_customers WHERE customer_id = $1", customer_of(event))
+            customer_org = await stripe_customers.org_of(conn, customer_of(event))
     await _expand_refunds(ctx, event)
     try:
         settings = ctx.settings
@@ -170,11 +167,13 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
             settings.dunning_downgrade_after_s, settings.dunning_free_plan))
     except EventError as exc:
         raise ApiError(422, "unprocessable_event", str(exc)) from None
+    except (KeyError, TypeError, AttributeError) as exc:  # a field the event type must carry is missing
+        raise ApiError(422, "unprocessable_event", f"the event lacks a field its type needs ({exc})") from None
     applied = []
     for org_id, command in commands:
         # Fingerprint the effect, not the event: two events about one payment must replay, not conflict.
         result = await ctx.router.command(org_id, command, fingerprint(command))
-        if result.get("error", {}).get("code") == "unknown_org":
+        if result.get("error", {}).get("code") == Refusal.UNKNOWN_ORG:
             raise ApiError(422, "unprocessable_event", f"event names org {org_id}, which does not exist")
         result = raise_for_shard_error(result)
         applied.append({"org_id": org_id, "command": type(command).__name__,

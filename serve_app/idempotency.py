@@ -1,0 +1,74 @@
+"""Idempotency-Key on every mutating route, admin and self-serve alike: the same key and body
+get the first response again; the same key with another body is 409 idempotency_conflict,
+decided before anything reaches a shard or Stripe.
+
+The key is claimed before the request runs, so two requests racing with one key cannot both
+run: the second sees the claim (409 for another body, 409 idempotency_in_progress for the
+same body while the first still runs). A request refused with an error, or failing, gives the
+key back: a failure must not burn the key the caller will retry with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Awaitable, Callable
+
+from fastapi import Request, Response
+
+from serve_app.context import Context
+from serve_app.errors import ApiError
+from storage import http_idempotency as records
+
+MAX_KEY_CHARS = 255
+
+
+async def request_hash(request: Request) -> str:
+    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode())
+    digest.update(await request.body())
+    return digest.hexdigest()
+
+
+def caller_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and (not 1 <= len(key) <= MAX_KEY_CHARS or not key.isascii() or not key.isprintable()):
+        raise ApiError(400, "invalid_idempotency_key",
+                       f"Idempotency-Key must be 1-{MAX_KEY_CHARS} printable ASCII characters")
+    return key
+
+
+async def idempotent(ctx: Context, request: Request, run: Callable[[], Awaitable[Response]]) -> Response:
+    """Run the request once per (caller, Idempotency-Key); without the header, just run it."""
+    key = caller_key(request)
+    if key is None:
+        return await run()
+    caller = ctx.caller(request)
+    scope = "admin" if caller.role == "admin" else f"{caller.role}:{caller.org_id or ''}"
+    fingerprint = await request_hash(request)
+    pool = await ctx.db()
+    async with pool.acquire() as conn:
+        seen = await records.claim(conn, scope, key, fingerprint)
+    if seen is not None:
+        if seen.request_hash != fingerprint:
+            raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used with a different request")
+        if seen.status == records.IN_PROGRESS:
+            raise ApiError(409, "idempotency_in_progress",
+                           "a request with this Idempotency-Key is still running; retry shortly")
+        return Response(seen.body, status_code=seen.status, media_type="application/json")
+    try:
+        response = await run()
+    except BaseException:
+        # Refused (a 4xx raised before anything changed) or failed: the key is given back,
+        # as before it was claimed.
+        await _release(pool, scope, key)
+        raise
+    if response.status_code >= 500:
+        await _release(pool, scope, key)
+        return response
+    async with pool.acquire() as conn:
+        await records.complete(conn, scope, key, response.status_code, bytes(response.body))
+    return response
+
+
+async def _release(pool, scope: str, key: str) -> None:
+    async with pool.acquire() as conn:
+        await records.release(conn, scope, key)

@@ -1,0 +1,35 @@
+"""The test clock (only with METERGATE_TEST_CLOCK=1; without it these routes do not exist)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from actors import clock
+from actors.clock import now_us
+from actors.timeutil import us_to_rfc3339
+from serve_app.bodies import ClockAdvanceBody, body_schema, parse_model
+from serve_app.context import Context, json
+from storage import clock_offset
+
+
+def routes(ctx: Context) -> APIRouter:
+    router = APIRouter(tags=["test clock"])
+
+    @router.get("/v1/test-clock")
+    async def get_test_clock(request: Request) -> Response:
+        ctx.admin(request)
+        async with (await ctx.db()).acquire() as conn:
+            clock.set_offset_us(await clock_offset.offset_us(conn))
+        return json({"now": us_to_rfc3339(now_us()), "now_us": now_us(), "offset_s": clock.offset_us() // 1_000_000})
+
+    @router.post("/v1/test-clock/advance", openapi_extra=body_schema(ClockAdvanceBody))
+    async def advance_test_clock(request: Request) -> Response:
+        """Move the service's clock forward and run what became due (resets, dunning, expiries)."""
+        ctx.admin(request)
+        body = parse_model(ClockAdvanceBody, await request.body())
+        result = await ctx.jobs().advance_clock.remote(body.seconds)
+        clock.set_offset_us(result["offset_us"])
+        return json({"now": us_to_rfc3339(now_us()), "now_us": now_us(),
+                     "offset_s": result["offset_us"] // 1_000_000, "ran": result["ran"]})
+
+    return router

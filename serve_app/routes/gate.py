@@ -1,0 +1,54 @@
+"""The compute plane's hot path (service token): POST /v1/gate, leases, POST /v1/usage."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from actors import commands as cmd
+from actors.org import Resources
+from serve_app import openapi
+from serve_app.bodies import GATE_DECODER, decode
+from serve_app.compute import record_usage, release_lease, take_lease
+from serve_app.context import Context, json
+from serve_app.errors import raise_for_shard_error
+from serve_app.params import LeasePath, OrgPath
+from serve_app.views import decision_view, lease_view
+
+NO_RESOURCES = Resources()
+
+
+def routes(ctx: Context) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/gate", tags=["gate"], openapi_extra=openapi.GATE)
+    async def gate(request: Request) -> Response:
+        ctx.service(request)
+        body = decode(GATE_DECODER, await request.body())
+        resources = body.resources.to_core() if body.resources else NO_RESOURCES
+        result = raise_for_shard_error(await ctx.router.gate(body.org_id, body.action, resources))
+        return json(decision_view(result))
+
+    @router.post("/v1/leases", tags=["gate"], openapi_extra=openapi.LEASE)
+    async def take_lease_route(request: Request) -> Response:
+        ctx.service(request)
+        status, body = await take_lease(ctx, await request.body())
+        return json(body, status)
+
+    @router.post("/v1/leases/{org_id}/{lease_id}/renew", tags=["gate"])
+    async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
+        ctx.service(request)
+        result = raise_for_shard_error(await ctx.router.command(org_id, cmd.RenewLease(lease_id)))
+        return json({"org_id": org_id, **lease_view(result["lease"])})
+
+    @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204)
+    async def release_lease_route(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
+        ctx.service(request)
+        await release_lease(ctx, org_id, lease_id)
+        return Response(status_code=204)
+
+    @router.post("/v1/usage", tags=["usage"], openapi_extra=openapi.USAGE)
+    async def post_usage(request: Request) -> Response:
+        ctx.service(request)
+        return json(await record_usage(ctx, await request.body()))
+
+    return router

@@ -1,0 +1,151 @@
+"""Organizations (admin token; auto-recharge also with the org's own token): create, read,
+credit, plan, tier, limits, auto-recharge, halt and resume, org tokens."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from actors import commands as cmd
+from actors.clock import now_us
+from actors.org import MICROS_PER_CENT
+from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
+from serve_app.bodies import (AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody, PlanBody, TierBody, TokenBody,
+                              body_schema, parse_model)
+from serve_app.calls import org_state, require_org, state_command
+from serve_app.context import Context, json
+from serve_app.errors import ApiError, raise_for_shard_error
+from serve_app.idempotency import idempotent, request_hash
+from serve_app.params import OrgPath
+from serve_app.views import entry_view, org_view
+
+
+def routes(ctx: Context) -> APIRouter:
+    router = APIRouter(tags=["orgs"])
+
+    def unknown_plan(plan_id: str) -> ApiError:
+        return ApiError(422, "unknown_plan", f"plan {plan_id} is not in the catalog", plans=ctx.catalog.plan_ids())
+
+    @router.post("/v1/orgs", openapi_extra=body_schema(CreateOrgBody))
+    async def create_org(request: Request) -> Response:
+        ctx.admin(request)
+        body = parse_model(CreateOrgBody, await request.body())
+
+        async def run() -> Response:
+            plan_id = body.plan_id or ctx.catalog.default_plan
+            if ctx.catalog.current_plan(plan_id, now_us()) is None:
+                raise unknown_plan(plan_id)
+            result = raise_for_shard_error(await ctx.router.command(
+                body.org_id, cmd.CreateOrg(body.email, plan_id, body.billing_mode == "prepaid")))
+            return json(org_view(result["state"]), 201 if result["created"] else 200)
+
+        return await idempotent(ctx, request, run)
+
+    @router.get("/v1/orgs/{org_id}")
+    async def get_org(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        return json(org_view(await org_state(ctx, org_id)))
+
+    @router.post("/v1/orgs/{org_id}/credits", openapi_extra=body_schema(CreditBody))
+    async def post_credit(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        body = parse_model(CreditBody, await request.body())
+        if body.amount_micros == 0 or (body.kind != "adjustment" and body.amount_micros < 0):
+            raise ApiError(422, "invalid_amount",
+                           "amount_micros must be > 0 (an adjustment may be negative, never 0)",
+                           field="amount_micros")
+        expires_at_us = _expiry(body)
+        amount = -body.amount_micros if body.kind == "refund" else body.amount_micros
+        key = request.headers.get("idempotency-key")
+
+        async def run() -> Response:
+            command = cmd.Credit(body.kind, amount, expires_at_us, body.note, key)
+            result = raise_for_shard_error(await ctx.router.command(org_id, command, await request_hash(request)))
+            return json({**entry_view(result["entry"]), "org_id": org_id,
+                         "balance_micros": result["balance_micros"]}, 201)
+
+        return await idempotent(ctx, request, run)
+
+    @router.put("/v1/orgs/{org_id}/plan", openapi_extra=body_schema(PlanBody))
+    async def put_plan(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        body = parse_model(PlanBody, await request.body())
+        plan = ctx.catalog.current_plan(body.plan_id, now_us())
+        if plan is None:
+            raise unknown_plan(body.plan_id)
+        return await state_command(ctx, request, org_id, cmd.SetPlan(plan.id, plan.version))
+
+    @router.put("/v1/orgs/{org_id}/tier", openapi_extra=body_schema(TierBody))
+    async def put_tier(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        body = parse_model(TierBody, await request.body())
+        if body.tier == "custom":
+            if body.max_concurrent is None:
+                raise ApiError(422, "invalid_request", "a custom tier needs max_concurrent",
+                               field="max_concurrent")
+            cap = body.max_concurrent
+        else:
+            if body.max_concurrent is not None:
+                raise ApiError(422, "invalid_request", "max_concurrent is set by the tier; use tier custom",
+                               field="max_concurrent")
+            cap = ctx.catalog.tiers[body.tier]
+        return await state_command(ctx, request, org_id, cmd.SetTier(body.tier, cap))
+
+    @router.put("/v1/orgs/{org_id}/limits", openapi_extra=body_schema(LimitsBody))
+    async def put_limits(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        body = parse_model(LimitsBody, await request.body())
+        return await state_command(ctx, request, org_id, cmd.SetLimits(body.max_disk_mb, body.machine_quotas))
+
+    @router.put("/v1/orgs/{org_id}/auto-recharge", openapi_extra=body_schema(AutoRechargeBody))
+    async def put_auto_recharge(org_id: OrgPath, request: Request) -> Response:
+        """Opt in or out. With the balance under the threshold and a card on file, turning it on
+        charges at once (the arming charge); later a debit that takes the balance under the
+        threshold charges, at most once per cooldown and `max_per_day` times a UTC day."""
+        ctx.org_or_admin(request, org_id)
+        body = parse_model(AutoRechargeBody, await request.body())
+        if not body.enabled:
+            return await state_command(ctx, request, org_id, cmd.SetAutoRecharge(False))
+        for name in ("threshold_micros", "amount_micros"):
+            if getattr(body, name) is None:
+                raise ApiError(422, "invalid_request", f"{name} is required to enable auto-recharge", field=name)
+        if body.amount_micros % MICROS_PER_CENT:
+            raise ApiError(422, "invalid_amount", "amount_micros must be a whole number of cents",
+                           field="amount_micros")
+        return await state_command(ctx, request, org_id, cmd.SetAutoRecharge(
+            True, body.threshold_micros, body.amount_micros, body.max_per_day,
+            ctx.settings.auto_recharge_cooldown_s))
+
+    @router.post("/v1/orgs/{org_id}/halt")
+    async def halt(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        return await state_command(ctx, request, org_id, cmd.Halt())
+
+    @router.post("/v1/orgs/{org_id}/resume")
+    async def resume(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        return await state_command(ctx, request, org_id, cmd.Resume())
+
+    @router.post("/v1/orgs/{org_id}/tokens", openapi_extra=body_schema(TokenBody))
+    async def mint_org_token(org_id: OrgPath, request: Request) -> Response:
+        ctx.admin(request)
+        body = parse_model(TokenBody, await request.body())
+        await require_org(ctx, org_id)
+        token, expires_s = ctx.org_tokens.mint(org_id, now_us() // 1_000_000, body.ttl_s)
+        return json({"org_id": org_id, "token": token, "expires_at": us_to_rfc3339(expires_s * 1_000_000)}, 201)
+
+    return router
+
+
+def _expiry(body: CreditBody) -> int | None:
+    """A grant's expiry in µs (only a grant may expire, and not in the past)."""
+    if body.expires_at is None:
+        return None
+    if body.kind != "grant":
+        raise ApiError(422, "invalid_request", "only a grant may expire", field="expires_at")
+    try:
+        expires_at_us = parse_time_us(body.expires_at)
+    except BadTime as exc:
+        raise ApiError(422, "invalid_request", str(exc), field="expires_at") from None
+    if expires_at_us <= now_us():
+        raise ApiError(422, "invalid_request", "expires_at is in the past", field="expires_at")
+    return expires_at_us

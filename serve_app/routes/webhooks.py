@@ -1,0 +1,59 @@
+"""Webhooks in (Svix-signed compute-plane events, Stripe events) and the outbox of webhooks
+out (admin: list by status, retry a dead letter)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from serve_app import openapi
+from serve_app.context import Context, json
+from serve_app.errors import ApiError
+from serve_app.params import MessagePath
+from serve_app.views import outbound_event_view
+from serve_app.webhooks_in import stripe_webhook, svix_webhook
+from storage import outbox
+
+STATUSES = ("pending", "delivered", "dead")
+MAX_PAGE = 500
+
+
+def routes(ctx: Context) -> APIRouter:
+    router = APIRouter(tags=["webhooks"])
+
+    @router.post("/webhooks/svix", openapi_extra=openapi.SVIX)
+    async def svix(request: Request) -> Response:
+        """Compute-plane lifecycle events, signed with the Svix / Standard Webhooks scheme."""
+        status, body = await svix_webhook(ctx, await request.body(), request.headers)
+        return json(body, status)
+
+    @router.post("/webhooks/stripe", openapi_extra=openapi.STRIPE)
+    async def stripe_events(request: Request) -> Response:
+        """Stripe events, verified with Stripe-Signature (±5 minutes)."""
+        status, body = await stripe_webhook(ctx, await request.body(), request.headers)
+        return json(body, status)
+
+    @router.get("/v1/webhooks/outbox")
+    async def list_outbox(request: Request, status: str = "dead", limit: int = 50) -> Response:
+        """Outbound events by delivery status: `pending`, `delivered` or `dead` (the dead letters)."""
+        ctx.admin(request)
+        if status not in STATUSES:
+            raise ApiError(422, "invalid_request", "status must be pending, delivered or dead", field="status")
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(422, "invalid_request", f"limit must be 1-{MAX_PAGE}", field="limit")
+        async with (await ctx.db()).acquire() as conn:
+            events = await outbox.by_status(conn, status, limit)
+        return json({"events": [outbound_event_view(event) for event in events]})
+
+    @router.post("/v1/webhooks/outbox/{message_id}/retry")
+    async def retry_outbox(message_id: MessagePath, request: Request) -> Response:
+        """A dead letter goes back to pending, tried again now with the same message id."""
+        ctx.admin(request)
+        async with (await ctx.db()).acquire() as conn:
+            was = await outbox.retry_dead(conn, int(message_id[4:]))
+        if was is None:
+            raise ApiError(404, "not_found", f"no outbound event {message_id}")
+        if was != "dead":
+            raise ApiError(409, "not_dead", f"{message_id} is {was}, not dead")
+        return json({"id": message_id, "status": "pending"})
+
+    return router
