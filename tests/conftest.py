@@ -2,16 +2,14 @@
 
 Postgres is the embedded pgserver in a temporary folder, or a fresh database on the server
 that METERGATE_DATABASE_URL points at. Ray starts once (it takes seconds) and stops at the end.
+Only fixtures live here; helpers shared by test files are in tests/helpers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import os
-import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -21,14 +19,16 @@ import pytest
 
 from actors.placement import slot_of
 from config.settings import Settings
+from tests.helpers import (
+    ADMIN_TOKEN,
+    OUTBOUND_SECRET,
+    SERVICE_TOKEN,
+    STRIPE_SECRET_KEY,
+    STRIPE_WEBHOOK_SECRET,
+    SVIX_SECRET,
+    free_port,
+)
 from tests.stripe_servers import stripe_on_loopback
-
-SERVICE_TOKEN = "test-service-token-0123456789"
-ADMIN_TOKEN = "test-admin-token-0123456789"
-STRIPE_SECRET_KEY = "sk_test_metergate_loopback"
-STRIPE_WEBHOOK_SECRET = "whsec_test_stripe_endpoint_secret_0123"
-SVIX_SECRET = "whsec_" + base64.b64encode(b"metergate-test-svix-secret-32-b!").decode()
-OUTBOUND_SECRET = "whsec_" + base64.b64encode(b"metergate-outbound-secret-32-by!").decode()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,24 +43,6 @@ def receiver():
     running = Receiver(OUTBOUND_SECRET).start()
     yield running
     running.stop()
-
-
-def wait_for(what: str, probe, timeout_s: float = 30.0):
-    """probe() until it gives something truthy (returned), at most timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _on_server(base_url: str, statement: str) -> None:

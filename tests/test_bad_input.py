@@ -5,28 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, SERVICE_TOKEN
-from tests.test_http_scenarios import hour_tick
-
-
-def footprint(sql, org_id: str) -> tuple:
-    """Everything a request could have changed for the org."""
-    return (
-        sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", org_id),
-        sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org_id),
-        sql.val("SELECT count(*) FROM outbox WHERE org_id = $1", org_id),
-        sql.val("SELECT COALESCE(sum(ticks), 0)::int8 FROM usage_rollups WHERE org_id = $1", org_id),
-    )
-
-
-def assert_error(response: httpx.Response, status: int, code: str, mentions: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert error["message"]
-    assert "Traceback" not in response.text
-    if mentions is not None:
-        assert mentions in response.text
+from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN, assert_error, footprint, hour_tick
 
 
 @pytest.fixture

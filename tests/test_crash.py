@@ -5,45 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import httpx
-import ray
 
-from actors.placement import NAMESPACE, shard_name
-from tests.conftest import SERVICE_TOKEN
-from tests.test_http_scenarios import ledger_sum, now_rfc3339
+from tests.helpers import (
+    SERVICE_TOKEN,
+    TICK_MICROS,
+    TICKS_PER_REQUEST,
+    ledger_sum,
+    send_until_acknowledged,
+    shard_pid,
+    tick_batch,
+)
 
-# payg: 1 GiB × 10 s × 4,500 nanos = 45,000 nanos = 45 micro-USD per tick, no remainder.
-TICK_MICROS = 45
 REQUESTS = 60
-TICKS_PER_REQUEST = 50
-RETRY_LIMIT_S = 90
-
-
-def tick_batch(org_ids: list[str], request_no: int) -> dict:
-    return {"ticks": [
-        {"tick_id": f"r{request_no}-t{n}", "org_id": org_ids[n % len(org_ids)], "lease_id": f"sbx{n % 3}",
-         "started_at": now_rfc3339(), "duration_ms": 10_000, "memory_mb": 1024}
-        for n in range(TICKS_PER_REQUEST)]}
-
-
-def send_until_acknowledged(client: httpx.Client, body: dict) -> httpx.Response:
-    deadline = time.monotonic() + RETRY_LIMIT_S
-    while True:
-        try:
-            response = client.post("/v1/usage", json=body)
-            if response.status_code == 200:
-                return response
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the shard did not come back in time"
-        time.sleep(0.2)
-
-
-def shard_pid(shard: int) -> int:
-    handle = ray.get_actor(shard_name(shard), namespace=NAMESPACE)
-    return ray.get(handle.ready.remote(), timeout=60)["pid"]
 
 
 def test_every_acknowledged_tick_is_billed_exactly_once_across_a_shard_kill(

@@ -16,20 +16,9 @@ from actors.placement import NAMESPACE, shard_name
 from actors.shard import tick_key
 from config.settings import Settings
 from storage import journal as store
-from tests.test_crash import shard_pid
-from tests.test_http_scenarios import hour_tick, ledger_sum
+from tests.helpers import hour_tick, ledger_sum, shard_pid, wait_for
 
 WAIT_S = 60
-
-
-def wait_for(condition, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def restart_shard_process(shard: int) -> None:
@@ -42,7 +31,7 @@ def restart_shard_process(shard: int) -> None:
         except Exception:  # noqa: BLE001 - restarting
             return False
 
-    wait_for(new_process, f"shard {shard} to restart")
+    wait_for(f"shard {shard} to restart", new_process, timeout_s=WAIT_S)
 
 
 def test_journal_is_compacted_behind_snapshots_and_stays_short(service, compute, sql, new_org):
@@ -53,8 +42,8 @@ def test_journal_is_compacted_behind_snapshots_and_stays_short(service, compute,
         assert sql.val("SELECT count(*) FROM org_journal WHERE org_id = $1", org) < every
     assert sql.val("SELECT seq FROM org_snapshots WHERE org_id = $1", org) >= 3 * every
     # Idle orgs are snapshotted by housekeeping, so recovery has no tail at all.
-    wait_for(lambda: sql.val("SELECT count(*) FROM org_journal WHERE org_id = $1", org) == 0,
-             "the idle org's journal to be compacted")
+    wait_for("the idle org's journal to be compacted",
+             lambda: sql.val("SELECT count(*) FROM org_journal WHERE org_id = $1", org) == 0, timeout_s=WAIT_S)
 
 
 def test_idle_org_is_passivated_and_comes_back_with_its_state(service, admin, compute, org_id_on, new_org):
@@ -64,7 +53,7 @@ def test_idle_org_is_passivated_and_comes_back_with_its_state(service, admin, co
     compute.post("/v1/usage", json={"ticks": [hour_tick(org, "before-idle", "kept")]})
     before = admin.get(f"/v1/orgs/{org}").json()
     shard0 = ray.get_actor(shard_name(0), namespace=NAMESPACE)
-    wait_for(lambda: ray.get(shard0.loaded.remote([org])) == [False], "the idle org to leave memory")
+    wait_for("the idle org to leave memory", lambda: ray.get(shard0.loaded.remote([org])) == [False], timeout_s=WAIT_S)
     after = admin.get(f"/v1/orgs/{org}").json()  # loads it again from its snapshot
     assert ray.get(shard0.loaded.remote([org])) == [True]
     assert after == before
@@ -76,7 +65,8 @@ def test_duplicate_tick_is_recognised_after_the_shard_restarts(service, compute,
     assert compute.post("/v1/usage", json={"ticks": [tick]}).json()["accepted"] == 1
     balance = admin.get(f"/v1/orgs/{org}").json()["balance_micros"]
     restart_shard_process(1)
-    again = wait_for(lambda: _post_ok(compute, "/v1/usage", {"ticks": [tick]}), "the shard to accept ticks")
+    again = wait_for("the shard to accept ticks", lambda: _post_ok(compute, "/v1/usage", {"ticks": [tick]}),
+                     timeout_s=WAIT_S)
     assert again == {"accepted": 0, "duplicates": 1, "rejected": []}
     assert admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == balance
 
@@ -98,9 +88,9 @@ def test_a_stale_shard_owner_cannot_write(service, admin, sql, org_id_on, new_or
     assert (ledger_sum(sql, org), sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", org)) == before
     # A restart claims a fresh epoch, and writes go through again.
     restart_shard_process(1)
-    wait_for(lambda: admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000},
-                                headers={"Idempotency-Key": f"after-fence-{org}"}).status_code == 201,
-             "writes after the restart")
+    wait_for("writes after the restart",
+             lambda: admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000},
+                                headers={"Idempotency-Key": f"after-fence-{org}"}).status_code == 201, timeout_s=WAIT_S)
     assert ledger_sum(sql, org) == before[0] + 1_000
 
 
@@ -144,7 +134,7 @@ def test_acknowledged_credit_survives_a_postgres_restart_and_a_shard_restart(ser
     service.pg_server = pgserver.get_server(service.settings.data_dir / "pg", cleanup_mode="stop")
     restart_shard_process(0)  # and memory is gone too: the state must come from Postgres
 
-    state = wait_for(lambda: _get_ok(admin, f"/v1/orgs/{org}"), "the org after the restarts")
+    state = wait_for("the org after the restarts", lambda: _get_ok(admin, f"/v1/orgs/{org}"), timeout_s=WAIT_S)
     assert state["balance_micros"] == expected
     key = {"Idempotency-Key": f"after-pg-restart-{org}"}
     statuses = []
@@ -154,7 +144,7 @@ def test_acknowledged_credit_survives_a_postgres_restart_and_a_shard_restart(ser
         statuses.append(response.status_code)
         return response.status_code == 201
 
-    wait_for(credit_once, "a write after the restarts")
+    wait_for("a write after the restarts", credit_once, timeout_s=WAIT_S)
     assert all(status in (201, 503) for status in statuses), statuses  # retryable, never a 500
     assert ledger_sum(sql, org) == expected + 1
     for shard in range(service.settings.shards):  # every shard and the ingress reconnect
@@ -174,8 +164,7 @@ def test_ticks_streaming_through_a_postgres_restart_are_billed_exactly_once(serv
     import httpx
     import pgserver
 
-    from tests.conftest import SERVICE_TOKEN
-    from tests.test_crash import TICK_MICROS, TICKS_PER_REQUEST, send_until_acknowledged, tick_batch
+    from tests.helpers import SERVICE_TOKEN, TICK_MICROS, TICKS_PER_REQUEST, send_until_acknowledged, tick_batch
 
     orgs = [new_org() for _ in range(6)]  # on both shards
     for org in orgs:
@@ -217,7 +206,7 @@ def test_ticks_streaming_through_a_postgres_restart_are_billed_exactly_once(serv
         len(outcome) * TICKS_PER_REQUEST
     for org in orgs:
         ticks_of_org = sum(1 for no in outcome for t in tick_batch(orgs, no)["ticks"] if t["org_id"] == org)
-        state = wait_for(lambda: _get_ok(admin, f"/v1/orgs/{org}"), "the org")
+        state = wait_for("the org", lambda: _get_ok(admin, f"/v1/orgs/{org}"), timeout_s=WAIT_S)
         assert state["balance_micros"] == start_balance[org] - ticks_of_org * TICK_MICROS
         assert ledger_sum(sql, org) == state["balance_micros"]
     print(f"through a Postgres restart: {len(acknowledged)} acknowledged, {len(failed)} failed and retried")

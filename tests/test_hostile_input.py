@@ -12,10 +12,7 @@ import time
 import pytest
 from svix.webhooks import Webhook
 
-from tests.conftest import SVIX_SECRET
-from tests.test_bad_input import assert_error, footprint
-from tests.test_http_scenarios import hour_tick
-from tests.test_webhooks_stripe import signed as stripe_signed
+from tests.helpers import SVIX_SECRET, assert_error, footprint, hour_tick, stripe_event, stripe_signed
 
 INVALID_UTF8 = b"\xed\xa0\x80"  # a UTF-16 surrogate encoded as UTF-8: not valid UTF-8
 DEEP = 1_200  # past Python's recursion limit, where a second, untyped decode used to blow up
@@ -131,4 +128,21 @@ def test_webhooks_refuse_invalid_utf8_and_deep_nesting_even_when_signed(service,
         assert_error(client.post("/webhooks/stripe", content=body, headers=headers), 400, "invalid_json")
         body, headers = stripe_signed({"id": "evt_\x00nul", "type": "charge.refunded", "data": {"object": {}}})
         assert_error(client.post("/webhooks/stripe", content=body, headers=headers), 422, "invalid_request", "id")
+    assert footprint(sql, org) == before
+
+
+def test_signed_stripe_events_with_impossible_fields_are_422_not_500(service, sql, new_org):
+    import httpx
+
+    org = new_org()
+    before = footprint(sql, org)
+    session = {"id": "cs_hostile", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "payment_intent": "pi_hostile", "client_reference_id": org, "metadata": {"org_id": org}}
+    cases = [{**session, "amount_total": "lots"}, {**session, "amount_total": 10**20}, {**session, "amount_total": 0},
+             {**session, "amount_total": 100, "metadata": {"org_id": org, "credit_expires_at": 10**30}},
+             {k: v for k, v in session.items() if k != "id"}]
+    with httpx.Client(base_url=service.base_url, timeout=30) as client:
+        for obj in cases:
+            body, headers = stripe_signed(stripe_event("checkout.session.completed", obj))
+            assert_error(client.post("/webhooks/stripe", content=body, headers=headers), 422, "unprocessable_event")
     assert footprint(sql, org) == before

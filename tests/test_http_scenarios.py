@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from datetime import datetime, timezone
 
-# payg: 4 GiB × 3600 s × 4,500 nanos + 2 vCPU × 3600 s × 14,000 nanos = 165,600 micro-USD
-HOUR_TICK_MICROS = 165_600
-SIGNUP_MICROS = 5_000_000
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def hour_tick(org_id: str, tick_id: str, lease_id: str = "sbx_1") -> dict:
-    return {"tick_id": tick_id, "org_id": org_id, "lease_id": lease_id, "started_at": now_rfc3339(),
-            "duration_ms": 3_600_000, "memory_mb": 4096, "cpu_count": 2, "disk_mb": 0}
-
-
-def ledger_sum(sql, org_id: str) -> int:
-    return sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org_id)
-
-
-def outbox(sql, org_id: str, event_type: str) -> list[dict]:
-    rows = sql.fetch("SELECT payload FROM outbox WHERE org_id = $1 AND type = $2 ORDER BY id", org_id, event_type)
-    return [json.loads(r["payload"]) for r in rows]
+from tests.helpers import HOUR_TICK_MICROS, SIGNUP_MICROS, hour_tick, ledger_sum, now_rfc3339, outbox
 
 
 def test_org_runs_out_of_money_halts_and_a_grant_resumes_it_without_a_lease(admin, compute, sql, new_org):

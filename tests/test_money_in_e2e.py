@@ -14,11 +14,23 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import STRIPE_WEBHOOK_SECRET, wait_for
-from tests.test_http_scenarios import HOUR_TICK_MICROS, SIGNUP_MICROS, hour_tick, ledger_sum, outbox
-from tests.test_org_tokens import mint, org_client
-from tests.test_self_serve_stripe import URLS, fake_sessions, stripe_client
-from tests.test_webhooks_stripe import deliver, event
+from tests.helpers import (
+    HOUR_TICK_MICROS,
+    SIGNUP_MICROS,
+    STRIPE_WEBHOOK_SECRET,
+    URLS,
+    fake_sessions,
+    hour_tick,
+    ledger_sum,
+    mint,
+    org_client,
+    outbox,
+    shard_pid,
+    stripe_client,
+    stripe_deliver,
+    stripe_event,
+    wait_for,
+)
 
 US = 1_000_000
 EVENTS = ["checkout.session.completed", "payment_intent.succeeded", "payment_intent.payment_failed",
@@ -111,7 +123,7 @@ def test_card_topup_auto_recharge_tiers_and_refund(service, stripe_webhooks, adm
         # lists the charge's refunds from Stripe. Either report may come first; one clawback.
         charge = stripe_client(service).v1.charges.retrieve(refund.charge).to_dict()
         charge.pop("refunds", None)
-        answer = deliver(compute, event("charge.refunded", charge))
+        answer = stripe_deliver(compute, stripe_event("charge.refunded", charge))
         assert answer.status_code == 200, answer.text
         assert [a["command"] for a in answer.json()["applied"]] == ["Credit"]
         wait_for("the refund", lambda: admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == balance - 10 * US)
@@ -162,8 +174,6 @@ def test_a_charge_pending_when_the_shard_dies_is_made_once_after_the_restart(
         service, stripe_webhooks, admin, sql, org_id_on, new_org):
     import os
     import signal
-
-    from tests.test_crash import shard_pid
 
     api = service.settings.stripe_api_base
     org = new_org(org_id=org_id_on(0, "arcrash"))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.conftest import ADMIN_TOKEN, SERVICE_TOKEN
+from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN
 
 EXAMPLES_PER_OPERATION = 6  # bounded: CI time, not coverage, sets it; the soak goes further
 # Moving the shared test clock would shift time for the rest of the session.

@@ -9,17 +9,7 @@ import pytest
 
 from serve_app.auth import OrgTokens
 from serve_app.errors import ApiError
-
-
-def org_client(service, token: str) -> httpx.Client:
-    return httpx.Client(base_url=service.base_url, timeout=30, headers={"Authorization": f"Bearer {token}"})
-
-
-def mint(admin, org_id: str, ttl_s: int = 3600) -> str:
-    response = admin.post(f"/v1/orgs/{org_id}/tokens", json={"ttl_s": ttl_s})
-    assert response.status_code == 201, response.text
-    assert response.json()["org_id"] == org_id
-    return response.json()["token"]
+from tests.helpers import mint, org_client
 
 
 def test_an_org_token_opens_its_own_billing_page_by_header_or_link(service, admin, new_org):

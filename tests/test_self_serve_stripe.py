@@ -7,29 +7,24 @@ import time
 
 import httpx
 import pytest
-import stripe
 
 from config.catalog import load_catalog
 from config.settings import Settings
 from serve_app.app import build_app
 from serve_app.context import Context
-from tests.conftest import ADMIN_TOKEN, STRIPE_SECRET_KEY, free_port
-from tests.test_http_scenarios import SIGNUP_MICROS, ledger_sum
-from tests.test_org_tokens import mint, org_client
-from tests.test_webhooks_stripe import deliver, event
-
-URLS = {"success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/cancel"}
-
-
-def fake_sessions(service, org: str) -> list[dict]:
-    sessions = httpx.get(f"{service.settings.stripe_api_base}/_fake/sessions", timeout=10).json()
-    return [s for s in sessions if s.get("client_reference_id") == org or s.get("metadata", {}).get("org_id") == org]
-
-
-def stripe_client(service) -> stripe.StripeClient:
-    return stripe.StripeClient(STRIPE_SECRET_KEY, base_addresses={"api": service.settings.stripe_api_base},
-                               max_network_retries=0)
-
+from tests.helpers import (
+    ADMIN_TOKEN,
+    SIGNUP_MICROS,
+    URLS,
+    fake_sessions,
+    free_port,
+    ledger_sum,
+    mint,
+    org_client,
+    stripe_client,
+    stripe_deliver,
+    stripe_event,
+)
 
 def test_a_top_up_goes_from_checkout_to_credit_once(service, admin, compute, sql, new_org):
     org = new_org()
@@ -49,8 +44,9 @@ def test_a_top_up_goes_from_checkout_to_credit_once(service, admin, compute, sql
     assert stripe_client(service).v1.customers.retrieve(session["customer"]).metadata["org_id"] == org
 
     paid = {**session, "payment_status": "paid", "status": "complete"}
-    assert deliver(compute, event("checkout.session.completed", paid)).status_code == 200
-    assert deliver(compute, event("checkout.session.completed", paid)).status_code == 200  # another delivery
+    assert stripe_deliver(compute, stripe_event("checkout.session.completed", paid)).status_code == 200
+    again = stripe_event("checkout.session.completed", paid)  # another delivery
+    assert stripe_deliver(compute, again).status_code == 200
     assert admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == SIGNUP_MICROS + 10_000_000
     assert ledger_sum(sql, org) == SIGNUP_MICROS + 10_000_000
 
@@ -62,7 +58,7 @@ def test_a_pack_with_extras_that_lapse(service, admin, compute, new_org):
     session = fake_sessions(service, org)[0]
     expires = int(session["metadata"]["credit_expires_at"])
     assert abs(expires - (time.time() + 30 * 86_400)) < 120
-    deliver(compute, event("checkout.session.completed", {**session, "payment_status": "paid"}))
+    stripe_deliver(compute, stripe_event("checkout.session.completed", {**session, "payment_status": "paid"}))
     grants = admin.get(f"/v1/orgs/{org}").json()["grants"]
     assert [(g["remaining_micros"], g["expires_at"] is not None) for g in grants] == [
         (50_000_000, True), (SIGNUP_MICROS, False)]
@@ -86,15 +82,15 @@ def test_saving_a_card_subscribing_to_a_tier_and_the_portal(service, admin, comp
     card = client.v1.payment_methods.create(params={"type": "card", "card": {
         "number": "4242424242424242", "exp_month": 12, "exp_year": 2031, "cvc": "123"}})
     attached = client.v1.payment_methods.attach(card.id, params={"customer": sessions["setup"]["customer"]})
-    deliver(compute, event("payment_method.attached", attached.to_dict()))
+    stripe_deliver(compute, stripe_event("payment_method.attached", attached.to_dict()))
     assert admin.get(f"/v1/orgs/{org}").json()["has_payment_method"] is True
 
     subscription = {"id": "sub_t", "object": "subscription", "status": "active",
                     "customer": sessions["subscription"]["customer"],
                     "metadata": sessions["subscription"]["subscription_data"]["metadata"]}
-    deliver(compute, event("customer.subscription.created", subscription))
+    stripe_deliver(compute, stripe_event("customer.subscription.created", subscription))
     assert admin.get(f"/v1/orgs/{org}").json()["max_concurrent"] == 100
-    deliver(compute, event("customer.subscription.deleted", {**subscription, "status": "canceled"},
+    stripe_deliver(compute, stripe_event("customer.subscription.deleted", {**subscription, "status": "canceled"},
                            created=int(time.time()) + 1))
     assert admin.get(f"/v1/orgs/{org}").json()["max_concurrent"] == 5
 

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "stop-test-admin-token-0123456789"

@@ -20,25 +20,22 @@ from config.catalog import load_catalog
 from config.settings import Settings
 from serve_app.app import build_app
 from serve_app.context import Context
-from tests.conftest import ADMIN_TOKEN, wait_for
-from tests.test_http_scenarios import HOUR_TICK_MICROS, SIGNUP_MICROS, hour_tick, outbox
-from tests.test_webhooks_stripe import deliver, event
+from tests.helpers import (
+    ADMIN_TOKEN,
+    HOUR_TICK_MICROS,
+    SIGNUP_MICROS,
+    advance,
+    clock_us,
+    hour_tick,
+    outbox,
+    stripe_deliver,
+    stripe_event,
+    wait_for,
+)
 
 pytestmark = pytest.mark.time_travel
 US = 1_000_000
 DAY_S = 86_400
-
-
-def clock_us(admin) -> int:
-    response = admin.get("/v1/test-clock")
-    assert response.status_code == 200, response.text
-    return response.json()["now_us"]
-
-
-def advance(admin, seconds: int) -> dict:
-    response = admin.post("/v1/test-clock/advance", json={"seconds": seconds})
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def test_the_test_clock_moves_forward_only_and_is_absent_without_the_setting(service, admin):
@@ -153,15 +150,17 @@ def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_c
     now_s = clock_us(admin) // US
     subscription = {"id": f"sub_{uuid.uuid4().hex[:8]}", "object": "subscription", "status": "active",
                     "metadata": {"org_id": org, "tier": "pro"}, "current_period_start": now_s - 3_600}
-    assert deliver(compute, event("customer.subscription.created", subscription, created=now_s)).status_code == 200
+    created = stripe_event("customer.subscription.created", subscription, created=now_s)
+    assert stripe_deliver(compute, created).status_code == 200
     assert admin.get(f"/v1/orgs/{org}").json()["period"]["usage_micros"] == 2 * HOUR_TICK_MICROS
     moved = {**subscription, "current_period_start": now_s}
-    answer = deliver(compute, event("customer.subscription.updated", moved, created=now_s + 1))
+    answer = stripe_deliver(compute, stripe_event("customer.subscription.updated", moved, created=now_s + 1))
     assert answer.status_code == 200, answer.text
     state = admin.get(f"/v1/orgs/{org}").json()
     assert state["period"]["usage_micros"] == 0, (answer.text, state["period"], now_s)
     assert sql.val("SELECT count(*) FROM period_usage WHERE org_id = $1", org) == 2
-    assert deliver(compute, event("customer.subscription.updated", moved, created=now_s + 2)).status_code == 200
+    replayed = stripe_event("customer.subscription.updated", moved, created=now_s + 2)
+    assert stripe_deliver(compute, replayed).status_code == 200
     assert sql.val("SELECT count(*) FROM period_usage WHERE org_id = $1", org) == 2  # same period: no reset
 
 
@@ -169,7 +168,8 @@ def test_the_dunning_ladder_and_payment_clearing_it(admin, compute, sql, new_org
     org = new_org(plan_id="hobby_weekly")
     invoice = {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice", "metadata": {"org_id": org}}
     failed_at = clock_us(admin) // US
-    assert deliver(compute, event("invoice.payment_failed", invoice, created=failed_at)).status_code == 200
+    failed = stripe_event("invoice.payment_failed", invoice, created=failed_at)
+    assert stripe_deliver(compute, failed).status_code == 200
     state = admin.get(f"/v1/orgs/{org}").json()
     assert state["past_due_since"] == us_to_rfc3339(failed_at * US) and state["suspended"] is False
 
@@ -188,7 +188,7 @@ def test_the_dunning_ladder_and_payment_clearing_it(admin, compute, sql, new_org
     assert len(outbox(sql, org, "org.suspended")) == 1
 
     paid_at = clock_us(admin) // US
-    assert deliver(compute, event("invoice.paid", invoice, created=paid_at)).status_code == 200
+    assert stripe_deliver(compute, stripe_event("invoice.paid", invoice, created=paid_at)).status_code == 200
     state = admin.get(f"/v1/orgs/{org}").json()
     assert (state["suspended"], state["degraded"], state["past_due_since"], state["plan"]["id"]) == (
         False, False, None, "hobby_weekly")

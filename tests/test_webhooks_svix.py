@@ -11,8 +11,7 @@ import pytest
 from svix.webhooks import Webhook
 
 from config.settings import Settings
-from tests.conftest import SVIX_SECRET
-from tests.test_http_scenarios import HOUR_TICK_MICROS, SIGNUP_MICROS, hour_tick, ledger_sum
+from tests.helpers import HOUR_TICK_MICROS, SIGNUP_MICROS, SVIX_SECRET, hour_tick, ledger_sum
 
 
 def signed(payload: dict, secret: str = SVIX_SECRET, at: datetime | None = None,

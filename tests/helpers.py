@@ -1,0 +1,219 @@
+"""Helpers shared by several test files. Fixtures live in conftest.py; test files import
+helpers from here, never from one another."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+
+import httpx
+import ray
+import stripe
+
+from actors.metering import LeaseUsage
+from actors.org import Effects, OrgBillingActor
+from actors.placement import NAMESPACE, shard_name
+from actors.timeutil import US_PER_S, rfc3339_to_us
+from config.catalog import load_catalog
+from config.settings import DEFAULT_CATALOG
+
+# ----- secrets and tokens of the test service ------------------------------------------
+
+SERVICE_TOKEN = "test-service-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+STRIPE_SECRET_KEY = "sk_test_metergate_loopback"
+STRIPE_WEBHOOK_SECRET = "whsec_test_stripe_endpoint_secret_0123"
+SVIX_SECRET = "whsec_" + base64.b64encode(b"metergate-test-svix-secret-32-b!").decode()
+OUTBOUND_SECRET = "whsec_" + base64.b64encode(b"metergate-outbound-secret-32-by!").decode()
+
+
+# ----- waiting and ports -------------------------------------------------------------------
+
+
+def wait_for(what: str, probe, timeout_s: float = 30.0):
+    """probe() until it gives something truthy (returned), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----- usage ticks and what the service wrote ----------------------------------------------
+
+# payg: 4 GiB × 3600 s × 4,500 nanos + 2 vCPU × 3600 s × 14,000 nanos = 165,600 micro-USD
+HOUR_TICK_MICROS = 165_600
+SIGNUP_MICROS = 5_000_000
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hour_tick(org_id: str, tick_id: str, lease_id: str = "sbx_1") -> dict:
+    return {"tick_id": tick_id, "org_id": org_id, "lease_id": lease_id, "started_at": now_rfc3339(),
+            "duration_ms": 3_600_000, "memory_mb": 4096, "cpu_count": 2, "disk_mb": 0}
+
+
+def ledger_sum(sql, org_id: str) -> int:
+    return sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org_id)
+
+
+def outbox(sql, org_id: str, event_type: str) -> list[dict]:
+    rows = sql.fetch("SELECT payload FROM outbox WHERE org_id = $1 AND type = $2 ORDER BY id", org_id, event_type)
+    return [json.loads(r["payload"]) for r in rows]
+
+
+def footprint(sql, org_id: str) -> tuple:
+    """Everything a request could have changed for the org."""
+    return (
+        sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", org_id),
+        sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org_id),
+        sql.val("SELECT count(*) FROM outbox WHERE org_id = $1", org_id),
+        sql.val("SELECT COALESCE(sum(ticks), 0)::int8 FROM usage_rollups WHERE org_id = $1", org_id),
+    )
+
+
+def assert_error(response: httpx.Response, status: int, code: str, mentions: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert "Traceback" not in response.text
+    if mentions is not None:
+        assert mentions in response.text
+
+
+# ----- the shared test clock (only tests marked time_travel may move it) -------------------
+
+
+def clock_us(admin) -> int:
+    response = admin.get("/v1/test-clock")
+    assert response.status_code == 200, response.text
+    return response.json()["now_us"]
+
+
+def advance(admin, seconds: int) -> dict:
+    response = admin.post("/v1/test-clock/advance", json={"seconds": seconds})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ----- streams of small ticks, and shard processes (crash and durability tests) ------------
+
+# payg: 1 GiB × 10 s × 4,500 nanos = 45,000 nanos = 45 micro-USD per tick, no remainder.
+TICK_MICROS = 45
+TICKS_PER_REQUEST = 50
+RETRY_LIMIT_S = 90
+
+
+def tick_batch(org_ids: list[str], request_no: int) -> dict:
+    return {"ticks": [
+        {"tick_id": f"r{request_no}-t{n}", "org_id": org_ids[n % len(org_ids)], "lease_id": f"sbx{n % 3}",
+         "started_at": now_rfc3339(), "duration_ms": 10_000, "memory_mb": 1024}
+        for n in range(TICKS_PER_REQUEST)]}
+
+
+def send_until_acknowledged(client: httpx.Client, body: dict) -> httpx.Response:
+    deadline = time.monotonic() + RETRY_LIMIT_S
+    while True:
+        try:
+            response = client.post("/v1/usage", json=body)
+            if response.status_code == 200:
+                return response
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the shard did not come back in time"
+        time.sleep(0.2)
+
+
+def shard_pid(shard: int) -> int:
+    handle = ray.get_actor(shard_name(shard), namespace=NAMESPACE)
+    return ray.get(handle.ready.remote(), timeout=60)["pid"]
+
+
+# ----- Stripe webhooks, org tokens, self-serve ---------------------------------------------
+
+
+def stripe_event(kind: str, obj: dict, created: int | None = None) -> dict:
+    return {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": kind,
+            "created": created or int(time.time()), "data": {"object": obj}}
+
+
+def stripe_signed(evt: dict, secret: str = STRIPE_WEBHOOK_SECRET, at: int | None = None) -> tuple[bytes, dict]:
+    payload = json.dumps(evt)
+    header = stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=at or int(time.time()))
+    return payload.encode(), {"Stripe-Signature": header, "Content-Type": "application/json"}
+
+
+def stripe_deliver(client, evt: dict, **kwargs):
+    body, headers = stripe_signed(evt, **kwargs)
+    return client.post("/webhooks/stripe", content=body, headers=headers)
+
+
+def org_client(service, token: str) -> httpx.Client:
+    return httpx.Client(base_url=service.base_url, timeout=30, headers={"Authorization": f"Bearer {token}"})
+
+
+def mint(admin, org_id: str, ttl_s: int = 3600) -> str:
+    response = admin.post(f"/v1/orgs/{org_id}/tokens", json={"ttl_s": ttl_s})
+    assert response.status_code == 201, response.text
+    assert response.json()["org_id"] == org_id
+    return response.json()["token"]
+
+
+URLS = {"success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/cancel"}
+
+
+def fake_sessions(service, org: str) -> list[dict]:
+    sessions = httpx.get(f"{service.settings.stripe_api_base}/_fake/sessions", timeout=10).json()
+    return [s for s in sessions if s.get("client_reference_id") == org or s.get("metadata", {}).get("org_id") == org]
+
+
+def stripe_client(service) -> stripe.StripeClient:
+    return stripe.StripeClient(STRIPE_SECRET_KEY, base_addresses={"api": service.settings.stripe_api_base},
+                               max_network_retries=0)
+
+
+# ----- the pure billing core (builders of the *_core tests) --------------------------------
+
+CATALOG = load_catalog(DEFAULT_CATALOG)
+PAYG = CATALOG.plan_version("payg", 1)
+HOBBY = CATALOG.plan_version("hobby_weekly", 1)
+FREE = CATALOG.plan_version("free", 1)
+
+ORG_ID = "org_acme"
+T0 = rfc3339_to_us("2026-03-02T09:00:00Z")  # a Monday, ISO week 2026-W10
+DAY_US = 86_400 * US_PER_S
+
+
+def make_org(plan=PAYG, prepaid=True, signup_micros=CATALOG.signup_grant_micros,
+             tier="base", now_us=T0, card=False) -> tuple[OrgBillingActor, Effects]:
+    fx = Effects()
+    org = OrgBillingActor.create(ORG_ID, "ops@acme.test", prepaid, plan, tier, CATALOG.tiers[tier],
+                                 CATALOG.default_max_disk_mb, signup_micros, now_us, fx)
+    if card:  # a card on file: running out says halted / quota_exceeded, not no_payment_method
+        org.has_payment_method = True
+    return org, fx
+
+
+def usage_costing(micros: int, lease_id: str = "ls_bill") -> LeaseUsage:
+    """Usage whose catalog cost is exactly `micros` µUSD.
+
+    221,184 MB·ms of memory cost 995.328 nano-USD and 2 vCPU·ms cost 28 nano-USD: together
+    exactly one micro-USD, with no remainder.
+    """
+    return LeaseUsage(lease_id, memory_mb_ms=221_184 * micros, cpu_ms=2 * micros, ticks=1)
