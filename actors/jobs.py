@@ -157,8 +157,6 @@ class SchedulerActor:
         return await self._run(JOB["meter"])
 
     async def deliver_outbox(self) -> dict | None:
-        if not self.urls or self.signer is None:
-            return {"delivered": 0, "failed": 0, "dead": 0, "configured": False}
         return await self._run(JOB["outbox"])
 
     async def prune_tick_ids(self) -> dict | None:
@@ -251,6 +249,8 @@ class SchedulerActor:
 
     async def _outbox(self, conn: asyncpg.Connection) -> dict:
         """Deliver due outbound events to every URL; one statement marks the run."""
+        if not self.urls or self.signer is None:  # not configured: events wait in the outbox, pending
+            return {"delivered": 0, "failed": 0, "dead": 0, "configured": False}
         events = await outbox.due(conn, now_us(), OUTBOX_BATCH)
         counts = {"delivered": 0, "failed": 0, "dead": 0, "configured": True}
         if not events:

@@ -37,6 +37,7 @@ from config.settings import Settings
 from storage import clock_offset
 from storage import journal as store
 from storage.slots import Fenced, claim_shard, fence
+from storage.times import dt_to_us
 from storage.db import create_pool
 
 log = logging.getLogger("metergate.shard")
@@ -67,16 +68,20 @@ UNAVAILABLE = error(Refusal.SHARD_UNAVAILABLE, "the billing database is unavaila
 UNSTORABLE = error(Refusal.UNSTORABLE_INPUT,
                    "a value in this request cannot be stored; correct it, retrying will not help")
 STATE_WAIT_S = 10  # a state read waits at most this for the commit of its org's last command
-# Failures of the database or the link to it, not of any one item: the batch as a whole is
-# retried by its callers. Anything else may be caused by one item, and is isolated.
-OUTAGES = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-           asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
-           asyncpg.exceptions.TransactionRollbackError, asyncpg.exceptions.InternalServerError,
-           asyncpg.exceptions.ObjectNotInPrerequisiteStateError, Fenced)
+# What one item can make a commit fail with: a value Postgres refuses, a constraint it breaks.
+ITEM_FAILURES_IN_POSTGRES = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Everything else from Postgres or the link to it (a lost connection, a failover to a read-only
+# standby, a deadlock, the epoch fenced) is an outage: the batch as a whole fails, retryable.
+DATABASE_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+                     asyncio.TimeoutError, Fenced)
+# A batch whose failure is isolated costs at most this many commits; what is left then is
+# answered shard_unavailable (retry), so a run of guilty items cannot stall the shard.
+MAX_ISOLATION_COMMITS = 64
 
 
 def is_outage(exc: BaseException) -> bool:
-    return isinstance(exc, OUTAGES)
+    """A failure of the database, not of any one item (those are isolated instead)."""
+    return isinstance(exc, DATABASE_FAILURES) and not isinstance(exc, ITEM_FAILURES_IN_POSTGRES)
 
 
 def tick_key(org_id: str, tick_id: str) -> bytes:
@@ -403,8 +408,14 @@ class ShardActor:
         batch, self.pending = self._cut_batch()
         if isinstance(batch[0], tuple):
             await self._run_marker(batch[0])
-        else:
-            await self._commit_isolating(batch)
+            return
+        try:
+            await self._commit_isolating(batch, [MAX_ISOLATION_COMMITS])
+        except Exception:  # a bug after or around a commit: no caller may be left waiting
+            log.exception("shard %s: a batch of %d items failed outside its commit", self.shard, len(batch))
+            self._forget(batch)
+            self._answer(batch, error(Refusal.INTERNAL_ERROR, "internal error; it has been logged"))
+            raise
 
     def _cut_batch(self) -> tuple[list, list]:
         budget = self.settings.commit_max_commands
@@ -430,25 +441,27 @@ class ShardActor:
         if not done.done():
             done.set_result(result)
 
-    async def _commit_isolating(self, batch: list) -> None:
+    async def _commit_isolating(self, batch: list, budget: list[int]) -> None:
         """Commit a batch; if one of its items makes the commit fail, commit all the others.
 
         One request must never fail another. A failure that an item can cause (a value
         Postgres refuses, a bug hit by one input) splits the batch in halves, each committed
         on its own, down to the guilty items, which are refused alone; a single usage item is
         split by ticks the same way. A failure of the database itself (connection lost, epoch
-        fenced) fails the whole batch with 503: nothing of it was acknowledged, and a retry
+        fenced) fails the whole batch as shard_unavailable: nothing of it was acknowledged, a retry
         is safe. Either way memory forgets the orgs the failed attempt touched, since it may
-        hold effects that never committed; they reload from Postgres on next use.
+        hold effects that never committed; they reload from Postgres on next use. `budget`
+        (shared by the whole split) bounds the commits one isolation may cost.
         """
         started = time.perf_counter()
+        budget[0] -= 1
         try:
             committed = await self._commit(batch)
         except Exception as exc:  # noqa: BLE001 - sorted below: outage or a guilty item
             self._forget(batch)
-            if is_outage(exc):
-                log.warning("shard %s: commit of %d items failed, database unavailable: %r",
-                            self.shard, len(batch), exc)
+            if is_outage(exc) or budget[0] <= 0:
+                log.warning("shard %s: commit of %d items failed (%s): %r", self.shard, len(batch),
+                            "database unavailable" if is_outage(exc) else "isolation budget spent", exc)
                 self._answer(batch, UNAVAILABLE)
                 return
             failure = exc
@@ -459,40 +472,45 @@ class ShardActor:
         if len(batch) > 1:
             self.stats_isolations += 1
             middle = len(batch) // 2
-            await self._commit_isolating(batch[:middle])
-            await self._commit_isolating(batch[middle:])
+            await self._commit_isolating(batch[:middle], budget)
+            await self._commit_isolating(batch[middle:], budget)
         elif isinstance(batch[0], UsageItem) and len(batch[0].ticks) > 1:
-            await self._commit_usage_in_halves(batch[0])
+            await self._commit_usage_in_halves(batch[0], budget)
         else:
             self._refuse(batch[0], failure)
 
-    async def _commit_usage_in_halves(self, item: UsageItem) -> None:
+    async def _commit_usage_in_halves(self, item: UsageItem, budget: list[int]) -> None:
+        """One usage request split by ticks. If one half committed and the other could not
+        (an outage), the answer says so tick by tick: the committed ticks are counted, the
+        others rejected as shard_unavailable, to be sent again (duplicates are recognised)."""
         loop = asyncio.get_running_loop()
         middle = len(item.ticks) // 2
         halves = [UsageItem(item.ticks[:middle], loop.create_future()),
                   UsageItem(item.ticks[middle:], loop.create_future())]
         for half in halves:
-            await self._commit_isolating([half])
+            await self._commit_isolating([half], budget)
         answers = [half.future.result() for half in halves]
-        failed = next((a for a in answers if "error" in a), None)
+        if all("error" in answer for answer in answers):
+            result = answers[0]  # nothing committed: the request fails as a whole
+        else:
+            answers = [_all_rejected(half.ticks, answer["error"]["code"]) if "error" in answer else answer
+                       for half, answer in zip(halves, answers)]
+            result = {"accepted": sum(a["accepted"] for a in answers),
+                      "duplicates": sum(a["duplicates"] for a in answers),
+                      "rejected": [r for a in answers for r in a["rejected"]]}
         if not item.future.done():
-            item.future.set_result(failed or {
-                "accepted": sum(a["accepted"] for a in answers),
-                "duplicates": sum(a["duplicates"] for a in answers),
-                "rejected": [r for a in answers for r in a["rejected"]]})
+            item.future.set_result(result)
 
     def _refuse(self, item, exc: Exception) -> None:
         """The one item whose commit fails on its own: it gets an answer of its own."""
-        if isinstance(exc, asyncpg.DataError):
+        if isinstance(exc, ITEM_FAILURES_IN_POSTGRES):
             log.warning("shard %s: refused an item Postgres cannot store: %r", self.shard, exc)
             reply = UNSTORABLE
         else:  # a bug that one input reaches: logged whole, the caller is told nothing internal
             log.error("shard %s: an item failed its commit on its own", self.shard, exc_info=exc)
             reply = error(Refusal.INTERNAL_ERROR, "internal error; it has been logged")
         if isinstance(item, UsageItem):
-            reply = {"accepted": 0, "duplicates": 0, "rejected": [
-                {"index": t.index, "tick_id": t.tick_id, "org_id": t.org_id, "error": reply["error"]["code"]}
-                for t in item.ticks]}
+            reply = _all_rejected(item.ticks, reply["error"]["code"])
         if not item.future.done():
             item.future.set_result(reply)
 
@@ -545,7 +563,8 @@ class ShardActor:
                      and (i.org_id, i.command.idempotency_key) not in self.recent_keys]
         results: dict[int, dict] = {}
         phase = self._phase_clock()
-        async with self.pool.acquire() as conn:
+        conn = await self.pool.acquire()
+        try:
             async with conn.transaction():
                 await fence(conn, self.shard, self.epoch)
                 seen_before = await store.claim_tick_ids(conn, list(tick_keys))
@@ -562,7 +581,17 @@ class ShardActor:
                 event_ids = await store.write_batch(conn, out)
                 phase("write")
             phase("commit")
+        finally:
+            await self._release(conn)
         return work, results, event_ids
+
+    async def _release(self, conn) -> None:
+        """Back to the pool. asyncpg re-raises a failure to reset the connection, which comes
+        after the COMMIT: it must not make a committed batch look failed (and be retried)."""
+        try:
+            await self.pool.release(conn)
+        except Exception as exc:  # noqa: BLE001 - the connection is dropped; the commit stands
+            log.warning("shard %s: connection not reusable after a transaction: %r", self.shard, exc)
 
     def _acknowledge(self, batch: list, work: "_BatchWork", results: dict[int, dict], event_ids: list[int]) -> None:
         """After the commit: memory moves on, charges start, callers get their answers."""
@@ -602,7 +631,7 @@ class ShardActor:
                     unknown = [u for u in tick.units if u not in loaded.org.plan.unit_nanos]
                     if unknown:
                         item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
-                                              "error": f"unknown_unit: {unknown[0]}"})
+                                              "error": f"{Refusal.UNKNOWN_UNIT}: {unknown[0]}"})
                         item.keys.append(None)
                         continue
                 key = tick_key(tick.org_id, tick.tick_id)
@@ -683,6 +712,11 @@ class ShardActor:
             del self.orgs[org_id]
 
 
+def _all_rejected(ticks: list[Tick], code: Refusal) -> dict:
+    return {"accepted": 0, "duplicates": 0, "rejected": [
+        {"index": t.index, "tick_id": t.tick_id, "org_id": t.org_id, "error": code} for t in ticks]}
+
+
 class _BatchWork:
     """Applies one batch in memory and gathers what its commit must write."""
 
@@ -727,6 +761,7 @@ class _BatchWork:
             command = cmd.ApplyUsage(list(leases.values()))
             cmd.execute(self.shard.orgs[org_id].org, command, self.shard.catalog, self.now, self.fx)
             self._record(org_id, command)
+            self.shard._unanswered(org_id, item.future)  # state reads wait for this commit too
 
     def apply_command(self, item: CommandItem, keyed: dict) -> dict:
         shard = self.shard
@@ -895,10 +930,10 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
 
 def _entry_from_row(row) -> dict:
     entry = {"entry_id": row["entry_id"], "kind": row["kind"], "amount_micros": row["amount_micros"],
-             "at_us": int(row["created_at"].timestamp() * 1_000_000)}
+             "at_us": dt_to_us(row["created_at"])}
     for name in ("grant_id", "note"):
         if row[name] is not None:
             entry[name] = row[name]
     if row["expires_at"] is not None:
-        entry["expires_at_us"] = int(row["expires_at"].timestamp() * 1_000_000)
+        entry["expires_at_us"] = dt_to_us(row["expires_at"])
     return entry

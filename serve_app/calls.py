@@ -13,7 +13,8 @@ from storage import orgs
 
 
 async def org_state(ctx: Context, org_id: str):
-    """The org's state, read from its shard's memory like the gate (no commit to wait for)."""
+    """The org's state, read from its shard's memory like the gate (once the org's commands in
+    flight are answered, so a read never shows what a failed commit would take back)."""
     return raise_for_shard_error(await ctx.router.state(org_id))["state"]
 
 

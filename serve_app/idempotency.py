@@ -4,8 +4,9 @@ decided before anything reaches a shard or Stripe.
 
 The key is claimed before the request runs, so two requests racing with one key cannot both
 run: the second sees the claim (409 for another body, 409 idempotency_in_progress for the
-same body while the first still runs). A request refused with an error, or failing, gives the
-key back: a failure must not burn the key the caller will retry with.
+same body while the first still runs). A request answered with an error gives the key back:
+a failure must not burn the key the caller will retry with. A claim whose request never
+answered (its process died) is taken over by the same request after ABANDONED_AFTER_S.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from serve_app.errors import ApiError
 from storage import http_idempotency as records
 
 MAX_KEY_CHARS = 255
+# A claim with no answer after this long is taken as abandoned (its process died mid-request)
+# and the same request may run again; a request never takes this long.
+ABANDONED_AFTER_S = 120
 
 
 async def request_hash(request: Request) -> str:
@@ -46,7 +50,7 @@ async def idempotent(ctx: Context, request: Request, run: Callable[[], Awaitable
     fingerprint = await request_hash(request)
     pool = await ctx.db()
     async with pool.acquire() as conn:
-        seen = await records.claim(conn, scope, key, fingerprint)
+        seen = await records.claim(conn, scope, key, fingerprint, ABANDONED_AFTER_S)
     if seen is not None:
         if seen.request_hash != fingerprint:
             raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used with a different request")
@@ -56,11 +60,13 @@ async def idempotent(ctx: Context, request: Request, run: Callable[[], Awaitable
         return Response(seen.body, status_code=seen.status, media_type="application/json")
     try:
         response = await run()
-    except BaseException:
-        # Refused (a 4xx raised before anything changed) or failed: the key is given back,
-        # as before it was claimed.
+    except ApiError:
+        # Refused or failed with an answer (nothing of the request was acknowledged): the key
+        # is given back, as before it was claimed, so the retry runs.
         await _release(pool, scope, key)
         raise
+    # Anything else (the client went away, a bug) leaves the claim in place: the work may have
+    # committed, and the claim is taken over as abandoned after ABANDONED_AFTER_S.
     if response.status_code >= 500:
         await _release(pool, scope, key)
         return response

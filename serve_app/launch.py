@@ -28,7 +28,7 @@ SHARD_CPUS = 0.1
 JOBS_CPUS = 0.05
 
 
-STOP_BUDGET_S = 12.0  # a stop ends within this, whatever state Ray and Postgres are in
+STOP_BUDGET_S = 9.0  # a stop ends within this, whatever state Ray and Postgres are in
 
 
 @dataclass
@@ -176,7 +176,10 @@ def stop(running: Running, drain: bool = True, budget_s: float = STOP_BUDGET_S) 
         if running.started_ray:
             _bounded("ray.shutdown", ray.shutdown, left(0.8))
     if running.pg_server is not None:
-        stop_embedded_postgres(running.pg_server)
+        # pgserver's own stop (pg_ctl -w stop) may wait a long time; past the budget, a fast
+        # shutdown of the postmaster does it.
+        if not _bounded("postgres", lambda: stop_embedded_postgres(running.pg_server), max(left(1.0), 1.0)):
+            stop_postgres_now(running.settings.data_dir)
 
 
 def kill_now(settings: Settings | None) -> None:

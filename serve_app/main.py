@@ -32,6 +32,7 @@ PARENT_CHECK_EVERY_S = 0.5
 # Nothing is lost by that: an acknowledgement is only ever sent after its commit.
 HARD_STOP_DURING_START_S = 8.0
 HARD_STOP_AFTER_S = launch.STOP_BUDGET_S + 1.5
+RELAY_DEADLINE_S = 12.5  # the relay's own last resort, should the child's hard stop not run
 
 
 class StopRequested(BaseException):
@@ -46,28 +47,46 @@ def main() -> int:
 
 
 def relay() -> int:
-    """Start the service in its own session, pass every stop signal on to it, and clean up
-    after it if it died abnormally."""
-    child = subprocess.Popen([sys.executable, "-m", "serve_app.main", *sys.argv[1:]],
-                             env={**os.environ, _RELAY_ENV: str(os.getpid())}, start_new_session=True)
+    """Start the service in its own session, pass every stop signal on to it, and take down
+    whatever it leaves behind once it has ended."""
     stop_asked = threading.Event()
+    started: list[subprocess.Popen] = []
+    asked_at: list[float] = []
 
     def forward(_signum, _frame) -> None:
         stop_asked.set()
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        asked_at.append(time.monotonic())
+        if started and started[0].poll() is None:
+            started[0].send_signal(signal.SIGTERM)
 
-    for sig in STOP_SIGNALS:
+    for sig in STOP_SIGNALS:  # before the child exists: a signal in between is not lost
         signal.signal(sig, forward)
-    code = child.wait()  # retried after each forwarded signal (PEP 475)
+    started.append(subprocess.Popen([sys.executable, "-m", "serve_app.main", *sys.argv[1:]],
+                                    env={**os.environ, _RELAY_ENV: str(os.getpid())}, start_new_session=True))
+    child = started[0]
+    if stop_asked.is_set():
+        child.send_signal(signal.SIGTERM)
+    code = _wait(child, asked_at)
+    # Ray's processes live in the child's process group: none may outlive it, whichever way it ended.
+    _kill_group(child.pid)
     if code < 0:
         # Killed by a signal (its own hard stop, or a crash of Ray's native code while
-        # stopping): take down what it may have left in its process group, and the Postgres.
-        _kill_group(child.pid)
+        # stopping): the embedded Postgres may be left running too.
         launch.kill_postgres_of(_loaded_settings())
         print(f"metergate: stopped (the service process ended by signal {-code})", flush=True)
         return 0 if stop_asked.is_set() else 128 - code
     return code
+
+
+def _wait(child: subprocess.Popen, asked_at: list[float]) -> int:
+    """The child's exit code. Once a stop was asked, the child gets RELAY_DEADLINE_S to end
+    on its own (it has its own hard stop before that); then it is killed, group and all."""
+    while True:
+        try:
+            return child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if asked_at and time.monotonic() - asked_at[0] > RELAY_DEADLINE_S:
+                _kill_group(child.pid)
 
 
 def _kill_group(pgid: int) -> None:
@@ -115,9 +134,9 @@ def run_service(relay_pid: int) -> int:
     except (SettingsError, CatalogError) as exc:
         print(f"metergate: {exc}", file=sys.stderr)
         return 2
-    except StopRequested:
+    except (StopRequested, SystemExit):  # SystemExit: Ray's SIGTERM handler, while ray.init runs
         if running is not None:
-            launch.stop(running, drain=False)  # a no-op unless start-up had just completed
+            launch.stop(running, drain=False)  # does nothing if start-up already stopped it
         print("metergate: stopped during start-up", flush=True)
         return 0
     if not stop_requested.is_set():

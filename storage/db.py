@@ -34,7 +34,7 @@ def stop_embedded_postgres(server) -> None:
     server.cleanup()
 
 
-def stop_postgres_now(data_dir: Path, wait_s: float = 3.0) -> None:
+def stop_postgres_now(data_dir: Path, wait_s: float = 1.5) -> None:
     """Fast shutdown (SIGINT: clients cut off, in-flight transactions rolled back, data safe)
     of the embedded Postgres in data_dir, if one runs; waits for it at most wait_s."""
     import psutil

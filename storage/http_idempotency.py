@@ -17,17 +17,28 @@ class Record:
     body: bytes
 
 
-async def claim(conn: asyncpg.Connection, scope: str, key: str, request_hash: str) -> Record | None:
-    """Claim the key for this request. None: claimed, run it. Otherwise the record already there."""
+async def claim(conn: asyncpg.Connection, scope: str, key: str, request_hash: str,
+                abandoned_after_s: int) -> Record | None:
+    """Claim the key for this request. None: claimed, run it. Otherwise the record already there.
+
+    A claim older than `abandoned_after_s` that never got its answer (its process died
+    mid-request) is taken over by the same request again, so a key is never stuck.
+    """
     inserted = await conn.fetchval(
         "INSERT INTO http_idempotency (scope, key, request_hash, status, body) VALUES ($1, $2, $3, $4, '')"
         " ON CONFLICT DO NOTHING RETURNING 1", scope, key, request_hash, IN_PROGRESS)
     if inserted:
         return None
+    taken_over = await conn.fetchval(
+        "UPDATE http_idempotency SET created_at = now() WHERE scope = $1 AND key = $2 AND request_hash = $3"
+        " AND status = $4 AND created_at < now() - make_interval(secs => $5) RETURNING 1",
+        scope, key, request_hash, IN_PROGRESS, abandoned_after_s)
+    if taken_over:
+        return None
     row = await conn.fetchrow(
         "SELECT request_hash, status, body FROM http_idempotency WHERE scope = $1 AND key = $2", scope, key)
     if row is None:  # released between the two statements: claim again
-        return await claim(conn, scope, key, request_hash)
+        return await claim(conn, scope, key, request_hash, abandoned_after_s)
     return Record(row["request_hash"], row["status"], bytes(row["body"]))
 
 

@@ -4,11 +4,14 @@ same key and body get the first answer again; a refused request does not burn it
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 
 import httpx
 import pytest
 
+from serve_app.idempotency import ABANDONED_AFTER_S
 from tests.helpers import URLS, footprint, mint, org_client, stripe_client
 
 
@@ -91,3 +94,24 @@ def test_keys_are_per_caller_and_a_refused_request_does_not_burn_its_key(service
     assert refused.status_code == 422
     fixed = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 5}, headers=refused_key)
     assert fixed.status_code == 201, fixed.text  # the refused request gave its key back
+
+
+def test_a_claim_whose_request_never_answered_is_taken_over_by_the_same_request(admin, sql, new_org):
+    """A process that died mid-request leaves its claim unanswered: while it is recent the key
+    is in progress; once it is old enough to be abandoned the same request runs again, and
+    another body is still a conflict."""
+    org = new_org()
+    path = f"/v1/orgs/{org}/credits"
+    body = json.dumps({"kind": "grant", "amount_micros": 4_000}).encode()
+    digest = hashlib.sha256(f"POST {path}\n".encode() + body).hexdigest()
+    recent, stale = key()["Idempotency-Key"], key()["Idempotency-Key"]
+    for claim, age_s in ((recent, 1), (stale, ABANDONED_AFTER_S + 5)):
+        sql.val("INSERT INTO http_idempotency (scope, key, request_hash, status, body, created_at)"
+                " VALUES ('admin', $1, $2, 0, '', now() - make_interval(secs => $3)) RETURNING 1", claim, digest, age_s)
+    busy = admin.post(path, content=body, headers={"Idempotency-Key": recent})
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "idempotency_in_progress"
+    other = admin.post(path, json={"kind": "grant", "amount_micros": 5_000}, headers={"Idempotency-Key": stale})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+    taken = admin.post(path, content=body, headers={"Idempotency-Key": stale})
+    assert taken.status_code == 201, taken.text
+    assert admin.post(path, content=body, headers={"Idempotency-Key": stale}).content == taken.content

@@ -75,7 +75,9 @@ class Service:
     def leftovers(self) -> list[str]:
         """Processes of the service's session still alive, and the embedded Postgres if it runs."""
         left = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue  # already dead, waiting to be reaped by whoever adopted it
             try:
                 if os.getsid(proc.pid) == self.service_sid:
                     left.append(" ".join(proc.info["cmdline"] or [])[:120])
