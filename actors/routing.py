@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import RayError
 
 from actors.placement import NAMESPACE, cached_slot_of, shard_name
+from actors.refusals import Refusal
 from actors.ticks import TICKS_ENCODER, Tick
 
 MAX_BATCH = 4096
@@ -84,6 +85,29 @@ class ShardRouter:
 
     async def gate(self, org_id: str, action: str, resources) -> dict:
         return await self.gates[self.shard_of(org_id)].call((org_id, action, resources))
+
+    async def gate_many(self, checks: list[tuple[str, str, object]]) -> list[dict]:
+        """Many (org_id, action, resources) checks: one call per shard, answers in order. The
+        checks of a shard that cannot be reached answer shard_unavailable; the others decide."""
+        parts: dict[int, list[int]] = {}
+        for index, (org_id, _, _) in enumerate(checks):
+            parts.setdefault(self.shard_of(org_id), []).append(index)
+
+        async def ask(shard: int, indexes: list[int]) -> list[dict]:
+            try:
+                return await self.handles[shard].gate.remote([checks[i] for i in indexes])
+            except RayError:
+                unavailable = {"error": {"code": Refusal.SHARD_UNAVAILABLE,
+                                         "message": f"billing shard {shard} is unavailable; retry the check"}}
+                return [unavailable] * len(indexes)
+
+        answers: list[dict] = [{}] * len(checks)
+        shards = list(parts)
+        for shard, results in zip(shards, await asyncio.gather(*(ask(k, parts[k]) for k in shards))):
+            assert len(results) == len(parts[shard]), (len(results), len(parts[shard]))
+            for index, result in zip(parts[shard], results):
+                answers[index] = result
+        return answers
 
     async def state(self, org_id: str) -> dict:
         """The org's state from its shard's memory: {"state": OrgState} or {"error": ...}."""

@@ -18,6 +18,7 @@ def build_app(ctx: Context) -> FastAPI:
     openapi.install(app)
     app.add_middleware(BodyLimit, default_limit=ctx.settings.max_body_bytes,
                        limits={"/v1/usage": ctx.settings.max_usage_body_bytes,
+                               "/v1/gate/batch": ctx.settings.max_usage_body_bytes,
                                "/webhooks/svix": ctx.settings.max_usage_body_bytes})
     for module in (ops, gate, webhooks, orgs, reports, self_serve):
         app.include_router(module.routes(ctx))

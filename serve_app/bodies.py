@@ -37,6 +37,16 @@ class GateBody(msgspec.Struct, forbid_unknown_fields=True):
     resources: ResourcesIn | None = None
 
 
+MAX_GATE_CHECKS = 1_000  # per POST /v1/gate/batch
+
+
+class GateBatchBody(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /v1/gate/batch: each check is a POST /v1/gate body, decoded on its own so that a
+    bad one is refused alone."""
+
+    checks: list[msgspec.Raw]
+
+
 class LeaseBody(msgspec.Struct, forbid_unknown_fields=True):
     org_id: Id
     lease_id: Id
@@ -102,6 +112,7 @@ MAX_JSON_DEPTH = 32
 
 
 GATE_DECODER = msgspec.json.Decoder(GateBody)
+GATE_BATCH_DECODER = msgspec.json.Decoder(GateBatchBody)
 LEASE_DECODER = msgspec.json.Decoder(LeaseBody)
 
 # ----- admin bodies (pydantic, for the OpenAPI page) ----------------------------------------

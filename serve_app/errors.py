@@ -60,13 +60,23 @@ def unknown_org(org_id: str) -> ApiError:
     return ApiError(404, Refusal.UNKNOWN_ORG, f"org {org_id} does not exist")
 
 
+def api_error_of(refusal: dict) -> ApiError:
+    """A shard's refusal ({"code", "message"}) as the API error it stands for."""
+    code = Refusal(refusal["code"])
+    return ApiError(STATUS_BY_REFUSAL[code], code.value, refusal["message"])
+
+
 def raise_for_shard_error(result: dict) -> dict:
     """A shard answers refusals as values; turn one into the API error it stands for."""
     err = result.get("error")
     if err is not None:
-        code = Refusal(err["code"])
-        raise ApiError(STATUS_BY_REFUSAL[code], code.value, err["message"])
+        raise api_error_of(err)
     return result
+
+
+def item_error(exc: ApiError) -> dict:
+    """An error in the place of one item of a batch answer: the body and the status it would have."""
+    return error_body(exc.code, exc.message, status=exc.status, **exc.details)
 
 
 def invalid_request(errors: list[dict]) -> ApiError:

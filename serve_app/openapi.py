@@ -59,15 +59,29 @@ class SvixEvent(msgspec.Struct):
     data: dict
 
 
+class GateBatch(msgspec.Struct):
+    """Up to 1,000 POST /v1/gate bodies."""
+
+    checks: list[GateBody]
+
+
+class GateBatchResult(msgspec.Struct):
+    """One entry per check, in order: its decision, or `{"error": {...}}` in its place."""
+
+    decisions: list[dict]  # Decision or Error: msgspec cannot say so (untagged), see below
+
+
 class StripeEvent(msgspec.Struct):
     id: str
     type: str
     data: dict
 
 
-_DOCUMENTED = (GateBody, LeaseBody, TypedUsageBody, Decision, Error, UsageResult, LeaseResult, SvixEvent,
+_DOCUMENTED = (GateBody, GateBatch, GateBatchResult, LeaseBody, TypedUsageBody, Decision, Error, UsageResult, LeaseResult, SvixEvent,
                StripeEvent)
 _, COMPONENTS = msgspec.json.schema_components(_DOCUMENTED, ref_template=REF)
+COMPONENTS["GateBatchResult"]["properties"]["decisions"]["items"] = {
+    "anyOf": [{"$ref": REF.format(name="Decision")}, {"$ref": REF.format(name="Error")}]}
 
 _ERRORS = {
     "400": "Not JSON (broken, not UTF-8, nested too deep)",
@@ -100,6 +114,7 @@ def operation(body: type, answers: dict[str, tuple[str, type | None]], headers: 
 
 
 GATE = operation(GateBody, {"200": ("The decision (always 200 when the check ran)", Decision)})
+GATE_BATCH = operation(GateBatch, {"200": ("A decision or an error per check, in order", GateBatchResult)})
 LEASE = operation(LeaseBody, {"201": ("A new lease", LeaseResult), "200": ("The same lease again", LeaseResult),
                               "402": ("Denied for money: the gate's answer", Decision),
                               "429": ("Denied at the concurrency cap: the gate's answer", Decision)})

@@ -1,4 +1,5 @@
-"""The compute plane's hot path (service token): POST /v1/gate, leases, POST /v1/usage."""
+"""The compute plane's hot path (service token): POST /v1/gate and /v1/gate/batch, leases,
+POST /v1/usage."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from fastapi import APIRouter, Request, Response
 from actors import commands as cmd
 from actors.org import Resources
 from serve_app import openapi
-from serve_app.bodies import GATE_DECODER, decode
+from serve_app.bodies import GATE_BATCH_DECODER, GATE_DECODER, MAX_GATE_CHECKS, decode
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context, json
-from serve_app.errors import raise_for_shard_error
+from serve_app.errors import ApiError, api_error_of, item_error, raise_for_shard_error
 from serve_app.params import LeasePath, OrgPath
 from serve_app.views import decision_view, lease_view
 
@@ -27,6 +28,31 @@ def routes(ctx: Context) -> APIRouter:
         resources = body.resources.to_core() if body.resources else NO_RESOURCES
         result = raise_for_shard_error(await ctx.router.gate(body.org_id, body.action, resources))
         return json(decision_view(result))
+
+    @router.post("/v1/gate/batch", tags=["gate"], openapi_extra=openapi.GATE_BATCH)
+    async def gate_batch(request: Request) -> Response:
+        """Up to 1,000 checks in one request; each decision is exactly what POST /v1/gate
+        answers for its body, and a bad item gets its own error in its place."""
+        ctx.service(request)
+        batch = decode(GATE_BATCH_DECODER, await request.body())
+        if len(batch.checks) > MAX_GATE_CHECKS:
+            raise ApiError(413, "too_many_checks", f"at most {MAX_GATE_CHECKS} checks per request",
+                           limit=MAX_GATE_CHECKS)
+        decisions: list[dict | None] = [None] * len(batch.checks)
+        valid: list[tuple[int, tuple]] = []
+        for index, raw in enumerate(batch.checks):
+            try:
+                body = decode(GATE_DECODER, raw)
+            except ApiError as exc:
+                decisions[index] = item_error(exc)
+                continue
+            valid.append((index, (body.org_id, body.action, body.resources.to_core() if body.resources
+                                  else NO_RESOURCES)))
+        answers = await ctx.router.gate_many([check for _, check in valid]) if valid else []
+        for (index, _), answer in zip(valid, answers):
+            error = answer.get("error")
+            decisions[index] = item_error(api_error_of(error)) if error is not None else decision_view(answer)
+        return json({"decisions": decisions})
 
     @router.post("/v1/leases", tags=["gate"], openapi_extra=openapi.LEASE)
     async def take_lease_route(request: Request) -> Response:
