@@ -9,6 +9,7 @@ US_PER_S = 1_000_000
 # by which of these ranges it falls in; the ranges do not overlap, so the unit is unambiguous.
 _MIN_S = 946_684_800
 _MAX_S = 4_102_444_800
+MAX_PLAUSIBLE_S = _MAX_S  # no time this service reads or writes is later
 _EPOCH_SCALES = ((1, 1_000_000), (1_000, 1_000), (1_000_000, 1), (1_000_000_000, None))
 
 

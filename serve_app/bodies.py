@@ -12,6 +12,7 @@ from actors.ticks import DECODE_ERRORS, ID_PATTERN, NAME_PATTERN, Id
 from serve_app.auth import MAX_ORG_TOKEN_TTL_S, MIN_ORG_TOKEN_TTL_S
 from serve_app.errors import ApiError, invalid_request
 
+NO_RESOURCES = Resources()
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 Ttl = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_S)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
@@ -41,10 +42,17 @@ MAX_GATE_CHECKS = 1_000  # per POST /v1/gate/batch
 
 
 class GateBatchBody(msgspec.Struct, forbid_unknown_fields=True):
-    """POST /v1/gate/batch: each check is a POST /v1/gate body, decoded on its own so that a
-    bad one is refused alone."""
+    """POST /v1/gate/batch, each check still raw: decoded on its own, so a bad one is refused alone."""
 
     checks: list[msgspec.Raw]
+
+
+class TypedGateBatchBody(msgspec.Struct, forbid_unknown_fields=True):
+    checks: list[GateBody]
+
+
+def resources_of(body: "GateBody | LeaseBody") -> Resources:
+    return body.resources.to_core() if body.resources else NO_RESOURCES
 
 
 class LeaseBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -90,21 +98,16 @@ def invalid_field(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message, field=field)
 
 
-def json_depth(value: object, limit: int = 0) -> int:
-    """How deep a decoded JSON value nests (stops counting past `limit` when given)."""
-    depth, level = 0, [value]
-    while level:
-        depth += 1
-        if limit and depth > limit:
-            return depth
-        children = []
-        for item in level:
-            if isinstance(item, dict):
-                children.extend(item.values())
-            elif isinstance(item, list):
-                children.extend(item)
-        level = children
-    return depth - 1
+def nests_deeper_than(value: object, limit: int) -> bool:
+    """Whether a decoded JSON value has containers more than `limit` levels deep (level by
+    level, no recursion: the value may be as deep as the decoder allowed)."""
+    level: list = [value]
+    for _ in range(limit):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return any(isinstance(item, (dict, list)) for item in level)
 
 
 # Deeper than any body of this API; webhook payloads (Stripe events) nest about eight levels.
@@ -113,6 +116,35 @@ MAX_JSON_DEPTH = 32
 
 GATE_DECODER = msgspec.json.Decoder(GateBody)
 GATE_BATCH_DECODER = msgspec.json.Decoder(GateBatchBody)
+_TYPED_GATE_BATCH_DECODER = msgspec.json.Decoder(TypedGateBatchBody)
+
+
+def decode_gate_checks(body: bytes) -> list[GateBody | ApiError]:
+    """Every check of a batch, or the error that refuses it in its place.
+
+    As for usage ticks, a batch of valid checks decodes in one pass; only when one is bad is
+    each decoded on its own. Past MAX_GATE_CHECKS the whole request is 413.
+    """
+    try:
+        checks: list = _TYPED_GATE_BATCH_DECODER.decode(body).checks
+    except DECODE_ERRORS:
+        checks = decode(GATE_BATCH_DECODER, body).checks
+        _bound_checks(checks)
+        return [_check_or_error(raw) for raw in checks]
+    _bound_checks(checks)
+    return checks
+
+
+def _bound_checks(checks: list) -> None:
+    if len(checks) > MAX_GATE_CHECKS:
+        raise ApiError(413, "too_many_checks", f"at most {MAX_GATE_CHECKS} checks per request", limit=MAX_GATE_CHECKS)
+
+
+def _check_or_error(raw: msgspec.Raw) -> GateBody | ApiError:
+    try:
+        return decode(GATE_DECODER, raw)
+    except ApiError as exc:
+        return exc
 LEASE_DECODER = msgspec.json.Decoder(LeaseBody)
 
 # ----- admin bodies (pydantic, for the OpenAPI page) ----------------------------------------

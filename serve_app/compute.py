@@ -6,22 +6,18 @@ import msgspec
 
 from actors import commands as cmd
 from actors.clock import now_us
-from actors.org import Resources
 from actors.ticks import DECODE_ERRORS, BadBody, TooManyTicks, decode_usage
-from serve_app.bodies import LEASE_DECODER, decode, invalid_field, is_json, not_json
+from serve_app.bodies import LEASE_DECODER, decode, invalid_field, is_json, not_json, resources_of
 from serve_app.context import Context
 from serve_app.errors import ApiError, error_body, raise_for_shard_error
 from serve_app.views import decision_view, lease_view
-
-NO_RESOURCES = Resources()
 
 
 async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
     """(status, body): 201 a new lease, 200 the same lease again, or the deny's status and gate body."""
     body = decode(LEASE_DECODER, raw_body)
-    resources = body.resources.to_core() if body.resources else NO_RESOURCES
     result = raise_for_shard_error(await ctx.router.command(
-        body.org_id, cmd.AcquireLease(body.lease_id, resources, body.ttl_s)))
+        body.org_id, cmd.AcquireLease(body.lease_id, resources_of(body), body.ttl_s)))
     if "denied" in result:
         denied = decision_view(result["denied"])
         return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied}

@@ -49,12 +49,10 @@ def main() -> int:
 def relay() -> int:
     """Start the service in its own session, pass every stop signal on to it, and take down
     whatever it leaves behind once it has ended."""
-    stop_asked = threading.Event()
     started: list[subprocess.Popen] = []
-    asked_at: list[float] = []
+    asked_at: list[float] = []  # when stop signals came: the first starts the relay's deadline
 
     def forward(_signum, _frame) -> None:
-        stop_asked.set()
         asked_at.append(time.monotonic())
         if started and started[0].poll() is None:
             started[0].send_signal(signal.SIGTERM)
@@ -64,7 +62,7 @@ def relay() -> int:
     started.append(subprocess.Popen([sys.executable, "-m", "serve_app.main", *sys.argv[1:]],
                                     env={**os.environ, _RELAY_ENV: str(os.getpid())}, start_new_session=True))
     child = started[0]
-    if stop_asked.is_set():
+    if asked_at:
         child.send_signal(signal.SIGTERM)
     code = _wait(child, asked_at)
     # Ray's processes live in the child's process group: none may outlive it, whichever way it ended.
@@ -74,7 +72,7 @@ def relay() -> int:
         # stopping): the embedded Postgres may be left running too.
         launch.kill_postgres_of(_loaded_settings())
         print(f"metergate: stopped (the service process ended by signal {-code})", flush=True)
-        return 0 if stop_asked.is_set() else 128 - code
+        return 0 if asked_at else 128 - code
     return code
 
 

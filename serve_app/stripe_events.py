@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from actors.commands import (Command, Credit, InvoiceFailed, InvoicePaid, ResetPeriod, SetPaymentMethod,
                              SettleRecharge, SetTier)
 from actors.org import MAX_AMOUNT_MICROS, MICROS_PER_CENT
+from actors.timeutil import MAX_PLAUSIBLE_S
 from config.catalog import Catalog
+
 PAID_TIERS = ("pro", "pro_plus", "pro_plus_plus")
 ENDED_SUBSCRIPTION = ("canceled", "unpaid", "incomplete_expired")
 
@@ -29,7 +31,6 @@ class DunningPolicy:
     free_plan: str
 
 
-MAX_EPOCH_S = 253_402_300_799  # 9999-12-31: a later time is no time Stripe sends
 
 
 def _integer(value, field: str, low: int, high: int) -> int:
@@ -53,7 +54,7 @@ def _cents(value, field: str, low: int = 1) -> int:
 
 
 def _epoch_s(value, field: str) -> int:
-    return _integer(value, field, 0, MAX_EPOCH_S)
+    return _integer(value, field, 0, MAX_PLAUSIBLE_S)
 
 
 class EventError(ValueError):

@@ -7,7 +7,6 @@ decided here and nowhere else.
 
 from __future__ import annotations
 
-import msgspec
 
 from actors import gate
 from actors.gate import Reason
@@ -50,8 +49,12 @@ def format_usd(micros: int) -> str:
 
 
 def decision_view(decision: dict) -> dict:
-    """A gate decision as a shard sends it (msgspec.to_builtins of the core's Decision)."""
-    return msgspec.to_builtins(Decision(status=STATUS_BY_REASON[Reason(decision["reason"])], **decision))
+    """A gate decision as a shard sends it (msgspec.to_builtins of the core's Decision), with
+    the status its reason stands for after the reason, as the `Decision` schema lists it."""
+    view = {"allowed": decision["allowed"], "reason": decision["reason"],
+            "status": STATUS_BY_REASON[Reason(decision["reason"])]}
+    view.update(decision)  # the keys already placed keep their place
+    return view
 
 
 def lease_view(lease: Lease) -> dict:

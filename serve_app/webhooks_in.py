@@ -20,7 +20,7 @@ from svix.webhooks import Webhook, WebhookVerificationError
 
 from actors.commands import fingerprint
 from actors.refusals import Refusal
-from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, json_depth, not_json
+from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, nests_deeper_than, not_json
 from actors.ticks import DECODE_ERRORS, ID_PATTERN
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
@@ -126,7 +126,7 @@ def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> d
         event = msgspec.json.decode(body)
     except DECODE_ERRORS:
         raise not_json() from None
-    if json_depth(event, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    if nests_deeper_than(event, MAX_JSON_DEPTH):
         raise not_json()
     if not isinstance(event, dict) or not isinstance(event.get("id"), str):
         raise ApiError(400, "invalid_json", "webhook body is not a Stripe event")

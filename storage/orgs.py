@@ -7,7 +7,3 @@ import asyncpg
 
 async def exists(conn: asyncpg.Connection, org_id: str) -> bool:
     return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM orgs WHERE org_id = $1)", org_id)
-
-
-async def email_of(conn: asyncpg.Connection, org_id: str) -> str | None:
-    return await conn.fetchval("SELECT email FROM orgs WHERE org_id = $1", org_id)

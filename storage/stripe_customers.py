@@ -9,6 +9,13 @@ async def customer_of(conn: asyncpg.Connection, org_id: str) -> str | None:
     return await conn.fetchval("SELECT customer_id FROM stripe_customers WHERE org_id = $1", org_id)
 
 
+async def billing_contact(conn: asyncpg.Connection, org_id: str) -> tuple[str, str | None] | None:
+    """(email, customer id or None) of an org, in one read; None if there is no such org."""
+    row = await conn.fetchrow("SELECT o.email, c.customer_id FROM orgs o LEFT JOIN stripe_customers c USING (org_id)"
+                              " WHERE o.org_id = $1", org_id)
+    return None if row is None else (row["email"], row["customer_id"])
+
+
 async def org_of(conn: asyncpg.Connection, customer_id: str) -> str | None:
     return await conn.fetchval("SELECT org_id FROM stripe_customers WHERE customer_id = $1", customer_id)
 

@@ -187,3 +187,25 @@ def test_group_sigterm_during_start_up_stops_cleanly_and_the_next_start_works(se
         if again.process.poll() is None:
             os.killpg(again.process.pid, signal.SIGKILL)
     assert again.leftovers() == []
+
+
+def test_when_make_up_is_killed_with_kill_9_its_service_stops_by_itself_and_the_next_start_works(service_files):
+    data_dir, port, log = service_files
+    orphaned = Service(data_dir, port, log)
+    try:
+        orphaned.wait_up()
+        os.kill(orphaned.process.pid, signal.SIGKILL)  # the process `make up` started, nothing else
+        orphaned.process.wait(10)
+        wait_for("the orphaned service to stop by itself", lambda: orphaned.leftovers() == [], 30)
+    finally:
+        if orphaned.process.poll() is None:
+            os.killpg(orphaned.process.pid, signal.SIGKILL)
+    assert b"metergate: stopped in" in orphaned.output()
+    again = Service(data_dir, port, log)
+    try:
+        again.wait_up()
+        assert again.group_sigterm() < STOP_WITHIN_S
+    finally:
+        if again.process.poll() is None:
+            os.killpg(again.process.pid, signal.SIGKILL)
+    assert again.leftovers() == []

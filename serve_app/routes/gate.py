@@ -6,17 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from actors import commands as cmd
-from actors.org import Resources
 from serve_app import openapi
-from serve_app.bodies import GATE_BATCH_DECODER, GATE_DECODER, MAX_GATE_CHECKS, decode
+from serve_app.bodies import GATE_DECODER, decode, decode_gate_checks, resources_of
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, api_error_of, item_error, raise_for_shard_error
 from serve_app.params import LeasePath, OrgPath
 from serve_app.views import decision_view, lease_view
-
-NO_RESOURCES = Resources()
-
 
 def routes(ctx: Context) -> APIRouter:
     router = APIRouter()
@@ -25,8 +21,7 @@ def routes(ctx: Context) -> APIRouter:
     async def gate(request: Request) -> Response:
         ctx.service(request)
         body = decode(GATE_DECODER, await request.body())
-        resources = body.resources.to_core() if body.resources else NO_RESOURCES
-        result = raise_for_shard_error(await ctx.router.gate(body.org_id, body.action, resources))
+        result = raise_for_shard_error(await ctx.router.gate(body.org_id, body.action, resources_of(body)))
         return json(decision_view(result))
 
     @router.post("/v1/gate/batch", tags=["gate"], openapi_extra=openapi.GATE_BATCH)
@@ -34,20 +29,10 @@ def routes(ctx: Context) -> APIRouter:
         """Up to 1,000 checks in one request; each decision is exactly what POST /v1/gate
         answers for its body, and a bad item gets its own error in its place."""
         ctx.service(request)
-        batch = decode(GATE_BATCH_DECODER, await request.body())
-        if len(batch.checks) > MAX_GATE_CHECKS:
-            raise ApiError(413, "too_many_checks", f"at most {MAX_GATE_CHECKS} checks per request",
-                           limit=MAX_GATE_CHECKS)
-        decisions: list[dict | None] = [None] * len(batch.checks)
-        valid: list[tuple[int, tuple]] = []
-        for index, raw in enumerate(batch.checks):
-            try:
-                body = decode(GATE_DECODER, raw)
-            except ApiError as exc:
-                decisions[index] = item_error(exc)
-                continue
-            valid.append((index, (body.org_id, body.action, body.resources.to_core() if body.resources
-                                  else NO_RESOURCES)))
+        checks = decode_gate_checks(await request.body())
+        decisions: list[dict | None] = [item_error(c) if isinstance(c, ApiError) else None for c in checks]
+        valid = [(index, (c.org_id, c.action, resources_of(c))) for index, c in enumerate(checks)
+                 if not isinstance(c, ApiError)]
         answers = await ctx.router.gate_many([check for _, check in valid]) if valid else []
         for (index, _), answer in zip(valid, answers):
             error = answer.get("error")

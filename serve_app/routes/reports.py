@@ -7,7 +7,7 @@ import base64
 from fastapi import APIRouter, Request, Response
 
 from actors.clock import now_us
-from actors.timeutil import BadTime, parse_time_us
+from actors.timeutil import MAX_PLAUSIBLE_S, US_PER_S, BadTime, parse_time_us
 from serve_app.calls import require_org
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
@@ -17,7 +17,6 @@ from serve_app.views import stored_entry_view, usage_groups_view
 from storage import ledger, usage
 
 MAX_LEDGER_PAGE = 500
-MAX_CURSOR_US = 253_402_300_800 * 1_000_000  # year 10000: past it, no time converts
 GROUP_BY = ("lease", "meter", "day")
 
 
@@ -79,7 +78,7 @@ def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
         return None
     try:
         at, entry_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        if not 0 <= int(at) < MAX_CURSOR_US:
+        if not 0 <= int(at) < MAX_PLAUSIBLE_S * US_PER_S:
             raise ValueError(at)
         return int(at), entry_id
     except (ValueError, UnicodeDecodeError):

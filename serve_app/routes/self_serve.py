@@ -18,7 +18,7 @@ from serve_app.params import OrgPath
 from serve_app.stripe_events import PAID_TIERS
 from serve_app.stripe_gateway import operation_key
 from serve_app.views import org_view
-from storage import ledger, orgs, stripe_customers
+from storage import ledger, stripe_customers
 from storage.times import us_to_dt
 
 BILLING_PAGE_ENTRIES = 20
@@ -27,10 +27,10 @@ async def customer_for(ctx: Context, org_id: str) -> str:
     """The org's Stripe customer, created once (Stripe's idempotency key makes a race create one)."""
     pool = await ctx.db()
     async with pool.acquire() as conn:
-        email = await orgs.email_of(conn, org_id)
-        customer_id = await stripe_customers.customer_of(conn, org_id)
-    if email is None:
+        contact = await stripe_customers.billing_contact(conn, org_id)
+    if contact is None:
         raise unknown_org(org_id)
+    email, customer_id = contact
     if customer_id:
         return customer_id
     client = ctx.stripe.require()
