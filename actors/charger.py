@@ -15,6 +15,7 @@ import logging
 
 import stripe
 
+from actors import metrics
 from actors.clock import now_us
 from actors.commands import SettleRecharge
 from actors.recharge import MICROS_PER_CENT, ChargeRequest
@@ -74,14 +75,17 @@ class Charger:
                              "amount_micros": str(request.amount_micros)},
             }, options={"idempotency_key": request.idempotency_key})
         except stripe.CardError as exc:
+            metrics.stripe_failed("auto_recharge", exc)
             self.methods.pop(request.idempotency_key, None)
             intent = (exc.error.payment_intent if exc.error else None) or {}
             return self._failed(request, intent.get("id"), exc.code or "card_declined")
         except (stripe.APIConnectionError, stripe.RateLimitError, stripe.IdempotencyError) as exc:
+            metrics.stripe_failed("auto_recharge", exc)
             # Not an answer about the charge (an idempotency error means an attempt is in
             # flight or was sent otherwise): it stays pending, never "failed" on a guess.
             raise StripeUnavailable(str(exc)) from None
         except stripe.StripeError as exc:
+            metrics.stripe_failed("auto_recharge", exc)
             if exc.http_status is None or exc.http_status >= 500 or exc.http_status == 409:
                 raise StripeUnavailable(str(exc)) from None
             return self._failed(request, None, exc.code or "stripe_refused")

@@ -15,7 +15,7 @@ from typing import ClassVar
 import msgspec
 
 from actors.effects import Effects
-from actors.gate import Decision, Resources
+from metergate_client.decision import Decision, Resources
 from actors.leases import Lease
 from actors.metering import LeaseUsage
 from actors.money import LedgerEntry

@@ -34,7 +34,7 @@ import httpx
 import msgspec
 from svix.webhooks import Webhook
 
-from actors import clock
+from actors import clock, metrics
 from actors.clock import now_us
 from actors.commands import Advance
 from actors.refusals import Refusal
@@ -84,7 +84,7 @@ class SchedulerActor:
         self.stripe = stripe_client(self.settings)
         self.outbox_retry = RetryPolicy(self.settings.webhook_backoff_s, self.settings.webhook_max_attempts)
         self.meter_retry = RetryPolicy(self.settings.webhook_backoff_s, METER_MAX_ATTEMPTS)
-        self.runs = {"sweep": 0, "outbox": 0, "meter": 0, "parity": 0, "prune_tick_ids": 0,
+        self.runs = {"sweep": 0, "outbox": 0, "meter": 0, "parity": 0, "prune_tick_ids": 0, "outbox_count": 0,
                      "skipped_locked": 0, "errors": 0, "parity_drift": 0}
 
     async def _ensure_started(self) -> None:
@@ -94,7 +94,7 @@ class SchedulerActor:
 
     async def _start(self) -> None:
         self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=4)
-        self.router = ShardRouter(self.slot_map)
+        self.router = ShardRouter(self.slot_map, project_views=False)
         if self.settings.test_clock:
             async with self.pool.acquire() as conn:
                 clock.set_offset_us(await clock_offset.offset_us(conn))
@@ -227,9 +227,11 @@ class SchedulerActor:
                           "payload": {"stripe_customer_id": event.customer_id, "value": str(event.value)}}
                 try:
                     await asyncio.to_thread(self.stripe.v1.billing.meter_events.create, params=params)
-                except stripe.RateLimitError:
+                except stripe.RateLimitError as exc:
+                    metrics.stripe_failed("meter_events", exc)
                     error = "429"
                 except stripe.StripeError as exc:
+                    metrics.stripe_failed("meter_events", exc)
                     error = f"{type(exc).__name__}: {exc.user_message or exc}"
             if error is None:
                 sent += 1
@@ -270,7 +272,14 @@ class SchedulerActor:
             counts["failed" if status == PENDING else status] += 1
             marks.append((event.id, status, attempts, error, at))
         await outbox.mark(conn, marks)
+        metrics.outbox_delivered(counts)
         return counts
+
+    async def _outbox_count(self, conn: asyncpg.Connection) -> dict:
+        """The outbox's gauges: events waiting, and dead letters (an operator retries those)."""
+        pending, dead = await outbox.waiting_and_dead(conn)
+        metrics.outbox_counted(pending, dead)
+        return {"pending": pending, "dead": dead}
 
     async def _deliver(self, client: httpx.AsyncClient, event: outbox.OutboundEvent) -> str | None:
         """POST one event to every URL; None when all took it, else what went wrong."""
@@ -306,6 +315,7 @@ JOBS = (
     Job("meter", 60.0, 7_310_103, SchedulerActor._meter),
     Job("outbox", 1.0, 7_310_102, SchedulerActor._outbox),
     Job("prune_tick_ids", 60.0, 7_310_105, SchedulerActor._prune_tick_ids),
+    Job("outbox_count", 10.0, 7_310_106, SchedulerActor._outbox_count),
 )
 JOB = {job.name: job for job in JOBS}
 assert len(JOB) == len(JOBS) and len({job.lock for job in JOBS}) == len(JOBS), "job names and locks are unique"

@@ -11,7 +11,7 @@ import sys
 import msgspec
 
 from actors.effects import Effects, Event
-from actors.gate import Decision, Resources
+from metergate_client.decision import Decision, Resources
 from actors.refusals import BillingError, LeaseConflict, UnknownLease
 from actors.timeutil import US_PER_S, us_to_rfc3339
 

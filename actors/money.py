@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import msgspec
 
 from actors.effects import Effects, Event
-from actors.gate import HaltCause
+from metergate_client.decision import HaltCause
 from actors.metering import SCALED_PER_MICRO, LeaseUsage, cost_scaled, split_micros
 from actors.refusals import BillingError
 from actors.timeutil import US_PER_S

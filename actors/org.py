@@ -21,7 +21,7 @@ import sys
 import msgspec
 
 from actors.effects import Effects, Event
-from actors.gate import ACTIONS, Decision, GateView, HaltCause, Reason, Resources, decide
+from metergate_client.decision import ACTIONS, Decision, GateView, HaltCause, Reason, Resources, decide
 from actors.leases import MAX_LEASES_PER_ORG, MAX_TTL_S, Lease, Leases
 from actors.metering import SCALED_PER_MICRO
 from actors.money import (CREDIT_KINDS, DEBIT_KINDS, MAX_AMOUNT_MICROS, MAX_GRANTS_PER_ORG, PAID_KINDS,
@@ -188,6 +188,15 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
             needs_card=not self.has_payment_method and not self.paid_credit,
             machine_quotas=self.machine_quotas,
             machine_in_use=self.machines_in_use_at(now_us) if self.machine_quotas else None)
+
+    def gate_view_until(self, now_us: int) -> int | None:
+        """Until when gate_view(now_us) holds by time alone (None: until the org changes):
+        the next grant or lease to expire, or the end of the quota period."""
+        times = [g.expires_at_us for g in self.grants or () if g.expires_at_us is not None]
+        times += [lease.expires_at_us for lease in (self.leases or {}).values()]
+        times.append(self.period_end_us)
+        later = [t for t in times if t > now_us]
+        return min(later) if later else None
 
     def gate(self, action: str, resources: Resources, now_us: int) -> Decision:
         """Read-only: may this org do `action` with `resources` now?"""

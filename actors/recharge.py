@@ -94,7 +94,10 @@ class Recharge:
 
     def _maybe_recharge(self, now_us: int, fx: Effects) -> None:
         r = self.recharge
-        if not r.enabled or r.pending_id is not None or r.paused is not None or not self.has_payment_method:
+        if r.pending_id is not None:
+            self._grow_unsent_charge(now_us, fx)
+            return
+        if not r.enabled or r.paused is not None or not self.has_payment_method:
             return
         balance = self.balance_micros
         if balance >= r.threshold_micros:
@@ -117,6 +120,23 @@ class Recharge:
         r.pending_micros = self.recharge_amount(balance)
         r.pending_since_us = now_us
         fx.charges.append(self.pending_charge())
+
+    def _grow_unsent_charge(self, now_us: int, fx: Effects) -> None:
+        """A charge asked for at this same instant (earlier in this command, or in this
+        batch) has not gone out yet: charges start after their commit. If money was taken
+        since (a refund after time passed), it asks for enough to bring the balance back
+        above the threshold, as a charge asked for now would. Decided by the state and
+        `now_us` alone, so replaying the journal does the same."""
+        r = self.recharge
+        if r.pending_since_us != now_us:
+            return
+        needed = self.recharge_amount(self.balance_micros)
+        if needed <= r.pending_micros:
+            return
+        r.pending_micros = needed
+        for index, charge in enumerate(fx.charges):
+            if charge.org_id == self.org_id and charge.charge_id == r.pending_id:
+                fx.charges[index] = self.pending_charge()
 
     def _recharge_retry_us(self) -> int | None:
         """When a charge held back by the cooldown or the daily cap may go out, if one is wanted."""

@@ -1,24 +1,41 @@
 """Routing by org to cached shard handles, with per-shard call batching (used by the ingress
-and by the scheduler).
+and by the scheduler), and the router's own projection of the shards' gate views.
 
 One Ray call per request would cost a hop per request; instead each shard gets a batcher that
 sends whatever queued up while its previous call was in flight, so under load many gate
 checks or commands share one hop, and at low load a call goes out at once.
+
+Gate checks cost no hop at all while the router follows the shard's view feed: it decides
+from the org's published view with the same pure function the shard uses. It asks the shard
+for an org's view only when it has none, when the view has expired, or when it has not heard
+from the shard's feed lately (then the shard's own answer is the only current one). Every
+reply to a command or a usage batch carries the views it changed, so a change made through
+this router shows in its next gate check at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections import Counter
 from typing import Awaitable, Callable
 
 import ray
 from ray.exceptions import RayError
 
+from actors import metrics
 from actors.placement import NAMESPACE, cached_slot_of, shard_name
 from actors.refusals import Refusal
 from actors.ticks import TICKS_ENCODER, Tick
+from metergate_client.decision import Decision, Resources, decide
+from metergate_client.projection import RECORD_DECODER, Projection
 
+log = logging.getLogger("metergate.routing")
 MAX_BATCH = 4096
+FEED_WAIT_S = 0.5  # a shard's feed answers at least this often, with or without changes
+FRESH_S = 2.0  # a view is decided from locally only while the shard's feed was heard this recently
+FEED_RETRY_S = (0.05, 1.0)  # backoff of a feed whose shard cannot be reached: first, at most
 
 
 class ShardUnavailable(Exception):
@@ -71,50 +88,156 @@ class Batcher:
             self._pump()
 
 
+def reason_of(answer: Decision | dict) -> str:
+    """A gate answer's reason, or the code of the refusal that stood in for a decision."""
+    return answer.reason if isinstance(answer, Decision) else answer["error"]["code"]
+
+
 class ShardRouter:
-    def __init__(self, slot_to_shard: list[int]) -> None:
+    def __init__(self, slot_to_shard: list[int], project_views: bool = True) -> None:
+        """project_views: keep the views that replies carry (the ingress, which gates)."""
         self.slot_to_shard = slot_to_shard
+        self.project_views = project_views
         shard_count = max(slot_to_shard) + 1
         self.handles = [ray.get_actor(shard_name(k), namespace=NAMESPACE) for k in range(shard_count)]
-        self.gates = [Batcher(k, h.gate.remote) for k, h in enumerate(self.handles)]
+        self.views = [Batcher(k, h.gate_views.remote) for k, h in enumerate(self.handles)]
+        self.projection = Projection()
+        self.following: list[asyncio.Task] = []
         self.commands = [Batcher(k, h.submit.remote) for k, h in enumerate(self.handles)]
         self.states = [Batcher(k, h.state.remote) for k, h in enumerate(self.handles)]
 
     def shard_of(self, org_id: str) -> int:
         return self.slot_to_shard[cached_slot_of(org_id)]
 
-    async def gate(self, org_id: str, action: str, resources) -> dict:
-        return await self.gates[self.shard_of(org_id)].call((org_id, action, resources))
+    # ----- the gate, from the shards' views ---------------------------------------------
 
-    async def gate_many(self, checks: list[tuple[str, str, object]]) -> list[dict]:
-        """Many (org_id, action, resources) checks: one call per shard, answers in order. The
-        checks of a shard that cannot be reached answer shard_unavailable; the others decide."""
-        parts: dict[int, list[int]] = {}
-        for index, (org_id, _, _) in enumerate(checks):
-            parts.setdefault(self.shard_of(org_id), []).append(index)
+    def _decide_locally(self, org_id: str, action: str, resources: Resources) -> Decision | None:
+        projection = self.projection
+        if projection.age_s(self.shard_of(org_id)) > FRESH_S:
+            return None
+        return projection.decide(org_id, action, resources, projection.server_now_us())
 
-        async def ask(shard: int, indexes: list[int]) -> list[dict]:
-            try:
-                return await self.handles[shard].gate.remote([checks[i] for i in indexes])
-            except RayError:
-                unavailable = {"error": {"code": Refusal.SHARD_UNAVAILABLE,
-                                         "message": f"billing shard {shard} is unavailable; retry the check"}}
-                return [unavailable] * len(indexes)
+    async def gate(self, org_id: str, action: str, resources: Resources) -> Decision | dict:
+        """The gate decision, or the shard's refusal ({"error": ...}: unknown org, shard down)."""
+        if not self.following:
+            self._follow()
+        decided = self._decide_locally(org_id, action, resources)
+        if decided is not None:
+            metrics.gate_decided(decided.reason, action, "local")
+            return decided
+        answer = await self._decide_from_shard(org_id, action, resources)
+        metrics.gate_decided(reason_of(answer), action, "shard")
+        return answer
 
-        answers: list[dict] = [{}] * len(checks)
-        shards = list(parts)
-        for shard, results in zip(shards, await asyncio.gather(*(ask(k, parts[k]) for k in shards))):
-            assert len(results) == len(parts[shard]), (len(results), len(parts[shard]))
-            for index, result in zip(parts[shard], results):
-                answers[index] = result
+    async def _decide_from_shard(self, org_id: str, action: str, resources: Resources) -> Decision | dict:
+        shard = self.shard_of(org_id)
+        try:
+            reply = await self.views[shard].call(org_id)
+        except ShardUnavailable:
+            return {"error": {"code": Refusal.SHARD_UNAVAILABLE,
+                              "message": f"billing shard {shard} is unavailable; retry the check"}}
+        if "view" not in reply:
+            return reply
+        record = RECORD_DECODER.decode(reply["view"])
+        if record.seq:  # seq 0: a view for this answer only, not a published one
+            self.projection.apply(record)
+        return decide(action, resources, record.view)  # the shard's current view
+
+    async def gate_many(self, checks: list[tuple[str, str, Resources]]) -> list[Decision | dict]:
+        """Many (org_id, action, resources) checks, answers in order: each what gate() answers."""
+        if not self.following:
+            self._follow()
+        answers: list[Decision | dict | None] = [self._decide_locally(*check) for check in checks]
+        missing = [index for index, answer in enumerate(answers) if answer is None]
+        if missing:
+            for index, answer in zip(missing, await asyncio.gather(
+                    *(self._decide_from_shard(*checks[index]) for index in missing))):
+                answers[index] = answer
+        asked = set(missing)
+        metrics.gates_decided(Counter((reason_of(answer), check[1], "shard" if index in asked else "local")
+                                      for index, (check, answer) in enumerate(zip(checks, answers))))
         return answers
+
+    def _follow(self) -> None:
+        """Follow every shard's view feed, for as long as this router lives (started on the
+        serving loop, on first use)."""
+        self.following = [asyncio.ensure_future(self._follow_shard(k)) for k in range(len(self.handles))]
+
+    async def _follow_shard(self, shard: int) -> None:
+        epoch, seq, retry = None, 0, FEED_RETRY_S[0]
+        projection = self.projection
+        while True:
+            sent = time.monotonic()
+            try:
+                reply = await self.handles[shard].changes.remote(epoch, seq, FEED_WAIT_S)
+            except RayError:  # the shard restarts or its node is gone: decide from it, not from views
+                projection.forget_heard(shard)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, FEED_RETRY_S[1])
+                continue
+            except Exception:  # noqa: BLE001 - a bug must not stop the feed for good
+                log.exception("following shard %s's view feed", shard)
+                projection.forget_heard(shard)
+                await asyncio.sleep(FEED_RETRY_S[1])
+                continue
+            retry = FEED_RETRY_S[0]
+            if epoch is None or reply["resync"]:
+                projection.reset(shard, reply["epoch"], reply["seq"])
+            else:
+                projection.advance(shard, reply["epoch"], reply["seq"],
+                                   [RECORD_DECODER.decode(line) for line in reply["views"]])
+            epoch, seq = reply["epoch"], reply["seq"]
+            if not reply.get("more"):
+                projection.heard(shard, sent + reply["waited_s"], reply["now_us"])
+
+    async def caught_up(self, timeout_s: float = 5.0) -> bool:
+        """Wait until this router's views include everything every shard published before the
+        call, and it has heard each shard's clock since (the test clock moved). False on timeout."""
+        if not self.following:
+            return True
+        started = time.monotonic()
+        try:
+            targets = await asyncio.gather(*(self.changes(k, None, 0, 0) for k in range(len(self.handles))))
+        except ShardUnavailable:
+            return False
+        while time.monotonic() - started < timeout_s:
+            positions = self.projection.positions()
+            if all(positions.get(k, (None, -1)) >= (t["epoch"], t["seq"]) and
+                   self.projection.age_s(k) <= time.monotonic() - started for k, t in enumerate(targets)):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    def _take_views(self, reply: dict) -> dict:
+        """Apply the views a shard's reply carries (popped: callers never see them)."""
+        lines = reply.pop("views", None) or []
+        line = reply.pop("view", None)
+        if line is not None:
+            lines.append(line)
+        if self.project_views:
+            for line in lines:
+                self.projection.apply(RECORD_DECODER.decode(line))
+        return reply
+
+    async def changes(self, shard: int, epoch: int | None, seq: int, wait_s: float) -> dict:
+        """One shard's view feed after (epoch, seq); raises ShardUnavailable."""
+        try:
+            return await self.handles[shard].changes.remote(epoch, seq, wait_s)
+        except RayError:
+            raise ShardUnavailable(shard) from None
+
+    async def views_page(self, shard: int, after: str | None, limit: int) -> dict:
+        try:
+            return await self.handles[shard].views_page.remote(after, limit)
+        except RayError:
+            raise ShardUnavailable(shard) from None
 
     async def state(self, org_id: str) -> dict:
         """The org's state from its shard's memory: {"state": OrgState} or {"error": ...}."""
         return await self.states[self.shard_of(org_id)].call(org_id)
 
     async def command(self, org_id: str, command, request_hash: str | None = None) -> dict:
-        return await self.commands[self.shard_of(org_id)].call((org_id, command, request_hash))
+        return self._take_views(await self.commands[self.shard_of(org_id)].call((org_id, command, request_hash)))
 
     async def usage(self, ticks: list[Tick]) -> list[dict]:
         """Split ticks per shard, send the parts in parallel; one result per shard touched."""
@@ -124,7 +247,7 @@ class ShardRouter:
 
         async def send(shard: int, part: list[Tick]) -> dict:
             try:
-                return await self.handles[shard].usage.remote(TICKS_ENCODER.encode(part))
+                return self._take_views(await self.handles[shard].usage.remote(TICKS_ENCODER.encode(part)))
             except RayError:
                 raise ShardUnavailable(shard) from None
 

@@ -27,14 +27,18 @@ from actors.charger import Charger
 from actors import clock
 from actors.clock import now_us
 from actors.metering import SCALED_PER_NANO, LeaseUsage, UnknownUnit, cost_scaled
+from actors.metrics import ShardMetrics
 from actors.org import BillingError, ChargeRequest, Effects, OrgBillingActor, OrgSnapshot, Resources
 from actors.refusals import Refusal
 from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
 from actors.timeutil import minute_us
+from actors.viewlog import ViewLog
+from metergate_client.projection import RECORD_ENCODER, ViewRecord
 from config.catalog import Catalog, load_catalog
 from config.settings import Settings
 from storage import clock_offset
+from storage import orgs as orgs_store
 from storage import journal as store
 from storage.slots import Fenced, claim_shard, fence
 from storage.times import dt_to_us
@@ -50,6 +54,8 @@ IDLE_SNAPSHOT_AFTER_S = 2
 HOUSEKEEPING_EVERY_S = 1.0
 RECHARGE_SCAN_EVERY_S = 30.0
 PARITY_CHUNK = 500  # orgs checked per pause of the commit loop
+REPLAY_ATTEMPTS = 3  # a replay whose org left memory before its check is tried this often
+MAX_VIEWS_IN_REPLY = 64  # a usage reply carries the views of at most this many orgs
 RECHARGE_RETRY_AFTER_S = 120  # a pending charge with no charger running is tried again after this
 
 
@@ -96,7 +102,7 @@ CreateOrg = cmd.CreateOrg
 class LoadedOrg:
     """An org in memory plus what the shell needs: its journal position and last use."""
 
-    __slots__ = ("org", "seq", "tail", "touched_s", "due_us")
+    __slots__ = ("org", "seq", "tail", "touched_s", "due_us", "leases")
 
     def __init__(self, org: OrgBillingActor, seq: int, tail: int, touched_s: int) -> None:
         self.org = org
@@ -104,6 +110,7 @@ class LoadedOrg:
         self.tail = tail
         self.touched_s = touched_s
         self.due_us = 0  # the wake-up time last written to org_due (0: none since loading)
+        self.leases = 0  # leases held as of the last commit, in the shard's totals (_count_in)
 
 
 @dataclass
@@ -149,6 +156,14 @@ class ShardActor:
         self.stats_loop_errors = 0
         self.stats_parity_drift = 0
         self.stats_isolations = 0
+        self.views = ViewLog(shard, self.settings.gate_views)
+        # Running totals over the orgs in memory, for the metrics: kept as orgs load, commit,
+        # snapshot and leave, so that no request and no report scans the orgs for them.
+        self.metrics = ShardMetrics(shard)
+        self.leases_held = 0
+        self.tail_orgs = 0
+        self.tail_entries = 0
+        self.views_to_load: set[str] = set()  # passivated orgs whose published view expired
         self.charger: Charger | None = None
         self.charging: dict[tuple[str, str], asyncio.Task] = {}
         self.last_recharge_scan = 0.0
@@ -171,6 +186,7 @@ class ShardActor:
         self.pool = await create_pool(self.settings.database_url, min_size=2, max_size=4)
         async with self.pool.acquire() as conn:
             self.epoch, self.slots = await claim_shard(conn, self.shard)
+            self.views.start(self.epoch)
             if self.settings.test_clock:
                 clock.set_offset_us(await clock_offset.offset_us(conn))
         self.charger = Charger(self.settings, self.pool)
@@ -200,6 +216,22 @@ class ShardActor:
         self.stats_parity_drift = len(drift)
         return {"shard": self.shard, "checked": checked, "drift": drift}
 
+    async def replay(self, org_id: str) -> dict:
+        """Parity for one org (`metergate replay`): load it if it is not in memory, rebuild it
+        from its snapshot and journal between two commits, and compare. A passivation in
+        between leaves it unchecked, so it is loaded and tried again."""
+        for _ in range(REPLAY_ATTEMPTS):
+            [org] = await self._readable([org_id])
+            if not isinstance(org, OrgBillingActor):
+                return org  # unknown org, or not this shard's
+            done: asyncio.Future = asyncio.get_running_loop().create_future()
+            self.pending.append(("parity", done, [org_id]))
+            self.wake.set()
+            part = await done
+            if part["checked"]:
+                return {"shard": self.shard, "org_id": org_id, "match": not part["drift"]}
+        return error(Refusal.SHARD_BUSY, f"org {org_id} left memory before it could be checked; retry")
+
     async def _parity_now(self, org_ids: list[str]) -> dict:
         checked, drift = 0, []
         async with self.pool.acquire() as conn:
@@ -227,6 +259,10 @@ class ShardActor:
         await self._ensure_started()
         if self.settings.test_clock:
             clock.set_offset_us(offset_us)
+            done: asyncio.Future = asyncio.get_running_loop().create_future()
+            self.pending.append(("views_expired", done))
+            self.wake.set()
+            await done
         return clock.offset_us()
 
     async def stats(self) -> dict:
@@ -241,6 +277,13 @@ class ShardActor:
             "commit_ms_avg": self.stats_commit_ms_total / self.stats_commits if self.stats_commits else 0.0,
             "rss_bytes": psutil.Process().memory_info().rss,
             "commit_phase_ms_total": {k: round(v, 1) for k, v in self.stats_phase_ms.items()},
+            # The metrics' running totals, and the same counted afresh over the orgs in memory.
+            "totals": {"leases_held": self.leases_held, "tail_orgs": self.tail_orgs,
+                       "tail_entries": self.tail_entries},
+            "recounted": {"leases_held": sum(lo.leases for lo in self.orgs.values()),
+                          "leases_in_orgs": sum(leases_held(lo.org) for lo in self.orgs.values()),
+                          "tail_orgs": sum(1 for lo in self.orgs.values() if lo.tail),
+                          "tail_entries": sum(lo.tail for lo in self.orgs.values())},
         }
 
     # ----- reads ------------------------------------------------------------------------
@@ -251,6 +294,89 @@ class ShardActor:
         now = now_us()
         return [msgspec.to_builtins(org.gate(action, resources, now)) if isinstance(org, OrgBillingActor) else org
                 for org, (_, action, resources) in zip(orgs, requests)]
+
+    async def gate_views(self, org_ids: list[str]) -> list[dict]:
+        """Each org's current gate view (the JSON of its ViewRecord): {"view": bytes} or the
+        refusal. The ingress asks for the views it lacks, or has only expired, and decides
+        from them."""
+        orgs = await self._readable(org_ids)
+        now = now_us()
+        found = []
+        for org_id, org in zip(org_ids, orgs):
+            if isinstance(org, dict):
+                found.append(org)
+                continue
+            known = self.views.records.get(org_id)
+            if known is not None and (known[1].valid_until_us is None or known[1].valid_until_us > now):
+                found.append({"view": known[2]})
+            else:
+                found.append({"view": self._view_now(org_id, org, now)})
+        return found
+
+    def _view_now(self, org_id: str, org: OrgBillingActor, now: int) -> bytes:
+        """The org's view now, published if memory holds only committed state; else (a command
+        of the org is being committed) a record with seq 0, for this answer only."""
+        if org_id not in self.unanswered and self.views.publish(org_id, org, now):
+            return self.views.line(org_id)
+        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, 0, org.gate_view_until(now),
+                                                org.gate_view(now)))
+
+    async def changes(self, epoch: int | None, after: int, wait_s: float) -> dict:
+        """The gate-view feed of this shard after (epoch, after), waiting up to wait_s for one.
+
+        {"epoch", "seq" (read through), "views" (JSON records, oldest first), "now_us",
+        "waited_s", "resync"}. resync: the reader's epoch is gone (this shard restarted) or
+        its position is not one this shard gave; it must start over from a snapshot. epoch
+        None: no records, only the current position (a reader that starts from now)."""
+        await self._ensure_started()
+        started = time.monotonic()
+        if epoch is None or epoch != self.epoch or after > self.views.seq:
+            return {"epoch": self.epoch, "seq": self.views.seq, "views": [], "now_us": now_us(), "waited_s": 0.0,
+                    "resync": epoch is not None}
+        if after == self.views.seq and wait_s > 0:
+            await self.views.wait(wait_s)
+        seq, lines = self.views.after(after)
+        return {"epoch": self.epoch, "seq": seq, "views": lines, "now_us": now_us(),
+                "waited_s": time.monotonic() - started, "resync": False}
+
+    async def views_page(self, after: str | None, limit: int) -> dict:
+        """The gate views of this shard's orgs after org id `after`, in org id order: {"views":
+        JSON records, "last": the last org id or None when there are no more}. Orgs not in
+        memory are loaded; the page is read between two commits."""
+        await self._ensure_started()
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending.append(("views_page", done, after, limit))
+        self.wake.set()
+        return await done
+
+    async def _views_page_now(self, after: str | None, limit: int) -> dict:
+        async with self.pool.acquire() as conn:
+            org_ids = await orgs_store.ids_in_slots(conn, sorted(self.slots), after, limit)
+        await self._ensure_loaded(org_ids)
+        now = now_us()
+        lines = []
+        for org_id in org_ids:
+            lo = self.orgs.get(org_id)
+            if lo is not None:
+                self.views.publish(org_id, lo.org, now)  # a no-op unless it changed
+                lines.append(self.views.line(org_id))
+        return {"views": lines, "last": org_ids[-1] if len(org_ids) == limit else None}
+
+    async def _publish_expired(self) -> dict:
+        """Publish again the views that time made stale (between commits: memory is committed)."""
+        now = now_us()
+        republished = 0
+        for org_id in self.views.expired(now):
+            lo = self.orgs.get(org_id)
+            if lo is None:
+                self.views_to_load.add(org_id)
+            elif self.views.publish(org_id, lo.org, now):
+                republished += 1
+        if self.views_to_load:  # passivated orgs: loading one publishes its view
+            wanted, self.views_to_load = list(self.views_to_load)[:5_000], set(list(self.views_to_load)[5_000:])
+            await self._ensure_loaded(wanted)
+        self.views.poke()
+        return {"republished": republished}
 
     async def state(self, org_ids: list[str]) -> list[dict]:
         """Each org's state as of now, answered from memory like the gate: {"state": OrgState}.
@@ -354,9 +480,12 @@ class ShardActor:
                 async with self.pool.acquire() as conn:
                     rows = await store.load_orgs(conn, to_load)
                 now_s = int(time.monotonic())
+                now = now_us()
                 for org_id, (seq, state, entries) in rows.items():
                     if org_id not in self.orgs:
-                        self.orgs[org_id] = self._rebuild(seq, state, entries, now_s)
+                        self.orgs[org_id] = loaded = self._rebuild(seq, state, entries, now_s)
+                        self._count_in(loaded)
+                        self.views.publish(org_id, loaded.org, now)  # as Postgres holds it: committed
                 future.set_result(None)
             except BaseException as exc:
                 future.set_exception(exc)
@@ -402,6 +531,8 @@ class ShardActor:
                 await asyncio.wait_for(self.wake.wait(), timeout=HOUSEKEEPING_EVERY_S)
             except asyncio.TimeoutError:
                 pass
+        if self.views.expiring and self.views.expiring[0][0] <= now_us():
+            await self._publish_expired()
         if not self.pending or time.monotonic() - self.last_housekeeping > HOUSEKEEPING_EVERY_S * 5:
             await self._housekeeping_safely()
             return
@@ -432,7 +563,14 @@ class ShardActor:
     async def _run_marker(self, marker: tuple) -> None:
         kind, done = marker[0], marker[1]
         try:
-            result = await (self._parity_now(marker[2]) if kind == "parity" else self._snapshot_dirty(only_idle=False))
+            if kind == "parity":
+                result = await self._parity_now(marker[2])
+            elif kind == "views_page":
+                result = await self._views_page_now(marker[2], marker[3])
+            elif kind == "views_expired":
+                result = await self._publish_expired()
+            else:
+                result = await self._snapshot_dirty(only_idle=False)
         except Exception as exc:  # noqa: BLE001 - handed to the caller that waits on it
             log.exception("shard %s: %s failed", self.shard, kind)
             if not done.done():
@@ -467,7 +605,9 @@ class ShardActor:
             failure = exc
         else:
             self._acknowledge(batch, *committed)
-            self.stats_commit_ms_total += (time.perf_counter() - started) * 1000
+            commit_ms = (time.perf_counter() - started) * 1000
+            self.stats_commit_ms_total += commit_ms
+            self._count_commit(batch, commit_ms)
             return
         if len(batch) > 1:
             self.stats_isolations += 1
@@ -516,7 +656,9 @@ class ShardActor:
 
     def _forget(self, batch: list) -> None:
         for org_id in self._org_ids(batch):
-            self.orgs.pop(org_id, None)
+            lo = self.orgs.pop(org_id, None)
+            if lo is not None:
+                self._count_out(lo)
         for item in batch:
             if isinstance(item, UsageItem):
                 item.accepted = item.duplicates = 0
@@ -527,6 +669,34 @@ class ShardActor:
         for item in batch:
             if not item.future.done():
                 item.future.set_result(reply)
+
+    def _count_in(self, lo: LoadedOrg) -> None:
+        """Add an org's leases and journal tail to the shard's totals (it loaded or committed).
+
+        Leases held, expired or not: the sweep ends an expired one within seconds, and a count
+        that does not depend on the clock can be checked against the orgs (stats(), which
+        tests/test_metrics.py compares). No assertion here: this runs after a commit, and a
+        miscount must never fail a commit's answer."""
+        lo.leases = leases_held(lo.org)
+        self.leases_held += lo.leases
+        self.tail_orgs += lo.tail > 0
+        self.tail_entries += lo.tail
+
+    def _count_out(self, lo: LoadedOrg) -> None:
+        """Take out what _count_in added (the org leaves memory, or is about to be counted again)."""
+        self.leases_held -= lo.leases
+        self.tail_orgs -= lo.tail > 0
+        self.tail_entries -= lo.tail
+
+    def _count_commit(self, batch: list, commit_ms: float) -> None:
+        ticks = accepted = duplicates = rejected = 0
+        for item in batch:
+            if isinstance(item, UsageItem):
+                ticks += len(item.ticks)
+                accepted += item.accepted
+                duplicates += item.duplicates
+                rejected += len(item.rejected)
+        self.metrics.commit(len(batch), ticks, commit_ms, accepted, duplicates, rejected)
 
     def _phase_clock(self):
         """Accumulates time per commit phase, for stats()."""
@@ -596,16 +766,30 @@ class ShardActor:
     def _acknowledge(self, batch: list, work: "_BatchWork", results: dict[int, dict], event_ids: list[int]) -> None:
         """After the commit: memory moves on, charges start, callers get their answers."""
         work.after_commit(event_ids)
+        # Published before anyone is answered: a feed reader hears of a change no later than
+        # the caller who made it.
+        views = self.views
+        for org_id in work.new_positions:
+            lo = self.orgs.get(org_id)
+            if lo is not None:
+                views.publish(org_id, lo.org, work.now)
         if work.fx.charges:
             self._start_charges(work.fx.charges)
         for index, item in enumerate(batch):
             if item.future.done():
                 continue  # the caller went away (its request was cancelled); the work is committed
             if isinstance(item, UsageItem):
+                touched = {t.org_id for t, key in zip(item.ticks, item.keys) if key is not None}
+                # The views a small request changed ride along (its sender's next gate check
+                # sees them at once); a big batch's come by the feed, within milliseconds.
+                lines = ([line for line in map(views.line, touched) if line is not None]
+                         if len(touched) <= MAX_VIEWS_IN_REPLY else [])
                 item.future.set_result({"accepted": item.accepted, "duplicates": item.duplicates,
-                                        "rejected": item.rejected})
+                                        "rejected": item.rejected, "views": lines})
             else:
-                item.future.set_result(results[index])
+                result = results[index]
+                line = views.line(item.org_id) if "error" not in result else None
+                item.future.set_result({**result, "view": line} if line is not None else result)
         self.stats_commits += 1
         self.stats_items += len(batch)
 
@@ -646,6 +830,8 @@ class ShardActor:
         try:
             await self._snapshot_dirty(only_idle=True)
             self._passivate()
+            self.metrics.memory(len(self.orgs), self.leases_held, self.tail_orgs, self.tail_entries,
+                                self.views.seq)
             if time.monotonic() - self.last_recharge_scan > RECHARGE_SCAN_EVERY_S:
                 self.last_recharge_scan = time.monotonic()
                 self._retry_stuck_charges()
@@ -670,7 +856,9 @@ class ShardActor:
         for org_id, _ in dirty[:5_000]:
             lo = self.orgs.get(org_id)
             if lo is not None:
+                self._count_out(lo)
                 lo.tail = 0
+                self._count_in(lo)
         return {"snapshots": len(batch.snapshots)}
 
     # ----- auto-recharge ------------------------------------------------------------------
@@ -709,7 +897,11 @@ class ShardActor:
         idle = [org_id for org_id, lo in self.orgs.items()
                 if lo.tail == 0 and lo.touched_s < cutoff and lo.org.pending_charge() is None]
         for org_id in idle:
-            del self.orgs[org_id]
+            self._count_out(self.orgs.pop(org_id))
+
+
+def leases_held(org: OrgBillingActor) -> int:
+    return sum(lease.quantity for lease in org.leases.values()) if org.leases else 0
 
 
 def _all_rejected(ticks: list[Tick], code: Refusal) -> dict:
@@ -891,7 +1083,9 @@ class _BatchWork:
         for org_id, (seq, tail) in self.new_positions.items():
             lo = self.shard.orgs.get(org_id)
             if lo is not None:
+                self.shard._count_out(lo)
                 lo.seq, lo.tail = seq, tail
+                self.shard._count_in(lo)
         for org_id, due in self.new_due.items():
             lo = self.shard.orgs.get(org_id)
             if lo is not None:

@@ -35,24 +35,28 @@ def bodies(prefix: str) -> list[bytes]:
     return out
 
 
-async def blast(url: str, payloads: list[bytes]) -> tuple[float, int]:
+async def blast(url: str, payloads: list[bytes], until: float | None = None,
+                concurrency: int | None = None) -> tuple[float, int]:
+    """Post every payload (or stop at time.monotonic() `until`), `concurrency` in flight
+    (default CONCURRENCY); returns (seconds, ticks accepted)."""
     queue = list(payloads)
     accepted = 0
+    concurrency = concurrency or CONCURRENCY
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal accepted
-        while queue:
+        while queue and (until is None or time.monotonic() < until):
             body = queue.pop()
             response = await client.post(url, content=body, headers={"Content-Type": "application/json"})
             assert response.status_code == 200, response.text[:300]
             data = response.json()
             accepted += data.get("accepted", BATCH)
 
-    limits = httpx.Limits(max_connections=CONCURRENCY)
+    limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits,
                                  headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(CONCURRENCY)))
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         return time.perf_counter() - started, accepted
 
 

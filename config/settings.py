@@ -34,6 +34,19 @@ class Settings(BaseSettings):
     shards: int = Field(2, ge=1, le=256)
     catalog: Path = DEFAULT_CATALOG
     ingress_replicas: int = Field(1, ge=1, le=64)
+    # HTTP through Ray Serve's HAProxy (direct to the ingress replicas), not its Python proxy:
+    # 10-25x the requests/s on the same host (bench/gate.py). Applies to a Ray that this
+    # process starts; a cluster started by `ray start` sets the same environment itself.
+    serve_haproxy: bool = True
+    # Shards publish each org's gate view after every commit that changes it; the ingress and
+    # GateClients decide from them. Off: no feed, and every gate check asks the org's shard.
+    gate_views: bool = True
+    # The Ray dashboard, on 127.0.0.1 only (it can run code on the cluster: never on a public
+    # interface), and the port of Ray's Prometheus endpoint (0: a free one, printed at start).
+    # Both apply to a Ray this process starts; a cluster started by `ray start` has its own.
+    dashboard: bool = True
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    metrics_port: int = Field(8266, ge=0, le=65535)
 
     # Group commit: a batch is cut when the previous commit returns; these bound its size.
     commit_max_commands: int = Field(20_000, ge=1, le=1_000_000)

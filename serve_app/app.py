@@ -9,18 +9,23 @@ from serve_app import openapi
 from serve_app.context import Context
 from serve_app.errors import install_error_handlers
 from serve_app.limits import BodyLimit
-from serve_app.routes import clock, gate, ops, orgs, reports, self_serve, webhooks
+from serve_app.routes import clock, gate, gate_feed, ops, orgs, reports, self_serve, webhooks
+from serve_app.routes import billing, docs
 
 
 def build_app(ctx: Context) -> FastAPI:
-    app = FastAPI(title="metergate", version="1", description="Usage billing and entitlements")
+    # docs_url/redoc_url None: FastAPI's pages fetch their assets from a CDN; routes/docs.py serves them.
+    app = FastAPI(title="metergate", version="1", description="Usage billing and entitlements",
+                  docs_url=None, redoc_url=None)
     install_error_handlers(app)
     openapi.install(app)
     app.add_middleware(BodyLimit, default_limit=ctx.settings.max_body_bytes,
                        limits={"/v1/usage": ctx.settings.max_usage_body_bytes,
                                "/v1/gate/batch": ctx.settings.max_usage_body_bytes,
                                "/webhooks/svix": ctx.settings.max_usage_body_bytes})
-    for module in (ops, gate, webhooks, orgs, reports, self_serve):
+    for module in (ops, gate, gate_feed, webhooks, orgs, reports, self_serve):
+        app.include_router(module.routes(ctx))
+    for module in (billing, docs):  # pages for people: the billing page and its forms, the API docs
         app.include_router(module.routes(ctx))
     if ctx.settings.test_clock:
         app.include_router(clock.routes(ctx))

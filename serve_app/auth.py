@@ -69,14 +69,27 @@ class OrgTokens:
         return claims.org
 
 
-def bearer(request: Request, allow_query: bool = False) -> str:
+# The billing page's own session: the token of a `?token=` link, kept in an HttpOnly cookie
+# scoped to that org's page, so the address bar, history and Stripe's return URLs carry none.
+BILLING_COOKIE = "mg_billing"
+
+
+def presented(request: Request, browser: bool = False) -> tuple[str, str]:
+    """The token a request presents and where from: "header"; for a browser page also "query"
+    (a link: a browser following one cannot set headers) and then "cookie" (set from that link)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    if allow_query and request.query_params.get("token"):
-        return request.query_params["token"]  # a browser following a link cannot set headers
+        return token.strip(), "header"
+    if browser and request.query_params.get("token"):
+        return request.query_params["token"], "query"
+    if browser and request.cookies.get(BILLING_COOKIE):
+        return request.cookies[BILLING_COOKIE], "cookie"
     raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+
+
+def bearer(request: Request, browser: bool = False) -> str:
+    return presented(request, browser)[0]
 
 
 def identify(token: str, service_token: str, admin_token: str, org_tokens: OrgTokens, now_s: int) -> Caller:

@@ -1,15 +1,24 @@
 """What several routes ask of the shards and of storage: an org's state, a command answered
-with the org's view, the check that an org exists."""
+with the org's view, the check that an org exists, the ledger a page at a time, the months,
+the auto-recharge settings as a command (the JSON API and the billing page share these)."""
 
 from __future__ import annotations
 
+import base64
+
 from fastapi import Request, Response
 
+from actors import commands as cmd
+from actors.clock import now_us
+from actors.months import summarize
+from actors.org import MICROS_PER_CENT
+from actors.timeutil import MAX_PLAUSIBLE_S, US_PER_S
+from serve_app.bodies import AutoRechargeBody
 from serve_app.context import Context, json
-from serve_app.errors import raise_for_shard_error, unknown_org
+from serve_app.errors import ApiError, raise_for_shard_error, unknown_org
 from serve_app.idempotency import idempotent
 from serve_app.views import org_view
-from storage import orgs
+from storage import ledger, orgs, usage
 
 
 async def org_state(ctx: Context, org_id: str):
@@ -18,15 +27,66 @@ async def org_state(ctx: Context, org_id: str):
     return raise_for_shard_error(await ctx.router.state(org_id))["state"]
 
 
+async def command_state(ctx: Context, org_id: str, command) -> Response:
+    """Run a command whose answer is the org's state after it."""
+    return json(org_view(raise_for_shard_error(await ctx.router.command(org_id, command))["state"]))
+
+
 async def state_command(ctx: Context, request: Request, org_id: str, command) -> Response:
     """A command whose answer is the org's state after it (idempotent by key)."""
-    async def run() -> Response:
-        return json(org_view(raise_for_shard_error(await ctx.router.command(org_id, command))["state"]))
-
-    return await idempotent(ctx, request, run)
+    return await idempotent(ctx, request, lambda: command_state(ctx, org_id, command))
 
 
 async def require_org(ctx: Context, org_id: str) -> None:
     async with (await ctx.db()).acquire() as conn:
         if not await orgs.exists(conn, org_id):
             raise unknown_org(org_id)
+
+
+async def months_of(ctx: Context, org_id: str) -> list[dict]:
+    """GET /v1/orgs/{id}/months and the billing page: recomputed from the ledger and the
+    rollups, both read in one consistent view."""
+    async with (await ctx.db()).acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            entries = await ledger.history(conn, org_id)
+            lease_ms = await usage.lease_ms_by_month(conn, org_id)
+    return summarize(entries, lease_ms, now_us())
+
+
+async def ledger_page(ctx: Context, org_id: str, cursor: str | None,
+                      limit: int) -> tuple[list[ledger.Entry], str | None]:
+    """One page of the ledger, newest first, after an opaque cursor this API returned; and the
+    cursor of the next page, if there is one."""
+    after = _decode_cursor(cursor)
+    async with (await ctx.db()).acquire() as conn:
+        rows = await ledger.page(conn, org_id, after, limit)
+    return rows[:limit], _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+
+
+def auto_recharge_command(ctx: Context, body: AutoRechargeBody) -> cmd.SetAutoRecharge:
+    """PUT /v1/orgs/{id}/auto-recharge and the billing page's form: the settings as a command."""
+    if not body.enabled:
+        return cmd.SetAutoRecharge(False)
+    for name in ("threshold_micros", "amount_micros"):
+        if getattr(body, name) is None:
+            raise ApiError(422, "invalid_request", f"{name} is required to enable auto-recharge", field=name)
+    if body.amount_micros % MICROS_PER_CENT:
+        raise ApiError(422, "invalid_amount", "amount_micros must be a whole number of cents", field="amount_micros")
+    return cmd.SetAutoRecharge(True, body.threshold_micros, body.amount_micros, body.max_per_day,
+                               ctx.settings.auto_recharge_cooldown_s)
+
+
+def _encode_cursor(entry: ledger.Entry) -> str:
+    return base64.urlsafe_b64encode(f"{entry.created_us}|{entry.entry_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
+    if not cursor:
+        return None
+    try:
+        at, entry_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        if not 0 <= int(at) < MAX_PLAUSIBLE_S * US_PER_S:
+            raise ValueError(at)
+        return int(at), entry_id
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None

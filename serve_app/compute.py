@@ -18,10 +18,18 @@ async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
     body = decode(LEASE_DECODER, raw_body)
     result = raise_for_shard_error(await ctx.router.command(
         body.org_id, cmd.AcquireLease(body.lease_id, resources_of(body), body.ttl_s)))
+    view = current_view(ctx, body.org_id)
     if "denied" in result:
         denied = decision_view(result["denied"])
-        return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied}
-    return (201 if result["created"] else 200), {"org_id": body.org_id, **lease_view(result["lease"])}
+        return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied, **view}
+    return (201 if result["created"] else 200), {"org_id": body.org_id, **lease_view(result["lease"]), **view}
+
+
+def current_view(ctx: Context, org_id: str) -> dict:
+    """{"gate_view": the org's latest view record} for a lease answer (a GateClient applies it
+    at once), or {} when the router has none."""
+    record = ctx.router.projection.get(org_id)
+    return {"gate_view": msgspec.to_builtins(record)} if record is not None else {}
 
 
 async def release_lease(ctx: Context, org_id: str, lease_id: str) -> None:

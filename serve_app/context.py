@@ -63,8 +63,8 @@ class Context:
         self.org_tokens = OrgTokens(self.settings.org_token_secret)
         self.stripe = StripeGateway(self.settings)
 
-    def caller(self, request: Request, allow_query: bool = False) -> Caller:
-        return identify(bearer(request, allow_query), self.settings.service_token, self.settings.admin_token,
+    def caller(self, request: Request, browser: bool = False) -> Caller:
+        return identify(bearer(request, browser), self.settings.service_token, self.settings.admin_token,
                         self.org_tokens, now_us() // 1_000_000)
 
     def service(self, request: Request) -> None:
@@ -76,9 +76,10 @@ class Context:
         if self.caller(request).role != "admin":
             raise forbidden("this endpoint needs the admin token")
 
-    def org_or_admin(self, request: Request, org_id: str, allow_query: bool = False) -> Caller:
-        """Self-serve: the org's own token, or admin. Another org's token is 403."""
-        caller = self.caller(request, allow_query)
+    def org_or_admin(self, request: Request, org_id: str, browser: bool = False) -> Caller:
+        """Self-serve: the org's own token, or admin. Another org's token is 403. `browser`:
+        the billing page, which also takes the token from its link and its cookie."""
+        caller = self.caller(request, browser)
         if caller.role == "admin" or (caller.role == "org" and caller.org_id == org_id):
             return caller
         raise forbidden("this token does not give access to this org")

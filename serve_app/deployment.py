@@ -1,20 +1,29 @@
-"""The Serve deployment that hosts the HTTP app in each ingress replica."""
+"""The Serve deployment that hosts the HTTP app in each ingress replica, and the application
+builder that `serve deploy serve_config.yaml` imports on a Ray cluster."""
 
 from __future__ import annotations
 
 from ray import serve
+from ray.serve import Application
 
 from actors.routing import ShardRouter
 from config.catalog import load_catalog
 from config.settings import Settings
 from serve_app.app import build_app
 from serve_app.context import Context
+from serve_app.hot_path import HotPath
 
 
 @serve.deployment(
     # Many requests in flight per replica is what lets the per-shard batchers fill.
     max_ongoing_requests=2000,
     ray_actor_options={"num_cpus": 0.1},
+    # No log line per request on the hot path; errors are still logged by the handlers.
+    logging_config={"enable_access_log": False},
+    # A stop waits for requests in flight, not for Serve's default 2 s idle loop; feed
+    # streams (which never end by themselves) are cut after 3 s, and their clients resume.
+    graceful_shutdown_wait_loop_s=0.2,
+    graceful_shutdown_timeout_s=3,
 )
 @serve.ingress()
 class Ingress:
@@ -23,4 +32,23 @@ class Ingress:
         self.context = Context(settings, load_catalog(settings.catalog), ShardRouter(slot_map))
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.context)
+        return HotPath(build_app(self.context), self.context)
+
+
+def app(args: dict) -> Application:
+    """The application `serve deploy serve_config.yaml` builds (import_path
+    `serve_app.deployment:app`), in a Ray task on the cluster.
+
+    Settings come from the METERGATE_* environment of the cluster's Ray processes (cluster.yaml
+    loads ~/metergate.env before `ray start`): an external Postgres and explicit tokens. Before
+    the ingress, it migrates the database, maps the slots, and starts the shards and the
+    scheduler, or finds them running (named, detached): a deploy is one command, and a
+    redeploy keeps them. Takes no arguments."""
+    from serve_app import launch  # launch imports this module lazily too
+
+    if args:
+        raise ValueError(f"serve_app.deployment:app takes no args (got {sorted(args)}); "
+                         "set METERGATE_* environment variables instead")
+    settings = launch.cluster_settings()
+    slot_map = launch.start_backend(settings)
+    return Ingress.bind(settings.model_dump_json(), slot_map)

@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 
 from fastapi import Request, Response
 
+from serve_app.auth import Caller
 from serve_app.context import Context
 from serve_app.errors import ApiError
 from storage import http_idempotency as records
@@ -32,12 +33,20 @@ async def request_hash(request: Request) -> str:
     return digest.hexdigest()
 
 
-def caller_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
+def checked_key(key: str | None) -> str | None:
     if key is not None and (not 1 <= len(key) <= MAX_KEY_CHARS or not key.isascii() or not key.isprintable()):
         raise ApiError(400, "invalid_idempotency_key",
                        f"Idempotency-Key must be 1-{MAX_KEY_CHARS} printable ASCII characters")
     return key
+
+
+def caller_key(request: Request) -> str | None:
+    return checked_key(request.headers.get("idempotency-key"))
+
+
+def scope_of(caller: Caller) -> str:
+    """Keys are scoped per caller: admin, or each org's token (the org's billing page included)."""
+    return "admin" if caller.role == "admin" else f"{caller.role}:{caller.org_id or ''}"
 
 
 async def idempotent(ctx: Context, request: Request, run: Callable[[], Awaitable[Response]]) -> Response:
@@ -45,9 +54,12 @@ async def idempotent(ctx: Context, request: Request, run: Callable[[], Awaitable
     key = caller_key(request)
     if key is None:
         return await run()
-    caller = ctx.caller(request)
-    scope = "admin" if caller.role == "admin" else f"{caller.role}:{caller.org_id or ''}"
-    fingerprint = await request_hash(request)
+    return await once(ctx, scope_of(ctx.caller(request)), key, await request_hash(request), run)
+
+
+async def once(ctx: Context, scope: str, key: str, fingerprint: str,
+               run: Callable[[], Awaitable[Response]]) -> Response:
+    """The rules above for one claimed key: `fingerprint` is the request's (request_hash)."""
     pool = await ctx.db()
     async with pool.acquire() as conn:
         seen = await records.claim(conn, scope, key, fingerprint, ABANDONED_AFTER_S)

@@ -169,6 +169,14 @@ def _hard_stop_after(seconds: float, settings) -> None:
     threading.Thread(target=hard_stop, name="hard-stop", daemon=True).start()
 
 
+def dashboard_line(running: launch.Running) -> str:
+    if running.dashboard_url is None:
+        return "off (METERGATE_DASHBOARD=false, or a Ray started elsewhere)"
+    if running.dashboard_needs_token:
+        return f"{running.dashboard_url}   its token: .venv/bin/ray get-auth-token"
+    return running.dashboard_url
+
+
 def banner(running: launch.Running) -> str:
     s = running.settings
     return f"""
@@ -176,6 +184,8 @@ metergate is up
   API          {running.base_url}/v1/...
   API docs     {running.base_url}/docs
   health       {running.base_url}/healthz   ready: {running.base_url}/readyz
+  dashboard    {dashboard_line(running)}
+  metrics      {running.metrics_url or 'not exported (Ray runs without its metrics agent)'}
   database     {'embedded Postgres in ' + str(s.data_dir / 'pg') if running.pg_server else 'METERGATE_DATABASE_URL'}
   shards       {s.shards}
   service token  {s.service_token}

@@ -12,6 +12,7 @@ import json
 
 import stripe
 
+from actors import metrics
 from config.settings import Settings, stripe_client
 from serve_app.errors import ApiError
 
@@ -36,6 +37,7 @@ class StripeGateway:
         try:
             return await asyncio.to_thread(method, params=params, options=options or {})
         except stripe.StripeError as exc:
+            metrics.stripe_failed("self_serve", exc)
             raise ApiError(502, "stripe_error", f"Stripe refused the request: {exc.user_message or exc}") from None
 
 

@@ -7,14 +7,16 @@ decided here and nowhere else.
 
 from __future__ import annotations
 
+import re
 
-from actors import gate
-from actors.gate import Reason
+from metergate_client import decision as gate
+from metergate_client.decision import Reason
 from actors.leases import Lease
-from actors.org import OrgState
+from actors.org import MICROS_PER_CENT, OrgState
 from actors.recharge import AutoRecharge
 from actors.timeutil import us_to_rfc3339
 from storage.ledger import Entry
+from storage.orgs import OrgRow
 from storage.outbox import OutboundEvent
 from storage.usage import UsageGroup
 
@@ -38,14 +40,43 @@ class Decision(gate.Decision, kw_only=True):
     status: int
 
 
-def format_usd(micros: int) -> str:
-    """-1234567 → '-$1.234567'; whole cents print as cents: 5000000 → '$5.00'."""
-    sign = "-" if micros < 0 else ""
-    whole, fraction = divmod(abs(micros), 1_000_000)
-    digits = f"{fraction:06d}"
-    if digits.endswith("0000"):
-        digits = digits[:2]
-    return f"{sign}${whole:,}.{digits}"
+MICROS_PER_USD = 1_000_000
+USD_INPUT = re.compile(r" *\$? *([0-9]{1,9})(?:\.([0-9]{1,6}))? *")
+
+
+def format_usd(micros: int, exact: bool = False) -> str:
+    """Money for people: rounded to the cent, 4668800 → '$4.67', -1234567 → '-$1.23'.
+
+    Half a cent rounds away from zero (4665000 → '$4.67', -4665000 → '-$4.67'), so a debit
+    and a credit of the same size show the same digits; an amount that rounds to zero shows
+    no sign. `exact` gives all six decimals, -1234567 → '-$1.234567', for where the exact
+    amount matters (ledger detail, a tooltip). Integer arithmetic only; the JSON API never
+    uses this (its money is the *_micros integers).
+    """
+    if exact:
+        whole, fraction = divmod(abs(micros), MICROS_PER_USD)
+        return f"{'-' if micros < 0 else ''}${whole:,}.{fraction:06d}"
+    cents = (abs(micros) + MICROS_PER_CENT // 2) // MICROS_PER_CENT
+    whole, fraction = divmod(cents, 100)
+    return f"{'-' if micros < 0 and cents else ''}${whole:,}.{fraction:02d}"
+
+
+def usd_input_value(micros: int) -> str:
+    """An amount as a form field holds it (no sign, '$' or separators): '5.00', or all six
+    decimals when it is not whole cents, so saving a form unchanged keeps the exact amount."""
+    assert micros >= 0, micros
+    whole, fraction = divmod(micros, MICROS_PER_USD)
+    return f"{whole}.{fraction // MICROS_PER_CENT:02d}" if fraction % MICROS_PER_CENT == 0 else f"{whole}.{fraction:06d}"
+
+
+def parse_usd(text: str) -> int | None:
+    """What a person types for an amount ('25', '25.5', '$25.50', up to six decimals) in
+    micro-USD; None if it is not a plain non-negative amount. The inverse of format_usd."""
+    match = USD_INPUT.fullmatch(text)
+    if match is None:
+        return None
+    whole, fraction = match.group(1), (match.group(2) or "").ljust(6, "0")
+    return int(whole) * MICROS_PER_USD + int(fraction)
 
 
 def decision_view(decision: dict) -> dict:
@@ -164,3 +195,10 @@ def usage_groups_view(groups: list[UsageGroup], group_by: str) -> list[dict]:
         total = views[0] if views else {"memory_mb_ms": 0, "cpu_ms": 0, "disk_mb_ms": 0}
         views = [{"meter": meter, "quantity": total[column], "unit": unit} for meter, column, unit in METER_UNITS]
     return views
+
+
+def org_row_view(row: OrgRow, shard: int) -> dict:
+    """An org as GET /v1/orgs lists it: what Postgres keeps of it, and the shard that holds it
+    (its money lives in the shard's memory and the journal; GET /v1/orgs/{id} shows that)."""
+    return {"org_id": row.org_id, "email": row.email, "billing_mode": row.billing_mode, "shard": shard,
+            "created_at": us_to_rfc3339(row.created_us)}

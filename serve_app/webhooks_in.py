@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Mapping
+from contextlib import contextmanager
+from typing import Annotated, Iterator, Mapping
 
 import msgspec
 import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
+from actors import metrics
 from actors.commands import fingerprint
 from actors.refusals import Refusal
 from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, nests_deeper_than, not_json
@@ -65,11 +67,24 @@ def verify(secret: str, body: bytes, headers: Mapping[str, str]) -> str:
     return message_id
 
 
+@contextmanager
+def _refusals_counted(source: str) -> Iterator[None]:
+    """Count a webhook refused for its signature or its timestamp (a forged or replayed
+    delivery, or a secret that differs from the sender's); other refusals are the body's."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.code == "invalid_signature":
+            metrics.webhook_refused(source)
+        raise
+
+
 async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict]:
     secret = ctx.settings.svix_webhook_secret
     if not secret:
         raise ApiError(503, "svix_not_configured", "METERGATE_SVIX_WEBHOOK_SECRET is not set on this server")
-    message_id = verify(secret, body, headers)
+    with _refusals_counted(SOURCE):
+        message_id = verify(secret, body, headers)
     seen = await _seen(ctx, SOURCE, message_id)
     if seen is not None:
         return seen
@@ -151,7 +166,8 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     if not secret:
         raise ApiError(503, "stripe_not_configured", "METERGATE_STRIPE_WEBHOOK_SECRET is not set on this server")
     # Real time, not the service clock: the signature's timestamp is Stripe's transport time.
-    event = verify_stripe(secret, body, headers.get("stripe-signature"), int(time.time()))
+    with _refusals_counted("stripe"):
+        event = verify_stripe(secret, body, headers.get("stripe-signature"), int(time.time()))
     seen = await _seen(ctx, "stripe", event["id"])
     if seen is not None:
         return seen

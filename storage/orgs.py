@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import asyncpg
+
+from storage.times import dt_to_us
 
 
 async def exists(conn: asyncpg.Connection, org_id: str) -> bool:
     return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM orgs WHERE org_id = $1)", org_id)
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRow:
+    org_id: str
+    email: str
+    billing_mode: str
+    slot: int
+    created_us: int
+
+
+async def page(conn: asyncpg.Connection, after: str | None, limit: int) -> list[OrgRow]:
+    """Orgs in org_id order, those after `after` (None: from the first); up to `limit` of them.
+    Every org id is at least one character long, so '' stands for "from the first" and the
+    primary key's index serves the range."""
+    rows = await conn.fetch(
+        "SELECT org_id, email, billing_mode, slot, created_at FROM orgs"
+        " WHERE org_id > $1 ORDER BY org_id LIMIT $2", after or "", limit)
+    return [OrgRow(r["org_id"], r["email"], r["billing_mode"], r["slot"], dt_to_us(r["created_at"])) for r in rows]
+
+
+async def ids_in_slots(conn: asyncpg.Connection, slots: list[int], after: str | None, limit: int) -> list[str]:
+    """The ids of the orgs in these slots (one shard's), in org_id order, after `after`."""
+    rows = await conn.fetch("SELECT org_id FROM orgs WHERE slot = ANY($1::int[]) AND org_id > $2"
+                            " ORDER BY org_id LIMIT $3", slots, after or "", limit)
+    return [r["org_id"] for r in rows]

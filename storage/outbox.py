@@ -69,3 +69,13 @@ async def mark(conn: asyncpg.Connection, marks: list[tuple[int, str, int, str | 
         " FROM unnest($1::int8[], $2::text[], $3::int[], $4::text[], $5::timestamptz[])"
         " AS m(id, status, attempts, error, retry_at) WHERE o.id = m.id",
         ids, statuses, attempts, errors, [us_to_dt(t) for t in times])
+
+
+async def waiting_and_dead(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(events waiting to be delivered, dead letters): the outbox's gauges. A scan of the
+    table (no index holds the dead ones), so the scheduler counts every few seconds, not per
+    delivery run."""
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE status = 'pending') AS pending,"
+        " count(*) FILTER (WHERE status = 'dead') AS dead FROM outbox")
+    return row["pending"], row["dead"]

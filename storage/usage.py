@@ -41,3 +41,26 @@ async def lease_ms_by_month(conn: asyncpg.Connection, org_id: str) -> dict[str, 
         "SELECT to_char(minute AT TIME ZONE 'UTC', 'YYYY-MM') AS month, sum(duration_ms)::int8 AS ms"
         " FROM usage_rollups WHERE org_id = $1 GROUP BY 1", org_id)
     return {r["month"]: r["ms"] for r in rows}
+
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseCost:
+    lease_id: str
+    duration_ms: int  # lease time
+    ticks: int
+    cost_nanos: int
+
+
+async def lease_costs(conn: asyncpg.Connection, org_id: str, from_us: int, to_us: int,
+                      limit: int) -> tuple[list[LeaseCost], int]:
+    """The costliest leases of a window, most first, at most `limit`, and how many leases the
+    window has in all."""
+    rows = await conn.fetch(
+        "SELECT lease_id, sum(duration_ms)::int8 AS lease_ms, sum(ticks)::int8 AS lease_ticks,"
+        " sum(cost_nanos)::int8 AS lease_nanos, count(*) OVER ()::int8 AS leases"
+        " FROM usage_rollups WHERE org_id = $1 AND minute >= $2 AND minute < $3"
+        " GROUP BY lease_id ORDER BY lease_nanos DESC, lease_id LIMIT $4",
+        org_id, optional_dt(from_us), optional_dt(to_us), limit)
+    return ([LeaseCost(r["lease_id"], r["lease_ms"], r["lease_ticks"], r["lease_nanos"]) for r in rows],
+            rows[0]["leases"] if rows else 0)

@@ -90,6 +90,8 @@ def service(tmp_path_factory, receiver):
             webhook_secret=OUTBOUND_SECRET,
             webhook_backoff_s=1,
             webhook_max_attempts=4,
+            dashboard=False,  # its processes cost CPU the tests need; tests/test_metrics.py scrapes instead
+            metrics_port=free_port(),
         )
         running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
         try:

@@ -55,6 +55,26 @@ def test_the_charge_is_sized_to_get_back_above_the_threshold_in_whole_cents():
     assert charge.amount_micros % 10_000 == 0
 
 
+def test_a_refund_right_after_the_charge_was_asked_for_makes_the_unsent_charge_bigger():
+    """Regression (found by the stateful test): a refund after time passed first lets the
+    org's clock ask for a charge sized to the balance before the refund, then takes the
+    money. The charge has not gone out (charges start after their commit), so it must ask
+    for enough to get back above the threshold from the balance after the refund."""
+    org, _ = armed(threshold=4 * US, amount=500_000, cooldown_s=60)
+    spend(org, 1_500_000, T0 + US)  # 3.5 USD: under the threshold; the first charge is asked for
+    org.settle_recharge("ar_1", True, org.pending_charge().amount_micros, "pi_1", None, T0 + 2 * US,
+                        Effects())  # back above 4 USD
+    spend(org, 20_000, T0 + 3 * US)  # just under 4 USD again, within the cooldown: nothing asked
+    assert org.pending_charge() is None and org.balance_micros < 4 * US
+    fx = Effects()
+    later = T0 + 3_600 * US
+    org.debit("refund", org.balance_micros, None, later, fx)  # the whole balance, an hour later
+    (charge,) = fx.charges
+    assert org.balance_micros == 0
+    assert org.balance_micros + charge.amount_micros > 4 * US  # not the 0.5 USD asked before the refund
+    assert charge.amount_micros == org.pending_charge().amount_micros == 4 * US + 10_000
+
+
 def test_enabling_with_the_balance_under_the_threshold_arms_once():
     org, _ = make_org()
     fx = Effects()

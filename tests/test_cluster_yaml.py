@@ -1,11 +1,15 @@
-"""cluster.yaml must pass Ray's own cluster-launcher preparation and schema validation."""
+"""cluster.yaml and serve_config.yaml must pass Ray's own validation: the cluster launcher's
+preparation and schema, Serve's deploy schema and autoscaling config."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
+import click
 import jsonschema
+import pydantic
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -31,3 +35,93 @@ def test_ray_validation_rejects_a_broken_cluster_yaml():
     broken["max_wrokers"] = 3
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_has_an_autoscaling_worker_group_and_gives_every_node_the_settings():
+    prepared = prepare_config(load())
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] == "head" and types["head"]["max_workers"] == 0
+    worker = types["worker"]
+    assert 1 <= worker["min_workers"] < worker["max_workers"] <= prepared["max_workers"]
+    assert worker["resources"]["CPU"] >= 1
+    # The same METERGATE_* environment in every Ray process (the builder of serve_config.yaml
+    # reads it wherever it runs), and the cluster-wide HAProxy switch stays on.
+    assert prepared["file_mounts"]["~/metergate.env"] == ".metergate/cluster.env"
+    for commands in (prepared["head_start_ray_commands"], prepared["worker_start_ray_commands"]):
+        (start,) = [c for c in commands if " start " in c]
+        assert start.index(". ~/metergate.env") < start.index("ray start")
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1" in start
+
+
+def test_the_on_prem_variant_the_file_describes_validates_too():
+    # Ray's on-prem provider has a single node type: no available_node_types, hosts listed.
+    on_prem = {k: v for k, v in load().items() if k not in ("available_node_types", "head_node_type")}
+    on_prem["provider"] = {"type": "local", "head_ip": "10.0.0.10", "worker_ips": ["10.0.0.11", "10.0.0.12"]}
+    validate_config(prepare_config(on_prem))
+    # ... and refuses node types, which is why cluster.yaml itself names a cloud provider.
+    refused = {**load(), "provider": on_prem["provider"]}
+    with pytest.raises(click.ClickException):
+        prepare_config(refused)
+
+
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+
+
+def serve_config() -> dict:
+    return yaml.safe_load(SERVE_CONFIG.read_text())
+
+
+def test_serve_config_passes_serve_validation_and_names_what_the_code_has():
+    from ray.serve._private.utils import import_attr
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.launch import APP_NAME
+
+    config = ServeDeploySchema.model_validate(serve_config())
+    (application,) = config.applications
+    assert application.name == APP_NAME and application.route_prefix == "/"
+    builder = import_attr(application.import_path)
+    assert callable(builder) and len(inspect.signature(builder).parameters) == 1  # Serve's builder contract
+    deployments = {d.name: d for d in application.deployments}
+    from serve_app.deployment import Ingress
+
+    assert set(deployments) == {Ingress.name}
+    # Serve checks autoscaling_config only when the controller applies it, and ignores a key
+    # it does not know: both are checked here.
+    autoscaling = serve_config()["applications"][0]["deployments"][0]["autoscaling_config"]
+    unknown = set(autoscaling) - set(AutoscalingConfig.model_fields)
+    assert not unknown, f"keys Serve would ignore: {unknown}"
+    checked = AutoscalingConfig(**autoscaling)
+    assert 1 <= checked.min_replicas < checked.max_replicas
+    assert 0 < checked.target_ongoing_requests < Ingress.max_ongoing_requests
+
+
+def test_serve_validation_rejects_a_broken_serve_config():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    broken = serve_config()
+    broken["applications"][0]["deployments"][0]["num_replicas"] = 3  # fixed and autoscaled at once
+    with pytest.raises(pydantic.ValidationError):
+        ServeDeploySchema.model_validate(broken)
+    inverted = {**serve_config()["applications"][0]["deployments"][0]["autoscaling_config"], "min_replicas": 99}
+    with pytest.raises(pydantic.ValidationError):
+        AutoscalingConfig(**inverted)
+
+
+def test_the_application_builder_refuses_what_a_cluster_cannot_run(monkeypatch):
+    from config.settings import SettingsError
+    from serve_app.deployment import app
+
+    for name in ("DATABASE_URL", "SERVICE_TOKEN", "ADMIN_TOKEN", "ORG_TOKEN_SECRET"):
+        monkeypatch.delenv(f"METERGATE_{name}", raising=False)
+    monkeypatch.setenv("METERGATE_ADMIN_TOKEN", "an-admin-token-0123456789")
+    # No embedded Postgres and no generated tokens: the builder may run on any node.
+    with pytest.raises(SettingsError) as refused:
+        app({})
+    message = str(refused.value)
+    assert all(f"METERGATE_{name}" in message for name in ("DATABASE_URL", "SERVICE_TOKEN", "ORG_TOKEN_SECRET"))
+    assert "METERGATE_ADMIN_TOKEN" not in message
+    with pytest.raises(ValueError, match="takes no args"):
+        app({"shards": 4})

@@ -61,6 +61,8 @@ from actors.org import (
 from actors.timeutil import US_PER_S, rfc3339_to_us
 from config.catalog import load_catalog
 from config.settings import DEFAULT_CATALOG
+from metergate_client.decision import ACTIONS, decide
+from metergate_client.projection import RECORD_DECODER, RECORD_ENCODER, ViewRecord
 
 CATALOG = load_catalog(DEFAULT_CATALOG)
 ORG_ID = "org_prop"
@@ -310,6 +312,22 @@ class OrgLedgerMachine(RuleBasedStateMachine):
             assert all(l.expires_at_us > self.now for l in (self.org.leases or {}).values())
             assert all(g.expires_at_us is None or g.expires_at_us > self.now
                        for g in self.org.grants or ())
+
+    @rule(data=st.data())
+    def the_published_view_decides_as_the_org_would(self, data):
+        """The gate view a shard would publish now, sent over the wire, decides at any instant
+        before it expires exactly what the org itself decides then: for every action and
+        resource shape (the equivalence GateClient and the ingress rely on)."""
+        until = self.org.gate_view_until(self.now)
+        record = ViewRecord(ORG_ID, 0, 1, 1, until, self.org.gate_view(self.now))
+        view = RECORD_DECODER.decode(RECORD_ENCODER.encode(record)).view
+        assert view == record.view
+        last = (until - 1 if until is not None else self.now + 400 * 86_400 * US_PER_S) - self.now
+        assert last >= 0
+        at = self.now + data.draw(st.one_of(st.just(0), st.just(last), st.integers(0, last)), label="offset_us")
+        for action in ACTIONS:
+            for resources in RESOURCE_CHOICES + (Resources(),):
+                assert decide(action, resources, view) == self.org.gate(action, resources, at), (action, resources)
 
     @rule(enabled=st.booleans(), threshold=st.sampled_from((0, 1_000_000, 4_000_000, 50_000_000)),
           amount=st.sampled_from((500_000, 10_000_000)), per_day=st.integers(1, 3),

@@ -22,8 +22,10 @@ def test_an_org_token_opens_its_own_billing_page_by_header_or_link(service, admi
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "$7.50" in page.text  # 5.00 signup + 2.50 grant
     assert "&lt;script&gt;" in page.text and "<script>alert" not in page.text
-    with httpx.Client(base_url=service.base_url, timeout=30) as browser:
-        assert browser.get(f"/billing/{org}", params={"token": token}).status_code == 200
+    with httpx.Client(base_url=service.base_url, timeout=30, follow_redirects=True) as browser:
+        page = browser.get(f"/billing/{org}", params={"token": token})  # a link: on to the page, token in a cookie
+        assert page.status_code == 200 and page.url.path == f"/billing/{org}" and not page.url.query
+        assert token not in page.text
     assert admin.get(f"/billing/{org}").status_code == 200
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,8 @@ import httpx
 import psutil
 import pytest
 
+from config.settings import Settings
+from serve_app.launch import haproxy_dir
 from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +40,7 @@ class Service:
         env.update(METERGATE_DATA_DIR=str(data_dir), METERGATE_HTTP_PORT=str(port), METERGATE_SHARDS="1",
                    METERGATE_ADMIN_TOKEN=ADMIN, METERGATE_SERVICE_TOKEN=SERVICE)
         self.url = f"http://127.0.0.1:{port}"
+        self.port = port
         self.data_dir = data_dir
         self.log = log
         self.log_from = log.stat().st_size if log.exists() else 0  # this run's output starts here
@@ -83,6 +87,16 @@ class Service:
                     left.append(" ".join(proc.info["cmdline"] or [])[:120])
             except (ProcessLookupError, PermissionError):
                 continue
+        haproxy = str(haproxy_dir(Settings(data_dir=self.data_dir))) + os.sep  # Serve's, which can outlive Ray
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(arg.startswith(haproxy) for arg in proc.info["cmdline"] or ()):
+                left.append(f"haproxy pid {proc.pid}")
+        with socket.socket() as sock:  # as a server binds it: SO_REUSEADDR
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", self.port))
+            except OSError:
+                left.append(f"port {self.port} still held")
         postmaster = self.data_dir / "pg" / "postmaster.pid"
         if postmaster.exists():
             pid = int(postmaster.read_text().split()[0])

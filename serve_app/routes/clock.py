@@ -29,6 +29,7 @@ def routes(ctx: Context) -> APIRouter:
         body = parse_model(ClockAdvanceBody, await request.body())
         result = await ctx.jobs().advance_clock.remote(body.seconds)
         clock.set_offset_us(result["offset_us"])
+        await ctx.router.caught_up()  # gate checks after this answer see what the jump changed
         return json({"now": us_to_rfc3339(now_us()), "now_us": now_us(),
                      "offset_s": result["offset_us"] // 1_000_000, "ran": result["ran"]})
 

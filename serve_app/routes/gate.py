@@ -3,41 +3,59 @@ POST /v1/usage."""
 
 from __future__ import annotations
 
+import msgspec
 from fastapi import APIRouter, Request, Response
 
 from actors import commands as cmd
 from serve_app import openapi
 from serve_app.bodies import GATE_DECODER, decode, decode_gate_checks, resources_of
-from serve_app.compute import record_usage, release_lease, take_lease
+from serve_app.compute import current_view, record_usage, release_lease, take_lease
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, api_error_of, item_error, raise_for_shard_error
 from serve_app.params import LeasePath, OrgPath
 from serve_app.views import decision_view, lease_view
 
+to_builtins = msgspec.to_builtins
+
+
+async def gate_answer(ctx: Context, raw_body: bytes) -> dict:
+    """POST /v1/gate's answer; raises the ApiError of a refusal."""
+    body = decode(GATE_DECODER, raw_body)
+    result = await ctx.router.gate(body.org_id, body.action, resources_of(body))
+    if isinstance(result, dict):
+        raise_for_shard_error(result)
+    return decision_view(to_builtins(result))
+
+
+async def gate_batch_answer(ctx: Context, raw_body: bytes) -> dict:
+    """POST /v1/gate/batch's answer: up to 1,000 checks, each decision exactly what POST
+    /v1/gate answers for its body, and a bad item gets its own error in its place."""
+    checks = decode_gate_checks(raw_body)
+    decisions: list[dict | None] = [item_error(c) if isinstance(c, ApiError) else None for c in checks]
+    valid = [(index, (c.org_id, c.action, resources_of(c))) for index, c in enumerate(checks)
+             if not isinstance(c, ApiError)]
+    answers = await ctx.router.gate_many([check for _, check in valid]) if valid else []
+    for (index, _), answer in zip(valid, answers):
+        decisions[index] = (item_error(api_error_of(answer["error"])) if isinstance(answer, dict)
+                            else decision_view(to_builtins(answer)))
+    return {"decisions": decisions}
+
+
 def routes(ctx: Context) -> APIRouter:
     router = APIRouter()
 
+    # serve_app/hot_path.py answers these two before the framework does when it can.
     @router.post("/v1/gate", tags=["gate"], openapi_extra=openapi.GATE)
     async def gate(request: Request) -> Response:
         ctx.service(request)
-        body = decode(GATE_DECODER, await request.body())
-        result = raise_for_shard_error(await ctx.router.gate(body.org_id, body.action, resources_of(body)))
-        return json(decision_view(result))
+        return json(await gate_answer(ctx, await request.body()))
 
     @router.post("/v1/gate/batch", tags=["gate"], openapi_extra=openapi.GATE_BATCH)
     async def gate_batch(request: Request) -> Response:
         """Up to 1,000 checks in one request; each decision is exactly what POST /v1/gate
         answers for its body, and a bad item gets its own error in its place."""
         ctx.service(request)
-        checks = decode_gate_checks(await request.body())
-        decisions: list[dict | None] = [item_error(c) if isinstance(c, ApiError) else None for c in checks]
-        valid = [(index, (c.org_id, c.action, resources_of(c))) for index, c in enumerate(checks)
-                 if not isinstance(c, ApiError)]
-        answers = await ctx.router.gate_many([check for _, check in valid]) if valid else []
-        for (index, _), answer in zip(valid, answers):
-            error = answer.get("error")
-            decisions[index] = item_error(api_error_of(error)) if error is not None else decision_view(answer)
-        return json({"decisions": decisions})
+        return json(await gate_batch_answer(ctx, await request.body()))
 
     @router.post("/v1/leases", tags=["gate"], openapi_extra=openapi.LEASE)
     async def take_lease_route(request: Request) -> Response:
@@ -49,7 +67,7 @@ def routes(ctx: Context) -> APIRouter:
     async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         result = raise_for_shard_error(await ctx.router.command(org_id, cmd.RenewLease(lease_id)))
-        return json({"org_id": org_id, **lease_view(result["lease"])})
+        return json({"org_id": org_id, **lease_view(result["lease"]), **current_view(ctx, org_id)})
 
     @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204)
     async def release_lease_route(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:

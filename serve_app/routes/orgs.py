@@ -1,22 +1,28 @@
-"""Organizations (admin token; auto-recharge also with the org's own token): create, read,
-credit, plan, tier, limits, auto-recharge, halt and resume, org tokens."""
+"""Organizations (admin token; auto-recharge also with the org's own token): create, list,
+read, credit, plan, tier, limits, auto-recharge, halt and resume, org tokens."""
 
 from __future__ import annotations
+
+import re
 
 from fastapi import APIRouter, Request, Response
 
 from actors import commands as cmd
 from actors.clock import now_us
-from actors.org import MICROS_PER_CENT
+from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from serve_app.bodies import (AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody, PlanBody, TierBody, TokenBody,
                               body_schema, parse_model)
-from serve_app.calls import org_state, require_org, state_command
+from serve_app.calls import auto_recharge_command, org_state, require_org, state_command
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, raise_for_shard_error
 from serve_app.idempotency import idempotent, request_hash
 from serve_app.params import OrgPath
-from serve_app.views import entry_view, org_view
+from serve_app.views import entry_view, org_row_view, org_view
+from storage import orgs
+
+MAX_ORG_PAGE = 500
+MAX_ID_CHARS = 128
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -39,6 +45,21 @@ def routes(ctx: Context) -> APIRouter:
             return json(org_view(result["state"]), 201 if result["created"] else 200)
 
         return await idempotent(ctx, request, run)
+
+    @router.get("/v1/orgs")
+    async def list_orgs(request: Request, cursor: str | None = None, limit: int = 100) -> Response:
+        """Every org, in org_id order, a page at a time: `next_cursor` (the last org_id of the
+        page) asks for the next. Rows from Postgres; balances are in `GET /v1/orgs/{org_id}`."""
+        ctx.admin(request)
+        if not 1 <= limit <= MAX_ORG_PAGE:
+            raise ApiError(422, "invalid_request", f"limit must be between 1 and {MAX_ORG_PAGE}", field="limit")
+        if cursor and not (len(cursor) <= MAX_ID_CHARS and re.fullmatch(ID_PATTERN, cursor)):
+            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
+        async with (await ctx.db()).acquire() as conn:
+            rows = await orgs.page(conn, cursor or None, limit + 1)
+        next_cursor = rows[limit - 1].org_id if len(rows) > limit else None
+        return json({"orgs": [org_row_view(row, ctx.router.shard_of(row.org_id)) for row in rows[:limit]],
+                     "next_cursor": next_cursor, "has_more": next_cursor is not None})
 
     @router.get("/v1/orgs/{org_id}")
     async def get_org(org_id: OrgPath, request: Request) -> Response:
@@ -103,17 +124,7 @@ def routes(ctx: Context) -> APIRouter:
         threshold charges, at most once per cooldown and `max_per_day` times a UTC day."""
         ctx.org_or_admin(request, org_id)
         body = parse_model(AutoRechargeBody, await request.body())
-        if not body.enabled:
-            return await state_command(ctx, request, org_id, cmd.SetAutoRecharge(False))
-        for name in ("threshold_micros", "amount_micros"):
-            if getattr(body, name) is None:
-                raise ApiError(422, "invalid_request", f"{name} is required to enable auto-recharge", field=name)
-        if body.amount_micros % MICROS_PER_CENT:
-            raise ApiError(422, "invalid_amount", "amount_micros must be a whole number of cents",
-                           field="amount_micros")
-        return await state_command(ctx, request, org_id, cmd.SetAutoRecharge(
-            True, body.threshold_micros, body.amount_micros, body.max_per_day,
-            ctx.settings.auto_recharge_cooldown_s))
+        return await state_command(ctx, request, org_id, auto_recharge_command(ctx, body))
 
     @router.post("/v1/orgs/{org_id}/halt")
     async def halt(org_id: OrgPath, request: Request) -> Response:

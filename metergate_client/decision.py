@@ -1,8 +1,10 @@
 """The gate: may an org do an action now? A pure function of the few facts it reads.
 
-The shard asks it of an org in memory; a gateway is to ask it of the gate view it holds
-(DESIGN.md, gate projection). So `decide` reads a GateView, never the org, and answers a
-reason, never an HTTP status: the edge maps reasons to statuses.
+One function for everyone who decides: the ingress answers POST /v1/gate with it from the
+views its shards publish, and a gateway's GateClient answers from the same views in its own
+process (DESIGN.md, gate projection). So `decide` reads a GateView, never the org, and
+answers a reason, never an HTTP status: the edge maps reasons to statuses. It lives in the
+client package, which needs neither Ray nor the server, so that there is one copy of it.
 """
 
 from __future__ import annotations
@@ -71,34 +73,46 @@ class GateView(msgspec.Struct, frozen=True):
 
 
 def decide(action: str, resources: Resources, view: GateView) -> Decision:
-    assert action in ACTIONS, action
+    """The decision for `action` ("create", "wake", "ingest" or "purchase"). Called for every
+    gate check of every gateway, so it is written flat: one reason, then one Decision."""
+    reason = _reason(action, resources, view)
+    if reason is Reason.OK:
+        return Decision(True, reason, view.balance_micros, view.active_leases, view.max_concurrent)
+    if reason is Reason.RESOURCE_LIMIT:
+        return Decision(False, reason, view.balance_micros, view.active_leases, view.max_concurrent,
+                        **_resource_deny(resources, view))
+    return Decision(False, reason, view.balance_micros, view.active_leases, view.max_concurrent)
 
-    def answer(reason: Reason, **detail: int | str) -> Decision:
-        return Decision(reason == Reason.OK, reason, view.balance_micros, view.active_leases,
-                        view.max_concurrent, **detail)
 
+def _reason(action: str, resources: Resources, view: GateView) -> Reason:
     if view.suspended:
-        return answer(Reason.SUSPENDED)
+        return Reason.SUSPENDED
     if action == "purchase":
-        return answer(Reason.DEGRADED if view.degraded else Reason.OK)
-    if view.halted == HaltCause.ADMIN:
-        return answer(Reason.HALTED)
+        return Reason.DEGRADED if view.degraded else Reason.OK
+    if action not in _CHECKED:
+        raise ValueError(f"no such action: {action!r}")
+    halted = view.halted
+    if halted is HaltCause.ADMIN:
+        return Reason.HALTED
     # A balance halt is lifted by the next mutation once money or new quota exists; a
     # read-only gate must not deny in the meantime (e.g. right after a period starts).
     funded = view.balance_micros + view.quota_remaining_micros > 0
-    if view.halted == HaltCause.BALANCE and not funded:
-        return answer(Reason.NO_PAYMENT_METHOD if action == "create" and view.needs_card else Reason.HALTED)
-    if not funded and not view.overdraws:
-        if action == "create" and view.needs_card:
-            return answer(Reason.NO_PAYMENT_METHOD)
-        return answer(Reason.QUOTA_EXCEEDED if view.included_micros > 0 else Reason.INSUFFICIENT_BALANCE)
-    if action in ("create", "wake"):
-        denied = _resource_deny(resources, view)
-        if denied is not None:
-            return answer(Reason.RESOURCE_LIMIT, **denied)
+    if not funded:
+        if halted is HaltCause.BALANCE:
+            return Reason.NO_PAYMENT_METHOD if action == "create" and view.needs_card else Reason.HALTED
+        if not view.overdraws:
+            if action == "create" and view.needs_card:
+                return Reason.NO_PAYMENT_METHOD
+            return Reason.QUOTA_EXCEEDED if view.included_micros > 0 else Reason.INSUFFICIENT_BALANCE
+    if action != "ingest":  # create, wake: what they would hold
+        if resources.disk_mb > view.max_disk_mb or (view.machine_quotas and _resource_deny(resources, view)):
+            return Reason.RESOURCE_LIMIT
         if view.active_leases + resources.quantity > view.max_concurrent:
-            return answer(Reason.CONCURRENCY_LIMIT)
-    return answer(Reason.OK)
+            return Reason.CONCURRENCY_LIMIT
+    return Reason.OK
+
+
+_CHECKED = frozenset({"create", "wake", "ingest"})
 
 
 def _resource_deny(resources: Resources, view: GateView) -> dict | None:

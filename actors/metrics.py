@@ -1,0 +1,192 @@
+"""metergate's metrics: every series, its tags, and the few calls that record them.
+
+Ray exports them (ray.util.metrics) on each node's Prometheus endpoint, named `ray_` + the
+name here (a counter also gets `_total`), with Ray's own tags added (WorkerId, NodeAddress,
+SessionName...): a gauge of one process is told apart from another's by WorkerId.
+
+Tags are a shard, a reason, a source, an outcome: small, fixed sets. Never an org: one series
+per org would swamp Prometheus at 100k orgs, and would show whoever can scrape who the
+customers are. `README.md`, "Metrics", lists the series.
+
+Ray registers a metric with the process that creates it, so the metric objects are made on
+first use in the process that records (a shard, an ingress replica, the scheduler), never at
+import: the driver that imports this module to start the service makes none. A record costs
+a couple of µs; hot paths record once per commit, per batch or per request, never per tick or
+per org.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from functools import cache
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_MS_BOUNDS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000]
+ITEMS_BOUNDS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000]
+TICKS_BOUNDS = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000]
+FEED_LAG_MS_BOUNDS = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000]
+
+
+class Series:
+    """Every metergate series, as this process records them (one instance: series())."""
+
+    def __init__(self) -> None:
+        # The ingress (and the billing page): each gate answer.
+        self.gate_decisions = Counter(
+            "metergate_gate_decisions",
+            "Gate answers by reason (a refusal code when no decision was made), action, and source: "
+            "local (the ingress's projection) or shard (asked the org's shard)",
+            tag_keys=("reason", "action", "source"))
+        # Shards: the commit loop.
+        self.ticks = Counter(
+            "metergate_ticks", "Usage ticks answered by a shard after their commit, by outcome: "
+            "accepted (billed), duplicate (tick id seen before), rejected (unknown org, wrong shard, unknown unit)",
+            tag_keys=("shard", "outcome"))
+        self.commit_items = Histogram(
+            "metergate_commit_items", "Requests (commands and usage batches) per group commit",
+            boundaries=ITEMS_BOUNDS, tag_keys=("shard",))
+        self.commit_ticks = Histogram(
+            "metergate_commit_ticks", "Usage ticks per group commit", boundaries=TICKS_BOUNDS, tag_keys=("shard",))
+        self.commit_latency_ms = Histogram(
+            "metergate_commit_latency_ms", "A group commit, from loading its orgs to answering its callers, in ms",
+            boundaries=LATENCY_MS_BOUNDS, tag_keys=("shard",))
+        # Shards: what is in memory (set at housekeeping, about every second).
+        self.orgs_loaded = Gauge("metergate_orgs_loaded", "Orgs in a shard's memory", tag_keys=("shard",))
+        self.leases_active = Gauge(
+            "metergate_leases_active", "Active leases (by quantity) of the orgs in a shard's memory, "
+            "as of each org's last commit", tag_keys=("shard",))
+        self.snapshot_lag_orgs = Gauge(
+            "metergate_snapshot_lag_orgs", "Orgs in memory with journal entries not yet behind a snapshot",
+            tag_keys=("shard",))
+        self.snapshot_lag_entries = Gauge(
+            "metergate_snapshot_lag_entries", "Journal entries a restart of the shard would replay "
+            "(the tails of its orgs in memory)", tag_keys=("shard",))
+        self.views_published = Counter(
+            "metergate_views_published", "Gate views a shard published to its feed", tag_keys=("shard",))
+        # The scheduler: outbound webhooks.
+        self.outbox_backlog = Gauge("metergate_outbox_backlog", "Outbound webhook events waiting to be delivered")
+        self.outbox_dead = Gauge("metergate_outbox_dead", "Outbound webhook events given up (dead letters)")
+        self.outbox_deliveries = Counter(
+            "metergate_outbox_deliveries", "Delivery attempts of outbound webhook events, by outcome: "
+            "delivered, failed (retried later), dead", tag_keys=("outcome",))
+        # The edge and the chargers.
+        self.webhook_verification_failures = Counter(
+            "metergate_webhook_verification_failures", "Inbound webhooks refused for their signature or timestamp",
+            tag_keys=("source",))
+        self.stripe_errors = Counter(
+            "metergate_stripe_errors", "Stripe calls that failed, by caller (self_serve, auto_recharge, "
+            "meter_events) and error (the stripe-python exception class)", tag_keys=("call", "error"))
+        self.feed_streams = Gauge(
+            "metergate_feed_streams", "Open GET /v1/gate/feed streams of an ingress replica")
+        self.feed_lag_ms = Histogram(
+            "metergate_feed_lag_ms", "Age of a shard's knowledge in each heartbeat a feed stream sends, in ms",
+            boundaries=FEED_LAG_MS_BOUNDS, tag_keys=("shard",))
+
+
+@cache
+def series() -> Series:
+    """This process's series, made on first use."""
+    return Series()
+
+
+# ----- the ingress ---------------------------------------------------------------------------
+
+
+def gate_decided(reason: str, action: str, source: str) -> None:
+    """One gate answer. source: local (from the projection) or shard (asked the org's shard)."""
+    series().gate_decisions.inc(1, {"reason": str(reason), "action": action, "source": source})
+
+
+def gates_decided(decided: Tally) -> None:
+    """A batch of gate answers, as a tally of (reason, action, source): one record per kind."""
+    counter = series().gate_decisions
+    for (reason, action, source), count in decided.items():
+        counter.inc(count, {"reason": str(reason), "action": action, "source": source})
+
+
+class FeedMetrics:
+    """An ingress replica's feed streams: how many are open, and the lag their heartbeats report."""
+
+    def __init__(self) -> None:
+        self.open_streams = 0
+        self.shard_tags: list[dict[str, str]] = []
+
+    def opened(self) -> None:
+        self.open_streams += 1
+        series().feed_streams.set(self.open_streams)
+
+    def closed(self) -> None:
+        self.open_streams -= 1
+        series().feed_streams.set(self.open_streams)
+
+    def heartbeat(self, age_ms: list[int]) -> None:
+        """A heartbeat went out. The stream count is set again too: Ray drops a gauge that is
+        not set for a while, and a stream may stay open for days."""
+        while len(self.shard_tags) < len(age_ms):
+            self.shard_tags.append({"shard": str(len(self.shard_tags))})
+        series().feed_streams.set(self.open_streams)
+        lag = series().feed_lag_ms
+        for tags, age in zip(self.shard_tags, age_ms):
+            lag.observe(age, tags)
+
+
+def webhook_refused(source: str) -> None:
+    series().webhook_verification_failures.inc(1, {"source": source})
+
+
+def stripe_failed(call: str, exc: BaseException) -> None:
+    series().stripe_errors.inc(1, {"call": call, "error": type(exc).__name__})
+
+
+# ----- the shards ----------------------------------------------------------------------------
+
+
+class ShardMetrics:
+    """What one shard records, tagged with its number."""
+
+    def __init__(self, shard: int) -> None:
+        self.tags = {"shard": str(shard)}
+        self.outcome_tags = {outcome: {"shard": str(shard), "outcome": outcome}
+                             for outcome in ("accepted", "duplicate", "rejected")}
+        self.views_reported = 0  # views published as of the last report
+
+    def commit(self, items: int, ticks: int, latency_ms: float, accepted: int, duplicates: int,
+               rejected: int) -> None:
+        """One group commit that went through."""
+        s, tags = series(), self.tags
+        s.commit_items.observe(items, tags)
+        s.commit_ticks.observe(ticks, tags)
+        s.commit_latency_ms.observe(latency_ms, tags)
+        for outcome, count in (("accepted", accepted), ("duplicate", duplicates), ("rejected", rejected)):
+            if count:
+                s.ticks.inc(count, self.outcome_tags[outcome])
+
+    def memory(self, orgs_loaded: int, leases_active: int, tail_orgs: int, tail_entries: int,
+               views_published: int) -> None:
+        """The shard's running totals (housekeeping: about every second, never per request)."""
+        s, tags = series(), self.tags
+        s.orgs_loaded.set(orgs_loaded, tags)
+        s.leases_active.set(leases_active, tags)
+        s.snapshot_lag_orgs.set(tail_orgs, tags)
+        s.snapshot_lag_entries.set(tail_entries, tags)
+        if views_published > self.views_reported:
+            s.views_published.inc(views_published - self.views_reported, tags)
+            self.views_reported = views_published
+
+
+# ----- the scheduler -------------------------------------------------------------------------
+
+
+def outbox_counted(pending: int, dead: int) -> None:
+    s = series()
+    s.outbox_backlog.set(pending)
+    s.outbox_dead.set(dead)
+
+
+def outbox_delivered(counts: dict[str, int]) -> None:
+    """One delivery run: attempts by outcome (delivered, failed, dead)."""
+    counter = series().outbox_deliveries
+    for outcome in ("delivered", "failed", "dead"):
+        if counts.get(outcome):
+            counter.inc(counts[outcome], {"outcome": outcome})

@@ -1,0 +1,106 @@
+"""A shard's gate-view feed: the latest published view of each of its orgs, in publish order.
+
+The shard publishes an org's view after each commit that touched it (and when it loads it),
+only if the view or its validity changed. Each publication takes the next sequence number of
+the shard and moves the org to the end of the log, so the log holds one record per org, ordered
+by seq: "what changed after seq s" is a suffix of it, and a reader that comes back after any
+time gets the latest view of every org that changed, never a gap. A restart of the shard
+starts a new epoch and an empty log: readers with an older epoch are told to resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+
+from actors.org import OrgBillingActor
+from metergate_client.projection import RECORD_ENCODER, ViewRecord
+
+MAX_RECORDS_PER_ANSWER = 5_000
+
+
+class ViewLog:
+    def __init__(self, shard: int, enabled: bool = True) -> None:
+        self.shard = shard
+        self.enabled = enabled  # off: nothing is published (settings.gate_views)
+        self.epoch = 0
+        self.seq = 0
+        # org → (seq, record, its JSON); insertion order is seq order.
+        self.records: dict[str, tuple[int, ViewRecord, bytes]] = {}
+        # When to look at an org's view again: (time, org_id) in a heap, and each org's time in
+        # `scheduled`. A view whose validity moves later (a tick renews a lease) keeps its
+        # entry, which is moved on when it comes up: one entry per org, not one per publish.
+        self.expiring: list[tuple[int, str]] = []
+        self.scheduled: dict[str, int] = {}
+        self.changed = asyncio.Event()
+
+    def start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def publish(self, org_id: str, org: OrgBillingActor, now_us: int) -> bool:
+        """Record the org's view as of now_us (committed state only); True if it changed."""
+        if not self.enabled:
+            return False
+        view, until = org.gate_view(now_us), org.gate_view_until(now_us)
+        known = self.records.get(org_id)
+        if known is not None and known[1].view == view and known[1].valid_until_us == until:
+            return False
+        self.seq += 1
+        record = ViewRecord(org_id, self.shard, self.epoch, self.seq, until, view)
+        if known is not None:
+            del self.records[org_id]  # to the end: the log stays in seq order
+        self.records[org_id] = (self.seq, record, RECORD_ENCODER.encode(record))
+        if until is not None:
+            self._schedule(org_id, until)
+        self.poke()
+        return True
+
+    def poke(self) -> None:
+        """Wake the readers waiting for a change (they answer with the shard's clock, which moved)."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def line(self, org_id: str) -> bytes | None:
+        known = self.records.get(org_id)
+        return known[2] if known is not None else None
+
+    def _schedule(self, org_id: str, at_us: int) -> None:
+        scheduled = self.scheduled.get(org_id)
+        if scheduled is None or at_us < scheduled:
+            self.scheduled[org_id] = at_us
+            heapq.heappush(self.expiring, (at_us, org_id))
+
+    def expired(self, now_us: int) -> list[str]:
+        """Orgs whose published view no longer holds by time: to publish again."""
+        due = []
+        while self.expiring and self.expiring[0][0] <= now_us:
+            at, org_id = heapq.heappop(self.expiring)
+            if self.scheduled.get(org_id) != at:
+                continue  # superseded by an earlier time
+            del self.scheduled[org_id]
+            known = self.records.get(org_id)
+            until = known[1].valid_until_us if known is not None else None
+            if until is not None and until <= now_us:
+                due.append(org_id)
+            elif until is not None:
+                self._schedule(org_id, until)  # it moved later since: look again then
+        return due
+
+    def after(self, seq: int) -> tuple[int, list[bytes]]:
+        """(the seq read through, the records published after `seq`, oldest first, at most
+        MAX_RECORDS_PER_ANSWER of them)."""
+        newer = []
+        for known_seq, _, line in reversed(self.records.values()):
+            if known_seq <= seq:
+                break
+            newer.append((known_seq, line))
+        newer.reverse()
+        newer = newer[:MAX_RECORDS_PER_ANSWER]
+        return (newer[-1][0] if newer else seq), [line for _, line in newer]
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the next publication, at most timeout_s."""
+        try:
+            await asyncio.wait_for(self.changed.wait(), timeout_s)
+        except TimeoutError:
+            pass

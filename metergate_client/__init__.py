@@ -1,0 +1,23 @@
+"""metergate_client: gate decisions for a compute plane, in its own process.
+
+    from metergate_client import GateClient, Resources
+    gate = GateClient("http://billing:8000", token)
+    if gate.check("org_1", "create", Resources(memory_mb=4096)).allowed: ...
+
+Needs only msgspec and httpx; never Ray. See README, "Gating from your gateway".
+"""
+
+from metergate_client.client import Answer, GateClient, Policy
+from metergate_client.decision import (
+           ACTIONS,
+           Decision,
+           GateView,
+           HaltCause,
+           Reason,
+           Resources,
+           decide,
+)
+from metergate_client.projection import Projection, ViewRecord
+
+__all__ = ["ACTIONS", "Answer", "Decision", "GateClient", "GateView", "HaltCause", "Policy", "Projection",
+           "Reason", "Resources", "ViewRecord", "decide"]

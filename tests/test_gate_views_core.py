@@ -1,0 +1,170 @@
+"""The gate projection without a service: a view's validity, the shard's view log, the
+reader's Projection, the cursor, and the client package standing on its own.
+
+The property that a published view decides exactly as the org would, at any instant of its
+validity, is a rule of the stateful machine in test_org_stateful.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actors.commands import AcquireLease, ApplyUsage, Credit, execute
+from actors.org import Effects, Resources
+from actors.timeutil import US_PER_S
+from actors.viewlog import ViewLog
+from metergate_client.decision import Reason, decide
+from metergate_client.projection import (
+    FEED_DECODER,
+    RECORD_DECODER,
+    RECORD_ENCODER,
+    Heartbeat,
+    Projection,
+    ViewRecord,
+    format_cursor,
+    parse_cursor,
+)
+from tests.helpers import CATALOG, HOBBY, T0, make_org, usage_costing
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_view_holds_until_the_period_ends_when_only_the_quota_paid():
+    org, fx = make_org(plan=HOBBY, signup_micros=0, card=True)
+    execute(org, ApplyUsage([usage_costing(HOBBY.included_micros)]), CATALOG, T0 + 60 * US_PER_S, fx)
+    now = T0 + 120 * US_PER_S
+    view, until = org.gate_view(now), org.gate_view_until(now)
+    assert decide("create", Resources(), view).reason == Reason.HALTED  # out of quota and money
+    assert until == org.period_end_us  # the new period's quota changes the answer, by time alone
+    assert org.gate("create", Resources(), until - 1).reason == Reason.HALTED
+    assert org.gate("create", Resources(), until).reason == Reason.OK
+
+
+def test_a_view_holds_until_the_first_lease_or_grant_expires():
+    org, fx = make_org(card=True)
+    execute(org, Credit("grant", 1_000_000, T0 + 3_600 * US_PER_S, None), CATALOG, T0, fx)
+    execute(org, AcquireLease("ls_1", Resources(), 120), CATALOG, T0, fx)
+    assert org.gate_view_until(T0) == T0 + 120 * US_PER_S
+    assert org.gate_view_until(T0 + 120 * US_PER_S) == T0 + 3_600 * US_PER_S
+
+
+def _log_with(*org_balances: tuple[str, int]) -> tuple[ViewLog, dict]:
+    log, orgs = ViewLog(shard=3), {}
+    log.start(epoch=7)
+    for org_id, credit in org_balances:
+        org = orgs.get(org_id) or make_org()[0]
+        orgs[org_id] = org
+        execute(org, Credit("grant", credit, None, None), CATALOG, T0, Effects())
+        log.publish(org_id, org, T0)
+    return log, orgs
+
+
+def test_the_view_log_keeps_one_record_per_org_in_publish_order():
+    log, _ = _log_with(("a", 1), ("b", 1), ("a", 2), ("c", 1))
+    assert log.seq == 4
+    assert list(log.records) == ["b", "a", "c"]  # a moved to the end when it changed again
+    seq, lines = log.after(0)
+    assert seq == 4 and [RECORD_DECODER.decode(line).org_id for line in lines] == ["b", "a", "c"]
+    seq, lines = log.after(2)  # a reader at seq 2 missed a's and c's latest: it gets exactly those
+    assert [(r.org_id, r.seq) for r in map(RECORD_DECODER.decode, lines)] == [("a", 3), ("c", 4)]
+    assert log.after(4) == (4, [])
+
+
+def test_an_unchanged_view_is_not_published_again():
+    log, orgs = _log_with(("a", 1))
+    assert not log.publish("a", orgs["a"], T0)
+    assert log.seq == 1
+    assert log.publish("a", orgs["a"], T0 + 1) is False  # same view, same validity
+
+
+def test_expired_views_are_handed_back_once():
+    log, orgs = _log_with(("a", 1))
+    execute(orgs["a"], AcquireLease("ls_1", Resources(), 60), CATALOG, T0, Effects())
+    log.publish("a", orgs["a"], T0)
+    assert log.expired(T0 + 59 * US_PER_S) == []
+    assert log.expired(T0 + 60 * US_PER_S) == ["a"]
+    assert log.expired(T0 + 61 * US_PER_S) == []
+
+
+def _record(org_id: str, epoch: int, seq: int, balance: int, shard: int = 0) -> ViewRecord:
+    view = make_org(signup_micros=balance)[0].gate_view(T0)
+    return ViewRecord(org_id, shard, epoch, seq, None, view)
+
+
+def test_a_projection_keeps_the_newest_record_whatever_the_order_of_arrival():
+    projection = Projection()
+    assert projection.apply(_record("a", 1, 5, 500))
+    assert not projection.apply(_record("a", 1, 3, 300))  # older: a late feed line after a direct answer
+    assert projection.get("a").seq == 5
+    assert projection.apply(_record("a", 2, 1, 100))  # a later epoch wins whatever its seq
+
+
+def test_a_restarted_shard_takes_its_old_views_with_it():
+    projection = Projection()
+    projection.advance(0, 1, 2, [_record("a", 1, 1, 1), _record("b", 1, 2, 1)])
+    projection.advance(1, 4, 1, [_record("z", 4, 1, 1, shard=1)])
+    projection.apply(_record("b", 2, 1, 1))  # a direct answer from the new incarnation
+    projection.reset(0, 2, 1)
+    assert projection.get("a") is None  # epoch 1 of shard 0 is gone
+    assert projection.get("b").epoch == 2 and projection.get("z") is not None
+    assert not projection.apply(_record("c", 1, 9, 1))  # a line of the old epoch, late
+    assert projection.positions() == {0: (2, 1), 1: (4, 1)}
+
+
+def test_views_expire_for_deciding_and_age_counts_from_what_was_heard():
+    projection = Projection()
+    record = ViewRecord("a", 0, 1, 1, T0 + 10, _record("a", 1, 1, 1).view)
+    projection.apply(record)
+    assert projection.decide("a", "create", Resources(), T0 + 9) is not None
+    assert projection.decide("a", "create", Resources(), T0 + 10) is None
+    assert projection.age_s(0) == float("inf")
+    projection.heard(0, as_of=100.0)
+    assert projection.age_s(0, now=100.5) == pytest.approx(0.5)
+
+
+def test_cursors_round_trip_and_refuse_garbage():
+    assert parse_cursor(format_cursor([(7, 10), (3, 0)])) == [(7, 10), (3, 0)]
+    for bad in ("", "7", "7:", ":1", "a:1", "1:-1", "1:1,", "1" * 30 + ":1"):
+        with pytest.raises(ValueError):
+            parse_cursor(bad)
+
+
+def test_feed_lines_decode_by_their_type():
+    line = RECORD_ENCODER.encode(_record("a", 1, 1, 1))
+    assert line.startswith(b'{"type":"view"')
+    assert isinstance(FEED_DECODER.decode(line), ViewRecord)
+    beat = FEED_DECODER.decode(b'{"type":"heartbeat","cursor":"1:2","now_us":5,"age_ms":[3]}')
+    assert beat == Heartbeat("1:2", 5, [3])
+
+
+def test_the_client_package_needs_neither_ray_nor_the_server():
+    """Imported with ray, fastapi, asyncpg and the server's packages made unimportable."""
+    blocked = ["ray", "fastapi", "asyncpg", "actors", "serve_app", "storage", "config", "pgserver"]
+    code = ("import sys\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "import metergate_client\n"
+            "from metergate_client import GateClient, decide, Resources\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_renewals_do_not_pile_up_expiry_entries():
+    """Every tick renews its lease, so an org's validity moves later on every publish: the
+    log keeps one expiry entry per org, not one per publish, and still hands the org back."""
+    log, orgs = _log_with(("a", 1))
+    org = orgs["a"]
+    execute(org, AcquireLease("ls_1", Resources(), 60), CATALOG, T0, Effects())
+    for second in range(1_000):
+        now = T0 + second * US_PER_S
+        execute(org, AcquireLease("ls_1", Resources(), 60), CATALOG, now, Effects())  # renews: same lease
+        org.leases["ls_1"].expires_at_us = now + 60 * US_PER_S
+        log.publish("a", org, now)
+    assert len(log.expiring) <= 2, len(log.expiring)
+    last = T0 + 999 * US_PER_S + 60 * US_PER_S
+    assert log.expired(last - 1) == []
+    assert log.expired(last) == ["a"]
