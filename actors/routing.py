@@ -9,8 +9,8 @@ Gate checks cost no hop at all while the router follows the shard's view feed: i
 from the org's published view with the same pure function the shard uses. It asks the shard
 for an org's view only when it has none, when the view has expired, or when it has not heard
 from the shard's feed lately (then the shard's own answer is the only current one). Every
-reply to a command or a usage batch carries the views it changed, so a change made through
-this router shows in its next gate check at once.
+reply to a command, and to a usage batch of at most 64 orgs, carries the views it changed, so
+a change made through this router shows in its next gate check at once.
 """
 
 from __future__ import annotations
@@ -182,12 +182,17 @@ class ShardRouter:
                 continue
             retry = FEED_RETRY_S[0]
             if epoch is None or reply["resync"]:
-                projection.reset(shard, reply["epoch"], reply["seq"])
-            else:
-                projection.advance(shard, reply["epoch"], reply["seq"],
-                                   [RECORD_DECODER.decode(line) for line in reply["views"]])
+                # A new incarnation (or the first contact): read its whole log from seq 0. It
+                # holds every org's latest view, so views this router got by direct replies
+                # meanwhile are replaced where they are behind. Not current until then.
+                projection.reset(shard, reply["epoch"], 0)
+                projection.forget_heard(shard)
+                epoch, seq = reply["epoch"], 0
+                continue
+            projection.advance(shard, reply["epoch"], reply["seq"],
+                               [RECORD_DECODER.decode(line) for line in reply["views"]])
             epoch, seq = reply["epoch"], reply["seq"]
-            if not reply.get("more"):
+            if not reply["more"]:  # a capped answer proves nothing about what it left out
                 projection.heard(shard, sent + reply["waited_s"], reply["now_us"])
 
     async def caught_up(self, timeout_s: float = 5.0) -> bool:
@@ -202,7 +207,7 @@ class ShardRouter:
             return False
         while time.monotonic() - started < timeout_s:
             positions = self.projection.positions()
-            if all(positions.get(k, (None, -1)) >= (t["epoch"], t["seq"]) and
+            if all(positions.get(k, (-1, -1)) >= (t["epoch"], t["seq"]) and
                    self.projection.age_s(k) <= time.monotonic() - started for k, t in enumerate(targets)):
                 return True
             await asyncio.sleep(0.01)

@@ -324,20 +324,20 @@ class ShardActor:
     async def changes(self, epoch: int | None, after: int, wait_s: float) -> dict:
         """The gate-view feed of this shard after (epoch, after), waiting up to wait_s for one.
 
-        {"epoch", "seq" (read through), "views" (JSON records, oldest first), "now_us",
-        "waited_s", "resync"}. resync: the reader's epoch is gone (this shard restarted) or
+        {"epoch", "seq" (read through), "views" (JSON records, oldest first), "more" (capped:
+        ask again at once), "now_us", "waited_s", "resync"}. resync: the reader's epoch is gone (this shard restarted) or
         its position is not one this shard gave; it must start over from a snapshot. epoch
         None: no records, only the current position (a reader that starts from now)."""
         await self._ensure_started()
         started = time.monotonic()
         if epoch is None or epoch != self.epoch or after > self.views.seq:
             return {"epoch": self.epoch, "seq": self.views.seq, "views": [], "now_us": now_us(), "waited_s": 0.0,
-                    "resync": epoch is not None}
+                    "resync": epoch is not None, "more": False}
         if after == self.views.seq and wait_s > 0:
             await self.views.wait(wait_s)
-        seq, lines = self.views.after(after)
+        seq, lines, more = self.views.after(after)
         return {"epoch": self.epoch, "seq": seq, "views": lines, "now_us": now_us(),
-                "waited_s": time.monotonic() - started, "resync": False}
+                "waited_s": time.monotonic() - started, "resync": False, "more": more}
 
     async def views_page(self, after: str | None, limit: int) -> dict:
         """The gate views of this shard's orgs after org id `after`, in org id order: {"views":

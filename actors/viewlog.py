@@ -86,17 +86,18 @@ class ViewLog:
                 self._schedule(org_id, until)  # it moved later since: look again then
         return due
 
-    def after(self, seq: int) -> tuple[int, list[bytes]]:
+    def after(self, seq: int) -> tuple[int, list[bytes], bool]:
         """(the seq read through, the records published after `seq`, oldest first, at most
-        MAX_RECORDS_PER_ANSWER of them)."""
+        MAX_RECORDS_PER_ANSWER of them, whether more were left out)."""
         newer = []
         for known_seq, _, line in reversed(self.records.values()):
             if known_seq <= seq:
                 break
             newer.append((known_seq, line))
         newer.reverse()
+        more = len(newer) > MAX_RECORDS_PER_ANSWER
         newer = newer[:MAX_RECORDS_PER_ANSWER]
-        return (newer[-1][0] if newer else seq), [line for _, line in newer]
+        return (newer[-1][0] if newer else seq), [line for _, line in newer], more
 
     async def wait(self, timeout_s: float) -> None:
         """Until the next publication, at most timeout_s."""

@@ -43,8 +43,10 @@ def running_service(shards: int = 2, **overrides):
     from serve_app import launch
 
     data_dir = Path(tempfile.mkdtemp(prefix="metergate-bench-"))
-    settings = Settings(data_dir=data_dir, http_port=free_port(), service_token=SERVICE_TOKEN,
-                        admin_token=ADMIN_TOKEN, shards=shards, **overrides)
+    settings = Settings(**{"data_dir": data_dir, "http_port": free_port(), "service_token": SERVICE_TOKEN,
+                           "admin_token": ADMIN_TOKEN, "shards": shards,
+                           "dashboard": False, "metrics_port": 0,  # no fixed ports, no dashboard's CPU
+                           **overrides})
     running = launch.start(settings, ray_init_kwargs={"num_cpus": 2, "log_to_driver": False})
     try:
         yield running

@@ -89,6 +89,7 @@ class GateClient:
         self._alock = threading.Lock()
         self._stop = threading.Event()
         self._cursor: str | None = None  # where the feed resumes; None: load a snapshot first
+        self._beats = 0  # heartbeats read, ever
         self._synced = threading.Event()
         self._counts = {name: itertools.count() for name in (
             "local", "server", "policy_open", "policy_closed", "stale", "feed_lines", "feed_errors", "resyncs",
@@ -248,6 +249,7 @@ class GateClient:
     def _follow(self) -> None:
         backoff = BACKOFF_S[0]
         while not self._stop.is_set():
+            beats = self._beats
             try:
                 if self._cursor is None:
                     self._cursor = self._load_snapshot()
@@ -259,6 +261,8 @@ class GateClient:
             except (httpx.HTTPError, OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 if self._stop.is_set():
                     break
+                if self._beats != beats:  # the stream worked before it broke: start over at 0.1 s
+                    backoff = BACKOFF_S[0]
                 next(self._counts["feed_errors"])
                 log.info("metergate feed: %r; reconnecting in %.1f s", exc, backoff)
             next(self._counts["reconnects"])
@@ -308,6 +312,7 @@ class GateClient:
                     for shard, age_ms in enumerate(message.age_ms):
                         projection.heard(shard, received - age_ms / 1000, message.now_us)
                     self._cursor = message.cursor
+                    self._beats += 1
                     self._synced.set()
                 else:  # Resync
                     return False

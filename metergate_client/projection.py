@@ -91,7 +91,8 @@ def wall_us() -> int:
 class Projection:
     """The latest view of each org a reader knows, and how current it is per shard.
 
-    Thread-safe: writers take a lock, readers only look up a dict. A record replaces the
+    Thread-safe: record writers take a lock, readers only look up a dict; `heard` has one
+    writer per shard (the thread or task that follows that shard's feed). A record replaces the
     org's view only when it is newer (a later epoch, or a higher seq in the same epoch), so
     records may arrive by the feed and by direct answers in any order.
     """

@@ -67,11 +67,20 @@ def test_the_view_log_keeps_one_record_per_org_in_publish_order():
     log, _ = _log_with(("a", 1), ("b", 1), ("a", 2), ("c", 1))
     assert log.seq == 4
     assert list(log.records) == ["b", "a", "c"]  # a moved to the end when it changed again
-    seq, lines = log.after(0)
-    assert seq == 4 and [RECORD_DECODER.decode(line).org_id for line in lines] == ["b", "a", "c"]
-    seq, lines = log.after(2)  # a reader at seq 2 missed a's and c's latest: it gets exactly those
+    seq, lines, more = log.after(0)
+    assert seq == 4 and not more and [RECORD_DECODER.decode(line).org_id for line in lines] == ["b", "a", "c"]
+    seq, lines, _ = log.after(2)  # a reader at seq 2 missed a's and c's latest: it gets exactly those
     assert [(r.org_id, r.seq) for r in map(RECORD_DECODER.decode, lines)] == [("a", 3), ("c", 4)]
-    assert log.after(4) == (4, [])
+    assert log.after(4) == (4, [], False)
+
+
+def test_a_capped_answer_says_more_was_left_out(monkeypatch):
+    import actors.viewlog as viewlog
+
+    monkeypatch.setattr(viewlog, "MAX_RECORDS_PER_ANSWER", 2)
+    log, _ = _log_with(("a", 1), ("b", 1), ("c", 1))
+    assert log.after(0)[0] == 2 and log.after(0)[2] is True
+    assert log.after(2) == (3, [log.line("c")], False)
 
 
 def test_an_unchanged_view_is_not_published_again():

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Self
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from serve_app.errors import ApiError
 from serve_app.stripe_gateway import StripeGateway
 from tests.helpers import (
     OUTBOUND_SECRET,
+    SERVICE_TOKEN,
     free_port,
     hour_tick,
     stripe_deliver,
@@ -69,6 +72,38 @@ def scrape(service) -> Scrape:
 
 def shard_of(service, org_id: str) -> str:
     return str(service.slot_map[slot_of(org_id)])
+
+
+class FeedReader:
+    """GET /v1/gate/feed read in a thread for as long as the `with` lasts, as a gateway reads it."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.heartbeats = 0
+        self.ended: str | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, name="feed-reader", daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def _read(self) -> None:
+        headers = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+        try:
+            with httpx.Client(base_url=self.service.base_url, headers=headers, timeout=30) as client, \
+                    client.stream("GET", "/v1/gate/feed", params={"heartbeat_s": 0.5}) as feed:
+                for line in feed.iter_lines():
+                    self.heartbeats += '"heartbeat"' in line
+                    if self.stop.is_set():
+                        return
+            self.ended = "the server ended the stream"
+        except httpx.HTTPError as exc:
+            self.ended = f"the stream failed: {exc!r}"
 
 
 def bad_svix_delivery(compute) -> httpx.Response:
@@ -117,56 +152,52 @@ def test_the_metrics_endpoint_serves_metergate_series_that_move_and_never_name_a
         asyncio.run(gateway.call(gateway.client.v1.customers.create, {"email": "x@example.com"}))
     assert failed.value.code == "stripe_error"
 
-    with compute.stream("GET", "/v1/gate/feed", params={"heartbeat_s": 0.5}) as feed:
-        heartbeats = 0
-        for line in feed.iter_lines():
-            heartbeats += '"heartbeat"' in line
-            if heartbeats == 2:
-                break
+    def expectations(now: Scrape) -> list[str]:
+        """What the scrape does not show yet (empty: everything)."""
+        def grew(name: str, by: float, **tags: str) -> str | None:
+            moved = now.total(name, **tags) - before.total(name, **tags)
+            return None if moved >= by else f"{name}{tags} grew by {moved}, want >= {by}"
 
-        def expectations(now: Scrape) -> list[str]:
-            """What the scrape does not show yet (empty: everything)."""
-            def grew(name: str, by: float, **tags: str) -> str | None:
-                moved = now.total(name, **tags) - before.total(name, **tags)
-                return None if moved >= by else f"{name}{tags} grew by {moved}, want >= {by}"
+        def present(name: str, **tags: str) -> str | None:
+            found = [labels for labels in now.series(name) if all(labels.get(k) == v for k, v in tags.items())]
+            return None if found else f"no {name}{tags}"
 
-            def present(name: str, **tags: str) -> str | None:
-                found = [labels for labels in now.series(name) if all(labels.get(k) == v for k, v in tags.items())]
-                return None if found else f"no {name}{tags}"
+        def at_least(name: str, value: float, **tags: str) -> str | None:
+            return None if now.total(name, **tags) >= value else f"{name}{tags} = {now.total(name, **tags)}"
 
-            def at_least(name: str, value: float, **tags: str) -> str | None:
-                return None if now.total(name, **tags) >= value else f"{name}{tags} = {now.total(name, **tags)}"
+        checks = [
+            grew("ray_metergate_gate_decisions_total", 5, reason="ok"),
+            grew("ray_metergate_gate_decisions_total", 3, reason="ok", action="create"),
+            grew("ray_metergate_gate_decisions_total", 2, reason="ok", action="wake"),
+            grew("ray_metergate_gate_decisions_total", 1, reason="unknown_org", source="shard"),
+            grew("ray_metergate_gate_decisions_total", 1, reason=denied["reason"], action="create"),
+            grew("ray_metergate_ticks_total", SPENDING_TICKS, shard=spending_shard, outcome="accepted"),
+            grew("ray_metergate_ticks_total", SPENDING_TICKS, shard=spending_shard, outcome="duplicate"),
+            grew("ray_metergate_ticks_total", 1, outcome="rejected"),
+            grew("ray_metergate_commit_items_count", 3, shard=spending_shard),
+            grew("ray_metergate_commit_ticks_count", 2, shard=spending_shard),
+            grew("ray_metergate_commit_latency_ms_count", 3, shard=paying_shard),
+            grew("ray_metergate_views_published_total", 1, shard=paying_shard),
+            at_least("ray_metergate_orgs_loaded", 1, shard=paying_shard),
+            at_least("ray_metergate_leases_active", 1, shard=paying_shard),
+            present("ray_metergate_snapshot_lag_orgs", shard=spending_shard),
+            present("ray_metergate_snapshot_lag_entries", shard=spending_shard),
+            grew("ray_metergate_outbox_deliveries_total", 1, outcome="delivered"),  # org.halted, to the receiver
+            present("ray_metergate_outbox_backlog"),
+            present("ray_metergate_outbox_dead"),
+            grew("ray_metergate_webhook_verification_failures_total", 1, source="svix"),
+            grew("ray_metergate_webhook_verification_failures_total", 1, source="stripe"),
+            grew("ray_metergate_stripe_errors_total", 1, call="self_serve", error="APIConnectionError"),
+            at_least("ray_metergate_feed_streams", 1),
+            grew("ray_metergate_feed_lag_ms_count", 1, shard="0"),
+            grew("ray_metergate_feed_lag_ms_count", 1, shard="1"),
+        ]
+        return [missing for missing in checks if missing]
 
-            checks = [
-                grew("ray_metergate_gate_decisions_total", 5, reason="ok"),
-                grew("ray_metergate_gate_decisions_total", 3, reason="ok", action="create"),
-                grew("ray_metergate_gate_decisions_total", 2, reason="ok", action="wake"),
-                grew("ray_metergate_gate_decisions_total", 1, reason="unknown_org", source="shard"),
-                grew("ray_metergate_gate_decisions_total", 1, reason=denied["reason"], action="create"),
-                grew("ray_metergate_ticks_total", SPENDING_TICKS, shard=spending_shard, outcome="accepted"),
-                grew("ray_metergate_ticks_total", SPENDING_TICKS, shard=spending_shard, outcome="duplicate"),
-                grew("ray_metergate_ticks_total", 1, outcome="rejected"),
-                grew("ray_metergate_commit_items_count", 3, shard=spending_shard),
-                grew("ray_metergate_commit_ticks_count", 2, shard=spending_shard),
-                grew("ray_metergate_commit_latency_ms_count", 3, shard=paying_shard),
-                grew("ray_metergate_views_published_total", 1, shard=paying_shard),
-                at_least("ray_metergate_orgs_loaded", 1, shard=paying_shard),
-                at_least("ray_metergate_leases_active", 1, shard=paying_shard),
-                present("ray_metergate_snapshot_lag_orgs", shard=spending_shard),
-                present("ray_metergate_snapshot_lag_entries", shard=spending_shard),
-                grew("ray_metergate_outbox_deliveries_total", 1, outcome="delivered"),  # org.halted, to the receiver
-                present("ray_metergate_outbox_backlog"),
-                present("ray_metergate_outbox_dead"),
-                grew("ray_metergate_webhook_verification_failures_total", 1, source="svix"),
-                grew("ray_metergate_webhook_verification_failures_total", 1, source="stripe"),
-                grew("ray_metergate_stripe_errors_total", 1, call="self_serve", error="APIConnectionError"),
-                at_least("ray_metergate_feed_streams", 1),
-                grew("ray_metergate_feed_lag_ms_count", 1, shard="0"),
-                grew("ray_metergate_feed_lag_ms_count", 1, shard="1"),
-            ]
-            return [missing for missing in checks if missing]
-
-        # Renewing the lease keeps its org in memory (idle orgs leave after 1 s in this session).
+    # A gateway reads its feed all along; the lease is renewed on every poll, which keeps its
+    # org in memory (idle orgs leave after 1 s in this session).
+    with FeedReader(service) as feed:
+        wait_for("two heartbeats of the feed", lambda: feed.heartbeats >= 2, 30)
         deadline = time.monotonic() + EXPORT_WAIT_S
         while True:
             assert compute.post(f"/v1/leases/{paying}/sbx_metrics/renew").status_code == 200
@@ -174,7 +205,10 @@ def test_the_metrics_endpoint_serves_metergate_series_that_move_and_never_name_a
             missing = expectations(now)
             if not missing:
                 break
-            assert time.monotonic() < deadline, f"not exported within {EXPORT_WAIT_S} s:\n  " + "\n  ".join(missing)
+            assert time.monotonic() < deadline, (
+                f"not exported within {EXPORT_WAIT_S} s:\n  " + "\n  ".join(missing)
+                + f"\nfeed: {feed.heartbeats} heartbeats, {feed.ended or 'still open'}; its gauge: "
+                + str([s for s in now.samples if s[0] == "ray_metergate_feed_streams"]))
             time.sleep(1.0)
 
     for name, labels, _ in now.metergate():

@@ -38,7 +38,8 @@ class Service:
     def __init__(self, data_dir: Path, port: int, log: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("METERGATE_", "RAY_ADDRESS"))}
         env.update(METERGATE_DATA_DIR=str(data_dir), METERGATE_HTTP_PORT=str(port), METERGATE_SHARDS="1",
-                   METERGATE_ADMIN_TOKEN=ADMIN, METERGATE_SERVICE_TOKEN=SERVICE)
+                   METERGATE_ADMIN_TOKEN=ADMIN, METERGATE_SERVICE_TOKEN=SERVICE,
+                   METERGATE_DASHBOARD="false", METERGATE_METRICS_PORT="0")  # no fixed ports, less CPU
         self.url = f"http://127.0.0.1:{port}"
         self.port = port
         self.data_dir = data_dir

@@ -21,6 +21,7 @@ from serve_app.errors import ApiError
 ENCODER = msgspec.json.Encoder()
 MAX_PAGE = 5_000
 FEED_RETRY_S = (0.05, 1.0)
+UNKNOWN_AGE_MS = 3_600_000  # a heartbeat's age for a shard not heard from on this stream yet
 
 
 class PageToken(msgspec.Struct, array_like=True, frozen=True):
@@ -115,7 +116,9 @@ def routes(ctx: Context) -> APIRouter:
         if start is not None and len(start) != shards:
             yield ENCODER.encode(Resync("the cursor is for another number of shards")) + b"\n"
             return
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded: a client that stops reading stops the polls (the shards keep each org's
+        # latest view, so what waits there is not lost, only later).
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * shards)
         wait_s = min(heartbeat_s, 1.0)
 
         async def follow(shard: int) -> None:
@@ -135,10 +138,14 @@ def routes(ctx: Context) -> APIRouter:
                     return
                 epoch, seq = reply["epoch"], reply["seq"]
                 chunk = b"\n".join(reply["views"]) + b"\n" if reply["views"] else b""
-                await queue.put((shard, epoch, seq, chunk, sent + reply["waited_s"], reply["now_us"]))
+                # A capped answer proves nothing about what it left out: no new "heard" for it.
+                heard_at = None if reply["more"] else sent + reply["waited_s"]
+                await queue.put((shard, epoch, seq, chunk, heard_at, reply["now_us"]))
 
         # What has been written: a heartbeat never claims a record still in the queue.
-        positions: list[tuple[int, int] | None] = [None] * shards
+        # A resumed stream is positioned at its cursor at once: heartbeats go on while a
+        # shard that cannot be reached shows as old (UNKNOWN_AGE_MS), not stop for all.
+        positions: list[tuple[int, int] | None] = list(start) if start is not None else [None] * shards
         heard: list[float | None] = [None] * shards
         server_now = [0, 0.0]  # the shards' clock, and when it was read
         tasks = [asyncio.ensure_future(follow(k)) for k in range(shards)]
@@ -155,13 +162,15 @@ def routes(ctx: Context) -> APIRouter:
                     if epoch is None:
                         yield ENCODER.encode(Resync(f"shard {shard} restarted")) + b"\n"
                         return
-                    positions[shard], heard[shard] = (epoch, seq), item[4]
+                    positions[shard] = (epoch, seq)
+                    if item[4] is not None:
+                        heard[shard] = item[4]
                     server_now[:] = [item[5], time.monotonic()]
                     if chunk:
                         yield chunk
                 now = time.monotonic()
                 if now >= next_beat and all(p is not None for p in positions):
-                    age_ms = [int((now - h) * 1000) for h in heard]
+                    age_ms = [UNKNOWN_AGE_MS if h is None else int((now - h) * 1000) for h in heard]
                     yield ENCODER.encode(Heartbeat(
                         format_cursor(positions), server_now[0] + int((now - server_now[1]) * 1e6), age_ms)) + b"\n"
                     feed_metrics.heartbeat(age_ms)
