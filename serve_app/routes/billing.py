@@ -36,13 +36,26 @@ from metergate_client.decision import Reason
 from serve_app.auth import BILLING_COOKIE, Caller, presented
 from serve_app.billing_page import METERS, BillingPage, error_page, render
 from serve_app.bodies import NO_RESOURCES, AutoRechargeBody, TopupBody, parse_model
-from serve_app.calls import auto_recharge_command, command_state, ledger_page, months_of, org_state
+from serve_app.calls import (
+    auto_recharge_command,
+    command_state,
+    ledger_page,
+    months_of,
+    org_state,
+)
 from serve_app.context import Context, json
 from serve_app.errors import RETRY_AFTER_S, ApiError, raise_for_shard_error
 from serve_app.idempotency import checked_key, once, request_hash, scope_of
 from serve_app.params import OrgPath
-from serve_app.routes.self_serve import (Checkout, billing_url, open_portal, setup_checkout, start_checkout,
-                                         tier_checkout, topup_checkout)
+from serve_app.routes.self_serve import (
+    Checkout,
+    billing_url,
+    open_portal,
+    setup_checkout,
+    start_checkout,
+    tier_checkout,
+    topup_checkout,
+)
 from serve_app.stripe_events import PAID_TIERS
 from serve_app.views import org_view, parse_usd, usage_groups_view
 from storage import usage
@@ -158,41 +171,36 @@ def routes(ctx: Context) -> APIRouter:
             ctx, org_id, checkout, f"{back}?notice={done}", f"{back}?notice=checkout_cancelled",
             fields.get("idempotency_key") or None)))
 
-    @router.post("/billing/{org_id}/topup", include_in_schema=False)
-    async def topup_form(org_id: OrgPath, request: Request) -> Response:
+    async def checkout_form(request: Request, org_id: str, checkout_of: Callable[[dict[str, str]], Checkout],
+                            done: str) -> Response:
+        """A form that starts a Stripe Checkout (top-up, card, tier): on to its page."""
         async def send() -> Response:
             caller, fields = await submitted(request, org_id)
             ctx.stripe.require()
-            if fields.get("pack_id"):
-                body = model(TopupBody, {"pack_id": fields["pack_id"]})
-            else:
-                body = model(TopupBody, {"amount_micros": usd_field(fields, "amount_usd", "the amount")})
-            session = await to_checkout(request, org_id, caller, fields, topup_checkout(ctx, org_id, body),
-                                        "topup_done")
+            session = await to_checkout(request, org_id, caller, fields, checkout_of(fields), done)
             return RedirectResponse(session["url"], 303)
 
         return await for_people(request, org_id, send)
+
+    def topup_of(org_id: str, fields: dict[str, str]) -> Checkout:
+        if fields.get("pack_id"):
+            body = model(TopupBody, {"pack_id": fields["pack_id"]})
+        else:
+            body = model(TopupBody, {"amount_micros": usd_field(fields, "amount_usd", "the amount")})
+        return topup_checkout(ctx, org_id, body)
+
+    @router.post("/billing/{org_id}/topup", include_in_schema=False)
+    async def topup_form(org_id: OrgPath, request: Request) -> Response:
+        return await checkout_form(request, org_id, lambda fields: topup_of(org_id, fields), "topup_done")
 
     @router.post("/billing/{org_id}/setup", include_in_schema=False)
     async def setup_form(org_id: OrgPath, request: Request) -> Response:
-        async def send() -> Response:
-            caller, fields = await submitted(request, org_id)
-            ctx.stripe.require()
-            session = await to_checkout(request, org_id, caller, fields, setup_checkout(org_id), "card_done")
-            return RedirectResponse(session["url"], 303)
-
-        return await for_people(request, org_id, send)
+        return await checkout_form(request, org_id, lambda _: setup_checkout(org_id), "card_done")
 
     @router.post("/billing/{org_id}/tier", include_in_schema=False)
     async def tier_form(org_id: OrgPath, request: Request) -> Response:
-        async def send() -> Response:
-            caller, fields = await submitted(request, org_id)
-            ctx.stripe.require()
-            checkout = tier_checkout(ctx, org_id, fields.get("tier", ""))
-            session = await to_checkout(request, org_id, caller, fields, checkout, "tier_done")
-            return RedirectResponse(session["url"], 303)
-
-        return await for_people(request, org_id, send)
+        return await checkout_form(request, org_id, lambda fields: tier_checkout(ctx, org_id, fields.get("tier", "")),
+                                   "tier_done")
 
     @router.post("/billing/{org_id}/portal", include_in_schema=False)
     async def portal_form(org_id: OrgPath, request: Request) -> Response:
