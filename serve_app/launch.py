@@ -246,8 +246,8 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(settings.http_host)),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(settings.http_host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_NBTHREAD": str(min(4, os.cpu_count() or 1)),
         # HAProxy's own metrics make Serve's manager actor parse a log line per request
         # (~20 % of a core at 3k req/s here); metergate exports its own (README, Metrics).
@@ -255,9 +255,11 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def _free_port(host: str) -> int:
+def _free_port() -> int:
+    """A port free on every interface: HAProxy binds its stats and metrics on 0.0.0.0, where a
+    port free on 127.0.0.1 may still be held on another address (Ray's node IP)."""
     with socket.socket() as sock:
-        sock.bind((host, 0))
+        sock.bind(("", 0))
         return sock.getsockname()[1]
 
 
