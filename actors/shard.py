@@ -34,7 +34,6 @@ from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
 from actors.timeutil import minute_us
 from actors.viewlog import ViewLog
-from metergate_client.projection import RECORD_ENCODER, ViewRecord
 from config.catalog import Catalog, load_catalog
 from config.settings import Settings
 from storage import clock_offset
@@ -318,8 +317,7 @@ class ShardActor:
         of the org is being committed) a record with seq 0, for this answer only."""
         if org_id not in self.unanswered and self.views.publish(org_id, org, now):
             return self.views.line(org_id)
-        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, 0, org.gate_view_until(now),
-                                                org.gate_view(now)))
+        return self.views.unpublished(org_id, org, now)
 
     async def changes(self, epoch: int | None, after: int, wait_s: float) -> dict:
         """The gate-view feed of this shard after (epoch, after), waiting up to wait_s for one.

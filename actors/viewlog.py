@@ -55,6 +55,12 @@ class ViewLog:
         self.poke()
         return True
 
+    def unpublished(self, org_id: str, org: OrgBillingActor, now_us: int) -> bytes:
+        """The org's view now as a record with seq 0: for one answer only, never in the log
+        (memory may hold a command that is not committed yet)."""
+        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, 0, org.gate_view_until(now_us),
+                                                org.gate_view(now_us)))
+
     def poke(self) -> None:
         """Wake the readers waiting for a change (they answer with the shard's clock, which moved)."""
         self.changed.set()

@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     catalog: Path = DEFAULT_CATALOG
     ingress_replicas: int = Field(1, ge=1, le=64)
     # HTTP through Ray Serve's HAProxy (direct to the ingress replicas), not its Python proxy:
-    # 10-25x the requests/s on the same host (bench/gate.py). Applies to a Ray that this
-    # process starts; a cluster started by `ray start` sets the same environment itself.
+    # a no-op Serve endpoint went from ~160 to ~2,700 req/s on the 2-core host (bench/gate.py
+    # measures the HAProxy floor). Applies to a Ray that this process starts; a cluster started
+    # by `ray start` sets the same environment itself (cluster.yaml).
     serve_haproxy: bool = True
     # Shards publish each org's gate view after every commit that changes it; the ingress and
     # GateClients decide from them. Off: no feed, and every gate check asks the org's shard.

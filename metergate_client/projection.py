@@ -141,12 +141,6 @@ class Projection:
         self._records = {org_id: r for org_id, r in self._records.items() if r.shard != shard or r.epoch >= epoch}
         self._positions[shard] = (epoch, seq)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._records.clear()
-            self._positions.clear()
-            self._heard.clear()
-
     def heard(self, shard: int, as_of: float, server_now_us: int | None = None) -> None:
         """Every change of `shard` up to monotonic time `as_of` has been applied."""
         if as_of > self._heard.get(shard, 0.0):
@@ -167,12 +161,6 @@ class Projection:
 
     def positions(self) -> dict[int, tuple[int, int]]:
         return dict(self._positions)
-
-    def cursor(self, shards: int) -> str | None:
-        """The cursor to resume every shard's feed from, or None before all are positioned."""
-        if any(k not in self._positions for k in range(shards)):
-            return None
-        return format_cursor([self._positions[k] for k in range(shards)])
 
     def age_s(self, shard: int, now: float | None = None) -> float:
         """How old this reader's knowledge of the shard's views is (inf: never heard)."""

@@ -2,9 +2,10 @@
 
 The gate is answered from the router's views in microseconds; FastAPI's routing, dependency
 and middleware layers would cost more than the decision. This wrapper answers the plain case
-itself (the service or admin token, a body within the limit, a decision) with the same
-functions the FastAPI routes use, and hands every other request to the app unchanged, its
-body replayed: errors, auth failures and everything else keep exactly one implementation.
+itself (the service or admin token, a body within the limit) with the same functions the
+FastAPI routes use, a refusal with the same error_response as the app's handler, and hands
+every other request to the app unchanged, its body replayed (auth failures, bodies over the
+limit, bugs): each keeps one implementation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hmac
 import msgspec
 
 from serve_app.context import Context
+from serve_app.errors import ApiError, error_response
 from serve_app.routes.gate import gate_answer, gate_batch_answer
 
 ENCODE = msgspec.json.Encoder().encode
@@ -49,7 +51,10 @@ class HotPath:
                 return
         try:
             body = ENCODE(await answer(self.ctx, b"".join(chunks)))
-        except Exception:  # noqa: BLE001 - refused (ApiError) or a bug: the app answers it, as any request
+        except ApiError as exc:  # refused: the answer the app's handler gives, without deciding again
+            await error_response(exc.status, exc.code, exc.message, **exc.details)(scope, receive, send)
+            return
+        except Exception:  # noqa: BLE001 - a bug: the app answers it (and logs it), as any request
             await self.app(scope, _replay(chunks, None, receive), send)
             return
         await send({"type": "http.response.start", "status": 200,

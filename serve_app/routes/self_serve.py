@@ -123,28 +123,25 @@ def routes(ctx: Context) -> APIRouter:
         return json(await start_checkout(ctx, org_id, session, body.success_url or back, body.cancel_url or back,
                                          request.headers.get("idempotency-key")))
 
-    @router.post("/v1/orgs/{org_id}/checkout/topup", openapi_extra=body_schema(TopupBody))
-    async def checkout_topup(org_id: OrgPath, request: Request) -> Response:
+    async def checkout_route(request: Request, org_id: str, body_type, session_of) -> Response:
+        """A Checkout for the org: top-up, card or tier, by `session_of(body)`."""
         ctx.org_or_admin(request, org_id)
         ctx.stripe.require()
-        body = parse_model(TopupBody, await request.body())
-        session = topup_checkout(ctx, org_id, body)
+        body = parse_model(body_type, await request.body())
+        session = session_of(body)
         return await idempotent(ctx, request, lambda: checkout(request, org_id, session, body))
+
+    @router.post("/v1/orgs/{org_id}/checkout/topup", openapi_extra=body_schema(TopupBody))
+    async def checkout_topup(org_id: OrgPath, request: Request) -> Response:
+        return await checkout_route(request, org_id, TopupBody, lambda body: topup_checkout(ctx, org_id, body))
 
     @router.post("/v1/orgs/{org_id}/checkout/setup", openapi_extra=body_schema(SetupBody))
     async def checkout_setup(org_id: OrgPath, request: Request) -> Response:
-        ctx.org_or_admin(request, org_id)
-        ctx.stripe.require()
-        body = parse_model(SetupBody, await request.body())
-        return await idempotent(ctx, request, lambda: checkout(request, org_id, setup_checkout(org_id), body))
+        return await checkout_route(request, org_id, SetupBody, lambda _: setup_checkout(org_id))
 
     @router.post("/v1/orgs/{org_id}/checkout/tier", openapi_extra=body_schema(TierCheckoutBody))
     async def checkout_tier(org_id: OrgPath, request: Request) -> Response:
-        ctx.org_or_admin(request, org_id)
-        ctx.stripe.require()
-        body = parse_model(TierCheckoutBody, await request.body())
-        session = tier_checkout(ctx, org_id, body.tier)
-        return await idempotent(ctx, request, lambda: checkout(request, org_id, session, body))
+        return await checkout_route(request, org_id, TierCheckoutBody, lambda body: tier_checkout(ctx, org_id, body.tier))
 
     @router.post("/v1/orgs/{org_id}/portal", openapi_extra=body_schema(PortalBody))
     async def portal(org_id: OrgPath, request: Request) -> Response:
