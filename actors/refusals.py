@@ -21,6 +21,7 @@ class Refusal(StrEnum):
     WRONG_SHARD = "wrong_shard"
     SHARD_BUSY = "shard_busy"
     SHARD_UNAVAILABLE = "shard_unavailable"
+    OUTCOME_UNKNOWN = "outcome_unknown"
     UNSTORABLE_INPUT = "unstorable_input"
     INTERNAL_ERROR = "internal_error"
 

@@ -39,7 +39,7 @@ from config.settings import Settings
 from storage import clock_offset
 from storage import orgs as orgs_store
 from storage import journal as store
-from storage.slots import Fenced, claim_shard, fence
+from storage.slots import Fenced, claim_shard, end_transaction, fence, transaction_status
 from storage.times import dt_to_us
 from storage.db import create_pool
 
@@ -82,6 +82,18 @@ DATABASE_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.Inte
 # A batch whose failure is isolated costs at most this many commits; what is left then is
 # answered shard_unavailable (retry), so a run of guilty items cannot stall the shard.
 MAX_ISOLATION_COMMITS = 64
+
+
+# A COMMIT whose answer was lost is looked up in Postgres for at most this long.
+OUTCOME_WAIT_S = 15.0
+OUTCOME_UNKNOWN = error(Refusal.OUTCOME_UNKNOWN,
+                        "the billing database went away while this request was committing, and whether it "
+                        "took effect cannot be known yet; retry it with the same Idempotency-Key, tick ids "
+                        "or lease id, which make the retry safe")
+
+
+class CommitOutcomeUnknown(Exception):
+    """A COMMIT lost its connection and Postgres could not be asked whether it committed."""
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -155,6 +167,7 @@ class ShardActor:
         self.stats_loop_errors = 0
         self.stats_parity_drift = 0
         self.stats_isolations = 0
+        self.stats_commits_resolved = {"committed": 0, "aborted": 0, "unknown": 0}  # COMMITs whose answer was lost
         self.views = ViewLog(shard, self.settings.gate_views)
         # Running totals over the orgs in memory, for the metrics: kept as orgs load, commit,
         # snapshot and leave, so that no request and no report scans the orgs for them.
@@ -595,6 +608,10 @@ class ShardActor:
             committed = await self._commit(batch)
         except Exception as exc:  # noqa: BLE001 - sorted below: outage or a guilty item
             self._forget(batch)
+            if isinstance(exc, CommitOutcomeUnknown):
+                log.error("shard %s: commit of %d items: outcome unknown (%s)", self.shard, len(batch), exc)
+                self._answer(batch, OUTCOME_UNKNOWN)
+                return
             if is_outage(exc) or budget[0] <= 0:
                 log.warning("shard %s: commit of %d items failed (%s): %r", self.shard, len(batch),
                             "database unavailable" if is_outage(exc) else "isolation budget spent", exc)
@@ -732,9 +749,12 @@ class ShardActor:
         results: dict[int, dict] = {}
         phase = self._phase_clock()
         conn = await self.pool.acquire()
+        backend_pid = conn.get_server_pid()
+        xid = None  # the transaction's id
+        committing = False  # set once the body is done: what fails after that is the COMMIT
         try:
             async with conn.transaction():
-                await fence(conn, self.shard, self.epoch)
+                xid = await fence(conn, self.shard, self.epoch)
                 seen_before = await store.claim_tick_ids(conn, list(tick_keys))
                 keyed = await store.keyed_entries(conn, key_pairs)
                 phase("dedupe")
@@ -748,10 +768,48 @@ class ShardActor:
                 phase("apply")
                 event_ids = await store.write_batch(conn, out)
                 phase("write")
+                committing = True
             phase("commit")
+        except Exception as exc:
+            if not (committing and is_outage(exc)):
+                raise  # failed before COMMIT was sent, or refused by Postgres: rolled back
+            # The link failed during COMMIT: the transaction may have committed. Guessing
+            # either way is wrong (a retry would bill twice, or an acknowledged change would
+            # be answered as failed), so ask Postgres.
+            if not await self._committed_after_all(backend_pid, xid, exc):
+                raise
+            log.warning("shard %s: the answer to a COMMIT was lost (%r); Postgres says it committed",
+                        self.shard, exc)
         finally:
             await self._release(conn)
         return work, results, event_ids
+
+    async def _committed_after_all(self, backend_pid: int, xid: int, failure: Exception) -> bool:
+        """Whether transaction `xid`, whose COMMIT lost its connection, committed.
+
+        Postgres decides it, over a new connection: first its old server process is ended
+        (over a silent network it could hold the transaction open for minutes), then the
+        transaction's status is read until it is final. Raises CommitOutcomeUnknown if
+        Postgres cannot be asked within OUTCOME_WAIT_S."""
+        deadline = time.monotonic() + OUTCOME_WAIT_S
+        ended = False
+        while time.monotonic() < deadline:
+            try:
+                async with self.pool.acquire(timeout=max(0.1, deadline - time.monotonic())) as conn:
+                    if not ended:
+                        await end_transaction(conn, backend_pid, xid)
+                        ended = True
+                    status = await transaction_status(conn, xid)
+            except Exception as exc:  # noqa: BLE001 - Postgres cannot be asked yet: again, until the deadline
+                if not is_outage(exc):
+                    raise
+                status = "unreachable"
+            if status in ("committed", "aborted"):
+                self.stats_commits_resolved[status] += 1
+                return status == "committed"
+            await asyncio.sleep(0.05 if status == "in progress" else 0.25)
+        self.stats_commits_resolved["unknown"] += 1
+        raise CommitOutcomeUnknown(f"transaction {xid}: {failure!r}") from failure
 
     async def _release(self, conn) -> None:
         """Back to the pool. asyncpg re-raises a failure to reset the connection, which comes

@@ -50,6 +50,7 @@ STATUS_BY_REFUSAL: dict[Refusal, int] = {
     Refusal.WRONG_SHARD: 503,
     Refusal.SHARD_BUSY: 503,
     Refusal.SHARD_UNAVAILABLE: 503,
+    Refusal.OUTCOME_UNKNOWN: 503,
     Refusal.UNSTORABLE_INPUT: 422,
     Refusal.INTERNAL_ERROR: 500,
 }

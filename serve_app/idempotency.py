@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 
 from fastapi import Request, Response
 
+from actors.refusals import Refusal
 from serve_app.auth import Caller
 from serve_app.context import Context
 from serve_app.errors import ApiError
@@ -72,10 +73,14 @@ async def once(ctx: Context, scope: str, key: str, fingerprint: str,
         return Response(seen.body, status_code=seen.status, media_type="application/json")
     try:
         response = await run()
-    except ApiError:
+    except ApiError as exc:
         # Refused or failed with an answer (nothing of the request was acknowledged): the key
-        # is given back, as before it was claimed, so the retry runs.
-        await _release(pool, scope, key)
+        # is given back, as before it was claimed, so the retry runs. Not when the database
+        # went away during the COMMIT and could not be asked since: the request may have
+        # committed, and the claim is taken over as abandoned after ABANDONED_AFTER_S, when
+        # the ledger's own key answers the rerun with what committed.
+        if exc.code != Refusal.OUTCOME_UNKNOWN:
+            await _release(pool, scope, key)
         raise
     # Anything else (the client went away, a bug) leaves the claim in place: the work may have
     # committed, and the claim is taken over as abandoned after ABANDONED_AFTER_S.

@@ -59,8 +59,30 @@ async def claim_shard(conn: asyncpg.Connection, shard: int) -> tuple[int, set[in
     return epoch, slots
 
 
-async def fence(conn: asyncpg.Connection, shard: int, epoch: int) -> None:
-    current = await conn.fetchval(
-        "SELECT epoch FROM shard_owners WHERE shard = $1 FOR SHARE", shard)
+async def fence(conn: asyncpg.Connection, shard: int, epoch: int) -> int:
+    """Inside a commit's transaction: refuse to go on unless this is still the shard's epoch.
+
+    Returns the transaction's id, so that a commit whose answer is lost can be looked up
+    (transaction_status)."""
+    row = await conn.fetchrow(
+        "SELECT epoch, txid_current() AS xid FROM shard_owners WHERE shard = $1 FOR SHARE", shard)
+    current = row["epoch"] if row else None
     if current != epoch:
         raise Fenced(f"shard {shard} epoch {epoch} is stale (now {current})")
+    return row["xid"]
+
+
+async def end_transaction(conn: asyncpg.Connection, backend_pid: int, xid: int) -> bool:
+    """Terminate the server process still holding transaction `xid` open, if one does.
+
+    A client that lost its connection cannot tell whether the server saw the link go: over a
+    silent network the server can hold the transaction open for as long as its keepalives
+    take. Ended, it is either committed (its COMMIT ran) or rolled back, for good."""
+    return bool(await conn.fetchval(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE pid = $1 AND backend_xid::text::int8 = $2::int8 % 4294967296", backend_pid, xid))
+
+
+async def transaction_status(conn: asyncpg.Connection, xid: int) -> str | None:
+    """'committed', 'aborted' or 'in progress'; None if Postgres no longer knows (too old)."""
+    return await conn.fetchval("SELECT txid_status($1)", xid)

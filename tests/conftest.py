@@ -28,6 +28,7 @@ from tests.helpers import (
     SVIX_SECRET,
     free_port,
 )
+from tests.pgproxy import PgProxy
 from tests.stripe_servers import stripe_on_loopback
 
 
@@ -64,16 +65,24 @@ def _database_url(base_url: str, name: str) -> str:
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, receiver):
+    """The service, reaching Postgres through tests/pgproxy.py (`service.pg_proxy`), so that a
+    test can cut its connection in the middle of a COMMIT."""
     from serve_app import launch
+    from storage.db import start_embedded_postgres, stop_embedded_postgres
 
     data_dir: Path = tmp_path_factory.mktemp("metergate")
     external = os.environ.get("METERGATE_DATABASE_URL")
     database = f"metergate_test_{uuid.uuid4().hex[:10]}"
+    pg_server = None
     with stripe_on_loopback(tmp_path_factory.mktemp("stripe")) as stripe_api_base:
         if external:  # a database of its own on that server, dropped at the end
             _on_server(external, f'CREATE DATABASE "{database}"')
+            upstream_url = _database_url(external, database)
+        else:  # the embedded Postgres in the service's data folder, as launch would start it
+            upstream_url, pg_server = start_embedded_postgres(data_dir)
+        proxy = PgProxy(upstream_url)
         settings = Settings(
-            database_url=_database_url(external, database) if external else None,
+            database_url=proxy.url,
             data_dir=data_dir,
             http_port=free_port(),
             service_token=SERVICE_TOKEN,
@@ -93,11 +102,18 @@ def service(tmp_path_factory, receiver):
             dashboard=False,  # its processes cost CPU the tests need; tests/test_metrics.py scrapes instead
             metrics_port=free_port(),
         )
-        running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
+        running = None
         try:
+            running = launch.start(settings, ray_init_kwargs={"num_cpus": 2})
+            running.pg_server = pg_server  # stopped with the service (tests restart it)
+            running.pg_proxy = proxy
             yield running
         finally:
-            launch.stop(running)
+            if running is not None:
+                launch.stop(running)
+            elif pg_server is not None:
+                stop_embedded_postgres(pg_server)
+            proxy.stop()
             if external:
                 _on_server(external, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
