@@ -49,6 +49,7 @@ from storage.times import us_to_dt
 log = logging.getLogger("metergate.jobs")
 
 JOBS_NAME = "metergate-jobs"
+START_RETRY_S = 2.0
 TICK_EVERY_S = 1.0  # the loop's beat; each job runs when its own cadence has passed
 METER_GRACE_S = 120  # an hour is rolled up this long after it ends (late ticks land first)
 METER_BATCH = 500
@@ -86,6 +87,21 @@ class SchedulerActor:
         self.meter_retry = RetryPolicy(self.settings.webhook_backoff_s, METER_MAX_ATTEMPTS)
         self.runs = {"sweep": 0, "outbox": 0, "meter": 0, "parity": 0, "prune_tick_ids": 0, "outbox_count": 0,
                      "skipped_locked": 0, "errors": 0, "parity_drift": 0}
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # built outside an actor's event loop: the first call starts it
+        # Ray restarts a killed scheduler, and nobody calls it then: it starts by itself.
+        self.starting = asyncio.ensure_future(self._start_until_up())
+
+    async def _start_until_up(self) -> None:
+        while True:
+            try:
+                await self._ensure_started()
+                return
+            except Exception:  # noqa: BLE001 - Postgres not reachable yet: again shortly
+                log.exception("scheduler: start failed; trying again in %s s", START_RETRY_S)
+                await asyncio.sleep(START_RETRY_S)
 
     async def _ensure_started(self) -> None:
         if self.started is None or (self.started.done() and self.started.exception() is not None):

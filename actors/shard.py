@@ -19,7 +19,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import asyncpg
 import msgspec
 
 from actors import commands as cmd
@@ -39,9 +38,9 @@ from config.settings import Settings
 from storage import clock_offset
 from storage import orgs as orgs_store
 from storage import journal as store
-from storage.slots import Fenced, claim_shard, end_transaction, fence, transaction_status
+from storage.slots import claim_shard, end_transaction, fence, transaction_status
 from storage.times import dt_to_us
-from storage.db import create_pool
+from storage.db import ITEM_FAILURES_IN_POSTGRES, create_pool, is_outage
 
 log = logging.getLogger("metergate.shard")
 
@@ -73,12 +72,6 @@ UNAVAILABLE = error(Refusal.SHARD_UNAVAILABLE, "the billing database is unavaila
 UNSTORABLE = error(Refusal.UNSTORABLE_INPUT,
                    "a value in this request cannot be stored; correct it, retrying will not help")
 STATE_WAIT_S = 10  # a state read waits at most this for the commit of its org's last command
-# What one item can make a commit fail with: a value Postgres refuses, a constraint it breaks.
-ITEM_FAILURES_IN_POSTGRES = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-# Everything else from Postgres or the link to it (a lost connection, a failover to a read-only
-# standby, a deadlock, the epoch fenced) is an outage: the batch as a whole fails, retryable.
-DATABASE_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
-                     asyncio.TimeoutError, Fenced)
 # A batch whose failure is isolated costs at most this many commits; what is left then is
 # answered shard_unavailable (retry), so a run of guilty items cannot stall the shard.
 MAX_ISOLATION_COMMITS = 64
@@ -94,11 +87,6 @@ OUTCOME_UNKNOWN = error(Refusal.OUTCOME_UNKNOWN,
 
 class CommitOutcomeUnknown(Exception):
     """A COMMIT lost its connection and Postgres could not be asked whether it committed."""
-
-
-def is_outage(exc: BaseException) -> bool:
-    """A failure of the database, not of any one item (those are isolated instead)."""
-    return isinstance(exc, DATABASE_FAILURES) and not isinstance(exc, ITEM_FAILURES_IN_POSTGRES)
 
 
 def tick_key(org_id: str, tick_id: str) -> bytes:
@@ -500,6 +488,7 @@ class ShardActor:
                 future.set_result(None)
             except BaseException as exc:
                 future.set_exception(exc)
+                future.exception()  # handed on by the raise below; other waiters, if any, get it too
                 raise
             finally:
                 for org_id in to_load:

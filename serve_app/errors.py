@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import asyncpg
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,6 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.routing import ShardUnavailable
 from actors.refusals import Refusal
+from serve_app.outage import RETRY_AFTER_S
+from storage.db import is_outage
 
 log = logging.getLogger("metergate.http")
 
@@ -30,7 +30,6 @@ def error_body(code: str, message: str, **details: object) -> dict:
     return {"error": {"code": code, "message": message, **details}}
 
 
-RETRY_AFTER_S = 1  # what a 503 asks a caller to wait before retrying
 
 
 def error_response(status: int, code: str, message: str, **details: object) -> JSONResponse:
@@ -55,6 +54,10 @@ STATUS_BY_REFUSAL: dict[Refusal, int] = {
     Refusal.INTERNAL_ERROR: 500,
 }
 assert set(STATUS_BY_REFUSAL) == set(Refusal), "every refusal has its HTTP status"
+
+
+def database_unavailable() -> JSONResponse:
+    return error_response(503, "database_unavailable", "the database is unavailable; retry the request")
 
 
 def unknown_org(org_id: str) -> ApiError:
@@ -116,16 +119,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:
         return error_response(503, "shard_unavailable", str(exc))
 
-    @app.exception_handler(asyncpg.PostgresConnectionError)
-    @app.exception_handler(asyncpg.InterfaceError)
-    @app.exception_handler(ConnectionError)
-    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-        # Postgres went away mid-request (restart, failover): the caller should retry.
-        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, "database_unavailable", "the database is unavailable; retry the request")
-
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_outage(exc):
+            # Postgres went away mid-request (restart, shutting down, failover): retry.
+            log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+            return database_unavailable()
         # A bug, never the caller's fault: log it whole, tell the caller nothing internal.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "internal error; it has been logged")

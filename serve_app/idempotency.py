@@ -12,6 +12,7 @@ answered (its process died) is taken over by the same request after ABANDONED_AF
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Awaitable, Callable
 
 from fastapi import Request, Response
@@ -21,6 +22,9 @@ from serve_app.auth import Caller
 from serve_app.context import Context
 from serve_app.errors import ApiError
 from storage import http_idempotency as records
+from storage.db import is_outage
+
+log = logging.getLogger("metergate.http")
 
 MAX_KEY_CHARS = 255
 # A claim with no answer after this long is taken as abandoned (its process died mid-request)
@@ -87,8 +91,16 @@ async def once(ctx: Context, scope: str, key: str, fingerprint: str,
     if response.status_code >= 500:
         await _release(pool, scope, key)
         return response
-    async with pool.acquire() as conn:
-        await records.complete(conn, scope, key, response.status_code, bytes(response.body))
+    try:
+        async with pool.acquire() as conn:
+            await records.complete(conn, scope, key, response.status_code, bytes(response.body))
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        # The request is done (committed); only its answer could not be kept for the key.
+        # Telling the caller it failed would be the lie: it gets the answer. The key stays
+        # claimed, and a rerun after ABANDONED_AFTER_S finds the ledger's own key.
+        log.warning("Idempotency-Key %r: the answer of a finished request was not kept: %r", key, exc)
     return response
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -239,7 +240,11 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
     (its defaults, /tmp/haproxy-serve and ports 8404/9101, collide between two services)."""
     run = haproxy_dir(settings)
     run.mkdir(parents=True, exist_ok=True)
+    front = run / "haproxy"  # HAProxy with metergate's outage answers (serve_app/haproxy_front.py)
+    front.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m serve_app.haproxy_front "$@"\n')
+    front.chmod(0o755)
     return {
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(front),
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run / "haproxy.cfg"),
@@ -252,6 +257,9 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         # HAProxy's own metrics make Serve's manager actor parse a log line per request
         # (~20 % of a core at 3k req/s here); metergate exports its own (README, Metrics).
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # A dead HAProxy is replaced once its proxy fails 3 health checks: 3 x 10 s by
+        # default, half a minute with the HTTP port closed; 3 x 2 s instead.
+        "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
     }
 
 

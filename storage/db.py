@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -10,7 +11,22 @@ from pathlib import Path
 
 import asyncpg
 
+from storage.slots import Fenced
+
 log = logging.getLogger("metergate.storage")
+
+# What one item of a commit can make it fail with: a value Postgres refuses, a constraint it breaks.
+ITEM_FAILURES_IN_POSTGRES = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Everything else from Postgres or the link to it (a lost connection, a server shutting down
+# or starting, a failover to a read-only standby, a deadlock, the epoch fenced) is an outage:
+# what failed may be retried once it is over.
+DATABASE_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+                     asyncio.TimeoutError, Fenced)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of the database, not of any one value sent to it."""
+    return isinstance(exc, DATABASE_FAILURES) and not isinstance(exc, ITEM_FAILURES_IN_POSTGRES)
 
 # Any constant works as long as every migrator uses it: it serialises concurrent start-ups.
 _MIGRATION_LOCK = 7_310_001

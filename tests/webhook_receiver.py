@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from svix.webhooks import Webhook, WebhookVerificationError
@@ -19,6 +20,8 @@ class Receiver:
         self.received: list[dict] = []  # every delivery that verified, failed on purpose or not
         self.rejected = 0  # deliveries whose signature did not verify
         self.fail_next: dict[str, int] = {}
+        self.hold_s: dict[str, float] = {}  # org -> how long its deliveries wait for an answer (a slow receiver)
+        self.arrived: dict[str, int] = {}  # org -> deliveries that reached the receiver, answered or not yet
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +38,9 @@ class Receiver:
                     return
                 message = json.loads(body)
                 org_id = message["data"].get("org_id")
+                with receiver.lock:
+                    receiver.arrived[org_id] = receiver.arrived.get(org_id, 0) + 1
+                time.sleep(receiver.hold_s.get(org_id, 0))
                 with receiver.lock:
                     failing = receiver.fail_next.get(org_id, 0)
                     if failing:

@@ -44,7 +44,8 @@ from serve_app.calls import (
     org_state,
 )
 from serve_app.context import Context, json
-from serve_app.errors import RETRY_AFTER_S, ApiError, raise_for_shard_error
+from serve_app.errors import ApiError, raise_for_shard_error
+from serve_app.outage import RETRY_AFTER_S
 from serve_app.idempotency import checked_key, once, request_hash, scope_of
 from serve_app.params import OrgPath
 from serve_app.routes.self_serve import (
