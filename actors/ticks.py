@@ -13,7 +13,13 @@ ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
 # Text that is stored or shown: no control characters (Postgres refuses NUL in text and jsonb,
 # and no log line or page should carry the others).
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
+# msgspec (and Python's re) check a pattern with a search in which `$` also matches just before
+# a final newline: "lease_1\n" passed as an id and "us\n" as a name. The lookahead ends that, and
+# JSON Schema reads it as before. pydantic keeps the plain patterns: its Rust regex has no
+# lookaround, and there `$` is the very end already.
+WHOLE_ID_PATTERN = ID_PATTERN + r"(?!\n)"
+WHOLE_NAME_PATTERN = NAME_PATTERN + r"(?!\n)"
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=WHOLE_ID_PATTERN)]
 # Bounds: an hour per tick, 4 TiB of memory, 1024 vCPUs, 64 TiB of disk. A tick outside them
 # is a caller bug, and rejecting it keeps every product below 2**63.
 DurationMs = Annotated[int, msgspec.Meta(ge=0, le=3_600_000)]
@@ -21,7 +27,7 @@ MemoryMb = Annotated[int, msgspec.Meta(ge=0, le=4_194_304)]
 CpuCount = Annotated[int, msgspec.Meta(ge=0, le=1024)]
 DiskMb = Annotated[int, msgspec.Meta(ge=0, le=67_108_864)]
 UnitCount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
-UnitName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+UnitName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=WHOLE_NAME_PATTERN)]
 MAX_FUTURE_US = 300 * 1_000_000  # a tick may not start more than 5 minutes in the future
 
 

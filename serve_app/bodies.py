@@ -8,7 +8,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.org import MAX_AMOUNT_MICROS, MAX_TTL_S, Resources
-from actors.ticks import DECODE_ERRORS, ID_PATTERN, NAME_PATTERN, Id
+from actors.ticks import DECODE_ERRORS, ID_PATTERN, NAME_PATTERN, WHOLE_NAME_PATTERN, Id
 from serve_app.auth import MAX_ORG_TOKEN_TTL_S, MIN_ORG_TOKEN_TTL_S
 from serve_app.errors import ApiError, invalid_request
 
@@ -16,7 +16,7 @@ NO_RESOURCES = Resources()
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 Ttl = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_S)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=WHOLE_NAME_PATTERN)]
 
 
 class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):

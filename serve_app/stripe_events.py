@@ -34,11 +34,17 @@ class DunningPolicy:
 
 
 def _integer(value, field: str, low: int, high: int) -> int:
-    """An integer field of an event, within bounds the core can hold (else the event is refused)."""
-    try:
+    """An integer field of an event, within bounds the core can hold (else the event is refused).
+
+    Stripe sends a JSON integer, or in metadata (always strings) ASCII digits. Nothing else is
+    read as a number: int() would truncate 12.7 to 12, take `true` as 1 and "١٢" or " +12" as 12.
+    """
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         number = int(value)
-    except (TypeError, ValueError):
-        raise EventError(f"{field} is not an integer") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise EventError(f"{field} is not an integer")
     if not low <= number <= high:
         raise EventError(f"{field} is out of range")
     return number

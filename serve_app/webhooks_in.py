@@ -23,7 +23,7 @@ from actors import metrics
 from actors.commands import fingerprint
 from actors.refusals import Refusal
 from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, nests_deeper_than, not_json
-from actors.ticks import DECODE_ERRORS, ID_PATTERN
+from actors.ticks import DECODE_ERRORS, WHOLE_ID_PATTERN
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, raise_for_shard_error
@@ -31,11 +31,11 @@ from serve_app.stripe_events import DunningPolicy, EventError, commands_for, cus
 from storage import inbound_webhooks, stripe_customers
 
 SOURCE = "svix"
-STRIPE_ID = re.compile(ID_PATTERN)
+STRIPE_ID = re.compile(WHOLE_ID_PATTERN)
 STRIPE_TOLERANCE_S = 300
 
 
-EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
+EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=WHOLE_ID_PATTERN)]
 
 
 class Envelope(msgspec.Struct):
@@ -122,10 +122,13 @@ def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> d
     """The event, if Stripe-Signature checks out and its time is within 5 minutes either way."""
     if not header:
         raise ApiError(400, "invalid_signature", "missing Stripe-Signature header")
+    if not header.isascii():  # stripe-python compares with hmac.compare_digest, which raises on other text
+        raise ApiError(400, "invalid_signature", "Stripe-Signature is not ASCII")
     # stripe-python refuses old timestamps but accepts any future one: a signature minted
     # "later" (a skewed or hostile clock) must not outlive the tolerance either.
     stamps = [part[2:] for part in header.split(",") if part.startswith("t=")]
-    if not stamps or not stamps[0].isdigit():
+    # ASCII only: "²" (a Latin-1 header byte) is a digit to isdigit() and not to int().
+    if not stamps or not (stamps[0].isascii() and stamps[0].isdigit()):
         raise ApiError(400, "invalid_signature", "Stripe-Signature has no timestamp")
     if int(stamps[0]) > now_s + STRIPE_TOLERANCE_S:
         raise ApiError(400, "invalid_signature", "Stripe-Signature timestamp is in the future")
@@ -145,6 +148,9 @@ def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> d
         raise not_json()
     if not isinstance(event, dict) or not isinstance(event.get("id"), str):
         raise ApiError(400, "invalid_json", "webhook body is not a Stripe event")
+    data = event.get("data")  # read as objects from here on
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("object") or {}, dict)):
+        raise ApiError(400, "invalid_json", "webhook body is not a Stripe event: data.object is not an object")
     if not STRIPE_ID.match(event["id"]) or not STRIPE_ID.match(str(event.get("type", ""))):
         raise ApiError(422, "invalid_request", "the event's id or type is not a Stripe identifier", field="id")
     return event
@@ -153,8 +159,9 @@ def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> d
 async def _expand_refunds(ctx: Context, event: dict) -> None:
     """Newer API versions send `charge.refunded` without `refunds.data`: list them from Stripe."""
     charge = (event.get("data") or {}).get("object") or {}
-    if event.get("type") != "charge.refunded" or (charge.get("refunds") or {}).get("data") is not None:
-        return
+    sent = charge.get("refunds") or {}
+    if event.get("type") != "charge.refunded" or not isinstance(sent, dict) or sent.get("data") is not None:
+        return  # listed already, or not a list of refunds at all (commands_for says what is wrong)
     if ctx.stripe.client is None or not isinstance(charge.get("id"), str):
         return  # commands_for then says what is missing
     refunds = await ctx.stripe.call(ctx.stripe.client.v1.refunds.list, {"charge": charge["id"], "limit": 100})

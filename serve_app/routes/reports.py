@@ -53,7 +53,8 @@ def routes(ctx: Context) -> APIRouter:
 def _time_param(request: Request, name: str) -> int | None:
     raw = request.query_params.get(name)
     try:
-        return None if raw is None else parse_time_us(int(raw) if raw.isdigit() else raw)
+        # ASCII digits are an epoch; "²" is a digit to isdigit() and not to int().
+        return None if raw is None else parse_time_us(int(raw) if raw.isascii() and raw.isdigit() else raw)
     except BadTime as exc:
         raise ApiError(422, "invalid_request", str(exc), field=name) from None
 
