@@ -26,6 +26,7 @@ from tests.helpers import (
     STRIPE_SECRET_KEY,
     STRIPE_WEBHOOK_SECRET,
     SVIX_SECRET,
+    Sql,
     free_port,
 )
 from tests.pgproxy import PgProxy
@@ -130,29 +131,6 @@ def compute(service):
     with httpx.Client(base_url=service.base_url, timeout=60,
                       headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}) as client:
         yield client
-
-
-class Sql:
-    """Direct reads of the service's Postgres, to check what it wrote."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def _run(self, method: str, query: str, *args):
-        async def go():
-            conn = await asyncpg.connect(self.url)
-            try:
-                return await getattr(conn, method)(query, *args)
-            finally:
-                await conn.close()
-
-        return asyncio.run(go())
-
-    def fetch(self, query: str, *args):
-        return self._run("fetch", query, *args)
-
-    def val(self, query: str, *args):
-        return self._run("fetchval", query, *args)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ helpers from here, never from one another."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -10,6 +11,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import asyncpg
 import httpx
 import ray
 import stripe
@@ -50,6 +52,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class Sql:
+    """Direct reads of the service's Postgres, to check what it wrote."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _run(self, method: str, query: str, *args):
+        async def go():
+            conn = await asyncpg.connect(self.url)
+            try:
+                return await getattr(conn, method)(query, *args)
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def fetch(self, query: str, *args):
+        return self._run("fetch", query, *args)
+
+    def val(self, query: str, *args):
+        return self._run("fetchval", query, *args)
 
 
 # ----- usage ticks and what the service wrote ----------------------------------------------

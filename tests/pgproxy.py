@@ -34,11 +34,12 @@ CHUNK = 1 << 16
 
 
 class Cut:
-    def __init__(self, cut_id: int, needle: bytes, when: str) -> None:
+    def __init__(self, cut_id: int, needle: bytes, when: str, then_refuse_s: float) -> None:
         assert when in ("after_commit", "before_commit"), when
         self.cut_id = cut_id
         self.needle = needle
         self.when = when
+        self.then_refuse_s = then_refuse_s
         self.done = False
 
 
@@ -48,6 +49,8 @@ class Relay:
         self.cuts: list[Cut] = []
         self.connections = 0
         self.open = 0
+        self.refusing_until = 0.0  # loop time: until then, every connection is reset
+        self.writers: set[asyncio.StreamWriter] = set()
 
     async def _connect_upstream(self):
         if self.upstream.startswith("unix:"):
@@ -62,14 +65,27 @@ class Relay:
         self.connections += 1
         self.open += 1
         try:
+            if asyncio.get_running_loop().time() < self.refusing_until:
+                _reset(client_w)
+                return
             try:
                 server_r, server_w = await self._connect_upstream()
             except OSError:
                 _reset(client_w)  # as a stopped Postgres does: the connection is refused
                 return
-            await self._relay(client_r, client_w, server_r, server_w)
+            self.writers.update((client_w, server_w))
+            try:
+                await self._relay(client_r, client_w, server_r, server_w)
+            finally:
+                self.writers.difference_update((client_w, server_w))
         finally:
             self.open -= 1
+
+    def refuse(self, seconds: float) -> None:
+        """Postgres out of reach for `seconds`: every connection reset, new ones refused."""
+        self.refusing_until = asyncio.get_running_loop().time() + seconds
+        for writer in list(self.writers):
+            _reset(writer)
 
     async def _relay(self, client_r, client_w, server_r, server_w) -> None:
         commit_answered = asyncio.Event()
@@ -142,6 +158,8 @@ class Relay:
         except (OSError, asyncio.TimeoutError):
             pass
         finally:
+            if cutting and cutting[0].then_refuse_s:
+                self.refuse(cutting[0].then_refuse_s)
             for task in tasks:
                 task.cancel()
             for writer in (server_w, client_w):
@@ -155,7 +173,8 @@ class Relay:
             while line := await reader.readline():
                 request = json.loads(line)
                 if request["cmd"] == "cut":
-                    cut = Cut(len(self.cuts) + 1, request["needle"].encode(), request["when"])
+                    cut = Cut(len(self.cuts) + 1, request["needle"].encode(), request["when"],
+                              request.get("then_refuse_s", 0))
                     self.cuts.append(cut)
                     answer = {"armed": cut.cut_id}
                 else:
@@ -221,9 +240,10 @@ class PgProxy:
             conn.sendall(json.dumps(request).encode() + b"\n")
             return json.loads(conn.makefile().readline())
 
-    def cut(self, needle: str, when: str) -> int:
-        """Arm a cut of the next transaction carrying `needle`; returns its id."""
-        return self._ask({"cmd": "cut", "needle": needle, "when": when})["armed"]
+    def cut(self, needle: str, when: str, then_refuse_s: float = 0) -> int:
+        """Arm a cut of the next transaction carrying `needle` (and, if asked, every connection
+        refused for `then_refuse_s` after it: Postgres out of reach); returns the cut's id."""
+        return self._ask({"cmd": "cut", "needle": needle, "when": when, "then_refuse_s": then_refuse_s})["armed"]
 
     def status(self) -> dict:
         return self._ask({"cmd": "status"})

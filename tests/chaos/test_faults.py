@@ -14,12 +14,10 @@ import signal
 import time
 import uuid
 
-import pgserver
-import psutil
 import pytest
 
-from serve_app.launch import haproxy_dir
-from tests.chaos.traffic import Traffic
+from actors.shard import OUTCOME_WAIT_S
+from tests.chaos.faults import alive_pid, scheduler_pid, through_fault
 from tests.helpers import (
     ADMIN_TOKEN,
     SERVICE_TOKEN,
@@ -32,7 +30,6 @@ from tests.helpers import (
     wait_for,
 )
 
-FAULT_TRAFFIC_S = 90  # each traffic loop ends by itself after this, fault or no fault
 RECOVERY_S = 60
 
 
@@ -80,6 +77,36 @@ def test_a_credit_whose_commit_never_reached_postgres_is_503_and_its_retry_lands
     assert _balance(admin, org) == before + 2_000_000 == ledger_sum(sql, org)
 
 
+def test_a_commit_whose_outcome_cannot_be_learned_is_503_outcome_unknown_and_keeps_its_key(
+        service, admin, sql, new_org):
+    """Postgres goes out of reach right after the COMMIT, for longer than the shard asks it
+    (OUTCOME_WAIT_S): the caller is told the truth, `outcome_unknown`, and its key stays
+    claimed, so a retry cannot apply the credit a second time."""
+    org = new_org()
+    note = f"cut-unknown-{uuid.uuid4().hex[:8]}"
+    key = {"Idempotency-Key": f"unknown-{note}"}
+    body = {"kind": "grant", "amount_micros": 3_000_000, "note": note}
+    cut = service.pg_proxy.cut(note, "after_commit", then_refuse_s=OUTCOME_WAIT_S + 5)
+    started = time.monotonic()
+    unknown = admin.post(f"/v1/orgs/{org}/credits", json=body, headers=key)
+    assert _cut_done(service, cut)
+    assert_error(unknown, 503, "outcome_unknown", mentions="Idempotency-Key")
+    assert unknown.headers["Retry-After"] == "1"
+    wait_for("Postgres in reach again", lambda: time.monotonic() - started > OUTCOME_WAIT_S + 6, 60)
+    retried = wait_for("an answer to the retry", lambda: _answered(admin, f"/v1/orgs/{org}/credits", body, key), 60)
+    assert_error(retried, 409, "idempotency_in_progress")
+    # It did commit (the proxy let the COMMIT through): once, and memory agrees after reloading.
+    assert [tuple(r) for r in _entries_noted(sql, org, note)] == [("grant", 3_000_000)]
+    assert wait_for("the org's state", lambda: _answered(admin, f"/v1/orgs/{org}", None, {}), 60
+                    ).json()["balance_micros"] == ledger_sum(sql, org)
+
+
+def _answered(client, path: str, body: dict | None, headers: dict):
+    """The first answer that is not an outage (503)."""
+    response = client.post(path, json=body, headers=headers) if body is not None else client.get(path)
+    return response if response.status_code != 503 else None
+
+
 @pytest.mark.parametrize("when", ["after_commit", "before_commit"])
 def test_ticks_whose_commit_connection_is_cut_are_billed_exactly_once(service, admin, compute, sql, new_org, when):
     org = new_org()
@@ -122,133 +149,20 @@ def busy_orgs(admin, new_org, org_id_on):
     return orgs, {org: admin.get(f"/v1/orgs/{org}").json()["balance_micros"] for org in orgs}
 
 
-def through_fault(service, admin, sql, busy_orgs, inject, name: str) -> Traffic:
-    """Traffic before, during and after `inject()`; then retries of what failed, and the checks."""
-    orgs, start_balances = busy_orgs
-    traffic = Traffic(service.base_url, ADMIN_TOKEN, SERVICE_TOKEN, orgs, max_s=FAULT_TRAFFIC_S,
-                      name=f"{name}-{uuid.uuid4().hex[:6]}").start()
-    try:
-        wait_for("traffic acknowledged before the fault", lambda: sum(traffic.usage_sent.values()) >= 3, 30)
-        started = time.monotonic()
-        inject()
-        traffic.fault_s = time.monotonic() - started
-        acknowledged = sum(traffic.usage_sent.values())
-        wait_for("traffic acknowledged after the fault",
-                 lambda: sum(traffic.usage_sent.values()) >= acknowledged + 3, RECOVERY_S)
-    finally:
-        traffic.stop()
-    traffic.settle()
-    violations = traffic.violations(admin, sql, start_balances)
-    print(f"{name}: fault lasted {getattr(traffic, 'fault_s', 0):.1f} s, {traffic.summary()}, "
-          f"answers {dict(traffic.seen.answers)}")
+@pytest.mark.parametrize("fault", [
+    "shard-kill", "commit-cuts", "replica-kill", "haproxy-kill", "scheduler-kill",
+    pytest.param("postgres-down", marks=pytest.mark.skipif(bool(os.environ.get("METERGATE_DATABASE_URL")),
+                                                           reason="stops the embedded Postgres"))])
+def test_traffic_through_a_fault_loses_and_doubles_nothing(service, admin, sql, busy_orgs, fault):
+    """Ticks, keyed credits, leases and gate checks flow before, during and after the fault;
+    callers retry what failed. Then: every acknowledged tick and credit exactly once, the
+    balance equal to the ledger and to what was sent, no lease left, the gate right, and
+    every failure a caller saw a 503 with Retry-After (or no connection at all)."""
+    traffic, violations = through_fault(service, admin, sql, *busy_orgs, fault, ADMIN_TOKEN, SERVICE_TOKEN)
+    print(f"{fault}: fault lasted {traffic.fault_s:.1f} s, {traffic.summary()}, answers {dict(traffic.seen.answers)}")
     assert violations == [], violations[:10]
-    return traffic
-
-
-def _failures(traffic: Traffic) -> int:
-    return sum(n for (_, status), n in traffic.seen.answers.items() if status not in (200, 201, 204))
-
-
-def test_kill_9_of_a_shard_while_traffic_flows(service, admin, sql, busy_orgs):
-    def kill_shard() -> None:
-        victim = shard_pid(0)
-        os.kill(victim, signal.SIGKILL)
-        wait_for("shard 0 in a new process", lambda: _alive_pid(lambda: shard_pid(0)) not in (None, victim), RECOVERY_S)
-
-    through_fault(service, admin, sql, busy_orgs, kill_shard, "shard-kill")
-
-
-@pytest.mark.skipif(bool(os.environ.get("METERGATE_DATABASE_URL")), reason="stops the embedded Postgres")
-def test_postgres_stopped_for_10_s_while_traffic_flows(service, admin, sql, busy_orgs):
-    def stop_postgres() -> None:
-        service.pg_server.cleanup()  # pg_ctl stop: connections drop, new ones are refused
-        time.sleep(10)
-        service.pg_server = pgserver.get_server(service.settings.data_dir / "pg", cleanup_mode="stop")
-
-    traffic = through_fault(service, admin, sql, busy_orgs, stop_postgres, "postgres-down")
-    assert traffic.seen.answers[("usage", 503)] > 0, "callers were told to retry while Postgres was down"
-
-
-def test_connections_cut_mid_commit_while_traffic_flows(service, admin, sql, busy_orgs):
-    """Cuts at COMMIT of credits and ticks, both ways: each is found out, none guessed."""
-    name = f"cut-{uuid.uuid4().hex[:6]}"
-    cuts = []
-
-    def cut_commits() -> None:
-        for n, when in enumerate(["after_commit", "before_commit"] * 3):
-            cuts.append(service.pg_proxy.cut(f"{name}-c{n + 1}", when))  # a credit's key is its note
-            cuts.append(service.pg_proxy.cut(f"{name}-l{n + 1}", when))  # a lease id is in its commit
-        wait_for("every armed cut to happen", lambda: all(
-            c["done"] for c in service.pg_proxy.status()["cuts"] if c["id"] in cuts), RECOVERY_S)
-
-    orgs, start_balances = busy_orgs
-    traffic = Traffic(service.base_url, ADMIN_TOKEN, SERVICE_TOKEN, orgs, max_s=FAULT_TRAFFIC_S, name=name).start()
-    try:
-        cut_commits()
-    finally:
-        traffic.stop()
-    traffic.settle()
-    violations = traffic.violations(admin, sql, start_balances)
-    print(f"commit cuts: {len(cuts)} cuts, {traffic.summary()}, answers {dict(traffic.seen.answers)}")
-    assert violations == [], violations[:10]
-
-
-def _ray_workers(title: str) -> list[int]:
-    """Pids of the Ray workers whose process title (Ray names it after the actor) starts so."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = proc.info["cmdline"] or []
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and cmdline and cmdline[0].startswith(title):
-            found.append(proc.pid)
-    return found
-
-
-def _ingress_replica_pids() -> list[int]:
-    return _ray_workers("ray::ServeReplica:metergate:Ingress")
-
-
-def test_kill_9_of_the_ingress_replica_while_traffic_flows(service, admin, sql, busy_orgs):
-    def kill_replica() -> None:
-        victims = _ingress_replica_pids()
-        assert victims
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        wait_for("a new ingress replica", lambda: set(_ingress_replica_pids()) - set(victims), RECOVERY_S)
-
-    through_fault(service, admin, sql, busy_orgs, kill_replica, "replica-kill")
-
-
-def _haproxy_pids(service) -> list[int]:
-    ours = str(haproxy_dir(service.settings)) + os.sep
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any(arg.startswith(ours) for arg in p.info["cmdline"] or ())]
-
-
-def test_kill_9_of_haproxy_while_traffic_flows(service, admin, sql, busy_orgs):
-    def kill_haproxy() -> None:
-        victims = _haproxy_pids(service)
-        assert victims, "HAProxy serves the HTTP port"
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        wait_for("HTTP served again", lambda: _answers(service), RECOVERY_S)
-
-    through_fault(service, admin, sql, busy_orgs, kill_haproxy, "haproxy-kill")
-
-
-def _answers(service) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{service.base_url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _alive_pid(probe):
-    try:
-        return probe()
-    except Exception:  # noqa: BLE001 - restarting
-        return None
+    if fault == "postgres-down":
+        assert traffic.seen.answers[("usage", 503)] > 0, "callers were told to retry while Postgres was down"
 
 
 def test_a_stripe_top_up_delivered_while_its_shard_restarts_is_credited_once(service, admin, compute, sql,
@@ -292,21 +206,15 @@ def test_the_scheduler_killed_mid_delivery_loses_no_outbound_event(service, admi
         events = sql.val("SELECT count(*) FROM outbox WHERE org_id = $1", org)
         assert events >= 6
         wait_for("a delivery in flight", lambda: receiver.arrived.get(org, 0) > 0, 30)
-        victim = _scheduler_pid()
+        victim = scheduler_pid()
         os.kill(victim, signal.SIGKILL)  # while the receiver still holds the delivery
     finally:
         receiver.hold_s.pop(org, None)
     wait_for("every event delivered after the restart",
              lambda: sql.val("SELECT count(*) FROM outbox WHERE org_id = $1 AND status = 'delivered'", org) == events,
              90)
-    assert wait_for("the scheduler in a new process", lambda: _alive_pid(_scheduler_pid) not in (None, victim), 60)
+    assert wait_for("the scheduler in a new process", lambda: alive_pid(scheduler_pid) not in (None, victim), 60)
     ids = [m["svix_id"] for m in receiver.of_org(org, accepted_only=True)]
     assert len(set(ids)) == events, "every event reached the receiver"
     # The killed run's deliveries (the receiver was still holding them) were sent again.
     assert receiver.arrived[org] > events, receiver.arrived[org]
-
-
-def _scheduler_pid() -> int:
-    found = _ray_workers("ray::SchedulerActor")
-    assert len(found) == 1, found
-    return found[0]

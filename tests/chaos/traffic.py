@@ -84,6 +84,8 @@ class Traffic:
         self.usage_sent: dict[int, bool] = {}  # request number -> acknowledged
         self.credits_sent: dict[str, tuple[str, bool]] = {}  # key -> (org, acknowledged)
         self.gates = 0
+        self.checks = 0  # invariant checks made by violations()
+        self.fault_s = 0.0  # how long the fault lasted (set by whoever injects it)
 
     def _client(self, role: str) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers=self.headers[role], timeout=30)
@@ -205,36 +207,38 @@ class Traffic:
 
     def violations(self, admin: httpx.Client, sql, start_balances: dict[str, int]) -> list[str]:
         found = [f"caller saw {what} -> {status}: {body}" for what, status, body in self.seen.bad]
+        self.checks = sum(self.seen.answers.values())  # every answer a caller got was checked
         unsettled = [n for n, acked in self.usage_sent.items() if not acked]
-        if unsettled:
-            found.append(f"usage requests never acknowledged after the fault: {unsettled[:5]}")
+        self._check(not unsettled, f"usage requests never acknowledged after the fault: {unsettled[:5]}", found)
         ticks_sent = Counter(t["org_id"] for n in self.usage_sent for t in self._usage_body(n)["ticks"])
         for org in self.orgs:
-            found += self._org_violations(admin, sql, org, start_balances[org], ticks_sent[org])
+            self._org_violations(admin, sql, org, start_balances[org], ticks_sent[org], found)
         return found
 
-    def _org_violations(self, admin, sql, org: str, start_micros: int, ticks: int) -> list[str]:
-        found = []
+    def _check(self, holds: bool, problem: str, found: list[str]) -> None:
+        self.checks += 1
+        if not holds:
+            found.append(problem)
+
+    def _org_violations(self, admin, sql, org: str, start_micros: int, ticks: int, found: list[str]) -> None:
         billed = sql.val("SELECT COALESCE(sum(ticks), 0)::int8 FROM usage_rollups WHERE org_id = $1", org)
-        if billed != ticks:
-            found.append(f"{org}: {ticks} ticks sent and acknowledged, {billed} billed")
+        self._check(billed == ticks, f"{org}: {ticks} ticks sent and acknowledged, {billed} billed", found)
         notes = Counter(r["note"] for r in sql.fetch(
             "SELECT note FROM ledger WHERE org_id = $1 AND kind = 'grant' AND note LIKE $2", org, f"{self.name}-c%"))
         for key, (owner, acked) in self.credits_sent.items():
-            if owner == org and notes[key] != (1 if acked else notes[key]):
-                found.append(f"{org}: acknowledged credit {key} is in the ledger {notes[key]} times")
-        found += [f"{org}: credit {key} is in the ledger {n} times" for key, n in notes.items() if n > 1]
+            if owner == org:  # acknowledged: exactly once; not acknowledged: at most once
+                self._check(notes[key] == 1 if acked else notes[key] <= 1,
+                            f"{org}: credit {key} (acknowledged: {acked}) is in the ledger {notes[key]} times", found)
         expected = start_micros + sum(notes.values()) * CREDIT_MICROS - ticks * TICK_MICROS
         state = admin.get(f"/v1/orgs/{org}").json()
         ledger = sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org)
-        if not state["balance_micros"] == ledger == expected:
-            found.append(f"{org}: balance {state['balance_micros']}, ledger {ledger}, expected {expected}")
-        if state["active_leases"] != 0:
-            found.append(f"{org}: {state['active_leases']} leases counted after all were released")
+        self._check(state["balance_micros"] == ledger == expected,
+                    f"{org}: balance {state['balance_micros']}, ledger {ledger}, expected {expected}", found)
+        self._check(state["active_leases"] == 0,
+                    f"{org}: {state['active_leases']} leases counted after all were released", found)
         gate = admin.post("/v1/gate", json={"org_id": org, "action": "create"}).json()
-        if not (gate["allowed"] and gate["balance_micros"] == state["balance_micros"] and gate["active_leases"] == 0):
-            found.append(f"{org}: gate after the fault {gate}, state {state['balance_micros']}")
-        return found
+        self._check(gate["allowed"] and gate["balance_micros"] == state["balance_micros"]
+                    and gate["active_leases"] == 0, f"{org}: gate after the fault {gate}, state {state}", found)
 
     def summary(self) -> dict:
         ticks = sum(TICKS_PER_REQUEST for _ in self.usage_sent)
