@@ -7,6 +7,10 @@ alone, and the service stops in order: it drains, then stops Ray and Postgres. W
 split, the group signal kills Ray's processes first and the drain hangs until something
 kills the service. The child also stops by itself when the relay dies (kill -9), so
 nothing outlives a killed `make up`.
+
+Both processes put in their signal handlers before they load anything of the project: the
+imports (Ray's above all) take seconds, and a Ctrl-C then would end `make up` with a
+KeyboardInterrupt traceback. So this module imports only the standard library at its top.
 """
 
 from __future__ import annotations
@@ -18,20 +22,22 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from config.catalog import CatalogError
-from config.settings import SettingsError, load_settings
-from serve_app import launch
+if TYPE_CHECKING:
+    from serve_app import launch
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _RELAY_ENV = "METERGATE_RELAY_PID"  # set in the child that runs the service: its relay's pid
+RUN_RECORD = "make-up.json"  # in the data folder: which processes the last run there was
 PARENT_CHECK_EVERY_S = 0.5
 # A stop must end within 15 s. Start-up can sit in a call that no signal interrupts (ray.init
 # waiting on its own processes), and a stop step can hang on a half-dead cluster: past these
 # the service stops Postgres and kills its own process group (Ray's processes and itself).
 # Nothing is lost by that: an acknowledgement is only ever sent after its commit.
 HARD_STOP_DURING_START_S = 8.0
-HARD_STOP_AFTER_S = launch.STOP_BUDGET_S + 1.5
+HARD_STOP_AFTER_BUDGET_S = 1.5  # past launch.STOP_BUDGET_S
 RELAY_DEADLINE_S = 12.5  # the relay's own last resort, should the child's hard stop not run
 
 
@@ -59,6 +65,9 @@ def relay() -> int:
 
     for sig in STOP_SIGNALS:  # before the child exists: a signal in between is not lost
         signal.signal(sig, forward)
+    if asked_at:  # a stop came while the handlers went in: nothing to start, nothing to stop
+        print("metergate: stopped before the service started", flush=True)
+        return 0
     started.append(subprocess.Popen([sys.executable, "-m", "serve_app.main", *sys.argv[1:]],
                                     env={**os.environ, _RELAY_ENV: str(os.getpid())}, start_new_session=True))
     child = started[0]
@@ -68,8 +77,11 @@ def relay() -> int:
     # Ray's processes live in the child's process group: none may outlive it, whichever way it ended.
     _kill_group(child.pid)
     if code < 0:
-        # Killed by a signal (its own hard stop, or a crash of Ray's native code while
-        # stopping): the embedded Postgres may be left running too.
+        # Killed by a signal (its own hard stop, a crash of Ray's native code while stopping,
+        # or a stop signal before it put in its handlers): the embedded Postgres may be left
+        # running too.
+        from serve_app import launch
+
         launch.kill_postgres_of(_loaded_settings())
         print(f"metergate: stopped (the service process ended by signal {-code})", flush=True)
         return 0 if asked_at else 128 - code
@@ -95,6 +107,8 @@ def _kill_group(pgid: int) -> None:
 
 
 def _loaded_settings():
+    from config.settings import SettingsError, load_settings
+
     try:
         return load_settings()
     except SettingsError:
@@ -116,27 +130,44 @@ def run_service(relay_pid: int) -> int:
             starting = False
             _hard_stop_after(HARD_STOP_DURING_START_S, settings_now())
             raise StopRequested
-        _hard_stop_after(HARD_STOP_AFTER_S, settings_now())
+        from serve_app.launch import STOP_BUDGET_S  # loaded: start-up is over
+
+        _hard_stop_after(STOP_BUDGET_S + HARD_STOP_AFTER_BUDGET_S, settings_now())
 
     def settings_now():
         return settings
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_stop_signal)
-    _stop_when_orphaned(relay_pid)
     try:
+        # First in the try: from the moment a handler is in, a stop may raise StopRequested.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, on_stop_signal)
+        _stop_when_orphaned(relay_pid)
+        from config.settings import load_settings  # the project's modules and Ray: seconds to load
+        from serve_app import launch
+
         settings = load_settings()
+        _take_down_crashed_run(settings.data_dir, relay_pid)
         running = launch.Running(settings)
         launch.start(settings, running=running)
         starting = False
-    except (SettingsError, CatalogError) as exc:
-        print(f"metergate: {exc}", file=sys.stderr)
-        return 2
     except (StopRequested, SystemExit):  # SystemExit: Ray's SIGTERM handler, while ray.init runs
+        if not stop_requested.is_set():  # Ray's handler took the signal: ours are not armed yet
+            stop_requested.set()
+            _hard_stop_after(HARD_STOP_DURING_START_S, settings)
+        for sig in STOP_SIGNALS:  # ours again (Ray's may be in): a second signal changes nothing
+            signal.signal(sig, on_stop_signal)
         if running is not None:
             launch.stop(running, drain=False)  # does nothing if start-up already stopped it
         print("metergate: stopped during start-up", flush=True)
         return 0
+    except Exception as exc:
+        from config.catalog import CatalogError
+        from config.settings import SettingsError
+
+        if not isinstance(exc, (SettingsError, CatalogError)):
+            raise
+        print(f"metergate: {exc}", file=sys.stderr)
+        return 2
     if not stop_requested.is_set():
         print(banner(running), flush=True)
         stop_requested.wait()
@@ -145,6 +176,50 @@ def run_service(relay_pid: int) -> int:
     launch.stop(running)
     print(f"metergate: stopped in {time.monotonic() - started:.1f} s", flush=True)
     return 0
+
+
+def _take_down_crashed_run(data_dir: Path, relay_pid: int) -> None:
+    """Kill what an earlier `make up` on this data folder left running, then record this one.
+
+    Killed with -9 together with its service (the OOM killer, `pkill -9 -f serve_app.main`),
+    a run leaves processes that nothing stops: Ray's dashboard and runtime-env agents outlive
+    their raylet by a minute or more. (Its embedded Postgres and HAProxy are found by their
+    folders: storage.db and launch.stop_haproxy take care of those.) They are in the dead
+    service's session, younger than it, and carry its relay's pid in their environment, or
+    no environment at all (Ray's process titles overwrite it): together, that names them
+    whatever pids the system has handed out again since."""
+    import json
+
+    import psutil
+
+    record = data_dir / RUN_RECORD
+    try:
+        earlier = json.loads(record.read_text())
+        service_pid, relay, started_at = int(earlier["service_pid"]), str(earlier["relay_pid"]), earlier["started_at"]
+    except (OSError, ValueError, KeyError, TypeError):
+        service_pid = None
+    if service_pid is not None:
+        left = []
+        for proc in psutil.process_iter(["create_time"]):
+            try:
+                if (os.getsid(proc.pid) == service_pid and proc.info["create_time"] >= started_at
+                        and proc.environ().get(_RELAY_ENV, relay) == relay):
+                    left.append(proc)
+            except (OSError, psutil.Error):
+                continue  # gone meanwhile, a zombie, or not ours
+        if any(proc.pid == service_pid for proc in left):
+            return  # that run is still running: leave it (and its record) alone
+        if left:
+            logging.getLogger("metergate").warning("killing %d processes an earlier, killed run left: %s",
+                                                   len(left), sorted(proc.pid for proc in left))
+            for proc in left:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"service_pid": os.getpid(), "relay_pid": relay_pid,
+                                  "started_at": psutil.Process().create_time()}))
 
 
 def _stop_when_orphaned(relay_pid: int) -> None:
@@ -162,6 +237,8 @@ def _stop_when_orphaned(relay_pid: int) -> None:
 def _hard_stop_after(seconds: float, settings) -> None:
     def hard_stop() -> None:
         time.sleep(seconds)
+        from serve_app import launch
+
         print(f"metergate: the stop did not finish within {seconds:.0f} s; stopping Postgres and killing "
               "this service's processes", flush=True)
         launch.kill_now(settings)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -32,18 +33,54 @@ def is_outage(exc: BaseException) -> bool:
 _MIGRATION_LOCK = 7_310_001
 
 
+# pgserver's pg_ctl start waits up to 10 s; initdb before it (a new data folder) a few more.
+EMBEDDED_START_WAIT_S = 15.0
+
+
 def start_embedded_postgres(data_dir: Path) -> tuple[str, object]:
     """Start (or reuse) an embedded Postgres in data_dir/pg; returns (url, server handle).
 
     The handle stops the server when the last process holding one exits.
+
+    The start runs in a thread that nothing interrupts: pg_ctl starts the postmaster in a
+    session of its own, and this process counts as its holder only once pgserver's start has
+    returned. A stop signal (a KeyboardInterrupt, or metergate's own start-up interruption)
+    in between would leave a Postgres that no stop reaches. Interrupted, this waits for the
+    start to end, lets go of the server (which stops it if no one else holds it), and
+    re-raises.
     """
     import pgserver  # only the embedded path needs it
 
     pg_dir = Path(data_dir) / "pg"
     pg_dir.mkdir(parents=True, exist_ok=True)
     _forget_dead_holders(pg_dir)
-    server = pgserver.get_server(pg_dir, cleanup_mode="stop")
-    return server.get_uri(), server
+    started: list = []
+    failed: list[BaseException] = []
+    # An Event, not Thread.join: a join that a signal handler's exception interrupts marks the
+    # thread as ended (CPython 3.11), and the join after it would return at once.
+    done = threading.Event()
+
+    def start() -> None:
+        try:
+            started.append(pgserver.get_server(pg_dir, cleanup_mode="stop"))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=start, name="start-postgres", daemon=True).start()
+    try:
+        done.wait()
+    except BaseException:
+        done.wait(EMBEDDED_START_WAIT_S)
+        if started:
+            stop_embedded_postgres(started[0])
+        else:  # still starting after all that time: stop whatever runs there
+            stop_postgres_now(data_dir)
+        raise
+    if failed:
+        raise failed[0]
+    return started[0].get_uri(), started[0]
 
 
 def stop_embedded_postgres(server) -> None:
