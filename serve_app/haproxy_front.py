@@ -10,7 +10,8 @@ get is what metergate itself answers for an outage: 503, `Retry-After`, the erro
 Serve runs the HAProxy binary that `RAY_SERVE_HAPROXY_BINARY_PATH` names (launch points it
 at a two-line script that runs this module). This module rewrites those three answers in
 the configuration Serve just wrote, then becomes the real HAProxy (exec: the same pid,
-the same arguments), at every start and every reload.
+the same arguments), at every start and every reload. It also gives a client
+HEADERS_WITHIN_S to send its headers, where Serve sets no limit.
 
 - no route yet (a restarted HAProxy) and HAProxy's own 503 (no replica up): nothing reached
   metergate, a retry is safe: 503 `service_unavailable`;
@@ -32,6 +33,10 @@ from serve_app.outage import MAY_HAVE_RUN, NOT_REACHED, RETRY_AFTER_S
 
 _ERRORFILE = re.compile(r"^(\s*errorfile (50[234])) \S+$", re.MULTILINE)
 _NO_ROUTE = re.compile(r"^(\s*)http-request return status 404 .*$", re.MULTILINE)
+_CLIENT_TIMEOUT = re.compile(r"^(\s*)(timeout client \S+)$", re.MULTILINE)
+# A client has this long to send its request's headers (slowloris: a connection held open by
+# headers that never end); HAProxy then answers 408. Serve sets no such timeout.
+HEADERS_WITHIN_S = 5
 
 
 def error_json(code: str, message: str) -> str:
@@ -54,6 +59,9 @@ def rewrite(config: str, folder: Path) -> str:
         path.write_bytes(http_error_file(code, message))
         files[status] = path
     config = _ERRORFILE.sub(lambda m: f"{m.group(1)} {files[m.group(2)]}", config)
+    if "timeout http-request" not in config:
+        config = _CLIENT_TIMEOUT.sub(lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}timeout http-request "
+                                               f"{HEADERS_WITHIN_S}s", config, count=1)
     body = error_json(*NOT_REACHED).replace("\\", "\\\\").replace('"', '\\"')
     return _NO_ROUTE.sub(lambda m: f'{m.group(1)}http-request return status 503 content-type application/json '
                                    f'string "{body}" hdr Retry-After {RETRY_AFTER_S}', config)

@@ -260,6 +260,9 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         # A dead HAProxy is replaced once its proxy fails 3 health checks: 3 x 10 s by
         # default, half a minute with the HTTP port closed; 3 x 2 s instead.
         "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
+        # A client silent this long mid-request (a body that never ends) is dropped: an hour
+        # by default. Gate feed streams are not silent (a heartbeat every 0.5 s).
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30",
     }
 
 
