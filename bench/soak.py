@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     from serve_app import launch
     from storage.db import start_embedded_postgres
 
+    # SIGTERM ends the soak like Ctrl-C: the service it started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data_dir = Path(tempfile.mkdtemp(prefix="metergate-soak-"))
     upstream_url, pg_server = start_embedded_postgres(data_dir)
     proxy = PgProxy(upstream_url)
@@ -66,10 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
             names = list(FAULTS)
             while time.monotonic() < deadline:
                 fault = names[totals["rounds"] % len(names)]
-                starts = {org: admin.get(f"/v1/orgs/{org}").json()["balance_micros"] for org in orgs}
                 totals["faults_injected"] += 1
-                traffic, violations = through_fault(running, admin, sql, orgs, starts, fault,
-                                                    ADMIN_TOKEN, SERVICE_TOKEN, max_s=ROUND_MAX_S)
+                traffic, violations = through_fault(running, admin, sql, orgs, fault, ADMIN_TOKEN, SERVICE_TOKEN,
+                                                    max_s=ROUND_MAX_S)
                 summary = traffic.summary()
                 totals["rounds"] += 1
                 totals["faults_survived"] += not violations

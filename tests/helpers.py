@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import ray
 import stripe
+from svix.webhooks import Webhook
 
 from actors.metering import LeaseUsage
 from actors.org import Effects, OrgBillingActor
@@ -171,6 +172,22 @@ def shard_pid(shard: int) -> int:
 
 
 # ----- Stripe webhooks, org tokens, self-serve ---------------------------------------------
+
+
+def svix_headers(body: bytes, at: int | None = None, secret: str = SVIX_SECRET, message_id: str | None = None) -> dict:
+    """Svix's headers for `body`, signed with the svix library for `at` (epoch s, now by
+    default: any instant, for tests of the tolerance)."""
+    at = int(time.time()) if at is None else at
+    message_id = message_id or f"msg_{uuid.uuid4().hex}"
+    signature = Webhook(secret).sign(message_id, datetime.fromtimestamp(at, tz=timezone.utc),
+                                     body.decode("utf-8", errors="surrogateescape"))
+    return {"svix-id": message_id, "svix-timestamp": str(at), "svix-signature": signature}
+
+
+def svix_signed(payload: dict, **kwargs) -> tuple[bytes, dict]:
+    """A Svix webhook body and its headers (svix_headers' arguments)."""
+    body = json.dumps(payload).encode()
+    return body, {**svix_headers(body, **kwargs), "content-type": "application/json"}
 
 
 def stripe_event(kind: str, obj: dict, created: int | None = None) -> dict:

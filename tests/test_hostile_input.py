@@ -7,12 +7,10 @@ whole group commit; invalid UTF-8 and deep nesting escaped the decoders as 500s.
 
 from __future__ import annotations
 
-import time
 
 import pytest
-from svix.webhooks import Webhook
 
-from tests.helpers import SVIX_SECRET, assert_error, footprint, hour_tick, stripe_event, stripe_signed
+from tests.helpers import assert_error, footprint, hour_tick, stripe_event, stripe_signed, svix_headers
 
 INVALID_UTF8 = b"\xed\xa0\x80"  # a UTF-16 surrogate encoded as UTF-8: not valid UTF-8
 DEEP = 1_200  # past Python's recursion limit, where a second, untyped decode used to blow up
@@ -99,22 +97,13 @@ def test_every_rejected_tick_carries_its_index_whichever_layer_rejected_it(compu
     assert rejected[3]["error"].startswith("unknown_unit") and rejected[3]["tick_id"] == "unit"
 
 
-def _svix_headers(body: bytes, message_id: str) -> dict:
-    stamp = int(time.time())
-    from datetime import datetime, timezone
-
-    signature = Webhook(SVIX_SECRET).sign(message_id, datetime.fromtimestamp(stamp, tz=timezone.utc),
-                                          body.decode("utf-8", errors="surrogateescape"))
-    return {"svix-id": message_id, "svix-timestamp": str(stamp), "svix-signature": signature}
-
-
 def test_webhooks_refuse_invalid_utf8_and_deep_nesting_even_when_signed(service, sql, org):
     import httpx
 
     before = footprint(sql, org)
     with httpx.Client(base_url=service.base_url, timeout=30) as client:
         deep_event = b'{"type": "usage.batch", "data": ' + deep(b"1") + b"}"
-        response = client.post("/webhooks/svix", content=deep_event, headers=_svix_headers(deep_event, "msg_deep"))
+        response = client.post("/webhooks/svix", content=deep_event, headers=svix_headers(deep_event, message_id="msg_deep"))
         assert response.status_code in (400, 422), response.text
         assert "Traceback" not in response.text
         for body in (b'{"id": "evt_x", "type": "' + INVALID_UTF8 + b'"}', b'{"id": "evt_y", "data": ' + deep(b"1") + b"}"):

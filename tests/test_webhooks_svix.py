@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import threading
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from svix.webhooks import Webhook
 
 from config.settings import Settings
-from tests.helpers import HOUR_TICK_MICROS, SIGNUP_MICROS, SVIX_SECRET, hour_tick, ledger_sum
-
-
-def signed(payload: dict, secret: str = SVIX_SECRET, at: datetime | None = None,
-           message_id: str | None = None) -> tuple[bytes, dict]:
-    body = json.dumps(payload)
-    message_id = message_id or f"msg_{uuid.uuid4().hex}"
-    at = at or datetime.now(timezone.utc)
-    headers = {"svix-id": message_id, "svix-timestamp": str(int(at.timestamp())),
-               "svix-signature": Webhook(secret).sign(message_id, at, body), "content-type": "application/json"}
-    return body.encode(), headers
+from tests.helpers import HOUR_TICK_MICROS, SIGNUP_MICROS, SVIX_SECRET, hour_tick, ledger_sum, svix_signed
 
 
 def deliver(client, payload: dict, **kwargs):
-    body, headers = signed(payload, **kwargs)
+    body, headers = svix_signed(payload, **kwargs)
     return client.post("/webhooks/svix", content=body, headers=headers)
 
 
@@ -51,7 +39,7 @@ def test_sandbox_lifecycle_and_usage_arrive_by_webhook(admin, compute, sql, new_
 
 def test_the_same_message_twice_at_once_and_again_later_has_one_effect(service, admin, compute, sql, new_org):
     org = new_org()
-    body, headers = signed({"type": "usage.batch", "data": {"ticks": [hour_tick(org, "once", "l")]}})
+    body, headers = svix_signed({"type": "usage.batch", "data": {"ticks": [hour_tick(org, "once", "l")]}})
     answers = []
 
     def send() -> None:
@@ -77,13 +65,13 @@ def test_bad_deliveries_are_400_and_change_nothing(compute, sql, new_org, case):
     other_secret = "whsec_" + "b3RoZXItc2VjcmV0LW9mLWVub3VnaC1sZW5ndGgh"
     now = datetime.now(timezone.utc)
     if case == "wrong_secret":
-        body, headers = signed(payload, secret=other_secret)
+        body, headers = svix_signed(payload, secret=other_secret)
     elif case == "old":
-        body, headers = signed(payload, at=now - timedelta(seconds=301))
+        body, headers = svix_signed(payload, at=int((now - timedelta(seconds=301)).timestamp()))
     elif case == "future":
-        body, headers = signed(payload, at=now + timedelta(seconds=301))
+        body, headers = svix_signed(payload, at=int((now + timedelta(seconds=301)).timestamp()))
     else:
-        body, headers = signed(payload)
+        body, headers = svix_signed(payload)
     if case == "bad_signature":
         body = body.replace(b"bad-", b"BAD-")
     elif case == "missing_header":
@@ -91,7 +79,7 @@ def test_bad_deliveries_are_400_and_change_nothing(compute, sql, new_org, case):
     elif case == "malformed_signature":
         headers["svix-signature"] = "v1,@@not-base64"
     elif case == "not_json":
-        body, headers = b"not json at all", signed(payload)[1]
+        body, headers = b"not json at all", svix_signed(payload)[1]
         headers["svix-signature"] = Webhook(SVIX_SECRET).sign(headers["svix-id"], now, body.decode())
     response = compute.post("/webhooks/svix", content=body, headers=headers)
     assert response.status_code == 400, response.text

@@ -18,7 +18,7 @@ import pgserver
 import psutil
 
 from serve_app.launch import haproxy_dir
-from tests.chaos.traffic import Traffic
+from tests.chaos.traffic import Traffic, billed_ticks
 from tests.helpers import shard_pid, wait_for
 
 RECOVERY_S = 60  # a fault's service must answer again within this
@@ -110,10 +110,11 @@ FAULTS = {"shard-kill": kill_shard, "postgres-down": stop_postgres, "commit-cuts
           "replica-kill": kill_ingress_replica, "haproxy-kill": kill_haproxy, "scheduler-kill": kill_scheduler}
 
 
-def through_fault(service, admin: httpx.Client, sql, orgs: list[str], start_balances: dict[str, int],
-                  fault: str, admin_token: str, service_token: str, max_s: float = 90) -> tuple[Traffic, list[str]]:
+def through_fault(service, admin: httpx.Client, sql, orgs: list[str], fault: str, admin_token: str,
+                  service_token: str, max_s: float = 90) -> tuple[Traffic, list[str]]:
     """Traffic before, during and after the fault; then the retries of what failed (as callers
     would), and the invariants: (the traffic, the violations found)."""
+    before = {org: (admin.get(f"/v1/orgs/{org}").json()["balance_micros"], billed_ticks(sql, org)) for org in orgs}
     traffic = Traffic(service.base_url, admin_token, service_token, orgs, max_s=max_s,
                       name=f"{fault}-{uuid.uuid4().hex[:6]}").start()
     try:
@@ -127,4 +128,4 @@ def through_fault(service, admin: httpx.Client, sql, orgs: list[str], start_bala
     finally:
         traffic.stop()
     traffic.settle()
-    return traffic, traffic.violations(admin, sql, start_balances)
+    return traffic, traffic.violations(admin, sql, before)

@@ -35,20 +35,19 @@ from urllib.parse import quote
 import httpx
 import pytest
 import stripe
-from svix.webhooks import Webhook
 
 from serve_app.auth import OrgTokens
 from serve_app.haproxy_front import HEADERS_WITHIN_S
 from tests.helpers import (
     ADMIN_TOKEN,
     STRIPE_WEBHOOK_SECRET,
-    SVIX_SECRET,
     TICK_MICROS,
     clock_us,
     footprint,
     ledger_sum,
     mint,
     stripe_event,
+    svix_headers,
 )
 
 TRIED: Counter = Counter()  # inputs sent, per test: the closing note of the issue quotes them
@@ -159,14 +158,6 @@ def stripe_header(payload: bytes, at: int | None = None, secret: str = STRIPE_WE
 
 def stripe_v1(payload: bytes, at: int, secret: str = STRIPE_WEBHOOK_SECRET) -> str:
     return stripe_header(payload, at, secret).split(",v1=")[1]
-
-
-def svix_headers(body: bytes, at: int | None = None, secret: str = SVIX_SECRET, message_id: str | None = None) -> dict:
-    """Signed for `at` (now by default), whatever instant that is."""
-    at = int(time.time()) if at is None else at
-    message_id = message_id or f"msg_{uuid.uuid4().hex}"
-    signature = Webhook(secret).sign(message_id, datetime.fromtimestamp(at, tz=timezone.utc), body.decode())
-    return {"svix-id": message_id, "svix-timestamp": str(at), "svix-signature": signature}
 
 
 def address(service) -> tuple[str, int]:

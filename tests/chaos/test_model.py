@@ -21,7 +21,6 @@ decide an expiry the model did not see.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,12 +30,10 @@ import pytest
 from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
-from svix.webhooks import Webhook
 
 from tests.helpers import (
     HOUR_TICK_MICROS,
     SIGNUP_MICROS,
-    SVIX_SECRET,
     TICK_MICROS,
     advance,
     clock_us,
@@ -44,6 +41,7 @@ from tests.helpers import (
     now_rfc3339,
     stripe_deliver,
     stripe_event,
+    svix_signed,
 )
 
 pytestmark = pytest.mark.time_travel
@@ -287,12 +285,6 @@ LEASES = {"ls_a": (1, 0), "ls_b": (2, 0), "ls_c": (3, 0), "ls_disk": (1, 30_000)
 LEASE_TTLS_S = (1_200, 5_400, DAY_S)
 GRANT_EXPIRY_S = (None, 900, 1_800, 2 * HOUR_S, 3 * HOUR_S, 26 * HOUR_S)
 amounts = st.sampled_from((1, 45_000, 1_000_000, 2_500_000, 6_000_000))
-
-
-def svix_signed(payload: dict) -> tuple[bytes, dict]:
-    body, msg_id, at = json.dumps(payload), f"msg_{uuid.uuid4().hex}", datetime.now(timezone.utc)
-    return body.encode(), {"svix-id": msg_id, "svix-timestamp": str(int(at.timestamp())),
-                           "svix-signature": Webhook(SVIX_SECRET).sign(msg_id, at, body)}
 
 
 class OrgAgainstModel(RuleBasedStateMachine):

@@ -57,6 +57,10 @@ class Seen:
             return False
 
 
+def billed_ticks(sql, org: str) -> int:
+    return sql.val("SELECT COALESCE(sum(ticks), 0)::int8 FROM usage_rollups WHERE org_id = $1", org)
+
+
 def _code(response: httpx.Response) -> str | None:
     try:
         return response.json()["error"]["code"]
@@ -205,14 +209,15 @@ class Traffic:
     def _leases_tried(self) -> int:
         return sum(n for (what, _), n in self.seen.answers.items() if what == "lease")
 
-    def violations(self, admin: httpx.Client, sql, start_balances: dict[str, int]) -> list[str]:
+    def violations(self, admin: httpx.Client, sql, before: dict[str, tuple[int, int]]) -> list[str]:
+        """Every broken promise; `before` is each org's (balance, ticks billed) before the traffic."""
         found = [f"caller saw {what} -> {status}: {body}" for what, status, body in self.seen.bad]
         self.checks = sum(self.seen.answers.values())  # every answer a caller got was checked
         unsettled = [n for n, acked in self.usage_sent.items() if not acked]
         self._check(not unsettled, f"usage requests never acknowledged after the fault: {unsettled[:5]}", found)
         ticks_sent = Counter(t["org_id"] for n in self.usage_sent for t in self._usage_body(n)["ticks"])
         for org in self.orgs:
-            self._org_violations(admin, sql, org, start_balances[org], ticks_sent[org], found)
+            self._org_violations(admin, sql, org, *before[org], ticks_sent[org], found)
         return found
 
     def _check(self, holds: bool, problem: str, found: list[str]) -> None:
@@ -220,8 +225,9 @@ class Traffic:
         if not holds:
             found.append(problem)
 
-    def _org_violations(self, admin, sql, org: str, start_micros: int, ticks: int, found: list[str]) -> None:
-        billed = sql.val("SELECT COALESCE(sum(ticks), 0)::int8 FROM usage_rollups WHERE org_id = $1", org)
+    def _org_violations(self, admin, sql, org: str, start_micros: int, start_ticks: int, ticks: int,
+                        found: list[str]) -> None:
+        billed = billed_ticks(sql, org) - start_ticks
         self._check(billed == ticks, f"{org}: {ticks} ticks sent and acknowledged, {billed} billed", found)
         notes = Counter(r["note"] for r in sql.fetch(
             "SELECT note FROM ledger WHERE org_id = $1 AND kind = 'grant' AND note LIKE $2", org, f"{self.name}-c%"))
