@@ -100,6 +100,17 @@ def kill_haproxy(service, traffic: Traffic) -> None:
     wait_for("HTTP served again", lambda: serves(service.base_url), RECOVERY_S)
 
 
+def kill_serve_proxy(service, traffic: Traffic) -> None:
+    """Serve's actors that run HAProxy on this node (its manager and the proxy), not HAProxy."""
+    victims = ray_workers("ray::HAProxyManager") + ray_workers("ray::ProxyActor")
+    assert victims, "Serve's proxy actors run"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    wait_for("Serve's proxy in new processes", lambda: set(ray_workers("ray::HAProxyManager")) - set(victims),
+             RECOVERY_S)
+    wait_for("HTTP served again", lambda: serves(service.base_url), RECOVERY_S)
+
+
 def kill_scheduler(service, traffic: Traffic) -> None:
     victim = scheduler_pid()
     os.kill(victim, signal.SIGKILL)
@@ -107,7 +118,8 @@ def kill_scheduler(service, traffic: Traffic) -> None:
 
 
 FAULTS = {"shard-kill": kill_shard, "postgres-down": stop_postgres, "commit-cuts": cut_commits,
-          "replica-kill": kill_ingress_replica, "haproxy-kill": kill_haproxy, "scheduler-kill": kill_scheduler}
+          "replica-kill": kill_ingress_replica, "haproxy-kill": kill_haproxy, "proxy-kill": kill_serve_proxy,
+          "scheduler-kill": kill_scheduler}
 
 
 def through_fault(service, admin: httpx.Client, sql, orgs: list[str], fault: str, admin_token: str,

@@ -9,6 +9,7 @@ back.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,6 +18,7 @@ import uuid
 import pytest
 
 from actors.shard import OUTCOME_WAIT_S
+from serve_app.launch import haproxy_dir
 from tests.chaos.faults import alive_pid, scheduler_pid, through_fault
 from tests.helpers import (
     ADMIN_TOKEN,
@@ -150,7 +152,7 @@ def busy_orgs(admin, new_org, org_id_on):
 
 
 @pytest.mark.parametrize("fault", [
-    "shard-kill", "commit-cuts", "replica-kill", "haproxy-kill", "scheduler-kill",
+    "shard-kill", "commit-cuts", "replica-kill", "haproxy-kill", "proxy-kill", "scheduler-kill",
     pytest.param("postgres-down", marks=pytest.mark.skipif(bool(os.environ.get("METERGATE_DATABASE_URL")),
                                                            reason="stops the embedded Postgres"))])
 def test_traffic_through_a_fault_loses_and_doubles_nothing(service, admin, sql, busy_orgs, fault):
@@ -218,3 +220,20 @@ def test_the_scheduler_killed_mid_delivery_loses_no_outbound_event(service, admi
     assert len(set(ids)) == events, "every event reached the receiver"
     # The killed run's deliveries (the receiver was still holding them) were sent again.
     assert receiver.arrived[org] > events, receiver.arrived[org]
+
+
+def test_serves_haproxy_carries_metergate_outage_answers(service):
+    """What Serve wrote for its HAProxy, as HAProxy runs it: the outage answers are
+    metergate's (a Ray upgrade that changes Serve's template fails here, not in production)."""
+    configs = list(haproxy_dir(service.settings).glob("*/haproxy.cfg"))
+    assert len(configs) == 1, configs
+    config = configs[0].read_text()
+    assert "500.http" not in config and "not found. Ping" not in config
+    assert "timeout http-request 5s" in config
+    for status, code in (("502", "outcome_unknown"), ("503", "service_unavailable"), ("504", "outcome_unknown")):
+        answer = (configs[0].parent / f"metergate-{status}.http").read_bytes()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in head
+        assert json.loads(body)["error"]["code"] == code
+        assert f"errorfile {status} {configs[0].parent}/metergate-{status}.http" in config
+    assert 'http-request return status 503 content-type application/json string "{\\"error\\"' in config
