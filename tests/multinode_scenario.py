@@ -31,6 +31,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import ray
 import yaml
 from ray.cluster_utils import Cluster
@@ -166,7 +167,9 @@ def _run(cluster: Cluster, running: launch.Running, base_url: str, admin: httpx.
         assert granted.status_code == 201, granted.text
     start_balance = {org: admin.get(f"/v1/orgs/{org}").json()["balance_micros"] for org in orgs}
 
-    acknowledged, failed = stream_while_removing(cluster, workers[victim_id], base_url, orgs)
+    lost_pids = [ray.get(ray.get_actor(shard_name(k), namespace=NAMESPACE).ready.remote(), timeout=WAIT_S)["pid"]
+                 for k in lost]
+    acknowledged, failed = stream_while_removing(cluster, workers[victim_id], lost_pids, base_url, orgs)
     say(f"stream done: {len(acknowledged)} acknowledged, {len(failed)} failed")
     billed_before_retry = billed_ticks(settings.database_url, orgs)
 
@@ -221,9 +224,11 @@ def orgs_on(shards: list[int], slot_map: list[int]) -> list[str]:
     return found
 
 
-def stream_while_removing(cluster: Cluster, victim, base_url: str, orgs: list[str]):
+def stream_while_removing(cluster: Cluster, victim, lost_pids: list[int], base_url: str, orgs: list[str]):
     """Tick batches (and every CREDIT_EVERY-th request a credit) over HTTP; the victim node is
-    removed a third of the way through. Returns (acknowledged, failed) as (kind, number)."""
+    removed a third of the way through, and the stream goes on once its shards' processes are
+    gone (they outlive their raylet for a moment, and could answer the next requests).
+    Returns (acknowledged, failed) as (kind, number)."""
     acknowledged: list[tuple[str, int]] = []
     failed: list[tuple[str, int]] = []
     with httpx.Client(base_url=base_url, timeout=30, headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}) as compute, \
@@ -232,7 +237,9 @@ def stream_while_removing(cluster: Cluster, victim, base_url: str, orgs: list[st
             if number == REQUESTS // 3:
                 say("removing the node")
                 cluster.remove_node(victim, allow_graceful=False)
-                say("node removed")
+                wait_for("the lost shards' processes to end",
+                         lambda: not any(_running(pid) for pid in lost_pids), timeout_s=WAIT_S)
+                say("node removed, its shards' processes gone")
             requests = [("ticks", number)] + ([("credit", number)] if number % CREDIT_EVERY == 0 else [])
             for kind, n in requests:
                 try:
@@ -245,6 +252,13 @@ def stream_while_removing(cluster: Cluster, victim, base_url: str, orgs: list[st
                     say(f"{kind} {n} failed: {answer}")
                 (acknowledged if ok else failed).append((kind, n))
     return acknowledged, failed
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def send(compute: httpx.Client, admin: httpx.Client, orgs: list[str], kind: str, number: int) -> httpx.Response:
