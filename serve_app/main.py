@@ -15,6 +15,7 @@ KeyboardInterrupt traceback. So this module imports only the standard library at
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -38,7 +39,8 @@ PARENT_CHECK_EVERY_S = 0.5
 # Nothing is lost by that: an acknowledgement is only ever sent after its commit.
 HARD_STOP_DURING_START_S = 8.0
 HARD_STOP_AFTER_BUDGET_S = 1.5  # past launch.STOP_BUDGET_S
-RELAY_DEADLINE_S = 12.5  # the relay's own last resort, should the child's hard stop not run
+RELAY_DEADLINE_S = 12.5
+RAISE_AGAIN_AFTER_S = 0.02  # a StopRequested dropped where it landed is raised again this much later  # the relay's own last resort, should the child's hard stop not run
 
 
 class StopRequested(BaseException):
@@ -115,47 +117,97 @@ def _loaded_settings():
         return None
 
 
-def run_service(relay_pid: int) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop_requested = threading.Event()
-    starting = True
-    settings = running = None
+class StopSignals:
+    """The service process's stop signals. The first one during start-up raises StopRequested
+    in the main thread, wherever it is, so start-up ends at once and stops what it started;
+    later ones (and any after start-up) set `requested`, which the main thread waits on.
+    Either way a hard stop is armed: a stop that hangs ends by force.
 
-    def on_stop_signal(_signum, _frame) -> None:
-        nonlocal starting
-        if stop_requested.is_set():
+    An exception a signal handler raises lands wherever the main thread happens to be. If
+    that is inside a `__del__`, a weakref callback or a callback from C code (msgspec's
+    pattern compilation was one), Python prints it as "Exception ignored" and drops it, and
+    start-up would go on. `install` puts in an unraisable hook that takes such a dropped
+    StopRequested, prints nothing, and raises it again at the main thread's next step."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.starting = True
+        self.settings = None  # once loaded: what the hard stop stops
+        self._dropped = False
+        self._hooked = False
+        self._hook_code = None
+
+    def install(self) -> None:
+        """Put in the handlers (again, where Ray's replaced them) and, once, the hook."""
+        if not self._hooked:
+            self._hooked = True
+            sys.unraisablehook = self._dropped_stop_raised_again(sys.unraisablehook)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.on_signal)
+
+    def on_signal(self, _signum, frame) -> None:
+        if self._dropped:
+            if frame is not None and frame.f_code is self._hook_code:
+                self._raise_again_soon()  # still in the hook, where it would be dropped again
+                return
+            self._dropped = False
+            raise StopRequested
+        if self.requested.is_set():
             return
-        stop_requested.set()
-        if starting:  # interrupt the start-up once; launch.start stops what it had started
-            starting = False
-            _hard_stop_after(HARD_STOP_DURING_START_S, settings_now())
+        self.requested.set()
+        if self.starting:  # interrupt the start-up once; launch.start stops what it had started
+            self.starting = False
+            _hard_stop_after(HARD_STOP_DURING_START_S, self.settings)
             raise StopRequested
         from serve_app.launch import STOP_BUDGET_S  # loaded: start-up is over
 
-        _hard_stop_after(STOP_BUDGET_S + HARD_STOP_AFTER_BUDGET_S, settings_now())
+        _hard_stop_after(STOP_BUDGET_S + HARD_STOP_AFTER_BUDGET_S, self.settings)
 
-    def settings_now():
-        return settings
+    def _dropped_stop_raised_again(self, previous_hook):
+        def hook(unraisable) -> None:
+            if unraisable.exc_type is not StopRequested:
+                previous_hook(unraisable)
+                return
+            self._dropped = True
+            self._raise_again_soon()
 
+        self._hook_code = hook.__code__
+        return hook
+
+    def _raise_again_soon(self) -> None:
+        """Signal the main thread again from another thread, a moment from now: a signal sent
+        from the hook itself would run on_signal inside the hook (signal.raise_signal even
+        runs it before returning)."""
+
+        def signal_main() -> None:
+            time.sleep(RAISE_AGAIN_AFTER_S)
+            _thread.interrupt_main(signal.SIGTERM)  # on_signal runs at the main thread's next step
+
+        threading.Thread(target=signal_main, name="stop-again", daemon=True).start()
+
+
+def run_service(relay_pid: int) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stops = StopSignals()
+    running = None
     try:
         # First in the try: from the moment a handler is in, a stop may raise StopRequested.
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, on_stop_signal)
+        stops.install()
         _stop_when_orphaned(relay_pid)
         from config.settings import load_settings  # the project's modules and Ray: seconds to load
         from serve_app import launch
 
-        settings = load_settings()
-        _take_down_crashed_run(settings.data_dir, relay_pid)
-        running = launch.Running(settings)
-        launch.start(settings, running=running)
-        starting = False
+        stops.settings = load_settings()
+        _take_down_crashed_run(stops.settings.data_dir, relay_pid)
+        running = launch.Running(stops.settings)
+        launch.start(stops.settings, running=running)
+        stops.starting = False
     except (StopRequested, SystemExit):  # SystemExit: Ray's SIGTERM handler, while ray.init runs
-        if not stop_requested.is_set():  # Ray's handler took the signal: ours are not armed yet
-            stop_requested.set()
-            _hard_stop_after(HARD_STOP_DURING_START_S, settings)
-        for sig in STOP_SIGNALS:  # ours again (Ray's may be in): a second signal changes nothing
-            signal.signal(sig, on_stop_signal)
+        if not stops.requested.is_set():  # Ray's handler took the signal: ours are not armed yet
+            stops.requested.set()
+            _hard_stop_after(HARD_STOP_DURING_START_S, stops.settings)
+        stops.starting = False
+        stops.install()  # ours again (Ray's may be in): a second signal changes nothing
         if running is not None:
             launch.stop(running, drain=False)  # does nothing if start-up already stopped it
         print("metergate: stopped during start-up", flush=True)
@@ -168,9 +220,9 @@ def run_service(relay_pid: int) -> int:
             raise
         print(f"metergate: {exc}", file=sys.stderr)
         return 2
-    if not stop_requested.is_set():
+    if not stops.requested.is_set():
         print(banner(running), flush=True)
-        stop_requested.wait()
+        stops.requested.wait()
     print("metergate: stopping (draining shards)...", flush=True)
     started = time.monotonic()
     launch.stop(running)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 
@@ -87,3 +90,39 @@ def test_when_make_up_is_killed_with_kill_9_its_service_stops_by_itself_and_the_
         if again.process.poll() is None:
             os.killpg(again.process.pid, signal.SIGKILL)
     assert again.leftovers() == []
+
+
+# A process that installs the service's stop handling, then is signalled while it runs a
+# __del__: the handler's StopRequested lands there, where Python drops it ("Exception
+# ignored in ...") and prints a traceback. It must still interrupt the start-up, silently.
+_SIGNALLED_INSIDE_DEL = """
+import os, signal, time
+from serve_app.main import StopRequested, StopSignals
+
+StopSignals().install()
+
+class SignalledWhileCollected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the handler runs here, between two of these steps
+            pass
+
+try:
+    SignalledWhileCollected()
+    started = time.monotonic()
+    while time.monotonic() - started < 10:  # start-up going on
+        time.sleep(0.01)
+    print("start-up went on")
+except StopRequested:
+    print(f"start-up interrupted after {time.monotonic() - started:.2f} s")
+"""
+
+
+def test_a_stop_signal_whose_exception_python_drops_still_interrupts_the_start_up():
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_INSIDE_DEL], cwd=Path(__file__).parent.parent,
+                          capture_output=True, timeout=60)
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, err
+    assert out.startswith("start-up interrupted after "), out + err
+    assert float(out.split()[-2]) < 5  # at once, not after the start-up's 10 s
+    assert "Traceback" not in err and "Exception ignored" not in err, err
