@@ -84,6 +84,10 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, object]:
 
 
 def stop_embedded_postgres(server) -> None:
+    """Let go of the server; pgserver stops it if no other holder is left. Holders killed
+    since the start are forgotten first: a run killed with -9 just before this one started
+    may not have been dead yet then (a zombie until someone reaps it)."""
+    _forget_dead_holders(Path(server.pgdata))
     server.cleanup()
 
 
@@ -104,15 +108,22 @@ def stop_postgres_now(data_dir: Path, wait_s: float = 1.5) -> None:
 def _forget_dead_holders(pg_dir: Path) -> None:
     """pgserver stops its server when the last process holding it lets go, and keeps those
     pids in a file. A holder killed with -9 never lets go, so its pid would keep the server
-    running past every later stop: drop the pids of processes that no longer exist."""
+    running past every later stop: drop the pids of processes that no longer run (a zombie
+    has ended too: a container's init may reap it only much later)."""
     import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
 
     holders = pg_dir / ".handle_pids.json"
     try:
         pids = json.loads(holders.read_text())
     except (OSError, ValueError):
         return
-    alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+    alive = [pid for pid in pids if isinstance(pid, int) and running(pid)]
     if alive != pids:
         log.info("embedded Postgres: forgetting holders that are gone: %s", sorted(set(pids) - set(alive)))
         holders.write_text(json.dumps(alive))

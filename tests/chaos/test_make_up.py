@@ -13,8 +13,11 @@ after one interruption is the one the next interruption hits.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from storage.db import start_embedded_postgres, stop_embedded_postgres, stop_postgres_now
 from tests.helpers import wait_for
 from tests.service_process import ADMIN, STOP_WITHIN_S, Service, Traffic
 from tests.service_process import service_files  # noqa: F401 - the fixture the tests below take
@@ -176,3 +180,24 @@ def test_make_up_and_its_service_killed_with_kill_9_mid_traffic_restart_with_eve
     assert again.leftovers() == []
     # The first run's Ray processes (its agents outlive their raylet), HAProxy and Postgres.
     assert crashed.leftovers() == []
+
+
+def test_the_embedded_postgres_stops_with_its_last_holder_though_a_killed_one_is_a_zombie_still(tmp_path):
+    """A run killed with -9 is a zombie until its parent, or a container's init, reaps it,
+    which can take seconds or forever: its pid still exists. Left among the holders, it
+    would keep the Postgres running past the next run's stop (the kill -9 test above failed
+    at random on this)."""
+    unreaped = subprocess.Popen([sys.executable, "-c", "pass"])  # ends; this test never reaps it
+    wait_for("the holder to end and stay unreaped",
+             lambda: psutil.Process(unreaped.pid).status() == psutil.STATUS_ZOMBIE, 30)
+    try:
+        _, server = start_embedded_postgres(tmp_path)
+        holders = tmp_path / "pg" / ".handle_pids.json"
+        postmaster = psutil.Process(int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0]))
+        holders.write_text(json.dumps([unreaped.pid, *json.loads(holders.read_text())]))  # it held it too
+        stop_embedded_postgres(server)
+        assert not postmaster.is_running() or postmaster.status() == psutil.STATUS_ZOMBIE
+        assert json.loads(holders.read_text()) == []
+    finally:
+        stop_postgres_now(tmp_path)
+        unreaped.wait()
