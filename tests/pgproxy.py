@@ -13,7 +13,9 @@ takes one JSON command per line on its control port:
   connection at COMMIT. `after_commit` forwards
   the COMMIT, waits for Postgres to answer it, drops the answer and closes both sides (the
   transaction committed, the client cannot know); `before_commit` drops the COMMIT and closes
-  (Postgres rolls the transaction back). Answers `{"armed": id}`.
+  (Postgres rolls the transaction back). `"when": "statement"` cuts instead the next
+  statement outside a transaction (autocommit, such as an Idempotency-Key record's update)
+  that carries the bytes, before Postgres gets it. Answers `{"armed": id}`.
 - `{"cmd": "status"}`: `{"connections", "open", "cuts": [{"id", "when", "done"}]}`.
 
 Client messages are framed (type byte, int32 length); nothing else is parsed. Only the
@@ -35,7 +37,7 @@ CHUNK = 1 << 16
 
 class Cut:
     def __init__(self, cut_id: int, needle: bytes, when: str, then_refuse_s: float) -> None:
-        assert when in ("after_commit", "before_commit"), when
+        assert when in ("after_commit", "before_commit", "statement"), when
         self.cut_id = cut_id
         self.needle = needle
         self.when = when
@@ -130,7 +132,13 @@ class Relay:
                     if query.startswith(b"BEGIN"):
                         in_transaction = True
                     elif in_transaction and carries is None:
-                        carries = next((c for c in self.cuts if not c.done and c.needle in message), None)
+                        carries = next((c for c in self.cuts
+                                        if not c.done and c.when != "statement" and c.needle in message), None)
+                    elif not in_transaction and (statement := next((c for c in self.cuts if not c.done and (
+                            c.when == "statement" and c.needle in message)), None)):
+                        statement.done = True  # this statement (and what came with it) never reaches Postgres
+                        cutting.append(statement)
+                        return
                     if query.startswith(b"COMMIT"):
                         if carries is not None and not carries.done:
                             carries.done = True

@@ -103,6 +103,27 @@ def test_a_commit_whose_outcome_cannot_be_learned_is_503_outcome_unknown_and_kee
                     ).json()["balance_micros"] == ledger_sum(sql, org)
 
 
+def test_a_keyed_credit_whose_answer_could_not_be_kept_under_its_key_still_gets_that_answer(
+        service, admin, sql, new_org):
+    """The credit commits; then the statement that keeps its answer under the Idempotency-Key
+    loses its connection. A 503 would tell the caller that a committed credit failed: it gets
+    the credit. The key stays claimed, so a retry is told idempotency_in_progress (and, past
+    ABANDONED_AFTER_S, meets the ledger's own key): never a second credit."""
+    org = new_org()
+    before = _balance(admin, org)
+    note = f"cut-record-{uuid.uuid4().hex[:8]}"  # in the answer, so in the statement that keeps it
+    key = {"Idempotency-Key": f"kept-{uuid.uuid4().hex[:8]}"}  # not the note: the claim must go through
+    body = {"kind": "grant", "amount_micros": 4_000_000, "note": note}
+    cut = service.pg_proxy.cut(note, "statement")
+    response = admin.post(f"/v1/orgs/{org}/credits", json=body, headers=key)
+    assert _cut_done(service, cut)
+    assert response.status_code == 201, response.text
+    assert response.json()["note"] == note and response.json()["amount_micros"] == 4_000_000
+    assert_error(admin.post(f"/v1/orgs/{org}/credits", json=body, headers=key), 409, "idempotency_in_progress")
+    assert [tuple(r) for r in _entries_noted(sql, org, note)] == [("grant", 4_000_000)]
+    assert _balance(admin, org) == before + 4_000_000 == ledger_sum(sql, org)
+
+
 def _answered(client, path: str, body: dict | None, headers: dict):
     """The first answer that is not an outage (503)."""
     response = client.post(path, json=body, headers=headers) if body is not None else client.get(path)
