@@ -185,26 +185,20 @@ class Traffic:
         deadline = time.monotonic() + SETTLE_S
         with self._client("service") as service, self._client("admin") as admin:
             for number, acked in sorted(self.usage_sent.items()):
-                while not acked and time.monotonic() < deadline:
-                    response = self._post(service, "/v1/usage", json=self._usage_body(number))
-                    acked = self.seen.record("usage retry", response, (200,)) and response.json()["rejected"] == []
-                    self.usage_sent[number] = acked
-                    if not acked:
-                        time.sleep(0.2)
+                if not acked:
+                    self.usage_sent[number] = _retried(lambda: self._usage_acked(service, number), deadline)
             for key, (org, acked) in sorted(self.credits_sent.items()):
                 # A key whose request may have committed stays claimed for a while (409
                 # idempotency_in_progress): that credit is checked as at most once instead.
-                tries = 0
-                while not acked and tries < 5 and time.monotonic() < deadline:
-                    acked = self._credit(admin, org, key)
-                    self.credits_sent[key] = (org, acked)
-                    tries += 1
-                    if not acked:
-                        time.sleep(0.2)
+                if not acked:
+                    self.credits_sent[key] = (org, _retried(lambda: self._credit(admin, org, key), deadline, tries=5))
             leases = {(self.orgs[n % len(self.orgs)], f"{self.name}-l{n}") for n in range(self._leases_tried())}
             for org, lease in sorted(leases):
-                while not self._release(service, org, lease) and time.monotonic() < deadline:
-                    time.sleep(0.2)
+                _retried(lambda: self._release(service, org, lease), deadline)
+
+    def _usage_acked(self, service: httpx.Client, number: int) -> bool:
+        response = self._post(service, "/v1/usage", json=self._usage_body(number))
+        return self.seen.record("usage retry", response, (200,)) and response.json()["rejected"] == []
 
     def _leases_tried(self) -> int:
         return sum(n for (what, _), n in self.seen.answers.items() if what == "lease")
@@ -253,3 +247,15 @@ class Traffic:
                 "not_acknowledged": sum(n for (w, s), n in self.seen.answers.items()
                                         if s not in (200, 201, 204)),
                 "violations_seen_by_callers": len(self.seen.bad)}
+
+
+def _retried(attempt, deadline: float, tries: int | None = None) -> bool:
+    """Whether `attempt()` returned True within `tries` attempts (any number if None), none
+    of them begun past `deadline`."""
+    tried = 0
+    while (tries is None or tried < tries) and time.monotonic() < deadline:
+        if attempt():
+            return True
+        tried += 1
+        time.sleep(0.2)
+    return False
