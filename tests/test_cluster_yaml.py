@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import click
@@ -51,6 +54,31 @@ def test_cluster_yaml_has_an_autoscaling_worker_group_and_gives_every_node_the_s
         (start,) = [c for c in commands if " start " in c]
         assert start.index(". ~/metergate.env") < start.index("ray start")
         assert "RAY_SERVE_ENABLE_HA_PROXY=1" in start
+
+
+def test_every_cluster_node_runs_serve_as_make_up_does_with_metergates_haproxy_front(tmp_path):
+    """The fast Serve path of `make up` (launch.lean_serve_env), the same on every node:
+    HAProxy through metergate's front (its outage answers), the proxy health check and the
+    client timeout. The front is the `metergate-haproxy` command the install puts in the
+    virtualenv: it runs, and becomes the real HAProxy."""
+    from config.settings import Settings
+    from serve_app.launch import lean_serve_env
+
+    local = lean_serve_env(Settings(data_dir=tmp_path))
+    same = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S",
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S")
+    front = "$HOME/metergate/.venv/bin/metergate-haproxy"
+    for commands in (load()["head_start_ray_commands"], load()["worker_start_ray_commands"]):
+        (start,) = [c for c in commands if " start " in c]
+        settings = dict(word.split("=", 1) for word in start.split("ray start")[0].split("; ")[-1].split()
+                        if word.startswith("RAY_SERVE_"))
+        assert {name: settings.get(name) for name in same} == {name: local[name] for name in same}
+        assert settings["RAY_SERVE_HAPROXY_BINARY_PATH"] == front
+    scripts = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["metergate-haproxy"] == "serve_app.haproxy_front:main"
+    installed = Path(sys.executable).parent / "metergate-haproxy"  # `make` installs the project so
+    version = subprocess.run([installed, "-v"], capture_output=True, timeout=30)
+    assert version.returncode == 0 and b"HAProxy version" in version.stdout, version
 
 
 def test_the_on_prem_variant_the_file_describes_validates_too():
