@@ -30,8 +30,6 @@ def error_body(code: str, message: str, **details: object) -> dict:
     return {"error": {"code": code, "message": message, **details}}
 
 
-
-
 def error_response(status: int, code: str, message: str, **details: object) -> JSONResponse:
     # A 503 is an outage the caller should wait out and retry; every other error is final.
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
@@ -54,10 +52,6 @@ STATUS_BY_REFUSAL: dict[Refusal, int] = {
     Refusal.INTERNAL_ERROR: 500,
 }
 assert set(STATUS_BY_REFUSAL) == set(Refusal), "every refusal has its HTTP status"
-
-
-def database_unavailable() -> JSONResponse:
-    return error_response(503, "database_unavailable", "the database is unavailable; retry the request")
 
 
 def unknown_org(org_id: str) -> ApiError:
@@ -124,7 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if is_outage(exc):
             # Postgres went away mid-request (restart, shutting down, failover): retry.
             log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
-            return database_unavailable()
+            return error_response(503, "database_unavailable", "the database is unavailable; retry the request")
         # A bug, never the caller's fault: log it whole, tell the caller nothing internal.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "internal error; it has been logged")

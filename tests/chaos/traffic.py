@@ -114,14 +114,27 @@ class Traffic:
     def _running(self) -> bool:
         return not self.stopping.is_set() and time.monotonic() < self.deadline
 
-    def _usage(self) -> None:
-        with self._client("service") as client:
+    def _numbered(self, role: str, step, pause_s: float = 0.0) -> None:
+        """`step(client, number)` for number 0, 1, 2, ... while the traffic runs."""
+        with self._client(role) as client:
             number = 0
             while self._running():
-                response = self._post(client, "/v1/usage", json=self._usage_body(number))
-                self.usage_sent[number] = self.seen.record("usage", response, (200,)) and \
-                    response.json()["rejected"] == []
+                step(client, number)
                 number += 1
+                time.sleep(pause_s)
+
+    def _org(self, number: int) -> str:
+        return self.orgs[number % len(self.orgs)]
+
+    def _usage(self) -> None:
+        self._numbered("service", self._send_usage)
+
+    def _send_usage(self, client: httpx.Client, number: int, what: str = "usage") -> bool:
+        """Request `number`'s ticks; whether all of them were acknowledged."""
+        response = self._post(client, "/v1/usage", json=self._usage_body(number))
+        acked = self.seen.record(what, response, (200,)) and response.json()["rejected"] == []
+        self.usage_sent[number] = acked
+        return acked
 
     def _usage_body(self, number: int) -> dict:
         body = tick_batch(self.orgs, number)
@@ -130,30 +143,24 @@ class Traffic:
         return body
 
     def _credits(self) -> None:
-        with self._client("admin") as client:
-            number = 0
-            while self._running():
-                org = self.orgs[number % len(self.orgs)]
-                key = f"{self.name}-c{number}"
-                self.credits_sent[key] = (org, self._credit(client, org, key))
-                number += 1
-                time.sleep(0.02)
+        self._numbered("admin", lambda client, number: self._credit(client, self._org(number), f"{self.name}-c{number}"),
+                       pause_s=0.02)
 
     def _credit(self, client: httpx.Client, org: str, key: str) -> bool:
         response = self._post(client, f"/v1/orgs/{org}/credits", headers={"Idempotency-Key": key},
                               json={"kind": "grant", "amount_micros": CREDIT_MICROS, "note": key})
-        return self.seen.record("credit", response, (201,))
+        acked = self.seen.record("credit", response, (201,))
+        self.credits_sent[key] = (org, acked)
+        return acked
 
     def _leases(self) -> None:
-        with self._client("service") as client:
-            number = 0
-            while self._running():
-                org = self.orgs[number % len(self.orgs)]
-                lease = f"{self.name}-l{number}"
-                taken = self._post(client, "/v1/leases", json={"org_id": org, "lease_id": lease, "ttl_s": 600})
-                self.seen.record("lease", taken, (201,))
-                self._release(client, org, lease)
-                number += 1
+        self._numbered("service", self._lease_cycle)
+
+    def _lease_cycle(self, client: httpx.Client, number: int) -> None:
+        org, lease = self._org(number), f"{self.name}-l{number}"
+        taken = self._post(client, "/v1/leases", json={"org_id": org, "lease_id": lease, "ttl_s": 600})
+        self.seen.record("lease", taken, (201,))
+        self._release(client, org, lease)
 
     def _release(self, client: httpx.Client, org: str, lease: str) -> bool:
         try:
@@ -186,19 +193,15 @@ class Traffic:
         with self._client("service") as service, self._client("admin") as admin:
             for number, acked in sorted(self.usage_sent.items()):
                 if not acked:
-                    self.usage_sent[number] = _retried(lambda: self._usage_acked(service, number), deadline)
+                    _retried(lambda: self._send_usage(service, number, "usage retry"), deadline)
             for key, (org, acked) in sorted(self.credits_sent.items()):
                 # A key whose request may have committed stays claimed for a while (409
                 # idempotency_in_progress): that credit is checked as at most once instead.
                 if not acked:
-                    self.credits_sent[key] = (org, _retried(lambda: self._credit(admin, org, key), deadline, tries=5))
-            leases = {(self.orgs[n % len(self.orgs)], f"{self.name}-l{n}") for n in range(self._leases_tried())}
+                    _retried(lambda: self._credit(admin, org, key), deadline, tries=5)
+            leases = {(self._org(n), f"{self.name}-l{n}") for n in range(self._leases_tried())}
             for org, lease in sorted(leases):
                 _retried(lambda: self._release(service, org, lease), deadline)
-
-    def _usage_acked(self, service: httpx.Client, number: int) -> bool:
-        response = self._post(service, "/v1/usage", json=self._usage_body(number))
-        return self.seen.record("usage retry", response, (200,)) and response.json()["rejected"] == []
 
     def _leases_tried(self) -> int:
         return sum(n for (what, _), n in self.seen.answers.items() if what == "lease")
