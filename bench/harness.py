@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -18,15 +17,10 @@ from starlette.responses import Response
 
 from actors.placement import NAMESPACE, shard_name
 from config.settings import Settings
+from tests.helpers import free_port
 
 SERVICE_TOKEN = "bench-service-token-0123456789"
 ADMIN_TOKEN = "bench-admin-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @serve.deployment(max_ongoing_requests=2000, ray_actor_options={"num_cpus": 0.1})

@@ -11,7 +11,11 @@ Serve runs the HAProxy binary that `RAY_SERVE_HAPROXY_BINARY_PATH` names (launch
 at a two-line script that runs this module). This module rewrites those three answers in
 the configuration Serve just wrote, then becomes the real HAProxy (exec: the same pid,
 the same arguments), at every start and every reload. It also gives a client
-HEADERS_WITHIN_S to send its headers, where Serve sets no limit.
+HEADERS_WITHIN_S to send its headers, where Serve sets no limit, and moves HAProxy's stats
+page and Prometheus exporter, which Serve binds to TCP ports of every interface and never
+reads, onto Unix sockets beside HAProxy's admin socket: a TCP port is free only until someone
+takes it, and one taken while a killed HAProxy is being replaced (an outgoing connection's
+local port will do) kept every later HAProxy from starting, the HTTP port closed for good.
 
 - no route yet (a restarted HAProxy) and HAProxy's own 503 (no replica up): nothing reached
   metergate, a retry is safe: 503 `service_unavailable`;
@@ -34,6 +38,10 @@ from serve_app.outage import MAY_HAVE_RUN, NOT_REACHED, RETRY_AFTER_S
 _ERRORFILE = re.compile(r"^(\s*errorfile (50[234])) \S+$", re.MULTILINE)
 _NO_ROUTE = re.compile(r"^(\s*)http-request return status 404 .*$", re.MULTILINE)
 _CLIENT_TIMEOUT = re.compile(r"^(\s*)(timeout client \S+)$", re.MULTILINE)
+_ADMIN_SOCKET = re.compile(r"^\s*stats socket (\S+)", re.MULTILINE)
+# Serve's side listeners: `bind :9101` / `bind *:8404` right under their section's header.
+_SIDE_LISTENER = re.compile(r"^(frontend prometheus|listen stats)\n(\s*)bind \S*:\d+$", re.MULTILINE)
+_SIDE_SOCKETS = {"frontend prometheus": "prom.sock", "listen stats": "stats.sock"}  # no longer than admin.sock
 # A client has this long to send its request's headers (slowloris: a connection held open by
 # headers that never end); HAProxy then answers 408. Serve sets no such timeout.
 HEADERS_WITHIN_S = 5
@@ -52,7 +60,8 @@ def http_error_file(code: str, message: str) -> bytes:
 
 
 def rewrite(config: str, folder: Path) -> str:
-    """The configuration with metergate's outage answers (error files written into `folder`)."""
+    """The configuration with metergate's outage answers (error files written into `folder`),
+    the header timeout, and the stats and metrics listeners on Unix sockets."""
     files = {}
     for status, (code, message) in (("503", NOT_REACHED), ("502", MAY_HAVE_RUN), ("504", MAY_HAVE_RUN)):
         path = folder / f"metergate-{status}.http"
@@ -62,6 +71,10 @@ def rewrite(config: str, folder: Path) -> str:
     if "timeout http-request" not in config:
         config = _CLIENT_TIMEOUT.sub(lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}timeout http-request "
                                                f"{HEADERS_WITHIN_S}s", config, count=1)
+    admin = _ADMIN_SOCKET.search(config)
+    sockets = Path(admin.group(1)).parent if admin else folder
+    config = _SIDE_LISTENER.sub(lambda m: f"{m.group(1)}\n{m.group(2)}bind unix@{sockets / _SIDE_SOCKETS[m.group(1)]}",
+                                config)
     body = error_json(*NOT_REACHED).replace("\\", "\\\\").replace('"', '\\"')
     return _NO_ROUTE.sub(lambda m: f'{m.group(1)}http-request return status 503 content-type application/json '
                                    f'string "{body}" hdr Retry-After {RETRY_AFTER_S}', config)

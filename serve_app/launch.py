@@ -236,8 +236,9 @@ def haproxy_dir(settings: Settings) -> Path:
 
 def lean_serve_env(settings: Settings) -> dict[str, str]:
     """Environment for the fast Serve path: HTTP through HAProxy straight to the ingress
-    replicas, Serve's throughput-oriented defaults, and HAProxy's files and ports our own
-    (its defaults, /tmp/haproxy-serve and ports 8404/9101, collide between two services)."""
+    replicas, Serve's throughput-oriented defaults, and HAProxy's files our own (its default,
+    /tmp/haproxy-serve, collides between two services). Its stats and metrics listeners take
+    no port: the front puts them on Unix sockets in the same folder."""
     run = haproxy_dir(settings)
     run.mkdir(parents=True, exist_ok=True)
     front = run / "haproxy"  # HAProxy with metergate's outage answers (serve_app/haproxy_front.py)
@@ -251,8 +252,6 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_NBTHREAD": str(min(4, os.cpu_count() or 1)),
         # HAProxy's own metrics make Serve's manager actor parse a log line per request
         # (~20 % of a core at 3k req/s here); metergate exports its own (README, Metrics).
@@ -264,14 +263,6 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         # by default. Gate feed streams are not silent (a heartbeat every 0.5 s).
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30",
     }
-
-
-def _free_port() -> int:
-    """A port free on every interface: HAProxy binds its stats and metrics on 0.0.0.0, where a
-    port free on 127.0.0.1 may still be held on another address (Ray's node IP)."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def stop_haproxy(settings: Settings) -> int:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import socket
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -49,10 +51,28 @@ def wait_for(what: str, probe, timeout_s: float = 30.0):
         time.sleep(0.1)
 
 
+# Below the kernel's ephemeral range (where an outgoing connection's local port comes from)
+# and above Ray's worker ports (10002-19999 by default).
+PORTS_FROM = 20000
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on every interface now, for a server that may have to bind it again
+    later (HAProxy replaced after a kill, a service restarted): a port from the ephemeral
+    range, as bind(0) gives, can meanwhile become some outgoing connection's local port, and
+    the server could never come back."""
+    try:
+        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low = 32768  # Linux's default
+    for port in random.sample(range(PORTS_FROM, max(low, PORTS_FROM + 1000)), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port from {PORTS_FROM} up to the ephemeral range")
 
 
 class Sql:

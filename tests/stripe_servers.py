@@ -9,14 +9,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.helpers import free_port
+
 HERE = Path(__file__).resolve().parent
 START_TIMEOUT_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_listening(port: int, process: subprocess.Popen) -> None:
@@ -34,7 +30,7 @@ def _wait_listening(port: int, process: subprocess.Popen) -> None:
 @contextmanager
 def stripe_on_loopback(folder: Path):
     """Yields the api_base: the front (Checkout, portal) backed by localstripe (the rest)."""
-    localstripe_port, front_port = _free_port(), _free_port()
+    localstripe_port, front_port = free_port(), free_port()
     processes = []
     try:
         processes.append(subprocess.Popen(

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import uuid
 
+import psutil
 import pytest
 
 from actors.shard import OUTCOME_WAIT_S
@@ -243,18 +245,44 @@ def test_the_scheduler_killed_mid_delivery_loses_no_outbound_event(service, admi
     assert receiver.arrived[org] > events, receiver.arrived[org]
 
 
+def _serves_haproxy_config(service):
+    configs = list(haproxy_dir(service.settings).glob("*/haproxy.cfg"))
+    assert len(configs) == 1, configs
+    return configs[0]
+
+
 def test_serves_haproxy_carries_metergate_outage_answers(service):
     """What Serve wrote for its HAProxy, as HAProxy runs it: the outage answers are
     metergate's (a Ray upgrade that changes Serve's template fails here, not in production)."""
-    configs = list(haproxy_dir(service.settings).glob("*/haproxy.cfg"))
-    assert len(configs) == 1, configs
-    config = configs[0].read_text()
+    path = _serves_haproxy_config(service)
+    config = path.read_text()
     assert "500.http" not in config and "not found. Ping" not in config
     assert "timeout http-request 5s" in config
     for status, code in (("502", "outcome_unknown"), ("503", "service_unavailable"), ("504", "outcome_unknown")):
-        answer = (configs[0].parent / f"metergate-{status}.http").read_bytes()
+        answer = (path.parent / f"metergate-{status}.http").read_bytes()
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in head
         assert json.loads(body)["error"]["code"] == code
-        assert f"errorfile {status} {configs[0].parent}/metergate-{status}.http" in config
+        assert f"errorfile {status} {path.parent}/metergate-{status}.http" in config
     assert 'http-request return status 503 content-type application/json string "{\\"error\\"' in config
+
+
+def test_serves_haproxy_holds_no_tcp_port_but_the_http_port(service):
+    """Serve binds HAProxy's stats page and Prometheus exporter to TCP ports of every interface.
+    A port is free only until someone takes it: one taken while a killed HAProxy was being
+    replaced (an outgoing connection's local port did, in CI) kept every later HAProxy from
+    starting, and the HTTP port stayed closed. The front moves both to Unix sockets."""
+    ours = str(haproxy_dir(service.settings)) + os.sep
+    haproxies = [p for p in psutil.process_iter(["cmdline"])
+                 if any(arg.startswith(ours) for arg in p.info["cmdline"] or ())]
+    assert haproxies, "no HAProxy of this service runs"
+    listening = {c.laddr.port for p in haproxies for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening == {service.settings.http_port}
+    with socket.socket(socket.AF_UNIX) as sock:  # the stats page is still there, for an operator
+        sock.settimeout(10)
+        sock.connect(str(_serves_haproxy_config(service).parent / "stats.sock"))
+        sock.sendall(b"GET /stats;csv HTTP/1.0\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0], answer[:200]
+    assert b"http_frontend" in answer
