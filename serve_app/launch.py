@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -266,9 +267,11 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
 
 
 def stop_haproxy(settings: Settings) -> int:
-    """Kill the HAProxy processes of this data folder. Ray's proxy actor starts HAProxy as a
-    child; when Ray kills that actor, HAProxy lives on and keeps the HTTP port."""
-    ours = str(haproxy_dir(settings)) + os.sep
+    """Kill the HAProxy processes of this data folder and remove their files. Ray's proxy
+    actor starts HAProxy as a child; when Ray kills that actor, HAProxy lives on and keeps the
+    HTTP port."""
+    folder = haproxy_dir(settings)
+    ours = str(folder) + os.sep
     killed = 0
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -277,6 +280,7 @@ def stop_haproxy(settings: Settings) -> int:
                 killed += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    shutil.rmtree(folder, ignore_errors=True)
     return killed
 
 
@@ -341,8 +345,8 @@ def stop(running: Running, drain: bool = True, budget_s: float = STOP_BUDGET_S) 
             _bounded("serve.shutdown", serve.shutdown, left(0.3))
         if running.started_ray:
             _bounded("ray.shutdown", ray.shutdown, left(0.8))
-    if running.started_ray and running.settings.serve_haproxy:
-        stop_haproxy(running.settings)
+    if running.settings.serve_haproxy and haproxy_dir(running.settings).exists():
+        stop_haproxy(running.settings)  # made before ray.init, which a stop may have cut short
     if running.pg_server is not None:
         # pgserver's own stop (pg_ctl -w stop) may wait a long time; past the budget, a fast
         # shutdown of the postmaster does it.

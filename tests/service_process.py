@@ -121,7 +121,7 @@ class Service:
     def leftovers(self) -> list[str]:
         """Anything of this run still alive: processes of the service's session or started by
         the run (whatever session they moved to), Ray's processes of this run, Serve's
-        HAProxy and any Postgres of the data folder, the HTTP port held, and pids the embedded
+        HAProxy, its files, and any Postgres of the data folder, the HTTP port held, and pids the embedded
         Postgres still counts as its holders (it stops only when none is left)."""
         left = []
         ray_session = self.ray_processes_pattern()
@@ -140,10 +140,12 @@ class Service:
             if (in_session or started_by_run or (ray_session and ray_session.search(cmdline))
                     or str(self.data_dir) in cmdline):
                 left.append(f"pid {proc.pid}: {cmdline[:120]}")
-        haproxy = str(haproxy_dir(Settings(data_dir=self.data_dir))) + os.sep  # Serve's, which can outlive Ray
+        haproxy = haproxy_dir(Settings(data_dir=self.data_dir))  # Serve's, which can outlive Ray
         for proc in psutil.process_iter(["cmdline"]):
-            if any(arg.startswith(haproxy) for arg in proc.info["cmdline"] or ()):
+            if any(arg.startswith(str(haproxy) + os.sep) for arg in proc.info["cmdline"] or ()):
                 left.append(f"haproxy pid {proc.pid}")
+        if haproxy.exists():
+            left.append(f"haproxy files {haproxy}")
         with socket.socket() as sock:  # as a server binds it: SO_REUSEADDR
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
