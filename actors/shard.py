@@ -40,7 +40,7 @@ from storage import orgs as orgs_store
 from storage import journal as store
 from storage.slots import claim_shard, end_transaction, fence, transaction_status
 from storage.times import dt_to_us
-from storage.db import ITEM_FAILURES_IN_POSTGRES, create_pool, is_outage
+from storage.db import ITEM_FAILURES_IN_POSTGRES, create_pool, drop, is_outage, roll_back
 
 log = logging.getLogger("metergate.shard")
 
@@ -79,6 +79,11 @@ MAX_ISOLATION_COMMITS = 64
 
 # A COMMIT whose answer was lost is looked up in Postgres for at most this long.
 OUTCOME_WAIT_S = 15.0
+# A COMMIT is a WAL flush: milliseconds. One left unanswered this long counts as lost, as if its
+# connection were cut (a silent network resets nothing, and asyncpg would wait its 60 s command
+# timeout with the shard's every commit queued behind it). A false alarm costs a connection,
+# never a wrong answer: Postgres is asked how the transaction ended.
+COMMIT_WAIT_S = 5.0
 OUTCOME_UNKNOWN = error(Refusal.OUTCOME_UNKNOWN,
                         "the billing database went away while this request was committing, and whether it "
                         "took effect cannot be known yet; retry it with the same Idempotency-Key, tick ids "
@@ -742,7 +747,9 @@ class ShardActor:
         xid = None  # the transaction's id
         committing = False  # set once the body is done: what fails after that is the COMMIT
         try:
-            async with conn.transaction():
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
                 xid = await fence(conn, self.shard, self.epoch)
                 seen_before = await store.claim_tick_ids(conn, list(tick_keys))
                 keyed = await store.keyed_entries(conn, key_pairs)
@@ -757,14 +764,20 @@ class ShardActor:
                 phase("apply")
                 event_ids = await store.write_batch(conn, out)
                 phase("write")
-                committing = True
+            except BaseException:
+                await roll_back(conn, transaction)
+                raise
+            committing = True
+            await asyncio.wait_for(transaction.commit(), COMMIT_WAIT_S)
             phase("commit")
         except Exception as exc:
             if not (committing and is_outage(exc)):
                 raise  # failed before COMMIT was sent, or refused by Postgres: rolled back
-            # The link failed during COMMIT: the transaction may have committed. Guessing
-            # either way is wrong (a retry would bill twice, or an acknowledged change would
-            # be answered as failed), so ask Postgres.
+            # The link failed during COMMIT, or its answer is overdue: the transaction may have
+            # committed. Guessing either way is wrong (a retry would bill twice, or an
+            # acknowledged change would be answered as failed), so ask Postgres. The answer
+            # may still come on this connection: it is dropped, so nothing reads it.
+            drop(conn)
             if not await self._committed_after_all(backend_pid, xid, exc):
                 raise
             log.warning("shard %s: the answer to a COMMIT was lost (%r); Postgres says it committed",

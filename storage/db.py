@@ -29,6 +29,25 @@ def is_outage(exc: BaseException) -> bool:
     """A failure of the database, not of any one value sent to it."""
     return isinstance(exc, DATABASE_FAILURES) and not isinstance(exc, ITEM_FAILURES_IN_POSTGRES)
 
+
+async def roll_back(conn, transaction) -> None:
+    """Roll back after a failure inside the transaction; a connection that cannot is dropped
+    (Postgres rolls back what it held). The failure itself is what the caller re-raises."""
+    try:
+        await transaction.rollback()
+    except Exception:  # noqa: BLE001 - the link is gone or unusable
+        drop(conn)
+
+
+def drop(conn) -> None:
+    """Close a pool connection at once, without a word to Postgres. One whose link was lost
+    is closed (and out of the pool) already."""
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError:
+        pass
+
+
 # Any constant works as long as every migrator uses it: it serialises concurrent start-ups.
 _MIGRATION_LOCK = 7_310_001
 

@@ -15,7 +15,9 @@ takes one JSON command per line on its control port:
   transaction committed, the client cannot know); `before_commit` drops the COMMIT and closes
   (Postgres rolls the transaction back). `"when": "statement"` cuts instead the next
   statement outside a transaction (autocommit, such as an Idempotency-Key record's update)
-  that carries the bytes, before Postgres gets it. Answers `{"armed": id}`.
+  that carries the bytes, before Postgres gets it. With `"silent": true` a COMMIT cut closes
+  nothing: the connection goes quiet both ways, as over a partitioned network (no reset, no
+  answer), until one side closes it or SILENT_AT_MOST_S pass. Answers `{"armed": id}`.
 - `{"cmd": "status"}`: `{"connections", "open", "cuts": [{"id", "when", "done"}]}`.
 
 Client messages are framed (type byte, int32 length); nothing else is parsed. Only the
@@ -33,15 +35,18 @@ import sys
 from pathlib import Path
 
 CHUNK = 1 << 16
+SILENT_AT_MOST_S = 120  # a silent connection nobody closes is closed then
 
 
 class Cut:
-    def __init__(self, cut_id: int, needle: bytes, when: str, then_refuse_s: float) -> None:
+    def __init__(self, cut_id: int, needle: bytes, when: str, then_refuse_s: float, silent: bool = False) -> None:
         assert when in ("after_commit", "before_commit", "statement"), when
+        assert not silent or when != "statement", "only a COMMIT goes silent"
         self.cut_id = cut_id
         self.needle = needle
         self.when = when
         self.then_refuse_s = then_refuse_s
+        self.silent = silent
         self.done = False
 
 
@@ -98,6 +103,8 @@ class Relay:
             while data := await server_r.read(CHUNK):
                 if dropping.is_set():
                     commit_answered.set()
+                    if cutting[0].silent:
+                        continue  # swallowed, until Postgres closes (its server process ended)
                     return
                 client_w.write(data)
                 await client_w.drain()
@@ -144,10 +151,13 @@ class Relay:
                             carries.done = True
                             cutting.append(carries)
                             server_w.write(bytes(out))
+                            dropping.set()
                             if carries.when == "after_commit":
-                                dropping.set()
                                 server_w.write(message)
-                                await server_w.drain()
+                            await server_w.drain()
+                            if carries.silent:  # what the client sends from now on is swallowed
+                                while await client_r.read(CHUNK):
+                                    pass
                             return
                         carries, in_transaction = None, False
                     elif query.startswith(b"ROLLBACK"):
@@ -159,7 +169,9 @@ class Relay:
         tasks = [asyncio.ensure_future(upstream_to_client()), asyncio.ensure_future(client_to_upstream())]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if cutting and cutting[0].when == "after_commit":
+            if cutting and cutting[0].silent:  # quiet until one side closes
+                await asyncio.wait(tasks, timeout=SILENT_AT_MOST_S, return_when=asyncio.ALL_COMPLETED)
+            elif cutting and cutting[0].when == "after_commit":
                 # Postgres has the COMMIT: wait (bounded) until it answers, so the transaction
                 # is known to be committed before the client loses the connection.
                 await asyncio.wait_for(commit_answered.wait(), timeout=10)
@@ -182,7 +194,7 @@ class Relay:
                 request = json.loads(line)
                 if request["cmd"] == "cut":
                     cut = Cut(len(self.cuts) + 1, request["needle"].encode(), request["when"],
-                              request.get("then_refuse_s", 0))
+                              request.get("then_refuse_s", 0), request.get("silent", False))
                     self.cuts.append(cut)
                     answer = {"armed": cut.cut_id}
                 else:
@@ -248,10 +260,12 @@ class PgProxy:
             conn.sendall(json.dumps(request).encode() + b"\n")
             return json.loads(conn.makefile().readline())
 
-    def cut(self, needle: str, when: str, then_refuse_s: float = 0) -> int:
+    def cut(self, needle: str, when: str, then_refuse_s: float = 0, silent: bool = False) -> int:
         """Arm a cut of the next transaction carrying `needle` (and, if asked, every connection
-        refused for `then_refuse_s` after it: Postgres out of reach); returns the cut's id."""
-        return self._ask({"cmd": "cut", "needle": needle, "when": when, "then_refuse_s": then_refuse_s})["armed"]
+        refused for `then_refuse_s` after it: Postgres out of reach; or, `silent`, the connection
+        left open and quiet instead of closed); returns the cut's id."""
+        return self._ask({"cmd": "cut", "needle": needle, "when": when, "then_refuse_s": then_refuse_s,
+                          "silent": silent})["armed"]
 
     def status(self) -> dict:
         return self._ask({"cmd": "status"})

@@ -71,12 +71,14 @@ def stop_postgres(service, traffic: Traffic) -> None:
 
 
 def cut_commits(service, traffic: Traffic) -> None:
-    """Twelve connections cut at COMMIT, both ways, in credits' and leases' commits (a credit's
-    key is its note, a lease id is in its commit: both are in the bind parameters)."""
+    """Twelve connections cut (eight) or silenced (four) at COMMIT, both ways, in credits' and
+    leases' commits (a credit's key is its note, a lease id is in its commit: both are in the
+    bind parameters)."""
     cuts = []
-    for n, when in enumerate(["after_commit", "before_commit"] * 3):
-        cuts.append(service.pg_proxy.cut(f"{traffic.name}-c{n + 1}", when))
-        cuts.append(service.pg_proxy.cut(f"{traffic.name}-l{n + 1}", when))
+    for n, (when, silent) in enumerate([("after_commit", False), ("before_commit", False)] * 2
+                                       + [("after_commit", True), ("before_commit", True)]):
+        cuts.append(service.pg_proxy.cut(f"{traffic.name}-c{n + 1}", when, silent=silent))
+        cuts.append(service.pg_proxy.cut(f"{traffic.name}-l{n + 1}", when, silent=silent))
     wait_for("every armed cut to happen", lambda: all(
         c["done"] for c in service.pg_proxy.status()["cuts"] if c["id"] in cuts), RECOVERY_S)
 

@@ -19,7 +19,7 @@ import uuid
 import psutil
 import pytest
 
-from actors.shard import OUTCOME_WAIT_S
+from actors.shard import COMMIT_WAIT_S, OUTCOME_WAIT_S
 from serve_app.launch import haproxy_dir
 from tests.chaos.faults import alive_pid, scheduler_pid, through_fault
 from tests.helpers import (
@@ -153,6 +153,34 @@ def test_ticks_whose_commit_connection_is_cut_are_billed_exactly_once(service, a
     billed = sql.val("SELECT COALESCE(sum(ticks), 0)::int8 FROM usage_rollups WHERE org_id = $1", org)
     assert billed == 3
     assert _balance(admin, org) == before - 3 * 165_600 == ledger_sum(sql, org)
+
+
+@pytest.mark.parametrize("when", ["after_commit", "before_commit"])
+def test_a_commit_a_silent_network_leaves_unanswered_is_settled_by_postgres_within_seconds(
+        service, admin, sql, new_org, when):
+    """A partition, not a cut: no reset, no answer, the connection just goes quiet. The shard
+    must not wait asyncpg's 60 s command timeout (every commit of the shard queued behind it):
+    past COMMIT_WAIT_S it asks Postgres, as for a cut, and answers what Postgres says."""
+    org = new_org()
+    before = _balance(admin, org)
+    note = f"silent-{when}-{uuid.uuid4().hex[:8]}"
+    key = {"Idempotency-Key": f"retry-{note}"}
+    body = {"kind": "grant", "amount_micros": 5_000_000, "note": note}
+    cut = service.pg_proxy.cut(note, when, silent=True)
+    started = time.monotonic()
+    response = admin.post(f"/v1/orgs/{org}/credits", json=body, headers=key)
+    took = time.monotonic() - started
+    assert _cut_done(service, cut)
+    assert COMMIT_WAIT_S <= took < COMMIT_WAIT_S + 15, took
+    if when == "after_commit":  # Postgres committed it: acknowledged, once
+        assert response.status_code == 201, response.text
+    else:  # the COMMIT never reached Postgres, which rolled back when its server process ended
+        assert_error(response, 503, "shard_unavailable")
+        assert _entries_noted(sql, org, note) == []
+        response = admin.post(f"/v1/orgs/{org}/credits", json=body, headers=key)
+        assert response.status_code == 201, response.text
+    assert [tuple(r) for r in _entries_noted(sql, org, note)] == [("grant", 5_000_000)]
+    assert _balance(admin, org) == before + 5_000_000 == ledger_sum(sql, org)
 
 
 def _cut_done(service, cut_id: int) -> bool:
