@@ -794,14 +794,22 @@ class ShardActor:
         transaction's status is read until it is final. Raises CommitOutcomeUnknown if
         Postgres cannot be asked within OUTCOME_WAIT_S."""
         deadline = time.monotonic() + OUTCOME_WAIT_S
+
+        def left() -> float:  # every step is bounded: over a partition, pooled connections are silent too
+            return max(0.1, deadline - time.monotonic())
+
         ended = False
         while time.monotonic() < deadline:
             try:
-                async with self.pool.acquire(timeout=max(0.1, deadline - time.monotonic())) as conn:
-                    if not ended:
-                        await end_transaction(conn, backend_pid, xid)
-                        ended = True
-                    status = await transaction_status(conn, xid)
+                async with self.pool.acquire(timeout=left()) as conn:
+                    try:
+                        if not ended:
+                            await end_transaction(conn, backend_pid, xid, timeout=left())
+                            ended = True
+                        status = await transaction_status(conn, xid, timeout=left())
+                    except Exception:
+                        drop(conn)  # not put back: its link failed or went quiet
+                        raise
             except Exception as exc:  # noqa: BLE001 - Postgres cannot be asked yet: again, until the deadline
                 if not is_outage(exc):
                     raise

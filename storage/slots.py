@@ -72,7 +72,7 @@ async def fence(conn: asyncpg.Connection, shard: int, epoch: int) -> int:
     return row["xid"]
 
 
-async def end_transaction(conn: asyncpg.Connection, backend_pid: int, xid: int) -> bool:
+async def end_transaction(conn: asyncpg.Connection, backend_pid: int, xid: int, timeout: float | None = None) -> bool:
     """Terminate the server process still holding transaction `xid` open, if one does.
 
     A client that lost its connection cannot tell whether the server saw the link go: over a
@@ -80,9 +80,9 @@ async def end_transaction(conn: asyncpg.Connection, backend_pid: int, xid: int) 
     take. Ended, it is either committed (its COMMIT ran) or rolled back, for good."""
     return bool(await conn.fetchval(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE pid = $1 AND backend_xid::text::int8 = $2::int8 % 4294967296", backend_pid, xid))
+        " WHERE pid = $1 AND backend_xid::text::int8 = $2::int8 % 4294967296", backend_pid, xid, timeout=timeout))
 
 
-async def transaction_status(conn: asyncpg.Connection, xid: int) -> str | None:
+async def transaction_status(conn: asyncpg.Connection, xid: int, timeout: float | None = None) -> str | None:
     """'committed', 'aborted' or 'in progress'; None if Postgres no longer knows (too old)."""
-    return await conn.fetchval("SELECT txid_status($1)", xid)
+    return await conn.fetchval("SELECT txid_status($1)", xid, timeout=timeout)

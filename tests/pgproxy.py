@@ -17,7 +17,8 @@ takes one JSON command per line on its control port:
   statement outside a transaction (autocommit, such as an Idempotency-Key record's update)
   that carries the bytes, before Postgres gets it. With `"silent": true` a COMMIT cut closes
   nothing: the connection goes quiet both ways, as over a partitioned network (no reset, no
-  answer), until one side closes it or SILENT_AT_MOST_S pass. Answers `{"armed": id}`.
+  answer), until the client closes it (and, before the COMMIT, Postgres ends its side) or
+  SILENT_AT_MOST_S pass. Answers `{"armed": id}`.
 - `{"cmd": "status"}`: `{"connections", "open", "cuts": [{"id", "when", "done"}]}`.
 
 Client messages are framed (type byte, int32 length); nothing else is parsed. Only the
@@ -104,7 +105,7 @@ class Relay:
                 if dropping.is_set():
                     commit_answered.set()
                     if cutting[0].silent:
-                        continue  # swallowed, until Postgres closes (its server process ended)
+                        continue  # swallowed
                     return
                 client_w.write(data)
                 await client_w.drain()
@@ -169,8 +170,13 @@ class Relay:
         tasks = [asyncio.ensure_future(upstream_to_client()), asyncio.ensure_future(client_to_upstream())]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if cutting and cutting[0].silent:  # quiet until one side closes
-                await asyncio.wait(tasks, timeout=SILENT_AT_MOST_S, return_when=asyncio.ALL_COMPLETED)
+            if cutting and cutting[0].silent:
+                # Quiet until the client gives up on it. After a COMMIT Postgres ran, its server
+                # process is idle and the link is closed then; before it, the transaction stays
+                # open until Postgres ends the process (as the shard has it do) and closes.
+                await asyncio.wait([tasks[1]], timeout=SILENT_AT_MOST_S)
+                if cutting[0].when == "before_commit":
+                    await asyncio.wait([tasks[0]], timeout=SILENT_AT_MOST_S)
             elif cutting and cutting[0].when == "after_commit":
                 # Postgres has the COMMIT: wait (bounded) until it answers, so the transaction
                 # is known to be committed before the client loses the connection.
