@@ -51,6 +51,7 @@ class Running:
     dashboard_url: str | None = None  # the Ray dashboard; None: off, or a Ray started elsewhere
     dashboard_needs_token: bool = False
     metrics_port: int | None = None  # Ray's Prometheus endpoint on this node
+    made_haproxy_files: bool = False  # this run wrote Serve's HAProxy folder (haproxy_dir)
 
     @property
     def metrics_url(self) -> str | None:
@@ -157,6 +158,7 @@ def start(settings: Settings, ray_init_kwargs: dict | None = None, running: Runn
             if settings.serve_haproxy:
                 stop_haproxy(settings)  # one a killed run left behind holds the port
                 os.environ.update(lean_serve_env(settings))  # Ray's processes inherit it
+                running.made_haproxy_files = True
             # ray.init puts in a SIGTERM handler of its own (sys.exit); the caller's stays.
             caller_sigterm = signal.getsignal(signal.SIGTERM)
             # "local": a cluster of our own, never one that another process happens to run.
@@ -235,6 +237,11 @@ def haproxy_dir(settings: Settings) -> Path:
     return Path(tempfile.gettempdir()) / f"mg-haproxy-{key:08x}"
 
 
+# A client silent this long mid-request (a body that never ends) is dropped: an hour by
+# Serve's default. Gate feed streams are not silent (a heartbeat every 0.5 s).
+CLIENT_SILENT_AT_MOST_S = 30
+
+
 def lean_serve_env(settings: Settings) -> dict[str, str]:
     """Environment for the fast Serve path: HTTP through HAProxy straight to the ingress
     replicas, Serve's throughput-oriented defaults, and HAProxy's files our own (its default,
@@ -260,18 +267,14 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         # A dead HAProxy is replaced once its proxy fails 3 health checks: 3 x 10 s by
         # default, half a minute with the HTTP port closed; 3 x 2 s instead.
         "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
-        # A client silent this long mid-request (a body that never ends) is dropped: an hour
-        # by default. Gate feed streams are not silent (a heartbeat every 0.5 s).
-        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30",
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(CLIENT_SILENT_AT_MOST_S),
     }
 
 
 def stop_haproxy(settings: Settings) -> int:
-    """Kill the HAProxy processes of this data folder and remove their files. Ray's proxy
-    actor starts HAProxy as a child; when Ray kills that actor, HAProxy lives on and keeps the
-    HTTP port."""
-    folder = haproxy_dir(settings)
-    ours = str(folder) + os.sep
+    """Kill the HAProxy processes of this data folder. Ray's proxy actor starts HAProxy as a
+    child; when Ray kills that actor, HAProxy lives on and keeps the HTTP port."""
+    ours = str(haproxy_dir(settings)) + os.sep
     killed = 0
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -280,7 +283,6 @@ def stop_haproxy(settings: Settings) -> int:
                 killed += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    shutil.rmtree(folder, ignore_errors=True)
     return killed
 
 
@@ -345,8 +347,9 @@ def stop(running: Running, drain: bool = True, budget_s: float = STOP_BUDGET_S) 
             _bounded("serve.shutdown", serve.shutdown, left(0.3))
         if running.started_ray:
             _bounded("ray.shutdown", ray.shutdown, left(0.8))
-    if running.settings.serve_haproxy and haproxy_dir(running.settings).exists():
-        stop_haproxy(running.settings)  # made before ray.init, which a stop may have cut short
+    if running.made_haproxy_files:  # (before ray.init, which a stop may have cut short)
+        stop_haproxy(running.settings)
+        shutil.rmtree(haproxy_dir(running.settings), ignore_errors=True)
     if running.pg_server is not None:
         # pgserver's own stop (pg_ctl -w stop) may wait a long time; past the budget, a fast
         # shutdown of the postmaster does it.

@@ -54,6 +54,7 @@ def wait_for(what: str, probe, timeout_s: float = 30.0):
 # Below the kernel's ephemeral range (where an outgoing connection's local port comes from)
 # and above Ray's worker ports (10002-19999 by default).
 PORTS_FROM = 20000
+_handed_out: set[int] = set()  # never the same port twice in one process, free or not
 
 
 def free_port() -> int:
@@ -65,13 +66,18 @@ def free_port() -> int:
         low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
         low = 32768  # Linux's default
-    for port in random.sample(range(PORTS_FROM, max(low, PORTS_FROM + 1000)), 200):
+    if low <= PORTS_FROM + 1000:
+        raise RuntimeError(f"the ephemeral port range starts at {low}: no room below it from {PORTS_FROM}")
+    for port in random.sample(range(PORTS_FROM, low), 200):
+        if port in _handed_out:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise RuntimeError(f"no free TCP port from {PORTS_FROM} up to the ephemeral range")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -62,9 +63,13 @@ def test_every_cluster_node_runs_serve_as_make_up_does_with_metergates_haproxy_f
     client timeout. The front is the `metergate-haproxy` command the install puts in the
     virtualenv: it runs, and becomes the real HAProxy."""
     from config.settings import Settings
-    from serve_app.launch import lean_serve_env
+    from serve_app.launch import haproxy_dir, lean_serve_env
 
-    local = lean_serve_env(Settings(data_dir=tmp_path))
+    settings = Settings(data_dir=tmp_path)
+    try:
+        local = lean_serve_env(settings)
+    finally:
+        shutil.rmtree(haproxy_dir(settings), ignore_errors=True)  # its HAProxy folder in /tmp, as a stop does
     same = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S",
             "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S")
     front = "$HOME/metergate/.venv/bin/metergate-haproxy"
