@@ -47,6 +47,22 @@ class StopRequested(BaseException):
     """A stop signal came while the service was still starting (like KeyboardInterrupt)."""
 
 
+def interrupted_by_stop(exc: BaseException) -> bool:
+    """Whether a start-up failure is a stop signal's doing: StopRequested itself, SystemExit
+    (Ray's SIGTERM handler, while ray.init runs), or an error StopRequested turned into on its
+    way out of C code (raised inside Ray's Cython, it came out as "SystemError: ... returned a
+    result with an exception set", the StopRequested as its cause)."""
+    if isinstance(exc, SystemExit):
+        return True
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StopRequested):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main() -> int:
     relay_pid = os.environ.get(_RELAY_ENV)
     if relay_pid:
@@ -202,7 +218,15 @@ def run_service(relay_pid: int) -> int:
         running = launch.Running(stops.settings)
         launch.start(stops.settings, running=running)
         stops.starting = False
-    except (StopRequested, SystemExit):  # SystemExit: Ray's SIGTERM handler, while ray.init runs
+    except BaseException as exc:
+        if not interrupted_by_stop(exc):
+            from config.catalog import CatalogError
+            from config.settings import SettingsError
+
+            if not isinstance(exc, (SettingsError, CatalogError)):
+                raise
+            print(f"metergate: {exc}", file=sys.stderr)
+            return 2
         if not stops.requested.is_set():  # Ray's handler took the signal: ours are not armed yet
             stops.requested.set()
             _hard_stop_after(HARD_STOP_DURING_START_S, stops.settings)
@@ -212,14 +236,6 @@ def run_service(relay_pid: int) -> int:
             launch.stop(running, drain=False)  # does nothing if start-up already stopped it
         print("metergate: stopped during start-up", flush=True)
         return 0
-    except Exception as exc:
-        from config.catalog import CatalogError
-        from config.settings import SettingsError
-
-        if not isinstance(exc, (SettingsError, CatalogError)):
-            raise
-        print(f"metergate: {exc}", file=sys.stderr)
-        return 2
     if not stops.requested.is_set():
         print(banner(running), flush=True)
         stops.requested.wait()

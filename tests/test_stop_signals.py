@@ -126,3 +126,29 @@ def test_a_stop_signal_whose_exception_python_drops_still_interrupts_the_start_u
     assert out.startswith("start-up interrupted after "), out + err
     assert float(out.split()[-2]) < 5  # at once, not after the start-up's 10 s
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_stop_signal_that_c_code_turned_into_another_error_still_stops_quietly():
+    """A clean-clone run of .ci/run found it: a SIGTERM while the scheduler started raised StopRequested inside
+    Ray's Cython, which let it out as "SystemError: ... returned a result with an exception
+    set", the StopRequested its cause. The start-up stopped what it had started, but the
+    service printed that SystemError's traceback as if start-up had failed."""
+    from serve_app.main import StopRequested, interrupted_by_stop
+
+    def raised_through_c_code(chained: bool) -> None:
+        try:
+            raise StopRequested
+        except StopRequested as stop:
+            error = SystemError("<built-in method __new__> returned a result with an exception set")
+            if chained:
+                raise error from stop
+            raise error  # the StopRequested as its context
+
+    for chained in (True, False):
+        try:
+            raised_through_c_code(chained)
+        except SystemError as error:
+            assert interrupted_by_stop(error), chained
+    assert interrupted_by_stop(StopRequested()) and interrupted_by_stop(SystemExit(0))
+    for failure in (SystemError("a C extension's bug"), RuntimeError("Ray did not start"), KeyboardInterrupt()):
+        assert not interrupted_by_stop(failure)
