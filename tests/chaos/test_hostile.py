@@ -38,6 +38,7 @@ import stripe
 
 from serve_app.auth import OrgTokens
 from serve_app.haproxy_front import HEADERS_WITHIN_S
+from serve_app.launch import CLIENT_SILENT_AT_MOST_S
 from tests.helpers import (
     ADMIN_TOKEN,
     STRIPE_WEBHOOK_SECRET,
@@ -948,6 +949,29 @@ def test_slow_clients_that_never_finish_do_not_hold_up_others_and_change_nothing
     print(f"\nhostile: {sum(1 for r in answered if r)} of {STALLED_SOCKETS} stalled sockets were answered "
           f"within {STALL_S:.0f} s (408 to headers that never ended; a body that never ends is dropped after "
           f"HAProxy's 30 s client timeout)")
+
+
+def test_a_body_that_never_ends_holds_its_connection_only_until_the_client_timeout(guard, service):
+    """HAProxy drops a client silent mid-body after CLIENT_SILENT_AT_MOST_S (an hour by Serve's
+    default): a caller cannot hold connections for long by starting bodies it never finishes,
+    and the partial body, a whole credit, never lands."""
+    credit = json.dumps({"kind": "grant", "amount_micros": 1_000_000, "note": "stalled-body"}).encode()
+    head = raw_request("POST", f"/v1/orgs/{guard.target}/credits", ADMIN_TOKEN, close=False,
+                       headers=("Content-Type: application/json", f"Content-Length: {len(credit) + 1000}"))
+    received = b""
+    with guard.unchanged():
+        with socket.create_connection(address(service), timeout=CLIENT_SILENT_AT_MOST_S + 15) as sock:
+            sock.sendall(head + credit)
+            guard.tried += 1
+            started = time.monotonic()
+            try:
+                while chunk := sock.recv(65536):  # until the service closes (a timeout fails the test)
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            held = time.monotonic() - started
+    assert_raw_refused(received, "a body that never ended")
+    assert CLIENT_SILENT_AT_MOST_S - 2 <= held < CLIENT_SILENT_AT_MOST_S + 10, held
 
 
 # ----- org tokens -------------------------------------------------------------------------------
