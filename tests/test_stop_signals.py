@@ -129,9 +129,9 @@ def test_a_stop_signal_whose_exception_python_drops_still_interrupts_the_start_u
 
 
 def test_a_stop_signal_that_c_code_turned_into_another_error_still_stops_quietly():
-    """A clean-clone run of .ci/run found it: a SIGTERM while the scheduler started raised StopRequested inside
-    Ray's Cython, which let it out as "SystemError: ... returned a result with an exception
-    set", the StopRequested its cause. The start-up stopped what it had started, but the
+    """A clean-clone run of .ci/run found it: a SIGTERM while the scheduler started raised
+    StopRequested inside Ray's Cython, which let it out as "SystemError: ... returned a result
+    with an exception set", the StopRequested its cause. The start-up stopped what it had started, but the
     service printed that SystemError's traceback as if start-up had failed."""
     from serve_app.main import StopRequested, interrupted_by_stop
 
