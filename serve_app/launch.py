@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ SHARD_CPUS = 0.1
 JOBS_CPUS = 0.05
 
 
+SERVING_WAIT_S = 60.0  # a start waits at most this for its HTTP port to answer (wait_serving)
 STOP_BUDGET_S = 9.0  # a stop ends within this, whatever state Ray and Postgres are in
 
 
@@ -178,11 +180,33 @@ def start(settings: Settings, ray_init_kwargs: dict | None = None, running: Runn
         running.started_serve = True
         serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
         deploy_ingress(running)
+        if running.started_ray:
+            wait_serving(running)
     except BaseException:
         log.warning("start-up did not complete; stopping what it started")
         stop(running, drain=False)
         raise
     return running
+
+
+def wait_serving(running: Running, timeout_s: float = SERVING_WAIT_S) -> bool:
+    """Wait until the HTTP port answers the app: Serve calls the app ready before its HAProxy
+    has the routes, and until then every request is 503 `service_unavailable`. A start is
+    announced once callers are served, not before. Past timeout_s it goes on, with a warning."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(running.settings.http_host, running.settings.http_host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{running.settings.http_port}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an HTTP_PROXY's
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with direct.open(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except (OSError, ValueError):  # refused, reset, 503 (HTTPError is an OSError), timed out
+            pass
+        time.sleep(0.1)
+    log.warning("%s does not answer yet after %.0f s; going on", url, timeout_s)
+    return False
 
 
 def ray_node_options(settings: Settings) -> dict:

@@ -84,9 +84,12 @@ class Service:
         return time.monotonic() - self.started_at
 
     def wait_up(self, timeout_s: float = 180) -> float:
-        """Wait for the banner; seconds the start took."""
+        """Wait for the banner; seconds the start took. The banner is true: callers are served
+        from that moment (not told 503 while Serve's HAProxy waits for its routes)."""
         took_s = self.wait_output(b"metergate is up", timeout_s)
         assert self.process.poll() is None, self.output()[-3000:].decode(errors="replace")
+        served = httpx.get(f"{self.url}/healthz", timeout=10)
+        assert served.status_code == 200, served.text
         return took_s
 
     def exited_within(self, seconds: float, started: float) -> float:
