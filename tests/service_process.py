@@ -216,7 +216,9 @@ class Traffic:
             accepted = duplicates = 0
             for start in range(0, len(self.sent), 5_000):
                 part = [tick(self.org_id, t) for t in self.sent[start:start + 5_000]]
-                resent = compute.post("/v1/usage", json={"ticks": part}).json()
+                answer = compute.post("/v1/usage", json={"ticks": part})
+                assert answer.status_code == 200, answer.text
+                resent = answer.json()
                 assert resent["rejected"] == [], resent
                 accepted, duplicates = accepted + resent["accepted"], duplicates + resent["duplicates"]
             assert accepted + duplicates == len(self.sent)
