@@ -298,16 +298,21 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
 def stop_haproxy(settings: Settings) -> int:
     """Kill the HAProxy processes of this data folder. Ray's proxy actor starts HAProxy as a
     child; when Ray kills that actor, HAProxy lives on and keeps the HTTP port."""
-    ours = str(haproxy_dir(settings)) + os.sep
     killed = 0
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in haproxy_processes(settings):
         try:
-            if any(arg.startswith(ours) for arg in proc.info["cmdline"] or ()):
-                proc.kill()
-                killed += 1
+            proc.kill()
+            killed += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return killed
+
+
+def haproxy_processes(settings: Settings) -> list[psutil.Process]:
+    """The HAProxy processes of this data folder: their command lines name its files."""
+    ours = str(haproxy_dir(settings)) + os.sep
+    return [proc for proc in psutil.process_iter(["cmdline"])
+            if any(arg.startswith(ours) for arg in proc.info["cmdline"] or ())]
 
 
 def deploy_ingress(running: Running) -> None:

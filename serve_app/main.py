@@ -39,8 +39,8 @@ PARENT_CHECK_EVERY_S = 0.5
 # Nothing is lost by that: an acknowledgement is only ever sent after its commit.
 HARD_STOP_DURING_START_S = 8.0
 HARD_STOP_AFTER_BUDGET_S = 1.5  # past launch.STOP_BUDGET_S
-RELAY_DEADLINE_S = 12.5
-RAISE_AGAIN_AFTER_S = 0.02  # a StopRequested dropped where it landed is raised again this much later  # the relay's own last resort, should the child's hard stop not run
+RELAY_DEADLINE_S = 12.5  # the relay's own last resort, should the child's hard stop not run
+RAISE_AGAIN_AFTER_S = 0.02  # a StopRequested dropped where it landed is raised again this much later
 
 
 class StopRequested(BaseException):
@@ -150,13 +150,11 @@ class StopSignals:
         self.starting = True
         self.settings = None  # once loaded: what the hard stop stops
         self._dropped = False
-        self._hooked = False
-        self._hook_code = None
+        self._hook_code = None  # set once the unraisable hook is in
 
     def install(self) -> None:
         """Put in the handlers (again, where Ray's replaced them) and, once, the hook."""
-        if not self._hooked:
-            self._hooked = True
+        if self._hook_code is None:
             sys.unraisablehook = self._dropped_stop_raised_again(sys.unraisablehook)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.on_signal)

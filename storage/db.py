@@ -124,25 +124,27 @@ def stop_postgres_now(data_dir: Path, wait_s: float = 1.5) -> None:
         pass  # not running, already gone, or not ours to wait for
 
 
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie has ended (a container's init may reap it only
+    much later)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _forget_dead_holders(pg_dir: Path) -> None:
     """pgserver stops its server when the last process holding it lets go, and keeps those
     pids in a file. A holder killed with -9 never lets go, so its pid would keep the server
-    running past every later stop: drop the pids of processes that no longer run (a zombie
-    has ended too: a container's init may reap it only much later)."""
-    import psutil
-
-    def running(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
+    running past every later stop: drop the pids of processes that no longer run."""
     holders = pg_dir / ".handle_pids.json"
     try:
         pids = json.loads(holders.read_text())
     except (OSError, ValueError):
         return
-    alive = [pid for pid in pids if isinstance(pid, int) and running(pid)]
+    alive = [pid for pid in pids if isinstance(pid, int) and pid_running(pid)]
     if alive != pids:
         log.info("embedded Postgres: forgetting holders that are gone: %s", sorted(set(pids) - set(alive)))
         holders.write_text(json.dumps(alive))

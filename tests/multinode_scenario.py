@@ -31,7 +31,6 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import psutil
 import ray
 import yaml
 from ray.cluster_utils import Cluster
@@ -40,6 +39,7 @@ from ray.util.state import list_actors
 from actors.placement import NAMESPACE, shard_name, slot_of
 from config.settings import Settings
 from serve_app import launch
+from storage.db import pid_running
 from tests.helpers import (
     ADMIN_TOKEN,
     SERVICE_TOKEN,
@@ -238,7 +238,7 @@ def stream_while_removing(cluster: Cluster, victim, lost_pids: list[int], base_u
                 say("removing the node")
                 cluster.remove_node(victim, allow_graceful=False)
                 wait_for("the lost shards' processes to end",
-                         lambda: not any(_running(pid) for pid in lost_pids), timeout_s=WAIT_S)
+                         lambda: not any(pid_running(pid) for pid in lost_pids), timeout_s=WAIT_S)
                 say("node removed, its shards' processes gone")
             requests = [("ticks", number)] + ([("credit", number)] if number % CREDIT_EVERY == 0 else [])
             for kind, n in requests:
@@ -252,13 +252,6 @@ def stream_while_removing(cluster: Cluster, victim, lost_pids: list[int], base_u
                     say(f"{kind} {n} failed: {answer}")
                 (acknowledged if ok else failed).append((kind, n))
     return acknowledged, failed
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def send(compute: httpx.Client, admin: httpx.Client, orgs: list[str], kind: str, number: int) -> httpx.Response:

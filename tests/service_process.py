@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from config.settings import Settings
-from serve_app.launch import haproxy_dir
+from serve_app.launch import haproxy_dir, haproxy_processes
 from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,12 +143,10 @@ class Service:
             if (in_session or started_by_run or (ray_session and ray_session.search(cmdline))
                     or str(self.data_dir) in cmdline):
                 left.append(f"pid {proc.pid}: {cmdline[:120]}")
-        haproxy = haproxy_dir(Settings(data_dir=self.data_dir))  # Serve's, which can outlive Ray
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(arg.startswith(str(haproxy) + os.sep) for arg in proc.info["cmdline"] or ()):
-                left.append(f"haproxy pid {proc.pid}")
-        if haproxy.exists():
-            left.append(f"haproxy files {haproxy}")
+        settings = Settings(data_dir=self.data_dir)
+        left += [f"haproxy pid {proc.pid}" for proc in haproxy_processes(settings)]  # Serve's, which can outlive Ray
+        if haproxy_dir(settings).exists():
+            left.append(f"haproxy files {haproxy_dir(settings)}")
         with socket.socket() as sock:  # as a server binds it: SO_REUSEADDR
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

@@ -75,10 +75,10 @@ def test_every_cluster_node_runs_serve_as_make_up_does_with_metergates_haproxy_f
     front = "$HOME/metergate/.venv/bin/metergate-haproxy"
     for commands in (load()["head_start_ray_commands"], load()["worker_start_ray_commands"]):
         (start,) = [c for c in commands if " start " in c]
-        settings = dict(word.split("=", 1) for word in start.split("ray start")[0].split("; ")[-1].split()
-                        if word.startswith("RAY_SERVE_"))
-        assert {name: settings.get(name) for name in same} == {name: local[name] for name in same}
-        assert settings["RAY_SERVE_HAPROXY_BINARY_PATH"] == front
+        node = dict(word.split("=", 1) for word in start.split("ray start")[0].split("; ")[-1].split()
+                    if word.startswith("RAY_SERVE_"))
+        assert {name: node.get(name) for name in same} == {name: local[name] for name in same}
+        assert node["RAY_SERVE_HAPROXY_BINARY_PATH"] == front
     scripts = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["metergate-haproxy"] == "serve_app.haproxy_front:main"
     installed = Path(sys.executable).parent / "metergate-haproxy"  # `make` installs the project so

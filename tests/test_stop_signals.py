@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import wait_for
 from tests.service_process import STOP_WITHIN_S, Service, Traffic
@@ -131,8 +132,8 @@ def test_a_stop_signal_whose_exception_python_drops_still_interrupts_the_start_u
 def test_a_stop_signal_that_c_code_turned_into_another_error_still_stops_quietly():
     """A clean-clone run of .ci/run found it: a SIGTERM while the scheduler started raised
     StopRequested inside Ray's Cython, which let it out as "SystemError: ... returned a result
-    with an exception set", the StopRequested its cause. The start-up stopped what it had started, but the
-    service printed that SystemError's traceback as if start-up had failed."""
+    with an exception set", the StopRequested its cause. The start-up stopped what it had
+    started, but the service printed that SystemError's traceback as if start-up had failed."""
     from serve_app.main import StopRequested, interrupted_by_stop
 
     def raised_through_c_code(chained: bool) -> None:
@@ -145,10 +146,9 @@ def test_a_stop_signal_that_c_code_turned_into_another_error_still_stops_quietly
             raise error  # the StopRequested as its context
 
     for chained in (True, False):
-        try:
+        with pytest.raises(SystemError) as raised:
             raised_through_c_code(chained)
-        except SystemError as error:
-            assert interrupted_by_stop(error), chained
+        assert interrupted_by_stop(raised.value), chained
     assert interrupted_by_stop(StopRequested()) and interrupted_by_stop(SystemExit(0))
     for failure in (SystemError("a C extension's bug"), RuntimeError("Ray did not start"), KeyboardInterrupt()):
         assert not interrupted_by_stop(failure)

@@ -17,7 +17,7 @@ import httpx
 import pgserver
 import psutil
 
-from serve_app.launch import haproxy_dir
+from serve_app.launch import haproxy_processes
 from tests.chaos.traffic import Traffic, billed_ticks
 from tests.helpers import shard_pid, wait_for
 
@@ -93,9 +93,7 @@ def kill_ingress_replica(service, traffic: Traffic) -> None:
 
 
 def kill_haproxy(service, traffic: Traffic) -> None:
-    ours = str(haproxy_dir(service.settings)) + os.sep
-    victims = [p.pid for p in psutil.process_iter(["cmdline"])
-               if any(arg.startswith(ours) for arg in p.info["cmdline"] or ())]
+    victims = [p.pid for p in haproxy_processes(service.settings)]
     assert victims, "HAProxy serves the HTTP port"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)

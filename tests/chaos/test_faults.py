@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from actors.shard import COMMIT_WAIT_S, OUTCOME_WAIT_S
-from serve_app.launch import haproxy_dir
+from serve_app.haproxy_front import rewrite
+from serve_app.launch import haproxy_dir, haproxy_processes
 from tests.chaos.faults import alive_pid, scheduler_pid, through_fault
 from tests.helpers import (
     ADMIN_TOKEN,
@@ -300,9 +301,7 @@ def test_serves_haproxy_holds_no_tcp_port_but_the_http_port(service):
     A port is free only until someone takes it: one taken while a killed HAProxy was being
     replaced (an outgoing connection's local port did, in CI) kept every later HAProxy from
     starting, and the HTTP port stayed closed. The front moves both to Unix sockets."""
-    ours = str(haproxy_dir(service.settings)) + os.sep
-    haproxies = [p for p in psutil.process_iter(["cmdline"])
-                 if any(arg.startswith(ours) for arg in p.info["cmdline"] or ())]
+    haproxies = haproxy_processes(service.settings)
     assert haproxies, "no HAProxy of this service runs"
     listening = {c.laddr.port for p in haproxies for c in p.net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN}
@@ -314,3 +313,15 @@ def test_serves_haproxy_holds_no_tcp_port_but_the_http_port(service):
         answer = b"".join(iter(lambda: sock.recv(65536), b""))
     assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0], answer[:200]
     assert b"http_frontend" in answer
+
+
+def test_the_front_says_so_when_serves_template_keeps_a_side_listener_on_a_tcp_port(tmp_path, capsys):
+    """The rewrite depends on Serve's template: a listener it cannot move would bring back a
+    port that can be taken while HAProxy is down. HAProxy must start all the same, but not in
+    silence."""
+    admin = f"    stats socket {tmp_path}/admin.sock mode 666 level admin\n"
+    moved = rewrite(f"global\n{admin}frontend prometheus\n    bind :9101\nlisten stats\n  bind *:8404\n", tmp_path)
+    assert f"bind unix@{tmp_path}/prom.sock" in moved and f"bind unix@{tmp_path}/stats.sock" in moved
+    assert ":9101" not in moved and ":8404" not in moved and capsys.readouterr().err == ""
+    rewrite(f"global\n{admin}frontend prometheus\n    bind :9101\nlisten stats\n  bind 0.0.0.0:8404 ssl\n", tmp_path)
+    assert "listen stats not moved to a Unix socket" in capsys.readouterr().err
