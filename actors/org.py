@@ -81,6 +81,8 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     invoice_as_of_us: int = 0
     period_anchor_us: int = 0
     paid_credit: bool = False
+    period_cycle_start_us: int = 0  # the subscription's cycle (billing-rules 5.2); 0: the calendar
+    period_cycle_us: int = -1  # -1: written before the cycle was kept (from_snapshot derives it)
 
 
 # Snapshot fields that are copied as they are; plan, grants and leases need converting.
@@ -130,6 +132,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
         "thresholds_fired", "halted", "suspended", "past_due_since_us", "leases",
         "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
+        "period_cycle_start_us", "period_cycle_us",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -161,6 +164,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
         self.invoice_as_of_us = 0
         self.period_anchor_us = 0
         self.paid_credit = False  # ever credited with money paid (top-up, auto-recharge)
+        self.period_cycle_start_us, self.period_cycle_us = 0, 0
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -248,6 +252,13 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
         for name in _SNAPSHOT_PLAIN_FIELDS:
             setattr(org, name, getattr(snap, name))
         org.plan = plan
+        if snap.period_cycle_us < 0:
+            # Written before the cycle was kept: an org with an anchor then took the running
+            # period's length from the anchor on as the cycle of the next periods.
+            start = max(snap.period_start_us, snap.period_anchor_us)
+            org.period_cycle_start_us, org.period_cycle_us = 0, 0
+            if snap.period_anchor_us and snap.period_end_us > start:
+                org.period_cycle_start_us, org.period_cycle_us = start, snap.period_end_us - start
         org.grants = snap.grants
         org.leases = {l.lease_id: l for l in snap.leases} if snap.leases else None
         # Shared strings: thousands of orgs hold the same period key and tier.

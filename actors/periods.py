@@ -109,35 +109,39 @@ class Periods:
 
     # ----- periods ----------------------------------------------------------------------
 
-    def _start_period(self, now_us: int, fx: Effects | None, plan: Plan | None = None) -> None:
-        """Archive the running period (in `fx`) and start the one containing now_us, on `plan`
-        or else on the version of the current plan in effect then."""
-        old_start, old_end = self.period_start_us, self.period_end_us
-        if fx is not None and self.period_key and now_us > old_start:
+    def _grid_period(self, kind: str, at_us: int) -> tuple[str, int, int]:
+        """(key, start, end) of the grid period containing at_us (billing-rules 5.2): the
+        subscription's cycle once one gave a whole period, else the calendar of `kind`."""
+        cycle = self.period_cycle_us
+        if cycle:
+            start = self.period_cycle_start_us + (at_us - self.period_cycle_start_us) // cycle * cycle
+            return "sub-" + us_to_rfc3339(start)[:10], start, start + cycle
+        return period_bounds(kind, at_us)
+
+    def _archive_period(self, now_us: int, fx: Effects | None) -> None:
+        """The running period, archived up to the earlier of its end and now (if it began)."""
+        if fx is not None and self.period_key and now_us > self.period_start_us:
             fx.periods.append(ClosedPeriod(
-                self.org_id, self.period_key, old_start, min(old_end, now_us),
+                self.org_id, self.period_key, self.period_start_us, min(self.period_end_us, now_us),
                 self.period_usage_micros, self.quota_used_micros, self.plan.id, self.plan.version))
-        self.plan = plan or plan_for_period(self.plan, now_us)
-        if (plan is None and self.period_anchor_us and old_start < old_end <= now_us
-                and self.period_anchor_us < old_end):
-            # A subscription sets the periods: the next one starts where the last one ended and
-            # is as long, until Stripe's next period says otherwise (reset_period).
-            length = old_end - max(old_start, self.period_anchor_us)
-            start = old_end + (now_us - old_end) // length * length
-            end = start + length
-            key = "sub-" + us_to_rfc3339(start)[:10]
-        else:
-            key, start, end = period_bounds(self.plan.period, now_us)
-            if plan is not None or (self.period_key and old_end > now_us):
-                start = now_us  # cut short mid-period (a plan switch): the new one starts now
+
+    def _begin_period(self, key: str, start_us: int, end_us: int) -> None:
         self.period_key = sys.intern(key)
-        self.period_start_us, self.period_end_us = start, end
+        self.period_start_us, self.period_end_us = start_us, end_us
         self.period_usage_micros = 0
         self.quota_used_micros = 0
         self.thresholds_fired = 0
 
+    def _start_period(self, now_us: int, fx: Effects | None) -> None:
+        """Archive the running period and begin the grid period containing now_us, on the plan
+        version in effect at its start (billing-rules 5.4)."""
+        self._archive_period(now_us, fx)
+        key, start, end = self._grid_period(self.plan.period, now_us)
+        self.plan = plan_for_period(self.plan, start)
+        self._begin_period(key, start, end)
+
     def reset_period(self, anchor_us: int, end_us: int | None, now_us: int, fx: Effects) -> bool:
-        """Stripe's subscription period [anchor_us, end_us) from now on sets the org's periods.
+        """Stripe's subscription period [anchor_us, end_us) (billing-rules 5.6).
 
         The first one aligns the running period's end with it. A later one whose start moved
         past the start of the running period begins a new period now, quota reset, the old one
@@ -149,21 +153,32 @@ class Periods:
             return False
         first = self.period_anchor_us == 0
         self.period_anchor_us = anchor_us
+        if end_us is not None and end_us > anchor_us:
+            self.period_cycle_start_us, self.period_cycle_us = anchor_us, end_us - anchor_us
         reset = not first and anchor_us > self.period_start_us
         if reset:
-            self._start_period(now_us, fx)
-            self.period_start_us = now_us
-            self.period_key = sys.intern("sub-" + us_to_rfc3339(now_us)[:10])
-        if end_us is not None and end_us > now_us:
-            self.period_end_us = end_us
-        if reset:
+            self._archive_period(now_us, fx)
+            if end_us is not None and end_us > now_us:
+                end = end_us
+            else:
+                end = self._grid_period(self.plan.period, now_us)[2]
+            self._begin_period("sub-" + us_to_rfc3339(now_us)[:10], now_us, end)
             self._resume_if_funded("period", now_us, fx)
+        elif end_us is not None and end_us > now_us:
+            self.period_end_us = end_us
         return reset
 
     def set_plan(self, plan: Plan, now_us: int, fx: Effects) -> None:
+        """A plan change never cuts the period (billing-rules 5.5): the running one goes on, on
+        the new plan. On the calendar, a new period kind moves its end (and key) to that of
+        the new kind's calendar period containing now."""
         self.advance(now_us, fx)
-        if plan.period != self.plan.period:
-            self._start_period(now_us, fx, plan)
+        self._switch_plan(plan, now_us, fx)
+
+    def _switch_plan(self, plan: Plan, now_us: int, fx: Effects) -> None:
+        if plan.period != self.plan.period and not self.period_cycle_us:
+            key, _, end = period_bounds(plan.period, now_us)
+            self.period_key, self.period_end_us = sys.intern(key), end
         self.plan = plan
         self._halt_if_out_of_money(now_us, fx)
         self._resume_if_funded("plan", now_us, fx)
@@ -211,7 +226,7 @@ class Periods:
         was_suspended = self.suspended
         self.dunning, self.past_due_since_us, self.suspended = None, None, False
         if dunning.prior_plan is not None:
-            self.set_plan(dunning.prior_plan, now_us, fx)
+            self._switch_plan(dunning.prior_plan, now_us, fx)
         fx.events.append(Event("org.unsuspended", self.org_id, now_us, {
             "was_suspended": was_suspended, "step": dunning.step,
             "past_due_since": us_to_rfc3339(dunning.since_us)}))
@@ -233,5 +248,4 @@ class Periods:
             dunning.step = DunningStep.DOWNGRADED
             if self.plan.id != dunning.free_plan.id:
                 dunning.prior_plan = self.plan
-                self._start_period(now_us, fx, dunning.free_plan)
-                self._halt_if_out_of_money(now_us, fx)
+                self._switch_plan(dunning.free_plan, now_us, fx)

@@ -175,6 +175,10 @@ def parse_catalog(raw: dict) -> Catalog:
         stripe_prices={str(k): str(v) for k, v in raw.get("stripe_prices", {}).items()},
     )
     for plan in plans.values():
+        other_kind = [p.version for p in plans.values() if p.id == plan.id and p.period != plan.period]
+        if other_kind:
+            raise CatalogError(f"plans: {plan.id} version {plan.version} is per {plan.period} but version "
+                               f"{other_kind[0]} is not; every version of a plan has one period")
         later = [p for p in plans.values() if p.id == plan.id and p.version > plan.version]
         if later:
             _SUCCESSORS[(plan.id, plan.version)] = min(later, key=lambda p: p.version)

@@ -41,3 +41,17 @@ def test_a_catalog_without_its_default_plan_is_refused():
         parse_catalog({"default_plan": "gold", "signup_grant_micros": 0, "default_max_disk_mb": 1,
                        "tiers": {t: 1 for t in ("base", "pro", "pro_plus", "pro_plus_plus", "custom")},
                        "plans": []})
+
+
+def test_a_plan_whose_versions_have_different_periods_is_refused():
+    """A new period takes the successor version in effect at its start (billing-rules 5.3):
+    that needs one period kind per plan, or the start would depend on the version."""
+    import tomllib
+
+    from config.settings import DEFAULT_CATALOG
+
+    raw = tomllib.loads(DEFAULT_CATALOG.read_text())
+    hobby = next(p for p in raw["plans"] if p["id"] == "hobby_weekly")
+    raw["plans"].append({**hobby, "version": 2, "period": "month", "effective_from": "2027-01-01T00:00:00Z"})
+    with pytest.raises(CatalogError, match="hobby_weekly version .* one period"):
+        parse_catalog(raw)

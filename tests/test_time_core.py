@@ -44,8 +44,9 @@ def test_the_dunning_ladder_and_its_clearing_by_payment():
     fx = Effects()
     org.advance(T0 + 14 * DAY_US, fx)
     assert org.plan.id == "free" and org.dunning.step == 3
-    # archived: the week that ended, and the start of this one, run on hobby until now
-    assert [(p.plan_id, p.period_key) for p in fx.periods] == [("hobby_weekly", "2026-W11"), ("hobby_weekly", "2026-W12")]
+    # archived: the week that ended; the running week goes on, now on the free plan (no cut)
+    assert [(p.plan_id, p.period_key) for p in fx.periods] == [("hobby_weekly", "2026-W11")]
+    assert (org.period_key, org.period_start_us) == ("2026-W12", rfc3339_to_us("2026-03-16T00:00:00Z"))
     fx = run(org, InvoicePaid(T0 + 15 * DAY_US // US), T0 + 15 * DAY_US)
     assert not org.suspended and org.past_due_since_us is None and org.dunning is None
     assert org.plan.id == "hobby_weekly"  # restored
@@ -148,18 +149,19 @@ def test_once_a_subscription_sets_the_periods_the_calendar_does_not_reset_them_a
     assert renewal.periods == [] and org.quota_used_micros == 2 * US
 
 
-def test_periods_cut_short_are_archived_apart():
+def test_the_dunning_downgrade_neither_cuts_the_period_nor_gives_a_fresh_quota():
     org, _ = make_org(plan=HOBBY)
     run(org, InvoiceFailed(T0, *POLICY), T0)
+    week_12 = rfc3339_to_us("2026-03-16T00:00:00Z")
+    org.apply_usage([usage_costing(3 * US)], week_12 + US, Effects())  # 3 of hobby's 5 USD this week
     fx = Effects()
-    org.advance(T0 + 14 * DAY_US, fx)  # 2026-W12, Monday 09:00: rolled over, then moved to free
-    org.advance(rfc3339_to_us("2026-03-23T00:00:00Z"), fx)  # the end of W12, on free
-    # W10 on hobby; W12 on hobby until the downgrade at 09:00, then W12 on free: two W12
-    # archives, with their own starts (the archive's key), so neither overwrites the other.
-    starts = [(p.period_key, p.start_us, p.plan_id) for p in fx.periods]
-    assert [(k, plan) for k, _, plan in starts] == [
-        ("2026-W10", "hobby_weekly"), ("2026-W12", "hobby_weekly"), ("2026-W12", "free")]
-    assert len({start for _, start, _ in starts}) == 3
+    org.advance(T0 + 14 * DAY_US, fx)  # 2026-W12, Monday 09:00: moved to free (1 USD a week)
+    assert fx.periods == []
+    assert (org.plan.id, org.period_key, org.period_start_us) == ("free", "2026-W12", week_12)
+    assert org.quota_used_micros == 3 * US and org.quota_remaining_at(T0 + 14 * DAY_US) == 0
+    org.advance(rfc3339_to_us("2026-03-23T00:00:00Z"), fx)  # the end of W12: one archive, whole
+    assert [(p.period_key, p.start_us, p.end_us, p.plan_id) for p in fx.periods] == [
+        ("2026-W12", week_12, rfc3339_to_us("2026-03-23T00:00:00Z"), "free")]
 
 
 def test_only_paying_the_failed_invoices_ends_dunning_and_a_zero_invoice_proves_nothing():
