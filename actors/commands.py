@@ -52,8 +52,20 @@ class ApplyUsage(msgspec.Struct, tag="use", array_like=True):
 
 class Credit(msgspec.Struct, tag="credit", array_like=True):
     kind: str
-    amount_micros: int  # > 0 adds credit; < 0 takes it back (refund, negative adjustment)
+    amount_micros: int  # > 0 adds credit; < 0 takes it back (an operator's refund, negative adjustment)
     expires_at_us: int | None = None
+    note: str | None = None
+    idempotency_key: str | None = None
+    payment_id: str | None = None  # the Stripe payment that paid for this credit
+
+
+class RefundPayment(msgspec.Struct, tag="refund", array_like=True):
+    """A Stripe refund of a payment: claws back only what that payment bought (billing-rules 3)."""
+
+    kind: ClassVar[str] = "refund"
+    refund_id: str
+    payment_id: str
+    amount_micros: int
     note: str | None = None
     idempotency_key: str | None = None
 
@@ -146,12 +158,12 @@ class Advance(msgspec.Struct, tag="advance", array_like=True):
     """Apply what time alone changed (expired leases and grants, a new period)."""
 
 
-Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | Halt | Resume
+Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | RefundPayment | Halt | Resume
            | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | InvoiceFailed
            | InvoicePaid | ResetPeriod | Advance)
 
 # Commands that may carry an idempotency key for the ledger entry they make.
-KEYED = (Credit, SettleRecharge)
+KEYED = (Credit, SettleRecharge, RefundPayment)
 
 
 def fingerprint(command: Command) -> str:
@@ -238,12 +250,18 @@ def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now
             return LeaseRenewed(org.renew_lease(lease_id, now_us, fx))
         case ReleaseLease(lease_id=lease_id):
             return Released(org.release_lease(lease_id, now_us, fx))
-        case Credit(kind=kind, amount_micros=amount, expires_at_us=expires, note=note):
+        case Credit(kind=kind, amount_micros=amount, expires_at_us=expires, note=note, payment_id=payment_id):
             if amount > 0:
-                entry = org.credit(kind, amount, expires, note, now_us, fx)
+                entry = org.credit(kind, amount, expires, note, now_us, fx, payment_id)
             else:
                 entry = org.debit(kind, -amount, note, now_us, fx)
             return Booked(entry, org.balance_micros)
+        case RefundPayment(refund_id=refund_id, payment_id=payment_id, amount_micros=amount, note=note):
+            entry, duplicate = org.refund_payment(refund_id, payment_id, amount, note, now_us, fx)
+            if duplicate:
+                return STALE
+            if entry is not None:
+                return Booked(entry, org.balance_micros)
         case Halt():
             org.halt(now_us, fx)
         case Resume():

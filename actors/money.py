@@ -34,6 +34,7 @@ class Grant(msgspec.Struct, array_like=True):
     kind: str
     remaining_micros: int
     expires_at_us: int | None = None
+    payment_id: str | None = None  # the Stripe payment that bought it: what its refunds claw back
 
 
 class LedgerEntry(msgspec.Struct, omit_defaults=True):
@@ -142,21 +143,27 @@ class Money:
     # ----- credit and debit -------------------------------------------------------------
 
     def credit(self, kind: str, amount_micros: int, expires_at_us: int | None, note: str | None,
-               now_us: int, fx: Effects) -> LedgerEntry:
-        """Add credit; debt is paid first. A halt for lack of money lifts; no lease is made."""
+               now_us: int, fx: Effects, payment_id: str | None = None) -> LedgerEntry:
+        """Add credit (billing-rules 2.3); debt is paid first. A halt for lack of money lifts."""
+        self.advance(now_us, fx)
+        return self._add_credit(kind, amount_micros, expires_at_us, note, now_us, fx, payment_id)
+
+    def _add_credit(self, kind: str, amount_micros: int, expires_at_us: int | None, note: str | None,
+                    now_us: int, fx: Effects, payment_id: str | None = None) -> LedgerEntry:
+        """Credit without advancing first: the caller has, at this same `now_us`."""
         assert kind in CREDIT_KINDS, kind
         assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
-        self.advance(now_us, fx)
+        to_debt = min(self.debt_micros, amount_micros)
+        if amount_micros > to_debt and len(self.grants or ()) >= MAX_GRANTS_PER_ORG:
+            raise BillingError(f"an org holds at most {MAX_GRANTS_PER_ORG} live grants")
         self.grant_seq += 1
         grant_id = f"gr_{self.grant_seq}"
         if kind in PAID_KINDS:
             self.paid_credit = True
-        to_debt = min(self.debt_micros, amount_micros)
         self.debt_micros -= to_debt
+        grant = None
         if amount_micros > to_debt:
-            if len(self.grants or ()) >= MAX_GRANTS_PER_ORG:
-                raise BillingError(f"an org holds at most {MAX_GRANTS_PER_ORG} live grants")
-            grant = Grant(grant_id, sys.intern(kind), amount_micros - to_debt, expires_at_us)
+            grant = Grant(grant_id, sys.intern(kind), amount_micros - to_debt, expires_at_us, payment_id)
             self.grants = (self.grants or []) + [grant]
         entry = LedgerEntry(kind, amount_micros, now_us, grant_id, expires_at_us, note)
         fx.ledger.append((self.org_id, entry))
@@ -165,6 +172,8 @@ class Money:
             # credited and lapses at once, so the ledger shows both.
             self._expire_grants(now_us, fx)
             return entry
+        if grant is not None and payment_id is not None:
+            self._apply_waiting_refunds(grant, now_us, fx)
         self._resume_if_funded("credit", now_us, fx)
         return entry
 

@@ -10,6 +10,7 @@ One state class, its behaviour split by concern:
   leases.py    concurrency leases and the limits they are held to
   periods.py   quota periods, expiry, the dunning clock
   recharge.py  auto-recharge
+  refunds.py   refunds of Stripe payments, tied to what each payment bought
   gate.py      the pure gate decision, over the few facts of a GateView
 This module holds the state itself: creation, reads, invariants and the snapshot round trip.
 """
@@ -28,6 +29,7 @@ from actors.money import (CREDIT_KINDS, DEBIT_KINDS, MAX_AMOUNT_MICROS, MAX_GRAN
                           PROMOTIONAL_KINDS, PURCHASED_KINDS, Grant, LedgerEntry, Money, burn_order)
 from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods
 from actors.recharge import MICROS_PER_CENT, AutoRecharge, ChargeRequest, Recharge
+from actors.refunds import RefundRecord, Refunds
 from actors.refusals import BillingError, LeaseConflict, Refusal, UnknownLease
 from config.catalog import Plan
 
@@ -83,11 +85,12 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     paid_credit: bool = False
     period_cycle_start_us: int = 0  # the subscription's cycle (billing-rules 5.2); 0: the calendar
     period_cycle_us: int = -1  # -1: written before the cycle was kept (from_snapshot derives it)
+    refunds: list[RefundRecord] | None = None
 
 
 # Snapshot fields that are copied as they are; plan, grants and leases need converting.
 _SNAPSHOT_PLAIN_FIELDS = tuple(
-    name for name in OrgSnapshot.__struct_fields__ if name not in ("plan_id", "plan_version", "grants", "leases"))
+    name for name in OrgSnapshot.__struct_fields__ if name not in ("plan_id", "plan_version", "grants", "leases", "refunds"))
 
 
 class OrgState(msgspec.Struct, frozen=True):
@@ -124,7 +127,7 @@ class OrgState(msgspec.Struct, frozen=True):
     created_us: int
 
 
-class OrgBillingActor(Money, Leases, Periods, Recharge):
+class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
     __slots__ = (
         "org_id", "email", "prepaid", "plan", "tier", "max_concurrent", "max_disk_mb",
         "machine_quotas", "grants", "debt_micros", "remainder_scaled", "period_key",
@@ -132,7 +135,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
         "thresholds_fired", "halted", "suspended", "past_due_since_us", "leases",
         "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
-        "period_cycle_start_us", "period_cycle_us",
+        "period_cycle_start_us", "period_cycle_us", "refunds",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -165,6 +168,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
         self.period_anchor_us = 0
         self.paid_credit = False  # ever credited with money paid (top-up, auto-recharge)
         self.period_cycle_start_us, self.period_cycle_us = 0, 0
+        self.refunds: list[RefundRecord] | None = None
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -243,6 +247,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
             plan_id=self.plan.id, plan_version=self.plan.version,
             grants=[msgspec.structs.replace(g) for g in self.grants] if self.grants else None,
             leases=[msgspec.structs.replace(l) for l in self.leases.values()] if self.leases else None,
+            refunds=[msgspec.structs.replace(r) for r in self.refunds] if self.refunds else None,
             **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
@@ -261,6 +266,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
                 org.period_cycle_start_us, org.period_cycle_us = start, snap.period_end_us - start
         org.grants = snap.grants
         org.leases = {l.lease_id: l for l in snap.leases} if snap.leases else None
+        org.refunds = snap.refunds
         # Shared strings: thousands of orgs hold the same period key and tier.
         org.org_id, org.tier, org.period_key = (sys.intern(snap.org_id), sys.intern(snap.tier),
                                                 sys.intern(snap.period_key))
@@ -269,6 +275,6 @@ class OrgBillingActor(Money, Leases, Periods, Recharge):
 
 
 # Every piece of org state is in the snapshot, or recovery would silently forget it.
-assert set(_SNAPSHOT_PLAIN_FIELDS) | {"plan", "grants", "leases"} == set(OrgBillingActor.__slots__)
+assert set(_SNAPSHOT_PLAIN_FIELDS) | {"plan", "grants", "leases", "refunds"} == set(OrgBillingActor.__slots__)
 # The concerns add behaviour, never state of their own that the snapshot would miss.
 assert all(base.__slots__ == () for base in OrgBillingActor.__mro__[1:-1]), OrgBillingActor.__mro__

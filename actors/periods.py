@@ -80,6 +80,8 @@ class Periods:
                     break
         if self.dunning is not None:
             self._dunning_steps(now_us, fx)
+        if self.refunds:
+            self._forget_refunds(now_us)
         if self.recharge is not None:
             # A charge held back by the cooldown or the daily cap goes out once that ends, even
             # if no debit comes (a halted org sends none): the scheduler wakes the org for it.

@@ -168,8 +168,10 @@ class Recharge:
         if current:
             r.pending_id, r.pending_micros, r.pending_since_us = None, 0, 0
         if succeeded:
-            entry = self.credit("auto_recharge", amount_micros, None,
-                                f"auto-recharge {charge_id} ({payment_id})", now_us, fx)
+            # Advanced already: credited at once, so no check runs on the balance before this
+            # very credit (it would ask for another charge as if this one had not paid).
+            entry = self._add_credit("auto_recharge", amount_micros, None,
+                                     f"auto-recharge {charge_id} ({payment_id})", now_us, fx, payment_id)
             fx.events.append(Event("auto_recharge.succeeded", self.org_id, now_us, {
                 "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,
                 "balance_micros": self.balance_micros}))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.commands import (Command, Credit, InvoiceFailed, InvoicePaid, ResetPeriod, SetPaymentMethod,
-                             SettleRecharge, SetTier)
+from actors.commands import (Command, Credit, InvoiceFailed, InvoicePaid, RefundPayment, ResetPeriod,
+                             SetPaymentMethod, SettleRecharge, SetTier)
 from actors.org import MAX_AMOUNT_MICROS, MICROS_PER_CENT
 from actors.timeutil import MAX_PLAUSIBLE_S
 from config.catalog import Catalog
@@ -129,9 +129,10 @@ def _checkout(session: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
     amount = _micros(metadata["credit_micros"], "metadata.credit_micros") if metadata.get("credit_micros") else \
         _cents(session["amount_total"], "amount_total")
     expires = metadata.get("credit_expires_at")
-    payment = session.get("payment_intent") or session["id"]
+    intent = _str(session.get("payment_intent"))
+    payment = intent or session["id"]
     return [Credit("topup", amount, _epoch_s(expires, "metadata.credit_expires_at") * 1_000_000 if expires else None,
-                   f"Stripe checkout {session['id']}", f"stripe:payment:{payment}")]
+                   f"Stripe checkout {session['id']}", f"stripe:payment:{payment}", intent)]
 
 
 def _subscription(subscription: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
@@ -177,8 +178,12 @@ def _auto_recharge(intent: dict, succeeded: bool) -> list[Command]:
 
 
 def _refunds(charge: dict) -> list[Command]:
+    """Each refund claws back only what its payment bought (billing-rules 3): the payment is
+    the charge's payment intent, which a credit paid through Stripe remembers."""
     refunds = (charge.get("refunds") or {}).get("data")
     if refunds is None:
         raise EventError("charge.refunded without refunds.data; expand `refunds` on the webhook")
-    return [Credit("refund", -_cents(r["amount"], "refunds.amount"), None, f"Stripe refund {r['id']}",
-                   f"stripe:refund:{r['id']}") for r in refunds if r.get("status", "succeeded") == "succeeded"]
+    payment = _str(charge.get("payment_intent")) or charge["id"]
+    return [RefundPayment(r["id"], payment, _cents(r["amount"], "refunds.amount"),
+                          f"Stripe refund {r['id']} of {payment}", f"stripe:refund:{r['id']}")
+            for r in refunds if r.get("status", "succeeded") == "succeeded"]

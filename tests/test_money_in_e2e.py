@@ -125,7 +125,7 @@ def test_card_topup_auto_recharge_tiers_and_refund(service, stripe_webhooks, adm
         charge.pop("refunds", None)
         answer = stripe_deliver(compute, stripe_event("charge.refunded", charge))
         assert answer.status_code == 200, answer.text
-        assert [a["command"] for a in answer.json()["applied"]] == ["Credit"]
+        assert [a["command"] for a in answer.json()["applied"]] == ["RefundPayment"]
         wait_for("the refund", lambda: admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == balance - 10 * US)
     assert [k for k in kinds(sql, org)] == [("signup_grant", SIGNUP_MICROS), ("topup", 20 * US),
                                             ("auto_recharge", 10 * US), ("refund", -10 * US)]

@@ -6,12 +6,14 @@ worked out by hand from docs/concepts/billing-rules.md and config/catalog.toml.
 
 from __future__ import annotations
 
-from actors.commands import Advance, ResetPeriod, SetPlan, execute
+from actors.commands import (Advance, Credit, RefundPayment, ResetPeriod, SetAutoRecharge, SetPlan,
+                             SettleRecharge, execute)
 from actors.org import Effects
 from actors.timeutil import rfc3339_to_us
 from tests.helpers import CATALOG, DAY_US, PAYG, T0, make_org, usage_costing
 
 US = 1_000_000
+SIGNUP = CATALOG.signup_grant_micros  # 5 USD
 HOUR_US = 3_600 * US
 
 
@@ -70,3 +72,83 @@ def test_a_plan_switch_on_the_calendar_moves_the_end_to_the_new_kind_and_keeps_t
     assert org.period_usage_micros == 2 * US  # usage so far stays in the running period
     fx = run(org, Advance(), rfc3339_to_us("2026-03-30T00:00:00Z"))
     assert (org.period_key, org.period_end_us - org.period_start_us) == ("2026-W14", 7 * DAY_US)
+
+
+# ----- 2. a late auto-recharge settlement never asks for a second charge ------------------
+
+
+def test_a_late_auto_recharge_settlement_credits_once_and_asks_for_no_second_charge():
+    """Threshold 3 USD, amount 10 USD, cooldown 60 s: settling ar_1 131 s after it was asked
+    for used to clear it, run the check on the old balance, and ask for ar_2."""
+    org, _ = make_org(card=True)  # 5 USD signup grant
+    run(org, SetAutoRecharge(True, 3 * US, 10 * US, 3, 60), T0)
+    fx = Effects()
+    org.apply_usage([usage_costing(4 * US)], T0 + US, fx)  # 1 USD left: under the threshold
+    assert [(c.charge_id, c.amount_micros) for c in fx.charges] == [("ar_1", 10 * US)]
+    settled = run(org, SettleRecharge.of_payment("ar_1", True, 10 * US, "pi_ar_1"), T0 + 132 * US)
+    assert org.balance_micros == 11 * US
+    assert settled.charges == [] and org.pending_charge() is None
+    assert [e.type for e in settled.events] == ["auto_recharge.succeeded"]
+    assert run(org, Advance(), T0 + 200 * US).charges == []  # 11 USD is above 3 USD: nothing later either
+
+
+# ----- 4, 5. a refund claws back only what its payment bought -----------------------------
+
+
+def refund(org, refund_id: str, payment_id: str, micros: int, at: int) -> Effects:
+    return run(org, RefundPayment(refund_id, payment_id, micros, None, f"stripe:refund:{refund_id}"), at)
+
+
+def topup(org, micros: int, payment_id: str, at: int, expires_at_us: int | None = None) -> Effects:
+    return run(org, Credit("topup", micros, expires_at_us, None, f"stripe:payment:{payment_id}", payment_id), at)
+
+
+def test_a_refund_of_a_tier_invoice_claws_back_no_credit():
+    """`charge.refunded` of a subscription's invoice used to become a negative credit."""
+    org, _ = make_org()
+    topup(org, 20 * US, "pi_topup", T0)
+    fx = refund(org, "re_sub", "pi_invoice_of_pro", 20 * US, T0 + US)
+    assert fx.ledger == [] and org.balance_micros == SIGNUP + 20 * US
+
+
+def test_a_refund_of_a_pack_that_lapsed_unused_takes_no_other_credit_and_makes_no_debt():
+    """Top up 20, buy the 50 USD pack that expires, let it lapse, refund it: the top-up used to
+    be taken and 30 USD of debt made, halting a prepaid org."""
+    org, _ = make_org()
+    topup(org, 20 * US, "pi_topup", T0)
+    topup(org, 50 * US, "pi_pack", T0 + US, expires_at_us=T0 + 30 * DAY_US)
+    lapsed = run(org, Advance(), T0 + 30 * DAY_US)
+    assert [(e.kind, e.amount_micros) for _, e in lapsed.ledger] == [("expiration", -50 * US)]
+    fx = refund(org, "re_pack", "pi_pack", 50 * US, T0 + 31 * DAY_US)
+    assert fx.ledger == []
+    assert (org.balance_micros, org.debt_micros, org.halted) == (SIGNUP + 20 * US, 0, None)
+
+
+def test_a_refund_takes_at_most_what_remains_of_its_payments_credit():
+    org, _ = make_org()
+    topup(org, 20 * US, "pi_a", T0)
+    topup(org, 10 * US, "pi_b", T0 + US)
+    org.apply_usage([usage_costing(SIGNUP + 15 * US)], T0 + 2 * US, Effects())  # signup, then 15 of pi_a
+    fx = refund(org, "re_a", "pi_a", 20 * US, T0 + 3 * US)
+    assert [(e.kind, e.amount_micros, e.grant_id) for _, e in fx.ledger] == [("refund", -5 * US, "gr_2")]
+    assert org.balance_micros == 10 * US and [g.payment_id for g in org.grants] == ["pi_b"]
+    assert refund(org, "re_a", "pi_a", 20 * US, T0 + 4 * US).ledger == []  # the same refund again
+
+
+def test_a_refund_that_arrives_before_its_payments_credit_reduces_that_credit():
+    """A retried checkout event can land after the refund of its payment."""
+    org, _ = make_org()
+    early = refund(org, "re_early", "pi_late", 4 * US, T0)
+    assert early.ledger == [] and org.balance_micros == SIGNUP
+    fx = topup(org, 10 * US, "pi_late", T0 + 3_600 * US)
+    assert [(e.kind, e.amount_micros) for _, e in fx.ledger] == [("topup", 10 * US), ("refund", -4 * US)]
+    assert org.balance_micros == SIGNUP + 6 * US
+    later = topup(org, 10 * US, "pi_other", T0 + 7_200 * US)  # another payment: not reduced
+    assert [(e.kind, e.amount_micros) for _, e in later.ledger] == [("topup", 10 * US)]
+
+
+def test_a_waiting_refund_stops_waiting_after_thirty_days():
+    org, _ = make_org()
+    refund(org, "re_old", "pi_slow", 4 * US, T0)
+    fx = topup(org, 10 * US, "pi_slow", T0 + 31 * DAY_US)
+    assert [(e.kind, e.amount_micros) for _, e in fx.ledger] == [("topup", 10 * US)]

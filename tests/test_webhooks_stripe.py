@@ -73,12 +73,12 @@ def test_subscription_events_set_the_tier_and_an_older_one_never_undoes_a_newer_
     assert (state["tier"], state["max_concurrent"], state["active_leases"]) == ("base", 5, 7)
 
 
-def test_refunds_claw_back_each_refund_once_and_halt_at_zero(compute, admin, sql, new_org):
+def test_refunds_claw_back_each_refund_once_and_only_from_the_payment_they_refund(compute, admin, sql, new_org):
     org = new_org()
     stripe_deliver(compute, stripe_event("checkout.session.completed", paid_session(org, 1_000, "pi_r")))  # +10 USD
 
-    def refunded(*refunds: tuple[str, int]):
-        charge = {"id": "ch_r", "object": "charge", "payment_intent": "pi_r", "metadata": {"org_id": org},
+    def refunded(*refunds: tuple[str, int], intent: str = "pi_r"):
+        charge = {"id": f"ch_{intent}", "object": "charge", "payment_intent": intent, "metadata": {"org_id": org},
                   "amount_refunded": sum(c for _, c in refunds),
                   "refunds": {"data": [{"id": rid, "amount": cents, "status": "succeeded"} for rid, cents in refunds]}}
         return stripe_deliver(compute, stripe_event("charge.refunded", charge))
@@ -87,12 +87,13 @@ def test_refunds_claw_back_each_refund_once_and_halt_at_zero(compute, admin, sql
     refunded(("re_1", 500))  # the same refund reported again
     state = admin.get(f"/v1/orgs/{org}").json()
     assert state["balance_micros"] == SIGNUP_MICROS + 5_000_000 and state["is_halted"] is False
-    refunded(("re_1", 500), ("re_2", 1_000))  # a later event lists every refund so far
+    refunded(("re_1", 500), ("re_2", 500))  # a later event lists every refund so far
+    refunded(("re_3", 300), intent="pi_subscription_invoice")  # bought no credit: claws back nothing
     state = admin.get(f"/v1/orgs/{org}").json()
-    assert state["balance_micros"] == SIGNUP_MICROS + 5_000_000 - 10_000_000 == 0
-    assert state["is_halted"] is True
+    assert state["balance_micros"] == SIGNUP_MICROS  # the signup grant is not what was refunded
+    assert [g["kind"] for g in state["grants"]] == ["signup_grant"]
     assert sql.val("SELECT count(*) FROM ledger WHERE org_id = $1 AND kind = 'refund'", org) == 2
-    assert ledger_sum(sql, org) == 0
+    assert ledger_sum(sql, org) == SIGNUP_MICROS
 
 
 def test_a_saved_card_is_recorded_from_setup_events(compute, admin, new_org):

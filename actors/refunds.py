@@ -1,0 +1,94 @@
+"""Refunds of Stripe payments: each claws back only what its payment bought (billing-rules 3).
+
+A credit paid through Stripe remembers its payment on its grant. A refund of that payment
+takes at most what remains of that grant, once per refund id, and never any other credit:
+a refund of a subscription invoice bought no credit and claws back nothing, and a pack that
+lapsed unused leaves nothing to take. A refund that arrives before its payment's credit (a
+webhook retried late) waits for it for a while.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from actors.effects import Effects
+from actors.money import Grant, LedgerEntry
+from actors.timeutil import US_PER_S
+
+REFUND_MEMORY_S = 180 * 86_400  # a refund id is applied once for this long
+REFUND_WAIT_S = 30 * 86_400  # a refund of a payment not credited yet waits this long for it
+MAX_REFUNDS_KEPT = 1_000
+MAX_REFUNDS_WAITING = 100
+
+
+class RefundRecord(msgspec.Struct, array_like=True):
+    refund_id: str
+    payment_id: str
+    amount_micros: int  # what Stripe refunded, whatever was clawed back
+    at_us: int
+    waiting: bool  # no credit of its payment was live yet: a credit within REFUND_WAIT_S meets it
+
+
+class Refunds:
+    """OrgBillingActor's refunds of Stripe payments: refunds."""
+
+    __slots__ = ()
+
+    def refund_payment(self, refund_id: str, payment_id: str, amount_micros: int, note: str | None,
+                       now_us: int, fx: Effects) -> tuple[LedgerEntry | None, bool]:
+        """(the clawback's ledger entry, or None when nothing was taken; whether the refund
+        was applied before)."""
+        assert amount_micros > 0, amount_micros
+        self.advance(now_us, fx)
+        if any(r.refund_id == refund_id for r in self.refunds or ()):
+            return None, True
+        grant = self._grant_of_payment(payment_id)
+        self._remember_refund(RefundRecord(refund_id, payment_id, amount_micros, now_us, grant is None))
+        if grant is None:
+            return None, False
+        entry = self._claw_back(grant, amount_micros, note, now_us, fx)
+        if entry is not None:
+            self._halt_if_out_of_money(now_us, fx)
+            if self.recharge is not None:
+                self._maybe_recharge(now_us, fx)
+        return entry, False
+
+    def _grant_of_payment(self, payment_id: str) -> Grant | None:
+        for grant in self.grants or ():
+            if grant.payment_id == payment_id:
+                return grant
+        return None
+
+    def _claw_back(self, grant: Grant, amount_micros: int, note: str | None, now_us: int,
+                   fx: Effects) -> LedgerEntry | None:
+        taken = min(amount_micros, grant.remaining_micros)
+        if taken == 0:
+            return None
+        grant.remaining_micros -= taken
+        if grant.remaining_micros == 0:
+            self.grants = [g for g in self.grants if g is not grant] or None
+        entry = LedgerEntry("refund", -taken, now_us, grant.grant_id, None, note)
+        fx.ledger.append((self.org_id, entry))
+        return entry
+
+    def _apply_waiting_refunds(self, grant: Grant, now_us: int, fx: Effects) -> None:
+        """A credit of a payment whose refunds came first is reduced by them at once."""
+        for record in self.refunds or ():
+            if record.waiting and record.payment_id == grant.payment_id:
+                record.waiting = False
+                if grant.remaining_micros:
+                    self._claw_back(grant, record.amount_micros, f"Stripe refund {record.refund_id}", now_us, fx)
+
+    def _remember_refund(self, record: RefundRecord) -> None:
+        records = (self.refunds or []) + [record]
+        waiting = [r for r in records if r.waiting]
+        for stale in waiting[:max(0, len(waiting) - MAX_REFUNDS_WAITING)]:
+            stale.waiting = False
+        self.refunds = records[-MAX_REFUNDS_KEPT:]
+
+    def _forget_refunds(self, now_us: int) -> None:
+        kept = [r for r in self.refunds if now_us - r.at_us <= REFUND_MEMORY_S * US_PER_S]
+        for record in kept:
+            if record.waiting and now_us - record.at_us > REFUND_WAIT_S * US_PER_S:
+                record.waiting = False
+        self.refunds = kept or None
