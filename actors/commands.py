@@ -154,13 +154,17 @@ class SetLimits(msgspec.Struct, tag="limits", array_like=True):
     machine_quotas: dict[str, dict[str, int]] | None = None
 
 
+class SetAlerts(msgspec.Struct, tag="alerts", array_like=True):
+    low_balance_micros: int  # 0: off
+
+
 class Advance(msgspec.Struct, tag="advance", array_like=True):
     """Apply what time alone changed (expired leases and grants, a new period)."""
 
 
 Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | RefundPayment | Halt | Resume
            | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | InvoiceFailed
-           | InvoicePaid | ResetPeriod | Advance)
+           | InvoicePaid | ResetPeriod | SetAlerts | Advance)
 
 # Commands that may carry an idempotency key for the ledger entry they make.
 KEYED = (Credit, SettleRecharge, RefundPayment)
@@ -238,6 +242,13 @@ def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now
     if org is None:
         assert isinstance(command, CreateOrg) and org_id, (command, org_id)
         return _create(org_id, command, catalog, now_us, fx)
+    try:
+        return _apply(org, command, catalog, now_us, fx)
+    finally:  # after every command, also one refused after time's effects (billing-rules 2.9)
+        org.check_low_balance(now_us, fx)
+
+
+def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int, fx: Effects) -> Outcome:
     match command:
         case ApplyUsage(usages=usages):
             return Debited(org.apply_usage(usages, now_us, fx))
@@ -292,6 +303,8 @@ def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now
             org.reset_period(anchor_us, end_us, now_us, fx)
         case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):
             org.set_limits(max_disk_mb, quotas, now_us, fx)
+        case SetAlerts(low_balance_micros=threshold):
+            org.set_low_balance_alert(threshold, now_us, fx)
         case Advance():
             org.advance(now_us, fx)
         case CreateOrg():
@@ -309,7 +322,7 @@ def _create(org_id: str, command: CreateOrg, catalog: Catalog, now_us: int, fx: 
     org = OrgBillingActor.create(
         org_id, command.email, command.prepaid, plan, catalog.default_tier,
         catalog.tiers[catalog.default_tier], catalog.default_max_disk_mb,
-        catalog.signup_grant_micros, now_us, fx)
+        catalog.signup_grant_micros, now_us, fx, catalog.low_balance_micros)
     return OrgCreated(org, True)
 
 

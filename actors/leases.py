@@ -12,11 +12,13 @@ import msgspec
 
 from actors.effects import Effects, Event
 from metergate_client.decision import Decision, Resources
-from actors.refusals import BillingError, LeaseConflict, UnknownLease
+from actors.refusals import BillingError, LeaseConflict, LeaseEnded, UnknownLease
 from actors.timeutil import US_PER_S, us_to_rfc3339
 
 MAX_LEASES_PER_ORG = 10_000
 MAX_TTL_S = 86_400
+ENDED_LEASE_MEMORY_S = 3_600  # a lease id that ended cannot be taken again for this long
+MAX_ENDED_LEASES = 1_000
 
 
 class Lease(msgspec.Struct, array_like=True):
@@ -39,8 +41,8 @@ def same_resources(lease: Lease, resources: Resources) -> bool:
 
 
 class Leases:
-    """OrgBillingActor's leases and limits: leases, tier, max_concurrent, max_disk_mb,
-    machine_quotas, tier_as_of_us."""
+    """OrgBillingActor's leases and limits: leases, ended_leases, tier, max_concurrent,
+    max_disk_mb, machine_quotas, tier_as_of_us."""
 
     __slots__ = ()
 
@@ -71,6 +73,11 @@ class Leases:
             if not same_resources(existing, resources):
                 raise LeaseConflict(f"lease {lease_id} exists with other resources")
             return None, existing, False
+        if self.ended_leases and lease_id in self.ended_leases:
+            # A late retry of a take whose lease was already released (or expired): a new lease
+            # would hold a slot nobody releases (billing-rules 7.5).
+            raise LeaseEnded(f"lease {lease_id} ended at {us_to_rfc3339(self.ended_leases[lease_id])};"
+                             " a lease id cannot be taken again for an hour after it ends")
         decision = self.gate("create", resources, now_us)
         if not decision.allowed:
             return decision, None, False
@@ -95,18 +102,36 @@ class Leases:
         return lease
 
     def release_lease(self, lease_id: str, now_us: int, fx: Effects) -> bool:
-        """Release; releasing a lease that is already gone is not an error (a retried DELETE)."""
+        """Release; releasing a lease that is already gone is not an error (a retried DELETE).
+        The id counts as ended either way: a take that arrives after its release is refused."""
         self.advance(now_us, fx)
+        self._lease_ended(lease_id, now_us)
         if self.leases and self.leases.pop(lease_id, None) is not None:
             if not self.leases:
                 self.leases = None
             return True
         return False
 
+    def _lease_ended(self, lease_id: str, now_us: int) -> None:
+        ended = self.ended_leases if self.ended_leases is not None else {}
+        ended.pop(lease_id, None)  # kept in the order they ended
+        ended[lease_id] = now_us
+        while len(ended) > MAX_ENDED_LEASES:
+            del ended[next(iter(ended))]
+        self.ended_leases = ended
+
+    def _forget_ended_leases(self, now_us: int) -> None:
+        ended = self.ended_leases
+        while ended and now_us - next(iter(ended.values())) > ENDED_LEASE_MEMORY_S * US_PER_S:
+            del ended[next(iter(ended))]
+        if not ended:
+            self.ended_leases = None
+
     def _expire_leases(self, now_us: int, fx: Effects) -> None:
         assert self.leases is not None
         for lease in [l for l in self.leases.values() if l.expires_at_us <= now_us]:
             del self.leases[lease.lease_id]
+            self._lease_ended(lease.lease_id, now_us)
             fx.events.append(Event("lease.expired", self.org_id, now_us, {
                 "lease_id": lease.lease_id, "expired_at": us_to_rfc3339(lease.expires_at_us)}))
         if not self.leases:

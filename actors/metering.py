@@ -41,7 +41,9 @@ class LeaseUsage(msgspec.Struct, array_like=True):
         self.disk_mb_ms += other.disk_mb_ms
         self.ticks += other.ticks
         if other.units:
-            units = self.units if self.units is not None else {}
+            # A new dict, never the one held: a usage may share its units with another (a copy
+            # made with structs.replace), and adding into it would count them twice.
+            units = dict(self.units) if self.units else {}
             for name, count in other.units.items():
                 units[name] = units.get(name, 0) + count
             self.units = units

@@ -44,6 +44,7 @@ class LedgerEntry(msgspec.Struct, omit_defaults=True):
     grant_id: str | None = None
     expires_at_us: int | None = None
     note: str | None = None
+    invoiced_micros: int = 0  # usage of a postpaid org that no credit covered: billed by Stripe
 
 
 def burn_order(grant: Grant) -> tuple:
@@ -59,7 +60,8 @@ def clawback_order(grant: Grant) -> tuple:
 
 class Money:
     """OrgBillingActor's money: grants, debt_micros, remainder_scaled, the period's usage and
-    quota used, thresholds_fired, halted, grant_seq, paid_credit."""
+    quota used, thresholds_fired, halted, grant_seq, paid_credit, low_balance_micros,
+    low_balance_armed."""
 
     __slots__ = ()
 
@@ -103,8 +105,13 @@ class Money:
         self.quota_used_micros += from_quota
         from_credit = micros - from_quota
         if from_credit:
-            self._take(from_credit, burn_order)
-            fx.ledger.append((self.org_id, LedgerEntry("usage", -from_credit, now_us)))
+            # A postpaid org's usage past its credit is invoiced (billing-rules 6.2, 6.5), never
+            # debt: debt would be paid again by its next credit, after Stripe billed it.
+            taken = from_credit if self.prepaid else min(from_credit, sum(g.remaining_micros for g in self.grants or ()))
+            if taken:
+                self._take(taken, burn_order)
+            fx.ledger.append((self.org_id, LedgerEntry("usage", -taken, now_us,
+                                                       invoiced_micros=from_credit - taken)))
         self._fire_quota_thresholds(now_us, fx)
         self._halt_if_out_of_money(now_us, fx)
         if self.recharge is not None and from_credit:
@@ -203,6 +210,26 @@ class Money:
         self._halt_if_out_of_money(now_us, fx)
         if self.recharge is not None:
             self._maybe_recharge(now_us, fx)
+
+    # ----- alerts -----------------------------------------------------------------------
+
+    def set_low_balance_alert(self, threshold_micros: int, now_us: int, fx: Effects) -> None:
+        assert threshold_micros >= 0, threshold_micros
+        self.advance(now_us, fx)
+        self.low_balance_micros = threshold_micros
+        self.low_balance_armed = True
+
+    def check_low_balance(self, now_us: int, fx: Effects) -> None:
+        """After every command (billing-rules 2.9): once per fall under the threshold."""
+        threshold = self.low_balance_micros
+        balance = self.balance_micros
+        if self.low_balance_armed:
+            if threshold and balance < threshold:
+                self.low_balance_armed = False
+                fx.events.append(Event("balance.threshold_crossed", self.org_id, now_us, {
+                    "threshold_micros": threshold, "balance_micros": balance}))
+        elif not threshold or balance >= threshold:
+            self.low_balance_armed = True
 
     # ----- halts ------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ def month_of(us: int) -> str:
     return datetime.fromtimestamp(us // US_PER_S, tz=timezone.utc).strftime("%Y-%m")
 
 
-def summarize(entries: list[tuple[str, int, str | None, int]], usage_ms: dict[str, int], now_us: int) -> list[dict]:
-    """entries: (kind, amount_micros, grant_id, at_us), oldest first; usage_ms: lease time per month."""
+def summarize(entries: list[tuple], usage_ms: dict[str, int], now_us: int) -> list[dict]:
+    """entries: (kind, amount_micros, grant_id, at_us[, invoiced_micros]), oldest first; usage_ms:
+    lease time per month. A postpaid org's invoiced usage is spend and billable, never credit."""
     pools = {"free": 0, "paid": 0}
     pool_of: dict[str, str] = {}
     months: dict[str, dict] = {}
@@ -37,14 +38,15 @@ def summarize(entries: list[tuple[str, int, str | None, int]], usage_ms: dict[st
             pools[pool] -= taken
             amount -= taken
 
-    for kind, amount, grant_id, at_us in entries:
+    for kind, amount, grant_id, at_us, *invoiced in entries:
         month = row(month_of(at_us))
         if kind == "usage":
             spent = -amount
             free = min(spent, pools["free"])
-            month["spend_micros"] += spent
+            invoiced_micros = invoiced[0] if invoiced else 0
+            month["spend_micros"] += spent + invoiced_micros
             month["credits_applied_micros"] += free
-            month["billable_micros"] += spent - free
+            month["billable_micros"] += spent - free + invoiced_micros
             take(spent, ("free", "paid"))
         elif amount > 0:
             pool = "free" if kind in PROMOTIONAL_KINDS else "paid"

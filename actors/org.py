@@ -30,7 +30,7 @@ from actors.money import (CREDIT_KINDS, DEBIT_KINDS, MAX_AMOUNT_MICROS, MAX_GRAN
 from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods
 from actors.recharge import MICROS_PER_CENT, AutoRecharge, ChargeRequest, Recharge
 from actors.refunds import RefundRecord, Refunds
-from actors.refusals import BillingError, LeaseConflict, Refusal, UnknownLease
+from actors.refusals import BillingError, LeaseConflict, LeaseEnded, Refusal, UnknownLease
 from config.catalog import Plan
 
 # Names the rest of the code base imports from here, wherever their concern keeps them.
@@ -39,7 +39,7 @@ __all__ = [
     "MAX_LEASES_PER_ORG", "MAX_TTL_S", "MICROS_PER_CENT", "PAID_KINDS", "PROMOTIONAL_KINDS",
     "PURCHASED_KINDS", "AutoRecharge", "BillingError", "ChargeRequest", "ClosedPeriod", "Decision",
     "Dunning", "DunningStep", "Effects", "Event", "GateView", "Grant", "HaltCause", "Lease",
-    "LeaseConflict", "LedgerEntry", "OrgBillingActor", "OrgSnapshot", "OrgState", "Reason",
+    "LeaseConflict", "LeaseEnded", "LedgerEntry", "OrgBillingActor", "OrgSnapshot", "OrgState", "Reason",
     "Refusal", "Resources", "UnknownLease",
 ]
 
@@ -86,11 +86,14 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     period_cycle_start_us: int = 0  # the subscription's cycle (billing-rules 5.2); 0: the calendar
     period_cycle_us: int = -1  # -1: written before the cycle was kept (from_snapshot derives it)
     refunds: list[RefundRecord] | None = None
+    ended_leases: dict[str, int] | None = None  # lease id → when it ended, oldest first
+    low_balance_micros: int = 0  # the balance.threshold_crossed alert; 0: off
+    low_balance_armed: bool = True
 
 
 # Snapshot fields that are copied as they are; plan, grants and leases need converting.
 _SNAPSHOT_PLAIN_FIELDS = tuple(
-    name for name in OrgSnapshot.__struct_fields__ if name not in ("plan_id", "plan_version", "grants", "leases", "refunds"))
+    name for name in OrgSnapshot.__struct_fields__ if name not in ("plan_id", "plan_version", "grants", "leases", "refunds", "ended_leases"))
 
 
 class OrgState(msgspec.Struct, frozen=True):
@@ -125,6 +128,7 @@ class OrgState(msgspec.Struct, frozen=True):
     recharge: AutoRecharge | None
     has_payment_method: bool
     created_us: int
+    low_balance_micros: int
 
 
 class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
@@ -135,7 +139,8 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
         "thresholds_fired", "halted", "suspended", "past_due_since_us", "leases",
         "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
-        "period_cycle_start_us", "period_cycle_us", "refunds",
+        "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
+        "low_balance_armed",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -169,6 +174,8 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
         self.paid_credit = False  # ever credited with money paid (top-up, auto-recharge)
         self.period_cycle_start_us, self.period_cycle_us = 0, 0
         self.refunds: list[RefundRecord] | None = None
+        self.ended_leases: dict[str, int] | None = None
+        self.low_balance_micros, self.low_balance_armed = 0, True
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -176,12 +183,14 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
     @classmethod
     def create(cls, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
                max_concurrent: int, max_disk_mb: int, signup_grant_micros: int,
-               now_us: int, fx: Effects) -> "OrgBillingActor":
+               now_us: int, fx: Effects, low_balance_micros: int = 0) -> "OrgBillingActor":
         org = cls(org_id, email, prepaid, plan, tier, max_concurrent, max_disk_mb, now_us)
+        org.low_balance_micros = low_balance_micros
         if signup_grant_micros > 0:
             org.credit("signup_grant", signup_grant_micros, None, None, now_us, fx)
         elif prepaid:
             org._halt_if_out_of_money(now_us, fx)
+        org.check_low_balance(now_us, fx)
         return org
 
     # ----- reads ------------------------------------------------------------------------
@@ -226,7 +235,8 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
             plan_version=self.plan.version, max_disk_mb=self.max_disk_mb,
             machine_quotas={region: dict(caps) for region, caps in (self.machine_quotas or {}).items()},
             recharge=msgspec.structs.replace(self.recharge) if self.recharge is not None else None,
-            has_payment_method=self.has_payment_method, created_us=self.created_us)
+            has_payment_method=self.has_payment_method, created_us=self.created_us,
+            low_balance_micros=self.low_balance_micros)
 
     # ----- persistence ------------------------------------------------------------------
 
@@ -248,6 +258,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
             grants=[msgspec.structs.replace(g) for g in self.grants] if self.grants else None,
             leases=[msgspec.structs.replace(l) for l in self.leases.values()] if self.leases else None,
             refunds=[msgspec.structs.replace(r) for r in self.refunds] if self.refunds else None,
+            ended_leases=dict(self.ended_leases) if self.ended_leases else None,
             **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
@@ -267,6 +278,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
         org.grants = snap.grants
         org.leases = {l.lease_id: l for l in snap.leases} if snap.leases else None
         org.refunds = snap.refunds
+        org.ended_leases = snap.ended_leases
         # Shared strings: thousands of orgs hold the same period key and tier.
         org.org_id, org.tier, org.period_key = (sys.intern(snap.org_id), sys.intern(snap.tier),
                                                 sys.intern(snap.period_key))
@@ -275,6 +287,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
 
 
 # Every piece of org state is in the snapshot, or recovery would silently forget it.
-assert set(_SNAPSHOT_PLAIN_FIELDS) | {"plan", "grants", "leases", "refunds"} == set(OrgBillingActor.__slots__)
+assert set(_SNAPSHOT_PLAIN_FIELDS) | {"plan", "grants", "leases", "refunds", "ended_leases"} == set(
+    OrgBillingActor.__slots__)
 # The concerns add behaviour, never state of their own that the snapshot would miss.
 assert all(base.__slots__ == () for base in OrgBillingActor.__mro__[1:-1]), OrgBillingActor.__mro__

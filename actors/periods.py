@@ -78,6 +78,8 @@ class Periods:
                 if lease.expires_at_us <= now_us:
                     self._expire_leases(now_us, fx)
                     break
+        if self.ended_leases:
+            self._forget_ended_leases(now_us)
         if self.dunning is not None:
             self._dunning_steps(now_us, fx)
         if self.refunds:

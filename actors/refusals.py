@@ -14,6 +14,7 @@ from enum import StrEnum
 class Refusal(StrEnum):
     INVALID_COMMAND = "invalid_command"
     UNKNOWN_LEASE = "unknown_lease"
+    LEASE_ENDED = "lease_ended"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     UNKNOWN_ORG = "unknown_org"
     UNKNOWN_PLAN = "unknown_plan"
@@ -34,6 +35,10 @@ class BillingError(Exception):
 
 class UnknownLease(BillingError):
     code = Refusal.UNKNOWN_LEASE
+
+
+class LeaseEnded(BillingError):
+    code = Refusal.LEASE_ENDED
 
 
 class LeaseConflict(BillingError):

@@ -25,12 +25,13 @@ from actors import commands as cmd
 from actors.charger import Charger
 from actors import clock
 from actors.clock import now_us
-from actors.metering import SCALED_PER_NANO, LeaseUsage, UnknownUnit, cost_scaled
+from actors.metering import UnknownUnit, cost_scaled
 from actors.metrics import ShardMetrics
 from actors.org import BillingError, ChargeRequest, Effects, OrgBillingActor, OrgSnapshot, Resources
 from actors.refusals import Refusal
 from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
+from actors.usage import bill_ticks
 from actors.timeutil import minute_us
 from actors.viewlog import ViewLog
 from config.catalog import Catalog, load_catalog
@@ -751,7 +752,7 @@ class ShardActor:
             await transaction.start()
             try:
                 xid = await fence(conn, self.shard, self.epoch)
-                seen_before = await store.claim_tick_ids(conn, list(tick_keys))
+                seen_before = await store.claim_tick_ids(conn, list(tick_keys), now)
                 keyed = await store.keyed_entries(conn, key_pairs)
                 phase("dedupe")
                 work = _BatchWork(self, now)
@@ -851,7 +852,7 @@ class ShardActor:
                 lines = ([line for line in map(views.line, touched) if line is not None]
                          if len(touched) <= MAX_VIEWS_IN_REPLY else [])
                 item.future.set_result({"accepted": item.accepted, "duplicates": item.duplicates,
-                                        "rejected": item.rejected, "views": lines})
+                                        "rejected": sorted(item.rejected, key=by_index), "views": lines})
             else:
                 result = results[index]
                 line = views.line(item.org_id) if "error" not in result else None
@@ -860,7 +861,8 @@ class ShardActor:
         self.stats_items += len(batch)
 
     def _candidate_ticks(self, batch: list) -> dict[bytes, Tick]:
-        """Ticks that may be billed: known org, valid for its plan, first in this batch.
+        """Ticks that may be billed: known org, first in this batch (units are checked when the
+        tick is applied, on the plan the org is on then).
 
         Marks each usage item's ticks with their key (or None when rejected) for apply_usage.
         """
@@ -877,13 +879,6 @@ class ShardActor:
                                           else Refusal.WRONG_SHARD})
                     item.keys.append(None)
                     continue
-                if tick.units:
-                    unknown = [u for u in tick.units if u not in loaded.org.plan.unit_nanos]
-                    if unknown:
-                        item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
-                                              "error": f"{Refusal.UNKNOWN_UNIT}: {unknown[0]}"})
-                        item.keys.append(None)
-                        continue
                 key = tick_key(tick.org_id, tick.tick_id)
                 item.keys.append(key)
                 keys.setdefault(key, tick)
@@ -970,6 +965,10 @@ def leases_held(org: OrgBillingActor) -> int:
     return sum(lease.quantity for lease in org.leases.values()) if org.leases else 0
 
 
+def by_index(rejection: dict) -> int:
+    return rejection["index"]
+
+
 def _all_rejected(ticks: list[Tick], code: Refusal) -> dict:
     return {"accepted": 0, "duplicates": 0, "rejected": [
         {"index": t.index, "tick_id": t.tick_id, "org_id": t.org_id, "error": code} for t in ticks]}
@@ -995,31 +994,36 @@ class _BatchWork:
         self.shard.orgs[org_id].touched_s = self.now_s
 
     def apply_usage(self, item: UsageItem, tick_keys: dict, seen_before: set) -> None:
-        per_org: dict[str, dict[str, LeaseUsage]] = {}
-        rollups = self.out.rollups
+        per_org: dict[str, list[Tick]] = {}
+        key_of: dict[int, bytes] = {}
         for tick, key in zip(item.ticks, item.keys):
             if key is None:
                 continue  # rejected before the commit
             if tick_keys[key] is not tick or key in seen_before:
                 item.duplicates += 1  # seen before, or twice in this batch
                 continue
-            usage = tick.usage()
-            leases = per_org.setdefault(tick.org_id, {})
-            if tick.lease_id in leases:
-                leases[tick.lease_id].add(usage)
-            else:
-                leases[tick.lease_id] = msgspec.structs.replace(usage)
-            rollup_key = (tick.org_id, minute_us(tick.started_at_us), tick.lease_id)
-            if rollup_key in rollups:
-                rollups[rollup_key].add(usage)
-            else:
-                rollups[rollup_key] = usage
-            item.accepted += 1
-        for org_id, leases in per_org.items():
-            command = cmd.ApplyUsage(list(leases.values()))
-            cmd.execute(self.shard.orgs[org_id].org, command, self.shard.catalog, self.now, self.fx)
-            self._record(org_id, command)
-            self.shard._unanswered(org_id, item.future)  # state reads wait for this commit too
+            per_org.setdefault(tick.org_id, []).append(tick)
+            key_of[id(tick)] = key
+        rollups = self.out.rollups
+        for org_id, ticks in per_org.items():
+            billed = bill_ticks(self.shard.orgs[org_id].org, ticks, self.shard.catalog, self.now, self.fx)
+            for command in billed.commands:
+                self._record(org_id, command)
+            if billed.commands:
+                self.shard._unanswered(org_id, item.future)  # state reads wait for this commit too
+            for tick in billed.unpriced:  # not billed, so not remembered: a fixed resend is billed
+                unknown = next(u for u in tick.units if u not in self.shard.orgs[org_id].org.plan.unit_nanos)
+                item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
+                                      "error": f"{Refusal.UNKNOWN_UNIT}: {unknown}"})
+                self.out.unclaimed_ticks.append(key_of[id(tick)])
+            for tick in billed.ticks:
+                usage = tick.usage()
+                rollup_key = (tick.org_id, minute_us(tick.started_at_us), tick.lease_id)
+                if rollup_key in rollups:
+                    rollups[rollup_key].add(usage)
+                else:
+                    rollups[rollup_key] = usage
+            item.accepted += len(billed.ticks)
 
     def apply_command(self, item: CommandItem, keyed: dict) -> dict:
         shard = self.shard
@@ -1117,11 +1121,12 @@ class _BatchWork:
             plan = shard.orgs[rollup_key[0]].org.plan
             units = msgspec.json.encode(usage.units).decode() if usage.units else None
             out.rollups[rollup_key] = (usage.memory_mb_ms, usage.cpu_ms, usage.disk_mb_ms, usage.ticks,
-                                   cost_scaled(plan, usage) // SCALED_PER_NANO, units, usage.duration_ms)
+                                       cost_scaled(plan, usage), units, usage.duration_ms)
         for index, (org_id, entry) in enumerate(self.fx.ledger):
             if entry.kind == "usage":
-                debit = out.usage_debits.setdefault((org_id, minute_us(entry.at_us)), [0, entry.at_us])
+                debit = out.usage_debits.setdefault((org_id, minute_us(entry.at_us)), [0, entry.at_us, 0])
                 debit[0] += entry.amount_micros
+                debit[2] += entry.invoiced_micros
                 continue
             entry_id, key, request_hash = self.entry_meta.get(index) or ("le_" + uuid.uuid4().hex[:24], None, None)
             out.ledger.append((entry_id, org_id, entry.kind, entry.amount_micros, entry.grant_id,

@@ -29,6 +29,14 @@ DiskMb = Annotated[int, msgspec.Meta(ge=0, le=67_108_864)]
 UnitCount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 UnitName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=WHOLE_NAME_PATTERN)]
 MAX_FUTURE_US = 300 * 1_000_000  # a tick may not start more than 5 minutes in the future
+# A tick may not start earlier than its id is remembered, less this margin (billing-rules 6.6):
+# its first sighting is at most 5 minutes before its start, so a resend within the window
+# always meets its id.
+TICK_AGE_MARGIN_S = 3_600
+
+
+def max_tick_age_us(tick_id_retention_s: int) -> int:
+    return (tick_id_retention_s - TICK_AGE_MARGIN_S) * 1_000_000
 
 
 class TickIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,7 +102,7 @@ class BadBody(ValueError):
 DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
-def _normalise(tick: TickIn, now_us: int, times: dict, index: int) -> Tick:
+def _normalise(tick: TickIn, now_us: int, times: dict, index: int, max_age_us: int) -> Tick:
     started_us = times.get(tick.started_at)
     if started_us is None:
         try:
@@ -104,11 +112,15 @@ def _normalise(tick: TickIn, now_us: int, times: dict, index: int) -> Tick:
         times[tick.started_at] = started_us
     if started_us > now_us + MAX_FUTURE_US:
         raise ValueError("started_at is more than 5 minutes in the future - at `$.started_at`")
+    if started_us < now_us - max_age_us:
+        raise ValueError(f"tick_too_old: started_at is more than {max_age_us // 3_600_000_000} h in the past,"
+                         " longer than tick ids are remembered, so it could be billed twice - at `$.started_at`")
     return Tick(tick.tick_id, tick.org_id, tick.lease_id or "", started_us, tick.duration_ms,
                 tick.memory_mb, tick.cpu_count, tick.disk_mb, tick.units, index)
 
 
-def decode_tick(raw: bytes | msgspec.Raw, now_us: int, times: dict | None = None, index: int = 0) -> Tick:
+def decode_tick(raw: bytes | msgspec.Raw, now_us: int, max_age_us: int, times: dict | None = None,
+                index: int = 0) -> Tick:
     """Decode one tick; raises ValueError with a message naming the bad field."""
     try:
         tick = _TICK_DECODER.decode(raw)
@@ -116,14 +128,15 @@ def decode_tick(raw: bytes | msgspec.Raw, now_us: int, times: dict | None = None
         raise ValueError(str(exc)) from None
     except DECODE_ERRORS:
         raise ValueError("tick is not valid JSON") from None
-    return _normalise(tick, now_us, {} if times is None else times, index)
+    return _normalise(tick, now_us, {} if times is None else times, index, max_age_us)
 
 
 class TooManyTicks(ValueError):
     """A usage body with more ticks than one request may carry."""
 
 
-def decode_usage(body: bytes, now_us: int, max_ticks: int) -> tuple[list[Tick], list[tuple[int, msgspec.Raw, str]]]:
+def decode_usage(body: bytes, now_us: int, max_ticks: int,
+                 max_age_us: int) -> tuple[list[Tick], list[tuple[int, msgspec.Raw, str]]]:
     """All ticks of a usage body: (valid ticks, [(index, raw tick, error)] for the bad ones).
 
     A body of well-formed ticks decodes in one pass; only when something is wrong is each tick
@@ -140,7 +153,7 @@ def decode_usage(body: bytes, now_us: int, max_ticks: int) -> tuple[list[Tick], 
         if len(typed) > max_ticks:
             raise TooManyTicks(len(typed))
         try:
-            return [_normalise(tick, now_us, times, index) for index, tick in enumerate(typed)], []
+            return [_normalise(tick, now_us, times, index, max_age_us) for index, tick in enumerate(typed)], []
         except ValueError:
             pass  # some tick has a bad time: sort them out one by one below
     try:
@@ -154,7 +167,7 @@ def decode_usage(body: bytes, now_us: int, max_ticks: int) -> tuple[list[Tick], 
     valid, rejected = [], []
     for index, raw in enumerate(raw_ticks):
         try:
-            valid.append(decode_tick(raw, now_us, times, index))
+            valid.append(decode_tick(raw, now_us, max_age_us, times, index))
         except ValueError as exc:
             rejected.append((index, raw, str(exc)))
     return valid, rejected

@@ -65,6 +65,7 @@ class Catalog:
     plans: dict[tuple[str, int], Plan]
     packs: dict[str, Pack] = field(default_factory=dict)
     stripe_prices: dict[str, str] = field(default_factory=dict)  # paid tier -> Stripe price id
+    low_balance_micros: int = 0  # a new org's balance.threshold_crossed alert (0: off)
 
     def plan_version(self, plan_id: str, version: int) -> Plan:
         plan = self.plans.get((plan_id, version))
@@ -173,6 +174,7 @@ def parse_catalog(raw: dict) -> Catalog:
         plans=plans,
         packs=packs,
         stripe_prices={str(k): str(v) for k, v in raw.get("stripe_prices", {}).items()},
+        low_balance_micros=_nonneg_int(raw, "low_balance_micros", "catalog") if "low_balance_micros" in raw else 0,
     )
     for plan in plans.values():
         other_kind = [p.version for p in plans.values() if p.id == plan.id and p.period != plan.period]

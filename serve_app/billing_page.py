@@ -15,6 +15,7 @@ from datetime import date
 from html import escape
 from urllib.parse import urlencode
 
+from actors.metering import SCALED_PER_MICRO
 from actors.timeutil import us_to_rfc3339
 from config.catalog import Pack
 from serve_app.views import format_usd, usd_input_value
@@ -211,7 +212,7 @@ def leases_table(page: BillingPage) -> str:
         return '<p class="muted">No sandbox ran in these 30 days.</p>'
     rows = "".join(
         f"<tr><td><code>{escape(lease.lease_id)}</code></td><td class=\"n\">{decimal2(lease.duration_ms, MS_PER_HOUR)}"
-        f" h</td><td class=\"n\">{lease.ticks:,}</td><td class=\"n\">{money(lease.cost_nanos // 1_000)}</td></tr>"
+        f" h</td><td class=\"n\">{lease.ticks:,}</td><td class=\"n\">{money(lease.cost_scaled // SCALED_PER_MICRO)}</td></tr>"
         for lease in page.leases)
     more = (f'<p class="muted">The {len(page.leases)} costliest of {page.lease_count:,} sandboxes.</p>'
             if page.lease_count > len(page.leases) else "")

@@ -197,6 +197,11 @@ class AutoRechargeBody(StrictModel):
     max_per_day: Annotated[int, Field(ge=1, le=100)] = 3
 
 
+class AlertsBody(StrictModel):
+    # balance.threshold_crossed once each time the balance falls under it; 0 turns it off
+    low_balance_micros: Annotated[int, Field(ge=0, le=MAX_AMOUNT_MICROS)]
+
+
 class LimitsBody(StrictModel):
     max_disk_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
     machine_quotas: dict[Text, dict[Text, Annotated[int, Field(ge=0, le=1_000_000)]]] | None = None

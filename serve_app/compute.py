@@ -6,7 +6,7 @@ import msgspec
 
 from actors import commands as cmd
 from actors.clock import now_us
-from actors.ticks import DECODE_ERRORS, BadBody, TooManyTicks, decode_usage
+from actors.ticks import DECODE_ERRORS, BadBody, TooManyTicks, decode_usage, max_tick_age_us
 from serve_app.bodies import LEASE_DECODER, decode, invalid_field, is_json, not_json, resources_of
 from serve_app.context import Context
 from serve_app.errors import ApiError, error_body, raise_for_shard_error
@@ -40,7 +40,7 @@ async def record_usage(ctx: Context, raw_body: bytes) -> dict:
     """Bill a usage body; returns {accepted, duplicates, rejected} once it is durable."""
     limit = ctx.settings.max_ticks_per_request
     try:
-        valid, bad = decode_usage(raw_body, now_us(), limit)
+        valid, bad = decode_usage(raw_body, now_us(), limit, max_tick_age_us(ctx.settings.tick_id_retention_s))
     except TooManyTicks:
         raise ApiError(413, "too_many_ticks", f"at most {limit} ticks per request") from None
     except BadBody:

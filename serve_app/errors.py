@@ -40,6 +40,7 @@ def error_response(status: int, code: str, message: str, **details: object) -> J
 STATUS_BY_REFUSAL: dict[Refusal, int] = {
     Refusal.INVALID_COMMAND: 400,
     Refusal.UNKNOWN_LEASE: 404,
+    Refusal.LEASE_ENDED: 409,
     Refusal.IDEMPOTENCY_CONFLICT: 409,
     Refusal.UNKNOWN_ORG: 404,
     Refusal.UNKNOWN_PLAN: 422,

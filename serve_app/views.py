@@ -12,6 +12,7 @@ import re
 from metergate_client import decision as gate
 from metergate_client.decision import Reason
 from actors.leases import Lease
+from actors.metering import SCALED_PER_MICRO
 from actors.org import MICROS_PER_CENT, OrgState
 from actors.recharge import AutoRecharge
 from actors.timeutil import us_to_rfc3339
@@ -139,6 +140,7 @@ def org_view(state: OrgState) -> dict:
         "plan": {"id": state.plan_id, "version": state.plan_version},
         "limits": {"max_disk_mb": state.max_disk_mb, "machine_quotas": state.machine_quotas},
         "auto_recharge": recharge_view(state.recharge),
+        "alerts": {"low_balance_micros": state.low_balance_micros},
         "has_payment_method": state.has_payment_method,
         "created_at": us_to_rfc3339(state.created_us),
     }
@@ -167,6 +169,8 @@ def stored_entry_view(entry: Entry) -> dict:
         view["expires_at"] = us_to_rfc3339(entry.expires_us)
     if entry.note:
         view["note"] = entry.note
+    if entry.invoiced_micros:
+        view["invoiced_micros"] = entry.invoiced_micros  # a postpaid org's usage that Stripe bills
     return view
 
 
@@ -185,7 +189,7 @@ def usage_groups_view(groups: list[UsageGroup], group_by: str) -> list[dict]:
     views = []
     for g in groups:
         view = {"memory_mb_ms": g.memory_mb_ms, "cpu_ms": g.cpu_ms, "disk_mb_ms": g.disk_mb_ms,
-                "ticks": g.ticks, "cost_micros": g.cost_nanos // 1_000}
+                "ticks": g.ticks, "cost_micros": g.cost_scaled // SCALED_PER_MICRO}
         if group_by == "lease":
             view = {"lease_id": g.key, **view}
         elif group_by == "day":

@@ -28,8 +28,10 @@ class CommitBatch:
     compact: list[tuple] = field(default_factory=list)       # org_id, up-to seq (inclusive)
     ledger: list[tuple] = field(default_factory=list)        # entry_id, org_id, kind, amount, grant_id,
                                                              # expires_at, note, key, hash, created_at
-    usage_debits: dict = field(default_factory=dict)         # (org_id, minute_us) -> [amount (< 0), first at_us]
-    rollups: dict = field(default_factory=dict)              # (org_id, minute_us, lease_id) -> (mem, cpu, disk, ticks, cost_nanos, units)
+    usage_debits: dict = field(default_factory=dict)         # (org_id, minute_us) -> [amount (<= 0), first at_us, invoiced]
+    rollups: dict = field(default_factory=dict)              # (org_id, minute_us, lease_id) -> (mem, cpu, disk, ticks,
+                                                             # cost_scaled, units, duration_ms)
+    unclaimed_ticks: list[bytes] = field(default_factory=list)  # tick ids claimed in this commit, then rejected
     events: list[tuple] = field(default_factory=list)        # org_id, type, payload json, created_at
     due: list[tuple] = field(default_factory=list)           # org_id, due_at
     periods: list[tuple] = field(default_factory=list)       # org_id, key, started, ended, usage, quota used,
@@ -51,8 +53,9 @@ async def load_orgs(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, t
     return found
 
 
-async def claim_tick_ids(conn: asyncpg.Connection, ids: list[bytes]) -> set[bytes]:
-    """Record tick ids (16-byte keys, distinct); returns those seen before (not to bill).
+async def claim_tick_ids(conn: asyncpg.Connection, ids: list[bytes], now_us: int) -> set[bytes]:
+    """Record tick ids (16-byte keys, distinct) as seen at `now_us`, the service's clock that
+    their pruning and the tick age window also read; returns those seen before (not to bill).
 
     Only the duplicates come back, since they are few: no row per fresh tick to decode.
     """
@@ -60,8 +63,9 @@ async def claim_tick_ids(conn: asyncpg.Connection, ids: list[bytes]) -> set[byte
         return set()
     rows = await conn.fetch(
         "WITH input AS (SELECT unnest($1::bytea[]) AS id),"
-        " fresh AS (INSERT INTO tick_ids (id) SELECT id FROM input ON CONFLICT (id) DO NOTHING RETURNING id)"
-        " SELECT id FROM input EXCEPT ALL SELECT id FROM fresh", ids)
+        " fresh AS (INSERT INTO tick_ids (id, seen_at) SELECT id, $2 FROM input ON CONFLICT (id) DO NOTHING"
+        " RETURNING id)"
+        " SELECT id FROM input EXCEPT ALL SELECT id FROM fresh", ids, us_to_dt(now_us))
     return {r[0] for r in rows}
 
 
@@ -110,31 +114,35 @@ async def write_batch(conn: asyncpg.Connection, batch: CommitBatch) -> list[int]
     if batch.usage_debits:
         keys = list(batch.usage_debits)
         await conn.execute(
-            "INSERT INTO ledger (entry_id, org_id, kind, amount_micros, usage_minute, created_at)"
-            " SELECT 'lu_' || o || '_' || extract(epoch FROM m)::bigint, o, 'usage', a, m, t"
-            " FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::timestamptz[]) AS u(o, m, a, t)"
+            "INSERT INTO ledger (entry_id, org_id, kind, amount_micros, usage_minute, created_at, invoiced_micros)"
+            " SELECT 'lu_' || o || '_' || extract(epoch FROM m)::bigint, o, 'usage', a, m, t, i"
+            " FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::timestamptz[], $5::int8[]) AS u(o, m, a, t, i)"
             " ON CONFLICT (org_id, usage_minute) WHERE usage_minute IS NOT NULL"
-            " DO UPDATE SET amount_micros = ledger.amount_micros + EXCLUDED.amount_micros",
+            " DO UPDATE SET amount_micros = ledger.amount_micros + EXCLUDED.amount_micros,"
+            " invoiced_micros = ledger.invoiced_micros + EXCLUDED.invoiced_micros",
             [k[0] for k in keys], _minutes_to_dt([k[1] for k in keys]),
-            [v[0] for v in batch.usage_debits.values()], [us_to_dt(v[1]) for v in batch.usage_debits.values()])
+            [v[0] for v in batch.usage_debits.values()], [us_to_dt(v[1]) for v in batch.usage_debits.values()],
+            [v[2] for v in batch.usage_debits.values()])
     if batch.rollups:
         keys = list(batch.rollups)
         values = list(batch.rollups.values())
         await conn.execute(
             "INSERT INTO usage_rollups (org_id, minute, lease_id, memory_mb_ms, cpu_ms, disk_mb_ms,"
-            " ticks, cost_nanos, units, duration_ms)"
+            " ticks, cost_scaled, units, duration_ms)"
             " SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::int8[], $5::int8[],"
-            " $6::int8[], $7::int8[], $8::int8[], $9::jsonb[], $10::int8[])"
+            " $6::int8[], $7::int8[], $8::numeric[], $9::jsonb[], $10::int8[])"
             " ON CONFLICT (org_id, minute, lease_id) DO UPDATE SET"
             " memory_mb_ms = usage_rollups.memory_mb_ms + EXCLUDED.memory_mb_ms,"
             " cpu_ms = usage_rollups.cpu_ms + EXCLUDED.cpu_ms,"
             " disk_mb_ms = usage_rollups.disk_mb_ms + EXCLUDED.disk_mb_ms,"
             " ticks = usage_rollups.ticks + EXCLUDED.ticks,"
-            " cost_nanos = usage_rollups.cost_nanos + EXCLUDED.cost_nanos,"
+            " cost_scaled = usage_rollups.cost_scaled + EXCLUDED.cost_scaled,"
             " units = mg_units_add(usage_rollups.units, EXCLUDED.units),"
             " duration_ms = usage_rollups.duration_ms + EXCLUDED.duration_ms",
             [k[0] for k in keys], _minutes_to_dt([k[1] for k in keys]), [k[2] for k in keys],
             *_columns(values, 7))
+    if batch.unclaimed_ticks:
+        await conn.execute("DELETE FROM tick_ids WHERE id = ANY($1::bytea[])", batch.unclaimed_ticks)
     if batch.due:
         await conn.execute(
             "INSERT INTO org_due (org_id, due_at) SELECT * FROM unnest($1::text[], $2::timestamptz[])"

@@ -18,26 +18,30 @@ class Entry:
     grant_id: str | None = None
     expires_us: int | None = None
     note: str | None = None
+    invoiced_micros: int = 0
 
 
 def _entry(row: asyncpg.Record) -> Entry:
     return Entry(row["entry_id"], row["kind"], row["amount_micros"], dt_to_us(row["created_at"]), row["grant_id"],
-                 dt_to_us(row["expires_at"]) if row["expires_at"] is not None else None, row["note"])
+                 dt_to_us(row["expires_at"]) if row["expires_at"] is not None else None, row["note"],
+                 row["invoiced_micros"])
 
 
 async def page(conn: asyncpg.Connection, org_id: str, after: tuple[int, str] | None, limit: int) -> list[Entry]:
     """Entries newest first, after the (created_us, entry_id) position given; limit + 1 of them
     at most, so the caller knows whether there are more."""
     rows = await conn.fetch(
-        "SELECT entry_id, kind, amount_micros, grant_id, expires_at, note, created_at FROM ledger"
+        "SELECT entry_id, kind, amount_micros, grant_id, expires_at, note, created_at, invoiced_micros FROM ledger"
         " WHERE org_id = $1 AND ($2::timestamptz IS NULL OR (created_at, entry_id) < ($2, $3))"
         " ORDER BY created_at DESC, entry_id DESC LIMIT $4",
         org_id, optional_dt(after[0]) if after else None, after[1] if after else "", limit + 1)
     return [_entry(r) for r in rows]
 
 
-async def history(conn: asyncpg.Connection, org_id: str) -> list[tuple[str, int, str | None, int]]:
-    """Every entry oldest first, as (kind, amount_micros, grant_id, created_us): for accounting."""
-    rows = await conn.fetch("SELECT kind, amount_micros, grant_id, created_at FROM ledger WHERE org_id = $1"
-                            " ORDER BY created_at, entry_id", org_id)
-    return [(r["kind"], r["amount_micros"], r["grant_id"], dt_to_us(r["created_at"])) for r in rows]
+async def history(conn: asyncpg.Connection, org_id: str) -> list[tuple[str, int, str | None, int, int]]:
+    """Every entry oldest first, as (kind, amount_micros, grant_id, created_us, invoiced_micros):
+    for accounting."""
+    rows = await conn.fetch("SELECT kind, amount_micros, grant_id, created_at, invoiced_micros FROM ledger"
+                            " WHERE org_id = $1 ORDER BY created_at, entry_id", org_id)
+    return [(r["kind"], r["amount_micros"], r["grant_id"], dt_to_us(r["created_at"]), r["invoiced_micros"])
+            for r in rows]

@@ -9,8 +9,9 @@ import asyncpg
 
 from storage.times import dt_to_us, us_to_dt
 
-# Usage meters: (meter, rollup column). A meter event carries the hour's quantity.
-METERS = (("memory_mb_ms", "memory_mb_ms"), ("cpu_ms", "cpu_ms"), ("disk_mb_ms", "disk_mb_ms"))
+# The one meter: a postpaid org's usage that neither its quota nor its credit covered, in µUSD
+# (billing-rules 6.5). Quantities are never sent: Stripe would bill again what credit paid.
+MONEY_METER = "usage_micros"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,29 +29,25 @@ async def roll_up(conn: asyncpg.Connection, closed_before_us: int, since_us: int
                   status: str) -> int:
     """New events for closed hours since `since_us`; returns how many.
 
-    Each (org, meter, hour) bucket is compared with what meter events already carry: usage
-    that lands late (a retried batch) becomes one more event with the difference, numbered
-    after the ones before it, so its identifier is fixed too. Hours before `bill_from` are
-    'consumed' (never billed); the others get `status`.
+    Each (org, hour) bucket of invoiced usage (the ledger's usage rows) is compared with what
+    meter events already carry: usage that lands late becomes one more event with the
+    difference, numbered after the ones before it, so its identifier is fixed too. Hours before
+    `bill_from` are 'consumed' (never billed); the others get `status`.
     """
-    selects = " UNION ALL ".join(f"SELECT o, h, '{meter}' AS meter, {column} AS v FROM hours"
-                                 for meter, column in METERS)
     return await conn.fetchval(
-        "WITH hours AS (SELECT r.org_id AS o, date_trunc('hour', r.minute) AS h,"
-        " sum(r.memory_mb_ms)::int8 AS memory_mb_ms, sum(r.cpu_ms)::int8 AS cpu_ms,"
-        " sum(r.disk_mb_ms)::int8 AS disk_mb_ms"
-        " FROM usage_rollups r JOIN orgs USING (org_id) WHERE orgs.billing_mode = 'postpaid'"
-        " AND r.minute < date_trunc('hour', $1::timestamptz) AND r.minute >= $4 GROUP BY 1, 2),"
-        f" buckets AS ({selects}),"
-        " known AS (SELECT org_id AS o, meter, hour AS h, sum(value)::int8 AS v, count(*) AS n"
-        " FROM meter_events WHERE hour >= date_trunc('hour', $4::timestamptz) GROUP BY 1, 2, 3),"
+        "WITH hours AS (SELECT l.org_id AS o, date_trunc('hour', l.usage_minute) AS h,"
+        " sum(l.invoiced_micros)::int8 AS v FROM ledger l"
+        " WHERE l.invoiced_micros > 0 AND l.usage_minute < date_trunc('hour', $1::timestamptz)"
+        " AND l.usage_minute >= greatest($4::timestamptz, (SELECT hour FROM meter_money_from)) GROUP BY 1, 2),"
+        " known AS (SELECT org_id AS o, hour AS h, sum(value)::int8 AS v, count(*) AS n"
+        " FROM meter_events WHERE meter = $5 AND hour >= date_trunc('hour', $4::timestamptz) GROUP BY 1, 2),"
         " ins AS (INSERT INTO meter_events (identifier, org_id, meter, hour, value, status)"
-        " SELECT 'mg_' || md5(b.o || '|' || b.meter || '|' || extract(epoch FROM b.h)::bigint"
-        " || '|' || coalesce(k.n, 0)), b.o, b.meter, b.h, b.v - coalesce(k.v, 0),"
+        " SELECT 'mg_' || md5(b.o || '|' || $5 || '|' || extract(epoch FROM b.h)::bigint"
+        " || '|' || coalesce(k.n, 0)), b.o, $5, b.h, b.v - coalesce(k.v, 0),"
         " CASE WHEN $2::timestamptz IS NOT NULL AND b.h < $2 THEN 'consumed' ELSE $3 END"
-        " FROM buckets b LEFT JOIN known k ON k.o = b.o AND k.meter = b.meter AND k.h = b.h"
+        " FROM hours b LEFT JOIN known k ON k.o = b.o AND k.h = b.h"
         " WHERE b.v > coalesce(k.v, 0) ON CONFLICT (identifier) DO NOTHING RETURNING 1)"
-        " SELECT count(*) FROM ins", us_to_dt(closed_before_us), bill_from, status, us_to_dt(since_us))
+        " SELECT count(*) FROM ins", us_to_dt(closed_before_us), bill_from, status, us_to_dt(since_us), MONEY_METER)
 
 
 async def release_shadow(conn: asyncpg.Connection, bill_from: datetime | None) -> int:

@@ -18,7 +18,7 @@ class UsageGroup:
     cpu_ms: int
     disk_mb_ms: int
     ticks: int
-    cost_nanos: int
+    cost_scaled: int  # exact (actors/metering.py's scaled units): the edge rounds the sum once
 
 
 async def report(conn: asyncpg.Connection, org_id: str, group_by: str, from_us: int | None,
@@ -27,11 +27,11 @@ async def report(conn: asyncpg.Connection, org_id: str, group_by: str, from_us: 
     rows = await conn.fetch(
         f"SELECT {key} AS k, sum(memory_mb_ms)::int8 AS memory_mb_ms, sum(cpu_ms)::int8 AS cpu_ms,"
         " sum(disk_mb_ms)::int8 AS disk_mb_ms, sum(ticks)::int8 AS ticks,"
-        " sum(cost_nanos)::int8 AS cost_nanos FROM usage_rollups WHERE org_id = $1"
+        " sum(cost_scaled) AS cost_scaled FROM usage_rollups WHERE org_id = $1"
         " AND ($2::timestamptz IS NULL OR minute >= $2) AND ($3::timestamptz IS NULL OR minute < $3)"
         " GROUP BY 1 ORDER BY 1",
         org_id, optional_dt(from_us), optional_dt(to_us))
-    return [UsageGroup(r["k"], r["memory_mb_ms"], r["cpu_ms"], r["disk_mb_ms"], r["ticks"], r["cost_nanos"])
+    return [UsageGroup(r["k"], r["memory_mb_ms"], r["cpu_ms"], r["disk_mb_ms"], r["ticks"], int(r["cost_scaled"]))
             for r in rows]
 
 
@@ -49,7 +49,7 @@ class LeaseCost:
     lease_id: str
     duration_ms: int  # lease time
     ticks: int
-    cost_nanos: int
+    cost_scaled: int
 
 
 async def lease_costs(conn: asyncpg.Connection, org_id: str, from_us: int, to_us: int,
@@ -58,9 +58,9 @@ async def lease_costs(conn: asyncpg.Connection, org_id: str, from_us: int, to_us
     window has in all."""
     rows = await conn.fetch(
         "SELECT lease_id, sum(duration_ms)::int8 AS lease_ms, sum(ticks)::int8 AS lease_ticks,"
-        " sum(cost_nanos)::int8 AS lease_nanos, count(*) OVER ()::int8 AS leases"
+        " sum(cost_scaled) AS lease_scaled, count(*) OVER ()::int8 AS leases"
         " FROM usage_rollups WHERE org_id = $1 AND minute >= $2 AND minute < $3"
-        " GROUP BY lease_id ORDER BY lease_nanos DESC, lease_id LIMIT $4",
+        " GROUP BY lease_id ORDER BY lease_scaled DESC, lease_id LIMIT $4",
         org_id, optional_dt(from_us), optional_dt(to_us), limit)
-    return ([LeaseCost(r["lease_id"], r["lease_ms"], r["lease_ticks"], r["lease_nanos"]) for r in rows],
+    return ([LeaseCost(r["lease_id"], r["lease_ms"], r["lease_ticks"], int(r["lease_scaled"])) for r in rows],
             rows[0]["leases"] if rows else 0)

@@ -269,10 +269,10 @@ DAY_US = 86_400 * US_PER_S
 
 
 def make_org(plan=PAYG, prepaid=True, signup_micros=CATALOG.signup_grant_micros,
-             tier="base", now_us=T0, card=False) -> tuple[OrgBillingActor, Effects]:
+             tier="base", now_us=T0, card=False, low_balance_micros=0) -> tuple[OrgBillingActor, Effects]:
     fx = Effects()
     org = OrgBillingActor.create(ORG_ID, "ops@acme.test", prepaid, plan, tier, CATALOG.tiers[tier],
-                                 CATALOG.default_max_disk_mb, signup_micros, now_us, fx)
+                                 CATALOG.default_max_disk_mb, signup_micros, now_us, fx, low_balance_micros)
     if card:  # a card on file: running out says halted / quota_exceeded, not no_payment_method
         org.has_payment_method = True
     return org, fx

@@ -6,10 +6,15 @@ worked out by hand from docs/concepts/billing-rules.md and config/catalog.toml.
 
 from __future__ import annotations
 
-from actors.commands import (Advance, Credit, RefundPayment, ResetPeriod, SetAutoRecharge, SetPlan,
-                             SettleRecharge, execute)
-from actors.org import Effects
+import msgspec
+import pytest
+
+from actors.commands import (AcquireLease, Advance, ApplyUsage, Credit, RefundPayment, ReleaseLease, ResetPeriod,
+                             SetAlerts, SetAutoRecharge, SetPlan, SettleRecharge, execute)
+from actors.org import Effects, LeaseEnded, Resources
+from actors.ticks import Tick
 from actors.timeutil import rfc3339_to_us
+from actors.usage import bill_ticks
 from tests.helpers import CATALOG, DAY_US, PAYG, T0, make_org, usage_costing
 
 US = 1_000_000
@@ -152,3 +157,121 @@ def test_a_waiting_refund_stops_waiting_after_thirty_days():
     refund(org, "re_old", "pi_slow", 4 * US, T0)
     fx = topup(org, 10 * US, "pi_slow", T0 + 31 * DAY_US)
     assert [(e.kind, e.amount_micros) for _, e in fx.ledger] == [("topup", 10 * US)]
+
+
+# ----- 3, 9. ticks: units billed once, on the plan the org is on when they are applied ----
+
+
+def units_catalog():
+    """The shipped catalog with a priced unit, `gpu_s`, on payg only (hobby does not price it),
+    and a payg version 2 from 2026-04-01 that no longer prices it."""
+    import tomllib
+
+    from config.catalog import parse_catalog
+    from config.settings import DEFAULT_CATALOG
+
+    raw = tomllib.loads(DEFAULT_CATALOG.read_text())
+    payg = next(p for p in raw["plans"] if p["id"] == "payg")
+    payg["unit_nanos"] = {"ingest_bytes": 0, "gpu_s": 250_000}  # 0.25 mUSD a GPU-second
+    payg["effective_until"] = "2026-04-01T00:00:00Z"
+    raw["plans"].append({**payg, "version": 2, "effective_from": "2026-04-01T00:00:00Z",
+                         "unit_nanos": {"ingest_bytes": 0}})
+    del raw["plans"][-1]["effective_until"]
+    return parse_catalog(raw)
+
+
+def gpu_tick(n: int, lease_id: str = "ls_gpu", gpu_s: int = 100) -> Tick:
+    return Tick(f"t{n}", "org_1", lease_id, T0, 1_000, 0, 0, 0, {"gpu_s": gpu_s}, n)
+
+
+def test_priced_units_of_several_ticks_on_one_lease_are_billed_once_each():
+    """Three ticks of 100 GPU-seconds on one lease used to bill 500 (a shallow copy shared the
+    lease's and the rollup's units): 300 × 250,000 nanos = 75,000 µUSD."""
+    catalog = units_catalog()
+    org, _ = make_org(plan=catalog.plan_version("payg", 1), signup_micros=0, card=True)
+    run(org, Credit("grant", 100_000), T0)
+    fx = Effects()
+    billed = bill_ticks(org, [gpu_tick(1), gpu_tick(2), gpu_tick(3)], catalog, T0 + US, fx)
+    (usage,) = billed.commands[-1].usages
+    assert usage.units == {"gpu_s": 300}
+    assert [(e.kind, e.amount_micros) for _, e in fx.ledger] == [("usage", -75_000)]
+    assert [t.units for t in billed.ticks] == [{"gpu_s": 100}] * 3  # each tick still its own
+    # The shard's old path: a copy made with structs.replace shares its units with the original
+    # (the rollup's); adding to the copy must leave the original as it was.
+    rollup = gpu_tick(4).usage()
+    lease = msgspec.structs.replace(rollup)
+    lease.add(gpu_tick(5).usage())
+    assert (rollup.units, lease.units) == ({"gpu_s": 100}, {"gpu_s": 200})
+
+
+def test_a_unit_the_plan_no_longer_prices_rejects_that_tick_alone_after_a_plan_switch():
+    """A SetPlan earlier in the same batch used to raise UnknownUnit inside apply_usage, and the
+    whole usage request was answered internal_error."""
+    catalog = units_catalog()
+    org, _ = make_org(plan=catalog.plan_version("payg", 1))
+    execute(org, SetPlan("hobby_weekly", 1), catalog, T0 + US, Effects())
+    plain = Tick("t_plain", "org_1", "ls", T0, 1_000, 1024, 0, 0, None, 1)
+    billed = bill_ticks(org, [gpu_tick(0), plain], catalog, T0 + US, Effects())
+    assert [t.tick_id for t in billed.unpriced] == ["t0"]
+    assert [t.tick_id for t in billed.ticks] == ["t_plain"]
+
+
+def test_a_unit_a_new_periods_plan_version_drops_rejects_that_tick_alone():
+    catalog = units_catalog()
+    org, _ = make_org(plan=catalog.plan_version("payg", 1))
+    april = rfc3339_to_us("2026-04-01T00:00:05Z")
+    billed = bill_ticks(org, [gpu_tick(0)], catalog, april, Effects())
+    assert isinstance(billed.commands[0], Advance) and org.plan.version == 2  # time first, then units
+    assert [t.tick_id for t in billed.unpriced] == ["t0"] and billed.ticks == []
+
+
+# ----- 6. a tick or a lease that comes back too late is refused, never billed twice -------
+
+
+def test_a_tick_older_than_its_id_is_remembered_is_rejected_not_billed_again():
+    from actors.ticks import decode_usage, max_tick_age_us
+
+    window = max_tick_age_us(26 * 3_600)  # the default retention, less the hour's margin
+    assert window == 25 * HOUR_US
+    body = msgspec.json.encode({"ticks": [
+        {"tick_id": "old", "org_id": "org_1", "started_at": T0 - window - US, "duration_ms": 1_000},
+        {"tick_id": "ok", "org_id": "org_1", "started_at": T0 - window + US, "duration_ms": 1_000}]})
+    valid, bad = decode_usage(body, T0, 10, window)
+    assert [t.tick_id for t in valid] == ["ok"]
+    ((index, _, error),) = bad
+    assert index == 0 and error.startswith("tick_too_old:")
+
+
+def test_a_late_retry_of_a_lease_take_after_its_release_makes_no_phantom_lease():
+    org, _ = make_org()
+    assert run_lease(org, "sbx_1", T0).created
+    run(org, ReleaseLease("sbx_1"), T0 + US)
+    with pytest.raises(LeaseEnded):
+        execute(org, AcquireLease("sbx_1", Resources(), 60), CATALOG, T0 + 2 * US, Effects())
+    assert org.leases is None
+    # A release that overtook its take counts too; after an hour the id may be used again.
+    run(org, ReleaseLease("sbx_2"), T0 + 3 * US)
+    with pytest.raises(LeaseEnded):
+        execute(org, AcquireLease("sbx_2", Resources(), 60), CATALOG, T0 + 4 * US, Effects())
+    assert run_lease(org, "sbx_1", T0 + US + HOUR_US + US).created
+
+
+def run_lease(org, lease_id: str, at: int):
+    fx = Effects()
+    return execute(org, AcquireLease(lease_id, Resources(), 60), CATALOG, at, fx)
+
+
+# ----- 10. the documented balance.threshold_crossed is emitted ---------------------------
+
+
+def test_balance_threshold_crossed_is_emitted_once_per_fall_under_the_threshold():
+    org, fx = make_org(low_balance_micros=1_000_000)  # 5 USD signup grant, alert under 1 USD
+    assert fx.events == []
+    spent = run(org, ApplyUsage([usage_costing(4_500_000)]), T0 + US)
+    assert [(e.type, e.data) for e in spent.events] == [
+        ("balance.threshold_crossed", {"threshold_micros": 1_000_000, "balance_micros": 500_000})]
+    assert run(org, ApplyUsage([usage_costing(100_000)]), T0 + 2 * US).events == []  # still under: once
+    run(org, Credit("grant", 2_000_000), T0 + 3 * US)  # back above: re-armed
+    again = run(org, ApplyUsage([usage_costing(2_000_000)]), T0 + 4 * US)
+    assert [e.type for e in again.events] == ["balance.threshold_crossed"]
+    assert run(org, SetAlerts(0), T0 + 5 * US).events == []  # off

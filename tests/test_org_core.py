@@ -443,16 +443,15 @@ def test_prepaid_hobby_org_moved_to_free_in_the_same_week_stays_halted_with_its_
 # ----- postpaid -------------------------------------------------------------------------
 
 
-def test_postpaid_org_is_never_halted_for_balance_and_runs_into_debt():
+def test_postpaid_org_is_never_halted_for_balance_and_its_usage_past_credit_is_invoiced_not_debt():
     org, _ = make_org(prepaid=False, signup_micros=1_000)
     fx = Effects()
 
     spend(org, 5_000, T0, fx)
 
     assert org.halted is None
-    assert org.balance_micros == -4_000
-    assert org.debt_micros == 4_000
-    assert ledger_of(fx) == [("usage", -5_000)]
+    assert org.balance_micros == 0 and org.debt_micros == 0  # the credit paid 1,000; Stripe bills 4,000
+    assert [(e.kind, e.amount_micros, e.invoiced_micros) for _, e in fx.ledger] == [("usage", -1_000, 4_000)]
     assert events_of(fx, "org.halted") == []
     assert org.gate("create", SMALL, T0).reason == "ok"
 

@@ -58,42 +58,53 @@ def test_the_test_clock_moves_forward_only_and_is_absent_without_the_setting(ser
     assert asyncio.run(call()) == [404, 404]
 
 
-# First of the clock-moving tests that need it: the rollup looks back 35 days of service time,
-# and these ticks carry real time.
-def test_meter_events_shadow_then_sent_with_the_same_identifiers_after_a_429(service, admin, compute, sql, new_org):
+# First of the clock-moving tests that need it: the rollup looks back 35 days of service time.
+def test_meter_events_bill_only_what_credit_did_not_cover_shadow_then_sent_after_a_429(
+        service, admin, compute, sql, new_org):
     from datetime import datetime, timedelta, timezone
 
     from actors.jobs import SchedulerActor
     from actors.placement import NAMESPACE
 
     api = service.settings.stripe_api_base
-    org = new_org(billing_mode="postpaid")
+    org = new_org(billing_mode="postpaid")  # 5 USD signup grant
     assert admin.post(f"/v1/orgs/{org}/checkout/setup", json={}).status_code == 200  # its Stripe customer
     customer = sql.val("SELECT customer_id FROM stripe_customers WHERE org_id = $1", org)
     compute.post("/v1/leases", json={"org_id": org, "lease_id": "meter", "ttl_s": 86_400})
-    this_hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    earlier = this_hour - timedelta(hours=3)
-    ticks = [hour_tick(org, "early", "meter") | {"started_at": earlier.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                                   "duration_ms": 60_000},
-             hour_tick(org, "late", "meter") | {"started_at": this_hour.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                                  "duration_ms": 60_000}]
-    assert compute.post("/v1/usage", json={"ticks": ticks}).json()["accepted"] == 2
+
+    def service_hour() -> datetime:
+        return datetime.fromtimestamp(clock_us(admin) // 1_000_000, timezone.utc).replace(minute=0, second=0)
+
+    def usage(prefix: str, count: int) -> None:
+        started = us_to_rfc3339(clock_us(admin) // 1_000_000 * 1_000_000)
+        ticks = [hour_tick(org, f"{prefix}_{n}", "meter") | {"started_at": started} for n in range(count)]
+        assert compute.post("/v1/usage", json={"ticks": ticks}).json()["accepted"] == count
+
+    first_hour = service_hour()
+    usage("a", 40)  # 40 × 0.1656 = 6.624 USD: the grant pays 5, 1.624 USD is invoiced
+    advance(admin, 2 * 3_600)
+    later_hour = service_hour()
+    usage("b", 10)  # 1.656 USD, all invoiced
+    assert admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == 0  # no debt: Stripe bills the rest
     advance(admin, 3 * 3_600)  # both hours are closed now; the scheduler rolls them up, in shadow
 
     def rows():
         return {(r["meter"], r["hour"]): (r["identifier"], r["status"], r["value"]) for r in sql.fetch(
             "SELECT identifier, meter, hour, status, value FROM meter_events WHERE org_id = $1", org)}
 
-    shadow = wait_for("shadow meter events", rows)
-    assert sorted(shadow) == sorted((m, h) for m in ("memory_mb_ms", "cpu_ms") for h in (earlier, this_hour))
+    shadow = wait_for("shadow meter events", lambda: len(rows()) == 2 and rows())
+    assert {k: v[2] for k, v in shadow.items()} == {
+        ("usage_micros", first_hour): 40 * HOUR_TICK_MICROS - SIGNUP_MICROS,
+        ("usage_micros", later_hour): 10 * HOUR_TICK_MICROS}
     assert {status for _, status, _ in shadow.values()} == {"shadow"}
-    assert shadow[("cpu_ms", this_hour)][2] == 2 * 60_000
+    assert sum(v[2] for v in shadow.values()) == sql.val(
+        "SELECT sum(invoiced_micros)::int8 FROM ledger WHERE org_id = $1", org)
     assert [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
             if e["payload"]["stripe_customer_id"] == customer] == []
 
-    # Shadow off, billing from this hour on; the first send meets a 429 and backs off.
+    # Shadow off, billing from the later hour on; the first send meets a 429 and backs off.
     settings = service.settings.model_copy(update={
-        "jobs_enabled": False, "stripe_meter_shadow": False, "stripe_meter_bill_from": this_hour}).model_dump_json()
+        "jobs_enabled": False, "stripe_meter_shadow": False, "stripe_meter_bill_from": later_hour}).model_dump_json()
     billing = ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
     httpx.post(f"{api}/_fake/meter_events", json={"fail_next": 1}, timeout=10)
     first = ray.get(billing.meter_rollup.remote())
@@ -104,30 +115,27 @@ def test_meter_events_shadow_then_sent_with_the_same_identifiers_after_a_429(ser
         if all(status != "pending" for _, status, _ in rows().values()):
             break
         time.sleep(1.0)
-    ray.kill(billing)
     final = rows()
-    assert {k: v[1] for k, v in final.items()} == {("memory_mb_ms", earlier): "consumed", ("cpu_ms", earlier): "consumed",
-                                                   ("memory_mb_ms", this_hour): "sent", ("cpu_ms", this_hour): "sent"}
+    assert {k: v[1] for k, v in final.items()} == {("usage_micros", first_hour): "consumed",
+                                                   ("usage_micros", later_hour): "sent"}
     assert {k: v[0] for k, v in final.items()} == {k: v[0] for k, v in shadow.items()}  # the same identifiers
     seen = [e for e in httpx.get(f"{api}/_fake/meter_events", timeout=10).json()
             if e["payload"]["stripe_customer_id"] == customer]
-    sent_ids = {final[("memory_mb_ms", this_hour)][0], final[("cpu_ms", this_hour)][0]}
-    assert {e["identifier"] for e in seen} == sent_ids  # nothing before BILL_FROM was sent
-    assert sorted(e["status"] for e in seen) == [200, 200, 429]  # the 429'd one went again, same identifier
-    assert len([e for e in seen if e["status"] == 200]) == 2
+    assert {e["identifier"] for e in seen} == {final[("usage_micros", later_hour)][0]}  # nothing before BILL_FROM
+    assert sorted(e["status"] for e in seen) == [200, 429]  # the 429'd one went again, same identifier
+    assert {e["payload"]["value"] for e in seen} == {str(10 * HOUR_TICK_MICROS)}
 
-    # Usage that lands late for an hour already sent: one more event, with the difference.
-    late = hour_tick(org, "late-again", "meter") | {"started_at": this_hour.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                                      "duration_ms": 30_000}
-    assert compute.post("/v1/usage", json={"ticks": [late]}).json()["accepted"] == 1
-    billing = ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
-    assert ray.get(billing.meter_rollup.remote())["new"] == 2
+    # Invoiced usage that lands late for an hour already sent (a shard whose clock lags the
+    # scheduler's): one more event, with the difference.
+    sql.val("UPDATE ledger SET invoiced_micros = invoiced_micros + 7 WHERE org_id = $1 AND usage_minute ="
+            " (SELECT max(usage_minute) FROM ledger WHERE org_id = $1 AND invoiced_micros > 0) RETURNING 1", org)
+    assert ray.get(billing.meter_rollup.remote())["new"] == 1
     assert ray.get(billing.meter_rollup.remote())["new"] == 0  # nothing more to add
     ray.kill(billing)
-    cpu = sql.fetch("SELECT identifier, value, status FROM meter_events WHERE org_id = $1 AND meter = 'cpu_ms'"
-                    " AND hour = $2 ORDER BY created_at, identifier", org, this_hour)
-    assert [(r["value"], r["status"]) for r in cpu] == [(2 * 60_000, "sent"), (2 * 30_000, "sent")]
-    assert len({r["identifier"] for r in cpu}) == 2
+    later = sql.fetch("SELECT identifier, value, status FROM meter_events WHERE org_id = $1 AND hour = $2"
+                      " ORDER BY created_at, identifier", org, later_hour)
+    assert [(r["value"], r["status"]) for r in later] == [(10 * HOUR_TICK_MICROS, "sent"), (7, "sent")]
+    assert len({r["identifier"] for r in later}) == 2
 
 
 def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_change(admin, compute, sql, new_org):

@@ -11,8 +11,8 @@ from actors import commands as cmd
 from actors.clock import now_us
 from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
-from serve_app.bodies import (AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody, PlanBody, TierBody, TokenBody,
-                              body_schema, parse_model)
+from serve_app.bodies import (AlertsBody, AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody, PlanBody, TierBody,
+                              TokenBody, body_schema, parse_model)
 from serve_app.calls import auto_recharge_command, org_state, require_org, state_command
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, raise_for_shard_error
@@ -116,6 +116,14 @@ def routes(ctx: Context) -> APIRouter:
         ctx.admin(request)
         body = parse_model(LimitsBody, await request.body())
         return await state_command(ctx, request, org_id, cmd.SetLimits(body.max_disk_mb, body.machine_quotas))
+
+    @router.put("/v1/orgs/{org_id}/alerts", openapi_extra=body_schema(AlertsBody))
+    async def put_alerts(org_id: OrgPath, request: Request) -> Response:
+        """`balance.threshold_crossed` is sent once each time the balance falls under
+        `low_balance_micros` (and again only after it was back at or above it); 0 turns it off."""
+        ctx.admin(request)
+        body = parse_model(AlertsBody, await request.body())
+        return await state_command(ctx, request, org_id, cmd.SetAlerts(body.low_balance_micros))
 
     @router.put("/v1/orgs/{org_id}/auto-recharge", openapi_extra=body_schema(AutoRechargeBody))
     async def put_auto_recharge(org_id: OrgPath, request: Request) -> Response:

@@ -1,0 +1,57 @@
+"""One request's ticks for one org → the commands that bill them (billing-rules 6).
+
+Pure, like the core: the shard calls it inside its group commit, after the commands queued
+before it, and the differential test calls it the same way. A tick is billed on the plan the
+org is on when the tick is applied: time is applied first (a new period may run on another
+plan version), so a unit the plan no longer prices rejects that tick alone, never the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.commands import Advance, ApplyUsage, Command, execute
+from actors.effects import Effects
+from actors.metering import LeaseUsage
+from actors.org import OrgBillingActor
+from actors.ticks import Tick
+from config.catalog import Catalog
+
+
+@dataclass
+class Billed:
+    commands: list[Command] = field(default_factory=list)  # applied, in order: what the journal keeps
+    ticks: list[Tick] = field(default_factory=list)  # billed
+    unpriced: list[Tick] = field(default_factory=list)  # rejected: a unit the plan does not price
+
+
+def priced(tick: Tick, unit_nanos: dict[str, int]) -> bool:
+    return not tick.units or all(name in unit_nanos for name in tick.units)
+
+
+def usage_by_lease(ticks: list[Tick]) -> list[LeaseUsage]:
+    """The ticks summed per lease (sums keep cost exact), each from a usage of its own."""
+    by_lease: dict[str, LeaseUsage] = {}
+    for tick in ticks:
+        usage = tick.usage()
+        held = by_lease.get(tick.lease_id)
+        if held is None:
+            by_lease[tick.lease_id] = usage
+        else:
+            held.add(usage)
+    return list(by_lease.values())
+
+
+def bill_ticks(org: OrgBillingActor, ticks: list[Tick], catalog: Catalog, now_us: int, fx: Effects) -> Billed:
+    """Apply time, then bill the ticks the org's plan prices, as one usage command."""
+    billed = Billed()
+    if org.next_due_us() <= now_us:
+        billed.commands.append(Advance())
+        execute(org, billed.commands[-1], catalog, now_us, fx)
+    unit_nanos = org.plan.unit_nanos
+    for tick in ticks:
+        (billed.ticks if priced(tick, unit_nanos) else billed.unpriced).append(tick)
+    if billed.ticks:
+        billed.commands.append(ApplyUsage(usage_by_lease(billed.ticks)))
+        execute(org, billed.commands[-1], catalog, now_us, fx)
+    return billed

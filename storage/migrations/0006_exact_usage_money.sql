@@ -1,0 +1,27 @@
+-- Usage money kept exact where it is reported and billed (billing-rules 6).
+
+-- A rollup's cost in scaled units (1/1,024,000 nano-USD), summed exactly: a day's or a lease's
+-- cost no longer drifts from the ledger by a floor taken at every commit. Rows written before
+-- keep the nanos they had.
+ALTER TABLE usage_rollups ADD COLUMN cost_scaled numeric;
+UPDATE usage_rollups SET cost_scaled = cost_nanos::numeric * 1024000;
+ALTER TABLE usage_rollups ALTER COLUMN cost_scaled SET NOT NULL;
+ALTER TABLE usage_rollups DROP COLUMN cost_nanos;
+
+-- A postpaid org's usage that neither the quota nor credit covered: invoiced through Stripe,
+-- not taken from the balance (so SUM(amount_micros) stays the balance). Per usage row (org and
+-- minute); the meter roll-up sums it per hour.
+ALTER TABLE ledger ADD COLUMN invoiced_micros bigint NOT NULL DEFAULT 0;
+
+-- Meter events carry money from now on (meter 'usage_micros'). Hours that an older version
+-- already rolled up as quantities are not rolled up again: money is metered from the hour
+-- after the last one rolled up (from the start on a new database).
+CREATE TABLE meter_money_from (
+    id   int PRIMARY KEY CHECK (id = 1),
+    hour timestamptz NOT NULL
+);
+INSERT INTO meter_money_from (id, hour)
+    SELECT 1, coalesce(max(hour) + interval '1 hour', '-infinity') FROM meter_events;
+
+-- The meter roll-up reads invoiced usage by minute across orgs, every minute.
+CREATE INDEX ledger_invoiced_minute ON ledger (usage_minute) WHERE invoiced_micros > 0;

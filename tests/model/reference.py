@@ -1,0 +1,1209 @@
+"""Independent reference model of metergate's money rules.
+
+Written from docs/concepts/billing-rules.md ALONE (plus config/catalog.toml for the catalog
+file format). Nothing here is read from or imported from the engine. Deliberately simple and
+slow: plain ints, lists and dicts, datetime for calendars, no floats for money, no caching.
+
+Rule numbers in comments refer to billing-rules.md. Every point where the rules are silent or
+ambiguous is marked `# AMBIGUOUS:` with the choice made.
+
+AMBIGUOUS (cross-references): 1.2 step 5 and 2.6 call the auto-recharge check "rule 6.2" and
+1.3 calls the held-back charge "rule 6.3"; the rules meant are 9.2 and 9.3 (6.2 is spending,
+6.3 the lease heartbeat). The model runs the check of 9.2 there.
+AMBIGUOUS 6.5: the hourly Stripe meter events are not modelled; the invoiced part of each usage
+ledger entry (5th field) is what they would sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+
+UTC = timezone.utc
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+US = 1_000_000                     # microseconds per second
+HOUR_US = 3_600 * US
+DAY_US = 86_400 * US
+
+SCALE = 1_024_000_000              # scaled units per µUSD (rule 6.1: 1,024,000 per nano, 1,000 nano per µUSD)
+MAX_GRANTS = 1_000                 # rule 2.3
+MAX_LEASES = 10_000                # brief (not in the rules document)
+MAX_WAITING_REFUNDS = 100          # rule 3.3
+REFUND_MEMORY_US = 180 * DAY_US    # rule 3.2
+REFUND_WAIT_US = 30 * DAY_US       # rule 3.3
+ENDED_LEASE_MEMORY_US = HOUR_US    # rule 7.5
+MAX_ENDED_LEASES = 1_000           # rule 7.5
+MAX_CHARGE_MICROS = 10_000 * US    # rule 9.2: at most 10,000 USD (10,000 × 1,000,000 µUSD)
+CENT_MICROS = 10_000               # one cent in µUSD
+
+PROMOTIONAL = ("signup_grant", "grant")                 # rule 2.2
+PURCHASED = ("topup", "auto_recharge", "adjustment")    # rule 2.2
+PAID = ("topup", "auto_recharge")                       # rule 2.2
+
+
+# ----------------------------------------------------------------------------------------
+# Time helpers (rules 5.2, 10)
+# ----------------------------------------------------------------------------------------
+
+def dt_to_us(dt: datetime) -> int:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - EPOCH
+    return delta.days * DAY_US + delta.seconds * US + delta.microseconds
+
+
+def us_to_dt(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+def parse_time(value) -> int:
+    """A catalog time: an RFC 3339 string or a TOML datetime."""
+    if isinstance(value, datetime):
+        return dt_to_us(value)
+    if isinstance(value, date):
+        return dt_to_us(datetime.combine(value, time(0), UTC))
+    text = str(value)
+    if text.endswith("Z") or text.endswith("z"):
+        text = text[:-1] + "+00:00"
+    return dt_to_us(datetime.fromisoformat(text))
+
+
+def rfc3339(us: int) -> str:
+    """Rule 10: `2026-03-02T09:00:00Z`, with `.ffffff` only when the microseconds are not 0."""
+    dt = us_to_dt(us)
+    text = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
+    if dt.microsecond != 0:
+        text += f".{dt.microsecond:06d}"
+    return text + "Z"
+
+
+def utc_day(us: int) -> int:
+    """Index of the UTC day containing `us` (floor division: correct before 1970 too)."""
+    return us // DAY_US
+
+
+def calendar_period(kind: str, at_us: int) -> tuple[str, int, int]:
+    """Rule 5.2: the calendar period of kind `week` (ISO week) or `month` containing at_us."""
+    dt = us_to_dt(at_us)
+    if kind == "month":
+        start = datetime(dt.year, dt.month, 1, tzinfo=UTC)
+        if dt.month == 12:
+            end = datetime(dt.year + 1, 1, 1, tzinfo=UTC)
+        else:
+            end = datetime(dt.year, dt.month + 1, 1, tzinfo=UTC)
+        key = f"{dt.year:04d}-{dt.month:02d}"
+        return key, dt_to_us(start), dt_to_us(end)
+    if kind == "week":
+        d = dt.date()
+        monday = d - timedelta(days=d.weekday())
+        start = datetime.combine(monday, time(0), UTC)
+        end = start + timedelta(days=7)
+        iso_year, iso_week, _ = d.isocalendar()
+        key = f"{iso_year:04d}-W{iso_week:02d}"
+        return key, dt_to_us(start), dt_to_us(end)
+    raise ValueError(f"unknown period kind {kind!r}")
+
+
+def sub_key(at_us: int) -> str:
+    dt = us_to_dt(at_us)
+    return f"sub-{dt.year:04d}-{dt.month:02d}-{dt.day:02d}"
+
+
+# ----------------------------------------------------------------------------------------
+# Catalog
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class RefPlan:
+    id: str
+    version: int
+    effective_from_us: int
+    effective_until_us: int | None
+    period: str
+    included_micros: int
+    overage: bool
+    memory_nanos_per_gib_s: int
+    cpu_nanos_per_vcpu_s: int
+    disk_nanos_per_gib_s: int
+    unit_nanos: dict
+
+
+class RefCatalog:
+    def __init__(self, raw: dict):
+        self.plans: dict[tuple[str, int], RefPlan] = {}
+        for p in raw.get("plans", []):
+            until = p.get("effective_until")
+            plan = RefPlan(
+                id=str(p["id"]),
+                version=int(p["version"]),
+                effective_from_us=parse_time(p["effective_from"]),
+                effective_until_us=None if until is None else parse_time(until),
+                period=str(p["period"]),
+                included_micros=int(p.get("included_micros", 0)),
+                overage=bool(p.get("overage", True)),
+                memory_nanos_per_gib_s=int(p.get("memory_nanos_per_gib_s", 0)),
+                cpu_nanos_per_vcpu_s=int(p.get("cpu_nanos_per_vcpu_s", 0)),
+                disk_nanos_per_gib_s=int(p.get("disk_nanos_per_gib_s", 0)),
+                unit_nanos={str(k): int(v) for k, v in dict(p.get("unit_nanos", {})).items()},
+            )
+            self.plans[(plan.id, plan.version)] = plan
+        self.tiers: dict[str, int] = {str(k): int(v) for k, v in dict(raw.get("tiers", {})).items()}
+        self.signup_grant_micros: int = int(raw.get("signup_grant_micros", 0))
+        self.default_max_disk_mb: int = int(raw.get("default_max_disk_mb", 0))
+        self.default_tier: str = str(raw.get("default_tier", "base"))
+        self.low_balance_micros: int = int(raw.get("low_balance_micros", 0))
+
+    def plan(self, plan_id: str, version: int) -> RefPlan:
+        return self.plans[(plan_id, version)]
+
+    def plan_in_effect(self, plan_id: str, at_us: int) -> tuple[str, int] | None:
+        """Rule 5.3: the highest version with effective_from <= at < effective_until."""
+        best = None
+        for (pid, ver), p in self.plans.items():
+            if pid != plan_id:
+                continue
+            if p.effective_from_us <= at_us and (p.effective_until_us is None or at_us < p.effective_until_us):
+                if best is None or ver > best:
+                    best = ver
+        return None if best is None else (plan_id, best)
+
+    def successor(self, plan_id: str, version: int) -> int | None:
+        """Rule 5.3: the next higher version of the same plan (not necessarily version + 1)."""
+        higher = [ver for (pid, ver) in self.plans if pid == plan_id and ver > version]
+        return min(higher) if higher else None
+
+
+# ----------------------------------------------------------------------------------------
+# Org state pieces
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Grant:
+    grant_id: str
+    seq: int                  # the credit counter n: the order the grants were made
+    kind: str
+    remaining: int
+    expires_at_us: int | None
+    payment_id: str | None
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    expires_at_us: int
+    quantity: int
+    ttl_s: int
+    resources: dict
+
+
+@dataclass
+class WaitingRefund:
+    refund_id: str
+    payment_id: str
+    amount: int
+    at_us: int
+
+
+@dataclass
+class Dunning:
+    past_due_since_us: int
+    suspend_after_s: int
+    degrade_after_s: int
+    downgrade_after_s: int
+    free_plan_id: str
+    free_plan_version: int
+    step: int = 0
+    unpaid: list = field(default_factory=list)
+    plan_before: tuple | None = None
+
+
+@dataclass
+class Recharge:
+    enabled: bool
+    threshold_micros: int
+    amount_micros: int
+    max_per_day: int
+    cooldown_s: int
+    paused: bool = False
+    pending_id: str | None = None
+    pending_micros: int | None = None
+    pending_asked_us: int | None = None
+    last_ask_us: int | None = None
+    day: int | None = None
+    day_count: int = 0
+    limit_event_day: int | None = None
+
+
+def kind_is_purchased(kind: str) -> bool:
+    if kind in PURCHASED:
+        return True
+    if kind in PROMOTIONAL:
+        return False
+    # AMBIGUOUS: 2.2 lists only five credit kinds; any other credit kind is a harness error.
+    raise ValueError(f"unknown credit kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# The org
+# ----------------------------------------------------------------------------------------
+
+class RefOrg:
+    def __init__(self, catalog: RefCatalog, org_id: str, plan_id: str, prepaid: bool, now_us: int):
+        self.catalog = catalog
+        self.org_id = org_id
+        self.prepaid = bool(prepaid)
+        self.created_us = now_us
+        self.last_now_us = now_us
+
+        found = catalog.plan_in_effect(plan_id, now_us)   # rule 5.3
+        if found is None:
+            raise ValueError(f"no version of plan {plan_id!r} is in effect at {now_us}")
+        self.plan_id, self.plan_version = found
+
+        # money
+        self.grants: list[Grant] = []          # in the order the org holds them (creation order)
+        self.debt = 0
+        self.credit_n = 0
+        self.paid_credit = False
+        self.has_payment_method = False
+        self.remainder_scaled = 0
+
+        # halts, dunning
+        self.halted: str | None = None
+        self.suspended = False
+        self.degraded = False
+        self.dunning: Dunning | None = None
+        self.latest_invoice_news_us: int | None = None
+        self.paid_an_invoice = False
+
+        # period (rule 5.2: the calendar until a subscription gives a whole period)
+        self.grid: tuple[int, int] | None = None          # (a, L) once a subscription gave [a, e)
+        self.sub_latest_start_us: int | None = None
+        key, start, end = calendar_period(self.plan.period, now_us)
+        self.period_key, self.period_start_us, self.period_end_us = key, start, end
+        self.period_usage = 0
+        self.quota_used = 0
+        self.quota_flags: set[int] = set()
+
+        # leases and limits
+        self.leases: dict[str, Lease] = {}           # insertion order = the order they were taken
+        self.ended_leases: dict[str, int] = {}       # lease id -> the time it ended
+        self.tier = catalog.default_tier
+        self.max_concurrent = catalog.tiers.get(catalog.default_tier, 0)
+        self.tier_as_of_us: int | None = None
+        self.max_disk_mb = catalog.default_max_disk_mb
+        self.machine_quotas: dict = {}
+
+        # refunds
+        self.applied_refunds: dict[str, int] = {}    # refund id -> when applied
+        self.waiting_refunds: list[WaitingRefund] = []
+
+        # usage
+        self.billed_ticks: set[str] = set()
+
+        # auto-recharge
+        self.recharge: Recharge | None = None
+        self.charge_k = 0
+        self.settled_charges: set[str] = set()
+
+        # alerts (rule 2.9)
+        self.low_balance_micros = catalog.low_balance_micros
+        self.low_balance_armed = True
+
+        # effects
+        self._fx_ledger: list = []
+        self._fx_events: list = []
+        self._fx_charges: list = []
+        self._fx_periods: list = []
+
+        # creation is a command at now_us (rule 4.5)
+        signup = catalog.signup_grant_micros
+        if signup > 0:
+            self._credit(now_us, "signup_grant", signup, None, None)
+        elif self.prepaid:
+            self._halt_check(now_us)
+        self._low_balance_rule()
+
+    # ------------------------------------------------------------------ basic reads
+
+    @property
+    def plan(self) -> RefPlan:
+        return self.catalog.plan(self.plan_id, self.plan_version)
+
+    def _balance(self) -> int:
+        """Rule 2.1, after advance (every grant held is live)."""
+        return sum(g.remaining for g in self.grants) - self.debt
+
+    def _balance_at(self, now: int) -> int:
+        """Rule 2.1 as a read: only grants live at now."""
+        return sum(g.remaining for g in self.grants
+                   if g.expires_at_us is None or now < g.expires_at_us) - self.debt
+
+    def _quota_remaining(self) -> int:
+        # AMBIGUOUS 5.5: after a plan change to a smaller quota, quota used may exceed the new
+        # plan's included; quota remaining is floored at 0.
+        return max(0, self.plan.included_micros - self.quota_used)
+
+    def _funded(self) -> bool:
+        return self._balance() + self._quota_remaining() > 0     # rule 4.1
+
+    def _needs_card(self) -> bool:
+        return not self.has_payment_method and not self.paid_credit   # rule 7.1
+
+    def _burn_order(self, grants: list[Grant]) -> list[Grant]:
+        """Rule 2.4."""
+        def key(g: Grant):
+            has_expiry = g.expires_at_us is not None
+            return (0 if has_expiry else 1,
+                    g.expires_at_us if has_expiry else 0,
+                    1 if kind_is_purchased(g.kind) else 0,
+                    g.seq)
+        return sorted(grants, key=key)
+
+    def _clawback_order(self) -> list[Grant]:
+        """Rule 2.5."""
+        burn = self._burn_order(self.grants)
+        return [g for g in burn if kind_is_purchased(g.kind)] + [g for g in burn if not kind_is_purchased(g.kind)]
+
+    # ------------------------------------------------------------------ effects
+
+    def _ledger(self, kind, amount, grant_id, expires, invoiced=0):
+        self._fx_ledger.append((kind, amount, grant_id, expires, invoiced))
+
+    def _event(self, type_, data):
+        self._fx_events.append((type_, data))
+
+    def take_effects(self) -> dict:
+        out = {
+            "ledger": list(self._fx_ledger),
+            "events": list(self._fx_events),
+            "charges": [tuple(c) for c in self._fx_charges],
+            "periods": list(self._fx_periods),
+        }
+        self._fx_ledger, self._fx_events, self._fx_charges, self._fx_periods = [], [], [], []
+        return out
+
+    # ------------------------------------------------------------------ money primitives
+
+    def _take(self, amount: int, order: list[Grant]) -> int:
+        """Rule 2.7 without the debt: returns what the grants could not cover."""
+        left = amount
+        for g in order:
+            if left == 0:
+                break
+            give = min(g.remaining, left)
+            g.remaining -= give
+            left -= give
+        self.grants = [g for g in self.grants if g.remaining > 0]
+        return left
+
+    def _credit(self, now: int, kind: str, amount: int, expires: int | None, payment_id: str | None,
+                in_settle: bool = False):
+        """Rule 2.3. Returns the entry tuple, or None when refused (1,001st grant)."""
+        if amount <= 0:
+            raise ValueError("a credit must be > 0")
+        kind_is_purchased(kind)   # validates the kind
+        d = min(self.debt, amount)
+        # AMBIGUOUS 2.3: "a credit that would make the 1,001st [grant] is refused" — counted only
+        # when the credit would add a grant (A − d > 0); a credit with an expiry <= now still
+        # counts (it is made, then expires at once).
+        if amount - d > 0 and len(self.grants) >= MAX_GRANTS:
+            return None
+        # 1.
+        self.credit_n += 1
+        gid = f"gr_{self.credit_n}"
+        # 2.
+        self.debt -= d
+        # 3.
+        grant = None
+        if amount - d > 0:
+            grant = Grant(gid, self.credit_n, kind, amount - d, expires, payment_id)
+            self.grants.append(grant)
+        # 4.  AMBIGUOUS 2.3 step 4: "note" is not defined by the rules; it is not part of the
+        #     effect tuple.
+        self._ledger(kind, amount, gid, expires, 0)
+        # 5.
+        if kind in PAID:
+            self.paid_credit = True
+        entry = (kind, amount, gid, expires)
+        # 6.
+        if expires is not None and expires <= now:
+            # Rule 2.3 step 6: rule 2.6 runs (the new grant, if one was made, expires), with its
+            # halt and auto-recharge checks; steps 7 and 8 are skipped.
+            self._expire_grants(now, in_settle=in_settle, always_check=True)
+            return entry
+        # 7.
+        if grant is not None and payment_id is not None:
+            self._apply_waiting_refunds(now, grant, in_settle=in_settle)
+        # 8.
+        self._lift(now, "credit")
+        return entry
+
+    def _apply_waiting_refunds(self, now: int, grant: Grant, in_settle: bool):
+        """Rule 3.3 (rule 2.3 step 7): every waiting refund of the payment stops waiting; each
+        claws back what it can (nothing, with no entry, once the grant is used up). No halt or
+        auto-recharge check follows."""
+        for w in list(self.waiting_refunds):          # oldest first
+            if w.payment_id != grant.payment_id:
+                continue
+            self.waiting_refunds.remove(w)
+            c = min(w.amount, grant.remaining)
+            if c > 0:
+                grant.remaining -= c
+                self._ledger("refund", -c, grant.grant_id, None, 0)
+        self.grants = [g for g in self.grants if g.remaining > 0]
+
+    def _expire_grants(self, now: int, in_settle: bool = False, always_check: bool = False):
+        """Rule 2.6 (in advance: only when at least one grant expires; after a credit already
+        expired, always, rule 2.3 step 6)."""
+        expired = [g for g in self.grants if g.expires_at_us is not None and g.expires_at_us <= now]
+        if not expired and not always_check:
+            return
+        for g in expired:      # in the order the org holds them
+            self._ledger("expiration", -g.remaining, g.grant_id, g.expires_at_us, 0)
+        self.grants = [g for g in self.grants if not (g.expires_at_us is not None and g.expires_at_us <= now)]
+        self._halt_check(now)
+        if not in_settle:
+            self._recharge_check(now)
+
+    # ------------------------------------------------------------------ halts (section 4)
+
+    def _lease_ids(self) -> list[str]:
+        return sorted(self.leases)
+
+    def _halt_check(self, now: int):
+        """Rule 4.2."""
+        if self.prepaid and self.halted is None and not self._funded():
+            self.halted = "balance"
+            self._event("org.halted", {"reason": "balance", "lease_ids": self._lease_ids(),
+                                       "balance_micros": self._balance()})
+
+    def _lift(self, now: int, reason: str):
+        """Rule 4.3."""
+        if self.halted == "balance" and self._funded():
+            self.halted = None
+            self._event("org.resumed", {"reason": reason, "balance_micros": self._balance()})
+
+    # ------------------------------------------------------------------ periods (section 5)
+
+    def _grid_period(self, at_us: int) -> tuple[str, int, int]:
+        """Rule 5.2."""
+        if self.grid is None:
+            return calendar_period(self.plan.period, at_us)
+        a, length = self.grid
+        k = (at_us - a) // length
+        start = a + k * length
+        return sub_key(start), start, start + length
+
+    def _archive(self, now: int, end: int):
+        # Rule 5.4: a period whose start is not before now is not archived.
+        if self.period_start_us < now:
+            self._fx_periods.append((self.period_key, self.period_start_us, end, self.period_usage,
+                                     self.quota_used, self.plan_id, self.plan_version))
+
+    def _reset_period_counters(self):
+        self.period_usage = 0
+        self.quota_used = 0
+        self.quota_flags = set()
+
+    def _new_period(self, now: int):
+        """Rule 5.4."""
+        self._archive(now, min(self.period_end_us, now))
+        key, start, end = self._grid_period(now)
+        # AMBIGUOUS 5.4: succession is applied whatever the successor's own effective_from;
+        # a version whose effective_until passed but that has no higher version stays.
+        while True:
+            p = self.plan
+            if p.effective_until_us is not None and p.effective_until_us <= start:
+                nxt = self.catalog.successor(self.plan_id, self.plan_version)
+                if nxt is None:
+                    break
+                self.plan_version = nxt
+            else:
+                break
+        self.period_key, self.period_start_us, self.period_end_us = key, start, end
+        self._reset_period_counters()
+
+    def _change_plan(self, now: int, plan_id: str, version: int):
+        """Rule 5.5."""
+        new = self.catalog.plan(plan_id, version)    # KeyError for an unknown plan version
+        old_kind = self.plan.period
+        self.plan_id, self.plan_version = plan_id, version
+        if self.grid is None and new.period != old_kind:
+            key, _start, end = calendar_period(new.period, now)
+            self.period_key, self.period_end_us = key, end
+        self._halt_check(now)
+        self._lift(now, "plan")
+
+    # ------------------------------------------------------------------ leases (section 7)
+
+    def _remember_ended(self, lease_id: str, ended_us: int):
+        """Rule 7.5."""
+        if lease_id in self.ended_leases:
+            del self.ended_leases[lease_id]
+        self.ended_leases[lease_id] = ended_us
+        while len(self.ended_leases) > MAX_ENDED_LEASES:
+            oldest = min(self.ended_leases, key=lambda lid: self.ended_leases[lid])  # first among ties
+            del self.ended_leases[oldest]
+
+    def _expire_leases(self, now: int):
+        """Rule 7.4."""
+        # AMBIGUOUS 7.4: the order of several lease.expired events is not stated; chosen: the
+        # order the leases were taken (like 2.6's "in the order the org holds them").
+        for lid in list(self.leases):
+            lease = self.leases[lid]
+            if lease.expires_at_us <= now:
+                del self.leases[lid]
+                # Rule 7.5: an expired lease ends at the advance that expired it.
+                self._remember_ended(lid, now)
+                self._event("lease.expired", {"lease_id": lid, "expired_at": rfc3339(lease.expires_at_us)})
+
+    def _decide(self, action: str, resources: dict, balance: int, quota_remaining: int,
+                active: list[Lease]) -> str:
+        """Rule 7.1."""
+        if self.suspended:
+            return "suspended"
+        if action == "purchase":
+            return "degraded" if self.degraded else "ok"
+        if self.halted == "admin":
+            return "halted"
+        plan = self.plan
+        funded = balance + quota_remaining > 0
+        if not funded:
+            if self.halted == "balance":
+                if action == "create" and self._needs_card():
+                    return "no_payment_method"
+                return "halted"
+            if self.prepaid or not plan.overage:
+                if action == "create" and self._needs_card():
+                    return "no_payment_method"
+                if plan.included_micros > 0:
+                    return "quota_exceeded"
+                return "insufficient_balance"
+            # a postpaid org on a plan with overage passes
+        if action in ("create", "wake"):
+            resources = resources or {}
+            qty = resources.get("quantity")
+            qty = 1 if qty is None else int(qty)
+            disk = resources.get("disk_mb") or 0
+            if disk > self.max_disk_mb:
+                return "resource_limit"
+            region = resources.get("region")
+            mtype = resources.get("machine_type")
+            # machine_quotas: region -> machine type -> count
+            limit = (self.machine_quotas or {}).get(region, {}).get(mtype) if region is not None else None
+            if limit is not None:
+                in_use = sum(l.quantity for l in active
+                             if l.resources.get("region") == region and l.resources.get("machine_type") == mtype)
+                if in_use + qty > limit:
+                    return "resource_limit"
+            slots = sum(l.quantity for l in active)
+            # AMBIGUOUS 7.1/7.6: max_concurrent 0 (the catalog's `custom` default) is a cap of
+            # 0, not "unlimited".
+            if slots + qty > self.max_concurrent:
+                return "concurrency_limit"
+        return "ok"
+
+    # ------------------------------------------------------------------ dunning (section 8)
+
+    def _dunning_steps(self, now: int):
+        """Rule 8.2."""
+        d = self.dunning
+        if d is None:
+            return
+        delays = [d.suspend_after_s, d.degrade_after_s, d.downgrade_after_s]
+        # AMBIGUOUS 8.2: steps are taken in order 1, 2, 3 (a later step never before an earlier
+        # one, even if its delay were shorter).
+        while d.step < 3 and now - d.past_due_since_us >= delays[d.step] * US:
+            d.step += 1
+            if d.step == 1:
+                # AMBIGUOUS 8.2: an org that paid an invoice before is not suspended, but the
+                # step still counts as reached (step 1 in org.unsuspended, was_suspended false).
+                if not self.paid_an_invoice:
+                    self.suspended = True
+                    self._event("org.suspended", {"reason": "past_due",
+                                                  "past_due_since": rfc3339(d.past_due_since_us),
+                                                  "lease_ids": self._lease_ids()})
+            elif d.step == 2:
+                self.degraded = True
+            else:
+                # Rule 8.2: "on it already" compares the plan id only (any version); the plan
+                # change (rule 5.5) brings its own halt check and lift.
+                if self.plan_id != d.free_plan_id:
+                    d.plan_before = (self.plan_id, self.plan_version)
+                    self._change_plan(now, d.free_plan_id, d.free_plan_version)
+
+    def _end_dunning(self, now: int):
+        """Rule 8.3, last paragraph."""
+        d = self.dunning
+        was_suspended = self.suspended
+        self.suspended = False
+        self.degraded = False
+        # AMBIGUOUS 8.3: the plan is restored (with 5.5's halt/lift events) before
+        # org.unsuspended is emitted (the order the sentence lists them); the plan before the
+        # downgrade is restored even if an operator changed the plan since.
+        if d.plan_before is not None:
+            self._change_plan(now, d.plan_before[0], d.plan_before[1])
+        self._event("org.unsuspended", {"was_suspended": was_suspended, "step": d.step,
+                                        "past_due_since": rfc3339(d.past_due_since_us)})
+        self.dunning = None
+
+    # ------------------------------------------------------------------ auto-recharge (section 9)
+
+    def _recharge_amount(self, balance: int) -> int:
+        r = self.recharge
+        # AMBIGUOUS 9.2: "above the threshold" is strict (balance + x > threshold); the 10,000 USD
+        # cap applies to the result of the max (so also to a configured amount above it); the
+        # configured amount is not checked to be whole cents.
+        # Whole cents that bring the balance ABOVE the threshold: smallest multiple of 1 cent
+        # x with balance + x > threshold.
+        need = ((r.threshold_micros - balance) // CENT_MICROS + 1) * CENT_MICROS
+        return min(max(r.amount_micros, need), MAX_CHARGE_MICROS)
+
+    def _recharge_check(self, now: int):
+        """Rule 9.2 / 9.3."""
+        r = self.recharge
+        if r is None:
+            return
+        balance = self._balance()
+        if r.pending_id is not None:
+            # Rule 9.3: a charge asked for at this same instant grows (never shrinks) to what a
+            # charge asked for now would be, whatever else holds; an older one stays.
+            if r.pending_asked_us == now:
+                amount = self._recharge_amount(balance)
+                if amount > r.pending_micros:
+                    r.pending_micros = amount
+                    self._record_charge(r.pending_id, amount)
+            return
+        if not r.enabled or r.paused or not self.has_payment_method:
+            return
+        if not balance < r.threshold_micros:
+            return
+        # AMBIGUOUS 9.2: "the cooldown has passed" = now − last ask >= cooldown.
+        if r.last_ask_us is not None and now - r.last_ask_us < r.cooldown_s * US:
+            return
+        day = utc_day(now)
+        count = r.day_count if r.day == day else 0
+        if count >= r.max_per_day:
+            # AMBIGUOUS 9.2: the daily_limit event is emitted only when every other condition
+            # (including the cooldown) would have allowed a charge.
+            if r.limit_event_day != day:
+                r.limit_event_day = day
+                self._event("auto_recharge.failed", {"reason": "daily_limit", "max_per_day": r.max_per_day,
+                                                     "balance_micros": balance})
+            return
+        self.charge_k += 1
+        cid = f"ar_{self.charge_k}"
+        amount = self._recharge_amount(balance)
+        r.pending_id, r.pending_micros, r.pending_asked_us = cid, amount, now
+        r.last_ask_us = now
+        r.day, r.day_count = day, count + 1
+        self._record_charge(cid, amount)
+
+    def _record_charge(self, cid: str, amount: int):
+        # AMBIGUOUS (brief): a charge that grows after take_effects already returned it is
+        # reported again with its new amount; within one take_effects window it appears once.
+        for c in self._fx_charges:
+            if c[0] == cid:
+                c[1] = amount
+                return
+        self._fx_charges.append([cid, amount, f"metergate:{self.org_id}:{self.created_us}:auto_recharge:{cid}"])
+
+    # ------------------------------------------------------------------ alerts (rule 2.9)
+
+    def _low_balance_rule(self):
+        # AMBIGUOUS 2.9: a threshold <= 0 counts as "off" (only 0 is named).
+        th = self.low_balance_micros
+        balance = self._balance()
+        if th > 0 and self.low_balance_armed and balance < th:
+            self._event("balance.threshold_crossed", {"threshold_micros": th, "balance_micros": balance})
+            self.low_balance_armed = False
+        elif not self.low_balance_armed and (th <= 0 or balance >= th):
+            self.low_balance_armed = True
+
+    # ------------------------------------------------------------------ advance (rule 1.2)
+
+    def _forget(self, now: int):
+        """Rule 3.4 (and 7.5's one hour)."""
+        # AMBIGUOUS 3.4: "more than 180 days ago" / "older than 30 days" are strict (> 180 d,
+        # > 30 d); 3.4's position within advance is not stated (it does not matter: refunds and
+        # credits come after advance). The 180 days count from the refund's arrival, also for a
+        # refund that was applied later from the waiting list.
+        self.applied_refunds = {rid: t for rid, t in self.applied_refunds.items() if now - t <= REFUND_MEMORY_US}
+        self.waiting_refunds = [w for w in self.waiting_refunds if now - w.at_us <= REFUND_WAIT_US]
+        # Rule 7.5: remembered until more than one hour has passed.
+        self.ended_leases = {lid: t for lid, t in self.ended_leases.items() if now - t <= ENDED_LEASE_MEMORY_US}
+
+    def _advance(self, now: int):
+        self._forget(now)
+        new_period = False
+        if now >= self.period_end_us:                       # 1.
+            self._new_period(now)
+            new_period = True
+        self._expire_grants(now)                            # 2.
+        self._expire_leases(now)                            # 3.
+        self._dunning_steps(now)                            # 4.
+        self._recharge_check(now)                           # 5.
+        if new_period:                                      # 6.
+            self._lift(now, "period")
+
+    # ------------------------------------------------------------------ commands
+
+    def apply(self, now_us: int, cmd: dict) -> dict:
+        t = cmd["type"]
+        if t == "gate":
+            return {"reason": self._gate_read(now_us, cmd.get("action"), cmd.get("resources") or {})}
+        handler = getattr(self, "_cmd_" + t, None)
+        if handler is None:
+            raise ValueError(f"unknown command type {t!r}")
+        self._advance(now_us)
+        result = handler(now_us, cmd)
+        # Rule 2.9 after every command, also a refused one (which still applied its advance).
+        self._low_balance_rule()
+        self.last_now_us = now_us
+        # self-checks of the model (rule 2.1, 2.7)
+        assert not (self.debt > 0 and self.grants), "debt and a grant with money at the same time"
+        assert all(g.remaining > 0 for g in self.grants), "a grant at 0 is held"
+        assert self.debt >= 0 and 0 <= self.remainder_scaled < SCALE
+        return result
+
+    def _gate_read(self, now: int, action: str, resources: dict) -> str:
+        """Rule 1.1: a read counts what time changed without applying it."""
+        balance = self._balance_at(now)
+        # AMBIGUOUS 1.1 (brief): a read past the period end counts the full quota of the
+        # org's current plan version (a successor that 5.4 would switch to is not looked up),
+        # and does not apply due dunning steps or the period lift (a balance halt that would
+        # lift still has a funded org pass 7.1 step 4).
+        if now >= self.period_end_us:
+            quota_remaining = self.plan.included_micros
+        else:
+            quota_remaining = self._quota_remaining()
+        active = [l for l in self.leases.values() if l.expires_at_us > now]
+        return self._decide(action, resources, balance, quota_remaining, active)
+
+    # credit (2.3)
+    def _cmd_credit(self, now, cmd):
+        entry = self._credit(now, cmd["kind"], int(cmd["amount_micros"]), cmd.get("expires_at_us"),
+                             cmd.get("payment_id"))
+        if entry is None:
+            return {"refused": "too_many_grants"}
+        return {"entry": entry}
+
+    # operator debit (2.8)
+    def _cmd_debit(self, now, cmd):
+        kind = cmd["kind"]
+        amount = int(cmd["amount_micros"])
+        if amount <= 0:
+            raise ValueError("a debit must be > 0")
+        left = self._take(amount, self._clawback_order())
+        self.debt += left
+        self._ledger(kind, -amount, None, None, 0)
+        self._halt_check(now)
+        self._recharge_check(now)
+        return {"entry": (kind, -amount, None, None)}
+
+    # Stripe refund (section 3)
+    def _cmd_stripe_refund(self, now, cmd):
+        rid = cmd["refund_id"]
+        pid = cmd["payment_id"]
+        amount = int(cmd["amount_micros"])
+        if rid in self.applied_refunds:
+            return {"duplicate": True}
+        # AMBIGUOUS 3.2: a refund that took nothing (and waits) is "applied" too: its id is
+        # remembered, so a resend of it is a duplicate.
+        self.applied_refunds[rid] = now
+        # AMBIGUOUS 3.1: if several live grants carry the payment id, the first one the org
+        # holds (oldest) is the one clawed from; no other grant is touched.
+        grant = next((g for g in self.grants if g.payment_id is not None and g.payment_id == pid), None)
+        if grant is None:
+            self.waiting_refunds.append(WaitingRefund(rid, pid, amount, now))
+            while len(self.waiting_refunds) > MAX_WAITING_REFUNDS:
+                self.waiting_refunds.pop(0)
+            return {"clawed_micros": 0}
+        c = min(amount, grant.remaining)
+        grant.remaining -= c
+        self.grants = [g for g in self.grants if g.remaining > 0]
+        # AMBIGUOUS 3.1: the refund ledger entry names the grant id but no expiry (None).
+        self._ledger("refund", -c, grant.grant_id, None, 0)
+        self._halt_check(now)
+        self._recharge_check(now)
+        return {"clawed_micros": c}
+
+    # usage (section 6)
+    def _cmd_usage(self, now, cmd):
+        plan = self.plan
+        accepted: list[dict] = []
+        duplicates = 0
+        rejected: list = []
+        for tick in cmd.get("ticks") or []:
+            tid = tick["tick_id"]
+            # AMBIGUOUS 6.4/6.6: the duplicate check comes before the unit check.
+            if tid in self.billed_ticks:
+                duplicates += 1
+                continue
+            units = tick.get("units") or {}
+            # AMBIGUOUS 6.4: read literally, a unit named in the tick with a count of 0 that
+            # the plan does not price still rejects the tick.
+            if any(u not in plan.unit_nanos for u in units):
+                rejected.append(tid)
+                continue
+            self.billed_ticks.add(tid)
+            accepted.append(tick)
+        scaled = 0
+        for tick in accepted:
+            ms = int(tick["duration_ms"])
+            mb_ms = int(tick.get("memory_mb") or 0) * ms
+            cpu_ms = int(tick.get("cpu_count") or 0) * ms
+            disk_mb_ms = int(tick.get("disk_mb") or 0) * ms
+            scaled += plan.memory_nanos_per_gib_s * mb_ms
+            scaled += plan.disk_nanos_per_gib_s * disk_mb_ms
+            scaled += plan.cpu_nanos_per_vcpu_s * cpu_ms * 1_024
+            for u, count in (tick.get("units") or {}).items():
+                scaled += plan.unit_nanos[u] * int(count) * 1_024_000
+        spent, self.remainder_scaled = divmod(scaled + self.remainder_scaled, SCALE)
+        # Rule 6.3: heartbeat of the leases named by accepted ticks.
+        # AMBIGUOUS 6.3: duplicate and rejected ticks do not renew their lease.
+        for lid in dict.fromkeys(t.get("lease_id") or "" for t in accepted):
+            if lid and lid in self.leases:
+                lease = self.leases[lid]
+                lease.expires_at_us = max(lease.expires_at_us, now + lease.ttl_s * US)
+        if spent > 0:
+            self._spend(now, spent)
+        # AMBIGUOUS 6.6: ticks carry no start time here, so `tick_too_old` is not modelled.
+        return {"accepted": len(accepted), "duplicates": duplicates, "rejected": rejected, "spent_micros": spent}
+
+    def _spend(self, now: int, M: int):
+        """Rule 6.2."""
+        # AMBIGUOUS 6.2: a usage command whose cost rounds to M = 0 µUSD does none of 6.2 (no
+        # ledger entry, no thresholds, no halt check): only the remainder and heartbeats change.
+        # 1.
+        self.period_usage += M
+        q = min(M, self._quota_remaining())
+        self.quota_used += q
+        # 2.
+        m = M - q
+        if m > 0:
+            if self.prepaid:
+                left = self._take(m, self._burn_order(self.grants))
+                self.debt += left
+                taken, invoiced = m, 0
+                # AMBIGUOUS 6.2 step 3: for a prepaid org "taken from credit" is all of m
+                # (the grants' part and the new debt), so the ledger matches the balance.
+            else:
+                total = sum(g.remaining for g in self.grants)
+                taken = min(m, total)
+                self._take(taken, self._burn_order(self.grants))
+                invoiced = m - taken
+            # 3.
+            self._ledger("usage", -taken, None, None, invoiced)
+        # 4.
+        self._quota_thresholds()
+        self._halt_check(now)
+        if m > 0:
+            self._recharge_check(now)
+
+    def _quota_thresholds(self):
+        """Rule 5.7."""
+        # AMBIGUOUS 5.7: checked only in 6.2 step 4 (after a spend of M > 0), not after a plan
+        # change that lowers the quota; "reaches" means used × 100 >= percent × quota (integer).
+        # The check runs on every spend even when q = 0 (quota already used up).
+        quota = self.plan.included_micros
+        if quota <= 0:
+            return
+        for pct in (80, 100):
+            if pct not in self.quota_flags and self.quota_used * 100 >= pct * quota:
+                self.quota_flags.add(pct)
+                self._event("quota.threshold_crossed", {"percent": pct, "period": self.period_key,
+                                                        "quota_micros": quota, "used_micros": self.quota_used})
+
+    # leases (7.2, 7.3)
+    def _cmd_acquire(self, now, cmd):
+        lid = cmd["lease_id"]
+        resources = dict(cmd.get("resources") or {})
+        ttl = int(cmd["ttl_s"])
+        # AMBIGUOUS 7.2: "ttl 1 s–24 h" does not say what happens outside the range (refused?
+        # clamped?); the model treats it as a harness error.
+        if not 1 <= ttl <= 86_400:
+            raise ValueError(f"ttl_s {ttl} outside 1 s–24 h")
+        if lid in self.leases:
+            lease = self.leases[lid]
+            # AMBIGUOUS 7.2: "same resources" compares the resources dict only (not the ttl);
+            # the existing lease is returned unchanged (not renewed).
+            if lease.resources == resources:
+                return {"granted": True, "created": False, "expires_at_us": lease.expires_at_us}
+            return {"refused": "conflict"}
+        if lid in self.ended_leases and now - self.ended_leases[lid] < ENDED_LEASE_MEMORY_US:
+            return {"refused": "lease_ended"}
+        # AMBIGUOUS (brief, not in the rules): the 10,000-lease cap is checked before the gate.
+        if len(self.leases) >= MAX_LEASES:
+            return {"refused": "too_many_leases"}
+        reason = self._decide("create", resources, self._balance(), self._quota_remaining(),
+                              list(self.leases.values()))
+        if reason != "ok":
+            return {"denied": reason}
+        qty = resources.get("quantity")
+        qty = 1 if qty is None else int(qty)
+        lease = Lease(lid, now + ttl * US, qty, ttl, resources)
+        self.leases[lid] = lease
+        return {"granted": True, "created": True, "expires_at_us": lease.expires_at_us}
+
+    def _cmd_renew(self, now, cmd):
+        lid = cmd["lease_id"]
+        lease = self.leases.get(lid)
+        if lease is None:
+            return {"refused": "unknown_lease"}
+        lease.expires_at_us = max(lease.expires_at_us, now + lease.ttl_s * US)
+        return {"expires_at_us": lease.expires_at_us}
+
+    def _cmd_release(self, now, cmd):
+        lid = cmd["lease_id"]
+        if lid not in self.leases:
+            return {"released": False}
+        del self.leases[lid]
+        self._remember_ended(lid, now)
+        return {"released": True}
+
+    # halts (4.4)
+    def _cmd_halt(self, now, cmd):
+        if self.halted != "admin":
+            self.halted = "admin"
+            # AMBIGUOUS 4.4: the admin org.halted carries the same fields as 4.2's.
+            self._event("org.halted", {"reason": "admin", "lease_ids": self._lease_ids(),
+                                       "balance_micros": self._balance()})
+        return {}
+
+    def _cmd_resume(self, now, cmd):
+        # AMBIGUOUS 4.4: org.resumed (admin) is emitted only if there was a halt to clear.
+        if self.halted is not None:
+            self.halted = None
+            self._event("org.resumed", {"reason": "admin", "balance_micros": self._balance()})
+        self._halt_check(now)
+        return {}
+
+    # plan (5.5)
+    def _cmd_set_plan(self, now, cmd):
+        self._change_plan(now, cmd["plan_id"], int(cmd["plan_version"]))
+        return {}
+
+    # tier and limits (7.6)
+    def _cmd_set_tier(self, now, cmd):
+        as_of = cmd.get("as_of_us")
+        # AMBIGUOUS 7.6: a decision without as_of is never stale and does not move the
+        # remembered as_of; an equal as_of is not "older" and is applied.
+        if as_of is not None and self.tier_as_of_us is not None and as_of < self.tier_as_of_us:
+            return {"stale": True}
+        tier = cmd["tier"]
+        mc = cmd.get("max_concurrent")
+        # AMBIGUOUS 7.6: max_concurrent None = the tier's cap from the catalog (0 for a tier the
+        # catalog does not list); the tier name is not validated.
+        self.tier = tier
+        self.max_concurrent = self.catalog.tiers.get(tier, 0) if mc is None else int(mc)
+        if as_of is not None:
+            self.tier_as_of_us = as_of
+        return {"stale": False}
+
+    def _cmd_set_limits(self, now, cmd):
+        if cmd.get("max_disk_mb") is not None:
+            self.max_disk_mb = int(cmd["max_disk_mb"])
+        if cmd.get("machine_quotas") is not None:
+            self.machine_quotas = {r: dict(t) for r, t in cmd["machine_quotas"].items()}
+        return {}
+
+    # card and auto-recharge (section 9)
+    def _cmd_set_card(self, now, cmd):
+        if cmd["present"]:
+            self.has_payment_method = True
+            if self.recharge is not None:
+                self.recharge.paused = False      # 9.4: a new card lifts a payment_failed pause
+            self._recharge_check(now)             # 9.3: after a card is saved
+        else:
+            self.has_payment_method = False
+        return {}
+
+    def _cmd_set_auto_recharge(self, now, cmd):
+        r = self.recharge
+        if r is None:
+            r = self.recharge = Recharge(False, 0, 0, 0, 0)
+        r.enabled = bool(cmd["enabled"])
+        r.threshold_micros = int(cmd["threshold_micros"])
+        r.amount_micros = int(cmd["amount_micros"])
+        r.max_per_day = int(cmd["max_per_day"])
+        r.cooldown_s = int(cmd["cooldown_s"])
+        # AMBIGUOUS 9.1: sending settings (on or off) clears a pause; the check then runs
+        # (and does nothing when off). A charge in flight stays in flight.
+        r.paused = False
+        self._recharge_check(now)
+        return {}
+
+    def _cmd_settle(self, now, cmd):
+        cid = cmd["charge_id"]
+        r = self.recharge
+        in_flight = r is not None and r.pending_id == cid
+        succeeded = bool(cmd["succeeded"])
+        amount = int(cmd.get("amount_micros") or 0)
+        pid = cmd.get("payment_id")
+        if succeeded:
+            # AMBIGUOUS 9.4: "once per payment" — a success of a charge id that already settled
+            # successfully changes nothing; a success of a charge not in flight still credits.
+            if cid in self.settled_charges:
+                return {}
+            self.settled_charges.add(cid)
+            if in_flight:
+                r.pending_id, r.pending_micros, r.pending_asked_us = None, None, None
+            if amount <= 0:
+                return {}      # AMBIGUOUS 9.4: a success of 0 µUSD credits nothing
+            entry = self._credit(now, "auto_recharge", amount, None, pid, in_settle=True)
+            if entry is None:
+                # AMBIGUOUS 9.4 / 2.3: a refused credit emits no succeeded event.
+                return {"refused": "too_many_grants"}
+            self._event("auto_recharge.succeeded", {"charge_id": cid, "amount_micros": amount,
+                                                    "payment_intent_id": pid,
+                                                    "balance_micros": self._balance()})
+            return {"entry": entry}
+        if in_flight:
+            r.pending_id, r.pending_micros, r.pending_asked_us = None, None, None
+            r.paused = True
+            # AMBIGUOUS 9.4: the failed event's amount and payment id are the settlement's (not the
+            # amount asked for); its reason is the settlement's reason.
+            self._event("auto_recharge.failed", {"charge_id": cid, "amount_micros": amount,
+                                                 "payment_intent_id": pid, "reason": cmd.get("reason"),
+                                                 "balance_micros": self._balance()})
+        return {}
+
+    # dunning (section 8)
+    def _cmd_invoice_failed(self, now, cmd):
+        s = int(cmd["since_us"])
+        # AMBIGUOUS 8.1/8.3: "older than the latest news" is strict: news at the same time applies.
+        if self.latest_invoice_news_us is not None and s < self.latest_invoice_news_us:
+            # AMBIGUOUS 8.1: an ignored failure does not add its invoice id to the unpaid list.
+            return {}
+        self.latest_invoice_news_us = s
+        if self.dunning is None:
+            # Rule 8.1: the dunning policy is taken when dunning starts (later failures while it
+            # runs do not change it), and the steps already due are taken at once.
+            self.dunning = Dunning(past_due_since_us=s,
+                                   suspend_after_s=int(cmd["suspend_after_s"]),
+                                   degrade_after_s=int(cmd["degrade_after_s"]),
+                                   downgrade_after_s=int(cmd["downgrade_after_s"]),
+                                   free_plan_id=cmd["free_plan_id"],
+                                   free_plan_version=int(cmd["free_plan_version"]))
+            self._dunning_steps(now)
+        iid = cmd.get("invoice_id")
+        if iid is not None and iid not in self.dunning.unpaid:
+            self.dunning.unpaid.append(iid)
+        return {}
+
+    def _cmd_invoice_paid(self, now, cmd):
+        if cmd.get("amount_paid_cents") == 0:
+            return {}
+        p = int(cmd["as_of_us"])
+        iid = cmd.get("invoice_id")
+        d = self.dunning
+        if d is not None and d.unpaid and iid is not None:
+            # AMBIGUOUS 8.3: this branch does not move the latest invoice news.
+            self.paid_an_invoice = True
+            if iid in d.unpaid:
+                d.unpaid.remove(iid)
+            if not d.unpaid:
+                self._end_dunning(now)
+            return {}
+        if self.latest_invoice_news_us is not None and p < self.latest_invoice_news_us:
+            return {}
+        self.latest_invoice_news_us = p
+        self.paid_an_invoice = True
+        if d is not None:
+            self._end_dunning(now)
+        return {}
+
+    # subscription periods (5.6)
+    def _cmd_subscription_period(self, now, cmd):
+        a = int(cmd["start_us"])
+        e = cmd.get("end_us")
+        # 1.
+        if self.sub_latest_start_us is not None and a <= self.sub_latest_start_us:
+            return {}
+        first = self.sub_latest_start_us is None
+        # 2.
+        self.sub_latest_start_us = a
+        if e is not None:
+            # AMBIGUOUS 5.6: e <= a would make a cycle of length <= 0; treated as a harness error.
+            if e <= a:
+                raise ValueError("subscription period end must be after its start")
+            self.grid = (a, e - a)
+        # 3.
+        if not first and a > self.period_start_us:
+            # AMBIGUOUS 5.6 step 3: 5.4's "a period whose start is not before now is not
+            # archived" applies; the new period keeps the org's plan version (5.4's succession
+            # is not applied).
+            self._archive(now, now)
+            if e is not None and e > now:
+                end = e
+            else:
+                _k, _s, end = self._grid_period(now)
+            self.period_key, self.period_start_us, self.period_end_us = sub_key(now), now, end
+            self._reset_period_counters()
+            self._lift(now, "period")
+        # 4.
+        elif e is not None and e > now:
+            self.period_end_us = e
+        return {}
+
+    # alerts (2.9)
+    def _cmd_set_alerts(self, now, cmd):
+        self.low_balance_micros = int(cmd["low_balance_micros"])
+        self.low_balance_armed = True
+        return {}
+
+    def _cmd_advance(self, now, cmd):
+        return {}
+
+    # ------------------------------------------------------------------ observe
+
+    def observe(self) -> dict:
+        # AMBIGUOUS 1.1: "reads (state, gate) count what time changed"; per the brief, observe
+        # is the state right after the last command, with no time applied.
+        r = self.recharge
+        recharge = None
+        if r is not None:
+            recharge = {
+                "enabled": r.enabled,
+                "threshold_micros": r.threshold_micros,
+                "amount_micros": r.amount_micros,
+                "max_per_day": r.max_per_day,
+                "cooldown_s": r.cooldown_s,
+                "pending_id": r.pending_id,
+                "pending_micros": r.pending_micros,
+                # charges asked for on the UTC day of the last command
+                "day_count": r.day_count if r.day == utc_day(self.last_now_us) else 0,
+                "paused": r.paused,
+            }
+        return {
+            "balance_micros": self._balance(),
+            "debt_micros": self.debt,
+            "grants": [(g.grant_id, g.kind, g.remaining, g.expires_at_us, g.payment_id)
+                       for g in self._burn_order(self.grants)],
+            "remainder_scaled": self.remainder_scaled,
+            "period_key": self.period_key,
+            "period_start_us": self.period_start_us,
+            "period_end_us": self.period_end_us,
+            "period_usage_micros": self.period_usage,
+            "quota_used_micros": self.quota_used,
+            "quota_micros": self.plan.included_micros,
+            "plan_id": self.plan_id,
+            "plan_version": self.plan_version,
+            "halted": self.halted,
+            "suspended": self.suspended,
+            "degraded": self.degraded,
+            "dunning_step": None if self.dunning is None else self.dunning.step,
+            "past_due_since_us": None if self.dunning is None else self.dunning.past_due_since_us,
+            "tier": self.tier,
+            "max_concurrent": self.max_concurrent,
+            "max_disk_mb": self.max_disk_mb,
+            "leases": {lid: (l.expires_at_us, l.quantity, l.ttl_s) for lid, l in self.leases.items()},
+            "has_payment_method": self.has_payment_method,
+            "paid_credit": self.paid_credit,
+            "recharge": recharge,
+            "low_balance_micros": self.low_balance_micros,
+            "low_balance_armed": self.low_balance_armed,
+        }
