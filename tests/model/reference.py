@@ -305,7 +305,6 @@ class RefOrg:
         # auto-recharge
         self.recharge: Recharge | None = None
         self.charge_k = 0
-        self.settled_charges: set[str] = set()
 
         # alerts (rule 2.9)
         self.low_balance_micros = catalog.low_balance_micros
@@ -836,12 +835,15 @@ class RefOrg:
         accepted: list[dict] = []
         duplicates = 0
         rejected: list = []
+        in_request: set[str] = set()
         for tick in cmd.get("ticks") or []:
             tid = tick["tick_id"]
-            # AMBIGUOUS 6.4/6.6: the duplicate check comes before the unit check.
-            if tid in self.billed_ticks:
+            # Rule 6.6: an id seen earlier in this request is a duplicate, whatever became of
+            # that tick; the duplicate check comes before the unit check.
+            if tid in self.billed_ticks or tid in in_request:
                 duplicates += 1
                 continue
+            in_request.add(tid)
             units = tick.get("units") or {}
             # AMBIGUOUS 6.4: read literally, a unit named in the tick with a count of 0 that
             # the plan does not price still rejects the tick.
@@ -933,7 +935,7 @@ class RefOrg:
             if lease.resources == resources:
                 return {"granted": True, "created": False, "expires_at_us": lease.expires_at_us}
             return {"refused": "conflict"}
-        if lid in self.ended_leases and now - self.ended_leases[lid] < ENDED_LEASE_MEMORY_US:
+        if lid in self.ended_leases and now - self.ended_leases[lid] <= ENDED_LEASE_MEMORY_US:
             return {"refused": "lease_ended"}
         # AMBIGUOUS (brief, not in the rules): the 10,000-lease cap is checked before the gate.
         if len(self.leases) >= MAX_LEASES:
@@ -958,10 +960,10 @@ class RefOrg:
 
     def _cmd_release(self, now, cmd):
         lid = cmd["lease_id"]
+        self._remember_ended(lid, now)  # rule 7.5: held or not (a release may overtake its take)
         if lid not in self.leases:
             return {"released": False}
         del self.leases[lid]
-        self._remember_ended(lid, now)
         return {"released": True}
 
     # halts (4.4)
@@ -1023,6 +1025,11 @@ class RefOrg:
 
     def _cmd_set_auto_recharge(self, now, cmd):
         r = self.recharge
+        if not cmd["enabled"]:
+            # Rule 9.1: off only stops new charges; settings and a pause stay, no check runs.
+            if r is not None:
+                r.enabled = False
+            return {}
         if r is None:
             r = self.recharge = Recharge(False, 0, 0, 0, 0)
         r.enabled = bool(cmd["enabled"])
@@ -1030,8 +1037,8 @@ class RefOrg:
         r.amount_micros = int(cmd["amount_micros"])
         r.max_per_day = int(cmd["max_per_day"])
         r.cooldown_s = int(cmd["cooldown_s"])
-        # AMBIGUOUS 9.1: sending settings (on or off) clears a pause; the check then runs
-        # (and does nothing when off). A charge in flight stays in flight.
+        # Rule 9.1: turning it on (or sending the settings again) clears a pause and runs the
+        # check. A charge in flight stays in flight.
         r.paused = False
         self._recharge_check(now)
         return {}
@@ -1044,11 +1051,8 @@ class RefOrg:
         amount = int(cmd.get("amount_micros") or 0)
         pid = cmd.get("payment_id")
         if succeeded:
-            # AMBIGUOUS 9.4: "once per payment" — a success of a charge id that already settled
-            # successfully changes nothing; a success of a charge not in flight still credits.
-            if cid in self.settled_charges:
-                return {}
-            self.settled_charges.add(cid)
+            # Rule 9.4: each payment is applied once by the edge (its idempotency key); a success
+            # of a charge not in flight still credits.
             if in_flight:
                 r.pending_id, r.pending_micros, r.pending_asked_us = None, None, None
             if amount <= 0:

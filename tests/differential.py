@@ -1,0 +1,471 @@
+"""The engine against the independent reference model (issue 17): one harness, two runners.
+
+`tests/test_differential.py` runs a few hundred Hypothesis examples in `make test`;
+`bench/model.py --minutes N` runs it for as long as asked, with its seed printed.
+
+A step is a command (as the model's dict) at an instant. The engine side applies it the way
+the shard does: through `execute` (usage through `actors.usage.bill_ticks`), a keyed command
+skipped when its key already booked a ledger entry, every applied command journaled (and
+encoded, as the shard keeps it). A restart rebuilds the engine's org from its last snapshot
+and the journal after it, as a shard does after a crash or a passivation. After every step
+the two must agree to the micro: the command's result, its ledger entries, events, charges
+and archived periods, and the whole observable state.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import msgspec
+from hypothesis import strategies as st
+
+from actors import commands as cmd
+from actors.commands import JOURNAL_DECODER, JOURNAL_ENCODER, JournalItem, execute, replay
+from actors.org import BillingError, Effects, LeaseConflict, LeaseEnded, OrgBillingActor, OrgSnapshot, Resources
+from actors.refusals import UnknownLease
+from actors.ticks import Tick
+from actors.timeutil import rfc3339_to_us
+from actors.usage import bill_ticks
+from config.catalog import Catalog, parse_catalog
+from config.settings import DEFAULT_CATALOG
+from metergate_client.decision import decide
+from tests.model.reference import RefCatalog, RefOrg
+
+US = 1_000_000
+HOUR_S = 3_600
+DAY_S = 86_400
+DAY_US = DAY_S * US
+ORG_ID = "org_diff"
+
+
+def catalog_raw() -> dict:
+    """The shipped catalog, plus what the rules need exercised: a priced unit (`gpu_s`) on payg
+    that its version 2 (from 2026-07-01, other rates) no longer prices, and a second hobby
+    version with a bigger quota from 2026-05-04 (a Monday)."""
+    raw = tomllib.loads(DEFAULT_CATALOG.read_text())
+    plans = raw["plans"]
+    payg = next(p for p in plans if p["id"] == "payg")
+    payg["unit_nanos"] = {"ingest_bytes": 0, "gpu_s": 250_000}
+    payg["effective_until"] = "2026-07-01T00:00:00Z"
+    payg_2 = {**payg, "version": 2, "effective_from": "2026-07-01T00:00:00Z", "memory_nanos_per_gib_s": 5_000,
+              "unit_nanos": {"ingest_bytes": 0}}
+    del payg_2["effective_until"]
+    hobby = next(p for p in plans if p["id"] == "hobby_weekly")
+    hobby["effective_until"] = "2026-05-04T00:00:00Z"
+    hobby_2 = {**hobby, "version": 2, "effective_from": "2026-05-04T00:00:00Z", "included_micros": 7_000_000}
+    del hobby_2["effective_until"]
+    plans += [payg_2, hobby_2]
+    return raw
+
+
+RAW = catalog_raw()
+ENGINE_CATALOG: Catalog = parse_catalog(RAW)
+START_US = rfc3339_to_us("2026-03-01T00:00:00Z")
+DUNNING = {"suspend_after_s": 3 * DAY_S, "degrade_after_s": 7 * DAY_S, "downgrade_after_s": 14 * DAY_S,
+           "free_plan_id": "free", "free_plan_version": 1}
+
+
+# ----- the engine, driven as the shard drives it -----------------------------------------
+
+
+def _resources(spec: dict) -> Resources:
+    return Resources(**{k: v for k, v in spec.items() if v is not None})
+
+
+def _key(command: dict) -> str | None:
+    return command.get("key")
+
+
+class EngineOrg:
+    """One org of the engine, with the shard's journal, snapshot, key and tick memory."""
+
+    def __init__(self, plan_id: str, prepaid: bool, now_us: int) -> None:
+        fx = Effects()
+        created = execute(None, cmd.CreateOrg("diff@example.test", plan_id, prepaid), ENGINE_CATALOG, now_us, fx,
+                          org_id=ORG_ID)
+        self.org: OrgBillingActor = created.org
+        self.snapshot = msgspec.msgpack.encode(self.org.to_snapshot())
+        self.tail: list[bytes] = []  # journal entries after the snapshot, encoded
+        self.booked_keys: set[str] = set()
+        self.billed_ticks: set[str] = set()
+        self.last_now = now_us
+        self.fx = fx
+
+    def take_effects(self) -> dict:
+        fx, self.fx = self.fx, Effects()
+        return {"ledger": [(e.kind, e.amount_micros, e.grant_id, e.expires_at_us, e.invoiced_micros)
+                           for _, e in fx.ledger],
+                "events": [(e.type, e.data) for e in fx.events],
+                "charges": [(c.charge_id, c.amount_micros, c.idempotency_key) for c in fx.charges],
+                "periods": [(p.period_key, p.start_us, p.end_us, p.usage_micros, p.quota_used_micros, p.plan_id,
+                             p.plan_version) for p in fx.periods]}
+
+    def _run(self, command: cmd.Command, now_us: int):
+        self.tail.append(JOURNAL_ENCODER.encode([JournalItem(now_us, command)]))
+        return execute(self.org, command, ENGINE_CATALOG, now_us, self.fx)
+
+    def apply(self, now_us: int, step: dict) -> dict:
+        kind = step["type"]
+        if kind == "gate":
+            return {"reason": str(decide(step["action"], _resources(step["resources"]),
+                                         self.org.gate_view(now_us)).reason)}
+        key = _key(step)
+        if key is not None and key in self.booked_keys:
+            return {"replayed": True}  # the edge answers it from the key: the org sees nothing
+        self.last_now = now_us
+        if kind == "usage":
+            return self._usage(now_us, step["ticks"])
+        try:
+            outcome = self._run(self._command(step), now_us)
+        except LeaseConflict:
+            return {"refused": "conflict"}
+        except LeaseEnded:
+            return {"refused": "lease_ended"}
+        except UnknownLease:
+            return {"refused": "unknown_lease"}
+        except BillingError as exc:
+            return {"refused": str(exc)}
+        if isinstance(outcome, cmd.Booked) and key is not None:
+            self.booked_keys.add(key)
+        return self._result(kind, outcome)
+
+    def _usage(self, now_us: int, ticks: list[dict]) -> dict:
+        fresh, duplicates = [], 0
+        for index, t in enumerate(ticks):
+            if t["tick_id"] in self.billed_ticks or any(f.tick_id == t["tick_id"] for f in fresh):
+                duplicates += 1
+                continue
+            fresh.append(Tick(t["tick_id"], ORG_ID, t["lease_id"], now_us, t["duration_ms"], t["memory_mb"],
+                              t["cpu_count"], t["disk_mb"], t["units"], index))
+        billed = bill_ticks(self.org, fresh, ENGINE_CATALOG, now_us, self.fx)
+        for command in billed.commands:
+            self.tail.append(JOURNAL_ENCODER.encode([JournalItem(now_us, command)]))
+        self.billed_ticks.update(t.tick_id for t in billed.ticks)
+        return {"accepted": len(billed.ticks), "duplicates": duplicates,
+                "rejected": [t.tick_id for t in billed.unpriced]}
+
+    @staticmethod
+    def _command(step: dict) -> cmd.Command:
+        match step["type"]:
+            case "credit":
+                return cmd.Credit(step["kind"], step["amount_micros"], step.get("expires_at_us"), None,
+                                  step.get("key"), step.get("payment_id"))
+            case "debit":
+                return cmd.Credit(step["kind"], -step["amount_micros"])
+            case "stripe_refund":
+                return cmd.RefundPayment(step["refund_id"], step["payment_id"], step["amount_micros"], None,
+                                         step.get("key"))
+            case "acquire":
+                return cmd.AcquireLease(step["lease_id"], _resources(step["resources"]), step["ttl_s"])
+            case "renew":
+                return cmd.RenewLease(step["lease_id"])
+            case "release":
+                return cmd.ReleaseLease(step["lease_id"])
+            case "halt":
+                return cmd.Halt()
+            case "resume":
+                return cmd.Resume()
+            case "set_plan":
+                return cmd.SetPlan(step["plan_id"], step["plan_version"])
+            case "set_tier":
+                return cmd.SetTier(step["tier"], step["max_concurrent"], step.get("as_of_us"))
+            case "set_limits":
+                return cmd.SetLimits(step.get("max_disk_mb"), step.get("machine_quotas"))
+            case "set_card":
+                return cmd.SetPaymentMethod(step["present"])
+            case "set_auto_recharge":
+                return cmd.SetAutoRecharge(step["enabled"], step["threshold_micros"], step["amount_micros"],
+                                           step["max_per_day"], step["cooldown_s"])
+            case "settle":
+                return cmd.SettleRecharge.of_payment(step["charge_id"], step["succeeded"], step["amount_micros"],
+                                                     step["payment_id"], step.get("reason"))
+            case "invoice_failed":
+                return cmd.InvoiceFailed(step["since_us"], step["suspend_after_s"], step["degrade_after_s"],
+                                         step["downgrade_after_s"], step["free_plan_id"], step["free_plan_version"],
+                                         step.get("invoice_id"))
+            case "invoice_paid":
+                return cmd.InvoicePaid(step["as_of_us"], step.get("invoice_id"), step.get("amount_paid_cents"))
+            case "subscription_period":
+                return cmd.ResetPeriod(step["start_us"], step.get("end_us"))
+            case "set_alerts":
+                return cmd.SetAlerts(step["low_balance_micros"])
+            case "advance":
+                return cmd.Advance()
+        raise AssertionError(f"no engine command for {step!r}")
+
+    @staticmethod
+    def _result(kind: str, outcome) -> dict:
+        match outcome:
+            case cmd.Booked(entry=entry) if kind == "stripe_refund":
+                return {"clawed_micros": -entry.amount_micros}
+            case cmd.Booked(entry=entry):
+                return {"entry": (entry.kind, entry.amount_micros, entry.grant_id, entry.expires_at_us)}
+            case cmd.Stale() if kind == "stripe_refund":
+                return {"duplicate": True}
+            case cmd.Stale():
+                return {"stale": True}
+            case cmd.Applied() if kind == "stripe_refund":
+                return {"clawed_micros": 0}
+            case cmd.Applied() if kind == "set_tier":
+                return {"stale": False}
+            case cmd.LeaseGranted(lease=lease, created=created):
+                return {"granted": True, "created": created, "expires_at_us": lease.expires_at_us}
+            case cmd.LeaseDenied(decision=decision):
+                return {"denied": str(decision.reason)}
+            case cmd.LeaseRenewed(lease=lease):
+                return {"expires_at_us": lease.expires_at_us}
+            case cmd.Released(released=released):
+                return {"released": released}
+        return {}
+
+    def restart(self, snapshot_now: bool) -> None:
+        """As a shard rebuilds an org (after a crash or a passivation): its last snapshot and
+        the journal after it. The rebuilt org must equal the live one exactly."""
+        if snapshot_now:  # the shard snapshots and drops the journal behind it
+            self.snapshot, self.tail = msgspec.msgpack.encode(self.org.to_snapshot()), []
+        snap = msgspec.msgpack.decode(self.snapshot, type=OrgSnapshot)
+        rebuilt = OrgBillingActor.from_snapshot(snap, ENGINE_CATALOG.plan_version(snap.plan_id, snap.plan_version))
+        for entry in self.tail:
+            replay(rebuilt, JOURNAL_DECODER.decode(entry), ENGINE_CATALOG)
+        assert rebuilt.to_snapshot() == self.org.to_snapshot(), "replay differs from the live org"
+        self.org = rebuilt
+
+    def observe(self) -> dict:
+        org = self.org
+        r = org.recharge
+        recharge = None
+        if r is not None:
+            recharge = {"enabled": r.enabled, "threshold_micros": r.threshold_micros,
+                        "amount_micros": r.amount_micros, "max_per_day": r.max_per_day, "cooldown_s": r.cooldown_s,
+                        "pending_id": r.pending_id, "pending_micros": r.pending_micros if r.pending_id else None,
+                        "day_count": r.day_count if r.day == self.last_now // DAY_US else 0,
+                        "paused": r.paused is not None}
+        state = org.state(self.last_now)
+        return {
+            "balance_micros": org.balance_micros, "debt_micros": org.debt_micros,
+            "grants": [(g.grant_id, g.kind, g.remaining_micros, g.expires_at_us, g.payment_id) for g in state.grants],
+            "remainder_scaled": org.remainder_scaled, "period_key": org.period_key,
+            "period_start_us": org.period_start_us, "period_end_us": org.period_end_us,
+            "period_usage_micros": org.period_usage_micros, "quota_used_micros": org.quota_used_micros,
+            "quota_micros": org.plan.included_micros, "plan_id": org.plan.id, "plan_version": org.plan.version,
+            "halted": None if org.halted is None else str(org.halted), "suspended": org.suspended,
+            "degraded": org.degraded, "dunning_step": None if org.dunning is None else int(org.dunning.step),
+            "past_due_since_us": org.past_due_since_us, "tier": org.tier, "max_concurrent": org.max_concurrent,
+            "max_disk_mb": org.max_disk_mb,
+            "leases": {l.lease_id: (l.expires_at_us, l.quantity, l.ttl_s) for l in (org.leases or {}).values()},
+            "has_payment_method": org.has_payment_method, "paid_credit": org.paid_credit, "recharge": recharge,
+            "low_balance_micros": org.low_balance_micros, "low_balance_armed": org.low_balance_armed,
+        }
+
+
+# ----- the model side: the same key memory the edge gives every command ------------------
+
+
+class ModelOrg:
+    def __init__(self, plan_id: str, prepaid: bool, now_us: int) -> None:
+        self.ref = RefOrg(RefCatalog(RAW), ORG_ID, plan_id, prepaid, now_us)
+        self.booked_keys: set[str] = set()
+
+    def apply(self, now_us: int, step: dict) -> dict:
+        key = _key(step)
+        if key is not None and key in self.booked_keys:
+            return {"replayed": True}
+        result = self.ref.apply(now_us, {k: v for k, v in step.items() if k != "key"})
+        booked = "entry" in result or result.get("clawed_micros", 0) > 0
+        if key is not None and booked:
+            self.booked_keys.add(key)
+        if step["type"] == "usage":
+            result = {k: result[k] for k in ("accepted", "duplicates", "rejected")}
+        if step["type"] == "settle" and "entry" not in result:
+            result = {}
+        return result
+
+
+# ----- comparing -------------------------------------------------------------------------
+
+
+class Divergence(AssertionError):
+    pass
+
+
+def _canon(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def compare(step_no: int, step: dict, engine_result: dict, model_result: dict, engine_fx: dict, model_fx: dict,
+            engine_state: dict, model_state: dict) -> None:
+    problems = []
+    if engine_result != model_result:
+        problems.append(f"result: engine {engine_result} model {model_result}")
+    for name in ("ledger", "events", "charges", "periods"):
+        mine = Counter(_canon(x) for x in engine_fx[name])
+        theirs = Counter(_canon(x) for x in model_fx[name])
+        if mine != theirs:
+            problems.append(f"{name}: engine {engine_fx[name]} model {model_fx[name]}")
+    for name in model_state:
+        if engine_state.get(name) != model_state[name]:
+            problems.append(f"state {name}: engine {engine_state.get(name)!r} model {model_state[name]!r}")
+    if problems:
+        raise Divergence(f"step {step_no} {_canon(step)}:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class Pair:
+    """The engine and the model, fed the same steps."""
+
+    engine: EngineOrg
+    model: ModelOrg
+    now: int
+    steps: int = 0
+    charges_seen: list[str] = field(default_factory=list)
+    payments: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, plan_id: str, prepaid: bool, now_us: int) -> "Pair":
+        pair = cls(EngineOrg(plan_id, prepaid, now_us), ModelOrg(plan_id, prepaid, now_us), now_us)
+        compare(0, {"type": "create", "plan_id": plan_id, "prepaid": prepaid}, {}, {},
+                pair.engine.take_effects(), pair.model.ref.take_effects(), pair.engine.observe(),
+                pair.model.ref.observe())
+        return pair
+
+    def step(self, step: dict) -> None:
+        self.steps += 1
+        engine_result = self.engine.apply(self.now, step)
+        model_result = self.model.apply(self.now, step)
+        engine_fx, model_fx = self.engine.take_effects(), self.model.ref.take_effects()
+        self.charges_seen += [c[0] for c in engine_fx["charges"] if c[0] not in self.charges_seen]
+        if step["type"] == "gate":
+            compare(self.steps, step, engine_result, model_result, engine_fx, model_fx, {}, {})
+            return
+        compare(self.steps, step, engine_result, model_result, engine_fx, model_fx, self.engine.observe(),
+                self.model.ref.observe())
+
+    def wait(self, seconds: int) -> None:
+        self.now += seconds * US
+
+
+# ----- what to do next: one strategy per kind of step ------------------------------------
+
+LEASES = ("ls_a", "ls_b", "ls_c", "ls_d")
+RESOURCES = (
+    {"memory_mb": 512, "cpu_count": 1},
+    {"memory_mb": 2048, "cpu_count": 2, "disk_mb": 10_240},
+    {"machine_type": "a100", "region": "us-east", "quantity": 1},
+    {"machine_type": "a100", "region": "us-east", "quantity": 2},
+    {"disk_mb": 30_000},
+    {"quantity": 3},
+)
+amounts = st.one_of(st.integers(1, 2_000), st.integers(1, 3_000_000), st.integers(1, 30_000_000))
+cents = st.integers(50, 3_000).map(lambda c: c * 10_000)
+
+
+def tick_specs(serial: int) -> st.SearchStrategy:
+    return st.lists(st.fixed_dictionaries({
+        "tick_id": st.sampled_from([f"t{serial}_{n}" for n in range(4)] + ["t_repeat"]),
+        "lease_id": st.sampled_from(LEASES + ("",)),
+        "duration_ms": st.sampled_from((1, 999, 1_000, 60_000, 3_600_000)),
+        "memory_mb": st.sampled_from((0, 1, 512, 4096, 65_536)),
+        "cpu_count": st.sampled_from((0, 1, 2, 16)),
+        "disk_mb": st.sampled_from((0, 10_240)),
+        "units": st.one_of(st.none(), st.fixed_dictionaries({"gpu_s": st.integers(0, 200)}),
+                           st.fixed_dictionaries({"ingest_bytes": st.integers(0, 10**9)})),
+    }), min_size=1, max_size=5)
+
+
+def next_boundaries(pair: Pair) -> list[int]:
+    """Instants worth landing on: period ends, expiries, the next dunning step, week and month
+    edges, each ±1 s."""
+    org = pair.engine.org
+    moments = [org.period_end_us, org.next_due_us()]
+    moments += [g.expires_at_us for g in org.grants or () if g.expires_at_us]
+    return sorted({m + d for m in moments for d in (-US, 0, US) if m + d > pair.now})
+
+
+def step_strategy(pair: Pair, serial: int) -> st.SearchStrategy:
+    """The next step, given where the pair is: every command of the rules, with the Stripe
+    ones delivered early, late, twice and out of order."""
+    now = pair.now
+    resources = st.sampled_from(RESOURCES)
+    payments = pair.payments or ["pi_none"]
+    stripe = st.one_of(
+        st.builds(lambda amount, expires, pid: {"type": "credit", "kind": "topup", "amount_micros": amount,
+                                                "expires_at_us": expires, "payment_id": pid,
+                                                "key": f"stripe:payment:{pid}"},
+                  amounts, st.one_of(st.none(), st.integers(-DAY_S, 40 * DAY_S).map(lambda s: now + s * US)),
+                  st.one_of(st.just(f"pi_{serial}"), st.sampled_from(payments))),
+        st.builds(lambda rid, pid, amount: {"type": "stripe_refund", "refund_id": rid, "payment_id": pid,
+                                            "amount_micros": amount, "key": f"stripe:refund:{rid}"},
+                  st.sampled_from([f"re_{serial}", "re_again", "re_other"]),
+                  st.sampled_from(payments + [f"pi_{serial + 1}", "pi_invoice"]), amounts),
+        st.builds(lambda since_s, invoice: {"type": "invoice_failed", "since_us": now - since_s * US,
+                                            "invoice_id": invoice, **DUNNING},
+                  st.integers(0, 20 * DAY_S), st.sampled_from(["in_1", "in_2", None])),
+        st.builds(lambda as_of_s, invoice, paid: {"type": "invoice_paid", "as_of_us": now - as_of_s * US,
+                                                  "invoice_id": invoice, "amount_paid_cents": paid},
+                  st.integers(0, 3 * DAY_S), st.sampled_from(["in_1", "in_2", "in_3", None]),
+                  st.sampled_from([0, 900, None])),
+        st.builds(lambda back_s, length_d, with_end: {
+            "type": "subscription_period", "start_us": now - back_s * US,
+            "end_us": now - back_s * US + length_d * DAY_US if with_end else None},
+            st.integers(0, 40 * DAY_S), st.sampled_from((7, 28, 30, 31)), st.booleans()),
+    )
+    charges = pair.charges_seen or ["ar_1"]
+    recharge = st.one_of(
+        # One payment intent per charge (the charger's idempotency key sees to it): a success
+        # delivered twice carries the same key, and the edge applies it once.
+        st.builds(lambda cid, ok, amount: {"type": "settle", "charge_id": cid, "succeeded": ok,
+                                           "amount_micros": amount, "payment_id": f"pi_{cid}",
+                                           "reason": None if ok else "card_declined",
+                                           "key": f"stripe:payment:pi_{cid}" if ok else None},
+                  st.sampled_from(charges), st.booleans(), cents),
+        st.builds(lambda on, threshold, amount, per_day, cooldown: {
+            "type": "set_auto_recharge", "enabled": on, "threshold_micros": threshold, "amount_micros": amount,
+            "max_per_day": per_day, "cooldown_s": cooldown},
+            st.booleans(), st.integers(1, 10_000_000), cents, st.integers(1, 4), st.sampled_from((0, 60, 3_600))),
+        st.builds(lambda present: {"type": "set_card", "present": present}, st.booleans()),
+    )
+    leases = st.one_of(
+        st.builds(lambda lid, res, ttl: {"type": "acquire", "lease_id": lid, "resources": res, "ttl_s": ttl},
+                  st.sampled_from(LEASES), resources, st.sampled_from((1, 30, 600, 3_600, 86_400))),
+        st.builds(lambda lid: {"type": "renew", "lease_id": lid}, st.sampled_from(LEASES)),
+        st.builds(lambda lid: {"type": "release", "lease_id": lid}, st.sampled_from(LEASES)),
+    )
+    operator = st.one_of(
+        st.builds(lambda kind, amount, expires: {"type": "credit", "kind": kind, "amount_micros": amount,
+                                                 "expires_at_us": expires},
+                  st.sampled_from(("grant", "adjustment")), amounts,
+                  st.one_of(st.none(), st.integers(1, 40 * DAY_S).map(lambda s: now + s * US))),
+        st.builds(lambda kind, amount: {"type": "debit", "kind": kind, "amount_micros": amount},
+                  st.sampled_from(("refund", "adjustment")), amounts),
+        st.just({"type": "halt"}), st.just({"type": "resume"}),
+        st.sampled_from([{"type": "set_plan", "plan_id": p, "plan_version": v}
+                         for p, v in (("payg", 1), ("payg", 2), ("hobby_weekly", 1), ("hobby_weekly", 2),
+                                      ("free", 1))]),
+        st.builds(lambda tier, as_of_s: {"type": "set_tier", "tier": tier, "max_concurrent": ENGINE_CATALOG.tiers[tier]
+                                         if tier != "custom" else 2, "as_of_us": None if as_of_s is None
+                                         else now - as_of_s * US},
+                  st.sampled_from(("base", "pro", "custom")), st.one_of(st.none(), st.integers(0, DAY_S))),
+        st.builds(lambda disk, quotas: {"type": "set_limits", "max_disk_mb": disk, "machine_quotas": quotas},
+                  st.one_of(st.none(), st.sampled_from((0, 20_480, 40_000))),
+                  st.one_of(st.none(), st.just({}), st.just({"us-east": {"a100": 2}}))),
+        st.builds(lambda threshold: {"type": "set_alerts", "low_balance_micros": threshold},
+                  st.sampled_from((0, 1_000_000, 4_000_000))),
+        st.just({"type": "advance"}),
+    )
+    gate = st.builds(lambda action, res: {"type": "gate", "action": action, "resources": res},
+                     st.sampled_from(("create", "wake", "ingest", "purchase")), resources)
+    usage = tick_specs(serial).map(lambda ticks: {"type": "usage", "ticks": ticks})
+    return st.one_of(usage, usage, leases, operator, stripe, recharge, gate)
+
+
+def jump_strategy(pair: Pair) -> st.SearchStrategy:
+    """How far the clock moves before the next step: not at all, seconds, hours, days, months,
+    or onto an edge (a period end, an expiry, a dunning step, ±1 s)."""
+    edges = next_boundaries(pair)
+    return st.one_of(
+        st.just(0), st.integers(1, 120), st.integers(60, 6 * HOUR_S), st.integers(HOUR_S, 10 * DAY_S),
+        st.integers(10 * DAY_S, 70 * DAY_S),
+        st.sampled_from(edges).map(lambda at: (at - pair.now + US - 1) // US) if edges else st.just(1))
