@@ -331,8 +331,11 @@ class Pair:
                 pair.model.ref.observe())
         return pair
 
+    total_steps = 0  # over every pair of this process (bench/model.py reports it)
+
     def step(self, step: dict) -> None:
         self.steps += 1
+        Pair.total_steps += 1
         engine_result = self.engine.apply(self.now, step)
         model_result = self.model.apply(self.now, step)
         engine_fx, model_fx = self.engine.take_effects(), self.model.ref.take_effects()
