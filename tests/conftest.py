@@ -27,6 +27,7 @@ from tests.helpers import (
     STRIPE_WEBHOOK_SECRET,
     SVIX_SECRET,
     Sql,
+    database_url_named,
     free_port,
 )
 from tests.pgproxy import PgProxy
@@ -64,12 +65,6 @@ def _on_server(base_url: str, statement: str) -> None:
     asyncio.run(run())
 
 
-def _database_url(base_url: str, name: str) -> str:
-    head, _, tail = base_url.rpartition("/")
-    query = "?" + tail.split("?", 1)[1] if "?" in tail else ""
-    return f"{head}/{name}{query}"
-
-
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, receiver):
     """The service, reaching Postgres through tests/pgproxy.py (`service.pg_proxy`), so that a
@@ -84,7 +79,7 @@ def service(tmp_path_factory, receiver):
     with stripe_on_loopback(tmp_path_factory.mktemp("stripe")) as stripe_api_base:
         if external:  # a database of its own on that server, dropped at the end
             _on_server(external, f'CREATE DATABASE "{database}"')
-            upstream_url = _database_url(external, database)
+            upstream_url = database_url_named(external, database)
         else:  # the embedded Postgres in the service's data folder, as launch would start it
             upstream_url, pg_server = start_embedded_postgres(data_dir)
         proxy = PgProxy(upstream_url)

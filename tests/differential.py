@@ -18,6 +18,7 @@ import json
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 from hypothesis import strategies as st
@@ -30,7 +31,6 @@ from actors.ticks import Tick
 from actors.timeutil import rfc3339_to_us
 from actors.usage import bill_ticks
 from config.catalog import Catalog, parse_catalog
-from config.settings import DEFAULT_CATALOG
 from metergate_client.decision import decide
 from tests.model.reference import RefCatalog, RefOrg
 
@@ -41,27 +41,8 @@ DAY_US = DAY_S * US
 ORG_ID = "org_diff"
 
 
-def catalog_raw() -> dict:
-    """The shipped catalog, plus what the rules need exercised: a priced unit (`gpu_s`) on payg
-    that its version 2 (from 2026-07-01, other rates) no longer prices, and a second hobby
-    version with a bigger quota from 2026-05-04 (a Monday)."""
-    raw = tomllib.loads(DEFAULT_CATALOG.read_text())
-    plans = raw["plans"]
-    payg = next(p for p in plans if p["id"] == "payg")
-    payg["unit_nanos"] = {"ingest_bytes": 0, "gpu_s": 250_000}
-    payg["effective_until"] = "2026-07-01T00:00:00Z"
-    payg_2 = {**payg, "version": 2, "effective_from": "2026-07-01T00:00:00Z", "memory_nanos_per_gib_s": 5_000,
-              "unit_nanos": {"ingest_bytes": 0}}
-    del payg_2["effective_until"]
-    hobby = next(p for p in plans if p["id"] == "hobby_weekly")
-    hobby["effective_until"] = "2026-05-04T00:00:00Z"
-    hobby_2 = {**hobby, "version": 2, "effective_from": "2026-05-04T00:00:00Z", "included_micros": 7_000_000}
-    del hobby_2["effective_until"]
-    plans += [payg_2, hobby_2]
-    return raw
-
-
-RAW = catalog_raw()
+CATALOG_PATH = Path(__file__).parent / "model" / "catalog.toml"
+RAW = tomllib.loads(CATALOG_PATH.read_text())
 ENGINE_CATALOG: Catalog = parse_catalog(RAW)
 START_US = rfc3339_to_us("2026-03-01T00:00:00Z")
 DUNNING = {"suspend_after_s": 3 * DAY_S, "degrade_after_s": 7 * DAY_S, "downgrade_after_s": 14 * DAY_S,
@@ -320,8 +301,20 @@ class Pair:
     model: ModelOrg
     now: int
     steps: int = 0
-    charges_seen: list[str] = field(default_factory=list)
+    charges_seen: dict[str, int] = field(default_factory=dict)  # every charge asked for → its amount
     payments: list[str] = field(default_factory=list)
+    deliveries: dict[str, dict] = field(default_factory=dict)  # idempotency key → the step first sent
+
+    def delivery(self, step: dict) -> dict:
+        """A keyed step is a Stripe object: sent again, it is the same object (a redelivery),
+        never another body under the same key."""
+        key = step.get("key")
+        if key is None:
+            return step
+        step = self.deliveries.setdefault(key, step)
+        if step["type"] == "credit" and step["payment_id"] not in self.payments:
+            self.payments.append(step["payment_id"])
+        return step
 
     @classmethod
     def create(cls, plan_id: str, prepaid: bool, now_us: int) -> "Pair":
@@ -339,7 +332,7 @@ class Pair:
         engine_result = self.engine.apply(self.now, step)
         model_result = self.model.apply(self.now, step)
         engine_fx, model_fx = self.engine.take_effects(), self.model.ref.take_effects()
-        self.charges_seen += [c[0] for c in engine_fx["charges"] if c[0] not in self.charges_seen]
+        self.charges_seen.update((c[0], c[1]) for c in engine_fx["charges"])
         if step["type"] == "gate":
             compare(self.steps, step, engine_result, model_result, engine_fx, model_fx, {}, {})
             return
@@ -387,9 +380,10 @@ def next_boundaries(pair: Pair) -> list[int]:
     return sorted({m + d for m in moments for d in (-US, 0, US) if m + d > pair.now})
 
 
-def step_strategy(pair: Pair, serial: int) -> st.SearchStrategy:
+def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.SearchStrategy:
     """The next step, given where the pair is: every command of the rules, with the Stripe
-    ones delivered early, late, twice and out of order."""
+    ones delivered early, late, twice and out of order. Without `auto_recharge` no charge is
+    ever asked for (a shard's charger would settle it on its own)."""
     now = pair.now
     resources = st.sampled_from(RESOURCES)
     payments = pair.payments or ["pi_none"]
@@ -415,19 +409,23 @@ def step_strategy(pair: Pair, serial: int) -> st.SearchStrategy:
             "end_us": now - back_s * US + length_d * DAY_US if with_end else None},
             st.integers(0, 40 * DAY_S), st.sampled_from((7, 28, 30, 31)), st.booleans()),
     )
-    charges = pair.charges_seen or ["ar_1"]
+    # An outcome only for a charge that was asked for (early, late, twice, or after the next
+    # one), of its amount or another; one payment intent per charge (the charger's
+    # idempotency key sees to it), so a success delivered twice carries the same key.
+    settle = [st.builds(lambda cid, ok, amount: {"type": "settle", "charge_id": cid, "succeeded": ok,
+                                                 "amount_micros": amount or pair.charges_seen[cid],
+                                                 "payment_id": f"pi_{cid}",
+                                                 "reason": None if ok else "card_declined",
+                                                 "key": f"stripe:payment:pi_{cid}" if ok else None},
+                        st.sampled_from(sorted(pair.charges_seen)), st.booleans(), st.one_of(st.none(), cents))
+              ] if pair.charges_seen else []
     recharge = st.one_of(
-        # One payment intent per charge (the charger's idempotency key sees to it): a success
-        # delivered twice carries the same key, and the edge applies it once.
-        st.builds(lambda cid, ok, amount: {"type": "settle", "charge_id": cid, "succeeded": ok,
-                                           "amount_micros": amount, "payment_id": f"pi_{cid}",
-                                           "reason": None if ok else "card_declined",
-                                           "key": f"stripe:payment:pi_{cid}" if ok else None},
-                  st.sampled_from(charges), st.booleans(), cents),
-        st.builds(lambda on, threshold, amount, per_day, cooldown: {
+        *settle,
+        *([st.builds(lambda on, threshold, amount, per_day, cooldown: {
             "type": "set_auto_recharge", "enabled": on, "threshold_micros": threshold, "amount_micros": amount,
             "max_per_day": per_day, "cooldown_s": cooldown},
-            st.booleans(), st.integers(1, 10_000_000), cents, st.integers(1, 4), st.sampled_from((0, 60, 3_600))),
+            st.booleans(), st.integers(1, 10_000_000), cents, st.integers(1, 4), st.sampled_from((0, 60, 3_600)))]
+          if auto_recharge else []),
         st.builds(lambda present: {"type": "set_card", "present": present}, st.booleans()),
     )
     leases = st.one_of(

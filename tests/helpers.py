@@ -120,6 +120,13 @@ def hour_tick(org_id: str, tick_id: str, lease_id: str = "sbx_1") -> dict:
             "duration_ms": 3_600_000, "memory_mb": 4096, "cpu_count": 2, "disk_mb": 0}
 
 
+def database_url_named(base_url: str, name: str) -> str:
+    """The URL of database `name` on the server of `base_url`."""
+    head, _, tail = base_url.rpartition("/")
+    query = "?" + tail.split("?", 1)[1] if "?" in tail else ""
+    return f"{head}/{name}{query}"
+
+
 def ledger_sum(sql, org_id: str) -> int:
     return sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org_id)
 

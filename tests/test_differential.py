@@ -30,8 +30,7 @@ class EngineAgainstModel(RuleBasedStateMachine):
         self.serial += 1
         self.pair.wait(data.draw(jump_strategy(self.pair), label="wait_s"))
         step = data.draw(step_strategy(self.pair, self.serial), label="step")
-        if step["type"] == "credit" and step.get("payment_id"):
-            self.pair.payments.append(step["payment_id"])
+        step = self.pair.delivery(step)
         self.pair.step(step)
 
     @rule(snapshot_now=st.booleans())
