@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test bench clean
+.PHONY: up test bench mutation soak-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run_all
+
+# The differential test for as long as asked (MINUTES, default 10), its seeds printed.
+soak-model: $(STAMP)
+	$(VENV)/bin/python -m bench.model --minutes $(or $(MINUTES),10)
+
+# Mutation testing of the pure money core: how much of it the fast tests pin down.
+mutation: $(STAMP)
+	$(VENV)/bin/python -m pip install -q 'mutmut>=3.3,<4'
+	rm -rf mutants
+	METERGATE_DIFF_EXAMPLES=40 $(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/python -m bench.mutation_score
 
 clean:
 	rm -rf $(VENV) .metergate

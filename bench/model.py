@@ -41,7 +41,8 @@ def main() -> int:
         try:
             run_state_machine_as_test(seed(round_seed)(EngineAgainstModel), settings=budget)
         except AssertionError as divergence:
-            print(f"model: DIVERGENCE with seed {round_seed}:\n{divergence}", flush=True)
+            steps = "\n".join(getattr(divergence, "__notes__", []))  # the shrunk example, step by step
+            print(f"model: DIVERGENCE with seed {round_seed}:\n{divergence}\n{steps}", flush=True)
             return report(started, rounds + 1, examples, 1)
         rounds += 1
         examples += EXAMPLES_PER_ROUND

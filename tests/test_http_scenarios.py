@@ -197,3 +197,57 @@ def test_ops_endpoints_answer(service, compute):
     ready = compute.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     assert compute.get("/docs").status_code == 200
+
+
+def test_a_usage_report_adds_costs_exactly_across_commits(admin, compute, sql, new_org):
+    """Each rollup kept the floor of its cost in nanos at every commit, so a lease's or a day's
+    cost drifted from the ledger. A tick of 2 vCPU and 1,177,600 MB of disk for 1 ms costs
+    62.5 nano-USD; sixteen of them, each its own commit, cost exactly 1 µUSD (the floors made
+    992 nanos: 0 µUSD)."""
+    org = new_org()
+    started = now_rfc3339()
+    for n in range(16):
+        answer = compute.post("/v1/usage", json={"ticks": [{
+            "tick_id": f"e{n}", "org_id": org, "lease_id": "exact", "started_at": started, "duration_ms": 1,
+            "cpu_count": 2, "disk_mb": 1_177_600}]})
+        assert answer.json()["accepted"] == 1, answer.text
+    (group,) = admin.get(f"/v1/orgs/{org}/usage", params={"group_by": "lease"}).json()["groups"]
+    assert (group["lease_id"], group["ticks"], group["cost_micros"]) == ("exact", 16, 1)
+    assert ledger_sum(sql, org) == SIGNUP_MICROS - 1  # the ledger's exact debit: the same micro
+
+
+def test_a_lease_id_released_cannot_be_taken_again_by_a_late_retry(compute, new_org):
+    org = new_org()
+    assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "once", "ttl_s": 60}).status_code == 201
+    assert compute.delete(f"/v1/leases/{org}/once").status_code == 204
+    late = compute.post("/v1/leases", json={"org_id": org, "lease_id": "once", "ttl_s": 60})
+    assert late.status_code == 409 and late.json()["error"]["code"] == "lease_ended", late.text
+    # A release that overtook its take: the take that arrives after it is refused too.
+    assert compute.delete(f"/v1/leases/{org}/overtaken").status_code == 204
+    assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "overtaken"}).status_code == 409
+
+
+def test_a_tick_older_than_tick_ids_are_remembered_is_rejected_tick_too_old(admin, compute, new_org):
+    org = new_org()
+    old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 26 * 3_600))
+    answer = compute.post("/v1/usage", json={"ticks": [
+        {"tick_id": "old", "org_id": org, "started_at": old, "duration_ms": 1_000, "memory_mb": 1024},
+        hour_tick(org, "fresh")]}).json()
+    assert answer["accepted"] == 1
+    (rejected,) = answer["rejected"]
+    assert rejected["index"] == 0 and rejected["error"].startswith("tick_too_old:")
+    assert admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == SIGNUP_MICROS - HOUR_TICK_MICROS
+
+
+def test_balance_threshold_crossed_goes_out_once_per_fall_under_the_orgs_alert(admin, compute, sql, new_org):
+    org = new_org()
+    assert admin.get(f"/v1/orgs/{org}").json()["alerts"] == {"low_balance_micros": 1_000_000}  # the catalog's
+    put = admin.put(f"/v1/orgs/{org}/alerts", json={"low_balance_micros": 4_900_000})
+    assert put.status_code == 200 and put.json()["alerts"] == {"low_balance_micros": 4_900_000}
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "a1")]})  # 4.8344 USD left: under
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "a2")]})  # still under: no second one
+    (crossed,) = outbox(sql, org, "balance.threshold_crossed")
+    assert crossed == {"org_id": org, "threshold_micros": 4_900_000,
+                       "balance_micros": SIGNUP_MICROS - HOUR_TICK_MICROS}
+    bad = admin.put(f"/v1/orgs/{org}/alerts", json={"low_balance_micros": -1})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
