@@ -170,6 +170,16 @@ Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | C
 KEYED = (Credit, SettleRecharge, RefundPayment)
 
 
+def well_typed(command: Command) -> bool:
+    """Whether the command reads back as it is: a field of the wrong type (an int where the
+    journal keeps a str, from an event of an unexpected shape) would be applied once and then
+    fail every replay of the org, so it must never reach the org."""
+    try:
+        return _COMMAND_DECODER.decode(JOURNAL_ENCODER.encode(command)) == command
+    except msgspec.ValidationError:
+        return False
+
+
 def fingerprint(command: Command) -> str:
     """What a keyed command is compared by when its key comes again."""
     return hashlib.sha256(msgspec.msgpack.encode(command)).hexdigest()
@@ -182,6 +192,7 @@ class JournalItem(msgspec.Struct, array_like=True):
 
 JOURNAL_DECODER = msgspec.msgpack.Decoder(list[JournalItem])
 JOURNAL_ENCODER = msgspec.msgpack.Encoder()
+_COMMAND_DECODER = msgspec.msgpack.Decoder(Command)
 
 
 # ----- outcomes ----------------------------------------------------------------------------

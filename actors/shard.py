@@ -1035,6 +1035,8 @@ class _BatchWork:
             return self._create(item, loaded)
         if loaded is None:
             return unknown_org(item.org_id)
+        if not cmd.well_typed(command):
+            return error(Refusal.INVALID_COMMAND, f"{type(command).__name__} has a field of the wrong type")
         if isinstance(command, cmd.KEYED) and command.idempotency_key:
             replay = self._keyed_replay(item, keyed)
             if replay is not None:

@@ -183,7 +183,16 @@ def _refunds(charge: dict) -> list[Command]:
     refunds = (charge.get("refunds") or {}).get("data")
     if refunds is None:
         raise EventError("charge.refunded without refunds.data; expand `refunds` on the webhook")
-    payment = _str(charge.get("payment_intent")) or charge["id"]
-    return [RefundPayment(r["id"], payment, _cents(r["amount"], "refunds.amount"),
-                          f"Stripe refund {r['id']} of {payment}", f"stripe:refund:{r['id']}")
-            for r in refunds if r.get("status", "succeeded") == "succeeded"]
+    payment = _str(charge.get("payment_intent")) or _str(charge.get("id"))
+    if payment is None:
+        raise EventError("charge.refunded names no charge id")
+    commands: list[Command] = []
+    for refund in refunds:
+        if refund.get("status", "succeeded") != "succeeded":
+            continue
+        refund_id = _str(refund.get("id"))
+        if refund_id is None:
+            raise EventError("a refund in refunds.data has no id")
+        commands.append(RefundPayment(refund_id, payment, _cents(refund["amount"], "refunds.amount"),
+                                      f"Stripe refund {refund_id} of {payment}", f"stripe:refund:{refund_id}"))
+    return commands

@@ -91,7 +91,12 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
     envelope = decode(ENVELOPE_DECODER, body)
     data = bytes(envelope.data)
     if envelope.type == "sandbox.started":
-        status, result = await take_lease(ctx, data)
+        try:
+            status, result = await take_lease(ctx, data)
+        except ApiError as exc:
+            if exc.code != Refusal.LEASE_ENDED:
+                raise
+            result = {"error": {"code": exc.code, "message": exc.message}}  # a late start of a stopped sandbox
         status = 200  # the sandbox runs already; a deny is news for the sender, not a retryable failure
     elif envelope.type == "sandbox.stopped":
         stopped = decode(STOPPED_DECODER, data)

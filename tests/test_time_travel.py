@@ -38,6 +38,12 @@ US = 1_000_000
 DAY_S = 86_400
 
 
+def tick_now(admin, org: str, tick_id: str, lease_id: str) -> dict:
+    """An hour tick started at the service's now: once the test clock ran ahead, a tick of real
+    time would be older than tick ids are remembered, and rejected tick_too_old."""
+    return hour_tick(org, tick_id, lease_id) | {"started_at": us_to_rfc3339(clock_us(admin) // US * US)}
+
+
 def test_the_test_clock_moves_forward_only_and_is_absent_without_the_setting(service, admin):
     before = clock_us(admin)
     moved = advance(admin, 3_600)
@@ -76,8 +82,7 @@ def test_meter_events_bill_only_what_credit_did_not_cover_shadow_then_sent_after
         return datetime.fromtimestamp(clock_us(admin) // 1_000_000, timezone.utc).replace(minute=0, second=0)
 
     def usage(prefix: str, count: int) -> None:
-        started = us_to_rfc3339(clock_us(admin) // 1_000_000 * 1_000_000)
-        ticks = [hour_tick(org, f"{prefix}_{n}", "meter") | {"started_at": started} for n in range(count)]
+        ticks = [tick_now(admin, org, f"{prefix}_{n}", "meter") for n in range(count)]
         assert compute.post("/v1/usage", json={"ticks": ticks}).json()["accepted"] == count
 
     first_hour = service_hour()
@@ -141,7 +146,7 @@ def test_meter_events_bill_only_what_credit_did_not_cover_shadow_then_sent_after
 def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_change(admin, compute, sql, new_org):
     org = new_org(plan_id="hobby_weekly")
     compute.post("/v1/leases", json={"org_id": org, "lease_id": "w1", "ttl_s": 86_400})
-    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"w_{n}", "w1") for n in range(3)]})
+    compute.post("/v1/usage", json={"ticks": [tick_now(admin, org, f"w_{n}", "w1") for n in range(3)]})
     period = admin.get(f"/v1/orgs/{org}").json()["period"]
     assert period["usage_micros"] == 3 * HOUR_TICK_MICROS
     now = clock_us(admin)
@@ -153,7 +158,7 @@ def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_c
     assert state["period"]["key"] != period["key"] and state["period"]["usage_micros"] == 0
 
     # A subscription's period moving resets the quota too (the first one only sets the anchor).
-    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"w2_{n}", "w1") for n in range(2)]})
+    compute.post("/v1/usage", json={"ticks": [tick_now(admin, org, f"w2_{n}", "w1") for n in range(2)]})
     advance(admin, 60)  # a start in the same second as the week's would be "the running period"
     now_s = clock_us(admin) // US
     subscription = {"id": f"sub_{uuid.uuid4().hex[:8]}", "object": "subscription", "status": "active",
@@ -211,7 +216,7 @@ def test_a_grant_lapses_with_exactly_its_unused_part_and_a_lease_expires(admin, 
         "kind": "grant", "amount_micros": 2 * US, "expires_at": us_to_rfc3339(expires_at), "note": "trial"})
     assert credit.status_code == 201, credit.text
     assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "short", "ttl_s": 60}).status_code == 201
-    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "g1", "short")]})  # burns the expiring grant first
+    compute.post("/v1/usage", json={"ticks": [tick_now(admin, org, "g1", "short")]})  # burns the expiring grant first
     advance(admin, 120)
     (expired,) = wait_for("lease.expired", lambda: outbox(sql, org, "lease.expired"))
     assert expired["lease_id"] == "short"

@@ -38,7 +38,6 @@ from tests.helpers import (
     advance,
     clock_us,
     ledger_sum,
-    now_rfc3339,
     stripe_deliver,
     stripe_event,
     svix_signed,
@@ -136,6 +135,7 @@ class OrgModel:
     paid: bool = False
     seq: int = 0
     leases: dict[str, Lease] = field(default_factory=dict)
+    ended: dict[str, int] = field(default_factory=dict)  # lease id → when it ended (its id is barred an hour)
 
     # ----- reads --------------------------------------------------------------------------
 
@@ -158,7 +158,8 @@ class OrgModel:
     def moments_us(self) -> list[int]:
         """When time alone next changes this org."""
         return ([g.expires_us for g in self.grants if g.expires_us is not None]
-                + [lease.expires_us for lease in self.leases.values()] + [self.period_end_us])
+                + [lease.expires_us for lease in self.leases.values()] + [self.period_end_us]
+                + [ended_us + HOUR_S * US for ended_us in self.ended.values()])
 
     def decide(self, action: str, quantity: int = 1, disk_mb: int = 0) -> str:
         """The gate's reason: halted, then money, then (create) resource, then concurrency."""
@@ -235,6 +236,8 @@ class OrgModel:
         """(status, reason) of taking a lease; the same lease id again is that lease."""
         if lease_id in self.leases:
             return 200, "ok"
+        if now_us - self.ended.get(lease_id, -HOUR_S * US - 1) <= HOUR_S * US:
+            return 409, "lease_ended"  # a take after its lease ended (released or expired) is refused
         reason = self.decide("create", quantity, disk_mb)
         if reason != "ok":
             return DENY_STATUS[reason], reason
@@ -258,7 +261,10 @@ class OrgModel:
             self.ledger_micros -= sum(g.remaining_micros for g in lapsed)  # the unused part lapses
             self.grants = [g for g in self.grants if g not in lapsed]
             self._halt_if_out_of_money()
-        self.leases = {i: lease for i, lease in self.leases.items() if lease.expires_us > now_us}
+        for lease_id in [i for i, lease in self.leases.items() if lease.expires_us <= now_us]:
+            del self.leases[lease_id]
+            self.ended[lease_id] = now_us
+        self.ended = {i: at for i, at in self.ended.items() if now_us - at <= HOUR_S * US}
         if new_period:
             self._resume_if_funded()  # new quota is money to spend
 
@@ -421,7 +427,7 @@ class OrgAgainstModel(RuleBasedStateMachine):
         now = self.step("tick")
         gib, vcpus, seconds = size
         body = {"ticks": [{"tick_id": f"t{len(self.ticks)}", "org_id": self.org_id, "lease_id": lease_id,
-                           "started_at": now_rfc3339(), "duration_ms": seconds * 1_000,
+                           "started_at": rfc3339(now // US * US), "duration_ms": seconds * 1_000,
                            "memory_mb": gib * 1_024, "cpu_count": vcpus}]}
         answer = self.call(self.compute, "POST", "/v1/usage", json=body)
         self.model.tick(tick_cost_micros(gib, vcpus, seconds), lease_id, now)
@@ -455,7 +461,9 @@ class OrgAgainstModel(RuleBasedStateMachine):
         status, reason, body = self.expect_lease(lease_id, ttl_s, now)
         answer = self.call(self.compute, "POST", "/v1/leases", json=body)
         self.same(f"lease {lease_id} status", answer.status_code, status)
-        if status >= 400:
+        if reason == "lease_ended":
+            self.same(f"lease {lease_id} refusal", answer.json()["error"]["code"], reason)
+        elif status >= 400:
             self.same(f"lease {lease_id} deny", (answer.json()["reason"], answer.json()["error"]["code"]),
                       (reason, reason))
 
@@ -467,12 +475,15 @@ class OrgAgainstModel(RuleBasedStateMachine):
         answer = self.call(self.compute, "POST", "/webhooks/svix", content=signed_body, headers=headers)
         self.same("sandbox.started status", answer.status_code, 200)  # a deny is news, not a failure
         result = answer.json()["result"]
+        if reason == "lease_ended":  # a late start of a stopped sandbox: news, with the refusal
+            self.same(f"sandbox.started {lease_id}", result["error"]["code"], reason)
+            return
         self.same(f"sandbox.started {lease_id}", result.get("reason", "ok") if status >= 400 else result["lease_id"],
                   reason if status >= 400 else lease_id)
 
     @rule(lease_id=st.sampled_from(tuple(LEASES)), by_webhook=st.booleans())
     def release_lease(self, lease_id, by_webhook):
-        self.step("release_lease")
+        now = self.step("release_lease")
         if by_webhook:
             signed_body, headers = svix_signed({"type": "sandbox.stopped",
                                                 "data": {"org_id": self.org_id, "lease_id": lease_id}})
@@ -482,6 +493,7 @@ class OrgAgainstModel(RuleBasedStateMachine):
             answer = self.call(self.compute, "DELETE", f"/v1/leases/{self.org_id}/{lease_id}")
             self.same("release status", answer.status_code, 204)  # also when already gone
         self.model.leases.pop(lease_id, None)
+        self.model.ended[lease_id] = now  # held or not: the id is barred for an hour
 
     # ----- operator -----------------------------------------------------------------------
 

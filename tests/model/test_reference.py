@@ -547,8 +547,10 @@ def test_lease_lifecycle():
     assert o.take_effects()["events"] == [("lease.expired", {"lease_id": "l1", "expired_at": "2026-03-02T00:01:50Z"})]
     assert o.apply(T0 + 120 * S, {"type": "acquire", "lease_id": "l1", "resources": RES, "ttl_s": 60}) == {
         "refused": "lease_ended"}
-    # one hour after it ended (T0 + 110 s) it is forgotten.
+    # rule 7.5: remembered until more than one hour has passed since it ended (T0 + 110 s).
     assert o.apply(T0 + 110 * S + HOUR, {"type": "acquire", "lease_id": "l1", "resources": RES,
+                                         "ttl_s": 60}) == {"refused": "lease_ended"}
+    assert o.apply(T0 + 111 * S + HOUR, {"type": "acquire", "lease_id": "l1", "resources": RES,
                                          "ttl_s": 60})["created"] is True
     assert o.apply(T0 + 2 * HOUR, {"type": "release", "lease_id": "zz"}) == {"released": False}
     assert o.apply(T0 + 2 * HOUR, {"type": "renew", "lease_id": "zz"}) == {"refused": "unknown_lease"}
