@@ -31,7 +31,7 @@ from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods
 from actors.recharge import MICROS_PER_CENT, AutoRecharge, ChargeRequest, Recharge
 from actors.refunds import RefundRecord, Refunds
 from actors.refusals import BillingError, LeaseConflict, LeaseEnded, Refusal, UnknownLease
-from config.catalog import Plan
+from config.catalog import Catalog, Plan
 
 # Names the rest of the code base imports from here, wherever their concern keeps them.
 __all__ = [
@@ -262,12 +262,18 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
             **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
-    def from_snapshot(cls, snap: OrgSnapshot, plan: Plan) -> "OrgBillingActor":
-        assert (plan.id, plan.version) == (snap.plan_id, snap.plan_version)
+    def from_snapshot(cls, snap: OrgSnapshot, catalog: Catalog) -> "OrgBillingActor":
+        """The org a snapshot holds, its plans resolved in `catalog` (a stored plan is only its
+        id and version; the catalog's own version knows what follows it)."""
         org = cls.__new__(cls)
         for name in _SNAPSHOT_PLAIN_FIELDS:
             setattr(org, name, getattr(snap, name))
-        org.plan = plan
+        org.plan = catalog.plan_version(snap.plan_id, snap.plan_version)
+        if org.dunning is not None:
+            dunning = org.dunning
+            dunning.free_plan = catalog.plan_version(dunning.free_plan.id, dunning.free_plan.version)
+            if dunning.prior_plan is not None:
+                dunning.prior_plan = catalog.plan_version(dunning.prior_plan.id, dunning.prior_plan.version)
         if snap.period_cycle_us < 0:
             # Written before the cycle was kept: an org with an anchor then took the running
             # period's length from the anchor on as the cycle of the next periods.

@@ -505,7 +505,7 @@ class ShardActor:
     def _replayed(self, state: bytes, entries: list[bytes]) -> OrgBillingActor:
         """An org from its snapshot and journal tail, as Postgres holds them."""
         snap = SNAPSHOT_DECODER.decode(state)
-        org = OrgBillingActor.from_snapshot(snap, self.catalog.plan_version(snap.plan_id, snap.plan_version))
+        org = OrgBillingActor.from_snapshot(snap, self.catalog)
         for entry in entries:
             cmd.replay(org, cmd.JOURNAL_DECODER.decode(entry), self.catalog)
         org.check_invariants()

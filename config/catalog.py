@@ -13,19 +13,22 @@ PERIODS = ("week", "month")
 UNIT_NAME_MAX = 64
 
 
-# Each plan version's next version, from every catalog loaded in this process. Plan versions
-# are immutable (a change is a new version), so this is configuration, not state: replaying
-# an org's journal takes the same versions at the same period starts.
-_SUCCESSORS: dict[tuple[str, int], "Plan"] = {}
+# Each plan version's next version in the catalog that made it, by the version's own object:
+# two catalogs in one process (a reload, the tests) may give one version different successors,
+# and a lookup by id and version would take whichever was parsed last. Plan versions are
+# immutable (a change is a new version), so this is configuration, not state: replaying an
+# org's journal takes the same versions at the same period starts. An org holds only plans of
+# its catalog (OrgBillingActor.from_snapshot resolves every plan it stores).
+_SUCCESSORS: dict[int, tuple["Plan", "Plan"]] = {}
 
 
 def plan_for_period(plan: "Plan", start_us: int) -> "Plan":
     """The version of `plan` that a period starting at start_us runs on."""
     while plan.effective_until_us is not None and plan.effective_until_us <= start_us:
-        successor = _SUCCESSORS.get((plan.id, plan.version))
-        if successor is None:
+        known = _SUCCESSORS.get(id(plan))
+        if known is None or known[0] is not plan:
             break
-        plan = successor
+        plan = known[1]
     return plan
 
 
@@ -183,7 +186,7 @@ def parse_catalog(raw: dict) -> Catalog:
                                f"{other_kind[0]} is not; every version of a plan has one period")
         later = [p for p in plans.values() if p.id == plan.id and p.version > plan.version]
         if later:
-            _SUCCESSORS[(plan.id, plan.version)] = min(later, key=lambda p: p.version)
+            _SUCCESSORS[id(plan)] = (plan, min(later, key=lambda p: p.version))
     if not any(plan_id == catalog.default_plan for plan_id, _ in plans):
         raise CatalogError(f"default_plan {catalog.default_plan!r} is not a plan in the catalog")
     if catalog.default_tier not in catalog.tiers:

@@ -208,7 +208,7 @@ class EngineOrg:
         if snapshot_now:  # the shard snapshots and drops the journal behind it
             self.snapshot, self.tail = msgspec.msgpack.encode(self.org.to_snapshot()), []
         snap = msgspec.msgpack.decode(self.snapshot, type=OrgSnapshot)
-        rebuilt = OrgBillingActor.from_snapshot(snap, ENGINE_CATALOG.plan_version(snap.plan_id, snap.plan_version))
+        rebuilt = OrgBillingActor.from_snapshot(snap, ENGINE_CATALOG)
         for entry in self.tail:
             replay(rebuilt, JOURNAL_DECODER.decode(entry), ENGINE_CATALOG)
         assert rebuilt.to_snapshot() == self.org.to_snapshot(), "replay differs from the live org"

@@ -162,7 +162,7 @@ def test_the_pending_charge_survives_snapshot_and_replay():
     run(SetAutoRecharge(True, 4 * US, 10 * US, 3, 60), T0)
     fx = run(ApplyUsage([usage_costing(2 * US)]), T0 + US)
     assert [c.charge_id for c in fx.charges] == ["ar_1"]
-    rebuilt = OrgBillingActor.from_snapshot(snap, org.plan)
+    rebuilt = OrgBillingActor.from_snapshot(snap, CATALOG)
     replay(rebuilt, JOURNAL_DECODER.decode(JOURNAL_ENCODER.encode(journal)), CATALOG)
     assert rebuilt.pending_charge() == org.pending_charge()
     assert rebuilt.to_snapshot() == org.to_snapshot()

@@ -827,8 +827,7 @@ def test_snapshot_round_trip_through_msgpack_gives_an_identical_org():
 
     wire = msgspec.msgpack.encode(org.to_snapshot())
     snap = msgspec.msgpack.decode(wire, type=OrgSnapshot)
-    restored = OrgBillingActor.from_snapshot(snap, CATALOG.plan_version(snap.plan_id,
-                                                                        snap.plan_version))
+    restored = OrgBillingActor.from_snapshot(snap, CATALOG)
 
     assert restored.state(now) == org.state(now)
     assert restored.to_snapshot() == org.to_snapshot()
@@ -848,7 +847,7 @@ def test_snapshot_of_a_halted_org_in_debt_round_trips():
     assert (org.halted, org.debt_micros) == ("balance", 200)
 
     snap = msgspec.msgpack.decode(msgspec.msgpack.encode(org.to_snapshot()), type=OrgSnapshot)
-    restored = OrgBillingActor.from_snapshot(snap, PAYG)
+    restored = OrgBillingActor.from_snapshot(snap, CATALOG)
 
     assert restored.to_snapshot() == org.to_snapshot()
     assert restored.state(T0) == org.state(T0)
@@ -881,7 +880,7 @@ def test_snapshot_and_journal_written_before_the_enums_decode_to_the_same_org():
         execute(org, item.command, CATALOG, item.at_us, fx)
 
     snap = msgspec.msgpack.decode(SNAPSHOT_BEFORE_ENUMS, type=OrgSnapshot)
-    restored = OrgBillingActor.from_snapshot(snap, PAYG)
+    restored = OrgBillingActor.from_snapshot(snap, CATALOG)
 
     assert (type(snap.halted), type(snap.dunning.step)) == (HaltCause, DunningStep)
     assert (restored.halted, restored.dunning.step) == (HaltCause.BALANCE, DunningStep.DEGRADED)

@@ -102,8 +102,7 @@ def new_org(plan_id: str, prepaid: bool, signup_micros: int, tier: str, now_us: 
 
 def snapshot_through_msgpack(org: OrgBillingActor) -> OrgBillingActor:
     snap = msgspec.msgpack.decode(msgspec.msgpack.encode(org.to_snapshot()), type=OrgSnapshot)
-    plan = CATALOG.plan_version(snap.plan_id, snap.plan_version)
-    return OrgBillingActor.from_snapshot(snap, plan)
+    return OrgBillingActor.from_snapshot(snap, CATALOG)
 
 
 class OrgLedgerMachine(RuleBasedStateMachine):

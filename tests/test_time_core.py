@@ -176,3 +176,24 @@ def test_only_paying_the_failed_invoices_ends_dunning_and_a_zero_invoice_proves_
     assert org.dunning is not None  # in_c is still unpaid
     fx = run(org, InvoicePaid(T0 + 5 * US, "in_c", 900), T0 + 5 * US)
     assert org.dunning is None and org.past_due_since_us is None and types(fx) == ["org.unsuspended"]
+
+
+def test_two_catalogs_in_one_process_each_keep_their_own_plan_successors():
+    """Successors were looked up by plan id and version in one process-wide table: a second
+    catalog (a reload; a test) that gives hobby_weekly v1 another v2 took over the orgs of the
+    first (found by mutation testing, whose whole run parses many catalogs)."""
+    raw = tomllib.loads(DEFAULT_CATALOG.read_text())
+    hobby = next(p for p in raw["plans"] if p["id"] == "hobby_weekly")
+    hobby["effective_until"] = "2026-03-09T00:00:00Z"
+
+    def with_v2(included_micros: int):
+        catalog = dict(raw, plans=raw["plans"] + [{**hobby, "version": 2, "effective_from": "2026-03-09T00:00:00Z",
+                                                   "included_micros": included_micros}])
+        del catalog["plans"][-1]["effective_until"]
+        return parse_catalog(catalog)
+
+    first, second = with_v2(7_000_000), with_v2(9_000_000)
+    org, _ = make_org(plan=first.plan_version("hobby_weekly", 1))
+    org.advance(rfc3339_to_us("2026-03-09T00:00:01Z"), Effects())
+    assert (org.plan.version, org.plan.included_micros) == (2, 7_000_000)
+    assert second.plan_version("hobby_weekly", 2).included_micros == 9_000_000
