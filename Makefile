@@ -30,7 +30,7 @@ soak-model: $(STAMP)
 mutation: $(STAMP)
 	$(VENV)/bin/python -m pip install -q 'mutmut>=3.3,<4'
 	rm -rf mutants
-	METERGATE_DIFF_EXAMPLES=40 $(VENV)/bin/mutmut run --max-children 2
+	METERGATE_DIFF_EXAMPLES=30 METERGATE_DIFF_DERANDOMIZE=1 $(VENV)/bin/mutmut run --max-children 2
 	$(VENV)/bin/python -m bench.mutation_score
 
 clean:

@@ -68,6 +68,7 @@ class RefundPayment(msgspec.Struct, tag="refund", array_like=True):
     amount_micros: int
     note: str | None = None
     idempotency_key: str | None = None
+    grant_id: str | None = None  # the grant the payment's ledger entry names (credits made before grants kept it)
 
 
 class Halt(msgspec.Struct, tag="halt", array_like=True):
@@ -245,18 +246,21 @@ STALE = Stale()
 
 
 def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now_us: int,
-            fx: Effects, *, org_id: str | None = None) -> Outcome:
+            fx: Effects, *, org_id: str | None = None, alerts: bool = True) -> Outcome:
     """Apply one command; returns its outcome. BillingError leaves time's effects applied.
 
     `org` is None only for a CreateOrg of an org that does not exist yet, named by `org_id`.
+    `alerts` False: a command that is part of a larger one (the time applied before a usage
+    command), whose alert check comes once, after the whole (billing-rules 2.9).
     """
     if org is None:
-        assert isinstance(command, CreateOrg) and org_id, (command, org_id)
+        assert isinstance(command, CreateOrg) and org_id, (command, org_id)  # pragma: no mutate
         return _create(org_id, command, catalog, now_us, fx)
     try:
         return _apply(org, command, catalog, now_us, fx)
     finally:  # after every command, also one refused after time's effects (billing-rules 2.9)
-        org.check_low_balance(now_us, fx)
+        if alerts:
+            org.check_low_balance(now_us, fx)
 
 
 def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int, fx: Effects) -> Outcome:
@@ -278,8 +282,9 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
             else:
                 entry = org.debit(kind, -amount, note, now_us, fx)
             return Booked(entry, org.balance_micros)
-        case RefundPayment(refund_id=refund_id, payment_id=payment_id, amount_micros=amount, note=note):
-            entry, duplicate = org.refund_payment(refund_id, payment_id, amount, note, now_us, fx)
+        case RefundPayment(refund_id=refund_id, payment_id=payment_id, amount_micros=amount, note=note,
+                           idempotency_key=key, grant_id=grant_id):
+            entry, duplicate = org.refund_payment(refund_id, payment_id, amount, note, now_us, fx, key, grant_id)
             if duplicate:
                 return STALE
             if entry is not None:

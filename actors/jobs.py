@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -47,6 +48,8 @@ from storage.db import create_pool
 from storage.times import us_to_dt
 
 log = logging.getLogger("metergate.jobs")
+# httpx logs each request at INFO with its URL, and a webhook URL often carries a secret.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 JOBS_NAME = "metergate-jobs"
 START_RETRY_S = 2.0
@@ -313,16 +316,28 @@ class SchedulerActor:
             try:
                 response = await client.post(url, content=body, headers=headers)
             except httpx.HTTPError as exc:
-                errors.append(f"{url}: {type(exc).__name__}")
+                errors.append(f"{redacted(url)}: {type(exc).__name__}")
                 continue
             if not 200 <= response.status_code < 300:
-                errors.append(f"{url}: HTTP {response.status_code}")
+                errors.append(f"{redacted(url)}: HTTP {response.status_code}")
         return "; ".join(errors) or None
 
     async def _prune_tick_ids(self, conn: asyncpg.Connection) -> dict:
         """Tick ids past the dedupe retention (at least 24 h) are deleted, a batch per run."""
         cutoff = now_us() - self.settings.tick_id_retention_s * US_PER_S
         return {"pruned": await journal.prune_tick_ids(conn, us_to_dt(cutoff), TICK_PRUNE_BATCH)}
+
+
+def redacted(url: str) -> str:
+    """A webhook URL as errors and logs show it: scheme, host and port only. Receivers often
+    carry a secret in the path or the query (`.../hooks/<token>`, `?key=`)."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}/…" if parts.path.strip("/") or parts.query else \
+        f"{parts.scheme}://{parts.hostname or '?'}{port}"
 
 
 JOBS = (

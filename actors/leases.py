@@ -76,8 +76,8 @@ class Leases:
         if self.ended_leases and lease_id in self.ended_leases:
             # A late retry of a take whose lease was already released (or expired): a new lease
             # would hold a slot nobody releases (billing-rules 7.5).
-            raise LeaseEnded(f"lease {lease_id} ended at {us_to_rfc3339(self.ended_leases[lease_id])};"
-                             " a lease id cannot be taken again for an hour after it ends")
+            ended = us_to_rfc3339(self.ended_leases[lease_id])
+            raise LeaseEnded(f"lease {lease_id} ended at {ended}; an id is not taken again for an hour after it ends")
         decision = self.gate("create", resources, now_us)
         if not decision.allowed:
             return decision, None, False

@@ -45,6 +45,7 @@ class LedgerEntry(msgspec.Struct, omit_defaults=True):
     expires_at_us: int | None = None
     note: str | None = None
     invoiced_micros: int = 0  # usage of a postpaid org that no credit covered: billed by Stripe
+    idempotency_key: str | None = None  # set by the core only: a refund applied when its payment's credit came
 
 
 def burn_order(grant: Grant) -> tuple:
@@ -161,7 +162,8 @@ class Money:
         assert kind in CREDIT_KINDS, kind
         assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
         to_debt = min(self.debt_micros, amount_micros)
-        if amount_micros > to_debt and len(self.grants or ()) >= MAX_GRANTS_PER_ORG:
+        if amount_micros > to_debt and len(self.grants or ()) >= MAX_GRANTS_PER_ORG and kind not in PAID_KINDS:
+            # Money paid is never refused (the card was charged); an operator's credit is.
             raise BillingError(f"an org holds at most {MAX_GRANTS_PER_ORG} live grants")
         self.grant_seq += 1
         grant_id = f"gr_{self.grant_seq}"
@@ -228,7 +230,7 @@ class Money:
                 self.low_balance_armed = False
                 fx.events.append(Event("balance.threshold_crossed", self.org_id, now_us, {
                     "threshold_micros": threshold, "balance_micros": balance}))
-        elif not threshold or balance >= threshold:
+        elif balance >= threshold:  # disarmed means a threshold is set: SetAlerts re-arms
             self.low_balance_armed = True
 
     # ----- halts ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ a refund or negative adjustment from paid credit first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from actors.org import PROMOTIONAL_KINDS
@@ -22,12 +23,49 @@ def month_of(us: int) -> str:
     return datetime.fromtimestamp(us // US_PER_S, tz=timezone.utc).strftime("%Y-%m")
 
 
+def next_month(month: str) -> str:
+    year, number = map(int, month.split("-"))
+    return f"{year + number // 12:04d}-{number % 12 + 1:02d}"
+
+
+def month_start_us(month: str) -> int:
+    year, number = map(int, month.split("-"))
+    return int(datetime(year, number, 1, tzinfo=timezone.utc).timestamp()) * US_PER_S
+
+
+@dataclass
+class Carry:
+    """What the months before hand on: the free and paid pools, and the pool of each grant
+    that may still expire (only those: a grant without expiry is never asked for again)."""
+
+    free: int = 0
+    paid: int = 0
+    pool_of: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"free": self.free, "paid": self.paid, "pool_of": dict(self.pool_of)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Carry":
+        return cls(data["free"], data["paid"], dict(data["pool_of"]))
+
+
 def summarize(entries: list[tuple], usage_ms: dict[str, int], now_us: int) -> list[dict]:
-    """entries: (kind, amount_micros, grant_id, at_us[, invoiced_micros]), oldest first; usage_ms:
-    lease time per month. A postpaid org's invoiced usage is spend and billable, never credit."""
-    pools = {"free": 0, "paid": 0}
-    pool_of: dict[str, str] = {}
+    return summarize_months(entries, usage_ms, now_us)[0]
+
+
+def summarize_months(entries: list[tuple], usage_ms: dict[str, int], now_us: int,
+                     carry: Carry | None = None) -> tuple[list[dict], dict[str, Carry]]:
+    """(one row per month, what each month hands on at its end).
+
+    entries: (kind, amount_micros, grant_id, at_us[, invoiced_micros[, expires_at_us]]),
+    oldest first, from where `carry` left off (None: the org's first entry); usage_ms: lease
+    time per month. A postpaid org's invoiced usage is spend and billable, never credit."""
+    carry = Carry(carry.free, carry.paid, dict(carry.pool_of)) if carry is not None else Carry()
+    pools = {"free": carry.free, "paid": carry.paid}
+    pool_of = carry.pool_of
     months: dict[str, dict] = {}
+    ends: dict[str, Carry] = {}
 
     def row(month: str) -> dict:
         return months.setdefault(month, {"spend_micros": 0, "credits_applied_micros": 0, "billable_micros": 0})
@@ -38,12 +76,22 @@ def summarize(entries: list[tuple], usage_ms: dict[str, int], now_us: int) -> li
             pools[pool] -= taken
             amount -= taken
 
-    for kind, amount, grant_id, at_us, *invoiced in entries:
-        month = row(month_of(at_us))
+    def hand_on(month_key: str) -> None:
+        ends[month_key] = Carry(pools["free"], pools["paid"], dict(pool_of))
+
+    last_key = None
+    for kind, amount, grant_id, at_us, *more in entries:
+        invoiced_micros = more[0] if more else 0
+        expires = more[1] if len(more) > 1 else "unknown"
+        month_key = month_of(at_us)
+        if month_key != last_key:
+            if last_key is not None:
+                hand_on(last_key)
+            last_key = month_key
+        month = row(month_key)
         if kind == "usage":
             spent = -amount
             free = min(spent, pools["free"])
-            invoiced_micros = invoiced[0] if invoiced else 0
             month["spend_micros"] += spent + invoiced_micros
             month["credits_applied_micros"] += free
             month["billable_micros"] += spent - free + invoiced_micros
@@ -51,15 +99,18 @@ def summarize(entries: list[tuple], usage_ms: dict[str, int], now_us: int) -> li
         elif amount > 0:
             pool = "free" if kind in PROMOTIONAL_KINDS else "paid"
             pools[pool] += amount
-            if grant_id:
+            if grant_id and expires is not None:
                 pool_of[grant_id] = pool
         elif kind == "expiration":
-            take(-amount, (pool_of.get(grant_id or "", "free"),))
+            take(-amount, (pool_of.pop(grant_id or "", "free"),))
         else:  # refund, negative adjustment
             take(-amount, ("paid", "free"))
+    if last_key is not None:
+        hand_on(last_key)
     for month in usage_ms:
         row(month)
     current = month_of(now_us)
-    return [{"month": month, **months[month],
+    rows = [{"month": month, **months[month],
              "usage_hours": round(usage_ms.get(month, 0) / MS_PER_HOUR, 3), "usage_ms": usage_ms.get(month, 0),
              "status": "open" if month >= current else "closed"} for month in sorted(months)]
+    return rows, ends

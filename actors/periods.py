@@ -95,21 +95,17 @@ class Periods:
 
     def next_due_us(self) -> int:
         """The next time at which time alone changes this org (the scheduler wakes it then)."""
-        due = self.period_end_us
-        for grant in self.grants or ():
-            if grant.expires_at_us is not None and grant.expires_at_us < due:
-                due = grant.expires_at_us
-        for lease in (self.leases or {}).values():
-            if lease.expires_at_us < due:
-                due = lease.expires_at_us
+        moments = [self.period_end_us]
+        moments += [grant.expires_at_us for grant in self.grants or () if grant.expires_at_us is not None]
+        moments += [lease.expires_at_us for lease in (self.leases or {}).values()]
         retry = self._recharge_retry_us()
         if retry is not None:
-            due = min(due, retry)
+            moments.append(retry)
         dunning = self.dunning
         if dunning is not None and dunning.step < DunningStep.DOWNGRADED:
             after = (dunning.suspend_after_s, dunning.degrade_after_s, dunning.downgrade_after_s)[dunning.step]
-            due = min(due, dunning.since_us + after * US_PER_S)
-        return due
+            moments.append(dunning.since_us + after * US_PER_S)
+        return min(moments)
 
     # ----- periods ----------------------------------------------------------------------
 
@@ -144,7 +140,7 @@ class Periods:
         self.plan = plan_for_period(self.plan, start)
         self._begin_period(key, start, end)
 
-    def reset_period(self, anchor_us: int, end_us: int | None, now_us: int, fx: Effects) -> bool:
+    def reset_period(self, anchor_us: int, end_us: int | None, now_us: int, fx: Effects) -> None:
         """Stripe's subscription period [anchor_us, end_us) (billing-rules 5.6).
 
         The first one aligns the running period's end with it. A later one whose start moved
@@ -153,8 +149,8 @@ class Periods:
         renewal), only its end is aligned. The same or an older anchor changes nothing.
         """
         self.advance(now_us, fx)
-        if anchor_us <= self.period_anchor_us:
-            return False
+        if anchor_us <= self.period_anchor_us:  # pragma: no mutate (< alike: the same report again changes nothing)
+            return
         first = self.period_anchor_us == 0
         self.period_anchor_us = anchor_us
         if end_us is not None and end_us > anchor_us:
@@ -170,7 +166,6 @@ class Periods:
             self._resume_if_funded("period", now_us, fx)
         elif end_us is not None and end_us > now_us:
             self.period_end_us = end_us
-        return reset
 
     def set_plan(self, plan: Plan, now_us: int, fx: Effects) -> None:
         """A plan change never cuts the period (billing-rules 5.5): the running one goes on, on
@@ -191,11 +186,11 @@ class Periods:
 
     def invoice_failed(self, since_us: int, suspend_after_s: int, degrade_after_s: int,
                        downgrade_after_s: int, free_plan: Plan, now_us: int, fx: Effects,
-                       invoice_id: str | None = None) -> bool:
+                       invoice_id: str | None = None) -> None:
         """An invoice payment failed at `since_us`: the past-due clock starts (once)."""
         self.advance(now_us, fx)
         if since_us < self.invoice_as_of_us:
-            return False  # older than the last invoice news: a payment since then wins
+            return  # older than the last invoice news: a payment since then wins
         self.invoice_as_of_us = since_us
         if self.dunning is None:
             self.past_due_since_us = since_us
@@ -203,30 +198,29 @@ class Periods:
             self._dunning_steps(now_us, fx)
         if invoice_id is not None and invoice_id not in (self.dunning.invoice_ids or ()):
             self.dunning.invoice_ids = (self.dunning.invoice_ids or []) + [invoice_id]
-        return True
 
     def invoice_paid(self, as_of_us: int, now_us: int, fx: Effects, invoice_id: str | None = None,
-                     amount_paid: int | None = None) -> bool:
+                     amount_paid: int | None = None) -> None:
         """An invoice was paid. Once every invoice that failed is paid, everything dunning did
         is undone at once. A zero-amount invoice (a trial, a proration) proves nothing."""
         self.advance(now_us, fx)
         if amount_paid == 0:
-            return False
+            return
         dunning = self.dunning
         unpaid = dunning.invoice_ids if dunning is not None else None
-        if invoice_id is None or unpaid is None:
-            if as_of_us < self.invoice_as_of_us:
-                return False  # an older payment: the failure since then stands
-            self.invoice_as_of_us = as_of_us
-        self.paid_invoice = True
-        if dunning is None:
-            return True
-        if unpaid is not None and invoice_id is not None:
-            if invoice_id not in unpaid:
-                return True  # another invoice: the failed one is still unpaid
-            dunning.invoice_ids = [i for i in unpaid if i != invoice_id] or None
+        if unpaid is not None and invoice_id is not None:  # an invoice of the list, or another one
+            self.paid_invoice = True
+            if invoice_id in unpaid:
+                dunning.invoice_ids = [i for i in unpaid if i != invoice_id] or None
             if dunning.invoice_ids:
-                return True
+                return  # a failed invoice is still unpaid
+        elif as_of_us < self.invoice_as_of_us:
+            return  # an older payment: the failure since then stands
+        else:
+            self.invoice_as_of_us = as_of_us
+            self.paid_invoice = True
+            if dunning is None:
+                return
         was_suspended = self.suspended
         self.dunning, self.past_due_since_us, self.suspended = None, None, False
         if dunning.prior_plan is not None:
@@ -234,7 +228,6 @@ class Periods:
         fx.events.append(Event("org.unsuspended", self.org_id, now_us, {
             "was_suspended": was_suspended, "step": dunning.step,
             "past_due_since": us_to_rfc3339(dunning.since_us)}))
-        return True
 
     def _dunning_steps(self, now_us: int, fx: Effects) -> None:
         dunning = self.dunning
@@ -246,7 +239,7 @@ class Periods:
                 fx.events.append(Event("org.suspended", self.org_id, now_us, {
                     "reason": "past_due", "past_due_since": us_to_rfc3339(dunning.since_us),
                     "lease_ids": sorted(self.leases or ())}))
-        if dunning.step < DunningStep.DEGRADED and elapsed >= dunning.degrade_after_s * US_PER_S:
+        if dunning.step < DunningStep.DEGRADED and elapsed >= dunning.degrade_after_s * US_PER_S:  # pragma: no mutate
             dunning.step = DunningStep.DEGRADED
         if dunning.step < DunningStep.DOWNGRADED and elapsed >= dunning.downgrade_after_s * US_PER_S:
             dunning.step = DunningStep.DOWNGRADED

@@ -130,13 +130,10 @@ class Recharge:
         r = self.recharge
         if r.pending_since_us != now_us:
             return
-        needed = self.recharge_amount(self.balance_micros)
-        if needed <= r.pending_micros:
-            return
-        r.pending_micros = needed
-        for index, charge in enumerate(fx.charges):
-            if charge.org_id == self.org_id and charge.charge_id == r.pending_id:
-                fx.charges[index] = self.pending_charge()
+        r.pending_micros = max(r.pending_micros, self.recharge_amount(self.balance_micros))
+        charge = self.pending_charge()
+        fx.charges[:] = [charge if c.org_id == self.org_id and c.charge_id == charge.charge_id else c
+                         for c in fx.charges]
 
     def _recharge_retry_us(self) -> int | None:
         """When a charge held back by the cooldown or the daily cap may go out, if one is wanted."""

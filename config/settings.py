@@ -6,6 +6,7 @@ import json
 import secrets
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,13 @@ class Settings(BaseSettings):
     data_dir: Path = PROJECT_DIR / ".metergate"
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
+    # The service's origin as its callers reach it (behind a TLS load balancer: its https URL).
+    # Every absolute URL metergate makes (Stripe return URLs), and the billing cookie's Secure
+    # flag, come from it, never from a request's Host. Unset: http://HTTP_HOST:HTTP_PORT.
+    public_url: str | None = None
+    # Origins (scheme://host[:port], comma-separated) a Checkout or portal return URL may lead
+    # to, besides the public URL's own; https only, unless an http origin is named here.
+    allowed_return_origins: str = ""
     # Unset: generated at start and printed (make up), so a fresh machine needs no setup.
     service_token: str | None = Field(None, min_length=16)
     admin_token: str | None = Field(None, min_length=16)
@@ -58,6 +66,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     max_usage_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_ticks_per_request: int = Field(10_000, ge=1, le=100_000)
+    # Gate feed streams one token may hold open at once on one ingress replica.
+    max_feed_streams_per_token: int = Field(64, ge=1, le=100_000)
 
     # Auto-recharge: after a charge, no other for this long, whatever the balance does.
     auto_recharge_cooldown_s: int = Field(60, ge=0, le=86_400)
@@ -104,12 +114,57 @@ class Settings(BaseSettings):
                 raise ValueError("must be a Svix signing secret: whsec_<base64>") from None
         return secret
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            origin_of(url)  # raises ValueError naming what is wrong
+        return url.rstrip("/") if url else url
+
+    @field_validator("allowed_return_origins")
+    @classmethod
+    def _origins(cls, text: str) -> str:
+        for origin in filter(None, (part.strip() for part in text.split(","))):
+            if origin_of(origin)[1] is None:
+                raise ValueError(f"{origin!r}: an origin is scheme://host[:port], nothing after it")
+        return text
+
+    @property
+    def public_base(self) -> str:
+        """The public URL (no trailing slash)."""
+        if self.public_url:
+            return self.public_url
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.http_host, self.http_host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
+
+    def return_origins(self) -> set[tuple[str, str, int]]:
+        """(scheme, host, port) a return URL may lead to: the public URL's, and the ones named."""
+        named = filter(None, (part.strip() for part in self.allowed_return_origins.split(",")))
+        return {origin_of(self.public_base)[0]} | {origin_of(origin)[0] for origin in named}
+
     @field_validator("database_url")
     @classmethod
     def _database_url_scheme(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("postgres://", "postgresql://")):
             raise ValueError("must start with postgresql:// or postgres://")
         return url
+
+
+def origin_of(url: str) -> tuple[tuple[str, str, int], str | None]:
+    """((scheme, host, port), the rest after the origin or None) of an http(s) URL; ValueError
+    for anything else (no host, user info, another scheme)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has a bad port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{url!r} carries user info")
+    rest = url.split(parts.netloc, 1)[1]
+    return ((parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)),
+            rest if rest not in ("", "/") else None)
 
 
 def stripe_client(settings: Settings, max_network_retries: int = 0):
@@ -136,19 +191,28 @@ def load_settings() -> Settings:
 
 
 def with_generated_tokens(settings: Settings) -> Settings:
-    """Fill in missing tokens and secrets: the ones generated before, kept in data_dir, or new.
+    return generated_tokens(settings)[0]
 
-    Generated tokens are saved (mode 600) so that a restart keeps the tokens callers were given.
+
+def generated_tokens(settings: Settings) -> tuple[Settings, set[str]]:
+    """Fill in missing tokens and secrets: the ones generated before, kept in data_dir, or new;
+    and the names of those made new by this call (the only ones a start may print whole).
+
+    Generated tokens are saved (mode 600, tightened again at every start) so that a restart
+    keeps the tokens callers were given.
     """
+    path = Path(settings.data_dir) / "tokens.json"
+    if path.is_file() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # written by an older version, or loosened by hand
     missing = [name for name in ("service_token", "admin_token", "org_token_secret") if getattr(settings, name) is None]
     if not missing:
-        return settings
-    path = Path(settings.data_dir) / "tokens.json"
+        return settings, set()
     saved = json.loads(path.read_text()) if path.is_file() else {}
     prefixes = {"service_token": "mg_svc_", "admin_token": "mg_adm_", "org_token_secret": ""}
     update = {name: saved.get(name) or prefixes[name] + secrets.token_urlsafe(32) for name in missing}
-    if any(saved.get(name) != update[name] for name in missing):
+    new = {name for name in missing if saved.get(name) != update[name]}
+    if new:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600, exist_ok=True)
         path.write_text(json.dumps({**saved, **update}, indent=2))
-    return settings.model_copy(update=update)
+    return settings.model_copy(update=update), new

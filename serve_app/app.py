@@ -15,11 +15,13 @@ from serve_app.routes import billing, docs
 
 def build_app(ctx: Context) -> FastAPI:
     # docs_url/redoc_url None: FastAPI's pages fetch their assets from a CDN; routes/docs.py serves them.
+    # redirect_slashes off: Starlette's redirect to the other spelling of a path is built from
+    # the request's Host (a caller's choice) and keeps its query string (a `?token=`).
     app = FastAPI(title="metergate", version="1", description="Usage billing and entitlements",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, redirect_slashes=False)
     install_error_handlers(app)
     openapi.install(app)
-    app.add_middleware(BodyLimit, default_limit=ctx.settings.max_body_bytes,
+    app.add_middleware(BodyLimit, ctx=ctx, default_limit=ctx.settings.max_body_bytes,
                        limits={"/v1/usage": ctx.settings.max_usage_body_bytes,
                                "/v1/gate/batch": ctx.settings.max_usage_body_bytes,
                                "/webhooks/svix": ctx.settings.max_usage_body_bytes})

@@ -27,11 +27,13 @@ MAX_ORG_TOKEN_TTL_S = 30 * 86_400
 class Caller:
     role: str  # "service" | "admin" | "org"
     org_id: str | None = None
+    issued_us: int = 0  # an org token's issue time: a revocation voids the ones issued before it
 
 
 class OrgTokenClaims(msgspec.Struct, forbid_unknown_fields=True):
     org: str
     exp: int  # epoch seconds
+    iat: int = 0  # epoch µs; 0 in tokens minted before revocation existed (any revocation voids them)
 
 
 def _b64(raw: bytes) -> str:
@@ -49,14 +51,15 @@ class OrgTokens:
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
 
-    def mint(self, org_id: str, now_s: int, ttl_s: int) -> tuple[str, int]:
+    def mint(self, org_id: str, now_us: int, ttl_s: int) -> tuple[str, int]:
         assert MIN_ORG_TOKEN_TTL_S <= ttl_s <= MAX_ORG_TOKEN_TTL_S, ttl_s
-        expires_s = now_s + ttl_s
-        payload = _b64(msgspec.json.encode(OrgTokenClaims(org_id, expires_s)))
+        expires_s = now_us // 1_000_000 + ttl_s
+        payload = _b64(msgspec.json.encode(OrgTokenClaims(org_id, expires_s, now_us)))
         return f"{ORG_TOKEN_PREFIX}{payload}.{self._sign(payload)}", expires_s
 
-    def verify(self, token: str, now_s: int) -> str:
-        """The org the token is for; 401 if it is forged, malformed or expired."""
+    def verify(self, token: str, now_s: int) -> OrgTokenClaims:
+        """What the token says (its org, expiry, issue time); 401 if it is forged, malformed
+        or expired. Whether it was revoked since is the edge's question (Context)."""
         payload, _, signature = token[len(ORG_TOKEN_PREFIX):].partition(".")
         if not hmac.compare_digest(signature.encode(), self._sign(payload).encode()):
             raise ApiError(401, "unauthorized", "invalid token")
@@ -66,7 +69,7 @@ class OrgTokens:
             raise ApiError(401, "unauthorized", "invalid token") from None
         if claims.exp <= now_s:
             raise ApiError(401, "token_expired", "this org token has expired; ask for a new one")
-        return claims.org
+        return claims
 
 
 # The billing page's own session: the token of a `?token=` link, kept in an HttpOnly cookie
@@ -81,8 +84,8 @@ def presented(request: Request, browser: bool = False) -> tuple[str, str]:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip(), "header"
-    if browser and request.query_params.get("token"):
-        return request.query_params["token"], "query"
+    if browser and request.method == "GET" and request.query_params.get("token"):
+        return request.query_params["token"], "query"  # a link's first GET only: never a form post
     if browser and request.cookies.get(BILLING_COOKIE):
         return request.cookies[BILLING_COOKIE], "cookie"
     raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
@@ -98,7 +101,8 @@ def identify(token: str, service_token: str, admin_token: str, org_tokens: OrgTo
     if hmac.compare_digest(token.encode(), service_token.encode()):
         return Caller("service")
     if token.startswith(ORG_TOKEN_PREFIX):
-        return Caller("org", org_tokens.verify(token, now_s))
+        claims = org_tokens.verify(token, now_s)
+        return Caller("org", claims.org, claims.iat)
     raise ApiError(401, "unauthorized", "invalid token")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -14,10 +15,13 @@ from actors.clock import now_us
 from config.catalog import Catalog
 from config.settings import Settings
 from serve_app.auth import Caller, OrgTokens, bearer, forbidden, identify
+from serve_app.errors import ApiError
 from actors.routing import ShardRouter
 from serve_app.stripe_gateway import StripeGateway
-from storage import clock_offset
+from storage import clock_offset, orgs
 from storage.db import create_pool
+
+REVOCATIONS_FRESH_S = 1.0
 
 
 @dataclass
@@ -61,11 +65,30 @@ class Context:
 
     def __post_init__(self) -> None:
         self.org_tokens = OrgTokens(self.settings.org_token_secret)
+        self._revocations: dict[str, tuple[int, float]] = {}  # org → (tokens valid after, µs; read at)
         self.stripe = StripeGateway(self.settings)
 
     def caller(self, request: Request, browser: bool = False) -> Caller:
-        return identify(bearer(request, browser), self.settings.service_token, self.settings.admin_token,
-                        self.org_tokens, now_us() // 1_000_000)
+        return self.identify(bearer(request, browser))
+
+    def identify(self, token: str) -> Caller:
+        return identify(token, self.settings.service_token, self.settings.admin_token, self.org_tokens,
+                        now_us() // 1_000_000)
+
+    async def require_unrevoked(self, caller: Caller) -> None:
+        """401 for an org token issued before its org's tokens were revoked. Every request that
+        carries an org token passes here (serve_app/limits.py); a revocation reaches every
+        replica within REVOCATIONS_FRESH_S."""
+        at = time.monotonic()
+        known = self._revocations.get(caller.org_id)
+        if known is None or at - known[1] > REVOCATIONS_FRESH_S:
+            async with (await self.db()).acquire() as conn:
+                valid_after = await orgs.tokens_valid_after(conn, caller.org_id)
+            known = self._revocations[caller.org_id] = (valid_after or 0, at)
+            if len(self._revocations) > 10_000:
+                self._revocations.clear()
+        if known[0] and caller.issued_us < known[0]:
+            raise ApiError(401, "token_revoked", "this org token was revoked; ask for a new one")
 
     def service(self, request: Request) -> None:
         """The compute plane's endpoints: service token (or admin)."""

@@ -39,6 +39,9 @@ _ERRORFILE = re.compile(r"^(\s*errorfile (50[234])) \S+$", re.MULTILINE)
 _NO_ROUTE = re.compile(r"^(\s*)http-request return status 404 .*$", re.MULTILINE)
 _CLIENT_TIMEOUT = re.compile(r"^(\s*)(timeout client \S+)$", re.MULTILINE)
 _ADMIN_SOCKET = re.compile(r"^\s*stats socket (\S+)", re.MULTILINE)
+# Serve's template opens the admin socket (`level admin expose-fd listeners`: it can repoint
+# the backends and hand out the listening socket) to every local user with `mode 666`.
+_SOCKET_MODE = re.compile(r"^(\s*stats socket \S+ .*)\bmode [0-7]{3,4}\b", re.MULTILINE)
 # Serve's side listeners: `bind :9101` / `bind *:8404` right under their section's header.
 _SIDE_LISTENER = re.compile(r"^(frontend prometheus|listen stats)\n(\s*)bind \S*:\d+$", re.MULTILINE)
 _SIDE_SOCKETS = {"frontend prometheus": "prom.sock", "listen stats": "stats.sock"}  # no longer than admin.sock
@@ -71,11 +74,12 @@ def rewrite(config: str, folder: Path) -> str:
     if "timeout http-request" not in config:
         config = _CLIENT_TIMEOUT.sub(lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}timeout http-request "
                                                f"{HEADERS_WITHIN_S}s", config, count=1)
+    config = _SOCKET_MODE.sub(lambda m: f"{m.group(1)}mode 600", config)
     admin = _ADMIN_SOCKET.search(config)
     sockets = Path(admin.group(1)).parent if admin else folder
-    config = _SIDE_LISTENER.sub(lambda m: f"{m.group(1)}\n{m.group(2)}bind unix@{sockets / _SIDE_SOCKETS[m.group(1)]}",
-                                config)
-    left_on_tcp = [name for name, file in _SIDE_SOCKETS.items() if f"bind unix@{sockets / file}" not in config]
+    config = _SIDE_LISTENER.sub(
+        lambda m: f"{m.group(1)}\n{m.group(2)}bind unix@{sockets / _SIDE_SOCKETS[m.group(1)]} mode 600", config)
+    left_on_tcp = [name for name, file in _SIDE_SOCKETS.items() if f"bind unix@{sockets / file} " not in config]
     if left_on_tcp:  # HAProxy starts all the same; the chaos suite's port check fails
         print(f"metergate: HAProxy's {', '.join(left_on_tcp)} not moved to a Unix socket: Serve's configuration "
               "template has changed", file=sys.stderr)

@@ -36,6 +36,10 @@ class HotPath:
             await self.app(scope, receive, send)
             return
         limit = self.limits[scope["path"]]
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self.app(scope, receive, send)  # the app's body limit answers 413 at once, unread
+            return
         chunks, size, more = [], 0, True
         while more:
             message = await receive()

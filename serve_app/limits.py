@@ -1,29 +1,119 @@
-"""Request size limits, enforced before any handler reads the body."""
+"""Before any handler reads a byte of a body: who is calling, how big the body is, how many
+large bodies are read at once, and whether an org token is still good and not overused.
+
+An unauthenticated upload is refused from its headers alone (401), so a crowd of slow
+uploads holds no memory; a declared body over its path's limit is 413 at once. Webhooks
+authenticate by a signature over the body: their signature headers must be there first.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
+
 import msgspec
 
-from serve_app.errors import error_body
+from serve_app.auth import BILLING_COOKIE, ORG_TOKEN_PREFIX, Caller
+from serve_app.errors import ApiError, error_body
+
+LARGE_BODIES_AT_ONCE = 16  # per replica: bodies over the default limit read at the same time
+RETRY_AFTER_S = 1
+WEBHOOK_SIGNATURES = {"/webhooks/stripe": (b"stripe-signature",),
+                      "/webhooks/svix": (b"svix-id", b"svix-timestamp", b"svix-signature")}
+
+
+class OrgTokenBudget:
+    """Requests an org token may make: a bucket of `burst`, refilled at `per_s`. A holder of
+    one org's token loops the billing page; the replica's loop also serves every org's gate."""
+
+    def __init__(self, burst: int = 20, per_s: float = 2.0) -> None:
+        self.burst, self.per_s = burst, per_s
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, token: str, now_s: float) -> float:
+        """0.0 if the request may go, else seconds until it may."""
+        tokens, at = self.buckets.get(token, (float(self.burst), now_s))
+        tokens = min(self.burst, tokens + (now_s - at) * self.per_s)
+        if tokens < 1:
+            self.buckets[token] = (tokens, now_s)
+            return (1 - tokens) / self.per_s
+        self.buckets[token] = (tokens - 1, now_s)
+        if len(self.buckets) > 10_000:  # bounded: forget the idlest half
+            for key, _ in sorted(self.buckets.items(), key=lambda item: item[1][1])[:5_000]:
+                del self.buckets[key]
+        return 0.0
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over its path's limit (declared or streamed)."""
+    """ASGI middleware: authentication from the headers, then the body (bounded, replayed)."""
 
-    def __init__(self, app, default_limit: int, limits: dict[str, int]) -> None:
+    def __init__(self, app, ctx, default_limit: int, limits: dict[str, int]) -> None:
         self.app = app
         self.default_limit = default_limit
         self.limits = limits
+        self.ctx = ctx
+        self.large = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
+        self.budget = OrgTokenBudget()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], self.default_limit)
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._too_large(send, limit)
+        headers = dict(scope.get("headers") or ())
+        try:
+            has_body = await self._admit(scope, headers)
+        except ApiError as exc:
+            await _refuse(send, exc)
             return
+        if not has_body:
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"], self.default_limit)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
+            return
+        if limit <= self.default_limit:
+            await self._read(scope, receive, send, limit)
+            return
+        if self.large.locked():
+            await _refuse(send, ApiError(429, "too_many_large_bodies", "too many large bodies are being received; "
+                                         "retry in a moment"), retry=True)
+            return
+        async with self.large:
+            await self._read(scope, receive, send, limit)
+
+    async def _admit(self, scope, headers: dict) -> bool:
+        """Whether the request has a body to read; raises ApiError for a caller refused from
+        its headers alone."""
+        method, path = scope["method"], scope["path"]
+        has_body = method in ("POST", "PUT", "PATCH", "DELETE") and (
+            headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers)
+        token = _token(headers, scope, browser=path.startswith("/billing/"))
+        caller = self.ctx.identify(token) if token is not None and (
+            has_body or token.startswith(ORG_TOKEN_PREFIX)) else None
+        if caller is not None and caller.role == "org":
+            await self._org_token_ok(token, caller)
+        if has_body:
+            needed = WEBHOOK_SIGNATURES.get(path)
+            if needed is not None:
+                if not all(headers.get(name) for name in needed):
+                    raise ApiError(400, "invalid_signature", f"missing {', '.join(n.decode() for n in needed)} header")
+            elif caller is None:
+                raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+        return has_body
+
+    async def _org_token_ok(self, token: str, caller: Caller) -> None:
+        await self.ctx.require_unrevoked(token, caller.org_id)
+        wait_s = self.budget.take(token, time.monotonic())
+        if wait_s:
+            raise ApiError(429, "rate_limited", "too many requests with this org token; slow down",
+                           retry_after_s=math.ceil(wait_s))
+
+    async def _read(self, scope, receive, send, limit: int) -> None:
         # Read the body up front (bounded), then replay it: a chunked body over the limit is
         # refused before the handler sees a byte of it.
         chunks, size, more = [], 0, True
@@ -35,21 +125,47 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._too_large(send, limit)
+                await _too_large(send, limit)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
-    @staticmethod
-    async def _too_large(send, limit: int) -> None:
-        payload = msgspec.json.encode(error_body("payload_too_large", f"request body is over {limit} bytes",
-                                                 limit_bytes=limit))
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+
+def _token(headers: dict, scope, browser: bool) -> str | None:
+    """The token a request presents: the bearer header; for the billing page also its cookie,
+    and `?token=` on a GET (a link: a browser following one cannot set headers)."""
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if not browser:
+        return None
+    if scope["method"] == "GET":
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+        if query:
+            return query[0]
+    cookie = SimpleCookie()
+    try:
+        cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
+    except Exception:  # noqa: BLE001 - a cookie header that does not parse names no token
+        return None
+    held = cookie.get(BILLING_COOKIE)
+    return held.value if held is not None else None
+
+
+async def _refuse(send, exc: ApiError, retry: bool = False) -> None:
+    retry_after = exc.details.pop("retry_after_s", RETRY_AFTER_S if retry or exc.status == 503 else None)
+    payload = msgspec.json.encode(error_body(exc.code, exc.message, **exc.details))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _too_large(send, limit: int) -> None:
+    await _refuse(send, ApiError(413, "payload_too_large", f"request body is over {limit} bytes", limit_bytes=limit))
 
 
 def _replay(messages: list[dict], then=None):

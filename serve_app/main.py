@@ -331,10 +331,21 @@ metergate is up
   metrics      {running.metrics_url or 'not exported (Ray runs without its metrics agent)'}
   database     {'embedded Postgres in ' + str(s.data_dir / 'pg') if running.pg_server else 'METERGATE_DATABASE_URL'}
   shards       {s.shards}
-  service token  {s.service_token}
-  admin token    {s.admin_token}
+  service token  {shown_token(running, "service_token")}
+  admin token    {shown_token(running, "admin_token")}
 Ctrl-C stops it; every acknowledged change is already in Postgres.
 """
+
+
+def shown_token(running: launch.Running, name: str) -> str:
+    """A token as the banner prints it: whole only on the start that generated it (a banner
+    lands in journald and CI logs at every start), else masked, with where to find it."""
+    token = getattr(running.settings, name)
+    if name in running.new_tokens:
+        return f"{token}   (new: kept in {running.settings.data_dir / 'tokens.json'})"
+    if token.startswith(("mg_svc_", "mg_adm_")):  # generated before: the prefix is no secret
+        return f"{token[:7]}…{token[-4:]}   (in {running.settings.data_dir / 'tokens.json'})"
+    return f"…{token[-4:]}   (METERGATE_{name.upper()})"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from actors import metrics
-from actors.commands import fingerprint
+from actors.commands import RefundPayment, fingerprint
 from actors.refusals import Refusal
 from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, nests_deeper_than, not_json
 from actors.ticks import DECODE_ERRORS, WHOLE_ID_PATTERN
@@ -28,7 +28,7 @@ from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, raise_for_shard_error
 from serve_app.stripe_events import DunningPolicy, EventError, commands_for, customer_of
-from storage import inbound_webhooks, stripe_customers
+from storage import inbound_webhooks, ledger, stripe_customers
 
 SOURCE = "svix"
 STRIPE_ID = re.compile(WHOLE_ID_PATTERN)
@@ -173,6 +173,19 @@ async def _expand_refunds(ctx: Context, event: dict) -> None:
     charge["refunds"] = {"data": [r.to_dict() for r in refunds.data]}
 
 
+async def _with_paid_grants(ctx: Context, commands: list) -> list:
+    """Each refund with the grant its payment's ledger entry made: a credit booked before grants
+    recorded their payment is found by it (billing-rules 3.1)."""
+    refunds = [(org_id, c) for org_id, c in commands if isinstance(c, RefundPayment)]
+    if not refunds:
+        return commands
+    async with (await ctx.db()).acquire() as conn:
+        grants = {(org_id, c.payment_id): await ledger.grant_of_key(conn, org_id, f"stripe:payment:{c.payment_id}")
+                  for org_id, c in refunds}
+    return [(org_id, msgspec.structs.replace(c, grant_id=grants[(org_id, c.payment_id)])
+             if isinstance(c, RefundPayment) else c) for org_id, c in commands]
+
+
 async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict]:
     secret = ctx.settings.stripe_webhook_secret
     if not secret:
@@ -198,7 +211,7 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     except (KeyError, TypeError, AttributeError) as exc:  # a field the event type must carry is missing
         raise ApiError(422, "unprocessable_event", f"the event lacks a field its type needs ({exc})") from None
     applied = []
-    for org_id, command in commands:
+    for org_id, command in await _with_paid_grants(ctx, commands):
         # Fingerprint the effect, not the event: two events about one payment must replay, not conflict.
         result = await ctx.router.command(org_id, command, fingerprint(command))
         if result.get("error", {}).get("code") == Refusal.UNKNOWN_ORG:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import asyncpg
 
+from config.settings import SettingsError
+
 from storage.slots import Fenced
 
 log = logging.getLogger("metergate.storage")
@@ -165,6 +167,11 @@ def migration_files() -> list[tuple[int, str, str]]:
     return found
 
 
+class MigrationRefused(SettingsError):
+    """A migration found the database in a state it must not upgrade from; the message says why
+    and what to do (the start stops with it, one line)."""
+
+
 async def migrate(url: str) -> list[str]:
     """Apply the migrations not yet recorded, in order, each in its own transaction."""
     conn = await asyncpg.connect(url)
@@ -180,7 +187,10 @@ async def migrate(url: str) -> list[str]:
             if version in applied:
                 continue
             async with conn.transaction():
-                await conn.execute(sql)
+                try:
+                    await conn.execute(sql)
+                except asyncpg.exceptions.RaiseError as exc:  # a migration that refuses this database
+                    raise MigrationRefused(f"{name}: {exc}") from None
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             log.info("applied migration %s", name)

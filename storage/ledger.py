@@ -38,10 +38,18 @@ async def page(conn: asyncpg.Connection, org_id: str, after: tuple[int, str] | N
     return [_entry(r) for r in rows]
 
 
-async def history(conn: asyncpg.Connection, org_id: str) -> list[tuple[str, int, str | None, int, int]]:
-    """Every entry oldest first, as (kind, amount_micros, grant_id, created_us, invoiced_micros):
-    for accounting."""
-    rows = await conn.fetch("SELECT kind, amount_micros, grant_id, created_at, invoiced_micros FROM ledger"
-                            " WHERE org_id = $1 ORDER BY created_at, entry_id", org_id)
-    return [(r["kind"], r["amount_micros"], r["grant_id"], dt_to_us(r["created_at"]), r["invoiced_micros"])
-            for r in rows]
+async def history(conn: asyncpg.Connection, org_id: str,
+                  since_us: int | None = None) -> list[tuple[str, int, str | None, int, int, int | None]]:
+    """Every entry from since_us on (None: all), oldest first, as (kind, amount_micros,
+    grant_id, created_us, invoiced_micros, expires_us): for accounting."""
+    rows = await conn.fetch("SELECT kind, amount_micros, grant_id, created_at, invoiced_micros, expires_at FROM ledger"
+                            " WHERE org_id = $1 AND ($2::timestamptz IS NULL OR created_at >= $2)"
+                            " ORDER BY created_at, entry_id", org_id, optional_dt(since_us))
+    return [(r["kind"], r["amount_micros"], r["grant_id"], dt_to_us(r["created_at"]), r["invoiced_micros"],
+             dt_to_us(r["expires_at"]) if r["expires_at"] is not None else None) for r in rows]
+
+
+async def grant_of_key(conn: asyncpg.Connection, org_id: str, key: str) -> str | None:
+    """The grant that the ledger entry under this idempotency key made (None: no such entry,
+    or it made no grant)."""
+    return await conn.fetchval("SELECT grant_id FROM ledger WHERE org_id = $1 AND idempotency_key = $2", org_id, key)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from storage.times import dt_to_us
+from storage.times import dt_to_us, us_to_dt
 
 
 async def exists(conn: asyncpg.Connection, org_id: str) -> bool:
@@ -37,3 +37,16 @@ async def ids_in_slots(conn: asyncpg.Connection, slots: list[int], after: str | 
     rows = await conn.fetch("SELECT org_id FROM orgs WHERE slot = ANY($1::int[]) AND org_id > $2"
                             " ORDER BY org_id LIMIT $3", slots, after or "", limit)
     return [r["org_id"] for r in rows]
+
+
+async def tokens_valid_after(conn: asyncpg.Connection, org_id: str) -> int | None:
+    """µs: org tokens issued before it are revoked (None: none was ever revoked)."""
+    at = await conn.fetchval("SELECT tokens_valid_after FROM orgs WHERE org_id = $1", org_id)
+    return dt_to_us(at) if at is not None else None
+
+
+async def revoke_tokens(conn: asyncpg.Connection, org_id: str, at_us: int) -> bool:
+    """Void every token of the org issued before at_us (whole seconds: tokens carry seconds);
+    False if there is no such org."""
+    status = await conn.execute("UPDATE orgs SET tokens_valid_after = $2 WHERE org_id = $1", org_id, us_to_dt(at_us))
+    return status.endswith(" 1")

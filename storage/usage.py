@@ -35,11 +35,12 @@ async def report(conn: asyncpg.Connection, org_id: str, group_by: str, from_us: 
             for r in rows]
 
 
-async def lease_ms_by_month(conn: asyncpg.Connection, org_id: str) -> dict[str, int]:
-    """Lease time per UTC month ('YYYY-MM' → milliseconds)."""
+async def lease_ms_by_month(conn: asyncpg.Connection, org_id: str, since_us: int | None = None) -> dict[str, int]:
+    """Lease time per UTC month ('YYYY-MM' → milliseconds), from since_us on (None: all)."""
     rows = await conn.fetch(
         "SELECT to_char(minute AT TIME ZONE 'UTC', 'YYYY-MM') AS month, sum(duration_ms)::int8 AS ms"
-        " FROM usage_rollups WHERE org_id = $1 GROUP BY 1", org_id)
+        " FROM usage_rollups WHERE org_id = $1 AND ($2::timestamptz IS NULL OR minute >= $2) GROUP BY 1",
+        org_id, optional_dt(since_us))
     return {r["month"]: r["ms"] for r in rows}
 
 

@@ -102,6 +102,8 @@ def service(tmp_path_factory, receiver):
             webhook_backoff_s=1,
             webhook_max_attempts=4,
             dashboard=False,  # its processes cost CPU the tests need; tests/test_metrics.py scrapes instead
+            allowed_return_origins="https://app.example.com",  # tests.helpers.URLS
+            max_feed_streams_per_token=8,  # low, so that test_security.py can reach it
             metrics_port=free_port(),
         )
         running = None

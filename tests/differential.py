@@ -77,6 +77,11 @@ class EngineOrg:
 
     def take_effects(self) -> dict:
         fx, self.fx = self.fx, Effects()
+        # What the model does not see: every effect is this org's and of this step's instant.
+        assert all(org_id == ORG_ID and entry.at_us == self.last_now for org_id, entry in fx.ledger), fx.ledger
+        assert all(e.org_id == ORG_ID and e.at_us == self.last_now for e in fx.events), fx.events
+        assert all(c.org_id == ORG_ID and c.requested_us == self.last_now for c in fx.charges), fx.charges
+        assert all(p.org_id == ORG_ID for p in fx.periods), fx.periods
         return {"ledger": [(e.kind, e.amount_micros, e.grant_id, e.expires_at_us, e.invoiced_micros)
                            for _, e in fx.ledger],
                 "events": [(e.type, e.data) for e in fx.events],

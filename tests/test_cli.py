@@ -277,8 +277,10 @@ def test_replay_matches_memory_and_finds_an_org_whose_journal_differs(service, a
 
 @pytest.mark.parametrize("args", [["orgs", "list"], ["orgs", "show", "org_x"], ["parity", "--json"],
                                   ["outbox", "list"], ["credits", "grant", "org_x", "1"]])
-def test_a_bad_token_is_one_line_and_exit_1(service, args):
-    line = one_error_line(cli(service, *args, "--token", "mg_adm_not-the-token-0123456789"))
+def test_a_bad_token_is_one_line_and_exit_1(service, args, tmp_path):
+    held = tmp_path / "token"
+    held.write_text("mg_adm_not-the-token-0123456789\n")  # from a file: a command line shows in `ps`
+    line = one_error_line(cli(service, *args, "--token-file", str(held)))
     assert line.startswith("error: unauthorized: invalid token")
 
 

@@ -57,6 +57,19 @@ def test_cluster_yaml_has_an_autoscaling_worker_group_and_gives_every_node_the_s
         assert "RAY_SERVE_ENABLE_HA_PROXY=1" in start
 
 
+def test_every_ray_process_of_the_cluster_requires_the_auth_token_the_nodes_are_given():
+    """`ray start` turns token auth on only when asked (or when a token file exists): without
+    it, any host reaching the Ray ports could run code on nodes holding every secret."""
+    prepared = prepare_config(load())
+    assert prepared["file_mounts"]["~/.ray/auth_token"] == ".metergate/ray_auth_token"
+    for commands in (prepared["head_start_ray_commands"], prepared["worker_start_ray_commands"]):
+        (start,) = [c for c in commands if " start " in c]
+        assert "RAY_AUTH_MODE=token" in start.split("ray start")[0]
+    assert "--dashboard-host=127.0.0.1" in " ".join(prepared["head_start_ray_commands"])
+    ignored = Path(ROOT / ".gitignore").read_text().split()
+    assert ".metergate/" in ignored  # the token file is never committed
+
+
 def test_every_cluster_node_runs_serve_as_make_up_does_with_metergates_haproxy_front(tmp_path):
     """The fast Serve path of `make up` (launch.lean_serve_env), the same on every node:
     HAProxy through metergate's front (its outage answers), the proxy health check and the

@@ -38,8 +38,10 @@ class EngineAgainstModel(RuleBasedStateMachine):
         self.pair.engine.restart(snapshot_now)
 
 
-# METERGATE_DIFF_EXAMPLES sets the budget (bench/model.py runs it for minutes instead).
+# METERGATE_DIFF_EXAMPLES sets the budget (bench/model.py runs it for minutes instead);
+# METERGATE_DIFF_DERANDOMIZE=1 makes it the same examples every run (mutation testing).
 EngineAgainstModel.TestCase.settings = settings(
     max_examples=int(os.environ.get("METERGATE_DIFF_EXAMPLES", "200")), stateful_step_count=50, deadline=None,
+    derandomize=os.environ.get("METERGATE_DIFF_DERANDOMIZE") == "1", database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestEngineAgainstModel = EngineAgainstModel.TestCase

@@ -118,3 +118,27 @@ def test_months_over_http_match_the_ledger_read_with_sql(admin, compute, sql, ne
     current = us_to_rfc3339(clock_us(admin))[:7]
     assert [m["status"] for m in months] == ["open" if m["month"] >= current else "closed" for m in months]
     assert admin.get("/v1/orgs/ghost_months/months").status_code == 404
+
+
+def test_months_kept_with_their_carry_then_the_rest_equal_all_months_from_scratch():
+    """The months a read finds over are kept with what they hand on; the next read goes on
+    from there (the current month only, not the whole history), and must find what a read of
+    everything finds: an expiring grant credited before the cut still lapses from its pool."""
+    from actors.months import Carry, month_of, summarize_months
+
+    DEC = rfc3339_to_us("2026-12-10T00:00:00Z")
+    entries = [("signup_grant", 5 * US, "gr_1", OCT, 0, None), ("grant", 4 * US, "gr_2", OCT + 1, 0, DEC),
+               ("topup", 10 * US, "gr_3", OCT + 2, 0, None), ("usage", -3 * US, None, OCT + 3, 0, None),
+               ("usage", -2 * US, None, NOV, 0, None), ("refund", -1 * US, None, NOV + 1, 0, None),
+               ("expiration", -2 * US, "gr_2", DEC, 0, DEC), ("usage", -6 * US, None, DEC + 1, 0, None),
+               ("usage", -1 * US, None, DEC + 2, 500, None)]
+    usage_ms = {"2026-10": 3_600_000, "2026-12": 7_200_000}
+    whole, _ = summarize_months(entries, usage_ms, DEC + 3)
+    cut = rfc3339_to_us("2026-12-01T00:00:00Z")
+    before, ends = summarize_months([e for e in entries if e[3] < cut], {"2026-10": 3_600_000}, DEC + 3)
+    carry = Carry.from_json(ends["2026-11"].to_json())  # through JSON, as kept in Postgres
+    after, _ = summarize_months([e for e in entries if e[3] >= cut], {"2026-12": 7_200_000}, DEC + 3, carry)
+    assert before + after == whole
+    assert [m["month"] for m in whole] == ["2026-10", "2026-11", "2026-12"] and month_of(DEC) == "2026-12"
+    assert carry.pool_of == {"gr_2": "free"}  # only grants that may still expire are carried
+    assert_consistent(whole)

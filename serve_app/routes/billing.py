@@ -94,7 +94,7 @@ def routes(ctx: Context) -> APIRouter:
             token, source = presented(request, browser=True)
             ctx.org_or_admin(request, org_id, browser=True)
             if source == "query":
-                return with_cookie(request, org_id, token)
+                return with_cookie(ctx, request, org_id, token)
             nonce = secrets.token_urlsafe(16)
             page = await gather(org_id, page_path(request, org_id), form_proof(org_id, token), nonce, cursor, notice)
             return HTMLResponse(render(page), headers={**HTML_HEADERS, "Content-Security-Policy": page_policy(nonce)})
@@ -167,7 +167,7 @@ def routes(ctx: Context) -> APIRouter:
 
     def to_checkout(request: Request, org_id: str, caller: Caller, fields: dict[str, str], checkout: Checkout,
                     done: str) -> Awaitable[dict]:
-        back = billing_url(request, org_id)
+        back = billing_url(ctx, org_id)
         return answered_once(request, caller, fields, lambda: as_json(start_checkout(
             ctx, org_id, checkout, f"{back}?notice={done}", f"{back}?notice=checkout_cancelled",
             fields.get("idempotency_key") or None)))
@@ -209,7 +209,7 @@ def routes(ctx: Context) -> APIRouter:
             caller, fields = await submitted(request, org_id)
             ctx.stripe.require()
             session = await answered_once(request, caller, fields, lambda: as_json(open_portal(
-                ctx, org_id, billing_url(request, org_id), fields.get("idempotency_key") or None)))
+                ctx, org_id, billing_url(ctx, org_id), fields.get("idempotency_key") or None)))
             return RedirectResponse(session["url"], 303)
 
         return await for_people(request, org_id, send)
@@ -265,13 +265,14 @@ def us_day(us: int) -> str:
     return us_to_rfc3339(us)[:10]
 
 
-def with_cookie(request: Request, org_id: str, token: str) -> Response:
+def with_cookie(ctx: Context, request: Request, org_id: str, token: str) -> Response:
     """A `?token=` link: to the page without the token, which the page's cookie now carries."""
     query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
     path = page_path(request, org_id)
     response = RedirectResponse(f"{path}?{query}" if query else path, 303, headers=HTML_HEADERS)
+    # Secure by the public URL: behind a TLS load balancer the replica itself sees plain http.
     response.set_cookie(BILLING_COOKIE, token, path=path, httponly=True, samesite="lax",
-                        secure=request.url.scheme == "https")
+                        secure=ctx.settings.public_base.startswith("https://"))
     return response
 
 

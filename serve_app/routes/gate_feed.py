@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from actors import metrics
 from actors.routing import ShardUnavailable
 from metergate_client.projection import Heartbeat, Resync, format_cursor, parse_cursor
+from serve_app.auth import bearer
 from serve_app.context import Context
 from serve_app.errors import ApiError
 
@@ -109,10 +110,29 @@ def routes(ctx: Context) -> APIRouter:
         ctx.service(request)
         _published(ctx)
         start = _cursor_of(after)
-        return StreamingResponse(_stream(start, heartbeat_s, len(ctx.router.handles)), media_type="application/x-ndjson",
+        # Each stream polls every shard up to 20 times a second: one token may hold only so many
+        # at once on a replica (a leaked loop of reconnects must not starve the gate).
+        token = bearer(request)
+        if streams.get(token, 0) >= ctx.settings.max_feed_streams_per_token:
+            raise ApiError(429, "too_many_streams", f"this token holds {streams[token]} gate feed streams on this "
+                           "replica already (METERGATE_MAX_FEED_STREAMS_PER_TOKEN); close one or retry later")
+        streams[token] = streams.get(token, 0) + 1
+        return StreamingResponse(_stream(start, heartbeat_s, len(ctx.router.handles), token),
+                                 media_type="application/x-ndjson",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    async def _stream(start: list[tuple[int, int]] | None, heartbeat_s: float, shards: int):
+    async def _stream(start: list[tuple[int, int]] | None, heartbeat_s: float, shards: int, token: str):
+        try:
+            async for line in _lines(start, heartbeat_s, shards):
+                yield line
+        finally:
+            streams[token] -= 1
+            if not streams[token]:
+                del streams[token]
+
+    streams: dict[str, int] = {}  # token → its open streams on this replica
+
+    async def _lines(start: list[tuple[int, int]] | None, heartbeat_s: float, shards: int):
         if start is not None and len(start) != shards:
             yield ENCODER.encode(Resync("the cursor is for another number of shards")) + b"\n"
             return

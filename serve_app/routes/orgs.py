@@ -15,7 +15,7 @@ from serve_app.bodies import (AlertsBody, AutoRechargeBody, CreateOrgBody, Credi
                               TokenBody, body_schema, parse_model)
 from serve_app.calls import auto_recharge_command, org_state, require_org, state_command
 from serve_app.context import Context, json
-from serve_app.errors import ApiError, raise_for_shard_error
+from serve_app.errors import ApiError, raise_for_shard_error, unknown_org
 from serve_app.idempotency import idempotent, request_hash
 from serve_app.params import OrgPath
 from serve_app.views import entry_view, org_row_view, org_view
@@ -77,6 +77,9 @@ def routes(ctx: Context) -> APIRouter:
         expires_at_us = _expiry(body)
         amount = -body.amount_micros if body.kind == "refund" else body.amount_micros
         key = request.headers.get("idempotency-key")
+        if key is not None and key.startswith("stripe:"):  # the ledger's keys for Stripe's objects
+            raise ApiError(400, "invalid_idempotency_key", "an Idempotency-Key may not start with `stripe:`",
+                           field="Idempotency-Key")
 
         async def run() -> Response:
             command = cmd.Credit(body.kind, amount, expires_at_us, body.note, key)
@@ -149,8 +152,19 @@ def routes(ctx: Context) -> APIRouter:
         ctx.admin(request)
         body = parse_model(TokenBody, await request.body())
         await require_org(ctx, org_id)
-        token, expires_s = ctx.org_tokens.mint(org_id, now_us() // 1_000_000, body.ttl_s)
+        token, expires_s = ctx.org_tokens.mint(org_id, now_us(), body.ttl_s)
         return json({"org_id": org_id, "token": token, "expires_at": us_to_rfc3339(expires_s * 1_000_000)}, 201)
+
+    @router.post("/v1/orgs/{org_id}/tokens/revoke")
+    async def revoke_org_tokens(org_id: OrgPath, request: Request) -> Response:
+        """Void every token of the org issued until now (a new one may be minted at once);
+        every replica refuses them within a second."""
+        ctx.admin(request)
+        at = now_us()
+        async with (await ctx.db()).acquire() as conn:
+            if not await orgs.revoke_tokens(conn, org_id, at):
+                raise unknown_org(org_id)
+        return json({"org_id": org_id, "tokens_valid_after": us_to_rfc3339(at)})
 
     return router
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from actors.clock import now_us
 from actors.org import MICROS_PER_CENT
+from config.settings import origin_of
 from serve_app.bodies import PortalBody, SetupBody, TierCheckoutBody, TopupBody, body_schema, parse_model
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, unknown_org
@@ -46,10 +47,28 @@ async def customer_for(ctx: Context, org_id: str) -> str:
         return await stripe_customers.remember(conn, org_id, customer.id)
 
 
-def billing_url(request: Request, org_id: str) -> str:
-    """Where Stripe sends the customer back by default: the org's billing page (no token in it:
-    the page's cookie carries the session)."""
-    return f"{str(request.base_url).rstrip('/')}/billing/{org_id}"
+def billing_url(ctx: Context, org_id: str) -> str:
+    """Where Stripe sends the customer back by default: the org's billing page at the public
+    URL (never the request's Host, which a caller chooses), with no token in it: the page's
+    cookie carries the session."""
+    return f"{ctx.settings.public_base}/billing/{org_id}"
+
+
+def return_url(ctx: Context, url: str | None, field: str, org_id: str) -> str:
+    """A Checkout or portal return URL the caller gave, if it leads to an allowed origin (the
+    public URL's, or one in METERGATE_ALLOWED_RETURN_ORIGINS); else the org's billing page. Any
+    other: a holder of an org token could mail operator-branded Checkout links that land the
+    payer on a page of theirs."""
+    if url is None:
+        return billing_url(ctx, org_id)
+    try:
+        origin = origin_of(url)[0]
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"{field} is not an http(s) URL with a host", field=field) from None
+    if origin not in ctx.settings.return_origins():
+        raise ApiError(422, "invalid_request", f"{field} must lead to {ctx.settings.public_base} or an origin in "
+                       "METERGATE_ALLOWED_RETURN_ORIGINS (https)", field=field)
+    return url
 
 
 def topup_checkout(ctx: Context, org_id: str, body: TopupBody) -> Checkout:
@@ -119,8 +138,8 @@ def routes(ctx: Context) -> APIRouter:
     router = APIRouter(tags=["self-serve"])
 
     async def checkout(request: Request, org_id: str, session: Checkout, body: SetupBody) -> Response:
-        back = billing_url(request, org_id)
-        return json(await start_checkout(ctx, org_id, session, body.success_url or back, body.cancel_url or back,
+        return json(await start_checkout(ctx, org_id, session, return_url(ctx, body.success_url, "success_url", org_id),
+                                         return_url(ctx, body.cancel_url, "cancel_url", org_id),
                                          request.headers.get("idempotency-key")))
 
     async def checkout_route(request: Request, org_id: str, body_type, session_of) -> Response:
@@ -128,6 +147,8 @@ def routes(ctx: Context) -> APIRouter:
         ctx.org_or_admin(request, org_id)
         ctx.stripe.require()
         body = parse_model(body_type, await request.body())
+        return_url(ctx, body.success_url, "success_url", org_id)  # refused before anything reaches Stripe
+        return_url(ctx, body.cancel_url, "cancel_url", org_id)
         session = session_of(body)
         return await idempotent(ctx, request, lambda: checkout(request, org_id, session, body))
 
@@ -148,10 +169,10 @@ def routes(ctx: Context) -> APIRouter:
         ctx.org_or_admin(request, org_id)
         ctx.stripe.require()
         body = parse_model(PortalBody, await request.body())
+        back = return_url(ctx, body.return_url, "return_url", org_id)
 
         async def run() -> Response:
-            return json(await open_portal(ctx, org_id, body.return_url or billing_url(request, org_id),
-                                          request.headers.get("idempotency-key")))
+            return json(await open_portal(ctx, org_id, back, request.headers.get("idempotency-key")))
 
         return await idempotent(ctx, request, run)
 

@@ -1,5 +1,17 @@
 -- Usage money kept exact where it is reported and billed (billing-rules 6).
 
+-- This version changes billing rules that a journal replays (postpaid usage past credit is
+-- invoiced, not debt; a plan switch no longer cuts the period; ...). A journal tail written by
+-- the version before would replay under the new rules and disagree with its own ledger, so an
+-- upgrade needs every org snapshotted first: stop the old version cleanly (Ctrl-C or SIGTERM:
+-- its stop drains every shard), then start this one.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM org_journal) THEN
+        RAISE EXCEPTION 'metergate: orgs have journal entries written by the previous version; start the previous version, stop it cleanly (it snapshots every org), then start this one';
+    END IF;
+END $$;
+
 -- A rollup's cost in scaled units (1/1,024,000 nano-USD), summed exactly: a day's or a lease's
 -- cost no longer drifts from the ledger by a floor taken at every commit. Rows written before
 -- keep the nanos they had.

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import time
 import uuid
 
@@ -313,6 +314,18 @@ def test_serves_haproxy_holds_no_tcp_port_but_the_http_port(service):
         answer = b"".join(iter(lambda: sock.recv(65536), b""))
     assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0], answer[:200]
     assert b"http_frontend" in answer
+
+
+def test_the_running_fronts_folder_and_sockets_are_the_service_users_alone(service):
+    """Another local user can neither enter HAProxy's folder nor open its admin socket (issue
+    26: it was 0755 in /tmp with a `mode 666` admin socket that could repoint the backends)."""
+    config = _serves_haproxy_config(service)
+    folder = haproxy_dir(service.settings)
+    info = os.lstat(folder)
+    assert (stat.S_IMODE(info.st_mode), info.st_uid, stat.S_ISDIR(info.st_mode)) == (0o700, os.getuid(), True)
+    sockets = [config.parent / name for name in ("admin.sock", "stats.sock", "prom.sock")]
+    assert {path.name: stat.S_IMODE(os.stat(path).st_mode) for path in sockets if path.exists()} == {
+        "admin.sock": 0o600, "stats.sock": 0o600, "prom.sock": 0o600}
 
 
 def test_the_front_says_so_when_serves_template_keeps_a_side_listener_on_a_tcp_port(tmp_path, capsys):

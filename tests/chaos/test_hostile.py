@@ -1011,7 +1011,7 @@ def test_org_tokens_open_only_their_org_on_every_org_scoped_route(guard, service
     expired token of A, and A's token with any one byte flipped, on A's own routes: 401."""
     org_a, org_b = guard.target, guard.bystander
     token_a = mint(admin, org_a)
-    expired, _ = OrgTokens(service.settings.org_token_secret).mint(org_a, int(time.time()) - 7_200, 3_600)
+    expired, _ = OrgTokens(service.settings.org_token_secret).mint(org_a, int(time.time() - 7_200) * 1_000_000, 3_600)
     flipped = [token_a[:i] + chr(ord(token_a[i]) ^ 1) + token_a[i + 1:] for i in range(len(token_a))]
     routes_b = org_routes(openapi, org_b)
     assert len(routes_b) >= 25, routes_b

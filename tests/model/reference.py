@@ -407,8 +407,8 @@ class RefOrg:
         # AMBIGUOUS 2.3: "a credit that would make the 1,001st [grant] is refused" — counted only
         # when the credit would add a grant (A − d > 0); a credit with an expiry <= now still
         # counts (it is made, then expires at once).
-        if amount - d > 0 and len(self.grants) >= MAX_GRANTS:
-            return None
+        if amount - d > 0 and len(self.grants) >= MAX_GRANTS and kind not in PAID:
+            return None  # rule 2.3: an operator's credit is refused at the cap; money paid never
         # 1.
         self.credit_n += 1
         gid = f"gr_{self.credit_n}"

@@ -330,6 +330,12 @@ def test_too_many_grants():
     ops(o, T0 + S, 5_000_001, "x")
     assert len(o.observe()["grants"]) == 998
     assert o.apply(T0 + S, credit("grant", 5))["entry"][2] == "gr_1001"
+    # money paid is never refused, at the cap or past it (rule 2.3)
+    o.apply(T0 + S, credit("grant", 1))
+    o.apply(T0 + S, credit("grant", 1))
+    assert o.apply(T0 + S, credit("grant", 1)) == {"refused": "too_many_grants"}
+    assert o.apply(T0 + S, credit("topup", 7))["entry"][:2] == ("topup", 7)
+    assert len(o.observe()["grants"]) == 1001
 
 
 def test_low_balance_alert():

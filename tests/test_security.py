@@ -1,0 +1,247 @@
+"""Nobody gets in where they don't belong (issue 26): the HTTP front's files, return URLs,
+authentication before bodies, revocable org tokens, secrets kept out of logs and banners."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config.settings import Settings
+from serve_app.launch import UnsafeFolder, haproxy_dir, lean_serve_env, private_folder
+from tests.helpers import ADMIN_TOKEN as ADMIN
+from tests.helpers import SERVICE_TOKEN as SERVICE
+from tests.helpers import fake_sessions
+
+
+# ----- 1. the HTTP front's folder and sockets are this user's alone ------------------------
+
+
+def test_the_haproxy_folder_is_made_private_and_its_script_not_shared(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    run = haproxy_dir(settings)
+    try:
+        env = lean_serve_env(settings)
+        info = os.lstat(run)
+        assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o700, os.getuid())
+        assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(str(run) + os.sep)
+        assert stat.S_IMODE(os.stat(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).st_mode) == 0o700
+    finally:
+        import shutil
+
+        shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="handing a folder to another user needs root")
+def test_a_folder_another_user_made_first_is_refused(tmp_path):
+    """The folder's name is predictable: a local user who makes it before `make up` (with a
+    `haproxy` of their own in it) must not get Ray to run their script."""
+    planted = tmp_path / "mg-haproxy-planted"
+    planted.mkdir(mode=0o777)
+    (planted / "haproxy").write_text("#!/bin/sh\necho owned\n")
+    os.chown(planted, 65534, 65534)  # nobody
+    with pytest.raises(UnsafeFolder, match="belongs to uid 65534"):
+        private_folder(planted)
+
+
+def test_a_link_in_the_folders_place_is_refused_and_our_own_wide_folder_tightened(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "mg-haproxy-link"
+    link.symlink_to(target)
+    with pytest.raises(UnsafeFolder, match="not a folder"):
+        private_folder(link)
+    older = tmp_path / "mg-haproxy-older"
+    older.mkdir(mode=0o755)
+    older.chmod(0o755)  # as versions before this one made it
+    assert stat.S_IMODE(os.stat(private_folder(older)).st_mode) == 0o700
+
+
+def test_haproxys_admin_and_side_sockets_are_for_the_owner_only(tmp_path):
+    """Serve's template opens the admin socket (`level admin expose-fd listeners`) to every
+    local user: any of them could repoint the backends and read every request, tokens too."""
+    from serve_app.haproxy_front import rewrite
+
+    config = (f"global\n    stats socket {tmp_path}/admin.sock mode 666 level admin expose-fd listeners\n"
+              "frontend prometheus\n    bind :9101\nlisten stats\n    bind *:8404\n")
+    written = rewrite(config, tmp_path)
+    assert f"stats socket {tmp_path}/admin.sock mode 600 level admin" in written
+    assert "mode 666" not in written
+    assert f"bind unix@{tmp_path}/prom.sock mode 600" in written and f"bind unix@{tmp_path}/stats.sock mode 600" in written
+
+
+# ----- 2. return URLs lead only to allowed origins; no link is built from Host -------------
+
+
+def test_a_checkout_or_portal_return_url_must_lead_to_an_allowed_https_origin(service, admin, new_org):
+    org = new_org()
+    for route, body in ((f"/v1/orgs/{org}/checkout/topup", {"amount_micros": 10_000_000}),
+                        (f"/v1/orgs/{org}/checkout/setup", {}), (f"/v1/orgs/{org}/portal", {})):
+        fields = ("return_url",) if route.endswith("/portal") else ("success_url", "cancel_url")
+        for field in fields:
+            for url in ("https://evil.example/phish", "http://app.example.com/ok",  # plain http of an allowed host
+                        "https://app.example.com:8443/ok", "https://user@app.example.com/ok", "javascript:alert(1)"):
+                refused = admin.post(route, json={**body, field: url})
+                assert refused.status_code == 422, (route, field, url, refused.text)
+                assert refused.json()["error"]["field"] == field
+    allowed = admin.post(f"/v1/orgs/{org}/checkout/topup", json={"amount_micros": 10_000_000,
+                                                                 "success_url": "https://app.example.com/ok",
+                                                                 "cancel_url": f"{service.base_url}/billing/{org}"})
+    assert allowed.status_code == 200, allowed.text
+
+
+def test_no_redirect_echoes_the_hosts_a_caller_sends(service, admin, new_org):
+    from tests.helpers import mint
+
+    org = new_org()
+    token = mint(admin, org)
+    with httpx.Client(base_url=service.base_url, timeout=30, follow_redirects=False) as browser:
+        link = browser.get(f"/billing/{org}", params={"token": token}, headers={"Host": "evil.example"})
+        assert link.status_code == 303 and link.headers["location"] == f"/billing/{org}"
+        slash = browser.get(f"/billing/{org}/", params={"token": token}, headers={"Host": "evil.example"})
+        assert slash.status_code == 404 and "location" not in slash.headers  # no redirect to the other spelling
+        # The link's default return URL comes from the public URL, not from Host.
+        session = browser.post(f"/v1/orgs/{org}/checkout/setup", json={},
+                               headers={"Host": "evil.example", "Authorization": f"Bearer {ADMIN}"})
+    assert session.status_code == 200, session.text
+    made = [s for s in fake_sessions(service, org) if s["mode"] == "setup"][-1]
+    assert made["success_url"] == f"{service.settings.public_base}/billing/{org}"
+    assert "evil" not in made["cancel_url"]
+
+
+# ----- 3. nobody uploads a body without being known first ---------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/usage", "/v1/gate/batch", "/v1/gate", "/v1/orgs"])
+def test_an_unauthenticated_upload_is_refused_from_its_headers_before_its_body(service, path):
+    """8 MiB declared, nothing sent: the answer must come at once, not after the body."""
+    host, port = "127.0.0.1", service.settings.http_port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {8 * 1024 * 1024}\r\n\r\n".encode())
+        started = time.monotonic()
+        answer = sock.recv(65536)
+    assert time.monotonic() - started < 5
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b'"code":"unauthorized"' in answer
+
+
+def test_a_declared_body_over_the_limit_is_413_json_at_once_also_on_the_gate(service):
+    host, port = "127.0.0.1", service.settings.http_port
+    for path in ("/v1/gate", "/v1/gate/batch", "/v1/usage"):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SERVICE}\r\n"
+                         f"Content-Length: {100 * 1024 * 1024}\r\n\r\n".encode())
+            started = time.monotonic()
+            answer = sock.recv(65536)
+        assert time.monotonic() - started < 5, path
+        assert answer.startswith(b"HTTP/1.1 413") and b'"code":"payload_too_large"' in answer, (path, answer[:200])
+
+
+# ----- 6. org tokens can be revoked; a link's token is taken on its first GET only ---------
+
+
+def test_a_revoked_org_token_is_401_everywhere_and_a_new_one_works(service, admin, new_org):
+    from tests.helpers import mint, org_client
+
+    org = new_org()
+    old = mint(admin, org)
+    with org_client(service, old) as customer:
+        assert customer.get(f"/billing/{org}").status_code == 200
+    revoked = admin.post(f"/v1/orgs/{org}/tokens/revoke")
+    assert revoked.status_code == 200 and revoked.json()["org_id"] == org
+    assert admin.post("/v1/orgs/nobody_at_all/tokens/revoke").status_code == 404
+    new = mint(admin, org)
+    time.sleep(1.2)  # every replica looks a revocation up again within a second
+    with org_client(service, old) as customer:
+        page = customer.get(f"/billing/{org}")
+        put = customer.put(f"/v1/orgs/{org}/auto-recharge", json={"enabled": False})
+    assert page.status_code == 401 and page.json()["error"]["code"] == "token_revoked"
+    assert put.status_code == 401 and put.json()["error"]["code"] == "token_revoked"
+    with org_client(service, new) as customer:
+        assert customer.get(f"/billing/{org}").status_code == 200
+
+
+def test_a_token_in_the_query_opens_only_a_get_never_a_form_post(service, admin, new_org):
+    from tests.helpers import mint
+
+    org = new_org()
+    token = mint(admin, org)
+    with httpx.Client(base_url=service.base_url, timeout=30, follow_redirects=False) as browser:
+        posted = browser.post(f"/billing/{org}/auto-recharge", params={"token": token}, data={"enabled": "off"})
+    assert posted.status_code == 401, posted.text
+
+
+def test_an_org_token_looping_requests_is_slowed_with_429_and_retry_after(service, admin, new_org):
+    from tests.helpers import mint, org_client
+
+    org = new_org()
+    with org_client(service, mint(admin, org)) as customer:
+        answers = [customer.get(f"/v1/orgs/{org}/months") for _ in range(40)]
+    limited = [a for a in answers if a.status_code == 429]
+    assert limited, [a.status_code for a in answers]
+    assert limited[0].json()["error"]["code"] == "rate_limited" and int(limited[0].headers["retry-after"]) >= 1
+    assert admin.get(f"/v1/orgs/{org}/months").status_code == 200  # the admin token is not limited
+
+
+# ----- 8. a token holds only so many gate feed streams -------------------------------------
+
+
+def test_a_token_holding_too_many_feed_streams_gets_429(service):
+    cap = service.settings.max_feed_streams_per_token
+    with httpx.Client(base_url=service.base_url, timeout=30,
+                      headers={"Authorization": f"Bearer {SERVICE}"}) as client:
+        streams = [client.stream("GET", "/v1/gate/feed").__enter__() for _ in range(cap)]
+        try:
+            assert all(s.status_code == 200 for s in streams)
+            extra = client.get("/v1/gate/feed", timeout=10)
+            assert extra.status_code == 429 and extra.json()["error"]["code"] == "too_many_streams"
+        finally:
+            for s in streams:
+                s.close()
+    time.sleep(0.5)
+    with httpx.Client(base_url=service.base_url, timeout=10, headers={"Authorization": f"Bearer {SERVICE}"}) as client:
+        with client.stream("GET", "/v1/gate/feed") as again:  # closing them gave the slots back
+            assert again.status_code == 200
+
+
+# ----- 7. secrets stay out of banners, logs and command lines -----------------------------
+
+
+def test_the_banner_prints_a_token_whole_only_on_the_start_that_generated_it(tmp_path):
+    from serve_app import launch
+    from serve_app.main import shown_token
+
+    settings = Settings(data_dir=tmp_path, admin_token="operator-set-admin-0123456789",
+                        service_token="mg_svc_generated_before_0123456789")
+    running = launch.Running(settings)
+    assert "operator-set-admin" not in shown_token(running, "admin_token")
+    assert shown_token(running, "admin_token").startswith("…6789")
+    assert "generated_before" not in shown_token(running, "service_token")
+    running.new_tokens = {"service_token"}
+    assert shown_token(running, "service_token").startswith("mg_svc_generated_before_0123456789")
+
+
+def test_tokens_json_is_tightened_to_0600_at_every_start(tmp_path):
+    from config.settings import generated_tokens
+
+    settings, new = generated_tokens(Settings(data_dir=tmp_path))
+    assert new == {"service_token", "admin_token", "org_token_secret"}
+    path = tmp_path / "tokens.json"
+    path.chmod(0o644)
+    again, new = generated_tokens(Settings(data_dir=tmp_path))
+    assert new == set() and again.admin_token == settings.admin_token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_webhook_urls_are_redacted_in_delivery_errors():
+    from actors.jobs import redacted
+
+    assert redacted("https://hooks.example.com/in/sk_live_secret?key=abc") == "https://hooks.example.com/…"
+    assert redacted("http://127.0.0.1:9000") == "http://127.0.0.1:9000"
+    assert "secret" not in redacted("https://user:secret@hooks.example.com:8443/x")
