@@ -25,6 +25,11 @@ POLICY = (3 * 86_400, 7 * 86_400, 14 * 86_400, "free", 1)
 def run(org, command, at: int) -> Effects:
     fx = Effects()
     execute(org, command, CATALOG, at, fx)
+    # What the shard writes them under: every effect is this org's and of this instant.
+    assert all(org_id == org.org_id and entry.at_us == at for org_id, entry in fx.ledger), fx.ledger
+    assert all(event.org_id == org.org_id and event.at_us == at for event in fx.events), fx.events
+    assert all(c.org_id == org.org_id and c.requested_us == at for c in fx.charges), fx.charges
+    assert all(period.org_id == org.org_id for period in fx.periods), fx.periods
     return fx
 
 
@@ -45,6 +50,9 @@ def test_ticks_of_one_lease_sum_every_quantity_before_they_are_priced():
     first.add(second)
     assert (first.memory_mb_ms, first.cpu_ms, first.disk_mb_ms, first.ticks, first.duration_ms) == (1_500, 25, 3_007, 3, 16)
     assert first.units == {"a": 5, "b": 2} and second.units == {"a": 1, "b": 2}
+    plain = LeaseUsage("ls", memory_mb_ms=1)
+    plain.add(LeaseUsage("ls", units={"a": 3}))  # units onto a usage that had none
+    assert plain.units == {"a": 3}
     plan = PAYG
     whole = cost_scaled(plan, LeaseUsage("ls", memory_mb_ms=1_500, cpu_ms=25, disk_mb_ms=3_007))
     assert whole == 4_500 * 1_500 + 30 * 3_007 + 14_000 * 25 * 1_024
@@ -71,9 +79,16 @@ def test_a_read_at_the_instant_a_grant_or_lease_expires_no_longer_counts_it():
     run(org, AcquireLease("gpu", Resources(machine_type="a100", region="us", quantity=2), 60), T0)
     at = T0 + 60 * US
     assert org.balance_at(at - 1) == US and org.balance_at(at) == 0
+    assert org.gate("create", Resources(), at - 1).allowed
+    assert org.gate("create", Resources(), at).reason == "insufficient_balance"
+    run(org, Credit("grant", 2 * US), at - 10)  # a second grant: reads add them up
+    assert org.balance_at(at - 1) == 3 * US and org.balance_at(at) == 2 * US
+    spent, _ = make_org(signup_micros=0, card=True)
+    run(spent, Credit("topup", 1), T0)
+    spent.apply_usage([usage_costing(4)], T0 + 1, Effects())
+    assert spent.balance_at(T0 + 2) == -3  # debt counts against the balance
     assert org.machines_in_use_at(at - 1) == {"us": {"a100": 2}} and org.machines_in_use_at(at) == {}
     assert org.active_leases_at(at) == 0
-    assert org.gate("create", Resources(), at).reason == "insufficient_balance"
 
 
 def test_a_credit_that_expires_at_the_instant_it_is_booked_lapses_at_once():
@@ -185,8 +200,28 @@ def test_the_daily_cap_and_a_settlement_emit_their_documented_payloads():
                                                        "payment_intent_id": "pi_ok",
                                                        "balance_micros": 5 * US + ar_2.amount_micros})]
     assert org.grants[-1].payment_id == "pi_ok"  # what the payment bought: a refund of it claws it back
+    assert fx.ledger[0][1].note == "auto-recharge ar_2 (pi_ok)"
     clawed = run(org, RefundPayment("re_ar", "pi_ok", ar_2.amount_micros), tomorrow + 2)
     assert kinds(clawed) == [("refund", -ar_2.amount_micros)]
+
+
+def test_no_charge_is_due_while_one_is_in_flight_paused_disabled_cardless_or_not_needed():
+    org = armed(threshold=6 * US, amount=500_000, cooldown_s=600)  # ar_1 in flight
+    assert org.next_due_us() == org.period_end_us
+    run(org, SettleRecharge.of_payment("ar_1", False, 500_000, "pi_no"), T0 + 1)  # no reason given
+    assert org.recharge.paused == "payment_failed" and org.next_due_us() == org.period_end_us
+    run(org, SetPaymentMethod(True), T0 + 2)  # unpaused, held back by the cooldown
+    assert org.next_due_us() == T0 + 600 * US
+    run(org, SetPaymentMethod(False), T0 + 3)
+    assert org.next_due_us() == org.period_end_us  # no card: nothing to wait for
+    run(org, SetPaymentMethod(True), T0 + 4)
+    run(org, SetAutoRecharge(False), T0 + 5)
+    assert org.next_due_us() == org.period_end_us
+    run(org, SetAutoRecharge(True, 5 * US, 500_000, 3, 600), T0 + 6)  # 5 USD is not under 5 USD
+    assert org.pending_charge() is None and org.next_due_us() == org.period_end_us
+    failed = armed(threshold=6 * US, amount=500_000)
+    fx = run(failed, SettleRecharge.of_payment("ar_1", False, 500_000, "pi_f"), T0 + 1)
+    assert events(fx)[0][1]["reason"] == "payment_failed"  # Stripe gave no code
 
 
 def test_a_held_back_charge_is_due_when_the_cooldown_ends_and_not_before():
@@ -256,6 +291,18 @@ def test_a_refund_that_takes_money_halts_a_prepaid_org_at_zero_and_its_entry_nam
     assert org.halted == "balance" and [t for t, _ in events(fx)] == ["org.halted"]
 
 
+def test_a_refund_finds_a_grant_booked_before_grants_kept_their_payment_by_its_grant_id():
+    org, _ = make_org()
+    run(org, Credit("topup", 10 * US), T0)  # as the version before booked it: no payment on the grant
+    assert org.grants[-1].payment_id is None
+    fx = run(org, RefundPayment("re_old", "pi_old", 4 * US, None, "stripe:refund:re_old", "gr_2"), T0 + 1)
+    assert kinds(fx) == [("refund", -4 * US)] and fx.ledger[0][1].grant_id == "gr_2"
+    run(org, Credit("topup", 5 * US, payment_id="pi_new"), T0 + 2)
+    # A payment a grant names wins over a grant id: the id only finds grants booked before.
+    fx = run(org, RefundPayment("re_new", "pi_new", US, None, None, "gr_2"), T0 + 3)
+    assert kinds(fx) == [("refund", -US)] and fx.ledger[0][1].grant_id == "gr_3"
+
+
 # ----- periods and dunning at their boundaries ---------------------------------------------
 
 
@@ -302,6 +349,49 @@ def test_invoice_news_at_the_same_instant_applies_and_a_second_failed_invoice_jo
     assert org.dunning is not None
     run(org, InvoicePaid(T0 + 6, None, 500), T0 + 8)
     assert org.dunning is None
+
+
+def test_a_failure_reported_days_late_takes_the_steps_already_due_at_once():
+    org, _ = make_org()
+    run(org, InvoiceFailed(T0 - 5 * DAY_US, *POLICY, "in_a"), T0 - DAY_US)
+    fx = run(org, InvoiceFailed(T0 - 4 * DAY_US, *POLICY), T0)  # no id: the list keeps only in_a
+    assert org.dunning.invoice_ids == ["in_a"]
+    late, _ = make_org()
+    fx = run(late, InvoiceFailed(T0 - 4 * DAY_US, *POLICY, "in_b"), T0)
+    assert late.suspended and [t for t, _ in events(fx)] == ["org.suspended"]
+
+
+def test_a_tier_decision_as_old_as_the_last_applies_and_an_older_one_is_stale():
+    from actors.commands import SetTier
+
+    org, _ = make_org()
+    assert not isinstance(execute(org, SetTier("pro", 100, T0), CATALOG, T0, Effects()), Stale)
+    assert not isinstance(execute(org, SetTier("base", 5, T0), CATALOG, T0 + 1, Effects()), Stale)
+    assert org.tier == "base"
+    assert isinstance(execute(org, SetTier("pro", 100, T0 - 1), CATALOG, T0 + 2, Effects()), Stale)
+    assert org.tier == "base"
+
+
+def test_ended_lease_ids_are_kept_per_id_refreshed_when_ended_again_and_at_most_1000():
+    from actors.commands import ReleaseLease
+    from actors.leases import MAX_ENDED_LEASES
+    from actors.org import LeaseEnded
+
+    org, _ = make_org()
+    run(org, ReleaseLease("a"), T0)
+    run(org, ReleaseLease("b"), T0)
+    run(org, ReleaseLease("a"), T0 + 50 * 60 * US)  # ended again: remembered from now
+    for lease_id in ("a", "b"):
+        with pytest.raises(LeaseEnded):
+            execute(org, AcquireLease(lease_id, Resources(), 60), CATALOG, T0 + 60 * 60 * US, Effects())
+    assert isinstance(execute(org, AcquireLease("b", Resources(), 60), CATALOG, T0 + 60 * 60 * US + 1, Effects()),
+                      type(execute(org, AcquireLease("c", Resources(), 60), CATALOG, T0 + 60 * 60 * US + 1, Effects())))
+    with pytest.raises(LeaseEnded):  # "a" ended at +50 min: still remembered at +110 min exactly
+        execute(org, AcquireLease("a", Resources(), 60), CATALOG, T0 + 110 * 60 * US, Effects())
+    crowd, _ = make_org()
+    for n in range(MAX_ENDED_LEASES + 1):
+        run(crowd, ReleaseLease(f"l{n}"), T0)
+    assert len(crowd.ended_leases) == MAX_ENDED_LEASES and "l0" not in crowd.ended_leases
 
 
 def test_the_downgrade_restores_the_plan_it_came_from_with_its_events():
