@@ -125,7 +125,7 @@ class Settings(BaseSettings):
     @classmethod
     def _origins(cls, text: str) -> str:
         for origin in filter(None, (part.strip() for part in text.split(","))):
-            if origin_of(origin)[1] is None:
+            if origin_of(origin)[1] is not None:
                 raise ValueError(f"{origin!r}: an origin is scheme://host[:port], nothing after it")
         return text
 

@@ -107,7 +107,7 @@ class BodyLimit:
         return has_body
 
     async def _org_token_ok(self, token: str, caller: Caller) -> None:
-        await self.ctx.require_unrevoked(token, caller.org_id)
+        await self.ctx.require_unrevoked(caller)
         wait_s = self.budget.take(token, time.monotonic())
         if wait_s:
             raise ApiError(429, "rate_limited", "too many requests with this org token; slow down",

@@ -66,7 +66,7 @@ def test_every_ray_process_of_the_cluster_requires_the_auth_token_the_nodes_are_
         (start,) = [c for c in commands if " start " in c]
         assert "RAY_AUTH_MODE=token" in start.split("ray start")[0]
     assert "--dashboard-host=127.0.0.1" in " ".join(prepared["head_start_ray_commands"])
-    ignored = Path(ROOT / ".gitignore").read_text().split()
+    ignored = (CLUSTER_YAML.parent / ".gitignore").read_text().split()
     assert ".metergate/" in ignored  # the token file is never committed
 
 

@@ -3,6 +3,8 @@ authentication before bodies, revocable org tokens, secrets kept out of logs and
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import stat
@@ -78,6 +80,27 @@ def test_haproxys_admin_and_side_sockets_are_for_the_owner_only(tmp_path):
 # ----- 2. return URLs lead only to allowed origins; no link is built from Host -------------
 
 
+@pytest.mark.parametrize("origins, ok", [
+    ("https://app.example.com", {("https", "app.example.com", 443)}),
+    ("https://App.example.com:8443, http://127.0.0.1:3000",
+     {("https", "app.example.com", 8443), ("http", "127.0.0.1", 3000)}),
+    ("https://app.example.com/", {("https", "app.example.com", 443)}),  # a bare slash is still the origin
+    ("https://app.example.com/return", None),
+    ("https://app.example.com?next=x", None),
+    ("ftp://app.example.com", None),
+    ("https://user@app.example.com", None),
+])
+def test_allowed_return_origins_take_origins_only(tmp_path, origins, ok):
+    from pydantic import ValidationError
+
+    if ok:
+        settings = Settings(data_dir=tmp_path, allowed_return_origins=origins, public_url="https://billing.example.com")
+        assert settings.return_origins() == ok | {("https", "billing.example.com", 443)}
+    else:
+        with pytest.raises(ValidationError):
+            Settings(data_dir=tmp_path, allowed_return_origins=origins)
+
+
 def test_a_checkout_or_portal_return_url_must_lead_to_an_allowed_https_origin(service, admin, new_org):
     org = new_org()
     for route, body in ((f"/v1/orgs/{org}/checkout/topup", {"amount_micros": 10_000_000}),
@@ -117,6 +140,26 @@ def test_no_redirect_echoes_the_hosts_a_caller_sends(service, admin, new_org):
 # ----- 3. nobody uploads a body without being known first ---------------------------------
 
 
+def answer_to(sock: socket.socket) -> bytes:
+    """One whole HTTP answer: its head, then as much body as it declares (the server may send
+    them in two writes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 @pytest.mark.parametrize("path", ["/v1/usage", "/v1/gate/batch", "/v1/gate", "/v1/orgs"])
 def test_an_unauthenticated_upload_is_refused_from_its_headers_before_its_body(service, path):
     """8 MiB declared, nothing sent: the answer must come at once, not after the body."""
@@ -125,7 +168,7 @@ def test_an_unauthenticated_upload_is_refused_from_its_headers_before_its_body(s
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {8 * 1024 * 1024}\r\n\r\n".encode())
         started = time.monotonic()
-        answer = sock.recv(65536)
+        answer = answer_to(sock)
     assert time.monotonic() - started < 5
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
     assert b'"code":"unauthorized"' in answer
@@ -138,7 +181,7 @@ def test_a_declared_body_over_the_limit_is_413_json_at_once_also_on_the_gate(ser
             sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SERVICE}\r\n"
                          f"Content-Length: {100 * 1024 * 1024}\r\n\r\n".encode())
             started = time.monotonic()
-            answer = sock.recv(65536)
+            answer = answer_to(sock)
         assert time.monotonic() - started < 5, path
         assert answer.startswith(b"HTTP/1.1 413") and b'"code":"payload_too_large"' in answer, (path, answer[:200])
 
@@ -196,14 +239,12 @@ def test_a_token_holding_too_many_feed_streams_gets_429(service):
     cap = service.settings.max_feed_streams_per_token
     with httpx.Client(base_url=service.base_url, timeout=30,
                       headers={"Authorization": f"Bearer {SERVICE}"}) as client:
-        streams = [client.stream("GET", "/v1/gate/feed").__enter__() for _ in range(cap)]
-        try:
+        with contextlib.ExitStack() as held:  # each stream stays open until the stack closes
+            streams = [held.enter_context(client.stream("GET", "/v1/gate/feed")) for _ in range(cap)]
             assert all(s.status_code == 200 for s in streams)
-            extra = client.get("/v1/gate/feed", timeout=10)
-            assert extra.status_code == 429 and extra.json()["error"]["code"] == "too_many_streams"
-        finally:
-            for s in streams:
-                s.close()
+            with client.stream("GET", "/v1/gate/feed", timeout=10) as extra:  # a 200 here would never end: stream it
+                assert extra.status_code == 429
+                assert json.loads(extra.read())["error"]["code"] == "too_many_streams"
     time.sleep(0.5)
     with httpx.Client(base_url=service.base_url, timeout=10, headers={"Authorization": f"Bearer {SERVICE}"}) as client:
         with client.stream("GET", "/v1/gate/feed") as again:  # closing them gave the slots back
