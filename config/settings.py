@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     max_ticks_per_request: int = Field(10_000, ge=1, le=100_000)
     # Gate feed streams one token may hold open at once on one ingress replica.
     max_feed_streams_per_token: int = Field(64, ge=1, le=100_000)
+    # Requests one org token may make on one ingress replica: a burst, refilled per minute.
+    org_token_burst: int = Field(20, ge=1, le=1_000_000)
+    org_token_requests_per_minute: int = Field(120, ge=1, le=6_000_000)
 
     # Auto-recharge: after a charge, no other for this long, whatever the balance does.
     auto_recharge_cooldown_s: int = Field(60, ge=0, le=86_400)

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import msgspec
 from fastapi import Request
@@ -80,15 +81,49 @@ BILLING_COOKIE = "mg_billing"
 def presented(request: Request, browser: bool = False) -> tuple[str, str]:
     """The token a request presents and where from: "header"; for a browser page also "query"
     (a link: a browser following one cannot set headers) and then "cookie" (set from that link)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip(), "header"
-    if browser and request.method == "GET" and request.query_params.get("token"):
-        return request.query_params["token"], "query"  # a link's first GET only: never a form post
-    if browser and request.cookies.get(BILLING_COOKIE):
-        return request.cookies[BILLING_COOKIE], "cookie"
-    raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+    found = presented_in(request.scope, browser)
+    if found is None:
+        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+    return found
+
+
+def presented_in(scope, browser: bool) -> tuple[str, str] | None:
+    """`presented`, from an ASGI scope: the one reading of a request's token, shared by the
+    middleware that checks revocation and budgets before the body (serve_app/limits.py) and
+    the handlers, so both see the same token. A request naming two (two Authorization headers,
+    two `token` parameters, two billing cookies) is refused: which one counts must not depend on
+    who reads it."""
+    headers = scope.get("headers") or ()
+    authorization = [value for name, value in headers if name == b"authorization"]
+    if len(authorization) > 1:
+        raise ApiError(401, "unauthorized", "more than one Authorization header")
+    if authorization:
+        scheme, _, token = authorization[0].decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip(), "header"
+    if not browser:
+        return None
+    if scope["method"] == "GET":
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+        if query:
+            if len(query) > 1:
+                raise ApiError(401, "unauthorized", "more than one token parameter")
+            return query[0], "query"  # a link's first GET only: never a form post
+    held = [value for name, value in headers if name == b"cookie"
+            for value in _cookie_values(value.decode("latin-1"), BILLING_COOKIE)]
+    if len(held) > 1:
+        raise ApiError(401, "unauthorized", f"more than one {BILLING_COOKIE} cookie")
+    return (held[0], "cookie") if held and held[0] else None
+
+
+def _cookie_values(header: str, name: str) -> list[str]:
+    """Every value of cookie `name` in a Cookie header (`a=1; b=2`), as browsers send it."""
+    values = []
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key.strip() == name:
+            values.append(value.strip().strip('"'))
+    return values
 
 
 def bearer(request: Request, browser: bool = False) -> str:

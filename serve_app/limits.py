@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from http.cookies import SimpleCookie
-from urllib.parse import parse_qs
 
 import msgspec
 
-from serve_app.auth import BILLING_COOKIE, ORG_TOKEN_PREFIX, Caller
+from serve_app.auth import ORG_TOKEN_PREFIX, Caller, forbidden, presented_in
 from serve_app.errors import ApiError, error_body
 
-LARGE_BODIES_AT_ONCE = 16  # per replica: bodies over the default limit read at the same time
+# Per replica: bodies over the default limit (or of no declared length) read at the same time,
+# on the compute plane's paths and on the webhooks' (kept apart: a crowd of slow uploads with
+# made-up signature headers must not starve usage), and how long one waits for its turn.
+LARGE_BODIES_AT_ONCE = 16
+LARGE_WEBHOOK_BODIES_AT_ONCE = 4
+LARGE_BODY_WAIT_S = 10
 RETRY_AFTER_S = 1
 WEBHOOK_SIGNATURES = {"/webhooks/stripe": (b"stripe-signature",),
                       "/webhooks/svix": (b"svix-id", b"svix-timestamp", b"svix-signature")}
@@ -29,7 +32,7 @@ class OrgTokenBudget:
     """Requests an org token may make: a bucket of `burst`, refilled at `per_s`. A holder of
     one org's token loops the billing page; the replica's loop also serves every org's gate."""
 
-    def __init__(self, burst: int = 20, per_s: float = 2.0) -> None:
+    def __init__(self, burst: int, per_s: float) -> None:
         self.burst, self.per_s = burst, per_s
         self.buckets: dict[str, tuple[float, float]] = {}
 
@@ -56,7 +59,8 @@ class BodyLimit:
         self.limits = limits
         self.ctx = ctx
         self.large = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
-        self.budget = OrgTokenBudget()
+        self.large_webhooks = asyncio.Semaphore(LARGE_WEBHOOK_BODIES_AT_ONCE)
+        self.budget = OrgTokenBudget(ctx.settings.org_token_burst, ctx.settings.org_token_requests_per_minute / 60)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -76,15 +80,21 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _too_large(send, limit)
             return
-        if limit <= self.default_limit:
+        small = declared is not None and declared.isdigit() and int(declared) <= self.default_limit
+        if limit <= self.default_limit or small:
             await self._read(scope, receive, send, limit)
             return
-        if self.large.locked():
+        turns = self.large_webhooks if scope["path"] in WEBHOOK_SIGNATURES else self.large
+        try:
+            await asyncio.wait_for(turns.acquire(), LARGE_BODY_WAIT_S)
+        except TimeoutError:
             await _refuse(send, ApiError(429, "too_many_large_bodies", "too many large bodies are being received; "
                                          "retry in a moment"), retry=True)
             return
-        async with self.large:
+        try:
             await self._read(scope, receive, send, limit)
+        finally:
+            turns.release()
 
     async def _admit(self, scope, headers: dict) -> bool:
         """Whether the request has a body to read; raises ApiError for a caller refused from
@@ -92,11 +102,14 @@ class BodyLimit:
         method, path = scope["method"], scope["path"]
         has_body = method in ("POST", "PUT", "PATCH", "DELETE") and (
             headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers)
-        token = _token(headers, scope, browser=path.startswith("/billing/"))
+        found = presented_in(scope, browser=path.startswith("/billing/"))
+        token = found[0] if found is not None else None
         caller = self.ctx.identify(token) if token is not None and (
             has_body or token.startswith(ORG_TOKEN_PREFIX)) else None
         if caller is not None and caller.role == "org":
             await self._org_token_ok(token, caller)
+            if has_body and path in self.limits and path not in WEBHOOK_SIGNATURES:
+                raise forbidden("an org token cannot use the compute-plane API")  # before its large body
         if has_body:
             needed = WEBHOOK_SIGNATURES.get(path)
             if needed is not None:
@@ -131,27 +144,6 @@ class BodyLimit:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
-
-
-def _token(headers: dict, scope, browser: bool) -> str | None:
-    """The token a request presents: the bearer header; for the billing page also its cookie,
-    and `?token=` on a GET (a link: a browser following one cannot set headers)."""
-    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    if not browser:
-        return None
-    if scope["method"] == "GET":
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
-        if query:
-            return query[0]
-    cookie = SimpleCookie()
-    try:
-        cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
-    except Exception:  # noqa: BLE001 - a cookie header that does not parse names no token
-        return None
-    held = cookie.get(BILLING_COOKIE)
-    return held.value if held is not None else None
 
 
 async def _refuse(send, exc: ApiError, retry: bool = False) -> None:

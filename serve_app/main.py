@@ -341,6 +341,8 @@ def shown_token(running: launch.Running, name: str) -> str:
     """A token as the banner prints it: whole only on the start that generated it (a banner
     lands in journald and CI logs at every start), else masked, with where to find it."""
     token = getattr(running.settings, name)
+    if not token:
+        return "(none)"
     if name in running.new_tokens:
         return f"{token}   (new: kept in {running.settings.data_dir / 'tokens.json'})"
     if token.startswith(("mg_svc_", "mg_adm_")):  # generated before: the prefix is no secret

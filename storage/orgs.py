@@ -47,6 +47,9 @@ async def tokens_valid_after(conn: asyncpg.Connection, org_id: str) -> int | Non
 
 async def revoke_tokens(conn: asyncpg.Connection, org_id: str, at_us: int) -> bool:
     """Void every token of the org issued before at_us (whole seconds: tokens carry seconds);
-    False if there is no such org."""
-    status = await conn.execute("UPDATE orgs SET tokens_valid_after = $2 WHERE org_id = $1", org_id, us_to_dt(at_us))
+    False if there is no such org. Never moves back: a later revoke from a replica whose clock
+    is behind does not bring back tokens an earlier one voided."""
+    status = await conn.execute(
+        "UPDATE orgs SET tokens_valid_after = GREATEST(tokens_valid_after, $2) WHERE org_id = $1",
+        org_id, us_to_dt(at_us))
     return status.endswith(" 1")

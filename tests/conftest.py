@@ -104,6 +104,7 @@ def service(tmp_path_factory, receiver):
             dashboard=False,  # its processes cost CPU the tests need; tests/test_metrics.py scrapes instead
             allowed_return_origins="https://app.example.com",  # tests.helpers.URLS
             max_feed_streams_per_token=8,  # low, so that test_security.py can reach it
+            org_token_burst=200,  # tests use one org token for many routes; test_security.py loops past it
             metrics_port=free_port(),
         )
         running = None

@@ -92,6 +92,19 @@ def test_every_cluster_node_runs_serve_as_make_up_does_with_metergates_haproxy_f
                     if word.startswith("RAY_SERVE_"))
         assert {name: node.get(name) for name in same} == {name: local[name] for name in same}
         assert node["RAY_SERVE_HAPROXY_BINARY_PATH"] == front
+        # HAProxy's files in a folder of the service's user, made 0700 before Ray starts: not
+        # Serve's default /tmp/haproxy-serve, which another local user could make first.
+        private = "$HOME/.metergate-haproxy"
+        assert f"install -d -m 700 {private};" in start
+        assert {name: node.get(name) for name in local if name.startswith("RAY_SERVE_HAPROXY_")
+                and name not in ("RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_SERVE_HAPROXY_NBTHREAD",
+                                 "RAY_SERVE_HAPROXY_METRICS_ENABLED", "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S")} == {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{private}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{private}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": private,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{private}/server-state"}
+    for commands in (load()["head_start_ray_commands"], load()["worker_start_ray_commands"]):
+        assert "pkill -f '.metergate-haproxy/'" in commands[0]
     scripts = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["metergate-haproxy"] == "serve_app.haproxy_front:main"
     installed = Path(sys.executable).parent / "metergate-haproxy"  # `make` installs the project so

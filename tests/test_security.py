@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import stat
 import time
@@ -186,6 +187,57 @@ def test_a_declared_body_over_the_limit_is_413_json_at_once_also_on_the_gate(ser
         assert answer.startswith(b"HTTP/1.1 413") and b'"code":"payload_too_large"' in answer, (path, answer[:200])
 
 
+def test_an_org_token_on_a_large_body_route_is_403_before_its_body(service, admin, new_org):
+    from tests.helpers import mint
+
+    org = new_org()
+    token = mint(admin, org)
+    host, port = "127.0.0.1", service.settings.http_port
+    for path in ("/v1/usage", "/v1/gate/batch"):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                         f"Content-Length: {4 * 1024 * 1024}\r\n\r\n".encode())
+            started = time.monotonic()
+            answer = answer_to(sock)
+        assert time.monotonic() - started < 5, path
+        assert answer.startswith(b"HTTP/1.1 403") and b'"code":"forbidden"' in answer, (path, answer[:200])
+
+
+def test_slow_webhook_uploads_with_made_up_signatures_do_not_starve_usage(service, compute):
+    """Webhooks authenticate only once their body is in: a crowd of them that never finish
+    holds webhook turns (4 per replica), never the compute plane's (16), and waits its turn
+    for at most 10 s."""
+    from serve_app.limits import LARGE_BODIES_AT_ONCE, LARGE_BODY_WAIT_S, LARGE_WEBHOOK_BODIES_AT_ONCE
+
+    host, port = "127.0.0.1", service.settings.http_port
+    crowd = []
+    try:
+        for _ in range(LARGE_BODIES_AT_ONCE + 1):
+            sock = socket.create_connection((host, port), timeout=LARGE_BODY_WAIT_S + 15)
+            sock.sendall(f"POST /webhooks/svix HTTP/1.1\r\nHost: {host}\r\nsvix-id: msg_1\r\n"
+                         f"svix-timestamp: 1\r\nsvix-signature: v1,AA==\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {1024 * 1024}\r\n\r\n{{".encode())  # one byte of a MiB
+            crowd.append(sock)
+        time.sleep(0.5)
+        started = time.monotonic()
+        usage = compute.post("/v1/usage", content=b'{"ticks": []}' + b" " * (100 * 1024))  # over 64 KiB
+        assert usage.status_code == 200 and usage.json()["accepted"] == 0, usage.text
+        assert time.monotonic() - started < LARGE_BODY_WAIT_S / 2
+        # The uploads past the webhook turns (whichever reached the replica last) were told to
+        # come back after their wait; the ones holding a turn are still being waited for.
+        answers, deadline = {}, time.monotonic() + LARGE_BODY_WAIT_S + 10
+        while len(answers) < len(crowd) - LARGE_WEBHOOK_BODIES_AT_ONCE and time.monotonic() < deadline:
+            ready, _, _ = select.select([s for s in crowd if s not in answers], [], [], 1)
+            for sock in ready:
+                answers[sock] = answer_to(sock)
+        assert len(answers) == len(crowd) - LARGE_WEBHOOK_BODIES_AT_ONCE, len(answers)
+        assert all(a.startswith(b"HTTP/1.1 429") and b"too_many_large_bodies" in a for a in answers.values()), \
+            [a[:120] for a in answers.values()]
+    finally:
+        for sock in crowd:
+            sock.close()
+
+
 # ----- 6. org tokens can be revoked; a link's token is taken on its first GET only ---------
 
 
@@ -208,6 +260,46 @@ def test_a_revoked_org_token_is_401_everywhere_and_a_new_one_works(service, admi
     assert put.status_code == 401 and put.json()["error"]["code"] == "token_revoked"
     with org_client(service, new) as customer:
         assert customer.get(f"/billing/{org}").status_code == 200
+    # The revoked token hidden where a second reader could pick it: the middleware and the
+    # handler read one token the same way, and a request naming two is refused.
+    with httpx.Client(base_url=service.base_url, timeout=30, follow_redirects=False) as browser:
+        tries = {
+            "two headers": browser.get(f"/billing/{org}", headers=[("Authorization", f"Bearer {old}"),
+                                                                   ("Authorization", f"Bearer {new}")]),
+            "two headers, write": browser.put(f"/v1/orgs/{org}/auto-recharge", json={"enabled": False},
+                                              headers=[("Authorization", f"Bearer {new}"),
+                                                       ("Authorization", f"Bearer {old}")]),
+            "two query tokens": browser.get(f"/billing/{org}?token={new}&token={old}"),
+            "a cookie after a broken one": browser.get(f"/billing/{org}", headers={"Cookie": f'a="x; mg_billing={old}'}),
+            "two cookies": browser.get(f"/billing/{org}", headers={"Cookie": f'mg_billing={new}; x="y; mg_billing={old}'}),
+        }
+    for what, answer in tries.items():
+        assert answer.status_code == 401, (what, answer.status_code, answer.text[:300])
+        assert answer.json()["error"]["code"] in ("unauthorized", "token_revoked"), (what, answer.text)
+
+
+def test_a_revocation_never_moves_back(service, new_org):
+    """A second revoke from a replica whose clock is behind leaves the first one's time."""
+    import asyncio
+
+    import asyncpg
+
+    from storage import orgs
+
+    org = new_org()
+
+    async def run() -> tuple[int | None, int | None]:
+        conn = await asyncpg.connect(service.settings.database_url)
+        try:
+            now = int(time.time()) * 1_000_000
+            assert await orgs.revoke_tokens(conn, org, now)
+            assert await orgs.revoke_tokens(conn, org, now - 3_600_000_000)  # an hour behind
+            return await orgs.tokens_valid_after(conn, org), now
+        finally:
+            await conn.close()
+
+    after, now = asyncio.run(run())
+    assert after == now
 
 
 def test_a_token_in_the_query_opens_only_a_get_never_a_form_post(service, admin, new_org):
@@ -225,7 +317,7 @@ def test_an_org_token_looping_requests_is_slowed_with_429_and_retry_after(servic
 
     org = new_org()
     with org_client(service, mint(admin, org)) as customer:
-        answers = [customer.get(f"/v1/orgs/{org}/months") for _ in range(40)]
+        answers = [customer.get(f"/v1/orgs/{org}/months") for _ in range(service.settings.org_token_burst + 40)]
     limited = [a for a in answers if a.status_code == 429]
     assert limited, [a.status_code for a in answers]
     assert limited[0].json()["error"]["code"] == "rate_limited" and int(limited[0].headers["retry-after"]) >= 1

@@ -117,18 +117,9 @@ def routes(ctx: Context) -> APIRouter:
             raise ApiError(429, "too_many_streams", f"this token holds {streams[token]} gate feed streams on this "
                            "replica already (METERGATE_MAX_FEED_STREAMS_PER_TOKEN); close one or retry later")
         streams[token] = streams.get(token, 0) + 1
-        return StreamingResponse(_stream(start, heartbeat_s, len(ctx.router.handles), token),
-                                 media_type="application/x-ndjson",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-
-    async def _stream(start: list[tuple[int, int]] | None, heartbeat_s: float, shards: int, token: str):
-        try:
-            async for line in _lines(start, heartbeat_s, shards):
-                yield line
-        finally:
-            streams[token] -= 1
-            if not streams[token]:
-                del streams[token]
+        return CountedStream(streams, token, _lines(start, heartbeat_s, len(ctx.router.handles)),
+                             media_type="application/x-ndjson",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     streams: dict[str, int] = {}  # token → its open streams on this replica
 
@@ -203,3 +194,22 @@ def routes(ctx: Context) -> APIRouter:
                 task.cancel()
 
     return router
+
+
+class CountedStream(StreamingResponse):
+    """A feed stream that gives its token's slot back however it ends: also when the client
+    left before the first line, so that its body never started (a reconnect loop must not use
+    up the token's streams for good)."""
+
+    def __init__(self, streams: dict[str, int], token: str, content, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.streams, self.token = streams, token
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.streams[self.token] -= 1
+            if not self.streams[self.token]:
+                del self.streams[self.token]
+            await self.body_iterator.aclose()
