@@ -28,8 +28,8 @@ import asyncpg
 import httpx
 
 from bench.harness import ADMIN_TOKEN, SERVICE_TOKEN, running_service
+from storage import ledger
 
-MINUTE_US = 60_000_000
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,11 +41,7 @@ async def write_year(url: str, org_id: str, rows: int, now_us: int) -> None:
     """`rows` usage rows of 1 µUSD, one a minute, ending now (the page reads them, not the shard)."""
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(
-            "INSERT INTO ledger (entry_id, org_id, kind, amount_micros, usage_minute, created_at)"
-            " SELECT 'bench_' || n, $1, 'usage', -1, to_timestamp(($2 - n * $3) / 1e6),"
-            " to_timestamp(($2 - n * $3) / 1e6) FROM generate_series(1, $4) AS n",
-            org_id, now_us - now_us % MINUTE_US, MINUTE_US, rows)
+        await ledger.write_usage_history(conn, org_id, now_us, rows)
     finally:
         await conn.close()
 

@@ -4,7 +4,9 @@ the auto-recharge settings as a command (the JSON API and the billing page share
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 
 from fastapi import Request, Response
 
@@ -68,6 +70,46 @@ async def months_of(ctx: Context, org_id: str) -> list[dict]:
         async with (await ctx.db()).acquire() as conn:
             await months_store.keep(conn, org_id, over)
     return [summary for _, summary, _ in kept] + rows
+
+
+# The billing page's months are reused this long: one computation per org and replica at a
+# time, whatever the number of tabs (or loops) loading the page.
+MONTHS_FRESH_S = 5.0
+MONTHS_REMEMBERED = 1_000
+
+
+async def recent_months_of(ctx: Context, org_id: str, fingerprint: tuple) -> list[dict]:
+    """`months_of` for the billing page: loads of one org's page at the same time share one
+    computation, and its answer serves later loads for MONTHS_FRESH_S while the org's money
+    is as it was (`fingerprint`: what the page read of the org's state; every ledger entry
+    moves it), so a page never shows a balance beside months from before it. The page's own
+    forms forget it (`forget_months`). The JSON API (`GET /v1/orgs/{id}/months`) computes."""
+    now = time.monotonic()
+    held = ctx.recent_months.get(org_id)
+    if held is None or held[1] != fingerprint or (held[2].done() and now - held[0] > MONTHS_FRESH_S):
+        future = asyncio.ensure_future(months_of(ctx, org_id))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: never "never retrieved"
+        held = ctx.recent_months[org_id] = (now, fingerprint, future)
+        if len(ctx.recent_months) > MONTHS_REMEMBERED:
+            for stale in [org for org, (at, _, f) in ctx.recent_months.items()
+                          if f.done() and now - at > MONTHS_FRESH_S]:
+                del ctx.recent_months[stale]
+    try:
+        return await asyncio.shield(held[2])  # a load that goes away leaves the computation to the others
+    except Exception:
+        if ctx.recent_months.get(org_id) is held:
+            del ctx.recent_months[org_id]  # a failure is not kept
+        raise
+
+
+def money_fingerprint(state) -> tuple:
+    """What of an org's state (actors.org.OrgState) every ledger entry changes."""
+    return (state.balance_micros, state.debt_micros, state.period_key, state.period_usage_micros,
+            state.quota_used_micros, tuple((g.grant_id, g.remaining_micros) for g in state.grants))
+
+
+def forget_months(ctx: Context, org_id: str) -> None:
+    ctx.recent_months.pop(org_id, None)
 
 
 # A month is kept this long after the tick age window past its end: shards and replicas stamp

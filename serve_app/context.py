@@ -66,6 +66,7 @@ class Context:
     def __post_init__(self) -> None:
         self.org_tokens = OrgTokens(self.settings.org_token_secret)
         self._revocations: dict[str, tuple[int, float]] = {}  # org → (tokens valid after, µs; read at)
+        self.recent_months: dict[str, tuple[float, tuple, asyncio.Future]] = {}  # org → months: calls.py
         self.stripe = StripeGateway(self.settings)
 
     def caller(self, request: Request, browser: bool = False) -> Caller:

@@ -53,3 +53,16 @@ async def grant_of_key(conn: asyncpg.Connection, org_id: str, key: str) -> str |
     """The grant that the ledger entry under this idempotency key made (None: no such entry,
     or it made no grant)."""
     return await conn.fetchval("SELECT grant_id FROM ledger WHERE org_id = $1 AND idempotency_key = $2", org_id, key)
+
+
+async def write_usage_history(conn: asyncpg.Connection, org_id: str, end_us: int, minutes: int,
+                              micros_per_minute: int = 1) -> None:
+    """Usage rows straight into the ledger, one a minute for `minutes` minutes ending at
+    `end_us`: a long history for benchmarks of what reads it (bench/billing_page.py). The
+    shard holds none of it; never use it on an org that is billed."""
+    minute_us = 60_000_000
+    await conn.execute(
+        "INSERT INTO ledger (entry_id, org_id, kind, amount_micros, usage_minute, created_at)"
+        " SELECT 'bench_' || n, $1, 'usage', -$5::bigint, to_timestamp(($2::bigint - n * $3::bigint) / 1e6),"
+        " to_timestamp(($2::bigint - n * $3::bigint) / 1e6) FROM generate_series(1, $4::int) AS n",
+        org_id, end_us - end_us % minute_us, minute_us, minutes, micros_per_minute)

@@ -253,3 +253,39 @@ def test_the_page_shows_usage_by_day_sandbox_meter_and_month_and_pages_the_ledge
         assert "Signup credit" in second.text and ">Newest<" in second.text
         assert "exact amount -$0.496800 (-496,800 micro-USD)" in second.text  # the detail of the usage minute
         assert client.get(f"/billing/{org}?cursor=bogus").status_code == 400
+
+
+
+def test_loads_of_a_page_at_once_share_one_months_computation_until_the_orgs_money_moves(service, admin, new_org):
+    """What the billing page shows of the months (serve_app/calls.py recent_months_of), with
+    the ingress's own Context on the service's Postgres: 8 loads at once get one answer (one
+    object: one computation); a later load with the same money gets it again, one with other
+    money (a new ledger entry) or past MONTHS_FRESH_S computes again. The browser test shows a
+    reload right after usage shows that usage."""
+    from actors.routing import ShardRouter
+    from config.catalog import load_catalog
+    from serve_app import calls
+
+    org = new_org()
+    ctx = Context(service.settings, load_catalog(service.settings.catalog), ShardRouter(service.slot_map))
+
+    async def run() -> None:
+        try:
+            money = ("any", 1)
+            shared = await asyncio.gather(*(calls.recent_months_of(ctx, org, money) for _ in range(8)))
+            assert all(answer is shared[0] for answer in shared) and shared[0]
+            assert await calls.recent_months_of(ctx, org, money) is shared[0]
+            moved = await calls.recent_months_of(ctx, org, ("any", 2))
+            assert moved is not shared[0] and moved == shared[0]  # computed again (nothing changed in fact)
+            at, fingerprint, done = ctx.recent_months[org]
+            ctx.recent_months[org] = (at - calls.MONTHS_FRESH_S - 1, fingerprint, done)  # as if seconds had passed
+            assert await calls.recent_months_of(ctx, org, ("any", 2)) is not moved
+            calls.forget_months(ctx, org)
+            assert org not in ctx.recent_months
+        finally:
+            if ctx._clock_task is not None:
+                ctx._clock_task.cancel()
+            if ctx.pool is not None:
+                await ctx.pool.close()
+
+    asyncio.run(run())

@@ -39,9 +39,11 @@ from serve_app.bodies import NO_RESOURCES, AutoRechargeBody, TopupBody, parse_mo
 from serve_app.calls import (
     auto_recharge_command,
     command_state,
+    forget_months,
     ledger_page,
-    months_of,
+    money_fingerprint,
     org_state,
+    recent_months_of,
 )
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, raise_for_shard_error
@@ -125,7 +127,7 @@ def routes(ctx: Context) -> APIRouter:
             meter_quantities=quantities,
             meter_cost_micros={column: split_micros(0, cost_scaled(plan, LeaseUsage("", **{column: quantity})))[0]
                                for column, quantity in quantities.items()},
-            months=await months_of(ctx, org_id), entries=entries, cursor=cursor, next_cursor=next_cursor,
+            months=await recent_months_of(ctx, org_id, money_fingerprint(state)), entries=entries, cursor=cursor, next_cursor=next_cursor,
             packs=sorted(ctx.catalog.packs.values(), key=lambda pack: pack.amount_micros),
             tiers=sorted(((tier, ctx.catalog.tiers[tier]) for tier in PAID_TIERS
                           if tier in ctx.catalog.stripe_prices and tier in ctx.catalog.tiers), key=lambda t: t[1]),
@@ -138,6 +140,7 @@ def routes(ctx: Context) -> APIRouter:
         form's proof shows it came from this org's page."""
         token, _ = presented(request, browser=True)
         caller = ctx.org_or_admin(request, org_id, browser=True)
+        forget_months(ctx, org_id)  # the page after a form shows what it did
         try:
             fields = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True,
                                     max_num_fields=MAX_FORM_FIELDS))
