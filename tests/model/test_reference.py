@@ -749,3 +749,17 @@ def test_random_sequences_keep_the_ledger_equal_to_the_balance():
             o.apply(now, {"type": "advance"})
             assert o.take_effects() == {"ledger": [], "events": [], "charges": [], "periods": []}
             assert o.observe() == before
+
+
+def test_the_model_imports_nothing_of_metergate():
+    """The model is a second statement of the rules: written from the rules page, it may not
+    borrow the engine's code (a rule wrong the same way twice would pass)."""
+    import ast
+    from pathlib import Path
+
+    ours = ("actors", "serve_app", "storage", "config", "metergate_client", "cli")
+    for path in Path(__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ours], (path.name, names)
