@@ -218,8 +218,12 @@ class OrgModel:
         from_quota = min(micros, self.quota_remaining_micros)
         self.quota_used_micros += from_quota
         if micros > from_quota:
-            self.ledger_micros -= micros - from_quota
-            self._take(micros - from_quota, burn_key)
+            # Prepaid: what no grant covers is debt. Postpaid: it is invoiced through Stripe,
+            # not taken from the balance (billing-rules 6.2).
+            rest = micros - from_quota
+            taken = rest if self.prepaid else min(rest, sum(g.remaining_micros for g in self.grants))
+            self.ledger_micros -= taken
+            self._take(taken, burn_key)
         self._halt_if_out_of_money()
 
     def halt(self) -> None:
