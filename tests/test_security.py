@@ -161,29 +161,30 @@ def answer_to(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+def head_only(service, path: str, header: str, declared: int) -> bytes:
+    """POST a request's head declaring `declared` bytes of body and send none of it: the answer
+    (from the head alone) must come while the body is still awaited, well inside the timeout."""
+    host = "127.0.0.1"
+    with socket.create_connection((host, service.settings.http_port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{header}\r\n"
+                     f"Content-Length: {declared}\r\n\r\n".encode())
+        started = time.monotonic()
+        answer = answer_to(sock)
+    assert time.monotonic() - started < 5, path
+    return answer
+
+
 @pytest.mark.parametrize("path", ["/v1/usage", "/v1/gate/batch", "/v1/gate", "/v1/orgs"])
 def test_an_unauthenticated_upload_is_refused_from_its_headers_before_its_body(service, path):
     """8 MiB declared, nothing sent: the answer must come at once, not after the body."""
-    host, port = "127.0.0.1", service.settings.http_port
-    with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {8 * 1024 * 1024}\r\n\r\n".encode())
-        started = time.monotonic()
-        answer = answer_to(sock)
-    assert time.monotonic() - started < 5
+    answer = head_only(service, path, "Content-Type: application/json", 8 * 1024 * 1024)
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
     assert b'"code":"unauthorized"' in answer
 
 
 def test_a_declared_body_over_the_limit_is_413_json_at_once_also_on_the_gate(service):
-    host, port = "127.0.0.1", service.settings.http_port
     for path in ("/v1/gate", "/v1/gate/batch", "/v1/usage"):
-        with socket.create_connection((host, port), timeout=10) as sock:
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SERVICE}\r\n"
-                         f"Content-Length: {100 * 1024 * 1024}\r\n\r\n".encode())
-            started = time.monotonic()
-            answer = answer_to(sock)
-        assert time.monotonic() - started < 5, path
+        answer = head_only(service, path, f"Authorization: Bearer {SERVICE}", 100 * 1024 * 1024)
         assert answer.startswith(b"HTTP/1.1 413") and b'"code":"payload_too_large"' in answer, (path, answer[:200])
 
 
@@ -192,14 +193,8 @@ def test_an_org_token_on_a_large_body_route_is_403_before_its_body(service, admi
 
     org = new_org()
     token = mint(admin, org)
-    host, port = "127.0.0.1", service.settings.http_port
     for path in ("/v1/usage", "/v1/gate/batch"):
-        with socket.create_connection((host, port), timeout=10) as sock:
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
-                         f"Content-Length: {4 * 1024 * 1024}\r\n\r\n".encode())
-            started = time.monotonic()
-            answer = answer_to(sock)
-        assert time.monotonic() - started < 5, path
+        answer = head_only(service, path, f"Authorization: Bearer {token}", 4 * 1024 * 1024)
         assert answer.startswith(b"HTTP/1.1 403") and b'"code":"forbidden"' in answer, (path, answer[:200])
 
 
