@@ -125,11 +125,13 @@ class Recharge:
         """A charge asked for at this same instant (earlier in this command, or in this
         batch) has not gone out yet: charges start after their commit. If money was taken
         since (a refund after time passed), it asks for enough to bring the balance back
-        above the threshold, as a charge asked for now would. Decided by the state and
-        `now_us` alone, so replaying the journal does the same."""
+        above the threshold, as a charge asked for now would. Decided by the state, `now_us`
+        and this commit's effects: a journal row is one commit's commands, and its replay
+        collects their effects alike (commands.replay), so replaying does the same."""
         r = self.recharge
-        if r.pending_since_us != now_us:
-            return
+        if r.pending_since_us != now_us or not any(
+                c.org_id == self.org_id and c.charge_id == r.pending_id for c in fx.charges):
+            return  # from an earlier instant, or sent already (an earlier commit at this instant)
         r.pending_micros = max(r.pending_micros, self.recharge_amount(self.balance_micros))
         charge = self.pending_charge()
         fx.charges[:] = [charge if c.org_id == self.org_id and c.charge_id == charge.charge_id else c

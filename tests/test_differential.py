@@ -45,3 +45,17 @@ EngineAgainstModel.TestCase.settings = settings(
     derandomize=os.environ.get("METERGATE_DIFF_DERANDOMIZE") == "1", database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TestEngineAgainstModel = EngineAgainstModel.TestCase
+
+
+def test_a_charge_already_sent_does_not_grow_at_the_same_instant():
+    """Rule 9.3: only a charge not yet sent grows. Asked for in one commit, it went out; a debit
+    at the very same instant in the next commit leaves it (and what was sent) as it was,
+    engine and model alike (found by a review: the engine grew its state, not what it sent)."""
+    pair = Pair.create("payg", True, START_US)
+    for step in ({"type": "set_card", "present": True},
+                 {"type": "set_auto_recharge", "enabled": True, "threshold_micros": 100_000_000,
+                  "amount_micros": 1_000_000, "max_per_day": 4, "cooldown_s": 60},
+                 {"type": "debit", "kind": "adjustment", "amount_micros": 50_000_000}):
+        pair.step(step)  # no time passes between the steps
+    (sent,) = pair.charges_seen.items()
+    assert pair.engine.org.recharge.pending_micros == sent[1]

@@ -468,9 +468,10 @@ class RefOrg(Commands):
             return
         balance = self._balance()
         if r.pending_id is not None:
-            # Rule 9.3: a charge asked for at this same instant grows (never shrinks) to what a
-            # charge asked for now would be, whatever else holds; an older one stays.
-            if r.pending_asked_us == now:
+            # Rule 9.3: a charge asked for at this same instant and not yet sent (this step's
+            # effects hold it: a step is one commit) grows (never shrinks) to what a charge asked
+            # for now would be, whatever else holds; an older one, or one sent, stays.
+            if r.pending_asked_us == now and any(c[0] == r.pending_id for c in self._fx_charges):
                 amount = self._recharge_amount(balance)
                 if amount > r.pending_micros:
                     r.pending_micros = amount
@@ -502,8 +503,7 @@ class RefOrg(Commands):
         self._record_charge(cid, amount)
 
     def _record_charge(self, cid: str, amount: int):
-        # AMBIGUOUS (brief): a charge that grows after take_effects already returned it is
-        # reported again with its new amount; within one take_effects window it appears once.
+        # Within one take_effects window (one commit) a charge appears once, at its last amount.
         for c in self._fx_charges:
             if c[0] == cid:
                 c[1] = amount
