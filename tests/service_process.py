@@ -180,7 +180,8 @@ class Traffic:
         self._stop = threading.Event()
         admin = httpx.Client(base_url=run.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
         with admin:
-            assert admin.post("/v1/orgs", json={"org_id": self.org_id, "email": email}).status_code == 201
+            created = admin.post("/v1/orgs", json={"org_id": self.org_id, "email": email})
+            assert created.status_code == 201, (created.status_code, dict(created.headers), created.text[:500])
         self._thread = threading.Thread(target=self._send, args=(run.url,))
         self._thread.start()
         wait_for("ticks acknowledged", lambda: len(self.acked) >= 200, 60)
