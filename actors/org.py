@@ -17,6 +17,7 @@ This module holds the state itself: creation, reads, invariants and the snapshot
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import msgspec
@@ -31,7 +32,7 @@ from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods
 from actors.recharge import MICROS_PER_CENT, AutoRecharge, ChargeRequest, Recharge
 from actors.refunds import RefundRecord, Refunds
 from actors.refusals import BillingError, LeaseConflict, LeaseEnded, Refusal, UnknownLease
-from config.catalog import Catalog, Plan
+from config.catalog import Catalog, Plan, plan_for_period
 
 # Names the rest of the code base imports from here, wherever their concern keeps them.
 __all__ = [
@@ -196,6 +197,36 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
     # ----- reads ------------------------------------------------------------------------
 
     def gate_view(self, now_us: int) -> GateView:
+        return self.view_as_of(now_us)[0]
+
+    def view_as_of(self, now_us: int) -> tuple[GateView, int | None]:
+        """The gate view as of now_us, and until when it holds by time alone (None: until the
+        org changes). "As of now": what time alone changed since the last command (a period
+        end, a grant expiry, a dunning step) counts, exactly as the scheduler's sweep would
+        commit it, so that a deadline denies at once, sweep or no sweep."""
+        org = self._advanced_copy(now_us) if self._structure_due(now_us) else self
+        view = org._gate_view(now_us)
+        return view, org._view_until(now_us)
+
+    def _structure_due(self, now_us: int) -> bool:
+        """Has time changed more than the `*_at` readers count (a period end, an expired grant
+        that may halt, a dunning step)? Lease expiry they count exactly."""
+        if now_us >= self.period_end_us:
+            return True
+        dunning = self.dunning
+        if dunning is not None and dunning.step < DunningStep.DOWNGRADED and self._dunning_due_us() <= now_us:
+            return True
+        return any(g.expires_at_us is not None and g.expires_at_us <= now_us for g in self.grants or ())
+
+    def _advanced_copy(self, now_us: int) -> "OrgBillingActor":
+        """A copy of this org with time applied up to now_us (its effects thrown away)."""
+        # Plans are shared, never copied: a plan's successor versions are found by identity.
+        plans = [self.plan] + ([self.dunning.free_plan, self.dunning.prior_plan] if self.dunning else [])
+        org = copy.deepcopy(self, {id(plan): plan for plan in plans})
+        org.advance(now_us, Effects())
+        return org
+
+    def _gate_view(self, now_us: int) -> GateView:
         return GateView(
             balance_micros=self.balance_at(now_us), quota_remaining_micros=self.quota_remaining_at(now_us),
             included_micros=self.plan.included_micros, active_leases=self.active_leases_at(now_us),
@@ -206,14 +237,25 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
             machine_quotas=self.machine_quotas,
             machine_in_use=self.machines_in_use_at(now_us) if self.machine_quotas else None)
 
-    def gate_view_until(self, now_us: int) -> int | None:
-        """Until when gate_view(now_us) holds by time alone (None: until the org changes):
-        the next grant or lease to expire, or the end of the quota period."""
+    def _view_until(self, now_us: int) -> int | None:
+        """The first instant after now_us at which time alone may change the view (of an org
+        with nothing due): a grant or lease expiry, the next dunning step, or the period end
+        when the new period changes the view (quota was used, or the plan moves to a
+        new version). A period end that changes nothing expires nothing, so
+        calendar periods do not expire every org's view at the same instant."""
         times = [g.expires_at_us for g in self.grants or () if g.expires_at_us is not None]
         times += [lease.expires_at_us for lease in (self.leases or {}).values()]
-        times.append(self.period_end_us)
+        dunning = self.dunning
+        if dunning is not None and dunning.step < DunningStep.DOWNGRADED:
+            times.append(self._dunning_due_us())
+        if self._period_end_changes_view():
+            times.append(self.period_end_us)
         later = [t for t in times if t > now_us]
         return min(later) if later else None
+
+    def _period_end_changes_view(self) -> bool:
+        # (A balance halt holds only while the quota is used up, or the plan has none.)
+        return self.quota_used_micros > 0 or plan_for_period(self.plan, self.period_end_us) is not self.plan
 
     def gate(self, action: str, resources: Resources, now_us: int) -> Decision:
         """Read-only: may this org do `action` with `resources` now?"""

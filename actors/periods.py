@@ -103,9 +103,14 @@ class Periods:
             moments.append(retry)
         dunning = self.dunning
         if dunning is not None and dunning.step < DunningStep.DOWNGRADED:
-            after = (dunning.suspend_after_s, dunning.degrade_after_s, dunning.downgrade_after_s)[dunning.step]
-            moments.append(dunning.since_us + after * US_PER_S)
+            moments.append(self._dunning_due_us())
         return min(moments)
+
+    def _dunning_due_us(self) -> int:
+        """When the running dunning takes its next step (it has one: step < DOWNGRADED)."""
+        dunning = self.dunning
+        after = (dunning.suspend_after_s, dunning.degrade_after_s, dunning.downgrade_after_s)[dunning.step]
+        return dunning.since_us + after * US_PER_S
 
     # ----- periods ----------------------------------------------------------------------
 

@@ -338,8 +338,11 @@ class ShardActor(ShardReads):
         """One turn of the commit loop: housekeeping, or one group commit."""
         if not self.pending:
             self.wake.clear()
+            wait_s = HOUSEKEEPING_EVERY_S
+            if self.views.expiring:  # a view that time ends is published again at once
+                wait_s = min(wait_s, max(0.0, (self.views.expiring[0][0] - now_us()) / 1e6))
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout=HOUSEKEEPING_EVERY_S)
+                await asyncio.wait_for(self.wake.wait(), timeout=wait_s)
             except asyncio.TimeoutError:
                 pass
         if self.views.expiring and self.views.expiring[0][0] <= now_us():

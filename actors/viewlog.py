@@ -41,7 +41,7 @@ class ViewLog:
         """Record the org's view as of now_us (committed state only); True if it changed."""
         if not self.enabled:
             return False
-        view, until = org.gate_view(now_us), org.gate_view_until(now_us)
+        view, until = org.view_as_of(now_us)
         known = self.records.get(org_id)
         if known is not None and known[1].view == view and known[1].valid_until_us == until:
             return False
@@ -58,8 +58,8 @@ class ViewLog:
     def unpublished(self, org_id: str, org: OrgBillingActor, now_us: int) -> bytes:
         """The org's view now as a record with seq 0: for one answer only, never in the log
         (memory may hold a command that is not committed yet)."""
-        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, 0, org.gate_view_until(now_us),
-                                                org.gate_view(now_us)))
+        view, until = org.view_as_of(now_us)
+        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, 0, until, view))
 
     def poke(self) -> None:
         """Wake the readers waiting for a change (they answer with the shard's clock, which moved)."""

@@ -7,13 +7,16 @@ validity, is a rule of the stateful machine in test_org_stateful.py.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from actors.commands import AcquireLease, ApplyUsage, Credit, execute
+from actors.commands import AcquireLease, Advance, ApplyUsage, Credit, Halt, InvoiceFailed, InvoicePaid, execute
 from actors.org import Effects, Resources
 from actors.timeutil import US_PER_S
 from actors.viewlog import ViewLog
@@ -28,7 +31,7 @@ from metergate_client.projection import (
     format_cursor,
     parse_cursor,
 )
-from tests.helpers import CATALOG, HOBBY, T0, make_org, usage_costing
+from tests.helpers import CATALOG, HOBBY, ORG_ID, T0, make_org, usage_costing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +40,7 @@ def test_a_view_holds_until_the_period_ends_when_only_the_quota_paid():
     org, fx = make_org(plan=HOBBY, signup_micros=0, card=True)
     execute(org, ApplyUsage([usage_costing(HOBBY.included_micros)]), CATALOG, T0 + 60 * US_PER_S, fx)
     now = T0 + 120 * US_PER_S
-    view, until = org.gate_view(now), org.gate_view_until(now)
+    view, until = org.view_as_of(now)
     assert decide("create", Resources(), view).reason == Reason.HALTED  # out of quota and money
     assert until == org.period_end_us  # the new period's quota changes the answer, by time alone
     assert org.gate("create", Resources(), until - 1).reason == Reason.HALTED
@@ -48,8 +51,36 @@ def test_a_view_holds_until_the_first_lease_or_grant_expires():
     org, fx = make_org(card=True)
     execute(org, Credit("grant", 1_000_000, T0 + 3_600 * US_PER_S, None), CATALOG, T0, fx)
     execute(org, AcquireLease("ls_1", Resources(), 120), CATALOG, T0, fx)
-    assert org.gate_view_until(T0) == T0 + 120 * US_PER_S
-    assert org.gate_view_until(T0 + 120 * US_PER_S) == T0 + 3_600 * US_PER_S
+    assert org.view_as_of(T0)[1] == T0 + 120 * US_PER_S
+    assert org.view_as_of(T0 + 120 * US_PER_S)[1] == T0 + 3_600 * US_PER_S
+
+
+def test_a_period_end_that_changes_nothing_expires_nothing():
+    """Calendar periods end for every org at once; an org whose view the new period leaves as
+    it is (no quota used, no halt to lift) keeps its view across it (issue 18, finding 5)."""
+    org, fx = make_org(plan=HOBBY, signup_micros=5_000_000, card=True)
+    view, until = org.view_as_of(T0)
+    assert until is None
+    assert org.view_as_of(org.period_end_us + 1)[0] == view
+    execute(org, ApplyUsage([usage_costing(1_000)]), CATALOG, T0 + 60 * US_PER_S, fx)
+    assert org.view_as_of(T0 + 60 * US_PER_S)[1] == org.period_end_us  # quota was used: it resets then
+
+
+def test_a_dunning_deadline_ends_the_view_and_denies_as_of_now_without_a_sweep():
+    """Suspension is a deadline, not a sweep: the view expires at it, and a view taken after it
+    says suspended though no command ran since (issue 18, finding 3)."""
+    org, fx = make_org(plan=HOBBY, signup_micros=5_000_000, card=True)
+    execute(org, InvoiceFailed(T0, 3 * 86_400, 7 * 86_400, 14 * 86_400, "free", CATALOG.current_plan("free", T0).version), CATALOG, T0, fx)
+    suspend_at = T0 + 3 * 86_400 * US_PER_S
+    view, until = org.view_as_of(T0 + US_PER_S)
+    assert until == suspend_at and not view.suspended
+    assert org.gate("create", Resources(), suspend_at - 1).reason == Reason.OK
+    assert org.gate("create", Resources(), suspend_at).reason == Reason.SUSPENDED
+    assert not org.suspended  # nothing was applied: the answer is as of now
+    after, until = org.view_as_of(suspend_at)
+    assert after.suspended and until == T0 + 7 * 86_400 * US_PER_S
+    degraded, _ = org.view_as_of(until)
+    assert degraded.degraded and decide("purchase", Resources(), degraded).reason == Reason.SUSPENDED
 
 
 def _log_with(*org_balances: tuple[str, int]) -> tuple[ViewLog, dict]:
@@ -177,3 +208,60 @@ def test_renewals_do_not_pile_up_expiry_entries():
     last = T0 + 999 * US_PER_S + 60 * US_PER_S
     assert log.expired(last - 1) == []
     assert log.expired(last) == ["a"]
+
+
+DAY_S = 86_400
+ORG_STEPS = st.lists(st.one_of(
+    st.tuples(st.just("usage"), st.integers(1, 12_000_000)),
+    st.tuples(st.just("grant"), st.integers(1, 3_000_000), st.integers(1, 20 * DAY_S)),
+    st.tuples(st.just("lease"), st.integers(1, 3), st.integers(1, 3_600)),
+    st.tuples(st.just("invoice_failed"), st.integers(0, 15 * DAY_S)),
+    st.tuples(st.just("invoice_paid"), st.just(0)),
+    st.tuples(st.just("halt"), st.just(0)),
+    st.tuples(st.just("wait"), st.integers(1, 9 * DAY_S)),
+), max_size=8)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(plan_id=st.sampled_from(("payg", "hobby_weekly", "free")), prepaid=st.booleans(),
+       signup=st.sampled_from((0, 1_000, 5_000_000)), card=st.booleans(), steps=ORG_STEPS,
+       later=st.one_of(st.just(0), st.integers(0, 30 * DAY_S * US_PER_S)), data=st.data())
+def test_a_view_decides_as_the_swept_org_at_every_instant_before_valid_until(plan_id, prepaid, signup, card, steps,
+                                                                             later, data):
+    """The rule every local gate stands on (issue 18, what to build 2): for any org and any
+    instant t before the view's valid_until, decide(view) is what the org decides at t once
+    time is applied to it (a period end, expiries, dunning steps), as the scheduler's sweep
+    would commit it. Views taken long after the last command count as well (`later`)."""
+    org, fx = make_org(plan=CATALOG.current_plan(plan_id, T0), prepaid=prepaid, signup_micros=signup, card=card)
+    now = T0
+    for index, step in enumerate(steps):
+        kind, value = step[0], step[1]
+        if kind == "usage":
+            command = ApplyUsage([usage_costing(value)])
+        elif kind == "grant":
+            command = Credit("grant", value, now + step[2] * US_PER_S, None)
+        elif kind == "lease":
+            command = AcquireLease(f"ls_{index}", Resources(quantity=value), step[2])
+        elif kind == "invoice_failed":
+            command = InvoiceFailed(now - value * US_PER_S, 3 * DAY_S, 7 * DAY_S, 14 * DAY_S, "free", 1)
+        elif kind == "invoice_paid":
+            command = InvoicePaid(now)
+        elif kind == "halt":
+            command = Halt()
+        else:
+            now += value * US_PER_S
+            continue
+        execute(org, command, CATALOG, now, fx)
+    now += later
+    view, until = org.view_as_of(now)
+    wire = RECORD_DECODER.decode(RECORD_ENCODER.encode(ViewRecord(ORG_ID, 0, 1, 1, until, view))).view
+    last = (until - 1 if until is not None else now + 400 * DAY_S * US_PER_S) - now
+    assert last >= 0
+    at = now + data.draw(st.one_of(st.just(0), st.just(last), st.integers(0, last)), label="offset_us")
+    swept = copy.deepcopy(org)
+    execute(swept, Advance(), CATALOG, at, Effects())
+    for action in ("create", "wake", "ingest", "purchase"):
+        for resources in (Resources(), Resources(quantity=2), Resources(disk_mb=10**9)):
+            truth = decide(action, resources, swept.view_as_of(at)[0])
+            assert decide(action, resources, wire) == truth, (action, resources, at - now)
+            assert org.gate(action, resources, at) == truth

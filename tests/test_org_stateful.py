@@ -7,6 +7,8 @@ a fresh org and demands the same snapshot.
 
 from __future__ import annotations
 
+import copy
+
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -320,16 +322,22 @@ class OrgLedgerMachine(RuleBasedStateMachine):
         """The gate view a shard would publish now, sent over the wire, decides at any instant
         before it expires exactly what the org itself decides then: for every action and
         resource shape (the equivalence GateClient and the ingress rely on)."""
-        until = self.org.gate_view_until(self.now)
-        record = ViewRecord(ORG_ID, 0, 1, 1, until, self.org.gate_view(self.now))
+        view_now, until = self.org.view_as_of(self.now)
+        record = ViewRecord(ORG_ID, 0, 1, 1, until, view_now)
         view = RECORD_DECODER.decode(RECORD_ENCODER.encode(record)).view
         assert view == record.view
         last = (until - 1 if until is not None else self.now + 400 * 86_400 * US_PER_S) - self.now
         assert last >= 0
         at = self.now + data.draw(st.one_of(st.just(0), st.just(last), st.integers(0, last)), label="offset_us")
+        # The truth at that instant: the org with time applied up to it, as the scheduler's
+        # sweep would commit it (not the view's own reading of time).
+        swept = copy.deepcopy(self.org)
+        execute(swept, Advance(), CATALOG, at, Effects())
         for action in ACTIONS:
             for resources in RESOURCE_CHOICES + (Resources(),):
-                assert decide(action, resources, view) == self.org.gate(action, resources, at), (action, resources)
+                truth = decide(action, resources, swept.view_as_of(at)[0])
+                assert decide(action, resources, view) == truth, (action, resources, at - self.now)
+                assert self.org.gate(action, resources, at) == truth, (action, resources)
 
     @rule(enabled=st.booleans(), threshold=st.sampled_from((0, 1_000_000, 4_000_000, 50_000_000)),
           amount=st.sampled_from((500_000, 10_000_000)), per_day=st.integers(1, 3),

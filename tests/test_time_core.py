@@ -115,6 +115,9 @@ def test_a_new_period_takes_the_plan_version_then_in_effect():
     org, _ = make_org(plan=v1)
     org.advance(T0 + DAY_US, Effects())
     assert org.plan.version == 1  # mid-period: the version the period started on
+    view, until = org.view_as_of(T0 + DAY_US)
+    assert until == org.period_end_us  # unused quota, but the next period's plan version differs
+    assert org.view_as_of(until)[0].included_micros == 7_000_000 != view.included_micros
     org.advance(rfc3339_to_us("2026-03-09T00:00:01Z"), Effects())
     assert (org.plan.version, org.plan.included_micros) == (2, 7_000_000)
 
@@ -194,6 +197,9 @@ def test_two_catalogs_in_one_process_each_keep_their_own_plan_successors():
 
     first, second = with_v2(7_000_000), with_v2(9_000_000)
     org, _ = make_org(plan=first.plan_version("hobby_weekly", 1))
+    view, until = org.view_as_of(T0 + DAY_US)
+    assert until == org.period_end_us  # unused quota, but the next period's plan version differs
+    assert org.view_as_of(until)[0].included_micros == 7_000_000 != view.included_micros
     org.advance(rfc3339_to_us("2026-03-09T00:00:01Z"), Effects())
     assert (org.plan.version, org.plan.included_micros) == (2, 7_000_000)
     assert second.plan_version("hobby_weekly", 2).included_micros == 9_000_000
