@@ -29,7 +29,7 @@ from actors.placement import NAMESPACE, cached_slot_of, shard_name
 from actors.refusals import Refusal
 from actors.ticks import TICKS_ENCODER, Tick
 from metergate_client.decision import Decision, Resources, decide
-from metergate_client.projection import RECORD_DECODER, Projection
+from metergate_client.projection import RECORD_DECODER, Projection, mono_us
 
 log = logging.getLogger("metergate.routing")
 MAX_BATCH = 4096
@@ -111,23 +111,24 @@ class ShardRouter:
 
     # ----- the gate, from the shards' views ---------------------------------------------
 
-    def _decide_locally(self, org_id: str, action: str, resources: Resources) -> Decision | None:
-        projection = self.projection
-        if projection.age_s(self.shard_of(org_id)) > FRESH_S:
-            return None
-        return projection.decide(org_id, action, resources, projection.server_now_us())
+    def _decide_locally(self, org_id: str, action: str, resources: Resources,
+                        max_age_s: float) -> tuple[Decision, float] | None:
+        return self.projection.decide(org_id, action, resources, min(FRESH_S, max_age_s))
 
-    async def gate(self, org_id: str, action: str, resources: Resources) -> Decision | dict:
-        """The gate decision, or the shard's refusal ({"error": ...}: unknown org, shard down)."""
+    async def gate(self, org_id: str, action: str, resources: Resources,
+                   max_age_s: float = FRESH_S) -> tuple[Decision | dict, float]:
+        """The gate decision, or the shard's refusal ({"error": ...}: unknown org, shard down),
+        and the age of the view it was decided from (0: the shard's own, current view). A view
+        of this router's older than max_age_s (or FRESH_S) is not decided from."""
         if not self.following:
             self._follow()
-        decided = self._decide_locally(org_id, action, resources)
+        decided = self._decide_locally(org_id, action, resources, max_age_s)
         if decided is not None:
-            metrics.gate_decided(decided.reason, action, "local")
+            metrics.gate_decided(decided[0].reason, action, "local")
             return decided
         answer = await self._decide_from_shard(org_id, action, resources)
         metrics.gate_decided(reason_of(answer), action, "shard")
-        return answer
+        return answer, 0.0
 
     async def _decide_from_shard(self, org_id: str, action: str, resources: Resources) -> Decision | dict:
         shard = self.shard_of(org_id)
@@ -143,18 +144,20 @@ class ShardRouter:
             self.projection.apply(record)
         return decide(action, resources, record.view)  # the shard's current view
 
-    async def gate_many(self, checks: list[tuple[str, str, Resources]]) -> list[Decision | dict]:
+    async def gate_many(self, checks: list[tuple[str, str, Resources]],
+                        max_age_s: float = FRESH_S) -> list[tuple[Decision | dict, float]]:
         """Many (org_id, action, resources) checks, answers in order: each what gate() answers."""
         if not self.following:
             self._follow()
-        answers: list[Decision | dict | None] = [self._decide_locally(*check) for check in checks]
+        answers: list[tuple[Decision | dict, float] | None] = [
+            self._decide_locally(*check, max_age_s) for check in checks]
         missing = [index for index, answer in enumerate(answers) if answer is None]
         if missing:
             for index, answer in zip(missing, await asyncio.gather(
                     *(self._decide_from_shard(*checks[index]) for index in missing))):
-                answers[index] = answer
+                answers[index] = (answer, 0.0)
         asked = set(missing)
-        metrics.gates_decided(Counter((reason_of(answer), check[1], "shard" if index in asked else "local")
+        metrics.gates_decided(Counter((reason_of(answer[0]), check[1], "shard" if index in asked else "local")
                                       for index, (check, answer) in enumerate(zip(checks, answers))))
         return answers
 
@@ -167,7 +170,7 @@ class ShardRouter:
         epoch, seq, retry = None, 0, FEED_RETRY_S[0]
         projection = self.projection
         while True:
-            sent = time.monotonic()
+            sent = mono_us()
             try:
                 reply = await self.handles[shard].changes.remote(epoch, seq, FEED_WAIT_S)
             except RayError:  # the shard restarts or its node is gone: decide from it, not from views
@@ -186,14 +189,17 @@ class ShardRouter:
                 # holds every org's latest view, so views this router got by direct replies
                 # meanwhile are replaced where they are behind. Not current until then.
                 projection.reset(shard, reply["epoch"], 0)
-                projection.forget_heard(shard)
                 epoch, seq = reply["epoch"], 0
                 continue
+            received = mono_us()
+            projection.clock(shard, reply["now_us"], received)
+            # The shard began to answer after we asked: its time then bounds its clock from above.
+            projection.clock(shard, reply["now_us"] - int(reply["waited_s"] * 1e6), received, sent)
             projection.advance(shard, reply["epoch"], reply["seq"],
                                [RECORD_DECODER.decode(line) for line in reply["views"]])
             epoch, seq = reply["epoch"], reply["seq"]
             if not reply["more"]:  # a capped answer proves nothing about what it left out
-                projection.heard(shard, sent + reply["waited_s"], reply["now_us"])
+                projection.heard(shard, reply["now_us"])  # in the shard's time: transit counts
 
     async def caught_up(self, timeout_s: float = 5.0) -> bool:
         """Wait until this router's views include everything every shard published before the

@@ -379,8 +379,6 @@ class ShardActor(ShardReads):
         try:
             if kind == "parity":
                 result = await self._parity_now(marker[2])
-            elif kind == "views_page":
-                result = await self._views_page_now(marker[2], marker[3])
             elif kind == "views_expired":
                 result = await self._publish_expired()
             else:  # a drain: every org with a journal tail, not one round of them

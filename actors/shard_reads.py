@@ -11,6 +11,7 @@ import msgspec
 from actors.batch import UNAVAILABLE, WRONG_SHARD, unknown_org
 from actors.clock import now_us
 from actors.org import OrgBillingActor, Resources
+from storage import journal as store
 from storage import orgs as orgs_store
 
 STATE_WAIT_S = 10  # a state read waits at most this for the commit of its org's last command
@@ -73,26 +74,44 @@ class ShardReads:
 
     async def views_page(self, after: str | None, limit: int) -> dict:
         """The gate views of this shard's orgs after org id `after`, in org id order: {"views":
-        JSON records, "last": the last org id or None when there are no more}. Orgs not in
-        memory are loaded; the page is read between two commits."""
-        await self._ensure_started()
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.pending.append(("views_page", done, after, limit))
-        self.wake.set()
-        return await done
+        JSON records, "last": the last org id or None when there are no more}.
 
-    async def _views_page_now(self, after: str | None, limit: int) -> dict:
+        Not in the commit loop, and nothing is loaded: an org's published record when the log
+        holds one (published records are committed state); else, for an org in memory, its
+        view published now if nothing of it is uncommitted (one that is will be published
+        at its commit, after the reader's cursor); else its view as Postgres holds it, read
+        and replayed aside, as a record with seq 0 for this answer only (any record the
+        shard publishes later, after the reader's cursor, has a higher seq and wins)."""
+        await self._ensure_started()
         async with self.pool.acquire() as conn:
             org_ids = await orgs_store.ids_in_slots(conn, sorted(self.slots), after, limit)
-        await self._ensure_loaded(org_ids)
+        lines: dict[str, bytes] = {}
+        stored = []
         now = now_us()
-        lines = []
         for org_id in org_ids:
-            lo = self.orgs.get(org_id)
-            if lo is not None:
-                self.views.publish(org_id, lo.org, now)  # a no-op unless it changed
-                lines.append(self.views.line(org_id))
-        return {"views": lines, "last": org_ids[-1] if len(org_ids) == limit else None}
+            line = self.views.line(org_id)
+            if line is None:
+                lo = self.orgs.get(org_id)
+                if lo is None:
+                    stored.append(org_id)
+                    continue
+                if org_id not in self.unanswered and self.views.publish(org_id, lo.org, now):
+                    line = self.views.line(org_id)
+            if line is not None:
+                lines[org_id] = line
+        if stored:
+            async with self.pool.acquire() as conn:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    rows = await store.load_orgs(conn, stored)
+            now = now_us()
+            for org_id in stored:
+                row = rows.get(org_id)
+                line = self.views.line(org_id)  # published meanwhile (loaded): that one
+                if line is None and row is not None:
+                    line = self.views.unpublished(org_id, self._replayed(row[1], row[2]), now)
+                if line is not None:
+                    lines[org_id] = line
+        return {"views": [lines[o] for o in org_ids if o in lines], "last": org_ids[-1] if len(org_ids) == limit else None}
 
     async def _publish_expired(self) -> dict:
         """Publish again the views that time made stale (between commits: memory is committed)."""

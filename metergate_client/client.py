@@ -1,14 +1,18 @@
 """GateClient: gate decisions in the gateway's own process, from a live projection.
 
-A background thread loads every org's gate view (GET /v1/gate/views) and follows the feed
-(GET /v1/gate/feed), reconnecting with backoff. `check()` decides from the org's view with
+A background thread follows the feed (GET /v1/gate/feed), reconnecting with backoff, and a
+second one loads a shard's views (GET /v1/gate/views?shard=) whenever the feed says that shard
+must be loaded (at the start, after the shard restarted): a shard that is down or reloading
+leaves every other shard's orgs decided locally. `check()` decides from the org's view with
 the same pure function the server uses, so a current view gives exactly the server's answer.
-A view is current while the feed has proved, within `max_staleness_s`, that nothing newer
-exists, and while the server's clock is before the view's `valid_until_us`. Otherwise the
-action's Policy says what to do: ask the server, fail closed, or fail open.
+A view is current while its shard's feed has proved, within `max_staleness_s` of the shard's
+own time now, that nothing newer exists, and while that time is before the view's
+`valid_until_us` (a shard's time is read through a per-shard estimate of its clock, never
+this host's wall clock: docs/gate-protocol.md). Otherwise the action's Policy says what to
+do: ask the server (with the same bound), fail closed, or fail open.
 
 Leases and usage always go to the server (a lease is atomic at the org's shard); a lease
-answer carries the org's new view, which is applied at once.
+answer, a release's included, carries the org's new view, which is applied at once.
 
 Sync and asyncio: `check` never blocks unless the policy asks the server; `acheck`,
 `alease`, `arenew`, `arelease` and `areport` are the asyncio forms. Thread-safe.
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
+from collections.abc import Mapping
 from enum import StrEnum
 
 import httpx
@@ -30,14 +36,26 @@ from metergate_client.projection import (
     FEED_DECODER,
     PAGE_DECODER,
     Heartbeat,
+    Position,
     Projection,
+    Resync,
     ViewRecord,
+    mono_us,
     parse_cursor,
 )
 
 log = logging.getLogger("metergate_client")
 NO_RESOURCES = Resources()
+WITH_VIEW = {"Prefer": "return=representation"}  # a release answers 200 with the org's view, not 204
 BACKOFF_S = (0.1, 5.0)  # reconnect backoff: first, at most
+CLOCK_PROBE_S = 2.0  # how often the shards' clocks are timed by a round trip
+
+
+class ClockAnswer(msgspec.Struct):
+    now_us: list[int | None]
+
+
+CLOCK_DECODER = msgspec.json.Decoder(ClockAnswer)
 
 
 class Policy(StrEnum):
@@ -56,8 +74,9 @@ class Source(StrEnum):
 
 class Answer(msgspec.Struct, frozen=True, gc=False):
     """A gate answer and where it came from. `age_s`: how old the view was when decided from
-    it (local), 0 for the server's answer, inf when there was no view. `decision`: the full
-    decision (None when the policy decided); `reason` is its reason, or "unavailable"."""
+    it: locally, in the shard's time; for the server's answer, the age the server stated plus
+    the request's round trip; inf when there was no view. `decision`: the full decision (None
+    when the policy decided); `reason` is its reason, or "unavailable"."""
 
     allowed: bool
     reason: str
@@ -72,7 +91,8 @@ class GateClient:
                  timeout_s: float = 5.0, heartbeat_s: float = 0.25, page_size: int = 1000,
                  start: bool = True) -> None:
         """policies: per action ("create", "wake", "ingest", "purchase"); the others get
-        default_policy. E.g. {"ingest": "open", "create": "closed"}."""
+        default_policy. E.g. {"ingest": "open", "create": "closed"}. heartbeat_s: how often
+        the feed proves itself current; keep it well under max_staleness_s."""
         unknown = set(policies or ()) - set(ACTIONS)
         if unknown:
             raise ValueError(f"no such action: {sorted(unknown)}; actions are {ACTIONS}")
@@ -88,58 +108,74 @@ class GateClient:
         self._ahttp: httpx.AsyncClient | None = None
         self._alock = threading.Lock()
         self._stop = threading.Event()
-        self._cursor: str | None = None  # where the feed resumes; None: load a snapshot first
+        self._cursor: str | None = None  # where the feed resumes (None: from now, every shard to load)
         self._beats = 0  # heartbeats read, ever
         self._synced = threading.Event()
+        # shard → the feed position its loaded snapshot holds (written by the loader thread,
+        # read by the feed thread): a shard is current only from a heartbeat past it.
+        self._loaded: dict[int, tuple[int, int]] = {}
+        self._to_load: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._loading: set[int] = set()
         self._counts = {name: itertools.count() for name in (
             "local", "server", "policy_open", "policy_closed", "stale", "feed_lines", "feed_errors", "resyncs",
-            "reconnects")}
+            "reconnects", "snapshots", "snapshot_errors")}
         self._thread = threading.Thread(target=self._follow, name="metergate-feed", daemon=True)
+        self._loader = threading.Thread(target=self._load_shards, name="metergate-views", daemon=True)
         if start:
             self._thread.start()
+            self._loader.start()
 
     # ----- gate checks ------------------------------------------------------------------
 
-    def check(self, org_id: str, action: str, resources: Resources | None = None) -> Answer:
+    def check(self, org_id: str, action: str, resources: Resources | Mapping | None = None) -> Answer:
         """May the org do `action` now? Decided locally when its view is current, else by the
-        action's policy (which may ask the server: then this call blocks for that request)."""
-        answer = self._local(org_id, action, resources or NO_RESOURCES)
+        action's policy (which may ask the server: then this call blocks for that request).
+        `resources`: a Resources, or a mapping with the HTTP body's field names."""
+        resources = _resources(resources)
+        answer = self._local(org_id, action, resources)
         if answer is not None:
             return answer
         if self.policies[action] is Policy.SERVER:
+            sent = time.monotonic()
             try:
-                return self._server_answer(self._http.post("/v1/gate", json=_gate_body(org_id, action, resources)))
+                return self._server_answer(
+                    self._http.post("/v1/gate", json=self._gate_body(org_id, action, resources)), sent)
             except httpx.HTTPError:
                 pass
         return self._by_policy(org_id, action)
 
-    async def acheck(self, org_id: str, action: str, resources: Resources | None = None) -> Answer:
-        answer = self._local(org_id, action, resources or NO_RESOURCES)
+    async def acheck(self, org_id: str, action: str, resources: Resources | Mapping | None = None) -> Answer:
+        resources = _resources(resources)
+        answer = self._local(org_id, action, resources)
         if answer is not None:
             return answer
         if self.policies[action] is Policy.SERVER:
+            sent = time.monotonic()
             try:
                 return self._server_answer(await self._async_http().post(
-                    "/v1/gate", json=_gate_body(org_id, action, resources)))
+                    "/v1/gate", json=self._gate_body(org_id, action, resources)), sent)
             except httpx.HTTPError:
                 pass
         return self._by_policy(org_id, action)
 
     def _local(self, org_id: str, action: str, resources: Resources) -> Answer | None:
-        projection = self.projection
-        record = projection.get(org_id)
-        if record is None:
+        if action not in self.policies:
+            raise ValueError(f"no such action: {action!r}; actions are {ACTIONS}")
+        found = self.projection.current(org_id, self.max_staleness_s)
+        if found is None:
+            if self.projection.get(org_id) is not None:
+                next(self._counts["stale"])
             return None
-        age = projection.age_s(record.shard)
-        until = record.valid_until_us
-        if age > self.max_staleness_s or (until is not None and projection.server_now_us() >= until):
-            next(self._counts["stale"])
-            return None
+        record, age = found
         decision = decide(action, resources, record.view)
         next(self._counts["local"])
         return Answer(decision.allowed, decision.reason, Source.LOCAL, age, decision)
 
-    def _server_answer(self, response: httpx.Response) -> Answer:
+    def _gate_body(self, org_id: str, action: str, resources: Resources) -> dict:
+        # The server decides from its own views only while they are within our bound.
+        return {**_gate_body(org_id, action, resources), "max_age_ms": int(self.max_staleness_s * 1000)}
+
+    def _server_answer(self, response: httpx.Response, sent: float) -> Answer:
         """The server's decision, or its refusal of this check (unknown org, bad request) as
         a deny. Raises httpx.HTTPError when there is no such answer: 5xx, a bad token, or a
         response that is not metergate's (a proxy with no route)."""
@@ -151,13 +187,14 @@ class GateClient:
         if response.status_code >= 500 or response.status_code == 401 or not (
                 isinstance(body, dict) and ("allowed" in body or refused)):
             raise httpx.HTTPError(f"no gate answer from the server (status {response.status_code})")
+        stated = body.get("age_ms")
+        age = time.monotonic() - sent + (stated / 1000 if isinstance(stated, int) else 0.0)
+        next(self._counts["server"])
         if "allowed" not in body:
-            next(self._counts["server"])
-            return Answer(False, str(body["error"].get("code", "error")), Source.SERVER, 0.0)
+            return Answer(False, str(body["error"].get("code", "error")), Source.SERVER, age)
         fields = {name: body[name] for name in Decision.__struct_fields__ if name in body}
         decision = msgspec.convert(fields, Decision)
-        next(self._counts["server"])
-        return Answer(decision.allowed, decision.reason, Source.SERVER, 0.0, decision)
+        return Answer(decision.allowed, decision.reason, Source.SERVER, age, decision)
 
     def _by_policy(self, org_id: str, action: str) -> Answer:
         record = self.projection.get(org_id)
@@ -168,14 +205,16 @@ class GateClient:
 
     # ----- leases and usage (always the server) --------------------------------------------
 
-    def lease(self, org_id: str, lease_id: str, resources: Resources | None = None, ttl_s: int = 60) -> dict:
+    def lease(self, org_id: str, lease_id: str, resources: Resources | Mapping | None = None, ttl_s: int = 60) -> dict:
         """POST /v1/leases: the lease (201 new, 200 the same again) or the deny, as JSON, with
         "status". The org's view in the answer is applied at once."""
-        return self._leased(self._http.post("/v1/leases", json=_lease_body(org_id, lease_id, resources, ttl_s)))
+        return self._leased(self._http.post("/v1/leases", json=_lease_body(org_id, lease_id, _resources(resources),
+                                                                            ttl_s)))
 
-    async def alease(self, org_id: str, lease_id: str, resources: Resources | None = None, ttl_s: int = 60) -> dict:
+    async def alease(self, org_id: str, lease_id: str, resources: Resources | Mapping | None = None,
+                     ttl_s: int = 60) -> dict:
         return self._leased(await self._async_http().post(
-            "/v1/leases", json=_lease_body(org_id, lease_id, resources, ttl_s)))
+            "/v1/leases", json=_lease_body(org_id, lease_id, _resources(resources), ttl_s)))
 
     def renew(self, org_id: str, lease_id: str) -> dict:
         return self._leased(self._http.post(f"/v1/leases/{org_id}/{lease_id}/renew"))
@@ -184,10 +223,11 @@ class GateClient:
         return self._leased(await self._async_http().post(f"/v1/leases/{org_id}/{lease_id}/renew"))
 
     def release(self, org_id: str, lease_id: str) -> dict:
-        return self._leased(self._http.delete(f"/v1/leases/{org_id}/{lease_id}"))
+        """DELETE /v1/leases/...: {"status": 200, "gate_view": ...}; the view is applied at once."""
+        return self._leased(self._http.delete(f"/v1/leases/{org_id}/{lease_id}", headers=WITH_VIEW))
 
     async def arelease(self, org_id: str, lease_id: str) -> dict:
-        return self._leased(await self._async_http().delete(f"/v1/leases/{org_id}/{lease_id}"))
+        return self._leased(await self._async_http().delete(f"/v1/leases/{org_id}/{lease_id}", headers=WITH_VIEW))
 
     def report(self, ticks: list[dict]) -> dict:
         """POST /v1/usage: {accepted, duplicates, rejected} once the ticks are durable."""
@@ -218,12 +258,13 @@ class GateClient:
     # ----- the feed ---------------------------------------------------------------------
 
     def wait_synced(self, timeout_s: float = 30.0) -> bool:
-        """Until the first snapshot is loaded and the feed has sent a heartbeat."""
+        """Until every shard's views are loaded and current (a heartbeat past its snapshot,
+        within the staleness bound), or timeout_s passed (False)."""
         return self._synced.wait(timeout_s)
 
     def counters(self) -> dict[str, int]:
         """How many checks were answered locally, by the server and by policy (and why), and
-        how the feed went: lines read, errors, resyncs and reconnects."""
+        how the feed went: lines read, errors, resyncs, reconnects and shard snapshots."""
         # itertools.count has no peek: its repr holds the next value.
         counts = {name: int(repr(counter)[6:-1]) for name, counter in self._counts.items()}
         counts["views"] = len(self.projection)
@@ -231,8 +272,10 @@ class GateClient:
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self._timeout + self.heartbeat_s * 4 + 1)
+        self._to_load.put(None)
+        for thread in (self._thread, self._loader):
+            if thread.is_alive():
+                thread.join(timeout=self._timeout + self.heartbeat_s * 4 + 1)
         self._http.close()
 
     async def aclose(self) -> None:
@@ -247,15 +290,13 @@ class GateClient:
         self.close()
 
     def _follow(self) -> None:
+        self._probe_clocks()
         backoff = BACKOFF_S[0]
         while not self._stop.is_set():
             beats = self._beats
             try:
-                if self._cursor is None:
-                    self._cursor = self._load_snapshot()
-                if not self._read_feed():  # the server said resync
+                if not self._read_feed():  # the cursor is not one of this server's
                     self._cursor = None
-                    next(self._counts["resyncs"])
                     backoff = BACKOFF_S[0]
                     continue
             except (httpx.HTTPError, OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
@@ -269,32 +310,11 @@ class GateClient:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, BACKOFF_S[1])
 
-    def _load_snapshot(self) -> str:
-        """Every org's view into a new projection, swapped in whole; returns the feed cursor."""
-        fresh = Projection()
-        page, cursor = None, None
-        while True:
-            response = self._http.get("/v1/gate/views", params={"limit": self.page_size,
-                                                               **({"page": page} if page else {})})
-            response.raise_for_status()
-            body = PAGE_DECODER.decode(response.content)
-            cursor = cursor or body.cursor
-            for record in body.views:
-                fresh.apply(record)
-            if body.next is None:
-                break
-            page = body.next
-        positions = parse_cursor(cursor)
-        for shard, (epoch, seq) in enumerate(positions):
-            fresh.advance(shard, epoch, seq, [])
-        self.projection = fresh
-        return cursor
-
     def _read_feed(self) -> bool:
         """Follow the feed from the cursor until it breaks (raises), the client closes (True)
-        or the server says resync (False). Each heartbeat moves the cursor to resume from."""
+        or the server says the cursor is not one of its own (False)."""
         timeout = httpx.Timeout(self._timeout, read=max(self.heartbeat_s * 4, 1.0))
-        params = {"after": self._cursor, "heartbeat_s": self.heartbeat_s}
+        params = {"heartbeat_s": self.heartbeat_s, **({"after": self._cursor} if self._cursor else {})}
         with self._http.stream("GET", "/v1/gate/feed", params=params, timeout=timeout) as response:
             response.raise_for_status()
             for line in response.iter_lines():
@@ -304,29 +324,139 @@ class GateClient:
                     continue
                 message = FEED_DECODER.decode(line)
                 next(self._counts["feed_lines"])
-                projection = self.projection
                 if isinstance(message, ViewRecord):
-                    projection.advance(message.shard, message.epoch, message.seq, [message])
+                    self.projection.advance(message.shard, message.epoch, message.seq, [message])
                 elif isinstance(message, Heartbeat):
-                    received = time.monotonic()
-                    for shard, age_ms in enumerate(message.age_ms):
-                        projection.heard(shard, received - age_ms / 1000, message.now_us)
-                    self._cursor = message.cursor
-                    self._beats += 1
-                    self._synced.set()
-                else:  # Resync
+                    self._heartbeat(message)
+                elif message.shard is None:  # a resync of the whole stream
+                    next(self._counts["resyncs"])
                     return False
+                else:
+                    self._resync(message)
         raise httpx.ReadError("the feed ended")
 
+    def _heartbeat(self, beat: Heartbeat) -> None:
+        """Each shard's clock, and each loaded shard proved current as of the time it states.
+        A shard without a snapshot (a resumed stream after this client lost it) is loaded."""
+        received = mono_us()
+        projection = self.projection
+        positions = parse_cursor(beat.cursor)
+        current = 0
+        for shard, (position, shard_now, as_of) in enumerate(zip(positions, beat.now_us, beat.as_of_us)):
+            if shard_now is not None:
+                projection.clock(shard, shard_now, received)
+            loaded = self._loaded.get(shard)
+            if as_of is not None and _covers(position, loaded):
+                projection.heard(shard, as_of)
+                current += projection.age_s(shard) <= self.max_staleness_s
+            elif shard not in self._loading and (
+                    loaded is None or (position is not None and position[0] != loaded[0])):
+                self._loaded.pop(shard, None)  # none, or of an incarnation the feed is past
+                self._load(shard)
+        self._cursor = beat.cursor
+        self._beats += 1
+        if positions and current == len(positions):
+            self._synced.set()
 
-def _gate_body(org_id: str, action: str, resources: Resources | None) -> dict:
+    def _resync(self, message: Resync) -> None:
+        """The shard's views must be loaded again; the stream goes on with its new records."""
+        shard = message.shard
+        next(self._counts["resyncs"])
+        self._loaded.pop(shard, None)
+        if message.epoch is not None:
+            self.projection.reset(shard, message.epoch, 0)
+        else:
+            self.projection.forget_heard(shard)
+        self._load(shard)  # also when a load is on the way: it may be of the incarnation that is gone
+
+    def _load(self, shard: int) -> None:
+        self._loading.add(shard)
+        self._to_load.put(shard)
+
+    def _load_shards(self) -> None:
+        """The loader thread: each shard the feed asks for, until it is loaded (with backoff);
+        in between, every CLOCK_PROBE_S, a timed GET /v1/gate/clock (see ShardClock)."""
+        while True:
+            try:
+                shard = self._to_load.get(timeout=CLOCK_PROBE_S)
+            except queue.Empty:
+                self._probe_clocks()
+                continue
+            if shard is None or self._stop.is_set():
+                return
+            backoff = BACKOFF_S[0]
+            while not self._stop.is_set():
+                try:
+                    self._loaded[shard] = self._load_snapshot(shard)
+                    next(self._counts["snapshots"])
+                    break
+                except (httpx.HTTPError, OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                    next(self._counts["snapshot_errors"])
+                    log.info("metergate views of shard %s: %r; again in %.1f s", shard, exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_S[1])
+            self._loading.discard(shard)
+
+    def _probe_clocks(self) -> None:
+        sent = mono_us()
+        try:
+            response = self._http.get("/v1/gate/clock")
+            response.raise_for_status()
+            stated = CLOCK_DECODER.decode(response.content).now_us
+        except (httpx.HTTPError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.info("metergate clock probe: %r", exc)
+            return
+        received = mono_us()
+        for shard, shard_us in enumerate(stated):
+            if shard_us is not None:
+                self.projection.clock(shard, shard_us, received, sent)
+
+    def _load_snapshot(self, shard: int) -> tuple[int, int]:
+        """One shard's views into the projection, page by page; the feed position they hold."""
+        page, cursor = None, None
+        while True:
+            response = self._http.get("/v1/gate/views", params={"shard": shard, "limit": self.page_size,
+                                                               **({"page": page} if page else {})})
+            response.raise_for_status()
+            body = PAGE_DECODER.decode(response.content)
+            cursor = cursor or body.cursor
+            self.projection.apply_all(body.views)
+            if body.next is None:
+                break
+            page = body.next
+        (position,) = parse_cursor(cursor)
+        if position is None:
+            raise ValueError(f"shard {shard}'s snapshot has no position")
+        return position
+
+
+def _covers(position: Position, loaded: tuple[int, int] | None) -> bool:
+    """Has the feed reached the shard's loaded snapshot (the same incarnation, not behind)?"""
+    return position is not None and loaded is not None and position[0] == loaded[0] and position[1] >= loaded[1]
+
+
+def _resources(resources: Resources | Mapping | None) -> Resources:
+    if resources is None:
+        return NO_RESOURCES
+    if isinstance(resources, Resources):
+        return resources
+    if isinstance(resources, Mapping):
+        try:
+            return msgspec.convert(dict(resources), Resources)
+        except msgspec.ValidationError as exc:
+            raise TypeError(f"resources: {exc} (fields: {', '.join(Resources.__struct_fields__)})") from None
+    raise TypeError(f"resources must be a metergate_client.Resources or a mapping with the HTTP body's field "
+                    f"names ({', '.join(Resources.__struct_fields__)}), not {type(resources).__name__}")
+
+
+def _gate_body(org_id: str, action: str, resources: Resources) -> dict:
     body = {"org_id": org_id, "action": action}
-    if resources is not None:
+    if resources is not NO_RESOURCES:
         body["resources"] = msgspec.to_builtins(resources)
     return body
 
 
-def _lease_body(org_id: str, lease_id: str, resources: Resources | None, ttl_s: int) -> dict:
+def _lease_body(org_id: str, lease_id: str, resources: Resources, ttl_s: int) -> dict:
     body = _gate_body(org_id, "create", resources)
     del body["action"]
     return {**body, "lease_id": lease_id, "ttl_s": ttl_s}

@@ -7,12 +7,12 @@ the sequence of its records; a shard keeps only the latest record of each org, s
 that resumes from an older position gets at most one record per org, never a gap.
 
 A position in the feeds of all shards is a cursor: `epoch:seq` for each shard, in shard
-order, joined by commas (`"7:1032,5:88"`). A reader that applied every record up to a cursor
-may resume from it; if a shard restarted meanwhile (its epoch changed) the server answers
-`resync` and the reader starts over from a snapshot.
+order, joined by commas (`"7:1032,5:88"`), `-` for a shard the reader has no position in. A
+reader that applied every record up to a cursor may resume from it; for a shard that
+restarted meanwhile (its epoch changed), or has no position, the stream says `resync` for that
+shard alone and the reader loads that shard's snapshot, while the other shards go on.
 
-The formats are JSON, described in README.md ("Gate views and feed") for gateways in other
-languages.
+The formats are JSON, specified for gateways in other languages in docs/gate-protocol.md.
 """
 
 from __future__ import annotations
@@ -38,28 +38,37 @@ class ViewRecord(msgspec.Struct, frozen=True, tag="view", tag_field="type"):
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", tag_field="type"):
-    """Nothing was left out: every change up to `cursor` has been sent. age_ms[k] is how old
-    the server's knowledge of shard k is (0 while its feed is live); now_us is the server's clock."""
+    """Nothing was left out: every change up to `cursor` has been sent. Per shard k, in that
+    shard's own clock: now_us[k], the shard's time when this line was written, and as_of_us[k],
+    the time at which the shard's feed was known complete through the cursor (null: not
+    known on this stream yet). A reader's age of shard k's views is the shard's time now
+    minus as_of_us[k]: delay on the way, anywhere, counts as age."""
 
     cursor: str
-    now_us: int
-    age_ms: list[int]
+    now_us: list[int | None]
+    as_of_us: list[int | None]
 
 
 class Resync(msgspec.Struct, frozen=True, tag="resync", tag_field="type"):
-    """The stream cannot go on from where the reader is (a shard restarted, or the cursor is
-    not one this server gave): fetch a snapshot (GET /v1/gate/views) and follow from its cursor."""
+    """The reader's views of `shard` are gone or were never loaded (the shard restarted, or
+    the cursor had no position for it): load that shard's snapshot (GET /v1/gate/views?shard=)
+    while this stream goes on with the shard's records from its new position. Null `shard`:
+    the cursor is not one for this server at all; the stream ends, start over with no cursor."""
 
     reason: str
+    shard: int | None = None
+    epoch: int | None = None
 
 
 class ViewPage(msgspec.Struct, frozen=True):
     """A page of GET /v1/gate/views. `cursor` is where the feed goes on after the snapshot (the
-    same on every page of one snapshot); `next` fetches the next page, null after the last."""
+    same on every page of one snapshot; of one shard only, "epoch:seq", when `shard` is set);
+    `next` fetches the next page, null after the last."""
 
     cursor: str
     views: list[ViewRecord]
     next: str | None = None
+    shard: int | None = None
 
 
 FeedLine = ViewRecord | Heartbeat | Resync
@@ -69,14 +78,20 @@ RECORD_DECODER = msgspec.json.Decoder(ViewRecord)
 PAGE_DECODER = msgspec.json.Decoder(ViewPage)
 
 
-def format_cursor(positions: list[tuple[int, int]]) -> str:
-    return ",".join(f"{epoch}:{seq}" for epoch, seq in positions)
+Position = tuple[int, int] | None  # (epoch, seq) in one shard's feed; None: none yet
 
 
-def parse_cursor(text: str) -> list[tuple[int, int]]:
-    """ValueError when `text` is not a cursor."""
-    positions = []
+def format_cursor(positions: list[Position]) -> str:
+    return ",".join("-" if p is None else f"{p[0]}:{p[1]}" for p in positions)
+
+
+def parse_cursor(text: str) -> list[Position]:
+    """ValueError when `text` is not a cursor. "-" is a shard with no position."""
+    positions: list[Position] = []
     for part in text.split(","):
+        if part == "-":
+            positions.append(None)
+            continue
         epoch, sep, seq = part.partition(":")
         if not sep or not epoch.isdigit() or not seq.isdigit() or len(epoch) > 18 or len(seq) > 18:
             raise ValueError(f"not a cursor: {text[:60]!r}")
@@ -88,20 +103,82 @@ def wall_us() -> int:
     return time.time_ns() // 1_000
 
 
+def mono_us() -> int:
+    return time.monotonic_ns() // 1_000
+
+
+CLOCK_WINDOW_US = 10_000_000  # a clock sample counts for 10 to 20 s (clocks drift, and step)
+
+
+class _Best:
+    """The best of the samples of the last one or two windows (a cheap sliding extreme)."""
+
+    __slots__ = ("better", "current", "previous", "since_us")
+
+    def __init__(self, better) -> None:
+        self.better, self.current, self.previous, self.since_us = better, None, None, 0
+
+    def add(self, value: int, local_us: int) -> None:
+        if local_us - self.since_us >= CLOCK_WINDOW_US:
+            self.previous, self.current, self.since_us = self.current, value, local_us
+        elif self.current is None or self.better(value, self.current) == value:
+            self.current = value
+
+    def best(self) -> int | None:
+        if self.previous is None:
+            return self.current
+        return self.better(self.current, self.previous)
+
+
+class ShardClock:
+    """One shard's clock as seen from here: its offset from our monotonic clock (our wall clock
+    is never read, so stepping it changes nothing).
+
+    Two kinds of sample bound the offset. A time the shard stated, read at local time t1, can
+    only have been late on its way: offset >= stated - t1 (a lower bound; every feed line gives
+    one). A time stated in answer to a request sent at local time t0 was read after t0: offset
+    <= stated - t0 (an upper bound; round trips give one). The estimate is the tightest upper
+    bound of the window, so a shard's time is never under-estimated and a delay on the way,
+    however long it lasts, counts as age; without round trips, the tightest lower bound (then
+    the estimate lags by the quickest transit seen). A lower bound above the upper one means
+    the shard's clock stepped forward: the lower one is taken then. A step backward shows
+    within two windows; meanwhile views expire early, never late."""
+
+    __slots__ = ("offset_us", "_low", "_high")
+
+    def __init__(self) -> None:
+        self.offset_us: int | None = None
+        self._low, self._high = _Best(max), _Best(min)
+
+    def sample(self, shard_us: int, received_us: int) -> None:
+        self._low.add(shard_us - received_us, received_us)
+        self._estimate()
+
+    def sample_round_trip(self, shard_us: int, sent_us: int, received_us: int) -> None:
+        self._high.add(shard_us - sent_us, sent_us)
+        self._low.add(shard_us - received_us, received_us)
+        self._estimate()
+
+    def _estimate(self) -> None:
+        low, high = self._low.best(), self._high.best()
+        self.offset_us = low if high is None else high if low is None else max(low, high)
+
+
 class Projection:
     """The latest view of each org a reader knows, and how current it is per shard.
 
-    Thread-safe: record writers take a lock, readers only look up a dict; `heard` has one
-    writer per shard (the thread or task that follows that shard's feed). A record replaces the
+    Thread-safe: record writers take a lock, readers only look up a dict; the clocks and
+    `heard` have one writer (the thread or task that follows the feed). A record replaces the
     org's view only when it is newer (a later epoch, or a higher seq in the same epoch), so
-    records may arrive by the feed and by direct answers in any order.
+    records may arrive by the feed, snapshots and direct answers in any order. All times of a
+    shard (valid_until_us, as of) are in that shard's clock.
     """
 
     def __init__(self) -> None:
         self._records: dict[str, ViewRecord] = {}
         self._positions: dict[int, tuple[int, int]] = {}  # shard → (epoch, seq) applied through
-        self._heard: dict[int, float] = {}  # shard → monotonic time its feed was known complete
-        self._clock_offset_us = 0  # the server's clock minus ours
+        self._heard: dict[int, int] = {}  # shard → its time when its feed was known complete
+        self._clocks: dict[int, ShardClock] = {}
         self._lock = threading.Lock()
 
     # ----- writes -----------------------------------------------------------------------
@@ -110,6 +187,11 @@ class Projection:
         """Keep the record if it is newer than the org's view; True if it was kept."""
         with self._lock:
             return self._apply(record)
+
+    def apply_all(self, records: list[ViewRecord]) -> None:
+        with self._lock:
+            for record in records:
+                self._apply(record)
 
     def _apply(self, record: ViewRecord) -> bool:
         known = self._records.get(record.org_id)
@@ -135,18 +217,29 @@ class Projection:
         """The shard restarted (or the reader lost its place): forget its views."""
         with self._lock:
             self._reset(shard, epoch, seq)
+        self.forget_heard(shard)
 
     def _reset(self, shard: int, epoch: int, seq: int) -> None:
         # Records of the new incarnation (from direct answers) are current; older ones are not.
         self._records = {org_id: r for org_id, r in self._records.items() if r.shard != shard or r.epoch >= epoch}
         self._positions[shard] = (epoch, seq)
 
-    def heard(self, shard: int, as_of: float, server_now_us: int | None = None) -> None:
-        """Every change of `shard` up to monotonic time `as_of` has been applied."""
-        if as_of > self._heard.get(shard, 0.0):
-            self._heard[shard] = as_of
-        if server_now_us is not None:
-            self._clock_offset_us = server_now_us - wall_us()
+    def clock(self, shard: int, shard_us: int, received_us: int | None = None, sent_us: int | None = None) -> None:
+        """The shard stated its time `shard_us`; we read it at `received_us` (monotonic; now
+        if None), in answer to a request we sent at `sent_us` (None: not an answer)."""
+        known = self._clocks.get(shard)
+        if known is None:
+            known = self._clocks[shard] = ShardClock()
+        received = mono_us() if received_us is None else received_us
+        if sent_us is None:
+            known.sample(shard_us, received)
+        else:
+            known.sample_round_trip(shard_us, sent_us, received)
+
+    def heard(self, shard: int, as_of_us: int) -> None:
+        """Every change of `shard` up to its time `as_of_us` has been applied."""
+        if as_of_us > self._heard.get(shard, -1):
+            self._heard[shard] = as_of_us
 
     def forget_heard(self, shard: int) -> None:
         self._heard.pop(shard, None)
@@ -162,19 +255,41 @@ class Projection:
     def positions(self) -> dict[int, tuple[int, int]]:
         return dict(self._positions)
 
-    def age_s(self, shard: int, now: float | None = None) -> float:
-        """How old this reader's knowledge of the shard's views is (inf: never heard)."""
-        heard = self._heard.get(shard)
-        if heard is None:
+    def shard_now_us(self, shard: int) -> int | None:
+        """The shard's time now, as estimated here (None: it never stated one)."""
+        known = self._clocks.get(shard)
+        offset = known.offset_us if known is not None else None
+        return None if offset is None else mono_us() + offset
+
+    def age_s(self, shard: int) -> float:
+        """How old this reader's knowledge of the shard's views is, in the shard's time (inf:
+        never heard, or heard of no clock)."""
+        heard, now = self._heard.get(shard), self.shard_now_us(shard)
+        if heard is None or now is None:
             return float("inf")
-        return max(0.0, (time.monotonic() if now is None else now) - heard)
+        return max(0.0, (now - heard) / 1e6)
 
-    def server_now_us(self) -> int:
-        return wall_us() + self._clock_offset_us
-
-    def decide(self, org_id: str, action: str, resources: Resources, server_now_us: int) -> Decision | None:
-        """The gate decision from the org's view, or None if there is no view or it has expired."""
+    def current(self, org_id: str, max_age_s: float) -> tuple[ViewRecord, float] | None:
+        """The org's view and its age, if its shard was heard within max_age_s and the view
+        is valid at the shard's time now; else None."""
         record = self._records.get(org_id)
-        if record is None or (record.valid_until_us is not None and server_now_us >= record.valid_until_us):
+        if record is None:
             return None
-        return decide(action, resources, record.view)
+        shard = record.shard
+        heard = self._heard.get(shard)
+        known = self._clocks.get(shard)
+        if heard is None or known is None or known.offset_us is None:
+            return None
+        now = mono_us() + known.offset_us
+        age = (now - heard) / 1e6
+        until = record.valid_until_us
+        if age > max_age_s or (until is not None and now >= until):
+            return None
+        return record, max(0.0, age)
+
+    def decide(self, org_id: str, action: str, resources: Resources, max_age_s: float) -> tuple[Decision, float] | None:
+        """The gate decision from the org's current view and the view's age, or None."""
+        found = self.current(org_id, max_age_s)
+        if found is None:
+            return None
+        return decide(action, resources, found[0].view), found[1]

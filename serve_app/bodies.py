@@ -32,10 +32,14 @@ class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):
                          self.region, self.quantity)
 
 
+MaxAgeMs = Annotated[int, msgspec.Meta(ge=0, le=3_600_000)]
+
+
 class GateBody(msgspec.Struct, forbid_unknown_fields=True):
     org_id: Id
     action: Literal["create", "wake", "ingest", "purchase"]
     resources: ResourcesIn | None = None
+    max_age_ms: MaxAgeMs | None = None  # the caller's staleness bound: an older view is not decided from
 
 
 MAX_GATE_CHECKS = 1_000  # per POST /v1/gate/batch
@@ -53,6 +57,18 @@ class TypedGateBatchBody(msgspec.Struct, forbid_unknown_fields=True):
 
 def resources_of(body: "GateBody | LeaseBody") -> Resources:
     return body.resources.to_core() if body.resources else NO_RESOURCES
+
+
+NO_BOUND_S = float("inf")  # no bound of the caller's: the server's own (FRESH_S) holds
+
+
+def max_age_of(body: GateBody) -> float:
+    return NO_BOUND_S if body.max_age_ms is None else body.max_age_ms / 1000
+
+
+def checks_max_age(checks: list) -> float:
+    """A batch's bound: the tightest of its valid checks'."""
+    return min((max_age_of(c) for c in checks if isinstance(c, GateBody)), default=NO_BOUND_S)
 
 
 class LeaseBody(msgspec.Struct, forbid_unknown_fields=True):

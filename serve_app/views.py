@@ -7,6 +7,7 @@ decided here and nowhere else.
 
 from __future__ import annotations
 
+import math
 import re
 
 from metergate_client import decision as gate
@@ -39,6 +40,7 @@ assert set(STATUS_BY_REASON) == set(Reason), "every gate reason has its HTTP sta
 # The OpenAPI document describes the gate's answer by this type (no docstring: it would show).
 class Decision(gate.Decision, kw_only=True):
     status: int
+    age_ms: int = 0
 
 
 MICROS_PER_USD = 1_000_000
@@ -80,12 +82,15 @@ def parse_usd(text: str) -> int | None:
     return int(whole) * MICROS_PER_USD + int(fraction)
 
 
-def decision_view(decision: dict) -> dict:
+def decision_view(decision: dict, age_s: float | None = None) -> dict:
     """A gate decision as a shard sends it (msgspec.to_builtins of the core's Decision), with
-    the status its reason stands for after the reason, as the `Decision` schema lists it."""
+    the status its reason stands for after the reason, as the `Decision` schema lists it, and
+    the age of the view it was decided from (a gate answer's `age_ms`, rounded up)."""
     view = {"allowed": decision["allowed"], "reason": decision["reason"],
             "status": STATUS_BY_REASON[Reason(decision["reason"])]}
     view.update(decision)  # the keys already placed keep their place
+    if age_s is not None:
+        view["age_ms"] = math.ceil(age_s * 1000)
     return view
 
 

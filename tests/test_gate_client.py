@@ -16,6 +16,7 @@ from ray import serve
 
 from metergate_client import GateClient, Resources
 from metergate_client.client import Source
+from tests.delaying_relay import DelayingRelay
 from tests.helpers import (
     SERVICE_TOKEN,
     advance,
@@ -41,6 +42,7 @@ def server_decision(compute, org: str, action: str = "create", resources: dict |
     body = {"org_id": org, "action": action, **({"resources": resources} if resources else {})}
     decision = compute.post("/v1/gate", json=body).json()
     decision.pop("status")
+    assert 0 <= decision.pop("age_ms") <= 2_000, decision  # the view's age, at most the ingress's FRESH_S
     return decision
 
 
@@ -102,8 +104,11 @@ def test_a_lease_answer_updates_the_local_view_at_once(compute, new_org, gate_cl
     assert lease["status"] == 201, lease
     answer = gate_client.check(org, "create")  # no wait: the lease's answer carried the view
     assert (answer.source, answer.decision.active_leases) == (Source.LOCAL, 1)
-    assert gate_client.release(org, "sbx_1")["status"] == 204
-    local_until(gate_client, org, lambda d: d.active_leases == 0, "a release")
+    released = gate_client.release(org, "sbx_1")
+    assert released["status"] == 200 and released["gate_view"]["view"]["active_leases"] == 0, released
+    answer = gate_client.check(org, "create")  # no wait: the release's answer carried the view (finding 8)
+    assert (answer.source, answer.decision.active_leases) == (Source.LOCAL, 0)
+    assert compute.delete(f"/v1/leases/{org}/sbx_1").status_code == 204  # without Prefer: as API.md says
 
 
 def test_a_killed_shard_makes_the_client_resync_and_agree_again(admin, compute, org_id_on, new_org, gate_client):
@@ -183,9 +188,83 @@ def _first_news(compute, after: str) -> dict:
 
 
 def test_a_cursor_of_another_epoch_or_shard_count_gets_resync(compute):
+    """A shard whose epoch the cursor does not know gets a resync of that shard alone, and the
+    stream goes on; a cursor for another number of shards ends the stream with a resync of all."""
     cursor = compute.get("/v1/gate/views", params={"limit": 1}).json()["cursor"]
     positions = [part.split(":") for part in cursor.split(",")]
     assert _first_news(compute, cursor)["type"] in ("view", "heartbeat")
-    older = ",".join(f"{int(epoch) + 1000}:{seq}" for epoch, seq in positions)  # no such epoch
-    assert _first_news(compute, older)["type"] == "resync"
-    assert _first_news(compute, cursor + ",1:1")["type"] == "resync"  # one shard too many
+    older = ",".join(f"{int(epoch) + 1000}:{seq}" if k == 0 else f"{epoch}:{seq}"
+                     for k, (epoch, seq) in enumerate(positions))  # shard 0 of no such epoch
+    news = _first_news(compute, older)
+    assert (news["type"], news["shard"], news["epoch"]) == ("resync", 0, int(positions[0][0])), news
+    whole = _first_news(compute, cursor + ",1:1")  # one shard too many
+    assert whole["type"] == "resync" and whole.get("shard") is None
+
+
+def test_a_stream_without_a_cursor_asks_to_load_every_shard_and_heartbeats_each_shards_time(compute):
+    lines = []
+    with compute.stream("GET", "/v1/gate/feed", params={"heartbeat_s": 0.05}) as stream:
+        for raw in stream.iter_lines():
+            if raw:
+                lines.append(msgspec.json.decode(raw))
+            beats = [line for line in lines if line["type"] == "heartbeat"]
+            if beats and all(a is not None for a in beats[-1]["as_of_us"]) or len(lines) > 200:
+                break
+    shards = len(beats[-1]["as_of_us"])
+    assert sorted(line["shard"] for line in lines if line["type"] == "resync") == list(range(shards))
+    beat = beats[-1]
+    assert all(0 <= now - as_of < 2_000_000 for now, as_of in zip(beat["now_us"], beat["as_of_us"])), beat
+    assert "-" not in beat["cursor"]
+
+
+def test_check_takes_the_http_bodys_resources_or_says_what_it_expected(gate_client, new_org):
+    org = new_org()
+    local_until(gate_client, org, lambda d: True, "a new org")
+    as_mapping = gate_client.check(org, "create", {"disk_mb": 10**9})
+    assert as_mapping.decision == gate_client.check(org, "create", Resources(disk_mb=10**9)).decision
+    assert as_mapping.reason == "resource_limit"
+    with pytest.raises(TypeError, match="Resources or a mapping"):
+        gate_client.check(org, "create", ["disk_mb", 1])
+    with pytest.raises(TypeError, match="disk_mb"):
+        gate_client.check(org, "create", {"disk_mb": "lots"})
+
+
+def test_a_feed_held_on_the_way_is_old_not_fresh_and_the_client_answers_by_policy(service, new_org):
+    """Issue 18, finding 1, black-box: a relay between client and service starts to hold every
+    answer for 2 s. Heartbeats still arrive, each as the server wrote it: the client must count
+    the 2 s as age, so past its bound (0.5 s) it answers by policy, never `local`; and a local
+    answer never states an age over the bound. Once the relay lets go, local answers return."""
+    org = new_org()
+    bound = 0.5
+    with DelayingRelay(service.base_url) as relay, GateClient(
+            relay.url, SERVICE_TOKEN, max_staleness_s=bound, heartbeat_s=0.1, policies={"create": "closed"}) as client:
+        assert client.wait_synced(60), client.counters()
+        local_until(client, org, lambda d: d.allowed, "a new org")
+        relay.delay_s = 2.0
+        held = time.monotonic()
+        answers = []
+        while time.monotonic() - held < 5:
+            answers.append((time.monotonic() - held, client.check(org, "create")))
+            time.sleep(0.005)
+        local = [(round(t, 3), a.age_s) for t, a in answers if a.source == Source.LOCAL]
+        assert all(age <= bound for _, age in local), local
+        late = [(t, age) for t, age in local if t > bound + 0.3]  # a heartbeat of before, and scheduling
+        assert not late, late
+        assert [a.source for t, a in answers if t > 1.0] == [Source.POLICY] * len([t for t, _ in answers if t > 1.0])
+        relay.delay_s = 0.0
+        local_until(client, org, lambda d: d.allowed, "local answers once the relay lets go")
+
+
+def test_a_server_answer_states_its_views_age_and_keeps_to_the_callers_bound(compute, new_org):
+    """Issue 18, finding 2: the ingress answers from its own views when they are fresh enough
+    for it (up to 2 s); it says how old the view was, and a check that sends its own bound
+    (max_age_ms) is decided from a view no older than that, else by the shard itself."""
+    org = new_org()
+    body = {"org_id": org, "action": "create"}
+    wait_for("the ingress's own view", lambda: compute.post("/v1/gate", json=body).json()["age_ms"] > 0)
+    assert compute.post("/v1/gate", json={**body, "max_age_ms": 0}).json()["age_ms"] == 0  # asked the shard
+    bounded = compute.post("/v1/gate/batch", json={"checks": [{**body, "max_age_ms": 0}, body]}).json()
+    assert [d["age_ms"] for d in bounded["decisions"]] == [0, 0]  # a batch keeps to its tightest bound
+    for bad in (-1, 3_600_001, "1", 1.5):
+        response = compute.post("/v1/gate", json={**body, "max_age_ms": bad})
+        assert response.status_code == 422, (bad, response.text)

@@ -25,10 +25,14 @@ from metergate_client.projection import (
     FEED_DECODER,
     RECORD_DECODER,
     RECORD_ENCODER,
+    CLOCK_WINDOW_US,
     Heartbeat,
     Projection,
+    Resync,
+    ShardClock,
     ViewRecord,
     format_cursor,
+    mono_us,
     parse_cursor,
 )
 from tests.helpers import CATALOG, HOBBY, ORG_ID, T0, make_org, usage_costing
@@ -155,20 +159,68 @@ def test_a_restarted_shard_takes_its_old_views_with_it():
     assert projection.positions() == {0: (2, 1), 1: (4, 1)}
 
 
-def test_views_expire_for_deciding_and_age_counts_from_what_was_heard():
+def test_views_expire_in_the_shards_time_and_age_counts_from_what_the_shard_stated():
     projection = Projection()
-    record = ViewRecord("a", 0, 1, 1, T0 + 10, _record("a", 1, 1, 1).view)
+    record = ViewRecord("a", 0, 1, 1, T0 + 10_000_000, _record("a", 1, 1, 1).view)
     projection.apply(record)
-    assert projection.decide("a", "create", Resources(), T0 + 9) is not None
-    assert projection.decide("a", "create", Resources(), T0 + 10) is None
-    assert projection.age_s(0) == float("inf")
-    projection.heard(0, as_of=100.0)
-    assert projection.age_s(0, now=100.5) == pytest.approx(0.5)
+    assert projection.decide("a", "create", Resources(), 1.0) is None  # never heard: no local decision
+    local = mono_us()
+    projection.clock(0, T0, local)  # the shard said "T0" when we read it at `local`
+    projection.heard(0, T0 - 200_000)  # ... and that its feed was complete at T0 - 0.2 s
+    assert projection.age_s(0) == pytest.approx(0.2, abs=0.05)
+    assert projection.decide("a", "create", Resources(), 1.0) is not None
+    assert projection.decide("a", "create", Resources(), 0.1) is None  # older than this bound
+    projection.clock(0, T0 + 10_000_000, mono_us())  # the shard's time passed valid_until
+    assert projection.decide("a", "create", Resources(), 60.0) is None
+
+
+def test_a_delayed_statement_counts_as_age_not_as_a_fresh_clock():
+    """Issue 18, finding 1: a heartbeat written 10 s ago and read now must not make an
+    expired view current. The clock estimate keeps the quickest sample, so a late one does
+    not pull the shard's time back, and the age is the shard's time now minus what it said."""
+    projection = Projection()
+    projection.apply(ViewRecord("a", 0, 1, 1, T0 + 5_000_000, _record("a", 1, 1, 1).view))
+    ten_s_ago = mono_us() - 10_000_000
+    projection.clock(0, T0, ten_s_ago)  # a prompt line, read 10 s ago, said the shard's time was T0
+    projection.clock(0, T0, mono_us())  # a heartbeat written then, held on the way, read now
+    projection.heard(0, T0)  # ... which proves the feed complete as of T0
+    assert projection.shard_now_us(0) >= T0 + 10_000_000  # not pulled back by the late copy
+    assert projection.age_s(0) >= 10.0
+    assert projection.current("a", 60.0) is None  # valid_until (T0 + 5 s) passed in the shard's time
+    assert projection.current("a", 1.0) is None
+
+
+def test_a_step_of_the_shards_clock_shows_forward_at_once_and_backward_within_the_window():
+    clock = ShardClock()
+    clock.sample(1_000_000, 0)
+    clock.sample(9_000_000, 1_000)  # the shard's clock jumped 8 s forward
+    assert clock.offset_us == 9_000_000 - 1_000
+    clock.sample(0, 2_000)  # and back: the higher estimate holds for a while (views expire early)
+    assert clock.offset_us == 9_000_000 - 1_000
+    clock.sample(0, CLOCK_WINDOW_US + 3_000)
+    clock.sample(0, 2 * CLOCK_WINDOW_US + 4_000)
+    assert clock.offset_us == -(CLOCK_WINDOW_US + 3_000)
+
+
+def test_a_round_trip_bounds_the_clock_from_above_so_a_lasting_delay_still_counts_as_age():
+    """Every answer of a path that holds lines for 2 s, for as long as it lasts: one-way
+    samples alone would take the delay for an offset. A round trip (the shard read its clock
+    after we asked) bounds it from above, and the upper bound is the estimate."""
+    true_offset = 5_000_000
+    clock = ShardClock()
+    for t in range(0, 5 * CLOCK_WINDOW_US, 1_000_000):  # 50 s of lines, each 2 s late
+        clock.sample(t + true_offset, t + 2_000_000)
+    assert clock.offset_us == true_offset - 2_000_000  # fooled
+    clock.sample_round_trip(t + true_offset + 500, t, t + 2_000_500)  # asked at t, read 0.5 ms later
+    assert clock.offset_us == true_offset + 500
+    clock.sample(t + 3_000_000 + true_offset + 9_000_000, t + 3_000_000)  # a step forward of 9 s
+    assert clock.offset_us == true_offset + 9_000_000
 
 
 def test_cursors_round_trip_and_refuse_garbage():
-    assert parse_cursor(format_cursor([(7, 10), (3, 0)])) == [(7, 10), (3, 0)]
-    for bad in ("", "7", "7:", ":1", "a:1", "1:-1", "1:1,", "1" * 30 + ":1"):
+    assert parse_cursor(format_cursor([(7, 10), (3, 0), None])) == [(7, 10), (3, 0), None]
+    assert format_cursor([None, (1, 2)]) == "-,1:2"
+    for bad in ("", "7", "7:", ":1", "a:1", "1:-1", "1:1,", "1" * 30 + ":1", "--", "-:1"):
         with pytest.raises(ValueError):
             parse_cursor(bad)
 
@@ -177,8 +229,10 @@ def test_feed_lines_decode_by_their_type():
     line = RECORD_ENCODER.encode(_record("a", 1, 1, 1))
     assert line.startswith(b'{"type":"view"')
     assert isinstance(FEED_DECODER.decode(line), ViewRecord)
-    beat = FEED_DECODER.decode(b'{"type":"heartbeat","cursor":"1:2","now_us":5,"age_ms":[3]}')
-    assert beat == Heartbeat("1:2", 5, [3])
+    beat = FEED_DECODER.decode(b'{"type":"heartbeat","cursor":"1:2,-","now_us":[5,null],"as_of_us":[4,null]}')
+    assert beat == Heartbeat("1:2,-", [5, None], [4, None])
+    resync = FEED_DECODER.decode(b'{"type":"resync","reason":"shard restarted","shard":1,"epoch":9}')
+    assert resync == Resync("shard restarted", 1, 9)
 
 
 def test_the_client_package_needs_neither_ray_nor_the_server():

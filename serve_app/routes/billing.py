@@ -108,7 +108,7 @@ def routes(ctx: Context) -> APIRouter:
         """Everything the page shows, each from where the JSON API gets it."""
         state = await org_state(ctx, org_id)
         org = org_view(state)
-        decision = raise_for_shard_error(msgspec.to_builtins(await ctx.router.gate(org_id, "create", NO_RESOURCES)))
+        decision = raise_for_shard_error(msgspec.to_builtins((await ctx.router.gate(org_id, "create", NO_RESOURCES))[0]))
         today_us = now_us() // DAY_US * DAY_US
         from_us, to_us = today_us - (CHART_DAYS - 1) * DAY_US, today_us + DAY_US
         async with (await ctx.db()).acquire() as conn:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 
 from actors import commands as cmd
 from serve_app import openapi
-from serve_app.bodies import GATE_DECODER, decode, decode_gate_checks, resources_of
+from serve_app.bodies import GATE_DECODER, checks_max_age, decode, decode_gate_checks, max_age_of, resources_of
 from serve_app.compute import current_view, record_usage, release_lease, take_lease
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, api_error_of, item_error, raise_for_shard_error
@@ -21,10 +21,10 @@ to_builtins = msgspec.to_builtins
 async def gate_answer(ctx: Context, raw_body: bytes) -> dict:
     """POST /v1/gate's answer; raises the ApiError of a refusal."""
     body = decode(GATE_DECODER, raw_body)
-    result = await ctx.router.gate(body.org_id, body.action, resources_of(body))
+    result, age_s = await ctx.router.gate(body.org_id, body.action, resources_of(body), max_age_of(body))
     if isinstance(result, dict):
         raise_for_shard_error(result)
-    return decision_view(to_builtins(result))
+    return decision_view(to_builtins(result), age_s)
 
 
 async def gate_batch_answer(ctx: Context, raw_body: bytes) -> dict:
@@ -34,10 +34,10 @@ async def gate_batch_answer(ctx: Context, raw_body: bytes) -> dict:
     decisions: list[dict | None] = [item_error(c) if isinstance(c, ApiError) else None for c in checks]
     valid = [(index, (c.org_id, c.action, resources_of(c))) for index, c in enumerate(checks)
              if not isinstance(c, ApiError)]
-    answers = await ctx.router.gate_many([check for _, check in valid]) if valid else []
-    for (index, _), answer in zip(valid, answers):
+    answers = await ctx.router.gate_many([check for _, check in valid], checks_max_age(checks)) if valid else []
+    for (index, _), (answer, age_s) in zip(valid, answers):
         decisions[index] = (item_error(api_error_of(answer["error"])) if isinstance(answer, dict)
-                            else decision_view(to_builtins(answer)))
+                            else decision_view(to_builtins(answer), age_s))
     return {"decisions": decisions}
 
 
@@ -71,8 +71,12 @@ def routes(ctx: Context) -> APIRouter:
 
     @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204)
     async def release_lease_route(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
+        """204, also when the lease is already gone. With `Prefer: return=representation`, 200
+        and the org's view after the release (`gate_view`), as the other lease answers carry."""
         ctx.service(request)
         await release_lease(ctx, org_id, lease_id)
+        if "return=representation" in request.headers.get("prefer", ""):
+            return json({"org_id": org_id, "lease_id": lease_id, "released": True, **current_view(ctx, org_id)})
         return Response(status_code=204)
 
     @router.post("/v1/usage", tags=["usage"], openapi_extra=openapi.USAGE)

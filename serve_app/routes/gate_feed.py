@@ -1,6 +1,7 @@
 """The gate projection for gateways (service token): GET /v1/gate/views (a paged snapshot of
-every org's gate view) and GET /v1/gate/feed (every change after a cursor, as NDJSON, with
-heartbeats). Formats: metergate_client/projection.py and README "Gate views and feed"."""
+every org's gate view, or one shard's) and GET /v1/gate/feed (every change after a cursor, as
+NDJSON, with heartbeats). Formats: metergate_client/projection.py; the protocol:
+docs/gate-protocol.md."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from serve_app.errors import ApiError
 ENCODER = msgspec.json.Encoder()
 MAX_PAGE = 5_000
 FEED_RETRY_S = (0.05, 1.0)
-UNKNOWN_AGE_MS = 3_600_000  # a heartbeat's age for a shard not heard from on this stream yet
+UNKNOWN_AGE_MS = 3_600_000  # the metrics' age of a shard not heard from on a stream yet
 
 
 class PageToken(msgspec.Struct, array_like=True, frozen=True):
     cursor: str
     shard: int
     after: str | None
+    only: bool = False  # one shard's snapshot (GET /v1/gate/views?shard=)
 
 
 TOKEN_DECODER = msgspec.json.Decoder(PageToken)
@@ -49,13 +51,13 @@ def _untoken(text: str, shards: int) -> PageToken:
     return token
 
 
-def _cursor_of(text: str | None) -> list[tuple[int, int]] | None:
+def _cursor_of(text: str | None) -> list[tuple[int, int] | None] | None:
     if text is None:
         return None
     try:
         positions = parse_cursor(text)
     except ValueError:
-        raise ApiError(400, "invalid_cursor", "`after` must be a cursor (epoch:seq per shard, comma-separated)") \
+        raise ApiError(400, "invalid_cursor", "`after` must be a cursor (epoch:seq or - per shard, comma-separated)") \
             from None
     return positions
 
@@ -70,43 +72,72 @@ def routes(ctx: Context) -> APIRouter:
     router = APIRouter(tags=["gate projection"])
     feed_metrics = metrics.FeedMetrics()  # this replica's open streams and their lag
 
-    async def positions_now() -> list[tuple[int, int]]:
-        shards = len(ctx.router.handles)  # read per request: the app is built before (or without) a router
-        replies = await asyncio.gather(*(ctx.router.changes(k, None, 0, 0) for k in range(shards)))
-        return [(r["epoch"], r["seq"]) for r in replies]
+    async def position_of(shard: int) -> tuple[int, int]:
+        reply = await ctx.router.changes(shard, None, 0, 0)
+        return reply["epoch"], reply["seq"]
 
     @router.get("/v1/gate/views")
     async def gate_views(request: Request, limit: int = Query(1000, ge=1, le=MAX_PAGE),
-                         page: str | None = Query(None, max_length=4096)) -> Response:
-        """A page of every org's gate view, in shard then org id order. Follow the feed from
-        `cursor` (the same on every page of one snapshot) to keep them current."""
+                         page: str | None = Query(None, max_length=4096),
+                         shard: int | None = Query(None, ge=0, le=4095)) -> Response:
+        """A page of every org's gate view (or of one shard's orgs, `shard`), in shard then org
+        id order. Follow the feed from `cursor` (the same on every page of one snapshot; one
+        shard's "epoch:seq" with `shard`) to keep them current."""
         ctx.service(request)
         _published(ctx)
         shards = len(ctx.router.handles)
+        if shard is not None and shard >= shards:
+            raise ApiError(400, "invalid_shard", f"there are {shards} shards, numbered from 0")
         try:
-            token = _untoken(page, shards) if page is not None else PageToken(
-                format_cursor(await positions_now()), 0, None)
+            if page is not None:
+                token = _untoken(page, shards)
+                if token.only != (shard is not None) or (shard is not None and token.shard != shard):
+                    raise ApiError(400, "invalid_page", "`page` is not a page token of this snapshot")
+            elif shard is not None:
+                token = PageToken(format_cursor([await position_of(shard)]), shard, None, True)
+            else:
+                positions = await asyncio.gather(*(position_of(k) for k in range(shards)))
+                token = PageToken(format_cursor(list(positions)), 0, None)
             lines: list[bytes] = []
-            shard, after = token.shard, token.after
-            while len(lines) < limit and shard < shards:
-                part = await ctx.router.views_page(shard, after, limit - len(lines))
+            at, after = token.shard, token.after
+            last = token.shard + 1 if token.only else shards
+            while len(lines) < limit and at < last:
+                part = await ctx.router.views_page(at, after, limit - len(lines))
                 lines += part["views"]
                 if part["last"] is None:
-                    shard, after = shard + 1, None
+                    at, after = at + 1, None
                 else:
                     after = part["last"]
         except ShardUnavailable as exc:
             raise ApiError(503, "shard_unavailable", str(exc)) from None
-        following = _token(PageToken(token.cursor, shard, after)) if shard < shards else None
+        following = _token(PageToken(token.cursor, at, after, token.only)) if at < last else None
         body = b'{"cursor":' + ENCODER.encode(token.cursor) + b',"next":' + ENCODER.encode(following) \
+            + (b',"shard":' + ENCODER.encode(shard) if shard is not None else b"") \
             + b',"views":[' + b",".join(lines) + b"]}"
         return Response(body, media_type="application/json")
+
+    @router.get("/v1/gate/clock")
+    async def gate_clock(request: Request) -> Response:
+        """Each shard's time now ({"now_us": [...]}, null for a shard that did not answer): a
+        reader that times this request bounds each shard's clock from above (the shard read
+        its clock after the request was sent), which one-way feed lines cannot."""
+        ctx.service(request)
+
+        async def now_of(shard: int) -> int | None:
+            try:
+                return (await ctx.router.changes(shard, None, 0, 0))["now_us"]
+            except ShardUnavailable:
+                return None
+
+        return Response(ENCODER.encode({"now_us": await asyncio.gather(*(now_of(k) for k in range(
+            len(ctx.router.handles))))}), media_type="application/json", headers={"Cache-Control": "no-store"})
 
     @router.get("/v1/gate/feed")
     async def gate_feed(request: Request, after: str | None = Query(None, max_length=4096),
                         heartbeat_s: float = Query(0.5, ge=0.05, le=30)) -> StreamingResponse:
-        """Every view published after `after` (a cursor; none: from now), as NDJSON lines
-        ({"type": "view" | "heartbeat" | "resync", ...}), for as long as the client reads."""
+        """Every view published after `after` (a cursor; none: from now, every shard to be
+        loaded), as NDJSON lines ({"type": "view" | "heartbeat" | "resync", ...}), for as long
+        as the client reads."""
         ctx.service(request)
         _published(ctx)
         start = _cursor_of(after)
@@ -123,7 +154,7 @@ def routes(ctx: Context) -> APIRouter:
 
     streams: dict[str, int] = {}  # token → its open streams on this replica
 
-    async def _lines(start: list[tuple[int, int]] | None, heartbeat_s: float, shards: int):
+    async def _lines(start: list[tuple[int, int] | None] | None, heartbeat_s: float, shards: int):
         if start is not None and len(start) != shards:
             yield ENCODER.encode(Resync("the cursor is for another number of shards")) + b"\n"
             return
@@ -133,32 +164,36 @@ def routes(ctx: Context) -> APIRouter:
         wait_s = min(heartbeat_s, 1.0)
 
         async def follow(shard: int) -> None:
-            epoch, seq = start[shard] if start is not None else (None, 0)
+            """One shard's records, and what its replies state: its clock, and as of when
+            its feed is complete. A shard that restarted, or that the reader has no position
+            in, is announced by a resync of that shard alone; the stream goes on with it."""
+            epoch, seq = start[shard] if start is not None and start[shard] is not None else (None, 0)
             retry = FEED_RETRY_S[0]
             while True:
-                sent = time.monotonic()
                 try:
                     reply = await ctx.router.changes(shard, epoch, seq, wait_s)
                 except ShardUnavailable:
                     await asyncio.sleep(retry)
                     retry = min(retry * 2, FEED_RETRY_S[1])
                     continue
+                received = time.monotonic()
                 retry = FEED_RETRY_S[0]
-                if reply["resync"]:
-                    await queue.put((shard, None, None, None, None))
-                    return
+                if epoch is None or reply["resync"]:
+                    reason = "shard restarted" if epoch is not None else "no position in this shard"
+                    epoch, seq = reply["epoch"], reply["seq"]
+                    await queue.put((shard, epoch, seq, None, None, reply["now_us"], received, reason))
+                    continue
                 epoch, seq = reply["epoch"], reply["seq"]
                 chunk = b"\n".join(reply["views"]) + b"\n" if reply["views"] else b""
-                # A capped answer proves nothing about what it left out: no new "heard" for it.
-                heard_at = None if reply["more"] else sent + reply["waited_s"]
-                await queue.put((shard, epoch, seq, chunk, heard_at, reply["now_us"]))
+                # A capped answer proves nothing about what it left out: no new "as of" for it.
+                as_of = None if reply["more"] else reply["now_us"]
+                await queue.put((shard, epoch, seq, chunk, as_of, reply["now_us"], received, None))
 
-        # What has been written: a heartbeat never claims a record still in the queue.
-        # A resumed stream is positioned at its cursor at once: heartbeats go on while a
-        # shard that cannot be reached shows as old (UNKNOWN_AGE_MS), not stop for all.
+        # What has been written: a heartbeat never claims a record still in the queue. Each
+        # shard's clock is its last reply's time plus the time since (monotonic, here).
         positions: list[tuple[int, int] | None] = list(start) if start is not None else [None] * shards
-        heard: list[float | None] = [None] * shards
-        server_now = [0, 0.0]  # the shards' clock, and when it was read
+        as_of_us: list[int | None] = [None] * shards
+        clocks: list[tuple[int, float] | None] = [None] * shards
         tasks = [asyncio.ensure_future(follow(k)) for k in range(shards)]
         next_beat = time.monotonic()
         feed_metrics.opened()
@@ -169,25 +204,24 @@ def routes(ctx: Context) -> APIRouter:
                 except TimeoutError:
                     item = None
                 if item is not None:
-                    shard, epoch, seq, chunk = item[:4]
-                    if epoch is None:
-                        yield ENCODER.encode(Resync(f"shard {shard} restarted")) + b"\n"
-                        return
+                    shard, epoch, seq, chunk, as_of, shard_now, received, resync = item
+                    clocks[shard] = (shard_now, received)
                     positions[shard] = (epoch, seq)
-                    if item[4] is not None:
-                        heard[shard] = item[4]
-                    server_now[:] = [item[5], time.monotonic()]
-                    if chunk:
-                        yield chunk
+                    if resync is not None:
+                        as_of_us[shard] = None
+                        yield ENCODER.encode(Resync(resync, shard, epoch)) + b"\n"
+                    else:
+                        if as_of is not None:
+                            as_of_us[shard] = as_of
+                        if chunk:
+                            yield chunk
                 now = time.monotonic()
-                if now >= next_beat and all(p is not None for p in positions):
-                    age_ms = [UNKNOWN_AGE_MS if h is None else int((now - h) * 1000) for h in heard]
-                    yield ENCODER.encode(Heartbeat(
-                        format_cursor(positions), server_now[0] + int((now - server_now[1]) * 1e6), age_ms)) + b"\n"
-                    feed_metrics.heartbeat(age_ms)
+                if now >= next_beat:
+                    now_us = [None if c is None else c[0] + int((now - c[1]) * 1e6) for c in clocks]
+                    yield ENCODER.encode(Heartbeat(format_cursor(positions), now_us, list(as_of_us))) + b"\n"
+                    feed_metrics.heartbeat([UNKNOWN_AGE_MS if a is None or n is None else max(0, (n - a) // 1000)
+                                            for a, n in zip(as_of_us, now_us)])
                     next_beat = now + heartbeat_s
-                elif now >= next_beat:
-                    next_beat = now + 0.05  # not every shard has answered yet
         finally:
             feed_metrics.closed()
             for task in tasks:
