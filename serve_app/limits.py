@@ -14,6 +14,7 @@ import time
 
 import msgspec
 
+from config.settings import Settings
 from serve_app.auth import ORG_TOKEN_PREFIX, Caller, forbidden, presented_in
 from serve_app.errors import ApiError, error_body
 
@@ -26,6 +27,15 @@ LARGE_BODY_WAIT_S = 10
 RETRY_AFTER_S = 1
 WEBHOOK_SIGNATURES = {"/webhooks/stripe": (b"stripe-signature",),
                       "/webhooks/svix": (b"svix-id", b"svix-timestamp", b"svix-signature")}
+# Batches (ticks, gate checks) and Svix's events may be up to METERGATE_MAX_USAGE_BODY_BYTES;
+# every other body up to METERGATE_MAX_BODY_BYTES.
+LARGE_BODY_PATHS = ("/v1/usage", "/v1/gate/batch", "/webhooks/svix")
+
+
+def body_limit_bytes(settings: Settings, path: str) -> int:
+    """The most a request to `path` may send: the one place that says which limit holds where
+    (this middleware and the gate's hot path both ask it)."""
+    return settings.max_usage_body_bytes if path in LARGE_BODY_PATHS else settings.max_body_bytes
 
 
 class OrgTokenBudget:
@@ -53,10 +63,10 @@ class OrgTokenBudget:
 class BodyLimit:
     """ASGI middleware: authentication from the headers, then the body (bounded, replayed)."""
 
-    def __init__(self, app, ctx, default_limit: int, limits: dict[str, int]) -> None:
+    def __init__(self, app, ctx) -> None:
         self.app = app
-        self.default_limit = default_limit
-        self.limits = limits
+        self.default_limit = ctx.settings.max_body_bytes
+        self.limits = {path: body_limit_bytes(ctx.settings, path) for path in LARGE_BODY_PATHS}
         self.ctx = ctx
         self.large = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
         self.large_webhooks = asyncio.Semaphore(LARGE_WEBHOOK_BODIES_AT_ONCE)

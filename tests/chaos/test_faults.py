@@ -286,7 +286,7 @@ def test_serves_haproxy_carries_metergate_outage_answers(service):
     metergate's (a Ray upgrade that changes Serve's template fails here, not in production)."""
     path = _serves_haproxy_config(service)
     config = path.read_text()
-    assert "500.http" not in config and "not found. Ping" not in config
+    assert f"{path.parent}/500.http" not in config and "not found. Ping" not in config  # Serve's answers
     assert "timeout http-request 5s" in config
     for status, code in (("502", "outcome_unknown"), ("503", "service_unavailable"), ("504", "outcome_unknown")):
         answer = (path.parent / f"metergate-{status}.http").read_bytes()
@@ -333,7 +333,8 @@ def test_the_front_says_so_when_serves_template_keeps_a_side_listener_on_a_tcp_p
     port that can be taken while HAProxy is down. HAProxy must start all the same, but not in
     silence."""
     admin = f"    stats socket {tmp_path}/admin.sock mode 666 level admin\n"
-    moved = rewrite(f"global\n{admin}frontend prometheus\n    bind :9101\nlisten stats\n  bind *:8404\n", tmp_path)
+    moved = rewrite(f"global\n{admin}defaults\nfrontend prometheus\n    bind :9101\nlisten stats\n  bind *:8404\n",
+                    tmp_path)
     assert f"bind unix@{tmp_path}/prom.sock" in moved and f"bind unix@{tmp_path}/stats.sock" in moved
     assert ":9101" not in moved and ":8404" not in moved and capsys.readouterr().err == ""
     rewrite(f"global\n{admin}frontend prometheus\n    bind :9101\nlisten stats\n  bind 0.0.0.0:8404 ssl\n", tmp_path)

@@ -982,6 +982,10 @@ def test_a_body_that_never_ends_holds_its_connection_only_until_the_client_timeo
             held = time.monotonic() - started
     assert_raw_refused(received, "a body that never ended")
     assert CLIENT_SILENT_AT_MOST_S - 2 <= held < CLIENT_SILENT_AT_MOST_S + 10, held
+    # HAProxy's own answer, in metergate's error shape (its HTML page until issue 18)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert statuses(received) == [400] and b"\r\ncontent-type: application/json" in head.lower(), received[:300]
+    assert json.loads(body)["error"]["code"] == "bad_request", body
 
 
 # ----- org tokens -------------------------------------------------------------------------------
