@@ -230,16 +230,17 @@ class ShardRouter:
                 self.projection.apply(RECORD_DECODER.decode(line))
         return reply
 
-    async def changes(self, shard: int, epoch: int | None, seq: int, wait_s: float) -> dict:
-        """One shard's view feed after (epoch, seq); raises ShardUnavailable."""
+    async def changes(self, shard: int, epoch: int | None, seq: int, wait_s: float, prefix: str = "") -> dict:
+        """One shard's view feed after (epoch, seq), of the orgs whose id begins with `prefix`;
+        raises ShardUnavailable."""
         try:
-            return await self.handles[shard].changes.remote(epoch, seq, wait_s)
+            return await self.handles[shard].changes.remote(epoch, seq, wait_s, prefix)
         except RayError:
             raise ShardUnavailable(shard) from None
 
-    async def views_page(self, shard: int, after: str | None, limit: int) -> dict:
+    async def views_page(self, shard: int, after: str | None, limit: int, prefix: str = "") -> dict:
         try:
-            return await self.handles[shard].views_page.remote(after, limit)
+            return await self.handles[shard].views_page.remote(after, limit, prefix)
         except RayError:
             raise ShardUnavailable(shard) from None
 

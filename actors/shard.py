@@ -700,6 +700,7 @@ class ShardActor(ShardReads):
         try:
             await self._snapshot_dirty(only_idle=True)
             self._passivate()
+            self.views.evict(self.settings.view_log_max_records, self.orgs)
             self.metrics.memory(len(self.orgs), self.leases_held, self.tail_orgs, self.tail_entries,
                                 self.views.seq)
             if time.monotonic() - self.last_recharge_scan > RECHARGE_SCAN_EVERY_S:

@@ -54,25 +54,26 @@ class ShardReads:
             return self.views.line(org_id)
         return self.views.unpublished(org_id, org, now)
 
-    async def changes(self, epoch: int | None, after: int, wait_s: float) -> dict:
+    async def changes(self, epoch: int | None, after: int, wait_s: float, prefix: str = "") -> dict:
         """The gate-view feed of this shard after (epoch, after), waiting up to wait_s for one.
 
         {"epoch", "seq" (read through), "views" (JSON records, oldest first), "more" (capped:
-        ask again at once), "now_us", "waited_s", "resync"}. resync: the reader's epoch is gone (this shard restarted) or
-        its position is not one this shard gave; it must start over from a snapshot. epoch
+        ask again at once), "now_us", "waited_s", "resync"}. resync: the reader's epoch is gone (this shard restarted),
+        its position is not one this shard gave, or it is behind a record the log dropped
+        (ViewLog.evict); it must load the shard again. epoch
         None: no records, only the current position (a reader that starts from now)."""
         await self._ensure_started()
         started = time.monotonic()
-        if epoch is None or epoch != self.epoch or after > self.views.seq:
+        if epoch is None or epoch != self.epoch or after > self.views.seq or after < self.views.floor:
             return {"epoch": self.epoch, "seq": self.views.seq, "views": [], "now_us": now_us(), "waited_s": 0.0,
                     "resync": epoch is not None, "more": False}
         if after == self.views.seq and wait_s > 0:
             await self.views.wait(wait_s)
-        seq, lines, more = self.views.after(after)
+        seq, lines, more = self.views.after(after, prefix)
         return {"epoch": self.epoch, "seq": seq, "views": lines, "now_us": now_us(),
                 "waited_s": time.monotonic() - started, "resync": False, "more": more}
 
-    async def views_page(self, after: str | None, limit: int) -> dict:
+    async def views_page(self, after: str | None, limit: int, prefix: str = "") -> dict:
         """The gate views of this shard's orgs after org id `after`, in org id order: {"views":
         JSON records, "last": the last org id or None when there are no more}.
 
@@ -84,7 +85,7 @@ class ShardReads:
         shard publishes later, after the reader's cursor, has a higher seq and wins)."""
         await self._ensure_started()
         async with self.pool.acquire() as conn:
-            org_ids = await orgs_store.ids_in_slots(conn, sorted(self.slots), after, limit)
+            org_ids = await orgs_store.ids_in_slots(conn, sorted(self.slots), after, limit, prefix)
         lines: dict[str, bytes] = {}
         stored = []
         now = now_us()

@@ -25,6 +25,7 @@ class ViewLog:
         self.enabled = enabled  # off: nothing is published (settings.gate_views)
         self.epoch = 0
         self.seq = 0
+        self.floor = 0  # the highest seq of a dropped record: a reader behind it must resync
         # org → (seq, record, its JSON); insertion order is seq order.
         self.records: dict[str, tuple[int, ViewRecord, bytes]] = {}
         # When to look at an org's view again: (time, org_id) in a heap, and each org's time in
@@ -92,18 +93,41 @@ class ViewLog:
                 self._schedule(org_id, until)  # it moved later since: look again then
         return due
 
-    def after(self, seq: int) -> tuple[int, list[bytes], bool]:
-        """(the seq read through, the records published after `seq`, oldest first, at most
-        MAX_RECORDS_PER_ANSWER of them, whether more were left out)."""
+    def evict(self, keep: int, loaded) -> int:
+        """Drop the oldest records of orgs not in `loaded` until at most `keep` of those are
+        left; returns how many were dropped. The log stays a suffix of every reader's news
+        only for readers at or past `floor`: the others are told to load the shard again."""
+        if len(self.records) <= keep:
+            return 0
+        excess = sum(1 for org_id in self.records if org_id not in loaded) - keep
+        if excess <= 0:
+            return 0
+        dropped = []
+        for org_id, (seq, _, _) in self.records.items():  # oldest first
+            if org_id not in loaded:
+                dropped.append(org_id)
+                self.floor = max(self.floor, seq)
+                if len(dropped) == excess:
+                    break
+        for org_id in dropped:
+            del self.records[org_id]
+            self.scheduled.pop(org_id, None)  # its heap entry is skipped when it comes up
+        return len(dropped)
+
+    def after(self, seq: int, prefix: str = "") -> tuple[int, list[bytes], bool]:
+        """(the seq read through, the records published after `seq` of the orgs whose id
+        begins with `prefix`, oldest first, at most MAX_RECORDS_PER_ANSWER of them, whether
+        more were left out)."""
         newer = []
-        for known_seq, _, line in reversed(self.records.values()):
+        for org_id, (known_seq, _, line) in reversed(self.records.items()):
             if known_seq <= seq:
                 break
-            newer.append((known_seq, line))
+            if org_id.startswith(prefix):
+                newer.append((known_seq, line))
         newer.reverse()
         more = len(newer) > MAX_RECORDS_PER_ANSWER
         newer = newer[:MAX_RECORDS_PER_ANSWER]
-        return (newer[-1][0] if newer else seq), [line for _, line in newer], more
+        return (newer[-1][0] if more else max(seq, self.seq)), [line for _, line in newer], more
 
     async def wait(self, timeout_s: float) -> None:
         """Until the next publication, at most timeout_s."""

@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from enum import StrEnum
 
 import httpx
@@ -89,10 +89,14 @@ class GateClient:
     def __init__(self, url: str, token: str, max_staleness_s: float = 1.0,
                  policies: dict[str, Policy | str] | None = None, default_policy: Policy | str = Policy.SERVER,
                  timeout_s: float = 5.0, heartbeat_s: float = 0.25, page_size: int = 1000,
-                 start: bool = True) -> None:
+                 orgs: str | Collection[str] | Callable[[str], bool] | None = None, start: bool = True) -> None:
         """policies: per action ("create", "wake", "ingest", "purchase"); the others get
         default_policy. E.g. {"ingest": "open", "create": "closed"}. heartbeat_s: how often
-        the feed proves itself current; keep it well under max_staleness_s."""
+        the feed proves itself current; keep it well under max_staleness_s. orgs: which orgs
+        to follow (None: all): a string is an org id prefix, filtered by the server (only
+        those views are sent); a collection of org ids or a predicate on the org id is
+        applied here (every view is sent, only those are kept). An org not followed is
+        answered by its action's policy."""
         unknown = set(policies or ()) - set(ACTIONS)
         if unknown:
             raise ValueError(f"no such action: {sorted(unknown)}; actions are {ACTIONS}")
@@ -101,7 +105,8 @@ class GateClient:
         self.policies = {action: Policy((policies or {}).get(action, default_policy)) for action in ACTIONS}
         self.heartbeat_s = heartbeat_s
         self.page_size = page_size
-        self.projection = Projection()
+        self._prefix = orgs if isinstance(orgs, str) else ""
+        self.projection = Projection(_wanted(orgs))
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = timeout_s
         self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout_s)
@@ -119,6 +124,8 @@ class GateClient:
         self._counts = {name: itertools.count() for name in (
             "local", "server", "policy_open", "policy_closed", "stale", "feed_lines", "feed_errors", "resyncs",
             "reconnects", "snapshots", "snapshot_errors")}
+        self._local_count = self._counts["local"]
+        self._decided: dict[str, tuple] = {}  # org → (record, action, resources, decision): the last one
         self._thread = threading.Thread(target=self._follow, name="metergate-feed", daemon=True)
         self._loader = threading.Thread(target=self._load_shards, name="metergate-views", daemon=True)
         if start:
@@ -131,7 +138,8 @@ class GateClient:
         """May the org do `action` now? Decided locally when its view is current, else by the
         action's policy (which may ask the server: then this call blocks for that request).
         `resources`: a Resources, or a mapping with the HTTP body's field names."""
-        resources = _resources(resources)
+        if type(resources) is not Resources:
+            resources = _resources(resources)
         answer = self._local(org_id, action, resources)
         if answer is not None:
             return answer
@@ -159,17 +167,36 @@ class GateClient:
         return self._by_policy(org_id, action)
 
     def _local(self, org_id: str, action: str, resources: Resources) -> Answer | None:
+        # Projection.current(), inlined: this runs before every action of every gateway.
+        projection = self.projection
+        record = projection._records.get(org_id)
+        if record is not None:
+            shard = record.shard
+            heard = projection._heard.get(shard)
+            clock = projection._clocks.get(shard)
+            offset = clock.offset_us if clock is not None else None
+            if heard is not None and offset is not None:
+                now = time.monotonic_ns() // 1000 + offset
+                age = (now - heard) / 1e6
+                until = record.valid_until_us
+                if age <= self.max_staleness_s and (until is None or now < until):
+                    # A decision is a pure function of the record, the action and the
+                    # resources: the last one per org is kept while all three are the same.
+                    known = self._decided.get(org_id)
+                    if known is not None and known[0] is record and known[1] == action and (
+                            known[2] is resources or known[2] == resources):
+                        decision = known[3]
+                    else:
+                        if action not in self.policies:
+                            raise ValueError(f"no such action: {action!r}; actions are {ACTIONS}")
+                        decision = decide(action, resources, record.view)
+                        self._decided[org_id] = (record, action, resources, decision)
+                    next(self._local_count)
+                    return Answer(decision.allowed, decision.reason, Source.LOCAL, age if age > 0 else 0.0, decision)
+            next(self._counts["stale"])
         if action not in self.policies:
             raise ValueError(f"no such action: {action!r}; actions are {ACTIONS}")
-        found = self.projection.current(org_id, self.max_staleness_s)
-        if found is None:
-            if self.projection.get(org_id) is not None:
-                next(self._counts["stale"])
-            return None
-        record, age = found
-        decision = decide(action, resources, record.view)
-        next(self._counts["local"])
-        return Answer(decision.allowed, decision.reason, Source.LOCAL, age, decision)
+        return None
 
     def _gate_body(self, org_id: str, action: str, resources: Resources) -> dict:
         # The server decides from its own views only while they are within our bound.
@@ -314,7 +341,8 @@ class GateClient:
         """Follow the feed from the cursor until it breaks (raises), the client closes (True)
         or the server says the cursor is not one of its own (False)."""
         timeout = httpx.Timeout(self._timeout, read=max(self.heartbeat_s * 4, 1.0))
-        params = {"heartbeat_s": self.heartbeat_s, **({"after": self._cursor} if self._cursor else {})}
+        params = {"heartbeat_s": self.heartbeat_s, **({"after": self._cursor} if self._cursor else {}),
+                  **({"prefix": self._prefix} if self._prefix else {})}
         with self._http.stream("GET", "/v1/gate/feed", params=params, timeout=timeout) as response:
             response.raise_for_status()
             for line in response.iter_lines():
@@ -415,8 +443,9 @@ class GateClient:
         """One shard's views into the projection, page by page; the feed position they hold."""
         page, cursor = None, None
         while True:
-            response = self._http.get("/v1/gate/views", params={"shard": shard, "limit": self.page_size,
-                                                               **({"page": page} if page else {})})
+            response = self._http.get("/v1/gate/views", params={
+                "shard": shard, "limit": self.page_size, **({"page": page} if page else {}),
+                **({"prefix": self._prefix} if self._prefix else {})})
             response.raise_for_status()
             body = PAGE_DECODER.decode(response.content)
             cursor = cursor or body.cursor
@@ -428,6 +457,16 @@ class GateClient:
         if position is None:
             raise ValueError(f"shard {shard}'s snapshot has no position")
         return position
+
+
+def _wanted(orgs: str | Collection[str] | Callable[[str], bool] | None) -> Callable[[str], bool] | None:
+    if orgs is None:
+        return None
+    if isinstance(orgs, str):
+        return lambda org_id: org_id.startswith(orgs)
+    if callable(orgs):
+        return orgs
+    return frozenset(orgs).__contains__
 
 
 def _covers(position: Position, loaded: tuple[int, int] | None) -> bool:

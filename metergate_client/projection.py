@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -174,7 +175,9 @@ class Projection:
     shard (valid_until_us, as of) are in that shard's clock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: Callable[[str], bool] | None = None) -> None:
+        """wanted: which orgs to keep (None: all); records of the others are dropped."""
+        self._wanted = wanted
         self._records: dict[str, ViewRecord] = {}
         self._positions: dict[int, tuple[int, int]] = {}  # shard → (epoch, seq) applied through
         self._heard: dict[int, int] = {}  # shard → its time when its feed was known complete
@@ -194,6 +197,8 @@ class Projection:
                 self._apply(record)
 
     def _apply(self, record: ViewRecord) -> bool:
+        if self._wanted is not None and not self._wanted(record.org_id):
+            return False
         known = self._records.get(record.org_id)
         if known is not None and (known.epoch, known.seq) >= (record.epoch, record.seq):
             return False

@@ -32,10 +32,13 @@ async def page(conn: asyncpg.Connection, after: str | None, limit: int) -> list[
     return [OrgRow(r["org_id"], r["email"], r["billing_mode"], r["slot"], dt_to_us(r["created_at"])) for r in rows]
 
 
-async def ids_in_slots(conn: asyncpg.Connection, slots: list[int], after: str | None, limit: int) -> list[str]:
-    """The ids of the orgs in these slots (one shard's), in org_id order, after `after`."""
+async def ids_in_slots(conn: asyncpg.Connection, slots: list[int], after: str | None, limit: int,
+                       prefix: str = "") -> list[str]:
+    """The ids of the orgs in these slots (one shard's), in org_id order, after `after`, that
+    begin with `prefix`."""
     rows = await conn.fetch("SELECT org_id FROM orgs WHERE slot = ANY($1::int[]) AND org_id > $2"
-                            " ORDER BY org_id LIMIT $3", slots, after or "", limit)
+                            " AND org_id >= $4 AND starts_with(org_id, $4)"
+                            " ORDER BY org_id LIMIT $3", slots, after or "", limit, prefix)
     return [r["org_id"] for r in rows]
 
 

@@ -10,10 +10,13 @@ import signal
 import time
 import uuid
 
+import httpx
 import msgspec
 import pytest
+import ray
 from ray import serve
 
+from actors.placement import NAMESPACE, shard_name
 from metergate_client import GateClient, Resources
 from metergate_client.client import Source
 from tests.delaying_relay import DelayingRelay
@@ -268,3 +271,93 @@ def test_a_server_answer_states_its_views_age_and_keeps_to_the_callers_bound(com
     for bad in (-1, 3_600_001, "1", 1.5):
         response = compute.post("/v1/gate", json={**body, "max_age_ms": bad})
         assert response.status_code == 422, (bad, response.text)
+
+
+def test_one_shard_killed_under_traffic_leaves_the_other_shards_orgs_local(compute, org_id_on, new_org, gate_client):
+    """Issue 18, finding 4: kill -9 one shard while checks run. Every check of an org on the
+    other shard is answered locally throughout (counted); the killed shard's org is local again
+    within seconds of its shard answering."""
+    killed, kept = new_org(org_id=org_id_on(0)), new_org(org_id=org_id_on(1))
+    for org in (killed, kept):
+        local_until(gate_client, org, lambda d: d.allowed, "a new org")
+    os.kill(shard_pid(0), signal.SIGKILL)
+    started = time.monotonic()
+    sources = {killed: [], kept: []}
+    went_off = None
+    while time.monotonic() - started < 90:
+        for org in (killed, kept):
+            sources[org].append(gate_client.check(org, "ingest").source)
+        if went_off is None and sources[killed][-1] != Source.LOCAL:
+            went_off = time.monotonic() - started
+        elif went_off is not None and sources[killed][-1] == Source.LOCAL:
+            break
+        time.sleep(0.002)
+    back = time.monotonic() - started
+    assert went_off is not None, "the killed shard's org was never off local decisions"
+    assert sources[killed][-1] == Source.LOCAL, f"not local again in {back:.0f} s: {gate_client.counters()}"
+    assert set(sources[kept]) == {Source.LOCAL}, {s: sources[kept].count(s) for s in set(sources[kept])}
+    assert len(sources[kept]) > 100  # checks ran all along
+    wait_for("the shard to answer again", lambda: compute.post(
+        "/v1/gate", json={"org_id": killed, "action": "create"}).status_code == 200, timeout_s=90)
+
+
+def test_a_dunning_deadline_denies_at_the_shard_the_ingress_and_a_client_without_the_sweep(
+        admin, compute, org_id_on, new_org, gate_client):
+    """Issue 18, finding 3: an unpaid invoice's suspension is a deadline in every view. With no
+    sweep to commit it (only the shards' clocks are moved, the scheduler's is not), the shard,
+    the ingress and a client all deny within 1 s of the deadline."""
+    org = new_org(org_id=org_id_on(0), plan_id="hobby_weekly")
+    local_until(gate_client, org, lambda d: d.allowed, "a new org")
+    since_s = clock_us(admin) // 1_000_000
+    failed = stripe_event("invoice.payment_failed", {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice",
+                                                     "metadata": {"org_id": org}}, created=since_s)
+    assert stripe_deliver(compute, failed).status_code == 200
+    deadline_us = (since_s + 3 * 86_400) * 1_000_000
+    shards = [ray.get_actor(shard_name(k), namespace=NAMESPACE) for k in range(2)]
+    offset = deadline_us - 2_000_000 - time.time_ns() // 1_000  # the shards' time: 2 s before the deadline
+    ray.get([h.set_clock.remote(offset) for h in shards], timeout=60)
+    deadline_wall = time.time() + 2.0
+    try:
+        first_deny: dict[str, float] = {}
+        shard = shards[0]
+        while time.time() < deadline_wall + 3 and len(first_deny) < 3:
+            at = time.time() - deadline_wall
+            answers = {
+                "shard": ray.get(shard.gate.remote([(org, "create", Resources())]), timeout=10)[0]["reason"],
+                "ingress": compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()["reason"],
+                "client": gate_client.check(org, "create").reason}
+            for where, reason in answers.items():
+                if reason == "suspended":
+                    first_deny.setdefault(where, at)
+                else:
+                    assert where not in first_deny, (where, "allowed again after a deny", at)
+                    assert at < 1.0, (where, reason, at)
+            time.sleep(0.02)
+        assert set(first_deny) == {"shard", "ingress", "client"}, first_deny
+        assert all(-0.2 < at <= 1.0 for at in first_deny.values()), first_deny
+    finally:
+        advance(admin, 3 * 86_400 + 60)  # the whole service's clock past what the shards were given
+
+
+def test_a_client_follows_only_the_orgs_it_is_told_to(service, new_org):
+    """Issue 18, what to build 4: a prefix is filtered by the server (only those views come),
+    a set of ids here; orgs not followed are answered by policy, never from a view."""
+    prefix = f"sub{uuid.uuid4().hex[:6]}_"
+    mine = [new_org(org_id=f"{prefix}{n}") for n in range(3)]
+    other = new_org()
+    with GateClient(service.base_url, SERVICE_TOKEN, heartbeat_s=0.1, orgs=prefix,
+                    default_policy="closed") as by_prefix, \
+            GateClient(service.base_url, SERVICE_TOKEN, heartbeat_s=0.1, orgs={mine[0], other},
+                       default_policy="closed") as by_set:
+        assert by_prefix.wait_synced(60) and by_set.wait_synced(60)
+        for org in mine:
+            local_until(by_prefix, org, lambda d: d.allowed, "a followed org")
+        assert by_prefix.check(other, "create").source == Source.POLICY
+        assert by_prefix.counters()["views"] == 3  # nothing else was sent or kept
+        local_until(by_set, mine[0], lambda d: d.allowed, "a followed org")
+        local_until(by_set, other, lambda d: d.allowed, "a followed org")
+        assert by_set.check(mine[1], "create").source == Source.POLICY
+        assert by_set.counters()["views"] == 2
+    response = httpx.get(service.base_url + "/v1/gate/views", params={"prefix": "a b"},
+                         headers={"Authorization": f"Bearer {SERVICE_TOKEN}"})
+    assert response.status_code == 422, response.text

@@ -98,6 +98,20 @@ def _log_with(*org_balances: tuple[str, int]) -> tuple[ViewLog, dict]:
     return log, orgs
 
 
+def test_the_view_log_is_bounded_by_dropping_the_oldest_records_of_orgs_not_in_memory():
+    """Issue 18, finding 7: the log kept every org ever published. Past its bound it drops
+    the oldest records of passivated orgs (never those of orgs in memory), and remembers the
+    highest seq it dropped: a reader behind it must load the shard again (changes() says
+    resync), a reader at or past it misses nothing."""
+    log, _ = _log_with(*((f"o{n}", 1) for n in range(6)))
+    loaded = {"o0", "o4"}
+    assert log.evict(keep=10, loaded=loaded) == 0 and log.floor == 0
+    assert log.evict(keep=2, loaded=loaded) == 2  # o1, o2: the oldest not in memory
+    assert list(log.records) == ["o0", "o3", "o4", "o5"] and log.floor == 3
+    seq, lines, _ = log.after(log.floor)  # a reader at the floor gets everything after it
+    assert [RECORD_DECODER.decode(line).org_id for line in lines] == ["o3", "o4", "o5"] and seq == 6
+
+
 def test_the_view_log_keeps_one_record_per_org_in_publish_order():
     log, _ = _log_with(("a", 1), ("b", 1), ("a", 2), ("c", 1))
     assert log.seq == 4

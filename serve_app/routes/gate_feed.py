@@ -23,6 +23,7 @@ from serve_app.errors import ApiError
 ENCODER = msgspec.json.Encoder()
 MAX_PAGE = 5_000
 FEED_RETRY_S = (0.05, 1.0)
+PREFIX_PATTERN = r"^[A-Za-z0-9_.:-]*$"  # a beginning of an org id (ids: actors/ticks.py ID_PATTERN)
 UNKNOWN_AGE_MS = 3_600_000  # the metrics' age of a shard not heard from on a stream yet
 
 
@@ -79,10 +80,12 @@ def routes(ctx: Context) -> APIRouter:
     @router.get("/v1/gate/views")
     async def gate_views(request: Request, limit: int = Query(1000, ge=1, le=MAX_PAGE),
                          page: str | None = Query(None, max_length=4096),
-                         shard: int | None = Query(None, ge=0, le=4095)) -> Response:
-        """A page of every org's gate view (or of one shard's orgs, `shard`), in shard then org
-        id order. Follow the feed from `cursor` (the same on every page of one snapshot; one
-        shard's "epoch:seq" with `shard`) to keep them current."""
+                         shard: int | None = Query(None, ge=0, le=4095),
+                         prefix: str = Query("", max_length=128, pattern=PREFIX_PATTERN)) -> Response:
+        """A page of every org's gate view (or of one shard's orgs, `shard`; of the orgs whose
+        id begins with `prefix`), in shard then org id order. Follow the feed from `cursor`
+        (the same on every page of one snapshot; one shard's "epoch:seq" with `shard`) with the
+        same `prefix` to keep them current."""
         ctx.service(request)
         _published(ctx)
         shards = len(ctx.router.handles)
@@ -102,7 +105,7 @@ def routes(ctx: Context) -> APIRouter:
             at, after = token.shard, token.after
             last = token.shard + 1 if token.only else shards
             while len(lines) < limit and at < last:
-                part = await ctx.router.views_page(at, after, limit - len(lines))
+                part = await ctx.router.views_page(at, after, limit - len(lines), prefix)
                 lines += part["views"]
                 if part["last"] is None:
                     at, after = at + 1, None
@@ -134,10 +137,11 @@ def routes(ctx: Context) -> APIRouter:
 
     @router.get("/v1/gate/feed")
     async def gate_feed(request: Request, after: str | None = Query(None, max_length=4096),
-                        heartbeat_s: float = Query(0.5, ge=0.05, le=30)) -> StreamingResponse:
+                        heartbeat_s: float = Query(0.5, ge=0.05, le=30),
+                        prefix: str = Query("", max_length=128, pattern=PREFIX_PATTERN)) -> StreamingResponse:
         """Every view published after `after` (a cursor; none: from now, every shard to be
-        loaded), as NDJSON lines ({"type": "view" | "heartbeat" | "resync", ...}), for as long
-        as the client reads."""
+        loaded), of the orgs whose id begins with `prefix`, as NDJSON lines ({"type": "view"
+        | "heartbeat" | "resync", ...}), for as long as the client reads."""
         ctx.service(request)
         _published(ctx)
         start = _cursor_of(after)
@@ -148,13 +152,13 @@ def routes(ctx: Context) -> APIRouter:
             raise ApiError(429, "too_many_streams", f"this token holds {streams[token]} gate feed streams on this "
                            "replica already (METERGATE_MAX_FEED_STREAMS_PER_TOKEN); close one or retry later")
         streams[token] = streams.get(token, 0) + 1
-        return CountedStream(streams, token, _lines(start, heartbeat_s, len(ctx.router.handles)),
+        return CountedStream(streams, token, _lines(start, heartbeat_s, len(ctx.router.handles), prefix),
                              media_type="application/x-ndjson",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     streams: dict[str, int] = {}  # token → its open streams on this replica
 
-    async def _lines(start: list[tuple[int, int] | None] | None, heartbeat_s: float, shards: int):
+    async def _lines(start: list[tuple[int, int] | None] | None, heartbeat_s: float, shards: int, prefix: str):
         if start is not None and len(start) != shards:
             yield ENCODER.encode(Resync("the cursor is for another number of shards")) + b"\n"
             return
@@ -171,7 +175,7 @@ def routes(ctx: Context) -> APIRouter:
             retry = FEED_RETRY_S[0]
             while True:
                 try:
-                    reply = await ctx.router.changes(shard, epoch, seq, wait_s)
+                    reply = await ctx.router.changes(shard, epoch, seq, wait_s, prefix)
                 except ShardUnavailable:
                     await asyncio.sleep(retry)
                     retry = min(retry * 2, FEED_RETRY_S[1])

@@ -635,7 +635,9 @@ def test_json_number_extremes_are_refused_on_every_route_that_takes_a_number(gua
             body = {"org_id": org, "action": "create", "resources": {field: "@N@"}}
             zero = guard.answer(compute.post("/v1/gate", content=with_number(body, "0")), (field, "0"))
             minus_zero = guard.answer(compute.post("/v1/gate", content=with_number(body, "-0")), (field, "-0"))
-            assert minus_zero.status_code == zero.status_code == 200 and minus_zero.json() == zero.json()
+            assert minus_zero.status_code == zero.status_code == 200
+            ageless = [{k: v for k, v in r.json().items() if k != "age_ms"} for r in (zero, minus_zero)]
+            assert ageless[0] == ageless[1]  # the view's age moves between two calls
         for path in (f"/v1/orgs/{org}/ledger", "/v1/orgs", "/v1/webhooks/outbox", "/v1/gate/views"):
             for literal in ("9223372036854775808", "1e3", "NaN", "-0", "1.5", "Infinity", "", "0x10", "\u0663", "-1"):
                 guard.refused(admin.get(path, params={"limit": literal}), (path, literal), field="limit")
