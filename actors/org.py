@@ -254,8 +254,9 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
         return min(later) if later else None
 
     def _period_end_changes_view(self) -> bool:
-        # (A balance halt holds only while the quota is used up, or the plan has none.)
-        return self.quota_used_micros > 0 or plan_for_period(self.plan, self.period_end_us) is not self.plan
+        # (A balance halt holds only while the quota is used up, or the plan has none.) A plan
+        # with an end gives way to a new version at some period's start: each end counts then.
+        return self.quota_used_micros > 0 or self.plan.effective_until_us is not None
 
     def gate(self, action: str, resources: Resources, now_us: int) -> Decision:
         """Read-only: may this org do `action` with `resources` now?"""

@@ -185,11 +185,12 @@ class ShardRouter:
                 continue
             retry = FEED_RETRY_S[0]
             if epoch is None or reply["resync"]:
-                # A new incarnation (or the first contact): read its whole log from seq 0. It
-                # holds every org's latest view, so views this router got by direct replies
-                # meanwhile are replaced where they are behind. Not current until then.
-                projection.reset(shard, reply["epoch"], 0)
-                epoch, seq = reply["epoch"], 0
+                # A new incarnation, the first contact, or behind what the log dropped: forget
+                # the shard's views and read its whole log from seq 0 (every org's latest
+                # view), or when the log dropped some, from now on (an org with no view here
+                # is asked of the shard). Not current until then.
+                projection.reset(shard, reply["epoch"], 0, every=True)
+                epoch, seq = reply["epoch"], (0 if not reply.get("floor") else reply["seq"])
                 continue
             received = mono_us()
             projection.clock(shard, reply["now_us"], received)
@@ -238,9 +239,10 @@ class ShardRouter:
         except RayError:
             raise ShardUnavailable(shard) from None
 
-    async def views_page(self, shard: int, after: str | None, limit: int, prefix: str = "") -> dict:
+    async def views_page(self, shard: int, after: str | None, limit: int, prefix: str = "",
+                         as_of: tuple[int, int] | None = None) -> dict:
         try:
-            return await self.handles[shard].views_page.remote(after, limit, prefix)
+            return await self.handles[shard].views_page.remote(after, limit, prefix, as_of)
         except RayError:
             raise ShardUnavailable(shard) from None
 

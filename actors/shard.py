@@ -347,7 +347,11 @@ class ShardActor(ShardReads):
                 pass
         if self.views.expiring and self.views.expiring[0][0] <= now_us():
             await self._publish_expired()
-        if not self.pending or time.monotonic() - self.last_housekeeping > HOUSEKEEPING_EVERY_S * 5:
+        if not self.pending:  # woken by time (its interval, or a view that time ends)
+            if time.monotonic() - self.last_housekeeping >= HOUSEKEEPING_EVERY_S:
+                await self._housekeeping_safely()
+            return
+        if time.monotonic() - self.last_housekeeping > HOUSEKEEPING_EVERY_S * 5:
             await self._housekeeping_safely()
             return
         batch, self.pending = self._cut_batch()
@@ -356,6 +360,8 @@ class ShardActor(ShardReads):
             return
         try:
             await self._commit_isolating(batch, [MAX_ISOLATION_COMMITS])
+            # The feed readers this commit woke (its views) go before the next batch's work.
+            await asyncio.sleep(0)
         except Exception:  # a bug after or around a commit: no caller may be left waiting
             log.exception("shard %s: a batch of %d items failed outside its commit", self.shard, len(batch))
             self._forget(batch)

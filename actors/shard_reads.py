@@ -66,14 +66,18 @@ class ShardReads:
         started = time.monotonic()
         if epoch is None or epoch != self.epoch or after > self.views.seq or after < self.views.floor:
             return {"epoch": self.epoch, "seq": self.views.seq, "views": [], "now_us": now_us(), "waited_s": 0.0,
-                    "resync": epoch is not None, "more": False}
+                    "resync": epoch is not None, "more": False, "floor": self.views.floor}
         if after == self.views.seq and wait_s > 0:
             await self.views.wait(wait_s)
+            if after < self.views.floor:  # dropped while we waited: what was not read is gone
+                return {"epoch": self.epoch, "seq": self.views.seq, "views": [], "now_us": now_us(),
+                        "waited_s": time.monotonic() - started, "resync": True, "more": False,
+                        "floor": self.views.floor}
         seq, lines, more = self.views.after(after, prefix)
         return {"epoch": self.epoch, "seq": seq, "views": lines, "now_us": now_us(),
-                "waited_s": time.monotonic() - started, "resync": False, "more": more}
+                "waited_s": time.monotonic() - started, "resync": False, "more": more, "floor": self.views.floor}
 
-    async def views_page(self, after: str | None, limit: int, prefix: str = "") -> dict:
+    async def views_page(self, after: str | None, limit: int, prefix: str = "", as_of: tuple[int, int] | None = None) -> dict:
         """The gate views of this shard's orgs after org id `after`, in org id order: {"views":
         JSON records, "last": the last org id or None when there are no more}.
 
@@ -81,8 +85,10 @@ class ShardReads:
         holds one (published records are committed state); else, for an org in memory, its
         view published now if nothing of it is uncommitted (one that is will be published
         at its commit, after the reader's cursor); else its view as Postgres holds it, read
-        and replayed aside, as a record with seq 0 for this answer only (any record the
-        shard publishes later, after the reader's cursor, has a higher seq and wins)."""
+        and replayed aside, stamped with the snapshot's own position `as_of` (epoch, seq)
+        when this shard is still in that epoch (seq 0 otherwise): it is at least as new as
+        any record of the org up to that position (the org is not in memory: all it did is
+        committed), and any record the shard publishes later has a higher seq and wins."""
         await self._ensure_started()
         async with self.pool.acquire() as conn:
             org_ids = await orgs_store.ids_in_slots(conn, sorted(self.slots), after, limit, prefix)
@@ -109,7 +115,8 @@ class ShardReads:
                 row = rows.get(org_id)
                 line = self.views.line(org_id)  # published meanwhile (loaded): that one
                 if line is None and row is not None:
-                    line = self.views.unpublished(org_id, self._replayed(row[1], row[2]), now)
+                    seq = as_of[1] if as_of is not None and as_of[0] == self.epoch else 0
+                    line = self.views.unpublished(org_id, self._replayed(row[1], row[2]), now, seq)
                 if line is not None:
                     lines[org_id] = line
         return {"views": [lines[o] for o in org_ids if o in lines], "last": org_ids[-1] if len(org_ids) == limit else None}

@@ -56,11 +56,11 @@ class ViewLog:
         self.poke()
         return True
 
-    def unpublished(self, org_id: str, org: OrgBillingActor, now_us: int) -> bytes:
-        """The org's view now as a record with seq 0: for one answer only, never in the log
-        (memory may hold a command that is not committed yet)."""
+    def unpublished(self, org_id: str, org: OrgBillingActor, now_us: int, seq: int = 0) -> bytes:
+        """The org's view now as a record of this `seq` (0: for one answer only, since memory
+        may hold a command that is not committed yet), never in the log."""
         view, until = org.view_as_of(now_us)
-        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, 0, until, view))
+        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, seq, until, view))
 
     def poke(self) -> None:
         """Wake the readers waiting for a change (they answer with the shard's clock, which moved)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -119,7 +118,11 @@ class GateClient:
         # shard → the feed position its loaded snapshot holds (written by the loader thread,
         # read by the feed thread): a shard is current only from a heartbeat past it.
         self._loaded: dict[int, tuple[int, int]] = {}
-        self._to_load: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        # shard → the number of its latest load: a load that finishes after a newer one was
+        # asked for (the shard resynced meanwhile) leaves no mark. One thread per shard loading.
+        self._generation: dict[int, int] = {}
+        self._loaders: dict[int, threading.Thread] = {}
+        self._load_lock = threading.Lock()
         self._loading: set[int] = set()
         self._counts = {name: itertools.count() for name in (
             "local", "server", "policy_open", "policy_closed", "stale", "feed_lines", "feed_errors", "resyncs",
@@ -127,10 +130,10 @@ class GateClient:
         self._local_count = self._counts["local"]
         self._decided: dict[str, tuple] = {}  # org → (record, action, resources, decision): the last one
         self._thread = threading.Thread(target=self._follow, name="metergate-feed", daemon=True)
-        self._loader = threading.Thread(target=self._load_shards, name="metergate-views", daemon=True)
+        self._clock_thread = threading.Thread(target=self._time_clocks, name="metergate-clock", daemon=True)
         if start:
+            self._clock_thread.start()
             self._thread.start()
-            self._loader.start()
 
     # ----- gate checks ------------------------------------------------------------------
 
@@ -171,11 +174,9 @@ class GateClient:
         projection = self.projection
         record = projection._records.get(org_id)
         if record is not None:
-            shard = record.shard
-            heard = projection._heard.get(shard)
-            clock = projection._clocks.get(shard)
-            offset = clock.offset_us if clock is not None else None
-            if heard is not None and offset is not None:
+            fresh = projection._fresh.get(record.shard)
+            if fresh is not None:
+                heard, offset = fresh
                 now = time.monotonic_ns() // 1000 + offset
                 age = (now - heard) / 1e6
                 until = record.valid_until_us
@@ -299,8 +300,7 @@ class GateClient:
 
     def close(self) -> None:
         self._stop.set()
-        self._to_load.put(None)
-        for thread in (self._thread, self._loader):
+        for thread in (self._thread, self._clock_thread, *list(self._loaders.values())):
             if thread.is_alive():
                 thread.join(timeout=self._timeout + self.heartbeat_s * 4 + 1)
         self._http.close()
@@ -317,7 +317,6 @@ class GateClient:
         self.close()
 
     def _follow(self) -> None:
-        self._probe_clocks()
         backoff = BACKOFF_S[0]
         while not self._stop.is_set():
             beats = self._beats
@@ -377,9 +376,9 @@ class GateClient:
             if as_of is not None and _covers(position, loaded):
                 projection.heard(shard, as_of)
                 current += projection.age_s(shard) <= self.max_staleness_s
-            elif shard not in self._loading and (
-                    loaded is None or (position is not None and position[0] != loaded[0])):
-                self._loaded.pop(shard, None)  # none, or of an incarnation the feed is past
+            elif position is not None and shard not in self._loading and (loaded is None or position[0] != loaded[0]):
+                # None loaded (a resumed stream), or of an incarnation the feed is past. (A
+                # shard with no position yet gets its own resync line: nothing to do here.)
                 self._load(shard)
         self._cursor = beat.cursor
         self._beats += 1
@@ -390,40 +389,59 @@ class GateClient:
         """The shard's views must be loaded again; the stream goes on with its new records."""
         shard = message.shard
         next(self._counts["resyncs"])
-        self._loaded.pop(shard, None)
         if message.epoch is not None:
-            self.projection.reset(shard, message.epoch, 0)
+            # Every record of the shard goes: what was missed is unknown (a restart, or records
+            # the server's log dropped), and a record kept could win over the snapshot's.
+            self.projection.reset(shard, message.epoch, 0, every=True)
         else:
             self.projection.forget_heard(shard)
-        self._load(shard)  # also when a load is on the way: it may be of the incarnation that is gone
+        self._load(shard)  # also when a load is on the way: it may be of what is gone
 
     def _load(self, shard: int) -> None:
-        self._loading.add(shard)
-        self._to_load.put(shard)
+        """Load the shard's views (again), on a thread of its own: a shard that cannot be
+        reached holds up no other's. A newer load makes an older one's result void; until one
+        is done the shard has no loaded snapshot, so no heartbeat makes it current."""
+        with self._load_lock:
+            self._generation[shard] = self._generation.get(shard, 0) + 1
+            self._loaded.pop(shard, None)
+            self._loading.add(shard)
+            if shard not in self._loaders:
+                self._loaders[shard] = loader = threading.Thread(
+                    target=self._load_shard, args=(shard,), name=f"metergate-views-{shard}", daemon=True)
+                loader.start()
 
-    def _load_shards(self) -> None:
-        """The loader thread: each shard the feed asks for, until it is loaded (with backoff);
-        in between, every CLOCK_PROBE_S, a timed GET /v1/gate/clock (see ShardClock)."""
-        while True:
+    def _load_shard(self, shard: int) -> None:
+        """A loader thread: the shard's views, until a load of its latest generation is done
+        (with backoff while the shard cannot answer)."""
+        backoff = BACKOFF_S[0]
+        while not self._stop.is_set():
+            generation = self._generation[shard]
             try:
-                shard = self._to_load.get(timeout=CLOCK_PROBE_S)
-            except queue.Empty:
-                self._probe_clocks()
+                position = self._load_snapshot(shard)
+            except (httpx.HTTPError, OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                next(self._counts["snapshot_errors"])
+                log.info("metergate views of shard %s: %r; again in %.1f s", shard, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
                 continue
-            if shard is None or self._stop.is_set():
+            next(self._counts["snapshots"])
+            with self._load_lock:
+                if self._generation[shard] == generation:  # (else asked again meanwhile: load again)
+                    self._loaded[shard] = position
+                    self._loading.discard(shard)
+                    del self._loaders[shard]
+                    return
+        with self._load_lock:
+            self._loaders.pop(shard, None)
+
+    def _time_clocks(self) -> None:
+        """The clock thread: a timed GET /v1/gate/clock every CLOCK_PROBE_S (see ShardClock);
+        a shard whose clock no round trip bounded lately is not current."""
+        while True:
+            self._probe_clocks()
+            self.projection.expire_clocks()
+            if self._stop.wait(CLOCK_PROBE_S):
                 return
-            backoff = BACKOFF_S[0]
-            while not self._stop.is_set():
-                try:
-                    self._loaded[shard] = self._load_snapshot(shard)
-                    next(self._counts["snapshots"])
-                    break
-                except (httpx.HTTPError, OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                    next(self._counts["snapshot_errors"])
-                    log.info("metergate views of shard %s: %r; again in %.1f s", shard, exc, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_S[1])
-            self._loading.discard(shard)
 
     def _probe_clocks(self) -> None:
         sent = mono_us()
@@ -431,7 +449,7 @@ class GateClient:
             response = self._http.get("/v1/gate/clock")
             response.raise_for_status()
             stated = CLOCK_DECODER.decode(response.content).now_us
-        except (httpx.HTTPError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (httpx.HTTPError, OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.info("metergate clock probe: %r", exc)
             return
         received = mono_us()

@@ -42,7 +42,7 @@ class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     quantity: int = 1
 
 
-class Decision(msgspec.Struct, omit_defaults=True):
+class Decision(msgspec.Struct, omit_defaults=True, frozen=True):
     allowed: bool
     reason: Reason
     balance_micros: int

@@ -100,10 +100,6 @@ def parse_cursor(text: str) -> list[Position]:
     return positions
 
 
-def wall_us() -> int:
-    return time.time_ns() // 1_000
-
-
 def mono_us() -> int:
     return time.monotonic_ns() // 1_000
 
@@ -145,10 +141,11 @@ class ShardClock:
     the shard's clock stepped forward: the lower one is taken then. A step backward shows
     within two windows; meanwhile views expire early, never late."""
 
-    __slots__ = ("offset_us", "_low", "_high")
+    __slots__ = ("offset_us", "bounded_at_us", "_low", "_high")
 
     def __init__(self) -> None:
         self.offset_us: int | None = None
+        self.bounded_at_us: int | None = None  # local time of the last round trip
         self._low, self._high = _Best(max), _Best(min)
 
     def sample(self, shard_us: int, received_us: int) -> None:
@@ -158,7 +155,14 @@ class ShardClock:
     def sample_round_trip(self, shard_us: int, sent_us: int, received_us: int) -> None:
         self._high.add(shard_us - sent_us, sent_us)
         self._low.add(shard_us - received_us, received_us)
+        self.bounded_at_us = received_us
         self._estimate()
+
+    def bounded(self, now_us: int) -> bool:
+        """Is the estimate bounded from above by a round trip of the last two windows? Only
+        then may a view of the shard count as current (one-way samples cannot see a delay
+        that lasts)."""
+        return self.bounded_at_us is not None and now_us - self.bounded_at_us < 2 * CLOCK_WINDOW_US
 
     def _estimate(self) -> None:
         low, high = self._low.best(), self._high.best()
@@ -182,6 +186,8 @@ class Projection:
         self._positions: dict[int, tuple[int, int]] = {}  # shard → (epoch, seq) applied through
         self._heard: dict[int, int] = {}  # shard → its time when its feed was known complete
         self._clocks: dict[int, ShardClock] = {}
+        # shard → (heard, clock offset) when both are known: what a check reads, in one lookup.
+        self._fresh: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     # ----- writes -----------------------------------------------------------------------
@@ -218,15 +224,18 @@ class Projection:
                 self._apply(record)
             self._positions[shard] = (epoch, max(seq, self._positions.get(shard, (epoch, 0))[1]))
 
-    def reset(self, shard: int, epoch: int, seq: int) -> None:
-        """The shard restarted (or the reader lost its place): forget its views."""
+    def reset(self, shard: int, epoch: int, seq: int, every: bool = False) -> None:
+        """The shard restarted (or the reader lost its place): forget its views of older
+        epochs, or with `every` all of them (a resync: what was missed is unknown, and a
+        record kept could win over the snapshot's)."""
         with self._lock:
-            self._reset(shard, epoch, seq)
+            self._reset(shard, epoch, seq, every)
         self.forget_heard(shard)
 
-    def _reset(self, shard: int, epoch: int, seq: int) -> None:
+    def _reset(self, shard: int, epoch: int, seq: int, every: bool = False) -> None:
         # Records of the new incarnation (from direct answers) are current; older ones are not.
-        self._records = {org_id: r for org_id, r in self._records.items() if r.shard != shard or r.epoch >= epoch}
+        self._records = {org_id: r for org_id, r in self._records.items()
+                         if r.shard != shard or (r.epoch >= epoch and not every)}
         self._positions[shard] = (epoch, seq)
 
     def clock(self, shard: int, shard_us: int, received_us: int | None = None, sent_us: int | None = None) -> None:
@@ -240,14 +249,29 @@ class Projection:
             known.sample(shard_us, received)
         else:
             known.sample_round_trip(shard_us, sent_us, received)
+        self._refresh(shard)
 
     def heard(self, shard: int, as_of_us: int) -> None:
         """Every change of `shard` up to its time `as_of_us` has been applied."""
         if as_of_us > self._heard.get(shard, -1):
             self._heard[shard] = as_of_us
+            self._refresh(shard)
 
     def forget_heard(self, shard: int) -> None:
         self._heard.pop(shard, None)
+        self._fresh.pop(shard, None)
+
+    def _refresh(self, shard: int) -> None:
+        heard, known = self._heard.get(shard), self._clocks.get(shard)
+        if heard is not None and known is not None and known.offset_us is not None and known.bounded(mono_us()):
+            self._fresh[shard] = (heard, known.offset_us)
+        else:
+            self._fresh.pop(shard, None)
+
+    def expire_clocks(self) -> None:
+        """Shards whose clock no round trip bounded lately are not current until one does."""
+        for shard in list(self._fresh):
+            self._refresh(shard)
 
     # ----- reads ------------------------------------------------------------------------
 
@@ -261,18 +285,19 @@ class Projection:
         return dict(self._positions)
 
     def shard_now_us(self, shard: int) -> int | None:
-        """The shard's time now, as estimated here (None: it never stated one)."""
+        """The shard's time now, as estimated here (None: it never stated one). Views are
+        current only while a recent round trip bounds it (see `_fresh`)."""
         known = self._clocks.get(shard)
         offset = known.offset_us if known is not None else None
         return None if offset is None else mono_us() + offset
 
     def age_s(self, shard: int) -> float:
         """How old this reader's knowledge of the shard's views is, in the shard's time (inf:
-        never heard, or heard of no clock)."""
-        heard, now = self._heard.get(shard), self.shard_now_us(shard)
-        if heard is None or now is None:
+        never heard, or its clock not bounded lately)."""
+        fresh = self._fresh.get(shard)
+        if fresh is None:
             return float("inf")
-        return max(0.0, (now - heard) / 1e6)
+        return max(0.0, (mono_us() + fresh[1] - fresh[0]) / 1e6)
 
     def current(self, org_id: str, max_age_s: float) -> tuple[ViewRecord, float] | None:
         """The org's view and its age, if its shard was heard within max_age_s and the view
@@ -280,12 +305,11 @@ class Projection:
         record = self._records.get(org_id)
         if record is None:
             return None
-        shard = record.shard
-        heard = self._heard.get(shard)
-        known = self._clocks.get(shard)
-        if heard is None or known is None or known.offset_us is None:
+        fresh = self._fresh.get(record.shard)
+        if fresh is None:
             return None
-        now = mono_us() + known.offset_us
+        heard, offset = fresh
+        now = mono_us() + offset
         age = (now - heard) / 1e6
         until = record.valid_until_us
         if age > max_age_s or (until is not None and now >= until):

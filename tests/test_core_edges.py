@@ -80,7 +80,7 @@ def test_a_read_at_the_instant_a_grant_or_lease_expires_no_longer_counts_it():
     at = T0 + 60 * US
     assert org.balance_at(at - 1) == US and org.balance_at(at) == 0
     assert org.gate("create", Resources(), at - 1).allowed
-    assert org.gate("create", Resources(), at).reason == "insufficient_balance"
+    assert org.gate("create", Resources(), at).reason == "halted"  # as of `at`: the expiry halts it
     run(org, Credit("grant", 2 * US), at - 10)  # a second grant: reads add them up
     assert org.balance_at(at - 1) == 3 * US and org.balance_at(at) == 2 * US
     spent, _ = make_org(signup_micros=0, card=True)

@@ -37,6 +37,9 @@ STALENESS_S = 1.0
 def gate_client(service):
     client = GateClient(service.base_url, SERVICE_TOKEN, max_staleness_s=STALENESS_S, heartbeat_s=0.1)
     assert client.wait_synced(60), client.counters()
+    # Synced means every shard loaded and current (issue 18, finding 9), not a first heartbeat.
+    assert all(client.projection.age_s(k) <= STALENESS_S for k in range(2)), client.counters()
+    assert client.counters()["snapshots"] >= 2
     yield client
     client.close()
 
@@ -301,6 +304,7 @@ def test_one_shard_killed_under_traffic_leaves_the_other_shards_orgs_local(compu
         "/v1/gate", json={"org_id": killed, "action": "create"}).status_code == 200, timeout_s=90)
 
 
+@pytest.mark.time_travel
 def test_a_dunning_deadline_denies_at_the_shard_the_ingress_and_a_client_without_the_sweep(
         admin, compute, org_id_on, new_org, gate_client):
     """Issue 18, finding 3: an unpaid invoice's suspension is a deadline in every view. With no

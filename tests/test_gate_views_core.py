@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,8 @@ def test_views_expire_in_the_shards_time_and_age_counts_from_what_the_shard_stat
     local = mono_us()
     projection.clock(0, T0, local)  # the shard said "T0" when we read it at `local`
     projection.heard(0, T0 - 200_000)  # ... and that its feed was complete at T0 - 0.2 s
+    assert projection.decide("a", "create", Resources(), 1.0) is None  # no round trip bounds the clock yet
+    projection.clock(0, T0, local, local)  # a round trip: asked at `local`, "T0" read promptly
     assert projection.age_s(0) == pytest.approx(0.2, abs=0.05)
     assert projection.decide("a", "create", Resources(), 1.0) is not None
     assert projection.decide("a", "create", Resources(), 0.1) is None  # older than this bound
@@ -195,13 +198,43 @@ def test_a_delayed_statement_counts_as_age_not_as_a_fresh_clock():
     projection = Projection()
     projection.apply(ViewRecord("a", 0, 1, 1, T0 + 5_000_000, _record("a", 1, 1, 1).view))
     ten_s_ago = mono_us() - 10_000_000
-    projection.clock(0, T0, ten_s_ago)  # a prompt line, read 10 s ago, said the shard's time was T0
+    projection.clock(0, T0, ten_s_ago, ten_s_ago)  # a round trip 10 s ago: the shard's time was T0
     projection.clock(0, T0, mono_us())  # a heartbeat written then, held on the way, read now
     projection.heard(0, T0)  # ... which proves the feed complete as of T0
     assert projection.shard_now_us(0) >= T0 + 10_000_000  # not pulled back by the late copy
     assert projection.age_s(0) >= 10.0
     assert projection.current("a", 60.0) is None  # valid_until (T0 + 5 s) passed in the shard's time
     assert projection.current("a", 1.0) is None
+
+
+def test_no_view_is_current_without_a_recent_round_trip_bounding_its_shards_clock():
+    """One-way samples cannot tell a delay that lasts from a clock offset: a shard's views are
+    current only while a round trip of the last two clock windows bounds its clock."""
+    projection = Projection()
+    projection.apply(ViewRecord("a", 0, 1, 1, None, _record("a", 1, 1, 1).view))
+    now = mono_us()
+    projection.clock(0, T0, now)
+    projection.heard(0, T0)
+    assert projection.current("a", 60.0) is None
+    stale = now - 2 * CLOCK_WINDOW_US - 1
+    projection.clock(0, T0 - (now - stale), stale, stale)  # a round trip, but too long ago
+    assert projection.current("a", 60.0) is None
+    projection.clock(0, T0, now - 1_000, now - 1_000)
+    assert projection.current("a", 60.0) is not None
+    projection._clocks[0].bounded_at_us = stale  # as if no probe answered since
+    projection.expire_clocks()
+    assert projection.current("a", 60.0) is None
+
+
+def test_a_resync_of_a_shard_forgets_every_record_of_it():
+    """A resync in the same epoch (the server's log dropped records the reader had not read)
+    must not keep a record that could win over the snapshot's (issue 18 review)."""
+    projection = Projection()
+    projection.advance(0, 3, 9, [_record("a", 3, 5, 100), _record("b", 3, 9, 100, shard=0)])
+    projection.advance(1, 4, 2, [_record("z", 4, 2, 1, shard=1)])
+    projection.reset(0, 3, 0, every=True)
+    assert projection.get("a") is None and projection.get("b") is None and projection.get("z") is not None
+    assert projection.apply(_record("a", 3, 0, 7))  # a snapshot's record read from Postgres
 
 
 def test_a_step_of_the_shards_clock_shows_forward_at_once_and_backward_within_the_window():
@@ -229,6 +262,21 @@ def test_a_round_trip_bounds_the_clock_from_above_so_a_lasting_delay_still_count
     assert clock.offset_us == true_offset + 500
     clock.sample(t + 3_000_000 + true_offset + 9_000_000, t + 3_000_000)  # a step forward of 9 s
     assert clock.offset_us == true_offset + 9_000_000
+
+
+def test_a_step_of_this_hosts_wall_clock_changes_no_shards_time(monkeypatch):
+    """Issue 18, finding 6: the client's wall clock is never read for a shard's time (each
+    shard has its own offset, from a monotonic clock), so stepping it an hour moves nothing."""
+    projection = Projection()
+    projection.clock(0, T0, mono_us())
+    projection.clock(1, T0 + 7_000_000, mono_us())  # another shard, its own clock
+    before = [projection.shard_now_us(0), projection.shard_now_us(1)]
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 3_600 * 10**9)
+    monkeypatch.setattr(time, "time", lambda: real() / 1e9 + 3_600)
+    after = [projection.shard_now_us(0), projection.shard_now_us(1)]
+    assert all(0 <= a - b < 1_000_000 for a, b in zip(after, before)), (before, after)
+    assert 6_000_000 < after[1] - after[0] < 8_000_000
 
 
 def test_cursors_round_trip_and_refuse_garbage():

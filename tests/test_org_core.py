@@ -475,19 +475,22 @@ def test_postpaid_org_on_free_plan_past_its_quota_gets_quota_exceeded_not_halted
 
 
 def test_insufficient_balance_quota_exceeded_and_halted_are_distinct_denials():
-    # A prepaid payg org whose only grant expired, before anything applied the expiry:
-    # the read-only gate already sees no money, but nothing has halted it yet.
-    org, _ = make_org(signup_micros=0, card=True)
-    org.credit("grant", 1_000_000, T0 + DAY_US, None, T0, Effects())
-    assert org.halted is None
-    after_expiry = T0 + DAY_US + US_PER_S
-
-    insufficient = org.gate("create", SMALL, after_expiry)
+    # A postpaid org on a plan with no quota and no overage has no money: it is not halted
+    # (only prepaid orgs are), it is short of money.
+    broke, _ = make_org(plan=msgspec.structs.replace(PAYG, overage=False), prepaid=False, signup_micros=0,
+                        card=True)
+    assert broke.halted is None
+    insufficient = broke.gate("create", SMALL, T0)
     assert (insufficient.reason, insufficient.balance_micros) == ("insufficient_balance", 0)
 
+    # A prepaid org whose only grant expired is halted, and the gate says so at once, as of
+    # its read: before anything (a command, the scheduler's sweep) applied the expiry.
+    org, _ = make_org(signup_micros=0, card=True)
+    org.credit("grant", 1_000_000, T0 + DAY_US, None, T0, Effects())
+    after_expiry = T0 + DAY_US + US_PER_S
+    assert org.halted is None and org.gate("create", SMALL, after_expiry).reason == "halted"
     org.advance(after_expiry, Effects())
-    halted = org.gate("create", SMALL, after_expiry)
-    assert halted.reason == "halted"
+    assert org.halted == "balance" and org.gate("create", SMALL, after_expiry).reason == "halted"
 
     free_org, _ = make_org(plan=FREE, prepaid=False, signup_micros=0, card=True)
     spend(free_org, 1_000_000, T0)

@@ -122,6 +122,24 @@ def test_a_new_period_takes_the_plan_version_then_in_effect():
     assert (org.plan.version, org.plan.included_micros) == (2, 7_000_000)
 
 
+def test_a_plan_version_two_periods_ahead_ends_every_view_at_each_period_end():
+    """A view of an org whose plan gives way to a new version later than the next period must
+    still end at each period end: the version's start is some period's start (review of
+    issue 18)."""
+    raw = tomllib.loads(DEFAULT_CATALOG.read_text())
+    hobby = next(p for p in raw["plans"] if p["id"] == "hobby_weekly")
+    hobby["effective_until"] = "2026-03-16T00:00:00Z"  # the week after next
+    raw["plans"].append({**hobby, "version": 2, "effective_from": "2026-03-16T00:00:00Z",
+                         "included_micros": 0})
+    del raw["plans"][-1]["effective_until"]
+    org, _ = make_org(plan=parse_catalog(raw).plan_version("hobby_weekly", 1), card=True, signup_micros=0)
+    view, until = org.view_as_of(T0)
+    assert until == org.period_end_us
+    second, until = org.view_as_of(until)
+    assert second == view and until == rfc3339_to_us("2026-03-16T00:00:00Z")
+    assert org.view_as_of(until)[0].included_micros == 0 != view.included_micros
+
+
 def test_next_due_is_the_earliest_of_period_grant_lease_and_dunning():
     org, _ = make_org(plan=FREE)
     assert org.next_due_us() == org.period_end_us

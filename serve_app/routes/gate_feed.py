@@ -102,10 +102,13 @@ def routes(ctx: Context) -> APIRouter:
                 positions = await asyncio.gather(*(position_of(k) for k in range(shards)))
                 token = PageToken(format_cursor(list(positions)), 0, None)
             lines: list[bytes] = []
+            # Each shard's position in this snapshot: records read from Postgres carry it.
+            cursor_positions = parse_cursor(token.cursor)
+            positions_of = {token.shard: cursor_positions[0]} if token.only else dict(enumerate(cursor_positions))
             at, after = token.shard, token.after
             last = token.shard + 1 if token.only else shards
             while len(lines) < limit and at < last:
-                part = await ctx.router.views_page(at, after, limit - len(lines), prefix)
+                part = await ctx.router.views_page(at, after, limit - len(lines), prefix, positions_of[at])
                 lines += part["views"]
                 if part["last"] is None:
                     at, after = at + 1, None
@@ -183,7 +186,8 @@ def routes(ctx: Context) -> APIRouter:
                 received = time.monotonic()
                 retry = FEED_RETRY_S[0]
                 if epoch is None or reply["resync"]:
-                    reason = "shard restarted" if epoch is not None else "no position in this shard"
+                    reason = ("no position in this shard" if epoch is None else "shard restarted"
+                              if reply["epoch"] != epoch else "behind the records the shard's view log dropped")
                     epoch, seq = reply["epoch"], reply["seq"]
                     await queue.put((shard, epoch, seq, None, None, reply["now_us"], received, reason))
                     continue

@@ -16,6 +16,8 @@ ledger entry (5th field) is what they would sum.
 
 from __future__ import annotations
 
+import copy
+
 from tests.model.basics import (  # noqa: F401 - also what the model's tests import from here
     CENT_MICROS,
     Dunning,
@@ -569,18 +571,13 @@ class RefOrg(Commands):
         return result
 
     def _gate_read(self, now: int, action: str, resources: dict) -> str:
-        """Rule 1.1: a read counts what time changed without applying it."""
-        balance = self._balance_at(now)
-        # AMBIGUOUS 1.1 (brief): a read past the period end counts the full quota of the
-        # org's current plan version (a successor that 5.4 would switch to is not looked up),
-        # and does not apply due dunning steps or the period lift (a balance halt that would
-        # lift still has a funded org pass 7.1 step 4).
-        if now >= self.period_end_us:
-            quota_remaining = self.plan.included_micros
-        else:
-            quota_remaining = self._quota_remaining()
-        active = [l for l in self.leases.values() if l.expires_at_us > now]
-        return self._decide(action, resources, balance, quota_remaining, active)
+        """Rule 1.1: the gate decides as of its instant, on the org as advance (rule 1.2) would
+        leave it then, without applying anything to the org itself."""
+        org = copy.deepcopy(self)
+        org._advance(now)
+        balance = org._balance_at(now)
+        active = [l for l in org.leases.values() if l.expires_at_us > now]
+        return org._decide(action, resources, balance, org._quota_remaining(), active)
 
     # ------------------------------------------------------------------ observe
 

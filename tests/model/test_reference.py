@@ -307,10 +307,10 @@ def test_expiry_at_advance_halts():
     o.apply(T0, credit("grant", 1_000_000, T0 + HOUR))            # gr_1, lift (credit)
     fx = o.take_effects()
     assert fx["events"][-1] == ("org.resumed", {"reason": "credit", "balance_micros": 1_000_000})
-    # read before applying: at T0 + HOUR the grant is not live → gate counts balance 0.
-    # prepaid, not halted yet, needs a card → create: no_payment_method; wake: insufficient_balance.
+    # the gate at T0 + HOUR decides as of then (rule 1.1): the grant expired, the org halted.
+    # halted for balance, needs a card → create: no_payment_method; wake: halted.
     assert o.apply(T0 + HOUR, {"type": "gate", "action": "create", "resources": RES}) == {"reason": "no_payment_method"}
-    assert o.apply(T0 + HOUR, {"type": "gate", "action": "wake", "resources": RES}) == {"reason": "insufficient_balance"}
+    assert o.apply(T0 + HOUR, {"type": "gate", "action": "wake", "resources": RES}) == {"reason": "halted"}
     assert o.observe()["halted"] is None                          # the gate applied nothing
     o.apply(T0 + HOUR, {"type": "advance"})
     fx = o.take_effects()
