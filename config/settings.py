@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # A shard's view log keeps the latest record of every org in memory and of at most this
     # many others (passivated); older records of those are dropped, and a reader whose cursor
     # is behind them is told to load that shard again.
-    view_log_max_records: int = Field(200_000, ge=1_000, le=100_000_000)
+    view_log_max_records: int = Field(200_000, ge=1, le=100_000_000)
     # The Ray dashboard, on 127.0.0.1 only (it can run code on the cluster: never on a public
     # interface), and the port of Ray's Prometheus endpoint (0: a free one, printed at start).
     # Both apply to a Ray this process starts; a cluster started by `ray start` has its own.

@@ -172,3 +172,34 @@ def new_org(admin):
         return org_id
 
     return make
+
+
+@pytest.fixture(scope="module")
+def shard_database(service):
+    """A database of its own on the session's Postgres, for a shard run in this process (it
+    claims shard 0 there, apart from the service's)."""
+    from storage.db import migrate
+    from storage.slots import ensure_slots
+
+    name = f"metergate_shard_{uuid.uuid4().hex[:10]}"
+
+    async def on_server(statement: str) -> None:
+        conn = await asyncpg.connect(service.settings.database_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def prepare(url: str) -> None:
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await ensure_slots(conn, 1)
+        finally:
+            await conn.close()
+
+    asyncio.run(on_server(f'CREATE DATABASE "{name}"'))
+    url = database_url_named(service.settings.database_url, name)
+    asyncio.run(prepare(url))
+    yield url
+    asyncio.run(on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

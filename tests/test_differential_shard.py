@@ -32,11 +32,8 @@ from actors.org import Resources
 from actors.shard import ShardActor
 from actors.ticks import TICKS_ENCODER, Tick
 from config.settings import Settings
-from storage.db import migrate
-from storage.slots import ensure_slots
 from tests.differential import (CATALOG_PATH, DAY_S, START_US, US, Divergence, EngineOrg, ModelOrg, Pair,
                                 compare, jump_strategy, step_strategy)
-from tests.helpers import database_url_named
 
 RUNNING: list = [None]  # the machine whose clock the shard reads
 
@@ -215,35 +212,8 @@ class ShardAgainstModel(RuleBasedStateMachine):
             self.loop.close()
 
 
-@pytest.fixture(scope="module")
-def diff_database(service):
-    """A database of its own on the session's Postgres: this shard claims shard 0 there."""
-    name = f"metergate_diff_{uuid.uuid4().hex[:10]}"
-
-    async def on_server(statement: str) -> None:
-        conn = await asyncpg.connect(service.settings.database_url)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    async def prepare(url: str) -> None:
-        await migrate(url)
-        conn = await asyncpg.connect(url)
-        try:
-            await ensure_slots(conn, 1)
-        finally:
-            await conn.close()
-
-    asyncio.run(on_server(f'CREATE DATABASE "{name}"'))
-    url = database_url_named(service.settings.database_url, name)
-    asyncio.run(prepare(url))
-    yield url
-    asyncio.run(on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def test_the_shard_with_postgres_equals_the_reference_model(diff_database, monkeypatch):
-    monkeypatch.setattr(ShardAgainstModel, "database_url", diff_database)
+def test_the_shard_with_postgres_equals_the_reference_model(shard_database, monkeypatch):
+    monkeypatch.setattr(ShardAgainstModel, "database_url", shard_database)
     monkeypatch.setattr(shard_module, "now_us", lambda: RUNNING[0].now)
     run_state_machine_as_test(ShardAgainstModel, settings=settings(
         max_examples=int(os.environ.get("METERGATE_DIFF_SHARD_EXAMPLES", "15")), stateful_step_count=30,
