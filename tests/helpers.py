@@ -54,6 +54,7 @@ def wait_for(what: str, probe, timeout_s: float = 30.0):
 # Below the kernel's ephemeral range (where an outgoing connection's local port comes from)
 # and above Ray's worker ports (10002-19999 by default).
 PORTS_FROM = 20000
+SERVE_DIRECT_INGRESS = (30000, 31000)  # ray.serve: RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT
 _handed_out: set[int] = set()  # never the same port twice in one process, free or not
 
 
@@ -68,7 +69,11 @@ def free_port() -> int:
         low = 32768  # Linux's default
     if low <= PORTS_FROM + 1000:
         raise RuntimeError(f"the ephemeral port range starts at {low}: no room below it from {PORTS_FROM}")
-    for port in random.sample(range(PORTS_FROM, low), 200):
+    # Not in Ray Serve's direct-ingress HTTP range (30000-31000): a replica of any service of
+    # this session may take such a port while ours is down, and with SO_REUSEPORT both answer
+    # (seen: a restarted `make up` whose requests half went to another service's replica).
+    candidates = [p for p in range(PORTS_FROM, low) if not SERVE_DIRECT_INGRESS[0] <= p <= SERVE_DIRECT_INGRESS[1]]
+    for port in random.sample(candidates, 200):
         if port in _handed_out:
             continue
         with socket.socket() as sock:

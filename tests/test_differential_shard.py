@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 from actors import shard as shard_module
+from actors import shard_reads as shard_reads_module
 from actors.commands import CreateOrg, fingerprint
 from actors.org import Resources
 from actors.shard import ShardActor
@@ -215,6 +216,7 @@ class ShardAgainstModel(RuleBasedStateMachine):
 def test_the_shard_with_postgres_equals_the_reference_model(shard_database, monkeypatch):
     monkeypatch.setattr(ShardAgainstModel, "database_url", shard_database)
     monkeypatch.setattr(shard_module, "now_us", lambda: RUNNING[0].now)
+    monkeypatch.setattr(shard_reads_module, "now_us", lambda: RUNNING[0].now)  # gate reads are as of now
     run_state_machine_as_test(ShardAgainstModel, settings=settings(
         max_examples=int(os.environ.get("METERGATE_DIFF_SHARD_EXAMPLES", "15")), stateful_step_count=30,
         deadline=None, database=None, suppress_health_check=list(HealthCheck)))
