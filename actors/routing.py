@@ -189,8 +189,8 @@ class ShardRouter:
                 # the shard's views and read its whole log from seq 0 (every org's latest
                 # view), or when the log dropped some, from now on (an org with no view here
                 # is asked of the shard). Not current until then.
-                projection.reset(shard, reply["epoch"], 0, every=True)
                 epoch, seq = reply["epoch"], (0 if not reply.get("floor") else reply["seq"])
+                projection.reset(shard, epoch, seq, every=True)  # nothing at or below (epoch, seq) again
                 continue
             received = mono_us()
             projection.clock(shard, reply["now_us"], received)

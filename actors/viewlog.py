@@ -33,7 +33,7 @@ class ViewLog:
         # entry, which is moved on when it comes up: one entry per org, not one per publish.
         self.expiring: list[tuple[int, str]] = []
         self.scheduled: dict[str, int] = {}
-        self.changed = asyncio.Event()
+        self.waiters: set[asyncio.Future] = set()  # readers waiting for the next publication
 
     def start(self, epoch: int) -> None:
         self.epoch = epoch
@@ -64,8 +64,10 @@ class ViewLog:
 
     def poke(self) -> None:
         """Wake the readers waiting for a change (they answer with the shard's clock, which moved)."""
-        self.changed.set()
-        self.changed = asyncio.Event()
+        waiters, self.waiters = self.waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def line(self, org_id: str) -> bytes | None:
         known = self.records.get(org_id)
@@ -130,8 +132,14 @@ class ViewLog:
         return (newer[-1][0] if more else max(seq, self.seq)), [line for _, line in newer], more
 
     async def wait(self, timeout_s: float) -> None:
-        """Until the next publication, at most timeout_s."""
+        """Until the next publication, at most timeout_s. A plain future, woken in one turn of
+        the loop (a commit that publishes lets its readers run before its next batch)."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self.waiters.add(waiter)
+        timer = loop.call_later(timeout_s, lambda: waiter.done() or waiter.set_result(None))
         try:
-            await asyncio.wait_for(self.changed.wait(), timeout_s)
-        except TimeoutError:
-            pass
+            await waiter
+        finally:
+            timer.cancel()
+            self.waiters.discard(waiter)  # (a quiet shard's readers must not pile up here)

@@ -300,9 +300,12 @@ class GateClient:
 
     def close(self) -> None:
         self._stop.set()
-        for thread in (self._thread, self._clock_thread, *list(self._loaders.values())):
+        deadline = time.monotonic() + self._timeout + self.heartbeat_s * 4 + 1
+        with self._load_lock:
+            loaders = list(self._loaders.values())
+        for thread in (self._thread, self._clock_thread, *loaders):
             if thread.is_alive():
-                thread.join(timeout=self._timeout + self.heartbeat_s * 4 + 1)
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._http.close()
 
     async def aclose(self) -> None:
@@ -412,27 +415,33 @@ class GateClient:
 
     def _load_shard(self, shard: int) -> None:
         """A loader thread: the shard's views, until a load of its latest generation is done
-        (with backoff while the shard cannot answer)."""
+        (with backoff while the shard cannot answer). However it ends, it leaves no mark that
+        would keep another from starting."""
         backoff = BACKOFF_S[0]
-        while not self._stop.is_set():
-            generation = self._generation[shard]
-            try:
-                position = self._load_snapshot(shard)
-            except (httpx.HTTPError, OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                next(self._counts["snapshot_errors"])
-                log.info("metergate views of shard %s: %r; again in %.1f s", shard, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_S[1])
-                continue
-            next(self._counts["snapshots"])
+        try:
+            while not self._stop.is_set():
+                generation = self._generation[shard]
+                try:
+                    position = self._load_snapshot(shard, generation)
+                except _Superseded:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a loader must go on (or the shard is never loaded)
+                    if self._stop.is_set():
+                        return
+                    next(self._counts["snapshot_errors"])
+                    log.info("metergate views of shard %s: %r; again in %.1f s", shard, exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_S[1])
+                    continue
+                next(self._counts["snapshots"])
+                with self._load_lock:
+                    if self._generation[shard] == generation:  # (else asked again meanwhile: load again)
+                        self._loaded[shard] = position
+                        self._loading.discard(shard)
+                        return
+        finally:
             with self._load_lock:
-                if self._generation[shard] == generation:  # (else asked again meanwhile: load again)
-                    self._loaded[shard] = position
-                    self._loading.discard(shard)
-                    del self._loaders[shard]
-                    return
-        with self._load_lock:
-            self._loaders.pop(shard, None)
+                self._loaders.pop(shard, None)
 
     def _time_clocks(self) -> None:
         """The clock thread: a timed GET /v1/gate/clock every CLOCK_PROBE_S (see ShardClock);
@@ -457,10 +466,13 @@ class GateClient:
             if shard_us is not None:
                 self.projection.clock(shard, shard_us, received, sent)
 
-    def _load_snapshot(self, shard: int) -> tuple[int, int]:
-        """One shard's views into the projection, page by page; the feed position they hold."""
+    def _load_snapshot(self, shard: int, generation: int) -> tuple[int, int]:
+        """One shard's views into the projection, page by page; the feed position they hold.
+        _Superseded when a newer load was asked for meanwhile (or the client closes)."""
         page, cursor = None, None
         while True:
+            if self._stop.is_set() or self._generation[shard] != generation:
+                raise _Superseded
             response = self._http.get("/v1/gate/views", params={
                 "shard": shard, "limit": self.page_size, **({"page": page} if page else {}),
                 **({"prefix": self._prefix} if self._prefix else {})})
@@ -485,6 +497,10 @@ def _wanted(orgs: str | Collection[str] | Callable[[str], bool] | None) -> Calla
     if callable(orgs):
         return orgs
     return frozenset(orgs).__contains__
+
+
+class _Superseded(Exception):
+    """A load of a shard's views that a newer one (or the client's close) made void."""
 
 
 def _covers(position: Position, loaded: tuple[int, int] | None) -> bool:

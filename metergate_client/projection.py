@@ -172,8 +172,8 @@ class ShardClock:
 class Projection:
     """The latest view of each org a reader knows, and how current it is per shard.
 
-    Thread-safe: record writers take a lock, readers only look up a dict; the clocks and
-    `heard` have one writer (the thread or task that follows the feed). A record replaces the
+    Thread-safe: record writers take one lock, the clocks and `heard` another (the feed and
+    the clock probes write them); readers only look up a dict. A record replaces the
     org's view only when it is newer (a later epoch, or a higher seq in the same epoch), so
     records may arrive by the feed, snapshots and direct answers in any order. All times of a
     shard (valid_until_us, as of) are in that shard's clock.
@@ -188,6 +188,10 @@ class Projection:
         self._clocks: dict[int, ShardClock] = {}
         # shard → (heard, clock offset) when both are known: what a check reads, in one lookup.
         self._fresh: dict[int, tuple[int, int]] = {}
+        # shard → (epoch, seq) at or below which no record of it is taken any more: set by a
+        # resync, so that a late record (a reply in flight) cannot stand for what was missed.
+        self._floors: dict[int, tuple[int, int]] = {}
+        self._clock_lock = threading.Lock()  # heard, clocks and _fresh: the feed and clock threads write
         self._lock = threading.Lock()
 
     # ----- writes -----------------------------------------------------------------------
@@ -207,6 +211,9 @@ class Projection:
             return False
         known = self._records.get(record.org_id)
         if known is not None and (known.epoch, known.seq) >= (record.epoch, record.seq):
+            return False
+        floor = self._floors.get(record.shard)
+        if floor is not None and (record.epoch, record.seq) <= floor:
             return False
         position = self._positions.get(record.shard)
         if position is not None and record.epoch < position[0]:
@@ -237,31 +244,37 @@ class Projection:
         self._records = {org_id: r for org_id, r in self._records.items()
                          if r.shard != shard or (r.epoch >= epoch and not every)}
         self._positions[shard] = (epoch, seq)
+        if every:
+            self._floors[shard] = (epoch, seq)
 
     def clock(self, shard: int, shard_us: int, received_us: int | None = None, sent_us: int | None = None) -> None:
         """The shard stated its time `shard_us`; we read it at `received_us` (monotonic; now
         if None), in answer to a request we sent at `sent_us` (None: not an answer)."""
-        known = self._clocks.get(shard)
-        if known is None:
-            known = self._clocks[shard] = ShardClock()
         received = mono_us() if received_us is None else received_us
-        if sent_us is None:
-            known.sample(shard_us, received)
-        else:
-            known.sample_round_trip(shard_us, sent_us, received)
-        self._refresh(shard)
+        with self._clock_lock:
+            known = self._clocks.get(shard)
+            if known is None:
+                known = self._clocks[shard] = ShardClock()
+            if sent_us is None:
+                known.sample(shard_us, received)
+            else:
+                known.sample_round_trip(shard_us, sent_us, received)
+            self._refresh(shard)
 
     def heard(self, shard: int, as_of_us: int) -> None:
         """Every change of `shard` up to its time `as_of_us` has been applied."""
-        if as_of_us > self._heard.get(shard, -1):
-            self._heard[shard] = as_of_us
-            self._refresh(shard)
+        with self._clock_lock:
+            if as_of_us > self._heard.get(shard, -1):
+                self._heard[shard] = as_of_us
+                self._refresh(shard)
 
     def forget_heard(self, shard: int) -> None:
-        self._heard.pop(shard, None)
-        self._fresh.pop(shard, None)
+        with self._clock_lock:
+            self._heard.pop(shard, None)
+            self._fresh.pop(shard, None)
 
     def _refresh(self, shard: int) -> None:
+        """(Holding _clock_lock.)"""
         heard, known = self._heard.get(shard), self._clocks.get(shard)
         if heard is not None and known is not None and known.offset_us is not None and known.bounded(mono_us()):
             self._fresh[shard] = (heard, known.offset_us)
@@ -270,8 +283,9 @@ class Projection:
 
     def expire_clocks(self) -> None:
         """Shards whose clock no round trip bounded lately are not current until one does."""
-        for shard in list(self._fresh):
-            self._refresh(shard)
+        with self._clock_lock:
+            for shard in list(self._fresh):
+                self._refresh(shard)
 
     # ----- reads ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import random
 import socket
 import stat
 import sys
@@ -321,7 +322,35 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         # default, half a minute with the HTTP port closed; 3 x 2 s instead.
         "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(CLIENT_SILENT_AT_MOST_S),
+        # Serve's fallback proxy (HAProxy's backup while its routes refresh) binds fixed ports,
+        # 8500 and 9500, with SO_REUSEPORT: two services on one host would share them, and the
+        # kernel would hand one's requests to the other's replicas. Ports of this service's own.
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(unshared_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(unshared_port()),
     }
+
+
+SERVE_DIRECT_INGRESS_PORTS = (30000, 31000)  # Serve's replicas take HTTP ports from these
+
+
+def unshared_port() -> int:
+    """A TCP port free now, below the ephemeral range (no outgoing connection takes it later)
+    and outside Serve's replica ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            low = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low_end, high_end = SERVE_DIRECT_INGRESS_PORTS
+    candidates = [p for p in range(20000, max(20001, low)) if not low_end <= p <= high_end]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range for Serve's fallback proxy")
 
 
 def stop_haproxy(settings: Settings) -> int:

@@ -23,6 +23,7 @@ from actors.metering import LeaseUsage
 from actors.org import Effects, OrgBillingActor
 from actors.placement import NAMESPACE, shard_name
 from actors.timeutil import US_PER_S, rfc3339_to_us
+from serve_app.launch import SERVE_DIRECT_INGRESS_PORTS
 from config.catalog import load_catalog
 from config.settings import DEFAULT_CATALOG
 
@@ -54,7 +55,6 @@ def wait_for(what: str, probe, timeout_s: float = 30.0):
 # Below the kernel's ephemeral range (where an outgoing connection's local port comes from)
 # and above Ray's worker ports (10002-19999 by default).
 PORTS_FROM = 20000
-SERVE_DIRECT_INGRESS = (30000, 31000)  # ray.serve: RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT
 _handed_out: set[int] = set()  # never the same port twice in one process, free or not
 
 
@@ -69,10 +69,10 @@ def free_port() -> int:
         low = 32768  # Linux's default
     if low <= PORTS_FROM + 1000:
         raise RuntimeError(f"the ephemeral port range starts at {low}: no room below it from {PORTS_FROM}")
-    # Not in Ray Serve's direct-ingress HTTP range (30000-31000): a replica of any service of
-    # this session may take such a port while ours is down, and with SO_REUSEPORT both answer
-    # (seen: a restarted `make up` whose requests half went to another service's replica).
-    candidates = [p for p in range(PORTS_FROM, low) if not SERVE_DIRECT_INGRESS[0] <= p <= SERVE_DIRECT_INGRESS[1]]
+    # Not among Serve's replica ports: a replica of any service of this session may take one
+    # while ours is down, and ours could not come back on it.
+    low_end, high_end = SERVE_DIRECT_INGRESS_PORTS
+    candidates = [p for p in range(PORTS_FROM, low) if not low_end <= p <= high_end]
     for port in random.sample(candidates, 200):
         if port in _handed_out:
             continue

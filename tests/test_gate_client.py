@@ -167,7 +167,9 @@ def test_the_feed_and_the_views_refuse_what_they_did_not_give(service, compute, 
     for bad in ("x", "1:2:3", "1:-4", ":", "1:1,"):
         response = compute.get("/v1/gate/feed", params={"after": bad})
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_cursor", bad
-    for bad in ("x", "WyJ4Il0", "WyIxOjEsMToxIiw5LG51bGxd"):  # not base64 JSON; [x]; shard 9
+    # not base64 JSON; [x]; shard 9; a cursor of 1 shard for the 2-shard snapshot; of 3 shards
+    for bad in ("x", "WyJ4Il0", "WyIxOjEsMToxIiw5LG51bGxd", "WyIxOjEiLDAsbnVsbCxmYWxzZV0",
+                "WyIxOjEsMToxLDE6MSIsMCxudWxsLGZhbHNlXQ"):
         response = compute.get("/v1/gate/views", params={"page": bad})
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_page", bad
     assert compute.get("/v1/gate/views", params={"limit": 0}).status_code == 422

@@ -7,6 +7,7 @@ validity, is a rule of the stateful machine in test_org_stateful.py.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import subprocess
 import sys
@@ -234,7 +235,46 @@ def test_a_resync_of_a_shard_forgets_every_record_of_it():
     projection.advance(1, 4, 2, [_record("z", 4, 2, 1, shard=1)])
     projection.reset(0, 3, 0, every=True)
     assert projection.get("a") is None and projection.get("b") is None and projection.get("z") is not None
-    assert projection.apply(_record("a", 3, 0, 7))  # a snapshot's record read from Postgres
+    assert projection.apply(_record("a", 3, 5, 7))  # a snapshot's record read from Postgres (its seq)
+    assert not projection.apply(_record("b", 3, 0, 7))  # nothing at or below where it went on
+
+
+def test_after_a_resync_no_record_at_or_below_where_the_reader_goes_on_is_taken():
+    """A reply in flight during a resync must not bring back a view of what was missed: the
+    router goes on from the shard's position, and a late record at or below it is refused."""
+    projection = Projection()
+    projection.advance(0, 3, 100, [_record("x", 3, 100, 1)])
+    projection.reset(0, 3, 200, every=True)  # behind dropped records: from seq 200 on
+    assert not projection.apply(_record("x", 3, 100, 1))  # the late reply
+    assert not projection.apply(_record("x", 3, 200, 1))
+    assert projection.apply(_record("x", 3, 201, 1))  # published after: taken
+    assert projection.apply(_record("y", 4, 1, 1))  # a later incarnation: taken
+
+
+def test_a_commit_that_publishes_lets_its_waiting_readers_run_before_it_goes_on():
+    """The feed is not queued behind the next group commit: a reader waiting on the log is
+    woken by a publication in one turn of the loop, before a publisher that yields once."""
+    async def scenario() -> list[str]:
+        log, orgs = _log_with(("a", 1))
+        order: list[str] = []
+
+        async def reader() -> None:
+            await log.wait(5.0)
+            order.append("reader")
+
+        task = asyncio.ensure_future(reader())
+        await asyncio.sleep(0)  # the reader waits
+        execute(orgs["a"], Credit("grant", 5, None, None), CATALOG, T0, Effects())
+        assert log.publish("a", orgs["a"], T0)
+        await asyncio.sleep(0)  # what the commit loop does after a commit
+        order.append("committer")
+        await task
+        assert not log.waiters  # nobody left behind
+        await log.wait(0.01)  # a wait that times out leaves nothing behind either
+        assert not log.waiters
+        return order
+
+    assert asyncio.run(scenario()) == ["reader", "committer"]
 
 
 def test_a_step_of_the_shards_clock_shows_forward_at_once_and_backward_within_the_window():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 
 import pytest
@@ -55,3 +56,21 @@ def test_a_plan_whose_versions_have_different_periods_is_refused():
     raw["plans"].append({**hobby, "version": 2, "period": "month", "effective_from": "2027-01-01T00:00:00Z"})
     with pytest.raises(CatalogError, match="hobby_weekly version .* one period"):
         parse_catalog(raw)
+
+
+def test_each_service_gets_serve_fallback_proxy_ports_of_its_own(tmp_path):
+    """Serve's fallback proxy binds 8500/9500 with SO_REUSEPORT by default: two services on one
+    host would share them, and one's requests would reach the other's replicas (seen: a
+    restarted `make up` answered 401 with another service's tokens). Each start picks free
+    ports of its own, outside Serve's replica ports."""
+    from serve_app.launch import SERVE_DIRECT_INGRESS_PORTS, lean_serve_env
+
+    settings = Settings(data_dir=tmp_path, service_token="s" * 20, admin_token="a" * 20, org_token_secret="o" * 32)
+    first, second = lean_serve_env(settings), lean_serve_env(settings)
+    ports = [int(env[name]) for env in (first, second)
+             for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")]
+    assert 8500 not in ports and 9500 not in ports
+    assert not any(SERVE_DIRECT_INGRESS_PORTS[0] <= p <= SERVE_DIRECT_INGRESS_PORTS[1] for p in ports)
+    for port in ports:  # free when chosen (a start binds them moments later)
+        with socket.socket() as sock:
+            sock.bind(("", port))

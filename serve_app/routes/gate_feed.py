@@ -44,10 +44,10 @@ def _token(token: PageToken) -> str:
 def _untoken(text: str, shards: int) -> PageToken:
     try:
         token = TOKEN_DECODER.decode(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-        parse_cursor(token.cursor)
+        positions = parse_cursor(token.cursor)
     except (ValueError, msgspec.DecodeError):  # binascii.Error is a ValueError
         raise ApiError(400, "invalid_page", "`page` is not a page token this server gave") from None
-    if not 0 <= token.shard < shards:
+    if not 0 <= token.shard < shards or len(positions) != (1 if token.only else shards) or None in positions:
         raise ApiError(400, "invalid_page", "`page` is not a page token this server gave")
     return token
 
