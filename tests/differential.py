@@ -96,8 +96,13 @@ class EngineOrg:
     def apply(self, now_us: int, step: dict) -> dict:
         kind = step["type"]
         if kind == "gate":
-            return {"reason": str(decide(step["action"], _resources(step["resources"]),
-                                         self.org.gate_view(now_us)).reason)}
+            # As a gateway decides: from the view the shard published after the org's last
+            # command while it is valid (docs/gate-protocol.md 8.5), else from the view published
+            # again once time ended it. So the model holds valid_until to the rules too.
+            view, until = self.org.view_as_of(self.last_now)
+            if until is not None and now_us >= until:
+                view = self.org.view_as_of(now_us)[0]
+            return {"reason": str(decide(step["action"], _resources(step["resources"]), view).reason)}
         key = _key(step)
         if key is not None and key in self.booked_keys:
             return {"replayed": True}  # the edge answers it from the key: the org sees nothing
