@@ -126,6 +126,7 @@ class ShardActor(ShardReads):
         self.tail_orgs = 0
         self.tail_entries = 0
         self.views_to_load: set[str] = set()  # passivated orgs whose published view expired
+        self.committing: set[str] = set()  # orgs of the batch being committed (memory ahead of Postgres)
         self.charger: Charger | None = None
         self.charging: dict[tuple[str, str], asyncio.Task] = {}
         self.last_recharge_scan = 0.0
@@ -358,8 +359,14 @@ class ShardActor(ShardReads):
         if isinstance(batch[0], tuple):
             await self._run_marker(batch[0])
             return
+        # Memory holds this batch's commands before their commit: no read may publish it. (A
+        # caller's future cannot say so: a cancelled one is done before the commit is.)
+        self.committing = self._org_ids(batch)
         try:
-            await self._commit_isolating(batch, [MAX_ISOLATION_COMMITS])
+            try:
+                await self._commit_isolating(batch, [MAX_ISOLATION_COMMITS])
+            finally:
+                self.committing = set()
             # The feed readers this commit woke (its views) go before the next batch's work.
             await asyncio.sleep(0)
         except Exception:  # a bug after or around a commit: no caller may be left waiting

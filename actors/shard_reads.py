@@ -50,7 +50,7 @@ class ShardReads:
     def _view_now(self, org_id: str, org: OrgBillingActor, now: int) -> bytes:
         """The org's view now, published if memory holds only committed state; else (a command
         of the org is being committed) a record with seq 0, for this answer only."""
-        if org_id not in self.unanswered and self.views.publish(org_id, org, now):
+        if org_id not in self.unanswered and org_id not in self.committing and self.views.publish(org_id, org, now):
             return self.views.line(org_id)
         return self.views.unpublished(org_id, org, now)
 
@@ -102,7 +102,8 @@ class ShardReads:
                 if lo is None:
                     stored.append(org_id)
                     continue
-                if org_id not in self.unanswered and self.views.publish(org_id, lo.org, now):
+                if org_id not in self.unanswered and org_id not in self.committing and \
+                        self.views.publish(org_id, lo.org, now):
                     line = self.views.line(org_id)
             if line is not None:
                 lines[org_id] = line

@@ -188,8 +188,9 @@ class Projection:
         self._clocks: dict[int, ShardClock] = {}
         # shard → (heard, clock offset) when both are known: what a check reads, in one lookup.
         self._fresh: dict[int, tuple[int, int]] = {}
-        # shard → (epoch, seq) at or below which no record of it is taken any more: set by a
-        # resync, so that a late record (a reply in flight) cannot stand for what was missed.
+        # shard → (epoch, seq) below which no record of it is taken any more: set by a resync,
+        # so that a late record (a reply in flight) cannot stand for what was missed. (A record
+        # of that very position is the latest of its org then; a snapshot stamps its own.)
         self._floors: dict[int, tuple[int, int]] = {}
         self._clock_lock = threading.Lock()  # heard, clocks and _fresh: the feed and clock threads write
         self._lock = threading.Lock()
@@ -213,7 +214,7 @@ class Projection:
         if known is not None and (known.epoch, known.seq) >= (record.epoch, record.seq):
             return False
         floor = self._floors.get(record.shard)
-        if floor is not None and (record.epoch, record.seq) <= floor:
+        if floor is not None and (record.epoch, record.seq) < floor:
             return False
         position = self._positions.get(record.shard)
         if position is not None and record.epoch < position[0]:

@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import random
-import socket
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -23,7 +20,7 @@ from actors.metering import LeaseUsage
 from actors.org import Effects, OrgBillingActor
 from actors.placement import NAMESPACE, shard_name
 from actors.timeutil import US_PER_S, rfc3339_to_us
-from serve_app.launch import SERVE_DIRECT_INGRESS_PORTS
+from serve_app.launch import unshared_port
 from config.catalog import load_catalog
 from config.settings import DEFAULT_CATALOG
 
@@ -52,38 +49,19 @@ def wait_for(what: str, probe, timeout_s: float = 30.0):
         time.sleep(0.1)
 
 
-# Below the kernel's ephemeral range (where an outgoing connection's local port comes from)
-# and above Ray's worker ports (10002-19999 by default).
-PORTS_FROM = 20000
 _handed_out: set[int] = set()  # never the same port twice in one process, free or not
 
 
 def free_port() -> int:
     """A TCP port free on every interface now, for a server that may have to bind it again
-    later (HAProxy replaced after a kill, a service restarted): a port from the ephemeral
-    range, as bind(0) gives, can meanwhile become some outgoing connection's local port, and
-    the server could never come back."""
-    try:
-        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low = 32768  # Linux's default
-    if low <= PORTS_FROM + 1000:
-        raise RuntimeError(f"the ephemeral port range starts at {low}: no room below it from {PORTS_FROM}")
-    # Not among Serve's replica ports: a replica of any service of this session may take one
-    # while ours is down, and ours could not come back on it.
-    low_end, high_end = SERVE_DIRECT_INGRESS_PORTS
-    candidates = [p for p in range(PORTS_FROM, low) if not low_end <= p <= high_end]
-    for port in random.sample(candidates, 200):
-        if port in _handed_out:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free TCP port from {PORTS_FROM} up to the ephemeral range")
+    later (HAProxy replaced after a kill, a service restarted): launch.unshared_port's, below
+    the ephemeral range and outside Serve's replica ports, and never one handed out before."""
+    for _ in range(200):
+        port = unshared_port()
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no TCP port free that this process has not handed out already")
 
 
 class Sql:
