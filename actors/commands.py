@@ -71,6 +71,50 @@ class RefundPayment(msgspec.Struct, tag="refund", array_like=True):
     grant_id: str | None = None  # the grant the payment's ledger entry names (credits made before grants kept it)
 
 
+class ReverseRefund(msgspec.Struct, tag="refund_rev", array_like=True):
+    """A Stripe refund that failed or was canceled: what it clawed back is restored (billing-rules 3.5)."""
+
+    kind: ClassVar[str] = "refund_reversal"
+    refund_id: str
+    payment_id: str
+    idempotency_key: str | None = None
+
+
+class DisputeFunds(msgspec.Struct, tag="dispute", array_like=True):
+    """A dispute's money (billing-rules 3.6): withdrawn (`charge.dispute.funds_withdrawn`) takes
+    back what the disputed payment bought; reinstated gives back what its withdrawal took.
+    `credited_micros`: what the payment's credit was (0: it bought no credit), from its ledger
+    entry; `grant_id`: the grant that credit made."""
+
+    dispute_id: str
+    payment_id: str
+    amount_micros: int
+    withdrawn: bool
+    credited_micros: int = 0
+    grant_id: str | None = None
+    note: str | None = None
+    idempotency_key: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "dispute" if self.withdrawn else "dispute_reversal"
+
+
+class SubscriptionChanged(msgspec.Struct, tag="sub", array_like=True):
+    """A Stripe subscription as of `as_of_us` (billing-rules 7.6): its status, the tier its
+    price or metadata names, its current period. `base_*`: the tier without a subscription."""
+
+    subscription_id: str
+    status: str
+    tier: str | None
+    max_concurrent: int
+    as_of_us: int
+    base_tier: str
+    base_max_concurrent: int
+    anchor_us: int | None = None
+    end_us: int | None = None
+
+
 class Halt(msgspec.Struct, tag="halt", array_like=True):
     pass
 
@@ -140,6 +184,7 @@ class InvoicePaid(msgspec.Struct, tag="inv_paid", array_like=True):
     as_of_us: int
     invoice_id: str | None = None
     amount_paid: int | None = None  # cents; 0: not a payment (a trial or proration invoice)
+    settled_by: str = "paid"  # or "voided", "uncollectible", "credited": settled, never paid
 
 
 class ResetPeriod(msgspec.Struct, tag="period", array_like=True):
@@ -163,12 +208,12 @@ class Advance(msgspec.Struct, tag="advance", array_like=True):
     """Apply what time alone changed (expired leases and grants, a new period)."""
 
 
-Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | RefundPayment | Halt | Resume
-           | SetPlan | SetTier | SetLimits | SetPaymentMethod | SetAutoRecharge | SettleRecharge | InvoiceFailed
-           | InvoicePaid | ResetPeriod | SetAlerts | Advance)
+Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | RefundPayment | ReverseRefund
+           | DisputeFunds | Halt | Resume | SetPlan | SetTier | SubscriptionChanged | SetLimits | SetPaymentMethod
+           | SetAutoRecharge | SettleRecharge | InvoiceFailed | InvoicePaid | ResetPeriod | SetAlerts | Advance)
 
 # Commands that may carry an idempotency key for the ledger entry they make.
-KEYED = (Credit, SettleRecharge, RefundPayment)
+KEYED = (Credit, SettleRecharge, RefundPayment, ReverseRefund, DisputeFunds)
 
 
 def well_typed(command: Command) -> bool:
@@ -289,6 +334,19 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
                 return STALE
             if entry is not None:
                 return Booked(entry, org.balance_micros)
+        case ReverseRefund(refund_id=refund_id, payment_id=payment_id, idempotency_key=key):
+            entry = org.reverse_refund(refund_id, payment_id, now_us, fx, key)
+            if entry is not None:
+                return Booked(entry, org.balance_micros)
+        case DisputeFunds():
+            entry, duplicate = org.dispute_funds(command, now_us, fx)
+            if duplicate:
+                return STALE
+            if entry is not None:
+                return Booked(entry, org.balance_micros)
+        case SubscriptionChanged():
+            if not org.subscription_changed(command, now_us, fx):
+                return STALE
         case Halt():
             org.halt(now_us, fx)
         case Resume():
@@ -313,8 +371,8 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
                                command.downgrade_after_s,
                                catalog.plan_version(command.free_plan_id, command.free_plan_version), now_us, fx,
                                command.invoice_id)
-        case InvoicePaid(as_of_us=as_of_us, invoice_id=invoice_id, amount_paid=amount_paid):
-            org.invoice_paid(as_of_us, now_us, fx, invoice_id, amount_paid)
+        case InvoicePaid(as_of_us=as_of_us, invoice_id=invoice_id, amount_paid=amount_paid, settled_by=settled_by):
+            org.invoice_paid(as_of_us, now_us, fx, invoice_id, amount_paid, settled_by)
         case ResetPeriod(anchor_us=anchor_us, end_us=end_us):
             org.reset_period(anchor_us, end_us, now_us, fx)
         case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):

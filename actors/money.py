@@ -26,6 +26,7 @@ PURCHASED_KINDS = frozenset({"topup", "auto_recharge", "adjustment"})
 PAID_KINDS = frozenset({"topup", "auto_recharge"})
 CREDIT_KINDS = PROMOTIONAL_KINDS | PURCHASED_KINDS
 DEBIT_KINDS = frozenset({"refund", "adjustment"})
+REVERSAL_KINDS = frozenset({"refund_reversal", "dispute_reversal"})  # ledger entries giving money back
 THRESHOLD_PERCENTS = (80, 100)
 
 
@@ -157,12 +158,16 @@ class Money:
         return self._add_credit(kind, amount_micros, expires_at_us, note, now_us, fx, payment_id)
 
     def _add_credit(self, kind: str, amount_micros: int, expires_at_us: int | None, note: str | None,
-                    now_us: int, fx: Effects, payment_id: str | None = None) -> LedgerEntry:
-        """Credit without advancing first: the caller has, at this same `now_us`."""
+                    now_us: int, fx: Effects, payment_id: str | None = None,
+                    entry_kind: str | None = None) -> LedgerEntry:
+        """Credit without advancing first: the caller has, at this same `now_us`. `entry_kind`:
+        the ledger entry's kind when it is not the grant's (money given back: never refused)."""
         assert kind in CREDIT_KINDS, kind
+        assert entry_kind is None or entry_kind in REVERSAL_KINDS, entry_kind
         assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
         to_debt = min(self.debt_micros, amount_micros)
-        if amount_micros > to_debt and len(self.grants or ()) >= MAX_GRANTS_PER_ORG and kind not in PAID_KINDS:
+        if (amount_micros > to_debt and len(self.grants or ()) >= MAX_GRANTS_PER_ORG and kind not in PAID_KINDS
+                and entry_kind is None):
             # Money paid is never refused (the card was charged); an operator's credit is.
             raise BillingError(f"an org holds at most {MAX_GRANTS_PER_ORG} live grants")
         self.grant_seq += 1
@@ -174,7 +179,7 @@ class Money:
         if amount_micros > to_debt:
             grant = Grant(grant_id, sys.intern(kind), amount_micros - to_debt, expires_at_us, payment_id)
             self.grants = (self.grants or []) + [grant]
-        entry = LedgerEntry(kind, amount_micros, now_us, grant_id, expires_at_us, note)
+        entry = LedgerEntry(entry_kind or kind, amount_micros, now_us, grant_id, expires_at_us, note)
         fx.ledger.append((self.org_id, entry))
         if expires_at_us is not None and expires_at_us <= now_us:
             # Reported after its expiry (a late payment event for a pack that lapses): it is

@@ -30,7 +30,8 @@ from actors.money import (CREDIT_KINDS, DEBIT_KINDS, MAX_AMOUNT_MICROS, MAX_GRAN
                           PROMOTIONAL_KINDS, PURCHASED_KINDS, Grant, LedgerEntry, Money, burn_order)
 from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods
 from actors.recharge import MICROS_PER_CENT, AutoRecharge, ChargeRequest, Recharge
-from actors.refunds import RefundRecord, Refunds
+from actors.refunds import DisputeRecord, RefundRecord, Refunds
+from actors.subscriptions import SubscriptionRecord, Subscriptions
 from actors.refusals import BillingError, LeaseConflict, LeaseEnded, Refusal, UnknownLease
 from config.catalog import Catalog, Plan, plan_for_period
 
@@ -90,11 +91,16 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     ended_leases: dict[str, int] | None = None  # lease id → when it ended, oldest first
     low_balance_micros: int = 0  # the balance.threshold_crossed alert; 0: off
     low_balance_armed: bool = True
+    disputes: list[DisputeRecord] | None = None
+    subscriptions: list[SubscriptionRecord] | None = None
+    settled_invoices: list[str] | None = None
 
 
-# Snapshot fields that are copied as they are; plan, grants and leases need converting.
+# Snapshot fields that are copied as they are; the plan and the lists of records need converting.
+_SNAPSHOT_COPIED_FIELDS = ("plan_id", "plan_version", "grants", "leases", "refunds", "ended_leases", "disputes",
+                           "subscriptions", "settled_invoices")
 _SNAPSHOT_PLAIN_FIELDS = tuple(
-    name for name in OrgSnapshot.__struct_fields__ if name not in ("plan_id", "plan_version", "grants", "leases", "refunds", "ended_leases"))
+    name for name in OrgSnapshot.__struct_fields__ if name not in _SNAPSHOT_COPIED_FIELDS)
 
 
 class OrgState(msgspec.Struct, frozen=True):
@@ -132,7 +138,7 @@ class OrgState(msgspec.Struct, frozen=True):
     low_balance_micros: int
 
 
-class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
+class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
     __slots__ = (
         "org_id", "email", "prepaid", "plan", "tier", "max_concurrent", "max_disk_mb",
         "machine_quotas", "grants", "debt_micros", "remainder_scaled", "period_key",
@@ -141,7 +147,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
         "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
         "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
-        "low_balance_armed",
+        "low_balance_armed", "disputes", "subscriptions", "settled_invoices",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -177,6 +183,9 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
         self.refunds: list[RefundRecord] | None = None
         self.ended_leases: dict[str, int] | None = None
         self.low_balance_micros, self.low_balance_armed = 0, True
+        self.disputes: list[DisputeRecord] | None = None
+        self.subscriptions: list[SubscriptionRecord] | None = None
+        self.settled_invoices: list[str] | None = None  # the latest invoices settled, oldest first
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -302,6 +311,9 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
             leases=[msgspec.structs.replace(l) for l in self.leases.values()] if self.leases else None,
             refunds=[msgspec.structs.replace(r) for r in self.refunds] if self.refunds else None,
             ended_leases=dict(self.ended_leases) if self.ended_leases else None,
+            disputes=[msgspec.structs.replace(d) for d in self.disputes] if self.disputes else None,
+            subscriptions=[msgspec.structs.replace(r) for r in self.subscriptions] if self.subscriptions else None,
+            settled_invoices=list(self.settled_invoices) if self.settled_invoices else None,
             **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
@@ -328,6 +340,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
         org.leases = {l.lease_id: l for l in snap.leases} if snap.leases else None
         org.refunds = snap.refunds
         org.ended_leases = snap.ended_leases
+        org.disputes, org.subscriptions, org.settled_invoices = snap.disputes, snap.subscriptions, snap.settled_invoices
         # Shared strings: thousands of orgs hold the same period key and tier.
         org.org_id, org.tier, org.period_key = (sys.intern(snap.org_id), sys.intern(snap.tier),
                                                 sys.intern(snap.period_key))
@@ -336,7 +349,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds):
 
 
 # Every piece of org state is in the snapshot, or recovery would silently forget it.
-assert set(_SNAPSHOT_PLAIN_FIELDS) | {"plan", "grants", "leases", "refunds", "ended_leases"} == set(
+assert set(_SNAPSHOT_PLAIN_FIELDS) | set(_SNAPSHOT_COPIED_FIELDS) - {"plan_id", "plan_version"} | {"plan"} == set(
     OrgBillingActor.__slots__)
 # The concerns add behaviour, never state of their own that the snapshot would miss.
 assert all(base.__slots__ == () for base in OrgBillingActor.__mro__[1:-1]), OrgBillingActor.__mro__

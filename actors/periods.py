@@ -16,6 +16,9 @@ from actors.timeutil import US_PER_S, period_bounds, us_to_rfc3339
 from config.catalog import Plan, plan_for_period
 
 
+MAX_SETTLED_INVOICES = 100  # settled invoice ids kept: a late failure of one of them is ignored
+
+
 class DunningStep(IntEnum):
     """How far dunning went; each step keeps the ones before it."""
 
@@ -84,6 +87,8 @@ class Periods:
             self._dunning_steps(now_us, fx)
         if self.refunds:
             self._forget_refunds(now_us)
+        if self.disputes:
+            self._forget_disputes(now_us)
         if self.recharge is not None:
             # A charge held back by the cooldown or the daily cap goes out once that ends, even
             # if no debit comes (a halted org sends none): the scheduler wakes the org for it.
@@ -192,11 +197,16 @@ class Periods:
     def invoice_failed(self, since_us: int, suspend_after_s: int, degrade_after_s: int,
                        downgrade_after_s: int, free_plan: Plan, now_us: int, fx: Effects,
                        invoice_id: str | None = None) -> None:
-        """An invoice payment failed at `since_us`: the past-due clock starts (once)."""
+        """An invoice payment failed at `since_us`: the past-due clock starts (once). An invoice
+        named is followed by itself (billing-rules 8.1): its failure counts unless that very
+        invoice was settled, whatever other invoices did since."""
         self.advance(now_us, fx)
-        if since_us < self.invoice_as_of_us:
+        if invoice_id is not None:
+            if invoice_id in (self.settled_invoices or ()):
+                return  # it was paid or voided already: this failure is old news
+        elif since_us < self.invoice_as_of_us:
             return  # older than the last invoice news: a payment since then wins
-        self.invoice_as_of_us = since_us
+        self.invoice_as_of_us = max(self.invoice_as_of_us, since_us)
         if self.dunning is None:
             self.past_due_since_us = since_us
             self.dunning = Dunning(since_us, suspend_after_s, degrade_after_s, downgrade_after_s, free_plan)
@@ -205,20 +215,29 @@ class Periods:
             self.dunning.invoice_ids = (self.dunning.invoice_ids or []) + [invoice_id]
 
     def invoice_paid(self, as_of_us: int, now_us: int, fx: Effects, invoice_id: str | None = None,
-                     amount_paid: int | None = None) -> None:
-        """An invoice was paid. Once every invoice that failed is paid, everything dunning did
-        is undone at once. A zero-amount invoice (a trial, a proration) proves nothing."""
+                     amount_paid: int | None = None, settled_by: str = "paid") -> None:
+        """An invoice was settled: paid, or voided, marked uncollectible or credited in full
+        (billing-rules 8.3). Once every invoice that failed is settled, everything dunning did
+        is undone at once. Only a payment of money proves the org pays its invoices."""
         self.advance(now_us, fx)
-        if amount_paid == 0:
-            return
+        paid = settled_by == "paid" and amount_paid != 0  # a zero invoice (a trial) proves nothing
         dunning = self.dunning
-        unpaid = dunning.invoice_ids if dunning is not None else None
-        if unpaid is not None and invoice_id is not None:  # an invoice of the list, or another one
-            self.paid_invoice = True
-            if invoice_id in unpaid:
+        if invoice_id is not None:
+            if invoice_id not in (self.settled_invoices or ()):
+                self.settled_invoices = ((self.settled_invoices or []) + [invoice_id])[-MAX_SETTLED_INVOICES:]
+            if paid:
+                self.paid_invoice, self.invoice_as_of_us = True, max(self.invoice_as_of_us, as_of_us)
+            if dunning is None:
+                return
+            unpaid = dunning.invoice_ids
+            if unpaid is not None:
                 dunning.invoice_ids = [i for i in unpaid if i != invoice_id] or None
-            if dunning.invoice_ids:
-                return  # a failed invoice is still unpaid
+                if dunning.invoice_ids:
+                    return  # a failed invoice is still open
+            elif not paid:
+                return  # dunning of an invoice without an id ends only with a payment
+        elif not paid:
+            return
         elif as_of_us < self.invoice_as_of_us:
             return  # an older payment: the failure since then stands
         else:

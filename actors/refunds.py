@@ -1,10 +1,13 @@
-"""Refunds of Stripe payments: each claws back only what its payment bought (billing-rules 3).
+"""Refunds and disputes of Stripe payments: each acts only on what its payment bought
+(billing-rules 3).
 
 A credit paid through Stripe remembers its payment on its grant. A refund of that payment
 takes at most what remains of that grant, once per refund id, and never any other credit:
 a refund of a subscription invoice bought no credit and claws back nothing, and a pack that
 lapsed unused leaves nothing to take. A refund that arrives before its payment's credit (a
-webhook retried late) waits for it for a while.
+webhook retried late) waits for it for a while. A refund that fails or is canceled gives
+back what it took. A dispute is the customer's bank taking the money back: its withdrawal
+takes what the payment bought even if it was spent (as debt), its reinstatement gives it back.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from __future__ import annotations
 import msgspec
 
 from actors.effects import Effects
-from actors.money import Grant, LedgerEntry
+from actors.money import Grant, LedgerEntry, clawback_order
 from actors.timeutil import US_PER_S
 
 REFUND_MEMORY_S = 180 * 86_400  # a refund id is applied once for this long
 REFUND_WAIT_S = 30 * 86_400  # a refund of a payment not credited yet waits this long for it
 MAX_REFUNDS_KEPT = 1_000
 MAX_REFUNDS_WAITING = 100
+DISPUTE_MEMORY_S = 400 * 86_400  # a dispute can be reinstated months after its withdrawal
+MAX_DISPUTES_KEPT = 1_000
 
 
 class RefundRecord(msgspec.Struct, array_like=True):
@@ -28,10 +33,24 @@ class RefundRecord(msgspec.Struct, array_like=True):
     at_us: int
     waiting: bool  # no credit of its payment was live yet: a credit within REFUND_WAIT_S meets it
     key: str | None = None  # its idempotency key: stamped on the clawback if it is made later
+    taken_micros: int = 0  # what it clawed back: a failed refund gives this back
+    grant_kind: str | None = None  # the kind and expiry of the grant it took from, for the give-back
+    grant_expires_us: int | None = None
+    reversed: bool = False  # failed or canceled (possibly before it was seen): it takes nothing more
+
+
+class DisputeRecord(msgspec.Struct, array_like=True):
+    dispute_id: str
+    payment_id: str
+    at_us: int
+    taken_micros: int = 0  # what its withdrawal took: a reinstatement gives this back
+    grant_kind: str = "topup"
+    withdrawn: bool = False
+    reinstated: bool = False  # (possibly before the withdrawal was seen: then neither moves money)
 
 
 class Refunds:
-    """OrgBillingActor's refunds of Stripe payments: refunds."""
+    """OrgBillingActor's refunds and disputes of Stripe payments: refunds, disputes."""
 
     __slots__ = ()
 
@@ -46,10 +65,11 @@ class Refunds:
         if any(r.refund_id == refund_id for r in self.refunds or ()):
             return None, True
         grant = self._grant_of_payment(payment_id, grant_id)
-        self._remember_refund(RefundRecord(refund_id, payment_id, amount_micros, now_us, grant is None, key))
+        record = RefundRecord(refund_id, payment_id, amount_micros, now_us, grant is None, key)
+        self._remember_refund(record)
         if grant is None:
             return None, False
-        entry = self._claw_back(grant, amount_micros, note, now_us, fx)
+        entry = self._claw_back(grant, amount_micros, note, now_us, fx, record=record)
         if entry is not None:
             self._halt_if_out_of_money(now_us, fx)
             if self.recharge is not None:
@@ -66,10 +86,12 @@ class Refunds:
         return None
 
     def _claw_back(self, grant: Grant, amount_micros: int, note: str | None, now_us: int,
-                   fx: Effects, key: str | None = None) -> LedgerEntry | None:
+                   fx: Effects, key: str | None = None, record: RefundRecord | None = None) -> LedgerEntry | None:
         taken = min(amount_micros, grant.remaining_micros)
         if taken == 0:
             return None
+        if record is not None:
+            record.taken_micros, record.grant_kind, record.grant_expires_us = taken, grant.kind, grant.expires_at_us
         grant.remaining_micros -= taken
         if grant.remaining_micros == 0:
             self.grants = [g for g in self.grants if g is not grant] or None
@@ -86,7 +108,65 @@ class Refunds:
                     # Keyed as the refund's own request would have been: Stripe lists a refund
                     # again in later events, and that must replay, never take it twice.
                     self._claw_back(grant, record.amount_micros, f"Stripe refund {record.refund_id}", now_us, fx,
-                                    record.key)
+                                    record.key, record)
+
+    def reverse_refund(self, refund_id: str, payment_id: str, now_us: int, fx: Effects,
+                       key: str | None = None) -> LedgerEntry | None:
+        """A refund that failed or was canceled (billing-rules 3.5): what it took comes back, once."""
+        self.advance(now_us, fx)
+        record = next((r for r in self.refunds or () if r.refund_id == refund_id), None)
+        if record is None:  # its failure came first: the refund, when it comes, takes nothing
+            self._remember_refund(RefundRecord(refund_id, payment_id, 0, now_us, False, key, reversed=True))
+            return None
+        if record.reversed:
+            return None
+        record.reversed, record.waiting = True, False
+        if record.taken_micros == 0:
+            return None
+        return self._add_credit(record.grant_kind, record.taken_micros, record.grant_expires_us,
+                                f"Stripe refund {refund_id} failed", now_us, fx, payment_id,
+                                entry_kind="refund_reversal")
+
+    def dispute_funds(self, command, now_us: int, fx: Effects) -> tuple[LedgerEntry | None, bool]:
+        """A dispute's withdrawal or reinstatement (billing-rules 3.6): (its ledger entry, or None
+        when it moved no money; whether this half of the dispute was applied before)."""
+        self.advance(now_us, fx)
+        record = next((d for d in self.disputes or () if d.dispute_id == command.dispute_id), None)
+        if record is None:
+            record = DisputeRecord(command.dispute_id, command.payment_id, now_us)
+            self.disputes = ((self.disputes or []) + [record])[-MAX_DISPUTES_KEPT:]
+        if not command.withdrawn:
+            if record.reinstated:
+                return None, True
+            record.reinstated = True
+            if record.taken_micros == 0:
+                return None, False
+            return self._add_credit(record.grant_kind, record.taken_micros, None, command.note, now_us, fx,
+                                    command.payment_id, entry_kind="dispute_reversal"), False
+        if record.withdrawn or record.reinstated:
+            return None, record.withdrawn
+        record.withdrawn = True
+        if self.recharge is not None:
+            self.recharge.paused = "disputed"  # never charge again, unasked, a card its owner disputes
+        owed = min(command.amount_micros, command.credited_micros)
+        if owed == 0:
+            return None, False
+        grant = self._grant_of_payment(command.payment_id, command.grant_id)
+        from_grant = min(owed, grant.remaining_micros) if grant is not None else 0
+        if from_grant:
+            grant.remaining_micros -= from_grant
+            if grant.remaining_micros == 0:
+                self.grants = [g for g in self.grants if g is not grant] or None
+        if owed > from_grant:
+            self._take(owed - from_grant, clawback_order)
+        record.taken_micros = owed
+        if grant is not None:
+            record.grant_kind = grant.kind
+        entry = LedgerEntry("dispute", -owed, now_us, grant.grant_id if grant is not None else None, None,
+                            command.note)
+        fx.ledger.append((self.org_id, entry))
+        self._halt_if_out_of_money(now_us, fx)
+        return entry, False
 
     def _remember_refund(self, record: RefundRecord) -> None:
         records = (self.refunds or []) + [record]
@@ -101,3 +181,6 @@ class Refunds:
             if record.waiting and now_us - record.at_us > REFUND_WAIT_S * US_PER_S:
                 record.waiting = False
         self.refunds = kept or None
+
+    def _forget_disputes(self, now_us: int) -> None:
+        self.disputes = [d for d in self.disputes if now_us - d.at_us <= DISPUTE_MEMORY_S * US_PER_S] or None

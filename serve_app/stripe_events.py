@@ -3,24 +3,27 @@
 Money effects carry an idempotency key named after the Stripe object that moved the money
 (the payment intent, the refund). The ledger's unique key then applies each one once, in
 the same transaction as its entry, however many events report it and in whatever order.
-Tier changes carry the event's `created` time, so an older event never undoes a newer one.
-Objects name their org in `metadata.org_id` (or a checkout session's `client_reference_id`),
-which metergate sets on everything it creates in Stripe, or by their `customer`, whose org
-is kept in stripe_customers.
+Subscription changes carry the event's `created` time and the subscription's id, so an older
+event of a subscription never undoes a newer one. Objects name their org in
+`metadata.org_id` (or a checkout session's `client_reference_id`), which metergate sets on
+everything it creates in Stripe, or by their `customer`, whose org is kept in
+stripe_customers; refunds and disputes name only their payment, whose credit names the org.
+Every type metergate acts on is in HANDLED, every type it deliberately leaves in IGNORED
+(docs/stripe.md is drawn from both).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
-from actors.commands import (Command, Credit, InvoiceFailed, InvoicePaid, RefundPayment, ResetPeriod,
-                             SetPaymentMethod, SettleRecharge, SetTier)
+from actors.commands import (Command, Credit, DisputeFunds, InvoiceFailed, InvoicePaid, RefundPayment,
+                             ReverseRefund, SetPaymentMethod, SettleRecharge, SubscriptionChanged)
 from actors.org import MAX_AMOUNT_MICROS, MICROS_PER_CENT
 from actors.timeutil import MAX_PLAUSIBLE_S
 from config.catalog import Catalog
 
 PAID_TIERS = ("pro", "pro_plus", "pro_plus_plus")
-ENDED_SUBSCRIPTION = ("canceled", "unpaid", "incomplete_expired")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class DunningPolicy:
     degrade_after_s: int
     downgrade_after_s: int
     free_plan: str
+    one_off_invoices: bool = False  # whether a failed one-off invoice starts dunning too
 
 
 
@@ -77,54 +81,171 @@ def customer_of(event: dict) -> str | None:
     return customer if isinstance(customer, str) else None
 
 
-def commands_for(event: dict, catalog: Catalog, customer_org: str | None = None,
-                 dunning: DunningPolicy | None = None) -> list[tuple[str, Command]]:
-    """`customer_org`: the org whose Stripe customer the object names, for objects without our metadata."""
+@dataclass(frozen=True)
+class PaymentCredit:
+    """What one Stripe payment bought, from the ledger entry its credit made."""
+
+    org_id: str
+    grant_id: str | None
+    credited_micros: int
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the edge looked up for an event: the org of the object's customer, and the credit
+    of each payment the event names (a refund or a dispute names only its payment)."""
+
+    customer_org: str | None = None
+    payments: Mapping[str, PaymentCredit] = field(default_factory=dict)
+
+
+class Refused(EventError):
+    """An event metergate will not apply by rule (money in another currency, a one-off
+    invoice, a payment it never credited): recorded with why, for the operator."""
+
+
+REFUND_EVENTS = ("refund.created", "refund.updated", "refund.failed", "charge.refund.updated")
+SUBSCRIPTION_EVENTS = ("customer.subscription.created", "customer.subscription.updated",
+                       "customer.subscription.deleted", "customer.subscription.paused",
+                       "customer.subscription.resumed")
+INVOICE_SETTLED = {"invoice.paid": "paid", "invoice.payment_succeeded": "paid", "invoice.voided": "voided",
+                   "invoice.marked_uncollectible": "uncollectible"}
+
+# Every event type metergate acts on, and what it does (docs/stripe.md lists these).
+HANDLED = {
+    "checkout.session.completed": "paid top-up: credit (USD only); paid subscription: its tier; setup: card on file",
+    "checkout.session.async_payment_succeeded": "as checkout.session.completed, once the payment cleared",
+    "customer.subscription.created": "the subscription's status, tier (by price, else metadata) and period",
+    "customer.subscription.updated": "the subscription's status, tier (by price, else metadata) and period",
+    "customer.subscription.deleted": "the subscription ends; the tier is the highest one still paid for",
+    "customer.subscription.paused": "a paused subscription pays for no tier",
+    "customer.subscription.resumed": "the subscription's tier again",
+    "invoice.payment_failed": "a subscription invoice failed: the dunning clock starts",
+    "invoice.paid": "the invoice is settled; dunning ends when no failed invoice is open",
+    "invoice.payment_succeeded": "the invoice is settled; dunning ends when no failed invoice is open",
+    "invoice.voided": "the invoice is settled without payment",
+    "invoice.marked_uncollectible": "the invoice is settled without payment",
+    "charge.refunded": "each refund (pending or succeeded) claws back from its payment's credit; a failed one gives back",
+    "refund.created": "the refund claws back from its payment's credit",
+    "refund.updated": "pending/succeeded: claws back; failed/canceled: gives back what it took",
+    "refund.failed": "gives back what the refund took",
+    "charge.refund.updated": "as refund.updated",
+    "charge.dispute.funds_withdrawn": "takes back what the disputed payment bought, spent or not",
+    "charge.dispute.funds_reinstated": "gives back what the dispute's withdrawal took",
+    "payment_intent.succeeded": "an auto-recharge charge: settled and credited",
+    "payment_intent.payment_failed": "an auto-recharge charge: settled as failed, auto-recharge paused",
+    "setup_intent.succeeded": "card on file",
+    "payment_method.attached": "card on file",
+    "payment_method.detached": "card on file only while the customer still has a payment method",
+    "customer.deleted": "the customer is forgotten; no card on file",
+}
+# Types metergate may be sent but deliberately does nothing with, and why.
+IGNORED = {
+    "checkout.session.async_payment_failed": "nothing was granted before the payment cleared",
+    "checkout.session.expired": "nothing was granted",
+    "customer.subscription.trial_will_end": "a reminder; a status change comes as customer.subscription.updated",
+    "invoice.created": "only payment outcomes move dunning",
+    "invoice.finalized": "only payment outcomes move dunning",
+    "invoice.upcoming": "only payment outcomes move dunning",
+    "credit_note.created": "a credit note that settles an invoice in full is followed by invoice.paid (amount_paid 0)",
+    "charge.dispute.created": "money moves with charge.dispute.funds_withdrawn",
+    "charge.dispute.closed": "money moves with charge.dispute.funds_withdrawn / funds_reinstated",
+    "payment_intent.processing": "the outcome comes as payment_intent.succeeded or payment_failed",
+    "payment_intent.canceled": "an auto-recharge that never confirmed is settled by the charger",
+    "customer.created": "metergate creates its customers itself",
+    "customer.updated": "nothing metergate keeps changed",
+    "charge.succeeded": "payments are credited by their Checkout session or payment intent",
+    "charge.failed": "payments are credited by their Checkout session or payment intent",
+}
+
+
+def payments_named(event: dict) -> list[str]:
+    """The payments (payment intent, else charge) whose credit the event's effect needs."""
     obj = (event.get("data") or {}).get("object") or {}
     kind = event.get("type", "")
-    org_id = org_of(obj) or customer_org
-    if org_id is None:
+    if kind.startswith("charge.dispute.") or kind in REFUND_EVENTS:
+        named = [_str(obj.get("payment_intent")) or _str(obj.get("charge"))]
+    elif kind == "charge.refunded":
+        named = [_str(obj.get("payment_intent")) or _str(obj.get("id"))]
+    else:
         return []
+    return [p for p in named if p]
+
+
+def commands_for(event: dict, catalog: Catalog, facts: Facts | None = None,
+                 dunning: DunningPolicy | None = None) -> list[tuple[str, Command]]:
+    """The org commands a verified event means ([]: nothing to do). Refused or EventError: not
+    applied, and why."""
+    facts = facts or Facts()
+    obj = (event.get("data") or {}).get("object") or {}
+    kind = event.get("type", "")
     as_of_us = _epoch_s(event.get("created", 0), "created") * 1_000_000
     try:
+        if kind.startswith("charge.dispute.funds_"):
+            return _dispute(obj, kind == "charge.dispute.funds_withdrawn", facts)
+        if kind in REFUND_EVENTS:
+            return _refund_object(obj, facts)
+        org_id = org_of(obj) or facts.customer_org
+        if kind == "charge.refunded":
+            return _refunds(obj, facts, org_id)
+        if org_id is None:
+            return []
         if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
-            return [(org_id, c) for c in _checkout(obj, catalog, as_of_us)]
+            return [(org_id, c) for c in _checkout(obj, catalog)]
         if kind in ("setup_intent.succeeded", "payment_method.attached"):
             return [(org_id, SetPaymentMethod(True))]
-        if kind in ("customer.subscription.created", "customer.subscription.updated"):
-            commands = _subscription(obj, catalog, as_of_us)
-            period = _current_period(obj)
-            if period is not None:
-                commands.append(ResetPeriod(*period))
-            return [(org_id, c) for c in commands]
+        if kind in SUBSCRIPTION_EVENTS:
+            return [(org_id, _subscription(obj, catalog, as_of_us, ended=kind.endswith(".deleted")))]
         if kind == "invoice.payment_failed" and dunning is not None:
+            if not (dunning.one_off_invoices or _subscription_invoice(obj)):
+                raise Refused("a one-off invoice does not start dunning (METERGATE_DUNNING_ONE_OFF_INVOICES)")
             free = catalog.current_plan(dunning.free_plan, as_of_us)
             if free is None:
                 raise EventError(f"the dunning free plan {dunning.free_plan!r} is not in the catalog")
             return [(org_id, InvoiceFailed(as_of_us, dunning.suspend_after_s, dunning.degrade_after_s,
                                            dunning.downgrade_after_s, free.id, free.version, _str(obj.get("id"))))]
-        if kind in ("invoice.paid", "invoice.payment_succeeded"):
+        if kind in INVOICE_SETTLED:
             paid = obj.get("amount_paid")
-            return [(org_id, InvoicePaid(as_of_us, _str(obj.get("id")), _cents(paid, "amount_paid", 0) // MICROS_PER_CENT if paid is not None else None))]
-        if kind == "customer.subscription.deleted":
-            return [(org_id, _base_tier(catalog, as_of_us))]
-        if kind == "charge.refunded":
-            return [(org_id, c) for c in _refunds(obj)]
+            cents = _cents(paid, "amount_paid", 0) // MICROS_PER_CENT if paid is not None else None
+            return [(org_id, InvoicePaid(as_of_us, _str(obj.get("id")), cents, INVOICE_SETTLED[kind]))]
         if kind in ("payment_intent.succeeded", "payment_intent.payment_failed"):
             return [(org_id, c) for c in _auto_recharge(obj, kind == "payment_intent.succeeded")]
+    except EventError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise EventError(f"{kind}: {exc!r}") from None
     return []
 
 
-def _checkout(session: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
+def _subscription_invoice(invoice: dict) -> bool:
+    """Whether an invoice bills a subscription (the shapes of newer and older API versions)."""
+    parent = invoice.get("parent")
+    details = (parent.get("subscription_details") or {}) if isinstance(parent, dict) else {}
+    return bool(details.get("subscription") or invoice.get("subscription")
+                or str(invoice.get("billing_reason") or "").startswith("subscription"))
+
+
+def _usd(obj: dict, what: str) -> None:
+    currency = obj.get("currency")
+    if currency is not None and currency != "usd":
+        raise Refused(f"{what} is in {str(currency)[:8]!r}: metergate takes USD only, and credited nothing")
+
+
+def _checkout(session: dict, catalog: Catalog) -> list[Command]:
     mode = session.get("mode")
     if mode == "setup":
         return [SetPaymentMethod(True)]
+    paid = session.get("payment_status") in ("paid", "no_payment_required")
     if mode == "subscription":
-        return _subscription({"status": "active", "metadata": session.get("metadata")}, catalog, as_of_us)
+        subscription = _str(session.get("subscription"))
+        if not paid or subscription is None:
+            return []  # its customer.subscription.* events say when it pays for a tier
+        # The weakest news (as of 0): the subscription's own events, whenever they come, win.
+        return [_subscription({"id": subscription, "status": "active", "metadata": session.get("metadata")},
+                              catalog, 0, ended=False, with_period=False)]
     if mode != "payment" or session.get("payment_status") != "paid":
         return []  # not paid yet: async methods report later with async_payment_succeeded
+    _usd(session, "the payment")
     metadata = session.get("metadata") or {}
     amount = _micros(metadata["credit_micros"], "metadata.credit_micros") if metadata.get("credit_micros") else \
         _cents(session["amount_total"], "amount_total")
@@ -135,14 +256,34 @@ def _checkout(session: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
                    f"Stripe checkout {session['id']}", f"stripe:payment:{payment}", intent)]
 
 
-def _subscription(subscription: dict, catalog: Catalog, as_of_us: int) -> list[Command]:
+def tier_of(subscription: dict, catalog: Catalog) -> str | None:
+    """The paid tier a subscription is for: by its items' prices (a portal switch changes
+    only the price), else by the metadata metergate set when it opened it."""
+    by_price = {price: tier for tier, price in catalog.stripe_prices.items() if tier in PAID_TIERS}
+    items = (subscription.get("items") or {}).get("data") or []
+    tiers = []
+    for item in items if isinstance(items, list) else ():
+        price = item.get("price") if isinstance(item, dict) else None
+        price_id = price.get("id") if isinstance(price, dict) else price
+        if isinstance(price_id, str) and price_id in by_price:
+            tiers.append(by_price[price_id])
+    if tiers:
+        return max(tiers, key=lambda t: catalog.tiers[t])
     tier = (subscription.get("metadata") or {}).get("tier")
-    status = subscription.get("status")
-    if status in ENDED_SUBSCRIPTION:
-        return [_base_tier(catalog, as_of_us)]
-    if status in ("active", "trialing") and tier in PAID_TIERS:
-        return [SetTier(tier, catalog.tiers[tier], as_of_us)]
-    return []
+    return tier if tier in PAID_TIERS and tier in catalog.tiers else None
+
+
+def _subscription(subscription: dict, catalog: Catalog, as_of_us: int, ended: bool,
+                  with_period: bool = True) -> SubscriptionChanged:
+    subscription_id = _str(subscription.get("id"))
+    if subscription_id is None:
+        raise EventError("the subscription has no id")
+    status = "canceled" if ended else str(subscription.get("status") or "")[:32]
+    tier = tier_of(subscription, catalog)
+    anchor, end = (_current_period(subscription) if with_period else None) or (None, None)
+    base = catalog.default_tier
+    return SubscriptionChanged(subscription_id, status, tier, catalog.tiers[tier] if tier else 0, as_of_us,
+                               base, catalog.tiers[base], anchor, end)
 
 
 def _str(value) -> str | None:
@@ -162,10 +303,6 @@ def _current_period(subscription: dict) -> tuple[int, int | None] | None:
             _epoch_s(end, "current_period_end") * 1_000_000 if end else None)
 
 
-def _base_tier(catalog: Catalog, as_of_us: int) -> SetTier:
-    return SetTier(catalog.default_tier, catalog.tiers[catalog.default_tier], as_of_us)
-
-
 def _auto_recharge(intent: dict, succeeded: bool) -> list[Command]:
     """Only our own off-session charges: a checkout's payment is credited by its session."""
     metadata = intent.get("metadata") or {}
@@ -177,22 +314,62 @@ def _auto_recharge(intent: dict, succeeded: bool) -> list[Command]:
                                       intent["id"], reason)]
 
 
-def _refunds(charge: dict) -> list[Command]:
-    """Each refund claws back only what its payment bought (billing-rules 3): the payment is
-    the charge's payment intent, which a credit paid through Stripe remembers."""
+def _payment_credit(payment: str | None, facts: Facts, what: str) -> PaymentCredit:
+    credit = facts.payments.get(payment) if payment else None
+    if credit is None:
+        raise Refused(f"{what} names payment {payment}, which bought no credit metergate knows of")
+    return credit
+
+
+def _refund_command(refund: dict, payment: str, credit: PaymentCredit) -> Command:
+    refund_id = _str(refund.get("id"))
+    if refund_id is None:
+        raise EventError("a refund has no id")
+    _usd(refund, f"refund {refund_id}")
+    status = refund.get("status", "succeeded")
+    if status in ("failed", "canceled"):
+        return ReverseRefund(refund_id, payment, f"stripe:refund:{refund_id}:reversed")
+    if status not in ("pending", "succeeded", "requires_action"):
+        raise EventError(f"refund {refund_id} has status {str(status)[:32]!r}")
+    return RefundPayment(refund_id, payment, _cents(refund["amount"], "refunds.amount"),
+                         f"Stripe refund {refund_id} of {payment}", f"stripe:refund:{refund_id}", credit.grant_id)
+
+
+def _refund_object(refund: dict, facts: Facts) -> list[tuple[str, Command]]:
+    """refund.* events: the refund alone, which names its payment, never the org."""
+    payment = _str(refund.get("payment_intent")) or _str(refund.get("charge"))
+    credit = _payment_credit(payment, facts, f"refund {refund.get('id')}")
+    return [(credit.org_id, _refund_command(refund, payment, credit))]
+
+
+def _refunds(charge: dict, facts: Facts, org_id: str | None) -> list[tuple[str, Command]]:
+    """Each refund of a charge claws back only what its payment bought (billing-rules 3): the
+    payment is the charge's payment intent, which a credit paid through Stripe remembers.
+    A pending refund counts (Stripe took the money back already); a failed one gives back."""
     refunds = (charge.get("refunds") or {}).get("data")
     if refunds is None:
         raise EventError("charge.refunded without refunds.data; expand `refunds` on the webhook")
     payment = _str(charge.get("payment_intent")) or _str(charge.get("id"))
     if payment is None:
         raise EventError("charge.refunded names no charge id")
-    commands: list[Command] = []
-    for refund in refunds:
-        if refund.get("status", "succeeded") != "succeeded":
-            continue
-        refund_id = _str(refund.get("id"))
-        if refund_id is None:
-            raise EventError("a refund in refunds.data has no id")
-        commands.append(RefundPayment(refund_id, payment, _cents(refund["amount"], "refunds.amount"),
-                                      f"Stripe refund {refund_id} of {payment}", f"stripe:refund:{refund_id}"))
-    return commands
+    credit = facts.payments.get(payment)
+    if credit is None:
+        if org_id is None:
+            return []
+        credit = PaymentCredit(org_id, None, 0)  # a refund before its credit waits for it (rule 3.3)
+    return [(credit.org_id, _refund_command(refund, payment, credit)) for refund in refunds]
+
+
+def _dispute(dispute: dict, withdrawn: bool, facts: Facts) -> list[tuple[str, Command]]:
+    """A dispute names its charge and payment intent, not the org: the payment's credit does."""
+    dispute_id = _str(dispute.get("id"))
+    if dispute_id is None:
+        raise EventError("the dispute has no id")
+    payment = _str(dispute.get("payment_intent")) or _str(dispute.get("charge"))
+    credit = _payment_credit(payment, facts, f"dispute {dispute_id}")
+    _usd(dispute, f"dispute {dispute_id}")
+    half = "withdrawn" if withdrawn else "reinstated"
+    return [(credit.org_id, DisputeFunds(
+        dispute_id, payment, _cents(dispute["amount"], "amount"), withdrawn, credit.credited_micros,
+        credit.grant_id, f"Stripe dispute {dispute_id} of {payment}: funds {half}",
+        f"stripe:dispute:{dispute_id}:{half}"))]

@@ -49,10 +49,15 @@ async def history(conn: asyncpg.Connection, org_id: str,
              dt_to_us(r["expires_at"]) if r["expires_at"] is not None else None) for r in rows]
 
 
-async def grant_of_key(conn: asyncpg.Connection, org_id: str, key: str) -> str | None:
-    """The grant that the ledger entry under this idempotency key made (None: no such entry,
-    or it made no grant)."""
-    return await conn.fetchval("SELECT grant_id FROM ledger WHERE org_id = $1 AND idempotency_key = $2", org_id, key)
+async def credits_of_payments(conn: asyncpg.Connection, payment_ids: list[str]) -> dict[str, tuple[str, str | None, int]]:
+    """What each Stripe payment bought: payment id -> (org id, the grant its credit made,
+    the credit's amount), for the payments metergate credited (billing-rules 3)."""
+    rows = await conn.fetch(
+        "SELECT idempotency_key, org_id, grant_id, amount_micros FROM ledger"
+        " WHERE idempotency_key = ANY($1::text[]) AND idempotency_key LIKE 'stripe:payment:%'",
+        [f"stripe:payment:{p}" for p in payment_ids])
+    return {r["idempotency_key"].removeprefix("stripe:payment:"): (r["org_id"], r["grant_id"], r["amount_micros"])
+            for r in rows}
 
 
 async def write_usage_history(conn: asyncpg.Connection, org_id: str, end_us: int, minutes: int,

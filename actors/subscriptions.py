@@ -1,0 +1,69 @@
+"""Stripe subscriptions of an org, by id: the tier is the highest one a live subscription
+pays for, and only that subscription's period is the org's quota period (billing-rules 7.6).
+
+A customer may hold several subscriptions (a tier change that opened a second one, a
+portal switch): each is tracked on its own, in the order Stripe decided its changes, so a
+late event of one never undoes a newer one, and ending one subscription leaves the others.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import msgspec
+
+from actors.effects import Effects
+
+# The statuses in which a subscription pays for its tier (past_due: still its tier, dunning
+# runs on its invoice). incomplete, incomplete_expired, paused, canceled, unpaid do not.
+GRANTING = frozenset({"active", "trialing", "past_due"})
+MAX_SUBSCRIPTIONS_KEPT = 20  # past that, ended ones are forgotten first
+
+
+class SubscriptionRecord(msgspec.Struct, array_like=True):
+    subscription_id: str
+    status: str
+    tier: str | None
+    max_concurrent: int
+    as_of_us: int
+    anchor_us: int | None = None
+    end_us: int | None = None
+
+    @property
+    def grants_tier(self) -> bool:
+        return self.status in GRANTING and self.tier is not None
+
+
+class Subscriptions:
+    """OrgBillingActor's Stripe subscriptions: subscriptions (and the tier they set)."""
+
+    __slots__ = ()
+
+    def subscription_changed(self, change, now_us: int, fx: Effects) -> bool:
+        """Apply one subscription's news; False when older than what it said last (ignored)."""
+        self.advance(now_us, fx)
+        records = self.subscriptions or []
+        record = next((r for r in records if r.subscription_id == change.subscription_id), None)
+        if record is not None and change.as_of_us < record.as_of_us:
+            return False
+        fresh = SubscriptionRecord(change.subscription_id, change.status, change.tier, change.max_concurrent,
+                                   change.as_of_us, change.anchor_us, change.end_us)
+        records = [r for r in records if r is not record] + [fresh]
+        while len(records) > MAX_SUBSCRIPTIONS_KEPT:
+            ended = next((r for r in records if not r.grants_tier), records[0])
+            records.remove(ended)
+        self.subscriptions = records
+        ruling = self._ruling_subscription()
+        if ruling is None:
+            self.tier, self.max_concurrent = sys.intern(change.base_tier), change.base_max_concurrent
+        else:
+            self.tier, self.max_concurrent = sys.intern(ruling.tier), ruling.max_concurrent
+            if ruling is fresh and fresh.anchor_us is not None:
+                self.reset_period(fresh.anchor_us, fresh.end_us, now_us, fx)
+        self.tier_as_of_us = max(self.tier_as_of_us, change.as_of_us)
+        return True
+
+    def _ruling_subscription(self) -> SubscriptionRecord | None:
+        """The live subscription of the highest tier (the newest of equals)."""
+        live = [r for r in self.subscriptions or () if r.grants_tier]
+        return max(live, key=lambda r: (r.max_concurrent, r.as_of_us)) if live else None

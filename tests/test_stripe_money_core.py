@@ -1,0 +1,278 @@
+"""Stripe's real behaviours through the pure core (issue 24): several subscriptions, per-invoice
+dunning, voided invoices, pending and failed refunds, disputes, other currencies.
+
+Each scenario sends events shaped as Stripe sends them through `commands_for` (the mapping
+the webhook uses) into the core, and checks the state against numbers worked out by hand
+from docs/concepts/billing-rules.md. Every org is rebuilt from its snapshot and journal at the
+end: what the live org did, replay must do alike.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from actors.commands import (JOURNAL_DECODER, JOURNAL_ENCODER, Advance, JournalItem, SetAutoRecharge, Stale, execute,
+                             replay)
+from actors.org import OrgBillingActor, OrgSnapshot
+from actors.timeutil import US_PER_S
+from serve_app.stripe_events import DunningPolicy, Facts, PaymentCredit, Refused, commands_for
+from tests.helpers import CATALOG, DAY_US, ORG_ID, T0, make_org
+
+DUNNING = DunningPolicy(3 * 86_400, 7 * 86_400, 14 * 86_400, "free")
+SIGNUP = CATALOG.signup_grant_micros
+
+
+class Org:
+    """One org, fed Stripe events; every command journaled as the shard would."""
+
+    def __init__(self, **kwargs) -> None:
+        self.org, self.fx = make_org(**kwargs)
+        self.start = msgspec.msgpack.encode(self.org.to_snapshot())
+        self.journal: list[bytes] = []
+
+    def send(self, kind: str, obj: dict, at_us: int, facts: Facts | None = None, created_us: int | None = None):
+        event = {"id": "evt_1", "type": kind, "created": (created_us or at_us) // US_PER_S,
+                 "data": {"object": obj}}
+        outcomes = []
+        for org_id, command in commands_for(event, CATALOG, facts or Facts(customer_org=ORG_ID), DUNNING):
+            assert org_id == ORG_ID
+            outcomes.append(execute(self.org, command, CATALOG, at_us, self.fx))
+            self.journal.append(JOURNAL_ENCODER.encode([JournalItem(at_us, command)]))
+        return outcomes
+
+    def rebuilt(self) -> OrgBillingActor:
+        org = OrgBillingActor.from_snapshot(msgspec.msgpack.decode(self.start, type=OrgSnapshot), CATALOG)
+        for entry in self.journal:
+            replay(org, JOURNAL_DECODER.decode(entry), CATALOG)
+        assert org.to_snapshot() == self.org.to_snapshot()
+        return org
+
+    def ledger(self, *kinds: str) -> list[tuple[str, int]]:
+        return [(e.kind, e.amount_micros) for _, e in self.fx.ledger if not kinds or e.kind in kinds]
+
+
+def subscription(sub_id: str, status: str, price: str | None = None, tier: str | None = None,
+                 start_s: int | None = None, end_s: int | None = None) -> dict:
+    """A subscription as API versions since 2025 send it: the period on its items."""
+    item = {"id": f"si_{sub_id}", "object": "subscription_item",
+            "price": {"id": price or "price_other", "object": "price"}}
+    if start_s is not None:
+        item.update(current_period_start=start_s, current_period_end=end_s)
+    return {"id": sub_id, "object": "subscription", "status": status, "customer": "cus_1",
+            "items": {"object": "list", "data": [item]}, "metadata": {"tier": tier} if tier else {}}
+
+
+PRO, PRO_PLUS = CATALOG.stripe_prices["pro"], CATALOG.stripe_prices["pro_plus"]
+
+
+# ----- finding 1: several subscriptions ------------------------------------------------------
+
+
+def test_cancelling_the_old_subscription_keeps_the_tier_the_new_one_pays_for():
+    o = Org()
+    o.send("customer.subscription.created", subscription("sub_pro", "active", PRO), T0)
+    o.send("customer.subscription.created", subscription("sub_plus", "active", PRO_PLUS), T0 + 60 * US_PER_S)
+    assert (o.org.tier, o.org.max_concurrent) == ("pro_plus", 600)
+    # The old Pro renews: it must not set Pro back while Pro+ is paid for.
+    o.send("customer.subscription.updated", subscription("sub_pro", "active", PRO), T0 + 120 * US_PER_S)
+    assert o.org.tier == "pro_plus"
+    o.send("customer.subscription.deleted", subscription("sub_pro", "canceled", PRO), T0 + 180 * US_PER_S)
+    assert (o.org.tier, o.org.max_concurrent) == ("pro_plus", 600)
+    o.send("customer.subscription.deleted", subscription("sub_plus", "canceled", PRO_PLUS), T0 + 240 * US_PER_S)
+    assert (o.org.tier, o.org.max_concurrent) == ("base", CATALOG.tiers["base"])
+    o.rebuilt()
+
+
+def test_a_late_event_of_one_subscription_never_undoes_its_newer_state():
+    o = Org()
+    o.send("customer.subscription.deleted", subscription("sub_a", "canceled", PRO), T0, created_us=T0)
+    late = o.send("customer.subscription.updated", subscription("sub_a", "active", PRO), T0 + US_PER_S,
+                  created_us=T0 - 60 * US_PER_S)
+    assert isinstance(late[0], Stale) and o.org.tier == "base"
+    o.rebuilt()
+
+
+def test_only_the_ruling_subscription_moves_the_quota_period():
+    o = Org()
+    day = 86_400
+    t = T0 // US_PER_S
+    o.send("customer.subscription.created", subscription("sub_plus", "active", PRO_PLUS, start_s=t, end_s=t + 30 * day), T0)
+    first_start = o.org.period_start_us
+    # Another (lower) subscription renewing later must not restart the quota period.
+    o.send("customer.subscription.updated",
+           subscription("sub_pro", "active", PRO, start_s=t + 10 * day, end_s=t + 40 * day), T0 + 10 * DAY_US)
+    assert o.org.period_start_us == first_start and o.org.period_anchor_us == T0
+    o.rebuilt()
+
+
+@pytest.mark.parametrize("status", ["incomplete", "incomplete_expired", "paused", "unpaid", "canceled"])
+def test_statuses_that_pay_for_no_tier_grant_none(status):
+    o = Org()
+    o.send("customer.subscription.updated", subscription("sub_a", status, PRO), T0)
+    assert o.org.tier == "base"
+
+
+def test_the_tier_follows_the_price_a_portal_switch_sets_not_stale_metadata():
+    o = Org()
+    o.send("customer.subscription.updated", subscription("sub_a", "active", PRO_PLUS, tier="pro"), T0)
+    assert o.org.tier == "pro_plus"
+
+
+def test_an_unpaid_subscription_checkout_grants_nothing_and_a_paid_one_yields_to_the_subscription():
+    o = Org()
+    session = {"id": "cs_1", "object": "checkout.session", "mode": "subscription", "payment_status": "unpaid",
+               "subscription": "sub_a", "metadata": {"org_id": ORG_ID, "tier": "pro"}}
+    assert o.send("checkout.session.completed", session, T0) == []
+    assert o.org.tier == "base"
+    o.send("checkout.session.async_payment_succeeded", {**session, "payment_status": "paid"}, T0 + US_PER_S)
+    assert o.org.tier == "pro"
+    # The subscription's own event, sent before the session completed, still counts.
+    o.send("customer.subscription.updated", subscription("sub_a", "incomplete_expired", PRO), T0 + 2 * US_PER_S,
+           created_us=T0 - US_PER_S)
+    assert o.org.tier == "base"
+    o.rebuilt()
+
+
+# ----- findings 2 and 10: dunning per invoice -------------------------------------------------
+
+
+def invoice(invoice_id: str, amount_paid: int = 0, subscription_id: str | None = "sub_a") -> dict:
+    parent = {"type": "subscription_details", "subscription_details": {"subscription": subscription_id}} \
+        if subscription_id else None
+    return {"id": invoice_id, "object": "invoice", "customer": "cus_1", "amount_paid": amount_paid,
+            "billing_reason": "subscription_cycle" if subscription_id else "manual", "parent": parent}
+
+
+@pytest.mark.parametrize("settled", ["invoice.voided", "invoice.marked_uncollectible", "invoice.paid"])
+def test_an_invoice_that_can_no_longer_be_paid_ends_dunning(settled):
+    o = Org()
+    o.send("invoice.payment_failed", invoice("in_1"), T0)
+    o.send("invoice.payment_failed", invoice("in_1"), T0 + 3 * DAY_US + US_PER_S)  # a retry failed
+    assert o.org.suspended
+    o.send(settled, invoice("in_1", amount_paid=0), T0 + 4 * DAY_US)  # credited in full: amount_paid 0
+    assert o.org.dunning is None and not o.org.suspended
+    # ... and it did not prove the org pays: a later failure suspends again.
+    assert not o.org.paid_invoice
+    o.rebuilt()
+
+
+def test_a_late_failure_of_an_invoice_counts_after_a_newer_invoice_was_paid():
+    o = Org()
+    o.send("invoice.paid", invoice("in_b", amount_paid=2_000), T0 + 10 * US_PER_S)
+    o.send("invoice.payment_failed", invoice("in_a"), T0 + 20 * US_PER_S, created_us=T0)
+    assert o.org.dunning is not None and o.org.dunning.invoice_ids == ["in_a"]
+    # ...but a failure of an invoice already settled is old news.
+    o.send("invoice.payment_failed", invoice("in_b"), T0 + 30 * US_PER_S, created_us=T0)
+    assert o.org.dunning.invoice_ids == ["in_a"]
+    o.rebuilt()
+
+
+def test_a_one_off_invoice_does_not_start_dunning():
+    o = Org()
+    with pytest.raises(Refused, match="one-off"):
+        o.send("invoice.payment_failed", invoice("in_x", subscription_id=None), T0)
+    assert o.org.dunning is None
+
+
+def test_the_first_failed_invoice_of_a_new_org_voided_at_incomplete_expired_never_suspends_it():
+    o = Org()
+    o.send("invoice.payment_failed", invoice("in_first"), T0)
+    o.send("customer.subscription.updated", subscription("sub_a", "incomplete_expired", PRO), T0 + DAY_US)
+    o.send("invoice.voided", invoice("in_first"), T0 + DAY_US + US_PER_S)
+    execute(o.org, Advance(), CATALOG, T0 + 15 * DAY_US, o.fx)
+    assert not o.org.suspended and o.org.dunning is None and o.org.plan.id == "payg"
+
+
+# ----- finding 4: pending and failed refunds --------------------------------------------------
+
+
+def paid(o: Org, payment: str, cents: int, at_us: int = T0) -> Facts:
+    session = {"id": f"cs_{payment}", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "currency": "usd", "amount_total": cents, "payment_intent": payment,
+               "metadata": {"org_id": ORG_ID}}
+    (booked,) = o.send("checkout.session.completed", session, at_us)
+    return Facts(ORG_ID, {payment: PaymentCredit(ORG_ID, booked.entry.grant_id, cents * 10_000)})
+
+
+def refund(refund_id: str, payment: str, cents: int, status: str) -> dict:
+    return {"id": refund_id, "object": "refund", "amount": cents, "currency": "usd", "payment_intent": payment,
+            "charge": "ch_1", "status": status}
+
+
+def test_a_pending_refund_claws_back_and_its_failure_gives_it_back_once():
+    o = Org()
+    facts = paid(o, "pi_1", 1_000)
+    o.send("refund.created", refund("re_1", "pi_1", 400, "pending"), T0 + US_PER_S, facts)
+    assert o.org.balance_micros == SIGNUP + 6_000_000
+    o.send("refund.updated", refund("re_1", "pi_1", 400, "succeeded"), T0 + 2 * US_PER_S, facts)
+    assert o.org.balance_micros == SIGNUP + 6_000_000
+    for at in (3, 4):
+        o.send("refund.failed", refund("re_1", "pi_1", 400, "failed"), T0 + at * US_PER_S, facts)
+    assert o.org.balance_micros == SIGNUP + 10_000_000
+    assert o.ledger("refund", "refund_reversal") == [("refund", -4_000_000), ("refund_reversal", 4_000_000)]
+    o.rebuilt()
+
+
+def test_a_refund_failure_seen_first_makes_the_refund_take_nothing():
+    o = Org()
+    facts = paid(o, "pi_1", 1_000)
+    o.send("refund.failed", refund("re_1", "pi_1", 400, "failed"), T0 + US_PER_S, facts)
+    o.send("charge.refunded", {"id": "ch_1", "object": "charge", "payment_intent": "pi_1", "customer": "cus_1",
+                               "refunds": {"data": [refund("re_1", "pi_1", 400, "pending")]}},
+           T0 + 2 * US_PER_S, facts)
+    assert o.org.balance_micros == SIGNUP + 10_000_000 and o.ledger("refund", "refund_reversal") == []
+
+
+# ----- finding 3: disputes --------------------------------------------------------------------
+
+
+def dispute(dispute_id: str, payment: str, cents: int, currency: str = "usd") -> dict:
+    return {"id": dispute_id, "object": "dispute", "amount": cents, "currency": currency, "charge": "ch_1",
+            "payment_intent": payment, "status": "needs_response", "reason": "fraudulent"}
+
+
+def test_a_dispute_takes_back_spent_credit_as_debt_and_its_reinstatement_gives_it_back():
+    o = Org(signup_micros=0)
+    facts = paid(o, "pi_1", 2_000)  # +20 USD
+    o.org.debit("adjustment", 15_000_000, None, T0 + US_PER_S, o.fx)  # 15 of it spent (stands for usage)
+    o.journal.clear()
+    o.start = msgspec.msgpack.encode(o.org.to_snapshot())
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 2_000), T0 + 2 * US_PER_S, facts)
+    assert (o.org.balance_micros, o.org.debt_micros) == (-15_000_000, 15_000_000)
+    assert o.org.halted is not None
+    again = o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 2_000), T0 + 3 * US_PER_S, facts)
+    assert isinstance(again[0], Stale) and o.org.balance_micros == -15_000_000
+    o.send("charge.dispute.funds_reinstated", dispute("dp_1", "pi_1", 2_000), T0 + 4 * US_PER_S, facts)
+    o.send("charge.dispute.funds_reinstated", dispute("dp_1", "pi_1", 2_000), T0 + 5 * US_PER_S, facts)
+    assert o.org.balance_micros == 5_000_000 and o.org.halted is None
+    assert o.ledger("dispute", "dispute_reversal") == [("dispute", -20_000_000), ("dispute_reversal", 20_000_000)]
+    o.rebuilt()
+
+
+def test_a_dispute_of_a_payment_that_bought_no_credit_is_refused_and_takes_nothing():
+    o = Org()
+    with pytest.raises(Refused, match="bought no credit"):
+        o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_sub", 2_000), T0, Facts(ORG_ID))
+    assert o.org.balance_micros == SIGNUP
+
+
+def test_a_dispute_pauses_auto_recharge():
+    o = Org(card=True)
+    facts = paid(o, "pi_1", 2_000)
+    execute(o.org, SetAutoRecharge(True, 1_000_000, 10_000_000, 3, 0), CATALOG, T0 + US_PER_S, o.fx)
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 2_000), T0 + 2 * US_PER_S, facts)
+    assert o.org.recharge.paused == "disputed"
+
+
+# ----- finding 7: other currencies ------------------------------------------------------------
+
+
+def test_a_payment_in_another_currency_credits_nothing():
+    o = Org()
+    session = {"id": "cs_krw", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "currency": "krw", "amount_total": 10_000, "payment_intent": "pi_krw",
+               "client_reference_id": ORG_ID, "metadata": {}}
+    with pytest.raises(Refused, match="'krw'"):
+        o.send("checkout.session.completed", session, T0)
+    assert o.org.balance_micros == SIGNUP
