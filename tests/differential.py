@@ -149,6 +149,15 @@ class EngineOrg:
             case "stripe_refund":
                 return cmd.RefundPayment(step["refund_id"], step["payment_id"], step["amount_micros"], None,
                                          step.get("key"))
+            case "stripe_refund_failed":
+                return cmd.ReverseRefund(step["refund_id"], step["payment_id"], step.get("key"))
+            case "dispute":
+                return cmd.DisputeFunds(step["dispute_id"], step["payment_id"], step["amount_micros"],
+                                        step["withdrawn"], step["credited_micros"], None, None, step.get("key"))
+            case "subscription":
+                return cmd.SubscriptionChanged(step["subscription_id"], step["status"], step["tier"],
+                                               step["max_concurrent"], step["as_of_us"], step["base_tier"],
+                                               step["base_max_concurrent"], step.get("start_us"), step.get("end_us"))
             case "acquire":
                 return cmd.AcquireLease(step["lease_id"], _resources(step["resources"]), step["ttl_s"])
             case "renew":
@@ -178,7 +187,8 @@ class EngineOrg:
                                          step["downgrade_after_s"], step["free_plan_id"], step["free_plan_version"],
                                          step.get("invoice_id"))
             case "invoice_paid":
-                return cmd.InvoicePaid(step["as_of_us"], step.get("invoice_id"), step.get("amount_paid_cents"))
+                return cmd.InvoicePaid(step["as_of_us"], step.get("invoice_id"), step.get("amount_paid_cents"),
+                                       step.get("settled_by", "paid"))
             case "subscription_period":
                 return cmd.ResetPeriod(step["start_us"], step.get("end_us"))
             case "set_alerts":
@@ -194,7 +204,7 @@ class EngineOrg:
                 return {"clawed_micros": -entry.amount_micros}
             case cmd.Booked(entry=entry):
                 return {"entry": (entry.kind, entry.amount_micros, entry.grant_id, entry.expires_at_us)}
-            case cmd.Stale() if kind == "stripe_refund":
+            case cmd.Stale() if kind in ("stripe_refund", "dispute"):
                 return {"duplicate": True}
             case cmd.Stale():
                 return {"stale": True}
@@ -407,13 +417,34 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
                                             "amount_micros": amount, "key": f"stripe:refund:{rid}"},
                   st.sampled_from([f"re_{serial}", "re_again", "re_other"]),
                   st.sampled_from(payments + [f"pi_{serial + 1}", "pi_invoice"]), amounts),
+        st.builds(lambda rid, pid: {"type": "stripe_refund_failed", "refund_id": rid, "payment_id": pid,
+                                    "key": f"stripe:refund:{rid}:reversed"},
+                  st.sampled_from([f"re_{serial}", "re_again", "re_other"]),
+                  st.sampled_from(payments + [f"pi_{serial + 1}"])),
+        st.builds(lambda did, pid, amount, credited, withdrawn: {
+            "type": "dispute", "dispute_id": did, "payment_id": pid, "amount_micros": amount,
+            "credited_micros": credited, "withdrawn": withdrawn,
+            "key": f"stripe:dispute:{did}:{'withdrawn' if withdrawn else 'reinstated'}"},
+            st.sampled_from(["dp_1", "dp_2", f"dp_{serial}"]), st.sampled_from(payments + ["pi_invoice"]),
+            amounts, st.one_of(st.just(0), amounts), st.booleans()),
+        st.builds(lambda sub, status, tier, back_s, period: {
+            "type": "subscription", "subscription_id": sub, "status": status, "tier": tier,
+            "max_concurrent": ENGINE_CATALOG.tiers[tier] if tier else 0, "as_of_us": now - back_s * US,
+            "base_tier": ENGINE_CATALOG.default_tier, "base_max_concurrent": ENGINE_CATALOG.tiers[ENGINE_CATALOG.default_tier],
+            "start_us": None if period is None else now - period[0] * US,
+            "end_us": None if period is None or not period[1] else now - period[0] * US + period[1] * DAY_US},
+            st.sampled_from(["sub_a", "sub_b", "sub_c"]),
+            st.sampled_from(["active", "trialing", "past_due", "incomplete", "paused", "canceled", "unpaid"]),
+            st.sampled_from([None, "pro", "pro_plus"]), st.integers(0, 3 * DAY_S),
+            st.one_of(st.none(), st.tuples(st.integers(0, 40 * DAY_S), st.sampled_from((0, 7, 30))))),
         st.builds(lambda since_s, invoice: {"type": "invoice_failed", "since_us": now - since_s * US,
                                             "invoice_id": invoice, **DUNNING},
                   st.integers(0, 20 * DAY_S), st.sampled_from(["in_1", "in_2", None])),
-        st.builds(lambda as_of_s, invoice, paid: {"type": "invoice_paid", "as_of_us": now - as_of_s * US,
-                                                  "invoice_id": invoice, "amount_paid_cents": paid},
+        st.builds(lambda as_of_s, invoice, paid, how: {"type": "invoice_paid", "as_of_us": now - as_of_s * US,
+                                                       "invoice_id": invoice, "amount_paid_cents": paid,
+                                                       "settled_by": how},
                   st.integers(0, 3 * DAY_S), st.sampled_from(["in_1", "in_2", "in_3", None]),
-                  st.sampled_from([0, 900, None])),
+                  st.sampled_from([0, 900, None]), st.sampled_from(["paid", "paid", "voided", "uncollectible"])),
         st.builds(lambda back_s, length_d, with_end: {
             "type": "subscription_period", "start_us": now - back_s * US,
             "end_us": now - back_s * US + length_d * DAY_US if with_end else None},

@@ -65,6 +65,10 @@ def shard_result(kind: str, answer: dict) -> dict:
         return {"duplicate": True} if answer.get("stale") else {"clawed_micros": 0}
     if kind == "set_tier":
         return {"stale": bool(answer.get("stale"))}
+    if kind == "dispute" and answer.get("stale"):
+        return {"duplicate": True}
+    if kind == "subscription" and answer.get("stale"):
+        return {"stale": True}
     return {}
 
 

@@ -19,6 +19,7 @@ MAX_LEASES = 10_000                # brief (not in the rules document)
 MAX_WAITING_REFUNDS = 100          # rule 3.3
 REFUND_MEMORY_US = 180 * DAY_US    # rule 3.2
 REFUND_WAIT_US = 30 * DAY_US       # rule 3.3
+DISPUTE_MEMORY_US = 400 * DAY_US   # rule 3.4
 ENDED_LEASE_MEMORY_US = HOUR_US    # rule 7.5
 MAX_ENDED_LEASES = 1_000           # rule 7.5
 MAX_CHARGE_MICROS = 10_000 * US    # rule 9.2: at most 10,000 USD (10,000 × 1,000,000 µUSD)
@@ -212,7 +213,7 @@ class Recharge:
     amount_micros: int
     max_per_day: int
     cooldown_s: int
-    paused: bool = False
+    paused: bool | str = False  # or why: "payment_failed" (9.4), "disputed" (3.6)
     pending_id: str | None = None
     pending_micros: int | None = None
     pending_asked_us: int | None = None

@@ -62,11 +62,99 @@ class Commands:
         c = min(amount, grant.remaining)
         grant.remaining -= c
         self.grants = [g for g in self.grants if g.remaining > 0]
+        if c == 0:
+            return {"clawed_micros": 0}
+        self.refund_taken[rid] = (c, grant.kind, grant.expires_at_us)
         # AMBIGUOUS 3.1: the refund ledger entry names the grant id but no expiry (None).
         self._ledger("refund", -c, grant.grant_id, None, 0)
         self._halt_check(now)
         self._recharge_check(now)
         return {"clawed_micros": c}
+
+    # a refund that failed or was canceled (3.5)
+    def _cmd_stripe_refund_failed(self, now, cmd):
+        rid = cmd["refund_id"]
+        if rid not in self.applied_refunds:
+            self.applied_refunds[rid] = now
+            self.reversed_refunds.add(rid)
+            return {}
+        if rid in self.reversed_refunds:
+            return {}
+        self.reversed_refunds.add(rid)
+        self.waiting_refunds = [w for w in self.waiting_refunds if w.refund_id != rid]
+        taken = self.refund_taken.get(rid)
+        if taken is None:
+            return {}
+        c, kind, expires = taken
+        return {"entry": self._credit(now, kind, c, expires, cmd["payment_id"], entry_kind="refund_reversal")}
+
+    # disputes (3.6)
+    def _cmd_dispute(self, now, cmd):
+        did = cmd["dispute_id"]
+        d = self.disputes.setdefault(did, {"at": now, "w": 0, "kind": "topup", "withdrawn": False,
+                                           "reinstated": False})
+        if not cmd["withdrawn"]:
+            if d["reinstated"]:
+                return {"duplicate": True}
+            d["reinstated"] = True
+            if d["w"] == 0:
+                return {}
+            return {"entry": self._credit(now, d["kind"], d["w"], None, cmd["payment_id"],
+                                          entry_kind="dispute_reversal")}
+        if d["withdrawn"]:
+            return {"duplicate": True}
+        if d["reinstated"]:
+            return {}
+        d["withdrawn"] = True
+        if self.recharge is not None:
+            self.recharge.paused = "disputed"  # 3.6: only sending the settings again lifts it
+        w = min(int(cmd["amount_micros"]), int(cmd["credited_micros"]))
+        if w == 0:
+            return {}
+        pid = cmd["payment_id"]
+        grant = next((g for g in self.grants if g.payment_id is not None and g.payment_id == pid), None)
+        first = min(w, grant.remaining) if grant is not None else 0
+        if grant is not None:
+            grant.remaining -= first
+            d["kind"] = grant.kind
+            self.grants = [g for g in self.grants if g.remaining > 0]
+        if w - first > 0:
+            self.debt += self._take(w - first, self._clawback_order())
+        d["w"] = w
+        entry = ("dispute", -w, grant.grant_id if grant is not None else None, None)
+        self._ledger(*entry, 0)
+        self._halt_check(now)
+        return {"entry": entry}
+
+    # subscriptions (7.7)
+    def _cmd_subscription(self, now, cmd):
+        sid, t = cmd["subscription_id"], int(cmd["as_of_us"])
+        old = self.subscriptions.get(sid)
+        if old is not None and old["t"] > t:
+            return {"stale": True}
+        self.subscriptions.pop(sid, None)
+        record = {"status": cmd["status"], "tier": cmd["tier"], "cap": int(cmd["max_concurrent"]), "t": t}
+        self.subscriptions[sid] = record
+        if len(self.subscriptions) > 20:
+            paying = [k for k, r in self.subscriptions.items() if self._pays(r)]
+            unpaying = [k for k in self.subscriptions if k not in paying]
+            del self.subscriptions[unpaying[0] if unpaying else next(iter(self.subscriptions))]
+        ruling = None
+        for k, r in self.subscriptions.items():
+            if self._pays(r) and (ruling is None or (r["cap"], r["t"]) > (ruling[1]["cap"], ruling[1]["t"])):
+                ruling = (k, r)
+        if ruling is None:
+            self.tier, self.max_concurrent = cmd["base_tier"], int(cmd["base_max_concurrent"])
+        else:
+            self.tier, self.max_concurrent = ruling[1]["tier"], ruling[1]["cap"]
+            if ruling[0] == sid and cmd.get("start_us") is not None:
+                self._cmd_subscription_period(now, {"start_us": cmd["start_us"], "end_us": cmd.get("end_us")})
+        self.tier_as_of_us = t if self.tier_as_of_us is None else max(self.tier_as_of_us, t)
+        return {}
+
+    @staticmethod
+    def _pays(record: dict) -> bool:
+        return record["status"] in ("active", "trialing", "past_due") and record["tier"] is not None
 
     # usage (section 6)
     def _cmd_usage(self, now, cmd):
@@ -255,7 +343,7 @@ class Commands:
     def _cmd_set_card(self, now, cmd):
         if cmd["present"]:
             self.has_payment_method = True
-            if self.recharge is not None:
+            if self.recharge is not None and self.recharge.paused == "payment_failed":
                 self.recharge.paused = False      # 9.4: a new card lifts a payment_failed pause
             self._recharge_check(now)             # 9.3: after a card is saved
         else:
@@ -306,7 +394,7 @@ class Commands:
             return {"entry": entry}
         if in_flight:
             r.pending_id, r.pending_micros, r.pending_asked_us = None, None, None
-            r.paused = True
+            r.paused = "payment_failed"
             # AMBIGUOUS 9.4: the failed event's amount and payment id are the settlement's (not the
             # amount asked for); its reason is the settlement's reason.
             self._event("auto_recharge.failed", {"charge_id": cid, "amount_micros": amount,
@@ -317,11 +405,15 @@ class Commands:
     # dunning (section 8)
     def _cmd_invoice_failed(self, now, cmd):
         s = int(cmd["since_us"])
+        iid = cmd.get("invoice_id")
+        if iid is not None:
+            if iid in self.settled_invoices:
+                return {}
         # AMBIGUOUS 8.1/8.3: "older than the latest news" is strict: news at the same time applies.
-        if self.latest_invoice_news_us is not None and s < self.latest_invoice_news_us:
+        elif self.latest_invoice_news_us is not None and s < self.latest_invoice_news_us:
             # AMBIGUOUS 8.1: an ignored failure does not add its invoice id to the unpaid list.
             return {}
-        self.latest_invoice_news_us = s
+        self.latest_invoice_news_us = s if self.latest_invoice_news_us is None else max(self.latest_invoice_news_us, s)
         if self.dunning is None:
             # Rule 8.1: the dunning policy is taken when dunning starts (later failures while it
             # runs do not change it), and the steps already due are taken at once.
@@ -332,24 +424,33 @@ class Commands:
                                    free_plan_id=cmd["free_plan_id"],
                                    free_plan_version=int(cmd["free_plan_version"]))
             self._dunning_steps(now)
-        iid = cmd.get("invoice_id")
         if iid is not None and iid not in self.dunning.unpaid:
             self.dunning.unpaid.append(iid)
         return {}
 
     def _cmd_invoice_paid(self, now, cmd):
-        if cmd.get("amount_paid_cents") == 0:
-            return {}
         p = int(cmd["as_of_us"])
         iid = cmd.get("invoice_id")
+        payment = cmd.get("settled_by", "paid") == "paid" and cmd.get("amount_paid_cents") != 0
         d = self.dunning
-        if d is not None and d.unpaid and iid is not None:
-            # AMBIGUOUS 8.3: this branch does not move the latest invoice news.
-            self.paid_an_invoice = True
-            if iid in d.unpaid:
-                d.unpaid.remove(iid)
-            if not d.unpaid:
+        if iid is not None:
+            if iid not in self.settled_invoices:
+                self.settled_invoices = (self.settled_invoices + [iid])[-100:]
+            if payment:
+                self.paid_an_invoice = True
+                self.latest_invoice_news_us = p if self.latest_invoice_news_us is None else max(
+                    self.latest_invoice_news_us, p)
+            if d is None:
+                return {}
+            if d.unpaid:
+                if iid in d.unpaid:
+                    d.unpaid.remove(iid)
+                if not d.unpaid:
+                    self._end_dunning(now)
+            elif payment:
                 self._end_dunning(now)
+            return {}
+        if not payment:
             return {}
         if self.latest_invoice_news_us is not None and p < self.latest_invoice_news_us:
             return {}

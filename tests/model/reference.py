@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 
 from tests.model.basics import (  # noqa: F401 - also what the model's tests import from here
+    DISPUTE_MEMORY_US,
     CENT_MICROS,
     Dunning,
     ENDED_LEASE_MEMORY_US,
@@ -98,9 +99,16 @@ class RefOrg(Commands):
         self.max_disk_mb = catalog.default_max_disk_mb
         self.machine_quotas: dict = {}
 
-        # refunds
+        # refunds and disputes
         self.applied_refunds: dict[str, int] = {}    # refund id -> when applied
         self.waiting_refunds: list[WaitingRefund] = []
+        self.refund_taken: dict[str, tuple] = {}     # refund id -> (taken, grant kind, grant expiry) (rule 3.5)
+        self.reversed_refunds: set[str] = set()
+        self.disputes: dict[str, dict] = {}          # dispute id -> what rule 3.6 remembers
+
+        # subscriptions (rule 7.7), in the order of their latest report
+        self.subscriptions: dict[str, dict] = {}
+        self.settled_invoices: list[str] = []        # rule 8.3: the latest 100
 
         # usage
         self.billed_ticks: set[str] = set()
@@ -201,8 +209,9 @@ class RefOrg(Commands):
         return left
 
     def _credit(self, now: int, kind: str, amount: int, expires: int | None, payment_id: str | None,
-                in_settle: bool = False):
-        """Rule 2.3. Returns the entry tuple, or None when refused (1,001st grant)."""
+                in_settle: bool = False, entry_kind: str | None = None):
+        """Rule 2.3. Returns the entry tuple, or None when refused (1,001st grant). `entry_kind`:
+        money given back (rules 3.5, 3.6), booked under that kind and never refused."""
         if amount <= 0:
             raise ValueError("a credit must be > 0")
         kind_is_purchased(kind)   # validates the kind
@@ -210,7 +219,7 @@ class RefOrg(Commands):
         # AMBIGUOUS 2.3: "a credit that would make the 1,001st [grant] is refused" — counted only
         # when the credit would add a grant (A − d > 0); a credit with an expiry <= now still
         # counts (it is made, then expires at once).
-        if amount - d > 0 and len(self.grants) >= MAX_GRANTS and kind not in PAID:
+        if amount - d > 0 and len(self.grants) >= MAX_GRANTS and kind not in PAID and entry_kind is None:
             return None  # rule 2.3: an operator's credit is refused at the cap; money paid never
         # 1.
         self.credit_n += 1
@@ -224,11 +233,11 @@ class RefOrg(Commands):
             self.grants.append(grant)
         # 4.  AMBIGUOUS 2.3 step 4: "note" is not defined by the rules; it is not part of the
         #     effect tuple.
-        self._ledger(kind, amount, gid, expires, 0)
+        self._ledger(entry_kind or kind, amount, gid, expires, 0)
         # 5.
         if kind in PAID:
             self.paid_credit = True
-        entry = (kind, amount, gid, expires)
+        entry = (entry_kind or kind, amount, gid, expires)
         # 6.
         if expires is not None and expires <= now:
             # Rule 2.3 step 6: rule 2.6 runs (the new grant, if one was made, expires), with its
@@ -253,6 +262,7 @@ class RefOrg(Commands):
             c = min(w.amount, grant.remaining)
             if c > 0:
                 grant.remaining -= c
+                self.refund_taken[w.refund_id] = (c, grant.kind, grant.expires_at_us)
                 self._ledger("refund", -c, grant.grant_id, None, 0)
         self.grants = [g for g in self.grants if g.remaining > 0]
 
@@ -533,6 +543,10 @@ class RefOrg(Commands):
         # credits come after advance). The 180 days count from the refund's arrival, also for a
         # refund that was applied later from the waiting list.
         self.applied_refunds = {rid: t for rid, t in self.applied_refunds.items() if now - t <= REFUND_MEMORY_US}
+        self.refund_taken = {rid: v for rid, v in self.refund_taken.items() if rid in self.applied_refunds}
+        self.reversed_refunds &= set(self.applied_refunds)
+        # Rule 3.4: disputes are forgotten 400 days after they were first reported (strictly more).
+        self.disputes = {did: d for did, d in self.disputes.items() if now - d["at"] <= DISPUTE_MEMORY_US}
         self.waiting_refunds = [w for w in self.waiting_refunds if now - w.at_us <= REFUND_WAIT_US]
         # Rule 7.5: remembered until more than one hour has passed.
         self.ended_leases = {lid: t for lid, t in self.ended_leases.items() if now - t <= ENDED_LEASE_MEMORY_US}
@@ -597,7 +611,7 @@ class RefOrg(Commands):
                 "pending_micros": r.pending_micros,
                 # charges asked for on the UTC day of the last command
                 "day_count": r.day_count if r.day == utc_day(self.last_now_us) else 0,
-                "paused": r.paused,
+                "paused": bool(r.paused),
             }
         return {
             "balance_micros": self._balance(),

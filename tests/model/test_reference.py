@@ -600,11 +600,15 @@ def test_dunning_steps_and_payment():
     assert (ob["dunning_step"], ob["degraded"], ob["plan_id"]) == (3, True, "free")
     assert (ob["period_key"], ob["period_start_us"], ob["period_end_us"]) == ("2026-W12", at(2026, 3, 1), at(2026, 3, 23))
     o.take_effects()
-    o.apply(pds + 15 * DAY, {"type": "invoice_paid", "as_of_us": pds + 15 * DAY, "invoice_id": "in_1",
-                             "amount_paid_cents": 0})             # zero: proves nothing
+    o.apply(pds + 15 * DAY, {"type": "invoice_paid", "as_of_us": pds + 15 * DAY, "invoice_id": "in_trial",
+                             "amount_paid_cents": 0})             # another invoice, zero: proves nothing
     assert o.observe()["dunning_step"] == 3
+    o.apply(pds + 15 * DAY, {"type": "invoice_failed", "since_us": pds, "suspend_after_s": 3 * 86400,
+                             "degrade_after_s": 7 * 86400, "downgrade_after_s": 14 * 86400,
+                             "free_plan_id": "free", "free_plan_version": 1, "invoice_id": "in_trial"})
+    assert o.observe()["dunning_step"] == 3                       # settled already: old news (8.1)
     o.apply(pds + 15 * DAY, {"type": "invoice_paid", "as_of_us": pds + 15 * DAY, "invoice_id": "in_1",
-                             "amount_paid_cents": 1000})
+                             "amount_paid_cents": 0, "settled_by": "voided"})
     ob = o.observe()
     assert (ob["dunning_step"], ob["suspended"], ob["degraded"], ob["plan_id"]) == (None, False, False, "payg")
     # back on payg (month): the month containing Mar 17 01:00 ends Apr 1; start still Mar 1.
@@ -670,7 +674,10 @@ def test_dunning_news_order_and_paid_org_not_suspended():
                            "invoice_id": iid}
     # a payment with no invoice id and no dunning: latest news = T0, the org has paid an invoice.
     o.apply(T0, {"type": "invoice_paid", "as_of_us": T0, "invoice_id": None, "amount_paid_cents": None})
-    o.apply(T0 + S, fail(T0 - S, "in_old"))                       # older than the news: ignored
+    o.apply(T0 + S, fail(T0 - S, None))                           # no invoice id, older than the news: ignored
+    assert o.observe()["dunning_step"] is None
+    o.apply(T0 + S, {"type": "invoice_paid", "as_of_us": T0, "invoice_id": "in_old", "amount_paid_cents": 700})
+    o.apply(T0 + S, fail(T0 - S, "in_old"))                       # that invoice was settled: ignored
     assert o.observe()["dunning_step"] is None
     o.apply(T0 + S, fail(T0 + S, "in_2"))                         # dunning from T0 + 1 s
     o.take_effects()
