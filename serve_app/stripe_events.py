@@ -154,6 +154,7 @@ IGNORED = {
     "payment_intent.canceled": "an auto-recharge that never confirmed is settled by the charger",
     "customer.created": "metergate creates its customers itself",
     "customer.updated": "nothing metergate keeps changed",
+    "invoice_payment.paid": "invoices are settled by invoice.paid",
     "charge.succeeded": "payments are credited by their Checkout session or payment intent",
     "charge.failed": "payments are credited by their Checkout session or payment intent",
 }

@@ -1,0 +1,241 @@
+"""The Stripe contract suite (issue 24): every event type metergate handles or deliberately
+ignores, in the shape Stripe sends it at the pinned API version (tests/stripe_contract/events,
+taken from Stripe's own fixtures), delivered signed to POST /webhooks/stripe of the running
+service, each with the state change it must cause. Stripe objects the edge reads back (a
+charge's refunds, a customer's payment methods) are real ones in localstripe.
+
+docs/stripe.md lists each type with its outcome; the last test keeps that page and
+serve_app/stripe_events (HANDLED, IGNORED) the same.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from serve_app.stripe_events import HANDLED, IGNORED
+from tests.helpers import CATALOG, stripe_client, stripe_deliver
+from tests.stripe_contract.load import event, names
+
+US = 1_000_000
+PRO_PRICE = CATALOG.stripe_prices["pro"]
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "stripe.md"
+
+
+class Org:
+    """A fresh org with a real Stripe customer (made by metergate's own setup Checkout)."""
+
+    def __init__(self, admin, compute, sql, new_org) -> None:
+        self.admin, self.compute = admin, compute
+        self.id = new_org()
+        assert admin.post(f"/v1/orgs/{self.id}/checkout/setup", json={}).status_code == 200
+        self.customer = sql.val("SELECT customer_id FROM stripe_customers WHERE org_id = $1", self.id)
+        self.payment = f"pi_{uuid.uuid4().hex[:16]}"
+
+    def send(self, name: str, **values) -> dict:
+        values = {"org_id": self.id, "customer": self.customer, "payment_intent": self.payment,
+                  "price": PRO_PRICE, **values}
+        body = event(name, id=f"evt_{uuid.uuid4().hex}", created=values.pop("created", int(time.time())), **values)
+        answer = stripe_deliver(self.compute, body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def state(self) -> dict:
+        return self.admin.get(f"/v1/orgs/{self.id}").json()
+
+    def balance(self) -> int:
+        return self.state()["balance_micros"]
+
+    def paid(self) -> int:
+        """A top-up Checkout paid with this org's payment intent: +20 USD."""
+        before = self.balance()
+        assert self.send("checkout.session.completed.payment_paid")["outcome"] == "applied"
+        assert self.balance() == before + 20 * US
+        return self.balance()
+
+
+@pytest.fixture
+def org(admin, compute, sql, new_org) -> Org:
+    return Org(admin, compute, sql, new_org)
+
+
+IGNORED_FILES = [n for n in names() if event(n)["type"] in IGNORED]
+
+
+@pytest.mark.parametrize("name", IGNORED_FILES)
+def test_a_type_metergate_ignores_is_answered_200_and_changes_nothing(org, name):
+    before = org.state()
+    answer = org.send(name)
+    assert (answer["outcome"], answer["applied"]) == ("ignored", [])
+    assert org.state() == before
+
+
+def test_checkout_payment_credits_once_and_an_unpaid_or_failed_one_credits_nothing(org):
+    balance = org.paid()
+    org.send("checkout.session.completed.payment_paid")  # another delivery of the same payment
+    assert org.balance() == balance
+    assert org.send("checkout.session.completed.payment_unpaid", payment_intent="pi_unpaid")["outcome"] == "ignored"
+    org.send("checkout.session.async_payment_failed", payment_intent="pi_unpaid")
+    assert org.balance() == balance
+    org.send("checkout.session.async_payment_succeeded", payment_intent="pi_async")
+    assert org.balance() == balance + 20 * US
+
+
+def test_a_payment_in_another_currency_is_a_dead_letter_that_credited_nothing(org):
+    body = event("checkout.session.completed.payment_paid", org_id=org.id, customer=org.customer,
+                 payment_intent=org.payment, id=f"evt_{uuid.uuid4().hex}", created=int(time.time()))
+    session = body["data"]["object"]
+    session.update(currency="krw", amount_total=10_000, metadata={})  # a Payment Link: no metergate metadata
+    balance = org.balance()
+    answer = stripe_deliver(org.compute, body).json()
+    assert answer["outcome"] == "dead_letter" and "'krw'" in answer["reason"]
+    assert org.balance() == balance
+
+
+def test_subscription_checkout_and_lifecycle_set_the_tier_by_price(org):
+    assert org.send("checkout.session.completed.subscription_unpaid")["outcome"] == "ignored"
+    assert org.state()["tier"] == "base"
+    org.send("checkout.session.completed.subscription_paid")
+    assert org.state()["tier"] == "pro"
+    now = int(time.time())
+    org.send("customer.subscription.created", created=now - 50)  # incomplete, older than the Checkout's news
+    assert org.state()["tier"] == "base"  # ... but the subscription's own news wins over the Checkout's
+    org.send("customer.subscription.updated", created=now - 40)
+    assert (org.state()["tier"], org.state()["max_concurrent"]) == ("pro", 100)
+    org.send("customer.subscription.paused", created=now - 30)
+    assert org.state()["tier"] == "base"
+    org.send("customer.subscription.resumed", created=now - 20)
+    assert org.state()["tier"] == "pro"
+    # A portal switch changes only the price: the tier follows it.
+    org.send("customer.subscription.updated", created=now - 10, price=CATALOG.stripe_prices["pro_plus"])
+    assert org.state()["tier"] == "pro_plus"
+    org.send("customer.subscription.deleted", created=now)
+    assert (org.state()["tier"], org.state()["max_concurrent"]) == ("base", 5)
+
+
+def test_a_second_subscription_and_cancelling_the_old_one(org):
+    now = int(time.time())
+    org.send("customer.subscription.updated", created=now - 30, subscription="sub_old")
+    org.send("customer.subscription.updated", created=now - 20, subscription="sub_new",
+             price=CATALOG.stripe_prices["pro_plus"])
+    org.send("customer.subscription.updated", created=now - 10, subscription="sub_old")  # its renewal
+    assert org.state()["tier"] == "pro_plus"
+    org.send("customer.subscription.deleted", created=now, subscription="sub_old")
+    assert org.state()["tier"] == "pro_plus"
+
+
+@pytest.mark.parametrize("settled", ["invoice.paid", "invoice.payment_succeeded", "invoice.voided",
+                                     "invoice.marked_uncollectible", "invoice.paid.credited_in_full"])
+def test_dunning_starts_with_a_failed_subscription_invoice_and_ends_when_it_is_settled(org, settled):
+    assert org.send("invoice.payment_failed")["outcome"] == "applied"
+    assert org.state()["past_due_since"] is not None
+    assert org.send(settled)["outcome"] == "applied"
+    assert org.state()["past_due_since"] is None
+    # A failure of that same invoice delivered late is old news.
+    org.send("invoice.payment_failed")
+    assert org.state()["past_due_since"] is None
+
+
+def test_a_one_off_invoice_failing_is_recorded_and_starts_no_dunning(org):
+    body = event("invoice.payment_failed", org_id=org.id, customer=org.customer, id=f"evt_{uuid.uuid4().hex}",
+                 created=int(time.time()))
+    invoice = body["data"]["object"]
+    invoice.update(parent=None, billing_reason="manual")
+    answer = stripe_deliver(org.compute, body).json()
+    assert answer["outcome"] == "dead_letter" and "one-off" in answer["reason"]
+    assert org.state()["past_due_since"] is None
+
+
+@pytest.mark.parametrize("reported_by", ["refund.created", "refund.updated", "charge.refund.updated"])
+def test_a_refund_claws_back_pending_or_not_and_its_failure_gives_back(org, reported_by):
+    balance = org.paid()
+    org.send(reported_by, payment_intent=org.payment)
+    assert org.balance() == balance - 20 * US
+    for _ in range(2):
+        org.send("refund.failed", payment_intent=org.payment)
+    assert org.balance() == balance
+
+
+def test_charge_refunded_lists_the_refunds_from_stripe(org, service, admin):
+    """The charge of a real payment in localstripe, refunded there; the event (as newer API
+    versions send it) carries no refunds: metergate lists them."""
+    client = stripe_client(service)
+    method = client.v1.payment_methods.create(params={"type": "card", "card": {
+        "number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}})
+    client.v1.payment_methods.attach(method.id, params={"customer": org.customer})
+    intent = client.v1.payment_intents.create(params={
+        "amount": 2000, "currency": "usd", "customer": org.customer, "payment_method": method.id, "confirm": True})
+    org.payment = intent.id
+    balance = org.paid()
+    refund = client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500})
+    answer = org.send("charge.refunded", charge=refund.charge, payment_intent=intent.id)
+    assert [a["command"] for a in answer["applied"]] == ["RefundPayment"]
+    assert org.balance() == balance - 5 * US
+
+
+def test_a_dispute_takes_back_what_the_payment_bought_and_its_reinstatement_gives_it_back(org):
+    balance = org.paid()
+    org.send("charge.dispute.created", payment_intent=org.payment)
+    assert org.balance() == balance
+    for _ in range(2):
+        org.send("charge.dispute.funds_withdrawn", payment_intent=org.payment)
+    assert org.balance() == balance - 20 * US
+    for _ in range(2):
+        org.send("charge.dispute.funds_reinstated", payment_intent=org.payment)
+    assert org.balance() == balance
+    org.send("charge.dispute.closed", payment_intent=org.payment)
+    assert org.balance() == balance
+
+
+def test_a_dispute_of_a_payment_metergate_never_credited_is_a_dead_letter(org):
+    answer = org.send("charge.dispute.funds_withdrawn", payment_intent="pi_never_credited")
+    assert answer["outcome"] == "dead_letter" and "bought no credit" in answer["reason"]
+
+
+def test_auto_recharge_payment_intents_settle(org):
+    balance = org.balance()
+    assert org.send("payment_intent.succeeded")["applied"][0]["command"] == "SettleRecharge"
+    assert org.balance() == balance + 20 * US
+    assert org.send("payment_intent.payment_failed", payment_intent="pi_declined")["outcome"] == "applied"
+
+
+@pytest.mark.parametrize("name", ["setup_intent.succeeded", "payment_method.attached"])
+def test_a_saved_card_is_on_file(org, name):
+    org.send(name)
+    assert org.state()["has_payment_method"] is True
+
+
+def test_a_detached_last_card_and_a_deleted_customer_leave_no_card_on_file(org):
+    org.send("payment_method.attached")
+    assert org.state()["has_payment_method"] is True
+    org.send("payment_method.detached")  # the customer has no payment method left in localstripe
+    assert org.state()["has_payment_method"] is False
+    org.send("payment_method.attached")
+    org.send("customer.deleted")
+    assert org.state()["has_payment_method"] is False
+
+
+def test_every_stored_event_type_is_handled_or_ignored_on_purpose():
+    types = {event(n)["type"] for n in names()}
+    assert types <= set(HANDLED) | set(IGNORED), types - set(HANDLED) - set(IGNORED)
+    assert not set(HANDLED) & set(IGNORED)
+    assert set(HANDLED) | set(IGNORED) <= types, "a type without a real payload in tests/stripe_contract"
+
+
+def render_event_table() -> str:
+    rows = ["| Event type | What metergate does |", "|---|---|"]
+    rows += [f"| `{t}` | {HANDLED[t]} |" for t in sorted(HANDLED)]
+    rows += [f"| `{t}` | ignored: {IGNORED[t]} |" for t in sorted(IGNORED)]
+    return "\n".join(rows)
+
+
+def test_the_docs_stripe_page_lists_every_type_with_its_outcome():
+    page = DOCS.read_text()
+    found = re.search(r"<!-- stripe-events:begin -->\n(.*?)\n<!-- stripe-events:end -->", page, re.S)
+    assert found, "docs/stripe.md lacks the stripe-events block"
+    assert found.group(1) == render_event_table(), "docs/stripe.md is out of date; its table should be:\n" + \
+        render_event_table()
