@@ -25,3 +25,22 @@ async def remember(conn: asyncpg.Connection, org_id: str, customer_id: str) -> s
     await conn.execute("INSERT INTO stripe_customers (org_id, customer_id) VALUES ($1, $2)"
                        " ON CONFLICT (org_id) DO NOTHING", org_id, customer_id)
     return await customer_of(conn, org_id)
+
+
+async def forget(conn: asyncpg.Connection, customer_id: str) -> str | None:
+    """Drop the mapping of a customer Stripe deleted (the org gets a new one on its next
+    Checkout or portal visit) and keep it among the forgotten; returns the org it was of, or
+    None if no org had it (any more)."""
+    async with conn.transaction():
+        org_id = await conn.fetchval("DELETE FROM stripe_customers WHERE customer_id = $1 RETURNING org_id",
+                                     customer_id)
+        if org_id is not None:
+            await conn.execute("INSERT INTO stripe_customers_forgotten (customer_id, org_id) VALUES ($1, $2)"
+                               " ON CONFLICT DO NOTHING", customer_id, org_id)
+    return org_id
+
+
+async def forgotten_count(conn: asyncpg.Connection, org_id: str) -> int:
+    """How many customers of the org Stripe deleted: the number of its next customer, so that
+    the idempotency key of that creation is not the one Stripe answers with a deleted customer."""
+    return await conn.fetchval("SELECT count(*) FROM stripe_customers_forgotten WHERE org_id = $1", org_id)
