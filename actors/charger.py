@@ -4,8 +4,10 @@ It runs in the shard process, outside the commit loop: the org's commit has reco
 charge as pending before anything is sent, and the outcome comes back as a SettleRecharge
 command through the same loop. Every attempt at one charge carries the same Stripe
 idempotency key (the org, its creation time and the charge number), so a retry after a
-timeout or a shard restart can never charge twice. Stripe's own `payment_intent.*` events
-build the same SettleRecharge, so whichever arrives second changes nothing.
+timeout or a shard restart can never charge twice; the payment method the first attempt used
+is kept in Postgres under that key (storage/charge_methods.py), so every attempt, after a
+restart too, sends the same parameters. Stripe's own `payment_intent.*` events build the same
+SettleRecharge, so whichever arrives second changes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from actors.clock import now_us
 from actors.commands import SettleRecharge
 from actors.recharge import MICROS_PER_CENT, ChargeRequest
 from config.settings import Settings, stripe_client
-from storage import stripe_customers
+from storage import charge_methods, stripe_customers
 
 log = logging.getLogger("metergate.charger")
 
@@ -39,7 +41,6 @@ class Charger:
     def __init__(self, settings: Settings, pool) -> None:
         self.pool = pool
         self.client: stripe.StripeClient | None = stripe_client(settings)
-        self.methods: dict[str, str] = {}  # idempotency key -> the card its first attempt used
 
     async def charge(self, request: ChargeRequest) -> SettleRecharge | None:
         """The outcome to settle, or None when Stripe could not be reached (still pending)."""
@@ -54,20 +55,35 @@ class Charger:
         for attempt, delay in enumerate((0.0,) + RETRY_DELAYS_S):
             await asyncio.sleep(delay)
             try:
-                return await asyncio.to_thread(self._charge_now, request, customer)
+                method = await self._method_of(request, customer)
+                if method is None:
+                    return self._failed(request, None, "no_payment_method")
+                return await asyncio.to_thread(self._charge_now, request, customer, method)
             except StripeUnavailable as exc:
                 log.warning("auto-recharge %s/%s: Stripe unavailable (attempt %s): %s",
                             request.org_id, request.charge_id, attempt + 1, exc)
         return None
 
-    def _charge_now(self, request: ChargeRequest, customer: str) -> SettleRecharge | None:
+    async def _method_of(self, request: ChargeRequest, customer: str) -> str | None:
+        """The payment method of this charge: the one its first attempt chose, else the
+        customer's now, recorded before anything is sent (the first recorded wins)."""
+        async with self.pool.acquire() as conn:
+            method = await charge_methods.chosen(conn, request.idempotency_key)
+        if method is not None:
+            return method
+        method = await asyncio.to_thread(self._payment_method, customer)
+        if method is None:
+            return None
+        async with self.pool.acquire() as conn:
+            method = await charge_methods.choose(conn, request.idempotency_key, method)
+            # A new charge is rare (auto-recharge, behind a cooldown): pruning here costs nothing.
+            await charge_methods.prune(conn)
+        return method
+
+    def _charge_now(self, request: ChargeRequest, customer: str, method: str) -> SettleRecharge | None:
         client = self.client
         try:
             # Every attempt of one charge sends the same parameters, or Stripe refuses the key.
-            method = self.methods.get(request.idempotency_key) or self._payment_method(customer)
-            if method is None:
-                return self._failed(request, None, "no_payment_method")
-            self.methods[request.idempotency_key] = method
             intent = client.v1.payment_intents.create(params={
                 "amount": request.amount_micros // MICROS_PER_CENT, "currency": "usd",
                 "customer": customer, "payment_method": method, "off_session": True, "confirm": True,
@@ -76,21 +92,25 @@ class Charger:
             }, options={"idempotency_key": request.idempotency_key})
         except stripe.CardError as exc:
             metrics.stripe_failed("auto_recharge", exc)
-            self.methods.pop(request.idempotency_key, None)
             intent = (exc.error.payment_intent if exc.error else None) or {}
             return self._failed(request, intent.get("id"), exc.code or "card_declined")
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.IdempotencyError) as exc:
+        except stripe.IdempotencyError as exc:
             metrics.stripe_failed("auto_recharge", exc)
-            # Not an answer about the charge (an idempotency error means an attempt is in
-            # flight or was sent otherwise): it stays pending, never "failed" on a guess.
+            if exc.http_status == 409:  # an attempt under this key is still running at Stripe
+                raise StripeUnavailable(str(exc)) from None
+            # The key was sent before with other parameters: Stripe will never take this
+            # request, so it is an answer, not an outage. Settled as failed (auto-recharge
+            # pauses); if the first attempt did take the money, Stripe's
+            # payment_intent.succeeded still credits it (SettleRecharge is keyed by the intent).
+            return self._failed(request, None, "idempotency_conflict")
+        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+            metrics.stripe_failed("auto_recharge", exc)
             raise StripeUnavailable(str(exc)) from None
         except stripe.StripeError as exc:
             metrics.stripe_failed("auto_recharge", exc)
             if exc.http_status is None or exc.http_status >= 500 or exc.http_status == 409:
                 raise StripeUnavailable(str(exc)) from None
             return self._failed(request, None, exc.code or "stripe_refused")
-        if intent.status != "processing":
-            self.methods.pop(request.idempotency_key, None)
         if intent.status == "succeeded":
             return SettleRecharge.of_payment(request.charge_id, True, intent.amount * MICROS_PER_CENT, intent.id)
         if intent.status == "processing":
@@ -100,13 +120,25 @@ class Charger:
         return self._failed(request, intent.id, intent.status)  # e.g. requires_action: off session, a failure
 
     def _payment_method(self, customer_id: str) -> str | None:
-        """The customer's default card, else the card saved last."""
-        customer = self.client.v1.customers.retrieve(customer_id).to_dict()
-        default = (customer.get("invoice_settings") or {}).get("default_payment_method")
-        if default:
-            return default if isinstance(default, str) else default["id"]
-        cards = self.client.v1.payment_methods.list(params={"customer": customer_id, "type": "card"})
-        return cards.data[0].id if cards.data else None
+        """The customer's default payment method, else the one saved last, of any type: a SEPA
+        debit or a bank account is charged off session as a card is. Stripe unreachable:
+        StripeUnavailable (the charge stays pending)."""
+        try:
+            customer = self.client.v1.customers.retrieve(customer_id).to_dict()
+            default = (customer.get("invoice_settings") or {}).get("default_payment_method")
+            if default:
+                return default if isinstance(default, str) else default["id"]
+            # Stripe lists newest first; without `type`, every type the customer has.
+            methods = self.client.v1.payment_methods.list(params={"customer": customer_id})
+        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+            metrics.stripe_failed("auto_recharge", exc)
+            raise StripeUnavailable(str(exc)) from None
+        except stripe.StripeError as exc:
+            metrics.stripe_failed("auto_recharge", exc)
+            if exc.http_status is None or exc.http_status >= 500 or exc.http_status == 409:
+                raise StripeUnavailable(str(exc)) from None
+            return None  # e.g. a customer deleted in Stripe: nothing to charge
+        return methods.data[0].id if methods.data else None
 
     @staticmethod
     def _failed(request: ChargeRequest, payment_id: str | None, reason: str) -> SettleRecharge:
