@@ -72,7 +72,13 @@ class EventError(ValueError):
 
 
 def org_of(obj: dict) -> str | None:
-    org_id = (obj.get("metadata") or {}).get("org_id") or obj.get("client_reference_id")
+    """The org an object names: its metadata (an invoice: its subscription's), or a Checkout
+    session's client_reference_id."""
+    parent = obj.get("parent")
+    details = (parent.get("subscription_details") or {}) if isinstance(parent, dict) else {}
+    subscription_metadata = (details.get("metadata") or {}) if isinstance(details, dict) else {}
+    org_id = ((obj.get("metadata") or {}).get("org_id") or obj.get("client_reference_id")
+              or (subscription_metadata.get("org_id") if isinstance(subscription_metadata, dict) else None))
     return org_id if isinstance(org_id, str) and org_id else None
 
 
@@ -127,7 +133,7 @@ HANDLED = {
     "invoice.marked_uncollectible": "the invoice is settled without payment",
     "charge.refunded": "each refund (pending or succeeded) claws back from its payment's credit; a failed one gives back",
     "refund.created": "the refund claws back from its payment's credit",
-    "refund.updated": "pending/succeeded: claws back; failed/canceled: gives back what it took",
+    "refund.updated": "pending/succeeded: claws back; failed/canceled: gives back what it took; requires_action: nothing yet",
     "refund.failed": "gives back what the refund took",
     "charge.refund.updated": "as refund.updated",
     "charge.dispute.funds_withdrawn": "takes back what the disputed payment bought, spent or not",
@@ -322,7 +328,8 @@ def _payment_credit(payment: str | None, facts: Facts, what: str) -> PaymentCred
     return credit
 
 
-def _refund_command(refund: dict, payment: str, credit: PaymentCredit) -> Command:
+def _refund_command(refund: dict, payment: str, credit: PaymentCredit) -> Command | None:
+    """None: a refund waiting for the customer (`requires_action`): no money moved yet."""
     refund_id = _str(refund.get("id"))
     if refund_id is None:
         raise EventError("a refund has no id")
@@ -330,7 +337,9 @@ def _refund_command(refund: dict, payment: str, credit: PaymentCredit) -> Comman
     status = refund.get("status", "succeeded")
     if status in ("failed", "canceled"):
         return ReverseRefund(refund_id, payment, f"stripe:refund:{refund_id}:reversed")
-    if status not in ("pending", "succeeded", "requires_action"):
+    if status == "requires_action":
+        return None
+    if status not in ("pending", "succeeded"):
         raise EventError(f"refund {refund_id} has status {str(status)[:32]!r}")
     return RefundPayment(refund_id, payment, _cents(refund["amount"], "refunds.amount"),
                          f"Stripe refund {refund_id} of {payment}", f"stripe:refund:{refund_id}", credit.grant_id)
@@ -340,7 +349,8 @@ def _refund_object(refund: dict, facts: Facts) -> list[tuple[str, Command]]:
     """refund.* events: the refund alone, which names its payment, never the org."""
     payment = _str(refund.get("payment_intent")) or _str(refund.get("charge"))
     credit = _payment_credit(payment, facts, f"refund {refund.get('id')}")
-    return [(credit.org_id, _refund_command(refund, payment, credit))]
+    command = _refund_command(refund, payment, credit)
+    return [] if command is None else [(credit.org_id, command)]
 
 
 def _refunds(charge: dict, facts: Facts, org_id: str | None) -> list[tuple[str, Command]]:
@@ -358,7 +368,8 @@ def _refunds(charge: dict, facts: Facts, org_id: str | None) -> list[tuple[str, 
         if org_id is None:
             return []
         credit = PaymentCredit(org_id, None, 0)  # a refund before its credit waits for it (rule 3.3)
-    return [(credit.org_id, _refund_command(refund, payment, credit)) for refund in refunds]
+    commands = [_refund_command(refund, payment, credit) for refund in refunds]
+    return [(credit.org_id, command) for command in commands if command is not None]
 
 
 def _dispute(dispute: dict, withdrawn: bool, facts: Facts) -> list[tuple[str, Command]]:

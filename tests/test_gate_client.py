@@ -94,7 +94,8 @@ def test_a_suspension_reaches_the_local_decision(admin, compute, new_org, gate_c
     """An unpaid invoice, then three days of the test clock: the scheduler suspends the org."""
     org = new_org(plan_id="hobby_weekly")
     local_until(gate_client, org, lambda d: d.allowed, "a new org")
-    invoice = {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice", "metadata": {"org_id": org}}
+    invoice = {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice", "billing_reason": "subscription_cycle",
+               "metadata": {"org_id": org}}
     failed = stripe_event("invoice.payment_failed", invoice, created=clock_us(admin) // 1_000_000)
     assert stripe_deliver(compute, failed).status_code == 200
     advance(admin, 3 * 86_400)
@@ -316,6 +317,7 @@ def test_a_dunning_deadline_denies_at_the_shard_the_ingress_and_a_client_without
     local_until(gate_client, org, lambda d: d.allowed, "a new org")
     since_s = clock_us(admin) // 1_000_000
     failed = stripe_event("invoice.payment_failed", {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice",
+                                                     "billing_reason": "subscription_cycle",
                                                      "metadata": {"org_id": org}}, created=since_s)
     assert stripe_deliver(compute, failed).status_code == 200
     deadline_us = (since_s + 3 * 86_400) * 1_000_000

@@ -276,3 +276,12 @@ def test_a_payment_in_another_currency_credits_nothing():
     with pytest.raises(Refused, match="'krw'"):
         o.send("checkout.session.completed", session, T0)
     assert o.org.balance_micros == SIGNUP
+
+
+def test_a_refund_waiting_for_the_customer_takes_nothing_until_it_goes_through():
+    o = Org()
+    facts = paid(o, "pi_1", 1_000)
+    assert o.send("refund.created", refund("re_1", "pi_1", 400, "requires_action"), T0 + US_PER_S, facts) == []
+    assert o.org.balance_micros == SIGNUP + 10_000_000
+    o.send("refund.updated", refund("re_1", "pi_1", 400, "succeeded"), T0 + 2 * US_PER_S, facts)
+    assert o.org.balance_micros == SIGNUP + 6_000_000

@@ -179,7 +179,8 @@ def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_c
 
 def test_the_dunning_ladder_and_payment_clearing_it(admin, compute, sql, new_org):
     org = new_org(plan_id="hobby_weekly")
-    invoice = {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice", "metadata": {"org_id": org}}
+    invoice = {"id": f"in_{uuid.uuid4().hex[:8]}", "object": "invoice", "billing_reason": "subscription_cycle",
+               "metadata": {"org_id": org}}
     failed_at = clock_us(admin) // US
     failed = stripe_event("invoice.payment_failed", invoice, created=failed_at)
     assert stripe_deliver(compute, failed).status_code == 200
