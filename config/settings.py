@@ -6,6 +6,7 @@ import json
 import secrets
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
@@ -82,6 +83,10 @@ class Settings(BaseSettings):
     stripe_secret_key: str | None = None
     stripe_webhook_secret: str | None = None
     stripe_api_base: str | None = None
+    # A tier change of an org already subscribed updates its subscription in place; how Stripe
+    # bills the rest of the period is Stripe's proration_behavior: credit and charge the
+    # difference on the next invoice, invoice it at once, or leave the period as paid.
+    stripe_proration_behavior: Literal["create_prorations", "always_invoice", "none"] = "create_prorations"
     svix_webhook_secret: str | None = None
     webhook_secret: str | None = None
     webhook_urls: str = ""

@@ -8,7 +8,9 @@ is honoured for the sessions made here (localstripe ignores it). For tests:
   with real localstripe objects: a saved card (setup), a paid payment intent (payment) or a
   subscription (subscription); then it sends `checkout.session.completed`;
 - POST /_config/webhooks/{name} registers a webhook endpoint here and in localstripe, so the
-  events of both reach it, signed the same way.
+  events of both reach it, signed the same way;
+- subscriptions read and updated through here look as Stripe's do, where localstripe differs
+  (see `update_subscription`); GET /_fake/subscription_updates lists the updates made.
 Run: python this.py PORT LOCALSTRIPE_PORT
 """
 
@@ -32,6 +34,14 @@ intent_failures = {"next": 0}  # POST /v1/payment_intents answered 500 while > 0
 counter = itertools.count(1)
 CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
 
+subscription_updates: list[dict] = []  # each update that reached localstripe (replays not)
+subscription_metadata: dict[str, dict] = {}  # metadata set by updates (localstripe drops it)
+# An item keeps its id when its price changes (localstripe makes a new one): the id shown for
+# localstripe's current item, and localstripe's current item for an id shown.
+shown_item_id: dict[str, str] = {}
+current_item_id: dict[str, str] = {}
+updates_by_key: dict[str, tuple[dict, dict | None]] = {}  # Idempotency-Key → (params, answer; None: running)
+PRORATION_BEHAVIORS = ("create_prorations", "none", "always_invoice")
 
 def nested(form: list[tuple[str, str]]) -> dict:
     """Stripe's form encoding (a[b][0][c]=v) back into dicts; numeric keys become lists."""
@@ -105,11 +115,11 @@ async def call_upstream(request: web.Request, method: str, path: str, params: di
             return body
 
 
-async def send_event(kind: str, obj: dict) -> None:
+async def send_event(kind: str, obj: dict, previous_attributes: dict | None = None) -> None:
     """Signed as Stripe signs (and as localstripe does), to every registered endpoint."""
     created = int(time.time())
     payload = json.dumps({"id": f"evt_front_{next(counter)}", "object": "event", "type": kind,
-                          "created": created, "data": {"object": obj}}).encode()
+                          "created": created, "data": data}).encode()
     for hook in list(webhooks.values()):
         if hook["events"] is not None and kind not in hook["events"]:
             continue
@@ -117,6 +127,7 @@ async def send_event(kind: str, obj: dict) -> None:
         async with ClientSession() as client:
             async with client.post(hook["url"], data=payload, headers={
                     "Content-Type": "application/json", "Stripe-Signature": f"t={created},v1={signature}"}) as r:
+    data = {"object": obj, **({"previous_attributes": previous_attributes} if previous_attributes else {})}
                 await r.read()
 
 
@@ -140,13 +151,111 @@ async def complete_session(request: web.Request) -> web.Response:
             "amount": session["amount_total"], "currency": "usd", "customer": customer, "payment_method": card,
             "confirm": True, "metadata": session.get("payment_intent_data", {}).get("metadata", {})})
         session.update(payment_intent=intent["id"], payment_status="paid")
+async def ensure_plan(request: web.Request, price: str) -> None:
+    """localstripe prices subscriptions by plan: one plan per catalog price id, made on first use."""
+    try:
+        await call_upstream(request, "GET", f"/v1/plans/{price}")
+    except web.HTTPBadRequest:
+        await call_upstream(request, "POST", "/v1/plans", {"id": price, "amount": 2000, "currency": "usd",
+                                                          "interval": "month", "product": {"name": price}})
+
+
+def as_stripe(subscription: dict) -> dict:
+    """A localstripe subscription as Stripe shows it: each item has its `price` (localstripe
+    has only the legacy `plan`), and the metadata updates set."""
+    items = subscription.get("items") or {}
+    data = [{**item, "id": shown_item_id.get(item["id"], item["id"]), "price": item.get("price") or {
+        "id": item["plan"]["id"], "object": "price", "unit_amount": item["plan"].get("amount"),
+        "currency": item["plan"].get("currency"), "recurring": {"interval": item["plan"].get("interval")}}}
+        for item in items.get("data", [])]
+    metadata = {**(subscription.get("metadata") or {}), **subscription_metadata.get(subscription["id"], {})}
+    return {**subscription, "items": {**items, "data": data}, "metadata": metadata}
+
+
+def stripe_error(status: int, kind: str, message: str, code: str | None = None) -> web.Response:
+    return web.json_response({"error": {"type": kind, "message": message, **({"code": code} if code else {})}},
+                             status=status)
+
+
+async def list_subscriptions(request: web.Request) -> web.Response:
+    page = await call_upstream(request, "GET", request.path_qs)
+    return web.json_response({**page, "data": [as_stripe(s) for s in page["data"]]})
+
+
+async def get_subscription(request: web.Request) -> web.Response:
+    return web.json_response(as_stripe(await call_upstream(request, "GET", request.path_qs)))
+
+
+async def update_subscription(request: web.Request) -> web.Response:
+    """POST /v1/subscriptions/{id} as Stripe answers it, where localstripe falls short: an item
+    moves to another `price` (localstripe knows only `plan`), `proration_behavior` is one of
+    Stripe's three (localstripe refuses the parameter), metadata is merged (localstripe drops
+    it), `customer.subscription.updated` is sent with `previous_attributes` (localstripe sends
+    none), and the Idempotency-Key holds (localstripe ignores it): the same key replays the first
+    answer, with other parameters is an `idempotency_error`, and while the first is still running
+    is 409 `idempotency_key_in_use` (which stripe-python retries). Not emulated: the proration
+    invoice items and `always_invoice`'s immediate invoice. The moved item keeps its id, as in
+    Stripe (localstripe makes a new item: its id is shown as the old one's)."""
+    subscription_id = request.match_info["id"]
+    params = nested(urllib.parse.parse_qsl(await request.text()))
+    key = request.headers.get("Idempotency-Key")
+    if key and key in updates_by_key:
+        first, answer = updates_by_key[key]
+        if first != params:
+            return stripe_error(400, "idempotency_error", "Keys for idempotent requests can only be used with the "
+                                "same parameters they were first used with.")
+        if answer is None:
+            return stripe_error(409, "invalid_request_error", "There is currently another in-progress request "
+                                "using this idempotent key.", "idempotency_key_in_use")
+        return web.json_response(answer)
+    behavior = params.pop("proration_behavior", None)
+    if behavior is not None and behavior not in PRORATION_BEHAVIORS:
+        return stripe_error(400, "invalid_request_error", f"Invalid proration_behavior: must be one of "
+                            f"{', '.join(PRORATION_BEHAVIORS)}")
+    if key:
+        updates_by_key[key] = (dict(params, **({"proration_behavior": behavior} if behavior else {})), None)
+    try:
+        before = as_stripe(await call_upstream(request, "GET", f"/v1/subscriptions/{subscription_id}"))
+        metadata = params.pop("metadata", None)
+        items = params.pop("items", None)
+        upstream = dict(params)
+        if items is not None:
+            for item in items:
+                if item.get("price"):
+                    await ensure_plan(request, item["price"])
+            upstream["items"] = [{**{k: v for k, v in item.items() if k != "price"},
+                                  **({"id": current_item_id.get(item["id"], item["id"])} if item.get("id") else {}),
+                                  **({"plan": item["price"]} if item.get("price") else {})} for item in items]
+        if metadata:
+            subscription_metadata.setdefault(subscription_id, {}).update(metadata)
+        if upstream:
+            moved = await call_upstream(request, "POST", f"/v1/subscriptions/{subscription_id}", upstream)
+            if items is not None and len(items) == 1 == len(moved["items"]["data"]) and items[0].get("id"):
+                new_id = moved["items"]["data"][0]["id"]
+                shown_item_id[new_id], current_item_id[items[0]["id"]] = items[0]["id"], new_id
+        after = as_stripe(await call_upstream(request, "GET", f"/v1/subscriptions/{subscription_id}"))
+    except BaseException:
+        if key:
+            updates_by_key.pop(key, None)  # Stripe keeps no key for a request that failed before it ran
+        raise
+    if key:
+        updates_by_key[key] = (updates_by_key[key][0], after)
+    subscription_updates.append({"subscription": subscription_id, "idempotency_key": key,
+                                 "proration_behavior": behavior,
+                                 "prices": [item["price"]["id"] for item in after["items"]["data"]],
+                                 "metadata": after["metadata"]})
+    previous = {name: before[name] for name in ("items", "metadata") if before[name] != after[name]}
+    asyncio.ensure_future(send_event("customer.subscription.updated", after, previous))
+    return web.json_response(after)
+
+
+async def list_subscription_updates(request: web.Request) -> web.Response:
+    return web.json_response(subscription_updates)
+
+
     elif mode == "subscription":
         price = session["line_items"][0]["price"]
-        try:
-            await call_upstream(request, "GET", f"/v1/plans/{price}")
-        except web.HTTPBadRequest:
-            await call_upstream(request, "POST", "/v1/plans", {"id": price, "amount": 2000, "currency": "usd",
-                                                         "interval": "month", "product": {"name": price}})
+        await ensure_plan(request, price)
         subscription = await call_upstream(request, "POST", "/v1/subscriptions", {
             "customer": customer, "items": [{"plan": price}],
             "metadata": session.get("subscription_data", {}).get("metadata", {})})
@@ -236,3 +345,7 @@ def app(localstripe_port: int) -> web.Application:
 
 if __name__ == "__main__":
     web.run_app(app(int(sys.argv[2])), host="127.0.0.1", port=int(sys.argv[1]), print=lambda *a: None)
+    application.router.add_get("/v1/subscriptions", list_subscriptions)
+    application.router.add_get("/v1/subscriptions/{id}", get_subscription)
+    application.router.add_post("/v1/subscriptions/{id}", update_subscription)
+    application.router.add_get("/_fake/subscription_updates", list_subscription_updates)

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from config.catalog import load_catalog
 from config.settings import Settings
 from serve_app.app import build_app
 from serve_app.context import Context
+from serve_app.routes.self_serve import TierSubscription, tier_subscriptions
 from tests.helpers import (
     ADMIN_TOKEN,
+    CATALOG,
     SIGNUP_MICROS,
+    STRIPE_WEBHOOK_SECRET,
     URLS,
     fake_sessions,
     free_port,
@@ -24,7 +34,14 @@ from tests.helpers import (
     stripe_client,
     stripe_deliver,
     stripe_event,
+    wait_for,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
+PRICES = CATALOG.stripe_prices
+SUBSCRIPTION_EVENTS = ["checkout.session.completed", "customer.subscription.created",
+                       "customer.subscription.updated", "customer.subscription.deleted"]
+
 
 def test_a_top_up_goes_from_checkout_to_credit_once(service, admin, compute, sql, new_org):
     org = new_org()
@@ -148,3 +165,171 @@ def test_stripe_out_of_reach_is_a_502_not_a_500(service, new_org):
 
     response = asyncio.run(call())
     assert response.status_code == 502 and response.json()["error"]["code"] == "stripe_error"
+
+
+# ----- a tier change of an org already subscribed: the subscription is changed in place --------
+
+
+def subscription(status: str = "active", price: str | None = PRICES["pro"], metadata: dict | None = None,
+                 items: int = 1, sub_id: str = "sub_1") -> dict:
+    """A subscription as Stripe lists it: the first item priced `price` (None: not a catalog
+    price), the others an add-on."""
+    prices = [price or "price_elsewhere"] + ["price_other_addon"] * (items - 1)
+    data = [{"id": f"si_{sub_id}_{n}", "price": {"id": item_price}} for n, item_price in enumerate(prices)]
+    return {"id": sub_id, "status": status, "metadata": metadata or {}, "items": {"data": data}}
+
+
+def test_only_live_subscriptions_of_the_org_with_a_tier_price_or_tag_are_its_tier_subscription():
+    live = [subscription(status, sub_id=f"sub_{status}") for status in ("active", "trialing", "past_due")]
+    ended = [subscription(status, sub_id=f"sub_{status}")
+             for status in ("incomplete", "incomplete_expired", "canceled", "unpaid", "paused")]
+    assert [s.subscription_id for s in tier_subscriptions(live + ended, "org_a", PRICES)] == [
+        "sub_active", "sub_trialing", "sub_past_due"]
+    # A portal-made subscription has no metadata: its price says the tier.
+    assert tier_subscriptions([subscription(price=PRICES["pro_plus"])], "org_a", PRICES) == [
+        TierSubscription("sub_1", "si_sub_1_0", "pro_plus", 0)]
+    # Tagged only (a price metergate no longer sells): the one item carries it.
+    tagged = subscription(price=None, metadata={"org_id": "org_a", "tier": "pro", "tier_changes": "3"})
+    assert tier_subscriptions([tagged], "org_a", PRICES) == [TierSubscription("sub_1", "si_sub_1_0", "pro", 3)]
+    # Several items, none a tier's price: a tier subscription whose item cannot be told.
+    assert tier_subscriptions([subscription(price=None, items=2, metadata={"tier": "pro"})], "org_a", PRICES)[0].item_id is None
+    # The tier price's item among others is the one that changes.
+    assert tier_subscriptions([subscription(items=3)], "org_a", PRICES)[0].item_id == "si_sub_1_0"
+    # Not metergate's (no tier price, no tag), or another org's.
+    assert tier_subscriptions([subscription(price=None)], "org_a", PRICES) == []
+    assert tier_subscriptions([subscription(metadata={"org_id": "org_b", "tier": "pro"})], "org_a", PRICES) == []
+    assert tier_subscriptions([subscription(metadata={"tier_changes": "x1"})], "org_a", PRICES)[0].tier_changes == 0
+
+
+def test_an_unknown_proration_behavior_is_refused_at_start_naming_the_variable_and_the_choices(tmp_path):
+    with pytest.raises(ValidationError):
+        Settings(stripe_proration_behavior="prorate")
+    env = {**os.environ, "METERGATE_STRIPE_PRORATION_BEHAVIOR": "prorate", "METERGATE_DATA_DIR": str(tmp_path)}
+    started = subprocess.run([sys.executable, "-m", "serve_app.main"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert started.returncode == 2, (started.stdout, started.stderr)
+    assert "METERGATE_STRIPE_PRORATION_BEHAVIOR" in started.stderr
+    assert all(choice in started.stderr for choice in ("create_prorations", "always_invoice", "'none'"))
+    assert "Traceback" not in started.stderr and not (tmp_path / "pg").exists()  # nothing was started
+
+
+@pytest.fixture(scope="module")
+def subscription_webhooks(service):
+    """localstripe and the front deliver their subscription events to the service meanwhile."""
+    api = service.settings.stripe_api_base
+    hook = {"url": f"{service.base_url}/webhooks/stripe", "secret": STRIPE_WEBHOOK_SECRET,
+            "events": SUBSCRIPTION_EVENTS}
+    assert httpx.post(f"{api}/_config/webhooks/self_serve_tiers", json=hook, timeout=10).status_code == 200
+    yield
+    httpx.post(f"{api}/_config/webhooks/self_serve_tiers", json={**hook, "events": []}, timeout=10)
+
+
+def subscribe(service, customer, org: str, tier: str) -> dict:
+    """The org's first tier, through Checkout as a customer does it: the session, then Stripe's subscription."""
+    answer = customer.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": tier, **URLS})
+    assert answer.status_code == 200, answer.text
+    assert set(answer.json()) == {"url", "session_id"}  # the Checkout answer, as before tier changes
+    done = httpx.post(f"{service.settings.stripe_api_base}/_fake/sessions/{answer.json()['session_id']}/complete",
+                      json={}, timeout=30)
+    assert done.status_code == 200, done.text
+    return done.json()
+
+
+def updates_of(service, subscription_id: str) -> list[dict]:
+    updates = httpx.get(f"{service.settings.stripe_api_base}/_fake/subscription_updates", timeout=10).json()
+    return [u for u in updates if u["subscription"] == subscription_id]
+
+
+def live_subscriptions(service, customer_id: str) -> list[dict]:
+    listed = stripe_client(service).v1.subscriptions.list(params={"customer": customer_id, "limit": 100})
+    return [s.to_dict() for s in listed.data if s.status in ("active", "trialing", "past_due")]
+
+
+def test_pro_to_pro_plus_changes_the_one_subscription_once_and_stripe_s_event_moves_the_tier(
+        service, subscription_webhooks, admin, new_org):
+    org = new_org()
+    with org_client(service, mint(admin, org)) as customer:
+        session = subscribe(service, customer, org, "pro")
+        wait_for("the pro cap", lambda: admin.get(f"/v1/orgs/{org}").json()["max_concurrent"] == 100)
+
+        key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+        change = customer.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": "pro_plus", **URLS}, headers=key)
+        again = customer.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": "pro_plus", **URLS}, headers=key)
+        assert change.status_code == 200, change.text
+        assert change.json() == {"updated": True, "subscription_id": session["subscription"], "tier": "pro_plus",
+                                 "previous_tier": "pro", "proration_behavior": "create_prorations",
+                                 "url": URLS["success_url"]}
+        assert again.json() == change.json()
+        # A double click without a key, both at once: one Stripe update between them (the same
+        # content key), or the second finds the tier already there.
+        with ThreadPoolExecutor(2) as pool:
+            clicks = list(pool.map(lambda _: customer.post(f"/v1/orgs/{org}/checkout/tier",
+                                                           json={"tier": "pro_plus_plus", **URLS}), range(2)))
+        assert [c.status_code for c in clicks] == [200, 200], [c.text for c in clicks]
+        assert {c.json()["subscription_id"] for c in clicks} == {session["subscription"]}
+        assert any(c.json()["updated"] for c in clicks)
+        # The tier it already has: answered, nothing sent to Stripe.
+        same = customer.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": "pro_plus_plus", **URLS})
+        assert same.json() == {"updated": False, "subscription_id": session["subscription"],
+                               "tier": "pro_plus_plus", "url": URLS["success_url"]}
+
+    updates = updates_of(service, session["subscription"])
+    assert [(u["prices"], u["proration_behavior"]) for u in updates] == [
+        ([PRICES["pro_plus"]], "create_prorations"), ([PRICES["pro_plus_plus"]], "create_prorations")]
+    assert updates[-1]["metadata"] == {"org_id": org, "tier": "pro_plus_plus", "tier_changes": "2"}
+    (live,) = live_subscriptions(service, session["customer"])
+    assert live["id"] == session["subscription"]
+    assert [item["price"]["id"] for item in live["items"]["data"]] == [PRICES["pro_plus_plus"]]
+    assert [s["mode"] for s in fake_sessions(service, org)] == ["subscription"]  # no second Checkout
+    # The tier moves when Stripe reports the change, not when the route answers.
+    wait_for("the pro_plus_plus cap", lambda: admin.get(f"/v1/orgs/{org}").json()["max_concurrent"] == 1000)
+
+
+def test_changing_back_and_forth_within_the_double_click_window_makes_every_change(service, admin, new_org):
+    """pro → pro_plus → pro → pro_plus with no Idempotency-Key, within 10 minutes: the third
+    change has the first one's content, yet it is a change of its own, not a replay."""
+    org = new_org()
+    with org_client(service, mint(admin, org)) as customer:
+        session = subscribe(service, customer, org, "pro")
+        for tier in ("pro_plus", "pro", "pro_plus"):
+            answer = customer.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": tier, **URLS})
+            assert answer.status_code == 200 and answer.json()["updated"] is True, answer.text
+    assert [u["prices"] for u in updates_of(service, session["subscription"])] == [
+        [PRICES["pro_plus"]], [PRICES["pro"]], [PRICES["pro_plus"]]]
+    (live,) = live_subscriptions(service, session["customer"])
+    assert [item["price"]["id"] for item in live["items"]["data"]] == [PRICES["pro_plus"]]
+
+
+def test_the_operator_s_proration_setting_goes_to_stripe(service, admin, new_org):
+    org = new_org()
+    session = subscribe(service, admin, org, "pro")
+    settings = Settings(**{**service.settings.model_dump(), "stripe_proration_behavior": "none"})
+    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate",
+                                     timeout=60) as client:
+            return await client.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": "pro_plus"},
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    answer = asyncio.run(call())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["proration_behavior"] == "none"
+    assert answer.json()["url"].endswith(f"/billing/{org}")  # no success_url given: the billing page
+    assert [u["proration_behavior"] for u in updates_of(service, session["subscription"])] == ["none"]
+
+
+def test_two_live_tier_subscriptions_are_refused_and_left_alone(service, admin, new_org):
+    """Made before tier changes updated in place: which to keep is the customer's call, in the portal."""
+    org = new_org()
+    with org_client(service, mint(admin, org)) as customer:
+        first = subscribe(service, customer, org, "pro")
+        second = stripe_client(service).v1.subscriptions.create(params={
+            "customer": first["customer"], "items": [{"plan": PRICES["pro"]}],
+            "metadata": {"org_id": org, "tier": "pro"}})
+        assert second.status == "active"
+        refused = customer.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": "pro_plus", **URLS})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "several_tier_subscriptions"
+    assert refused.json()["error"]["subscription_ids"] == sorted([first["subscription"], second.id])
+    assert updates_of(service, first["subscription"]) == updates_of(service, second.id) == []

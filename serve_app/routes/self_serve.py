@@ -1,9 +1,16 @@
 """Self-serve (the org's own token, or admin): Stripe Checkout for top-ups, cards and tiers,
 and the customer portal. The billing page's forms (routes/billing.py) start the very same
-sessions through the functions here."""
+sessions through the functions here.
+
+A tier for an org whose Stripe customer already has a live metergate tier subscription is not
+a second Checkout: Stripe lets a customer hold many subscriptions, and Pro then Pro+ would
+bill both. That subscription's item moves to the new tier's price instead, prorated as
+METERGATE_STRIPE_PRORATION_BEHAVIOR says. The org's tier itself changes only when Stripe's
+`customer.subscription.updated` arrives, as for any other subscription change."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 from fastapi import APIRouter, Request, Response
@@ -21,12 +28,64 @@ from serve_app.stripe_gateway import operation_key
 from storage import stripe_customers
 
 
+# The subscription states that hold a tier (past_due too: it still bills): a tier change of an
+# org with one of these updates it rather than opening another.
+LIVE_SUBSCRIPTION = frozenset({"active", "trialing", "past_due"})
+SUBSCRIPTIONS_PAGE = 100  # Stripe's largest page
+SUBSCRIPTION_PAGES_MAX = 10
+# In the subscription's metadata: how many tier changes metergate made to it. It is part of the
+# change's idempotency key, so that pro → pro_plus → pro → pro_plus within the double-click
+# window is three updates, not a replay of the first.
+TIER_CHANGES = "tier_changes"
+
+
 class Checkout(NamedTuple):
     """A Checkout Session to create: the operation (it names the Stripe idempotency key) and
     its parameters, checked before anything reaches Stripe."""
 
     operation: str
     params: dict
+    tier: str | None = None  # a paid tier: an org already subscribed has its subscription changed instead
+
+
+class TierSubscription(NamedTuple):
+    """A live metergate tier subscription of the org's customer, as Stripe lists it."""
+
+    subscription_id: str
+    item_id: str | None  # the item carrying the tier's price; None: no single such item
+    tier: str  # from that item's price, else from metadata.tier
+    tier_changes: int  # metadata.tier_changes: the tier changes metergate made to it
+
+
+def price_of(item: dict) -> str | None:
+    price = item.get("price")
+    return price.get("id") if isinstance(price, dict) else price
+
+
+def tier_subscriptions(subscriptions: list[dict], org_id: str, stripe_prices: dict[str, str]) -> list[TierSubscription]:
+    """The live subscriptions among a customer's that are the org's metergate tier: an item with
+    a tier's price (the catalog's `stripe_prices`), or `metadata.tier` naming a paid tier. One
+    tagged for another org is not this org's."""
+    tier_of_price = {price: tier for tier, price in stripe_prices.items()}
+    found = []
+    for subscription in subscriptions:
+        metadata = subscription.get("metadata") or {}
+        if subscription.get("status") not in LIVE_SUBSCRIPTION or metadata.get("org_id", org_id) != org_id:
+            continue
+        items = (subscription.get("items") or {}).get("data") or []
+        priced = [item for item in items if price_of(item) in tier_of_price]
+        if len(priced) == 1:
+            item_id, tier = priced[0]["id"], tier_of_price[price_of(priced[0])]
+        elif not priced and metadata.get("tier") in PAID_TIERS:
+            item_id, tier = (items[0]["id"] if len(items) == 1 else None), metadata["tier"]
+        elif priced:
+            item_id, tier = None, tier_of_price[price_of(priced[0])]
+        else:
+            continue
+        changes = str(metadata.get(TIER_CHANGES, ""))
+        found.append(TierSubscription(subscription["id"], item_id, tier,
+                                      int(changes) if changes.isascii() and changes.isdigit() else 0))
+    return found
 
 
 async def customer_for(ctx: Context, org_id: str) -> str:
@@ -110,15 +169,68 @@ def tier_checkout(ctx: Context, org_id: str, tier: str) -> Checkout:
                        field="tier")
     tagged = {"org_id": org_id, "tier": tier}
     return Checkout(f"tier-{tier}", {"mode": "subscription", "line_items": [{"price": price, "quantity": 1}],
-                                     "metadata": tagged, "subscription_data": {"metadata": tagged}})
+                                     "metadata": tagged, "subscription_data": {"metadata": tagged}}, tier)
+
+
+async def live_tier_subscription(ctx: Context, org_id: str, customer_id: str) -> TierSubscription | None:
+    """The org's live tier subscription in Stripe, if any. Two or more (made before tier changes
+    updated in place) are refused: which one to change, and whether to keep paying for the
+    other, is the customer's choice in the portal."""
+    client = ctx.stripe.require()
+    subscriptions: list[dict] = []
+    params: dict = {"customer": customer_id, "limit": SUBSCRIPTIONS_PAGE}  # Stripe lists all but canceled
+    for _ in range(SUBSCRIPTION_PAGES_MAX):
+        page = (await ctx.stripe.call(client.v1.subscriptions.list, params)).to_dict()
+        subscriptions += page["data"]
+        if not page.get("has_more") or not page["data"]:
+            break
+        params = {**params, "starting_after": page["data"][-1]["id"]}
+    else:
+        raise ApiError(409, "too_many_subscriptions", f"the org's Stripe customer has more than "
+                       f"{SUBSCRIPTIONS_PAGE * SUBSCRIPTION_PAGES_MAX} subscriptions; change the tier in the billing portal")
+    found = tier_subscriptions(subscriptions, org_id, ctx.catalog.stripe_prices)
+    if len(found) > 1:
+        raise ApiError(409, "several_tier_subscriptions", "the org has several live tier subscriptions; cancel all "
+                       "but one in the billing portal, then change the tier",
+                       subscription_ids=sorted(s.subscription_id for s in found))
+    return found[0] if found else None
+
+
+async def change_subscription_tier(ctx: Context, org_id: str, live: TierSubscription, tier: str, next_url: str,
+                                   caller_key: str | None) -> dict:
+    """Move the live subscription's tier item to the tier's price: `{"updated": true,
+    "subscription_id", "tier", "previous_tier", "proration_behavior", "url"}`, the url being
+    where the customer goes next (the success URL: no payment page to visit). The subscription
+    already on that tier: `{"updated": false, ...}` and no Stripe write."""
+    answer = {"updated": False, "subscription_id": live.subscription_id, "tier": tier, "url": next_url}
+    if live.tier == tier:
+        return answer
+    if live.item_id is None:
+        raise ApiError(409, "unrecognised_subscription", f"subscription {live.subscription_id} has no single item "
+                       "with a tier's price; change the tier in the billing portal",
+                       subscription_id=live.subscription_id)
+    client = ctx.stripe.require()
+    behavior = ctx.settings.stripe_proration_behavior
+    params = {"items": [{"id": live.item_id, "price": ctx.catalog.stripe_prices[tier]}],
+              "proration_behavior": behavior,
+              "metadata": {"org_id": org_id, "tier": tier, TIER_CHANGES: str(live.tier_changes + 1)}}
+    key = operation_key(org_id, f"tier-change-{live.subscription_id}", params, caller_key, now_us() // 1_000_000)
+    await ctx.stripe.create(partial(client.v1.subscriptions.update, live.subscription_id), params, key)
+    return {**answer, "updated": True, "previous_tier": live.tier, "proration_behavior": behavior}
 
 
 async def start_checkout(ctx: Context, org_id: str, checkout: Checkout, success_url: str, cancel_url: str,
                          caller_key: str | None) -> dict:
     """Create the Checkout Session: `{"url", "session_id"}`. The Stripe idempotency key is the
-    caller's key if given, else the content within a window (a double click, one session)."""
+    caller's key if given, else the content within a window (a double click, one session).
+    A tier for an org already subscribed changes that subscription (change_subscription_tier)."""
     client = ctx.stripe.require()
-    params = {"customer": await customer_for(ctx, org_id), "client_reference_id": org_id, **checkout.params,
+    customer_id = await customer_for(ctx, org_id)
+    if checkout.tier is not None:
+        live = await live_tier_subscription(ctx, org_id, customer_id)
+        if live is not None:
+            return await change_subscription_tier(ctx, org_id, live, checkout.tier, success_url, caller_key)
+    params = {"customer": customer_id, "client_reference_id": org_id, **checkout.params,
               "success_url": success_url, "cancel_url": cancel_url}
     key = operation_key(org_id, checkout.operation, params, caller_key, now_us() // 1_000_000)
     session = await ctx.stripe.create(client.v1.checkout.sessions.create, params, key)
@@ -132,6 +244,15 @@ async def open_portal(ctx: Context, org_id: str, return_url: str, caller_key: st
     key = operation_key(org_id, "portal", params, caller_key, now_us() // 1_000_000)
     session = await ctx.stripe.create(client.v1.billing_portal.sessions.create, params, key)
     return {"url": session.url}
+
+
+_TIER_CHANGE = {"type": "object", "required": ["updated", "subscription_id", "tier", "url"], "properties": {
+    "updated": {"type": "boolean"}, "subscription_id": {"type": "string"}, "tier": {"type": "string"},
+    "previous_tier": {"type": "string"}, "proration_behavior": {"type": "string"}, "url": {"type": "string"}}}
+_CHECKOUT = {"type": "object", "required": ["url", "session_id"],
+             "properties": {"url": {"type": "string"}, "session_id": {"type": "string"}}}
+TIER_ANSWER = {"description": "A Checkout to open (not yet subscribed), or the subscription changed in place",
+               "content": {"application/json": {"schema": {"oneOf": [_CHECKOUT, _TIER_CHANGE]}}}}
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -160,8 +281,19 @@ def routes(ctx: Context) -> APIRouter:
     async def checkout_setup(org_id: OrgPath, request: Request) -> Response:
         return await checkout_route(request, org_id, SetupBody, lambda _: setup_checkout(org_id))
 
-    @router.post("/v1/orgs/{org_id}/checkout/tier", openapi_extra=body_schema(TierCheckoutBody))
+    @router.post("/v1/orgs/{org_id}/checkout/tier", openapi_extra=body_schema(TierCheckoutBody),
+                 responses={200: TIER_ANSWER})
     async def checkout_tier(org_id: OrgPath, request: Request) -> Response:
+        """Subscribe to a paid tier, or change it. Not yet subscribed: a Checkout in subscription
+        mode, `{"url", "session_id"}`. Already subscribed (a live metergate tier subscription of
+        the org's Stripe customer: active, trialing or past due): that subscription's price is
+        changed in place, prorated as METERGATE_STRIPE_PRORATION_BEHAVIOR says, and the answer is
+        `{"updated": true, "subscription_id", "tier", "previous_tier", "proration_behavior",
+        "url"}` (url: the success URL, where to send the customer; no Checkout); the tier it
+        already has: `{"updated": false, "subscription_id", "tier", "url"}`, nothing sent to
+        Stripe. The org's tier follows when Stripe reports the change (its webhook). Going back
+        to base is cancelling the subscription, in the portal. Several live tier subscriptions:
+        409 `several_tier_subscriptions`."""
         return await checkout_route(request, org_id, TierCheckoutBody, lambda body: tier_checkout(ctx, org_id, body.tier))
 
     @router.post("/v1/orgs/{org_id}/portal", openapi_extra=body_schema(PortalBody))
