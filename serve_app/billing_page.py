@@ -38,7 +38,11 @@ KIND_LABELS = {
 NOTICES = {
     "topup_done": "Thank you. Stripe is confirming the payment; the credit shows here as soon as it lands.",
     "card_done": "Thank you. Stripe is confirming the card; it shows here as soon as it is on file.",
-    "tier_done": "Thank you. Stripe is confirming the subscription; the new tier shows here once it is active.",
+    # After a first subscription's Checkout, and after a change of the subscription in place
+    # (no Checkout: the form comes straight back here): either way the tier moves when Stripe
+    # reports the subscription.
+    "tier_done": "Thank you. Stripe is confirming your subscription; the new tier shows here as soon as Stripe "
+                 "reports it.",
     "checkout_cancelled": "Checkout was cancelled: nothing was charged.",
     "auto_recharge_saved": "Auto-recharge settings saved.",
 }
@@ -287,17 +291,27 @@ def card_forms(page: BillingPage) -> str:
 
 
 def tier_form(page: BillingPage) -> str:
+    """The paid tiers. An org on one already has its subscription changed in place by the
+    form (routes/self_serve.py): one subscription, never a second to cancel."""
     org = page.org
     options = "".join(
         f'<label class="choice"><input type="radio" name="tier" value="{escape(tier)}" required'
         f'{" disabled" if tier == org["tier"] else ""}> {escape(tier)}: up to {cap:,} sandboxes at once'
         f'{" (current)" if tier == org["tier"] else ""}</label>'
         for tier, cap in page.tiers)
-    current = (f'<p>Now on <b>{escape(org["tier"])}</b>: up to {org["max_concurrent"]:,} sandboxes at once. '
-               'A paid tier is a monthly subscription; cancel it in the billing portal to go back to base.</p>')
+    subscribed = any(tier == org["tier"] for tier, _ in page.tiers)
+    now = f'<p>Now on <b>{escape(org["tier"])}</b>: up to {org["max_concurrent"]:,} sandboxes at once. '
+    if subscribed:
+        current = now + ("Another tier changes this same monthly subscription at once, with no second "
+                         "subscription and no checkout; your invoices show how the change is billed. To go back "
+                         "to base, cancel the subscription in the billing portal.</p>")
+    else:
+        current = now + ("A paid tier is a monthly subscription; cancel it in the billing portal to go back to "
+                         "base.</p>")
     if not options:
         return current
-    return current + form(page, "tier", f'<fieldset>{options}</fieldset>', "Continue to checkout",
+    return current + form(page, "tier", f'<fieldset>{options}</fieldset>',
+                          "Change tier" if subscribed else "Continue to checkout",
                           disabled=not page.stripe_ready) + stripe_note(page)
 
 

@@ -212,6 +212,33 @@ def test_forms_refuse_what_the_json_endpoints_refuse_and_never_answer_500(servic
     assert admin.get(f"/v1/orgs/{org}").json()["auto_recharge"] == {"enabled": False}
 
 
+def test_a_subscribed_org_s_tier_form_changes_its_subscription_and_comes_back_to_the_page(service, admin, new_org):
+    """No second Checkout and no "cancel the old one" for an org already on a paid tier: the
+    form changes the subscription it has and the page says Stripe is confirming it."""
+    org, newcomer = new_org(), new_org()
+    first = admin.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": "pro"})
+    assert first.status_code == 200, first.text
+    done = httpx.post(f"{service.settings.stripe_api_base}/_fake/sessions/{first.json()['session_id']}/complete",
+                      json={}, timeout=30).json()
+    # No webhooks in this module: the tier Stripe's customer.subscription.created would set.
+    assert admin.put(f"/v1/orgs/{org}/tier", json={"tier": "pro"}).status_code == 200
+    with page_client(service) as client:
+        page = open_by_link(client, org, mint(admin, org))
+        assert "Change tier" in page.text and "Continue to checkout" not in page.text
+        assert "no second subscription" in page.text
+        changed = client.post(f"/billing/{org}/tier", data={**form_of(page.text, "tier"), "tier": "pro_plus"})
+        assert changed.status_code == 303, changed.text
+        assert changed.headers["location"].endswith(f"/billing/{org}?notice=tier_done")  # not to Checkout
+        shown = client.get(f"/billing/{org}?notice=tier_done").text
+        assert "Stripe is confirming your subscription" in shown
+    updates = httpx.get(f"{service.settings.stripe_api_base}/_fake/subscription_updates", timeout=10).json()
+    assert [u["prices"] for u in updates if u["subscription"] == done["subscription"]] == [
+        ["price_metergate_pro_plus_monthly"]]
+    assert [s["mode"] for s in fake_sessions(service, org)] == ["subscription"]
+    with page_client(service) as client:
+        assert "Continue to checkout" in open_by_link(client, newcomer, mint(admin, newcomer)).text
+
+
 def test_the_auto_recharge_form_saves_what_put_auto_recharge_saves(service, admin, new_org):
     org = new_org()
     with page_client(service) as client:
