@@ -6,13 +6,21 @@ Body: {"type": ..., "data": ...}. `sandbox.started` carries the body of POST /v1
 /v1/usage. Each message id (`svix-id`) is applied once. Its effects are themselves
 idempotent (lease ids, tick ids), so a duplicate delivered concurrently changes nothing
 either. Any other type is acknowledged and ignored.
+
+Stripe: a verified event is answered 200 whatever became of it, and recorded with its
+outcome (applied, ignored, dead_letter) and why; GET /v1/webhooks/inbound lists the ones not
+applied. Only a bad delivery is a 4xx and only a transient failure a 5xx (see stripe_webhook).
+Card and customer lifecycle events go through serve_app/stripe_cards.py, the rest through
+the pure mapper serve_app/stripe_events.py.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from contextlib import contextmanager
+from enum import Enum
 from typing import Annotated, Iterator, Mapping
 
 import msgspec
@@ -20,19 +28,24 @@ import stripe
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from actors import metrics
-from actors.commands import RefundPayment, fingerprint
+from actors.commands import fingerprint
 from actors.refusals import Refusal
+from serve_app import stripe_cards
 from serve_app.bodies import MAX_JSON_DEPTH, Id, decode, nests_deeper_than, not_json
 from actors.ticks import DECODE_ERRORS, WHOLE_ID_PATTERN
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
-from serve_app.errors import ApiError, raise_for_shard_error
-from serve_app.stripe_events import DunningPolicy, EventError, commands_for, customer_of
+from serve_app.errors import ApiError, api_error_of
+from serve_app.stripe_events import (HANDLED, IGNORED, DunningPolicy, EventError, Facts, PaymentCredit, Refused,
+                                     commands_for, customer_of, org_of, payments_named)
 from storage import inbound_webhooks, ledger, stripe_customers
+
+log = logging.getLogger("metergate.webhooks")
 
 SOURCE = "svix"
 STRIPE_ID = re.compile(WHOLE_ID_PATTERN)
 STRIPE_TOLERANCE_S = 300
+MAX_REASON_CHARS = 300
 
 
 EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=WHOLE_ID_PATTERN)]
@@ -106,8 +119,10 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
         status, result = 200, await record_usage(ctx, data)
     else:
         status, result = 200, {"ignored": True}
+    ignored = result == {"ignored": True}
     result = {"type": envelope.type, "result": result}
-    await _remember(ctx, SOURCE, message_id, envelope.type, status, result)
+    await _remember(ctx, SOURCE, message_id, envelope.type, status, result,
+                    "ignored" if ignored else "applied", "unhandled_type" if ignored else None)
     return status, result
 
 
@@ -118,9 +133,10 @@ async def _seen(ctx: Context, source: str, event_id: str) -> tuple[int, dict] | 
     return None if seen is None else (seen[0], {**seen[1], "duplicate": True})
 
 
-async def _remember(ctx: Context, source: str, event_id: str, event_type: str, status: int, result: dict) -> None:
+async def _remember(ctx: Context, source: str, event_id: str, event_type: str, status: int, result: dict,
+                    outcome: str = "applied", reason: str | None = None) -> None:
     async with (await ctx.db()).acquire() as conn:
-        await inbound_webhooks.remember(conn, source, event_id, event_type, status, result)
+        await inbound_webhooks.remember(conn, source, event_id, event_type, status, result, outcome, reason)
 
 
 def verify_stripe(secret: str, body: bytes, header: str | None, now_s: int) -> dict:
@@ -173,20 +189,39 @@ async def _expand_refunds(ctx: Context, event: dict) -> None:
     charge["refunds"] = {"data": [r.to_dict() for r in refunds.data]}
 
 
-async def _with_paid_grants(ctx: Context, commands: list) -> list:
-    """Each refund with the grant its payment's ledger entry made: a credit booked before grants
-    recorded their payment is found by it (billing-rules 3.1)."""
-    refunds = [(org_id, c) for org_id, c in commands if isinstance(c, RefundPayment)]
-    if not refunds:
-        return commands
+async def _payment_credits(ctx: Context, payments: list[str]) -> dict[str, PaymentCredit]:
+    """What each payment the event names bought, from its credit's ledger entry (billing-rules 3)."""
+    if not payments:
+        return {}
     async with (await ctx.db()).acquire() as conn:
-        grants = {(org_id, c.payment_id): await ledger.grant_of_key(conn, org_id, f"stripe:payment:{c.payment_id}")
-                  for org_id, c in refunds}
-    return [(org_id, msgspec.structs.replace(c, grant_id=grants[(org_id, c.payment_id)])
-             if isinstance(c, RefundPayment) else c) for org_id, c in commands]
+        found = await ledger.credits_of_payments(conn, payments)
+    return {payment: PaymentCredit(*credit) for payment, credit in found.items()}
+
+
+class Outcome(str, Enum):
+    """What became of a verified Stripe event. Each is answered 2xx: a 4xx makes Stripe retry
+    for three days and then disable the endpoint, which stops every billing event."""
+
+    APPLIED = "applied"
+    IGNORED = "ignored"  # nothing to do, or not this deployment's (another mode, no org of ours)
+    DEAD_LETTER = "dead_letter"  # it names something metergate cannot apply: an operator looks
+
+
+def livemode_matches(event: dict, secret_key: str | None) -> bool:
+    """Whether the event is of the key's mode (sk_live_ / rk_live_ keys are live, any other
+    key or none is test mode). An event without `livemode` matches: Stripe always sends it,
+    and hand-made events (tests, replays of old payloads) leave it out."""
+    sent = event.get("livemode")
+    if sent is None:
+        return True
+    live_key = bool(secret_key) and secret_key.startswith(("sk_live_", "rk_live_"))
+    return sent is live_key  # "true" or 1 is not Stripe's boolean: no match
 
 
 async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict]:
+    """Only a bad delivery (signature, time, not JSON) is a 4xx, and only a transient failure
+    (a shard, Postgres or Stripe unreachable) a 5xx, which Stripe retries; every verified event
+    else is 200 and recorded with its outcome and why."""
     secret = ctx.settings.stripe_webhook_secret
     if not secret:
         raise ApiError(503, "stripe_not_configured", "METERGATE_STRIPE_WEBHOOK_SECRET is not set on this server")
@@ -196,29 +231,88 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     seen = await _seen(ctx, "stripe", event["id"])
     if seen is not None:
         return seen
+    if not livemode_matches(event, ctx.settings.stripe_secret_key):
+        return await _stripe_answer(ctx, event, [], Outcome.IGNORED, "livemode_mismatch")
+    forget = None
+    try:
+        if event.get("type") in stripe_cards.EVENT_TYPES:
+            lifecycle = await stripe_cards.lifecycle_commands(ctx, event)
+            commands, forget, ignored = lifecycle.commands, lifecycle.forget_customer, lifecycle.ignored
+        else:
+            commands, ignored = await _commands_of(ctx, event)
+    except Refused as exc:  # by rule (money in another currency, ...): the operator decides
+        return await _stripe_answer(ctx, event, [], Outcome.DEAD_LETTER, f"refused: {exc}")
+    except (EventError, stripe_cards.NotApplicable) as exc:
+        return await _stripe_answer(ctx, event, [], Outcome.DEAD_LETTER, f"unprocessable_event: {exc}")
+    if not commands:
+        return await _stripe_answer(ctx, event, [], Outcome.IGNORED, ignored or "nothing_to_apply")
+    applied, refused = await _apply(ctx, commands)
+    if refused is not None:
+        return await _stripe_answer(ctx, event, applied, Outcome.DEAD_LETTER, refused)
+    if forget is not None:
+        await stripe_cards.forget_customer(ctx, forget)
+    return await _stripe_answer(ctx, event, applied, Outcome.APPLIED, None)
+
+
+async def _commands_of(ctx: Context, event: dict) -> tuple[list, str | None]:
+    """The event's commands (stripe_events.commands_for, with the facts it needs looked up),
+    and why there are none if none."""
+    if not isinstance(event.get("type"), str):  # a number passes the id pattern; no Stripe type is one
+        return [], "unhandled_type"
     customer_org = None
     if customer_of(event):
         async with (await ctx.db()).acquire() as conn:
             customer_org = await stripe_customers.org_of(conn, customer_of(event))
     await _expand_refunds(ctx, event)
+    credits = await _payment_credits(ctx, payments_named(event))
+    settings = ctx.settings
     try:
-        settings = ctx.settings
-        commands = commands_for(event, ctx.catalog, customer_org, DunningPolicy(
+        commands = commands_for(event, ctx.catalog, Facts(customer_org, credits), DunningPolicy(
             settings.dunning_suspend_after_s, settings.dunning_degrade_after_s,
-            settings.dunning_downgrade_after_s, settings.dunning_free_plan))
-    except EventError as exc:
-        raise ApiError(422, "unprocessable_event", str(exc)) from None
+            settings.dunning_downgrade_after_s, settings.dunning_free_plan, settings.dunning_one_off_invoices))
     except (KeyError, TypeError, AttributeError) as exc:  # a field the event type must carry is missing
-        raise ApiError(422, "unprocessable_event", f"the event lacks a field its type needs ({exc})") from None
+        raise EventError(f"the event lacks a field its type needs ({exc})") from None
+    if commands:
+        return commands, None
+    kind = str(event.get("type"))
+    if kind not in HANDLED:
+        return [], f"ignored_type: {IGNORED[kind]}" if kind in IGNORED else "unhandled_type"
+    named = org_of((event.get("data") or {}).get("object") or {}) or customer_org or credits
+    return [], "nothing_to_apply" if named else "no_org"
+
+
+async def _apply(ctx: Context, commands: list) -> tuple[list[dict], str | None]:
+    """Send each command to its org, in order, up to the first a shard refuses for good; the
+    ones applied, and that refusal (`code: message`) if there was one. A transient refusal
+    (503: the shard is away, the outcome unknown) is raised, so Stripe delivers again and the
+    applied ones replay."""
     applied = []
-    for org_id, command in await _with_paid_grants(ctx, commands):
+    for org_id, command in commands:
         # Fingerprint the effect, not the event: two events about one payment must replay, not conflict.
         result = await ctx.router.command(org_id, command, fingerprint(command))
-        if result.get("error", {}).get("code") == Refusal.UNKNOWN_ORG:
-            raise ApiError(422, "unprocessable_event", f"event names org {org_id}, which does not exist")
-        result = raise_for_shard_error(result)
+        if result.get("error") is not None:
+            refusal = api_error_of(result["error"])
+            if refusal.status >= 500:
+                raise refusal
+            return applied, f"{refusal.code}: {refusal.message}"
         applied.append({"org_id": org_id, "command": type(command).__name__,
                         "replayed": bool(result.get("replayed")), "stale": bool(result.get("stale"))})
-    result = {"event": event["id"], "type": event.get("type"), "applied": applied}
-    await _remember(ctx, "stripe", event["id"], str(event.get("type")), 200, result)
+    return applied, None
+
+
+def _storable(reason: str) -> str:
+    """A reason as Postgres text and one log line: it may quote what the event sent (an org id
+    with a NUL in it), so control characters are escaped and the length bounded."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason)
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 1] + "…"
+
+
+async def _stripe_answer(ctx: Context, event: dict, applied: list[dict], outcome: Outcome,
+                         reason: str | None) -> tuple[int, dict]:
+    reason = None if reason is None else _storable(reason)
+    if outcome is Outcome.DEAD_LETTER:
+        log.warning("stripe event %s (%s) is a dead letter: %s", event["id"], event.get("type"), reason)
+    result = {"event": event["id"], "type": event.get("type"), "outcome": outcome.value, "reason": reason,
+              "applied": applied}
+    await _remember(ctx, "stripe", event["id"], str(event.get("type")), 200, result, outcome.value, reason)
     return 200, result
