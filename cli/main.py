@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from cli import checks, local, orgs, outbox
+from cli import checks, inbound, local, orgs, outbox
 from cli.client import CliError
 from cli.output import error_line
 
@@ -39,6 +39,7 @@ app.add_typer(orgs.tokens_app, name="tokens")
 app.command("parity")(checks.parity)
 app.command("replay")(checks.replay)
 app.add_typer(outbox.outbox_app, name="outbox")
+app.add_typer(inbound.inbound_app, name="inbound")
 app.command("bench")(local.bench)
 
 

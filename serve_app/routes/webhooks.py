@@ -1,20 +1,24 @@
-"""Webhooks in (Svix-signed compute-plane events, Stripe events) and the outbox of webhooks
-out (admin: list by status, retry a dead letter)."""
+"""Webhooks in (Svix-signed compute-plane events, Stripe events; admin: the Stripe events not
+applied) and the outbox of webhooks out (admin: list by status, retry a dead letter)."""
 
 from __future__ import annotations
 
+import base64
+
 from fastapi import APIRouter, Request, Response
 
+from actors.timeutil import MAX_PLAUSIBLE_S, US_PER_S, us_to_rfc3339
 from serve_app import openapi
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
 from serve_app.params import MessagePath
 from serve_app.views import outbound_event_view
 from serve_app.webhooks_in import stripe_webhook, svix_webhook
-from storage import outbox
+from storage import inbound_webhooks, outbox
 
 STATUSES = ("pending", "delivered", "dead")
 MAX_PAGE = 500
+NOT_APPLIED = ("ignored", "dead_letter")
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -31,6 +35,26 @@ def routes(ctx: Context) -> APIRouter:
         """Stripe events, verified with Stripe-Signature (±5 minutes)."""
         status, body = await stripe_webhook(ctx, await request.body(), request.headers)
         return json(body, status)
+
+    @router.get("/v1/webhooks/inbound")
+    async def list_inbound(request: Request, outcome: str | None = None, cursor: str | None = None,
+                           limit: int = 50) -> Response:
+        """Stripe events answered but not applied, newest first, a page at a time: `outcome`
+        `dead_letter` (metergate could not apply it: an unknown org, a field it cannot read, a
+        shard's refusal) or `ignored` (nothing to do, or not this deployment's: another
+        livemode, no org); both when left out. `next_cursor` asks for the next page."""
+        ctx.admin(request)
+        if outcome is not None and outcome not in NOT_APPLIED:
+            raise ApiError(422, "invalid_request", "outcome must be dead_letter or ignored", field="outcome")
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(422, "invalid_request", f"limit must be 1-{MAX_PAGE}", field="limit")
+        after = _decode_cursor(cursor)
+        async with (await ctx.db()).acquire() as conn:
+            rows = await inbound_webhooks.unapplied_page(conn, "stripe", (outcome,) if outcome else NOT_APPLIED,
+                                                         after, limit)
+        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        return json({"events": [inbound_event_view(row) for row in rows[:limit]], "next_cursor": next_cursor,
+                     "has_more": next_cursor is not None})
 
     @router.get("/v1/webhooks/outbox")
     async def list_outbox(request: Request, status: str = "dead", limit: int = 50) -> Response:
@@ -57,3 +81,26 @@ def routes(ctx: Context) -> APIRouter:
         return json({"id": message_id, "status": "pending"})
 
     return router
+
+
+def inbound_event_view(event: inbound_webhooks.InboundEvent) -> dict:
+    return {"id": event.event_id, "source": event.source, "type": event.event_type, "outcome": event.outcome,
+            "reason": event.reason, "status": event.status, "received_at": us_to_rfc3339(event.received_us)}
+
+
+def _encode_cursor(event: inbound_webhooks.InboundEvent) -> str:
+    return base64.urlsafe_b64encode(f"{event.received_us}|{event.event_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
+    if not cursor:
+        return None
+    try:
+        at, event_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        if not (at.isascii() and at.isdigit() and int(at) < MAX_PLAUSIBLE_S * US_PER_S):
+            raise ValueError(at)
+        if not event_id.isprintable():  # Postgres text holds no NUL: a forged cursor is not a 500
+            raise ValueError(event_id)
+        return int(at), event_id
+    except (ValueError, UnicodeError):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
