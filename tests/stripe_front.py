@@ -2,11 +2,17 @@
 and the `checkout.session.completed` and `charge.refunded` events.
 
 Everything else is proxied to localstripe, so one `api_base` serves both. Idempotency-Key
-is honoured for the sessions made here (localstripe ignores it). For tests:
+is honoured for the sessions made here and for POST /v1/payment_intents as Stripe does it
+(localstripe ignores it): the same key with the same parameters gets the first answer again,
+with other parameters a 400 `idempotency_error`. GET /v1/payment_methods?customer= without a
+`type` lists the customer's methods of every type, newest first (localstripe wants a type).
+For tests:
 - GET /_fake/sessions lists the sessions;
 - POST /_fake/sessions/{id}/complete does what a customer finishing Checkout makes Stripe do,
   with real localstripe objects: a saved card (setup), a paid payment intent (payment) or a
   subscription (subscription); then it sends `checkout.session.completed`;
+- GET /_fake/payment_intents/keys lists, per idempotency key, the intents made under it;
+- POST /_fake/payment_methods {"fail_next": n} answers the next n payment method lists 500;
 - POST /_config/webhooks/{name} registers a webhook endpoint here and in localstripe, so the
   events of both reach it, signed the same way;
 - subscriptions read and updated through here look as Stripe's do, where localstripe differs
@@ -28,12 +34,6 @@ from aiohttp import ClientSession, web
 sessions: dict[str, dict] = {}
 by_key: dict[str, dict] = {}
 webhooks: dict[str, dict] = {}
-meter_events: list[dict] = []  # every meter event request, with the status it got
-meter_failures = {"next": 0}
-intent_failures = {"next": 0}  # POST /v1/payment_intents answered 500 while > 0 (Stripe having a bad minute)
-counter = itertools.count(1)
-CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
-
 subscription_updates: list[dict] = []  # each update that reached localstripe (replays not)
 subscription_metadata: dict[str, dict] = {}  # metadata set by updates (localstripe drops it)
 # An item keeps its id when its price changes (localstripe makes a new one): the id shown for
@@ -42,6 +42,15 @@ shown_item_id: dict[str, str] = {}
 current_item_id: dict[str, str] = {}
 updates_by_key: dict[str, tuple[dict, dict | None]] = {}  # Idempotency-Key → (params, answer; None: running)
 PRORATION_BEHAVIORS = ("create_prorations", "none", "always_invoice")
+meter_events: list[dict] = []  # every meter event request, with the status it got
+meter_failures = {"next": 0}
+intent_failures = {"next": 0}  # POST /v1/payment_intents answered 500 while > 0 (Stripe having a bad minute)
+intents_by_key: dict[str, dict] = {}  # Idempotency-Key -> {"params", "status", "body"} of its first answer
+method_list_failures = {"next": 0}  # GET /v1/payment_methods answered 500 while > 0
+attached: list[tuple[str, str]] = []  # (customer, payment method) in the order they were attached
+counter = itertools.count(1)
+CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
+
 
 def nested(form: list[tuple[str, str]]) -> dict:
     """Stripe's form encoding (a[b][0][c]=v) back into dicts; numeric keys become lists."""
@@ -118,6 +127,7 @@ async def call_upstream(request: web.Request, method: str, path: str, params: di
 async def send_event(kind: str, obj: dict, previous_attributes: dict | None = None) -> None:
     """Signed as Stripe signs (and as localstripe does), to every registered endpoint."""
     created = int(time.time())
+    data = {"object": obj, **({"previous_attributes": previous_attributes} if previous_attributes else {})}
     payload = json.dumps({"id": f"evt_front_{next(counter)}", "object": "event", "type": kind,
                           "created": created, "data": data}).encode()
     for hook in list(webhooks.values()):
@@ -127,7 +137,6 @@ async def send_event(kind: str, obj: dict, previous_attributes: dict | None = No
         async with ClientSession() as client:
             async with client.post(hook["url"], data=payload, headers={
                     "Content-Type": "application/json", "Stripe-Signature": f"t={created},v1={signature}"}) as r:
-    data = {"object": obj, **({"previous_attributes": previous_attributes} if previous_attributes else {})}
                 await r.read()
 
 
@@ -136,21 +145,12 @@ async def default_card(request: web.Request, customer: str, number: str | None) 
     card = await call_upstream(request, "POST", "/v1/payment_methods",
                           {"type": "card", "card": {**CARD, "number": number or CARD["number"]}})
     await call_upstream(request, "POST", f"/v1/payment_methods/{card['id']}/attach", {"customer": customer})
+    attached.append((customer, card["id"]))
     await call_upstream(request, "POST", f"/v1/customers/{customer}",
                    {"invoice_settings": {"default_payment_method": card["id"]}})
     return card["id"]
 
 
-async def complete_session(request: web.Request) -> web.Response:
-    session = sessions[request.match_info["id"]]
-    options = await request.json() if request.can_read_body else {}
-    customer, mode = session["customer"], session["mode"]
-    card = await default_card(request, customer, options.get("card"))
-    if mode == "payment":
-        intent = await call_upstream(request, "POST", "/v1/payment_intents", {
-            "amount": session["amount_total"], "currency": "usd", "customer": customer, "payment_method": card,
-            "confirm": True, "metadata": session.get("payment_intent_data", {}).get("metadata", {})})
-        session.update(payment_intent=intent["id"], payment_status="paid")
 async def ensure_plan(request: web.Request, price: str) -> None:
     """localstripe prices subscriptions by plan: one plan per catalog price id, made on first use."""
     try:
@@ -253,6 +253,16 @@ async def list_subscription_updates(request: web.Request) -> web.Response:
     return web.json_response(subscription_updates)
 
 
+async def complete_session(request: web.Request) -> web.Response:
+    session = sessions[request.match_info["id"]]
+    options = await request.json() if request.can_read_body else {}
+    customer, mode = session["customer"], session["mode"]
+    card = await default_card(request, customer, options.get("card"))
+    if mode == "payment":
+        intent = await call_upstream(request, "POST", "/v1/payment_intents", {
+            "amount": session["amount_total"], "currency": "usd", "customer": customer, "payment_method": card,
+            "confirm": True, "metadata": session.get("payment_intent_data", {}).get("metadata", {})})
+        session.update(payment_intent=intent["id"], payment_status="paid")
     elif mode == "subscription":
         price = session["line_items"][0]["price"]
         await ensure_plan(request, price)
@@ -285,11 +295,68 @@ async def meter_control(request: web.Request) -> web.Response:
 
 
 async def create_payment_intent(request: web.Request) -> web.Response:
-    if intent_failures["next"] > 0:
+    if intent_failures["next"] > 0:  # before execution began: Stripe saves nothing for the key
         intent_failures["next"] -= 1
         return web.json_response({"error": {"type": "api_error", "message": "Stripe is having a bad minute"}},
                                  status=500)
-    return await proxy(request)
+    key = request.headers.get("Idempotency-Key")
+    params = nested(urllib.parse.parse_qsl(await request.text()))
+    if key and key in intents_by_key:
+        first = intents_by_key[key]
+        if first["params"] != params:
+            return web.json_response({"error": {
+                "type": "idempotency_error",
+                "message": f"Keys for idempotent requests can only be used with the same parameters they were "
+                           f"first used with. Try using a key other than '{key}' if you meant to execute a "
+                           f"different request."}}, status=400)
+        return web.Response(body=first["body"], status=first["status"], content_type="application/json",
+                            headers={"Idempotent-Replayed": "true"})
+    response = await proxy(request)
+    if key:
+        intents_by_key[key] = {"params": params, "status": response.status, "body": response.body}
+    return response
+
+
+async def intent_keys(request: web.Request) -> web.Response:
+    return web.json_response({key: json.loads(first["body"]) for key, first in intents_by_key.items()})
+
+
+async def attach_payment_method(request: web.Request) -> web.Response:
+    response = await proxy(request)
+    if response.status == 200:
+        method = json.loads(response.body)
+        attached.append((method["customer"], method["id"]))
+    return response
+
+
+async def list_payment_methods(request: web.Request) -> web.Response:
+    """Stripe lists every type when `type` is left out; localstripe wants one."""
+    if method_list_failures["next"] > 0:
+        method_list_failures["next"] -= 1
+        return web.json_response({"error": {"type": "api_error", "message": "Stripe is having a bad minute"}},
+                                 status=500)
+    customer = request.query.get("customer")
+    if "type" in request.query or not customer:
+        return await proxy(request)
+    try:
+        await call_upstream(request, "GET", f"/v1/customers/{customer}")
+    except web.HTTPBadRequest as exc:
+        return web.Response(text=exc.text, status=404, content_type="application/json")
+    methods, seen = [], set()
+    for owner, method_id in reversed(attached):
+        if owner != customer or method_id in seen:
+            continue
+        seen.add(method_id)
+        method = await call_upstream(request, "GET", f"/v1/payment_methods/{method_id}")
+        if method.get("customer") == customer:
+            methods.append(method)
+    return web.json_response({"object": "list", "data": methods, "has_more": False, "url": "/v1/payment_methods"})
+
+
+async def method_list_control(request: web.Request) -> web.Response:
+    if request.method == "POST":
+        method_list_failures["next"] = int((await request.json())["fail_next"])
+    return web.json_response(method_list_failures)
 
 
 async def intent_control(request: web.Request) -> web.Response:
@@ -335,9 +402,17 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/_fake/sessions/{id}/complete", complete_session)
     application.router.add_post("/_config/webhooks/{name}", config_webhook)
     application.router.add_post("/v1/refunds", refund)
+    application.router.add_get("/v1/subscriptions", list_subscriptions)
+    application.router.add_get("/v1/subscriptions/{id}", get_subscription)
+    application.router.add_post("/v1/subscriptions/{id}", update_subscription)
+    application.router.add_get("/_fake/subscription_updates", list_subscription_updates)
     application.router.add_post("/v1/billing/meter_events", create_meter_event)
     application.router.add_post("/v1/payment_intents", create_payment_intent)
     application.router.add_route("*", "/_fake/payment_intents", intent_control)
+    application.router.add_get("/_fake/payment_intents/keys", intent_keys)
+    application.router.add_post("/v1/payment_methods/{id}/attach", attach_payment_method)
+    application.router.add_get("/v1/payment_methods", list_payment_methods)
+    application.router.add_route("*", "/_fake/payment_methods", method_list_control)
     application.router.add_route("*", "/_fake/meter_events", meter_control)
     application.router.add_route("*", "/{tail:.*}", proxy)
     return application
@@ -345,7 +420,3 @@ def app(localstripe_port: int) -> web.Application:
 
 if __name__ == "__main__":
     web.run_app(app(int(sys.argv[2])), host="127.0.0.1", port=int(sys.argv[1]), print=lambda *a: None)
-    application.router.add_get("/v1/subscriptions", list_subscriptions)
-    application.router.add_get("/v1/subscriptions/{id}", get_subscription)
-    application.router.add_post("/v1/subscriptions/{id}", update_subscription)
-    application.router.add_get("/_fake/subscription_updates", list_subscription_updates)
