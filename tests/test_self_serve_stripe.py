@@ -192,7 +192,8 @@ def test_only_live_subscriptions_of_the_org_with_a_tier_price_or_tag_are_its_tie
     tagged = subscription(price=None, metadata={"org_id": "org_a", "tier": "pro", "tier_changes": "3"})
     assert tier_subscriptions([tagged], "org_a", PRICES) == [TierSubscription("sub_1", "si_sub_1_0", "pro", 3)]
     # Several items, none a tier's price: a tier subscription whose item cannot be told.
-    assert tier_subscriptions([subscription(price=None, items=2, metadata={"tier": "pro"})], "org_a", PRICES)[0].item_id is None
+    unpriced = subscription(price=None, items=2, metadata={"tier": "pro"})
+    assert tier_subscriptions([unpriced], "org_a", PRICES)[0].item_id is None
     # The tier price's item among others is the one that changes.
     assert tier_subscriptions([subscription(items=3)], "org_a", PRICES)[0].item_id == "si_sub_1_0"
     # Not metergate's (no tier price, no tag), or another org's.

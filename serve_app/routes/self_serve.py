@@ -186,8 +186,9 @@ async def live_tier_subscription(ctx: Context, org_id: str, customer_id: str) ->
             break
         params = {**params, "starting_after": page["data"][-1]["id"]}
     else:
-        raise ApiError(409, "too_many_subscriptions", f"the org's Stripe customer has more than "
-                       f"{SUBSCRIPTIONS_PAGE * SUBSCRIPTION_PAGES_MAX} subscriptions; change the tier in the billing portal")
+        raise ApiError(409, "too_many_subscriptions", "the org's Stripe customer has more than "
+                       f"{SUBSCRIPTIONS_PAGE * SUBSCRIPTION_PAGES_MAX} subscriptions; change the tier in the "
+                       "billing portal")
     found = tier_subscriptions(subscriptions, org_id, ctx.catalog.stripe_prices)
     if len(found) > 1:
         raise ApiError(409, "several_tier_subscriptions", "the org has several live tier subscriptions; cancel all "
