@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     dunning_degrade_after_s: int = Field(7 * 86_400, ge=0)
     dunning_downgrade_after_s: int = Field(14 * 86_400, ge=0)
     dunning_free_plan: str = "free"
+    # Whether a failed one-off invoice (not a subscription's) starts dunning too.
+    dunning_one_off_invoices: bool = False
 
     @field_validator("catalog")
     @classmethod
