@@ -1,11 +1,13 @@
-"""Cards and customers leaving Stripe: `payment_method.detached` and `customer.deleted`.
+"""Cards and customers coming and leaving: `payment_method.attached`, `payment_method.detached`
+and `customer.deleted`.
 
 Neither names its org the way money events do: a detached payment method has `customer:
 null` (the old customer is in `data.previous_attributes`), and a deleted customer is the
 object itself. Whether an org still has a payment method is Stripe's fact, not the event's:
 a customer with two cards that loses one still has one, and events come out of order. So the
 edge asks Stripe what the customer has now and sends the org SetPaymentMethod like any other
-command. A deleted customer's mapping is dropped after its org is told (a retry of the event
+command (an attach delivered after the detach that followed it must not put the card back).
+A deleted customer's mapping is dropped after its org is told (a retry of the event
 still finds the org), so that Checkout and the portal make a new customer next time.
 """
 
@@ -22,7 +24,7 @@ from serve_app.context import Context
 from serve_app.errors import ApiError
 from storage import stripe_customers
 
-EVENT_TYPES = ("payment_method.detached", "customer.deleted")
+EVENT_TYPES = ("payment_method.attached", "payment_method.detached", "customer.deleted")
 METHODS_LISTED = 3  # enough to see one besides the detached one, should Stripe still list it
 
 
@@ -42,6 +44,8 @@ async def lifecycle_commands(ctx: Context, event: dict) -> Lifecycle:
     obj = (event.get("data") or {}).get("object") or {}
     if event.get("type") == "customer.deleted":
         customer = obj.get("id")
+    elif event.get("type") == "payment_method.attached":
+        customer = obj.get("customer")
     else:
         previous = (event.get("data") or {}).get("previous_attributes") or {}
         customer = previous.get("customer") if isinstance(previous, dict) else None
@@ -53,6 +57,8 @@ async def lifecycle_commands(ctx: Context, event: dict) -> Lifecycle:
         return Lifecycle([], ignored="unknown_customer")
     if event.get("type") == "customer.deleted":
         return Lifecycle([(org_id, SetPaymentMethod(False))], forget_customer=customer)
+    if event.get("type") == "payment_method.attached":
+        return Lifecycle([(org_id, SetPaymentMethod(await _has_other_method(ctx, customer, None)))])
     detached = obj.get("id") if isinstance(obj.get("id"), str) else None
     return Lifecycle([(org_id, SetPaymentMethod(await _has_other_method(ctx, customer, detached)))])
 

@@ -141,7 +141,7 @@ HANDLED = {
     "payment_intent.succeeded": "an auto-recharge charge: settled and credited",
     "payment_intent.payment_failed": "an auto-recharge charge: settled as failed, auto-recharge paused",
     "setup_intent.succeeded": "card on file",
-    "payment_method.attached": "card on file",
+    "payment_method.attached": "card on file while Stripe lists one for the customer (asked, so a late attach after a detach changes nothing)",
     "payment_method.detached": "card on file only while the customer still has a payment method",
     "customer.deleted": "the customer is forgotten; no card on file",
 }
@@ -199,7 +199,7 @@ def commands_for(event: dict, catalog: Catalog, facts: Facts | None = None,
             return []
         if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
             return [(org_id, c) for c in _checkout(obj, catalog)]
-        if kind in ("setup_intent.succeeded", "payment_method.attached"):
+        if kind == "setup_intent.succeeded":
             return [(org_id, SetPaymentMethod(True))]
         if kind in SUBSCRIPTION_EVENTS:
             return [(org_id, _subscription(obj, catalog, as_of_us, ended=kind.endswith(".deleted")))]

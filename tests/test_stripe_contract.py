@@ -164,9 +164,7 @@ def test_charge_refunded_lists_the_refunds_from_stripe(org, service, admin):
     """The charge of a real payment in localstripe, refunded there; the event (as newer API
     versions send it) carries no refunds: metergate lists them."""
     client = stripe_client(service)
-    method = client.v1.payment_methods.create(params={"type": "card", "card": {
-        "number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}})
-    client.v1.payment_methods.attach(method.id, params={"customer": org.customer})
+    method = attach_card(service, org.customer)
     intent = client.v1.payment_intents.create(params={
         "amount": 2000, "currency": "usd", "customer": org.customer, "payment_method": method.id, "confirm": True})
     org.payment = intent.id
@@ -203,18 +201,35 @@ def test_auto_recharge_payment_intents_settle(org):
     assert org.send("payment_intent.payment_failed", payment_intent="pi_declined")["outcome"] == "applied"
 
 
-@pytest.mark.parametrize("name", ["setup_intent.succeeded", "payment_method.attached"])
-def test_a_saved_card_is_on_file(org, name):
-    org.send(name)
+def attach_card(service, customer: str):
+    client = stripe_client(service)
+    method = client.v1.payment_methods.create(params={"type": "card", "card": {
+        "number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}})
+    return client.v1.payment_methods.attach(method.id, params={"customer": customer})
+
+
+def test_a_saved_card_is_on_file(org):
+    org.send("setup_intent.succeeded")
     assert org.state()["has_payment_method"] is True
 
 
-def test_a_detached_last_card_and_a_deleted_customer_leave_no_card_on_file(org):
-    org.send("payment_method.attached")
-    assert org.state()["has_payment_method"] is True
-    org.send("payment_method.detached")  # the customer has no payment method left in localstripe
+def test_an_attach_is_checked_with_stripe_so_a_late_one_after_the_detach_changes_nothing(org, service):
+    org.send("payment_method.attached")  # Stripe lists no payment method for the customer
     assert org.state()["has_payment_method"] is False
+    method = attach_card(service, org.customer)
     org.send("payment_method.attached")
+    assert org.state()["has_payment_method"] is True
+    stripe_client(service).v1.payment_methods.detach(method.id)
+    org.send("payment_method.detached")
+    assert org.state()["has_payment_method"] is False
+    org.send("payment_method.attached")  # the attach, delivered late
+    assert org.state()["has_payment_method"] is False
+
+
+def test_a_deleted_customer_leaves_no_card_on_file(org, service):
+    attach_card(service, org.customer)
+    org.send("payment_method.attached")
+    assert org.state()["has_payment_method"] is True
     org.send("customer.deleted")
     assert org.state()["has_payment_method"] is False
 

@@ -353,6 +353,7 @@ def stripe_bases(org: str) -> dict[str, tuple[str, dict]]:
         "invoice paid": ("invoice.paid", {"id": ids("in"), "object": "invoice", "metadata": {"org_id": org},
                                           "amount_paid": 500}),
         "invoice failed": ("invoice.payment_failed", {"id": ids("in"), "object": "invoice",
+                                                      "billing_reason": "subscription_cycle",
                                                       "metadata": {"org_id": org}}),
         "refund": ("charge.refunded", {"id": ids("ch"), "object": "charge", "metadata": {"org_id": org},
                                        "refunds": {"data": [{"id": ids("re"), "amount": 50, "status": "succeeded"}]}}),
