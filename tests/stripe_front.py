@@ -2,7 +2,7 @@
 and the `checkout.session.completed` and `charge.refunded` events.
 
 Everything else is proxied to localstripe, so one `api_base` serves both. Idempotency-Key
-is honoured for the sessions made here and for POST /v1/payment_intents as Stripe does it
+is honoured for the sessions made here and for POST /v1/payment_intents and /v1/customers as Stripe does it
 (localstripe ignores it): the same key with the same parameters gets the first answer again,
 with other parameters a 400 `idempotency_error`. GET /v1/payment_methods?customer= without a
 `type` lists the customer's methods of every type, newest first (localstripe wants a type).
@@ -46,6 +46,7 @@ meter_events: list[dict] = []  # every meter event request, with the status it g
 meter_failures = {"next": 0}
 intent_failures = {"next": 0}  # POST /v1/payment_intents answered 500 while > 0 (Stripe having a bad minute)
 intents_by_key: dict[str, dict] = {}  # Idempotency-Key -> {"params", "status", "body"} of its first answer
+customers_by_key: dict[str, dict] = {}
 method_list_failures = {"next": 0}  # GET /v1/payment_methods answered 500 while > 0
 attached: list[tuple[str, str]] = []  # (customer, payment method) in the order they were attached
 counter = itertools.count(1)
@@ -299,10 +300,20 @@ async def create_payment_intent(request: web.Request) -> web.Response:
         intent_failures["next"] -= 1
         return web.json_response({"error": {"type": "api_error", "message": "Stripe is having a bad minute"}},
                                  status=500)
+    return await idempotent(request, intents_by_key)
+
+
+async def create_customer(request: web.Request) -> web.Response:
+    return await idempotent(request, customers_by_key)
+
+
+async def idempotent(request: web.Request, by_key: dict[str, dict]) -> web.Response:
+    """A create as Stripe answers it under an Idempotency-Key: the first answer again for the
+    same parameters (for 24 hours, here for the fake's life), idempotency_error for others."""
     key = request.headers.get("Idempotency-Key")
     params = nested(urllib.parse.parse_qsl(await request.text()))
-    if key and key in intents_by_key:
-        first = intents_by_key[key]
+    if key and key in by_key:
+        first = by_key[key]
         if first["params"] != params:
             return web.json_response({"error": {
                 "type": "idempotency_error",
@@ -313,7 +324,7 @@ async def create_payment_intent(request: web.Request) -> web.Response:
                             headers={"Idempotent-Replayed": "true"})
     response = await proxy(request)
     if key:
-        intents_by_key[key] = {"params": params, "status": response.status, "body": response.body}
+        by_key[key] = {"params": params, "status": response.status, "body": response.body}
     return response
 
 
@@ -408,6 +419,7 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_get("/_fake/subscription_updates", list_subscription_updates)
     application.router.add_post("/v1/billing/meter_events", create_meter_event)
     application.router.add_post("/v1/payment_intents", create_payment_intent)
+    application.router.add_post("/v1/customers", create_customer)
     application.router.add_route("*", "/_fake/payment_intents", intent_control)
     application.router.add_get("/_fake/payment_intents/keys", intent_keys)
     application.router.add_post("/v1/payment_methods/{id}/attach", attach_payment_method)

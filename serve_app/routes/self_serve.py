@@ -93,15 +93,18 @@ async def customer_for(ctx: Context, org_id: str) -> str:
     pool = await ctx.db()
     async with pool.acquire() as conn:
         contact = await stripe_customers.billing_contact(conn, org_id)
+        forgotten = await stripe_customers.forgotten_count(conn, org_id)
     if contact is None:
         raise unknown_org(org_id)
     email, customer_id = contact
     if customer_id:
         return customer_id
     client = ctx.stripe.require()
+    # After Stripe deleted the org's customer, the same key would give that deleted customer
+    # back for 24 hours: each new customer of the org has its own key.
+    key = f"metergate:customer:{org_id}" + (f":{forgotten}" if forgotten else "")
     customer = await ctx.stripe.create(client.v1.customers.create,
-                                       {"email": email, "metadata": {"org_id": org_id}},
-                                       f"metergate:customer:{org_id}")
+                                       {"email": email, "metadata": {"org_id": org_id}}, key)
     async with pool.acquire() as conn:
         return await stripe_customers.remember(conn, org_id, customer.id)
 
