@@ -77,6 +77,9 @@ class Series:
         self.stripe_errors = Counter(
             "metergate_stripe_errors", "Stripe calls that failed, by caller (self_serve, auto_recharge, "
             "meter_events) and error (the stripe-python exception class)", tag_keys=("call", "error"))
+        self.stripe_events = Counter(
+            "metergate_stripe_events", "Verified Stripe events answered, by outcome: applied, ignored, dead_letter "
+            "(an operator should look: metergate inbound list --outcome dead_letter)", tag_keys=("outcome",))
         self.feed_streams = Gauge(
             "metergate_feed_streams", "Open GET /v1/gate/feed streams of an ingress replica")
         self.feed_lag_ms = Histogram(
@@ -133,6 +136,10 @@ class FeedMetrics:
 
 def webhook_refused(source: str) -> None:
     series().webhook_verification_failures.inc(1, {"source": source})
+
+
+def stripe_event_answered(outcome: str) -> None:
+    series().stripe_events.inc(1, {"outcome": outcome})
 
 
 def stripe_failed(call: str, exc: BaseException) -> None:

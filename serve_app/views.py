@@ -19,6 +19,7 @@ from actors.recharge import AutoRecharge
 from actors.timeutil import us_to_rfc3339
 from storage.ledger import Entry
 from storage.orgs import OrgRow
+from storage.inbound_webhooks import InboundEvent
 from storage.outbox import OutboundEvent
 from storage.usage import UsageGroup
 
@@ -211,3 +212,8 @@ def org_row_view(row: OrgRow, shard: int) -> dict:
     (its money lives in the shard's memory and the journal; GET /v1/orgs/{id} shows that)."""
     return {"org_id": row.org_id, "email": row.email, "billing_mode": row.billing_mode, "shard": shard,
             "created_at": us_to_rfc3339(row.created_us)}
+
+
+def inbound_event_view(event: InboundEvent) -> dict:
+    return {"id": event.event_id, "source": event.source, "type": event.event_type, "outcome": event.outcome,
+            "reason": event.reason, "status": event.status, "received_at": us_to_rfc3339(event.received_us)}

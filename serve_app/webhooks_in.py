@@ -310,6 +310,7 @@ def _storable(reason: str) -> str:
 async def _stripe_answer(ctx: Context, event: dict, applied: list[dict], outcome: Outcome,
                          reason: str | None) -> tuple[int, dict]:
     reason = None if reason is None else _storable(reason)
+    metrics.stripe_event_answered(outcome.value)
     if outcome is Outcome.DEAD_LETTER:
         log.warning("stripe event %s (%s) is a dead letter: %s", event["id"], event.get("type"), reason)
     result = {"event": event["id"], "type": event.get("type"), "outcome": outcome.value, "reason": reason,

@@ -144,6 +144,8 @@ def test_the_metrics_endpoint_serves_metergate_series_that_move_and_never_name_a
     # Refused webhooks, and a Stripe call that fails (from this process: the driver's metrics
     # go out through the same Ray agent as the replicas').
     assert bad_svix_delivery(compute).json()["error"]["code"] == "invalid_signature"
+    ignored = stripe_deliver(compute, stripe_event("customer.created", {"id": "cus_x"}))
+    assert ignored.json()["outcome"] == "ignored"
     refused = stripe_deliver(compute, stripe_event("customer.created", {"id": "cus_x"}), secret="whsec_not_the_secret")
     assert refused.json()["error"]["code"] == "invalid_signature"
     unreachable = Settings(**{**service.settings.model_dump(), "stripe_api_base": f"http://127.0.0.1:{free_port()}"})
@@ -188,6 +190,7 @@ def test_the_metrics_endpoint_serves_metergate_series_that_move_and_never_name_a
             grew("ray_metergate_webhook_verification_failures_total", 1, source="svix"),
             grew("ray_metergate_webhook_verification_failures_total", 1, source="stripe"),
             grew("ray_metergate_stripe_errors_total", 1, call="self_serve", error="APIConnectionError"),
+            grew("ray_metergate_stripe_events_total", 1, outcome="ignored"),
             at_least("ray_metergate_feed_streams", 1),
             grew("ray_metergate_feed_lag_ms_count", 1, shard="0"),
             grew("ray_metergate_feed_lag_ms_count", 1, shard="1"),

@@ -12,7 +12,7 @@ from serve_app import openapi
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
 from serve_app.params import MessagePath
-from serve_app.views import outbound_event_view
+from serve_app.views import inbound_event_view, outbound_event_view
 from serve_app.webhooks_in import stripe_webhook, svix_webhook
 from storage import inbound_webhooks, outbox
 
@@ -81,11 +81,6 @@ def routes(ctx: Context) -> APIRouter:
         return json({"id": message_id, "status": "pending"})
 
     return router
-
-
-def inbound_event_view(event: inbound_webhooks.InboundEvent) -> dict:
-    return {"id": event.event_id, "source": event.source, "type": event.event_type, "outcome": event.outcome,
-            "reason": event.reason, "status": event.status, "received_at": us_to_rfc3339(event.received_us)}
 
 
 def _encode_cursor(event: inbound_webhooks.InboundEvent) -> str:
