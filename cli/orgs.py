@@ -1,4 +1,4 @@
-"""Orgs and their money: `orgs create|show|list`, `credits grant`, `halt`, `resume`, `ledger`,
+"""Orgs and their money: `orgs create|tier|show|list`, `credits grant`, `halt`, `resume`, `ledger`,
 `tokens mint`. Each is one admin call (or a run of pages) to the HTTP API."""
 
 from __future__ import annotations
@@ -45,6 +45,32 @@ def create(org_id: OrgArg,
         return out.json(state)
     out.line(f"{'created' if created else 'already exists:'} {org_id}")
     show_state(out, state)
+
+
+@orgs_app.command("tier")
+def tier(org_id: OrgArg,
+         tier_name: Annotated[str, typer.Argument(metavar="TIER", help="A paid tier of the catalog's "
+                                                                       "[stripe_prices].", show_default=False)],
+         idempotency_key: IdempotencyKey = None,
+         url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """Put an org on a paid tier through Stripe.
+
+    An org already subscribed has its one subscription moved to the tier's price (billed as
+    METERGATE_STRIPE_PRORATION_BEHAVIOR says); otherwise this prints the Checkout URL its owner
+    must open. The tier itself changes when Stripe reports the subscription. Back to the base
+    tier is a cancel, in the customer portal."""
+    with Api(url, token) as api:
+        answer = api.post(f"/v1/orgs/{org_id}/checkout/tier", {"tier": tier_name}, idempotency_key)
+    out = Output(as_json)
+    if out.as_json:
+        return out.json(answer)
+    if "updated" not in answer:
+        out.line(f"{org_id} has no subscription yet: its owner subscribes at {answer['url']}")
+    elif answer["updated"]:
+        out.line(f"{org_id}: subscription {answer['subscription_id']} moved from {answer.get('previous_tier')} to "
+                 f"{answer['tier']} ({answer.get('proration_behavior')}); the tier follows when Stripe reports it")
+    else:
+        out.line(f"{org_id}: subscription {answer['subscription_id']} is on {answer['tier']} already")
 
 
 @orgs_app.command("show")

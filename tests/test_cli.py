@@ -26,7 +26,7 @@ from actors.org import OrgSnapshot
 from actors.placement import NAMESPACE, shard_name, slot_of
 from cli.output import parse_usd, usd
 from storage.db import migration_files
-from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN, SIGNUP_MICROS, free_port, wait_for
+from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN, SIGNUP_MICROS, fake_sessions, free_port, wait_for
 
 METERGATE = Path(sys.executable).parent / "metergate"  # the console script the project installs
 WAIT_S = 60
@@ -165,6 +165,19 @@ def test_halt_makes_the_gate_deny_and_resume_lifts_it(service, compute, new_org)
     resumed = ok_json(cli(service, "resume", org, "--json"))
     assert resumed["is_halted"] is False
     assert compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()["allowed"] is True
+
+
+def test_orgs_tier_opens_a_checkout_then_changes_the_one_subscription(service, admin, new_org):
+    org = new_org()
+    first = ok(cli(service, "orgs", "tier", org, "pro"))
+    assert f"{org} has no subscription yet: its owner subscribes at http" in first
+    (session,) = [s for s in fake_sessions(service, org) if s["mode"] == "subscription"]
+    subscribed = httpx.post(f"{service.settings.stripe_api_base}/_fake/sessions/{session['id']}/complete",
+                            timeout=30).json()
+    changed = ok(cli(service, "orgs", "tier", org, "pro_plus"))
+    assert f"subscription {subscribed['subscription']} moved from pro to pro_plus (create_prorations)" in changed
+    again = ok_json(cli(service, "orgs", "tier", org, "pro_plus", "--json"))
+    assert (again["updated"], again["tier"]) == (False, "pro_plus")
 
 
 def test_ledger_lists_the_grant_newest_first(service, new_org):
