@@ -31,7 +31,8 @@ METERS = (("Memory", "memory_mb_ms", 1024 * MS_PER_HOUR, "GiB·h"),
 KIND_LABELS = {
     "signup_grant": "Signup credit", "grant": "Promotional credit", "topup": "Top-up",
     "usage": "Usage", "refund": "Refund", "expiration": "Expired credit", "adjustment": "Adjustment",
-    "auto_recharge": "Auto-recharge",
+    "auto_recharge": "Auto-recharge", "refund_reversal": "Refund reversed", "dispute": "Payment disputed",
+    "dispute_reversal": "Dispute reversed",
 }
 
 # What a redirect back to the page may ask it to say (?notice=...); anything else says nothing.
