@@ -94,6 +94,7 @@ class DisputeFunds(msgspec.Struct, tag="dispute", array_like=True):
     grant_id: str | None = None
     note: str | None = None
     idempotency_key: str | None = None
+    lapsed_micros: int = 0  # what of that credit lapsed unused (its grant's expiration entries)
 
     @property
     def kind(self) -> str:
@@ -144,6 +145,7 @@ class SetAutoRecharge(msgspec.Struct, tag="ar", array_like=True):
     amount_micros: int = 0
     max_per_day: int = 1
     cooldown_s: int = 0
+    lift_dispute: bool = False  # an admin's settings: they also lift a `disputed` pause
 
 
 class SettleRecharge(msgspec.Struct, tag="ar_settle", array_like=True):
@@ -178,6 +180,7 @@ class InvoiceFailed(msgspec.Struct, tag="inv_failed", array_like=True):
     free_plan_id: str
     free_plan_version: int
     invoice_id: str | None = None
+    subscription_id: str | None = None  # the subscription the invoice bills: its end ends the wait
 
 
 class InvoicePaid(msgspec.Struct, tag="inv_paid", array_like=True):
@@ -359,8 +362,8 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
         case SetPaymentMethod(present=present):
             org.set_payment_method(present, now_us, fx)
         case SetAutoRecharge(enabled=enabled, threshold_micros=threshold, amount_micros=amount,
-                             max_per_day=per_day, cooldown_s=cooldown):
-            org.configure_recharge(enabled, threshold, amount, per_day, cooldown, now_us, fx)
+                             max_per_day=per_day, cooldown_s=cooldown, lift_dispute=lift_dispute):
+            org.configure_recharge(enabled, threshold, amount, per_day, cooldown, now_us, fx, lift_dispute)
         case SettleRecharge(charge_id=charge_id, succeeded=ok, amount_micros=amount, payment_id=payment,
                             reason=reason):
             entry = org.settle_recharge(charge_id, ok, amount, payment, reason, now_us, fx)
@@ -370,7 +373,7 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
             org.invoice_failed(command.since_us, command.suspend_after_s, command.degrade_after_s,
                                command.downgrade_after_s,
                                catalog.plan_version(command.free_plan_id, command.free_plan_version), now_us, fx,
-                               command.invoice_id)
+                               command.invoice_id, command.subscription_id)
         case InvoicePaid(as_of_us=as_of_us, invoice_id=invoice_id, amount_paid=amount_paid, settled_by=settled_by):
             org.invoice_paid(as_of_us, now_us, fx, invoice_id, amount_paid, settled_by)
         case ResetPeriod(anchor_us=anchor_us, end_us=end_us):

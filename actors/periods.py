@@ -42,6 +42,7 @@ class Dunning(msgspec.Struct, array_like=True):
     step: DunningStep = DunningStep.NONE
     prior_plan: Plan | None = None
     invoice_ids: list[str] | None = None  # the unpaid invoices; paying them all ends dunning
+    invoice_subscriptions: dict[str, str] | None = None  # unpaid invoice -> the subscription it bills
 
 
 class ClosedPeriod(msgspec.Struct, frozen=True):
@@ -196,7 +197,7 @@ class Periods:
 
     def invoice_failed(self, since_us: int, suspend_after_s: int, degrade_after_s: int,
                        downgrade_after_s: int, free_plan: Plan, now_us: int, fx: Effects,
-                       invoice_id: str | None = None) -> None:
+                       invoice_id: str | None = None, subscription_id: str | None = None) -> None:
         """An invoice payment failed at `since_us`: the past-due clock starts (once). An invoice
         named is followed by itself (billing-rules 8.1): its failure counts unless that very
         invoice was settled, whatever other invoices did since."""
@@ -213,6 +214,9 @@ class Periods:
             self._dunning_steps(now_us, fx)
         if invoice_id is not None and invoice_id not in (self.dunning.invoice_ids or ()):
             self.dunning.invoice_ids = (self.dunning.invoice_ids or []) + [invoice_id]
+            if subscription_id is not None:
+                self.dunning.invoice_subscriptions = {**(self.dunning.invoice_subscriptions or {}),
+                                                      invoice_id: subscription_id}
 
     def invoice_paid(self, as_of_us: int, now_us: int, fx: Effects, invoice_id: str | None = None,
                      amount_paid: int | None = None, settled_by: str = "paid") -> None:
@@ -231,7 +235,7 @@ class Periods:
                 return
             unpaid = dunning.invoice_ids
             if unpaid is not None:
-                dunning.invoice_ids = [i for i in unpaid if i != invoice_id] or None
+                self._drop_unpaid(dunning, {invoice_id})
                 if dunning.invoice_ids:
                     return  # a failed invoice is still open
             elif not paid:
@@ -245,6 +249,27 @@ class Periods:
             self.paid_invoice = True
             if dunning is None:
                 return
+        self._end_dunning(dunning, now_us, fx)
+
+    def _subscription_ended(self, subscription_id: str, now_us: int, fx: Effects) -> None:
+        """Rule 8.4: the failed invoices of a subscription that ended are no longer waited for."""
+        dunning = self.dunning
+        if dunning is None or not dunning.invoice_ids:
+            return
+        ended = {i for i, s in (dunning.invoice_subscriptions or {}).items() if s == subscription_id}
+        if not ended & set(dunning.invoice_ids):
+            return
+        self._drop_unpaid(dunning, ended)
+        if not dunning.invoice_ids:
+            self._end_dunning(dunning, now_us, fx)
+
+    @staticmethod
+    def _drop_unpaid(dunning: Dunning, invoice_ids: set[str]) -> None:
+        dunning.invoice_ids = [i for i in dunning.invoice_ids if i not in invoice_ids] or None
+        kept = {i: s for i, s in (dunning.invoice_subscriptions or {}).items() if i not in invoice_ids}
+        dunning.invoice_subscriptions = kept or None
+
+    def _end_dunning(self, dunning: Dunning, now_us: int, fx: Effects) -> None:
         was_suspended = self.suspended
         self.dunning, self.past_due_since_us, self.suspended = None, None, False
         if dunning.prior_plan is not None:

@@ -66,9 +66,11 @@ class Recharge:
             self._maybe_recharge(now_us, fx)
 
     def configure_recharge(self, enabled: bool, threshold_micros: int, amount_micros: int,
-                           max_per_day: int, cooldown_s: int, now_us: int, fx: Effects) -> None:
+                           max_per_day: int, cooldown_s: int, now_us: int, fx: Effects,
+                           lift_dispute: bool = False) -> None:
         """Turn auto-recharge on or off. Turning it on with the balance already under the
-        threshold makes the first (arming) charge at once; a charge in flight still settles."""
+        threshold makes the first (arming) charge at once; a charge in flight still settles.
+        Turning it on lifts a pause, but a `disputed` one only when `lift_dispute` (an admin)."""
         self.advance(now_us, fx)
         current = self.recharge
         if not enabled:
@@ -81,7 +83,9 @@ class Recharge:
             self.recharge = AutoRecharge(True, threshold_micros, amount_micros, max_per_day, cooldown_s)
         else:
             current.enabled, current.threshold_micros, current.amount_micros = True, threshold_micros, amount_micros
-            current.max_per_day, current.cooldown_s, current.paused = max_per_day, cooldown_s, None
+            current.max_per_day, current.cooldown_s = max_per_day, cooldown_s
+            if current.paused != "disputed" or lift_dispute:  # a dispute's pause is the operator's to lift
+                current.paused = None
         self._maybe_recharge(now_us, fx)
 
     def recharge_amount(self, balance: int) -> int:

@@ -47,6 +47,7 @@ class DisputeRecord(msgspec.Struct, array_like=True):
     grant_kind: str = "topup"
     withdrawn: bool = False
     reinstated: bool = False  # (possibly before the withdrawal was seen: then neither moves money)
+    grant_expires_us: int | None = None
 
 
 class Refunds:
@@ -64,38 +65,46 @@ class Refunds:
         self.advance(now_us, fx)
         if any(r.refund_id == refund_id for r in self.refunds or ()):
             return None, True
-        grant = self._grant_of_payment(payment_id, grant_id)
-        record = RefundRecord(refund_id, payment_id, amount_micros, now_us, grant is None, key)
+        grants = self._grants_of_payment(payment_id, grant_id)
+        record = RefundRecord(refund_id, payment_id, amount_micros, now_us, not grants, key)
         self._remember_refund(record)
-        if grant is None:
+        if not grants:
             return None, False
-        entry = self._claw_back(grant, amount_micros, note, now_us, fx, record=record)
+        entry = self._claw_back(grants, amount_micros, note, now_us, fx, record=record)
         if entry is not None:
             self._halt_if_out_of_money(now_us, fx)
             if self.recharge is not None:
                 self._maybe_recharge(now_us, fx)
         return entry, False
 
-    def _grant_of_payment(self, payment_id: str, grant_id: str | None = None) -> Grant | None:
-        for grant in self.grants or ():
-            if grant.payment_id == payment_id:
-                return grant
-        for grant in self.grants or ():  # written before grants carried their payment
-            if grant.grant_id == grant_id and grant.payment_id is None:
-                return grant
-        return None
+    def _grants_of_payment(self, payment_id: str, grant_id: str | None = None) -> list[Grant]:
+        """The live grants the payment bought, in the order the org holds them: its credit's,
+        and any that gave back what a failed refund or a reinstated dispute took from it."""
+        grants = [g for g in self.grants or () if g.payment_id == payment_id]
+        if not grants:  # written before grants carried their payment
+            grants = [g for g in self.grants or () if g.grant_id == grant_id and g.payment_id is None]
+        return grants
 
-    def _claw_back(self, grant: Grant, amount_micros: int, note: str | None, now_us: int,
+    def _take_from(self, grants: list[Grant], amount_micros: int) -> int:
+        """Take up to amount_micros from these grants in order (each removed at 0): what was taken."""
+        taken = 0
+        for grant in grants:
+            part = min(amount_micros - taken, grant.remaining_micros)
+            grant.remaining_micros -= part
+            taken += part
+        if taken:
+            self.grants = [g for g in self.grants if g.remaining_micros > 0] or None
+        return taken
+
+    def _claw_back(self, grants: list[Grant], amount_micros: int, note: str | None, now_us: int,
                    fx: Effects, key: str | None = None, record: RefundRecord | None = None) -> LedgerEntry | None:
-        taken = min(amount_micros, grant.remaining_micros)
+        first = grants[0]
+        taken = self._take_from(grants, amount_micros)
         if taken == 0:
             return None
         if record is not None:
-            record.taken_micros, record.grant_kind, record.grant_expires_us = taken, grant.kind, grant.expires_at_us
-        grant.remaining_micros -= taken
-        if grant.remaining_micros == 0:
-            self.grants = [g for g in self.grants if g is not grant] or None
-        entry = LedgerEntry("refund", -taken, now_us, grant.grant_id, None, note, idempotency_key=key)
+            record.taken_micros, record.grant_kind, record.grant_expires_us = taken, first.kind, first.expires_at_us
+        entry = LedgerEntry("refund", -taken, now_us, first.grant_id, None, note, idempotency_key=key)
         fx.ledger.append((self.org_id, entry))
         return entry
 
@@ -107,8 +116,8 @@ class Refunds:
                 if grant.remaining_micros:
                     # Keyed as the refund's own request would have been: Stripe lists a refund
                     # again in later events, and that must replay, never take it twice.
-                    self._claw_back(grant, record.amount_micros, f"Stripe refund {record.refund_id}", now_us, fx,
-                                    record.key, record)
+                    self._claw_back([grant], record.amount_micros, f"Stripe refund {record.refund_id}", now_us,
+                                    fx, record.key, record)
 
     def reverse_refund(self, refund_id: str, payment_id: str, now_us: int, fx: Effects,
                        key: str | None = None) -> LedgerEntry | None:
@@ -141,28 +150,26 @@ class Refunds:
             record.reinstated = True
             if record.taken_micros == 0:
                 return None, False
-            return self._add_credit(record.grant_kind, record.taken_micros, None, command.note, now_us, fx,
-                                    command.payment_id, entry_kind="dispute_reversal"), False
+            return self._add_credit(record.grant_kind, record.taken_micros, record.grant_expires_us, command.note,
+                                    now_us, fx, command.payment_id, entry_kind="dispute_reversal"), False
         if record.withdrawn or record.reinstated:
             return None, record.withdrawn
         record.withdrawn = True
         if self.recharge is not None:
             self.recharge.paused = "disputed"  # never charge again, unasked, a card its owner disputes
-        owed = min(command.amount_micros, command.credited_micros)
+        # What the payment bought and did not lapse unused: spent or still held, it is owed back.
+        owed = max(0, min(command.amount_micros, command.credited_micros - command.lapsed_micros))
         if owed == 0:
             return None, False
-        grant = self._grant_of_payment(command.payment_id, command.grant_id)
-        from_grant = min(owed, grant.remaining_micros) if grant is not None else 0
-        if from_grant:
-            grant.remaining_micros -= from_grant
-            if grant.remaining_micros == 0:
-                self.grants = [g for g in self.grants if g is not grant] or None
-        if owed > from_grant:
-            self._take(owed - from_grant, clawback_order)
+        grants = self._grants_of_payment(command.payment_id, command.grant_id)
+        first = grants[0] if grants else None
+        from_grants = self._take_from(grants, owed)
+        if owed > from_grants:
+            self._take(owed - from_grants, clawback_order)
         record.taken_micros = owed
-        if grant is not None:
-            record.grant_kind = grant.kind
-        entry = LedgerEntry("dispute", -owed, now_us, grant.grant_id if grant is not None else None, None,
+        if first is not None:
+            record.grant_kind, record.grant_expires_us = first.kind, first.expires_at_us
+        entry = LedgerEntry("dispute", -owed, now_us, first.grant_id if first is not None else None, None,
                             command.note)
         fx.ledger.append((self.org_id, entry))
         self._halt_if_out_of_money(now_us, fx)

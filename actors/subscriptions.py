@@ -17,7 +17,8 @@ from actors.effects import Effects
 # The statuses in which a subscription pays for its tier (past_due: still its tier, dunning
 # runs on its invoice). incomplete, incomplete_expired, paused, canceled, unpaid do not.
 GRANTING = frozenset({"active", "trialing", "past_due"})
-MAX_SUBSCRIPTIONS_KEPT = 20  # past that, ended ones are forgotten first
+ENDED = frozenset({"canceled", "incomplete_expired"})  # final: Stripe never changes such a subscription again
+MAX_SUBSCRIPTIONS_KEPT = 20  # past that, ones that pay for nothing and have not ended are forgotten first
 
 
 class SubscriptionRecord(msgspec.Struct, array_like=True):
@@ -40,18 +41,22 @@ class Subscriptions:
     __slots__ = ()
 
     def subscription_changed(self, change, now_us: int, fx: Effects) -> bool:
-        """Apply one subscription's news; False when older than what it said last (ignored)."""
+        """Apply one subscription's news; False when it is stale (ignored): older than what it
+        said last, an `incomplete` at the same second as a later status, or news of one that ended."""
         self.advance(now_us, fx)
         records = self.subscriptions or []
         record = next((r for r in records if r.subscription_id == change.subscription_id), None)
-        if record is not None and change.as_of_us < record.as_of_us:
+        if record is None and change.tier is None:
+            return False  # not a tier subscription, and never was one: an unrelated product
+        if record is not None and (change.as_of_us < record.as_of_us or record.status in ENDED or (
+                change.as_of_us == record.as_of_us and change.status == "incomplete" != record.status)):
             return False
         fresh = SubscriptionRecord(change.subscription_id, change.status, change.tier, change.max_concurrent,
                                    change.as_of_us, change.anchor_us, change.end_us)
         records = [r for r in records if r is not record] + [fresh]
         while len(records) > MAX_SUBSCRIPTIONS_KEPT:
-            ended = next((r for r in records if not r.grants_tier), records[0])
-            records.remove(ended)
+            others = records[:-1]
+            records.remove(next((r for r in others if not r.grants_tier and r.status not in ENDED), others[0]))
         self.subscriptions = records
         ruling = self._ruling_subscription()
         if ruling is None:
@@ -61,6 +66,8 @@ class Subscriptions:
             if ruling is fresh and fresh.anchor_us is not None:
                 self.reset_period(fresh.anchor_us, fresh.end_us, now_us, fx)
         self.tier_as_of_us = max(self.tier_as_of_us, change.as_of_us)
+        if fresh.status in ENDED:
+            self._subscription_ended(fresh.subscription_id, now_us, fx)
         return True
 
     def _ruling_subscription(self) -> SubscriptionRecord | None:

@@ -127,8 +127,9 @@ async def ledger_page(ctx: Context, org_id: str, cursor: str | None,
     return rows[:limit], _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
 
 
-def auto_recharge_command(ctx: Context, body: AutoRechargeBody) -> cmd.SetAutoRecharge:
-    """PUT /v1/orgs/{id}/auto-recharge and the billing page's form: the settings as a command."""
+def auto_recharge_command(ctx: Context, body: AutoRechargeBody, by_admin: bool = False) -> cmd.SetAutoRecharge:
+    """PUT /v1/orgs/{id}/auto-recharge and the billing page's form: the settings as a command.
+    Only an admin's settings lift a pause a dispute set (billing-rules 3.6)."""
     if not body.enabled:
         return cmd.SetAutoRecharge(False)
     for name in ("threshold_micros", "amount_micros"):
@@ -137,7 +138,7 @@ def auto_recharge_command(ctx: Context, body: AutoRechargeBody) -> cmd.SetAutoRe
     if body.amount_micros % MICROS_PER_CENT:
         raise ApiError(422, "invalid_amount", "amount_micros must be a whole number of cents", field="amount_micros")
     return cmd.SetAutoRecharge(True, body.threshold_micros, body.amount_micros, body.max_per_day,
-                               ctx.settings.auto_recharge_cooldown_s)
+                               ctx.settings.auto_recharge_cooldown_s, by_admin)
 
 
 def _encode_cursor(entry: ledger.Entry) -> str:

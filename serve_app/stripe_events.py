@@ -94,6 +94,7 @@ class PaymentCredit:
     org_id: str
     grant_id: str | None
     credited_micros: int
+    lapsed_micros: int = 0  # what of that credit expired unused
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ class Facts:
 
     customer_org: str | None = None
     payments: Mapping[str, PaymentCredit] = field(default_factory=dict)
+
+
+class Skipped(Exception):
+    """An event that by rule asks nothing of metergate (a one-off invoice, a payment of no org
+    here): answered, recorded as ignored with why."""
 
 
 class Refused(EventError):
@@ -181,8 +187,8 @@ def payments_named(event: dict) -> list[str]:
 
 def commands_for(event: dict, catalog: Catalog, facts: Facts | None = None,
                  dunning: DunningPolicy | None = None) -> list[tuple[str, Command]]:
-    """The org commands a verified event means ([]: nothing to do). Refused or EventError: not
-    applied, and why."""
+    """The org commands a verified event means ([]: nothing to do). Skipped: nothing to do by
+    rule, and why; Refused or EventError: not applied, and why."""
     facts = facts or Facts()
     obj = (event.get("data") or {}).get("object") or {}
     kind = event.get("type", "")
@@ -205,15 +211,16 @@ def commands_for(event: dict, catalog: Catalog, facts: Facts | None = None,
             return [(org_id, _subscription(obj, catalog, as_of_us, ended=kind.endswith(".deleted")))]
         if kind == "invoice.payment_failed" and dunning is not None:
             if not (dunning.one_off_invoices or _subscription_invoice(obj)):
-                raise Refused("a one-off invoice does not start dunning (METERGATE_DUNNING_ONE_OFF_INVOICES)")
+                raise Skipped("one_off_invoice: it starts no dunning (METERGATE_DUNNING_ONE_OFF_INVOICES)")
             free = catalog.current_plan(dunning.free_plan, as_of_us)
             if free is None:
                 raise EventError(f"the dunning free plan {dunning.free_plan!r} is not in the catalog")
             return [(org_id, InvoiceFailed(as_of_us, dunning.suspend_after_s, dunning.degrade_after_s,
-                                           dunning.downgrade_after_s, free.id, free.version, _str(obj.get("id"))))]
+                                           dunning.downgrade_after_s, free.id, free.version, _str(obj.get("id")),
+                                           _invoice_subscription(obj)))]
         if kind in INVOICE_SETTLED:
-            paid = obj.get("amount_paid")
-            cents = _cents(paid, "amount_paid", 0) // MICROS_PER_CENT if paid is not None else None
+            paid = obj.get("amount_paid")  # only whether it is 0 matters: any size is read
+            cents = _integer(paid, "amount_paid", 0, 2**62) if paid is not None else None
             return [(org_id, InvoicePaid(as_of_us, _str(obj.get("id")), cents, INVOICE_SETTLED[kind]))]
         if kind in ("payment_intent.succeeded", "payment_intent.payment_failed"):
             return [(org_id, c) for c in _auto_recharge(obj, kind == "payment_intent.succeeded")]
@@ -224,12 +231,15 @@ def commands_for(event: dict, catalog: Catalog, facts: Facts | None = None,
     return []
 
 
-def _subscription_invoice(invoice: dict) -> bool:
-    """Whether an invoice bills a subscription (the shapes of newer and older API versions)."""
+def _invoice_subscription(invoice: dict) -> str | None:
+    """The subscription an invoice bills (the shapes of newer and older API versions)."""
     parent = invoice.get("parent")
     details = (parent.get("subscription_details") or {}) if isinstance(parent, dict) else {}
-    return bool(details.get("subscription") or invoice.get("subscription")
-                or str(invoice.get("billing_reason") or "").startswith("subscription"))
+    return _str(details.get("subscription") if isinstance(details, dict) else None) or _str(invoice.get("subscription"))
+
+
+def _subscription_invoice(invoice: dict) -> bool:
+    return bool(_invoice_subscription(invoice) or str(invoice.get("billing_reason") or "").startswith("subscription"))
 
 
 def _usd(obj: dict, what: str) -> None:
@@ -322,10 +332,14 @@ def _auto_recharge(intent: dict, succeeded: bool) -> list[Command]:
 
 
 def _payment_credit(payment: str | None, facts: Facts, what: str) -> PaymentCredit:
+    """The payment's credit; else, for the org of the charge's customer, a credit of nothing
+    (a refund then waits for it, rule 3.3; a dispute takes nothing, rule 3.6)."""
     credit = facts.payments.get(payment) if payment else None
-    if credit is None:
-        raise Refused(f"{what} names payment {payment}, which bought no credit metergate knows of")
-    return credit
+    if credit is not None:
+        return credit
+    if facts.customer_org is not None:
+        return PaymentCredit(facts.customer_org, None, 0)
+    raise Skipped(f"no_org: {what} names payment {payment}, which is no org's here")
 
 
 def _refund_command(refund: dict, payment: str, credit: PaymentCredit) -> Command | None:
@@ -384,4 +398,4 @@ def _dispute(dispute: dict, withdrawn: bool, facts: Facts) -> list[tuple[str, Co
     return [(credit.org_id, DisputeFunds(
         dispute_id, payment, _cents(dispute["amount"], "amount"), withdrawn, credit.credited_micros,
         credit.grant_id, f"Stripe dispute {dispute_id} of {payment}: funds {half}",
-        f"stripe:dispute:{dispute_id}:{half}"))]
+        f"stripe:dispute:{dispute_id}:{half}", credit.lapsed_micros))]

@@ -16,6 +16,7 @@ the pure mapper serve_app/stripe_events.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -37,7 +38,7 @@ from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, api_error_of
 from serve_app.stripe_events import (HANDLED, IGNORED, DunningPolicy, EventError, Facts, PaymentCredit, Refused,
-                                     commands_for, customer_of, org_of, payments_named)
+                                     Skipped, commands_for, customer_of, org_of, payments_named)
 from storage import inbound_webhooks, ledger, stripe_customers
 
 log = logging.getLogger("metergate.webhooks")
@@ -198,6 +199,31 @@ async def _payment_credits(ctx: Context, payments: list[str]) -> dict[str, Payme
     return {payment: PaymentCredit(*credit) for payment, credit in found.items()}
 
 
+async def _org_of_charge(ctx: Context, obj: dict) -> str | None:
+    """The org of the customer of the charge a refund or a dispute names, from Stripe: for a
+    payment metergate has not credited (yet), so that a refund waits for its credit and a
+    dispute still pauses auto-recharge. Stripe out of reach: 503, Stripe retries."""
+    charge_id = obj.get("charge")
+    if ctx.stripe.client is None or not isinstance(charge_id, str) or not charge_id.startswith("ch_"):
+        return None
+    try:
+        charge = (await asyncio.to_thread(ctx.stripe.client.v1.charges.retrieve, charge_id)).to_dict()
+    except stripe.StripeError as exc:
+        metrics.stripe_failed("webhook_lookup", exc)
+        if exc.http_status == 404:
+            return None
+        raise ApiError(503, "stripe_unavailable", f"Stripe could not show charge {charge_id}: "
+                                                  f"{exc.user_message or exc}") from None
+    metadata_org = (charge.get("metadata") or {}).get("org_id")
+    customer = charge.get("customer")
+    async with (await ctx.db()).acquire() as conn:
+        if isinstance(customer, str):
+            found = await stripe_customers.org_of(conn, customer)
+            if found is not None:
+                return found
+    return metadata_org if isinstance(metadata_org, str) and metadata_org else None
+
+
 class Outcome(str, Enum):
     """What became of a verified Stripe event. Each is answered 2xx: a 4xx makes Stripe retry
     for three days and then disable the endpoint, which stops every billing event."""
@@ -240,6 +266,8 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
             commands, forget, ignored = lifecycle.commands, lifecycle.forget_customer, lifecycle.ignored
         else:
             commands, ignored = await _commands_of(ctx, event)
+    except Skipped as exc:  # by rule, nothing to do here (a one-off invoice, a payment of no org here)
+        return await _stripe_answer(ctx, event, [], Outcome.IGNORED, str(exc))
     except Refused as exc:  # by rule (money in another currency, ...): the operator decides
         return await _stripe_answer(ctx, event, [], Outcome.DEAD_LETTER, f"refused: {exc}")
     except (EventError, stripe_cards.NotApplicable) as exc:
@@ -264,7 +292,10 @@ async def _commands_of(ctx: Context, event: dict) -> tuple[list, str | None]:
         async with (await ctx.db()).acquire() as conn:
             customer_org = await stripe_customers.org_of(conn, customer_of(event))
     await _expand_refunds(ctx, event)
-    credits = await _payment_credits(ctx, payments_named(event))
+    named = payments_named(event)
+    credits = await _payment_credits(ctx, named)
+    if named and not credits and customer_org is None:
+        customer_org = await _org_of_charge(ctx, (event.get("data") or {}).get("object") or {})
     settings = ctx.settings
     try:
         commands = commands_for(event, ctx.catalog, Facts(customer_org, credits), DunningPolicy(

@@ -49,14 +49,19 @@ async def history(conn: asyncpg.Connection, org_id: str,
              dt_to_us(r["expires_at"]) if r["expires_at"] is not None else None) for r in rows]
 
 
-async def credits_of_payments(conn: asyncpg.Connection, payment_ids: list[str]) -> dict[str, tuple[str, str | None, int]]:
-    """What each Stripe payment bought: payment id -> (org id, the grant its credit made,
-    the credit's amount), for the payments metergate credited (billing-rules 3)."""
+async def credits_of_payments(conn: asyncpg.Connection,
+                              payment_ids: list[str]) -> dict[str, tuple[str, str | None, int, int]]:
+    """What each Stripe payment bought: payment id -> (org id, the grant its credit made, the
+    credit's amount, what of that grant lapsed unused), for the payments metergate credited
+    (billing-rules 3)."""
     rows = await conn.fetch(
-        "SELECT idempotency_key, org_id, grant_id, amount_micros FROM ledger"
-        " WHERE idempotency_key = ANY($1::text[]) AND idempotency_key LIKE 'stripe:payment:%'",
+        "SELECT c.idempotency_key, c.org_id, c.grant_id, c.amount_micros,"
+        " COALESCE((SELECT -sum(e.amount_micros) FROM ledger e WHERE e.org_id = c.org_id"
+        "           AND e.grant_id = c.grant_id AND e.kind = 'expiration'), 0)::bigint AS lapsed"
+        " FROM ledger c WHERE c.idempotency_key = ANY($1::text[]) AND c.idempotency_key LIKE 'stripe:payment:%'",
         [f"stripe:payment:{p}" for p in payment_ids])
-    return {r["idempotency_key"].removeprefix("stripe:payment:"): (r["org_id"], r["grant_id"], r["amount_micros"])
+    return {r["idempotency_key"].removeprefix("stripe:payment:"): (r["org_id"], r["grant_id"], r["amount_micros"],
+                                                                  r["lapsed"])
             for r in rows}
 
 

@@ -153,7 +153,8 @@ class EngineOrg:
                 return cmd.ReverseRefund(step["refund_id"], step["payment_id"], step.get("key"))
             case "dispute":
                 return cmd.DisputeFunds(step["dispute_id"], step["payment_id"], step["amount_micros"],
-                                        step["withdrawn"], step["credited_micros"], None, None, step.get("key"))
+                                        step["withdrawn"], step["credited_micros"], None, None, step.get("key"),
+                                        step["lapsed_micros"])
             case "subscription":
                 return cmd.SubscriptionChanged(step["subscription_id"], step["status"], step["tier"],
                                                step["max_concurrent"], step["as_of_us"], step["base_tier"],
@@ -178,14 +179,14 @@ class EngineOrg:
                 return cmd.SetPaymentMethod(step["present"])
             case "set_auto_recharge":
                 return cmd.SetAutoRecharge(step["enabled"], step["threshold_micros"], step["amount_micros"],
-                                           step["max_per_day"], step["cooldown_s"])
+                                           step["max_per_day"], step["cooldown_s"], step.get("lift_dispute", False))
             case "settle":
                 return cmd.SettleRecharge.of_payment(step["charge_id"], step["succeeded"], step["amount_micros"],
                                                      step["payment_id"], step.get("reason"))
             case "invoice_failed":
                 return cmd.InvoiceFailed(step["since_us"], step["suspend_after_s"], step["degrade_after_s"],
                                          step["downgrade_after_s"], step["free_plan_id"], step["free_plan_version"],
-                                         step.get("invoice_id"))
+                                         step.get("invoice_id"), step.get("subscription_id"))
             case "invoice_paid":
                 return cmd.InvoicePaid(step["as_of_us"], step.get("invoice_id"), step.get("amount_paid_cents"),
                                        step.get("settled_by", "paid"))
@@ -421,12 +422,12 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
                                     "key": f"stripe:refund:{rid}:reversed"},
                   st.sampled_from([f"re_{serial}", "re_again", "re_other"]),
                   st.sampled_from(payments + [f"pi_{serial + 1}"])),
-        st.builds(lambda did, pid, amount, credited, withdrawn: {
+        st.builds(lambda did, pid, amount, credited, lapsed, withdrawn: {
             "type": "dispute", "dispute_id": did, "payment_id": pid, "amount_micros": amount,
-            "credited_micros": credited, "withdrawn": withdrawn,
+            "credited_micros": credited, "lapsed_micros": min(lapsed, credited), "withdrawn": withdrawn,
             "key": f"stripe:dispute:{did}:{'withdrawn' if withdrawn else 'reinstated'}"},
             st.sampled_from(["dp_1", "dp_2", f"dp_{serial}"]), st.sampled_from(payments + ["pi_invoice"]),
-            amounts, st.one_of(st.just(0), amounts), st.booleans()),
+            amounts, st.one_of(st.just(0), amounts), st.one_of(st.just(0), amounts), st.booleans()),
         st.builds(lambda sub, status, tier, back_s, period: {
             "type": "subscription", "subscription_id": sub, "status": status, "tier": tier,
             "max_concurrent": ENGINE_CATALOG.tiers[tier] if tier else 0, "as_of_us": now - back_s * US,
@@ -434,12 +435,14 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
             "start_us": None if period is None else now - period[0] * US,
             "end_us": None if period is None or not period[1] else now - period[0] * US + period[1] * DAY_US},
             st.sampled_from(["sub_a", "sub_b", "sub_c"]),
-            st.sampled_from(["active", "trialing", "past_due", "incomplete", "paused", "canceled", "unpaid"]),
-            st.sampled_from([None, "pro", "pro_plus"]), st.integers(0, 3 * DAY_S),
+            st.sampled_from(["active", "trialing", "past_due", "incomplete", "paused", "canceled", "unpaid",
+                             "incomplete_expired"]),
+            st.sampled_from([None, "pro", "pro_plus"]), st.sampled_from([0, 0, 1, 2, 3 * DAY_S]),
             st.one_of(st.none(), st.tuples(st.integers(0, 40 * DAY_S), st.sampled_from((0, 7, 30))))),
-        st.builds(lambda since_s, invoice: {"type": "invoice_failed", "since_us": now - since_s * US,
-                                            "invoice_id": invoice, **DUNNING},
-                  st.integers(0, 20 * DAY_S), st.sampled_from(["in_1", "in_2", None])),
+        st.builds(lambda since_s, invoice, sub: {"type": "invoice_failed", "since_us": now - since_s * US,
+                                                 "invoice_id": invoice, "subscription_id": sub, **DUNNING},
+                  st.integers(0, 20 * DAY_S), st.sampled_from(["in_1", "in_2", None]),
+                  st.sampled_from([None, "sub_a", "sub_b"])),
         st.builds(lambda as_of_s, invoice, paid, how: {"type": "invoice_paid", "as_of_us": now - as_of_s * US,
                                                        "invoice_id": invoice, "amount_paid_cents": paid,
                                                        "settled_by": how},
@@ -462,10 +465,11 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
               ] if pair.charges_seen else []
     recharge = st.one_of(
         *settle,
-        *([st.builds(lambda on, threshold, amount, per_day, cooldown: {
+        *([st.builds(lambda on, threshold, amount, per_day, cooldown, by_admin: {
             "type": "set_auto_recharge", "enabled": on, "threshold_micros": threshold, "amount_micros": amount,
-            "max_per_day": per_day, "cooldown_s": cooldown},
-            st.booleans(), st.integers(1, 10_000_000), cents, st.integers(1, 4), st.sampled_from((0, 60, 3_600)))]
+            "max_per_day": per_day, "cooldown_s": cooldown, "lift_dispute": by_admin},
+            st.booleans(), st.integers(1, 10_000_000), cents, st.integers(1, 4), st.sampled_from((0, 60, 3_600)),
+            st.booleans())]
           if auto_recharge else []),
         st.builds(lambda present: {"type": "set_card", "present": present}, st.booleans()),
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.stripe_events import HANDLED, IGNORED
-from tests.helpers import CATALOG, stripe_client, stripe_deliver
+from tests.helpers import CATALOG, mint, org_client, stripe_client, stripe_deliver
 from tests.stripe_contract.load import event, names
 
 US = 1_000_000
@@ -146,7 +146,7 @@ def test_a_one_off_invoice_failing_is_recorded_and_starts_no_dunning(org):
     invoice = body["data"]["object"]
     invoice.update(parent=None, billing_reason="manual")
     answer = stripe_deliver(org.compute, body).json()
-    assert answer["outcome"] == "dead_letter" and "one-off" in answer["reason"]
+    assert answer["outcome"] == "ignored" and answer["reason"].startswith("one_off_invoice")
     assert org.state()["past_due_since"] is None
 
 
@@ -189,9 +189,61 @@ def test_a_dispute_takes_back_what_the_payment_bought_and_its_reinstatement_give
     assert org.balance() == balance
 
 
-def test_a_dispute_of_a_payment_metergate_never_credited_is_a_dead_letter(org):
-    answer = org.send("charge.dispute.funds_withdrawn", payment_intent="pi_never_credited")
-    assert answer["outcome"] == "dead_letter" and "bought no credit" in answer["reason"]
+def test_a_dispute_of_a_payment_that_bought_no_credit_is_found_by_its_charge_and_takes_nothing(org, service):
+    """A subscription invoice's charge, say: the dispute names only the charge, whose customer
+    (read from Stripe) is the org's; nothing to take back, but it stops auto-recharge."""
+    client = stripe_client(service)
+    method = attach_card(service, org.customer)
+    intent = client.v1.payment_intents.create(params={
+        "amount": 2000, "currency": "usd", "customer": org.customer, "payment_method": method.id, "confirm": True})
+    org.send("setup_intent.succeeded")
+    assert org.admin.put(f"/v1/orgs/{org.id}/auto-recharge", json={
+        "enabled": True, "threshold_micros": 1_000_000, "amount_micros": 10_000_000}).status_code == 200
+    balance = org.balance()
+    answer = org.send("charge.dispute.funds_withdrawn", payment_intent=intent.id, charge=charge_of(intent))
+    assert (answer["outcome"], [a["command"] for a in answer["applied"]]) == ("applied", ["DisputeFunds"])
+    assert org.balance() == balance and org.state()["auto_recharge"]["paused"] == "disputed"
+    # The org's own settings do not lift it; an operator's do.
+    with org_client(service, mint(org.admin, org.id)) as owner:
+        owner.put(f"/v1/orgs/{org.id}/auto-recharge", json={
+            "enabled": True, "threshold_micros": 1_000_000, "amount_micros": 10_000_000})
+    assert org.state()["auto_recharge"]["paused"] == "disputed"
+    org.admin.put(f"/v1/orgs/{org.id}/auto-recharge", json={
+        "enabled": True, "threshold_micros": 1_000_000, "amount_micros": 10_000_000})
+    assert org.state()["auto_recharge"]["paused"] is None
+
+
+def test_a_refund_failure_before_the_payment_is_credited_waits_with_the_org_not_in_a_dead_letter(org, service):
+    client = stripe_client(service)
+    method = attach_card(service, org.customer)
+    intent = client.v1.payment_intents.create(params={
+        "amount": 2000, "currency": "usd", "customer": org.customer, "payment_method": method.id, "confirm": True})
+    org.payment = intent.id
+    pending = org.send("refund.created", charge=charge_of(intent))  # before the Checkout's credit landed
+    assert pending["outcome"] == "applied"
+    failed = org.send("refund.failed", charge=charge_of(intent))
+    assert failed["outcome"] == "applied"
+    balance = org.balance()
+    org.send("checkout.session.completed.payment_paid")
+    assert org.balance() == balance + 20 * US  # the refund failed: it takes nothing when the credit comes
+
+
+def test_a_dispute_after_a_failed_refund_and_of_a_lapsed_pack(org):
+    balance = org.paid()
+    org.send("refund.created", payment_intent=org.payment)
+    org.send("refund.failed", payment_intent=org.payment)
+    assert org.balance() == balance
+    org.send("charge.dispute.funds_withdrawn", payment_intent=org.payment)
+    assert org.balance() == balance - 20 * US
+
+
+def test_cancelling_a_subscription_with_a_failed_invoice_ends_its_dunning(org):
+    now = int(time.time())
+    org.send("customer.subscription.updated", created=now - 20)
+    assert org.send("invoice.payment_failed", created=now - 10)["outcome"] == "applied"
+    assert org.state()["past_due_since"] is not None
+    org.send("customer.subscription.deleted", created=now)
+    assert org.state()["past_due_since"] is None
 
 
 def test_auto_recharge_payment_intents_settle(org):
@@ -199,6 +251,11 @@ def test_auto_recharge_payment_intents_settle(org):
     assert org.send("payment_intent.succeeded")["applied"][0]["command"] == "SettleRecharge"
     assert org.balance() == balance + 20 * US
     assert org.send("payment_intent.payment_failed", payment_intent="pi_declined")["outcome"] == "applied"
+
+
+def charge_of(intent) -> str:
+    latest = intent.latest_charge
+    return latest if isinstance(latest, str) else latest.id
 
 
 def attach_card(service, customer: str):

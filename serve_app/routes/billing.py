@@ -228,7 +228,7 @@ def routes(ctx: Context) -> APIRouter:
                 settings["threshold_micros"] = usd_field(fields, "threshold_usd", "the balance threshold")
                 settings["amount_micros"] = usd_field(fields, "amount_usd", "the amount to add")
                 settings["max_per_day"] = whole_field(fields, "max_per_day", "charges per day")
-            command = auto_recharge_command(ctx, model(AutoRechargeBody, settings))
+            command = auto_recharge_command(ctx, model(AutoRechargeBody, settings), caller.role == "admin")
             await answered_once(request, caller, fields, lambda: command_state(ctx, org_id, command))
             return RedirectResponse(f"{page_path(request, org_id)}?notice=auto_recharge_saved#auto-recharge", 303)
 

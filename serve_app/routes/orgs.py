@@ -133,9 +133,9 @@ def routes(ctx: Context) -> APIRouter:
         """Opt in or out. With the balance under the threshold and a card on file, turning it on
         charges at once (the arming charge); later a debit that takes the balance under the
         threshold charges, at most once per cooldown and `max_per_day` times a UTC day."""
-        ctx.org_or_admin(request, org_id)
+        caller = ctx.org_or_admin(request, org_id)
         body = parse_model(AutoRechargeBody, await request.body())
-        return await state_command(ctx, request, org_id, auto_recharge_command(ctx, body))
+        return await state_command(ctx, request, org_id, auto_recharge_command(ctx, body, caller.role == "admin"))
 
     @router.post("/v1/orgs/{org_id}/halt")
     async def halt(org_id: OrgPath, request: Request) -> Response:

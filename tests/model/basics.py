@@ -20,6 +20,7 @@ MAX_WAITING_REFUNDS = 100          # rule 3.3
 REFUND_MEMORY_US = 180 * DAY_US    # rule 3.2
 REFUND_WAIT_US = 30 * DAY_US       # rule 3.3
 DISPUTE_MEMORY_US = 400 * DAY_US   # rule 3.4
+ENDED = ("canceled", "incomplete_expired")  # rule 7.7: subscriptions that have ended
 ENDED_LEASE_MEMORY_US = HOUR_US    # rule 7.5
 MAX_ENDED_LEASES = 1_000           # rule 7.5
 MAX_CHARGE_MICROS = 10_000 * US    # rule 9.2: at most 10,000 USD (10,000 × 1,000,000 µUSD)
@@ -203,6 +204,7 @@ class Dunning:
     free_plan_version: int
     step: int = 0
     unpaid: list = field(default_factory=list)
+    billing: dict = field(default_factory=dict)  # unpaid invoice -> the subscription it bills (8.1)
     plan_before: tuple | None = None
 
 

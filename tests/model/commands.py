@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from tests.model.basics import (
+    ENDED,
     Dunning,
     ENDED_LEASE_MEMORY_US,
     Lease,
@@ -51,22 +52,20 @@ class Commands:
         # AMBIGUOUS 3.2: a refund that took nothing (and waits) is "applied" too: its id is
         # remembered, so a resend of it is a duplicate.
         self.applied_refunds[rid] = now
-        # AMBIGUOUS 3.1: if several live grants carry the payment id, the first one the org
-        # holds (oldest) is the one clawed from; no other grant is touched.
-        grant = next((g for g in self.grants if g.payment_id is not None and g.payment_id == pid), None)
-        if grant is None:
+        # Rule 3.1: the payment's grants, in the order the org holds them.
+        mine = self._payment_grants(pid)
+        if not mine:
             self.waiting_refunds.append(WaitingRefund(rid, pid, amount, now))
             while len(self.waiting_refunds) > MAX_WAITING_REFUNDS:
                 self.waiting_refunds.pop(0)
             return {"clawed_micros": 0}
-        c = min(amount, grant.remaining)
-        grant.remaining -= c
-        self.grants = [g for g in self.grants if g.remaining > 0]
+        first = mine[0]
+        c = self._take_in_order(mine, amount)
         if c == 0:
             return {"clawed_micros": 0}
-        self.refund_taken[rid] = (c, grant.kind, grant.expires_at_us)
+        self.refund_taken[rid] = (c, first.kind, first.expires_at_us)
         # AMBIGUOUS 3.1: the refund ledger entry names the grant id but no expiry (None).
-        self._ledger("refund", -c, grant.grant_id, None, 0)
+        self._ledger("refund", -c, first.grant_id, None, 0)
         self._halt_check(now)
         self._recharge_check(now)
         return {"clawed_micros": c}
@@ -91,7 +90,7 @@ class Commands:
     # disputes (3.6)
     def _cmd_dispute(self, now, cmd):
         did = cmd["dispute_id"]
-        d = self.disputes.setdefault(did, {"at": now, "w": 0, "kind": "topup", "withdrawn": False,
+        d = self.disputes.setdefault(did, {"at": now, "w": 0, "kind": "topup", "expires": None, "withdrawn": False,
                                            "reinstated": False})
         if not cmd["withdrawn"]:
             if d["reinstated"]:
@@ -99,7 +98,7 @@ class Commands:
             d["reinstated"] = True
             if d["w"] == 0:
                 return {}
-            return {"entry": self._credit(now, d["kind"], d["w"], None, cmd["payment_id"],
+            return {"entry": self._credit(now, d["kind"], d["w"], d["expires"], cmd["payment_id"],
                                           entry_kind="dispute_reversal")}
         if d["withdrawn"]:
             return {"duplicate": True}
@@ -108,37 +107,52 @@ class Commands:
         d["withdrawn"] = True
         if self.recharge is not None:
             self.recharge.paused = "disputed"  # 3.6: only sending the settings again lifts it
-        w = min(int(cmd["amount_micros"]), int(cmd["credited_micros"]))
+        w = max(0, min(int(cmd["amount_micros"]), int(cmd["credited_micros"]) - int(cmd.get("lapsed_micros", 0))))
         if w == 0:
             return {}
-        pid = cmd["payment_id"]
-        grant = next((g for g in self.grants if g.payment_id is not None and g.payment_id == pid), None)
-        first = min(w, grant.remaining) if grant is not None else 0
-        if grant is not None:
-            grant.remaining -= first
-            d["kind"] = grant.kind
-            self.grants = [g for g in self.grants if g.remaining > 0]
-        if w - first > 0:
-            self.debt += self._take(w - first, self._clawback_order())
+        mine = self._payment_grants(cmd["payment_id"])
+        first = mine[0] if mine else None
+        from_mine = self._take_in_order(mine, w)
+        if first is not None:
+            d["kind"], d["expires"] = first.kind, first.expires_at_us
+        if w - from_mine > 0:
+            self.debt += self._take(w - from_mine, self._clawback_order())
         d["w"] = w
-        entry = ("dispute", -w, grant.grant_id if grant is not None else None, None)
+        entry = ("dispute", -w, first.grant_id if first is not None else None, None)
         self._ledger(*entry, 0)
         self._halt_check(now)
         return {"entry": entry}
 
+    def _payment_grants(self, pid):
+        return [g for g in self.grants if g.payment_id is not None and g.payment_id == pid]
+
+    def _take_in_order(self, grants, amount):
+        """Up to `amount` from these grants in order, each removed at 0: what was taken."""
+        taken = 0
+        for g in grants:
+            part = min(amount - taken, g.remaining)
+            g.remaining -= part
+            taken += part
+        self.grants = [g for g in self.grants if g.remaining > 0]
+        return taken
+
     # subscriptions (7.7)
     def _cmd_subscription(self, now, cmd):
-        sid, t = cmd["subscription_id"], int(cmd["as_of_us"])
+        sid, t, status = cmd["subscription_id"], int(cmd["as_of_us"]), cmd["status"]
         old = self.subscriptions.get(sid)
-        if old is not None and old["t"] > t:
+        if old is None and cmd["tier"] is None:
+            return {"stale": True}
+        if old is not None and (old["status"] in ENDED or old["t"] > t
+                                or (old["t"] == t and status == "incomplete" and old["status"] != "incomplete")):
             return {"stale": True}
         self.subscriptions.pop(sid, None)
-        record = {"status": cmd["status"], "tier": cmd["tier"], "cap": int(cmd["max_concurrent"]), "t": t}
+        record = {"status": status, "tier": cmd["tier"], "cap": int(cmd["max_concurrent"]), "t": t}
         self.subscriptions[sid] = record
         if len(self.subscriptions) > 20:
-            paying = [k for k, r in self.subscriptions.items() if self._pays(r)]
-            unpaying = [k for k in self.subscriptions if k not in paying]
-            del self.subscriptions[unpaying[0] if unpaying else next(iter(self.subscriptions))]
+            others = [k for k in self.subscriptions if k != sid]
+            free = [k for k in others if not self._pays(self.subscriptions[k]) and self.subscriptions[k]["status"]
+                    not in ENDED]
+            del self.subscriptions[free[0] if free else others[0]]
         ruling = None
         for k, r in self.subscriptions.items():
             if self._pays(r) and (ruling is None or (r["cap"], r["t"]) > (ruling[1]["cap"], ruling[1]["t"])):
@@ -150,6 +164,12 @@ class Commands:
             if ruling[0] == sid and cmd.get("start_us") is not None:
                 self._cmd_subscription_period(now, {"start_us": cmd["start_us"], "end_us": cmd.get("end_us")})
         self.tier_as_of_us = t if self.tier_as_of_us is None else max(self.tier_as_of_us, t)
+        if status in ENDED and self.dunning is not None and self.dunning.unpaid:
+            # Rule 8.4: its failed invoices leave the unpaid list; an empty list ends dunning.
+            self.dunning.unpaid = [i for i in self.dunning.unpaid if self.dunning.billing.get(i) != sid]
+            self.dunning.billing = {i: b for i, b in self.dunning.billing.items() if b != sid}
+            if not self.dunning.unpaid:
+                self._end_dunning(now)
         return {}
 
     @staticmethod
@@ -364,9 +384,10 @@ class Commands:
         r.amount_micros = int(cmd["amount_micros"])
         r.max_per_day = int(cmd["max_per_day"])
         r.cooldown_s = int(cmd["cooldown_s"])
-        # Rule 9.1: turning it on (or sending the settings again) clears a pause and runs the
-        # check. A charge in flight stays in flight.
-        r.paused = False
+        # Rule 9.1: turning it on (or sending the settings again) clears a pause (a dispute's
+        # only when an operator sends them) and runs the check. A charge in flight stays in flight.
+        if r.paused != "disputed" or cmd.get("lift_dispute"):
+            r.paused = False
         self._recharge_check(now)
         return {}
 
@@ -426,6 +447,8 @@ class Commands:
             self._dunning_steps(now)
         if iid is not None and iid not in self.dunning.unpaid:
             self.dunning.unpaid.append(iid)
+            if cmd.get("subscription_id") is not None:
+                self.dunning.billing[iid] = cmd["subscription_id"]
         return {}
 
     def _cmd_invoice_paid(self, now, cmd):
@@ -445,6 +468,7 @@ class Commands:
             if d.unpaid:
                 if iid in d.unpaid:
                     d.unpaid.remove(iid)
+                    d.billing.pop(iid, None)
                 if not d.unpaid:
                     self._end_dunning(now)
             elif payment:
