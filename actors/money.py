@@ -211,6 +211,8 @@ class Money:
             if grant.expires_at_us is not None and grant.expires_at_us <= now_us:
                 fx.ledger.append((self.org_id, LedgerEntry(
                     "expiration", -grant.remaining_micros, now_us, grant.grant_id, grant.expires_at_us)))
+                if grant.payment_id is not None:
+                    self._note_lapsed(grant.payment_id, grant.remaining_micros)
             else:
                 kept.append(grant)
         self.grants = kept or None

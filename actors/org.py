@@ -94,11 +94,12 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     disputes: list[DisputeRecord] | None = None
     subscriptions: list[SubscriptionRecord] | None = None
     settled_invoices: list[str] | None = None
+    lapsed: dict[str, int] | None = None
 
 
 # Snapshot fields that are copied as they are; the plan and the lists of records need converting.
 _SNAPSHOT_COPIED_FIELDS = ("plan_id", "plan_version", "grants", "leases", "refunds", "ended_leases", "disputes",
-                           "subscriptions", "settled_invoices")
+                           "subscriptions", "settled_invoices", "lapsed")
 _SNAPSHOT_PLAIN_FIELDS = tuple(
     name for name in OrgSnapshot.__struct_fields__ if name not in _SNAPSHOT_COPIED_FIELDS)
 
@@ -147,7 +148,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
         "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
         "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
-        "low_balance_armed", "disputes", "subscriptions", "settled_invoices",
+        "low_balance_armed", "disputes", "subscriptions", "settled_invoices", "lapsed",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -186,6 +187,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
         self.disputes: list[DisputeRecord] | None = None
         self.subscriptions: list[SubscriptionRecord] | None = None
         self.settled_invoices: list[str] | None = None  # the latest invoices settled, oldest first
+        self.lapsed: dict[str, int] | None = None  # payment id -> what of its credit expired unused
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -314,6 +316,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
             disputes=[msgspec.structs.replace(d) for d in self.disputes] if self.disputes else None,
             subscriptions=[msgspec.structs.replace(r) for r in self.subscriptions] if self.subscriptions else None,
             settled_invoices=list(self.settled_invoices) if self.settled_invoices else None,
+            lapsed=dict(self.lapsed) if self.lapsed else None,
             **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
@@ -341,6 +344,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
         org.refunds = snap.refunds
         org.ended_leases = snap.ended_leases
         org.disputes, org.subscriptions, org.settled_invoices = snap.disputes, snap.subscriptions, snap.settled_invoices
+        org.lapsed = snap.lapsed
         # Shared strings: thousands of orgs hold the same period key and tier.
         org.org_id, org.tier, org.period_key = (sys.intern(snap.org_id), sys.intern(snap.tier),
                                                 sys.intern(snap.period_key))

@@ -13,6 +13,7 @@ import msgspec
 
 from actors.effects import Effects, Event
 from actors.timeutil import US_PER_S, period_bounds, us_to_rfc3339
+from actors.subscriptions import ENDED
 from config.catalog import Plan, plan_for_period
 
 
@@ -205,6 +206,9 @@ class Periods:
         if invoice_id is not None:
             if invoice_id in (self.settled_invoices or ()):
                 return  # it was paid or voided already: this failure is old news
+            if subscription_id is not None and any(
+                    r.subscription_id == subscription_id and r.status in ENDED for r in self.subscriptions or ()):
+                return  # its subscription ended: Stripe collects no more for it (rule 8.4)
         elif since_us < self.invoice_as_of_us:
             return  # older than the last invoice news: a payment since then wins
         self.invoice_as_of_us = max(self.invoice_as_of_us, since_us)

@@ -179,7 +179,7 @@ class Recharge:
                 "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,
                 "balance_micros": self.balance_micros}))
             return entry
-        if current:
+        if current and r.paused != "disputed":  # a dispute's pause stays the operator's to lift
             r.paused = "payment_failed"
             fx.events.append(Event("auto_recharge.failed", self.org_id, now_us, {
                 "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,

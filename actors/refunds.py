@@ -16,6 +16,7 @@ import msgspec
 
 from actors.effects import Effects
 from actors.money import Grant, LedgerEntry, clawback_order
+from actors.recharge import AutoRecharge
 from actors.timeutil import US_PER_S
 
 REFUND_MEMORY_S = 180 * 86_400  # a refund id is applied once for this long
@@ -24,6 +25,7 @@ MAX_REFUNDS_KEPT = 1_000
 MAX_REFUNDS_WAITING = 100
 DISPUTE_MEMORY_S = 400 * 86_400  # a dispute can be reinstated months after its withdrawal
 MAX_DISPUTES_KEPT = 1_000
+MAX_LAPSED_KEPT = 1_000  # payments whose credit lapsed (in part) unused, the latest first kept
 
 
 class RefundRecord(msgspec.Struct, array_like=True):
@@ -155,10 +157,16 @@ class Refunds:
         if record.withdrawn or record.reinstated:
             return None, record.withdrawn
         record.withdrawn = True
-        if self.recharge is not None:
-            self.recharge.paused = "disputed"  # never charge again, unasked, a card its owner disputes
-        # What the payment bought and did not lapse unused: spent or still held, it is owed back.
-        owed = max(0, min(command.amount_micros, command.credited_micros - command.lapsed_micros))
+        # Never charge again, unasked, a card its owner disputes (an operator lifts this).
+        if self.recharge is None:
+            self.recharge = AutoRecharge(False, 0, 0, 1, 0)
+        self.recharge.paused = "disputed"
+        # What the payment bought, did not lapse unused and no refund took back: spent or still
+        # held, it is owed back.
+        lapsed = max(command.lapsed_micros, (self.lapsed or {}).get(command.payment_id, 0))
+        refunded = sum(r.taken_micros for r in self.refunds or () if r.payment_id == command.payment_id
+                       and not r.reversed)
+        owed = max(0, min(command.amount_micros, command.credited_micros - lapsed - refunded))
         if owed == 0:
             return None, False
         grants = self._grants_of_payment(command.payment_id, command.grant_id)
@@ -188,6 +196,14 @@ class Refunds:
             if record.waiting and now_us - record.at_us > REFUND_WAIT_S * US_PER_S:
                 record.waiting = False
         self.refunds = kept or None
+
+    def _note_lapsed(self, payment_id: str, micros: int) -> None:
+        """What of a payment's credit expired unused (a dispute does not take it again)."""
+        lapsed = self.lapsed or {}
+        lapsed[payment_id] = lapsed.pop(payment_id, 0) + micros
+        while len(lapsed) > MAX_LAPSED_KEPT:
+            del lapsed[next(iter(lapsed))]
+        self.lapsed = lapsed
 
     def _forget_disputes(self, now_us: int) -> None:
         self.disputes = [d for d in self.disputes if now_us - d.at_us <= DISPUTE_MEMORY_S * US_PER_S] or None

@@ -46,17 +46,22 @@ class Subscriptions:
         self.advance(now_us, fx)
         records = self.subscriptions or []
         record = next((r for r in records if r.subscription_id == change.subscription_id), None)
-        if record is None and change.tier is None:
-            return False  # not a tier subscription, and never was one: an unrelated product
-        if record is not None and (change.as_of_us < record.as_of_us or record.status in ENDED or (
-                change.as_of_us == record.as_of_us and change.status == "incomplete" != record.status)):
+        if (record is None and change.tier is None) or (record is not None and (
+                change.as_of_us < record.as_of_us or record.status in ENDED or (
+                    change.as_of_us == record.as_of_us and change.status == "incomplete" != record.status))):
+            # Not a tier subscription (an unrelated product), or stale news. Its end still ends
+            # the wait for its failed invoices.
+            if change.status in ENDED:
+                self._subscription_ended(change.subscription_id, now_us, fx)
             return False
         fresh = SubscriptionRecord(change.subscription_id, change.status, change.tier, change.max_concurrent,
                                    change.as_of_us, change.anchor_us, change.end_us)
         records = [r for r in records if r is not record] + [fresh]
         while len(records) > MAX_SUBSCRIPTIONS_KEPT:
             others = records[:-1]
-            records.remove(next((r for r in others if not r.grants_tier and r.status not in ENDED), others[0]))
+            forgotten = next((r for r in others if not r.grants_tier and r.status not in ENDED), None) or \
+                next((r for r in others if not r.grants_tier), others[0])
+            records.remove(forgotten)
         self.subscriptions = records
         ruling = self._ruling_subscription()
         if ruling is None:

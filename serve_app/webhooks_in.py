@@ -204,7 +204,9 @@ async def _org_of_charge(ctx: Context, obj: dict) -> str | None:
     payment metergate has not credited (yet), so that a refund waits for its credit and a
     dispute still pauses auto-recharge. Stripe out of reach: 503, Stripe retries."""
     charge_id = obj.get("charge")
-    if ctx.stripe.client is None or not isinstance(charge_id, str) or not charge_id.startswith("ch_"):
+    if isinstance(charge_id, dict):  # expanded
+        charge_id = charge_id.get("id")
+    if ctx.stripe.client is None or not isinstance(charge_id, str) or not charge_id:
         return None
     try:
         charge = (await asyncio.to_thread(ctx.stripe.client.v1.charges.retrieve, charge_id)).to_dict()
@@ -212,6 +214,9 @@ async def _org_of_charge(ctx: Context, obj: dict) -> str | None:
         metrics.stripe_failed("webhook_lookup", exc)
         if exc.http_status == 404:
             return None
+        if exc.http_status is not None and 400 <= exc.http_status < 500 and exc.http_status != 429:
+            # This server's key may not read charges: retrying would not help, the operator must.
+            raise EventError(f"Stripe refused to show charge {charge_id}: {exc.user_message or exc}") from None
         raise ApiError(503, "stripe_unavailable", f"Stripe could not show charge {charge_id}: "
                                                   f"{exc.user_message or exc}") from None
     metadata_org = (charge.get("metadata") or {}).get("org_id")

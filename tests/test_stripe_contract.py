@@ -205,8 +205,9 @@ def test_a_dispute_of_a_payment_that_bought_no_credit_is_found_by_its_charge_and
     assert org.balance() == balance and org.state()["auto_recharge"]["paused"] == "disputed"
     # The org's own settings do not lift it; an operator's do.
     with org_client(service, mint(org.admin, org.id)) as owner:
-        owner.put(f"/v1/orgs/{org.id}/auto-recharge", json={
+        mine = owner.put(f"/v1/orgs/{org.id}/auto-recharge", json={
             "enabled": True, "threshold_micros": 1_000_000, "amount_micros": 10_000_000})
+        assert mine.status_code == 200, mine.text
     assert org.state()["auto_recharge"]["paused"] == "disputed"
     org.admin.put(f"/v1/orgs/{org.id}/auto-recharge", json={
         "enabled": True, "threshold_micros": 1_000_000, "amount_micros": 10_000_000})
@@ -228,13 +229,29 @@ def test_a_refund_failure_before_the_payment_is_credited_waits_with_the_org_not_
     assert org.balance() == balance + 20 * US  # the refund failed: it takes nothing when the credit comes
 
 
-def test_a_dispute_after_a_failed_refund_and_of_a_lapsed_pack(org):
+def refund_of(org: Org, name: str, refund_id: str, cents: int) -> dict:
+    body = event(name, org_id=org.id, customer=org.customer, payment_intent=org.payment, price=PRO_PRICE,
+                 id=f"evt_{uuid.uuid4().hex}", created=int(time.time()))
+    body["data"]["object"].update(id=refund_id, amount=cents)
+    answer = stripe_deliver(org.compute, body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_after_a_partial_refund_failed_a_full_refund_takes_all_the_payment_bought(org):
     balance = org.paid()
-    org.send("refund.created", payment_intent=org.payment)
-    org.send("refund.failed", payment_intent=org.payment)
+    refund_of(org, "refund.created", "re_part", 500)
+    refund_of(org, "refund.failed", "re_part", 500)  # 5 USD given back as a grant of their own
     assert org.balance() == balance
-    org.send("charge.dispute.funds_withdrawn", payment_intent=org.payment)
+    refund_of(org, "refund.created", "re_full", 2000)
     assert org.balance() == balance - 20 * US
+
+
+def test_a_dispute_after_a_partial_refund_takes_only_the_rest(org):
+    balance = org.paid()
+    refund_of(org, "refund.created", "re_part", 500)
+    org.send("charge.dispute.funds_withdrawn", payment_intent=org.payment)  # the whole 20 USD charge
+    assert org.balance() == balance - 20 * US  # 5 by the refund, 15 by the dispute: never 25
 
 
 def test_cancelling_a_subscription_with_a_failed_invoice_ends_its_dunning(org):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from actors.commands import (JOURNAL_DECODER, JOURNAL_ENCODER, Advance, JournalItem, SetAutoRecharge, SetTier, Stale,
-                             execute, replay)
+from actors.commands import (JOURNAL_DECODER, JOURNAL_ENCODER, Advance, JournalItem, SetAutoRecharge, SetTier,
+                             SettleRecharge, Stale, execute, replay)
 from actors.org import OrgBillingActor, OrgSnapshot
 from actors.timeutil import US_PER_S
 from serve_app.stripe_events import DunningPolicy, Facts, PaymentCredit, Refused, Skipped, commands_for
@@ -303,24 +303,28 @@ def test_a_full_refund_after_a_failed_one_takes_all_the_payment_bought():
     o.rebuilt()
 
 
-def test_a_dispute_of_a_pack_that_lapsed_unused_takes_nothing_and_of_a_half_used_one_half():
+def test_a_dispute_takes_only_what_its_payment_bought_and_did_not_lapse_or_get_refunded():
+    """Two packs of 100 USD lapse; 50 of the first was spent. No sweep ran before the disputes
+    (the edge read nothing lapsed): the org itself knows what lapsed of each payment."""
     o = Org(signup_micros=0)
-    for n, used in ((1, 0), (2, 50_000_000)):
+    for n in (1, 2):
         session = {"id": f"cs_{n}", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
                    "currency": "usd", "amount_total": 10_000, "payment_intent": f"pi_{n}",
                    "metadata": {"org_id": ORG_ID, "credit_expires_at": str((T0 + DAY_US) // US_PER_S)}}
-        (booked,) = o.send("checkout.session.completed", session, T0)
-        if used:
-            o.org.debit("adjustment", used, None, T0 + US_PER_S, o.fx)
+        o.send("checkout.session.completed", session, T0 + n)
+    o.org.debit("adjustment", 50_000_000, None, T0 + US_PER_S, o.fx)  # from pack 1 (bought first)
     o.journal.clear()
     o.start = msgspec.msgpack.encode(o.org.to_snapshot())
-    execute(o.org, Advance(), CATALOG, T0 + 2 * DAY_US, o.fx)  # both packs lapse: 100 and 50 unused
-    lapsed = {"pi_1": 100_000_000, "pi_2": 50_000_000}
     for n in (1, 2):
-        facts = Facts(ORG_ID, {f"pi_{n}": PaymentCredit(ORG_ID, None, 100_000_000, lapsed[f"pi_{n}"])})
+        facts = Facts(ORG_ID, {f"pi_{n}": PaymentCredit(ORG_ID, None, 100_000_000)})
         o.send("charge.dispute.funds_withdrawn", dispute(f"dp_{n}", f"pi_{n}", 10_000), T0 + 3 * DAY_US, facts)
     assert o.ledger("dispute") == [("dispute", -50_000_000)]
     assert o.org.balance_micros == -50_000_000
+    # A payment partly refunded: the dispute of the whole charge takes only the rest.
+    facts = paid(o, "pi_3", 10_000, T0 + 4 * DAY_US)
+    o.send("refund.created", refund("re_3", "pi_3", 3_000, "succeeded"), T0 + 4 * DAY_US + 1, facts)
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_3", "pi_3", 10_000), T0 + 4 * DAY_US + 2, facts)
+    assert o.ledger("dispute")[-1] == ("dispute", -70_000_000)
     o.rebuilt()
 
 
@@ -363,4 +367,53 @@ def test_the_failed_invoice_of_a_subscription_that_ended_is_no_longer_waited_for
     o.send("invoice.payment_failed", invoice("in_a", subscription_id="sub_a"), T0 + US_PER_S)
     o.send("customer.subscription.deleted", subscription("sub_a", "canceled", PRO), T0 + 2 * DAY_US)
     assert o.org.dunning is None and o.org.past_due_since_us is None
+    o.rebuilt()
+
+
+def test_a_failure_of_a_settle_keeps_the_dispute_pause():
+    o = Org(card=True, signup_micros=0)
+    facts = paid(o, "pi_1", 200)
+    execute(o.org, SetAutoRecharge(True, 5_000_000, 10_000_000, 3, 0), CATALOG, T0 + US_PER_S, o.fx)
+    charge = o.org.recharge.pending_id
+    assert charge is not None
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 200), T0 + 2 * US_PER_S, facts)
+    execute(o.org, SettleRecharge.of_payment(charge, False, 10_000_000, "pi_ar", "card_declined"), CATALOG,
+            T0 + 3 * US_PER_S, o.fx)
+    execute(o.org, SetAutoRecharge(True, 5_000_000, 10_000_000, 3, 0), CATALOG, T0 + 4 * US_PER_S, o.fx)
+    assert o.org.recharge.paused == "disputed" and o.org.recharge.pending_id is None
+
+
+def test_a_dispute_pauses_an_auto_recharge_turned_on_only_later():
+    o = Org(card=True)
+    facts = paid(o, "pi_1", 2_000)
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 2_000), T0 + US_PER_S, facts)
+    execute(o.org, SetAutoRecharge(True, 50_000_000, 10_000_000, 3, 0), CATALOG, T0 + 2 * US_PER_S, o.fx)
+    assert o.org.recharge.paused == "disputed" and o.org.recharge.pending_id is None
+
+
+def test_a_late_failure_of_an_invoice_of_an_ended_subscription_starts_nothing():
+    o = Org()
+    o.send("customer.subscription.created", subscription("sub_a", "active", PRO), T0)
+    o.send("customer.subscription.deleted", subscription("sub_a", "canceled", PRO), T0 + DAY_US)
+    o.send("invoice.payment_failed", invoice("in_a", subscription_id="sub_a"), T0 + DAY_US + 1,
+           created_us=T0 + DAY_US)
+    assert o.org.dunning is None
+
+
+def test_the_end_of_another_products_subscription_ends_the_wait_for_its_invoice():
+    o = Org()
+    o.send("invoice.payment_failed", invoice("in_s", subscription_id="sub_support"), T0)
+    assert o.org.dunning is not None
+    (outcome,) = o.send("customer.subscription.deleted", subscription("sub_support", "canceled", "price_support"),
+                        T0 + DAY_US)
+    assert isinstance(outcome, Stale) and o.org.dunning is None
+    o.rebuilt()
+
+
+def test_ended_subscriptions_piling_up_never_push_out_the_one_that_pays():
+    o = Org()
+    o.send("customer.subscription.created", subscription("sub_pro", "active", PRO), T0)
+    for n in range(25):
+        o.send("customer.subscription.updated", subscription(f"sub_x{n}", "incomplete_expired", PRO), T0 + n + 1)
+    assert o.org.tier == "pro" and len(o.org.subscriptions) == 20
     o.rebuilt()

@@ -63,7 +63,7 @@ class Commands:
         c = self._take_in_order(mine, amount)
         if c == 0:
             return {"clawed_micros": 0}
-        self.refund_taken[rid] = (c, first.kind, first.expires_at_us)
+        self.refund_taken[rid] = (c, first.kind, first.expires_at_us, pid)
         # AMBIGUOUS 3.1: the refund ledger entry names the grant id but no expiry (None).
         self._ledger("refund", -c, first.grant_id, None, 0)
         self._halt_check(now)
@@ -84,7 +84,7 @@ class Commands:
         taken = self.refund_taken.get(rid)
         if taken is None:
             return {}
-        c, kind, expires = taken
+        c, kind, expires, _ = taken
         return {"entry": self._credit(now, kind, c, expires, cmd["payment_id"], entry_kind="refund_reversal")}
 
     # disputes (3.6)
@@ -92,6 +92,8 @@ class Commands:
         did = cmd["dispute_id"]
         d = self.disputes.setdefault(did, {"at": now, "w": 0, "kind": "topup", "expires": None, "withdrawn": False,
                                            "reinstated": False})
+        while len(self.disputes) > 1_000:  # 3.4: the oldest reported forgotten first
+            del self.disputes[next(iter(self.disputes))]
         if not cmd["withdrawn"]:
             if d["reinstated"]:
                 return {"duplicate": True}
@@ -105,9 +107,14 @@ class Commands:
         if d["reinstated"]:
             return {}
         d["withdrawn"] = True
-        if self.recharge is not None:
-            self.recharge.paused = "disputed"  # 3.6: only sending the settings again lifts it
-        w = max(0, min(int(cmd["amount_micros"]), int(cmd["credited_micros"]) - int(cmd.get("lapsed_micros", 0))))
+        if self.recharge is None:  # 3.6: also an auto-recharge not configured yet
+            self.recharge = Recharge(False, 0, 0, 1, 0)
+        self.recharge.paused = "disputed"  # 3.6: only an operator's settings lift it
+        pid = cmd["payment_id"]
+        lapsed = max(int(cmd.get("lapsed_micros", 0)), self.lapsed.get(pid, 0))
+        refunded = sum(c for rid, (c, _, _, paid_by) in self.refund_taken.items()
+                       if paid_by == pid and rid not in self.reversed_refunds)
+        w = max(0, min(int(cmd["amount_micros"]), int(cmd["credited_micros"]) - lapsed - refunded))
         if w == 0:
             return {}
         mine = self._payment_grants(cmd["payment_id"])
@@ -140,19 +147,20 @@ class Commands:
     def _cmd_subscription(self, now, cmd):
         sid, t, status = cmd["subscription_id"], int(cmd["as_of_us"]), cmd["status"]
         old = self.subscriptions.get(sid)
-        if old is None and cmd["tier"] is None:
-            return {"stale": True}
-        if old is not None and (old["status"] in ENDED or old["t"] > t
-                                or (old["t"] == t and status == "incomplete" and old["status"] != "incomplete")):
+        if (old is None and cmd["tier"] is None) or (old is not None and (
+                old["status"] in ENDED or old["t"] > t
+                or (old["t"] == t and status == "incomplete" and old["status"] != "incomplete"))):
+            if status in ENDED:
+                self._subscription_ended(now, sid)
             return {"stale": True}
         self.subscriptions.pop(sid, None)
         record = {"status": status, "tier": cmd["tier"], "cap": int(cmd["max_concurrent"]), "t": t}
         self.subscriptions[sid] = record
         if len(self.subscriptions) > 20:
             others = [k for k in self.subscriptions if k != sid]
-            free = [k for k in others if not self._pays(self.subscriptions[k]) and self.subscriptions[k]["status"]
-                    not in ENDED]
-            del self.subscriptions[free[0] if free else others[0]]
+            unpaying = [k for k in others if not self._pays(self.subscriptions[k])]
+            live = [k for k in unpaying if self.subscriptions[k]["status"] not in ENDED]
+            del self.subscriptions[(live or unpaying or others)[0]]
         ruling = None
         for k, r in self.subscriptions.items():
             if self._pays(r) and (ruling is None or (r["cap"], r["t"]) > (ruling[1]["cap"], ruling[1]["t"])):
@@ -164,13 +172,19 @@ class Commands:
             if ruling[0] == sid and cmd.get("start_us") is not None:
                 self._cmd_subscription_period(now, {"start_us": cmd["start_us"], "end_us": cmd.get("end_us")})
         self.tier_as_of_us = t if self.tier_as_of_us is None else max(self.tier_as_of_us, t)
-        if status in ENDED and self.dunning is not None and self.dunning.unpaid:
-            # Rule 8.4: its failed invoices leave the unpaid list; an empty list ends dunning.
-            self.dunning.unpaid = [i for i in self.dunning.unpaid if self.dunning.billing.get(i) != sid]
-            self.dunning.billing = {i: b for i, b in self.dunning.billing.items() if b != sid}
-            if not self.dunning.unpaid:
-                self._end_dunning(now)
+        if status in ENDED:
+            self._subscription_ended(now, sid)
         return {}
+
+    def _subscription_ended(self, now, sid):
+        """Rule 8.4: its failed invoices leave the unpaid list; an empty list ends dunning."""
+        d = self.dunning
+        if d is None or not d.unpaid or not any(d.billing.get(i) == sid for i in d.unpaid):
+            return
+        d.unpaid = [i for i in d.unpaid if d.billing.get(i) != sid]
+        d.billing = {i: b for i, b in d.billing.items() if b != sid}
+        if not d.unpaid:
+            self._end_dunning(now)
 
     @staticmethod
     def _pays(record: dict) -> bool:
@@ -415,7 +429,8 @@ class Commands:
             return {"entry": entry}
         if in_flight:
             r.pending_id, r.pending_micros, r.pending_asked_us = None, None, None
-            r.paused = "payment_failed"
+            if r.paused != "disputed":  # 9.4 / 3.6: a dispute's pause stays
+                r.paused = "payment_failed"
             # AMBIGUOUS 9.4: the failed event's amount and payment id are the settlement's (not the
             # amount asked for); its reason is the settlement's reason.
             self._event("auto_recharge.failed", {"charge_id": cid, "amount_micros": amount,
@@ -429,6 +444,9 @@ class Commands:
         iid = cmd.get("invoice_id")
         if iid is not None:
             if iid in self.settled_invoices:
+                return {}
+            sub = self.subscriptions.get(cmd.get("subscription_id"))
+            if sub is not None and sub["status"] in ENDED:  # 8.1: its subscription ended
                 return {}
         # AMBIGUOUS 8.1/8.3: "older than the latest news" is strict: news at the same time applies.
         elif self.latest_invoice_news_us is not None and s < self.latest_invoice_news_us:

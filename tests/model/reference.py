@@ -102,9 +102,10 @@ class RefOrg(Commands):
         # refunds and disputes
         self.applied_refunds: dict[str, int] = {}    # refund id -> when applied
         self.waiting_refunds: list[WaitingRefund] = []
-        self.refund_taken: dict[str, tuple] = {}     # refund id -> (taken, grant kind, grant expiry) (rule 3.5)
+        self.refund_taken: dict[str, tuple] = {}     # refund id -> (taken, grant kind, grant expiry, payment)
         self.reversed_refunds: set[str] = set()
         self.disputes: dict[str, dict] = {}          # dispute id -> what rule 3.6 remembers
+        self.lapsed: dict[str, int] = {}             # payment id -> what of its credit lapsed (rule 2.6)
 
         # subscriptions (rule 7.7), in the order of their latest report
         self.subscriptions: dict[str, dict] = {}
@@ -262,7 +263,7 @@ class RefOrg(Commands):
             c = min(w.amount, grant.remaining)
             if c > 0:
                 grant.remaining -= c
-                self.refund_taken[w.refund_id] = (c, grant.kind, grant.expires_at_us)
+                self.refund_taken[w.refund_id] = (c, grant.kind, grant.expires_at_us, w.payment_id)
                 self._ledger("refund", -c, grant.grant_id, None, 0)
         self.grants = [g for g in self.grants if g.remaining > 0]
 
@@ -274,6 +275,10 @@ class RefOrg(Commands):
             return
         for g in expired:      # in the order the org holds them
             self._ledger("expiration", -g.remaining, g.grant_id, g.expires_at_us, 0)
+            if g.payment_id is not None:  # rule 2.6: what of a payment's credit lapsed (latest 1,000 kept)
+                self.lapsed[g.payment_id] = self.lapsed.pop(g.payment_id, 0) + g.remaining
+                while len(self.lapsed) > 1_000:
+                    del self.lapsed[next(iter(self.lapsed))]
         self.grants = [g for g in self.grants if not (g.expires_at_us is not None and g.expires_at_us <= now)]
         self._halt_check(now)
         if not in_settle:
