@@ -13,15 +13,11 @@ still finds the org), so that Checkout and the portal make a new customer next t
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
-import stripe
-
-from actors import metrics
 from actors.commands import Command, SetPaymentMethod
 from serve_app.context import Context
-from serve_app.errors import ApiError
+from serve_app.stripe_gateway import StripeRefused
 from storage import stripe_customers
 
 EVENT_TYPES = ("payment_method.attached", "payment_method.detached", "customer.deleted")
@@ -75,13 +71,11 @@ async def _has_other_method(ctx: Context, customer: str, detached: str | None) -
         raise NotApplicable("stripe_not_configured: METERGATE_STRIPE_SECRET_KEY is not set, so the customer's "
                             "payment methods cannot be listed")
     try:
-        methods = await asyncio.to_thread(client.v1.payment_methods.list,
-                                          params={"customer": customer, "limit": METHODS_LISTED})
-    except stripe.StripeError as exc:
-        metrics.stripe_failed("card_lifecycle", exc)
-        if exc.http_status == 404:  # the customer is gone too: nothing left to charge
-            return False
-        # Transient (network, 5xx, 429) or this server's key refused: Stripe retries the event.
-        raise ApiError(503, "stripe_unavailable",
-                       f"Stripe could not list the customer's payment methods: {exc.user_message or exc}") from None
+        methods = await ctx.stripe.look_up("card_lifecycle", f"the payment methods of {customer}",
+                                           client.v1.payment_methods.list,
+                                           params={"customer": customer, "limit": METHODS_LISTED})
+    except StripeRefused as exc:
+        raise NotApplicable(str(exc)) from None
+    if methods is None:  # the customer is gone too: nothing left to charge
+        return False
     return any(method.id != detached for method in methods.data)

@@ -20,6 +20,10 @@ from serve_app.errors import ApiError
 DOUBLE_CLICK_WINDOW_S = 600
 
 
+class StripeRefused(Exception):
+    """Stripe answered a read for good with a refusal (not 404, not 429, not 5xx)."""
+
+
 class StripeGateway:
     def __init__(self, settings: Settings) -> None:
         self.client: stripe.StripeClient | None = stripe_client(settings, max_network_retries=2)
@@ -32,6 +36,23 @@ class StripeGateway:
     async def create(self, method, params: dict, idempotency_key: str):
         """One Stripe write; the same key always names the same operation."""
         return await self.call(method, params, {"idempotency_key": idempotency_key})
+
+    async def look_up(self, caller: str, what: str, method, *args, **kwargs):
+        """A read a Stripe webhook needs: its answer, or None when Stripe says there is no such
+        object. A permanent refusal (another 4xx: a key that may not read it) is StripeRefused,
+        for the event to be a dead letter; Stripe out of reach (network, 5xx, 429) is a 503, so
+        Stripe delivers the event again."""
+        try:
+            return await asyncio.to_thread(method, *args, **kwargs)
+        except stripe.StripeError as exc:
+            metrics.stripe_failed(caller, exc)
+            status = exc.http_status
+            if status == 404:
+                return None
+            if status is not None and 400 <= status < 500 and status != 429:
+                raise StripeRefused(f"Stripe refused to show {what}: {exc.user_message or exc}") from None
+            raise ApiError(503, "stripe_unavailable",
+                           f"Stripe could not show {what}: {exc.user_message or exc}") from None
 
     async def call(self, method, params: dict, options: dict | None = None):
         try:

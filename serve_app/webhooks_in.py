@@ -16,7 +16,6 @@ the pure mapper serve_app/stripe_events.py.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -37,6 +36,7 @@ from actors.ticks import DECODE_ERRORS, WHOLE_ID_PATTERN
 from serve_app.compute import record_usage, release_lease, take_lease
 from serve_app.context import Context
 from serve_app.errors import ApiError, api_error_of
+from serve_app.stripe_gateway import StripeRefused
 from serve_app.stripe_events import (HANDLED, IGNORED, DunningPolicy, EventError, Facts, PaymentCredit, Refused,
                                      Skipped, commands_for, customer_of, org_of, payments_named)
 from storage import inbound_webhooks, ledger, stripe_customers
@@ -186,8 +186,13 @@ async def _expand_refunds(ctx: Context, event: dict) -> None:
         return  # listed already, or not a list of refunds at all (commands_for says what is wrong)
     if ctx.stripe.client is None or not isinstance(charge.get("id"), str):
         return  # commands_for then says what is missing
-    refunds = await ctx.stripe.call(ctx.stripe.client.v1.refunds.list, {"charge": charge["id"], "limit": 100})
-    charge["refunds"] = {"data": [r.to_dict() for r in refunds.data]}
+    try:
+        refunds = await ctx.stripe.look_up("webhook_lookup", f"the refunds of charge {charge['id']}",
+                                           ctx.stripe.client.v1.refunds.list,
+                                           params={"charge": charge["id"], "limit": 100})
+    except StripeRefused as exc:
+        raise EventError(str(exc)) from None
+    charge["refunds"] = {"data": [r.to_dict() for r in refunds.data] if refunds is not None else []}
 
 
 async def _payment_credits(ctx: Context, payments: list[str]) -> dict[str, PaymentCredit]:
@@ -209,16 +214,13 @@ async def _org_of_charge(ctx: Context, obj: dict) -> str | None:
     if ctx.stripe.client is None or not isinstance(charge_id, str) or not charge_id:
         return None
     try:
-        charge = (await asyncio.to_thread(ctx.stripe.client.v1.charges.retrieve, charge_id)).to_dict()
-    except stripe.StripeError as exc:
-        metrics.stripe_failed("webhook_lookup", exc)
-        if exc.http_status == 404:
-            return None
-        if exc.http_status is not None and 400 <= exc.http_status < 500 and exc.http_status != 429:
-            # This server's key may not read charges: retrying would not help, the operator must.
-            raise EventError(f"Stripe refused to show charge {charge_id}: {exc.user_message or exc}") from None
-        raise ApiError(503, "stripe_unavailable", f"Stripe could not show charge {charge_id}: "
-                                                  f"{exc.user_message or exc}") from None
+        found = await ctx.stripe.look_up("webhook_lookup", f"charge {charge_id}",
+                                         ctx.stripe.client.v1.charges.retrieve, charge_id)
+    except StripeRefused as exc:  # this server's key may not read charges: the operator must act
+        raise EventError(str(exc)) from None
+    if found is None:
+        return None
+    charge = found.to_dict()
     metadata_org = (charge.get("metadata") or {}).get("org_id")
     customer = charge.get("customer")
     async with (await ctx.db()).acquire() as conn:

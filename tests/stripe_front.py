@@ -227,13 +227,15 @@ async def update_subscription(request: web.Request) -> web.Response:
             upstream["items"] = [{**{k: v for k, v in item.items() if k != "price"},
                                   **({"id": current_item_id.get(item["id"], item["id"])} if item.get("id") else {}),
                                   **({"plan": item["price"]} if item.get("price") else {})} for item in items]
-        if metadata:
-            subscription_metadata.setdefault(subscription_id, {}).update(metadata)
         if upstream:
             moved = await call_upstream(request, "POST", f"/v1/subscriptions/{subscription_id}", upstream)
             if items is not None and len(items) == 1 == len(moved["items"]["data"]) and items[0].get("id"):
                 new_id = moved["items"]["data"][0]["id"]
                 shown_item_id[new_id], current_item_id[items[0]["id"]] = items[0]["id"], new_id
+        # Metadata after the price, so that a read between the two never sees the new metadata
+        # with the old price (Stripe changes both at once; a reader sees the new price first here).
+        if metadata:
+            subscription_metadata.setdefault(subscription_id, {}).update(metadata)
         after = as_stripe(await call_upstream(request, "GET", f"/v1/subscriptions/{subscription_id}"))
     except BaseException:
         if key:
@@ -344,8 +346,10 @@ async def list_payment_methods(request: web.Request) -> web.Response:
     """Stripe lists every type when `type` is left out; localstripe wants one."""
     if method_list_failures["next"] > 0:
         method_list_failures["next"] -= 1
-        return web.json_response({"error": {"type": "api_error", "message": "Stripe is having a bad minute"}},
-                                 status=500)
+        status = method_list_failures.get("status", 500)
+        kind = "api_error" if status >= 500 else "invalid_request_error"
+        return web.json_response({"error": {"type": kind, "message": f"a failure the test asked for ({status})"}},
+                                 status=status)
     customer = request.query.get("customer")
     if "type" in request.query or not customer:
         return await proxy(request)
@@ -366,7 +370,9 @@ async def list_payment_methods(request: web.Request) -> web.Response:
 
 async def method_list_control(request: web.Request) -> web.Response:
     if request.method == "POST":
-        method_list_failures["next"] = int((await request.json())["fail_next"])
+        asked = await request.json()
+        method_list_failures["next"] = int(asked["fail_next"])
+        method_list_failures["status"] = int(asked.get("status", 500))
     return web.json_response(method_list_failures)
 
 

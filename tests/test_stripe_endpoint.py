@@ -205,6 +205,22 @@ def test_removing_the_last_card_leaves_the_org_without_a_payment_method(service,
                                          "stale": False}], answer.text
 
 
+def test_a_stripe_read_refused_for_good_is_a_dead_letter_not_a_503_stripe_retries_for_days(service, admin, compute,
+                                                                                          new_org):
+    """A key that may not read payment methods (403) will not be allowed on the next delivery
+    either: the operator must act, and Stripe must not retry for days and disable the endpoint."""
+    org = new_org()
+    customer, (card,) = customer_with_cards(service, admin, compute, org, 1)
+    control = f"{service.settings.stripe_api_base}/_fake/payment_methods"
+    httpx.post(control, json={"fail_next": 100, "status": 403}, timeout=10)
+    try:
+        answer = stripe_deliver(compute, detached_event(service, card, customer))
+    finally:
+        httpx.post(control, json={"fail_next": 0}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outcome"] == "dead_letter" and "refused to show" in answer.json()["reason"]
+
+
 def test_a_detached_card_while_stripe_is_unreachable_is_a_503_that_stripe_retries(service, admin, compute, new_org):
     org = new_org()
     customer, (card,) = customer_with_cards(service, admin, compute, org, 1)
