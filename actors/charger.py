@@ -37,6 +37,16 @@ class StripeUnavailable(Exception):
     """Stripe did not answer (network, 5xx, 429): the charge stays pending and is retried."""
 
 
+def _raise_if_outage(exc: stripe.StripeError) -> None:
+    """Count a failed Stripe call; raise StripeUnavailable when it says nothing about the
+    charge (network, 5xx, 429, or 409: an attempt still running), so it stays pending."""
+    metrics.stripe_failed("auto_recharge", exc)
+    status = exc.http_status
+    if isinstance(exc, (stripe.APIConnectionError, stripe.RateLimitError)) or status is None or status >= 500 \
+            or status == 409:
+        raise StripeUnavailable(str(exc)) from None
+
+
 class Charger:
     def __init__(self, settings: Settings, pool) -> None:
         self.pool = pool
@@ -103,13 +113,8 @@ class Charger:
             # pauses); if the first attempt did take the money, Stripe's
             # payment_intent.succeeded still credits it (SettleRecharge is keyed by the intent).
             return self._failed(request, None, "idempotency_conflict")
-        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
-            metrics.stripe_failed("auto_recharge", exc)
-            raise StripeUnavailable(str(exc)) from None
         except stripe.StripeError as exc:
-            metrics.stripe_failed("auto_recharge", exc)
-            if exc.http_status is None or exc.http_status >= 500 or exc.http_status == 409:
-                raise StripeUnavailable(str(exc)) from None
+            _raise_if_outage(exc)
             return self._failed(request, None, exc.code or "stripe_refused")
         if intent.status == "succeeded":
             return SettleRecharge.of_payment(request.charge_id, True, intent.amount * MICROS_PER_CENT, intent.id)
@@ -130,13 +135,8 @@ class Charger:
                 return default if isinstance(default, str) else default["id"]
             # Stripe lists newest first; without `type`, every type the customer has.
             methods = self.client.v1.payment_methods.list(params={"customer": customer_id})
-        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
-            metrics.stripe_failed("auto_recharge", exc)
-            raise StripeUnavailable(str(exc)) from None
         except stripe.StripeError as exc:
-            metrics.stripe_failed("auto_recharge", exc)
-            if exc.http_status is None or exc.http_status >= 500 or exc.http_status == 409:
-                raise StripeUnavailable(str(exc)) from None
+            _raise_if_outage(exc)
             return None  # e.g. a customer deleted in Stripe: nothing to charge
         return methods.data[0].id if methods.data else None
 

@@ -121,10 +121,10 @@ async def ledger_page(ctx: Context, org_id: str, cursor: str | None,
                       limit: int) -> tuple[list[ledger.Entry], str | None]:
     """One page of the ledger, newest first, after an opaque cursor this API returned; and the
     cursor of the next page, if there is one."""
-    after = _decode_cursor(cursor)
+    after = read_time_cursor(cursor)
     async with (await ctx.db()).acquire() as conn:
         rows = await ledger.page(conn, org_id, after, limit)
-    return rows[:limit], _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], time_cursor(rows[limit - 1].created_us, rows[limit - 1].entry_id) if len(rows) > limit else None
 
 
 def auto_recharge_command(ctx: Context, body: AutoRechargeBody, by_admin: bool = False) -> cmd.SetAutoRecharge:
@@ -141,17 +141,21 @@ def auto_recharge_command(ctx: Context, body: AutoRechargeBody, by_admin: bool =
                                ctx.settings.auto_recharge_cooldown_s, by_admin)
 
 
-def _encode_cursor(entry: ledger.Entry) -> str:
-    return base64.urlsafe_b64encode(f"{entry.created_us}|{entry.entry_id}".encode()).decode()
+def time_cursor(at_us: int, row_id: str) -> str:
+    """A page cursor of a listing newest first: the last row's time and id."""
+    return base64.urlsafe_b64encode(f"{at_us}|{row_id}".encode()).decode()
 
 
-def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
+def read_time_cursor(cursor: str | None) -> tuple[int, str] | None:
+    """A cursor time_cursor made (None: the first page); anything else is 400 invalid_cursor."""
     if not cursor:
         return None
     try:
-        at, entry_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        if not 0 <= int(at) < MAX_PLAUSIBLE_S * US_PER_S:
+        at, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        if not (at.isascii() and at.isdigit() and int(at) < MAX_PLAUSIBLE_S * US_PER_S):
             raise ValueError(at)
-        return int(at), entry_id
-    except (ValueError, UnicodeDecodeError):
+        if not row_id.isprintable():  # Postgres text holds no NUL: a forged cursor is not a 500
+            raise ValueError(row_id)
+        return int(at), row_id
+    except (ValueError, UnicodeError):
         raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None

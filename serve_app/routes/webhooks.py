@@ -3,12 +3,10 @@ applied) and the outbox of webhooks out (admin: list by status, retry a dead let
 
 from __future__ import annotations
 
-import base64
-
 from fastapi import APIRouter, Request, Response
 
-from actors.timeutil import MAX_PLAUSIBLE_S, US_PER_S, us_to_rfc3339
 from serve_app import openapi
+from serve_app.calls import read_time_cursor, time_cursor
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
 from serve_app.params import MessagePath
@@ -48,11 +46,11 @@ def routes(ctx: Context) -> APIRouter:
             raise ApiError(422, "invalid_request", "outcome must be dead_letter or ignored", field="outcome")
         if not 1 <= limit <= MAX_PAGE:
             raise ApiError(422, "invalid_request", f"limit must be 1-{MAX_PAGE}", field="limit")
-        after = _decode_cursor(cursor)
+        after = read_time_cursor(cursor)
         async with (await ctx.db()).acquire() as conn:
             rows = await inbound_webhooks.unapplied_page(conn, "stripe", (outcome,) if outcome else NOT_APPLIED,
                                                          after, limit)
-        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        next_cursor = time_cursor(rows[limit - 1].received_us, rows[limit - 1].event_id) if len(rows) > limit else None
         return json({"events": [inbound_event_view(row) for row in rows[:limit]], "next_cursor": next_cursor,
                      "has_more": next_cursor is not None})
 
@@ -81,21 +79,3 @@ def routes(ctx: Context) -> APIRouter:
         return json({"id": message_id, "status": "pending"})
 
     return router
-
-
-def _encode_cursor(event: inbound_webhooks.InboundEvent) -> str:
-    return base64.urlsafe_b64encode(f"{event.received_us}|{event.event_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str | None) -> tuple[int, str] | None:
-    if not cursor:
-        return None
-    try:
-        at, event_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        if not (at.isascii() and at.isdigit() and int(at) < MAX_PLAUSIBLE_S * US_PER_S):
-            raise ValueError(at)
-        if not event_id.isprintable():  # Postgres text holds no NUL: a forged cursor is not a 500
-            raise ValueError(event_id)
-        return int(at), event_id
-    except (ValueError, UnicodeError):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
