@@ -417,3 +417,10 @@ def test_ended_subscriptions_piling_up_never_push_out_the_one_that_pays():
         o.send("customer.subscription.updated", subscription(f"sub_x{n}", "incomplete_expired", PRO), T0 + n + 1)
     assert o.org.tier == "pro" and len(o.org.subscriptions) == 20
     o.rebuilt()
+
+
+def test_an_invoice_of_any_size_settles():
+    o = Org()
+    o.send("invoice.payment_failed", invoice("in_big"), T0)
+    o.send("invoice.paid", invoice("in_big", amount_paid=250_000_000), T0 + US_PER_S)  # 2.5M USD
+    assert o.org.dunning is None and o.org.paid_invoice
