@@ -438,10 +438,14 @@ class GateClient:
                     if self._generation[shard] == generation:  # (else asked again meanwhile: load again)
                         self._loaded[shard] = position
                         self._loading.discard(shard)
+                        # Unregistered in the same hold of the lock: a load asked for once it is
+                        # released starts a loader of its own (else it would wait for this one).
+                        self._loaders.pop(shard, None)
                         return
         finally:
             with self._load_lock:
-                self._loaders.pop(shard, None)
+                if self._loaders.get(shard) is threading.current_thread():
+                    del self._loaders[shard]
 
     def _time_clocks(self) -> None:
         """The clock thread: a timed GET /v1/gate/clock every CLOCK_PROBE_S (see ShardClock);

@@ -422,3 +422,39 @@ def test_a_view_decides_as_the_swept_org_at_every_instant_before_valid_until(pla
             truth = decide(action, resources, swept.view_as_of(at)[0])
             assert decide(action, resources, wire) == truth, (action, resources, at - now)
             assert org.gate(action, resources, at) == truth
+
+
+def test_a_load_asked_for_just_as_a_loader_finishes_gets_a_loader_of_its_own():
+    """A resync right after a loader recorded its snapshot, before the thread ended: the shard
+    must be loaded again, never left `loading` with no loader (then it is never local again)."""
+    from metergate_client.client import GateClient
+
+    client = GateClient("http://127.0.0.1:9", "t" * 20, start=False)
+    loads: list[int] = []
+
+    def load_snapshot(shard: int, generation: int) -> int:
+        loads.append(generation)
+        return generation
+
+    client._load_snapshot = load_snapshot
+    inner = client._load_lock
+
+    class ResyncOnRelease:
+        fired = False
+
+        def __enter__(self):
+            return inner.__enter__()
+
+        def __exit__(self, *exc):
+            inner.__exit__(*exc)
+            if not ResyncOnRelease.fired and 0 in client._loaded:
+                ResyncOnRelease.fired = True
+                client._load(0)  # the feed's resync, in the gap before the loader thread ends
+
+    client._load_lock = ResyncOnRelease()
+    client._load(0)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (0 in client._loaded and len(loads) >= 2):
+        time.sleep(0.01)
+    assert ResyncOnRelease.fired and loads == [1, 2] and client._loaded.get(0) == 2
+    assert 0 not in client._loading
