@@ -186,8 +186,11 @@ class Money:
             # credited and lapses at once, so the ledger shows both.
             self._expire_grants(now_us, fx)
             return entry
-        if grant is not None and payment_id is not None:
-            self._apply_waiting_refunds(grant, now_us, fx)
+        if payment_id is not None:
+            if grant is not None:
+                self._apply_waiting_refunds(grant, now_us, fx)
+            if self.disputes:
+                self._apply_waiting_disputes(payment_id, amount_micros, now_us, fx)
         self._resume_if_funded("credit", now_us, fx)
         return entry
 

@@ -50,6 +50,9 @@ class DisputeRecord(msgspec.Struct, array_like=True):
     withdrawn: bool = False
     reinstated: bool = False  # (possibly before the withdrawal was seen: then neither moves money)
     grant_expires_us: int | None = None
+    waiting: bool = False  # withdrawn before its payment's credit was known: that credit meets it
+    amount_micros: int = 0  # what the dispute withdrew (D), for a waiting one
+    key: str | None = None  # its withdrawal's idempotency key: stamped on its entry if made later
 
 
 class Refunds:
@@ -149,7 +152,7 @@ class Refunds:
         if not command.withdrawn:
             if record.reinstated:
                 return None, True
-            record.reinstated = True
+            record.reinstated, record.waiting = True, False
             if record.taken_micros == 0:
                 return None, False
             return self._add_credit(record.grant_kind, record.taken_micros, record.grant_expires_us, command.note,
@@ -161,15 +164,27 @@ class Refunds:
         if self.recharge is None:
             self.recharge = AutoRecharge(False, 0, 0, 1, 0)
         self.recharge.paused = "disputed"
-        # What the payment bought, did not lapse unused and no refund took back: spent or still
-        # held, it is owed back.
-        lapsed = max(command.lapsed_micros, (self.lapsed or {}).get(command.payment_id, 0))
-        refunded = sum(r.taken_micros for r in self.refunds or () if r.payment_id == command.payment_id
-                       and not r.reversed)
-        owed = max(0, min(command.amount_micros, command.credited_micros - lapsed - refunded))
-        if owed == 0:
+        if command.credited_micros == 0:
+            # No credit of the payment is known (yet): the credit, if it comes, meets the dispute.
+            record.waiting, record.amount_micros, record.key = True, command.amount_micros, command.idempotency_key
             return None, False
-        grants = self._grants_of_payment(command.payment_id, command.grant_id)
+        lapsed = max(command.lapsed_micros, (self.lapsed or {}).get(command.payment_id, 0))
+        entry = self._withdraw(record, command.payment_id, command.amount_micros, command.credited_micros - lapsed,
+                               command.grant_id, command.note, now_us, fx)
+        if entry is not None:
+            self._halt_if_out_of_money(now_us, fx)
+        return entry, False
+
+    def _withdraw(self, record: DisputeRecord, payment_id: str, disputed: int, kept_micros: int,
+                  grant_id: str | None, note: str | None, now_us: int, fx: Effects,
+                  key: str | None = None) -> LedgerEntry | None:
+        """Take back what the payment bought and kept (`kept_micros`: not lapsed) and no refund
+        took back, at most what was disputed: spent or still held, it is owed back."""
+        refunded = sum(r.taken_micros for r in self.refunds or () if r.payment_id == payment_id and not r.reversed)
+        owed = max(0, min(disputed, kept_micros - refunded))
+        if owed == 0:
+            return None
+        grants = self._grants_of_payment(payment_id, grant_id)
         first = grants[0] if grants else None
         from_grants = self._take_from(grants, owed)
         if owed > from_grants:
@@ -177,11 +192,20 @@ class Refunds:
         record.taken_micros = owed
         if first is not None:
             record.grant_kind, record.grant_expires_us = first.kind, first.expires_at_us
-        entry = LedgerEntry("dispute", -owed, now_us, first.grant_id if first is not None else None, None,
-                            command.note)
+        entry = LedgerEntry("dispute", -owed, now_us, first.grant_id if first is not None else None, None, note,
+                            idempotency_key=key)
         fx.ledger.append((self.org_id, entry))
-        self._halt_if_out_of_money(now_us, fx)
-        return entry, False
+        return entry
+
+    def _apply_waiting_disputes(self, payment_id: str, credited_micros: int, now_us: int, fx: Effects) -> None:
+        """A credit of a payment whose dispute came first is taken back by it at once (after the
+        payment's waiting refunds); no halt check follows: the balance is not below what it was
+        before the credit."""
+        for record in self.disputes or ():
+            if record.waiting and record.payment_id == payment_id:
+                record.waiting = False
+                self._withdraw(record, payment_id, record.amount_micros, credited_micros, None,
+                               f"Stripe dispute {record.dispute_id}", now_us, fx, record.key)
 
     def _remember_refund(self, record: RefundRecord) -> None:
         records = (self.refunds or []) + [record]
@@ -206,4 +230,8 @@ class Refunds:
         self.lapsed = lapsed
 
     def _forget_disputes(self, now_us: int) -> None:
-        self.disputes = [d for d in self.disputes if now_us - d.at_us <= DISPUTE_MEMORY_S * US_PER_S] or None
+        kept = [d for d in self.disputes if now_us - d.at_us <= DISPUTE_MEMORY_S * US_PER_S]
+        for record in kept:
+            if record.waiting and now_us - record.at_us > REFUND_WAIT_S * US_PER_S:
+                record.waiting = False
+        self.disputes = kept or None

@@ -35,6 +35,17 @@ class SubscriptionRecord(msgspec.Struct, array_like=True):
         return self.status in GRANTING and self.tier is not None
 
 
+def _kept(records: list[SubscriptionRecord]) -> list[SubscriptionRecord]:
+    """Past MAX_SUBSCRIPTIONS_KEPT, forget (never the last one, just reported) the first that pays
+    for no tier and has not ended, else the first that pays for none, else the first."""
+    while len(records) > MAX_SUBSCRIPTIONS_KEPT:
+        others = records[:-1]
+        forgotten = next((r for r in others if not r.grants_tier and r.status not in ENDED), None) or \
+            next((r for r in others if not r.grants_tier), others[0])
+        records.remove(forgotten)
+    return records
+
+
 class Subscriptions:
     """OrgBillingActor's Stripe subscriptions: subscriptions (and the tier they set)."""
 
@@ -46,23 +57,21 @@ class Subscriptions:
         self.advance(now_us, fx)
         records = self.subscriptions or []
         record = next((r for r in records if r.subscription_id == change.subscription_id), None)
-        if (record is None and change.tier is None) or (record is not None and (
-                change.as_of_us < record.as_of_us or record.status in ENDED or (
-                    change.as_of_us == record.as_of_us and change.status == "incomplete" != record.status))):
-            # Not a tier subscription (an unrelated product), or stale news. Its end still ends
-            # the wait for its failed invoices.
-            if change.status in ENDED:
-                self._subscription_ended(change.subscription_id, now_us, fx)
-            return False
+        unrelated = record is None and change.tier is None  # another product's, never a tier's
         fresh = SubscriptionRecord(change.subscription_id, change.status, change.tier, change.max_concurrent,
                                    change.as_of_us, change.anchor_us, change.end_us)
-        records = [r for r in records if r is not record] + [fresh]
-        while len(records) > MAX_SUBSCRIPTIONS_KEPT:
-            others = records[:-1]
-            forgotten = next((r for r in others if not r.grants_tier and r.status not in ENDED), None) or \
-                next((r for r in others if not r.grants_tier), others[0])
-            records.remove(forgotten)
-        self.subscriptions = records
+        if unrelated or (record is not None and (
+                change.as_of_us < record.as_of_us or record.status in ENDED or (
+                    change.as_of_us == record.as_of_us and change.status == "incomplete" != record.status))):
+            # Stale news, or news of another product. Its end still ends the wait for its failed
+            # invoices, and another product's end is remembered: a failure of its invoice
+            # delivered later then starts nothing (rule 8.1). The tier is left alone.
+            if change.status in ENDED:
+                if unrelated:
+                    self.subscriptions = _kept(records + [fresh])
+                self._subscription_ended(change.subscription_id, now_us, fx)
+            return False
+        self.subscriptions = _kept([r for r in records if r is not record] + [fresh])
         ruling = self._ruling_subscription()
         if ruling is None:
             self.tier, self.max_concurrent = sys.intern(change.base_tier), change.base_max_concurrent

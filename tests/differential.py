@@ -426,7 +426,8 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
             "type": "dispute", "dispute_id": did, "payment_id": pid, "amount_micros": amount,
             "credited_micros": credited, "lapsed_micros": min(lapsed, credited), "withdrawn": withdrawn,
             "key": f"stripe:dispute:{did}:{'withdrawn' if withdrawn else 'reinstated'}"},
-            st.sampled_from(["dp_1", "dp_2", f"dp_{serial}"]), st.sampled_from(payments + ["pi_invoice"]),
+            st.sampled_from(["dp_1", "dp_2", f"dp_{serial}"]),
+            st.sampled_from(payments + ["pi_invoice", f"pi_{serial + 1}"]),  # a credit still to come
             amounts, st.one_of(st.just(0), amounts), st.one_of(st.just(0), amounts), st.booleans()),
         st.builds(lambda sub, status, tier, back_s, period: {
             "type": "subscription", "subscription_id": sub, "status": status, "tier": tier,

@@ -424,3 +424,24 @@ def test_an_invoice_of_any_size_settles():
     o.send("invoice.payment_failed", invoice("in_big"), T0)
     o.send("invoice.paid", invoice("in_big", amount_paid=250_000_000), T0 + US_PER_S)  # 2.5M USD
     assert o.org.dunning is None and o.org.paid_invoice
+
+
+def test_a_dispute_before_its_payments_credit_takes_it_when_it_comes():
+    o = Org(signup_micros=0)
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 10_000), T0, Facts(ORG_ID))
+    paid(o, "pi_1", 10_000, T0 + US_PER_S)
+    assert o.org.balance_micros == 0
+    assert o.ledger("dispute") == [("dispute", -100_000_000)]
+    o.send("charge.dispute.funds_reinstated", dispute("dp_1", "pi_1", 10_000), T0 + 2 * US_PER_S, Facts(ORG_ID))
+    assert o.org.balance_micros == 100_000_000
+    o.rebuilt()
+
+
+def test_a_late_failure_of_an_ended_subscription_of_another_product_starts_nothing():
+    o = Org()
+    o.send("customer.subscription.deleted", subscription("sub_o", "canceled", "price_other"), T0 + 30)
+    o.send("invoice.payment_failed", invoice("in_o", subscription_id="sub_o"), T0 + 40, created_us=T0 + 25)
+    execute(o.org, Advance(), CATALOG, T0 + 15 * DAY_US, o.fx)
+    assert o.org.dunning is None and not o.org.suspended and o.org.plan.id == "payg"
+    assert o.org.tier == "base"
+    o.rebuilt()

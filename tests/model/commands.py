@@ -91,13 +91,13 @@ class Commands:
     def _cmd_dispute(self, now, cmd):
         did = cmd["dispute_id"]
         d = self.disputes.setdefault(did, {"at": now, "w": 0, "kind": "topup", "expires": None, "withdrawn": False,
-                                           "reinstated": False})
+                                           "reinstated": False, "waiting": False, "D": 0, "payment": None})
         while len(self.disputes) > 1_000:  # 3.4: the oldest reported forgotten first
             del self.disputes[next(iter(self.disputes))]
         if not cmd["withdrawn"]:
             if d["reinstated"]:
                 return {"duplicate": True}
-            d["reinstated"] = True
+            d["reinstated"], d["waiting"] = True, False
             if d["w"] == 0:
                 return {}
             return {"entry": self._credit(now, d["kind"], d["w"], d["expires"], cmd["payment_id"],
@@ -111,13 +111,24 @@ class Commands:
             self.recharge = Recharge(False, 0, 0, 1, 0)
         self.recharge.paused = "disputed"  # 3.6: only an operator's settings lift it
         pid = cmd["payment_id"]
+        if int(cmd["credited_micros"]) == 0:  # 3.6: waits for the payment's credit
+            d["waiting"], d["D"], d["payment"] = True, int(cmd["amount_micros"]), pid
+            return {}
         lapsed = max(int(cmd.get("lapsed_micros", 0)), self.lapsed.get(pid, 0))
+        entry = self._dispute_takes(d, pid, int(cmd["amount_micros"]), int(cmd["credited_micros"]) - lapsed)
+        if entry is None:
+            return {}
+        self._halt_check(now)
+        return {"entry": entry}
+
+    def _dispute_takes(self, d, pid, disputed, kept):
+        """3.6: w = max(0, min(D, kept − R)) from the payment's grants, then clawback order."""
         refunded = sum(c for rid, (c, _, _, paid_by) in self.refund_taken.items()
                        if paid_by == pid and rid not in self.reversed_refunds)
-        w = max(0, min(int(cmd["amount_micros"]), int(cmd["credited_micros"]) - lapsed - refunded))
+        w = max(0, min(disputed, kept - refunded))
         if w == 0:
-            return {}
-        mine = self._payment_grants(cmd["payment_id"])
+            return None
+        mine = self._payment_grants(pid)
         first = mine[0] if mine else None
         from_mine = self._take_in_order(mine, w)
         if first is not None:
@@ -127,8 +138,14 @@ class Commands:
         d["w"] = w
         entry = ("dispute", -w, first.grant_id if first is not None else None, None)
         self._ledger(*entry, 0)
-        self._halt_check(now)
-        return {"entry": entry}
+        return entry
+
+    def _apply_waiting_disputes(self, pid, credited):
+        """3.6: a credit of the payment meets its waiting disputes (no halt check)."""
+        for d in self.disputes.values():
+            if d["waiting"] and d["payment"] == pid:
+                d["waiting"] = False
+                self._dispute_takes(d, pid, d["D"], credited)
 
     def _payment_grants(self, pid):
         return [g for g in self.grants if g.payment_id is not None and g.payment_id == pid]
@@ -151,16 +168,11 @@ class Commands:
                 old["status"] in ENDED or old["t"] > t
                 or (old["t"] == t and status == "incomplete" and old["status"] != "incomplete"))):
             if status in ENDED:
+                if old is None:  # 7.7: another product's end is remembered, the tier left alone
+                    self._remember_subscription(sid, status, None, 0, t)
                 self._subscription_ended(now, sid)
             return {"stale": True}
-        self.subscriptions.pop(sid, None)
-        record = {"status": status, "tier": cmd["tier"], "cap": int(cmd["max_concurrent"]), "t": t}
-        self.subscriptions[sid] = record
-        if len(self.subscriptions) > 20:
-            others = [k for k in self.subscriptions if k != sid]
-            unpaying = [k for k in others if not self._pays(self.subscriptions[k])]
-            live = [k for k in unpaying if self.subscriptions[k]["status"] not in ENDED]
-            del self.subscriptions[(live or unpaying or others)[0]]
+        self._remember_subscription(sid, status, cmd["tier"], int(cmd["max_concurrent"]), t)
         ruling = None
         for k, r in self.subscriptions.items():
             if self._pays(r) and (ruling is None or (r["cap"], r["t"]) > (ruling[1]["cap"], ruling[1]["t"])):
@@ -185,6 +197,16 @@ class Commands:
         d.billing = {i: b for i, b in d.billing.items() if b != sid}
         if not d.unpaid:
             self._end_dunning(now)
+
+    def _remember_subscription(self, sid, status, tier, cap, t):
+        """7.7 step 1: the record moves to the end; past 20, one other is forgotten."""
+        self.subscriptions.pop(sid, None)
+        self.subscriptions[sid] = {"status": status, "tier": tier, "cap": cap, "t": t}
+        if len(self.subscriptions) > 20:
+            others = [k for k in self.subscriptions if k != sid]
+            unpaying = [k for k in others if not self._pays(self.subscriptions[k])]
+            live = [k for k in unpaying if self.subscriptions[k]["status"] not in ENDED]
+            del self.subscriptions[(live or unpaying or others)[0]]
 
     @staticmethod
     def _pays(record: dict) -> bool:

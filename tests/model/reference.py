@@ -248,6 +248,8 @@ class RefOrg(Commands):
         # 7.
         if grant is not None and payment_id is not None:
             self._apply_waiting_refunds(now, grant, in_settle=in_settle)
+        if payment_id is not None:
+            self._apply_waiting_disputes(payment_id, amount)
         # 8.
         self._lift(now, "credit")
         return entry
@@ -552,6 +554,9 @@ class RefOrg(Commands):
         self.reversed_refunds &= set(self.applied_refunds)
         # Rule 3.4: disputes are forgotten 400 days after they were first reported (strictly more).
         self.disputes = {did: d for did, d in self.disputes.items() if now - d["at"] <= DISPUTE_MEMORY_US}
+        for d in self.disputes.values():  # 3.6: a withdrawal waits at most 30 days
+            if d["waiting"] and now - d["at"] > REFUND_WAIT_US:
+                d["waiting"] = False
         self.waiting_refunds = [w for w in self.waiting_refunds if now - w.at_us <= REFUND_WAIT_US]
         # Rule 7.5: remembered until more than one hour has passed.
         self.ended_leases = {lid: t for lid, t in self.ended_leases.items() if now - t <= ENDED_LEASE_MEMORY_US}
