@@ -1,12 +1,13 @@
-"""Cards and customers coming and leaving: `payment_method.attached`, `payment_method.detached`
-and `customer.deleted`.
+"""Cards and customers coming and leaving: a card saved (`payment_method.attached`,
+`setup_intent.succeeded`, a setup-mode Checkout), `payment_method.detached` and
+`customer.deleted`.
 
-Neither names its org the way money events do: a detached payment method has `customer:
+These do not name their org the way money events do: a detached payment method has `customer:
 null` (the old customer is in `data.previous_attributes`), and a deleted customer is the
 object itself. Whether an org still has a payment method is Stripe's fact, not the event's:
 a customer with two cards that loses one still has one, and events come out of order. So the
 edge asks Stripe what the customer has now and sends the org SetPaymentMethod like any other
-command (an attach delivered after the detach that followed it must not put the card back).
+command (a card saved, delivered after the detach that followed it, must not put it back).
 A deleted customer's mapping is dropped after its org is told (a retry of the event
 still finds the org), so that Checkout and the portal make a new customer next time.
 """
@@ -20,7 +21,19 @@ from serve_app.context import Context
 from serve_app.stripe_gateway import StripeRefused
 from storage import stripe_customers
 
-EVENT_TYPES = ("payment_method.attached", "payment_method.detached", "customer.deleted")
+EVENT_TYPES = ("payment_method.attached", "payment_method.detached", "customer.deleted", "setup_intent.succeeded")
+# Events that say a card was saved: whether the customer has one is asked of Stripe, so that one
+# delivered after the detach that followed it never puts the card back.
+SAVED = ("payment_method.attached", "setup_intent.succeeded", "checkout.session.completed",
+         "checkout.session.async_payment_succeeded")
+
+
+def handles(event: dict) -> bool:
+    """Whether the event is one of cards and customers (a setup-mode Checkout is: it saves a card)."""
+    kind = event.get("type")
+    if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+        return ((event.get("data") or {}).get("object") or {}).get("mode") == "setup"
+    return kind in EVENT_TYPES
 METHODS_LISTED = 3  # enough to see one besides the detached one, should Stripe still list it
 
 
@@ -40,7 +53,7 @@ async def lifecycle_commands(ctx: Context, event: dict) -> Lifecycle:
     obj = (event.get("data") or {}).get("object") or {}
     if event.get("type") == "customer.deleted":
         customer = obj.get("id")
-    elif event.get("type") == "payment_method.attached":
+    elif event.get("type") in SAVED:
         customer = obj.get("customer")
     else:
         previous = (event.get("data") or {}).get("previous_attributes") or {}
@@ -53,7 +66,7 @@ async def lifecycle_commands(ctx: Context, event: dict) -> Lifecycle:
         return Lifecycle([], ignored="unknown_customer")
     if event.get("type") == "customer.deleted":
         return Lifecycle([(org_id, SetPaymentMethod(False))], forget_customer=customer)
-    if event.get("type") == "payment_method.attached":
+    if event.get("type") in SAVED:
         return Lifecycle([(org_id, SetPaymentMethod(await _has_other_method(ctx, customer, None)))])
     detached = obj.get("id") if isinstance(obj.get("id"), str) else None
     return Lifecycle([(org_id, SetPaymentMethod(await _has_other_method(ctx, customer, detached)))])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from actors.commands import (Command, Credit, DisputeFunds, InvoiceFailed, InvoicePaid, RefundPayment,
-                             ReverseRefund, SetPaymentMethod, SettleRecharge, SubscriptionChanged)
+                             ReverseRefund, SettleRecharge, SubscriptionChanged)
 from actors.org import MAX_AMOUNT_MICROS, MICROS_PER_CENT
 from actors.timeutil import MAX_PLAUSIBLE_S
 from config.catalog import Catalog
@@ -125,7 +125,8 @@ INVOICE_SETTLED = {"invoice.paid": "paid", "invoice.payment_succeeded": "paid", 
 
 # Every event type metergate acts on, and what it does (docs/stripe.md lists these).
 HANDLED = {
-    "checkout.session.completed": "paid top-up: credit (USD only); paid subscription: its tier; setup: card on file",
+    "checkout.session.completed": "paid top-up: credit (USD only); paid subscription: its tier; setup: card on "
+                                  "file while Stripe lists one (asked)",
     "checkout.session.async_payment_succeeded": "as checkout.session.completed, once the payment cleared",
     "customer.subscription.created": "the subscription's status, tier (by price, else metadata) and period",
     "customer.subscription.updated": "the subscription's status, tier (by price, else metadata) and period",
@@ -146,7 +147,7 @@ HANDLED = {
     "charge.dispute.funds_reinstated": "gives back what the dispute's withdrawal took",
     "payment_intent.succeeded": "an auto-recharge charge: settled and credited",
     "payment_intent.payment_failed": "an auto-recharge charge: settled as failed, auto-recharge paused",
-    "setup_intent.succeeded": "card on file",
+    "setup_intent.succeeded": "card on file while Stripe lists one for the customer (asked)",
     "payment_method.attached": "card on file while Stripe lists one for the customer (asked, so a late attach after a detach changes nothing)",
     "payment_method.detached": "card on file only while the customer still has a payment method",
     "customer.deleted": "the customer is forgotten; no card on file",
@@ -205,8 +206,6 @@ def commands_for(event: dict, catalog: Catalog, facts: Facts | None = None,
             return []
         if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
             return [(org_id, c) for c in _checkout(obj, catalog)]
-        if kind == "setup_intent.succeeded":
-            return [(org_id, SetPaymentMethod(True))]
         if kind in SUBSCRIPTION_EVENTS:
             return [(org_id, _subscription(obj, catalog, as_of_us, ended=kind.endswith(".deleted")))]
         if kind == "invoice.payment_failed" and dunning is not None:
@@ -249,9 +248,7 @@ def _usd(obj: dict, what: str) -> None:
 
 
 def _checkout(session: dict, catalog: Catalog) -> list[Command]:
-    mode = session.get("mode")
-    if mode == "setup":
-        return [SetPaymentMethod(True)]
+    mode = session.get("mode")  # (a setup-mode session saves a card: serve_app/stripe_cards.py)
     paid = session.get("payment_status") in ("paid", "no_payment_required")
     if mode == "subscription":
         subscription = _str(session.get("subscription"))

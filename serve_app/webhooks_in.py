@@ -268,7 +268,7 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
         return await _stripe_answer(ctx, event, [], Outcome.IGNORED, "livemode_mismatch")
     forget = None
     try:
-        if event.get("type") in stripe_cards.EVENT_TYPES:
+        if stripe_cards.handles(event):
             lifecycle = await stripe_cards.lifecycle_commands(ctx, event)
             commands, forget, ignored = lifecycle.commands, lifecycle.forget_customer, lifecycle.ignored
         else:

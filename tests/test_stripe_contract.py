@@ -196,7 +196,7 @@ def test_a_dispute_of_a_payment_that_bought_no_credit_is_found_by_its_charge_and
     method = attach_card(service, org.customer)
     intent = client.v1.payment_intents.create(params={
         "amount": 2000, "currency": "usd", "customer": org.customer, "payment_method": method.id, "confirm": True})
-    org.send("setup_intent.succeeded")
+    org.send("payment_method.attached")
     assert org.admin.put(f"/v1/orgs/{org.id}/auto-recharge", json={
         "enabled": True, "threshold_micros": 1_000_000, "amount_micros": 10_000_000}).status_code == 200
     balance = org.balance()
@@ -282,9 +282,15 @@ def attach_card(service, customer: str):
     return client.v1.payment_methods.attach(method.id, params={"customer": customer})
 
 
-def test_a_saved_card_is_on_file(org):
-    org.send("setup_intent.succeeded")
+@pytest.mark.parametrize("name", ["setup_intent.succeeded", "checkout.session.completed.setup"])
+def test_a_saved_card_is_on_file_while_stripe_lists_it(org, service, name):
+    method = attach_card(service, org.customer)
+    org.send(name)
     assert org.state()["has_payment_method"] is True
+    stripe_client(service).v1.payment_methods.detach(method.id)
+    org.send("payment_method.detached")
+    org.send(name)  # delivered late, after the detach
+    assert org.state()["has_payment_method"] is False
 
 
 def test_an_attach_is_checked_with_stripe_so_a_late_one_after_the_detach_changes_nothing(org, service):

@@ -96,12 +96,14 @@ def test_refunds_claw_back_each_refund_once_and_only_from_the_payment_they_refun
     assert ledger_sum(sql, org) == SIGNUP_MICROS
 
 
-def test_a_saved_card_is_recorded_from_setup_events(compute, admin, new_org):
+def test_a_setup_event_is_checked_with_stripe_not_taken_at_its_word(compute, admin, new_org):
+    """A card saved is Stripe's fact (tests/test_stripe_contract.py saves real ones): a setup
+    event naming no customer of the org saves nothing."""
     org = new_org()
-    assert admin.get(f"/v1/orgs/{org}").json()["has_payment_method"] is False
     setup = {"id": "cs_setup", "object": "checkout.session", "mode": "setup", "metadata": {"org_id": org}}
-    stripe_deliver(compute, stripe_event("checkout.session.completed", setup))
-    assert admin.get(f"/v1/orgs/{org}").json()["has_payment_method"] is True
+    answer = stripe_deliver(compute, stripe_event("checkout.session.completed", setup)).json()
+    assert (answer["outcome"], answer["reason"]) == ("ignored", "no_customer")
+    assert admin.get(f"/v1/orgs/{org}").json()["has_payment_method"] is False
 
 
 def test_events_for_no_org_are_ignored_and_for_an_unknown_org_are_a_200_dead_letter(compute):
