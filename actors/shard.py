@@ -17,8 +17,6 @@ import logging
 import os
 import time
 
-import msgspec
-
 from actors import commands as cmd
 from actors.charger import Charger
 from actors import clock
@@ -35,7 +33,8 @@ from actors.batch import (
     error,
     leases_held,
 )
-from actors.org import ChargeRequest, OrgBillingActor, OrgSnapshot
+from actors.org import ChargeRequest, OrgBillingActor
+from actors.rebuild import rebuilt_org
 from actors.refusals import Refusal
 from actors.shard_reads import ShardReads
 from actors.placement import slot_of
@@ -50,7 +49,6 @@ from storage.db import ITEM_FAILURES_IN_POSTGRES, create_pool, drop, is_outage, 
 
 log = logging.getLogger("metergate.shard")
 
-SNAPSHOT_DECODER = msgspec.msgpack.Decoder(OrgSnapshot)
 MAX_PENDING_ITEMS = 100_000  # back-pressure: beyond this, callers get shard_busy
 IDLE_SNAPSHOT_AFTER_S = 2
 HOUSEKEEPING_EVERY_S = 1.0
@@ -310,12 +308,7 @@ class ShardActor(ShardReads):
 
     def _replayed(self, state: bytes, entries: list[bytes]) -> OrgBillingActor:
         """An org from its snapshot and journal tail, as Postgres holds them."""
-        snap = SNAPSHOT_DECODER.decode(state)
-        org = OrgBillingActor.from_snapshot(snap, self.catalog)
-        for entry in entries:
-            cmd.replay(org, cmd.JOURNAL_DECODER.decode(entry), self.catalog)
-        org.check_invariants()
-        return org
+        return rebuilt_org(state, entries, self.catalog)
 
     def _rebuild(self, seq: int, state: bytes, entries: list[bytes], now_s: int) -> LoadedOrg:
         org = self._replayed(state, entries)
