@@ -18,6 +18,7 @@ import os
 import time
 
 from actors import commands as cmd
+from actors.claim import OUTCOME_WAIT_S, Claim, CommitOutcomeUnknown  # noqa: F401 - OUTCOME_WAIT_S for tests
 from actors.charger import Charger
 from actors import clock
 from actors.clock import now_us
@@ -44,7 +45,7 @@ from config.catalog import Catalog, load_catalog
 from config.settings import Settings
 from storage import clock_offset
 from storage import journal as store
-from storage.slots import claim_shard, end_transaction, fence, transaction_status
+from storage.slots import Fenced
 from storage.db import ITEM_FAILURES_IN_POSTGRES, create_pool, drop, is_outage, roll_back
 
 log = logging.getLogger("metergate.shard")
@@ -64,8 +65,6 @@ RECHARGE_RETRY_AFTER_S = 120  # a pending charge with no charger running is trie
 MAX_ISOLATION_COMMITS = 64
 
 
-# A COMMIT whose answer was lost is looked up in Postgres for at most this long.
-OUTCOME_WAIT_S = 15.0
 # A COMMIT is a WAL flush: milliseconds. One left unanswered this long counts as lost, as if its
 # connection were cut (a silent network resets nothing, and asyncpg would wait its 60 s command
 # timeout with the shard's every commit queued behind it). A false alarm costs a connection,
@@ -75,10 +74,6 @@ OUTCOME_UNKNOWN = error(Refusal.OUTCOME_UNKNOWN,
                         "the billing database went away while this request was committing, and whether it "
                         "took effect cannot be known yet; retry it with the same Idempotency-Key, tick ids "
                         "or lease id, which make the retry safe")
-
-
-class CommitOutcomeUnknown(Exception):
-    """A COMMIT lost its connection and Postgres could not be asked whether it committed."""
 
 
 def tick_key(org_id: str, tick_id: str) -> bytes:
@@ -101,7 +96,7 @@ class ShardActor(ShardReads):
         self.unanswered: dict[str, asyncio.Future] = {}  # org → its last command applied, not yet answered
         self.pending: list = []
         self.recent_keys: dict[tuple[str, str], tuple[str, dict]] = {}
-        self.epoch = 0
+        self.claim = Claim(shard)
         self.slots: set[int] = set()
         self.pool = None
         self.wake: asyncio.Event | None = None
@@ -115,7 +110,6 @@ class ShardActor(ShardReads):
         self.stats_loop_errors = 0
         self.stats_parity_drift = 0
         self.stats_isolations = 0
-        self.stats_commits_resolved = {"committed": 0, "aborted": 0, "unknown": 0}  # COMMITs whose answer was lost
         self.views = ViewLog(shard, self.settings.gate_views)
         # Running totals over the orgs in memory, for the metrics: kept as orgs load, commit,
         # snapshot and leave, so that no request and no report scans the orgs for them.
@@ -138,6 +132,10 @@ class ShardActor(ShardReads):
         await asyncio.shield(self.started)
 
     def owns(self, org_id: str) -> bool:
+    @property
+    def epoch(self) -> int:
+        return self.claim.epoch
+
         # Single writer per org: a command routed here by a stale slot map must not load or
         # write the org, since the shard that owns its slot may hold it too.
         return org_id in self.orgs or slot_of(org_id) in self.slots  # loaded orgs are ours
@@ -146,7 +144,8 @@ class ShardActor(ShardReads):
         self.wake = asyncio.Event()
         self.pool = await create_pool(self.settings.database_url, min_size=2, max_size=4)
         async with self.pool.acquire() as conn:
-            self.epoch, self.slots = await claim_shard(conn, self.shard)
+            await self.claim.take(conn)
+            self.slots = self.claim.slots
             self.views.start(self.epoch)
             if self.settings.test_clock:
                 clock.set_offset_us(await clock_offset.offset_us(conn))
@@ -288,8 +287,11 @@ class ShardActor(ShardReads):
             try:
                 async with self.pool.acquire() as conn:
                     rows = await store.load_orgs(conn, to_load)
+                claims = self.claim.claims
                 now_s = int(time.monotonic())
                 now = now_us()
+                if self.claim.claims != claims:  # read from the database memory was dropped for
+                    raise ConnectionResetError("the shard claimed again during a load; load again")
                 for org_id, (seq, state, entries) in rows.items():
                     if org_id not in self.orgs:
                         self.orgs[org_id] = loaded = self._rebuild(seq, state, entries, now_s)
@@ -398,6 +400,8 @@ class ShardActor(ShardReads):
                 done.set_exception(exc)
             return
         if not done.done():
+            if isinstance(exc, Fenced):
+                await self._after_fence(exc)
             done.set_result(result)
 
     async def _commit_isolating(self, batch: list, budget: list[int]) -> None:
@@ -420,6 +424,10 @@ class ShardActor(ShardReads):
             self._forget(batch)
             if isinstance(exc, CommitOutcomeUnknown):
                 log.error("shard %s: commit of %d items: outcome unknown (%s)", self.shard, len(batch), exc)
+            if isinstance(exc, Fenced):
+                self._answer(batch, UNAVAILABLE)
+                await self._after_fence(exc)
+                return
                 self._answer(batch, OUTCOME_UNKNOWN)
                 return
             if is_outage(exc) or budget[0] <= 0:
@@ -566,7 +574,7 @@ class ShardActor(ShardReads):
             transaction = conn.transaction()
             await transaction.start()
             try:
-                xid = await fence(conn, self.shard, self.epoch)
+                xid = await self.claim.fence(conn)
                 seen_before = await store.claim_tick_ids(conn, list(tick_keys), now)
                 keyed = await store.keyed_entries(conn, key_pairs)
                 phase("dedupe")
@@ -587,6 +595,7 @@ class ShardActor(ShardReads):
             await asyncio.wait_for(transaction.commit(), COMMIT_WAIT_S)
             phase("commit")
         except Exception as exc:
+            self.claim.committed()
             if not (committing and is_outage(exc)):
                 raise  # failed before COMMIT was sent, or refused by Postgres: rolled back
             # The link failed during COMMIT, or its answer is overdue: the transaction may have
@@ -594,48 +603,50 @@ class ShardActor(ShardReads):
             # acknowledged change would be answered as failed), so ask Postgres. The answer
             # may still come on this connection: it is dropped, so nothing reads it.
             drop(conn)
-            if not await self._committed_after_all(backend_pid, xid, exc):
+            if not await self.claim.landed(self.pool, backend_pid, xid, exc):
                 raise
             log.warning("shard %s: the answer to a COMMIT was lost (%r); Postgres says it committed",
                         self.shard, exc)
+            self.claim.committed()
         finally:
             await self._release(conn)
         return work, results, event_ids
 
-    async def _committed_after_all(self, backend_pid: int, xid: int, failure: Exception) -> bool:
-        """Whether transaction `xid`, whose COMMIT lost its connection, committed.
+    async def _after_fence(self, exc: Fenced) -> None:
+        """The database's record of this shard's claim is not the one it holds.
 
-        Postgres decides it, over a new connection: first its old server process is ended
-        (over a silent network it could hold the transaction open for minutes), then the
-        transaction's status is read until it is final. Raises CommitOutcomeUnknown if
-        Postgres cannot be asked within OUTCOME_WAIT_S."""
-        deadline = time.monotonic() + OUTCOME_WAIT_S
+        Superseded (another incarnation claimed the shard): this process stops; if it is the
+        shard's live actor, Ray starts it again, and the new process claims afresh. Otherwise
+        the database lacks commits memory reflects (a failover, a restore) or has others:
+        memory is dropped whole, views start over (readers resync), and the shard claims
+        again; orgs load from the database as they are used. Nothing memory held beyond the
+        database is kept, or answered from."""
+        if exc.superseded:
+            log.error("shard %s: %s; this process stops", self.shard, exc)
+            self._answer(self.pending, UNAVAILABLE)
+            self.pending = []
+            if _in_ray_actor():
+                asyncio.get_running_loop().call_later(0.5, os._exit, 1)  # replies go out first
+            else:  # a shard run in a test's own process: it stops committing
+                self.loop_task.cancel()
+            return
+        log.error("shard %s: %s: dropping the %d orgs in memory and claiming again", self.shard, exc, len(self.orgs))
+        self._forget_all()
+        async with self.pool.acquire() as conn:
+            await self.claim.take(conn)
+        self.slots = self.claim.slots
+        self.views.start(self.epoch)
+        log.warning("shard %s: claimed again: epoch %s after %s commits", self.shard, self.epoch, self.claim.commit_no)
 
-        def left() -> float:  # every step is bounded: over a partition, pooled connections are silent too
-            return max(0.1, deadline - time.monotonic())
-
-        ended = False
-        while time.monotonic() < deadline:
-            try:
-                async with self.pool.acquire(timeout=left()) as conn:
-                    try:
-                        if not ended:
-                            await end_transaction(conn, backend_pid, xid, timeout=left())
-                            ended = True
-                        status = await transaction_status(conn, xid, timeout=left())
-                    except Exception:
-                        drop(conn)  # not put back: its link failed or went quiet
-                        raise
-            except Exception as exc:  # noqa: BLE001 - Postgres cannot be asked yet: again, until the deadline
-                if not is_outage(exc):
-                    raise
-                status = "unreachable"
-            if status in ("committed", "aborted"):
-                self.stats_commits_resolved[status] += 1
-                return status == "committed"
-            await asyncio.sleep(0.05 if status == "in progress" else 0.25)
-        self.stats_commits_resolved["unknown"] += 1
-        raise CommitOutcomeUnknown(f"transaction {xid}: {failure!r}") from failure
+    def _forget_all(self) -> None:
+        for lo in self.orgs.values():
+            self._count_out(lo)
+        self.orgs.clear()
+        self.recent_keys.clear()
+        self.views_to_load.clear()
+        stale, self.views = self.views, ViewLog(self.shard, self.settings.gate_views)
+        self.views.start(stale.epoch)  # behind every reader's position: each resyncs
+        stale.poke()
 
     async def _release(self, conn) -> None:
         """Back to the pool. asyncpg re-raises a failure to reset the connection, which comes
@@ -706,6 +717,8 @@ class ShardActor(ShardReads):
         try:
             await self._snapshot_dirty(only_idle=True)
             self._passivate()
+            async with self.pool.acquire() as conn:  # no commit for a while: is the database still ours?
+                await self.claim.check(conn)
             self.views.evict(self.settings.view_log_max_records, self.orgs)
             self.metrics.memory(len(self.orgs), self.leases_held, self.tail_orgs, self.tail_entries,
                                 self.views.seq)
@@ -714,6 +727,8 @@ class ShardActor(ShardReads):
                 self._retry_stuck_charges()
         except Exception:
             log.exception("shard %s: housekeeping failed (will retry)", self.shard)
+        except Fenced as exc:
+            await self._after_fence(exc)
 
     async def _snapshot_dirty(self, only_idle: bool) -> dict:
         """Snapshot orgs with a journal tail and compact their journal behind it."""
@@ -728,10 +743,11 @@ class ShardActor(ShardReads):
             batch.compact.append((org_id, lo.seq))
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                await fence(conn, self.shard, self.epoch)
+                await self.claim.fence(conn)
                 await store.write_batch(conn, batch)
         for org_id, _ in dirty[:5_000]:
             lo = self.orgs.get(org_id)
+        self.claim.committed()
             if lo is not None:
                 self._count_out(lo)
                 lo.tail = 0
@@ -779,6 +795,12 @@ class ShardActor(ShardReads):
 
 def by_index(rejection: dict) -> int:
     return rejection["index"]
+def _in_ray_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 
 
 def _all_rejected(ticks: list[Tick], code: Refusal) -> dict:

@@ -21,6 +21,13 @@ from tests.helpers import hour_tick, ledger_sum, shard_pid, wait_for
 WAIT_S = 60
 
 
+def alive_pid(probe):
+    try:
+        return probe()
+    except Exception:  # noqa: BLE001 - restarting
+        return None
+
+
 def restart_shard_process(shard: int) -> None:
     old = shard_pid(shard)
     os.kill(old, 9)
@@ -76,9 +83,10 @@ def _post_ok(client, path: str, body: dict):
     return response.json() if response.status_code == 200 else None
 
 
-def test_a_stale_shard_owner_cannot_write(service, admin, sql, org_id_on, new_org):
+def test_a_stale_shard_owner_cannot_write_and_restarts_itself(service, admin, sql, org_id_on, new_org):
     org = new_org(org_id=org_id_on(1, "fenced"))
     before = (ledger_sum(sql, org), sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", org))
+    old_pid = shard_pid(1)
     # Another owner claims shard 1 (as a new incarnation would): the running one is now stale.
     sql.val("UPDATE shard_owners SET epoch = epoch + 1 WHERE shard = 1 RETURNING epoch")
     refused = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000})
@@ -86,8 +94,10 @@ def test_a_stale_shard_owner_cannot_write(service, admin, sql, org_id_on, new_or
     assert refused.headers["Retry-After"] == "1"
     assert "Fenced" not in refused.text and "Error" not in refused.text  # no internal class named
     assert (ledger_sum(sql, org), sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", org)) == before
-    # A restart claims a fresh epoch, and writes go through again.
-    restart_shard_process(1)
+    # The stale process stops; Ray starts the shard again, which claims a fresh epoch, and
+    # writes go through again with no operator.
+    wait_for("the shard to restart itself", lambda: alive_pid(lambda: shard_pid(1)) not in (None, old_pid),
+             timeout_s=WAIT_S)
     wait_for("writes after the restart",
              lambda: admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000},
                                 headers={"Idempotency-Key": f"after-fence-{org}"}).status_code == 201, timeout_s=WAIT_S)
