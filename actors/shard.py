@@ -131,11 +131,11 @@ class ShardActor(ShardReads):
             self.started = asyncio.ensure_future(self._start())  # first call, or a failed start again
         await asyncio.shield(self.started)
 
-    def owns(self, org_id: str) -> bool:
     @property
     def epoch(self) -> int:
         return self.claim.epoch
 
+    def owns(self, org_id: str) -> bool:
         # Single writer per org: a command routed here by a stale slot map must not load or
         # write the org, since the shard that owns its slot may hold it too.
         return org_id in self.orgs or slot_of(org_id) in self.slots  # loaded orgs are ours
@@ -285,13 +285,13 @@ class ShardActor(ShardReads):
             for org_id in to_load:
                 self.loading[org_id] = future
             try:
+                claims = self.claim.claims
                 async with self.pool.acquire() as conn:
                     rows = await store.load_orgs(conn, to_load)
-                claims = self.claim.claims
-                now_s = int(time.monotonic())
-                now = now_us()
                 if self.claim.claims != claims:  # read from the database memory was dropped for
                     raise ConnectionResetError("the shard claimed again during a load; load again")
+                now_s = int(time.monotonic())
+                now = now_us()
                 for org_id, (seq, state, entries) in rows.items():
                     if org_id not in self.orgs:
                         self.orgs[org_id] = loaded = self._rebuild(seq, state, entries, now_s)
@@ -398,10 +398,10 @@ class ShardActor(ShardReads):
             log.exception("shard %s: %s failed", self.shard, kind)
             if not done.done():
                 done.set_exception(exc)
-            return
-        if not done.done():
             if isinstance(exc, Fenced):
                 await self._after_fence(exc)
+            return
+        if not done.done():
             done.set_result(result)
 
     async def _commit_isolating(self, batch: list, budget: list[int]) -> None:
@@ -422,12 +422,12 @@ class ShardActor(ShardReads):
             committed = await self._commit(batch)
         except Exception as exc:  # noqa: BLE001 - sorted below: outage or a guilty item
             self._forget(batch)
-            if isinstance(exc, CommitOutcomeUnknown):
-                log.error("shard %s: commit of %d items: outcome unknown (%s)", self.shard, len(batch), exc)
             if isinstance(exc, Fenced):
                 self._answer(batch, UNAVAILABLE)
                 await self._after_fence(exc)
                 return
+            if isinstance(exc, CommitOutcomeUnknown):
+                log.error("shard %s: commit of %d items: outcome unknown (%s)", self.shard, len(batch), exc)
                 self._answer(batch, OUTCOME_UNKNOWN)
                 return
             if is_outage(exc) or budget[0] <= 0:
@@ -593,9 +593,9 @@ class ShardActor(ShardReads):
                 raise
             committing = True
             await asyncio.wait_for(transaction.commit(), COMMIT_WAIT_S)
+            self.claim.committed()
             phase("commit")
         except Exception as exc:
-            self.claim.committed()
             if not (committing and is_outage(exc)):
                 raise  # failed before COMMIT was sent, or refused by Postgres: rolled back
             # The link failed during COMMIT, or its answer is overdue: the transaction may have
@@ -605,9 +605,9 @@ class ShardActor(ShardReads):
             drop(conn)
             if not await self.claim.landed(self.pool, backend_pid, xid, exc):
                 raise
+            self.claim.committed()
             log.warning("shard %s: the answer to a COMMIT was lost (%r); Postgres says it committed",
                         self.shard, exc)
-            self.claim.committed()
         finally:
             await self._release(conn)
         return work, results, event_ids
@@ -715,20 +715,20 @@ class ShardActor(ShardReads):
     async def _housekeeping_safely(self) -> None:
         self.last_housekeeping = time.monotonic()
         try:
-            await self._snapshot_dirty(only_idle=True)
-            self._passivate()
             async with self.pool.acquire() as conn:  # no commit for a while: is the database still ours?
                 await self.claim.check(conn)
+            await self._snapshot_dirty(only_idle=True)
+            self._passivate()
             self.views.evict(self.settings.view_log_max_records, self.orgs)
             self.metrics.memory(len(self.orgs), self.leases_held, self.tail_orgs, self.tail_entries,
                                 self.views.seq)
             if time.monotonic() - self.last_recharge_scan > RECHARGE_SCAN_EVERY_S:
                 self.last_recharge_scan = time.monotonic()
                 self._retry_stuck_charges()
-        except Exception:
-            log.exception("shard %s: housekeeping failed (will retry)", self.shard)
         except Fenced as exc:
             await self._after_fence(exc)
+        except Exception:
+            log.exception("shard %s: housekeeping failed (will retry)", self.shard)
 
     async def _snapshot_dirty(self, only_idle: bool) -> dict:
         """Snapshot orgs with a journal tail and compact their journal behind it."""
@@ -745,9 +745,9 @@ class ShardActor(ShardReads):
             async with conn.transaction():
                 await self.claim.fence(conn)
                 await store.write_batch(conn, batch)
+        self.claim.committed()
         for org_id, _ in dirty[:5_000]:
             lo = self.orgs.get(org_id)
-        self.claim.committed()
             if lo is not None:
                 self._count_out(lo)
                 lo.tail = 0
@@ -793,14 +793,14 @@ class ShardActor(ShardReads):
             self._count_out(self.orgs.pop(org_id))
 
 
-def by_index(rejection: dict) -> int:
-    return rejection["index"]
 def _in_ray_actor() -> bool:
     import ray
 
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
+def by_index(rejection: dict) -> int:
+    return rejection["index"]
 
 
 def _all_rejected(ticks: list[Tick], code: Refusal) -> dict:
