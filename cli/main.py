@@ -1,9 +1,9 @@
 """`metergate`: the operator's command line.
 
-Every command but `up`, `migrate` and `bench` is an admin call to the running service's HTTP
+Every command but `up`, `migrate`, `check` and `bench` is an admin call to the running service's HTTP
 API. A failure prints one line on stderr (`error: ...`) and exits non-zero, never with a
 traceback: 1 when the command could not do its work, 2 for a usage error, 3 when `parity` or
-`replay` found an org whose memory differs from its journal.
+`replay` found an org whose memory differs from its journal, or `check` an inconsistency.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from cli import checks, inbound, local, orgs, outbox
+from cli import checks, db_check, inbound, local, orgs, outbox
 from cli.client import CliError
 from cli.output import error_line
 
@@ -38,6 +38,7 @@ app.command("ledger")(orgs.ledger)
 app.add_typer(orgs.tokens_app, name="tokens")
 app.command("parity")(checks.parity)
 app.command("replay")(checks.replay)
+app.command("check")(db_check.check)
 app.add_typer(outbox.outbox_app, name="outbox")
 app.add_typer(inbound.inbound_app, name="inbound")
 app.command("bench")(local.bench)
