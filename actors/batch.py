@@ -200,7 +200,9 @@ class BatchWork:
         # event (or the hash of an older version's command) is the same payment. A key the
         # core stamped itself (a refund applied when its payment's credit came) has no hash.
         immutable = item.command.idempotency_key.startswith("stripe:") or request_hash is None
-        if request_hash != item.request_hash and not immutable:
+        # (formats) a hash a release before canonical fingerprints stored: the same command still matches.
+        same = request_hash in (item.request_hash, cmd.legacy_fingerprint(item.command))
+        if not same and not immutable:
             return error(Refusal.IDEMPOTENCY_CONFLICT, "this Idempotency-Key was used with a different request")
         replay = dict(first)
         replay["balance_micros"] = self.shard.orgs[item.org_id].org.balance_micros

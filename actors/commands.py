@@ -224,14 +224,42 @@ def well_typed(command: Command) -> bool:
     journal keeps a str, from an event of an unexpected shape) would be applied once and then
     fail every replay of the org, so it must never reach the org."""
     try:
-        return _COMMAND_DECODER.decode(JOURNAL_ENCODER.encode(command)) == command
+        return _COMMAND_DECODER.decode(_ENCODER.encode(command)) == command
     except msgspec.ValidationError:
         return False
 
 
 def fingerprint(command: Command) -> str:
-    """What a keyed command is compared by when its key comes again."""
-    return hashlib.sha256(msgspec.msgpack.encode(command)).hexdigest()
+    """What a keyed command is compared by when its key comes again: a hash of its type and of
+    its fields that differ from their defaults, by name, so that a release that appends a field
+    with a default gives every command of the releases before it the same fingerprint."""
+    canonical = {"command": type(command).__struct_config__.tag, "fields": _canonical(command)}
+    return hashlib.sha256(_CANONICAL_ENCODER.encode(canonical)).hexdigest()
+
+
+def legacy_fingerprint(command: Command) -> str:
+    """The fingerprint of the releases before `fingerprint` was canonical (a hash of the
+    positional bytes), still found in ledger rows written by them: a retry across that upgrade
+    is compared with both (actors/batch.py)."""
+    return hashlib.sha256(_ENCODER.encode(command)).hexdigest()
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, msgspec.Struct):
+        fields = {}
+        for field in msgspec.structs.fields(value):
+            current = getattr(value, field.name)
+            if field.default is not msgspec.NODEFAULT and current == field.default:
+                continue
+            if field.default_factory is not msgspec.NODEFAULT and current == field.default_factory():
+                continue
+            fields[field.name] = _canonical(current)
+        return fields
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    return value
 
 
 class JournalItem(msgspec.Struct, array_like=True):
@@ -239,8 +267,66 @@ class JournalItem(msgspec.Struct, array_like=True):
     command: Command
 
 
-JOURNAL_DECODER = msgspec.msgpack.Decoder(list[JournalItem])
-JOURNAL_ENCODER = msgspec.msgpack.Encoder()
+JOURNAL_VERSION = 2  # the format a journal entry is written in (actors/formats.py)
+
+
+class JournalEntry(msgspec.Struct, array_like=True, tag=JOURNAL_VERSION):
+    """One journal row (an org's items of one commit) as written from format 2 on:
+    `[2, [item, ...]]`. Format 1 rows are the bare list of items, `[item, ...]`."""
+
+    items: list[JournalItem]
+
+
+def saved_version(data: bytes) -> int:
+    """The format version of a saved row: the leading integer of its top-level array (format 2
+    on), or 1 when there is none (format 1 rows start with an array or a string, or are empty).
+    Read from the bytes alone, before the layout of that version is chosen."""
+    header = data[:1]
+    if header and 0x90 <= header[0] <= 0x9F:
+        start = 1  # fixarray
+    elif header == b"\xdc":
+        start = 3  # array 16
+    elif header == b"\xdd":
+        start = 5  # array 32
+    else:
+        raise msgspec.DecodeError("a saved row is a msgpack array")
+    if header[0] == 0x90 or len(data) <= start:
+        return 1
+    first = data[start]
+    if first <= 0x7F:
+        return first  # positive fixint: every version until 127
+    if first in _UINTS:
+        size = _UINTS[first]
+        return int.from_bytes(data[start + 1:start + 1 + size], "big")
+    return 1
+
+
+_UINTS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+class _JournalCodec:
+    """JOURNAL_ENCODER / JOURNAL_DECODER: a journal row's bytes from and to its items. Writes
+    the current format; reads it and format 1 (the same items, no version); refuses a newer
+    one (a row of a release ahead of this code) with DecodeError. Older formats' upcasters and
+    the whole-org load are actors/formats.py."""
+
+    def encode(self, items: list[JournalItem]) -> bytes:
+        return _ENCODER.encode(JournalEntry(items))
+
+    def decode(self, data: bytes) -> list[JournalItem]:
+        version = saved_version(data)
+        if version == JOURNAL_VERSION:
+            return _ENTRY_DECODER.decode(data).items
+        if version == 1:
+            return _V1_DECODER.decode(data)
+        raise msgspec.DecodeError(f"a journal row of format {version}: this code reads 1 to {JOURNAL_VERSION}")
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_CANONICAL_ENCODER = msgspec.json.Encoder(order="sorted")
+_ENTRY_DECODER = msgspec.msgpack.Decoder(JournalEntry)
+_V1_DECODER = msgspec.msgpack.Decoder(list[JournalItem])
+JOURNAL_ENCODER = JOURNAL_DECODER = _JournalCodec()
 _COMMAND_DECODER = msgspec.msgpack.Decoder(Command)
 
 

@@ -28,12 +28,12 @@ from actors.leases import MAX_LEASES_PER_ORG, MAX_TTL_S, Lease, Leases
 from actors.metering import SCALED_PER_MICRO
 from actors.money import (CREDIT_KINDS, DEBIT_KINDS, MAX_AMOUNT_MICROS, MAX_GRANTS_PER_ORG, PAID_KINDS,
                           PROMOTIONAL_KINDS, PURCHASED_KINDS, Grant, LedgerEntry, Money, burn_order)
-from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods
+from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods, SavedDunning
 from actors.recharge import MICROS_PER_CENT, AutoRecharge, ChargeRequest, Recharge
 from actors.refunds import DisputeRecord, RefundRecord, Refunds
 from actors.subscriptions import SubscriptionRecord, Subscriptions
 from actors.refusals import BillingError, LeaseConflict, LeaseEnded, Refusal, UnknownLease
-from config.catalog import Catalog, Plan, plan_for_period
+from config.catalog import Catalog, CatalogError, Plan, plan_for_period
 
 # Names the rest of the code base imports from here, wherever their concern keeps them.
 __all__ = [
@@ -41,13 +41,44 @@ __all__ = [
     "MAX_LEASES_PER_ORG", "MAX_TTL_S", "MICROS_PER_CENT", "PAID_KINDS", "PROMOTIONAL_KINDS",
     "PURCHASED_KINDS", "AutoRecharge", "BillingError", "ChargeRequest", "ClosedPeriod", "Decision",
     "Dunning", "DunningStep", "Effects", "Event", "GateView", "Grant", "HaltCause", "Lease",
-    "LeaseConflict", "LeaseEnded", "LedgerEntry", "OrgBillingActor", "OrgSnapshot", "OrgState", "Reason",
-    "Refusal", "Resources", "UnknownLease",
+    "LeaseConflict", "LeaseEnded", "LedgerEntry", "OrgBillingActor", "OrgSnapshot", "OrgState", "PlanTerms",
+    "Reason", "Refusal", "Resources", "SNAPSHOT_VERSION", "UnknownLease",
 ]
 
+SNAPSHOT_VERSION = 2  # the format OrgSnapshot is written in; actors/formats.py reads every older one
 
-class OrgSnapshot(msgspec.Struct, array_like=True):
-    """The persisted form of an org; the plan is stored by id and version.
+
+class PlanTerms(msgspec.Struct, array_like=True):
+    """A plan version's terms as the org last ran on it, saved with the org: the catalog's own
+    version is used whenever the catalog has it (versions are immutable), these only when an
+    operator removed the version from the catalog, so that its orgs still load, on the terms
+    they had (never repriced by a removal). A field added to `Plan` is appended here, with a
+    default."""
+
+    id: str
+    version: int
+    effective_from_us: int
+    effective_until_us: int | None
+    period: str
+    included_micros: int
+    overage: bool
+    memory_nanos_per_gib_s: int
+    cpu_nanos_per_vcpu_s: int
+    disk_nanos_per_gib_s: int
+    unit_nanos: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, plan: Plan) -> "PlanTerms":
+        return cls(**{name: getattr(plan, name) for name in cls.__struct_fields__})
+
+    def plan(self) -> Plan:
+        return Plan(**{name: getattr(self, name) for name in self.__struct_fields__ if name != "unit_nanos"},
+                    unit_nanos=dict(self.unit_nanos or {}))
+
+
+class OrgSnapshot(msgspec.Struct, array_like=True, tag=SNAPSHOT_VERSION):
+    """The persisted form of an org (format 2: `[2, org_id, ...]`, see actors/formats.py); its
+    plans are stored by id and version, with their terms in `plans`.
 
     `halted` and `dunning.step` are enums stored by value, as the plain strings and ints of
     the snapshots written before they were enums: those decode unchanged.
@@ -80,7 +111,7 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     grant_seq: int
     tier_as_of_us: int = 0  # added after v1 snapshots: they decode with 0
     recharge: AutoRecharge | None = None  # added later too
-    dunning: Dunning | None = None
+    dunning: SavedDunning | None = None
     paid_invoice: bool = False
     invoice_as_of_us: int = 0
     period_anchor_us: int = 0
@@ -95,11 +126,12 @@ class OrgSnapshot(msgspec.Struct, array_like=True):
     subscriptions: list[SubscriptionRecord] | None = None
     settled_invoices: list[str] | None = None
     lapsed: dict[str, int] | None = None
+    plans: list[PlanTerms] | None = None  # the terms of every plan named above (format 2 on)
 
 
-# Snapshot fields that are copied as they are; the plan and the lists of records need converting.
+# Snapshot fields that are copied as they are; the plans and the lists of records need converting.
 _SNAPSHOT_COPIED_FIELDS = ("plan_id", "plan_version", "grants", "leases", "refunds", "ended_leases", "disputes",
-                           "subscriptions", "settled_invoices", "lapsed")
+                           "subscriptions", "settled_invoices", "lapsed", "dunning", "plans")
 _SNAPSHOT_PLAIN_FIELDS = tuple(
     name for name in OrgSnapshot.__struct_fields__ if name not in _SNAPSHOT_COPIED_FIELDS)
 
@@ -307,8 +339,13 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
 
     def to_snapshot(self) -> OrgSnapshot:
         self.check_invariants()
+        dunning = self.dunning
+        named = [self.plan] + ([dunning.free_plan, dunning.prior_plan] if dunning is not None else [])
+        plans = {(plan.id, plan.version): plan for plan in named if plan is not None}
         return OrgSnapshot(
             plan_id=self.plan.id, plan_version=self.plan.version,
+            dunning=dunning.saved() if dunning is not None else None,
+            plans=[PlanTerms.of(plan) for plan in plans.values()],
             grants=[msgspec.structs.replace(g) for g in self.grants] if self.grants else None,
             leases=[msgspec.structs.replace(l) for l in self.leases.values()] if self.leases else None,
             refunds=[msgspec.structs.replace(r) for r in self.refunds] if self.refunds else None,
@@ -321,17 +358,27 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
 
     @classmethod
     def from_snapshot(cls, snap: OrgSnapshot, catalog: Catalog) -> "OrgBillingActor":
-        """The org a snapshot holds, its plans resolved in `catalog` (a stored plan is only its
-        id and version; the catalog's own version knows what follows it)."""
+        """The org a snapshot holds, its plans resolved in `catalog` (a stored plan is its id and
+        version; the catalog's own version knows what follows it). A version the catalog no
+        longer has runs on the terms saved with it, and stays on them (nothing follows it)
+        until a plan is set; CatalogError if there are none (a format 1 snapshot kept none)."""
         org = cls.__new__(cls)
         for name in _SNAPSHOT_PLAIN_FIELDS:
             setattr(org, name, getattr(snap, name))
-        org.plan = catalog.plan_version(snap.plan_id, snap.plan_version)
-        if org.dunning is not None:
-            dunning = org.dunning
-            dunning.free_plan = catalog.plan_version(dunning.free_plan.id, dunning.free_plan.version)
-            if dunning.prior_plan is not None:
-                dunning.prior_plan = catalog.plan_version(dunning.prior_plan.id, dunning.prior_plan.version)
+        saved = {(terms.id, terms.version): terms for terms in snap.plans or ()}
+
+        def plan_of(plan_id: str, version: int) -> Plan:
+            plan = catalog.plans.get((plan_id, version))
+            if plan is not None:
+                return plan
+            terms = saved.get((plan_id, version))
+            if terms is None:
+                raise CatalogError(f"plan {plan_id!r} version {version} is not in the catalog, and the "
+                                   "snapshot keeps no terms of it: put the version back in the catalog")
+            return terms.plan()
+
+        org.plan = plan_of(snap.plan_id, snap.plan_version)
+        org.dunning = snap.dunning.live(plan_of) if snap.dunning is not None else None
         if snap.period_cycle_us < 0:
             # Written before the cycle was kept: an org with an anchor then took the running
             # period's length from the anchor on as the cycle of the next periods.
@@ -353,7 +400,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
 
 
 # Every piece of org state is in the snapshot, or recovery would silently forget it.
-assert set(_SNAPSHOT_PLAIN_FIELDS) | set(_SNAPSHOT_COPIED_FIELDS) - {"plan_id", "plan_version"} | {"plan"} == set(
-    OrgBillingActor.__slots__)
+assert set(_SNAPSHOT_PLAIN_FIELDS) | (set(_SNAPSHOT_COPIED_FIELDS) - {"plan_id", "plan_version", "plans"}) | {
+    "plan"} == set(OrgBillingActor.__slots__)
 # The concerns add behaviour, never state of their own that the snapshot would miss.
 assert all(base.__slots__ == () for base in OrgBillingActor.__mro__[1:-1]), OrgBillingActor.__mro__

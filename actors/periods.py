@@ -7,6 +7,7 @@ command, and `next_due_us()` tells the scheduler when that will next be somethin
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from enum import IntEnum
 
 import msgspec
@@ -32,7 +33,8 @@ class DunningStep(IntEnum):
 class Dunning(msgspec.Struct, array_like=True):
     """An unpaid invoice's clock. The policy comes with the failure, so replay needs no settings.
 
-    Payment clears every step and restores `prior_plan`.
+    Payment clears every step and restores `prior_plan`. Live state only: a snapshot keeps its
+    `saved()` form, the plans by id (format 1 kept this struct, whole plans in it).
     """
 
     since_us: int
@@ -44,6 +46,38 @@ class Dunning(msgspec.Struct, array_like=True):
     prior_plan: Plan | None = None
     invoice_ids: list[str] | None = None  # the unpaid invoices; paying them all ends dunning
     invoice_subscriptions: dict[str, str] | None = None  # unpaid invoice -> the subscription it bills
+
+
+    def saved(self) -> "SavedDunning":
+        return SavedDunning(
+            self.since_us, self.suspend_after_s, self.degrade_after_s, self.downgrade_after_s, self.free_plan.id,
+            self.free_plan.version, self.step, None if self.prior_plan is None else self.prior_plan.id,
+            0 if self.prior_plan is None else self.prior_plan.version,
+            list(self.invoice_ids) if self.invoice_ids is not None else None,
+            dict(self.invoice_subscriptions) if self.invoice_subscriptions is not None else None)
+
+
+class SavedDunning(msgspec.Struct, array_like=True):
+    """Dunning as a snapshot keeps it (format 2 on): its plans by id and version, resolved in
+    the catalog at load, so a field added to `Plan` never touches a saved org."""
+
+    since_us: int
+    suspend_after_s: int
+    degrade_after_s: int
+    downgrade_after_s: int
+    free_plan_id: str
+    free_plan_version: int
+    step: DunningStep = DunningStep.NONE
+    prior_plan_id: str | None = None
+    prior_plan_version: int = 0
+    invoice_ids: list[str] | None = None
+    invoice_subscriptions: dict[str, str] | None = None
+
+    def live(self, plan_of: Callable[[str, int], Plan]) -> Dunning:
+        prior = None if self.prior_plan_id is None else plan_of(self.prior_plan_id, self.prior_plan_version)
+        return Dunning(self.since_us, self.suspend_after_s, self.degrade_after_s, self.downgrade_after_s,
+                       plan_of(self.free_plan_id, self.free_plan_version), self.step, prior, self.invoice_ids,
+                       self.invoice_subscriptions)
 
 
 class ClosedPeriod(msgspec.Struct, frozen=True):

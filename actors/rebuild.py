@@ -6,19 +6,16 @@ One path for every reader of stored orgs (a shard's load, its parity and views, 
 
 from __future__ import annotations
 
-import msgspec
-
 from actors import commands as cmd
-from actors.org import OrgBillingActor, OrgSnapshot
+from actors.formats import decode_snapshot  # (formats) every snapshot format, upcast to the current one
+from actors.org import OrgBillingActor
 from config.catalog import Catalog
-
-SNAPSHOT_DECODER = msgspec.msgpack.Decoder(OrgSnapshot)
 
 
 def rebuilt_org(state: bytes, entries: list[bytes], catalog: Catalog) -> OrgBillingActor:
     """The org a snapshot and its journal tail (in seq order) hold; raises what decoding,
     replay or the core's invariants raise."""
-    snap = SNAPSHOT_DECODER.decode(state)
+    snap = decode_snapshot(state)
     org = OrgBillingActor.from_snapshot(snap, catalog)
     for entry in entries:
         cmd.replay(org, cmd.JOURNAL_DECODER.decode(entry), catalog)

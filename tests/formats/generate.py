@@ -14,12 +14,12 @@ Each scenario is an org created and driven through `execute` at fixed times:
                                  (OrgState), a few fields OrgState does not show, and the old
                                  idempotency fingerprint of every keyed command of the journal
 and, for the corpus as a whole, catalog.toml (the catalog the scenarios ran on) and
-commands/<Type>.msgpack: every command type alone, as `fingerprint` hashed it.
+commands/<Type>.msgpack: every command type alone, and commands/fingerprints.json: the
+idempotency fingerprint the release gave each.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -154,6 +154,19 @@ SCENARIOS: dict[str, tuple[str, bool, list, list]] = {
         [(T0 + 64 * DAY, sub("sub_m", "canceled", "pro", 100, T0 + 64 * DAY))],
         [(T0 + 90 * DAY, SetPlan("payg", 1)), (T0 + 90 * DAY, Advance())],
     ]),
+    # A subscription renewed: its new period restarts the quota period (ResetPeriod in the
+    # journal), the same period reported again changes nothing. (Added to the format 1 corpus
+    # after the others, written by that same code: its journals lacked ResetPeriod.)
+    "renewal": ("hobby_weekly", True, [
+        (T0, sub("sub_r", "active", "pro", 100, T0, T0, T0 + 30 * DAY)),
+        (T0, ResetPeriod(T0, T0 + 30 * DAY)),
+        (T0 + DAY, ApplyUsage([LeaseUsage("ls_r", cpu_ms=100_000_000, ticks=5)])),
+    ], [
+        [(T0 + 30 * DAY, sub("sub_r", "active", "pro", 100, T0 + 30 * DAY, T0 + 30 * DAY, T0 + 60 * DAY)),
+         (T0 + 30 * DAY, ResetPeriod(T0 + 30 * DAY, T0 + 60 * DAY))],
+        [(T0 + 31 * DAY, ApplyUsage([LeaseUsage("ls_r", cpu_ms=10_000_000, ticks=1)]))],
+        [(T0 + 32 * DAY, ResetPeriod(T0 + 30 * DAY, T0 + 60 * DAY))],
+    ]),
 }
 
 
@@ -220,9 +233,8 @@ def main() -> None:
         write(root / name / "expected.json", json.dumps(expected_of(org, last_us, entries), indent=1) + "\n")
     for type_name, command in sorted(seen.items()):
         write(root / "commands" / f"{type_name}.msgpack", msgspec.msgpack.encode(command))
-    old = {type_name: hashlib.sha256((root / "commands" / f"{type_name}.msgpack").read_bytes()).hexdigest()
-           for type_name in seen}
-    write(root / "commands" / "fingerprints.json", json.dumps(old, indent=1, sort_keys=True) + "\n")
+    prints = {type_name: fingerprint(command) for type_name, command in seen.items()}
+    write(root / "commands" / "fingerprints.json", json.dumps(prints, indent=1, sort_keys=True) + "\n")
     shutil.copyfile(DEFAULT_CATALOG, root / "catalog.toml")
     print(f"wrote {root}: {len(SCENARIOS)} scenarios, {len(seen)} command types")
 
