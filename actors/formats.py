@@ -55,9 +55,12 @@ class UnreadableOrg(Exception):
     the others of the same load go on. `reason` says which row and why."""
 
     def __init__(self, org_id: str, reason: str) -> None:
-        super().__init__(f"org {org_id}: {reason}")
+        super().__init__(org_id, reason)  # both in args: it crosses Ray (pickled) as it is
         self.org_id = org_id
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"org {self.org_id}: {self.reason}"
 
 
 # ----- format 1: the layouts as the code before this module wrote them (never edit) ---------

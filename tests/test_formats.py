@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from pathlib import Path
 
 import msgspec
@@ -247,6 +248,9 @@ def test_an_org_whose_rows_cannot_be_read_is_unreadable_with_its_id_and_the_reas
         assert unreadable.value.org_id == "org_busy", case
         assert reason in unreadable.value.reason, (case, unreadable.value.reason)
     assert load_org("org_busy", state, entries, catalog).org_id == "org_busy"
+    crossed = pickle.loads(pickle.dumps(unreadable.value))  # as Ray hands it to a caller
+    assert (crossed.org_id, crossed.reason, str(crossed)) == (
+        "org_busy", unreadable.value.reason, f"org org_busy: {unreadable.value.reason}")
 
 
 # ----- fingerprints -------------------------------------------------------------------------------
