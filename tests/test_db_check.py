@@ -39,11 +39,16 @@ USD = 1_000_000
 ORGS = 8  # more than one page of --batch 3
 
 
-def check(url: str, *args: str) -> subprocess.CompletedProcess:
+def _env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERGATE_") and k not in ("COLUMNS", "LINES")}
-    env.update(METERGATE_CATALOG=str(CATALOG_PATH), COLUMNS="250")
-    return subprocess.run([str(METERGATE), "check", "--database-url", url, *args], env=env, capture_output=True,
-                          text=True, timeout=180, check=False)
+    return {**env, "METERGATE_CATALOG": str(CATALOG_PATH), "COLUMNS": "250", **extra}
+
+
+def check(url: str | None, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`metergate check` on the database at `url` (None: as configured by `env`)."""
+    where = ["--database-url", url] if url is not None else []
+    return subprocess.run([str(METERGATE), "check", *where, *args], env=_env(env), capture_output=True, text=True,
+                          timeout=180, check=False)
 
 
 def findings_of(url: str) -> set[tuple[str | None, str]]:
@@ -234,3 +239,69 @@ def test_a_database_it_cannot_read_is_exit_code_1_and_one_line(traffic, where):
     result = check(url)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stdout == "" and result.stderr.startswith("error: cannot check ") and result.stderr.count("\n") == 1
+
+
+# ----- the embedded Postgres of `make up` -----------------------------------------------------
+
+
+def test_without_a_database_url_it_checks_the_embedded_postgres_of_make_up(tmp_path):
+    env = {"METERGATE_DATA_DIR": str(tmp_path)}
+    never_migrated = check(None, **env)
+    assert never_migrated.returncode == 1 and "never migrated" in never_migrated.stderr, never_migrated
+    migrated = subprocess.run([str(METERGATE), "migrate"], env=_env(env), capture_output=True, text=True,
+                              timeout=180, check=False)
+    assert migrated.returncode == 0, migrated
+    result = check(None, "--json", **env)  # migrated, but no service ever made its slot map
+    assert result.returncode == 3, result
+    report = json.loads(result.stdout)
+    assert report["database"] == f"the embedded Postgres in {tmp_path / 'pg'}" and report["orgs_checked"] == 0
+    assert {(f["org_id"], f["invariant"]) for f in report["findings"]} == {(None, "slot_map_complete")}
+
+
+# ----- the comparisons alone ------------------------------------------------------------------
+
+
+def _org_with_grants() -> OrgBillingActor:
+    from actors.commands import execute
+    from actors.effects import Effects
+
+    catalog = load_catalog(CATALOG_PATH)
+    now = int(time.time() * US)
+    org = execute(None, CreateOrg("a@example.test", "payg", True), catalog, now, Effects(), org_id="org_g").org
+    execute(org, Credit("grant", 7 * USD, now + 3_600 * US), catalog, now, Effects())
+    return org
+
+
+def test_each_grant_is_held_to_the_one_credit_entry_that_made_it():
+    from actors.check import GrantEntry, check_grants
+
+    org = _org_with_grants()
+    signup, pack = org.grants
+    credits = [GrantEntry(signup.grant_id, "signup_grant", signup.remaining_micros, None),
+               GrantEntry(pack.grant_id, "grant", 7 * USD, pack.expires_at_us)]
+    assert check_grants(org, credits) == []
+    assert [(f.org_id, f.invariant) for f in check_grants(org, credits[:1])] == [("org_g", "grant_has_credit")]
+    smaller = [credits[0], GrantEntry(pack.grant_id, "grant", 7 * USD - 1, pack.expires_at_us)]
+    assert [f.invariant for f in check_grants(org, smaller)] == ["grant_within_credit"]
+    other_expiry = [credits[0], GrantEntry(pack.grant_id, "grant", 7 * USD, None)]
+    assert [f.invariant for f in check_grants(org, other_expiry)] == ["grant_matches_credit"]
+    given_back = [credits[0], GrantEntry(pack.grant_id, "refund_reversal", 7 * USD, pack.expires_at_us)]
+    assert check_grants(org, given_back) == []
+    lapsed = credits + [GrantEntry(pack.grant_id, "expiration", -7 * USD, pack.expires_at_us)]
+    assert [f.invariant for f in check_grants(org, lapsed)] == ["grant_not_expired"]
+
+
+def test_the_database_wide_comparisons_name_what_differs():
+    from actors.check import check_migrations, check_outbox, check_slot_map
+
+    known = [(1, "0001_core.sql"), (2, "0002_x.sql"), (3, "0003_y.sql")]
+    assert check_migrations(known, known) == []
+    assert [f.invariant for f in check_migrations([known[0], known[2]], known)] == [
+        "migrations_contiguous", "migrations_match_code"]
+    assert "0004_z.sql applied" in check_migrations(known + [(4, "0004_z.sql")], known)[0].found
+    full = {slot: slot % 2 for slot in range(SLOT_COUNT)}
+    assert check_slot_map(full, {0, 1}, SLOT_COUNT) == []
+    assert [f.invariant for f in check_slot_map(full, {0}, SLOT_COUNT)] == ["slot_shard_owned"]
+    assert "missing 3" in check_slot_map({s: 0 for s in full if s != 3}, {0}, SLOT_COUNT)[0].found
+    assert check_outbox([("pending", False, 4), ("delivered", True, 9), ("dead", False, 1)]) == []
+    assert len(check_outbox([("delivered", False, 2), ("pending", True, 1), ("sent", False, 1)])) == 3
