@@ -67,7 +67,9 @@ def migrate(as_json: JsonOption = False) -> None:
         else:
             where = _without_password(url)
         try:
-            applied = asyncio.run(db.migrate(url))
+            applied = asyncio.run(db.migrate(url, **db.migration_options(settings)))
+        except SettingsError as exc:  # a refusal (newer database, changed file, pooler, lock): its own words
+            raise CliError(f"cannot migrate {where}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - asyncpg and OS errors alike: one line naming the database
             raise CliError(f"cannot migrate {where}: {type(exc).__name__}: {exc}") from None
         finally:

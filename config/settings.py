@@ -109,6 +109,18 @@ class Settings(BaseSettings):
     # Whether a failed one-off invoice (not a subscription's) starts dunning too.
     dunning_one_off_invoices: bool = False
 
+    # Migrations (storage/migrator.py; docs/operations/upgrades.md): each waits at most this
+    # long for a lock (a DDL queued behind a job's lock queues every commit behind itself), and
+    # is tried this many times before the start stops naming who held the lock.
+    migration_lock_timeout_ms: int = Field(3_000, ge=100, le=600_000)
+    migration_attempts: int = Field(10, ge=1, le=1_000)
+    # Applied migrations whose text changed and may start anyway (whitespace or comments only):
+    # comma-separated NNNN_name.sql@checksum, as a refused start prints them.
+    migrations_accept_changed: str = ""
+    # Tests only: the wire version a shard reports (config/version.py), to make a shard of
+    # another version without another checkout. Unset: this code's.
+    test_wire_version: int | None = Field(None, ge=1)
+
     @field_validator("catalog")
     @classmethod
     def _catalog_exists(cls, path: Path) -> Path:

@@ -7,14 +7,17 @@ import json
 import logging
 import signal
 import threading
-from importlib import resources
 from pathlib import Path
 
 import asyncpg
 
-from config.settings import SettingsError
-
+from storage.migrator import (BadMigrationFile, MigrationBlocked, MigrationRefused, migrate, migration_options,
+                              migrations)
+from storage.pooler import TransactionPoolerRefused
 from storage.slots import Fenced
+
+__all__ = ["BadMigrationFile", "MigrationBlocked", "MigrationRefused", "TransactionPoolerRefused", "migrate",
+           "migration_options"]
 
 log = logging.getLogger("metergate.storage")
 
@@ -48,10 +51,6 @@ def drop(conn) -> None:
         conn.terminate()
     except asyncpg.InterfaceError:
         pass
-
-
-# Any constant works as long as every migrator uses it: it serialises concurrent start-ups.
-_MIGRATION_LOCK = 7_310_001
 
 
 # pgserver's pg_ctl start waits up to 10 s; initdb before it (a new data folder) a few more.
@@ -152,57 +151,31 @@ def _forget_dead_holders(pg_dir: Path) -> None:
         holders.write_text(json.dumps(alive))
 
 
-def migration_files() -> list[tuple[int, str, str]]:
-    folder = resources.files("storage") / "migrations"
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if not name.endswith(".sql"):
-            continue
-        version = int(name.split("_", 1)[0])
-        found.append((version, name, entry.read_text()))
-    found.sort()
-    versions = [v for v, _, _ in found]
-    assert len(set(versions)) == len(versions), f"duplicate migration numbers: {versions}"
-    return found
+def migration_files(folder: Path | None = None) -> list[tuple[int, str, str]]:
+    """(version, file name, text) of every migration, in order."""
+    return [(m.version, m.name, m.sql) for m in migrations(folder)]
 
 
-class MigrationRefused(SettingsError):
-    """A migration found the database in a state it must not upgrade from; the message says why
-    and what to do (the start stops with it, one line)."""
+class SessionConnection(asyncpg.Connection):
+    """A pool connection whose get_server_pid() is its Postgres session's own pid.
+
+    asyncpg's is the pid the server sent when the link opened: through a pooler (PgBouncer,
+    even in session mode) a number the pooler made up. A lost COMMIT is resolved by ending the
+    backend that held it (actors/claim.py), which needs the real one: asked of the session."""
+
+    _session_pid: int | None = None
+
+    def get_server_pid(self) -> int:
+        return self._session_pid if self._session_pid is not None else super().get_server_pid()
 
 
-async def migrate(url: str) -> list[str]:
-    """Apply the migrations not yet recorded, in order, each in its own transaction."""
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        done = []
-        for version, name, sql in migration_files():
-            if version in applied:
-                continue
-            async with conn.transaction():
-                try:
-                    await conn.execute(sql)
-                except asyncpg.exceptions.RaiseError as exc:  # a migration that refuses this database
-                    raise MigrationRefused(f"{name}: {exc}") from None
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
-            log.info("applied migration %s", name)
-            done.append(name)
-        return done
-    finally:
-        await conn.close()
+async def _learn_session_pid(conn: SessionConnection) -> None:
+    conn._session_pid = await conn.fetchval("SELECT pg_backend_pid()")
 
 
 async def create_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size,
-                                     command_timeout=60)
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=60,
+                                     connection_class=SessionConnection, init=_learn_session_pid)
 
 
 async def ping(pool: asyncpg.Pool) -> None:
