@@ -43,6 +43,7 @@ from actors.retry import DEAD, PENDING, US_PER_S, RetryPolicy
 from actors.routing import ShardRouter
 from actors.timeutil import us_to_rfc3339
 from config.settings import Settings, stripe_client
+from config.version import this_version
 from storage import clock_offset, due, journal, locks, meter_events, outbox
 from storage.db import create_pool
 from storage.times import us_to_dt
@@ -122,7 +123,7 @@ class SchedulerActor:
 
     async def ready(self) -> dict:
         await self._ensure_started()
-        return {"runs": self.runs, "offset_us": clock.offset_us()}
+        return {"runs": self.runs, "offset_us": clock.offset_us(), "version": this_version(self.settings)}
 
     async def _loop(self) -> None:
         last_run = {job.name: 0.0 for job in JOBS}

@@ -22,6 +22,7 @@ class Refusal(StrEnum):
     WRONG_SHARD = "wrong_shard"
     SHARD_BUSY = "shard_busy"
     SHARD_UNAVAILABLE = "shard_unavailable"
+    SHARD_VERSION_MISMATCH = "shard_version_mismatch"  # config/version.py: a deploy mixes versions
     OUTCOME_UNKNOWN = "outcome_unknown"
     UNSTORABLE_INPUT = "unstorable_input"
     INTERNAL_ERROR = "internal_error"

@@ -22,12 +22,13 @@ from collections import Counter
 from typing import Awaitable, Callable
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 
 from actors import metrics
 from actors.placement import NAMESPACE, cached_slot_of, shard_name
 from actors.refusals import Refusal
 from actors.ticks import TICKS_ENCODER, Tick
+from config.version import incompatibility, this_version
 from metergate_client.decision import Decision, Resources, decide
 from metergate_client.projection import RECORD_DECODER, Projection, mono_us
 
@@ -41,9 +42,23 @@ FEED_RETRY_S = (0.05, 1.0)  # backoff of a feed whose shard cannot be reached: f
 class ShardUnavailable(Exception):
     """A shard actor could not be reached (restarting, or its node gone): retry the request."""
 
-    def __init__(self, shard: int) -> None:
-        super().__init__(f"billing shard {shard} is unavailable; retry the request")
+    code = Refusal.SHARD_UNAVAILABLE
+
+    def __init__(self, shard: int, message: str | None = None) -> None:
+        super().__init__(message or f"billing shard {shard} is unavailable; retry the request")
         self.shard = shard
+
+
+class ShardVersionMismatch(ShardUnavailable):
+    """The shard runs a version this router may not talk to (config/version.py): a deploy
+    mixes versions. Nothing is sent to it; the 503 lasts until the versions agree."""
+
+    code = Refusal.SHARD_VERSION_MISMATCH
+
+    def __init__(self, shard: int, why: str) -> None:
+        super().__init__(shard, f"billing shard {shard} is refused: {why}; a deploy is mixing metergate versions, "
+                                "and requests for its orgs fail until every part runs one version "
+                                "(docs/operations/upgrades.md)")
 
 
 class Batcher:
@@ -100,11 +115,66 @@ class ShardRouter:
         self.project_views = project_views
         shard_count = max(slot_to_shard) + 1
         self.handles = [ray.get_actor(shard_name(k), namespace=NAMESPACE) for k in range(shard_count)]
-        self.views = [Batcher(k, h.gate_views.remote) for k, h in enumerate(self.handles)]
+        # The version handshake: a shard is called only once its ready() reported a version
+        # this code may talk to; again after it died or restarted (it may run other code then).
+        self.version = this_version()
+        self.agreed = [False] * shard_count
+        self.handshakes = [asyncio.Lock() for _ in range(shard_count)]
+        self.views = [Batcher(k, self._sender(k, "gate_views")) for k in range(shard_count)]
         self.projection = Projection()
         self.following: list[asyncio.Task] = []
-        self.commands = [Batcher(k, h.submit.remote) for k, h in enumerate(self.handles)]
-        self.states = [Batcher(k, h.state.remote) for k, h in enumerate(self.handles)]
+        self.commands = [Batcher(k, self._sender(k, "submit")) for k in range(shard_count)]
+        self.states = [Batcher(k, self._sender(k, "state")) for k in range(shard_count)]
+
+    # ----- the version handshake ---------------------------------------------------------
+
+    async def handle(self, shard: int):
+        """The shard's actor handle, once it reported a version this code may talk to; raises
+        ShardVersionMismatch (it may not) or ShardUnavailable (it did not answer)."""
+        if self.agreed[shard]:
+            return self.handles[shard]
+        async with self.handshakes[shard]:
+            if not self.agreed[shard]:
+                await self._handshake(shard)
+        return self.handles[shard]
+
+    async def _handshake(self, shard: int) -> None:
+        for attempt in range(2):
+            try:
+                report = await self.handles[shard].ready.remote()
+                break
+            except RayActorError:
+                # Gone for good (a deploy replaced it) or restarting: its name may now lead to
+                # a new actor.
+                if attempt:
+                    raise ShardUnavailable(shard) from None
+                try:
+                    self.handles[shard] = await asyncio.to_thread(ray.get_actor, shard_name(shard),
+                                                                  namespace=NAMESPACE)
+                except ValueError:
+                    raise ShardUnavailable(shard) from None
+            except RayError:  # its start failed (Postgres away): asked again at the next call
+                raise ShardUnavailable(shard) from None
+        why = incompatibility(report.get("version"), self.version)
+        if why is not None:
+            log.error("routing: billing shard %s refused: %s", shard, why)
+            raise ShardVersionMismatch(shard, why)
+        self.agreed[shard] = True
+
+    def forget_version(self, shard: int) -> None:
+        """The shard died or restarted: it is asked its version again before the next call."""
+        self.agreed[shard] = False
+
+    def _sender(self, shard: int, method: str) -> Callable[[list], Awaitable[list]]:
+        async def send(items: list) -> list:
+            handle = await self.handle(shard)
+            try:
+                return await getattr(handle, method).remote(items)
+            except RayActorError:
+                self.forget_version(shard)
+                raise
+
+        return send
 
     def shard_of(self, org_id: str) -> int:
         return self.slot_to_shard[cached_slot_of(org_id)]
@@ -134,6 +204,8 @@ class ShardRouter:
         shard = self.shard_of(org_id)
         try:
             reply = await self.views[shard].call(org_id)
+        except ShardVersionMismatch as exc:
+            return {"error": {"code": exc.code, "message": str(exc)}}
         except ShardUnavailable:
             return {"error": {"code": Refusal.SHARD_UNAVAILABLE,
                               "message": f"billing shard {shard} is unavailable; retry the check"}}
@@ -172,8 +244,12 @@ class ShardRouter:
         while True:
             sent = mono_us()
             try:
-                reply = await self.handles[shard].changes.remote(epoch, seq, FEED_WAIT_S)
-            except RayError:  # the shard restarts or its node is gone: decide from it, not from views
+                handle = await self.handle(shard)
+                reply = await handle.changes.remote(epoch, seq, FEED_WAIT_S)
+            except (RayError, ShardUnavailable) as exc:  # the shard restarts or its node is gone, or
+                # runs another version: decide from it (which refuses), not from views
+                if isinstance(exc, RayActorError):
+                    self.forget_version(shard)
                 projection.forget_heard(shard)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, FEED_RETRY_S[1])
@@ -184,6 +260,8 @@ class ShardRouter:
                 await asyncio.sleep(FEED_RETRY_S[1])
                 continue
             retry = FEED_RETRY_S[0]
+            if epoch is not None and reply["epoch"] != epoch:
+                self.forget_version(shard)  # a new incarnation, maybe of other code: asked again
             if epoch is None or reply["resync"]:
                 # A new incarnation, the first contact, or behind what the log dropped: forget
                 # the shard's views and read its whole log from seq 0 (every org's latest
@@ -234,16 +312,22 @@ class ShardRouter:
     async def changes(self, shard: int, epoch: int | None, seq: int, wait_s: float, prefix: str = "") -> dict:
         """One shard's view feed after (epoch, seq), of the orgs whose id begins with `prefix`;
         raises ShardUnavailable."""
+        handle = await self.handle(shard)
         try:
-            return await self.handles[shard].changes.remote(epoch, seq, wait_s, prefix)
-        except RayError:
+            return await handle.changes.remote(epoch, seq, wait_s, prefix)
+        except RayError as exc:
+            if isinstance(exc, RayActorError):
+                self.forget_version(shard)
             raise ShardUnavailable(shard) from None
 
     async def views_page(self, shard: int, after: str | None, limit: int, prefix: str = "",
                          as_of: tuple[int, int] | None = None) -> dict:
+        handle = await self.handle(shard)
         try:
-            return await self.handles[shard].views_page.remote(after, limit, prefix, as_of)
-        except RayError:
+            return await handle.views_page.remote(after, limit, prefix, as_of)
+        except RayError as exc:
+            if isinstance(exc, RayActorError):
+                self.forget_version(shard)
             raise ShardUnavailable(shard) from None
 
     async def state(self, org_id: str) -> dict:
@@ -260,9 +344,12 @@ class ShardRouter:
             parts.setdefault(self.shard_of(tick.org_id), []).append(tick)
 
         async def send(shard: int, part: list[Tick]) -> dict:
+            handle = await self.handle(shard)
             try:
-                return self._take_views(await self.handles[shard].usage.remote(TICKS_ENCODER.encode(part)))
-            except RayError:
+                return self._take_views(await handle.usage.remote(TICKS_ENCODER.encode(part)))
+            except RayError as exc:
+                if isinstance(exc, RayActorError):
+                    self.forget_version(shard)
                 raise ShardUnavailable(shard) from None
 
         return list(await asyncio.gather(*(send(k, p) for k, p in parts.items())))

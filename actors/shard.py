@@ -43,6 +43,7 @@ from actors.ticks import TICKS_DECODER, Tick
 from actors.viewlog import ViewLog
 from config.catalog import Catalog, load_catalog
 from config.settings import Settings
+from config.version import this_version
 from storage import clock_offset
 from storage import journal as store
 from storage.slots import Fenced
@@ -155,7 +156,8 @@ class ShardActor(ShardReads):
 
     async def ready(self) -> dict:
         await self._ensure_started()
-        return {"shard": self.shard, "epoch": self.epoch, "slots": len(self.slots), "pid": os.getpid()}
+        return {"shard": self.shard, "epoch": self.epoch, "slots": len(self.slots), "pid": os.getpid(),
+                "version": this_version(self.settings)}
 
     async def parity(self) -> dict:
         """Rebuild every loaded org from Postgres and compare it with memory.

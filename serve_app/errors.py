@@ -48,6 +48,7 @@ STATUS_BY_REFUSAL: dict[Refusal, int] = {
     Refusal.WRONG_SHARD: 503,
     Refusal.SHARD_BUSY: 503,
     Refusal.SHARD_UNAVAILABLE: 503,
+    Refusal.SHARD_VERSION_MISMATCH: 503,
     Refusal.OUTCOME_UNKNOWN: 503,
     Refusal.UNSTORABLE_INPUT: 422,
     Refusal.INTERNAL_ERROR: 500,
@@ -112,7 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ShardUnavailable)
     async def _shard_unavailable(_: Request, exc: ShardUnavailable) -> JSONResponse:
-        return error_response(503, "shard_unavailable", str(exc))
+        return error_response(503, exc.code, str(exc))  # shard_unavailable, shard_version_mismatch
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -29,12 +29,14 @@ from actors.placement import NAMESPACE, shard_name
 from actors.shard import ShardActor
 from config.catalog import load_catalog
 from config.settings import Settings, SettingsError, generated_tokens, load_settings
+from config.version import describe, incompatibility, this_version
 from storage import slots
-from storage.db import migrate, start_embedded_postgres, stop_embedded_postgres, stop_postgres_now
+from storage.db import migrate, migration_options, start_embedded_postgres, stop_embedded_postgres, stop_postgres_now
 
 log = logging.getLogger("metergate.launch")
 APP_NAME = "metergate"
 SHARD_CPUS = 0.1
+MAX_SHARDS = 256  # METERGATE_SHARDS at most
 JOBS_CPUS = 0.05
 
 
@@ -74,7 +76,7 @@ def prepare_database(settings: Settings, running: Running) -> Settings:
         settings = settings.model_copy(update={"database_url": url})
 
     async def setup() -> list[int]:
-        await migrate(settings.database_url)
+        await migrate(settings.database_url, **migration_options(settings))
         conn = await asyncpg.connect(settings.database_url)
         try:
             await slots.ensure_slots(conn, settings.shards)
@@ -84,6 +86,32 @@ def prepare_database(settings: Settings, running: Running) -> Settings:
 
     running.slot_map = asyncio.run(setup())
     return settings
+
+
+class VersionMismatch(SettingsError):
+    """A running shard or scheduler (detached, from an earlier start or deploy) is of a version
+    this start may not work with; the message says what to do."""
+
+
+def refuse_other_versions(reports: dict[str, dict]) -> None:
+    """Raise VersionMismatch naming each part (name → its ready() answer) whose version this
+    code may not talk to. A part of another release but the same wire and schema versions is
+    kept (logged): it runs the older code until it is restarted."""
+    ours = this_version()
+    refused = {name: why for name, report in reports.items()
+               if (why := incompatibility(report.get("version"), ours)) is not None}
+    if refused:
+        parts = "; ".join(f"{name}: {why}" for name, why in refused.items())
+        raise VersionMismatch(
+            f"this start ({describe(ours)}) found parts of another version running: {parts}. They were started "
+            "by an earlier start or deploy and still run (detached actors). Stop them first, draining every shard "
+            "(`python -m serve_app.launch stop-backend` on the cluster), then start again "
+            "(docs/operations/upgrades.md)")
+    for name, report in reports.items():
+        if report["version"]["release"] != ours["release"]:
+            log.warning("%s runs %s, this start %s: same wire and schema versions, so it is kept; it runs its "
+                        "own code until it restarts (stop-backend, then start, to run this code)",
+                        name, describe(report["version"]), describe(ours))
 
 
 def start_shards(settings: Settings) -> list:
@@ -98,7 +126,8 @@ def start_shards(settings: Settings) -> list:
             max_restarts=-1, max_task_retries=0, num_cpus=SHARD_CPUS, max_concurrency=10_000,
             scheduling_strategy="SPREAD",
         ).remote(k, settings.model_dump_json()))
-    ray.get([h.ready.remote() for h in handles])
+    reports = ray.get([h.ready.remote() for h in handles])
+    refuse_other_versions({shard_name(k): report for k, report in enumerate(reports)})
     return handles
 
 
@@ -107,7 +136,7 @@ def start_jobs(settings: Settings, slot_map: list[int]):
         name=JOBS_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=0, num_cpus=JOBS_CPUS, max_concurrency=100,
     ).remote(settings.model_dump_json(), slot_map)
-    ray.get(handle.ready.remote())
+    refuse_other_versions({JOBS_NAME: ray.get(handle.ready.remote())})
     return handle
 
 
@@ -472,3 +501,38 @@ def _kill_shards(shards: int) -> None:
             ray.kill(ray.get_actor(shard_name(k), namespace=NAMESPACE), no_restart=True)
         except ValueError:
             pass  # not running
+
+
+def stop_backend(budget_s: float = 60.0) -> None:
+    """On the Ray cluster this process is connected to: stop the scheduler, then drain every
+    shard (queued work commits, every org with a journal tail snapshots) and stop it. The
+    ingress must be stopped first (`serve shutdown -y`), so that nothing new reaches them."""
+    deadline = time.monotonic() + budget_s
+    try:
+        ray.kill(ray.get_actor(JOBS_NAME, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        pass  # not running
+    running = []
+    for k in range(MAX_SHARDS):  # every shard an earlier version ran, whatever METERGATE_SHARDS says now
+        try:
+            running.append((k, ray.get_actor(shard_name(k), namespace=NAMESPACE)))
+        except ValueError:
+            continue
+    ray.get([handle.drain.remote() for _, handle in running], timeout=max(deadline - time.monotonic(), 1.0))
+    for k, handle in running:
+        ray.kill(handle, no_restart=True)
+        log.info("stopped %s (drained)", shard_name(k))
+
+
+if __name__ == "__main__":
+    # `python -m serve_app.launch stop-backend`: the step of an upgrade between `serve shutdown`
+    # and the next `serve deploy` (docs/operations/upgrades.md).
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if sys.argv[1:] != ["stop-backend"]:
+        sys.exit("usage: python -m serve_app.launch stop-backend  (on a node of the cluster, after "
+                 "`serve shutdown -y`)")
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE)
+        stop_backend()
+    except (ConnectionError, ray.exceptions.GetTimeoutError) as exc:
+        sys.exit(f"stop-backend: {exc}")

@@ -35,8 +35,9 @@ def routes(ctx: Context) -> APIRouter:
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["postgres"] = f"error: {type(exc).__name__}"
         try:
-            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in ctx.router.handles)),
-                                   READY_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in ctx.router.handles),
+                                                  *map(ctx.router.handle, range(len(ctx.router.handles)))),
+                                   READY_TIMEOUT_S)  # (router.handle: the version handshake)
             checks["shards"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["shards"] = f"error: {type(exc).__name__}"
