@@ -2,11 +2,12 @@
 
 storage/check.py reads the rows (a page of orgs at a time, and a few global tables); this
 module says, for each invariant, what was expected and what was found. Nothing here reads
-Postgres or a clock. The org is rebuilt exactly as a shard loads it (actors/rebuild.py), so
-the check fails where a shard's load would, and agrees where a shard's memory would.
+Postgres or a clock. The org is rebuilt by actors/formats.py's `load_org`, the one-org load
+over the same decoders a shard's load runs (every saved format version, upcast), so the check
+fails where a shard's load would, and agrees where a shard's memory would.
 
 The invariants (names as they appear in findings):
-  per org   snapshot_present, snapshot_names_org, rebuilds (snapshot decodes, the journal tail
+  per org   snapshot_present, rebuilds (the snapshot is the org's and decodes, the journal tail
             replays, the core's own `check_invariants` hold), journal_contiguous,
             balance_equals_ledger (billing-rules 2.1: the balance, every grant held counted, minus
             debt, is SUM(ledger.amount_micros)), slot_of_org, billing_mode_matches,
@@ -24,7 +25,7 @@ from enum import StrEnum
 from actors.money import CREDIT_KINDS, REVERSAL_KINDS
 from actors.org import OrgBillingActor
 from actors.placement import slot_of
-from actors.rebuild import rebuilt_org
+from actors.formats import UnreadableOrg, load_org
 from actors.retry import DEAD, PENDING
 from config.catalog import Catalog
 
@@ -38,7 +39,6 @@ GRANT_PREFIX = "gr_"
 
 class Invariant(StrEnum):
     SNAPSHOT_PRESENT = "snapshot_present"
-    SNAPSHOT_NAMES_ORG = "snapshot_names_org"
     REBUILDS = "rebuilds"
     JOURNAL_CONTIGUOUS = "journal_contiguous"
     BALANCE_EQUALS_LEDGER = "balance_equals_ledger"
@@ -131,15 +131,13 @@ def check_org(stored: StoredOrg, catalog: Catalog) -> tuple[list[Finding], OrgBi
     found += _journal_gaps(org_id, stored.snapshot_seq, [seq for seq, _ in stored.journal])
     entries = [entry for _, entry in stored.journal]
     try:
-        org = rebuilt_org(stored.state, entries, catalog)
+        org = load_org(org_id, stored.state, entries, catalog)
     except Exception as exc:  # noqa: BLE001 - whatever a shard's load would fail with is the finding
+        why = exc.reason if isinstance(exc, UnreadableOrg) else f"{type(exc).__name__}: {exc}"
         found.append(Finding(org_id, Invariant.REBUILDS,
-                             f"the snapshot (seq {stored.snapshot_seq}) decodes and {len(entries)} journal "
-                             "entries replay, the core's invariants holding",
-                             f"{_failed_part(stored.state, catalog)}: {type(exc).__name__}: {exc}"))
+                             f"the snapshot (seq {stored.snapshot_seq}) is the org's and decodes, and {len(entries)} "
+                             "journal entries replay, the core's invariants holding", why))
         return found, None
-    if org.org_id != org_id:
-        found.append(Finding(org_id, Invariant.SNAPSHOT_NAMES_ORG, org_id, org.org_id))
     mode = "prepaid" if org.prepaid else "postpaid"
     if stored.billing_mode != mode:
         found.append(Finding(org_id, Invariant.BILLING_MODE_MATCHES, f"orgs.billing_mode {mode}",
@@ -166,15 +164,6 @@ def _journal_gaps(org_id: str, snapshot_seq: int, seqs: list[int]) -> list[Findi
                             + (f" and {expected - snapshot_seq - 1} entries" if expected > snapshot_seq + 1 else ""),
                             f"seq {seq}")]
     return []
-
-
-def _failed_part(state: bytes, catalog: Catalog) -> str:
-    """Which part fails, for the finding: the snapshot alone, or the journal tail after it."""
-    try:
-        rebuilt_org(state, [], catalog)
-    except Exception:  # noqa: BLE001 - only which part fails is asked
-        return "the snapshot"
-    return "the journal tail"
 
 
 def grants_to_look_up(org: OrgBillingActor) -> list[str]:

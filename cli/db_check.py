@@ -136,7 +136,7 @@ async def _check_page(conn, page, catalog, cutoff_us: int) -> list:
                                  total.future_usage_rows, total.newest_usage_us)
         org_findings, org = rules.check_org(stored, catalog)
         found += org_findings
-        if org is not None and org.org_id == row.org_id:
+        if org is not None:
             rebuilt.append(org)
     pairs = [(org.org_id, grant_id) for org in rebuilt for grant_id in rules.grants_to_look_up(org)]
     entries = await reads.grant_entries(conn, pairs)

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from actors import shard as shard_module
 from actors.commands import AcquireLease, CreateOrg, Credit, Halt, RefundPayment, Resume, fingerprint
-from actors.org import OrgBillingActor, OrgSnapshot, Resources
+from actors.formats import decode_snapshot, encode_snapshot
+from actors.org import OrgBillingActor, Resources
 from actors.placement import SLOT_COUNT, slot_of
 from actors.shard import ShardActor
 from actors.ticks import TICKS_ENCODER, Tick
@@ -153,11 +153,11 @@ def _delete_ledger_row(sql: Sql, roles: dict) -> tuple[Callable[[], None], set]:
 def _snapshot_of_an_altered_org(sql: Sql, roles: dict) -> tuple[Callable[[], None], set]:
     org_id = roles["paid"]
     stored = sql.val("SELECT state FROM org_snapshots WHERE org_id = $1", org_id)
-    org = OrgBillingActor.from_snapshot(msgspec.msgpack.decode(stored, type=OrgSnapshot), load_catalog(CATALOG_PATH))
+    org = OrgBillingActor.from_snapshot(decode_snapshot(stored), load_catalog(CATALOG_PATH))
     richest = max(org.grants, key=lambda g: g.remaining_micros)
     richest.remaining_micros -= 1  # a micro-USD the ledger never took
     assert sql.val("UPDATE org_snapshots SET state = $2 WHERE org_id = $1 RETURNING 1", org_id,
-                   msgspec.msgpack.encode(org.to_snapshot())) == 1
+                   encode_snapshot(org.to_snapshot())) == 1
     return (lambda: sql.val("UPDATE org_snapshots SET state = $2 WHERE org_id = $1 RETURNING 1", org_id, stored),
             {(org_id, "balance_equals_ledger")})
 
@@ -169,6 +169,16 @@ def _journal_gap(sql: Sql, roles: dict) -> tuple[Callable[[], None], set]:
     return (lambda: sql.val("UPDATE org_journal SET seq = $2 WHERE org_id = $1 AND seq = $2 + 1 RETURNING 1",
                             org_id, last),
             {(org_id, "journal_contiguous")})
+
+
+def _undecodable_journal_row(sql: Sql, roles: dict) -> tuple[Callable[[], None], set]:
+    org_id = roles["with_tail"]
+    seq, entry = sql.fetch("SELECT seq, entry FROM org_journal WHERE org_id = $1 ORDER BY seq DESC LIMIT 1", org_id)[0]
+    assert sql.val("UPDATE org_journal SET entry = $3 WHERE org_id = $1 AND seq = $2 RETURNING 1", org_id, seq,
+                   b"\xc1") == 1  # 0xc1: the one byte msgpack never uses
+    return (lambda: sql.val("UPDATE org_journal SET entry = $3 WHERE org_id = $1 AND seq = $2 RETURNING 1", org_id,
+                            seq, entry),
+            {(org_id, "rebuilds")})
 
 
 def _slot_moved(sql: Sql, roles: dict) -> tuple[Callable[[], None], set]:
@@ -200,8 +210,9 @@ def _outbox_status_unknown(sql: Sql, roles: dict) -> tuple[Callable[[], None], s
             {(None, "outbox_status_valid")})
 
 
-@pytest.mark.parametrize("corrupt", [_delete_ledger_row, _snapshot_of_an_altered_org, _journal_gap, _slot_moved,
-                                     _payment_credited_in_a_second_org, _slot_unmapped, _outbox_status_unknown],
+@pytest.mark.parametrize("corrupt", [_delete_ledger_row, _snapshot_of_an_altered_org, _journal_gap,
+                                     _undecodable_journal_row, _slot_moved, _payment_credited_in_a_second_org,
+                                     _slot_unmapped, _outbox_status_unknown],
                          ids=lambda f: f.__name__.strip("_"))
 def test_one_corruption_is_named_with_its_org_and_invariant(traffic, corrupt):
     url, sql, roles = traffic
