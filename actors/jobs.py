@@ -1,7 +1,9 @@
 """The scheduler: time-driven work for every org, one Ray actor (`metergate-jobs`).
 
-Each job runs inside a transaction holding a Postgres advisory lock, so a second scheduler
-(or a re-run) finds the lock taken and skips; and each job's effects are idempotent anyway:
+Each job runs holding a Postgres advisory lock of its connection's session (never a
+transaction: jobs call Stripe and webhook receivers, and a transaction open across a network
+call holds back vacuum), so a second scheduler (or a re-run) finds the lock taken and skips;
+each statement commits on its own, and each job's effects are idempotent anyway:
 - sweep: orgs whose `org_due` time has come get an Advance command through their shard,
   which applies what time changed (a new period with its usage archived, grant and pack
   expiry, lease expiry, dunning steps) from the org's own state, so a second Advance at the
@@ -10,7 +12,11 @@ Each job runs inside a transaction holding a Postgres advisory lock, so a second
   the same message id on every attempt, exponential backoff and a dead-letter state;
 - meter: postpaid usage rolled up per hour into Stripe meter events (shadow by default);
 - parity: each shard compares its loaded orgs with their journal;
-- prune_tick_ids: tick ids older than the dedupe retention are deleted.
+- prune_tick_ids: tick ids older than the dedupe retention are deleted;
+- retention: delivered and dead outbox events, Idempotency-Key answers, inbound webhook ids and
+  settled meter events past their retention are deleted, a bounded batch of each per run;
+- fold_usage: the ledger's usage rows older than METERGATE_LEDGER_FOLD_AFTER_S are folded
+  into one per org and hour (storage/retention.py says why every reader answers the same).
 
 Every job is one row of JOBS (name, cadence, advisory lock, function): that table is the only
 place periodic work is declared. What is sent out (webhooks, meter events) is retried by one
@@ -44,7 +50,7 @@ from actors.routing import ShardRouter
 from actors.timeutil import us_to_rfc3339
 from config.settings import Settings, stripe_client
 from config.version import this_version
-from storage import clock_offset, due, journal, locks, meter_events, outbox
+from storage import clock_offset, due, journal, locks, meter_events, outbox, retention
 from storage.db import create_pool
 from storage.times import us_to_dt
 
@@ -65,6 +71,8 @@ SWEEP_ROUNDS = 50  # per run; what is left is taken by the next run
 OUTBOX_BATCH = 200
 DELIVERY_TIMEOUT_S = 10.0
 TICK_PRUNE_BATCH = 50_000
+RETENTION_BATCH = 10_000  # rows of each table per retention run (a run a minute)
+FOLD_HOURS_PER_RUN = 24  # hours of the ledger folded per run; a backlog is caught up an hour at a time
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class SchedulerActor:
         self.outbox_retry = RetryPolicy(self.settings.webhook_backoff_s, self.settings.webhook_max_attempts)
         self.meter_retry = RetryPolicy(self.settings.webhook_backoff_s, METER_MAX_ATTEMPTS)
         self.runs = {"sweep": 0, "outbox": 0, "meter": 0, "parity": 0, "prune_tick_ids": 0, "outbox_count": 0,
+                     "retention": 0, "fold_usage": 0,
                      "skipped_locked": 0, "errors": 0, "parity_drift": 0}
         try:
             asyncio.get_running_loop()
@@ -140,14 +149,20 @@ class SchedulerActor:
             await asyncio.sleep(TICK_EVERY_S)
 
     async def _run(self, job: Job) -> dict | None:
-        """Run one job holding its advisory lock for its transaction; None if another runner has it."""
+        """Run one job holding its advisory lock for the connection's session, with no
+        transaction open (each statement commits by itself; a job that needs one keeps it
+        short and never across a network call); None if another runner has the lock."""
         await self._ensure_started()
         async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                if not await locks.try_transaction_lock(conn, job.lock):
-                    self.runs["skipped_locked"] += 1
-                    return None
+            if not await locks.try_session_lock(conn, job.lock):
+                self.runs["skipped_locked"] += 1
+                return None
+            try:
                 result = await job.run(self, conn)
+                assert not conn.is_in_transaction(), f"job {job.name} left a transaction open"
+            finally:
+                if not conn.is_closed():
+                    await locks.release_session_lock(conn, job.lock)
         self.runs[job.name] += 1
         return result
 
@@ -181,6 +196,12 @@ class SchedulerActor:
 
     async def prune_tick_ids(self) -> dict | None:
         return await self._run(JOB["prune_tick_ids"])
+
+    async def retention(self) -> dict | None:
+        return await self._run(JOB["retention"])
+
+    async def fold_usage(self) -> dict | None:
+        return await self._run(JOB["fold_usage"])
 
     # ----- the jobs ------------------------------------------------------------------------
 
@@ -329,6 +350,39 @@ class SchedulerActor:
         return {"pruned": await journal.prune_tick_ids(conn, us_to_dt(cutoff), TICK_PRUNE_BATCH)}
 
 
+    async def _retention(self, conn: asyncpg.Connection) -> dict:
+        """What nothing reads any more, a batch of each per run (docs/operations/retention.md)."""
+        settings, now = self.settings, now_us()
+
+        def before(retention_s: int):
+            return us_to_dt(now - retention_s * US_PER_S)
+
+        assert settings.meter_event_retention_s > METER_LOOKBACK_S, "the roll-up would make deleted hours again"
+        return {
+            "outbox": await retention.delete_finished_outbox(
+                conn, before(settings.outbox_delivered_retention_s), before(settings.outbox_dead_retention_s),
+                RETENTION_BATCH),
+            "idempotency": await retention.delete_idempotency_answers(
+                conn, before(settings.idempotency_retention_s), RETENTION_BATCH),
+            "inbound_webhooks": await retention.delete_inbound_webhooks(
+                conn, before(settings.inbound_webhook_retention_s), RETENTION_BATCH),
+            "meter_events": await retention.delete_settled_meter_events(
+                conn, before(settings.meter_event_retention_s), RETENTION_BATCH),
+        }
+
+    async def _fold_usage(self, conn: asyncpg.Connection) -> dict:
+        """Usage rows per minute older than the fold age become one per org and hour."""
+        assert self.settings.ledger_fold_after_s >= 2 * 86_400, "folding must stay far behind the minute written"
+        before = us_to_dt(now_us() - self.settings.ledger_fold_after_s * US_PER_S)
+        hours = deleted = folded = 0
+        for _ in range(FOLD_HOURS_PER_RUN):
+            done = await retention.fold_next_hour(conn, before)
+            if done is None:
+                break
+            hours, deleted, folded = hours + 1, deleted + done[1], folded + done[2]
+        return {"hours": hours, "deleted": deleted, "folded": folded}
+
+
 def redacted(url: str) -> str:
     """A webhook URL as errors and logs show it: scheme, host and port only. Receivers often
     carry a secret in the path or the query (`.../hooks/<token>`, `?key=`)."""
@@ -348,6 +402,8 @@ JOBS = (
     Job("outbox", 1.0, 7_310_102, SchedulerActor._outbox),
     Job("prune_tick_ids", 60.0, 7_310_105, SchedulerActor._prune_tick_ids),
     Job("outbox_count", 10.0, 7_310_106, SchedulerActor._outbox_count),
+    Job("retention", 60.0, 7_310_120, SchedulerActor._retention),
+    Job("fold_usage", 60.0, 7_310_121, SchedulerActor._fold_usage),
 )
 JOB = {job.name: job for job in JOBS}
 assert len(JOB) == len(JOBS) and len({job.lock for job in JOBS}) == len(JOBS), "job names and locks are unique"

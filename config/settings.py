@@ -101,6 +101,25 @@ class Settings(BaseSettings):
     # The scheduler (actors/jobs.py): off only for tools that must not run it.
     jobs_enabled: bool = True
 
+    # Retention (actors/jobs.py `retention` and `fold_usage`; docs/operations/retention.md).
+    # Delivered outbound events: their receivers have them; `metergate outbox list` shows them
+    # this long.
+    outbox_delivered_retention_s: int = Field(7 * 86_400, ge=3_600)
+    # Dead outbound events: an operator may send one again (`metergate outbox retry`) this long.
+    outbox_dead_retention_s: int = Field(30 * 86_400, ge=86_400)
+    # Idempotency-Key answers: a retry with the same key gets the first answer this long; at
+    # least a day, as Stripe keeps its keys (clients retry within that).
+    idempotency_retention_s: int = Field(7 * 86_400, ge=86_400)
+    # Inbound webhook ids (duplicate detection, and `GET /v1/webhooks/inbound`): Stripe retries
+    # a delivery for up to 3 days, so at least 4.
+    inbound_webhook_retention_s: int = Field(30 * 86_400, ge=4 * 86_400)
+    # Sent meter events: the meter roll-up compares the last 35 days of hours with the events
+    # already made (Stripe takes none older), so at least 36 days, or it would bill them again.
+    meter_event_retention_s: int = Field(45 * 86_400, ge=36 * 86_400)
+    # The ledger's usage rows (one per org and minute) are folded into one per org and hour
+    # once they are this old: at least 2 days, far behind the minute the shards write.
+    ledger_fold_after_s: int = Field(35 * 86_400, ge=2 * 86_400)
+
     # Dunning: days past due (in seconds) before each step; the plan an org ends up on.
     dunning_suspend_after_s: int = Field(3 * 86_400, ge=0)
     dunning_degrade_after_s: int = Field(7 * 86_400, ge=0)

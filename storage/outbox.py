@@ -72,10 +72,9 @@ async def mark(conn: asyncpg.Connection, marks: list[tuple[int, str, int, str | 
 
 
 async def waiting_and_dead(conn: asyncpg.Connection) -> tuple[int, int]:
-    """(events waiting to be delivered, dead letters): the outbox's gauges. A scan of the
-    table (no index holds the dead ones), so the scheduler counts every few seconds, not per
-    delivery run."""
+    """(events waiting to be delivered, dead letters): the outbox's gauges, each counted
+    through its own partial index (outbox_due, outbox_finished), never the delivered rows."""
     row = await conn.fetchrow(
-        "SELECT count(*) FILTER (WHERE status = 'pending') AS pending,"
-        " count(*) FILTER (WHERE status = 'dead') AS dead FROM outbox")
+        "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending') AS pending,"
+        " (SELECT count(*) FROM outbox WHERE status = 'dead') AS dead")
     return row["pending"], row["dead"]

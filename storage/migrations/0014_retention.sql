@@ -1,0 +1,26 @@
+-- Retention and the periodic queries (docs/operations/retention.md): every query a job runs on
+-- a schedule reads an index, never the whole table, and the retention jobs find what they may
+-- delete by time. Plain CREATE INDEX (in the migration's transaction): on a large existing
+-- table build them CONCURRENTLY by hand first (the same names; IF NOT EXISTS then skips them).
+
+-- The meter roll-up sums what meter events already carry per (org, hour) for the last 35
+-- days, every minute; and the retention of sent meter events deletes by hour.
+CREATE INDEX IF NOT EXISTS meter_events_hour ON meter_events (hour, org_id) INCLUDE (value, meter);
+
+-- Outbox retention (delivered and dead rows by the time of their last outcome, which
+-- next_attempt_at holds once they are finished) and the dead-letter gauge; pending rows have
+-- their own index (outbox_due) and are never deleted.
+CREATE INDEX IF NOT EXISTS outbox_finished ON outbox (status, next_attempt_at) WHERE status <> 'pending';
+
+-- Idempotency-Key answers and inbound webhook ids, deleted by age.
+CREATE INDEX IF NOT EXISTS http_idempotency_created ON http_idempotency (created_at);
+CREATE INDEX IF NOT EXISTS inbound_webhooks_received ON inbound_webhooks (received_at);
+
+-- Ledger folding (storage/retention.py fold_next_hour): the usage rows of one hour across
+-- orgs, and how far folding has gone (the next hour to fold; NULL: not started).
+CREATE INDEX IF NOT EXISTS ledger_usage_minute ON ledger (usage_minute) WHERE usage_minute IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ledger_fold (
+    id        int PRIMARY KEY CHECK (id = 1),
+    next_hour timestamptz
+);
+INSERT INTO ledger_fold (id, next_hour) VALUES (1, NULL) ON CONFLICT DO NOTHING;

@@ -1,0 +1,124 @@
+"""Retention: what the scheduler deletes once nothing reads it any more, and the ledger's
+usage rows folded per hour (docs/operations/retention.md says why each limit is safe).
+
+Every delete takes at most `limit` rows (of each kind) in one statement (a short transaction of its own),
+found through an index by age, so a run costs the same however large the backlog.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import asyncpg
+
+HOUR = timedelta(hours=1)
+
+
+def _count(status: str) -> int:
+    return int(status.split()[-1])
+
+
+async def delete_finished_outbox(conn: asyncpg.Connection, delivered_before: datetime, dead_before: datetime,
+                                 limit: int) -> int:
+    """Delivered events finished before `delivered_before`, dead letters given up before
+    `dead_before` (next_attempt_at holds the time of an event's last outcome). A pending event
+    is never deleted, however old: it has not reached its receivers."""
+    return _count(await conn.execute(
+        "DELETE FROM outbox WHERE id = ANY(ARRAY("
+        " (SELECT id FROM outbox WHERE status = 'delivered' AND next_attempt_at < $1 LIMIT $3)"
+        " UNION ALL (SELECT id FROM outbox WHERE status = 'dead' AND next_attempt_at < $2 LIMIT $3)))"
+        " AND status IN ('delivered', 'dead')", delivered_before, dead_before, limit))
+
+
+async def delete_idempotency_answers(conn: asyncpg.Connection, before: datetime, limit: int) -> int:
+    """Idempotency-Key records (claims and first answers) made before `before`. A claim taken
+    over as abandoned moves its created_at to then, so a live one is never old."""
+    return _count(await conn.execute(
+        "DELETE FROM http_idempotency WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM http_idempotency WHERE created_at < $1 LIMIT $2)) AND created_at < $1", before, limit))
+
+
+async def delete_inbound_webhooks(conn: asyncpg.Connection, before: datetime, limit: int) -> int:
+    """Inbound webhook ids (and their first answers and outcomes) received before `before`."""
+    return _count(await conn.execute(
+        "DELETE FROM inbound_webhooks WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM inbound_webhooks WHERE received_at < $1 LIMIT $2)) AND received_at < $1",
+        before, limit))
+
+
+# Meter events whose fate is settled: sent to Stripe, consumed (before BILL_FROM), or computed
+# in shadow mode. Pending ones are still to be sent; dead ones wait for an operator.
+SETTLED_METER_STATUSES = ("sent", "consumed", "shadow")
+
+
+async def delete_settled_meter_events(conn: asyncpg.Connection, hour_before: datetime, limit: int) -> int:
+    """Settled meter events of hours before `hour_before`. The caller keeps every hour the
+    meter roll-up still compares with (it would make a deleted hour's events again)."""
+    return _count(await conn.execute(
+        "DELETE FROM meter_events WHERE identifier = ANY(ARRAY("
+        " SELECT identifier FROM meter_events WHERE hour < $1 AND status = ANY($2::text[]) LIMIT $3))"
+        " AND status = ANY($2::text[])", hour_before, list(SETTLED_METER_STATUSES), limit))
+
+
+async def fold_next_hour(conn: asyncpg.Connection, before: datetime) -> tuple[datetime, int, int] | None:
+    """Fold the usage rows of the oldest hour not folded yet, if it ends by `before`: returns
+    (that hour, rows deleted, rows that now hold a sum), or None when no such hour is left.
+
+    An org's usage rows of one hour become one row per run of them that no other entry of the
+    org interrupts (ordered as the ledger's readers order it: created_at, entry_id): the first
+    row of the run keeps its entry id, minute and created_at, and takes the sums of
+    amount_micros and invoiced_micros; the others are deleted, in the same statement. So each
+    org's SUM(amount_micros) is unchanged, the meter roll-up's per-hour sums are unchanged (the
+    row stays in its hour), and the monthly accounting, which applies a run of usage entries
+    as one, gives the same months.
+
+    The watermark row (locked FOR UPDATE in this short transaction) records the hour reached,
+    so no run reads an hour twice, and two folders never fold the same hour at once. Only the
+    shard writes usage rows, and only for the minute of its own clock: an hour that ended days
+    ago is never written again.
+    """
+    async with conn.transaction():
+        hour = await conn.fetchval("SELECT next_hour FROM ledger_fold FOR UPDATE")
+        if hour is None:  # first run: start at the oldest usage row
+            hour = await conn.fetchval(
+                "SELECT date_trunc('hour', min(usage_minute)) FROM ledger WHERE usage_minute IS NOT NULL")
+            if hour is None:
+                return None
+        if hour + HOUR > before:
+            return None
+        row = await conn.fetchrow(_FOLD_HOUR, hour, hour + HOUR)
+        following = await conn.fetchval(
+            "SELECT date_trunc('hour', min(usage_minute)) FROM ledger WHERE usage_minute >= $1", hour + HOUR)
+        await conn.execute("UPDATE ledger_fold SET next_hour = $1", following or hour + HOUR)
+        return hour, row["deleted"], row["folded"]
+
+
+# $1, $2: the hour's bounds. A run (org, run) is numbered by how many other entries of the org
+# come before the row within the hour; usage rows of an hour are created within it (created_at
+# is the first debit of the row's minute, and usage_minute that minute).
+_FOLD_HOUR = """
+WITH usage_rows AS (
+    SELECT entry_id, org_id, amount_micros, invoiced_micros, created_at, true AS is_usage
+    FROM ledger WHERE usage_minute >= $1 AND usage_minute < $2
+), others AS (
+    SELECT e.entry_id, e.org_id, 0::int8, 0::int8, e.created_at, false
+    FROM (SELECT DISTINCT org_id FROM usage_rows) o
+    JOIN ledger e ON e.org_id = o.org_id AND e.created_at >= $1 AND e.created_at < $2 AND e.usage_minute IS NULL
+), numbered AS (
+    SELECT *, count(*) FILTER (WHERE NOT is_usage) OVER (PARTITION BY org_id ORDER BY created_at, entry_id) AS run
+    FROM (SELECT * FROM usage_rows UNION ALL SELECT * FROM others) AS entries
+), runs AS (
+    SELECT entry_id,
+           row_number() OVER (PARTITION BY org_id, run ORDER BY created_at, entry_id) AS n,
+           count(*) OVER (PARTITION BY org_id, run) AS rows_in_run,
+           sum(amount_micros) OVER (PARTITION BY org_id, run)::int8 AS amount_micros,
+           sum(invoiced_micros) OVER (PARTITION BY org_id, run)::int8 AS invoiced_micros
+    FROM numbered WHERE is_usage
+), deleted AS (
+    DELETE FROM ledger l USING runs r WHERE l.entry_id = r.entry_id AND r.n > 1 RETURNING 1
+), folded AS (
+    UPDATE ledger l SET amount_micros = r.amount_micros, invoiced_micros = r.invoiced_micros
+    FROM runs r WHERE l.entry_id = r.entry_id AND r.n = 1 AND r.rows_in_run > 1 RETURNING 1
+)
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM folded) AS folded
+"""
