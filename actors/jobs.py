@@ -12,7 +12,7 @@ each statement commits on its own, and each job's effects are idempotent anyway:
   the same message id on every attempt, exponential backoff and a dead-letter state;
 - meter: postpaid usage rolled up per hour into Stripe meter events (shadow by default);
 - parity: each shard compares its loaded orgs with their journal;
-- prune_tick_ids: tick ids older than the dedupe retention are deleted;
+- prune_tick_ids: tick-id partitions past the dedupe retention are dropped, the next made ahead;
 - retention: delivered and dead outbox events, Idempotency-Key answers, inbound webhook ids and
   settled meter events past their retention are deleted, a bounded batch of each per run;
 - fold_usage: the ledger's usage rows older than METERGATE_LEDGER_FOLD_AFTER_S are folded
@@ -50,7 +50,7 @@ from actors.routing import ShardRouter
 from actors.timeutil import us_to_rfc3339
 from config.settings import Settings, stripe_client
 from config.version import this_version
-from storage import clock_offset, due, journal, locks, meter_events, outbox, retention
+from storage import clock_offset, due, locks, meter_events, outbox, retention, tick_ids
 from storage.db import create_pool
 from storage.times import us_to_dt
 
@@ -70,7 +70,6 @@ SWEEP_BATCH = 2_000
 SWEEP_ROUNDS = 50  # per run; what is left is taken by the next run
 OUTBOX_BATCH = 200
 DELIVERY_TIMEOUT_S = 10.0
-TICK_PRUNE_BATCH = 50_000
 RETENTION_BATCH = 10_000  # rows of each table per retention run (a run a minute)
 FOLD_HOURS_PER_RUN = 24  # hours of the ledger folded per run; a backlog is caught up an hour at a time
 
@@ -345,10 +344,10 @@ class SchedulerActor:
         return "; ".join(errors) or None
 
     async def _prune_tick_ids(self, conn: asyncpg.Connection) -> dict:
-        """Tick ids past the dedupe retention (at least 24 h) are deleted, a batch per run."""
-        cutoff = now_us() - self.settings.tick_id_retention_s * US_PER_S
-        return {"pruned": await journal.prune_tick_ids(conn, us_to_dt(cutoff), TICK_PRUNE_BATCH)}
-
+        """Tick-id partitions wholly past the dedupe retention (at least 24 h) are dropped, and
+        the next ones made ahead (storage/tick_ids.py); its own short transaction, DDL only."""
+        async with conn.transaction():
+            return await tick_ids.maintain(conn, now_us(), self.settings.tick_id_retention_s)
 
     async def _retention(self, conn: asyncpg.Connection) -> dict:
         """What nothing reads any more, a batch of each per run (docs/operations/retention.md)."""

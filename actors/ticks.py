@@ -29,9 +29,11 @@ DiskMb = Annotated[int, msgspec.Meta(ge=0, le=67_108_864)]
 UnitCount = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
 UnitName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=WHOLE_NAME_PATTERN)]
 MAX_FUTURE_US = 300 * 1_000_000  # a tick may not start more than 5 minutes in the future
-# A tick may not start earlier than its id is remembered, less this margin (billing-rules 6.6):
-# its first sighting is at most 5 minutes before its start, so a resend within the window
-# always meets its id.
+# A tick may not start earlier than its id is remembered, less this margin (billing-rules 6.6).
+# Ids are kept by when they were first seen, in partitions dropped only once wholly past the
+# retention (storage/tick_ids.py); a tick is first seen at most 5 minutes before its start, so
+# a resend accepted here meets its id for the rest of the margin (55 minutes): time for the
+# resend to reach its commit, and for the scheduler's clock to run ahead of the shard's.
 TICK_AGE_MARGIN_S = 3_600
 
 

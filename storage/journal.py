@@ -55,16 +55,21 @@ async def load_orgs(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, t
 
 async def claim_tick_ids(conn: asyncpg.Connection, ids: list[bytes], now_us: int) -> set[bytes]:
     """Record tick ids (16-byte keys, distinct) as seen at `now_us`, the service's clock that
-    their pruning and the tick age window also read; returns those seen before (not to bill).
+    their retention (storage/tick_ids.py) and the tick age window also read; returns those
+    seen before (not to bill).
 
-    Only the duplicates come back, since they are few: no row per fresh tick to decode.
+    tick_ids is partitioned by seen_at and has no unique key, so an id is looked up in every
+    partition (its index on id) and inserted only if absent: a resend seen in an earlier
+    partition, with whatever started_at, is found. This is exact because an org has one
+    committer at a time (the shard's commit loop, fenced by its epoch). Only the duplicates
+    come back, since they are few: no row per fresh tick to decode.
     """
     if not ids:
         return set()
     rows = await conn.fetch(
         "WITH input AS (SELECT unnest($1::bytea[]) AS id),"
-        " fresh AS (INSERT INTO tick_ids (id, seen_at) SELECT id, $2 FROM input ON CONFLICT (id) DO NOTHING"
-        " RETURNING id)"
+        " fresh AS (INSERT INTO tick_ids (id, seen_at) SELECT i.id, $2 FROM input i"
+        " WHERE NOT EXISTS (SELECT 1 FROM tick_ids t WHERE t.id = i.id) RETURNING id)"
         " SELECT id FROM input EXCEPT ALL SELECT id FROM fresh", ids, us_to_dt(now_us))
     return {r[0] for r in rows}
 
@@ -161,13 +166,6 @@ async def write_batch(conn: asyncpg.Connection, batch: CommitBatch) -> list[int]
             *_columns(batch.events, 4))
         return [r["id"] for r in rows]
     return []
-
-
-async def prune_tick_ids(conn: asyncpg.Connection, older_than: datetime, limit: int = 50_000) -> int:
-    status = await conn.execute(
-        "DELETE FROM tick_ids WHERE ctid = ANY(ARRAY("
-        " SELECT ctid FROM tick_ids WHERE seen_at < $1 LIMIT $2))", older_than, limit)
-    return int(status.split()[-1])
 
 
 def _columns(rows: list[tuple], width: int) -> list[list]:

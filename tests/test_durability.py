@@ -1,21 +1,17 @@
-"""Durability: compaction, dedupe across restarts, fencing, tick-id retention, Postgres restart."""
+"""Durability: compaction, dedupe across restarts, fencing, tick-id retention (its setting; the
+partitions are tests/test_tick_ids.py), Postgres restart."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from datetime import datetime, timedelta, timezone
 
-import asyncpg
 import pydantic
 import pytest
 import ray
 
 from actors.placement import NAMESPACE, shard_name
-from actors.shard import tick_key
 from config.settings import Settings
-from storage import journal as store
 from tests.helpers import hour_tick, ledger_sum, shard_pid, wait_for
 
 WAIT_S = 60
@@ -102,28 +98,6 @@ def test_a_stale_shard_owner_cannot_write_and_restarts_itself(service, admin, sq
              lambda: admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000},
                                 headers={"Idempotency-Key": f"after-fence-{org}"}).status_code == 201, timeout_s=WAIT_S)
     assert ledger_sum(sql, org) == before[0] + 1_000
-
-
-def test_tick_ids_are_kept_for_the_retention_and_pruned_after_it(service):
-    async def scenario() -> tuple[int, set]:
-        conn = await asyncpg.connect(service.settings.database_url)
-        try:
-            now = datetime.now(timezone.utc)
-            ages_h = {"fresh": 1, "day": 23, "almost": 25, "expired": 27, "ancient": 400}
-            keys = {name: tick_key("retention-org", name) for name in ages_h}
-            await conn.executemany("INSERT INTO tick_ids (id, seen_at) VALUES ($1, $2)",
-                                   [(keys[n], now - timedelta(hours=h)) for n, h in ages_h.items()])
-            cutoff = now - timedelta(seconds=service.settings.tick_id_retention_s)
-            pruned = await store.prune_tick_ids(conn, cutoff)
-            rows = await conn.fetch("SELECT id FROM tick_ids WHERE id = ANY($1::bytea[])", list(keys.values()))
-            left = {name for name, key in keys.items() if key in {r["id"] for r in rows}}
-            return pruned, left
-        finally:
-            await conn.close()
-
-    pruned, left = asyncio.run(scenario())
-    assert left == {"fresh", "day", "almost"}
-    assert pruned >= 2
 
 
 def test_retention_of_tick_ids_below_24_hours_is_refused():
