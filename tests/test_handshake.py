@@ -9,15 +9,31 @@ clear message, and once a shard of this version replaces it again nothing is los
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
 import ray
 
 from actors.placement import NAMESPACE, shard_name
 from config.version import WIRE_VERSION, incompatibility, this_version
 from serve_app import launch
-from tests.helpers import assert_error, wait_for
+from tests.helpers import Sql, assert_error, database_url_named, wait_for
 
 SHARD = 1
 OTHER_WIRE = WIRE_VERSION + 1
+
+
+def _execute(url: str, statement: str) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
 
 
 def _replace_shard(settings) -> None:
@@ -91,6 +107,16 @@ def test_a_shard_of_another_wire_version_is_refused_by_the_ingress_and_by_a_star
         assert f"{shard_name(SHARD)}: it runs metergate" in message
         assert f"wire {OTHER_WIRE}" in message and f"wire {WIRE_VERSION}" in message
         assert "stop-backend" in message and "\n" not in message
+        # A deploy (start_backend) asks before it migrates: no schema is migrated under them.
+        fresh = f"metergate_handshake_{uuid.uuid4().hex[:8]}"
+        _execute(service.settings.database_url, f'CREATE DATABASE "{fresh}"')
+        try:
+            fresh_url = database_url_named(service.settings.database_url, fresh)
+            with pytest.raises(launch.VersionMismatch):
+                launch.start_backend(service.settings.model_copy(update={"database_url": fresh_url}))
+            assert Sql(fresh_url).val("SELECT to_regclass('schema_migrations') IS NULL")
+        finally:
+            _execute(service.settings.database_url, f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
     finally:
         _replace_shard(service.settings)  # a shard of this version again, drained handover
 
