@@ -52,7 +52,13 @@ async def refuse_transaction_pooler(url: str) -> None:
     token = secrets.token_hex(8)
     first = await asyncpg.connect(url, statement_cache_size=0)
     try:
-        await first.execute(f"SELECT set_config('metergate.pooler_probe', '{token}', false)")
+        try:
+            await first.execute(f"SELECT set_config('metergate.pooler_probe', '{token}', false)")
+        except asyncpg.PostgresError as exc:  # Supavisor's txn_mode_leak_action=reject, say
+            if isinstance(exc, (asyncpg.exceptions.OperatorInterventionError, asyncpg.PostgresConnectionError)):
+                raise  # a server going away, not a refusal
+            raise TransactionPoolerRefused(REFUSAL.format(
+                why=f"it refused a session setting ({type(exc).__name__}: {exc})")) from None
         second = await _busy_second_connection(url)
         try:
             for _ in range(PROBE_READS):
