@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import msgspec
 import stripe
 
 from actors import metrics
@@ -22,7 +23,7 @@ from actors.clock import now_us
 from actors.commands import SettleRecharge
 from actors.recharge import MICROS_PER_CENT, ChargeRequest
 from config.settings import Settings, stripe_client
-from storage import charge_methods, stripe_customers
+from storage import charge_methods, holds, stripe_customers
 
 log = logging.getLogger("metergate.charger")
 
@@ -47,6 +48,18 @@ def _raise_if_outage(exc: stripe.StripeError) -> None:
         raise StripeUnavailable(str(exc)) from None
 
 
+async def _under_the_key_it_was_sent_with(conn, request: ChargeRequest) -> ChargeRequest:
+    """A charge asked for before keys carried the instant it was asked for (`...:ar_<k>`), and
+    sent to Stripe then, keeps that key: sent again under the new one, Stripe would charge twice.
+    Its first attempt recorded its payment method under the key it was sent with."""
+    legacy = request.idempotency_key.rpartition(":")[0]
+    if legacy.endswith(f":auto_recharge:{request.charge_id}") and \
+            await charge_methods.chosen(conn, request.idempotency_key) is None and \
+            await charge_methods.chosen(conn, legacy) is not None:
+        return msgspec.structs.replace(request, idempotency_key=legacy)
+    return request
+
+
 class Charger:
     def __init__(self, settings: Settings, pool) -> None:
         self.pool = pool
@@ -59,7 +72,12 @@ class Charger:
         if request.requested_us and now_us() - request.requested_us > GIVE_UP_AFTER_US:
             return self._failed(request, None, "unconfirmed_after_23h")
         async with self.pool.acquire() as conn:
+            held = await holds.held(conn, holds.CHARGES)
             customer = await stripe_customers.customer_of(conn, request.org_id)
+            request = await _under_the_key_it_was_sent_with(conn, request)
+        if held is not None:  # stays pending; the shard asks again after the hold is off
+            log.warning("auto-recharge %s/%s held: %s", request.org_id, request.charge_id, held)
+            return None
         if customer is None:
             return self._failed(request, None, "no_stripe_customer")
         for attempt, delay in enumerate((0.0,) + RETRY_DELAYS_S):

@@ -323,7 +323,7 @@ class SchedulerActor:
 
     async def _deliver(self, client: httpx.AsyncClient, event: outbox.OutboundEvent) -> str | None:
         """POST one event to every URL; None when all took it, else what went wrong."""
-        message_id = f"msg_{event.id}"  # the same on every attempt: receivers dedupe on it
+        message_id = event.message_id  # the same on every attempt (receivers dedupe on it), never on another event
         body = msgspec.json.encode({"id": message_id, "type": event.type,
                                     "created_at": us_to_rfc3339(event.created_us), "data": event.data}).decode()
         # The signature's timestamp is transport time, real UTC: receivers check it against

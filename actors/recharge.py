@@ -157,7 +157,9 @@ class Recharge:
         r = self.recharge
         if r is None or r.pending_id is None:
             return None
-        key = f"metergate:{self.org_id}:{self.created_us}:auto_recharge:{r.pending_id}"
+        # With the instant it was asked for: a restore rewinds the org's charge count k, and
+        # Stripe forgets a key after 24 h, so `ar_k` alone would come round again as a new charge.
+        key = f"metergate:{self.org_id}:{self.created_us}:auto_recharge:{r.pending_id}:{r.pending_since_us}"
         return ChargeRequest(self.org_id, r.pending_id, r.pending_micros, key, r.pending_since_us)
 
     def settle_recharge(self, charge_id: str, succeeded: bool, amount_micros: int,

@@ -34,9 +34,10 @@ from actors.batch import (
     error,
     leases_held,
 )
-from actors.org import ChargeRequest, OrgBillingActor
+from actors.org import OrgBillingActor
 from actors.rebuild import rebuilt_org
 from actors.refusals import Refusal
+from actors.shard_charges import ShardCharges
 from actors.shard_reads import ShardReads
 from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
@@ -44,7 +45,7 @@ from actors.viewlog import ViewLog
 from config.catalog import Catalog, load_catalog
 from config.settings import Settings
 from config.version import this_version
-from storage import clock_offset
+from storage import clock_offset, holds
 from storage import journal as store
 from storage.slots import Fenced
 from storage.db import ITEM_FAILURES_IN_POSTGRES, create_pool, drop, is_outage, roll_back
@@ -58,7 +59,6 @@ RECHARGE_SCAN_EVERY_S = 30.0
 PARITY_CHUNK = 500  # orgs checked per pause of the commit loop
 REPLAY_ATTEMPTS = 3  # a replay whose org left memory before its check is tried this often
 MAX_VIEWS_IN_REPLY = 64  # a usage reply carries the views of at most this many orgs
-RECHARGE_RETRY_AFTER_S = 120  # a pending charge with no charger running is tried again after this
 
 
 # A batch whose failure is isolated costs at most this many commits; what is left then is
@@ -86,7 +86,7 @@ def tick_key(org_id: str, tick_id: str) -> bytes:
 CreateOrg = cmd.CreateOrg
 
 
-class ShardActor(ShardReads):
+class ShardActor(ShardReads, ShardCharges):
     def __init__(self, shard: int, settings_json: str) -> None:
         logging.basicConfig(level=logging.INFO)
         self.shard = shard
@@ -635,6 +635,8 @@ class ShardActor(ShardReads):
         log.error("shard %s: %s: dropping the %d orgs in memory and claiming again", self.shard, exc, len(self.orgs))
         self._forget_all()
         async with self.pool.acquire() as conn:
+            await holds.hold(conn, holds.CHARGES, f"shard {self.shard} found the database behind its memory: "
+                             "a failover or a restore? `metergate inbound reconcile --since` takes this off")
             await self.claim.take(conn)
         self.slots = self.claim.slots
         self.views.start(self.epoch)
@@ -755,37 +757,6 @@ class ShardActor(ShardReads):
                 lo.tail = 0
                 self._count_in(lo)
         return {"snapshots": len(batch.snapshots)}
-
-    # ----- auto-recharge ------------------------------------------------------------------
-
-    def _start_charges(self, charges: list[ChargeRequest]) -> None:
-        """Run each requested charge once per process (its Stripe key makes reruns harmless)."""
-        for charge in charges:
-            key = (charge.org_id, charge.charge_id)
-            if key not in self.charging:
-                self.charging[key] = asyncio.ensure_future(self._run_charge(charge))
-
-    async def _run_charge(self, charge: ChargeRequest) -> None:
-        try:
-            settle = await self.charger.charge(charge)
-            if settle is not None:
-                future = asyncio.get_running_loop().create_future()
-                self.pending.append(CommandItem(charge.org_id, settle, future, cmd.fingerprint(settle)))
-                self.wake.set()
-                await future
-        except Exception:  # noqa: BLE001 - the charge stays pending and is tried again later
-            log.exception("shard %s: auto-recharge %s/%s", self.shard, charge.org_id, charge.charge_id)
-        finally:
-            self.charging.pop((charge.org_id, charge.charge_id), None)
-
-    def _retry_stuck_charges(self) -> None:
-        cutoff = now_us() - RECHARGE_RETRY_AFTER_S * 1_000_000
-        stuck = []
-        for lo in self.orgs.values():
-            r = lo.org.recharge
-            if r is not None and r.pending_id is not None and r.pending_since_us < cutoff:
-                stuck.append(lo.org.pending_charge())
-        self._start_charges(stuck)
 
     def _passivate(self) -> None:
         cutoff = int(time.monotonic()) - self.settings.passivate_after_s

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.client import Api, JsonOption, TokenOption, UrlOption
+from cli.client import SLOW_TIMEOUT_S, Api, JsonOption, TokenOption, UrlOption
 from cli.orgs import more, pages
 from cli.output import Output, when
 
@@ -45,3 +45,49 @@ def list_events(outcome: Annotated[Outcome | None, typer.Option("--outcome", hel
               [[e["id"], e["type"], e["outcome"], when(e["received_at"]), e["reason"] or ""] for e in events],
               wrap=("reason",))
     more(out, len(events), "event", next_cursor)
+
+
+def _instant(text: str) -> int:
+    """Unix seconds from Unix seconds or an ISO 8601 time with its offset."""
+    from datetime import datetime
+
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter("give Unix seconds or an ISO 8601 time, like 2026-12-07T09:30:00Z") from None
+    if moment.tzinfo is None:
+        raise typer.BadParameter("say the time's offset (Z for UTC): a restore point is an instant")
+    return int(moment.timestamp())
+
+
+@inbound_app.command("reconcile")
+def reconcile(since: Annotated[str, typer.Option("--since", help="The restore point, or earlier: Unix seconds or "
+                                                                  "an ISO 8601 time with offset.", show_default=False)],
+              url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """After a database restore: apply every event Stripe sent since the restore point.
+
+    Stripe keeps 30 days of events. Those the restored database records already are skipped;
+    the others apply as their delivery would have (payments credit once, by their key), so
+    starting earlier than needed, or running it twice, changes nothing."""
+    out = Output(as_json)
+    since_s = _instant(since)
+    totals = {"events": 0, "applied": 0, "ignored": 0, "dead_letter": 0, "seen": 0}
+    after = None
+    with Api(url, token) as api, out.progress("reading Stripe's events") as tracker:
+        while True:
+            page = api.call("POST", "/v1/stripe/reconcile", body={"since": since_s, "starting_after": after},
+                            timeout_s=SLOW_TIMEOUT_S)
+            totals["events"] += page["events"]
+            for outcome, count in page["outcomes"].items():
+                totals[outcome] += count
+            tracker.advance(page["events"], description=f"reading Stripe's events: {totals['events']}")
+            after = page["next"]
+            if after is None:
+                break
+    if out.as_json:
+        return out.json(totals)
+    out.line(f"{totals['events']} Stripe events since {since}: {totals['applied']} applied, {totals['seen']} known "
+             f"already, {totals['ignored']} ignored, {totals['dead_letter']} dead letters "
+             "(`metergate inbound list --outcome dead_letter` shows why)")

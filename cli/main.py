@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from cli import checks, db_check, inbound, local, orgs, outbox
+from cli import checks, db_check, inbound, local, orgs, outbox, restore
 from cli.client import CliError
 from cli.output import error_line
 
@@ -41,6 +41,7 @@ app.command("replay")(checks.replay)
 app.command("check")(db_check.check)
 app.add_typer(outbox.outbox_app, name="outbox")
 app.add_typer(inbound.inbound_app, name="inbound")
+app.add_typer(restore.restore_app, name="restore")
 app.command("bench")(local.bench)
 
 

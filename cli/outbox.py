@@ -39,7 +39,7 @@ def list_events(status: Annotated[Status, typer.Option("--status", help="Which e
 
 
 @outbox_app.command("retry")
-def retry(message_id: Annotated[str, typer.Argument(help="The event's id, like msg_42.", show_default=False)],
+def retry(message_id: Annotated[str, typer.Argument(help="The event's id, as `outbox list` shows it (msg_…).", show_default=False)],
           url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Send a dead letter again.
 

@@ -204,6 +204,12 @@ class ClockAdvanceBody(StrictModel):
     seconds: Annotated[int, Field(ge=1, le=400 * 86_400)]
 
 
+class ReconcileBody(StrictModel):
+    since: Annotated[int, Field(ge=0, le=10**11)]  # Unix seconds: Stripe's events created at or after it
+    starting_after: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^evt_[A-Za-z0-9_]+$")] | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 100
+
+
 class AutoRechargeBody(StrictModel):
     enabled: bool
     # Charged when the balance goes under it: at least 1 µUSD, or an org that runs down to

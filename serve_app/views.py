@@ -181,7 +181,7 @@ def stored_entry_view(entry: Entry) -> dict:
 
 
 def outbound_event_view(event: OutboundEvent) -> dict:
-    return {"id": f"msg_{event.id}", "org_id": event.org_id, "type": event.type, "status": event.status,
+    return {"id": event.message_id, "org_id": event.org_id, "type": event.type, "status": event.status,
             "attempts": event.attempts, "last_error": event.last_error, "created_at": us_to_rfc3339(event.created_us),
             "data": event.data,
             "delivered_at": us_to_rfc3339(event.delivered_us) if event.delivered_us is not None else None}

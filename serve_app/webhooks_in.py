@@ -99,7 +99,7 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
         raise ApiError(503, "svix_not_configured", "METERGATE_SVIX_WEBHOOK_SECRET is not set on this server")
     with _refusals_counted(SOURCE):
         message_id = verify(secret, body, headers)
-    seen = await _seen(ctx, SOURCE, message_id)
+    seen = await seen_answer(ctx, SOURCE, message_id)
     if seen is not None:
         return seen
     envelope = decode(ENVELOPE_DECODER, body)
@@ -127,7 +127,7 @@ async def svix_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) ->
     return status, result
 
 
-async def _seen(ctx: Context, source: str, event_id: str) -> tuple[int, dict] | None:
+async def seen_answer(ctx: Context, source: str, event_id: str) -> tuple[int, dict] | None:
     """The first answer to a message already applied (a fast path: effects are idempotent anyway)."""
     async with (await ctx.db()).acquire() as conn:
         seen = await inbound_webhooks.first_answer(conn, source, event_id)
@@ -261,9 +261,15 @@ async def stripe_webhook(ctx: Context, body: bytes, headers: Mapping[str, str]) 
     # Real time, not the service clock: the signature's timestamp is Stripe's transport time.
     with _refusals_counted("stripe"):
         event = verify_stripe(secret, body, headers.get("stripe-signature"), int(time.time()))
-    seen = await _seen(ctx, "stripe", event["id"])
+    seen = await seen_answer(ctx, "stripe", event["id"])
     if seen is not None:
         return seen
+    return await stripe_event(ctx, event)
+
+
+async def stripe_event(ctx: Context, event: dict) -> tuple[int, dict]:
+    """A verified Stripe event not seen before (delivered, or read back from Stripe after a
+    restore: serve_app/stripe_reconcile.py), applied and recorded with its outcome."""
     if not livemode_matches(event, ctx.settings.stripe_secret_key):
         return await _stripe_answer(ctx, event, [], Outcome.IGNORED, "livemode_mismatch")
     forget = None

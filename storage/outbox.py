@@ -21,6 +21,7 @@ class OutboundEvent:
     status: str = "pending"
     last_error: str | None = None
     delivered_us: int | None = None
+    message_id: str = ""  # what receivers dedupe on: random, so that no restore repeats it
 
 
 def _event(row: asyncpg.Record) -> OutboundEvent:
@@ -29,30 +30,31 @@ def _event(row: asyncpg.Record) -> OutboundEvent:
                          msgspec.json.decode(payload) if isinstance(payload, (str, bytes)) else payload,
                          dt_to_us(row["created_at"]), row["attempts"], row.get("status", "pending"),
                          row.get("last_error"),
-                         dt_to_us(row["delivered_at"]) if row.get("delivered_at") is not None else None)
+                         dt_to_us(row["delivered_at"]) if row.get("delivered_at") is not None else None,
+                         row.get("message_id") or f"msg_{row['id']}")  # events from before 0015: by id
 
 
 async def by_status(conn: asyncpg.Connection, status: str, limit: int) -> list[OutboundEvent]:
     rows = await conn.fetch(
-        "SELECT id, org_id, type, payload, created_at, status, attempts, last_error, delivered_at"
+        "SELECT id, org_id, type, payload, created_at, status, attempts, last_error, delivered_at, message_id"
         " FROM outbox WHERE status = $1 ORDER BY id DESC LIMIT $2", status, limit)
     return [_event(r) for r in rows]
 
 
-async def retry_dead(conn: asyncpg.Connection, event_id: int) -> str | None:
+async def retry_dead(conn: asyncpg.Connection, message_id: str) -> str | None:
     """A dead event back to pending, due now. Returns its status before: 'dead' when it moved,
     another status when it did not, None when there is no such event."""
     moved = await conn.fetchval(
         "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = '-infinity'"
-        " WHERE id = $1 AND status = 'dead' RETURNING id", event_id)
+        " WHERE COALESCE(message_id, 'msg_' || id) = $1 AND status = 'dead' RETURNING id", message_id)
     if moved is not None:
         return "dead"
-    return await conn.fetchval("SELECT status FROM outbox WHERE id = $1", event_id)
+    return await conn.fetchval("SELECT status FROM outbox WHERE COALESCE(message_id, 'msg_' || id) = $1", message_id)
 
 
 async def due(conn: asyncpg.Connection, now_us: int, limit: int) -> list[OutboundEvent]:
     rows = await conn.fetch(
-        "SELECT id, org_id, type, payload, created_at, attempts FROM outbox"
+        "SELECT id, org_id, type, payload, created_at, attempts, message_id FROM outbox"
         " WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY id LIMIT $2", us_to_dt(now_us), limit)
     return [_event(r) for r in rows]
 

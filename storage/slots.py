@@ -124,3 +124,10 @@ async def end_transaction(conn: asyncpg.Connection, backend_pid: int, xid: int, 
 async def transaction_status(conn: asyncpg.Connection, xid: int, timeout: float | None = None) -> str | None:
     """'committed', 'aborted' or 'in progress'; None if Postgres no longer knows (too old)."""
     return await conn.fetchval("SELECT txid_status($1)", xid, timeout=timeout)
+
+
+async def fence_every_shard(conn: asyncpg.Connection, by: int) -> int:
+    """Move every shard's epoch on by `by` (a restore's first step): any shard process still
+    running from before sees a later epoch than its own and stops instead of writing. Returns
+    the number of shards."""
+    return int((await conn.execute("UPDATE shard_owners SET epoch = epoch + $1", by)).split()[-1])

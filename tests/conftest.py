@@ -36,11 +36,13 @@ from tests.stripe_servers import stripe_on_loopback
 
 def pytest_collection_modifyitems(config, items):
     """Tests that move the shared test clock run last: the rest of the session sees real time.
-    Of those, the chaos model runs last of all: its random orgs (postpaid ones with usage
-    among them) and its clock moves must not reach the time-travel tests' exact counts."""
-    def order(item) -> tuple[bool, bool]:
+    Of those, the chaos model runs last: its random orgs (postpaid ones with usage among them)
+    and its clock moves must not reach the time-travel tests' exact counts. A test that
+    restores the database from a backup runs after all of them."""
+    def order(item) -> tuple[bool, bool, bool]:
         moves_clock = item.get_closest_marker("time_travel") is not None
-        return moves_clock, moves_clock and "chaos" in item.path.parts
+        restores = item.get_closest_marker("restores_database") is not None  # replaces the database: last
+        return restores, moves_clock, moves_clock and "chaos" in item.path.parts
 
     items.sort(key=order)
 

@@ -1,5 +1,6 @@
 """A small Stripe-protocol fake for what localstripe lacks: Checkout and portal sessions,
-and the `checkout.session.completed` and `charge.refunded` events.
+and the `checkout.session.completed` and `charge.refunded` events (listed by GET /v1/events
+with localstripe's own).
 
 Everything else is proxied to localstripe, so one `api_base` serves both. Idempotency-Key
 is honoured for the sessions made here and for POST /v1/payment_intents and /v1/customers as Stripe does it
@@ -50,6 +51,7 @@ customers_by_key: dict[str, dict] = {}
 method_list_failures = {"next": 0}  # GET /v1/payment_methods answered 500 while > 0
 attached: list[tuple[str, str]] = []  # (customer, payment method) in the order they were attached
 counter = itertools.count(1)
+sent_events: list[dict] = []  # the events sent from here, for GET /v1/events (localstripe lists its own)
 CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
 
 
@@ -129,8 +131,9 @@ async def send_event(kind: str, obj: dict, previous_attributes: dict | None = No
     """Signed as Stripe signs (and as localstripe does), to every registered endpoint."""
     created = int(time.time())
     data = {"object": obj, **({"previous_attributes": previous_attributes} if previous_attributes else {})}
-    payload = json.dumps({"id": f"evt_front_{next(counter)}", "object": "event", "type": kind,
-                          "created": created, "data": data}).encode()
+    event = {"id": f"evt_front_{next(counter)}", "object": "event", "type": kind, "created": created, "data": data}
+    sent_events.append(event)
+    payload = json.dumps(event).encode()
     for hook in list(webhooks.values()):
         if hook["events"] is not None and kind not in hook["events"]:
             continue
@@ -139,6 +142,31 @@ async def send_event(kind: str, obj: dict, previous_attributes: dict | None = No
             async with client.post(hook["url"], data=payload, headers={
                     "Content-Type": "application/json", "Stripe-Signature": f"t={created},v1={signature}"}) as r:
                 await r.read()
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """GET /v1/events: localstripe's events and those sent from here, newest first, paged as
+    Stripe pages (`created[gte]`, `limit`, `starting_after`)."""
+    since = int(request.query.get("created[gte]", "0"))
+    limit = min(int(request.query.get("limit", "10")), 100)
+    every, after = [], None
+    while True:  # localstripe's own pages, to the end
+        query = urllib.parse.urlencode({"created[gte]": since, "limit": 100, **({"starting_after": after} if after else {})})
+        page = await call_upstream(request, "GET", f"/v1/events?{query}")
+        every += page["data"]
+        if not page["has_more"] or not page["data"]:
+            break
+        after = page["data"][-1]["id"]
+    every += [event for event in sent_events if event["created"] >= since]
+    every.sort(key=lambda event: (event["created"], event["id"]), reverse=True)
+    start = request.query.get("starting_after")
+    if start is not None:
+        ids = [event["id"] for event in every]
+        if start not in ids:
+            return stripe_error(404, "invalid_request_error", f"No such event: '{start}'", "resource_missing")
+        every = every[ids.index(start) + 1:]
+    return web.json_response({"object": "list", "url": "/v1/events", "data": every[:limit],
+                              "has_more": len(every) > limit})
 
 
 async def default_card(request: web.Request, customer: str, number: str | None) -> str:
@@ -419,6 +447,7 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/_fake/sessions/{id}/complete", complete_session)
     application.router.add_post("/_config/webhooks/{name}", config_webhook)
     application.router.add_post("/v1/refunds", refund)
+    application.router.add_get("/v1/events", list_events)
     application.router.add_get("/v1/subscriptions", list_subscriptions)
     application.router.add_get("/v1/subscriptions/{id}", get_subscription)
     application.router.add_post("/v1/subscriptions/{id}", update_subscription)

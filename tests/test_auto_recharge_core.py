@@ -31,7 +31,7 @@ def test_a_debit_under_the_threshold_asks_for_one_charge_and_success_credits_onc
     assert spend(org, 500_000, T0 + US).charges == []  # 4.5 USD left: still above
     fx = spend(org, 600_000, T0 + 2 * US)  # 3.9 USD: under
     assert [(c.charge_id, c.amount_micros) for c in fx.charges] == [("ar_1", 10 * US)]
-    assert fx.charges[0].idempotency_key == f"metergate:{ORG_ID}:{T0}:auto_recharge:ar_1"
+    assert fx.charges[0].idempotency_key == f"metergate:{ORG_ID}:{T0}:auto_recharge:ar_1:{T0 + 2 * US}"
     # While it is in flight, further debits ask for nothing more.
     assert spend(org, 1_000_000, T0 + 3 * US).charges == []
     assert org.pending_charge().charge_id == "ar_1"

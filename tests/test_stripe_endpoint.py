@@ -324,6 +324,27 @@ def test_a_charge_retried_after_a_restart_sends_what_its_first_attempt_sent(serv
     assert sql.val("SELECT count(*) FROM charge_payment_methods WHERE idempotency_key = $1", f"old_{org}") == 0
 
 
+def test_a_charge_sent_under_the_key_of_the_release_before_keeps_it_and_is_not_made_twice(service, sql, new_org):
+    """Keys now end with the instant the charge was asked for (a restore rewinds the count k).
+    A charge in flight across the upgrade was sent under the old key: its retry uses it."""
+    org = new_org()
+    customer = customer_of_org(service, sql, org)
+    new_card(service, customer, CARD, default=True)
+    asked = now_us()
+    legacy = ChargeRequest(org, "ar_7", 10 * US, f"metergate:{org}:1:auto_recharge:ar_7", asked)
+    (first,) = charge_with_new_chargers(service, legacy)  # the release before sends it
+    assert first is not None and first.succeeded, first
+    upgraded = ChargeRequest(org, "ar_7", 10 * US, f"{legacy.idempotency_key}:{asked}", asked)
+    (again,) = charge_with_new_chargers(service, upgraded)
+    assert again is not None and again.payment_id == first.payment_id  # one PaymentIntent, not two
+    assert upgraded.idempotency_key not in intents_by_key(service)
+    # A charge asked for after the upgrade goes out under its new key.
+    fresh = ChargeRequest(org, "ar_8", 10 * US, f"metergate:{org}:1:auto_recharge:ar_8:{asked + 1}", asked + 1)
+    (made,) = charge_with_new_chargers(service, fresh)
+    assert made is not None and made.succeeded and made.payment_id != first.payment_id
+    assert intents_by_key(service)[fresh.idempotency_key]["id"] == made.payment_id
+
+
 def test_an_idempotency_error_settles_the_charge_as_failed_at_once(service, sql, new_org):
     org = new_org()
     customer = customer_of_org(service, sql, org)

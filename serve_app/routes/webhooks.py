@@ -6,10 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from serve_app import openapi
+from serve_app.bodies import ReconcileBody, body_schema, parse_model
 from serve_app.calls import read_time_cursor, time_cursor
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
 from serve_app.params import MessagePath
+from serve_app.stripe_gateway import StripeRefused
+from serve_app.stripe_reconcile import reconcile_page
 from serve_app.views import inbound_event_view, outbound_event_view
 from serve_app.webhooks_in import stripe_webhook, svix_webhook
 from storage import inbound_webhooks, outbox
@@ -54,6 +57,19 @@ def routes(ctx: Context) -> APIRouter:
         return json({"events": [inbound_event_view(row) for row in rows[:limit]], "next_cursor": next_cursor,
                      "has_more": next_cursor is not None})
 
+    @router.post("/v1/stripe/reconcile", openapi_extra=body_schema(ReconcileBody))
+    async def reconcile(request: Request) -> Response:
+        """After a database restore: one page (newest first) of the events Stripe created at or
+        after `since` (Unix seconds), each applied as its delivery would be unless the database
+        records it already. Ask again with `starting_after` = `next` until `next` is null.
+        `metergate reconcile --since` does the paging; docs/operations/restore.md says when."""
+        ctx.admin(request)
+        body = parse_model(ReconcileBody, await request.body())
+        try:
+            return json(await reconcile_page(ctx, body.since, body.starting_after, body.limit))
+        except StripeRefused as exc:
+            raise ApiError(502, "stripe_error", str(exc)) from None
+
     @router.get("/v1/webhooks/outbox")
     async def list_outbox(request: Request, status: str = "dead", limit: int = 50) -> Response:
         """Outbound events by delivery status: `pending`, `delivered` or `dead` (the dead letters)."""
@@ -71,7 +87,7 @@ def routes(ctx: Context) -> APIRouter:
         """A dead letter goes back to pending, tried again now with the same message id."""
         ctx.admin(request)
         async with (await ctx.db()).acquire() as conn:
-            was = await outbox.retry_dead(conn, int(message_id[4:]))
+            was = await outbox.retry_dead(conn, message_id)
         if was is None:
             raise ApiError(404, "not_found", f"no outbound event {message_id}")
         if was != "dead":

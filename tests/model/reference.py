@@ -527,7 +527,8 @@ class RefOrg(Commands):
             if c[0] == cid:
                 c[1] = amount
                 return
-        self._fx_charges.append([cid, amount, f"metergate:{self.org_id}:{self.created_us}:auto_recharge:{cid}"])
+        asked = self.recharge.pending_asked_us
+        self._fx_charges.append([cid, amount, f"metergate:{self.org_id}:{self.created_us}:auto_recharge:{cid}:{asked}"])
 
     # ------------------------------------------------------------------ alerts (rule 2.9)
 

@@ -630,7 +630,7 @@ def test_auto_recharge_charge_grow_settle():
     # same instant: balance −500,000 → the charge grows to > 2,500,000 → 2,510,000.
     o.apply(T0 + S, debit("adjustment", 1_000_000))
     fx = o.take_effects()
-    assert fx["charges"] == [("ar_1", 2_510_000, f"metergate:org_a:{T0}:auto_recharge:ar_1")]
+    assert fx["charges"] == [("ar_1", 2_510_000, f"metergate:org_a:{T0}:auto_recharge:ar_1:{T0 + S}")]
     rc = o.observe()["recharge"]
     assert (rc["pending_id"], rc["pending_micros"], rc["day_count"]) == ("ar_1", 2_510_000, 1)
     # settle: credit pays the debt 500,000 first, grant gr_2 of 2,010,000; balance 2,010,000.
@@ -647,7 +647,7 @@ def test_auto_recharge_charge_grow_settle():
     assert o.take_effects()["charges"] == []
     # T0 + 61 s: the advance asks: need > 990,000 → 1,000,000; max(1,000,000, 1,000,000).
     o.apply(T0 + 61 * S, {"type": "advance"})
-    assert o.take_effects()["charges"] == [("ar_2", 1_000_000, f"metergate:org_a:{T0}:auto_recharge:ar_2")]
+    assert o.take_effects()["charges"] == [("ar_2", 1_000_000, f"metergate:org_a:{T0}:auto_recharge:ar_2:{T0 + 61 * S}")]
     # failure of the charge in flight pauses.
     o.apply(T0 + 62 * S, {"type": "settle", "charge_id": "ar_2", "succeeded": False, "amount_micros": 1_000_000,
                           "payment_id": "pi_ar2", "reason": "card_declined"})
