@@ -53,6 +53,17 @@ async def load_orgs(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, t
     return found
 
 
+# The lookup is a LATERAL ... LIMIT 1 rather than NOT EXISTS so that its plan is always an index
+# probe per id and partition: for NOT EXISTS the planner picks a hash anti-join over a
+# sequential scan of every partition once a commit brings a thousand ids (bench/tick_ids.py).
+CLAIM_TICK_IDS = (
+    "WITH input AS (SELECT unnest($1::bytea[]) AS id),"
+    " fresh AS (INSERT INTO tick_ids (id, seen_at) SELECT i.id, $2 FROM input i"
+    " LEFT JOIN LATERAL (SELECT true AS hit FROM tick_ids t WHERE t.id = i.id LIMIT 1) seen ON true"
+    " WHERE seen.hit IS NULL RETURNING id)"
+    " SELECT id FROM input EXCEPT ALL SELECT id FROM fresh")
+
+
 async def claim_tick_ids(conn: asyncpg.Connection, ids: list[bytes], now_us: int) -> set[bytes]:
     """Record tick ids (16-byte keys, distinct) as seen at `now_us`, the service's clock that
     their retention (storage/tick_ids.py) and the tick age window also read; returns those
@@ -66,11 +77,7 @@ async def claim_tick_ids(conn: asyncpg.Connection, ids: list[bytes], now_us: int
     """
     if not ids:
         return set()
-    rows = await conn.fetch(
-        "WITH input AS (SELECT unnest($1::bytea[]) AS id),"
-        " fresh AS (INSERT INTO tick_ids (id, seen_at) SELECT i.id, $2 FROM input i"
-        " WHERE NOT EXISTS (SELECT 1 FROM tick_ids t WHERE t.id = i.id) RETURNING id)"
-        " SELECT id FROM input EXCEPT ALL SELECT id FROM fresh", ids, us_to_dt(now_us))
+    rows = await conn.fetch(CLAIM_TICK_IDS, ids, us_to_dt(now_us))
     return {r[0] for r in rows}
 
 
