@@ -37,7 +37,11 @@ def error(code: Refusal, message: str) -> dict:
     return {"error": {"code": Refusal(code), "message": message}}
 
 
-def unknown_org(org_id: str) -> dict:
+def unknown_org(org_id: str, unreadable: str | None = None) -> dict:
+    """The refusal for an org the shard could not load: none exists, or (`unreadable`: why)
+    its stored rows cannot be read (an operator's matter: `metergate check` names it)."""
+    if unreadable is not None:
+        return error(Refusal.ORG_UNREADABLE, f"org {org_id}'s stored state cannot be read; it has been logged")
     return error(Refusal.UNKNOWN_ORG, f"org {org_id} does not exist")
 
 
@@ -154,7 +158,7 @@ class BatchWork:
         if isinstance(command, cmd.CreateOrg):
             return self._create(item, loaded)
         if loaded is None:
-            return unknown_org(item.org_id)
+            return unknown_org(item.org_id, shard.unreadable.get(item.org_id))
         if not cmd.well_typed(command):
             return error(Refusal.INVALID_COMMAND, f"{type(command).__name__} has a field of the wrong type")
         if isinstance(command, cmd.KEYED) and command.idempotency_key:

@@ -26,6 +26,7 @@ class Refusal(StrEnum):
     OUTCOME_UNKNOWN = "outcome_unknown"
     UNSTORABLE_INPUT = "unstorable_input"
     INTERNAL_ERROR = "internal_error"
+    ORG_UNREADABLE = "org_unreadable"  # the org's stored rows do not decode or replay (actors/formats.py)
 
 
 class BillingError(Exception):

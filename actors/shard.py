@@ -27,7 +27,6 @@ from actors.batch import (
     UNAVAILABLE,
     UNSTORABLE,
     BatchWork,
-    ENCODER,
     CommandItem,
     LoadedOrg,
     UsageItem,
@@ -35,10 +34,11 @@ from actors.batch import (
     leases_held,
 )
 from actors.org import OrgBillingActor
-from actors.rebuild import rebuilt_org
+from actors.formats import UnreadableOrg, load_org
 from actors.refusals import Refusal
 from actors.shard_charges import ShardCharges
 from actors.shard_reads import ShardReads
+from actors.shard_upkeep import ShardUpkeep
 from actors.placement import slot_of
 from actors.ticks import TICKS_DECODER, Tick
 from actors.viewlog import ViewLog
@@ -53,11 +53,7 @@ from storage.db import ITEM_FAILURES_IN_POSTGRES, create_pool, drop, is_outage, 
 log = logging.getLogger("metergate.shard")
 
 MAX_PENDING_ITEMS = 100_000  # back-pressure: beyond this, callers get shard_busy
-IDLE_SNAPSHOT_AFTER_S = 2
 HOUSEKEEPING_EVERY_S = 1.0
-RECHARGE_SCAN_EVERY_S = 30.0
-PARITY_CHUNK = 500  # orgs checked per pause of the commit loop
-REPLAY_ATTEMPTS = 3  # a replay whose org left memory before its check is tried this often
 MAX_VIEWS_IN_REPLY = 64  # a usage reply carries the views of at most this many orgs
 
 
@@ -86,7 +82,7 @@ def tick_key(org_id: str, tick_id: str) -> bytes:
 CreateOrg = cmd.CreateOrg
 
 
-class ShardActor(ShardReads, ShardCharges):
+class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
     def __init__(self, shard: int, settings_json: str) -> None:
         logging.basicConfig(level=logging.INFO)
         self.shard = shard
@@ -94,6 +90,8 @@ class ShardActor(ShardReads, ShardCharges):
         self.catalog: Catalog = load_catalog(self.settings.catalog)
         self.orgs: dict[str, LoadedOrg] = {}
         self.loading: dict[str, asyncio.Future] = {}
+        self.unreadable: dict[str, str] = {}  # org → why its stored rows could not be read (its last load)
+        self.unsnapshottable: dict[str, float] = {}  # org → when its snapshot last failed (monotonic)
         self.unanswered: dict[str, asyncio.Future] = {}  # org → its last command applied, not yet answered
         self.pending: list = []
         self.recent_keys: dict[tuple[str, str], tuple[str, dict]] = {}
@@ -111,6 +109,7 @@ class ShardActor(ShardReads, ShardCharges):
         self.stats_loop_errors = 0
         self.stats_parity_drift = 0
         self.stats_isolations = 0
+        self.stats_loaded_in_commit = 0  # orgs the commit loop had to wait for (not prefetched)
         self.views = ViewLog(shard, self.settings.gate_views)
         # Running totals over the orgs in memory, for the metrics: kept as orgs load, commit,
         # snapshot and leave, so that no request and no report scans the orgs for them.
@@ -159,55 +158,6 @@ class ShardActor(ShardReads, ShardCharges):
         return {"shard": self.shard, "epoch": self.epoch, "slots": len(self.slots), "pid": os.getpid(),
                 "version": this_version(self.settings)}
 
-    async def parity(self) -> dict:
-        """Rebuild every loaded org from Postgres and compare it with memory.
-
-        Each chunk of orgs is checked between two commits (memory then equals what is
-        committed), and commits go on between chunks.
-        """
-        await self._ensure_started()
-        org_ids = list(self.orgs)
-        checked, drift = 0, []
-        for start in range(0, len(org_ids), PARITY_CHUNK):
-            done: asyncio.Future = asyncio.get_running_loop().create_future()
-            self.pending.append(("parity", done, org_ids[start:start + PARITY_CHUNK]))
-            self.wake.set()
-            part = await done
-            checked += part["checked"]
-            drift += part["drift"]
-        self.stats_parity_drift = len(drift)
-        return {"shard": self.shard, "checked": checked, "drift": drift}
-
-    async def replay(self, org_id: str) -> dict:
-        """Parity for one org (`metergate replay`): load it if it is not in memory, rebuild it
-        from its snapshot and journal between two commits, and compare. A passivation in
-        between leaves it unchecked, so it is loaded and tried again."""
-        for _ in range(REPLAY_ATTEMPTS):
-            [org] = await self._readable([org_id])
-            if not isinstance(org, OrgBillingActor):
-                return org  # unknown org, or not this shard's
-            done: asyncio.Future = asyncio.get_running_loop().create_future()
-            self.pending.append(("parity", done, [org_id]))
-            self.wake.set()
-            part = await done
-            if part["checked"]:
-                return {"shard": self.shard, "org_id": org_id, "match": not part["drift"]}
-        return error(Refusal.SHARD_BUSY, f"org {org_id} left memory before it could be checked; retry")
-
-    async def _parity_now(self, org_ids: list[str]) -> dict:
-        checked, drift = 0, []
-        async with self.pool.acquire() as conn:
-            rows = await store.load_orgs(conn, [o for o in org_ids if o in self.orgs])
-        for org_id, (seq, state, entries) in rows.items():
-            lo = self.orgs.get(org_id)
-            if lo is None or lo.seq != seq + len(entries):
-                continue  # passivated or moved on meanwhile: next time
-            checked += 1
-            if self._replayed(state, entries).to_snapshot() != lo.org.to_snapshot():
-                drift.append(org_id)
-                log.error("parity: org %s on shard %s differs from its journal", org_id, self.shard)
-        return {"checked": checked, "drift": drift}
-
     async def drain(self) -> dict:
         """Wait for everything queued to commit, then snapshot every org with a journal tail."""
         await self._ensure_started()
@@ -236,6 +186,8 @@ class ShardActor(ShardReads, ShardCharges):
             "loaded_orgs": len(self.orgs), "pending": len(self.pending),
             "commits": self.stats_commits, "items": self.stats_items, "loop_errors": self.stats_loop_errors,
             "parity_drift": self.stats_parity_drift, "isolations": self.stats_isolations,
+            "loaded_in_commit": self.stats_loaded_in_commit, "unreadable_orgs": len(self.unreadable),
+            "claims": self.claim.claims, "commits_resolved": self.claim.resolved,
             "commit_ms_avg": self.stats_commit_ms_total / self.stats_commits if self.stats_commits else 0.0,
             "rss_bytes": psutil.Process().memory_info().rss,
             "commit_phase_ms_total": {k: round(v, 1) for k, v in self.stats_phase_ms.items()},
@@ -255,6 +207,7 @@ class ShardActor(ShardReads, ShardCharges):
         await self._ensure_started()
         if len(self.pending) >= MAX_PENDING_ITEMS:
             return [error(Refusal.SHARD_BUSY, "shard is overloaded, retry") for _ in items]
+        await self._prefetch([org_id for org_id, _, _ in items])
         loop = asyncio.get_running_loop()
         futures = []
         for org_id, command, request_hash in items:
@@ -269,12 +222,25 @@ class ShardActor(ShardReads, ShardCharges):
         await self._ensure_started()
         if len(self.pending) >= MAX_PENDING_ITEMS:
             return error(Refusal.SHARD_BUSY, "shard is overloaded, retry")
+        ticks = TICKS_DECODER.decode(ticks_msgpack)
+        await self._prefetch([tick.org_id for tick in ticks])
         future = asyncio.get_running_loop().create_future()
-        self.pending.append(UsageItem(TICKS_DECODER.decode(ticks_msgpack), future))
+        self.pending.append(UsageItem(ticks, future))
         self.wake.set()
         return await future
 
     # ----- loading ----------------------------------------------------------------------
+
+    async def _prefetch(self, org_ids: list[str]) -> None:
+        """Load the orgs of arriving work before it is queued: the commit loop, which loads
+        what is still missing when it cuts a batch, then rarely waits for a load (an org
+        loads once, whoever asks). A failure is left to the commit, which answers it."""
+        wanted = {org_id for org_id in org_ids if org_id not in self.orgs and self.owns(org_id)}
+        if wanted:
+            try:
+                await self._ensure_loaded(wanted)
+            except Exception:  # noqa: BLE001 - loaded again, and answered, by the commit
+                pass
 
     async def _ensure_loaded(self, org_ids) -> None:
         wanted = [o for o in org_ids if o not in self.orgs]
@@ -296,7 +262,14 @@ class ShardActor(ShardReads, ShardCharges):
                 now = now_us()
                 for org_id, (seq, state, entries) in rows.items():
                     if org_id not in self.orgs:
-                        self.orgs[org_id] = loaded = self._rebuild(seq, state, entries, now_s)
+                        try:
+                            loaded = self._rebuild(org_id, seq, state, entries, now_s)
+                        except UnreadableOrg as unreadable:  # this org alone: the others load
+                            self.unreadable[org_id] = unreadable.reason
+                            log.error("shard %s: org %s cannot be read: %s", self.shard, org_id, unreadable.reason)
+                            continue
+                        self.unreadable.pop(org_id, None)
+                        self.orgs[org_id] = loaded
                         self._count_in(loaded)
                         self.views.publish(org_id, loaded.org, now)  # as Postgres holds it: committed
                 future.set_result(None)
@@ -310,12 +283,13 @@ class ShardActor(ShardReads, ShardCharges):
         for wait in waits:
             await wait
 
-    def _replayed(self, state: bytes, entries: list[bytes]) -> OrgBillingActor:
-        """An org from its snapshot and journal tail, as Postgres holds them."""
-        return rebuilt_org(state, entries, self.catalog)
+    def _replayed(self, org_id: str, state: bytes, entries: list[bytes]) -> OrgBillingActor:
+        """An org from its snapshot and journal tail, as Postgres holds them (UnreadableOrg if
+        they cannot be read)."""
+        return load_org(org_id, state, entries, self.catalog)
 
-    def _rebuild(self, seq: int, state: bytes, entries: list[bytes], now_s: int) -> LoadedOrg:
-        org = self._replayed(state, entries)
+    def _rebuild(self, org_id: str, seq: int, state: bytes, entries: list[bytes], now_s: int) -> LoadedOrg:
+        org = self._replayed(org_id, state, entries)
         charge = org.pending_charge()
         if charge is not None:  # asked for before a restart or a passivation: see it through
             self._start_charges([charge])
@@ -559,7 +533,9 @@ class ShardActor(ShardReads, ShardCharges):
 
         Raises if the transaction failed; nothing of the batch is then committed."""
         org_ids = self._org_ids(batch)
-        await self._ensure_loaded(org_ids)
+        missing = [org_id for org_id in org_ids if org_id not in self.orgs]
+        await self._ensure_loaded(missing)
+        self.stats_loaded_in_commit += sum(org_id in self.orgs for org_id in missing)  # prefetch missed them
         now = now_us()
         tick_keys = self._candidate_ticks(batch)
         key_pairs = [(i.org_id, i.command.idempotency_key) for i in batch
@@ -705,65 +681,15 @@ class ShardActor(ShardReads, ShardCharges):
                 loaded = self.orgs.get(tick.org_id) if self.owns(tick.org_id) else None
                 if loaded is None:
                     item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
-                                          "error": Refusal.UNKNOWN_ORG if self.owns(tick.org_id)
-                                          else Refusal.WRONG_SHARD})
+                                          "error": Refusal.WRONG_SHARD if not self.owns(tick.org_id)
+                                          else Refusal.ORG_UNREADABLE if tick.org_id in self.unreadable
+                                          else Refusal.UNKNOWN_ORG})
                     item.keys.append(None)
                     continue
                 key = tick_key(tick.org_id, tick.tick_id)
                 item.keys.append(key)
                 keys.setdefault(key, tick)
         return keys
-
-    # ----- housekeeping -----------------------------------------------------------------
-
-    async def _housekeeping_safely(self) -> None:
-        self.last_housekeeping = time.monotonic()
-        try:
-            async with self.pool.acquire() as conn:  # no commit for a while: is the database still ours?
-                await self.claim.check(conn)
-            await self._snapshot_dirty(only_idle=True)
-            self._passivate()
-            self.views.evict(self.settings.view_log_max_records, self.orgs)
-            self.metrics.memory(len(self.orgs), self.leases_held, self.tail_orgs, self.tail_entries,
-                                self.views.seq)
-            if time.monotonic() - self.last_recharge_scan > RECHARGE_SCAN_EVERY_S:
-                self.last_recharge_scan = time.monotonic()
-                self._retry_stuck_charges()
-        except Fenced as exc:
-            await self._after_fence(exc)
-        except Exception:
-            log.exception("shard %s: housekeeping failed (will retry)", self.shard)
-
-    async def _snapshot_dirty(self, only_idle: bool) -> dict:
-        """Snapshot orgs with a journal tail and compact their journal behind it."""
-        now_s = int(time.monotonic())
-        dirty = [(org_id, lo) for org_id, lo in self.orgs.items()
-                 if lo.tail and (not only_idle or now_s - lo.touched_s >= IDLE_SNAPSHOT_AFTER_S)]
-        if not dirty:
-            return {"snapshots": 0}
-        batch = store.CommitBatch()
-        for org_id, lo in dirty[:5_000]:
-            batch.snapshots.append((org_id, lo.seq, ENCODER.encode(lo.org.to_snapshot())))
-            batch.compact.append((org_id, lo.seq))
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                await self.claim.fence(conn)
-                await store.write_batch(conn, batch)
-        self.claim.committed()
-        for org_id, _ in dirty[:5_000]:
-            lo = self.orgs.get(org_id)
-            if lo is not None:
-                self._count_out(lo)
-                lo.tail = 0
-                self._count_in(lo)
-        return {"snapshots": len(batch.snapshots)}
-
-    def _passivate(self) -> None:
-        cutoff = int(time.monotonic()) - self.settings.passivate_after_s
-        idle = [org_id for org_id, lo in self.orgs.items()
-                if lo.tail == 0 and lo.touched_s < cutoff and lo.org.pending_charge() is None]
-        for org_id in idle:
-            self._count_out(self.orgs.pop(org_id))
 
 
 def _in_ray_actor() -> bool:

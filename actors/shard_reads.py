@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import time
 
+import logging
+
 import msgspec
 
 from actors.batch import UNAVAILABLE, WRONG_SHARD, unknown_org
 from actors.clock import now_us
+from actors.formats import UnreadableOrg
 from actors.org import OrgBillingActor, Resources
 from storage import journal as store
 from storage import orgs as orgs_store
+
+log = logging.getLogger("metergate.shard")
 
 STATE_WAIT_S = 10  # a state read waits at most this for the commit of its org's last command
 
@@ -117,7 +122,10 @@ class ShardReads:
                 line = self.views.line(org_id)  # published meanwhile (loaded): that one
                 if line is None and row is not None:
                     seq = as_of[1] if as_of is not None and as_of[0] == self.epoch else 0
-                    line = self.views.unpublished(org_id, self._replayed(row[1], row[2]), now, seq)
+                    try:
+                        line = self.views.unpublished(org_id, self._replayed(org_id, row[1], row[2]), now, seq)
+                    except UnreadableOrg as unreadable:  # left out: its callers get org_unreadable
+                        log.error("shard %s: org %s cannot be read: %s", self.shard, org_id, unreadable.reason)
                 if line is not None:
                     lines[org_id] = line
         return {"views": [lines[o] for o in org_ids if o in lines], "last": org_ids[-1] if len(org_ids) == limit else None}
@@ -177,7 +185,7 @@ class ShardReads:
             if not self.owns(org_id):
                 found.append(WRONG_SHARD)
             elif loaded is None:
-                found.append(unknown_org(org_id))
+                found.append(unknown_org(org_id, self.unreadable.get(org_id)))
             else:
                 loaded.touched_s = now_s  # an org that is only read is in use too
                 found.append(loaded.org)

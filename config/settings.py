@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     commit_max_commands: int = Field(20_000, ge=1, le=1_000_000)
     snapshot_every_entries: int = Field(64, ge=1, le=100_000)
     passivate_after_s: int = Field(900, ge=1)
+    parity_sample_orgs: int = Field(2_000, ge=0)  # the parity job's orgs per shard and run (0: all loaded)
     tick_id_retention_s: int = Field(26 * 3600, ge=24 * 3600)
 
     max_body_bytes: int = Field(64 * 1024, ge=1024)
