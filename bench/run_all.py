@@ -30,7 +30,7 @@ def run(module: str, env: dict[str, str] | None = None) -> dict:
 
 def main() -> None:
     results = {}
-    for name in ("gate", "client", "usage", "memory", "recovery"):
+    for name in ("gate", "client", "usage", "memory", "recovery", "recovery_tails"):
         print(f"\n=== {name} ===", flush=True)
         results[name] = run(f"bench.{name}")
     print("\n=== usage, ticks clustered (10 per org per batch) ===", flush=True)
