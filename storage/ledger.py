@@ -30,11 +30,18 @@ def _entry(row: asyncpg.Record) -> Entry:
 async def page(conn: asyncpg.Connection, org_id: str, after: tuple[int, str] | None, limit: int) -> list[Entry]:
     """Entries newest first, after the (created_us, entry_id) position given; limit + 1 of them
     at most, so the caller knows whether there are more."""
-    rows = await conn.fetch(
-        "SELECT entry_id, kind, amount_micros, grant_id, expires_at, note, created_at, invoiced_micros FROM ledger"
-        " WHERE org_id = $1 AND ($2::timestamptz IS NULL OR (created_at, entry_id) < ($2, $3))"
-        " ORDER BY created_at DESC, entry_id DESC LIMIT $4",
-        org_id, optional_dt(after[0]) if after else None, after[1] if after else "", limit + 1)
+    # Two statements, not one with "$2 IS NULL OR ...": a prepared statement's generic plan
+    # (Postgres' choice after five runs) cannot start the index scan at the cursor through an
+    # OR, and walked every newer entry of the org (~9 ms a page 200 days back, bench/year.py).
+    if after is None:
+        rows = await conn.fetch(
+            "SELECT entry_id, kind, amount_micros, grant_id, expires_at, note, created_at, invoiced_micros FROM ledger"
+            " WHERE org_id = $1 ORDER BY created_at DESC, entry_id DESC LIMIT $2", org_id, limit + 1)
+    else:
+        rows = await conn.fetch(
+            "SELECT entry_id, kind, amount_micros, grant_id, expires_at, note, created_at, invoiced_micros FROM ledger"
+            " WHERE org_id = $1 AND (created_at, entry_id) < ($2, $3)"
+            " ORDER BY created_at DESC, entry_id DESC LIMIT $4", org_id, optional_dt(after[0]), after[1], limit + 1)
     return [_entry(r) for r in rows]
 
 
@@ -42,9 +49,13 @@ async def history(conn: asyncpg.Connection, org_id: str,
                   since_us: int | None = None) -> list[tuple[str, int, str | None, int, int, int | None]]:
     """Every entry from since_us on (None: all), oldest first, as (kind, amount_micros,
     grant_id, created_us, invoiced_micros, expires_us): for accounting."""
-    rows = await conn.fetch("SELECT kind, amount_micros, grant_id, created_at, invoiced_micros, expires_at FROM ledger"
-                            " WHERE org_id = $1 AND ($2::timestamptz IS NULL OR created_at >= $2)"
-                            " ORDER BY created_at, entry_id", org_id, optional_dt(since_us))
+    # Two statements, for the reason in `page`: the months read one month of a ledger.
+    columns = "SELECT kind, amount_micros, grant_id, created_at, invoiced_micros, expires_at FROM ledger"
+    if since_us is None:
+        rows = await conn.fetch(columns + " WHERE org_id = $1 ORDER BY created_at, entry_id", org_id)
+    else:
+        rows = await conn.fetch(columns + " WHERE org_id = $1 AND created_at >= $2 ORDER BY created_at, entry_id",
+                                org_id, optional_dt(since_us))
     return [(r["kind"], r["amount_micros"], r["grant_id"], dt_to_us(r["created_at"]), r["invoiced_micros"],
              dt_to_us(r["expires_at"]) if r["expires_at"] is not None else None) for r in rows]
 

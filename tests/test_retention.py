@@ -22,7 +22,7 @@ from actors.jobs import JOB, METER_GRACE_S, METER_LOOKBACK_S, SchedulerActor
 from actors.months import summarize_months
 from actors.retry import US_PER_S
 from config.settings import Settings
-from storage import http_idempotency, inbound_webhooks, ledger, meter_events, outbox
+from storage import http_idempotency, inbound_webhooks, ledger, meter_events, outbox, usage
 from storage.db import create_pool, migrate
 from storage.journal import CommitBatch, write_batch
 from storage.times import dt_to_us, us_to_dt
@@ -384,3 +384,38 @@ def second_scheduler(url: str) -> dict | None:
             await scheduler.pool.close()
 
     return asyncio.run(go())
+
+
+# ----- bounded reads ------------------------------------------------------------------------
+
+
+def test_a_ledger_page_far_back_and_a_30_day_report_read_only_their_rows_under_a_generic_plan(database_url):
+    """Regression (found by bench/year.py): "$2 IS NULL OR ..." in the ledger page and the usage
+    report let the generic plan, which Postgres keeps for a prepared statement after five
+    runs, read every newer entry (every rollup) of the org instead of starting at the cursor."""
+    org = f"long_{uuid.uuid4().hex[:8]}"
+    now = now_us() // MINUTE_US * MINUTE_US
+
+    async def body(scheduler, conn):
+        await ledger.write_usage_history(conn, org, now, 5_000)
+        await conn.execute(
+            "INSERT INTO usage_rollups (org_id, minute, lease_id, memory_mb_ms, cpu_ms, disk_mb_ms, ticks, cost_scaled)"
+            " SELECT $1, $2::timestamptz - n * interval '1 minute', 'l', 1, 1, 1, 1, 1"
+            " FROM generate_series(1, 5000) n", org, us_to_dt(now))
+        await conn.execute("ANALYZE ledger; ANALYZE usage_rollups")
+        cursor = (now - 4_000 * MINUTE_US, "")
+        async with conn.transaction():
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            page = await ledger.page(conn, org, cursor, 50)
+            report = await usage.report(conn, org, "meter", now - 4_030 * MINUTE_US, now - 4_000 * MINUTE_US)
+            # Rows this transaction read, through indexes or scans, per table.
+            read = {r["relname"]: r["n"] for r in await conn.fetch(
+                "SELECT relname, coalesce(idx_tup_fetch, 0) + seq_tup_read AS n FROM pg_stat_xact_user_tables"
+                " WHERE relname IN ('ledger', 'usage_rollups')")}
+        return page, report, read
+
+    page, report, read = run(database_url, body)
+    assert len(page) == 51 and page[0].created_us < now - 4_000 * MINUTE_US
+    assert report[0].ticks == 30
+    assert read["ledger"] <= 60, read
+    assert read["usage_rollups"] <= 40, read
