@@ -17,6 +17,8 @@ each statement commits on its own, and each job's effects are idempotent anyway:
   settled meter events past their retention are deleted, a bounded batch of each per run;
 - fold_usage: the ledger's usage rows older than METERGATE_LEDGER_FOLD_AFTER_S are folded
   into one per org and hour (storage/retention.py says why every reader answers the same).
+- fold_rollups: usage_rollups rows older than METERGATE_USAGE_DETAIL_DAYS are folded into one
+  per org, lease and hour (storage/retention.py fold_next_rollup_hour).
 
 Every job is one row of JOBS (name, cadence, advisory lock, function): that table is the only
 place periodic work is declared. What is sent out (webhooks, meter events) is retried by one
@@ -97,7 +99,7 @@ class SchedulerActor:
         self.outbox_retry = RetryPolicy(self.settings.webhook_backoff_s, self.settings.webhook_max_attempts)
         self.meter_retry = RetryPolicy(self.settings.webhook_backoff_s, METER_MAX_ATTEMPTS)
         self.runs = {"sweep": 0, "outbox": 0, "meter": 0, "parity": 0, "prune_tick_ids": 0, "outbox_count": 0,
-                     "retention": 0, "fold_usage": 0,
+                     "retention": 0, "fold_usage": 0, "fold_rollups": 0,
                      "skipped_locked": 0, "errors": 0, "parity_drift": 0}
         try:
             asyncio.get_running_loop()
@@ -201,6 +203,9 @@ class SchedulerActor:
 
     async def fold_usage(self) -> dict | None:
         return await self._run(JOB["fold_usage"])
+
+    async def fold_rollups(self) -> dict | None:
+        return await self._run(JOB["fold_rollups"])
 
     # ----- the jobs ------------------------------------------------------------------------
 
@@ -383,6 +388,17 @@ class SchedulerActor:
             hours, deleted, folded = hours + 1, deleted + done[1], folded + done[2]
         return {"hours": hours, "deleted": deleted, "folded": folded}
 
+    async def _fold_rollups(self, conn: asyncpg.Connection) -> dict:
+        """usage_rollups per minute older than the detail age become one per org, lease and hour."""
+        before = us_to_dt(now_us() - self.settings.usage_detail_days * 86_400 * US_PER_S)
+        hours = deleted = folded = 0
+        for _ in range(FOLD_HOURS_PER_RUN):
+            done = await retention.fold_next_rollup_hour(conn, before)
+            if done is None:
+                break
+            hours, deleted, folded = hours + 1, deleted + done[1], folded + done[2]
+        return {"hours": hours, "deleted": deleted, "folded": folded}
+
 
 def redacted(url: str) -> str:
     """A webhook URL as errors and logs show it: scheme, host and port only. Receivers often
@@ -405,6 +421,7 @@ JOBS = (
     Job("outbox_count", 10.0, 7_310_106, SchedulerActor._outbox_count),
     Job("retention", 60.0, 7_310_120, SchedulerActor._retention),
     Job("fold_usage", 60.0, 7_310_121, SchedulerActor._fold_usage),
+    Job("fold_rollups", 60.0, 7_310_122, SchedulerActor._fold_rollups),
 )
 JOB = {job.name: job for job in JOBS}
 assert len(JOB) == len(JOBS) and len({job.lock for job in JOBS}) == len(JOBS), "job names and locks are unique"

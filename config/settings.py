@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     # The ledger's usage rows (one per org and minute) are folded into one per org and hour
     # once they are this old: at least 2 days, far behind the minute the shards write.
     ledger_fold_after_s: int = Field(35 * 86_400, ge=2 * 86_400)
+    # usage_rollups (one row per org, lease and minute) are folded into one per org, lease and
+    # hour once this many days old (actors/jobs.py `fold_rollups`). At least 31: the billing
+    # page's 30 days keep their minutes, and it stays far behind the oldest minute a tick may
+    # still be written to (the tick age window, METERGATE_TICK_ID_RETENTION_S, checked below).
+    usage_detail_days: int = Field(35, ge=31)
 
     # Dunning: days past due (in seconds) before each step; the plan an org ends up on.
     dunning_suspend_after_s: int = Field(3 * 86_400, ge=0)
@@ -187,6 +192,15 @@ class Settings(BaseSettings):
         """(scheme, host, port) a return URL may lead to: the public URL's, and the ones named."""
         named = filter(None, (part.strip() for part in self.allowed_return_origins.split(",")))
         return {origin_of(self.public_base)[0]} | {origin_of(origin)[0] for origin in named}
+
+    @field_validator("usage_detail_days")
+    @classmethod
+    def _detail_behind_ticks(cls, days: int, info: ValidationInfo) -> int:
+        tick_s = info.data.get("tick_id_retention_s")
+        if tick_s is not None and days * 86_400 < tick_s + 2 * 86_400:
+            raise ValueError(f"must be at least 2 days more than METERGATE_TICK_ID_RETENTION_S ({tick_s} s): "
+                             "a late tick may still be written to a minute that old")
+        return days
 
     @field_validator("database_url")
     @classmethod

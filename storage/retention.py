@@ -7,7 +7,7 @@ found through an index by age, so a run costs the same however large the backlog
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
@@ -121,4 +121,74 @@ WITH usage_rows AS (
     FROM runs r WHERE l.entry_id = r.entry_id AND r.n = 1 AND r.rows_in_run > 1 RETURNING 1
 )
 SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM folded) AS folded
+"""
+
+
+# ----- usage detail: usage_rollups per minute become one row per (org, lease, hour) -------------
+
+
+def hour_of(at: datetime) -> datetime:
+    """The UTC hour `at` falls in (in Python: date_trunc would follow the session's time zone)."""
+    return at.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+
+async def fold_next_rollup_hour(conn: asyncpg.Connection, before: datetime) -> tuple[datetime, int, int] | None:
+    """Fold the usage_rollups rows of the oldest hour not folded yet, if it ends by `before`:
+    returns (that hour, rows deleted, rows made or added to at the hour's start), or None when no
+    such hour is left.
+
+    The rows past the hour's first minute are deleted and, per (org, lease), their sums
+    (memory_mb_ms, cpu_ms, disk_mb_ms, ticks, cost_scaled, duration_ms; units merged with
+    mg_units_add) added to the row at the hour's start (made if absent), in one statement, as
+    the shard's upsert adds a commit's usage. A row already at the hour's start stays. So
+    every sum over a window that starts and ends on whole hours (per org, lease, day, month,
+    the billing page's 30 days, the months' lease time) is unchanged; a window bound inside a
+    folded hour counts the whole hour at its start.
+
+    The watermark row (locked FOR UPDATE in this short transaction) records the hour reached,
+    so no run reads an hour twice and two folders never fold the same hour at once. The shard
+    writes rollups only for minutes within the tick age window (a day or so, and the setting is
+    kept well behind it); should one land in an hour being folded anyway, the fold adds to its
+    row (ON CONFLICT), and a row the statement did not see stays as minute detail: no sum is
+    lost either way.
+    """
+    async with conn.transaction():
+        hour = await conn.fetchval("SELECT next_hour FROM usage_rollup_fold FOR UPDATE")
+        if hour is None:  # first run: start at the oldest row
+            oldest = await conn.fetchval("SELECT min(minute) FROM usage_rollups")
+            if oldest is None:
+                return None
+            hour = hour_of(oldest)
+        if hour + HOUR > before:
+            return None
+        row = await conn.fetchrow(_FOLD_ROLLUP_HOUR, hour, hour + HOUR)
+        following = await conn.fetchval("SELECT min(minute) FROM usage_rollups WHERE minute >= $1", hour + HOUR)
+        await conn.execute("UPDATE usage_rollup_fold SET next_hour = $1",
+                           hour_of(following) if following is not None else hour + HOUR)
+        return hour, row["deleted"], row["folded"]
+
+
+# $1, $2: the hour's bounds. The rows past the hour's first minute are deleted and their sums
+# per (org, lease) added to the row at the hour's start (made if absent): the insert reads the
+# deleted rows whole (through the aggregate) before it writes.
+_FOLD_ROLLUP_HOUR = """
+WITH later AS (
+    DELETE FROM usage_rollups WHERE minute > $1 AND minute < $2 RETURNING *
+), written AS (
+    INSERT INTO usage_rollups (org_id, minute, lease_id, memory_mb_ms, cpu_ms, disk_mb_ms, ticks, cost_scaled,
+                               units, duration_ms)
+    SELECT org_id, $1, lease_id, sum(memory_mb_ms), sum(cpu_ms), sum(disk_mb_ms), sum(ticks), sum(cost_scaled),
+           mg_units_sum(units ORDER BY minute), sum(duration_ms)
+    FROM later GROUP BY org_id, lease_id
+    ON CONFLICT (org_id, minute, lease_id) DO UPDATE SET
+        memory_mb_ms = usage_rollups.memory_mb_ms + EXCLUDED.memory_mb_ms,
+        cpu_ms = usage_rollups.cpu_ms + EXCLUDED.cpu_ms,
+        disk_mb_ms = usage_rollups.disk_mb_ms + EXCLUDED.disk_mb_ms,
+        ticks = usage_rollups.ticks + EXCLUDED.ticks,
+        cost_scaled = usage_rollups.cost_scaled + EXCLUDED.cost_scaled,
+        units = mg_units_add(usage_rollups.units, EXCLUDED.units),
+        duration_ms = usage_rollups.duration_ms + EXCLUDED.duration_ms
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM later) AS deleted, (SELECT count(*) FROM written) AS folded
 """

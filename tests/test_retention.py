@@ -336,6 +336,175 @@ def test_folding_runs_beside_the_shards_upsert_of_the_current_minute(database_ur
     assert after == total - 3 * commits
 
 
+# ----- usage detail: usage_rollups folded per (org, lease, hour) ----------------------------
+
+ROLLUP_SUMS = "sum(memory_mb_ms)::int8, sum(cpu_ms)::int8, sum(disk_mb_ms)::int8, sum(ticks)::int8," \
+              " sum(cost_scaled), sum(duration_ms)::int8"
+
+
+async def write_rollups(conn, org: str, rng: random.Random, start_us: int, hours: int) -> None:
+    """Rollups of three leases over `hours` from `start_us` (an hour's start): some minutes
+    empty, some leases with a row only at an hour's start, units on some rows, exact costs
+    too large for a float."""
+    rows = []
+    for minute in range(hours * 60):
+        for lease in ("a", "b", "c"):
+            if rng.random() < (0.9 if minute % 60 == 0 else 0.5) and not (lease == "c" and minute % 60 != 0):
+                units = rng.choice((None, None, f'{{"gpu_s": {rng.randrange(1, 99)}, "req": {rng.randrange(9)}.5}}',
+                                    f'{{"req": {rng.randrange(1, 9)}}}'))
+                rows.append((org, us_to_dt(start_us + minute * MINUTE_US), f"{org}_{lease}", rng.randrange(10**9),
+                             rng.randrange(10**6), rng.randrange(10**9), rng.randrange(1, 60),
+                             rng.randrange(10**20) * 10**6 + rng.randrange(10**6), units, rng.randrange(60_000)))
+    await conn.executemany(
+        "INSERT INTO usage_rollups (org_id, minute, lease_id, memory_mb_ms, cpu_ms, disk_mb_ms, ticks, cost_scaled,"
+        " units, duration_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::numeric, $9::jsonb, $10)", rows)
+
+
+async def rollup_readers(conn, org: str, windows: list[tuple[int, int]]) -> dict:
+    """What every reader of an org's rollups answers over whole hours: totals per org, lease,
+    hour, day and month, units per lease and hour, the usage report (lease, meter, day), the
+    billing page's costliest leases and the months' lease time, for each hour-aligned window."""
+    async def fetch(query: str):
+        return [tuple(r) for r in await conn.fetch(query, org)]
+
+    answers = {
+        "org": await fetch(f"SELECT {ROLLUP_SUMS} FROM usage_rollups WHERE org_id = $1"),
+        "lease": await fetch(f"SELECT lease_id, {ROLLUP_SUMS} FROM usage_rollups WHERE org_id = $1 GROUP BY 1 ORDER BY 1"),
+        "hour": await fetch(f"SELECT date_trunc('hour', minute AT TIME ZONE 'UTC'), {ROLLUP_SUMS} FROM usage_rollups"
+                            " WHERE org_id = $1 GROUP BY 1 ORDER BY 1"),
+        "month": await fetch(f"SELECT date_trunc('month', minute AT TIME ZONE 'UTC'), {ROLLUP_SUMS} FROM usage_rollups"
+                             " WHERE org_id = $1 GROUP BY 1 ORDER BY 1"),
+        "units": await fetch("SELECT lease_id, date_trunc('hour', minute AT TIME ZONE 'UTC') AS h, k, sum(v::numeric)"
+                             " FROM usage_rollups, jsonb_each_text(units) AS u(k, v) WHERE org_id = $1"
+                             " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"),
+        "months_lease_ms": await usage.lease_ms_by_month(conn, org),
+        "report_all": [await usage.report(conn, org, g, None, None) for g in ("lease", "meter", "day")],
+    }
+    for from_us, to_us in windows:
+        answers[(from_us, to_us)] = (
+            [await usage.report(conn, org, g, from_us, to_us) for g in ("lease", "meter", "day")],
+            await usage.lease_costs(conn, org, from_us, to_us, 2), await usage.lease_ms_by_month(conn, org, from_us))
+    return answers
+
+
+def old_month_edge_us() -> int:
+    """Three hours before the start of a month that began more than 38 days ago."""
+    t = us_to_dt(now_us() - 38 * DAY_US)
+    return dt_to_us(t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)) - 3 * HOUR_US
+
+
+def test_rollup_fold_keeps_every_whole_hour_sum_and_bounds_the_rows(database_url, monkeypatch):
+    """Seven hours across a month's (and day's) edge, 38+ days old, fold into one row per (org,
+    lease, hour); every sum and every reader's answer over whole hours is unchanged; yesterday's
+    minutes are left; runs fold a bounded number of hours each; a second fold moves nothing."""
+    monkeypatch.setattr(jobs, "FOLD_HOURS_PER_RUN", 3)
+    rng = random.Random(2025)
+    orgs = [f"roll_{uuid.uuid4().hex[:8]}_{n}" for n in range(4)]
+    old_us = old_month_edge_us()
+    recent_us = (now_us() - 1 * DAY_US) // HOUR_US * HOUR_US
+    windows = [(old_us, old_us + 7 * HOUR_US), (old_us + HOUR_US, old_us + 4 * HOUR_US),
+               (old_us + 3 * HOUR_US, old_us + 4 * HOUR_US), (old_us - 5 * HOUR_US, recent_us + HOUR_US)]
+    windows += [tuple(sorted(rng.sample(range(old_us, old_us + 8 * HOUR_US, HOUR_US), 2))) for _ in range(6)]
+
+    async def body(scheduler, conn):
+        for org in orgs:
+            await write_rollups(conn, org, rng, old_us, 7)
+            await write_rollups(conn, org, rng, recent_us, 2)
+        await conn.execute("UPDATE usage_rollup_fold SET next_hour = NULL")  # written behind the watermark
+        before = {org: await rollup_readers(conn, org, windows) for org in orgs}
+        count = "SELECT count(*) FROM usage_rollups WHERE org_id = ANY($1) AND minute < $2"
+        old_before = await conn.fetchval(count, orgs, us_to_dt(recent_us))
+        recent = "SELECT * FROM usage_rollups WHERE org_id = ANY($1) AND minute >= $2 ORDER BY org_id, lease_id, minute"
+        recent_before = [dict(r) for r in await conn.fetch(recent, orgs, us_to_dt(recent_us))]
+        runs = []
+        while (done := await scheduler.fold_rollups())["hours"]:
+            runs.append(done)
+        after = {org: await rollup_readers(conn, org, windows) for org in orgs}
+        old_after = await conn.fetchval(count, orgs, us_to_dt(recent_us))
+        recent_after = [dict(r) for r in await conn.fetch(recent, orgs, us_to_dt(recent_us))]
+        off_hour = await conn.fetchval("SELECT count(*) FROM usage_rollups WHERE org_id = ANY($1) AND minute < $2"
+                                       " AND minute <> date_trunc('hour', minute AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+                                       orgs, us_to_dt(recent_us))
+        # A window bound inside a folded hour counts the whole hour at its start.
+        inside = (await usage.report(conn, orgs[0], "meter", old_us + 30 * MINUTE_US, old_us + HOUR_US),
+                  await usage.report(conn, orgs[0], "meter", old_us, old_us + 30 * MINUTE_US),
+                  await usage.report(conn, orgs[0], "meter", old_us, old_us + HOUR_US))
+        await conn.execute("UPDATE usage_rollup_fold SET next_hour = NULL")  # fold it all again: nothing moves
+        again = []
+        while (done := await scheduler.fold_rollups())["hours"]:
+            again.append(done)
+        old_again = await conn.fetchval(count, orgs, us_to_dt(recent_us))
+        return before, after, old_before, old_after, old_again, recent_before, recent_after, runs, again, off_hour, \
+            inside
+
+    before, after, old_before, old_after, old_again, recent_before, recent_after, runs, again, off_hour, inside = \
+        run(database_url, body)
+    for org in orgs:
+        assert after[org] == before[org], org
+    assert old_after <= 4 * 3 * 7 < old_before / 10, (old_before, old_after)  # one row per org, lease and hour
+    assert off_hour == 0
+    assert recent_after == recent_before  # a day old: minute detail kept
+    assert len(runs) >= 3 and all(r["hours"] <= 3 for r in runs) and sum(r["hours"] for r in runs) >= 7
+    deleted, folded = sum(r["deleted"] for r in runs), sum(r["folded"] for r in runs)
+    assert deleted - folded <= old_before - old_after <= deleted  # a folded row is made or added to
+    assert all(r["deleted"] == 0 and r["folded"] == 0 for r in again) and old_again == old_after
+    assert inside[0] == [] and inside[1] == inside[2] and inside[1][0].ticks > 0
+
+
+def test_rollup_fold_keeps_minute_detail_for_the_setting_then_folds_it(database_url):
+    org = f"young_{uuid.uuid4().hex[:8]}"
+    start_us = (now_us() - 33 * DAY_US) // HOUR_US * HOUR_US
+    count = "SELECT count(*) FROM usage_rollups WHERE org_id = $1"
+
+    async def fold_all(scheduler, conn):
+        if not await conn.fetchval(count, org):
+            await write_rollups(conn, org, random.Random(3), start_us, 3)
+        await conn.execute("UPDATE usage_rollup_fold SET next_hour = NULL")
+        rows = await conn.fetchval(count, org)
+        while (await scheduler.fold_rollups())["hours"]:
+            pass
+        return rows, await conn.fetchval(count, org)
+
+    rows, kept = run(database_url, fold_all)  # the default: 35 days
+    assert kept == rows > 100  # 33 days old: minute detail kept
+    rows, folded = run(database_url, fold_all, usage_detail_days=32)
+    assert folded <= 3 * 3 < rows
+
+
+def test_rollup_fold_runs_beside_the_shards_upsert_of_the_current_minute(database_url):
+    """The shard adds to the current minute's rollup in every commit; folding old hours at the
+    same time neither blocks it nor loses a tick of it."""
+    org = f"busyroll_{uuid.uuid4().hex[:8]}"
+    old_us = (now_us() - 50 * DAY_US) // HOUR_US * HOUR_US
+
+    async def body(scheduler, conn):
+        await write_rollups(conn, org, random.Random(9), old_us, 24)
+        await conn.execute("UPDATE usage_rollup_fold SET next_hour = NULL")
+        total = await conn.fetchval("SELECT sum(ticks)::int8 FROM usage_rollups WHERE org_id = $1", org)
+        writer = await asyncpg.connect(scheduler.settings.database_url)
+        commits = 0
+
+        async def shard_commits():
+            nonlocal commits
+            while not folding.done():
+                batch = CommitBatch()
+                batch.rollups[(org, now_us() // MINUTE_US * MINUTE_US, f"{org}_a")] = (1, 1, 1, 2, 5, '{"req": 1}', 10)
+                async with writer.transaction():
+                    await write_batch(writer, batch)
+                commits += 1
+                await asyncio.sleep(0)
+
+        folding = asyncio.ensure_future(scheduler.fold_rollups())
+        await asyncio.gather(folding, shard_commits())
+        await writer.close()
+        return total, commits, folding.result(), await conn.fetchval(
+            "SELECT sum(ticks)::int8 FROM usage_rollups WHERE org_id = $1", org)
+
+    total, commits, folded, after = run(database_url, body)
+    assert folded["hours"] == jobs.FOLD_HOURS_PER_RUN and folded["deleted"] > 500 and commits > 0
+    assert after == total + 2 * commits
+
+
 # ----- no transaction across a network call -------------------------------------------------
 
 
