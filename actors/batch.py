@@ -155,6 +155,8 @@ class BatchWork:
         if not shard.owns(item.org_id):
             return WRONG_SHARD
         loaded = shard.orgs.get(item.org_id)
+        if loaded is None and item.org_id in shard.unreadable:  # it exists: never created again
+            return unknown_org(item.org_id, shard.unreadable[item.org_id])
         if isinstance(command, cmd.CreateOrg):
             return self._create(item, loaded)
         if loaded is None:

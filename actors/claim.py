@@ -21,8 +21,8 @@ import time
 import asyncpg
 
 from storage.db import drop, is_outage
-from storage.slots import Fenced, backend_holding, claim_of, claim_shard, end_transaction, fence, fenced_by, \
-    transaction_status
+from storage.slots import RESTORE_EPOCH_STEP, Fenced, backend_holding, claim_of, claim_shard, end_transaction, \
+    fence, fenced_by, transaction_status
 
 log = logging.getLogger("metergate.shard")
 
@@ -42,25 +42,51 @@ class Claim:
         self.slots: set[int] = set()
         self.resolved = {"committed": 0, "aborted": 0, "unknown": 0}  # COMMITs whose answer was lost
         self.claims = 0  # claims taken by this process: more than one after a failover or a restore
+        # A fenced transaction whose outcome is not known (its COMMIT's answer lost, and Postgres
+        # not asked in time): the count is then ours or one more. One more is that commit landing
+        # late: no divergence of the database, but orgs of its batch may have loaded again
+        # before it landed, so memory is dropped then (Fenced with `landed_late`), never kept.
+        self.uncertain = False
 
     async def take(self, conn: asyncpg.Connection) -> None:
         """Claim the shard: an epoch above any this process held, the count as recorded."""
         self.epoch, self.commit_no, self.slots = await claim_shard(conn, self.shard, self.epoch)
         self.claims += 1
+        self.uncertain = False
 
     async def fence(self, conn: asyncpg.Connection) -> int:
         """In a commit's transaction: count it, or raise Fenced. Returns the transaction id."""
-        return await fence(conn, self.shard, self.epoch, self.commit_no)
+        try:
+            return await fence(conn, self.shard, self.epoch, self.commit_no)
+        except Fenced as exc:
+            self._landed_after_all(exc.found)
+            raise
 
     def committed(self) -> None:
         """A fenced transaction committed: the count moved on by one."""
         self.commit_no += 1
+        self.uncertain = False
+
+    def unsure(self) -> None:
+        """A fenced transaction ended without its outcome known."""
+        self.uncertain = True
 
     async def check(self, conn: asyncpg.Connection) -> None:
         """Raise Fenced if the database's record is not this claim (a failover, a restore)."""
         found = await claim_of(conn, self.shard)
         if found != (self.epoch, self.commit_no):
+            self._landed_after_all(found)
             raise fenced_by(self.shard, self.epoch, self.commit_no, found)
+
+    def _landed_after_all(self, found: tuple[int, int] | None) -> None:
+        """If the transaction whose outcome was not known committed (the database is one commit
+        ahead, in this epoch), raise Fenced `landed_late`: the count takes it in; memory must
+        go (orgs of its batch may have loaded before it landed), but nothing else diverged."""
+        if self.uncertain and found == (self.epoch, self.commit_no + 1):
+            self.commit_no += 1
+            self.uncertain = False
+            raise Fenced(f"shard {self.shard}: a commit whose outcome was unknown landed late", superseded=False,
+                         found=found, landed_late=True)
 
     async def landed(self, pool: asyncpg.Pool, backend_pid: int, xid: int, failure: Exception) -> bool:
         """Whether transaction `xid`, fenced by this claim, whose COMMIT lost its connection,
@@ -83,7 +109,7 @@ class Claim:
                     try:
                         status = await self._outcome(conn, backend_pid, xid, left())
                     except Exception as exc:
-                        if not isinstance(exc, (Fenced, asyncpg.InvalidParameterValueError)):
+                        if not isinstance(exc, (Fenced, asyncpg.InvalidParameterValueError, CommitOutcomeUnknown)):
                             drop(conn)  # not put back: its link failed or went quiet
                         raise
             except asyncpg.InvalidParameterValueError as exc:  # "transaction ID is in the future"
@@ -100,6 +126,7 @@ class Claim:
                 return status == "committed"
             await asyncio.sleep(0.05 if status in ("in progress", "sync_rep") else 0.25)
         self.resolved["unknown"] += 1
+        self.unsure()
         raise CommitOutcomeUnknown(f"transaction {xid}: {failure!r}") from failure
 
     async def _outcome(self, conn: asyncpg.Connection, backend_pid: int, xid: int, timeout: float) -> str:
@@ -117,6 +144,9 @@ class Claim:
                 return "aborted"
         if found is None or found[0] <= self.epoch:
             raise fenced_by(self.shard, self.epoch, self.commit_no, found)
+        if found[0] >= self.epoch + RESTORE_EPOCH_STEP:  # a restore since: its transaction ids are not ours
+            self.resolved["unknown"] += 1
+            raise CommitOutcomeUnknown(f"transaction {xid}: the database was restored since (epoch {found[0]})")
         # Claimed by another incarnation since (its claim waited for this transaction): the
         # count moved on with it, so the transaction's own status says.
         status = await transaction_status(conn, xid, timeout=timeout)

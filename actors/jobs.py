@@ -46,13 +46,14 @@ from svix.webhooks import Webhook
 from actors import clock, metrics
 from actors.clock import now_us
 from actors.commands import Advance
+from actors.meter_reconcile import reconcile_meters
 from actors.refusals import Refusal
 from actors.retry import DEAD, PENDING, US_PER_S, RetryPolicy
 from actors.routing import ShardRouter
 from actors.timeutil import us_to_rfc3339
 from config.settings import Settings, stripe_client
 from config.version import this_version
-from storage import clock_offset, due, locks, meter_events, outbox, retention, tick_ids
+from storage import clock_offset, due, holds, locks, meter_events, outbox, retention, tick_ids
 from storage.db import create_pool
 from storage.times import us_to_dt
 
@@ -207,6 +208,21 @@ class SchedulerActor:
     async def fold_rollups(self) -> dict | None:
         return await self._run(JOB["fold_rollups"])
 
+    async def reconcile_meters(self, since_us: int) -> dict:
+        """After a restore (`metergate inbound reconcile`): record what Stripe's meter holds
+        since `since_us` beyond the meter events (actors/meter_reconcile.py), then let the
+        roll-up go again (the `meters` hold)."""
+        await self._ensure_started()
+        found = {"orgs": 0, "hours": 0, "recorded_micros": 0, "meter": None}
+        if self.stripe is not None:
+            event_name = f"{self.settings.stripe_meter_prefix}_{meter_events.MONEY_METER}"
+            found = await reconcile_meters(self.stripe, self.pool, event_name, since_us)
+        async with self.pool.acquire() as conn:
+            released, needed = await holds.release(conn, holds.METERS, us_to_dt(since_us))
+        found["meters_released"] = released
+        found["read_back_from"] = None if needed is None else int(needed.timestamp())
+        return found
+
     # ----- the jobs ------------------------------------------------------------------------
 
     async def _sweep(self, conn: asyncpg.Connection) -> dict:
@@ -245,7 +261,11 @@ class SchedulerActor:
                 "shards": {r["shard"]: {"checked": r["checked"], "drift": sorted(r["drift"])} for r in results}}
 
     async def _meter(self, conn: asyncpg.Connection) -> dict:
-        """Postpaid usage per org, meter and closed hour → meter events (shadow unless turned off)."""
+        """Postpaid usage per org, meter and closed hour → meter events (shadow unless turned off).
+        Nothing while a restore's `meters` hold is on (storage/holds.py)."""
+        held = await holds.held(conn, holds.METERS)
+        if held is not None:
+            return {"held": held}
         settings = self.settings
         now = now_us()
         inserted = await meter_events.roll_up(

@@ -92,6 +92,7 @@ class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
         self.loading: dict[str, asyncio.Future] = {}
         self.unreadable: dict[str, str] = {}  # org → why its stored rows could not be read (its last load)
         self.unsnapshottable: dict[str, float] = {}  # org → when its snapshot last failed (monotonic)
+        self.generation = 0  # memory dropped whole (_forget_all) this many times
         self.unanswered: dict[str, asyncio.Future] = {}  # org → its last command applied, not yet answered
         self.pending: list = []
         self.recent_keys: dict[tuple[str, str], tuple[str, dict]] = {}
@@ -253,11 +254,11 @@ class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
             for org_id in to_load:
                 self.loading[org_id] = future
             try:
-                claims = self.claim.claims
+                generation = self.generation
                 async with self.pool.acquire() as conn:
                     rows = await store.load_orgs(conn, to_load)
-                if self.claim.claims != claims:  # read from the database memory was dropped for
-                    raise ConnectionResetError("the shard claimed again during a load; load again")
+                if self.generation != generation:  # memory was dropped meanwhile: what was read may be stale
+                    raise ConnectionResetError("the shard dropped its memory during a load; load again")
                 now_s = int(time.monotonic())
                 now = now_us()
                 for org_id, (seq, state, entries) in rows.items():
@@ -608,17 +609,23 @@ class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
             else:  # a shard run in a test's own process: it stops committing
                 self.loop_task.cancel()
             return
+        if exc.landed_late:  # the database did not diverge: only memory may be behind it
+            log.warning("shard %s: %s: dropping the %d orgs in memory", self.shard, exc, len(self.orgs))
+            self._forget_all()
+            return
         log.error("shard %s: %s: dropping the %d orgs in memory and claiming again", self.shard, exc, len(self.orgs))
         self._forget_all()
         async with self.pool.acquire() as conn:
-            await holds.hold(conn, holds.CHARGES, f"shard {self.shard} found the database behind its memory: "
-                             "a failover or a restore? `metergate inbound reconcile --since` takes this off")
+            for name in holds.AFTER_A_RESTORE:
+                await holds.hold(conn, name, f"shard {self.shard} found the database behind its memory: a "
+                                 "failover or a restore? `metergate inbound reconcile --since` takes this off")
             await self.claim.take(conn)
         self.slots = self.claim.slots
         self.views.start(self.epoch)
         log.warning("shard %s: claimed again: epoch %s after %s commits", self.shard, self.epoch, self.claim.commit_no)
 
     def _forget_all(self) -> None:
+        self.generation += 1  # a load that read before this must not put what it read back
         for lo in self.orgs.values():
             self._count_out(lo)
         self.orgs.clear()

@@ -127,9 +127,18 @@ class ShardUpkeep:
         if not taken:
             return {"snapshots": 0}
         async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                await self.claim.fence(conn)
-                await store.write_batch(conn, batch)
+            fenced = False
+            try:
+                async with conn.transaction():
+                    await self.claim.fence(conn)
+                    fenced = True
+                    await store.write_batch(conn, batch)
+            except Fenced:
+                raise
+            except Exception:
+                if fenced:  # it may have committed (its COMMIT's answer lost): the count says, later
+                    self.claim.unsure()
+                raise
         self.claim.committed()
         for org_id in taken:
             lo = self.orgs.get(org_id)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.client import SLOW_TIMEOUT_S, Api, JsonOption, TokenOption, UrlOption
+from cli.client import SLOW_TIMEOUT_S, Api, CliError, JsonOption, TokenOption, UrlOption
 from cli.orgs import more, pages
 from cli.output import Output, when
 
@@ -66,15 +66,18 @@ def _instant(text: str) -> int:
 def reconcile(since: Annotated[str, typer.Option("--since", help="The restore point, or earlier: Unix seconds or "
                                                                   "an ISO 8601 time with offset.", show_default=False)],
               url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
-    """After a database restore: apply every event Stripe sent since the restore point.
+    """After a database restore: apply every event Stripe sent since the restore point, then
+    read its meters back.
 
     Stripe keeps 30 days of events. Those the restored database records already are skipped;
-    the others apply as their delivery would have (payments credit once, by their key), so
-    starting earlier than needed, or running it twice, changes nothing."""
+    the others apply as their delivery would have (payments credit once, by their key). Then,
+    for postpaid orgs, what Stripe's meter holds beyond the database's meter events is recorded
+    as sent, so usage sent again is not billed twice. Starting earlier than needed, or running
+    it twice, changes nothing."""
     out = Output(as_json)
     since_s = _instant(since)
     totals = {"events": 0, "applied": 0, "ignored": 0, "dead_letter": 0, "seen": 0}
-    after = None
+    after, page = None, {}
     with Api(url, token) as api, out.progress("reading Stripe's events") as tracker:
         while True:
             page = api.call("POST", "/v1/stripe/reconcile", body={"since": since_s, "starting_after": after},
@@ -86,8 +89,19 @@ def reconcile(since: Annotated[str, typer.Option("--since", help="The restore po
             after = page["next"]
             if after is None:
                 break
+        tracker.advance(0, description="reading Stripe's meters back")
+        meters = api.call("POST", "/v1/stripe/reconcile-meters", body={"since": since_s}, timeout_s=SLOW_TIMEOUT_S)
+    totals["meters"] = meters
+    needed = [t for t in (page.get("read_back_from"), meters.get("read_back_from")) if t is not None]
+    totals["holds_released"] = not needed
     if out.as_json:
-        return out.json(totals)
-    out.line(f"{totals['events']} Stripe events since {since}: {totals['applied']} applied, {totals['seen']} known "
-             f"already, {totals['ignored']} ignored, {totals['dead_letter']} dead letters "
-             "(`metergate inbound list --outcome dead_letter` shows why)")
+        out.json(totals)
+    else:
+        out.line(f"{totals['events']} Stripe events since {since}: {totals['applied']} applied, {totals['seen']} "
+                 f"known already, {totals['ignored']} ignored, {totals['dead_letter']} dead letters "
+                 "(`metergate inbound list --outcome dead_letter` shows why)")
+        out.line(f"meters: {meters['orgs']} orgs read back ({meters.get('skipped', 0)} skipped); Stripe held more "
+                 f"than the database in {meters['hours']} hours ({meters['recorded_micros']} µUSD), recorded as sent")
+    if needed:
+        raise CliError(f"the restore's holds on charges and meter events stay on: read Stripe back from "
+                       f"{min(needed)} (Unix seconds) or earlier: `metergate inbound reconcile --since {min(needed)}`")

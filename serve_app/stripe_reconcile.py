@@ -12,6 +12,8 @@ new auto-recharge charges (storage/holds.py) that a restore puts on.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from serve_app.context import Context
 from serve_app.errors import ApiError
 from serve_app.webhooks_in import seen_answer, stripe_event
@@ -40,8 +42,10 @@ async def reconcile_page(ctx: Context, since_s: int, starting_after: str | None,
         _, result = await stripe_event(ctx, event)
         counts[result["outcome"]] += 1
     following = events[-1]["id"] if events and page.has_more else None
-    released = False
-    if following is None:  # read back to the restore point: charges the restore forgot are credited
+    answer = {"events": len(events), "outcomes": counts, "next": following}
+    if following is None:  # read back to `since`: charges the restore forgot are credited
         async with (await ctx.db()).acquire() as conn:
-            released = await holds.release(conn, holds.CHARGES)
-    return {"events": len(events), "outcomes": counts, "next": following, "charges_released": released}
+            released, needed = await holds.release(conn, holds.CHARGES, datetime.fromtimestamp(since_s, timezone.utc))
+        answer["charges_released"] = released
+        answer["read_back_from"] = None if needed is None else int(needed.timestamp())
+    return answer

@@ -44,10 +44,14 @@ async def load_orgs(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, t
         "SELECT org_id, seq, state FROM org_snapshots WHERE org_id = ANY($1::text[])", org_ids)
     found = {r["org_id"]: (r["seq"], r["state"], []) for r in snaps}
     if found:
+        # Each wanted org's tail by its own key range (a join over the whole tables would let
+        # the planner scan both, at any size).
         tail = await conn.fetch(
-            "SELECT j.org_id, j.entry FROM org_journal j JOIN org_snapshots s USING (org_id)"
-            " WHERE j.org_id = ANY($1::text[]) AND j.seq > s.seq ORDER BY j.org_id, j.seq",
-            list(found))
+            "SELECT j.org_id, j.entry FROM unnest($1::text[], $2::int8[]) AS s(org_id, seq)"
+            " JOIN LATERAL (SELECT org_id, seq, entry FROM org_journal"
+            " WHERE org_journal.org_id = s.org_id AND org_journal.seq > s.seq) AS j ON true"
+            " ORDER BY j.org_id, j.seq",
+            list(found), [found[o][0] for o in found])
         for row in tail:
             found[row["org_id"]][2].append(row["entry"])
     return found

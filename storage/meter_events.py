@@ -76,3 +76,57 @@ async def mark_failed(conn: asyncpg.Connection, identifier: str, error: str, sta
     await conn.execute("UPDATE meter_events SET status = $4, attempts = attempts + 1, last_error = $2,"
                        " next_attempt_at = $3 WHERE identifier = $1", identifier, error, us_to_dt(retry_at_us),
                        status)
+
+
+# ----- after a restore: what Stripe already has -----------------------------------------------
+
+async def billed_orgs_since(conn: asyncpg.Connection, since_us: int) -> list[tuple[str, str]]:
+    """(org, Stripe customer) of every org whose usage Stripe's meter may hold from the hour of
+    `since_us` on: every postpaid org with a customer (its usage after the restore point may be
+    at Stripe alone), and any other with invoiced usage or meter events since."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT u.org_id, c.customer_id FROM ("
+        " SELECT org_id FROM orgs WHERE billing_mode = 'postpaid'"
+        " UNION SELECT org_id FROM ledger WHERE invoiced_micros > 0 AND usage_minute >= date_trunc('hour', $1::timestamptz)"
+        " UNION SELECT org_id FROM meter_events WHERE hour >= date_trunc('hour', $1::timestamptz)) AS u"
+        " JOIN stripe_customers c USING (org_id) ORDER BY 1", us_to_dt(since_us))
+    return [(r["org_id"], r["customer_id"]) for r in rows]
+
+
+async def sent_and_pending_since(conn: asyncpg.Connection, org_id: str, since_us: int
+                                 ) -> dict[int, tuple[int, list[tuple[str, int]]]]:
+    """hour (µs) -> (what the org's sent events of the money meter carry, its pending events
+    (identifier, value) oldest first). Shadow, consumed and dead events never reached Stripe."""
+    rows = await conn.fetch(
+        "SELECT hour, identifier, value, status FROM meter_events WHERE org_id = $1 AND meter = $2"
+        " AND hour >= date_trunc('hour', $3::timestamptz) AND status IN ('sent', 'pending')"
+        " ORDER BY hour, created_at, identifier", org_id, MONEY_METER, us_to_dt(since_us))
+    found: dict[int, tuple[int, list[tuple[str, int]]]] = {}
+    for r in rows:
+        sent, pending = found.get(dt_to_us(r["hour"]), (0, []))
+        if r["status"] == "sent":
+            sent += r["value"]
+        else:
+            pending.append((r["identifier"], r["value"]))
+        found[dt_to_us(r["hour"])] = (sent, pending)
+    return found
+
+
+async def record_at_stripe(conn: asyncpg.Connection, org_id: str, sent: list[str], hours: dict[int, int],
+                           now_us: int) -> int:
+    """What Stripe holds beyond the org's sent meter events: pending events it holds already
+    (`sent`, by identifier) become sent, and the rest, per hour (µs -> value), is recorded as an
+    event already sent. The roll-up then sends only usage beyond it, under identifiers of its
+    own. A rerun records nothing twice (the identifier names the hour and the value)."""
+    if sent:
+        await conn.execute("UPDATE meter_events SET status = 'sent', sent_at = $2"
+                           " WHERE identifier = ANY($1::text[]) AND status = 'pending'", sent, us_to_dt(now_us))
+    if not hours:
+        return 0
+    status = await conn.execute(
+        "INSERT INTO meter_events (identifier, org_id, meter, hour, value, status, sent_at)"
+        " SELECT 'mg_at_stripe_' || md5($1 || '|' || $2 || '|' || extract(epoch FROM h)::bigint || '|' || v),"
+        " $1, $2, h, v, 'sent', $5 FROM unnest($3::timestamptz[], $4::int8[]) AS x(h, v)"
+        " ON CONFLICT (identifier) DO NOTHING",
+        org_id, MONEY_METER, [us_to_dt(h) for h in hours], list(hours.values()), us_to_dt(now_us))
+    return int(status.split()[-1])

@@ -19,9 +19,12 @@ class Fenced(Exception):
     to a standby that lacks the last commits, or a restore. Memory then holds changes the
     database does not have, and must be dropped and reloaded under a new claim."""
 
-    def __init__(self, message: str, superseded: bool = True) -> None:
+    def __init__(self, message: str, superseded: bool = True, found: tuple[int, int] | None = None,
+                 landed_late: bool = False) -> None:
         super().__init__(message)
         self.superseded = superseded
+        self.found = found  # (epoch, commit count) as the database records them
+        self.landed_late = landed_late  # only a commit whose outcome was unknown landed (actors/claim.py)
 
 
 def slot_of(org_id: str) -> int:
@@ -94,9 +97,9 @@ async def claim_of(conn: asyncpg.Connection, shard: int, timeout: float | None =
 def fenced_by(shard: int, epoch: int, commit_no: int, found: tuple[int, int] | None) -> Fenced:
     """Why the recorded claim `found` fences a shard holding (epoch, commit_no)."""
     if found is None or found[0] > epoch:
-        return Fenced(f"shard {shard} epoch {epoch} is stale (now {found and found[0]})", superseded=True)
+        return Fenced(f"shard {shard} epoch {epoch} is stale (now {found and found[0]})", superseded=True, found=found)
     return Fenced(f"shard {shard}: the database records epoch {found[0]} after {found[1]} commits, this shard "
-                  f"holds epoch {epoch} after {commit_no} (a failover or a restore?)", superseded=False)
+                  f"holds epoch {epoch} after {commit_no} (a failover or a restore?)", superseded=False, found=found)
 
 
 async def backend_holding(conn: asyncpg.Connection, backend_pid: int, xid: int,
@@ -126,7 +129,12 @@ async def transaction_status(conn: asyncpg.Connection, xid: int, timeout: float 
     return await conn.fetchval("SELECT txid_status($1)", xid, timeout=timeout)
 
 
-async def fence_every_shard(conn: asyncpg.Connection, by: int) -> int:
+# What a restore's first step moves every epoch on by (`metergate restore begin`): above any
+# epoch a process from before could have claimed since the backup.
+RESTORE_EPOCH_STEP = 1_000
+
+
+async def fence_every_shard(conn: asyncpg.Connection, by: int = RESTORE_EPOCH_STEP) -> int:
     """Move every shard's epoch on by `by` (a restore's first step): any shard process still
     running from before sees a later epoch than its own and stops instead of writing. Returns
     the number of shards."""

@@ -45,6 +45,7 @@ updates_by_key: dict[str, tuple[dict, dict | None]] = {}  # Idempotency-Key → 
 PRORATION_BEHAVIORS = ("create_prorations", "none", "always_invoice")
 meter_events: list[dict] = []  # every meter event request, with the status it got
 meter_failures = {"next": 0}
+meter_identifiers: set[str] = set()  # what Stripe still dedupes (it forgets after 24 hours)
 intent_failures = {"next": 0}  # POST /v1/payment_intents answered 500 while > 0 (Stripe having a bad minute)
 intents_by_key: dict[str, dict] = {}  # Idempotency-Key -> {"params", "status", "body"} of its first answer
 customers_by_key: dict[str, dict] = {}
@@ -315,14 +316,54 @@ async def create_meter_event(request: web.Request) -> web.Response:
         meter_failures["next"] -= 1
         meter_events.append({**params, "status": 429})
         return web.json_response({"error": {"type": "rate_limit_error", "message": "Too many requests"}}, status=429)
-    meter_events.append({**params, "status": 200})
+    # Stripe drops an identifier it saw in the last 24 hours (`deduped` here, not counted).
+    deduped = params.get("identifier") in meter_identifiers
+    meter_identifiers.add(params.get("identifier"))
+    meter_events.append({**params, "status": 200, "deduped": deduped})
     return web.json_response({"object": "billing.meter_event", **params})
 
 
 async def meter_control(request: web.Request) -> web.Response:
+    """POST {"fail_next": n}: the next n meter events get 429; {"forget_identifiers": true}: a
+    day passes, and Stripe no longer knows the identifiers it saw."""
     if request.method == "POST":
-        meter_failures["next"] = int((await request.json())["fail_next"])
+        control = await request.json()
+        if "fail_next" in control:
+            meter_failures["next"] = int(control["fail_next"])
+        if control.get("forget_identifiers"):
+            meter_identifiers.clear()
     return web.json_response(meter_events)
+
+
+def _counted(event: dict) -> bool:
+    return event["status"] == 200 and not event["deduped"]
+
+
+async def list_meters(request: web.Request) -> web.Response:
+    """GET /v1/billing/meters: a meter for each event name sent here (Stripe's are made by
+    hand in its dashboard; metergate finds its meter by event name)."""
+    names = sorted({event["event_name"] for event in meter_events})
+    return web.json_response({"object": "list", "url": "/v1/billing/meters", "has_more": False, "data": [
+        {"id": f"mtr_{name}", "object": "billing.meter", "event_name": name, "status": "active"} for name in names]})
+
+
+async def meter_event_summaries(request: web.Request) -> web.Response:
+    """GET /v1/billing/meters/{id}/event_summaries, hour by hour: what Stripe counted for the
+    customer on that meter (a deduped event counts nothing)."""
+    name = request.match_info["id"].removeprefix("mtr_")
+    query = request.query
+    customer, start, end = query["customer"], int(query["start_time"]), int(query["end_time"])
+    hours: dict[int, int] = {}
+    for event in meter_events:
+        at = int(event["timestamp"])
+        if (_counted(event) and event["event_name"] == name and event["payload"]["stripe_customer_id"] == customer
+                and start <= at < end):
+            hour = at // 3_600 * 3_600
+            hours[hour] = hours.get(hour, 0) + int(event["payload"]["value"])
+    return web.json_response({"object": "list", "url": request.path, "has_more": False, "data": [
+        {"id": f"mtrs_{name}_{hour}", "object": "billing.meter_event_summary", "meter": request.match_info["id"],
+         "aggregated_value": float(value), "start_time": hour, "end_time": hour + 3_600, "livemode": False}
+        for hour, value in sorted(hours.items())]})
 
 
 async def create_payment_intent(request: web.Request) -> web.Response:
@@ -453,6 +494,8 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/v1/subscriptions/{id}", update_subscription)
     application.router.add_get("/_fake/subscription_updates", list_subscription_updates)
     application.router.add_post("/v1/billing/meter_events", create_meter_event)
+    application.router.add_get("/v1/billing/meters", list_meters)
+    application.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
     application.router.add_post("/v1/payment_intents", create_payment_intent)
     application.router.add_post("/v1/customers", create_customer)
     application.router.add_route("*", "/_fake/payment_intents", intent_control)

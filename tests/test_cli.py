@@ -223,11 +223,11 @@ def test_outbox_lists_the_halt_event_and_retry_sends_a_dead_letter_again(service
     refused = one_error_line(cli(service, "outbox", "retry", event["id"]))
     assert refused == f"error: not_dead: {event['id']} is delivered, not dead"
 
-    sql.val("UPDATE outbox SET status = 'dead' WHERE id = $1 RETURNING id", int(event["id"][4:]))
+    sql.val("UPDATE outbox SET status = 'dead' WHERE message_id = $1 RETURNING id", event["id"])
     assert halted_event("dead")["id"] == event["id"]
     assert f"{event['id']}: pending again" in ok(cli(service, "outbox", "retry", event["id"]))
     wait_for("the retried event to be delivered again", lambda: sql.val(
-        "SELECT status FROM outbox WHERE id = $1", int(event["id"][4:])) == "delivered", WAIT_S)
+        "SELECT status FROM outbox WHERE message_id = $1", event["id"]) == "delivered", WAIT_S)
 
 
 # ----- parity and replay --------------------------------------------------------------------

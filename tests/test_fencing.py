@@ -177,3 +177,46 @@ def test_a_database_restored_under_a_running_shard_is_found_and_memory_reloads_f
         asyncio.run(scenario())
     finally:
         asyncio.run(_on(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _raised(check) -> Fenced:
+    with pytest.raises(Fenced) as raised:
+        await check
+    return raised.value
+
+
+def test_a_commit_whose_outcome_was_not_known_landing_late_drops_memory_and_is_not_taken_for_a_restore(shard_database):
+    """A fenced transaction whose COMMIT's answer was lost and could not be looked up leaves the
+    count at ours or one more. One more is that commit landing late: the count takes it in and
+    the shard drops its memory (orgs of that batch may have loaded before it landed), but it is
+    no divergence of the database (no new claim, no holds); anything else still is."""
+    from actors.claim import Claim
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(shard_database)
+        try:
+            claim = Claim(0)
+            await claim.take(conn)
+            async with conn.transaction():  # it lands, but its answer never reached the shard
+                await fence(conn, 0, claim.epoch, claim.commit_no)
+            assert not (await _raised(claim.check(conn))).landed_late
+            claim.unsure()
+            late = await _raised(claim.check(conn))
+            assert (late.landed_late, late.superseded) == (True, False)
+            assert (claim.epoch, claim.commit_no, claim.uncertain) == (*await claim_of(conn, 0), False)
+            await claim.check(conn)  # taken in: all is well again
+            claim.unsure()  # the next one did not land: the count is ours, all is well
+            async with conn.transaction():
+                await claim.fence(conn)
+            claim.committed()
+            assert await claim_of(conn, 0) == (claim.epoch, claim.commit_no)
+            claim.unsure()  # two ahead is not one uncertain commit
+            await conn.execute("UPDATE shard_owners SET commit_no = commit_no + 2 WHERE shard = 0")
+            with pytest.raises(Fenced) as ahead:
+                async with conn.transaction():
+                    await claim.fence(conn)
+            assert (ahead.value.superseded, ahead.value.landed_late) == (False, False)
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())

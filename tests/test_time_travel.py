@@ -29,6 +29,7 @@ from tests.helpers import (
     clock_us,
     hour_tick,
     outbox,
+    stripe_client,
     stripe_deliver,
     stripe_event,
     wait_for,
@@ -142,6 +143,35 @@ def test_meter_events_bill_only_what_credit_did_not_cover_shadow_then_sent_after
                       " ORDER BY created_at, identifier", org, later_hour)
     assert [(r["value"], r["status"]) for r in later] == [(10 * HOUR_TICK_MICROS, "sent"), (7, "sent")]
     assert len({r["identifier"] for r in later}) == 2
+
+    # A restore to before those events, a day ago: the database forgot them, the usage came
+    # back (gateways sent it again), and Stripe no longer dedupes their identifiers. Stripe's
+    # meter is read back first (the runbook's reconcile): the roll-up sends nothing again.
+    def at_stripe() -> dict:
+        summaries = stripe_client(service).v1.billing.meters.event_summaries.list(
+            f"mtr_{service.settings.stripe_meter_prefix}_usage_micros", params={
+                "customer": customer, "start_time": int(first_hour.timestamp()),
+                "end_time": int(later_hour.timestamp()) + 3_600, "value_grouping_window": "hour"})
+        return {s.start_time: int(s.aggregated_value) for s in summaries.data}
+
+    held = at_stripe()
+    assert held == {int(later_hour.timestamp()): 10 * HOUR_TICK_MICROS + 7}
+    # The backup held the hour's first event still pending (sent just after it) and not the second.
+    first_id, second_id = later[0]["identifier"], later[1]["identifier"]
+    sql.val("UPDATE meter_events SET status = 'pending', sent_at = NULL WHERE identifier = $1 RETURNING 1", first_id)
+    sql.val("DELETE FROM meter_events WHERE identifier = $1 RETURNING 1", second_id)
+    httpx.post(f"{api}/_fake/meter_events", json={"forget_identifiers": True}, timeout=10)
+    billing = ray.remote(SchedulerActor).options(num_cpus=0.01, namespace=NAMESPACE).remote(settings, service.slot_map)
+    since_us = int(later_hour.timestamp()) * 1_000_000
+    read_back = ray.get(billing.reconcile_meters.remote(since_us))
+    assert (read_back["orgs"] >= 1, read_back["hours"] >= 1) == (True, True), read_back
+    assert ray.get(billing.reconcile_meters.remote(since_us))["recorded_micros"] == 0  # nothing twice
+    assert sql.val("SELECT status FROM meter_events WHERE identifier = $1", first_id) == "sent"  # Stripe had it
+    assert ray.get(billing.meter_rollup.remote())["new"] == 0
+    ray.kill(billing)
+    assert at_stripe() == held  # billed once, not twice
+    assert sql.val("SELECT sum(value)::int8 FROM meter_events WHERE org_id = $1 AND hour = $2", org,
+                   later_hour) == 10 * HOUR_TICK_MICROS + 7
 
 
 def test_a_weekly_quota_resets_at_the_boundary_and_after_a_subscription_period_change(admin, compute, sql, new_org):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from actors.meter_reconcile import MeterReconcileFailed
 from serve_app import openapi
 from serve_app.bodies import ReconcileBody, body_schema, parse_model
 from serve_app.calls import read_time_cursor, time_cursor
@@ -69,6 +70,19 @@ def routes(ctx: Context) -> APIRouter:
             return json(await reconcile_page(ctx, body.since, body.starting_after, body.limit))
         except StripeRefused as exc:
             raise ApiError(502, "stripe_error", str(exc)) from None
+
+    @router.post("/v1/stripe/reconcile-meters", openapi_extra=body_schema(ReconcileBody))
+    async def reconcile_meters(request: Request) -> Response:
+        """After a database restore, once the events are read back: what Stripe's meter holds
+        since `since` (Unix seconds) beyond the meter events the database has is recorded as
+        sent, so usage a gateway sends again is not billed twice. `{"orgs", "hours",
+        "recorded_micros"}`. Running it twice records nothing twice."""
+        ctx.admin(request)
+        body = parse_model(ReconcileBody, await request.body())
+        try:
+            return json(await ctx.jobs().reconcile_meters.remote(body.since * 1_000_000))
+        except MeterReconcileFailed as exc:  # raised in the scheduler: its message only, no remote trace
+            raise ApiError(502, "stripe_error", str(getattr(exc, "cause", None) or exc)) from None
 
     @router.get("/v1/webhooks/outbox")
     async def list_outbox(request: Request, status: str = "dead", limit: int = 50) -> Response:

@@ -9,8 +9,10 @@ ALTER TABLE outbox ALTER COLUMN message_id SET DEFAULT 'msg_' || replace(gen_ran
 -- service: 'charges' keeps auto-recharge from sending new charges to Stripe until Stripe's
 -- record since a restore has been read back (`metergate inbound reconcile`), since a charge the
 -- restore forgot would otherwise be asked for again, and made twice.
+-- read_back_from: only reading Stripe back from this instant or earlier takes the hold off.
 CREATE TABLE service_holds (
-    name   text PRIMARY KEY,
-    reason text NOT NULL,
-    since  timestamptz NOT NULL DEFAULT now()
+    name           text PRIMARY KEY,
+    reason         text NOT NULL,
+    since          timestamptz NOT NULL DEFAULT now(),
+    read_back_from timestamptz
 );

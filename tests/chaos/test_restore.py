@@ -16,6 +16,7 @@ database with its own backup (tests/conftest.py orders it).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -30,11 +31,13 @@ import pytest
 import ray
 
 from actors.placement import NAMESPACE, shard_name
+from actors.timeutil import us_to_rfc3339
 from tests.helpers import (
     ADMIN_TOKEN,
     HOUR_TICK_MICROS,
     STRIPE_WEBHOOK_SECRET,
     URLS,
+    clock_us,
     database_url_named,
     fake_sessions,
     hour_tick,
@@ -55,11 +58,11 @@ def _pg(tool: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def _metergate(service, *args: str) -> subprocess.CompletedProcess:
+def _metergate(service, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERGATE_")}
     env.update({"METERGATE_URL": service.base_url, "METERGATE_ADMIN_TOKEN": ADMIN_TOKEN, "COLUMNS": "200"})
     done = subprocess.run([str(METERGATE), *args], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert done.returncode == expect, (done.stdout, done.stderr)
     return done
 
 
@@ -100,6 +103,11 @@ def _balance(admin, org: str) -> int | None:
     return response.json()["balance_micros"] if response.status_code == 200 else None
 
 
+def _tick(admin, org: str, tick_id: str, lease_id: str) -> dict:
+    """An hour tick started at the service's now (the clock-moving tests ran before this one)."""
+    return hour_tick(org, tick_id, lease_id) | {"started_at": us_to_rfc3339(clock_us(admin) // US * US)}
+
+
 def _recharge_intents(service, org: str) -> list[str]:
     keys = httpx.get(f"{service.settings.stripe_api_base}/_fake/payment_intents/keys", timeout=10).json()
     return sorted({intent["id"] for key, intent in keys.items() if f":{org}:" in key and ":auto_recharge:" in key})
@@ -135,7 +143,7 @@ def test_the_restore_runbook_loses_no_credit_charges_no_card_twice_and_repeats_n
     def traffic() -> None:
         n = 0
         while not stop.is_set() and n < 200:
-            tick = hour_tick(other, f"flow_{n}", "sbx_flow")
+            tick = _tick(admin, other, f"flow_{n}", "sbx_flow")
             if compute.post("/v1/usage", json={"ticks": [tick]}).status_code == 200:
                 flowing.append(tick)
             n += 1
@@ -156,7 +164,7 @@ def test_the_restore_runbook_loses_no_credit_charges_no_card_twice_and_repeats_n
     topup = admin.post(f"/v1/orgs/{card}/checkout/topup", json={"amount_micros": 20 * US, **URLS}).json()
     _complete(service, topup["session_id"])
     wait_for("the top-up", lambda: _balance(admin, card) == start + 20 * US)
-    spend = [hour_tick(card, f"spend_{n}", "sbx_r") for n in range(3)]
+    spend = [_tick(admin, card, f"spend_{n}", "sbx_r") for n in range(3)]
     assert compute.post("/v1/usage", json={"ticks": spend}).json()["accepted"] == 3
     # 25 USD - 0.50 USD: above the threshold. Then an operator's debit takes it under it.
     assert admin.post(f"/v1/orgs/{card}/credits", json={"kind": "adjustment", "amount_micros": -21 * US}).status_code == 201
@@ -178,7 +186,7 @@ def test_the_restore_runbook_loses_no_credit_charges_no_card_twice_and_repeats_n
     # The shards find it by themselves: a new claim each, memory dropped, charges held.
     wait_for("both shards to claim again", lambda: all(
         e is not None and e > old for e, old in zip(_epochs(), epochs)), timeout_s=60)
-    assert sql.val("SELECT count(*) FROM service_holds WHERE name = 'charges'") == 1
+    assert {r["name"] for r in sql.fetch("SELECT name FROM service_holds")} == {"charges", "meters"}
     for org in (card, other):
         assert _balance(admin, org) == ledger_sum(sql, org)
     assert _balance(admin, card) == start  # the top-up and the charge are gone with the restore
@@ -188,6 +196,8 @@ def test_the_restore_runbook_loses_no_credit_charges_no_card_twice_and_repeats_n
                            env={k: v for k, v in os.environ.items() if not k.startswith("METERGATE_")},
                            capture_output=True, text=True, timeout=120)
     assert begun.returncode == 0, begun.stderr
+    read_back_from = json.loads(begun.stdout)["read_back_from"]
+    assert read_back_from <= restore_point
     # A gateway sends its usage again (the restore lost its tick ids too): the org goes under
     # its threshold again and asks for a charge, which the hold keeps from Stripe.
     def resent() -> bool:
@@ -206,15 +216,21 @@ def test_the_restore_runbook_loses_no_credit_charges_no_card_twice_and_repeats_n
     time.sleep(2)
     assert _recharge_intents(service, card) == [intent]  # held: no second charge went out
 
-    reconciled = _metergate(service, "inbound", "reconcile", "--since", str(restore_point), "--json")
-    assert '"applied"' in reconciled.stdout
+    # Read back from too late an instant (events the restore lost may be older): applied, but the
+    # holds stay on, and the command says from when to read.
+    too_late = _metergate(service, "inbound", "reconcile", "--since", str(restore_point), "--json", expect=1)
+    assert f"--since {read_back_from}" in too_late.stderr
+    assert sql.val("SELECT count(*) FROM service_holds") == 2
+    assert _recharge_intents(service, card) == [intent]
+    reconciled = _metergate(service, "inbound", "reconcile", "--since", str(read_back_from), "--json")
+    assert json.loads(reconciled.stdout)["holds_released"] is True
     assert sql.val("SELECT count(*) FROM service_holds") == 0
     # The top-up and the charge Stripe made are credited, once each; the charge the org asked
     # for again was that one (ar_1 again): settled by it, never made.
     expected = start - 3 * HOUR_TICK_MICROS - 1 * US + 20 * US + 10 * US
     wait_for("the credits read back", lambda: _balance(admin, card) == expected, timeout_s=30)
-    again = _metergate(service, "inbound", "reconcile", "--since", str(restore_point), "--json")
-    assert '"applied": 0' in again.stdout
+    again = _metergate(service, "inbound", "reconcile", "--since", str(read_back_from), "--json")
+    assert json.loads(again.stdout)["applied"] == 0
     time.sleep(3)
     assert _recharge_intents(service, card) == [intent]
     kinds = sql.fetch("SELECT kind, count(*) AS n FROM ledger WHERE org_id = $1 AND kind IN ('topup', 'auto_recharge')"
