@@ -11,7 +11,7 @@ Scaled down for a 2-core machine (and said in the output): a real org busy all d
 usage row every minute (~525k a year); here each org has `--usage-hours` busy hours a year
 (60 rows each) and only "big" is busy every minute; outbox, idempotency and inbound rates
 are per org and day as given. Rollups are generated for "big" only (what the billing page
-reads); usage_rollups has no retention (see the report).
+reads); the fold_rollups job folds them to one per lease and hour past 35 days.
 
 Then: the retention and fold jobs run (the scheduler's own job functions, through its
 session-locked path) until a run finds nothing; VACUUM ANALYZE; the same queries again.
@@ -247,9 +247,11 @@ async def settle(url: str) -> tuple[dict, float]:
         while True:
             kept = await scheduler.retention()
             folded = await scheduler.fold_usage()
-            for name, n in {**kept, "ledger (folded away)": folded["deleted"]}.items():
+            rolled = await scheduler.fold_rollups()
+            for name, n in {**kept, "ledger (folded away)": folded["deleted"],
+                            "usage_rollups (folded away)": rolled["deleted"]}.items():
                 totals[name] = totals.get(name, 0) + n
-            if not any(kept.values()) and folded["hours"] == 0:
+            if not any(kept.values()) and folded["hours"] == 0 and rolled["hours"] == 0:
                 break
         conn = await asyncpg.connect(url)
         try:
@@ -318,7 +320,7 @@ async def main(args: argparse.Namespace) -> None:
             print(f"  {name:30} {small[3][name]:8.2f} | {big[2][name]:9.2f} | {big[3][name]:8.2f} | {ratio:6.1f}x")
         print("\nplans on big after (scans):")
         for name, found in big[4].items():
-            seq = [s for s in found if s.startswith("Seq Scan") and not s.endswith(("ledger_fold", "meter_money_from"))]
+            seq = [s for s in found if s.startswith("Seq Scan") and not s.endswith(("ledger_fold", "usage_rollup_fold", "meter_money_from"))]
             print(f"  {name:30} {'; '.join(found)}{'   <-- SEQ SCAN' if seq else ''}")
     finally:
         stop_embedded_postgres(server)
