@@ -369,7 +369,8 @@ async def rollup_readers(conn, org: str, windows: list[tuple[int, int]]) -> dict
 
     answers = {
         "org": await fetch(f"SELECT {ROLLUP_SUMS} FROM usage_rollups WHERE org_id = $1"),
-        "lease": await fetch(f"SELECT lease_id, {ROLLUP_SUMS} FROM usage_rollups WHERE org_id = $1 GROUP BY 1 ORDER BY 1"),
+        "lease": await fetch(f"SELECT lease_id, {ROLLUP_SUMS} FROM usage_rollups WHERE org_id = $1"
+                             " GROUP BY 1 ORDER BY 1"),
         "hour": await fetch(f"SELECT date_trunc('hour', minute AT TIME ZONE 'UTC'), {ROLLUP_SUMS} FROM usage_rollups"
                             " WHERE org_id = $1 GROUP BY 1 ORDER BY 1"),
         "month": await fetch(f"SELECT date_trunc('month', minute AT TIME ZONE 'UTC'), {ROLLUP_SUMS} FROM usage_rollups"
@@ -422,9 +423,9 @@ def test_rollup_fold_keeps_every_whole_hour_sum_and_bounds_the_rows(database_url
         after = {org: await rollup_readers(conn, org, windows) for org in orgs}
         old_after = await conn.fetchval(count, orgs, us_to_dt(recent_us))
         recent_after = [dict(r) for r in await conn.fetch(recent, orgs, us_to_dt(recent_us))]
-        off_hour = await conn.fetchval("SELECT count(*) FROM usage_rollups WHERE org_id = ANY($1) AND minute < $2"
-                                       " AND minute <> date_trunc('hour', minute AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
-                                       orgs, us_to_dt(recent_us))
+        off_hour = await conn.fetchval(
+            "SELECT count(*) FROM usage_rollups WHERE org_id = ANY($1) AND minute < $2"
+            " AND minute <> date_trunc('hour', minute AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", orgs, us_to_dt(recent_us))
         # A window bound inside a folded hour counts the whole hour at its start.
         inside = (await usage.report(conn, orgs[0], "meter", old_us + 30 * MINUTE_US, old_us + HOUR_US),
                   await usage.report(conn, orgs[0], "meter", old_us, old_us + 30 * MINUTE_US),
