@@ -217,8 +217,14 @@ class SchedulerActor:
         if self.stripe is not None:
             event_name = f"{self.settings.stripe_meter_prefix}_{meter_events.MONEY_METER}"
             found = await reconcile_meters(self.stripe, self.pool, event_name, since_us)
+        found.setdefault("skipped", 0)
+        released, needed = False, None
         async with self.pool.acquire() as conn:
-            released, needed = await holds.release(conn, holds.METERS, us_to_dt(since_us))
+            shadow = None if self.settings.stripe_meter_shadow else await meter_events.oldest_shadow_hour(conn)
+            if shadow is not None and shadow < us_to_dt(since_us):  # shadow events from before: sent once off
+                needed = shadow
+            elif not found["skipped"]:  # an org skipped was not read back: the hold stays on
+                released, needed = await holds.release(conn, holds.METERS, us_to_dt(since_us))
         found["meters_released"] = released
         found["read_back_from"] = None if needed is None else int(needed.timestamp())
         return found

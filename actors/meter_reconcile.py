@@ -6,8 +6,10 @@ send again. The roll-up (storage/meter_events.roll_up) would then send that usag
 drops a repeated identifier only within 24 hours. So for every org whose usage Stripe may
 hold since the restore point, Stripe's hourly sums of the money meter are read back
 (event summaries) and whatever they hold beyond the org's meter events is recorded as already
-sent (pending events it holds already become sent). The roll-up then sends only usage beyond
-what Stripe has, under identifiers of its own. Reading back twice records nothing twice.
+sent; the hour's unsent (pending, shadow) events are retired, since nothing tells which of them
+Stripe has. The roll-up then sends only usage beyond what Stripe has, under identifiers of its
+own. Reading back twice records nothing twice. Stripe's summaries lag its events by a few
+minutes: read back once the service has run a few minutes after the restore.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class CustomerRefused(Exception):
 
 async def reconcile_meters(client: stripe.StripeClient, pool, event_name: str, since_us: int) -> dict:
     """{"orgs", "hours", "recorded_micros", "skipped"}: the orgs read back, the hours in which
-    Stripe held more than metergate's sent meter events, how much more in all (beyond the pending
-    events it held already, which become sent), and the orgs whose customer Stripe refused to show."""
+    Stripe held more than metergate's sent meter events, how much more in all, and the orgs whose
+    customer Stripe refused to show (the caller keeps the hold on then)."""
     try:
         meter = await _meter_named(client, event_name)
     except CustomerRefused as exc:
@@ -49,27 +51,26 @@ async def reconcile_meters(client: stripe.StripeClient, pool, event_name: str, s
     async with pool.acquire() as conn:
         orgs = await meter_events.billed_orgs_since(conn, since_us)
     hours = recorded = skipped = 0
-    for org_id, customer in orgs:
+    for org_id, customers in orgs:
+        held: dict[int, int] = {}
         try:
-            held = await _stripe_hours(client, meter, customer, start_s, end_s)
-        except CustomerRefused as exc:  # this customer alone (deleted at Stripe, say): the others go on
-            log.warning("meter read-back: org %s (%s) skipped: %s", org_id, customer, exc)
+            for customer in customers:  # what was sent to a customer the org had before counts too
+                for hour, value in (await _stripe_hours(client, meter, customer, start_s, end_s)).items():
+                    held[hour] = held.get(hour, 0) + value
+        except CustomerRefused as exc:  # this org alone: the others go on, the hold stays (the caller)
+            log.warning("meter read-back: org %s skipped: Stripe refused: %s", org_id, exc)
             skipped += 1
             continue
         async with pool.acquire() as conn:
-            known = await meter_events.sent_and_pending_since(conn, org_id, since_us)
-            sent, beyond = [], {}
+            at_hand = await meter_events.hours_at_hand(conn, org_id, since_us)
+            settle = {}
             for hour, value in held.items():
-                left = value - known.get(hour, (0, []))[0]
-                for identifier, pending in known.get(hour, (0, []))[1]:  # Stripe has these already
-                    if 0 < pending <= left:
-                        sent.append(identifier)
-                        left -= pending
-                if left > 0:
-                    beyond[hour] = left
-            await meter_events.record_at_stripe(conn, org_id, sent, beyond, now_us())
-        hours += len(beyond) + len(sent)
-        recorded += sum(beyond.values())
+                known = at_hand.get(hour) or meter_events.HourAtHand()
+                if value > known.sent:  # Stripe holds more than the sent events: some were lost
+                    settle[hour] = (value - known.sent, known.unsent, known.carried)
+            await meter_events.record_at_stripe(conn, org_id, settle, now_us())
+        hours += len(settle)
+        recorded += sum(value for value, _, _ in settle.values())
     return {"orgs": len(orgs), "hours": hours, "recorded_micros": recorded, "meter": meter, "skipped": skipped}
 
 

@@ -545,6 +545,35 @@ class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
                      and (i.org_id, i.command.idempotency_key) not in self.recent_keys]
         results: dict[int, dict] = {}
         phase = self._phase_clock()
+
+        async def body(conn) -> tuple[BatchWork, list[int]]:
+            seen_before = await store.claim_tick_ids(conn, list(tick_keys), now)
+            keyed = await store.keyed_entries(conn, key_pairs)
+            phase("dedupe")
+            work = BatchWork(self, now)
+            for index, item in enumerate(batch):
+                if isinstance(item, UsageItem):
+                    work.apply_usage(item, tick_keys, seen_before)
+                else:
+                    results[index] = work.apply_command(item, keyed)
+            out = work.finish()
+            phase("apply")
+            event_ids = await store.write_batch(conn, out)
+            phase("write")
+            return work, event_ids
+
+        work, event_ids = await self._fenced_transaction(body)
+        phase("commit")
+        return work, results, event_ids
+
+    async def _fenced_transaction(self, body):
+        """`body(conn)` in one transaction fenced by the shard's claim, committed; returns what
+        it returned. Raises if the transaction did not commit (then nothing of it did).
+
+        A COMMIT whose answer is lost (its link failed, or the answer is overdue) may have
+        committed. Guessing either way is wrong (a retry would bill twice, or an acknowledged
+        change would be answered as failed), so Postgres is asked (Claim.landed). The answer
+        may still come on this connection: it is dropped, so nothing reads it."""
         conn = await self.pool.acquire()
         backend_pid = conn.get_server_pid()
         xid = None  # the transaction's id
@@ -554,42 +583,24 @@ class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
             await transaction.start()
             try:
                 xid = await self.claim.fence(conn)
-                seen_before = await store.claim_tick_ids(conn, list(tick_keys), now)
-                keyed = await store.keyed_entries(conn, key_pairs)
-                phase("dedupe")
-                work = BatchWork(self, now)
-                for index, item in enumerate(batch):
-                    if isinstance(item, UsageItem):
-                        work.apply_usage(item, tick_keys, seen_before)
-                    else:
-                        results[index] = work.apply_command(item, keyed)
-                out = work.finish()
-                phase("apply")
-                event_ids = await store.write_batch(conn, out)
-                phase("write")
+                result = await body(conn)
             except BaseException:
                 await roll_back(conn, transaction)
                 raise
             committing = True
             await asyncio.wait_for(transaction.commit(), COMMIT_WAIT_S)
-            self.claim.committed()
-            phase("commit")
         except Exception as exc:
             if not (committing and is_outage(exc)):
                 raise  # failed before COMMIT was sent, or refused by Postgres: rolled back
-            # The link failed during COMMIT, or its answer is overdue: the transaction may have
-            # committed. Guessing either way is wrong (a retry would bill twice, or an
-            # acknowledged change would be answered as failed), so ask Postgres. The answer
-            # may still come on this connection: it is dropped, so nothing reads it.
             drop(conn)
             if not await self.claim.landed(self.pool, backend_pid, xid, exc):
                 raise
-            self.claim.committed()
             log.warning("shard %s: the answer to a COMMIT was lost (%r); Postgres says it committed",
                         self.shard, exc)
         finally:
             await self._release(conn)
-        return work, results, event_ids
+        self.claim.committed()
+        return result
 
     async def _after_fence(self, exc: Fenced) -> None:
         """The database's record of this shard's claim is not the one it holds.

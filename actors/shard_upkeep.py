@@ -126,20 +126,7 @@ class ShardUpkeep:
             taken.append(org_id)
         if not taken:
             return {"snapshots": 0}
-        async with self.pool.acquire() as conn:
-            fenced = False
-            try:
-                async with conn.transaction():
-                    await self.claim.fence(conn)
-                    fenced = True
-                    await store.write_batch(conn, batch)
-            except Fenced:
-                raise
-            except Exception:
-                if fenced:  # it may have committed (its COMMIT's answer lost): the count says, later
-                    self.claim.unsure()
-                raise
-        self.claim.committed()
+        await self._fenced_transaction(lambda conn: store.write_batch(conn, batch))
         for org_id in taken:
             lo = self.orgs.get(org_id)
             if lo is not None:

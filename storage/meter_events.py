@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
@@ -80,53 +80,73 @@ async def mark_failed(conn: asyncpg.Connection, identifier: str, error: str, sta
 
 # ----- after a restore: what Stripe already has -----------------------------------------------
 
-async def billed_orgs_since(conn: asyncpg.Connection, since_us: int) -> list[tuple[str, str]]:
-    """(org, Stripe customer) of every org whose usage Stripe's meter may hold from the hour of
-    `since_us` on: every postpaid org with a customer (its usage after the restore point may be
-    at Stripe alone), and any other with invoiced usage or meter events since."""
+async def billed_orgs_since(conn: asyncpg.Connection, since_us: int) -> list[tuple[str, list[str]]]:
+    """(org, every Stripe customer it has had) of each org whose usage Stripe's meter may hold
+    from the hour of `since_us` on: every postpaid org with a customer (its usage after the
+    restore point may be at Stripe alone), and any other with invoiced usage or meter events
+    since. A customer replaced since still holds what was sent to it."""
     rows = await conn.fetch(
-        "SELECT DISTINCT u.org_id, c.customer_id FROM ("
-        " SELECT org_id FROM orgs WHERE billing_mode = 'postpaid'"
+        "WITH u AS (SELECT org_id FROM orgs WHERE billing_mode = 'postpaid'"
         " UNION SELECT org_id FROM ledger WHERE invoiced_micros > 0 AND usage_minute >= date_trunc('hour', $1::timestamptz)"
-        " UNION SELECT org_id FROM meter_events WHERE hour >= date_trunc('hour', $1::timestamptz)) AS u"
-        " JOIN stripe_customers c USING (org_id) ORDER BY 1", us_to_dt(since_us))
-    return [(r["org_id"], r["customer_id"]) for r in rows]
+        " UNION SELECT org_id FROM meter_events WHERE hour >= date_trunc('hour', $1::timestamptz)),"
+        " c AS (SELECT org_id, customer_id FROM stripe_customers"
+        " UNION SELECT org_id, customer_id FROM stripe_customers_forgotten)"
+        " SELECT u.org_id, array_agg(DISTINCT c.customer_id ORDER BY c.customer_id) AS customers"
+        " FROM u JOIN c USING (org_id) GROUP BY u.org_id ORDER BY u.org_id", us_to_dt(since_us))
+    return [(r["org_id"], list(r["customers"])) for r in rows]
 
 
-async def sent_and_pending_since(conn: asyncpg.Connection, org_id: str, since_us: int
-                                 ) -> dict[int, tuple[int, list[tuple[str, int]]]]:
-    """hour (µs) -> (what the org's sent events of the money meter carry, its pending events
-    (identifier, value) oldest first). Shadow, consumed and dead events never reached Stripe."""
+@dataclass(slots=True)
+class HourAtHand:
+    """An hour of an org's money meter as the database has it."""
+    sent: int = 0  # what its sent events carry: at Stripe
+    carried: int = 0  # what all its events carry (the roll-up's count)
+    unsent: list[str] = field(default_factory=list)  # pending and shadow events: may go to Stripe yet
+
+
+async def hours_at_hand(conn: asyncpg.Connection, org_id: str, since_us: int) -> dict[int, HourAtHand]:
+    """hour (µs) -> the org's money-meter events of that hour, from the hour of `since_us` on."""
     rows = await conn.fetch(
         "SELECT hour, identifier, value, status FROM meter_events WHERE org_id = $1 AND meter = $2"
-        " AND hour >= date_trunc('hour', $3::timestamptz) AND status IN ('sent', 'pending')"
-        " ORDER BY hour, created_at, identifier", org_id, MONEY_METER, us_to_dt(since_us))
-    found: dict[int, tuple[int, list[tuple[str, int]]]] = {}
+        " AND hour >= date_trunc('hour', $3::timestamptz)", org_id, MONEY_METER, us_to_dt(since_us))
+    found: dict[int, HourAtHand] = {}
     for r in rows:
-        sent, pending = found.get(dt_to_us(r["hour"]), (0, []))
+        hour = found.setdefault(dt_to_us(r["hour"]), HourAtHand())
+        hour.carried += r["value"]
         if r["status"] == "sent":
-            sent += r["value"]
-        else:
-            pending.append((r["identifier"], r["value"]))
-        found[dt_to_us(r["hour"])] = (sent, pending)
+            hour.sent += r["value"]
+        elif r["status"] in ("pending", "shadow"):
+            hour.unsent.append(r["identifier"])
     return found
 
 
-async def record_at_stripe(conn: asyncpg.Connection, org_id: str, sent: list[str], hours: dict[int, int],
+async def oldest_shadow_hour(conn: asyncpg.Connection) -> datetime | None:
+    """The oldest hour with a shadow event (turning shadow off sends those)."""
+    return await conn.fetchval("SELECT min(hour) FROM meter_events WHERE status = 'shadow'")
+
+
+async def record_at_stripe(conn: asyncpg.Connection, org_id: str, hours: dict[int, tuple[int, list[str], int]],
                            now_us: int) -> int:
-    """What Stripe holds beyond the org's sent meter events: pending events it holds already
-    (`sent`, by identifier) become sent, and the rest, per hour (µs -> value), is recorded as an
-    event already sent. The roll-up then sends only usage beyond it, under identifiers of its
-    own. A rerun records nothing twice (the identifier names the hour and the value)."""
-    if sent:
-        await conn.execute("UPDATE meter_events SET status = 'sent', sent_at = $2"
-                           " WHERE identifier = ANY($1::text[]) AND status = 'pending'", sent, us_to_dt(now_us))
-    if not hours:
+    """Per hour (µs -> (what Stripe holds beyond the sent events, the hour's unsent events, what
+    the hour's events carry)): its unsent events are retired (value 0, `consumed`: never sent, since
+    nothing tells which of them Stripe has), and what Stripe holds beyond the sent events is one
+    event already sent. The roll-up then sends only usage beyond what Stripe holds, under
+    identifiers of its own. The identifier names the hour's events before it, so a rerun that
+    finds still more at Stripe records that too, and one that finds nothing new records nothing."""
+    retired = [identifier for _, unsent, _ in hours.values() for identifier in unsent]
+    if retired:
+        await conn.execute(
+            "UPDATE meter_events SET status = 'consumed', value = 0, next_attempt_at = '-infinity',"
+            " last_error = 'retired by the read-back of Stripe after a restore' WHERE identifier = ANY($1::text[])"
+            " AND status IN ('pending', 'shadow')", retired)
+    beyond = {hour: (value, carried) for hour, (value, _, carried) in hours.items() if value > 0}
+    if not beyond:
         return 0
     status = await conn.execute(
         "INSERT INTO meter_events (identifier, org_id, meter, hour, value, status, sent_at)"
-        " SELECT 'mg_at_stripe_' || md5($1 || '|' || $2 || '|' || extract(epoch FROM h)::bigint || '|' || v),"
-        " $1, $2, h, v, 'sent', $5 FROM unnest($3::timestamptz[], $4::int8[]) AS x(h, v)"
-        " ON CONFLICT (identifier) DO NOTHING",
-        org_id, MONEY_METER, [us_to_dt(h) for h in hours], list(hours.values()), us_to_dt(now_us))
+        " SELECT 'mg_at_stripe_' || md5($1 || '|' || $2 || '|' || extract(epoch FROM h)::bigint || '|' || c"
+        " || '|' || v), $1, $2, h, v, 'sent', $6"
+        " FROM unnest($3::timestamptz[], $4::int8[], $5::int8[]) AS x(h, v, c) ON CONFLICT (identifier) DO NOTHING",
+        org_id, MONEY_METER, [us_to_dt(h) for h in beyond], [v for v, _ in beyond.values()],
+        [c for _, c in beyond.values()], us_to_dt(now_us))
     return int(status.split()[-1])
