@@ -10,14 +10,13 @@ finding), 1 when the check could not be made.
 from __future__ import annotations
 
 import asyncio
-import warnings
 from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
 from cli.client import CliError, JsonOption
-from cli.local import _without_password
+from cli.local import database
 from cli.output import Output, Tracker
 
 FINDINGS_EXIT_CODE = 3
@@ -42,7 +41,6 @@ def check(database_url: Annotated[str | None, typer.Option(
     when a finding is made, 1 when the check could not run."""
     from config.catalog import CatalogError, load_catalog
     from config.settings import SettingsError, load_settings
-    from storage import db
 
     try:
         settings = load_settings()
@@ -50,28 +48,13 @@ def check(database_url: Annotated[str | None, typer.Option(
     except (SettingsError, CatalogError) as exc:
         raise CliError(str(exc)) from None
     out = Output(as_json)
-    url = database_url or settings.database_url
-    server = None
-    with out.progress("check: connecting") as tracker:
-        if url is None:
-            where = f"the embedded Postgres in {settings.data_dir / 'pg'}"
-            try:
-                with warnings.catch_warnings():  # pgserver's platformdirs warns where XDG_RUNTIME_DIR is unset
-                    warnings.simplefilter("ignore")
-                    url, server = db.start_embedded_postgres(settings.data_dir)
-            except Exception as exc:  # noqa: BLE001 - pgserver fails in many ways; each ends the command alike
-                raise CliError(f"cannot start {where}: {exc}") from None
-        else:
-            where = _without_password(url)
+    with out.progress("check: connecting") as tracker, database(settings, database_url) as (url, where):
         try:
             report = asyncio.run(_check(url, catalog, batch, tracker))
         except CliError as exc:
             raise CliError(f"cannot check {where}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - asyncpg and OS errors alike: one line naming the database
             raise CliError(f"cannot check {where}: {type(exc).__name__}: {exc}") from None
-        finally:
-            if server is not None:
-                db.stop_embedded_postgres(server)
     orgs, findings = report
     _print(out, where, orgs, findings)
     if findings.total:

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Iterator
 from urllib.parse import urlsplit
 
 import typer
@@ -53,28 +54,13 @@ def migrate(as_json: JsonOption = False) -> None:
     except SettingsError as exc:
         raise CliError(str(exc)) from None
     out = Output(as_json)
-    server = None
-    with out.progress("migrating"):
-        url = settings.database_url
-        if url is None:
-            where = f"the embedded Postgres in {settings.data_dir / 'pg'}"
-            try:
-                with warnings.catch_warnings():  # pgserver's platformdirs warns where XDG_RUNTIME_DIR is unset
-                    warnings.simplefilter("ignore")
-                    url, server = db.start_embedded_postgres(settings.data_dir)
-            except Exception as exc:  # noqa: BLE001 - pgserver fails in many ways; each ends the command alike
-                raise CliError(f"cannot start {where}: {exc}") from None
-        else:
-            where = _without_password(url)
+    with out.progress("migrating"), database(settings) as (url, where):
         try:
             applied = asyncio.run(db.migrate(url, **db.migration_options(settings)))
         except SettingsError as exc:  # a refusal (newer database, changed file, pooler, lock): its own words
             raise CliError(f"cannot migrate {where}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - asyncpg and OS errors alike: one line naming the database
             raise CliError(f"cannot migrate {where}: {type(exc).__name__}: {exc}") from None
-        finally:
-            if server is not None:
-                db.stop_embedded_postgres(server)
     known = [name for _, name, _ in db.migration_files()]
     if out.as_json:
         return out.json({"database": where, "applied": applied, "migrations": known})
@@ -83,6 +69,30 @@ def migrate(as_json: JsonOption = False) -> None:
                  + ", ".join(applied))
     else:
         out.line(f"{where} is up to date ({len(known)} migrations)")
+
+
+@contextmanager
+def database(settings, url: str | None = None) -> Iterator[tuple[str, str]]:
+    """(url, where: the database named for people) a command works on: `url`, else
+    METERGATE_DATABASE_URL, else the embedded Postgres of `make up` in METERGATE_DATA_DIR/pg,
+    started for the command and let go after it. CliError if it cannot start."""
+    from storage import db
+
+    url = url or settings.database_url
+    if url is not None:
+        yield url, _without_password(url)
+        return
+    where = f"the embedded Postgres in {settings.data_dir / 'pg'}"
+    try:
+        with warnings.catch_warnings():  # pgserver's platformdirs warns where XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            url, server = db.start_embedded_postgres(settings.data_dir)
+    except Exception as exc:  # noqa: BLE001 - pgserver fails in many ways; each ends the command alike
+        raise CliError(f"cannot start {where}: {exc}") from None
+    try:
+        yield url, where
+    finally:
+        db.stop_embedded_postgres(server)
 
 
 def _without_password(url: str) -> str:

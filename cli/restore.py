@@ -8,13 +8,12 @@ otherwise be asked for again and made twice, and usage sent again billed twice."
 from __future__ import annotations
 
 import asyncio
-import warnings
 from typing import Annotated
 
 import typer
 
 from cli.client import CliError, JsonOption
-from cli.local import _without_password
+from cli.local import database
 from cli.output import Output
 
 restore_app = typer.Typer(help="After restoring the database from a backup (docs/operations/restore.md).",
@@ -33,15 +32,12 @@ def begin(database_url: Annotated[str | None, typer.Option(
     `metergate check`, start metergate, and `metergate inbound reconcile --since <restore
     point>`, which applies what Stripe did since and lets charges go again."""
     from config.settings import SettingsError, load_settings
-    from storage import db, holds, slots
+    from storage import holds, slots
 
     try:
         settings = load_settings()
     except SettingsError as exc:
         raise CliError(str(exc)) from None
-    url, server = database_url or settings.database_url, None
-    where = _without_password(url) if url else f"the embedded Postgres in {settings.data_dir / 'pg'}"
-
     async def run(url: str) -> tuple[int, int]:
         import asyncpg
 
@@ -57,17 +53,11 @@ def begin(database_url: Annotated[str | None, typer.Option(
         finally:
             await conn.close()
 
-    try:
-        if url is None:
-            with warnings.catch_warnings():  # pgserver's platformdirs warns where XDG_RUNTIME_DIR is unset
-                warnings.simplefilter("ignore")
-                url, server = db.start_embedded_postgres(settings.data_dir)
-        fenced, read_back_from = asyncio.run(run(url))
-    except Exception as exc:  # noqa: BLE001 - asyncpg, OS and pgserver errors alike: one line naming the database
-        raise CliError(f"cannot begin the restore on {where}: {type(exc).__name__}: {exc}") from None
-    finally:
-        if server is not None:
-            db.stop_embedded_postgres(server)
+    with database(settings, database_url) as (url, where):
+        try:
+            fenced, read_back_from = asyncio.run(run(url))
+        except Exception as exc:  # noqa: BLE001 - asyncpg and OS errors alike: one line naming the database
+            raise CliError(f"cannot begin the restore on {where}: {type(exc).__name__}: {exc}") from None
     out = Output(as_json)
     if out.as_json:
         return out.json({"shards_fenced": fenced, "held": list(holds.AFTER_A_RESTORE),

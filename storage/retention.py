@@ -77,20 +77,7 @@ async def fold_next_hour(conn: asyncpg.Connection, before: datetime) -> tuple[da
     shard writes usage rows, and only for the minute of its own clock: an hour that ended days
     ago is never written again.
     """
-    async with conn.transaction():
-        hour = await conn.fetchval("SELECT next_hour FROM ledger_fold FOR UPDATE")
-        if hour is None:  # first run: start at the oldest usage row
-            hour = await conn.fetchval(
-                "SELECT date_trunc('hour', min(usage_minute)) FROM ledger WHERE usage_minute IS NOT NULL")
-            if hour is None:
-                return None
-        if hour + HOUR > before:
-            return None
-        row = await conn.fetchrow(_FOLD_HOUR, hour, hour + HOUR)
-        following = await conn.fetchval(
-            "SELECT date_trunc('hour', min(usage_minute)) FROM ledger WHERE usage_minute >= $1", hour + HOUR)
-        await conn.execute("UPDATE ledger_fold SET next_hour = $1", following or hour + HOUR)
-        return hour, row["deleted"], row["folded"]
+    return await _fold_next(conn, before, "ledger_fold", "ledger", "usage_minute", _FOLD_HOUR)
 
 
 # $1, $2: the hour's bounds. A run (org, run) is numbered by how many other entries of the org
@@ -152,18 +139,27 @@ async def fold_next_rollup_hour(conn: asyncpg.Connection, before: datetime) -> t
     row (ON CONFLICT), and a row the statement did not see stays as minute detail: no sum is
     lost either way.
     """
+    return await _fold_next(conn, before, "usage_rollup_fold", "usage_rollups", "minute", _FOLD_ROLLUP_HOUR)
+
+
+async def _fold_next(conn: asyncpg.Connection, before: datetime, watermark: str, table: str, column: str,
+                     statement: str) -> tuple[datetime, int, int] | None:
+    """One fold of the hour the watermark table names (the oldest hour of `table`'s `column` on
+    the first run), if it ends by `before`: `statement` ($1, $2: the hour's bounds) returns
+    (deleted, folded). The watermark row, locked FOR UPDATE in this short transaction, then names
+    the next hour with rows. Hours are UTC hours, whatever the session's time zone."""
     async with conn.transaction():
-        hour = await conn.fetchval("SELECT next_hour FROM usage_rollup_fold FOR UPDATE")
+        hour = await conn.fetchval(f"SELECT next_hour FROM {watermark} FOR UPDATE")
         if hour is None:  # first run: start at the oldest row
-            oldest = await conn.fetchval("SELECT min(minute) FROM usage_rollups")
+            oldest = await conn.fetchval(f"SELECT min({column}) FROM {table}")
             if oldest is None:
                 return None
             hour = hour_of(oldest)
         if hour + HOUR > before:
             return None
-        row = await conn.fetchrow(_FOLD_ROLLUP_HOUR, hour, hour + HOUR)
-        following = await conn.fetchval("SELECT min(minute) FROM usage_rollups WHERE minute >= $1", hour + HOUR)
-        await conn.execute("UPDATE usage_rollup_fold SET next_hour = $1",
+        row = await conn.fetchrow(statement, hour, hour + HOUR)
+        following = await conn.fetchval(f"SELECT min({column}) FROM {table} WHERE {column} >= $1", hour + HOUR)
+        await conn.execute(f"UPDATE {watermark} SET next_hour = $1",
                            hour_of(following) if following is not None else hour + HOUR)
         return hour, row["deleted"], row["folded"]
 

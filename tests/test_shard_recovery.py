@@ -42,21 +42,30 @@ async def _created(shard: ShardActor, org_ids: list[str]) -> None:
     assert all(a.get("created") for a in answers), answers
 
 
+async def _started(url: str) -> ShardActor:
+    shard = _shard(url)
+    await shard.ready()
+    return shard
+
+
+async def _created_and_stopped(url: str, org_ids: list[str]) -> None:
+    """The orgs created and snapshotted by a shard that then stops: the next one starts empty."""
+    shard = await _started(url)
+    await _created(shard, org_ids)
+    await shard.drain()
+    await _stop(shard)
+
+
 def test_an_unreadable_org_is_refused_alone_and_loads_again_once_repaired(shard_database):
     orgs = ["org_rc_a", "org_rc_bad", "org_rc_c"]
 
     async def scenario() -> None:
-        shard = _shard(shard_database)
-        await shard.ready()
-        await _created(shard, orgs)
-        await shard.drain()
-        await _stop(shard)
+        await _created_and_stopped(shard_database, orgs)
         conn = await asyncpg.connect(shard_database)
         try:
             good = await conn.fetchval("SELECT state FROM org_snapshots WHERE org_id = $1", orgs[1])
             await conn.execute("UPDATE org_snapshots SET state = '\\x93a1'::bytea WHERE org_id = $1", orgs[1])
-            shard = _shard(shard_database)
-            await shard.ready()
+            shard = await _started(shard_database)
             answers = await _submit(shard, [(o, Credit("grant", 1_000)) for o in orgs])  # one batch, one load
             assert "error" not in answers[0] and "error" not in answers[2], answers
             assert answers[1]["error"]["code"] == Refusal.ORG_UNREADABLE, answers[1]
@@ -80,13 +89,8 @@ def test_orgs_load_before_their_work_is_queued(shard_database):
     orgs = [f"org_pf_{n}" for n in range(12)]
 
     async def scenario() -> None:
-        shard = _shard(shard_database)
-        await shard.ready()
-        await _created(shard, orgs)
-        await shard.drain()
-        await _stop(shard)
-        shard = _shard(shard_database)  # a restart: nothing in memory
-        await shard.ready()
+        await _created_and_stopped(shard_database, orgs)
+        shard = await _started(shard_database)  # a restart: nothing in memory
         answers = await asyncio.gather(*(_submit(shard, [(o, Credit("grant", 1_000))]) for o in orgs))
         assert all("error" not in a for (a,) in answers), answers
         stats = await shard.stats()
@@ -101,8 +105,7 @@ def test_one_org_whose_snapshot_fails_does_not_stop_the_others(shard_database):
     orgs = ["org_sn_a", "org_sn_broken", "org_sn_c"]
 
     async def scenario() -> None:
-        shard = _shard(shard_database)
-        await shard.ready()
+        shard = await _started(shard_database)
         await _created(shard, orgs)
         await shard.drain()
         for org_id in orgs:
@@ -124,8 +127,7 @@ def test_the_parity_job_checks_a_sample_of_the_orgs_in_memory(shard_database):
     orgs = [f"org_ps_{n}" for n in range(9)]
 
     async def scenario() -> None:
-        shard = _shard(shard_database)
-        await shard.ready()
+        shard = await _started(shard_database)
         await _created(shard, orgs)
         loaded = len(shard.orgs)
         sampled = await shard.parity(3)
