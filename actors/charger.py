@@ -72,16 +72,14 @@ class Charger:
         if request.requested_us and now_us() - request.requested_us > GIVE_UP_AFTER_US:
             return self._failed(request, None, "unconfirmed_after_23h")
         async with self.pool.acquire() as conn:
-            held = await holds.held(conn, holds.CHARGES)
             customer = await stripe_customers.customer_of(conn, request.org_id)
             request = await _under_the_key_it_was_sent_with(conn, request)
-        if held is not None:  # stays pending; the shard asks again after the hold is off
-            log.warning("auto-recharge %s/%s held: %s", request.org_id, request.charge_id, held)
-            return None
         if customer is None:
             return self._failed(request, None, "no_stripe_customer")
         for attempt, delay in enumerate((0.0,) + RETRY_DELAYS_S):
             await asyncio.sleep(delay)
+            if await self._held(request):  # stays pending; the shard asks again after the hold is off
+                return None
             try:
                 method = await self._method_of(request, customer)
                 if method is None:
@@ -91,6 +89,14 @@ class Charger:
                 log.warning("auto-recharge %s/%s: Stripe unavailable (attempt %s): %s",
                             request.org_id, request.charge_id, attempt + 1, exc)
         return None
+
+    async def _held(self, request: ChargeRequest) -> bool:
+        """Whether a restore's hold keeps charges from Stripe now (read before every attempt)."""
+        async with self.pool.acquire() as conn:
+            held = await holds.held(conn, holds.CHARGES)
+        if held is not None:
+            log.warning("auto-recharge %s/%s held: %s", request.org_id, request.charge_id, held)
+        return held is not None
 
     async def _method_of(self, request: ChargeRequest, customer: str) -> str | None:
         """The payment method of this charge: the one its first attempt chose, else the

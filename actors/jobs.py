@@ -213,6 +213,8 @@ class SchedulerActor:
         since `since_us` beyond the meter events (actors/meter_reconcile.py), then let the
         roll-up go again (the `meters` hold)."""
         await self._ensure_started()
+        async with self.pool.acquire() as conn:
+            started = await holds.now(conn)  # a hold put on after this is not taken off by this read
         found = {"orgs": 0, "hours": 0, "recorded_micros": 0, "meter": None}
         if self.stripe is not None:
             event_name = f"{self.settings.stripe_meter_prefix}_{meter_events.MONEY_METER}"
@@ -224,7 +226,8 @@ class SchedulerActor:
             if shadow is not None and shadow < us_to_dt(since_us):  # shadow events from before: sent once off
                 needed = shadow
             elif not found["skipped"]:  # an org skipped was not read back: the hold stays on
-                released, needed = await holds.release(conn, holds.METERS, us_to_dt(since_us))
+                released, needed = await holds.release(conn, holds.METERS, us_to_dt(since_us), started)
+            found["meters_held"] = await holds.held(conn, holds.METERS) is not None
         found["meters_released"] = released
         found["read_back_from"] = None if needed is None else int(needed.timestamp())
         return found

@@ -80,8 +80,9 @@ def reconcile(since: Annotated[str, typer.Option("--since", help="The restore po
     after, page = None, {}
     with Api(url, token) as api, out.progress("reading Stripe's events") as tracker:
         while True:
-            page = api.call("POST", "/v1/stripe/reconcile", body={"since": since_s, "starting_after": after},
-                            timeout_s=SLOW_TIMEOUT_S)
+            page = api.call("POST", "/v1/stripe/reconcile", body={
+                "since": since_s, "starting_after": after, "started_at": page.get("started_at")},
+                timeout_s=SLOW_TIMEOUT_S)
             totals["events"] += page["events"]
             for outcome, count in page["outcomes"].items():
                 totals[outcome] += count
@@ -93,7 +94,8 @@ def reconcile(since: Annotated[str, typer.Option("--since", help="The restore po
         meters = api.call("POST", "/v1/stripe/reconcile-meters", body={"since": since_s}, timeout_s=SLOW_TIMEOUT_S)
     totals["meters"] = meters
     needed = [t for t in (page.get("read_back_from"), meters.get("read_back_from")) if t is not None]
-    totals["holds_released"] = not needed and not meters.get("skipped")
+    still_held = bool(page.get("charges_held") or meters.get("meters_held"))
+    totals["holds_released"] = not still_held
     if out.as_json:
         out.json(totals)
     else:
@@ -105,6 +107,8 @@ def reconcile(since: Annotated[str, typer.Option("--since", help="The restore po
     if meters.get("skipped"):
         raise CliError(f"Stripe refused to show the meter of {meters['skipped']} orgs (the scheduler's log names "
                        "them): the hold on meter events stays on; run this again once Stripe shows them")
+    if still_held and not needed:
+        raise CliError("a hold was put on again while Stripe was read (another failover?): run this again")
     if needed:
         raise CliError(f"the restore's holds on charges and meter events stay on: read Stripe back from "
                        f"{min(needed)} (Unix seconds) or earlier: `metergate inbound reconcile --since {min(needed)}`")

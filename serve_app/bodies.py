@@ -208,6 +208,7 @@ class ReconcileBody(StrictModel):
     since: Annotated[int, Field(ge=0, le=10**11)]  # Unix seconds: Stripe's events created at or after it
     starting_after: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^evt_[A-Za-z0-9_]+$")] | None = None
     limit: Annotated[int, Field(ge=1, le=100)] = 100
+    started_at: Annotated[float, Field(ge=0, le=10**11)] | None = None  # the first page's `started_at`
 
 
 class AutoRechargeBody(StrictModel):

@@ -67,7 +67,10 @@ def routes(ctx: Context) -> APIRouter:
         ctx.admin(request)
         body = parse_model(ReconcileBody, await request.body())
         try:
-            return json(await reconcile_page(ctx, body.since, body.starting_after, body.limit))
+            if body.starting_after is not None and body.started_at is None:
+                raise ApiError(422, "invalid_request", "a later page carries the first page's started_at",
+                               field="started_at")
+            return json(await reconcile_page(ctx, body.since, body.starting_after, body.limit, body.started_at))
         except StripeRefused as exc:
             raise ApiError(502, "stripe_error", str(exc)) from None
 
