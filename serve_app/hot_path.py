@@ -5,18 +5,21 @@ and middleware layers would cost more than the decision. This wrapper answers th
 itself (the service or admin token, a body within the limit) with the same functions the
 FastAPI routes use, a refusal with the same error_response as the app's handler, and hands
 every other request to the app unchanged, its body replayed (auth failures, bodies over the
-limit, bugs): each keeps one implementation.
+limit, bugs): each keeps one implementation. Every answer, its own and the app's, is counted
+and timed by route family (serve_app/request_metrics.py).
 """
 
 from __future__ import annotations
 
 import hmac
+import time
 
 import msgspec
 
 from serve_app.context import Context
 from serve_app.errors import ApiError, error_response
 from serve_app.limits import body_limit_bytes
+from serve_app.request_metrics import RequestMetrics
 from serve_app.routes.gate import gate_answer, gate_batch_answer
 
 ENCODE = msgspec.json.Encoder().encode
@@ -25,7 +28,8 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 
 class HotPath:
     def __init__(self, app, ctx: Context) -> None:
-        self.app = app
+        self.metrics = RequestMetrics(app.routes)
+        self.app = self.metrics.timed(app)
         self.ctx = ctx
         self.answers = {"/v1/gate": gate_answer, "/v1/gate/batch": gate_batch_answer}
         self.limits = {path: body_limit_bytes(ctx.settings, path) for path in self.answers}
@@ -36,6 +40,7 @@ class HotPath:
         if answer is None or not self._authorized(scope):
             await self.app(scope, receive, send)
             return
+        started_s = time.perf_counter()
         limit = self.limits[scope["path"]]
         declared = dict(scope["headers"]).get(b"content-length")
         # Before a byte is read: reading first held a declared 100 MB until HAProxy's client
@@ -60,11 +65,13 @@ class HotPath:
         try:
             body = ENCODE(await answer(self.ctx, b"".join(chunks)))
         except ApiError as exc:  # refused: the answer the app's handler gives, without deciding again
+            self.metrics.answered(scope["path"], "POST", exc.status, started_s)
             await error_response(exc.status, exc.code, exc.message, **exc.details)(scope, receive, send)
             return
         except Exception:  # noqa: BLE001 - a bug: the app answers it (and logs it), as any request
             await self.app(scope, _replay(chunks, None, receive), send)
             return
+        self.metrics.answered(scope["path"], "POST", 200, started_s)  # the path is its route's template
         await send({"type": "http.response.start", "status": 200,
                     "headers": JSON_HEADERS + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
