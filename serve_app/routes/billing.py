@@ -33,6 +33,7 @@ from actors.clock import now_us
 from actors.metering import LeaseUsage, cost_scaled, split_micros
 from actors.timeutil import US_PER_S, us_to_rfc3339
 from metergate_client.decision import Reason
+from serve_app import openapi
 from serve_app.auth import BILLING_COOKIE, Caller, presented
 from serve_app.billing_page import METERS, BillingPage, error_page, render
 from serve_app.bodies import NO_RESOURCES, AutoRechargeBody, TopupBody, parse_model
@@ -87,7 +88,9 @@ def routes(ctx: Context) -> APIRouter:
         key = ctx.settings.org_token_secret.encode()
         return hmac.new(key, f"billing-form|{org_id}|{token}".encode(), hashlib.sha256).hexdigest()[:32]
 
-    @router.get("/billing/{org_id}", response_class=HTMLResponse)
+    @router.get("/billing/{org_id}", response_class=HTMLResponse, openapi_extra=openapi.answers(
+        {"303": ("A `?token=` link: to the page without it, the token now in the page's cookie", None)},
+        openapi.ORG_OR_ADMIN, openapi.ORG))
     async def billing_page(org_id: OrgPath, request: Request, cursor: str | None = None,
                            notice: str | None = None) -> Response:
         """The org's billing page: open it with the org's token (a bearer header, or a `?token=`

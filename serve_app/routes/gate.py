@@ -63,13 +63,17 @@ def routes(ctx: Context) -> APIRouter:
         status, body = await take_lease(ctx, await request.body())
         return json(body, status)
 
-    @router.post("/v1/leases/{org_id}/{lease_id}/renew", tags=["gate"])
+    @router.post("/v1/leases/{org_id}/{lease_id}/renew", tags=["gate"], openapi_extra=openapi.answers(
+        {"200": ("The lease, renewed for its ttl_s", openapi.LeaseResult)}, openapi.SERVICE, openapi.ORG, openapi.ANY_BODY, ("409",)))
     async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         result = raise_for_shard_error(await ctx.router.command(org_id, cmd.RenewLease(lease_id)))
         return json({"org_id": org_id, **lease_view(result["lease"]), **current_view(ctx, org_id)})
 
-    @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204)
+    @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204, openapi_extra=openapi.answers(
+        {"204": ("Released, or already gone", None),
+         "200": ("Released (with `Prefer: return=representation`)", openapi.LeaseReleased)},
+        openapi.SERVICE, openapi.ORG, openapi.ANY_BODY))
     async def release_lease_route(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         """204, also when the lease is already gone. With `Prefer: return=representation`, 200
         and the org's view after the release (`gate_view`), as the other lease answers carry."""

@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from actors import metrics
 from actors.routing import ShardUnavailable
-from metergate_client.projection import Heartbeat, Resync, format_cursor, parse_cursor
+from metergate_client.projection import Heartbeat, Resync, ViewPage, format_cursor, parse_cursor
+from serve_app import openapi
 from serve_app.auth import bearer
 from serve_app.context import Context
 from serve_app.errors import ApiError
@@ -25,6 +26,13 @@ MAX_PAGE = 5_000
 FEED_RETRY_S = (0.05, 1.0)
 PREFIX_PATTERN = r"^[A-Za-z0-9_.:-]*$"  # a beginning of an org id (ids: actors/ticks.py ID_PATTERN)
 UNKNOWN_AGE_MS = 3_600_000  # the metrics' age of a shard not heard from on a stream yet
+
+
+# The feed is NDJSON: one ViewRecord, Heartbeat or Resync (metergate_client/projection.py) a line.
+FEED_ANSWERS = openapi.answers({}, openapi.SERVICE, ("400", "409", "422", "429"))
+FEED_ANSWERS["responses"]["200"] = {
+    "description": "NDJSON, for as long as the client reads: lines of {\"type\": \"view\" | \"heartbeat\" | \"resync\"}",
+    "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
 
 
 class PageToken(msgspec.Struct, array_like=True, frozen=True):
@@ -77,7 +85,8 @@ def routes(ctx: Context) -> APIRouter:
         reply = await ctx.router.changes(shard, None, 0, 0)
         return reply["epoch"], reply["seq"]
 
-    @router.get("/v1/gate/views")
+    @router.get("/v1/gate/views", openapi_extra=openapi.answers(
+        {"200": ("A page of the snapshot", ViewPage)}, openapi.SERVICE, ("400", "409", "422", "503")))
     async def gate_views(request: Request, limit: int = Query(1000, ge=1, le=MAX_PAGE),
                          page: str | None = Query(None, max_length=4096),
                          shard: int | None = Query(None, ge=0, le=4095),
@@ -122,7 +131,8 @@ def routes(ctx: Context) -> APIRouter:
             + b',"views":[' + b",".join(lines) + b"]}"
         return Response(body, media_type="application/json")
 
-    @router.get("/v1/gate/clock")
+    @router.get("/v1/gate/clock", openapi_extra=openapi.answers(
+        {"200": ("Each shard's clock, null for a shard that did not answer", openapi.GateClock)}, openapi.SERVICE))
     async def gate_clock(request: Request) -> Response:
         """Each shard's time now ({"now_us": [...]}, null for a shard that did not answer): a
         reader that times this request bounds each shard's clock from above (the shard read
@@ -138,7 +148,7 @@ def routes(ctx: Context) -> APIRouter:
         return Response(ENCODER.encode({"now_us": await asyncio.gather(*(now_of(k) for k in range(
             len(ctx.router.handles))))}), media_type="application/json", headers={"Cache-Control": "no-store"})
 
-    @router.get("/v1/gate/feed")
+    @router.get("/v1/gate/feed", response_class=StreamingResponse, openapi_extra=FEED_ANSWERS)
     async def gate_feed(request: Request, after: str | None = Query(None, max_length=4096),
                         heartbeat_s: float = Query(0.5, ge=0.05, le=30),
                         prefix: str = Query("", max_length=128, pattern=PREFIX_PATTERN)) -> StreamingResponse:

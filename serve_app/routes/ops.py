@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayError
 
 from actors.routing import ShardUnavailable
+from serve_app import openapi
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, raise_for_shard_error
 from serve_app.params import OrgPath
@@ -22,11 +23,13 @@ READY_TIMEOUT_S = 10
 def routes(ctx: Context) -> APIRouter:
     router = APIRouter(tags=["ops"])
 
-    @router.get("/healthz")
+    @router.get("/healthz", response_model=None, openapi_extra=openapi.answers({"200": ("The process is up", openapi.Health)}))
     async def healthz() -> dict:
         return {"ok": True}
 
-    @router.get("/readyz")
+    @router.get("/readyz", openapi_extra=openapi.answers({
+        "200": ("Postgres answers and every shard is up", openapi.Ready),
+        "503": ("Not ready: `checks` says which part failed", openapi.Ready)}))
     async def readyz() -> JSONResponse:
         checks = {}
         try:
@@ -50,7 +53,8 @@ def routes(ctx: Context) -> APIRouter:
         except RayError:
             raise ShardUnavailable(shard) from None
 
-    @router.get("/v1/parity")
+    @router.get("/v1/parity", openapi_extra=openapi.answers({"200": ("Each shard's orgs checked, and those that differ", openapi.Parity)},
+                                                          openapi.ADMIN, ("422", "503")))
     async def parity(request: Request, shard: int | None = None) -> Response:
         """Each shard rebuilds the orgs it holds in memory from their snapshot and journal and
         compares them with memory (what the scheduler's parity job does). `shard` checks that
@@ -66,7 +70,8 @@ def routes(ctx: Context) -> APIRouter:
                      "shards": [{"shard": r["shard"], "checked": r["checked"], "drift": r["drift"]}
                                 for r in reports]})
 
-    @router.get("/v1/orgs/{org_id}/replay")
+    @router.get("/v1/orgs/{org_id}/replay", openapi_extra=openapi.answers(
+        {"200": ("Whether memory and the journal agree", openapi.Replay)}, openapi.ADMIN, openapi.ORG))
     async def replay(org_id: OrgPath, request: Request) -> Response:
         """Rebuild the org from its snapshot and journal and compare it with what its shard
         holds in memory (loading it first if it is not there): `match` says whether they agree."""

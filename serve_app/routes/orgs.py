@@ -12,7 +12,8 @@ from actors.clock import now_us
 from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from serve_app.bodies import (AlertsBody, AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody, PlanBody, TierBody,
-                              TokenBody, body_schema, parse_model)
+                              TokenBody, parse_model)
+from serve_app import openapi
 from serve_app.calls import auto_recharge_command, org_state, require_org, state_command
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, raise_for_shard_error, unknown_org
@@ -23,6 +24,8 @@ from storage import orgs
 
 MAX_ORG_PAGE = 500
 MAX_ID_CHARS = 128
+# A command whose answer is the org's state after it: its answer and errors.
+ORG_STATE = ({"200": ("The org after the change", openapi.Org)}, openapi.ADMIN, openapi.IDEMPOTENT, openapi.ORG)
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -31,7 +34,9 @@ def routes(ctx: Context) -> APIRouter:
     def unknown_plan(plan_id: str) -> ApiError:
         return ApiError(422, "unknown_plan", f"plan {plan_id} is not in the catalog", plans=ctx.catalog.plan_ids())
 
-    @router.post("/v1/orgs", openapi_extra=body_schema(CreateOrgBody))
+    @router.post("/v1/orgs", openapi_extra=openapi.with_body(
+        CreateOrgBody, {"201": ("Created", openapi.Org), "200": ("It existed already: as it is", openapi.Org)},
+        openapi.ADMIN, openapi.IDEMPOTENT, ("500", "503")))
     async def create_org(request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(CreateOrgBody, await request.body())
@@ -46,7 +51,8 @@ def routes(ctx: Context) -> APIRouter:
 
         return await idempotent(ctx, request, run)
 
-    @router.get("/v1/orgs")
+    @router.get("/v1/orgs", openapi_extra=openapi.answers(
+        {"200": ("A page of orgs", openapi.OrgPage)}, openapi.ADMIN, ("400", "422", "503")))
     async def list_orgs(request: Request, cursor: str | None = None, limit: int = 100) -> Response:
         """Every org, in org_id order, a page at a time: `next_cursor` (the last org_id of the
         page) asks for the next. Rows from Postgres; balances are in `GET /v1/orgs/{org_id}`."""
@@ -61,12 +67,15 @@ def routes(ctx: Context) -> APIRouter:
         return json({"orgs": [org_row_view(row, ctx.router.shard_of(row.org_id)) for row in rows[:limit]],
                      "next_cursor": next_cursor, "has_more": next_cursor is not None})
 
-    @router.get("/v1/orgs/{org_id}")
+    @router.get("/v1/orgs/{org_id}", openapi_extra=openapi.answers(
+        {"200": ("The org as its shard holds it now", openapi.Org)}, openapi.ADMIN, openapi.ORG))
     async def get_org(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return json(org_view(await org_state(ctx, org_id)))
 
-    @router.post("/v1/orgs/{org_id}/credits", openapi_extra=body_schema(CreditBody))
+    @router.post("/v1/orgs/{org_id}/credits", status_code=201, openapi_extra=openapi.with_body(
+        CreditBody, {"201": ("The entry booked and the balance after it", openapi.Credited)},
+        openapi.ADMIN, openapi.IDEMPOTENT, openapi.ORG))
     async def post_credit(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(CreditBody, await request.body())
@@ -89,7 +98,7 @@ def routes(ctx: Context) -> APIRouter:
 
         return await idempotent(ctx, request, run)
 
-    @router.put("/v1/orgs/{org_id}/plan", openapi_extra=body_schema(PlanBody))
+    @router.put("/v1/orgs/{org_id}/plan", openapi_extra=openapi.with_body(PlanBody, *ORG_STATE))
     async def put_plan(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(PlanBody, await request.body())
@@ -98,7 +107,7 @@ def routes(ctx: Context) -> APIRouter:
             raise unknown_plan(body.plan_id)
         return await state_command(ctx, request, org_id, cmd.SetPlan(plan.id, plan.version))
 
-    @router.put("/v1/orgs/{org_id}/tier", openapi_extra=body_schema(TierBody))
+    @router.put("/v1/orgs/{org_id}/tier", openapi_extra=openapi.with_body(TierBody, *ORG_STATE))
     async def put_tier(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(TierBody, await request.body())
@@ -114,13 +123,13 @@ def routes(ctx: Context) -> APIRouter:
             cap = ctx.catalog.tiers[body.tier]
         return await state_command(ctx, request, org_id, cmd.SetTier(body.tier, cap))
 
-    @router.put("/v1/orgs/{org_id}/limits", openapi_extra=body_schema(LimitsBody))
+    @router.put("/v1/orgs/{org_id}/limits", openapi_extra=openapi.with_body(LimitsBody, *ORG_STATE))
     async def put_limits(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(LimitsBody, await request.body())
         return await state_command(ctx, request, org_id, cmd.SetLimits(body.max_disk_mb, body.machine_quotas))
 
-    @router.put("/v1/orgs/{org_id}/alerts", openapi_extra=body_schema(AlertsBody))
+    @router.put("/v1/orgs/{org_id}/alerts", openapi_extra=openapi.with_body(AlertsBody, *ORG_STATE))
     async def put_alerts(org_id: OrgPath, request: Request) -> Response:
         """`balance.threshold_crossed` is sent once each time the balance falls under
         `low_balance_micros` (and again only after it was back at or above it); 0 turns it off."""
@@ -128,7 +137,8 @@ def routes(ctx: Context) -> APIRouter:
         body = parse_model(AlertsBody, await request.body())
         return await state_command(ctx, request, org_id, cmd.SetAlerts(body.low_balance_micros))
 
-    @router.put("/v1/orgs/{org_id}/auto-recharge", openapi_extra=body_schema(AutoRechargeBody))
+    @router.put("/v1/orgs/{org_id}/auto-recharge", openapi_extra=openapi.with_body(
+        AutoRechargeBody, ORG_STATE[0], openapi.ORG_OR_ADMIN, *ORG_STATE[2:]))
     async def put_auto_recharge(org_id: OrgPath, request: Request) -> Response:
         """Opt in or out. With the balance under the threshold and a card on file, turning it on
         charges at once (the arming charge); later a debit that takes the balance under the
@@ -137,17 +147,18 @@ def routes(ctx: Context) -> APIRouter:
         body = parse_model(AutoRechargeBody, await request.body())
         return await state_command(ctx, request, org_id, auto_recharge_command(ctx, body, caller.role == "admin"))
 
-    @router.post("/v1/orgs/{org_id}/halt")
+    @router.post("/v1/orgs/{org_id}/halt", openapi_extra=openapi.answers(*ORG_STATE, openapi.ANY_BODY))
     async def halt(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return await state_command(ctx, request, org_id, cmd.Halt())
 
-    @router.post("/v1/orgs/{org_id}/resume")
+    @router.post("/v1/orgs/{org_id}/resume", openapi_extra=openapi.answers(*ORG_STATE, openapi.ANY_BODY))
     async def resume(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         return await state_command(ctx, request, org_id, cmd.Resume())
 
-    @router.post("/v1/orgs/{org_id}/tokens", openapi_extra=body_schema(TokenBody))
+    @router.post("/v1/orgs/{org_id}/tokens", status_code=201, openapi_extra=openapi.with_body(
+        TokenBody, {"201": ("The token and when it expires", openapi.OrgToken)}, openapi.ADMIN, ("404", "503")))
     async def mint_org_token(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
         body = parse_model(TokenBody, await request.body())
@@ -155,7 +166,9 @@ def routes(ctx: Context) -> APIRouter:
         token, expires_s = ctx.org_tokens.mint(org_id, now_us(), body.ttl_s)
         return json({"org_id": org_id, "token": token, "expires_at": us_to_rfc3339(expires_s * 1_000_000)}, 201)
 
-    @router.post("/v1/orgs/{org_id}/tokens/revoke")
+    @router.post("/v1/orgs/{org_id}/tokens/revoke", openapi_extra=openapi.answers(
+        {"200": ("Tokens issued before tokens_valid_after are void", openapi.TokensRevoked)},
+        openapi.ADMIN, openapi.ANY_BODY, ("404", "422", "503")))
     async def revoke_org_tokens(org_id: OrgPath, request: Request) -> Response:
         """Void every token of the org issued until now (a new one may be minted at once);
         every replica refuses them within a second."""

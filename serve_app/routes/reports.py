@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from actors.timeutil import BadTime, parse_time_us
+from serve_app import openapi
 from serve_app.calls import ledger_page, months_of, require_org
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
@@ -19,7 +20,8 @@ GROUP_BY = ("lease", "meter", "day")
 def routes(ctx: Context) -> APIRouter:
     router = APIRouter(tags=["orgs"])
 
-    @router.get("/v1/orgs/{org_id}/ledger")
+    @router.get("/v1/orgs/{org_id}/ledger", openapi_extra=openapi.answers(
+        {"200": ("A page of entries, newest first", openapi.LedgerPage)}, openapi.ADMIN, ("400", "404", "422", "503")))
     async def get_ledger(org_id: OrgPath, request: Request, cursor: str | None = None, limit: int = 50) -> Response:
         ctx.admin(request)
         if not 1 <= limit <= MAX_LEDGER_PAGE:
@@ -29,7 +31,8 @@ def routes(ctx: Context) -> APIRouter:
         return json({"entries": [stored_entry_view(entry) for entry in rows], "next_cursor": next_cursor,
                      "has_more": next_cursor is not None})
 
-    @router.get("/v1/orgs/{org_id}/usage")
+    @router.get("/v1/orgs/{org_id}/usage", openapi_extra=openapi.answers(
+        {"200": ("Usage grouped by lease, day or meter", openapi.UsageReport)}, openapi.ADMIN, ("404", "422", "503")))
     async def get_usage(org_id: OrgPath, request: Request, group_by: str = "lease") -> Response:
         ctx.admin(request)
         if group_by not in GROUP_BY:
@@ -40,7 +43,8 @@ def routes(ctx: Context) -> APIRouter:
             groups = await usage.report(conn, org_id, group_by, from_us, to_us)
         return json({"org_id": org_id, "group_by": group_by, "groups": usage_groups_view(groups, group_by)})
 
-    @router.get("/v1/orgs/{org_id}/months")
+    @router.get("/v1/orgs/{org_id}/months", openapi_extra=openapi.answers(
+        {"200": ("One row per month, oldest first", openapi.Months)}, openapi.ADMIN, ("404", "422", "503")))
     async def get_months(org_id: OrgPath, request: Request) -> Response:
         """Per month: spend, usage hours, free credits applied, billable; recomputed from the ledger."""
         ctx.admin(request)

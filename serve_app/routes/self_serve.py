@@ -18,7 +18,8 @@ from fastapi import APIRouter, Request, Response
 from actors.clock import now_us
 from actors.org import MICROS_PER_CENT
 from config.settings import origin_of
-from serve_app.bodies import PortalBody, SetupBody, TierCheckoutBody, TopupBody, body_schema, parse_model
+from serve_app import openapi
+from serve_app.bodies import PortalBody, SetupBody, TierCheckoutBody, TopupBody, parse_model
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, unknown_org
 from serve_app.idempotency import idempotent
@@ -255,8 +256,11 @@ _TIER_CHANGE = {"type": "object", "required": ["updated", "subscription_id", "ti
     "previous_tier": {"type": "string"}, "proration_behavior": {"type": "string"}, "url": {"type": "string"}}}
 _CHECKOUT = {"type": "object", "required": ["url", "session_id"],
              "properties": {"url": {"type": "string"}, "session_id": {"type": "string"}}}
-TIER_ANSWER = {"description": "A Checkout to open (not yet subscribed), or the subscription changed in place",
-               "content": {"application/json": {"schema": {"oneOf": [_CHECKOUT, _TIER_CHANGE]}}}}
+# A Checkout session (or portal session) of the org: its answer and errors. Stripe refusing is 502,
+# Stripe unset or unreachable 503; 409 also for the tier's subscriptions (several, or unrecognised).
+STRIPE_ERRORS = (openapi.ORG_OR_ADMIN, openapi.IDEMPOTENT, ("404", "502", "503"))
+TIER_ANSWER = ("A Checkout to open (not yet subscribed), or the subscription changed in place",
+               {"oneOf": [_CHECKOUT, _TIER_CHANGE]})
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -277,16 +281,18 @@ def routes(ctx: Context) -> APIRouter:
         session = session_of(body)
         return await idempotent(ctx, request, lambda: checkout(request, org_id, session, body))
 
-    @router.post("/v1/orgs/{org_id}/checkout/topup", openapi_extra=body_schema(TopupBody))
+    @router.post("/v1/orgs/{org_id}/checkout/topup", openapi_extra=openapi.with_body(
+        TopupBody, {"200": ("The Checkout to send the customer to", openapi.CheckoutSession)}, *STRIPE_ERRORS))
     async def checkout_topup(org_id: OrgPath, request: Request) -> Response:
         return await checkout_route(request, org_id, TopupBody, lambda body: topup_checkout(ctx, org_id, body))
 
-    @router.post("/v1/orgs/{org_id}/checkout/setup", openapi_extra=body_schema(SetupBody))
+    @router.post("/v1/orgs/{org_id}/checkout/setup", openapi_extra=openapi.with_body(
+        SetupBody, {"200": ("The Checkout to send the customer to", openapi.CheckoutSession)}, *STRIPE_ERRORS))
     async def checkout_setup(org_id: OrgPath, request: Request) -> Response:
         return await checkout_route(request, org_id, SetupBody, lambda _: setup_checkout(org_id))
 
-    @router.post("/v1/orgs/{org_id}/checkout/tier", openapi_extra=body_schema(TierCheckoutBody),
-                 responses={200: TIER_ANSWER})
+    @router.post("/v1/orgs/{org_id}/checkout/tier", openapi_extra=openapi.with_body(
+        TierCheckoutBody, {"200": TIER_ANSWER}, *STRIPE_ERRORS))
     async def checkout_tier(org_id: OrgPath, request: Request) -> Response:
         """Subscribe to a paid tier, or change it. Not yet subscribed: a Checkout in subscription
         mode, `{"url", "session_id"}`. Already subscribed (a live metergate tier subscription of
@@ -300,7 +306,8 @@ def routes(ctx: Context) -> APIRouter:
         409 `several_tier_subscriptions`."""
         return await checkout_route(request, org_id, TierCheckoutBody, lambda body: tier_checkout(ctx, org_id, body.tier))
 
-    @router.post("/v1/orgs/{org_id}/portal", openapi_extra=body_schema(PortalBody))
+    @router.post("/v1/orgs/{org_id}/portal", openapi_extra=openapi.with_body(
+        PortalBody, {"200": ("The portal session to send the customer to", openapi.PortalSession)}, *STRIPE_ERRORS))
     async def portal(org_id: OrgPath, request: Request) -> Response:
         ctx.org_or_admin(request, org_id)
         ctx.stripe.require()

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 
 from actors.meter_reconcile import MeterReconcileFailed
 from serve_app import openapi
-from serve_app.bodies import ReconcileBody, body_schema, parse_model
+from serve_app.bodies import ReconcileBody, parse_model
 from serve_app.calls import read_time_cursor, time_cursor
 from serve_app.context import Context, json
 from serve_app.errors import ApiError
@@ -38,7 +38,8 @@ def routes(ctx: Context) -> APIRouter:
         status, body = await stripe_webhook(ctx, await request.body(), request.headers)
         return json(body, status)
 
-    @router.get("/v1/webhooks/inbound")
+    @router.get("/v1/webhooks/inbound", openapi_extra=openapi.answers(
+        {"200": ("A page of events, newest first", openapi.InboundPage)}, openapi.ADMIN, ("400", "422", "503")))
     async def list_inbound(request: Request, outcome: str | None = None, cursor: str | None = None,
                            limit: int = 50) -> Response:
         """Stripe events answered but not applied, newest first, a page at a time: `outcome`
@@ -58,12 +59,13 @@ def routes(ctx: Context) -> APIRouter:
         return json({"events": [inbound_event_view(row) for row in rows[:limit]], "next_cursor": next_cursor,
                      "has_more": next_cursor is not None})
 
-    @router.post("/v1/stripe/reconcile", openapi_extra=body_schema(ReconcileBody))
+    @router.post("/v1/stripe/reconcile", openapi_extra=openapi.with_body(
+        ReconcileBody, {"200": ("One page read back", openapi.Reconciled)}, openapi.ADMIN, ("404", "502", "503")))
     async def reconcile(request: Request) -> Response:
         """After a database restore: one page (newest first) of the events Stripe created at or
         after `since` (Unix seconds), each applied as its delivery would be unless the database
         records it already. Ask again with `starting_after` = `next` until `next` is null.
-        `metergate reconcile --since` does the paging; docs/operations/restore.md says when."""
+        `metergate inbound reconcile --since` does the paging; docs/operations/restore.md says when."""
         ctx.admin(request)
         body = parse_model(ReconcileBody, await request.body())
         try:
@@ -74,7 +76,8 @@ def routes(ctx: Context) -> APIRouter:
         except StripeRefused as exc:
             raise ApiError(502, "stripe_error", str(exc)) from None
 
-    @router.post("/v1/stripe/reconcile-meters", openapi_extra=body_schema(ReconcileBody))
+    @router.post("/v1/stripe/reconcile-meters", openapi_extra=openapi.with_body(
+        ReconcileBody, {"200": ("What was recorded as sent", openapi.MetersReconciled)}, openapi.ADMIN, ("502", "503")))
     async def reconcile_meters(request: Request) -> Response:
         """After a database restore, once the events are read back: what Stripe's meter holds
         since `since` (Unix seconds) beyond the meter events the database has is recorded as
@@ -87,7 +90,8 @@ def routes(ctx: Context) -> APIRouter:
         except MeterReconcileFailed as exc:  # raised in the scheduler: its message only, no remote trace
             raise ApiError(502, "stripe_error", str(getattr(exc, "cause", None) or exc)) from None
 
-    @router.get("/v1/webhooks/outbox")
+    @router.get("/v1/webhooks/outbox", openapi_extra=openapi.answers(
+        {"200": ("The events, newest first", openapi.OutboxList)}, openapi.ADMIN, ("422", "503")))
     async def list_outbox(request: Request, status: str = "dead", limit: int = 50) -> Response:
         """Outbound events by delivery status: `pending`, `delivered` or `dead` (the dead letters)."""
         ctx.admin(request)
@@ -99,7 +103,9 @@ def routes(ctx: Context) -> APIRouter:
             events = await outbox.by_status(conn, status, limit)
         return json({"events": [outbound_event_view(event) for event in events]})
 
-    @router.post("/v1/webhooks/outbox/{message_id}/retry")
+    @router.post("/v1/webhooks/outbox/{message_id}/retry", openapi_extra=openapi.answers(
+        {"200": ("Pending again", openapi.OutboxRetried)}, openapi.ADMIN, openapi.ANY_BODY,
+        ("404", "409", "422", "503")))
     async def retry_outbox(message_id: MessagePath, request: Request) -> Response:
         """A dead letter goes back to pending, tried again now with the same message id."""
         ctx.admin(request)
