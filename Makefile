@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test bench mutation soak-model clean
+.PHONY: up test bench mutation soak-model docs docs-build clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,18 @@ mutation: $(STAMP)
 	METERGATE_DIFF_EXAMPLES=30 METERGATE_DIFF_DERANDOMIZE=1 $(VENV)/bin/mutmut run --max-children 2
 	$(VENV)/bin/python -m bench.mutation_score
 
+# The docs site (mkdocs.yml): served on 127.0.0.1:8001 while you edit, or built into build/site with
+# --strict (a dead link or anchor, or a page missing from the nav, fails the build).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
+docs-build: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+# Keeps .metergate: it holds the embedded database and the tokens gateways and the CLI use.
 clean:
-	rm -rf $(VENV) .metergate
+	rm -rf $(VENV) build/site
+	@if [ -d .metergate ]; then \
+		echo "kept .metergate (the embedded database and the service, admin and org-token secrets);"; \
+		echo "to delete it too, for good: rm -rf .metergate"; \
+	fi
