@@ -275,3 +275,68 @@ def test_a_taken_dashboard_or_metrics_port_stops_the_start_naming_its_setting(va
         with pytest.raises(SettingsError, match=f"{variable}: port {port} is in use"):
             launch.check_ray_ports(settings)
     launch.check_ray_ports(settings)  # free again
+
+
+HTTP_REQUESTS = "ray_metergate_http_requests_total"
+HTTP_LATENCY = "ray_metergate_http_request_latency_ms"
+STATUS_CLASSES = {"1xx", "2xx", "3xx", "4xx", "5xx"}
+
+
+def test_requests_are_counted_and_timed_by_route_template_and_status_class_never_by_org(
+        service, admin, compute, new_org):
+    """Answers of the gate's hot path and of the app, a refusal before routing, a path no route
+    has, and a 503 from Postgres going away under a request: each is counted under its route's
+    template with its status class, and timed; neither an org id nor a raw path is a tag."""
+    before = scrape(service)
+    org = new_org()
+    ghost = f"ghost_{uuid.uuid4().hex[:8]}"
+    key = f"metrics-cut-{uuid.uuid4().hex[:8]}"  # in the Idempotency-Key claim's INSERT only
+
+    for _ in range(3):  # the hot path's own answers
+        assert compute.post("/v1/gate", json={"org_id": org, "action": "create"}).status_code == 200
+    assert compute.post("/v1/gate", json={"org_id": ghost, "action": "create"}).status_code == 404
+    assert admin.get(f"/v1/orgs/{org}").status_code == 200
+    assert admin.get(f"/v1/orgs/{ghost}").status_code == 404
+    assert httpx.get(f"{service.base_url}/v1/orgs/{org}", timeout=30).status_code == 401  # before routing
+    assert admin.get(f"/v1/no-such-route/{org}").status_code == 404
+    # The claim of the key loses its connection before Postgres sees it: 503 database_unavailable.
+    cut = service.pg_proxy.cut(key, "statement")
+    failed = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 1_000_000},
+                        headers={"Idempotency-Key": key})
+    assert (failed.status_code, failed.json()["error"]["code"]) == (503, "database_unavailable"), failed.text
+    assert [c["done"] for c in service.pg_proxy.status()["cuts"] if c["id"] == cut] == [True]
+
+    wanted = [  # (route, method, status class, at least this many more requests)
+        ("/v1/gate", "POST", "2xx", 3),
+        ("/v1/gate", "POST", "4xx", 1),
+        ("/v1/orgs/{org_id}", "GET", "2xx", 1),
+        ("/v1/orgs/{org_id}", "GET", "4xx", 2),
+        ("unmatched", "GET", "4xx", 1),
+        ("/v1/orgs/{org_id}/credits", "POST", "5xx", 1),
+    ]
+
+    def missing(now: Scrape) -> list[str]:
+        gaps = []
+        for route, method, status_class, count in wanted:
+            tags = {"route": route, "method": method, "status_class": status_class}
+            for name in (HTTP_REQUESTS, f"{HTTP_LATENCY}_count"):
+                moved = now.total(name, **tags) - before.total(name, **tags)
+                if moved < count:
+                    gaps.append(f"{name}{tags} grew by {moved}, want >= {count}")
+        return gaps
+
+    deadline = time.monotonic() + EXPORT_WAIT_S
+    while gaps := missing(now := scrape(service)):
+        assert time.monotonic() < deadline, f"not exported within {EXPORT_WAIT_S} s:\n  " + "\n  ".join(gaps)
+        time.sleep(1.0)
+
+    fast = now.total(f"{HTTP_LATENCY}_bucket", route="/v1/gate", method="POST", status_class="2xx", le="+Inf")
+    assert fast == now.total(f"{HTTP_LATENCY}_count", route="/v1/gate", method="POST", status_class="2xx")
+    for name in (HTTP_REQUESTS, f"{HTTP_LATENCY}_count", f"{HTTP_LATENCY}_bucket", f"{HTTP_LATENCY}_sum"):
+        for labels in now.series(name):
+            assert labels["status_class"] in STATUS_CLASSES, (name, labels)
+            assert labels["route"] == "unmatched" or labels["route"].startswith("/"), (name, labels)
+            assert not {"org", "org_id", "path"} & set(labels), (name, labels)
+            assert not any(value.startswith(("org_", "ghost_")) or "/org_" in value or "/ghost_" in value
+                           for value in labels.values()), (name, labels)
+    assert org not in now.text and ghost not in now.text
