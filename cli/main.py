@@ -3,7 +3,9 @@
 Every command but `up`, `migrate`, `check` and `bench` is an admin call to the running service's HTTP
 API. A failure prints one line on stderr (`error: ...`) and exits non-zero, never with a
 traceback: 1 when the command could not do its work, 2 for a usage error, 3 when `parity` or
-`replay` found an org whose memory differs from its journal, or `check` an inconsistency.
+`replay` found an org whose memory differs from its journal, or `check` an inconsistency, 130
+when interrupted (Ctrl-C; Typer ends the command with it, and an end of input at a prompt
+ends with it too). `up` runs the service and ends with its codes (serve_app/main.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ app = typer.Typer(
     name="metergate", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     help="metergate: run the service, and operate it over its HTTP API (admin token). Tables for "
-         "people, --json for scripts. Exit codes: 0 done, 1 failed, 2 bad usage, 3 drift found.")
+         "people, --json for scripts. Exit codes: 0 done, 1 failed, 2 bad usage, 3 drift found, 130 interrupted.")
 app.command("up")(local.up)
 app.command("migrate")(local.migrate)
 app.add_typer(orgs.orgs_app, name="orgs")
