@@ -6,7 +6,9 @@ SessionName...): a gauge of one process is told apart from another's by WorkerId
 
 Tags are a shard, a reason, a source, an outcome: small, fixed sets. Never an org: one series
 per org would swamp Prometheus at 100k orgs, and would show whoever can scrape who the
-customers are. `README.md`, "Metrics", lists the series.
+customers are. docs/reference/metrics.md lists the series (with the HTTP requests' of
+serve_app/request_metrics.py); tests/test_monitoring.py keeps it, and the alert rules and
+the dashboard in deploy/monitoring/, in step with this file.
 
 Ray registers a metric with the process that creates it, so the metric objects are made on
 first use in the process that records (a shard, an ingress replica, the scheduler), never at
