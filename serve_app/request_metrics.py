@@ -94,6 +94,8 @@ class RequestMetrics:
         tags = self.tags.get(key)
         if tags is None:
             tags = self.tags[key] = dict(zip(TAG_KEYS, key))
+            # The tags come from fixed sets whatever callers send: a series per path would grow here.
+            assert len(self.tags) <= (len(self.templates) + 1) * (len(METHODS) + 1) * 5, len(self.tags)
         request_series().latency_ms.observe((time.perf_counter() - started_s) * 1_000, tags)
         self.tally[key] = self.tally.get(key, 0) + 1
         if not self.flush_pending:

@@ -340,3 +340,43 @@ def test_requests_are_counted_and_timed_by_route_template_and_status_class_never
             assert not any(value.startswith(("org_", "ghost_")) or "/org_" in value or "/ghost_" in value
                            for value in labels.values()), (name, labels)
     assert org not in now.text and ghost not in now.text
+
+
+def test_a_replica_tallies_each_answer_once_under_a_template_a_known_method_and_a_status_class():
+    """The ingress's ASGI app (hot path, body limit, routes) without Ray Serve: what it tallies
+    for the counter. An answer that raised after it went out (a bug, 500) is counted once; an
+    unknown method is OTHER; a path no route has is `unmatched`."""
+    from config.catalog import load_catalog
+    from serve_app.app import build_app
+    from serve_app.context import Context
+    from serve_app.hot_path import HotPath
+
+    settings = Settings(service_token=SERVICE_TOKEN, admin_token="admin-token-for-the-tally-test-0123",
+                        org_token_secret="org-token-secret-for-the-tally-test-0123456789")
+    ctx = Context(settings, load_catalog(settings.catalog), router=None)  # no shards: a replay is a bug
+    replica = HotPath(build_app(ctx), ctx)
+    admin_auth = {"Authorization": f"Bearer {settings.admin_token}"}
+
+    async def requests() -> list[int]:
+        transport = httpx.ASGITransport(app=replica, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://metergate") as client:
+            return [(await call).status_code for call in (
+                client.get("/healthz"),
+                client.request("BREW", "/healthz"),
+                client.get("/v1/orgs/org_tally_1/replay", headers=admin_auth),
+                client.get("/v1/orgs/org_tally_2"),
+                client.post("/v1/orgs/org_tally_3/credits", content=b"x" * 10, headers={"content-length": "99999999"}),
+                client.get("/v1/no-such-route/org_tally_4"),
+                client.post("/v1/gate", content=b"{}", headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}),
+            )]
+
+    assert asyncio.run(requests()) == [200, 405, 500, 401, 401, 404, 422]
+    assert replica.metrics.tally == {
+        ("/healthz", "GET", "2xx"): 1,
+        ("/healthz", "OTHER", "4xx"): 1,
+        ("/v1/orgs/{org_id}/replay", "GET", "5xx"): 1,
+        ("/v1/orgs/{org_id}", "GET", "4xx"): 1,
+        ("/v1/orgs/{org_id}/credits", "POST", "4xx"): 1,
+        ("unmatched", "GET", "4xx"): 1,
+        ("/v1/gate", "POST", "4xx"): 1,
+    }
