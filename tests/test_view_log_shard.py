@@ -69,3 +69,54 @@ async def _scenario(url: str) -> None:
 
 def test_a_bounded_view_log_makes_readers_behind_it_reload_and_serves_dropped_orgs_from_postgres(shard_database):
     asyncio.run(_scenario(shard_database))
+
+
+async def _committing_scenario(url: str) -> None:
+    import asyncpg
+
+    settings = Settings(database_url=url, shards=1, catalog=CATALOG_PATH, service_token="s" * 20,
+                        admin_token="a" * 20, org_token_secret="o" * 32)
+    org_id = "org_vl_committing"
+    create = CreateOrg(f"{org_id}@example.test", "payg", True)
+    shard = ShardActor(0, settings.model_dump_json())
+    await shard.ready()
+    blocker = await asyncpg.connect(url)
+    try:
+        # The commit waits behind this lock (its INSERT INTO orgs): memory holds the new org, Postgres not yet.
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute("LOCK TABLE orgs IN SHARE MODE")
+        cursor = shard.views.seq
+        created = asyncio.ensure_future(shard.submit([(org_id, create, fingerprint(create))]))
+        for _ in range(200):
+            if org_id in shard.committing and org_id in shard.orgs:
+                break
+            await asyncio.sleep(0.02)
+        assert org_id in shard.committing and org_id in shard.orgs, "the org is not being committed"
+        created.cancel()  # the caller gave up (a timeout, a dropped request): its future is done
+        await asyncio.gather(created, return_exceptions=True)
+        assert org_id not in shard.unanswered  # only `committing` says the commit is not over
+        # Readers while the creation is uncommitted: the ingress's view read and the snapshot page.
+        (read,) = await shard.gate_views([org_id])
+        page = await shard.views_page(None, 100)
+        assert RECORD_DECODER.decode(read["view"]).seq == 0  # memory, for that answer only
+        assert shard.views.line(org_id) is None, "an uncommitted org was published to the view log"
+        assert shard.views.seq == cursor and (await shard.changes(shard.epoch, cursor, 0))["views"] == []
+        assert all(RECORD_DECODER.decode(line).org_id != org_id for line in page["views"])
+        await hold.rollback()
+        later = await shard.changes(shard.epoch, cursor, 5)
+        (record,) = [r for r in map(RECORD_DECODER.decode, later["views"]) if r.org_id == org_id]
+        assert record.seq > cursor  # published at its commit
+    finally:
+        await blocker.close()
+        shard.loop_task.cancel()
+        await asyncio.gather(shard.loop_task, return_exceptions=True)
+        await shard.pool.close()
+
+
+def test_no_read_publishes_the_state_of_a_command_being_committed(shard_database):
+    """A read during a commit (the snapshot page, the ingress's view read) publishes nothing of
+    the orgs in the batch, also when the caller gave up waiting: their memory is ahead of
+    Postgres until the commit ends, and a record in the log is what every gateway follows
+    (actors/shard.py `committing`)."""
+    asyncio.run(_committing_scenario(shard_database))
