@@ -1,6 +1,7 @@
 """The served OpenAPI document describes every route, the hot-path bodies included, and
 Schemathesis driving every operation from it (with the admin, service, an org's and a bad
-token) never gets a 5xx, and every error it gets has the documented shape."""
+token) never gets a 5xx, and every answer it gets (status, content type, body) is one the
+document gives the operation; errors have the documented error shape."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+from schemathesis.core.failures import FailureGroup
 
 from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN
 
@@ -74,7 +77,7 @@ def test_no_operation_answers_a_5xx_or_an_undocumented_error(api_schema, service
             def send(case, role: str) -> None:
                 response = case.call(base_url=service.base_url, timeout=60,
                                      headers={**(case.headers or {}), "Authorization": f"Bearer {tokens[role]}"})
-                problem = _problem(response)
+                problem = _problem(response) or _undocumented(case, response)
                 if problem:
                     failures.append((operation.label, mode.value, role, response.status_code, problem))
 
@@ -83,6 +86,17 @@ def test_no_operation_answers_a_5xx_or_an_undocumented_error(api_schema, service
             except Unsatisfiable:
                 assert mode is GenerationMode.NEGATIVE  # nothing to make invalid (no parameters)
     assert failures == [], failures[:5]
+
+
+def _undocumented(case, response) -> str | None:
+    """The answer's status, content type and body are those the document gives the operation."""
+    try:
+        case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                                 response_schema_conformance])
+    except FailureGroup as failed:  # a BaseExceptionGroup: Schemathesis' report of what differs
+        return "not as documented: " + "; ".join(str(e).splitlines()[0] + " " + " ".join(str(e).split())[:300]
+                                                 for e in failed.exceptions)
+    return None
 
 
 def _problem(response) -> str | None:
