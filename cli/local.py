@@ -30,7 +30,7 @@ def up(host: Annotated[str | None, typer.Option("--host", help="Sets METERGATE_H
     It runs `python -m serve_app.main`: an embedded Postgres unless METERGATE_DATABASE_URL,
     a local Ray unless RAY_ADDRESS, the shards and the Serve app, and prints the URLs and
     tokens. Ctrl-C or SIGTERM drains and stops it. Every other setting is a METERGATE_*
-    variable (see the README)."""
+    variable (docs/reference/settings.md)."""
     if host is not None:
         os.environ["METERGATE_HTTP_HOST"] = host
     if port is not None:

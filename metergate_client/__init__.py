@@ -4,7 +4,7 @@
     gate = GateClient("http://billing:8000", token)
     if gate.check("org_1", "create", Resources(memory_mb=4096)).allowed: ...
 
-Needs only msgspec and httpx; never Ray. See README, "Gating from your gateway".
+Needs only msgspec and httpx; never Ray. See docs/integrate/gateways.md.
 """
 
 from metergate_client.client import Answer, GateClient, Policy

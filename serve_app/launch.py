@@ -363,7 +363,7 @@ def lean_serve_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run / "server-state"),
         "RAY_SERVE_HAPROXY_NBTHREAD": str(min(4, os.cpu_count() or 1)),
         # HAProxy's own metrics make Serve's manager actor parse a log line per request
-        # (~20 % of a core at 3k req/s here); metergate exports its own (README, Metrics).
+        # (~20 % of a core at 3k req/s here); metergate exports its own (docs/reference/metrics.md).
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
         # A dead HAProxy is replaced once its proxy fails 3 health checks: 3 x 10 s by
         # default, half a minute with the HTTP port closed; 3 x 2 s instead.

@@ -6,7 +6,7 @@ and released through the API and through Svix webhooks, admin halt and resume, t
 and the test clock (grants and leases expire, a weekly quota period resets). After every step
 the org the service shows (balance, debt, grants in burn order, period usage, halt, leases),
 the ledger in Postgres and the gate's decisions for `create` and `ingest` must equal a small
-model of the rules the README states under "API notes".
+model of the rules docs/concepts/billing-rules.md and docs/reference/http-api.md state.
 
 The model is written here from those rules, not imported from metergate's core: a core bug
 copied into the oracle could never fail this test. It covers the payg and hobby_weekly
@@ -49,7 +49,7 @@ US = 1_000_000
 HOUR_S = 3_600
 DAY_S = 86_400
 
-# ----- the rules, as the README and config/catalog.toml state them ---------------------------
+# ----- the rules, as docs/concepts/billing-rules.md and config/catalog.toml state them -------
 
 # Both plans price usage alike (catalog.toml): nano-USD per GiB-second and per vCPU-second.
 MEMORY_NANOS_PER_GIB_S = 4_500

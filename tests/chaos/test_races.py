@@ -201,7 +201,7 @@ def test_fifty_concurrent_ticks_on_money_for_ten_bill_each_tick_once_and_halt_on
     (halted,) = outbox(sql, org, "org.halted")  # halted once, at zero, not once per tick past it
     assert halted["lease_ids"] == ["sbx_race"]
     denied = gate(compute, org)
-    # Free credit used up and no card: the gateway is told to ask for one (README: no_payment_method).
+    # Free credit used up and no card: the gateway is told to ask for one (docs/concepts/dunning-and-auto-recharge.md: no_payment_method).
     assert (denied["allowed"], denied["reason"], denied["status"]) == (False, "no_payment_method", 402)
     assert gate(compute, org, "wake")["reason"] == "halted"
     refused = compute.post("/v1/leases", json={"org_id": org, "lease_id": "sbx_after", "ttl_s": 600})
