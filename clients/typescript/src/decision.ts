@@ -1,0 +1,228 @@
+/**
+ * The gate: may an org do an action now? A pure function of the few facts it reads.
+ *
+ * A port of `decide()` in metergate_client/decision.py, the one the server and the Python
+ * client run; docs/gate-protocol.md (sections 2 to 6) states the rules without Python, and
+ * clients/vectors/gate_decisions.json pins them down case by case. This file must answer
+ * every vector exactly (test/vectors.test.mjs in Node, test/workerd/ in workerd).
+ */
+
+export const ACTIONS = ["create", "wake", "ingest", "purchase"] as const;
+export type Action = (typeof ACTIONS)[number];
+
+export type Reason =
+  | "ok"
+  | "insufficient_balance"
+  | "halted"
+  | "suspended"
+  | "quota_exceeded"
+  | "no_payment_method"
+  | "concurrency_limit"
+  | "resource_limit"
+  | "degraded";
+
+/** The HTTP status each reason stands for (docs/gate-protocol.md section 6). */
+export const STATUS_BY_REASON: Readonly<Record<Reason, number>> = Object.freeze({
+  ok: 200,
+  suspended: 402,
+  degraded: 402,
+  halted: 402,
+  no_payment_method: 402,
+  quota_exceeded: 402,
+  insufficient_balance: 402,
+  resource_limit: 403,
+  concurrency_limit: 429,
+});
+
+export type HaltCause = "balance" | "admin";
+export type MachineCounts = Readonly<Record<string, Readonly<Record<string, number>>>>;
+
+/** What the gate reads of an org, as of one instant (docs/gate-protocol.md section 2). */
+export interface GateView {
+  readonly balance_micros: number;
+  readonly quota_remaining_micros: number;
+  readonly included_micros: number;
+  readonly active_leases: number;
+  readonly max_concurrent: number;
+  readonly max_disk_mb: number;
+  readonly halted: HaltCause | null;
+  readonly suspended: boolean;
+  readonly degraded: boolean;
+  readonly overdraws: boolean;
+  readonly needs_card: boolean;
+  readonly machine_quotas: MachineCounts | null;
+  readonly machine_in_use: MachineCounts | null;
+}
+
+/** The resources of a check, every field with its default applied (section 3.2). */
+export interface Resources {
+  readonly memory_mb: number;
+  readonly cpu_count: number;
+  readonly disk_mb: number;
+  readonly machine_type: string | null;
+  readonly region: string | null;
+  readonly quantity: number;
+}
+
+/** The body's `resources`: every field optional, as POST /v1/gate takes it. */
+export type ResourcesInput = Partial<Resources>;
+
+export interface Decision {
+  readonly allowed: boolean;
+  readonly reason: Reason;
+  readonly status: number;
+  readonly balance_micros: number;
+  readonly active_leases: number;
+  readonly max_concurrent: number;
+  readonly limit?: number;
+  readonly requested?: number;
+  readonly in_use?: number;
+  readonly resource?: string;
+}
+
+export const NO_RESOURCES: Resources = Object.freeze({
+  memory_mb: 0, cpu_count: 0, disk_mb: 0, machine_type: null, region: null, quantity: 1,
+});
+
+const RESOURCE_FIELDS = Object.keys(NO_RESOURCES) as (keyof Resources)[];
+const INTEGER_RESOURCES = new Set(["memory_mb", "cpu_count", "disk_mb", "quantity"]);
+
+/** Resources from the HTTP body's shape (absent or null fields take their defaults). Anything
+ * else, an unknown field or a value of the wrong type, is a TypeError saying what was expected. */
+export function toResources(input: ResourcesInput | null | undefined): Resources {
+  if (input === null || input === undefined) return NO_RESOURCES;
+  if (typeof input !== "object" || Array.isArray(input)) {
+    throw new TypeError(`resources must be an object with the HTTP body's field names (${RESOURCE_FIELDS.join(", ")}), not ${Array.isArray(input) ? "an array" : typeof input}`);
+  }
+  const out: Record<string, unknown> = { ...NO_RESOURCES };
+  for (const [name, value] of Object.entries(input)) {
+    if (!(name in NO_RESOURCES)) {
+      throw new TypeError(`resources: no field ${JSON.stringify(name)} (fields: ${RESOURCE_FIELDS.join(", ")})`);
+    }
+    if (value === undefined) continue;
+    if (INTEGER_RESOURCES.has(name)) {
+      if (!Number.isSafeInteger(value)) throw new TypeError(`resources.${name} must be an integer, not ${JSON.stringify(value)}`);
+    } else if (value !== null && typeof value !== "string") {
+      throw new TypeError(`resources.${name} must be a string or null, not ${JSON.stringify(value)}`);
+    }
+    out[name] = value;
+  }
+  return out as unknown as Resources;
+}
+
+/** The decision for `action`. Throws a RangeError for an action that is not one of ACTIONS
+ * (after the suspension check, as decide() does: a port never allows an unknown action). */
+export function decide(action: string, resources: Resources, view: GateView): Decision {
+  const reason = reasonFor(action, resources, view);
+  const base = {
+    allowed: reason === "ok",
+    reason,
+    status: STATUS_BY_REASON[reason],
+    balance_micros: view.balance_micros,
+    active_leases: view.active_leases,
+    max_concurrent: view.max_concurrent,
+  };
+  if (reason !== "resource_limit") return base;
+  const deny = resourceDeny(resources, view);
+  if (deny === null) throw new Error("assertion: resource_limit without a broken limit");
+  return { ...base, ...deny };
+}
+
+function reasonFor(action: string, resources: Resources, view: GateView): Reason {
+  if (view.suspended) return "suspended";
+  if (action === "purchase") return view.degraded ? "degraded" : "ok";
+  if (action !== "create" && action !== "wake" && action !== "ingest") {
+    throw new RangeError(`no such action: ${JSON.stringify(action)}; actions are ${ACTIONS.join(", ")}`);
+  }
+  const halted = view.halted;
+  if (halted === "admin") return "halted";
+  // A balance halt is lifted by the next mutation once money or new quota exists; a
+  // read-only gate must not deny in the meantime (e.g. right after a period starts).
+  // Both terms are safe integers, so the rounded double sum has the exact sum's sign.
+  const funded = view.balance_micros + view.quota_remaining_micros > 0;
+  if (!funded) {
+    if (halted === "balance") return action === "create" && view.needs_card ? "no_payment_method" : "halted";
+    if (!view.overdraws) {
+      if (action === "create" && view.needs_card) return "no_payment_method";
+      return view.included_micros > 0 ? "quota_exceeded" : "insufficient_balance";
+    }
+  }
+  if (action === "ingest") return "ok";
+  if (resourceDeny(resources, view) !== null) return "resource_limit";
+  if (exceeds(view.active_leases, resources.quantity, view.max_concurrent)) return "concurrency_limit";
+  return "ok";
+}
+
+interface ResourceDeny {
+  limit: number;
+  requested: number;
+  in_use?: number;
+  resource: string;
+}
+
+function resourceDeny(resources: Resources, view: GateView): ResourceDeny | null {
+  if (resources.disk_mb > view.max_disk_mb) {
+    return { limit: view.max_disk_mb, requested: resources.disk_mb, resource: "disk_mb" };
+  }
+  const quotas = view.machine_quotas;
+  const region = resources.region;
+  const machineType = resources.machine_type;
+  // An empty map has no limit to look up; no region or type (null, or "" as decide() reads
+  // it; the HTTP edge refuses "" anyway): no machine quota applies.
+  if (quotas === null || !region || !machineType) return null;
+  const limit = own(own(quotas, region), machineType);
+  if (limit === undefined) return null;
+  const inUse = own(own(view.machine_in_use, region), machineType) ?? 0;
+  if (!exceeds(inUse, resources.quantity, limit)) return null;
+  return { limit, requested: inUse + resources.quantity, in_use: inUse, resource: `machine_type:${region}/${machineType}` };
+}
+
+/** a + b > limit, exactly also where a + b passes 2^53 (every input is a safe integer). */
+function exceeds(a: number, b: number, limit: number): boolean {
+  const sum = a + b;
+  if (Number.isSafeInteger(sum)) return sum > limit;
+  return BigInt(a) + BigInt(b) > BigInt(limit);
+}
+
+// Own properties only: a region named "constructor" or "__proto__" must not find Object's.
+function own<T>(map: Readonly<Record<string, T>> | null | undefined, key: string): T | undefined {
+  if (map === null || map === undefined) return undefined;
+  return Object.prototype.hasOwnProperty.call(map, key) ? map[key] : undefined;
+}
+
+/** A view as a record carries it, checked: every field of section 2 present with its JSON
+ * type, integers safe (a larger one cannot be held exactly by a JavaScript number, so such a
+ * view is refused rather than decided from). Unknown fields are ignored. Throws a TypeError. */
+export function parseView(value: unknown): GateView {
+  if (!isObject(value)) throw new TypeError("view: not an object");
+  for (const name of INTEGER_VIEW_FIELDS) {
+    if (!Number.isSafeInteger(value[name])) throw new TypeError(`view.${name}: not a safe integer`);
+  }
+  for (const name of BOOLEAN_VIEW_FIELDS) {
+    if (typeof value[name] !== "boolean") throw new TypeError(`view.${name}: not a boolean`);
+  }
+  const halted = value["halted"];
+  if (halted !== null && halted !== "balance" && halted !== "admin") throw new TypeError("view.halted: not null, \"balance\" or \"admin\"");
+  checkMachineCounts(value["machine_quotas"], "machine_quotas");
+  checkMachineCounts(value["machine_in_use"], "machine_in_use");
+  return value as unknown as GateView;
+}
+
+const INTEGER_VIEW_FIELDS = ["balance_micros", "quota_remaining_micros", "included_micros", "active_leases",
+  "max_concurrent", "max_disk_mb"] as const;
+const BOOLEAN_VIEW_FIELDS = ["suspended", "degraded", "overdraws", "needs_card"] as const;
+
+function checkMachineCounts(value: unknown, name: string): void {
+  if (value === null) return;
+  if (!isObject(value)) throw new TypeError(`view.${name}: not an object or null`);
+  for (const [region, types] of Object.entries(value)) {
+    if (!isObject(types)) throw new TypeError(`view.${name}.${region}: not an object`);
+    for (const [machineType, count] of Object.entries(types)) {
+      if (!Number.isSafeInteger(count)) throw new TypeError(`view.${name}.${region}.${machineType}: not a safe integer`);
+    }
+  }
+}
+
+export function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}

@@ -1,0 +1,54 @@
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import test from "node:test";
+
+import * as gate from "../dist/index.js";
+import { failingVectors } from "./vectors.mjs";
+
+const VECTORS_PATH = new URL("../../vectors/gate_decisions.json", import.meta.url);
+const VECTORS = JSON.parse(readFileSync(VECTORS_PATH, "utf8"));
+
+test("the port answers every gate vector exactly", () => {
+  assert.ok(VECTORS.cases.length >= 100, "the vectors file holds its cases");
+  const failures = failingVectors(gate, VECTORS.cases);
+  assert.deepEqual(failures.slice(0, 5), [], `${failures.length} of ${VECTORS.cases.length} vectors fail`);
+});
+
+test("the vectors reach every reason, so a port that never answers one of them fails", () => {
+  const reasons = new Set(VECTORS.cases.map((c) => c.decision.reason));
+  assert.deepEqual([...reasons].sort(), Object.keys(gate.STATUS_BY_REASON).sort());
+});
+
+const HEALTHY = VECTORS.cases.find((c) => c.decision.reason === "ok" && c.action === "create").view;
+
+test("an unknown action is refused, never allowed", () => {
+  assert.throws(() => gate.decide("delete", gate.NO_RESOURCES, HEALTHY), RangeError);
+});
+
+test("resources in another shape are a TypeError that names the fields", () => {
+  assert.throws(() => gate.toResources([1]), /HTTP body's field names/);
+  assert.throws(() => gate.toResources({ disk: 1 }), /no field "disk".*disk_mb/);
+  assert.throws(() => gate.toResources({ disk_mb: "1" }), /must be an integer/);
+  assert.throws(() => gate.toResources({ region: 5 }), /string or null/);
+  assert.deepEqual(gate.toResources({ region: null, quantity: 3 }), { ...gate.NO_RESOURCES, quantity: 3 });
+});
+
+test("a view with an integer JavaScript cannot hold exactly is refused, not decided from", () => {
+  assert.throws(() => gate.parseView({ ...HEALTHY, balance_micros: 2 ** 53 }), /safe integer/);
+  assert.throws(() => gate.parseView({ ...HEALTHY, halted: "maybe" }), /halted/);
+  assert.throws(() => gate.parseView({ ...HEALTHY, suspended: undefined }), /suspended/);
+  assert.equal(gate.parseView({ ...HEALTHY, added_later: 1 }).balance_micros, HEALTHY.balance_micros);
+});
+
+test("a region named like an Object property is no machine quota", () => {
+  const view = { ...HEALTHY, machine_quotas: { r: { t: 1 } }, machine_in_use: null };
+  const decision = gate.decide("create", gate.toResources({ region: "constructor", machine_type: "name" }), view);
+  assert.equal(decision.reason, "ok");
+});
+
+test("limits near 2^53 compare exactly", () => {
+  const big = Number.MAX_SAFE_INTEGER;
+  const view = { ...HEALTHY, active_leases: big, max_concurrent: big };
+  assert.equal(gate.decide("create", gate.toResources({ quantity: 1 }), view).reason, "concurrency_limit");
+  assert.equal(gate.decide("create", gate.toResources({ quantity: 0 }), view).reason, "ok");
+});

@@ -1,0 +1,36 @@
+// The gate vectors inside the real Workers runtime: Miniflare starts workerd (the binary its
+// npm package ships) with the built client and test/vectors.mjs as ES modules, and the
+// worker decides every case. Exit code 0 when every case passes, 1 with the failures listed.
+import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+
+import { Miniflare } from "miniflare";
+
+const root = fileURLToPath(new URL("../..", import.meta.url));
+const vectorsText = readFileSync(new URL("../../../vectors/gate_decisions.json", import.meta.url), "utf8");
+
+const mf = new Miniflare({
+  modules: true,
+  scriptPath: `${root}test/workerd/vectors-worker.mjs`,
+  modulesRoot: root,
+  modulesRules: [{ type: "ESModule", include: ["**/*.js", "**/*.mjs"] }],
+  compatibilityDate: "2025-09-01",
+});
+try {
+  const response = await mf.dispatchFetch("http://vectors.local/", { method: "POST", body: vectorsText });
+  const result = await response.json();
+  if (!String(result.runtime).includes("Cloudflare-Workers")) {
+    throw new Error(`not the Workers runtime: navigator.userAgent is ${result.runtime}`);
+  }
+  const total = JSON.parse(vectorsText).cases.length;
+  if (result.cases !== total) throw new Error(`workerd ran ${result.cases} of ${total} vectors`);
+  if (result.failures.length > 0) {
+    console.error(`workerd: ${result.failures.length} of ${total} gate vectors fail; the first:`);
+    console.error(JSON.stringify(result.failures.slice(0, 3), null, 1));
+    process.exitCode = 1;
+  } else {
+    console.log(`workerd (${result.runtime}): all ${total} gate vectors pass`);
+  }
+} finally {
+  await mf.dispose();
+}
