@@ -1,0 +1,5 @@
+import sys
+
+from metergate_client.relay.run import main
+
+sys.exit(main())

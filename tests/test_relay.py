@@ -1,0 +1,263 @@
+"""The relay (`metergate relay`, metergate_client/relay/) over real HTTP: the gate vectors
+through its projection, and against the running service (real Serve, Ray, Postgres) the
+server's refusals word for word, an admin halt within the bound, a killed shard's resync,
+forwarding with the server's status and body, and with the server unreachable each action's
+policy and never `local` past the bound.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import httpx
+import msgspec
+import pytest
+
+from clients.vectors import generate
+from metergate_client import GateClient, GateView
+from metergate_client.projection import ViewRecord, mono_us
+from metergate_client.relay import Relay, running
+from metergate_client.relay.bodies import STATUS_BY_REASON as RELAY_STATUS_BY_REASON
+from serve_app.views import STATUS_BY_REASON
+from tests.delaying_relay import DelayingRelay
+from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN, free_port, shard_pid, wait_for
+
+STALENESS_S = 1.0
+CASES = msgspec.json.decode(generate.VECTORS_PATH.read_bytes())["cases"]
+AS_RELAY = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+
+
+def relay_of(client: GateClient):
+    return running(Relay(client, SERVICE_TOKEN), port=free_port())
+
+
+@pytest.fixture(scope="module")
+def relay(service):
+    """(the relay's URL, its GateClient), following the service's feed."""
+    client = GateClient(service.base_url, SERVICE_TOKEN, max_staleness_s=STALENESS_S, heartbeat_s=0.1)
+    assert client.wait_synced(60), client.counters()
+    with relay_of(client) as url, httpx.Client(base_url=url, headers=AS_RELAY, timeout=30) as http:
+        yield http, client
+    client.close()
+
+
+def gate(http: httpx.Client, org: str, action: str = "create", **extra) -> dict:
+    response = http.post("/v1/gate", json={"org_id": org, "action": action, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def local_until(http: httpx.Client, org: str, wanted, what: str, action: str = "create") -> tuple[dict, float]:
+    started = time.monotonic()
+    while time.monotonic() - started < 10:
+        answer = gate(http, org, action)
+        if answer["source"] == "local" and wanted(answer):
+            return answer, time.monotonic() - started
+        time.sleep(0.002)
+    raise AssertionError(f"{what}: not answered locally in 10 s; last {gate(http, org, action)}")
+
+
+def without_age(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k not in ("age_ms", "source", "age_s")}
+
+
+# ----- the vectors, through a projection filled by hand -------------------------------------------
+
+def test_every_gate_vector_is_answered_exactly_through_the_relay_singly_and_in_a_batch():
+    """Each vector's view is put in the relay's projection as its own org's, current for the
+    test's whole length; the relay's HTTP answer (single and batch) is the vector's decision,
+    with the server's age_ms and the relay's source and age_s."""
+    client = GateClient("http://127.0.0.1:9", SERVICE_TOKEN, max_staleness_s=3600, start=False)
+    now = mono_us()
+    client.projection.clock(0, now, now, now)  # a round trip that bounds shard 0's clock: offset 0
+    client.projection.heard(0, now)
+    client.projection.apply_all([
+        ViewRecord(f"vector_{n}", 0, 1, n + 1, None, msgspec.convert(case["view"], GateView))
+        for n, case in enumerate(CASES)])
+    bodies = [{"org_id": f"vector_{n}", "action": case["action"], "resources": case["resources"]}
+              for n, case in enumerate(CASES)]
+    with relay_of(client) as url, httpx.Client(base_url=url, headers=AS_RELAY, timeout=30) as http:
+        for case, body in zip(CASES, bodies):
+            answer = http.post("/v1/gate", json=body).json()
+            assert without_age(answer) == case["decision"], case["name"]
+            assert answer["source"] == "local" and 0 <= answer["age_s"] < 3600 and answer["age_ms"] >= 0, answer
+            assert list(answer)[:3] == ["allowed", "reason", "status"]  # the server's order
+        batch = http.post("/v1/gate/batch", json={"checks": bodies}).json()["decisions"]
+        assert [without_age(d) for d in batch] == [case["decision"] for case in CASES]
+    assert client.counters()["local"] == 2 * len(CASES)
+
+
+def test_the_relays_status_table_is_the_servers():
+    assert {reason.value: status for reason, status in STATUS_BY_REASON.items()} == \
+        {reason.value: status for reason, status in RELAY_STATUS_BY_REASON.items()}
+
+
+# ----- against the service ---------------------------------------------------------------------
+
+BAD_GATE_BODIES = [
+    b"", b"{", b"[]", b"null", b'{"org_id": "a"}', b'{"org_id": "a", "action": "launch"}',
+    b'{"org_id": "a b", "action": "create"}', b'{"org_id": "a\\n", "action": "create"}',
+    b'{"org_id": "' + b"x" * 129 + b'", "action": "create"}',
+    b'{"org_id": "a", "action": "create", "resources": {"quantity": 0}}',
+    b'{"org_id": "a", "action": "create", "resources": {"disk_mb": -1}}',
+    b'{"org_id": "a", "action": "create", "resources": {"gpus": 1}}',
+    b'{"org_id": "a", "action": "create", "resources": {"region": "eu\\u0000"}}',
+    b'{"org_id": "a", "action": "create", "max_age_ms": 3600001}',
+    b'{"org_id": "a", "action": "create", "extra": 1}', b'{"org_id": "a", "action": "create"} x',
+    b'{"org_id": "\xff", "action": "create"}', b"[" * 40 + b"]" * 40,
+]
+BAD_BATCH_BODIES = [
+    b"", b"{", b'{"checks": 1}', b'{"checks": [1, {"org_id": "a"}]}', b'{"checks": [], "x": 1}',
+    b'{"checks": [{"org_id": "a b", "action": "create"}, {"org_id": "a", "action": "launch"}]}',
+    b'{"checks": [' + b",".join([b'{"org_id": "a", "action": "ingest"}'] * 1001) + b"]}",
+]
+
+
+def test_bad_input_gets_the_servers_refusal_word_for_word(compute, relay):
+    http, _ = relay
+    for path, bodies in (("/v1/gate", BAD_GATE_BODIES), ("/v1/gate/batch", BAD_BATCH_BODIES)):
+        for body in bodies:
+            direct = compute.post(path, content=body, headers={"Content-Type": "application/json"})
+            relayed = http.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert (relayed.status_code, relayed.json()) == (direct.status_code, direct.json()), (path, body[:80])
+            assert relayed.status_code in (400, 413, 422) or path.endswith("batch"), (path, body[:80])
+    # Too large, declared or not: 413 at once, as the server answers.
+    for path, limit in (("/v1/gate", 64 * 1024), ("/v1/gate/batch", 8 * 1024 * 1024)):
+        body = b'{"org_id": "' + b"a" * limit + b'", "action": "create"}'
+        relayed = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        direct = compute.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert (relayed.status_code, relayed.json()) == (direct.status_code, direct.json()) and direct.status_code == 413
+    chunked = http.post("/v1/gate", content=iter([b"x" * 40_000, b"x" * 40_000]))
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "payload_too_large", chunked.text
+    # Another token, or none: the server's own refusal, forwarded.
+    for headers in ({"Authorization": "Bearer nope"}, {}):
+        relayed = httpx.post(str(http.base_url) + "/v1/gate", json={"org_id": "a", "action": "create"}, headers=headers)
+        direct = httpx.post(str(compute.base_url) + "/v1/gate", json={"org_id": "a", "action": "create"},
+                            headers=headers)
+        assert (relayed.status_code, relayed.json()) == (direct.status_code, direct.json()) == (
+            401, direct.json()), headers
+    # An unknown org: no view, so the server is asked; its 404 comes back as it is.
+    unknown = http.post("/v1/gate", json={"org_id": "org_nobody_here", "action": "create"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_org", unknown.text
+
+
+def test_an_admin_halt_reaches_the_relays_local_answer_within_the_bound(admin, compute, new_org, relay):
+    http, _ = relay
+    org = new_org()
+    first, _ = local_until(http, org, lambda a: a["allowed"], "a new org")
+    direct = compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()
+    assert without_age(first) == without_age(direct)
+    assert admin.post(f"/v1/orgs/{org}/halt").status_code == 200
+    halted, took_s = local_until(http, org, lambda a: a["reason"] == "halted", "an admin halt")
+    assert took_s < STALENESS_S, took_s
+    assert halted["allowed"] is False and halted["status"] == 402 and halted["age_s"] <= STALENESS_S
+    assert admin.post(f"/v1/orgs/{org}/resume").status_code == 200
+    local_until(http, org, lambda a: a["allowed"], "a resume")
+
+
+def test_a_killed_shard_makes_the_relay_resync_and_agree_again(admin, compute, org_id_on, new_org, relay):
+    http, client = relay
+    org = new_org(org_id=org_id_on(0))
+    local_until(http, org, lambda a: True, "a new org")
+    before = client.counters()["resyncs"]
+    os.kill(shard_pid(0), signal.SIGKILL)
+    wait_for("the relay to resync", lambda: client.counters()["resyncs"] > before, timeout_s=90)
+    wait_for("the shard to answer again", lambda: compute.post(
+        "/v1/gate", json={"org_id": org, "action": "create"}).status_code == 200, timeout_s=90)
+    response = admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 3_000_000})
+    assert response.status_code == 201, response.text
+    balance = response.json()["balance_micros"]
+    answer, _ = local_until(http, org, lambda a: a["balance_micros"] == balance, "a credit after the restart")
+    assert without_age(answer) == without_age(compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json())
+    metrics = http.get("/metrics").text
+    assert f"metergate_relay_resyncs_total {client.counters()['resyncs']}" in metrics
+
+
+def test_leases_usage_and_idempotent_calls_are_forwarded_with_the_servers_status_body_and_headers(
+        compute, admin, new_org, relay):
+    http, _ = relay
+    org = new_org()
+    lease = {"org_id": org, "lease_id": "sbx_1", "ttl_s": 600, "resources": {"memory_mb": 512}}
+    taken = http.post("/v1/leases", json=lease)
+    assert taken.status_code == 201 and taken.json()["lease_id"] == "sbx_1", taken.text
+    again_relayed, again_direct = http.post("/v1/leases", json=lease), compute.post("/v1/leases", json=lease)
+    assert again_relayed.status_code == again_direct.status_code == 200
+    assert again_relayed.json()["lease_id"] == again_direct.json()["lease_id"] == "sbx_1"
+    assert again_relayed.headers["content-type"] == again_direct.headers["content-type"]
+    tick = {"tick_id": f"t_{uuid.uuid4().hex[:8]}", "org_id": org, "lease_id": "sbx_1", "duration_ms": 1000,
+            "memory_mb": 512, "cpu_count": 1, "started_at": "2026-01-01T00:00:00Z"}
+    usage = http.post("/v1/usage", json={"ticks": [tick]})
+    assert usage.status_code == compute.post("/v1/usage", json={"ticks": [tick]}).status_code
+    assert usage.json().keys() == {"accepted", "duplicates", "rejected"}, usage.text
+    released = http.delete(f"/v1/leases/{org}/sbx_1", headers={"Prefer": "return=representation"})
+    assert released.status_code == 200 and released.json()["released"] is True, released.text
+    gone = http.delete(f"/v1/leases/{org}/sbx_1")
+    assert (gone.status_code, gone.content) == (204, b"")
+    # The caller's Authorization and Idempotency-Key reach the server: the admin's credit, once.
+    as_admin = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Idempotency-Key": f"relay-{uuid.uuid4().hex}"}
+    credit = {"kind": "grant", "amount_micros": 1_000_000}
+    first = http.post(f"/v1/orgs/{org}/credits", json=credit, headers=as_admin)
+    second = http.post(f"/v1/orgs/{org}/credits", json=credit, headers=as_admin)
+    assert first.status_code == second.status_code == 201 and first.json() == second.json(), second.text
+    other = http.post(f"/v1/orgs/{org}/credits", json={**credit, "amount_micros": 2}, headers=as_admin)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict", other.text
+    # The feed, streamed: its first line arrives through the relay as the server wrote it.
+    with http.stream("GET", "/v1/gate/feed", params={"heartbeat_s": 0.1}) as feed:
+        assert feed.status_code == 200 and msgspec.json.decode(next(feed.iter_lines()))["type"] in (
+            "heartbeat", "resync")
+
+
+def test_with_the_server_unreachable_the_relay_follows_each_actions_policy_never_local_past_the_bound(
+        service, new_org):
+    """The relay reaches the service through a loopback TCP relay that is then closed: the feed
+    and every request to the server fail. Past the bound no answer is `local`; `create` is
+    closed, `ingest` open, and `wake` asks the server, which cannot answer: denied."""
+    org = new_org()
+    bound = 0.5
+    with DelayingRelay(service.base_url) as path:
+        client = GateClient(path.url, SERVICE_TOKEN, max_staleness_s=bound, heartbeat_s=0.1,
+                            policies={"ingest": "open", "create": "closed", "wake": "server"})
+        try:
+            assert client.wait_synced(60), client.counters()
+            with relay_of(client) as url, httpx.Client(base_url=url, headers=AS_RELAY, timeout=30) as http:
+                local_until(http, org, lambda a: a["allowed"], "a new org")
+                path.close()
+                cut = time.monotonic()
+                answers = []
+                while time.monotonic() - cut < bound + 1.0:
+                    answers.append((time.monotonic() - cut, gate(http, org, "create")))
+                    time.sleep(0.005)
+                local = [(round(t, 3), a["age_s"]) for t, a in answers if a["source"] == "local"]
+                assert all(age <= bound for _, age in local), local
+                late = [(t, age) for t, age in local if t > bound + 0.2]  # the last heartbeat, and scheduling
+                assert not late, late
+                assert answers[-1][1] == {"allowed": False, "reason": "unavailable", "status": 503,
+                                          "source": "policy", "age_s": answers[-1][1]["age_s"]}
+                assert answers[-1][1]["age_s"] is None or answers[-1][1]["age_s"] > bound
+                ingest, wake = gate(http, org, "ingest"), gate(http, org, "wake")
+                assert (ingest["source"], ingest["allowed"], ingest["status"]) == ("policy", True, 200), ingest
+                assert (wake["source"], wake["allowed"], wake["reason"]) == ("policy", False, "unavailable"), wake
+                batch = http.post("/v1/gate/batch", json={"checks": [
+                    {"org_id": org, "action": a} for a in ("create", "ingest", "wake")]}).json()["decisions"]
+                assert [(d["source"], d["allowed"]) for d in batch] == [("policy", False), ("policy", True),
+                                                                          ("policy", False)], batch
+                lease = http.post("/v1/leases", json={"org_id": org, "lease_id": "l", "ttl_s": 60})
+                assert lease.status_code == 503 and lease.json()["error"]["code"] == "server_unreachable", lease.text
+                metrics = http.get("/metrics").text
+                assert 'metergate_relay_checks_total{source="policy_open"}' in metrics
+                counts = client.counters()
+                assert counts["policy_open"] >= 2 and counts["policy_closed"] >= 3 and counts["feed_errors"] >= 1
+        finally:
+            client.close()
+
+
+def test_the_relay_listens_on_a_unix_socket(tmp_path):
+    client = GateClient("http://127.0.0.1:9", SERVICE_TOKEN, start=False, default_policy="closed")
+    path = str(tmp_path / "relay.sock")
+    with running(Relay(client, SERVICE_TOKEN), uds=path):
+        with httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://relay", headers=AS_RELAY) as http:
+            answer = http.post("/v1/gate", json={"org_id": "org_a", "action": "create"}).json()
+    assert answer == {"allowed": False, "reason": "unavailable", "status": 503, "source": "policy", "age_s": None}
