@@ -1,1 +1,3 @@
 export * from "./decision.js";
+export * from "./projection.js";
+export * from "./client.js";
