@@ -48,6 +48,7 @@ LIMITS = {"/v1/gate": GATE_BODY_LIMIT_BYTES, "/v1/gate/batch": BATCH_BODY_LIMIT_
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"transfer-encoding", b"upgrade", b"host"})
 RETRY_AFTER_S = b"1"
+MAX_ENCODED = 100_000  # decisions whose encoding is kept (then all are dropped, and kept again)
 FORWARD_TIMEOUT = httpx.Timeout(10.0, read=60.0)  # read: longer than any feed heartbeat
 
 
@@ -61,6 +62,7 @@ class Relay:
         self.token = token
         self._accepted = f"Bearer {token}".encode()
         self._http: httpx.AsyncClient | None = None
+        self._encoded: dict = {}  # Decision → its answer's encoded fields but the age ones
         self._counts = {name: itertools.count() for name in (
             "gate_requests", "gate_batch_requests", "refused", "forwarded", "forward_errors", "internal_errors")}
 
@@ -68,8 +70,9 @@ class Relay:
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
-            if scope["method"] == "POST" and path in LIMITS and self._authorized(scope["headers"]):
-                await self._gate(scope, receive, send, path)
+            declared = self._gate_request(scope) if scope["method"] == "POST" and path in LIMITS else None
+            if declared is not None:
+                await self._gate(receive, send, path, declared)
             elif path == "/metrics" and scope["method"] == "GET":
                 await _answer(send, 200, self.metrics().encode(), b"text/plain; version=0.0.4; charset=utf-8")
             else:
@@ -79,19 +82,22 @@ class Relay:
 
     # ----- gate checks --------------------------------------------------------------------
 
-    def _authorized(self, headers) -> bool:
-        found = None
-        for name, value in headers:
+    def _gate_request(self, scope) -> int | None:
+        """A gate request the relay answers itself (with the relay's token, once): its declared
+        body size (-1: none declared); else None (the server answers it, and its refusal)."""
+        found, declared = None, -1
+        for name, value in scope["headers"]:
             if name == b"authorization":
                 if found is not None:
-                    return False  # more than one: the server's 401 says so
+                    return None  # more than one: the server's 401 says so
                 found = value
-        return found == self._accepted
+            elif name == b"content-length" and value.isdigit():
+                declared = int(value)
+        return declared if found == self._accepted else None
 
-    async def _gate(self, scope, receive, send, path: str) -> None:
-        limit = LIMITS[path]
+    async def _gate(self, receive, send, path: str, declared: int) -> None:
         try:
-            body = await _read_body(scope, receive, limit)
+            body = await _read_body(receive, LIMITS[path], declared)
             if path == "/v1/gate":
                 next(self._counts["gate_requests"])
                 status, answer = await self._check(body)
@@ -108,13 +114,13 @@ class Relay:
             await _answer(send, 500, ENCODE({"error": {"code": "internal_error",
                                                        "message": "internal error in the relay; it has been logged"}}))
             return
-        await _answer(send, status, ENCODE(answer))
+        await _answer(send, status, answer if type(answer) is bytes else ENCODE(answer))
 
     async def _check(self, raw: bytes) -> tuple[int, dict]:
         check: GateBody = decode(GATE_DECODER, raw)
         answer = self._local(check)
         if answer is not None:
-            return 200, _local_fields(answer)
+            return 200, self._local_bytes(answer)
         if self.client.policies[check.action] is Policy.SERVER:
             asked = await self._ask(check)
             if asked is not None:
@@ -142,6 +148,21 @@ class Relay:
                 decisions[index] = decision if decision is not None else _policy_fields(
                     self.client._by_policy(check.org_id, check.action))
         return 200, {"decisions": decisions}
+
+    def _local_bytes(self, answer: Answer) -> bytes:
+        """_local_fields(answer), encoded: the decision's part once per decision (GateClient
+        keeps one Decision object per org while its view, action and resources hold)."""
+        decision = answer.decision
+        prefix = self._encoded.get(decision)
+        if prefix is None:
+            if len(self._encoded) >= MAX_ENCODED:
+                self._encoded.clear()
+            fields = decision_fields(decision, 0.0)
+            del fields["age_ms"]
+            prefix = self._encoded[decision] = ENCODE(fields)[:-1]
+        age_s = answer.age_s
+        return b"%s,\"age_ms\":%d,\"source\":\"local\",\"age_s\":%s}" % (
+            prefix, math.ceil(age_s * 1000), ENCODE(age_s))
 
     def _local(self, check: GateBody) -> Answer | None:
         """GateClient's local answer, under the caller's bound too when it is the tighter."""
@@ -320,11 +341,10 @@ def _policy_fields(answer: Answer) -> dict:
             "source": "policy", "age_s": None if math.isinf(answer.age_s) else answer.age_s}
 
 
-async def _read_body(scope, receive, limit: int) -> bytes:
+async def _read_body(receive, limit: int, declared: int) -> bytes:
     """The whole body, refused (413) as soon as its declared or read size passes `limit`."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise too_large(limit)
+    if declared > limit:
+        raise too_large(limit)
     message = await receive()
     body = message.get("body", b"")
     if not message.get("more_body"):
