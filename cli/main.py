@@ -15,7 +15,7 @@ import sys
 
 import typer
 
-from cli import checks, db_check, inbound, local, orgs, outbox, restore
+from cli import checks, db_check, inbound, local, orgs, outbox, relay, restore
 from cli.client import CliError
 from cli.output import error_line
 
@@ -45,6 +45,7 @@ app.add_typer(outbox.outbox_app, name="outbox")
 app.add_typer(inbound.inbound_app, name="inbound")
 app.add_typer(restore.restore_app, name="restore")
 app.command("bench")(local.bench)
+app.command("relay")(relay.relay)
 
 
 def main(args: list[str] | None = None) -> int:
