@@ -64,7 +64,7 @@ def routes(ctx: Context) -> APIRouter:
         return json(body, status)
 
     @router.post("/v1/leases/{org_id}/{lease_id}/renew", tags=["gate"], openapi_extra=openapi.answers(
-        {"200": ("The lease, renewed for its ttl_s", openapi.LeaseResult)}, openapi.SERVICE, openapi.ORG, openapi.ANY_BODY, ("409",)))
+        {"200": ("The lease, renewed for its ttl_s", openapi.LeaseResult)}, openapi.SERVICE, openapi.ORG, openapi.ANY_BODY))
     async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         result = raise_for_shard_error(await ctx.router.command(org_id, cmd.RenewLease(lease_id)))
