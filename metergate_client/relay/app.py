@@ -17,6 +17,7 @@ Idempotency-Key, Prefer, Content-Type, ...); the GET /v1/gate/feed stream includ
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import math
@@ -93,7 +94,7 @@ class Relay:
                 found = value
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
-        return declared if found == self._accepted else None
+        return declared if found is not None and hmac.compare_digest(found, self._accepted) else None
 
     async def _gate(self, receive, send, path: str, declared: int) -> None:
         try:
@@ -116,7 +117,7 @@ class Relay:
             return
         await _answer(send, status, answer if type(answer) is bytes else ENCODE(answer))
 
-    async def _check(self, raw: bytes) -> tuple[int, dict]:
+    async def _check(self, raw: bytes) -> tuple[int, dict | bytes]:
         check: GateBody = decode(GATE_DECODER, raw)
         answer = self._local(check)
         if answer is not None:
