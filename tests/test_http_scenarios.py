@@ -199,6 +199,54 @@ def test_ops_endpoints_answer(service, compute):
     assert compute.get("/docs").status_code == 200
 
 
+def test_readyz_answers_within_its_bound_when_postgres_takes_connections_and_never_answers(service, monkeypatch):
+    """The ingress's own /readyz, on a Context whose database is a loopback socket that
+    accepts and stays silent (what a host dropping Postgres' packets looks like): the
+    Postgres check gives up after READY_TIMEOUT_S, as the shard check does, with the same
+    error shape, and the shards still report ok."""
+    import asyncio
+    import socket
+
+    import httpx
+    from fastapi import FastAPI
+
+    from actors.routing import ShardRouter
+    from config.catalog import load_catalog
+    from serve_app.context import Context
+    from serve_app.routes import ops
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    monkeypatch.setattr(ops, "READY_TIMEOUT_S", 2)
+    settings = service.settings.model_copy(update={
+        "database_url": f"postgresql://metergate@127.0.0.1:{silent.getsockname()[1]}/metergate"})
+    ctx = Context(settings, load_catalog(settings.catalog), ShardRouter(service.slot_map))
+    app = FastAPI()
+    app.include_router(ops.routes(ctx))
+
+    async def probe() -> tuple[httpx.Response, float]:
+        loop = asyncio.get_running_loop()
+        silent.setblocking(False)
+        accepting = loop.create_task(loop.sock_accept(silent))
+        accepting.add_done_callback(lambda t: accepted.append(t.result()[0]) if not t.cancelled() else None)
+        started = time.monotonic()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate") as client:
+            response = await client.get("/readyz")
+        accepting.cancel()
+        return response, time.monotonic() - started
+
+    try:
+        response, took_s = asyncio.run(probe())
+    finally:
+        for conn in accepted:
+            conn.close()
+        silent.close()
+    assert accepted, "the probe never reached the silent Postgres"
+    assert response.status_code == 503, response.text
+    assert response.json() == {"ready": False, "checks": {"postgres": "error: TimeoutError", "shards": "ok"}}
+    assert took_s < 2 + 3, took_s  # the bound, plus the shard check's and the loop's own time
+
+
 def test_a_usage_report_adds_costs_exactly_across_commits(admin, compute, sql, new_org):
     """Each rollup kept the floor of its cost in nanos at every commit, so a lease's or a day's
     cost drifted from the ledger. A tick of 2 vCPU and 1,177,600 MB of disk for 1 ms costs

@@ -5,6 +5,7 @@ org."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -17,7 +18,17 @@ from serve_app.errors import ApiError, raise_for_shard_error
 from serve_app.params import OrgPath
 from storage.db import ping
 
-READY_TIMEOUT_S = 10
+READY_TIMEOUT_S = 10  # each /readyz check waits at most this long (docs/operations/load-balancer-tls.md)
+
+
+async def bounded_check(check: Awaitable) -> str:
+    """A /readyz check's result: "ok", or "error: <exception type>" (TimeoutError past
+    READY_TIMEOUT_S)."""
+    try:
+        await asyncio.wait_for(check, READY_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"error: {type(exc).__name__}"
+    return "ok"
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -31,21 +42,20 @@ def routes(ctx: Context) -> APIRouter:
         "200": ("Postgres answers and every shard is up", openapi.Ready),
         "503": ("Not ready: `checks` says which part failed", openapi.Ready)}))
     async def readyz() -> JSONResponse:
-        checks = {}
-        try:
-            await ping(await ctx.db())
-            checks["postgres"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["postgres"] = f"error: {type(exc).__name__}"
-        try:
-            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in ctx.router.handles),
-                                                  *map(ctx.router.handle, range(len(ctx.router.handles)))),
-                                   READY_TIMEOUT_S)  # (router.handle: the version handshake)
-            checks["shards"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["shards"] = f"error: {type(exc).__name__}"
+        # Both checks run at once, each bounded: a Postgres that takes connections and never
+        # answers (a network dropping packets, a failover under way) would otherwise hold the
+        # probe for asyncpg's own timeouts (60 s), past any prober's patience.
+        postgres, shards = await asyncio.gather(bounded_check(postgres_answers()), bounded_check(shards_answer()))
+        checks = {"postgres": postgres, "shards": shards}
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    async def postgres_answers() -> None:
+        await ping(await ctx.db())
+
+    async def shards_answer() -> None:
+        await asyncio.gather(*(h.ready.remote() for h in ctx.router.handles),
+                             *map(ctx.router.handle, range(len(ctx.router.handles))))  # (the version handshake)
 
     async def shard_call(shard: int, method: str, *args) -> dict:
         try:
