@@ -1,8 +1,9 @@
 """The relay (`metergate relay`, metergate_client/relay/) over real HTTP: the gate vectors
 through its projection, and against the running service (real Serve, Ray, Postgres) the
-server's refusals word for word, an admin halt within the bound, a killed shard's resync,
-forwarding with the server's status and body, and with the server unreachable each action's
-policy and never `local` past the bound.
+server's refusals word for word, each kind of change (halt, resume, credit, tier, another
+gateway's lease) within the bound, a killed shard's resync, forwarding with the server's
+status, body and headers, and with the server unreachable each action's policy and never
+`local` past the bound.
 """
 
 from __future__ import annotations
@@ -144,18 +145,31 @@ def test_bad_input_gets_the_servers_refusal_word_for_word(compute, relay):
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_org", unknown.text
 
 
-def test_an_admin_halt_reaches_the_relays_local_answer_within_the_bound(admin, compute, new_org, relay):
+def test_each_kind_of_change_reaches_the_relays_local_answer_within_the_bound(admin, compute, new_org, relay):
+    """An admin halt, a resume, a credit, a tier change and another gateway's lease: each is
+    answered `local` by the relay within the bound, exactly as the server answers then."""
     http, _ = relay
     org = new_org()
     first, _ = local_until(http, org, lambda a: a["allowed"], "a new org")
-    direct = compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()
-    assert without_age(first) == without_age(direct)
-    assert admin.post(f"/v1/orgs/{org}/halt").status_code == 200
-    halted, took_s = local_until(http, org, lambda a: a["reason"] == "halted", "an admin halt")
-    assert took_s < STALENESS_S, took_s
-    assert halted["allowed"] is False and halted["status"] == 402 and halted["age_s"] <= STALENESS_S
-    assert admin.post(f"/v1/orgs/{org}/resume").status_code == 200
-    local_until(http, org, lambda a: a["allowed"], "a resume")
+    assert without_age(first) == without_age(compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json())
+    balance = first["balance_micros"]
+    changes = [
+        ("an admin halt", lambda: admin.post(f"/v1/orgs/{org}/halt"), lambda a: a["reason"] == "halted"),
+        ("a resume", lambda: admin.post(f"/v1/orgs/{org}/resume"), lambda a: a["allowed"]),
+        ("a credit", lambda: admin.post(f"/v1/orgs/{org}/credits", json={"kind": "grant", "amount_micros": 2_000_000}),
+         lambda a: a["balance_micros"] == balance + 2_000_000),
+        ("a tier change", lambda: admin.put(f"/v1/orgs/{org}/tier", json={"tier": "pro"}),
+         lambda a: a["max_concurrent"] == 100),
+        ("a lease taken by another gateway", lambda: compute.post("/v1/leases", json={"org_id": org, "lease_id": "l1"}),
+         lambda a: a["active_leases"] == 1),
+    ]
+    for what, change, seen in changes:
+        response = change()
+        assert response.status_code in (200, 201), (what, response.text)
+        answer, took_s = local_until(http, org, seen, what)
+        assert took_s < STALENESS_S and answer["age_s"] <= STALENESS_S, (what, took_s, answer)
+        direct = compute.post("/v1/gate", json={"org_id": org, "action": "create"}).json()
+        assert without_age(answer) == without_age(direct), what
 
 
 def test_a_killed_shard_makes_the_relay_resync_and_agree_again(admin, compute, org_id_on, new_org, relay):
