@@ -268,10 +268,21 @@ def test_with_the_server_unreachable_the_relay_follows_each_actions_policy_never
             client.close()
 
 
-def test_the_relay_listens_on_a_unix_socket(tmp_path):
+def test_the_relay_listens_on_a_unix_socket_and_its_metrics_are_prometheus_text(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
     client = GateClient("http://127.0.0.1:9", SERVICE_TOKEN, start=False, default_policy="closed")
     path = str(tmp_path / "relay.sock")
     with running(Relay(client, SERVICE_TOKEN), uds=path):
         with httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://relay", headers=AS_RELAY) as http:
             answer = http.post("/v1/gate", json={"org_id": "org_a", "action": "create"}).json()
+            http.post("/v1/gate", content=b"{")
+            metrics = http.get("/metrics")
     assert answer == {"allowed": False, "reason": "unavailable", "status": 503, "source": "policy", "age_s": None}
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.text) for s in family.samples}
+    assert samples[("metergate_relay_checks_total", (("source", "policy_closed"),))] == 1
+    assert samples[("metergate_relay_checks_total", (("source", "local"),))] == 0
+    assert samples[("metergate_relay_refused_total", ())] == 1
+    assert samples[("metergate_relay_gate_requests_total", ())] == 2  # the refused one too: the relay answered it
