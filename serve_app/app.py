@@ -1,5 +1,5 @@
 """The HTTP app of one ingress replica: error mapping, OpenAPI, body limits, and the routes
-(one module per resource under serve_app/routes/)."""
+(one module per resource under serve_app/routes/); and the app of a gate-feed replica."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from serve_app import openapi
 from serve_app.context import Context
 from serve_app.errors import install_error_handlers
 from serve_app.limits import BodyLimit
+from serve_app.request_metrics import RequestMetrics
 from serve_app.routes import clock, gate, gate_feed, ops, orgs, reports, self_serve, webhooks
 from serve_app.routes import billing, docs
 
@@ -29,3 +30,30 @@ def build_app(ctx: Context) -> FastAPI:
     if ctx.settings.test_clock:
         app.include_router(clock.routes(ctx))
     return app
+
+
+def build_feed_app(ctx: Context):
+    """The ASGI app of a feed replica: GET /v1/gate/feed alone, the same route as the ingress
+    has, on a process of its own (serve_app/deployment.py FeedIngress): its lines do not wait
+    behind the usage bodies an ingress decodes on its one event loop. Its requests are counted
+    like the ingress's (serve_app/request_metrics.py)."""
+    app = FastAPI(title="metergate gate feed", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
+    install_error_handlers(app)
+    app.include_router(gate_feed.routes(ctx))
+    return FullPath(RequestMetrics(app.routes).timed(app))
+
+
+class FullPath:
+    """Serve hands an app deployed under a route prefix its requests with `root_path` set to
+    that prefix; the feed's routes are written with their full paths, as in the ingress."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("root_path"):
+            root, path = scope["root_path"], scope["path"]
+            scope = {**scope, "root_path": "", "path": path if path.startswith(root + "/") or path == root
+                     else root + path}
+        await self.app(scope, receive, send)

@@ -35,6 +35,8 @@ from storage.db import migrate, migration_options, start_embedded_postgres, stop
 
 log = logging.getLogger("metergate.launch")
 APP_NAME = "metergate"
+FEED_APP_NAME = "metergate-feed"  # GET /v1/gate/feed on replicas of its own (deployment.FeedIngress)
+FEED_ROUTE = "/v1/gate/feed"
 SHARD_CPUS = 0.1
 MAX_SHARDS = 256  # METERGATE_SHARDS at most
 JOBS_CPUS = 0.05
@@ -421,12 +423,21 @@ def haproxy_processes(settings: Settings) -> list[psutil.Process]:
 
 
 def deploy_ingress(running: Running) -> None:
-    """Deploy (or deploy again) the HTTP ingress on the started Serve."""
-    from serve_app.deployment import Ingress
+    """Deploy (or deploy again) the HTTP applications on the started Serve: the ingress, and the
+    gate feed under FEED_ROUTE on a replica of its own."""
+    from serve_app.deployment import FeedIngress, Ingress
 
     app = Ingress.options(num_replicas=running.settings.ingress_replicas).bind(running.settings.model_dump_json(),
                                                                                running.slot_map)
     serve.run(app, name=APP_NAME, route_prefix="/")
+    feed = FeedIngress.bind(running.settings.model_dump_json(), running.slot_map)
+    serve.run(feed, name=FEED_APP_NAME, route_prefix=FEED_ROUTE)
+
+
+def undeploy_ingress() -> None:
+    """Delete the HTTP applications (the feed's first: its streams end, their clients resume)."""
+    for name in (FEED_APP_NAME, APP_NAME):
+        serve.delete(name)
 
 
 def _bounded(what: str, step, timeout_s: float) -> bool:
@@ -471,7 +482,7 @@ def stop(running: Running, drain: bool = True, budget_s: float = STOP_BUDGET_S) 
 
     if ray.is_initialized():
         if running.started_serve:
-            _bounded("serve.delete", lambda: serve.delete(APP_NAME), left(0.25))
+            _bounded("serve.delete", undeploy_ingress, left(0.25))
         if not running.keep_backend:
             _bounded("scheduler", lambda: ray.kill(ray.get_actor(JOBS_NAME, namespace=NAMESPACE), no_restart=True),
                      left(0.1))

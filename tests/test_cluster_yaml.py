@@ -135,17 +135,20 @@ def test_serve_config_passes_serve_validation_and_names_what_the_code_has():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.launch import APP_NAME
+    from serve_app.launch import APP_NAME, FEED_APP_NAME, FEED_ROUTE
 
     config = ServeDeploySchema.model_validate(serve_config())
-    (application,) = config.applications
+    application, feed = config.applications
     assert application.name == APP_NAME and application.route_prefix == "/"
-    builder = import_attr(application.import_path)
-    assert callable(builder) and len(inspect.signature(builder).parameters) == 1  # Serve's builder contract
+    assert feed.name == FEED_APP_NAME and feed.route_prefix == FEED_ROUTE
+    for app in (application, feed):
+        builder = import_attr(app.import_path)
+        assert callable(builder) and len(inspect.signature(builder).parameters) == 1  # Serve's builder contract
     deployments = {d.name: d for d in application.deployments}
-    from serve_app.deployment import Ingress
+    from serve_app.deployment import FeedIngress, Ingress
 
     assert set(deployments) == {Ingress.name}
+    assert {d.name for d in feed.deployments} == {FeedIngress.name}
     # Serve checks autoscaling_config only when the controller applies it, and ignores a key
     # it does not know: both are checked here.
     autoscaling = serve_config()["applications"][0]["deployments"][0]["autoscaling_config"]

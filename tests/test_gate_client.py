@@ -142,7 +142,7 @@ def test_with_serve_gone_the_client_follows_each_actions_policy(service, new_org
         from serve_app import launch
 
         gone = time.monotonic()
-        serve.delete(launch.APP_NAME)
+        launch.undeploy_ingress()
         try:
             wait_for("the views to go stale", lambda: client.check(org, "create").source == Source.POLICY,
                      timeout_s=10)
