@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(None, min_length=16)
     # Signs org tokens. Unset: generated once and kept with the generated tokens.
     org_token_secret: str | None = Field(None, min_length=32)
+    # A rotation under way (docs/operations/security.md): the values being replaced, still
+    # accepted with the same rights (an org token signed with the previous secret still
+    # verifies; new ones are signed with the current secret) until these are unset.
+    service_token_previous: str | None = Field(None, min_length=16)
+    admin_token_previous: str | None = Field(None, min_length=16)
+    org_token_secret_previous: str | None = Field(None, min_length=32)
     shards: int = Field(2, ge=1, le=256)
     catalog: Path = DEFAULT_CATALOG
     ingress_replicas: int = Field(1, ge=1, le=64)
@@ -193,6 +199,14 @@ class Settings(BaseSettings):
         named = filter(None, (part.strip() for part in self.allowed_return_origins.split(",")))
         return {origin_of(self.public_base)[0]} | {origin_of(origin)[0] for origin in named}
 
+    @field_validator("service_token_previous", "admin_token_previous")
+    @classmethod
+    def _previous_token_of_one_role(cls, token: str | None, info: ValidationInfo) -> str | None:
+        clash = role_clash(info.field_name, {**info.data, info.field_name: token})
+        if clash:
+            raise ValueError(clash)
+        return token
+
     @field_validator("usage_detail_days")
     @classmethod
     def _detail_behind_ticks(cls, days: int, info: ValidationInfo) -> int:
@@ -225,6 +239,24 @@ def origin_of(url: str) -> tuple[tuple[str, str, int], str | None]:
     rest = url.split(parts.netloc, 1)[1]
     return ((parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)),
             rest if rest not in ("", "/") else None)
+
+
+# Each role's tokens: a token that opened two roles would be taken for the first one checked.
+ROLE_TOKENS = {"service": ("service_token", "service_token_previous"),
+               "admin": ("admin_token", "admin_token_previous")}
+
+
+def role_clash(name: str, values: dict) -> str | None:
+    """Why the token setting `name` cannot be used (it equals another role's token), or None."""
+    token = values.get(name)
+    if token is None:
+        return None
+    role = next(role for role, names in ROLE_TOKENS.items() if name in names)
+    for other, names in ROLE_TOKENS.items():
+        for other_name in names:
+            if other != role and values.get(other_name) == token:
+                return f"must differ from METERGATE_{other_name.upper()}: one token would open both roles"
+    return None
 
 
 def stripe_client(settings: Settings, max_network_retries: int = 0):
@@ -270,6 +302,11 @@ def generated_tokens(settings: Settings) -> tuple[Settings, set[str]]:
     saved = json.loads(path.read_text()) if path.is_file() else {}
     prefixes = {"service_token": "mg_svc_", "admin_token": "mg_adm_", "org_token_secret": ""}
     update = {name: saved.get(name) or prefixes[name] + secrets.token_urlsafe(32) for name in missing}
+    filled = {**settings.model_dump(include={n for names in ROLE_TOKENS.values() for n in names}), **update}
+    for name in ("service_token_previous", "admin_token_previous"):
+        clash = role_clash(name, filled)  # a previous token set to a token kept in tokens.json
+        if clash:
+            raise SettingsError(f"invalid settings:\n  METERGATE_{name.upper()}: {clash}")
     new = {name for name in missing if saved.get(name) != update[name]}
     if new:
         path.parent.mkdir(parents=True, exist_ok=True)
