@@ -308,8 +308,8 @@ def haproxy_dir(settings: Settings) -> Path:
 
     Short: Serve puts them one 56-character folder further down, and HAProxy takes an admin
     socket path of at most 97 bytes; so in $XDG_RUNTIME_DIR (private to the user) when there
-    is one, else in the system temporary folder ($TMPDIR, else /tmp). Named by the user and the data folder, so a later start finds what an
-    earlier, killed one left. Whoever controls this folder controls the HTTP front (its admin
+    is one, else in the system temporary folder ($TMPDIR, else /tmp). Named by the user and
+    the data folder, so a later start finds what an earlier, killed one left. Whoever controls this folder controls the HTTP front (its admin
     socket, the `haproxy` script Ray runs): private_folder() makes sure that is only us."""
     key = zlib.crc32(str(Path(settings.data_dir).resolve()).encode())
     runtime = os.environ.get("XDG_RUNTIME_DIR")
