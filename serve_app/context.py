@@ -14,7 +14,7 @@ from actors import clock
 from actors.clock import now_us
 from config.catalog import Catalog
 from config.settings import Settings
-from serve_app.auth import Caller, OrgTokens, bearer, forbidden, identify
+from serve_app.auth import Caller, bearer, forbidden, identify, token_checks
 from serve_app.errors import ApiError
 from actors.routing import ShardRouter
 from serve_app.stripe_gateway import StripeGateway
@@ -64,7 +64,7 @@ class Context:
         return ray.get_actor(JOBS_NAME, namespace=NAMESPACE)
 
     def __post_init__(self) -> None:
-        self.org_tokens = OrgTokens(self.settings.org_token_secret)
+        self.org_tokens, self.previous_tokens = token_checks(self.settings)
         self._revocations: dict[str, tuple[int, float]] = {}  # org → (tokens valid after, µs; read at)
         self.recent_months: dict[str, tuple[float, tuple, asyncio.Future]] = {}  # org → months: calls.py
         self.stripe = StripeGateway(self.settings)
@@ -74,7 +74,7 @@ class Context:
 
     def identify(self, token: str) -> Caller:
         return identify(token, self.settings.service_token, self.settings.admin_token, self.org_tokens,
-                        now_us() // 1_000_000)
+                        now_us() // 1_000_000, self.previous_tokens)
 
     async def require_unrevoked(self, caller: Caller) -> None:
         """401 for an org token issued before its org's tokens were revoked. Every request that
