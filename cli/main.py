@@ -1,6 +1,6 @@
 """`metergate`: the operator's command line.
 
-Every command but `up`, `migrate`, `check` and `bench` is an admin call to the running service's HTTP
+Every command but `up`, `migrate`, `check`, `bench` and `relay` is an admin call to the running service's HTTP
 API. A failure prints one line on stderr (`error: ...`) and exits non-zero, never with a
 traceback: 1 when the command could not do its work, 2 for a usage error, 3 when `parity` or
 `replay` found an org whose memory differs from its journal, or `check` an inconsistency, 130
