@@ -1,7 +1,7 @@
 """`metergate`: the operator's command line.
 
-Every command but `up`, `migrate`, `check`, `bench` and `relay` is an admin call to the running service's HTTP
-API. A failure prints one line on stderr (`error: ...`) and exits non-zero, never with a
+Every command but `up`, `migrate`, `check`, `bench` and `relay` is an admin call to the running
+service's HTTP API. A failure prints one line on stderr (`error: ...`) and exits non-zero, never with a
 traceback: 1 when the command could not do its work, 2 for a usage error, 3 when `parity` or
 `replay` found an org whose memory differs from its journal, or `check` an inconsistency, 130
 when interrupted (Ctrl-C; Typer ends the command with it, and an end of input at a prompt
