@@ -8,6 +8,7 @@ Needs Node 20+ and npm on PATH; without them every test here skips and says what
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "typescript"
 NODE_MAJOR_MIN = 20
@@ -64,3 +67,38 @@ def test_node_tests_pass_the_vectors_and_the_projection_rules(built):
 def test_gate_vectors_pass_inside_workerd(built):
     done = _run(["node", "test/workerd/run.mjs"], timeout_s=120)
     assert "gate vectors pass" in done.stdout, done.stdout
+
+
+# ----- against the running service ----------------------------------------------------------
+
+
+def _live_env(service, org: str) -> dict[str, str]:
+    return {"METERGATE_URL": service.base_url, "METERGATE_SERVICE_TOKEN": SERVICE_TOKEN,
+            "METERGATE_ADMIN_TOKEN": ADMIN_TOKEN, "METERGATE_ORG": org}
+
+
+def _measured(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_in_node_a_halt_reaches_the_local_decision_within_the_bound_and_the_server_gone_leads_to_the_policy(
+        built, service, new_org):
+    """test/live/node-live.mjs: the client follows the feed through a relay the script cuts; a
+    lease and a release answer's views apply at once, a usage report is accepted, the halt is
+    local within 1 s and agrees with the server, and once the relay is gone create (closed) is
+    denied, ingest (open) allowed and wake (server) denied as unavailable, never before the bound."""
+    done = _run(["node", "test/live/node-live.mjs"], timeout_s=120, env=_live_env(service, new_org()))
+    measured = _measured(done)
+    assert measured["halt_to_local_s"] <= 1.0
+    assert measured["age_at_cut_s"] + measured["gone_to_policy_s"] >= 0.95
+
+
+def test_in_workerd_the_isolate_projection_answers_locally_and_each_change_arrives_within_the_bound(
+        built, service, new_org):
+    """test/live/workerd-live.mjs: a Worker in workerd gating with isolateGate; halts and
+    resumes reach its local decision within 1 s (the pattern's staleness, printed), no local
+    answer is older than the bound, and after a quiet spell the first request waits for a pass."""
+    done = _run(["node", "test/live/workerd-live.mjs"], timeout_s=120, env=_live_env(service, new_org()))
+    measured = _measured(done)
+    print("workers pattern:", measured)
+    assert measured["change_to_local_s"]["max"] <= 1.0

@@ -104,6 +104,10 @@ export class GateClient {
   /** In a bounded pass, snapshots are loaded in line, within the pass: on Workers nothing
    * started by one request may go on into another. */
   private inline: Set<number> | null = null;
+  /** The shards a bounded pass has heard "as of" from on its own stream: the pass ends only
+   * when every shard has been (views merely still within the bound were proved by an
+   * earlier pass, and would go on ageing). */
+  private passHeard: Set<number> | null = null;
 
   constructor(options: GateClientOptions) {
     const unknown = Object.keys(options.policies ?? {}).filter((a) => !(ACTIONS as readonly string[]).includes(a));
@@ -304,16 +308,19 @@ export class GateClient {
   private async refreshOnce(): Promise<boolean> {
     if (this.following !== null) throw new Error("refresh() is for a client that does not follow()");
     this.counts.refreshes++;
-    const deadline = AbortSignal.timeout(this.timeoutMs);
-    const signal = anySignal([deadline, this.stopped.signal]);
+    // Only signals made in this pass: on Workers an AbortSignal made in one request (close()'s)
+    // cannot be used in another's fetch.
+    const signal = AbortSignal.timeout(this.timeoutMs);
     this.inline = new Set();
+    this.passHeard = new Set();
     try {
-      await Promise.all([this.probeClocks(), this.readFeed({ untilCurrent: true, signal })]);
-      if (this.allCurrent()) return true;
+      await Promise.all([this.probeClocks(signal), this.readFeed({ untilCurrent: true, signal })]);
+      if (this.passHeard.size === this.shardCount && this.allCurrent()) return true;
     } catch {
       // counted below: the pass could not prove every shard current
     } finally {
       this.inline = null;
+      this.passHeard = null;
     }
     this.counts.refresh_errors++;
     return false;
@@ -345,7 +352,7 @@ export class GateClient {
           this.projection.advance(message.shard, message.epoch, message.seq, [message]);
         } else if (message.type === "heartbeat") {
           this.heartbeat(message, this.projection.mono());
-          if (read.untilCurrent && this.allCurrent()) return;
+          if (read.untilCurrent && this.passHeard?.size === this.shardCount && this.allCurrent()) return;
         } else if (message.shard === null) { // a resync of the whole stream
           this.counts.resyncs++;
           this.cursor = null;
@@ -373,6 +380,7 @@ export class GateClient {
       const loaded = this.loaded.get(shard);
       if (asOf !== null && covers(position, loaded)) {
         this.projection.heard(shard, asOf);
+        this.passHeard?.add(shard);
       } else if (position !== null && !this.loaders.has(shard) && (loaded === undefined || position[0] !== loaded[0])) {
         // None loaded (a resumed stream), or of an incarnation the feed is past. (A shard
         // with no position yet gets its own resync line.)
@@ -491,12 +499,12 @@ export class GateClient {
   }
 
   /** A timed GET /v1/gate/clock: bounds each shard's clock from above (see ShardClock). */
-  private async probeClocks(): Promise<void> {
+  private async probeClocks(signal: AbortSignal = this.stopped.signal): Promise<void> {
     const sent = this.projection.mono();
     let stated: unknown;
     try {
       const response = await this.fetchImpl(`${this.url}/v1/gate/clock`, {
-        headers: this.headers, signal: anySignal([AbortSignal.timeout(this.timeoutMs), this.stopped.signal]) });
+        headers: this.headers, signal: anySignal([AbortSignal.timeout(this.timeoutMs), signal]) });
       if (!response.ok) return;
       stated = ((await response.json()) as { now_us?: unknown }).now_us;
     } catch {
