@@ -12,12 +12,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN
+from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN, shard_pid
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clients" / "typescript"
 NODE_MAJOR_MIN = 20
@@ -102,3 +103,30 @@ def test_in_workerd_the_isolate_projection_answers_locally_and_each_change_arriv
     measured = _measured(done)
     print("workers pattern:", measured)
     assert measured["change_to_local_s"]["max"] <= 1.0
+
+
+def test_in_node_a_killed_shard_resyncs_alone_while_the_other_shards_org_stays_local(
+        built, service, new_org, org_id_on):
+    """test/live/node-resync.mjs: shard 0 killed with SIGKILL while the client counts its
+    answers; every answer about the org on shard 1 stays local, the org on shard 0 comes back
+    local after a resync, and a credit made after the restart is decided locally as the server
+    decides it."""
+    env = {**os.environ, **_live_env(service, new_org(org_id=org_id_on(0))), "METERGATE_OTHER_ORG": new_org(
+        org_id=org_id_on(1))}
+    script = subprocess.Popen(["node", "test/live/node-resync.mjs"], cwd=PACKAGE, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = script.stdout.readline().strip()
+        assert ready == "ready", f"{ready}\n{script.stderr.read() if script.poll() is not None else ''}"
+        os.kill(shard_pid(0), signal.SIGKILL)
+        script.stdin.write("killed\n")
+        script.stdin.flush()
+        out, err = script.communicate(timeout=150)
+    finally:
+        if script.poll() is None:
+            script.kill()
+    assert script.returncode == 0, err[-4000:]
+    measured = json.loads(out.strip().splitlines()[-1])
+    print("shard killed:", measured)
+    assert measured["other_not_local"] == 0 and measured["other_local"] > 0, measured
+    assert measured["counters"]["resyncs"] >= 3, measured  # one per shard at the start, then the killed one
