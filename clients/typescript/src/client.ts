@@ -278,11 +278,10 @@ export class GateClient {
         await this.readFeed({ untilCurrent: false, signal: this.stopped.signal });
         backoffS = BACKOFF_S[0]; // the cursor was not one of this server's: start over at once
         continue;
-      } catch (error) {
+      } catch {
         if (this.stopped.signal.aborted) break;
         if (this.counts.feed_lines !== feedLines) backoffS = BACKOFF_S[0]; // it worked before it broke
         this.counts.feed_errors++;
-        void error;
       }
       this.counts.reconnects++;
       await sleep(backoffS * 1000, this.stopped.signal);
@@ -457,7 +456,7 @@ export class GateClient {
       let position: readonly [number, number] | null;
       try {
         position = await this.loadSnapshot(shard, generation);
-      } catch (error) {
+      } catch {
         if (this.stopped.signal.aborted) return;
         this.counts.snapshot_errors++;
         await sleep(backoffS * 1000, this.stopped.signal);
