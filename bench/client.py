@@ -23,6 +23,10 @@
       for TICK_ROUNDS rounds each. In both, the ingress follows its shards' feeds (a gate
       check is made first) and a GateClient in another process follows GET /v1/gate/feed.
 
+(iv)  `python -m bench.client feed-ab` alone: the churn phase of (ii) with the feed served by the
+      ingress (METERGATE_FEED_REPLICAS=0) and by a replica of its own (1), interleaved rounds,
+      medians and ratios.
+
 Every service start runs in a child process of its own (python -m bench.client part ...):
 when launch.stop()'s serve.delete / serve.shutdown steps overrun their time budget, their
 threads go on after ray.shutdown() and Serve's client then starts a new local Ray from them,
@@ -395,6 +399,51 @@ def main() -> dict:
     return result
 
 
+# ----- (iv) the feed on the ingress vs on replicas of its own, under churn ----------------------
+
+FEED_AB_ROUNDS = int(os.environ.get("BENCH_FEED_ROUNDS", "2"))
+
+
+def part_feed(feed_replicas: int) -> dict:
+    """The churn phase of (ii) on a service with METERGATE_FEED_REPLICAS=feed_replicas."""
+    from bench.harness import SERVICE_TOKEN, running_service
+
+    ids = org_ids()
+    with running_service(feed_replicas=feed_replicas) as service, timed_projection():
+        create_orgs(service.base_url, ids)
+        first_gate(service.base_url)
+        gate = GateClient(service.base_url, SERVICE_TOKEN, max_staleness_s=1.0)
+        try:
+            assert gate.wait_synced(60), "the client did not sync within 60 s"
+            deadline = time.monotonic() + 30
+            while any(gate.projection.get(o) is None for o in ids):
+                assert time.monotonic() < deadline, f"{len(gate.projection)} views after 30 s"
+                time.sleep(0.05)
+            result = measure_staleness(service.base_url, "churn")
+        finally:
+            gate.close()
+    print_staleness(result)
+    return result
+
+
+def feed_ab() -> dict:
+    """(iv): FEED_AB_ROUNDS rounds, each the churn phase with the feed served by the ingress
+    (METERGATE_FEED_REPLICAS=0) and then by a replica of its own (1), each on a service of its
+    own; medians and their ratios (own / ingress: below 1 is better)."""
+    runs: dict[int, list[dict]] = {0: [], 1: []}
+    for n in range(FEED_AB_ROUNDS):
+        for replicas in (0, 1):
+            print(f"(iv) round {n + 1}: feed on {'its own replica' if replicas else 'the ingress'}", flush=True)
+            runs[replicas].append(run_part("feed", str(replicas)))
+    keys = ("ack_p50_ms", "ack_p99_ms", "entry_p50_ms", "entry_p99_ms")
+    medians = {r: {k: statistics.median(run[k] for run in runs[r]) for k in keys} for r in runs}
+    ratios = {k: medians[1][k] / medians[0][k] if medians[0][k] > 0 else float("nan") for k in keys}
+    print(f"(iv) feed under churn, medians of {FEED_AB_ROUNDS} rounds (ms): on the ingress {medians[0]};"
+          f" on its own replica {medians[1]}; own / ingress: "
+          + ", ".join(f"{k} {ratios[k]:.2f}" for k in keys) + "  target p99 <= 100 ms", flush=True)
+    return {"runs": runs, "medians": medians, "ratios": ratios}
+
+
 # ----- helper processes (python -m bench.client <role> ...) -----------------------------------
 
 async def _grants(base_url: str, seconds: float, rate: float, concurrency: int) -> dict:
@@ -489,7 +538,10 @@ def _follow(base_url: str) -> None:
 
 
 def _part(result_path: str, what: str, *args: str) -> None:
-    result = part_client() if what == "client" else part_ticks(args[0] == "on", args[1])
+    if what == "feed":
+        result = part_feed(int(args[0]))
+    else:
+        result = part_client() if what == "client" else part_ticks(args[0] == "on", args[1])
     with open(result_path, "w") as out:
         json.dump(result, out)
 
@@ -504,5 +556,7 @@ if __name__ == "__main__":
         print(json.dumps(_churn(sys.argv[2])))
     elif role == "follow":
         _follow(sys.argv[2])
+    elif role == "feed-ab":
+        feed_ab()
     else:
         main()

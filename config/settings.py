@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     shards: int = Field(2, ge=1, le=256)
     catalog: Path = DEFAULT_CATALOG
     ingress_replicas: int = Field(1, ge=1, le=64)
+    # GET /v1/gate/feed on replicas of their own (serve_app/deployment.py FeedIngress): a feed
+    # line then never waits behind the usage bodies an ingress decodes. 0: the ingress serves it.
+    feed_replicas: int = Field(1, ge=0, le=64)
     # HTTP through Ray Serve's HAProxy (direct to the ingress replicas), not its Python proxy:
     # a no-op Serve endpoint went from ~160 to ~2,700 req/s on the 2-core host (bench/gate.py
     # measures the HAProxy floor). Applies to a Ray that this process starts; a cluster started

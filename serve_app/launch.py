@@ -309,8 +309,9 @@ def haproxy_dir(settings: Settings) -> Path:
     Short: Serve puts them one 56-character folder further down, and HAProxy takes an admin
     socket path of at most 97 bytes; so in $XDG_RUNTIME_DIR (private to the user) when there
     is one, else in the system temporary folder ($TMPDIR, else /tmp). Named by the user and
-    the data folder, so a later start finds what an earlier, killed one left. Whoever controls this folder controls the HTTP front (its admin
-    socket, the `haproxy` script Ray runs): private_folder() makes sure that is only us."""
+    the data folder, so a later start finds what an earlier, killed one left. Whoever controls
+    this folder controls the HTTP front (its admin socket, the `haproxy` script Ray runs):
+    private_folder() makes sure that is only us."""
     key = zlib.crc32(str(Path(settings.data_dir).resolve()).encode())
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(tempfile.gettempdir())
@@ -424,20 +425,25 @@ def haproxy_processes(settings: Settings) -> list[psutil.Process]:
 
 def deploy_ingress(running: Running) -> None:
     """Deploy (or deploy again) the HTTP applications on the started Serve: the ingress, and the
-    gate feed under FEED_ROUTE on a replica of its own."""
+    gate feed under FEED_ROUTE on replicas of its own (unless METERGATE_FEED_REPLICAS=0)."""
     from serve_app.deployment import FeedIngress, Ingress
 
     app = Ingress.options(num_replicas=running.settings.ingress_replicas).bind(running.settings.model_dump_json(),
                                                                                running.slot_map)
     serve.run(app, name=APP_NAME, route_prefix="/")
-    feed = FeedIngress.bind(running.settings.model_dump_json(), running.slot_map)
-    serve.run(feed, name=FEED_APP_NAME, route_prefix=FEED_ROUTE)
+    if running.settings.feed_replicas:
+        feed = FeedIngress.options(num_replicas=running.settings.feed_replicas).bind(
+            running.settings.model_dump_json(), running.slot_map)
+        serve.run(feed, name=FEED_APP_NAME, route_prefix=FEED_ROUTE)
+    elif FEED_APP_NAME in serve.status().applications:  # the ingress serves the feed again
+        serve.delete(FEED_APP_NAME)
 
 
 def undeploy_ingress() -> None:
     """Delete the HTTP applications (the feed's first: its streams end, their clients resume)."""
     for name in (FEED_APP_NAME, APP_NAME):
-        serve.delete(name)
+        if name in serve.status().applications:
+            serve.delete(name)
 
 
 def _bounded(what: str, step, timeout_s: float) -> bool:
