@@ -439,11 +439,18 @@ def deploy_ingress(running: Running) -> None:
         serve.delete(FEED_APP_NAME)
 
 
-def undeploy_ingress() -> None:
-    """Delete the HTTP applications (the feed's first: its streams end, their clients resume)."""
-    for name in (FEED_APP_NAME, APP_NAME):
-        if name in serve.status().applications:
-            serve.delete(name)
+def undeploy_ingress(timeout_s: float = 120.0) -> None:
+    """Delete the HTTP applications, both at once: each replica's stop lasts Serve's drain
+    period for direct ingress (30 s by default, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S),
+    one after the other would be twice that. Feed streams end; their clients resume."""
+    names = [name for name in (FEED_APP_NAME, APP_NAME) if name in serve.status().applications]
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while any(name in serve.status().applications for name in names):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve did not delete {names} within {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def _bounded(what: str, step, timeout_s: float) -> bool:

@@ -159,6 +159,30 @@ def test_with_serve_gone_the_client_follows_each_actions_policy(service, new_org
                  lambda: client.check(org, "create").source == Source.LOCAL, timeout_s=60)
 
 
+def _first_feed_line(service) -> dict:
+    with httpx.stream("GET", f"{service.base_url}/v1/gate/feed", params={"heartbeat_s": 0.1},
+                      headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        return msgspec.json.decode(next(response.iter_lines()))
+
+
+def test_the_feed_runs_on_replicas_of_its_own_or_with_feed_replicas_0_on_the_ingress(service):
+    from serve_app import launch
+
+    assert launch.FEED_APP_NAME in serve.status().applications  # the default: a replica of its own
+    assert _first_feed_line(service)["type"] == "heartbeat"
+    default = service.settings
+    service.settings = default.model_copy(update={"feed_replicas": 0})
+    try:
+        launch.deploy_ingress(service)
+        assert launch.FEED_APP_NAME not in serve.status().applications
+        assert _first_feed_line(service)["type"] == "heartbeat"  # the ingress's own route
+    finally:
+        service.settings = default
+        launch.deploy_ingress(service)
+    assert launch.FEED_APP_NAME in serve.status().applications
+
+
 def test_a_client_refuses_unknown_actions_in_its_policies(service):
     with pytest.raises(ValueError, match="no such action"):
         GateClient(service.base_url, SERVICE_TOKEN, policies={"launch": "open"}, start=False)
