@@ -23,8 +23,9 @@ def build_app(ctx: Context) -> FastAPI:
     install_error_handlers(app)
     openapi.install(app)
     app.add_middleware(BodyLimit, ctx=ctx)
-    for module in (ops, gate, gate_feed, webhooks, orgs, reports, self_serve):
+    for module in (ops, gate, webhooks, orgs, reports, self_serve):
         app.include_router(module.routes(ctx))
+    app.include_router(gate_feed.routes(ctx, serves_feed=not ctx.settings.feed_replicas))
     for module in (billing, docs):  # pages for people: the billing page and its forms, the API docs
         app.include_router(module.routes(ctx))
     if ctx.settings.test_clock:

@@ -31,6 +31,7 @@ from serve_app.errors import ApiError
 ORG_TOKEN_PREFIX = "mgo_"
 MIN_ORG_TOKEN_TTL_S = 60
 MAX_ORG_TOKEN_TTL_S = 30 * 86_400
+ISSUED_AHEAD_AT_MOST_S = 300  # replicas' clocks may differ this much
 PREVIOUS_LOG_EVERY_S = 60.0
 
 log = logging.getLogger("metergate.auth")
@@ -144,6 +145,13 @@ class OrgTokens:
             raise ApiError(401, "unauthorized", "invalid token") from None
         if claims.exp <= now_s:
             raise ApiError(401, "token_expired", "this org token has expired; ask for a new one")
+        # What mint() never signs: issued in the future (it would outlive any revocation, which
+        # voids tokens issued before it), or valid longer than MAX_ORG_TOKEN_TTL_S. Only a holder
+        # of the secret could sign one; refused, a leaked secret still cannot make a token that
+        # lives past a month or past a revocation.
+        issued_s = claims.iat // 1_000_000 if claims.iat else now_s  # 0: minted before `iat` existed
+        if issued_s > now_s + ISSUED_AHEAD_AT_MOST_S or claims.exp > issued_s + MAX_ORG_TOKEN_TTL_S:
+            raise ApiError(401, "unauthorized", "invalid token")
         return claims
 
 

@@ -447,7 +447,9 @@ def undeploy_ingress(timeout_s: float = 120.0) -> None:
     for name in names:
         serve.delete(name, _blocking=False)
     deadline = time.monotonic() + timeout_s
-    while any(name in serve.status().applications for name in names):
+    # Not past a Ray shut down meanwhile (a stop goes on without this step after its budget):
+    # Serve's client would start a Ray of its own to ask.
+    while ray.is_initialized() and any(name in serve.status().applications for name in names):
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve did not delete {names} within {timeout_s:.0f} s")
         time.sleep(0.2)
@@ -495,7 +497,8 @@ def stop(running: Running, drain: bool = True, budget_s: float = STOP_BUDGET_S) 
 
     if ray.is_initialized():
         if running.started_serve:
-            _bounded("serve.delete", undeploy_ingress, left(0.25))
+            budget = left(0.25)
+            _bounded("serve.delete", lambda: undeploy_ingress(timeout_s=budget), budget)
         if not running.keep_backend:
             _bounded("scheduler", lambda: ray.kill(ray.get_actor(JOBS_NAME, namespace=NAMESPACE), no_restart=True),
                      left(0.1))

@@ -166,17 +166,26 @@ def _first_feed_line(service) -> dict:
         return msgspec.json.decode(next(response.iter_lines()))
 
 
+def _status(service, path: str) -> int:
+    with httpx.stream("GET", f"{service.base_url}{path}", params={"heartbeat_s": 0.1},
+                      headers={"Authorization": f"Bearer {SERVICE_TOKEN}"}, timeout=30) as response:
+        return response.status_code
+
+
 def test_the_feed_runs_on_replicas_of_its_own_or_with_feed_replicas_0_on_the_ingress(service):
     from serve_app import launch
 
     assert launch.FEED_APP_NAME in serve.status().applications  # the default: a replica of its own
     assert _first_feed_line(service)["type"] == "heartbeat"
+    # HAProxy routes by the raw path: an encoded spelling reaches the ingress, which serves no feed.
+    assert _status(service, "/v1/gate/fee%64") == 404
     default = service.settings
     service.settings = default.model_copy(update={"feed_replicas": 0})
     try:
         launch.deploy_ingress(service)
         assert launch.FEED_APP_NAME not in serve.status().applications
         assert _first_feed_line(service)["type"] == "heartbeat"  # the ingress's own route
+        assert _status(service, "/v1/gate/fee%64") == 200
     finally:
         service.settings = default
         launch.deploy_ingress(service)

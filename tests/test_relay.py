@@ -286,3 +286,53 @@ def test_the_relay_listens_on_a_unix_socket_and_its_metrics_are_prometheus_text(
     assert samples[("metergate_relay_checks_total", (("source", "local"),))] == 0
     assert samples[("metergate_relay_refused_total", ())] == 1
     assert samples[("metergate_relay_gate_requests_total", ())] == 2  # the refused one too: the relay answered it
+
+
+async def _cookie_and_header_echo(scope, receive, send) -> None:
+    """A stand-in server: sets a session cookie on every answer and echoes the Cookie header and
+    the header a Connection header named, as a server sees them."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    headers = dict(scope["headers"])
+    body = msgspec.json.encode({"cookie": headers.get(b"cookie", b"").decode(),
+                                "x_hop": headers.get(b"x-hop", b"").decode(), "path": scope["path"]})
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"set-cookie", b"mg_billing=mgo_SECRET; Path=/; HttpOnly")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_the_relay_keeps_no_cookie_between_callers_and_forwards_only_paths_and_end_to_end_headers():
+    """One client forwards for every caller: a cookie the server set for one (the billing page's
+    session) must never go with another's request; a target that is not a path is refused (it
+    could name another host); headers a Connection header names stay on their hop."""
+    with running(_cookie_and_header_echo, port=free_port()) as upstream:
+        client = GateClient(upstream, SERVICE_TOKEN, start=False)
+        with relay_of(client) as url, httpx.Client(base_url=url, timeout=10) as http:
+            first = http.get("/billing/org_a", params={"token": "mgo_x"})
+            assert first.status_code == 200 and "mg_billing=mgo_SECRET" in first.headers["set-cookie"]
+            other = httpx.get(f"{url}/billing/org_a", timeout=10)  # another caller, no cookie of its own
+            assert other.json()["cookie"] == ""  # not A's session
+            own = httpx.get(f"{url}/billing/org_b", headers={"cookie": "mine=1"}, timeout=10)
+            assert own.json()["cookie"] == "mine=1"  # a caller's own cookie goes as it came
+            hop = httpx.get(f"{url}/x", headers={"connection": "close, x-hop", "x-hop": "1"}, timeout=10)
+            assert hop.json()["x_hop"] == ""
+        # `GET @evil.example/x`: httptools refuses that request line itself, h11 passes it on (a
+        # relay installed without uvicorn[standard]); the relay must refuse it either way.
+        answers: list[dict] = []
+
+        async def send(message: dict) -> None:
+            answers.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "GET", "path": "@evil.example/x", "raw_path": b"@evil.example/x",
+                 "query_string": b"", "headers": [(b"host", b"127.0.0.1")]}
+        import asyncio
+
+        asyncio.run(Relay(client, SERVICE_TOKEN)(scope, receive, send))
+        assert answers[0]["status"] == 400, answers
+        client.close()

@@ -229,8 +229,14 @@ def past_haproxy(service) -> list[tuple[str, int]]:
     """Where Serve's HAProxy sends requests (the ingress replicas, and Serve's own proxy as
     their backup): the same service, asked with no HAProxy in between."""
     (config,) = haproxy_dir(service.settings).glob("*/haproxy.cfg")
-    servers = re.findall(r"^\s*server \S+ (127\.0\.0\.1):(\d+) ", config.read_text(), re.MULTILINE)
-    assert servers, "Serve's HAProxy names no server on 127.0.0.1"
+    text = config.read_text()
+    # The ingress's backend (route prefix "/"), not the gate feed's (serve_app/launch.py FEED_ROUTE).
+    ingress = {name for name, prefix in re.findall(r"^\s*acl is_(\S+) path (\S+)$", text, re.MULTILINE)
+               if prefix == "/"}
+    servers = [server for block in re.split(r"^backend ", text, flags=re.MULTILINE)[1:]
+               if block.split(None, 1)[0] in ingress
+               for server in re.findall(r"^\s*server \S+ (127\.0\.0\.1):(\d+) ", block, re.MULTILINE)]
+    assert servers, "Serve's HAProxy names no server of the ingress on 127.0.0.1"
     return [(host, int(port)) for host, port in servers]
 
 

@@ -110,6 +110,40 @@ def test_org_tokens_signed_with_the_previous_secret_still_open_their_org_and_new
     assert answers[0][0] == 401, answers
 
 
+def _forged(secret: str, org: str, exp_s: int, iat_us: int) -> str:
+    """An org token signed with `secret` whatever its claims: what a holder of a leaked secret
+    can make (mint() itself refuses such claims)."""
+    import msgspec
+
+    from serve_app.auth import ORG_TOKEN_PREFIX, OrgTokenClaims, _b64
+
+    payload = _b64(msgspec.json.encode(OrgTokenClaims(org, exp_s, iat_us)))
+    return f"{ORG_TOKEN_PREFIX}{payload}.{OrgTokens(secret)._sign(payload)}"
+
+
+def test_a_token_signed_with_the_previous_secret_cannot_outlive_a_revocation_or_a_month(service, admin, new_org):
+    """A leaked secret kept as the previous one must not make tokens that a revocation misses
+    (issued in the future) or that live longer than any minted one (MAX_ORG_TOKEN_TTL_S)."""
+    from serve_app.auth import MAX_ORG_TOKEN_TTL_S
+
+    org = new_org()
+    old_secret = service.settings.org_token_secret
+    now_s = int(time.time())
+    signer = OrgTokens(NEW_ORG_SECRET, old_secret)
+    for exp_s, iat_us in ((now_s + 3600, (now_s + 10 * 86_400) * 1_000_000),  # issued in ten days
+                          (now_s + MAX_ORG_TOKEN_TTL_S + 3600, now_s * 1_000_000),  # lives a month and an hour
+                          (now_s + MAX_ORG_TOKEN_TTL_S + 3600, 0)):  # no issue time, a month and an hour
+        with pytest.raises(ApiError, match="invalid token"):
+            signer.verify(_forged(old_secret, org, exp_s, iat_us), now_s)
+    assert signer.verify(_forged(old_secret, org, now_s + 3600, now_s * 1_000_000), now_s).org == org
+    # A token of the previous secret, then the org's tokens revoked: 401 through a rotating replica.
+    old_signed = mint(admin, org)
+    assert admin.post(f"/v1/orgs/{org}/tokens/revoke").status_code == 200
+    answers, _ = replica_answers(service, [("GET", f"/billing/{org}", old_signed, None)],
+                                 org_token_secret=NEW_ORG_SECRET, org_token_secret_previous=old_secret)
+    assert answers[0][0] == 401, answers
+
+
 def test_uses_of_previous_tokens_are_logged_once_a_minute_per_replica_and_never_the_token(
         service, admin, new_org, caplog):
     org = new_org()

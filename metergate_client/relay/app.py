@@ -22,6 +22,7 @@ import itertools
 import logging
 import math
 import time
+from http.cookiejar import CookieJar
 
 import httpx
 import msgspec
@@ -51,6 +52,26 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"p
 RETRY_AFTER_S = b"1"
 MAX_ENCODED = 100_000  # decisions whose encoding is kept (then all are dropped, and kept again)
 FORWARD_TIMEOUT = httpx.Timeout(10.0, read=60.0)  # read: longer than any feed heartbeat
+
+
+class NoCookies(CookieJar):
+    """The forwarding client's cookie jar, which keeps nothing: one client forwards for every
+    caller, and a cookie the server sets for one (the billing page's session) must never go
+    with another's request. Each caller's own Cookie header is forwarded as it came."""
+
+    def extract_cookies(self, response, request) -> None:
+        return None
+
+    def set_cookie(self, cookie) -> None:
+        return None
+
+
+def _end_to_end(headers) -> list[tuple[bytes, bytes]]:
+    """The headers without the hop-by-hop ones: the fixed set, and those a Connection header
+    names (RFC 9110 7.6.1)."""
+    named = {token.strip().lower() for name, value in headers if name.lower() == b"connection"
+             for token in value.split(b",")}
+    return [(name, value) for name, value in headers if name.lower() not in HOP_BY_HOP and name.lower() not in named]
 
 
 class Relay:
@@ -234,22 +255,35 @@ class Relay:
 
     def http(self) -> httpx.AsyncClient:
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=FORWARD_TIMEOUT, follow_redirects=False,
+            # The jar itself: httpx would copy a Cookies object's cookies into a plain jar.
+            self._http = httpx.AsyncClient(timeout=FORWARD_TIMEOUT, follow_redirects=False, cookies=NoCookies(),
                                            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         return self._http
 
     async def _forward(self, scope, receive, send) -> None:
         next(self._counts["forwarded"])
-        headers = [(name, value) for name, value in scope["headers"] if name not in HOP_BY_HOP]
+        headers = _end_to_end(scope["headers"])
         names = {name for name, _ in scope["headers"]}
         has_body = b"transfer-encoding" in names or any(
             name == b"content-length" and value != b"0" for name, value in scope["headers"])
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        # Only a path on metergate: a request line `GET @host/x` (which a pure-Python HTTP
+        # parser lets through) would otherwise make the URL's authority another host's.
+        if not target.startswith("/"):
+            next(self._counts["refused"])
+            await _answer(send, 400, ENCODE({"error": {"code": "invalid_request",
+                                                       "message": "the request target must be a path"}}))
+            return
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         http = self.http()
-        request = http.build_request(scope["method"], self.url + target, headers=headers,
-                                     content=_body_of(receive) if has_body else None)
+        try:
+            request = http.build_request(scope["method"], self.url + target, headers=headers,
+                                         content=_body_of(receive) if has_body else None)
+        except httpx.InvalidURL as exc:
+            next(self._counts["refused"])
+            await _answer(send, 400, ENCODE({"error": {"code": "invalid_request", "message": f"bad target: {exc}"}}))
+            return
         try:
             response = await http.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -261,8 +295,7 @@ class Relay:
         watch = asyncio.ensure_future(_disconnected(receive))
         try:
             await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": [(name, value) for name, value in response.headers.raw
-                                    if name.lower() not in HOP_BY_HOP]})
+                        "headers": _end_to_end(response.headers.raw)})
             try:
                 async for chunk in response.aiter_raw():
                     if watch.done():  # the caller went away: stop following (a feed never ends)

@@ -77,7 +77,11 @@ def _published(ctx: Context) -> None:
                        "this service runs with METERGATE_GATE_VIEWS=false: shards publish no gate views")
 
 
-def routes(ctx: Context) -> APIRouter:
+def routes(ctx: Context, serves_feed: bool = True) -> APIRouter:
+    """serves_feed False: GET /v1/gate/feed answers 404, on an ingress whose feed runs on
+    replicas of its own (METERGATE_FEED_REPLICAS > 0). HAProxy routes by the raw path, so a
+    percent-encoded spelling of it would reach the ingress, where a stream would neither be
+    counted against its token's cap on the feed replicas nor stay off the ingress's loop."""
     router = APIRouter(tags=["gate projection"])
     feed_metrics = metrics.FeedMetrics()  # this replica's open streams and their lag
 
@@ -156,6 +160,8 @@ def routes(ctx: Context) -> APIRouter:
         loaded), of the orgs whose id begins with `prefix`, as NDJSON lines ({"type": "view"
         | "heartbeat" | "resync", ...}), for as long as the client reads."""
         ctx.service(request)
+        if not serves_feed:
+            raise ApiError(404, "not_found", "Not Found")
         _published(ctx)
         start = _cursor_of(after)
         # Each stream polls every shard up to 20 times a second: one token may hold only so many
