@@ -275,13 +275,13 @@ def print_staleness(s: dict) -> None:
           f" never seen: {s['unmatched']}; records the feed applied: {s['records_applied']:,}", flush=True)
 
 
-def part_client() -> dict:
-    """(i) and (ii), on one service (run in a child process)."""
+@contextmanager
+def synced_client(ids: list[str], **settings):
+    """A service (bench.harness settings plus `settings`) with the orgs created, and a
+    GateClient in this process (TimedProjection) holding every org's view: (service, client)."""
     from bench.harness import SERVICE_TOKEN, running_service
 
-    ids = org_ids()
-    result: dict = {}
-    with running_service() as service, timed_projection():
+    with running_service(**settings) as service, timed_projection():
         create_orgs(service.base_url, ids)
         first_gate(service.base_url)
         gate = GateClient(service.base_url, SERVICE_TOKEN, max_staleness_s=1.0)
@@ -291,26 +291,34 @@ def part_client() -> dict:
             while any(gate.projection.get(o) is None for o in ids):
                 assert time.monotonic() < deadline, f"{len(gate.projection)} views after 30 s"
                 time.sleep(0.05)
-            result["local"] = local = measure_local(gate, ids)
-            print(f"(i) local checks, 1 thread, {ORGS:,} orgs: {local['checks_per_s']:,.0f} checks/s"
-                  f" ({local['checks']:,} in {local['seconds']:.1f} s)  target >= 1,000,000/s", flush=True)
-            print(f"    per check, batches of 100 / 100: p50 {local['batched_p50_us']:.2f} µs,"
-                  f" p99 {local['batched_p99_us']:.2f} µs, max {local['batched_max_us']:.1f} µs"
-                  f" ({local['batches']:,} batches)  target p99 <= 20 µs")
-            print(f"    single checks (timer included):  p50 {local['single_p50_us']:.2f} µs,"
-                  f" p99 {local['single_p99_us']:.2f} µs, p99.9 {local['single_p999_us']:.1f} µs,"
-                  f" max {local['single_max_us']:.0f} µs ({local['singles']:,} checks);"
-                  f" the timer alone: p50 {local['timer_p50_us']:.3f} µs, p99 {local['timer_p99_us']:.3f} µs",
-                  flush=True)
-            for phase in ("paced", "churn", "flooded"):
-                result[f"staleness_{phase}"] = s = measure_staleness(service.base_url, phase)
-                print_staleness(s)
-            answers = [gate.check(o, "create") for o in ids]
-            result["after_sources"] = sorted({a.source.value for a in answers})
-            result["counters"] = gate.counters()
-            print(f"client.counters(): {result['counters']}", flush=True)
+            yield service, gate
         finally:
             gate.close()
+
+
+def part_client() -> dict:
+    """(i) and (ii), on one service (run in a child process)."""
+    ids = org_ids()
+    result: dict = {}
+    with synced_client(ids) as (service, gate):
+        result["local"] = local = measure_local(gate, ids)
+        print(f"(i) local checks, 1 thread, {ORGS:,} orgs: {local['checks_per_s']:,.0f} checks/s"
+              f" ({local['checks']:,} in {local['seconds']:.1f} s)  target >= 1,000,000/s", flush=True)
+        print(f"    per check, batches of 100 / 100: p50 {local['batched_p50_us']:.2f} µs,"
+              f" p99 {local['batched_p99_us']:.2f} µs, max {local['batched_max_us']:.1f} µs"
+              f" ({local['batches']:,} batches)  target p99 <= 20 µs")
+        print(f"    single checks (timer included):  p50 {local['single_p50_us']:.2f} µs,"
+              f" p99 {local['single_p99_us']:.2f} µs, p99.9 {local['single_p999_us']:.1f} µs,"
+              f" max {local['single_max_us']:.0f} µs ({local['singles']:,} checks);"
+              f" the timer alone: p50 {local['timer_p50_us']:.3f} µs, p99 {local['timer_p99_us']:.3f} µs",
+              flush=True)
+        for phase in ("paced", "churn", "flooded"):
+            result[f"staleness_{phase}"] = s = measure_staleness(service.base_url, phase)
+            print_staleness(s)
+        answers = [gate.check(o, "create") for o in ids]
+        result["after_sources"] = sorted({a.source.value for a in answers})
+        result["counters"] = gate.counters()
+        print(f"client.counters(): {result['counters']}", flush=True)
     return result
 
 
@@ -406,22 +414,8 @@ FEED_AB_ROUNDS = int(os.environ.get("BENCH_FEED_ROUNDS", "2"))
 
 def part_feed(feed_replicas: int) -> dict:
     """The churn phase of (ii) on a service with METERGATE_FEED_REPLICAS=feed_replicas."""
-    from bench.harness import SERVICE_TOKEN, running_service
-
-    ids = org_ids()
-    with running_service(feed_replicas=feed_replicas) as service, timed_projection():
-        create_orgs(service.base_url, ids)
-        first_gate(service.base_url)
-        gate = GateClient(service.base_url, SERVICE_TOKEN, max_staleness_s=1.0)
-        try:
-            assert gate.wait_synced(60), "the client did not sync within 60 s"
-            deadline = time.monotonic() + 30
-            while any(gate.projection.get(o) is None for o in ids):
-                assert time.monotonic() < deadline, f"{len(gate.projection)} views after 30 s"
-                time.sleep(0.05)
-            result = measure_staleness(service.base_url, "churn")
-        finally:
-            gate.close()
+    with synced_client(org_ids(), feed_replicas=feed_replicas) as (service, _):
+        result = measure_staleness(service.base_url, "churn")
     print_staleness(result)
     return result
 

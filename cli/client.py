@@ -59,20 +59,26 @@ def tokens_file() -> Path:
     return Path(data_dir) / "tokens.json"
 
 
-def default_token() -> str:
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV]
+def stored_token(env: str, role: str) -> str:
+    """The `role` token ("admin", "service"): from the variable `env`, else the one `make up`
+    generated and keeps in .metergate/tokens.json (`<role>_token`)."""
+    if os.environ.get(env):
+        return os.environ[env]
     path = tokens_file()
     try:
-        token = json.loads(path.read_text()).get("admin_token")
+        token = json.loads(path.read_text()).get(f"{role}_token")
     except FileNotFoundError:
         token = None
     except (OSError, ValueError, AttributeError) as exc:
-        raise CliError(f"cannot read the admin token from {path}: {exc}") from None
+        raise CliError(f"cannot read the {role} token from {path}: {exc}") from None
     if not token:
-        raise CliError(f"no admin token: pass --token-file, set {TOKEN_ENV}, or start metergate with `make up` "
+        raise CliError(f"no {role} token: pass --token-file, set {env}, or start metergate with `make up` "
                        f"(it keeps a generated one in {path})")
     return token
+
+
+def default_token() -> str:
+    return stored_token(TOKEN_ENV, "admin")
 
 
 def token_from(path: str) -> str:

@@ -9,35 +9,19 @@ goes by the environment, never the command line (which `ps` shows to every user)
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.client import CliError, UrlOption, default_url, token_from, tokens_file
+from cli.client import UrlOption, default_url, stored_token, token_from
 
 SERVICE_TOKEN_ENV = "METERGATE_SERVICE_TOKEN"
 
 
 def service_token(token_file: str | None) -> str:
-    if token_file:
-        return token_from(token_file)
-    if os.environ.get(SERVICE_TOKEN_ENV):
-        return os.environ[SERVICE_TOKEN_ENV]
-    path: Path = tokens_file()
-    try:
-        token = json.loads(path.read_text()).get("service_token")
-    except FileNotFoundError:
-        token = None
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CliError(f"cannot read the service token from {path}: {exc}") from None
-    if not token:
-        raise CliError(f"no service token: pass --token-file, set {SERVICE_TOKEN_ENV}, or start metergate with "
-                       f"`make up` (it keeps a generated one in {path})")
-    return token
+    return token_from(token_file) if token_file else stored_token(SERVICE_TOKEN_ENV, "service")
 
 
 def relay(
