@@ -336,3 +336,26 @@ def test_the_relay_keeps_no_cookie_between_callers_and_forwards_only_paths_and_e
         asyncio.run(Relay(client, SERVICE_TOKEN)(scope, receive, send))
         assert answers[0]["status"] == 400, answers
         client.close()
+
+
+def test_asking_for_a_fresher_view_never_loosens_the_relays_answer():
+    """A caller's tighter max_age_ms with a view only the relay's own bound holds: the server is
+    asked whatever the action's policy, and without a server the relay's own view answers; an
+    `open` policy's allow for a halted org would loosen the answer the caller asked to tighten."""
+    client = GateClient("http://127.0.0.1:9", SERVICE_TOKEN, max_staleness_s=60, start=False,
+                        policies={"create": "open"})
+    now = mono_us()
+    client.projection.clock(0, now, now, now)
+    client.projection.heard(0, now - 2_000_000)  # heard 2 s ago: current for the relay (60 s), not for 100 ms
+    client.projection.apply_all([ViewRecord("org_halted", 0, 1, 1, None, msgspec.convert({
+        "balance_micros": 0, "quota_remaining_micros": 0, "included_micros": 0, "active_leases": 0,
+        "max_concurrent": 5, "max_disk_mb": 20_480, "halted": "admin", "suspended": False, "degraded": False,
+        "overdraws": False, "needs_card": False}, GateView))])
+    with relay_of(client) as url, httpx.Client(base_url=url, headers=AS_RELAY, timeout=30) as http:
+        plain = http.post("/v1/gate", json={"org_id": "org_halted", "action": "create"}).json()
+        assert (plain["allowed"], plain["reason"], plain["source"]) == (False, "halted", "local"), plain
+        fresher = http.post("/v1/gate", json={"org_id": "org_halted", "action": "create", "max_age_ms": 100}).json()
+        assert fresher["allowed"] is False and fresher["reason"] == "halted", fresher  # no server at :9
+        (batched,) = http.post("/v1/gate/batch", json={"checks": [
+            {"org_id": "org_halted", "action": "create", "max_age_ms": 100}]}).json()["decisions"]
+        assert batched["allowed"] is False and batched["reason"] == "halted", batched

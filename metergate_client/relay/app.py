@@ -140,13 +140,15 @@ class Relay:
 
     async def _check(self, raw: bytes) -> tuple[int, dict | bytes]:
         check: GateBody = decode(GATE_DECODER, raw)
-        answer = self._local(check)
+        answer, own = self._local(check)
         if answer is not None:
             return 200, self._local_bytes(answer)
-        if self.client.policies[check.action] is Policy.SERVER:
+        if own is not None or self.client.policies[check.action] is Policy.SERVER:
             asked = await self._ask(check)
             if asked is not None:
                 return asked
+        if own is not None:  # no server: the view the relay's own bound holds, never a looser policy
+            return 200, self._local_bytes(own)
         return 200, _policy_fields(self.client._by_policy(check.org_id, check.action))
 
     async def _batch(self, raw: bytes) -> tuple[int, dict]:
@@ -157,18 +159,22 @@ class Relay:
             if isinstance(check, Refused):
                 decisions[index] = check.item()
                 continue
-            answer = self._local(check)
+            answer, own = self._local(check)
             if answer is not None:
                 decisions[index] = _local_fields(answer)
-            elif self.client.policies[check.action] is Policy.SERVER:
+            elif own is not None or self.client.policies[check.action] is Policy.SERVER:
                 to_ask.append((index, check))
+                if own is not None:
+                    decisions[index] = _local_fields(own)  # kept if the server does not answer
             else:
                 decisions[index] = _policy_fields(self.client._by_policy(check.org_id, check.action))
         if to_ask:
             asked = await self._ask_batch([check for _, check in to_ask])
             for (index, check), decision in zip(to_ask, asked):
-                decisions[index] = decision if decision is not None else _policy_fields(
-                    self.client._by_policy(check.org_id, check.action))
+                if decision is not None:
+                    decisions[index] = decision
+                elif decisions[index] is None:
+                    decisions[index] = _policy_fields(self.client._by_policy(check.org_id, check.action))
         return 200, {"decisions": decisions}
 
     def _local_bytes(self, answer: Answer) -> bytes:
@@ -186,14 +192,17 @@ class Relay:
         return b"%s,\"age_ms\":%d,\"source\":\"local\",\"age_s\":%s}" % (
             prefix, math.ceil(age_s * 1000), ENCODE(age_s))
 
-    def _local(self, check: GateBody) -> Answer | None:
-        """GateClient's local answer, under the caller's bound too when it is the tighter."""
+    def _local(self, check: GateBody) -> tuple[Answer | None, Answer | None]:
+        """(GateClient's local answer under the caller's bound too when it is the tighter, or
+        None; the answer under the relay's own bound when only the caller's failed, else None).
+        A caller asking for a fresher view gets the server's answer, or, without a server, the
+        relay's own: never the policy's, which could allow what the view denies."""
         client = self.client
         if check.max_age_ms is not None and check.max_age_ms < client.max_staleness_s * 1000:
             if client.projection.current(check.org_id, check.max_age_ms / 1000) is None:
                 next(client._counts["stale"])
-                return None
-        return client._local(check.org_id, check.action, resources_of(check))
+                return None, client._local(check.org_id, check.action, resources_of(check))
+        return client._local(check.org_id, check.action, resources_of(check)), None
 
     def _server_body(self, check: GateBody) -> dict:
         """The check as the server is asked it: with the tighter of the two bounds."""
