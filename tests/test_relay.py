@@ -359,3 +359,28 @@ def test_asking_for_a_fresher_view_never_loosens_the_relays_answer():
         (batched,) = http.post("/v1/gate/batch", json={"checks": [
             {"org_id": "org_halted", "action": "create", "max_age_ms": 100}]}).json()["decisions"]
         assert batched["allowed"] is False and batched["reason"] == "halted", batched
+
+
+async def _odd_decision(scope, receive, send) -> None:
+    """A stand-in server whose gate answer has a reason this client does not know."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"allowed": true, "reason": "new_reason", "status": 200}'})
+
+
+def test_a_server_decision_the_relay_cannot_read_gets_the_policy_not_a_500(monkeypatch):
+    with running(_odd_decision, port=free_port()) as upstream:
+        client = GateClient(upstream, SERVICE_TOKEN, start=False, policies={"create": "server"})
+        with relay_of(client) as url, httpx.Client(base_url=url, headers=AS_RELAY, timeout=30) as http:
+            answer = http.post("/v1/gate", json={"org_id": "org_x", "action": "create"})
+            assert answer.status_code == 200, answer.text
+            assert (answer.json()["allowed"], answer.json()["source"]) == (False, "policy"), answer.json()
+        client.close()
+    from metergate_client.relay import run
+
+    monkeypatch.setenv(run.TOKEN_ENV, SERVICE_TOKEN)
+    assert run.main(["--url", "http://127.0.0.1:9", "--max-staleness-s", "7200"]) == 2  # above max_age_ms's hour

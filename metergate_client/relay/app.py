@@ -221,7 +221,7 @@ class Relay:
             response = await self.http().post(self.url + "/v1/gate", content=ENCODE(self._server_body(check)),
                                               headers=self._headers(), timeout=self.client._timeout)
             answer = self.client._server_answer(response, sent)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):  # ValueError: a decision this client cannot read
             return None
         body = response.json()
         if "allowed" not in body:

@@ -17,6 +17,7 @@ from metergate_client.client import GateClient, Policy
 from metergate_client.decision import ACTIONS
 from metergate_client.relay.app import Relay
 
+MAX_AGE_S = 3600  # POST /v1/gate's max_age_ms is at most 3,600,000
 TOKEN_ENV = "METERGATE_SERVICE_TOKEN"  # never an option's value: a command line shows in `ps`
 DEFAULT_PORT = 8070
 
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 0 < args.heartbeat_s < args.max_staleness_s:
         print("error: --heartbeat-s must be above 0 and under --max-staleness-s", file=sys.stderr)
+        return 2
+    if args.max_staleness_s > MAX_AGE_S:  # the server refuses a max_age_ms above an hour
+        print(f"error: --max-staleness-s must be at most {MAX_AGE_S} (metergate's own bound on max_age_ms)",
+              file=sys.stderr)
         return 2
     client = GateClient(args.url, token, max_staleness_s=args.max_staleness_s, heartbeat_s=args.heartbeat_s,
                         policies=dict(args.policy), default_policy=args.default_policy, timeout_s=args.timeout_s,
