@@ -137,7 +137,7 @@ export class GateClient {
     const found = this.projection.current(orgId, this.maxStalenessS);
     if (found === null) {
       if (this.projection.get(orgId) !== undefined) this.counts.stale++;
-      if (!(action in this.policies)) throw new RangeError(`no such action: ${JSON.stringify(action)}; actions are ${ACTIONS.join(", ")}`);
+      if (!Object.hasOwn(this.policies, action)) throw new RangeError(`no such action: ${JSON.stringify(action)}; actions are ${ACTIONS.join(", ")}`);
       return null;
     }
     const decision = decide(action, resources, found.record.view);
@@ -176,6 +176,10 @@ export class GateClient {
     const answer = body as Record<string, unknown>;
     const refused = typeof answer["error"] === "object" && answer["error"] !== null;
     if (response.status >= 500 || response.status === 401 || !("allowed" in answer || refused)) return null;
+    // Not metergate's decision (a proxy's body, another version's shape): no answer; the policy decides.
+    if ("allowed" in answer && (typeof answer["allowed"] !== "boolean" || typeof answer["reason"] !== "string")) {
+      return null;
+    }
     const stated = answer["age_ms"];
     const ageS = (this.projection.mono() - sent) / 1e6 + (Number.isSafeInteger(stated) ? (stated as number) / 1000 : 0);
     this.counts.server++;

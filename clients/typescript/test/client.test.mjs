@@ -39,3 +39,29 @@ test("unknown actions and resources of another shape are refused, not answered",
   await assert.rejects(client.check("org_1", "delete"), RangeError);
   await assert.rejects(client.check("org_1", "create", { memory: 1 }), /no field "memory"/);
 });
+
+test("names every object inherits are not actions", async () => {
+  const client = new GateClient({ url: "http://127.0.0.1:1", token: "t", defaultPolicy: "open" });
+  for (const name of ["constructor", "toString", "__proto__", "hasOwnProperty"]) {
+    await assert.rejects(client.check("org_1", name), RangeError, name);
+  }
+});
+
+test("a server answer whose allowed is not a boolean is no answer: the policy decides", async () => {
+  const http = await import("node:http");
+  const server = http.createServer((_, response) => {
+    response.writeHead(200, { "content-type": "application/json" });
+    response.end(JSON.stringify({ allowed: "false", reason: "ok", status: 200 }));
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  try {
+    const client = new GateClient({ url: `http://127.0.0.1:${server.address().port}`, token: "t", timeoutS: 2,
+      policies: { create: "server" } });
+    const answer = await client.check("org_1", "create");
+    assert.deepEqual([answer.allowed, answer.source], [false, "policy"]);
+    assert.equal(client.counters().server, 0);
+  } finally {
+    server.closeAllConnections?.();
+    await new Promise((resolve) => server.close(resolve));
+  }
+});
