@@ -9,16 +9,14 @@ import msgspec
 from actors.metering import LeaseUsage
 from actors.timeutil import BadTime, parse_time_us
 
+from metergate_client.decision import WHOLE_NAME_PATTERN
+
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
-# Text that is stored or shown: no control characters (Postgres refuses NUL in text and jsonb,
-# and no log line or page should carry the others).
-NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 # msgspec (and Python's re) check a pattern with a search in which `$` also matches just before
 # a final newline: "lease_1\n" passed as an id and "us\n" as a name. The lookahead ends that, and
 # JSON Schema reads it as before. pydantic keeps the plain patterns: its Rust regex has no
 # lookaround, and there `$` is the very end already.
 WHOLE_ID_PATTERN = ID_PATTERN + r"(?!\n)"
-WHOLE_NAME_PATTERN = NAME_PATTERN + r"(?!\n)"
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=WHOLE_ID_PATTERN)]
 # Bounds: an hour per tick, 4 TiB of memory, 1024 vCPUs, 64 TiB of disk. A tick outside them
 # is a caller bug, and rejecting it keeps every product below 2**63.

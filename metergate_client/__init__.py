@@ -10,6 +10,7 @@ Needs only msgspec and httpx; never Ray. See docs/integrate/gateways.md.
 from metergate_client.client import Answer, GateClient, Policy
 from metergate_client.decision import (
            ACTIONS,
+           BadResources,
            Decision,
            GateView,
            HaltCause,
@@ -19,5 +20,5 @@ from metergate_client.decision import (
 )
 from metergate_client.projection import Projection, ViewRecord
 
-__all__ = ["ACTIONS", "Answer", "Decision", "GateClient", "GateView", "HaltCause", "Policy", "Projection",
+__all__ = ["ACTIONS", "Answer", "BadResources", "Decision", "GateClient", "GateView", "HaltCause", "Policy", "Projection",
            "Reason", "Resources", "ViewRecord", "decide"]

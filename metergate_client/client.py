@@ -30,10 +30,8 @@ from enum import StrEnum
 import httpx
 import msgspec
 
-from metergate_client.decision import ACTIONS, Decision, Resources, decide
+from metergate_client.decision import ACTIONS, NO_RESOURCES, Decision, Resources, decide, resources_from
 from metergate_client.projection import (
-    FEED_DECODER,
-    PAGE_DECODER,
     Heartbeat,
     Position,
     Projection,
@@ -41,10 +39,11 @@ from metergate_client.projection import (
     ViewRecord,
     mono_us,
     parse_cursor,
+    read_feed_line,
+    read_page,
 )
 
 log = logging.getLogger("metergate_client")
-NO_RESOURCES = Resources()
 WITH_VIEW = {"Prefer": "return=representation"}  # a release answers 200 with the org's view, not 204
 BACKOFF_S = (0.1, 5.0)  # reconnect backoff: first, at most
 CLOCK_PROBE_S = 2.0  # how often the shards' clocks are timed by a round trip
@@ -190,6 +189,8 @@ class GateClient:
                     else:
                         if action not in self.policies:
                             raise ValueError(f"no such action: {action!r}; actions are {ACTIONS}")
+                        if resources not in _checked:  # refused as the server would: BadResources
+                            _check(resources)
                         decision = decide(action, resources, record.view)
                         self._decided[org_id] = (record, action, resources, decision)
                     next(self._local_count)
@@ -352,7 +353,7 @@ class GateClient:
                     return True
                 if not line:
                     continue
-                message = FEED_DECODER.decode(line)
+                message = read_feed_line(line)
                 next(self._counts["feed_lines"])
                 if isinstance(message, ViewRecord):
                     self.projection.advance(message.shard, message.epoch, message.seq, [message])
@@ -481,7 +482,7 @@ class GateClient:
                 "shard": shard, "limit": self.page_size, **({"page": page} if page else {}),
                 **({"prefix": self._prefix} if self._prefix else {})})
             response.raise_for_status()
-            body = PAGE_DECODER.decode(response.content)
+            body = read_page(response.content)
             cursor = cursor or body.cursor
             self.projection.apply_all(body.views)
             if body.next is None:
@@ -513,17 +514,24 @@ def _covers(position: Position, loaded: tuple[int, int] | None) -> bool:
 
 
 def _resources(resources: Resources | Mapping | None) -> Resources:
-    if resources is None:
-        return NO_RESOURCES
-    if isinstance(resources, Resources):
-        return resources
-    if isinstance(resources, Mapping):
-        try:
-            return msgspec.convert(dict(resources), Resources)
-        except msgspec.ValidationError as exc:
-            raise TypeError(f"resources: {exc} (fields: {', '.join(Resources.__struct_fields__)})") from None
-    raise TypeError(f"resources must be a metergate_client.Resources or a mapping with the HTTP body's field "
-                    f"names ({', '.join(Resources.__struct_fields__)}), not {type(resources).__name__}")
+    """The resources a check or lease sends: a Resources instance is taken as it is (it is
+    checked when a decision is first made from it, `_local`), anything else is converted."""
+    if resources is None or type(resources) is Resources:
+        return NO_RESOURCES if resources is None else resources
+    return resources_from(resources)
+
+
+# Resources instances already checked. Bounded: a gateway uses a few shapes; one that uses
+# many starts over now and then (clear() is one step under the GIL, safe across threads).
+_checked: dict[Resources, None] = {}
+_CHECKED_MAX = 4096
+
+
+def _check(resources: Resources) -> None:
+    resources_from(resources)
+    if len(_checked) >= _CHECKED_MAX:
+        _checked.clear()
+    _checked[resources] = None
 
 
 def _gate_body(org_id: str, action: str, resources: Resources) -> dict:

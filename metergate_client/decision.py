@@ -9,7 +9,9 @@ client package, which needs neither Ray nor the server, so that there is one cop
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Annotated
 
 import msgspec
 
@@ -40,6 +42,60 @@ class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     machine_type: str | None = None
     region: str | None = None
     quantity: int = 1
+
+
+# What a request may ask for (docs/gate-protocol.md 3.2): the one statement of these bounds,
+# read by the server's and the relay's bodies and by the clients' local checks. Text that is
+# stored or shown carries no control characters (Postgres refuses NUL in text and jsonb, and no
+# log line or page should carry the others); `$` also matches before a final newline in a
+# search, so the lookahead.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+WHOLE_NAME_PATTERN = NAME_PATTERN + r"(?!\n)"
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=WHOLE_NAME_PATTERN)]
+MAX_SIZE = 1 << 40  # memory_mb and disk_mb
+MAX_CPU_COUNT = 1024
+MAX_QUANTITY = 10_000
+
+
+class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):
+    """The `resources` of a gate or lease body, checked against the bounds above."""
+
+    memory_mb: Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)] = 0
+    cpu_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_CPU_COUNT)] = 0
+    disk_mb: Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)] = 0
+    machine_type: Name | None = None
+    region: Name | None = None
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)] = 1
+
+    def to_core(self) -> Resources:
+        return Resources(self.memory_mb, self.cpu_count, self.disk_mb, self.machine_type,
+                         self.region, self.quantity)
+
+
+NO_RESOURCES = Resources()
+
+
+class BadResources(TypeError, ValueError):
+    """Resources no request could carry: a wrong type or a value out of bounds."""
+
+
+FIELDS_HINT = "fields: memory_mb, cpu_count, disk_mb, machine_type, region, quantity"
+
+
+def resources_from(value: object) -> Resources:
+    """Resources from a Resources or a mapping with the HTTP body's field names, checked as the
+    server checks a body's; anything else is BadResources saying what was expected."""
+    if value is None:
+        return NO_RESOURCES
+    if isinstance(value, Resources):
+        value = msgspec.to_builtins(value)
+    elif not isinstance(value, Mapping):
+        raise BadResources(f"resources must be a metergate_client.Resources or a mapping with the HTTP body's "
+                           f"field names ({FIELDS_HINT}), not {type(value).__name__}")
+    try:
+        return msgspec.convert(dict(value), ResourcesIn).to_core()
+    except msgspec.ValidationError as exc:
+        raise BadResources(f"resources: {exc} ({FIELDS_HINT})") from None
 
 
 class Decision(msgspec.Struct, omit_defaults=True, frozen=True):

@@ -79,6 +79,62 @@ RECORD_DECODER = msgspec.json.Decoder(ViewRecord)
 PAGE_DECODER = msgspec.json.Decoder(ViewPage)
 
 
+class _Envelope(msgspec.Struct, frozen=True, tag="view", tag_field="type"):
+    """What a view record says besides its view: enough to place it in the org's order."""
+
+    org_id: str
+    shard: int
+    epoch: int
+    seq: int
+
+
+class _RawPage(msgspec.Struct, frozen=True):
+    cursor: str
+    views: list[msgspec.Raw]
+    next: str | None = None
+    shard: int | None = None
+
+
+_ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
+_RAW_PAGE_DECODER = msgspec.json.Decoder(_RawPage)
+# docs/gate-protocol.md 8.1: a record whose view this reader cannot read (a newer server's halt
+# cause, a field of the wrong type) stands in the org's order as a record that is never current,
+# so neither it nor an older record is decided from, and the stream goes on for every other
+# org. Its valid_until_us is in 1970; its view is only a placeholder, never read.
+UNREADABLE = 0
+_PLACEHOLDER = GateView(0, 0, 0, 0, 0, 0, None, True, True, False, False)
+
+
+def _unreadable(raw: bytes | msgspec.Raw) -> ViewRecord:
+    """The never-current stand-in for a record whose envelope reads and whose view does not;
+    a record whose envelope does not read either raises (a broken line, not one org's)."""
+    envelope = _ENVELOPE_DECODER.decode(raw)
+    return ViewRecord(envelope.org_id, envelope.shard, envelope.epoch, envelope.seq, UNREADABLE, _PLACEHOLDER)
+
+
+def read_feed_line(line: bytes | str) -> FeedLine:
+    """One line of GET /v1/gate/feed (DecodeError or ValidationError for a broken line)."""
+    try:
+        return FEED_DECODER.decode(line)
+    except msgspec.ValidationError:
+        return _unreadable(line)
+
+
+def read_page(body: bytes) -> ViewPage:
+    """One page of GET /v1/gate/views; each record as read_feed_line reads a view record."""
+    try:
+        return PAGE_DECODER.decode(body)
+    except msgspec.ValidationError:
+        page = _RAW_PAGE_DECODER.decode(body)
+    views = []
+    for raw in page.views:
+        try:
+            views.append(RECORD_DECODER.decode(raw))
+        except msgspec.ValidationError:
+            views.append(_unreadable(raw))
+    return ViewPage(page.cursor, views, page.next, page.shard)
+
+
 Position = tuple[int, int] | None  # (epoch, seq) in one shard's feed; None: none yet
 
 

@@ -8,30 +8,13 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.org import MAX_AMOUNT_MICROS, MAX_TTL_S, Resources
-from actors.ticks import DECODE_ERRORS, ID_PATTERN, NAME_PATTERN, WHOLE_NAME_PATTERN, Id
+from actors.ticks import DECODE_ERRORS, ID_PATTERN, Id
+from metergate_client.decision import NAME_PATTERN, ResourcesIn
 from serve_app.auth import MAX_ORG_TOKEN_TTL_S, MIN_ORG_TOKEN_TTL_S
 from serve_app.errors import ApiError, invalid_request
 
 NO_RESOURCES = Resources()
-Quantity = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 Ttl = Annotated[int, msgspec.Meta(ge=1, le=MAX_TTL_S)]
-NonNeg = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=WHOLE_NAME_PATTERN)]
-
-
-class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):
-    memory_mb: NonNeg = 0
-    cpu_count: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
-    disk_mb: NonNeg = 0
-    machine_type: Name | None = None
-    region: Name | None = None
-    quantity: Quantity = 1
-
-    def to_core(self) -> Resources:
-        return Resources(self.memory_mb, self.cpu_count, self.disk_mb, self.machine_type,
-                         self.region, self.quantity)
-
-
 MaxAgeMs = Annotated[int, msgspec.Meta(ge=0, le=3_600_000)]
 
 

@@ -10,6 +10,7 @@ decide() does fails the second once the re-statement follows the page.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,9 @@ import msgspec
 import pytest
 
 from clients.vectors import generate
-from metergate_client.decision import GateView, Reason, decide
+from metergate_client.client import GateClient
+from metergate_client.decision import BadResources, GateView, Reason, Resources, decide
+from metergate_client.projection import UNREADABLE, mono_us, read_feed_line, read_page
 from serve_app.bodies import ResourcesIn
 from serve_app.views import STATUS_BY_REASON
 
@@ -130,3 +133,140 @@ def test_every_action_is_in_the_vectors_and_allowed_means_ok():
     assert {case["action"] for case in CASES} == {"create", "wake", "ingest", "purchase"}
     for case in CASES:
         assert case["decision"]["allowed"] is (case["decision"]["reason"] == "ok"), case["name"]
+
+
+# ----- reading views and resources (docs/gate-protocol.md 2, 3.2 and 8.1) -----------------------
+
+VIEW_READINGS = VECTORS["view_readings"]
+RESOURCE_READINGS = VECTORS["resource_readings"]
+SPEC_INTEGERS = ("balance_micros", "quota_remaining_micros", "included_micros", "active_leases",
+                 "max_concurrent", "max_disk_mb")
+SPEC_BOOLEANS = ("suspended", "degraded", "overdraws", "needs_card")
+
+
+def spec_read_view(view: object) -> dict | None:
+    """Section 2, re-stated: the view a reader takes from a record, or None (unreadable)."""
+    def integer(value: object) -> bool:
+        return type(value) is int
+
+    def counts(value: object) -> bool:
+        return value is None or isinstance(value, dict) and all(
+            isinstance(types, dict) and all(integer(n) for n in types.values()) for types in value.values())
+
+    if not isinstance(view, dict) or not all(integer(view.get(name)) for name in SPEC_INTEGERS):
+        return None
+    if not all(type(view.get(name)) is bool for name in SPEC_BOOLEANS):
+        return None
+    if "halted" not in view or view["halted"] not in (None, "balance", "admin"):
+        return None
+    quotas, in_use = view.get("machine_quotas"), view.get("machine_in_use")
+    if not counts(quotas) or not counts(in_use):
+        return None
+    return {**{name: view[name] for name in (*SPEC_INTEGERS, *SPEC_BOOLEANS, "halted")},
+            "machine_quotas": quotas, "machine_in_use": in_use}
+
+
+def spec_read_resources(body: dict) -> dict | None:
+    """Section 3.2, re-stated: a body's resources with defaults, or None (refused)."""
+    def integer(value: object, low: int, high: int) -> bool:
+        return type(value) is int and low <= value <= high
+
+    def name(value: object) -> bool:
+        return value is None or isinstance(value, str) and 1 <= len(value) <= 64 and not any(
+            ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+    if set(body) - set(SPEC_RESOURCE_DEFAULTS):
+        return None
+    r = {**SPEC_RESOURCE_DEFAULTS, **body}
+    ok = (integer(r["memory_mb"], 0, 1 << 40) and integer(r["cpu_count"], 0, 1024) and integer(r["disk_mb"], 0, 1 << 40)
+          and integer(r["quantity"], 1, 10_000) and name(r["machine_type"]) and name(r["region"]))
+    return r if ok else None
+
+
+def _record_line(view: object, seq: int = 1, org: str = "org_1") -> bytes:
+    return json.dumps({"type": "view", "org_id": org, "shard": 0, "epoch": 1, "seq": seq,
+                       "valid_until_us": None, "view": view}).encode()
+
+
+@pytest.mark.parametrize("reading", VIEW_READINGS, ids=[r["name"] for r in VIEW_READINGS])
+def test_a_feed_line_and_a_snapshot_page_read_each_view_as_the_protocol_says(reading):
+    assert spec_read_view(reading["view"]) == reading["read"]
+    from_line = read_feed_line(_record_line(reading["view"]))
+    page = read_page(b'{"cursor": "1:1", "views": [' + _record_line(reading["view"]) + b", "
+                     + _record_line(VIEW_READINGS[0]["view"], org="org_2") + b"]}")
+    for record in (from_line, page.views[0]):
+        assert record.org_id == "org_1" and (record.epoch, record.seq) == (1, 1)
+        if reading["read"] is None:
+            assert record.valid_until_us == UNREADABLE
+        else:
+            assert record.valid_until_us is None and msgspec.to_builtins(record.view) == reading["read"]
+    assert page.views[1].org_id == "org_2" and page.views[1].valid_until_us is None  # the others are read
+
+
+@pytest.mark.parametrize("reading", RESOURCE_READINGS, ids=[r["name"] for r in RESOURCE_READINGS])
+def test_resources_are_read_or_refused_as_the_protocol_and_the_server_say(reading):
+    assert spec_read_resources(reading["resources"]) == reading["read"]
+    try:
+        server = msgspec.to_builtins(msgspec.json.decode(json.dumps(reading["resources"]), type=ResourcesIn).to_core())
+    except msgspec.ValidationError:
+        server = None
+    assert server == reading["read"]
+
+
+def test_the_readings_reach_both_outcomes_and_every_field():
+    assert {r["read"] is None for r in VIEW_READINGS} == {True, False}
+    assert {r["read"] is None for r in RESOURCE_READINGS} == {True, False}
+    named = " ".join(r["name"] for r in VIEW_READINGS)
+    assert all(name in named for name in (*SPEC_INTEGERS, *SPEC_BOOLEANS, "halted", "machine_quotas", "machine_in_use"))
+
+
+def test_an_unreadable_record_is_never_decided_from_nor_the_one_before_it_and_a_later_one_is():
+    """8.1: a record this reader cannot read (a newer server's halt cause) replaces the org's
+    record as one that is never current: the client answers by policy, not from the older view;
+    the next readable record is decided from again; other orgs are not touched."""
+    client = GateClient("http://127.0.0.1:9", "t" * 20, max_staleness_s=3600, start=False, default_policy="closed")
+    now = mono_us()
+    client.projection.clock(0, now, now, now)
+    client.projection.heard(0, now)
+    healthy = VIEW_READINGS[0]["view"]
+    for seq, org in ((1, "org_1"), (2, "org_2")):
+        client.projection.apply(read_feed_line(_record_line(healthy, seq, org)))
+    assert client.check("org_1", "create").source == "local"
+    client.projection.apply(read_feed_line(_record_line({**healthy, "halted": "fraud"}, seq=3)))
+    answer = client.check("org_1", "create")
+    assert (answer.source, answer.allowed) == ("policy", False), answer
+    assert client.check("org_2", "create").source == "local"
+    client.projection.apply(read_feed_line(_record_line(healthy, seq=2)))  # older than the unreadable one: ignored
+    assert client.check("org_1", "create").source == "policy"
+    client.projection.apply(read_feed_line(_record_line(healthy, seq=4)))
+    assert client.check("org_1", "create").source == "local"
+    client.close()
+
+
+def test_a_line_whose_record_itself_is_broken_still_breaks_the_stream():
+    for line in (b'{"type": "view", "org_id": 5, "shard": 0, "epoch": 1, "seq": 1, "view": {}}',
+                 b'{"type": "view", "shard": 0}', b'{"type": "heartbeat", "cursor": 1}', b'{"type": "other"}', b"{"):
+        with pytest.raises((msgspec.ValidationError, msgspec.DecodeError)):
+            read_feed_line(line)
+
+
+def test_the_client_refuses_resources_no_request_could_carry():
+    """As a mapping or as a Resources instance: BadResources (a TypeError and a ValueError)."""
+    client = GateClient("http://127.0.0.1:9", "t" * 20, max_staleness_s=3600, start=False)
+    now = mono_us()
+    client.projection.clock(0, now, now, now)
+    client.projection.heard(0, now)
+    client.projection.apply(read_feed_line(_record_line(VIEW_READINGS[0]["view"])))
+    for reading in RESOURCE_READINGS:
+        if reading["read"] is None:
+            with pytest.raises(BadResources):
+                client.check("org_1", "create", reading["resources"])
+        else:
+            assert client.check("org_1", "create", reading["resources"]).source == "local"
+    for bad in (Resources(quantity=0), Resources(disk_mb=-1), Resources(region=""), Resources(machine_type="a\n")):
+        with pytest.raises(BadResources):
+            client.check("org_1", "create", bad)
+        with pytest.raises(ValueError):
+            asyncio.run(client.acheck("org_1", "wake", bad))
+    assert client.check("org_1", "create", Resources(quantity=2, region="us")).source == "local"
+    client.close()

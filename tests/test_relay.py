@@ -19,7 +19,7 @@ import pytest
 
 from clients.vectors import generate
 from metergate_client import GateClient, GateView
-from metergate_client.projection import ViewRecord, mono_us
+from metergate_client.projection import ViewRecord, mono_us, read_feed_line
 from metergate_client.relay import Relay, running
 from metergate_client.relay.bodies import STATUS_BY_REASON as RELAY_STATUS_BY_REASON
 from serve_app.views import STATUS_BY_REASON
@@ -27,7 +27,8 @@ from tests.delaying_relay import DelayingRelay
 from tests.helpers import ADMIN_TOKEN, SERVICE_TOKEN, free_port, shard_pid, wait_for
 
 STALENESS_S = 1.0
-CASES = msgspec.json.decode(generate.VECTORS_PATH.read_bytes())["cases"]
+VECTORS = msgspec.json.decode(generate.VECTORS_PATH.read_bytes())
+CASES = VECTORS["cases"]
 AS_RELAY = {"Authorization": f"Bearer {SERVICE_TOKEN}"}
 
 
@@ -89,6 +90,37 @@ def test_every_gate_vector_is_answered_exactly_through_the_relay_singly_and_in_a
         batch = http.post("/v1/gate/batch", json={"checks": bodies}).json()["decisions"]
         assert [without_age(d) for d in batch] == [case["decision"] for case in CASES]
     assert client.counters()["local"] == 2 * len(CASES)
+
+
+def test_the_relay_reads_or_refuses_each_resources_vector_and_never_decides_from_an_unreadable_view():
+    """resource_readings: a refused one is 422 `invalid_request` (singly, and in its place in a
+    batch), a read one a local decision; view_readings: an org whose record did not read is
+    answered by the action's policy, never `local`."""
+    readings = VECTORS["resource_readings"]
+    client = GateClient("http://127.0.0.1:9", SERVICE_TOKEN, max_staleness_s=3600, start=False,
+                        default_policy="closed")
+    now = mono_us()
+    client.projection.clock(0, now, now, now)
+    client.projection.heard(0, now)
+    for seq, reading in enumerate(VECTORS["view_readings"], 1):
+        line = msgspec.json.encode({"type": "view", "org_id": f"read_{seq}", "shard": 0, "epoch": 1, "seq": seq,
+                                    "valid_until_us": None, "view": reading["view"]})
+        client.projection.apply(read_feed_line(line))
+    bodies = [{"org_id": "read_1", "action": "create", "resources": r["resources"]} for r in readings]
+    with relay_of(client) as url, httpx.Client(base_url=url, headers=AS_RELAY, timeout=30) as http:
+        for reading, body in zip(readings, bodies):
+            answer = http.post("/v1/gate", json=body)
+            if reading["read"] is None:
+                assert answer.status_code == 422, (reading["name"], answer.text)
+                assert answer.json()["error"]["code"] == "invalid_request"
+            else:
+                assert answer.status_code in (200, 403) and answer.json()["source"] == "local", (reading["name"], answer.text)
+        batch = http.post("/v1/gate/batch", json={"checks": bodies}).json()["decisions"]
+        assert [d.get("status") or d["error"]["status"] for d in batch] == [
+            422 if r["read"] is None else (403 if r["name"] == "the largest of each" else 200) for r in readings]
+        for seq, reading in enumerate(VECTORS["view_readings"], 1):
+            answer = http.post("/v1/gate", json={"org_id": f"read_{seq}", "action": "wake"}).json()
+            assert answer["source"] == ("local" if reading["read"] is not None else "policy"), (reading["name"], answer)
 
 
 def test_the_relays_status_table_is_the_servers():

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import msgspec
 
-from metergate_client.decision import GateView, Resources, decide
+from metergate_client.decision import BadResources, GateView, Resources, decide, resources_from
+from metergate_client.projection import UNREADABLE, read_feed_line
 from serve_app.views import STATUS_BY_REASON
 
 VECTORS_PATH = Path(__file__).resolve().parent / "gate_decisions.json"
@@ -314,6 +315,87 @@ def random_cases(seed: int = SEED, count: int = RANDOM_CASES) -> list[dict]:
     return cases
 
 
+def view_readings() -> list[dict]:
+    """Raw views a reader meets on the wire and what it reads from each: the whole view, or
+    null for a view it must not decide from (docs/gate-protocol.md 8.1: the org's record is
+    then unreadable, never current). Read by the Python client's own reader."""
+    def without(*names: str) -> dict:
+        return {k: v for k, v in HEALTHY.items() if k not in names}
+
+    raw = [
+        ("every field", dict(HEALTHY)),
+        ("an unknown field is ignored", {**HEALTHY, "burn_micros_per_s": 12}),
+        ("no machine_quotas or machine_in_use reads them as null", without("machine_quotas", "machine_in_use")),
+        ("machine quotas as published", {**HEALTHY, **GPU_QUOTA}),
+        ("an empty machine_quotas", {**HEALTHY, "machine_quotas": {}, "machine_in_use": None}),
+        ("a debt", {**HEALTHY, "balance_micros": -5_000_000}),
+        ("halted for balance", {**HEALTHY, "halted": "balance"}),
+        ("not an object: null", None), ("not an object: an array", [HEALTHY]), ("not an object: a string", "ok"),
+        *[(f"no {name}", without(name)) for name in (
+            "balance_micros", "quota_remaining_micros", "included_micros", "active_leases", "max_concurrent",
+            "max_disk_mb", "halted", "suspended", "degraded", "overdraws", "needs_card")],
+        ("balance_micros with a fraction", {**HEALTHY, "balance_micros": 1.5}),
+        ("balance_micros as a string", {**HEALTHY, "balance_micros": "5000000"}),
+        ("balance_micros as a boolean", {**HEALTHY, "balance_micros": True}),
+        ("balance_micros null", {**HEALTHY, "balance_micros": None}),
+        ("max_concurrent with a fraction", {**HEALTHY, "max_concurrent": 2.5}),
+        ("suspended as a number", {**HEALTHY, "suspended": 0}),
+        ("suspended as a string", {**HEALTHY, "suspended": "false"}),
+        ("suspended null", {**HEALTHY, "suspended": None}),
+        ("needs_card as a number", {**HEALTHY, "needs_card": 1}),
+        ("halted with a cause this reader does not know", {**HEALTHY, "halted": "fraud"}),
+        ("halted as an empty string", {**HEALTHY, "halted": ""}),
+        ("halted as a boolean", {**HEALTHY, "halted": False}),
+        ("machine_quotas as an array", {**HEALTHY, "machine_quotas": []}),
+        ("machine_quotas with a count for a region", {**HEALTHY, "machine_quotas": {REGION: 2}}),
+        ("machine_quotas with a fractional count", {**HEALTHY, "machine_quotas": {REGION: {GPU: 1.5}}}),
+        ("machine_quotas with a string count", {**HEALTHY, "machine_quotas": {REGION: {GPU: "2"}}}),
+        ("machine_in_use with a null count", {**HEALTHY, **GPU_QUOTA, "machine_in_use": {REGION: {GPU: None}}}),
+    ]
+    readings = []
+    for name, view in raw:
+        record = read_feed_line(json.dumps({"type": "view", "org_id": "org_1", "shard": 0, "epoch": 1, "seq": 1,
+                                            "valid_until_us": None, "view": view}).encode())
+        read = None if record.valid_until_us == UNREADABLE else msgspec.to_builtins(record.view)
+        readings.append({"name": name, "view": view, "read": read})
+    return readings
+
+
+def resource_readings() -> list[dict]:
+    """Bodies' `resources` at and past the bounds of docs/gate-protocol.md 3.2: the resources a
+    port reads from each (defaults filled in), or null where it must refuse them, as the server
+    refuses such a body with 422 and the Python client raises BadResources."""
+    raw = [
+        ("none: every default", {}), ("every field", {"memory_mb": 4096, "cpu_count": 8, "disk_mb": 10_240,
+                                                     "machine_type": GPU, "region": REGION, "quantity": 3}),
+        ("null names are the default", {"machine_type": None, "region": None}),
+        ("the largest of each", {"memory_mb": 1 << 40, "cpu_count": 1024, "disk_mb": 1 << 40, "quantity": 10_000}),
+        ("memory_mb past its bound", {"memory_mb": (1 << 40) + 1}), ("disk_mb past its bound", {"disk_mb": (1 << 40) + 1}),
+        ("cpu_count past its bound", {"cpu_count": 1025}), ("quantity past its bound", {"quantity": 10_001}),
+        ("quantity 0", {"quantity": 0}), ("a negative quantity", {"quantity": -1}),
+        ("a negative disk", {"disk_mb": -1}), ("a negative memory", {"memory_mb": -1}), ("a negative cpu_count", {"cpu_count": -1}),
+        ("a fractional memory", {"memory_mb": 1.5}), ("memory as a string", {"memory_mb": "4096"}),
+        ("quantity as a boolean", {"quantity": True}), ("quantity null", {"quantity": None}),
+        ("an empty region", {"region": ""}), ("an empty machine_type", {"machine_type": ""}),
+        ("a region of 64 characters", {"region": "r" * 64}), ("a region of 65 characters", {"region": "r" * 65}),
+        ("64 characters outside the BMP count as 64", {"region": "\U0001F600" * 64}),
+        ("65 characters outside the BMP count as 65", {"region": "\U0001F600" * 65}),
+        ("a region with a newline at its end", {"region": REGION + "\n"}),
+        ("a region with a control character", {"region": "us\x01central"}),
+        ("a region with DEL", {"region": "us\x7f"}),
+        ("a machine_type as a number", {"machine_type": 7}),
+        ("an unknown field", {"gpus": 1}),
+    ]
+    readings = []
+    for name, resources in raw:
+        try:
+            read = msgspec.to_builtins(resources_from(resources))
+        except BadResources:
+            read = None
+        readings.append({"name": name, "resources": resources, "read": read})
+    return readings
+
+
 def build() -> dict:
     cases = [*suspended_cases(), *purchase_cases(), *halt_cases(), *money_cases(), *card_cases(),
              *overdraw_cases(), *disk_cases(), *concurrency_cases(), *machine_cases(), *default_cases(),
@@ -327,6 +409,8 @@ def build() -> dict:
         "generator": "clients/vectors/generate.py",
         "seed": SEED,
         "cases": cases,
+        "view_readings": view_readings(),
+        "resource_readings": resource_readings(),
     }
 
 

@@ -10,15 +10,12 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from metergate_client.decision import Decision, Reason, Resources
+from metergate_client.decision import Decision, Reason, Resources, ResourcesIn
 
 # The server's field rules (serve_app/bodies.py, actors/ticks.py): the same types give the same
 # msgspec messages, so a refusal names the same field in the same words.
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$(?!\n)"
-NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$(?!\n)"
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NAME_PATTERN)]
-NonNeg = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
 MaxAgeMs = Annotated[int, msgspec.Meta(ge=0, le=3_600_000)]
 MAX_GATE_CHECKS = 1_000  # per POST /v1/gate/batch
 MAX_JSON_DEPTH = 32
@@ -34,15 +31,6 @@ STATUS_BY_REASON: dict[str, int] = {
 }
 assert set(STATUS_BY_REASON) == set(Reason), "every gate reason has its HTTP status"
 UNAVAILABLE = "unavailable"  # the reason of an answer the action's policy gave
-
-
-class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):
-    memory_mb: NonNeg = 0
-    cpu_count: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
-    disk_mb: NonNeg = 0
-    machine_type: Name | None = None
-    region: Name | None = None
-    quantity: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
 
 
 class GateBody(msgspec.Struct, forbid_unknown_fields=True):

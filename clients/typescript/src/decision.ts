@@ -85,10 +85,16 @@ export const NO_RESOURCES: Resources = Object.freeze({
 });
 
 const RESOURCE_FIELDS = Object.keys(NO_RESOURCES) as (keyof Resources)[];
-const INTEGER_RESOURCES = new Set(["memory_mb", "cpu_count", "disk_mb", "quantity"]);
+// The bounds of docs/gate-protocol.md 3.2 (the server refuses a body past them with 422).
+const RESOURCE_BOUNDS: Readonly<Record<string, readonly [number, number]>> = Object.freeze({
+  memory_mb: [0, 2 ** 40], cpu_count: [0, 1024], disk_mb: [0, 2 ** 40], quantity: [1, 10_000],
+});
+// A name: 1 to 64 characters (code points), none of them a control character.
+const CONTROL = /[\u0000-\u001f\u007f]/;
 
-/** Resources from the HTTP body's shape (absent or null fields take their defaults). Anything
- * else, an unknown field or a value of the wrong type, is a TypeError saying what was expected. */
+/** Resources from the HTTP body's shape (absent fields take their defaults; the names may also
+ * be null). Anything the server would refuse (an unknown field, a wrong type, a value out of
+ * bounds: docs/gate-protocol.md 3.2) is a TypeError saying what was expected. */
 export function toResources(input: ResourcesInput | null | undefined): Resources {
   if (input === null || input === undefined) return NO_RESOURCES;
   if (typeof input !== "object" || Array.isArray(input)) {
@@ -96,18 +102,29 @@ export function toResources(input: ResourcesInput | null | undefined): Resources
   }
   const out: Record<string, unknown> = { ...NO_RESOURCES };
   for (const [name, value] of Object.entries(input)) {
-    if (!(name in NO_RESOURCES)) {
+    if (!Object.prototype.hasOwnProperty.call(NO_RESOURCES, name)) {
       throw new TypeError(`resources: no field ${JSON.stringify(name)} (fields: ${RESOURCE_FIELDS.join(", ")})`);
     }
     if (value === undefined) continue;
-    if (INTEGER_RESOURCES.has(name)) {
-      if (!Number.isSafeInteger(value)) throw new TypeError(`resources.${name} must be an integer, not ${JSON.stringify(value)}`);
-    } else if (value !== null && typeof value !== "string") {
-      throw new TypeError(`resources.${name} must be a string or null, not ${JSON.stringify(value)}`);
+    const bounds = RESOURCE_BOUNDS[name];
+    if (bounds !== undefined) {
+      if (!Number.isSafeInteger(value) || (value as number) < bounds[0] || (value as number) > bounds[1]) {
+        throw new TypeError(`resources.${name} must be an integer from ${bounds[0]} to ${bounds[1]}, not ${JSON.stringify(value)}`);
+      }
+    } else if (value !== null && !isName(value)) {
+      throw new TypeError(`resources.${name} must be null or 1 to 64 characters without control characters, not ${JSON.stringify(value)}`);
     }
     out[name] = value;
   }
   return out as unknown as Resources;
+}
+
+function isName(value: unknown): boolean {
+  if (typeof value !== "string" || value.length === 0 || CONTROL.test(value)) return false;
+  if (value.length <= 64) return true;
+  let points = 0;
+  for (const _ of value) if (++points > 64) return false;
+  return true;
 }
 
 /** The decision for `action`. Throws a RangeError for an action that is not one of ACTIONS
@@ -191,8 +208,9 @@ function own<T>(map: Readonly<Record<string, T>> | null | undefined, key: string
 }
 
 /** A view as a record carries it, checked: every field of section 2 present with its JSON
- * type, integers safe (a larger one cannot be held exactly by a JavaScript number, so such a
- * view is refused rather than decided from). Unknown fields are ignored. Throws a TypeError. */
+ * type (an absent machine_quotas or machine_in_use reads as null), integers safe (a larger one
+ * cannot be held exactly by a JavaScript number, so such a view is refused rather than decided
+ * from). Unknown fields are dropped. Throws a TypeError: the record is then unreadable (8.1). */
 export function parseView(value: unknown): GateView {
   if (!isObject(value)) throw new TypeError("view: not an object");
   for (const name of INTEGER_VIEW_FIELDS) {
@@ -203,9 +221,18 @@ export function parseView(value: unknown): GateView {
   }
   const halted = value["halted"];
   if (halted !== null && halted !== "balance" && halted !== "admin") throw new TypeError("view.halted: not null, \"balance\" or \"admin\"");
-  checkMachineCounts(value["machine_quotas"], "machine_quotas");
-  checkMachineCounts(value["machine_in_use"], "machine_in_use");
-  return value as unknown as GateView;
+  const quotas = value["machine_quotas"] ?? null;
+  const inUse = value["machine_in_use"] ?? null;
+  checkMachineCounts(quotas, "machine_quotas");
+  checkMachineCounts(inUse, "machine_in_use");
+  return {
+    balance_micros: value["balance_micros"] as number, quota_remaining_micros: value["quota_remaining_micros"] as number,
+    included_micros: value["included_micros"] as number, active_leases: value["active_leases"] as number,
+    max_concurrent: value["max_concurrent"] as number, max_disk_mb: value["max_disk_mb"] as number,
+    halted: halted as HaltCause | null, suspended: value["suspended"] as boolean, degraded: value["degraded"] as boolean,
+    overdraws: value["overdraws"] as boolean, needs_card: value["needs_card"] as boolean,
+    machine_quotas: quotas as MachineCounts | null, machine_in_use: inUse as MachineCounts | null,
+  };
 }
 
 const INTEGER_VIEW_FIELDS = ["balance_micros", "quota_remaining_micros", "included_micros", "active_leases",

@@ -70,19 +70,32 @@ export function parseFeedLine(text: string): FeedLine {
   }
 }
 
-/** A view record (from the feed, a snapshot page or a lease answer's gate_view), checked. */
+/** Where an unreadable record's valid_until_us is: 1970, so it is never current. */
+export const UNREADABLE = 0;
+// An unreadable record's view: a placeholder, never decided from (its record is never current).
+const PLACEHOLDER: GateView = Object.freeze({
+  balance_micros: 0, quota_remaining_micros: 0, included_micros: 0, active_leases: 0, max_concurrent: 0,
+  max_disk_mb: 0, halted: null, suspended: true, degraded: true, overdraws: false, needs_card: false,
+  machine_quotas: null, machine_in_use: null,
+});
+
+/** A view record (from the feed, a snapshot page or a lease answer's gate_view), checked. A
+ * record whose envelope (org_id, shard, epoch, seq) does not read is a ProtocolError (a broken
+ * line); one whose view or valid_until_us does not read is unreadable (docs/gate-protocol.md
+ * 8.1): it keeps its place in the org's order, with valid_until_us UNREADABLE, so neither it nor
+ * the org's older record is decided from, and every other org goes on. */
 export function parseRecord(value: unknown): ViewRecord {
   if (!isObject(value)) throw new ProtocolError("view record: not an object");
   const { org_id: orgId, shard, epoch, seq } = value;
-  const validUntil = value["valid_until_us"] ?? null;
   if (typeof orgId !== "string") throw new ProtocolError("view record: no org_id");
   if (!isCount(shard) || !isCount(epoch) || !isCount(seq)) throw new ProtocolError(`view record of ${orgId}: bad shard, epoch or seq`);
-  if (validUntil !== null && !Number.isSafeInteger(validUntil)) throw new ProtocolError(`view record of ${orgId}: bad valid_until_us`);
+  const validUntil = value["valid_until_us"];
   let view: GateView;
   try {
+    if (validUntil !== null && !Number.isSafeInteger(validUntil)) throw new TypeError("bad valid_until_us");
     view = parseView(value["view"]);
-  } catch (error) {
-    throw new ProtocolError(`view record of ${orgId}: ${(error as Error).message}`);
+  } catch {
+    return { type: "view", org_id: orgId, shard, epoch, seq, valid_until_us: UNREADABLE, view: PLACEHOLDER };
   }
   return { type: "view", org_id: orgId, shard, epoch, seq, valid_until_us: validUntil as number | null, view };
 }

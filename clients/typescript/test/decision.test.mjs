@@ -3,7 +3,7 @@ import { readFileSync } from "node:fs";
 import test from "node:test";
 
 import * as gate from "../dist/index.js";
-import { failingVectors } from "./vectors.mjs";
+import { failingReadings, failingVectors } from "./vectors.mjs";
 
 const VECTORS_PATH = new URL("../../vectors/gate_decisions.json", import.meta.url);
 const VECTORS = JSON.parse(readFileSync(VECTORS_PATH, "utf8"));
@@ -12,6 +12,30 @@ test("the port answers every gate vector exactly", () => {
   assert.ok(VECTORS.cases.length >= 100, "the vectors file holds its cases");
   const failures = failingVectors(gate, VECTORS.cases);
   assert.deepEqual(failures.slice(0, 5), [], `${failures.length} of ${VECTORS.cases.length} vectors fail`);
+});
+
+test("the port reads every view and resources reading as the protocol says", () => {
+  assert.ok(VECTORS.view_readings.length >= 20 && VECTORS.resource_readings.length >= 20, "the readings are there");
+  const failures = failingReadings(gate, VECTORS);
+  assert.deepEqual(failures.slice(0, 5), [], `${failures.length} readings fail`);
+});
+
+test("an unreadable record takes the org's place in order: neither it nor the older record is decided from", () => {
+  const client = new gate.GateClient({ url: "http://127.0.0.1:1", token: "unused", maxStalenessS: 3600 });
+  const projection = client.projection;
+  const record = (seq, view) => gate.parseRecord({ type: "view", org_id: "org_1", shard: 0, epoch: 1, seq,
+    valid_until_us: null, view });
+  projection.apply(record(1, HEALTHY));
+  const now = projection.mono();
+  projection.clock(0, now + 1_000_000_000, now + 10, now);
+  projection.heard(0, now + 1_000_000_000);
+  assert.equal(client.local("org_1", "create", gate.NO_RESOURCES)?.source, "local");
+  projection.apply(record(2, { ...HEALTHY, halted: "fraud" }));
+  assert.equal(client.local("org_1", "create", gate.NO_RESOURCES), null);
+  projection.apply(record(1, HEALTHY));
+  assert.equal(client.local("org_1", "create", gate.NO_RESOURCES), null);
+  projection.apply(record(3, HEALTHY));
+  assert.equal(client.local("org_1", "create", gate.NO_RESOURCES)?.source, "local");
 });
 
 test("the vectors reach every reason, so a port that never answers one of them fails", () => {
@@ -29,7 +53,7 @@ test("resources in another shape are a TypeError that names the fields", () => {
   assert.throws(() => gate.toResources([1]), /HTTP body's field names/);
   assert.throws(() => gate.toResources({ disk: 1 }), /no field "disk".*disk_mb/);
   assert.throws(() => gate.toResources({ disk_mb: "1" }), /must be an integer/);
-  assert.throws(() => gate.toResources({ region: 5 }), /string or null/);
+  assert.throws(() => gate.toResources({ region: 5 }), /must be null or 1 to 64 characters/);
   assert.deepEqual(gate.toResources({ region: null, quantity: 3 }), { ...gate.NO_RESOURCES, quantity: 3 });
 });
 
@@ -50,5 +74,6 @@ test("limits near 2^53 compare exactly", () => {
   const big = Number.MAX_SAFE_INTEGER;
   const view = { ...HEALTHY, active_leases: big, max_concurrent: big };
   assert.equal(gate.decide("create", gate.toResources({ quantity: 1 }), view).reason, "concurrency_limit");
-  assert.equal(gate.decide("create", gate.toResources({ quantity: 0 }), view).reason, "ok");
+  // decide() holds for any integers (the bounds are the edge's): quantity 0 fits exactly
+  assert.equal(gate.decide("create", { ...gate.NO_RESOURCES, quantity: 0 }, view).reason, "ok");
 });

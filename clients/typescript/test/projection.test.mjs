@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import test from "node:test";
 
-import { Projection, formatCursor, parseCursor, parseFeedLine } from "../dist/index.js";
+import { Projection, UNREADABLE, formatCursor, parseCursor, parseFeedLine } from "../dist/index.js";
 
 const VECTORS = JSON.parse(readFileSync(new URL("../../vectors/gate_decisions.json", import.meta.url), "utf8"));
 const VIEW = VECTORS.cases.find((c) => c.decision.reason === "ok" && c.action === "create").view;
@@ -106,9 +106,9 @@ test("cursors round-trip and refuse what is not one", () => {
   assert.throws(() => parseCursor("99999999999999999:1"), /not a cursor/, "above 2^53");
 });
 
-test("feed lines are checked: an integer above 2^53 or a bad view is refused, unknown fields ignored", () => {
+test("feed lines are checked: an integer above 2^53 in the envelope is refused, a bad view unreadable, unknown fields ignored", () => {
   assert.throws(() => record("o", { seq: 2 ** 53 }), /bad shard, epoch or seq/);
-  assert.throws(() => record("o", { view: { ...VIEW, max_disk_mb: 1.5 } }), /max_disk_mb/);
+  assert.equal(record("o", { view: { ...VIEW, max_disk_mb: 1.5 } }).valid_until_us, UNREADABLE, "a bad view: unreadable");
   const beat = parseFeedLine('{"type":"heartbeat","cursor":"1:2,-","now_us":[5,null],"as_of_us":[4,null],"new":1}');
   assert.deepEqual(beat.as_of_us, [4, null]);
   assert.equal(parseFeedLine('{"type":"resync","shard":null,"reason":"x"}').shard, null);

@@ -22,14 +22,17 @@ try {
   if (!String(result.runtime).includes("Cloudflare-Workers")) {
     throw new Error(`not the Workers runtime: navigator.userAgent is ${result.runtime}`);
   }
-  const total = JSON.parse(vectorsText).cases.length;
+  const vectors = JSON.parse(vectorsText);
+  const total = vectors.cases.length;
+  const readings = vectors.view_readings.length + vectors.resource_readings.length;
   if (result.cases !== total) throw new Error(`workerd ran ${result.cases} of ${total} vectors`);
+  if (result.readings !== readings) throw new Error(`workerd ran ${result.readings} of ${readings} readings`);
   if (result.failures.length > 0) {
-    console.error(`workerd: ${result.failures.length} of ${total} gate vectors fail; the first:`);
+    console.error(`workerd: ${result.failures.length} of ${total} gate vectors and ${readings} readings fail; the first:`);
     console.error(JSON.stringify(result.failures.slice(0, 3), null, 1));
     process.exitCode = 1;
   } else {
-    console.log(`workerd (${result.runtime}): all ${total} gate vectors pass`);
+    console.log(`workerd (${result.runtime}): all ${total} gate vectors pass, and all ${readings} readings`);
   }
 } finally {
   await mf.dispose();
