@@ -94,6 +94,22 @@ def test_in_node_a_halt_reaches_the_local_decision_within_the_bound_and_the_serv
     assert measured["age_at_cut_s"] + measured["gone_to_policy_s"] >= 0.95
 
 
+def test_in_node_each_kind_of_change_made_elsewhere_reaches_the_local_decision_within_the_bound(
+        built, service, new_org):
+    """test/live/node-conformance.mjs, the relay's and the Python client's conformance cases: an
+    admin halt, a resume, the org's money taken back (halted for balance), a credit grant, a tier
+    change up and back down (a create of 6 against caps of 100 and 5), and another gateway's
+    leases up to the cap and one released, each made over HTTP and not through the client, each
+    answered `local` within the 1 s bound of the server's answer, and then as the server decides."""
+    done = _run(["node", "test/live/node-conformance.mjs"], timeout_s=180, env=_live_env(service, new_org()))
+    measured = _measured(done)
+    print("node conformance:", measured)
+    took = measured["answer_to_local_s"]
+    assert len(took) == 12, took  # halt, resume, debit, grant, tier up, tier down, 5 leases, a release
+    assert max(took.values()) <= 1.0 and max(measured["age_s"].values()) <= 1.0, measured
+    assert measured["counters"]["server"] == 0, measured["counters"]
+
+
 def test_in_workerd_the_isolate_projection_answers_locally_and_each_change_arrives_within_the_bound(
         built, service, new_org):
     """test/live/workerd-live.mjs: a Worker in workerd gating with isolateGate; halts and
