@@ -121,6 +121,8 @@ class BatchWork:
                 self.freed.pop(key)
             if holder is not tick or key in seen_before:
                 item.duplicates += 1  # seen before, or twice in this batch
+                if tick.org_id in self.shard.orgs:  # still a command to the org: time is applied (billing-rules 1.1)
+                    per_org.setdefault(tick.org_id, [])
                 continue
             per_org.setdefault(tick.org_id, []).append(tick)
             key_of[id(tick)] = key

@@ -224,3 +224,27 @@ def test_the_shard_with_postgres_equals_the_reference_model(shard_database, monk
     run_state_machine_as_test(ShardAgainstModel, settings=settings(
         max_examples=int(os.environ.get("METERGATE_DIFF_SHARD_EXAMPLES", "15")), stateful_step_count=30,
         deadline=None, database=None, suppress_health_check=list(HealthCheck)))
+
+
+def test_a_resent_tick_alone_after_a_period_end_still_applies_time(shard_database, monkeypatch):
+    """Found by the random run above (seed 24816230100996775765538573231541096318): a usage
+    request whose only tick was a resend reached no org command in the shard, so a period that
+    had ended meanwhile stayed open in memory while the model (billing-rules 1.1: every command
+    first applies time) began the next. The same two steps, on a fixed path."""
+    monkeypatch.setattr(ShardAgainstModel, "database_url", shard_database)
+    monkeypatch.setattr(shard_module, "now_us", lambda: RUNNING[0].now)
+    monkeypatch.setattr(shard_reads_module, "now_us", lambda: RUNNING[0].now)
+    machine = ShardAgainstModel()
+    try:
+        machine.create(plan_id="payg", prepaid=False, start_s=0)
+        tick = {"tick_id": "t_repeat", "lease_id": "ls_a", "duration_ms": 1, "memory_mb": 0, "cpu_count": 0,
+                "disk_mb": 0, "units": None}
+        periods = []
+        for serial, wait_s in enumerate((60, 57 * DAY_S), 1):
+            machine.now += wait_s * US
+            step = {"type": "usage", "ticks": [tick]}
+            machine.check(serial, step, machine.apply(step), machine.model.apply(machine.now, step))
+            periods.append(machine.org.period_key)
+        assert periods[0] != periods[1], periods  # the path crosses a period end
+    finally:
+        machine.teardown()
