@@ -11,6 +11,7 @@ round, as in bench/gate.py, so that a noisy 2-core host slows every side alike):
   (e) the relay's POST /v1/gate/batch, 1,000 checks a request
 
 The goal: (d) at least 2.0x (b). Run: .venv/bin/python -m bench.relay   (needs wrk)
+bench/gateways.py runs the same sides (http_sides, interleaved) beside the TypeScript client.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 
 import httpx
@@ -43,6 +45,13 @@ from bench.gate import (
 
 ROUNDS = 3
 GOAL = 2.0
+LABELS = {
+    "uvicorn_noop": "plain uvicorn, no-op ASGI handler",
+    "handrolled": "uvicorn + asyncpg, one indexed SELECT per check (hand-rolled)",
+    "gate": "metergate POST /v1/gate (HAProxy, Serve)",
+    "relay": "relay POST /v1/gate (loopback, local answers)",
+    "relay_batch": f"relay POST /v1/gate/batch ({BATCH_CHECKS:,} checks/request, {BATCH_CONNECTIONS} conns)",
+}
 
 
 @contextmanager
@@ -81,18 +90,20 @@ def _wait_local(url: str, org_ids: list[str], token: str, timeout_s: float = 60)
             time.sleep(0.2)
 
 
-def main() -> dict:
-    from bench.harness import SERVICE_TOKEN, create_orgs_via_api, have_wrk, running_service, wrk
+@contextmanager
+def http_sides(service):
+    """(a)-(e) on the running service: the orgs created, every server started, its first answer
+    checked and its path warmed. Yields (sides, relay_url); sides maps a name to
+    (url, bodies, connections, checks per request). Stops the servers on the way out."""
+    from bench.harness import SERVICE_TOKEN, create_orgs_via_api, wrk
 
-    assert have_wrk(), "this benchmark needs wrk (apt-get install wrk)"
     org_ids = [f"bench_{n}" for n in range(ORGS)]
     bodies = [json.dumps({"org_id": org_id, "action": "create",
                           "resources": {"memory_mb": 4096, "cpu_count": 2, "disk_mb": 10240}})
               for org_id in org_ids]
     batch = [json.dumps({"checks": [json.loads(bodies[(n + k) % ORGS]) for k in range(BATCH_CHECKS)]})
              for n in range(4)]
-    started = time.monotonic()
-    with running_service() as service, ExitStack() as servers:
+    with ExitStack() as servers:
         dsn = service.settings.database_url
         create_orgs_via_api(service.base_url, org_ids)
         _make_handrolled_table(dsn, org_ids)
@@ -112,45 +123,72 @@ def main() -> dict:
             _check_answers(url, load[0], batch=checks > 1)
         for url, load, connections, _ in sides.values():  # warm every path
             wrk(url, load, WARM_SECONDS, connections)
-        names = list(sides)
-        rounds: list[dict[str, dict]] = []
-        for round_no in range(ROUNDS):
-            order = names[round_no % len(names):] + names[:round_no % len(names)]
-            results = {}
-            for name in order:
-                url, load, connections, checks = sides[name]
-                result = wrk(url, load, SECONDS, connections)
-                result["checks_per_s"] = result["rps"] * checks
-                results[name] = result
-            rounds.append(results)
-            print(f"  round {round_no + 1}: " + ", ".join(
-                f"{n} {results[n]['checks_per_s']:,.0f}/s" for n in names), flush=True)
-        with httpx.Client(base_url=relay_url, timeout=10) as http:
-            counters = {line.split()[0]: line.split()[1] for line in http.get("/metrics").text.splitlines()
-                        if line.startswith("metergate_relay_checks_total")}
+        yield sides, relay_url
+
+
+def load_side(side: tuple) -> dict:
+    """One wrk load of SECONDS on a side: requests/s, checks/s, p50 and p99 in ms, errors."""
+    from bench.harness import wrk
+
+    url, load, connections, checks = side
+    result = wrk(url, load, SECONDS, connections)
+    result["checks_per_s"] = result["rps"] * checks
+    return result
+
+
+def interleaved(subjects: dict[str, Callable[[], dict]], rounds: int = ROUNDS,
+                brief: Callable[[str, dict], str] | None = None) -> list[dict[str, dict]]:
+    """Each subject once a round, the order rotated each round; a line per round."""
+    brief = brief or (lambda name, r: f"{name} {r['checks_per_s']:,.0f}/s")
+    names = list(subjects)
+    results_by_round: list[dict[str, dict]] = []
+    for round_no in range(rounds):
+        order = names[round_no % len(names):] + names[:round_no % len(names)]
+        results = {name: subjects[name]() for name in order}
+        results_by_round.append(results)
+        print(f"  round {round_no + 1}: " + ", ".join(brief(n, results[n]) for n in names), flush=True)
+    return results_by_round
+
+
+def medians(rounds: list[dict[str, dict]], names, keys=("checks_per_s", "rps", "p50_ms", "p99_ms")) -> dict:
+    return {name: {key: _med([r[name][key] for r in rounds]) for key in keys}
+            | {"errors": sum(r[name].get("errors", 0) for r in rounds)} for name in names}
+
+
+def ratio_rounds(rounds: list[dict[str, dict]], top: str, bottom: str) -> list[float]:
+    return [r[top]["checks_per_s"] / r[bottom]["checks_per_s"] for r in rounds]
+
+
+def relay_counters(relay_url: str) -> dict:
+    with httpx.Client(base_url=relay_url, timeout=10) as http:
+        return {line.split()[0]: line.split()[1] for line in http.get("/metrics").text.splitlines()
+                if line.startswith("metergate_relay_checks_total")}
+
+
+def main() -> dict:
+    from bench.harness import have_wrk, running_service
+
+    assert have_wrk(), "this benchmark needs wrk (apt-get install wrk)"
+    started = time.monotonic()
+    with running_service() as service, http_sides(service) as (sides, relay_url):
+        rounds = interleaved({name: lambda side=side: load_side(side) for name, side in sides.items()})
+        counters = relay_counters(relay_url)
     elapsed = time.monotonic() - started
 
-    medians = {name: {key: _med([r[name][key] for r in rounds]) for key in ("checks_per_s", "rps", "p50_ms", "p99_ms")}
-               | {"errors": sum(r[name]["errors"] for r in rounds)} for name in names}
-    relay_over_handrolled = [r["relay"]["checks_per_s"] / r["handrolled"]["checks_per_s"] for r in rounds]
-    relay_over_gate = [r["relay"]["checks_per_s"] / r["gate"]["checks_per_s"] for r in rounds]
-    relay_over_noop = [r["relay"]["checks_per_s"] / r["uvicorn_noop"]["checks_per_s"] for r in rounds]
-    result = {"servers": medians, "rounds": rounds, "relay_counters": counters, "elapsed_s": elapsed,
+    names = list(sides)
+    medianed = medians(rounds, names)
+    relay_over_handrolled = ratio_rounds(rounds, "relay", "handrolled")
+    relay_over_gate = ratio_rounds(rounds, "relay", "gate")
+    relay_over_noop = ratio_rounds(rounds, "relay", "uvicorn_noop")
+    result = {"servers": medianed, "rounds": rounds, "relay_counters": counters, "elapsed_s": elapsed,
               "relay_over_handrolled": _med(relay_over_handrolled), "relay_over_handrolled_rounds": relay_over_handrolled,
               "relay_over_gate": _med(relay_over_gate), "relay_over_noop": _med(relay_over_noop)}
-    labels = {
-        "uvicorn_noop": "plain uvicorn, no-op ASGI handler",
-        "handrolled": "uvicorn + asyncpg, one indexed SELECT per check (hand-rolled)",
-        "gate": "metergate POST /v1/gate (HAProxy, Serve)",
-        "relay": "relay POST /v1/gate (loopback, local answers)",
-        "relay_batch": f"relay POST /v1/gate/batch ({BATCH_CHECKS:,} checks/request, {BATCH_CONNECTIONS} conns)",
-    }
     print(f"\nmedians of {ROUNDS} interleaved rounds of {SECONDS} s; wrk, {CONNECTIONS} connections"
           f" unless noted ({elapsed:.0f} s in all)")
     print("| server | checks/s | requests/s | p50 | p99 | errors |\n|---|---|---|---|---|---|")
     for name in names:
-        m = medians[name]
-        print(f"| {labels[name]} | {m['checks_per_s']:,.0f} | {m['rps']:,.0f} | {m['p50_ms']:.2f} ms"
+        m = medianed[name]
+        print(f"| {LABELS[name]} | {m['checks_per_s']:,.0f} | {m['rps']:,.0f} | {m['p50_ms']:.2f} ms"
               f" | {m['p99_ms']:.2f} ms | {m['errors']} |")
 
     def ratios(values: list[float]) -> str:
