@@ -660,10 +660,11 @@ class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
         # Published before anyone is answered: a feed reader hears of a change no later than
         # the caller who made it.
         views = self.views
+        published = now_us()
         for org_id in work.new_positions:
             lo = self.orgs.get(org_id)
             if lo is not None:
-                views.publish(org_id, lo.org, work.now)
+                views.publish(org_id, lo.org, work.now, published)
         if work.fx.charges:
             self._start_charges(work.fx.charges)
         for index, item in enumerate(batch):

@@ -14,7 +14,7 @@ import asyncio
 import heapq
 
 from actors.org import OrgBillingActor
-from metergate_client.projection import RECORD_ENCODER, ViewRecord
+from metergate_client.projection import RECORD_ENCODER, PublishedRecord, ViewRecord
 
 MAX_RECORDS_PER_ANSWER = 5_000
 
@@ -38,8 +38,9 @@ class ViewLog:
     def start(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def publish(self, org_id: str, org: OrgBillingActor, now_us: int) -> bool:
-        """Record the org's view as of now_us (committed state only); True if it changed."""
+    def publish(self, org_id: str, org: OrgBillingActor, now_us: int, published_us: int | None = None) -> bool:
+        """Record the org's view as of now_us (committed state only); True if it changed.
+        published_us: the shard's time now, after the commit (default now_us)."""
         if not self.enabled:
             return False
         view, until = org.view_as_of(now_us)
@@ -47,7 +48,8 @@ class ViewLog:
         if known is not None and known[1].view == view and known[1].valid_until_us == until:
             return False
         self.seq += 1
-        record = ViewRecord(org_id, self.shard, self.epoch, self.seq, until, view)
+        record = PublishedRecord(org_id, self.shard, self.epoch, self.seq, until, view,
+                                 now_us if published_us is None else published_us)
         if known is not None:
             del self.records[org_id]  # to the end: the log stays in seq order
         self.records[org_id] = (self.seq, record, RECORD_ENCODER.encode(record))
@@ -60,7 +62,7 @@ class ViewLog:
         """The org's view now as a record of this `seq` (0: for one answer only, since memory
         may hold a command that is not committed yet), never in the log."""
         view, until = org.view_as_of(now_us)
-        return RECORD_ENCODER.encode(ViewRecord(org_id, self.shard, self.epoch, seq, until, view))
+        return RECORD_ENCODER.encode(PublishedRecord(org_id, self.shard, self.epoch, seq, until, view, now_us))
 
     def poke(self) -> None:
         """Wake the readers waiting for a change (they answer with the shard's clock, which moved)."""

@@ -27,6 +27,12 @@
       ingress (METERGATE_FEED_REPLICAS=0) and by a replica of its own (1), interleaved rounds,
       medians and ratios.
 
+(v)   `python -m bench.client staleness` alone: the paced and churn phases of (ii) on one service
+      as deployed by default, with commit-to-view measured exactly: each record carries
+      published_us, the shard's clock just after its COMMIT (one host, so one clock), and the
+      time until the record is in this process's projection is measured for every record the
+      feed applies and for each grant's.
+
 Every service start runs in a child process of its own (python -m bench.client part ...):
 when launch.stop()'s serve.delete / serve.shutdown steps overrun their time budget, their
 threads go on after ray.shutdown() and Serve's client then starts a new local Ray from them,
@@ -57,10 +63,11 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import httpx
+import msgspec
 
 from metergate_client import GateClient, Resources
 from metergate_client import client as client_module
-from metergate_client.projection import Projection
+from metergate_client.projection import Heartbeat, Projection, PublishedRecord, Resync
 
 ORGS = 1_000
 LOCAL_SECONDS = 3.0  # the tight loop
@@ -174,7 +181,7 @@ def measure_local(gate: GateClient, ids: list[str]) -> dict:
 class TimedProjection(Projection):
     """A Projection that timestamps each record the feed applies (when get() shows it)."""
 
-    log: list | None = None  # (org_id, balance_micros, monotonic_ns); None: not recording
+    log: list | None = None  # (org_id, balance_micros, monotonic_ns, published_us); None: not recording
 
     def advance(self, shard, epoch, seq, records) -> None:
         super().advance(shard, epoch, seq, records)
@@ -182,18 +189,27 @@ class TimedProjection(Projection):
         if log is not None and records:
             now = time.monotonic_ns()
             for record in records:
-                log.append((record.org_id, record.view.balance_micros, now))
+                log.append((record.org_id, record.view.balance_micros, now, getattr(record, "published_us", None)))
+
+
+_PUBLISHED_FEED = msgspec.json.Decoder(PublishedRecord | Heartbeat | Resync)
+
+
+def _read_published(line):
+    """The client's feed reader, keeping each record's published_us (a client drops it)."""
+    return _PUBLISHED_FEED.decode(line)
 
 
 @contextmanager
 def timed_projection():
-    """GateClients made inside use TimedProjection (also for the snapshots of a resync)."""
-    original = client_module.Projection
-    client_module.Projection = TimedProjection
+    """GateClients made inside use TimedProjection (also for the snapshots of a resync), and
+    read the feed's records with their published_us."""
+    original, reader = client_module.Projection, client_module.read_feed_line
+    client_module.Projection, client_module.read_feed_line = TimedProjection, _read_published
     try:
         yield
     finally:
-        client_module.Projection = original
+        client_module.Projection, client_module.read_feed_line = original, reader
         TimedProjection.log = None
 
 
@@ -225,17 +241,24 @@ def measure_staleness(base_url: str, phase: str) -> dict:
     assert granter.returncode == 0, f"the grants process failed ({granter.returncode})"
     report = json.loads(out.strip().splitlines()[-1])
     mutations = report["mutations"]
-    by_org: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    for org_id, balance, at in log:  # one feed thread appends: in time order
-        by_org[org_id].append((at, balance))
-    from_ack, from_start, from_entry, unmatched = [], [], [], 0
+    by_org: dict[str, list[tuple[int, int, int | None]]] = defaultdict(list)
+    wall_minus_mono = time.time_ns() - time.monotonic_ns()  # one host: the shards' clock is this one
+    from_publish = []  # every record the feed applied: the shard's time after COMMIT -> in the view
+    for org_id, balance, at, published_us in log:  # one feed thread appends: in time order
+        published = None if published_us is None else published_us * 1000 - wall_minus_mono
+        by_org[org_id].append((at, balance, published))
+        if published is not None:
+            from_publish.append((at - published) / 1e6)
+    from_ack, from_start, from_entry, from_commit, unmatched = [], [], [], [], 0
     for org_id, balance, started, answered, entry in mutations:
         threshold = balance - GRANT_MICROS // 2
-        for at, seen in by_org.get(org_id, ()):
+        for at, seen, published in by_org.get(org_id, ()):
             if seen >= threshold:
                 from_ack.append((at - answered) / 1e6)
                 from_start.append((at - started) / 1e6)
                 from_entry.append((at - entry) / 1e6)
+                if published is not None:
+                    from_commit.append((at - published) / 1e6)
                 break
         else:
             unmatched += 1
@@ -246,7 +269,8 @@ def measure_staleness(base_url: str, phase: str) -> dict:
               "unmatched": unmatched, "before_ack": sum(1 for v in from_ack if v < 0),
               "skipped": report["skipped"], "rate": rate, "concurrency": concurrency,
               "request_p50_ms": pct(requests, 50), "request_p99_ms": pct(requests, 99)}
-    for name, values in (("ack", from_ack), ("start", from_start), ("entry", from_entry)):
+    for name, values in (("ack", from_ack), ("start", from_start), ("entry", from_entry),
+                         ("commit", from_commit), ("published", from_publish)):
         if values:
             result.update({f"{name}_p50_ms": pct(values, 50), f"{name}_p99_ms": pct(values, 99),
                            f"{name}_max_ms": max(values)})
@@ -266,7 +290,12 @@ def print_staleness(s: dict) -> None:
           flush=True)
     print(f"    ledger entry (batch cut, before commit) -> in the local view: p50 {s.get('entry_p50_ms', nan):.1f} ms,"
           f" p99 {s.get('entry_p99_ms', nan):.1f} ms, max {s.get('entry_max_ms', nan):.1f} ms"
-          f"  (commit-to-view is at most this)  target p99 <= 100 ms")
+          f"  (commit-to-view is at most this)")
+    print(f"    commit (the shard's clock after COMMIT, published_us) -> in the local view: grants p50"
+          f" {s.get('commit_p50_ms', nan):.1f} ms, p99 {s.get('commit_p99_ms', nan):.1f} ms, max"
+          f" {s.get('commit_max_ms', nan):.1f} ms; every record applied ({s['records_applied']:,}): p50"
+          f" {s.get('published_p50_ms', nan):.1f} ms, p99 {s.get('published_p99_ms', nan):.1f} ms"
+          f"  target p99 <= 100 ms")
     print(f"    answer received -> in the local view: p50 {s.get('ack_p50_ms', nan):.1f} ms,"
           f" p99 {s.get('ack_p99_ms', nan):.1f} ms, max {s.get('ack_max_ms', nan):.1f} ms"
           f" ({s['before_ack']:,} of {s['mutations']:,} there before the answer; commit-to-view is at least this)")
@@ -420,6 +449,16 @@ def part_feed(feed_replicas: int) -> dict:
     return result
 
 
+def part_staleness() -> dict:
+    """(v): commit-to-view, idle (paced grants) and under churn, on one service as deployed by
+    default (the feed on a replica of its own)."""
+    with synced_client(org_ids()) as (service, _):
+        results = {phase: measure_staleness(service.base_url, phase) for phase in ("paced", "churn")}
+    for result in results.values():
+        print_staleness(result)
+    return results
+
+
 def feed_ab() -> dict:
     """(iv): FEED_AB_ROUNDS rounds, each the churn phase with the feed served by the ingress
     (METERGATE_FEED_REPLICAS=0) and then by a replica of its own (1), each on a service of its
@@ -429,7 +468,8 @@ def feed_ab() -> dict:
         for replicas in (0, 1):
             print(f"(iv) round {n + 1}: feed on {'its own replica' if replicas else 'the ingress'}", flush=True)
             runs[replicas].append(run_part("feed", str(replicas)))
-    keys = ("ack_p50_ms", "ack_p99_ms", "entry_p50_ms", "entry_p99_ms")
+    keys = ("commit_p50_ms", "commit_p99_ms", "published_p50_ms", "published_p99_ms", "ack_p50_ms", "ack_p99_ms",
+            "entry_p50_ms", "entry_p99_ms")
     medians = {r: {k: statistics.median(run[k] for run in runs[r]) for k in keys} for r in runs}
     ratios = {k: medians[1][k] / medians[0][k] if medians[0][k] > 0 else float("nan") for k in keys}
     print(f"(iv) feed under churn, medians of {FEED_AB_ROUNDS} rounds (ms): on the ingress {medians[0]};"
@@ -534,6 +574,8 @@ def _follow(base_url: str) -> None:
 def _part(result_path: str, what: str, *args: str) -> None:
     if what == "feed":
         result = part_feed(int(args[0]))
+    elif what == "staleness":
+        result = part_staleness()
     else:
         result = part_client() if what == "client" else part_ticks(args[0] == "on", args[1])
     with open(result_path, "w") as out:
@@ -552,5 +594,7 @@ if __name__ == "__main__":
         _follow(sys.argv[2])
     elif role == "feed-ab":
         feed_ab()
+    elif role == "staleness":
+        run_part("staleness")
     else:
         main()

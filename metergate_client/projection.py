@@ -38,6 +38,15 @@ class ViewRecord(msgspec.Struct, frozen=True, tag="view", tag_field="type"):
     view: GateView
 
 
+class PublishedRecord(ViewRecord, frozen=True, tag="view"):
+    """A record as the shard writes it: also published_us, the shard's time when it published
+    the record, just after the commit it follows. Informative (how long a record took to reach
+    a reader, docs/gate-protocol.md 8.1): no rule reads it, so a client decodes ViewRecord and
+    does not hold it."""
+
+    published_us: int | None = None
+
+
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat", tag_field="type"):
     """Nothing was left out: every change up to `cursor` has been sent. Per shard k, in that
     shard's own clock: now_us[k], the shard's time when this line was written, and as_of_us[k],

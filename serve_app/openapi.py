@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from actors.ticks import TypedUsageBody
 from metergate_client.decision import HaltCause
-from metergate_client.projection import ViewPage, ViewRecord
+from metergate_client.projection import PublishedRecord, ViewPage
 from serve_app.bodies import GateBody, LeaseBody, body_schema
 from serve_app.views import Decision
 
@@ -61,7 +61,7 @@ class LeaseResult(msgspec.Struct):
     expires_at: str
     ttl_s: int
     quantity: int
-    gate_view: ViewRecord | None = None
+    gate_view: PublishedRecord | None = None
 
 
 class LeaseDenied(Decision, kw_only=True):
@@ -69,7 +69,7 @@ class LeaseDenied(Decision, kw_only=True):
     the gate's decision beside it, and the org's latest view record."""
 
     error: ErrorDetail
-    gate_view: ViewRecord | None = None
+    gate_view: PublishedRecord | None = None
 
 
 class LeaseReleased(msgspec.Struct):
@@ -78,7 +78,7 @@ class LeaseReleased(msgspec.Struct):
     org_id: str
     lease_id: str
     released: bool
-    gate_view: ViewRecord | None = None
+    gate_view: PublishedRecord | None = None
 
 
 class SvixEvent(msgspec.Struct):
@@ -464,6 +464,7 @@ _DOCUMENTED = (GateBody, GateBatch, GateBatchResult, LeaseBody, TypedUsageBody, 
 _, COMPONENTS = msgspec.json.schema_components(_DOCUMENTED, ref_template=REF)
 COMPONENTS["GateBatchResult"]["properties"]["decisions"]["items"] = {
     "anyOf": [{"$ref": REF.format(name="Decision")}, {"$ref": REF.format(name="Error")}]}
+COMPONENTS["ViewPage"]["properties"]["views"]["items"] = {"$ref": REF.format(name="PublishedRecord")}  # as written
 
 # What each error status means on any route; docs/reference/errors.md has every code.
 ERRORS = {
