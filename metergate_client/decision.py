@@ -50,7 +50,9 @@ class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # log line or page should carry the others); `$` also matches before a final newline in a
 # search, so the lookahead.
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
-WHOLE_NAME_PATTERN = NAME_PATTERN + r"(?!\n)"
+# Nor a lone UTF-16 surrogate, which no UTF-8 body can carry (pydantic's Rust regex cannot
+# even name one, so only here).
+WHOLE_NAME_PATTERN = r"^[^\x00-\x1f\x7f\ud800-\udfff]+$(?!\n)"
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=WHOLE_NAME_PATTERN)]
 MAX_SIZE = 1 << 40  # memory_mb and disk_mb
 MAX_CPU_COUNT = 1024
@@ -58,7 +60,7 @@ MAX_QUANTITY = 10_000
 
 
 class ResourcesIn(msgspec.Struct, forbid_unknown_fields=True):
-    """The `resources` of a gate or lease body, checked against the bounds above."""
+    """The resources a gate check or a lease asks for (docs/gate-protocol.md 3.2)."""
 
     memory_mb: Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)] = 0
     cpu_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_CPU_COUNT)] = 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import msgspec
 
@@ -39,10 +40,9 @@ class ViewRecord(msgspec.Struct, frozen=True, tag="view", tag_field="type"):
 
 
 class PublishedRecord(ViewRecord, frozen=True, tag="view"):
-    """A record as the shard writes it: also published_us, the shard's time when it published
-    the record, just after the commit it follows. Informative (how long a record took to reach
-    a reader, docs/gate-protocol.md 8.1): no rule reads it, so a client decodes ViewRecord and
-    does not hold it."""
+    """A view record as a shard writes it, with published_us: the shard's time when it
+    published the record, just after the commit it follows. Informative (how long a record
+    takes to reach a reader, docs/gate-protocol.md 8.1): no rule reads it."""
 
     published_us: int | None = None
 
@@ -88,9 +88,11 @@ RECORD_DECODER = msgspec.json.Decoder(ViewRecord)
 PAGE_DECODER = msgspec.json.Decoder(ViewPage)
 
 
-class _Envelope(msgspec.Struct, frozen=True, tag="view", tag_field="type"):
-    """What a view record says besides its view: enough to place it in the org's order."""
+class _Envelope(msgspec.Struct, frozen=True):
+    """What a view record says besides its view: enough to place it in the org's order. Its
+    `type` is a plain field, so a line without one is no record (a tag may be absent)."""
 
+    type: Literal["view"]
     org_id: str
     shard: int
     epoch: int
@@ -118,6 +120,20 @@ def _unreadable(raw: bytes | msgspec.Raw) -> ViewRecord:
     """The never-current stand-in for a record whose envelope reads and whose view does not;
     a record whose envelope does not read either raises (a broken line, not one org's)."""
     envelope = _ENVELOPE_DECODER.decode(raw)
+    return ViewRecord(envelope.org_id, envelope.shard, envelope.epoch, envelope.seq, UNREADABLE, _PLACEHOLDER)
+
+
+def read_record(value: object) -> ViewRecord | None:
+    """A view record already parsed from JSON (a lease answer's gate_view): the record, its
+    unreadable stand-in, or None when even its envelope does not read (nothing to apply)."""
+    try:
+        return msgspec.convert(value, ViewRecord)
+    except msgspec.ValidationError:
+        pass
+    try:
+        envelope = msgspec.convert(value, _Envelope)
+    except msgspec.ValidationError:
+        return None
     return ViewRecord(envelope.org_id, envelope.shard, envelope.epoch, envelope.seq, UNREADABLE, _PLACEHOLDER)
 
 

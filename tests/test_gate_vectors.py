@@ -15,6 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 
@@ -173,7 +174,7 @@ def spec_read_resources(body: dict) -> dict | None:
 
     def name(value: object) -> bool:
         return value is None or isinstance(value, str) and 1 <= len(value) <= 64 and not any(
-            ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+            ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value)
 
     if set(body) - set(SPEC_RESOURCE_DEFAULTS):
         return None
@@ -208,7 +209,7 @@ def test_resources_are_read_or_refused_as_the_protocol_and_the_server_say(readin
     assert spec_read_resources(reading["resources"]) == reading["read"]
     try:
         server = msgspec.to_builtins(msgspec.json.decode(json.dumps(reading["resources"]), type=ResourcesIn).to_core())
-    except msgspec.ValidationError:
+    except (msgspec.ValidationError, msgspec.DecodeError):  # 422, or 400 for text no UTF-8 body holds
         server = None
     assert server == reading["read"]
 
@@ -269,4 +270,42 @@ def test_the_client_refuses_resources_no_request_could_carry():
         with pytest.raises(ValueError):
             asyncio.run(client.acheck("org_1", "wake", bad))
     assert client.check("org_1", "create", Resources(quantity=2, region="us")).source == "local"
+    # Text no UTF-8 body can carry (a lone surrogate: not in the vectors, which many JSON readers
+    # refuse to parse) is refused too, as the server refuses such a body.
+    for bad in ({"region": "us\ud800"}, Resources(machine_type="\udfff")):
+        with pytest.raises(BadResources):
+            client.check("org_1", "create", bad)
+    assert client.check("org_1", "create", {"region": "\U0001F600" * 64}).source == "local"  # a pair is one character
+    client.close()
+
+
+def test_no_policy_answers_resources_that_no_request_could_carry():
+    """Without a current view the policy answers; never for resources the server would refuse."""
+    client = GateClient("http://127.0.0.1:9", "t" * 20, start=False, default_policy="open")
+    assert client.check("org_unknown", "create", Resources(quantity=1)).source == "policy"
+    with pytest.raises(BadResources):
+        client.check("org_unknown", "create", Resources(quantity=0))
+    with pytest.raises(BadResources):
+        asyncio.run(client.acheck("org_unknown", "create", Resources(disk_mb=-1)))
+    client.close()
+
+
+def test_a_lease_answers_view_that_does_not_read_stands_in_the_orgs_order():
+    """8.1 on a lease answer's gate_view: unreadable, it replaces the org's older record as one
+    that is never current (the lease's own answer is returned); an envelope that does not read
+    is not applied."""
+    client = GateClient("http://127.0.0.1:9", "t" * 20, max_staleness_s=3600, start=False, default_policy="closed")
+    now = mono_us()
+    client.projection.clock(0, now, now, now)
+    client.projection.heard(0, now)
+    client.projection.apply(read_feed_line(_record_line(VIEW_READINGS[0]["view"])))
+    assert client.check("org_1", "create").source == "local"
+    newer = json.loads(_record_line({**VIEW_READINGS[0]["view"], "halted": "fraud"}, seq=2))
+    body = client._leased(httpx.Response(201, json={"lease_id": "l1", "gate_view": newer}))
+    assert body["lease_id"] == "l1" and client.check("org_1", "create").source == "policy"
+    broken = {**newer, "seq": "x", "view": VIEW_READINGS[0]["view"]}
+    assert client._leased(httpx.Response(201, json={"lease_id": "l2", "gate_view": broken}))["lease_id"] == "l2"
+    assert client.check("org_1", "create").source == "policy"
+    with pytest.raises(msgspec.ValidationError):  # a line without its type is no record: the stream breaks
+        read_feed_line(b'{"org_id": "o", "shard": 0, "epoch": 1, "seq": 1, "valid_until_us": null}')
     client.close()

@@ -19,7 +19,7 @@
  * always go to the server; a lease answer's gate_view is applied at once.
  */
 
-import { ACTIONS, NO_RESOURCES, decide, toResources, type Action, type Decision, type Resources, type ResourcesInput } from "./decision.js";
+import { ACTIONS, NO_RESOURCES, checkedResources, decide, toResources, type Action, type Decision, type Resources, type ResourcesInput } from "./decision.js";
 import {
   Projection, ProtocolError, parseCursor, parseFeedLine, parsePage, parseRecord, type Heartbeat, type MonoClock,
   type Position, type Resync, type ViewRecord, monoUs,
@@ -132,7 +132,8 @@ export class GateClient {
 
   /** The decision from the org's current view, or null when it has none (no record, its
    * shard not proved current within maxStalenessS, or past the view's valid_until). The hot
-   * path: synchronous, no I/O. Throws RangeError for an unknown action. */
+   * path: synchronous, no I/O. Throws RangeError for an unknown action, and TypeError for
+   * resources the server would refuse (made other than by toResources and out of bounds). */
   local(orgId: string, action: string, resources: Resources = NO_RESOURCES): Answer | null {
     const found = this.projection.current(orgId, this.maxStalenessS);
     if (found === null) {
@@ -140,7 +141,7 @@ export class GateClient {
       if (!Object.hasOwn(this.policies, action)) throw new RangeError(`no such action: ${JSON.stringify(action)}; actions are ${ACTIONS.join(", ")}`);
       return null;
     }
-    const decision = decide(action, resources, found.record.view);
+    const decision = decide(action, checkedResources(resources), found.record.view);
     this.counts.local++;
     return { allowed: decision.allowed, reason: decision.reason, source: "local", ageS: found.ageS, decision };
   }

@@ -89,14 +89,17 @@ const RESOURCE_FIELDS = Object.keys(NO_RESOURCES) as (keyof Resources)[];
 const RESOURCE_BOUNDS: Readonly<Record<string, readonly [number, number]>> = Object.freeze({
   memory_mb: [0, 2 ** 40], cpu_count: [0, 1024], disk_mb: [0, 2 ** 40], quantity: [1, 10_000],
 });
-// A name: 1 to 64 characters (code points), none of them a control character.
-const CONTROL = /[\u0000-\u001f\u007f]/;
+// A name: 1 to 64 characters (code points), none of them a control character or a lone
+// surrogate (no UTF-8 body can carry one; with the u flag a well-formed pair is one code point).
+const CONTROL = /[\u0000-\u001f\u007f\ud800-\udfff]/u;
+// Every Resources toResources returned: frozen and checked, so local() need not check again.
+const CHECKED = new WeakSet<object>();
 
 /** Resources from the HTTP body's shape (absent fields take their defaults; the names may also
  * be null). Anything the server would refuse (an unknown field, a wrong type, a value out of
  * bounds: docs/gate-protocol.md 3.2) is a TypeError saying what was expected. */
 export function toResources(input: ResourcesInput | null | undefined): Resources {
-  if (input === null || input === undefined) return NO_RESOURCES;
+  if (input === null || input === undefined || input === NO_RESOURCES) return NO_RESOURCES;
   if (typeof input !== "object" || Array.isArray(input)) {
     throw new TypeError(`resources must be an object with the HTTP body's field names (${RESOURCE_FIELDS.join(", ")}), not ${Array.isArray(input) ? "an array" : typeof input}`);
   }
@@ -116,7 +119,15 @@ export function toResources(input: ResourcesInput | null | undefined): Resources
     }
     out[name] = value;
   }
-  return out as unknown as Resources;
+  const resources = Object.freeze(out) as unknown as Resources;
+  CHECKED.add(resources);
+  return resources;
+}
+
+/** `resources` if toResources made it (or it is NO_RESOURCES), else checked by toResources:
+ * a local decision is never made from resources the server would refuse. */
+export function checkedResources(resources: Resources): Resources {
+  return resources === NO_RESOURCES || CHECKED.has(resources) ? resources : toResources(resources);
 }
 
 function isName(value: unknown): boolean {

@@ -38,6 +38,24 @@ test("an unreadable record takes the org's place in order: neither it nor the ol
   assert.equal(client.local("org_1", "create", gate.NO_RESOURCES)?.source, "local");
 });
 
+test("local() never decides from resources the server would refuse, however they were made", () => {
+  const client = new gate.GateClient({ url: "http://127.0.0.1:1", token: "unused", maxStalenessS: 3600 });
+  const projection = client.projection;
+  projection.apply(gate.parseRecord({ type: "view", org_id: "org_1", shard: 0, epoch: 1, seq: 1, valid_until_us: null,
+    view: { ...HEALTHY, active_leases: 5, max_concurrent: 5 } }));
+  const now = projection.mono();
+  projection.clock(0, now + 1_000_000_000, now + 10, now);
+  projection.heard(0, now + 1_000_000_000);
+  const made = gate.toResources({ quantity: 1 });
+  assert.ok(Object.isFrozen(made), "toResources's answer cannot be changed afterwards");
+  assert.equal(client.local("org_1", "create", made)?.reason, "concurrency_limit");
+  // By hand, not through toResources: a negative quantity would slip under the cap.
+  assert.throws(() => client.local("org_1", "create", { ...gate.NO_RESOURCES, quantity: -5 }), TypeError);
+  assert.throws(() => client.local("org_1", "create", { ...gate.NO_RESOURCES, region: "us\ud800" }), TypeError);
+  assert.equal(client.local("org_1", "create", { ...gate.NO_RESOURCES, quantity: 1 })?.reason, "concurrency_limit");
+  assert.equal(gate.toResources({ region: "\u{1F600}".repeat(64) }).region.length, 128, "a pair is one character");
+});
+
 test("the vectors reach every reason, so a port that never answers one of them fails", () => {
   const reasons = new Set(VECTORS.cases.map((c) => c.decision.reason));
   assert.deepEqual([...reasons].sort(), Object.keys(gate.STATUS_BY_REASON).sort());
