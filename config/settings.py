@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from datetime import datetime
@@ -46,6 +47,11 @@ class Settings(BaseSettings):
     service_token_previous: str | None = Field(None, min_length=16)
     admin_token_previous: str | None = Field(None, min_length=16)
     org_token_secret_previous: str | None = Field(None, min_length=32)
+    # Signs capability tokens (Ed25519; serve_app/captokens.py): a 32-byte seed, base64url.
+    # Unset: generated once and kept with the generated tokens. During a rotation the previous
+    # key's public half stays published, so the tokens it signed verify until they expire.
+    capability_key: str | None = Field(None, min_length=43, max_length=43)
+    capability_key_previous: str | None = Field(None, min_length=43, max_length=43)
     shards: int = Field(2, ge=1, le=256)
     catalog: Path = DEFAULT_CATALOG
     ingress_replicas: int = Field(1, ge=1, le=64)
@@ -210,6 +216,21 @@ class Settings(BaseSettings):
             raise ValueError(clash)
         return token
 
+    @field_validator("capability_key", "capability_key_previous")
+    @classmethod
+    def _capability_key_is_a_seed(cls, key: str | None, info: ValidationInfo) -> str | None:
+        if key is None:
+            return key
+        try:
+            raw = base64.b64decode(key + "=", altchars=b"-_", validate=True)
+        except ValueError:
+            raise ValueError("must be 32 bytes in unpadded base64url (43 characters)") from None
+        if len(raw) != 32:
+            raise ValueError("must be 32 bytes in unpadded base64url (43 characters)")
+        if info.field_name == "capability_key_previous" and key == info.data.get("capability_key"):
+            raise ValueError("must differ from METERGATE_CAPABILITY_KEY")
+        return key
+
     @field_validator("usage_detail_days")
     @classmethod
     def _detail_behind_ticks(cls, days: int, info: ValidationInfo) -> int:
@@ -299,11 +320,13 @@ def generated_tokens(settings: Settings) -> tuple[Settings, set[str]]:
     path = Path(settings.data_dir) / "tokens.json"
     if path.is_file() and path.stat().st_mode & 0o077:
         path.chmod(0o600)  # written by an older version, or loosened by hand
-    missing = [name for name in ("service_token", "admin_token", "org_token_secret") if getattr(settings, name) is None]
+    missing = [name for name in ("service_token", "admin_token", "org_token_secret", "capability_key")
+               if getattr(settings, name) is None]
     if not missing:
         return settings, set()
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    prefixes = {"service_token": "mg_svc_", "admin_token": "mg_adm_", "org_token_secret": ""}
+    # token_urlsafe(32): 32 random bytes in unpadded base64url, which is also an Ed25519 seed.
+    prefixes = {"service_token": "mg_svc_", "admin_token": "mg_adm_", "org_token_secret": "", "capability_key": ""}
     update = {name: saved.get(name) or prefixes[name] + secrets.token_urlsafe(32) for name in missing}
     filled = {**settings.model_dump(include={n for names in ROLE_TOKENS.values() for n in names}), **update}
     for name in ("service_token_previous", "admin_token_previous"):

@@ -23,6 +23,7 @@ class GateBody(msgspec.Struct, forbid_unknown_fields=True):
     action: Literal["create", "wake", "ingest", "purchase"]
     resources: ResourcesIn | None = None
     max_age_ms: MaxAgeMs | None = None  # the caller's staleness bound: an older view is not decided from
+    token: bool = False  # an allowed answer carries a capability token (serve_app/captokens.py)
 
 
 MAX_GATE_CHECKS = 1_000  # per POST /v1/gate/batch

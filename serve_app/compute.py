@@ -22,7 +22,9 @@ async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
     if "denied" in result:
         denied = decision_view(result["denied"])
         return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied, **view}
-    return (201 if result["created"] else 200), {"org_id": body.org_id, **lease_view(result["lease"]), **view}
+    token = ctx.capabilities.lease_token(body.org_id, result["lease"], now_us())
+    return (201 if result["created"] else 200), {"org_id": body.org_id, **lease_view(result["lease"]),
+                                                 "capability_token": token, **view}
 
 
 def current_view(ctx: Context, org_id: str) -> dict:

@@ -15,6 +15,7 @@ from actors.clock import now_us
 from config.catalog import Catalog
 from config.settings import Settings
 from serve_app.auth import Caller, bearer, forbidden, identify, token_checks
+from serve_app.captokens import CapabilitySigner
 from serve_app.errors import ApiError
 from actors.routing import ShardRouter
 from serve_app.stripe_gateway import StripeGateway
@@ -65,6 +66,9 @@ class Context:
 
     def __post_init__(self) -> None:
         self.org_tokens, self.previous_tokens = token_checks(self.settings)
+        # None only for an app built without generated secrets (a test that serves no lease).
+        self.capabilities = (CapabilitySigner(self.settings.capability_key, self.settings.capability_key_previous)
+                             if self.settings.capability_key else None)
         self._revocations: dict[str, tuple[int, float]] = {}  # org → (tokens valid after, µs; read at)
         self.recent_months: dict[str, tuple[float, tuple, asyncio.Future]] = {}  # org → months: calls.py
         self.stripe = StripeGateway(self.settings)

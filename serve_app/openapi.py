@@ -61,7 +61,15 @@ class LeaseResult(msgspec.Struct):
     expires_at: str
     ttl_s: int
     quantity: int
+    capability_token: str | None = None  # docs/integrate/capability-tokens.md
     gate_view: PublishedRecord | None = None
+
+
+class GateDecision(Decision, kw_only=True):
+    """A gate check's decision; an allowed one whose check asked (`"token": true`) carries a
+    capability token (docs/integrate/capability-tokens.md)."""
+
+    capability_token: str | None = None
 
 
 class LeaseDenied(Decision, kw_only=True):
@@ -439,6 +447,24 @@ class PortalSession(msgspec.Struct):
     url: str
 
 
+class PublicKey(msgspec.Struct):
+    """An Ed25519 public key (an OKP JWK, RFC 8037); `x` is the raw key in base64url."""
+
+    kty: str
+    crv: str
+    x: str
+    kid: str
+    use: str
+    alg: str
+
+
+class KeySet(msgspec.Struct):
+    """GET /.well-known/metergate-keys: the key capability tokens are signed with, and during a
+    rotation the previous one."""
+
+    keys: list[PublicKey]
+
+
 # ----- the test clock ---------------------------------------------------------------------
 
 class ClockNow(msgspec.Struct):
@@ -456,14 +482,14 @@ class ClockAdvanced(msgspec.Struct):
     ran: dict
 
 
-_DOCUMENTED = (GateBody, GateBatch, GateBatchResult, LeaseBody, TypedUsageBody, Decision, Error, UsageResult, LeaseResult,
+_DOCUMENTED = (GateBody, GateBatch, GateBatchResult, LeaseBody, TypedUsageBody, GateDecision, Error, UsageResult, LeaseResult,
                LeaseDenied, LeaseReleased, SvixEvent, SvixAnswer, StripeEvent, StripeAnswer, Health, Ready, Parity,
                Replay, ViewPage, GateClock, Org, OrgPage, Credited, OrgToken, TokensRevoked, LedgerPage, UsageReport,
                Months, InboundPage, OutboxList, OutboxRetried, Reconciled, MetersReconciled, CheckoutSession,
-               PortalSession, ClockNow, ClockAdvanced)
+               PortalSession, ClockNow, ClockAdvanced, KeySet)
 _, COMPONENTS = msgspec.json.schema_components(_DOCUMENTED, ref_template=REF)
 COMPONENTS["GateBatchResult"]["properties"]["decisions"]["items"] = {
-    "anyOf": [{"$ref": REF.format(name="Decision")}, {"$ref": REF.format(name="Error")}]}
+    "anyOf": [{"$ref": REF.format(name="GateDecision")}, {"$ref": REF.format(name="Error")}]}
 COMPONENTS["ViewPage"]["properties"]["views"]["items"] = {"$ref": REF.format(name="PublishedRecord")}  # as written
 
 # What each error status means on any route; docs/reference/errors.md has every code.
@@ -533,7 +559,7 @@ def operation(body: type, ok: dict[str, tuple[str, type | None]], *errors: tuple
     return extra
 
 
-GATE = operation(GateBody, {"200": ("The decision (always 200 when the check ran)", Decision)}, SERVICE, ORG)
+GATE = operation(GateBody, {"200": ("The decision (always 200 when the check ran)", GateDecision)}, SERVICE, ORG)
 GATE_BATCH = operation(GateBatch, {"200": ("A decision or an error per check, in order", GateBatchResult)},
                        SERVICE, ("429", "503"))
 LEASE = operation(LeaseBody, {"201": ("A new lease", LeaseResult), "200": ("The same lease again", LeaseResult),

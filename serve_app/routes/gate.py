@@ -7,8 +7,9 @@ import msgspec
 from fastapi import APIRouter, Request, Response
 
 from actors import commands as cmd
+from actors.clock import now_us
 from serve_app import openapi
-from serve_app.bodies import GATE_DECODER, checks_max_age, decode, decode_gate_checks, max_age_of, resources_of
+from serve_app.bodies import GATE_DECODER, GateBody, checks_max_age, decode, decode_gate_checks, max_age_of, resources_of
 from serve_app.compute import current_view, record_usage, release_lease, take_lease
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, api_error_of, item_error, raise_for_shard_error
@@ -24,7 +25,16 @@ async def gate_answer(ctx: Context, raw_body: bytes) -> dict:
     result, age_s = await ctx.router.gate(body.org_id, body.action, resources_of(body), max_age_of(body))
     if isinstance(result, dict):
         raise_for_shard_error(result)
-    return decision_view(to_builtins(result), age_s)
+    return with_token(ctx, body, decision_view(to_builtins(result), age_s))
+
+
+def with_token(ctx: Context, body: GateBody, decision: dict) -> dict:
+    """An allowed decision whose check asked for one (`"token": true`) carries a capability
+    token for its org, action and resources, valid for GATE_TOKEN_TTL_S."""
+    if not (body.token and decision["allowed"]):
+        return decision
+    token = ctx.capabilities.gate_token(body.org_id, body.action, resources_of(body), now_us())
+    return {**decision, "capability_token": token}
 
 
 async def gate_batch_answer(ctx: Context, raw_body: bytes) -> dict:
@@ -37,7 +47,7 @@ async def gate_batch_answer(ctx: Context, raw_body: bytes) -> dict:
     answers = await ctx.router.gate_many([check for _, check in valid], checks_max_age(checks)) if valid else []
     for (index, _), (answer, age_s) in zip(valid, answers):
         decisions[index] = (item_error(api_error_of(answer["error"])) if isinstance(answer, dict)
-                            else decision_view(to_builtins(answer), age_s))
+                            else with_token(ctx, checks[index], decision_view(to_builtins(answer), age_s)))
     return {"decisions": decisions}
 
 
@@ -68,7 +78,9 @@ def routes(ctx: Context) -> APIRouter:
     async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         result = raise_for_shard_error(await ctx.router.command(org_id, cmd.RenewLease(lease_id)))
-        return json({"org_id": org_id, **lease_view(result["lease"]), **current_view(ctx, org_id)})
+        token = ctx.capabilities.lease_token(org_id, result["lease"], now_us())  # the renewed expiry
+        return json({"org_id": org_id, **lease_view(result["lease"]), "capability_token": token,
+                     **current_view(ctx, org_id)})
 
     @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204, openapi_extra=openapi.answers(
         {"204": ("Released, or already gone", None),
