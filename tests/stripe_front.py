@@ -18,6 +18,13 @@ For tests:
   events of both reach it, signed the same way;
 - subscriptions read and updated through here look as Stripe's do, where localstripe differs
   (see `update_subscription`); GET /_fake/subscription_updates lists the updates made.
+- prices (localstripe has only the legacy plans): POST/GET /v1/prices, GET/POST /v1/prices/{id},
+  with `lookup_keys` lists, a lookup key held by one price at a time and moved by
+  `transfer_lookup_key`, Idempotency-Key honoured, a `unit_amount` above 99999999 refused as
+  Stripe does; a subscription Checkout completed here on such a price bills its amount;
+- POST /v1/billing/meters makes a meter (listed with those of the events sent);
+- a restricted key named `rk_test_readonly…` may read but not write (403, as Stripe answers a
+  restricted key without the write permission).
 Run: python this.py PORT LOCALSTRIPE_PORT
 """
 
@@ -53,6 +60,11 @@ method_list_failures = {"next": 0}  # GET /v1/payment_methods answered 500 while
 attached: list[tuple[str, str]] = []  # (customer, payment method) in the order they were attached
 counter = itertools.count(1)
 sent_events: list[dict] = []  # the events sent from here, for GET /v1/events (localstripe lists its own)
+prices: dict[str, dict] = {}  # id -> price (localstripe has no prices)
+prices_by_key: dict[str, dict] = {}  # Idempotency-Key -> the price it made
+created_meters: dict[str, dict] = {}  # event name -> meter made by POST /v1/billing/meters
+READ_ONLY_KEY = "rk_test_readonly"
+UNIT_AMOUNT_MAX = 99_999_999  # Stripe's largest unit_amount in USD cents
 CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
 
 
@@ -186,7 +198,8 @@ async def ensure_plan(request: web.Request, price: str) -> None:
     try:
         await call_upstream(request, "GET", f"/v1/plans/{price}")
     except web.HTTPBadRequest:
-        await call_upstream(request, "POST", "/v1/plans", {"id": price, "amount": 2000, "currency": "usd",
+        amount = prices.get(price, {}).get("unit_amount") or 2000  # a price published here: its own amount
+        await call_upstream(request, "POST", "/v1/plans", {"id": price, "amount": amount, "currency": "usd",
                                                           "interval": "month", "product": {"name": price}})
 
 
@@ -340,11 +353,104 @@ def _counted(event: dict) -> bool:
 
 
 async def list_meters(request: web.Request) -> web.Response:
-    """GET /v1/billing/meters: a meter for each event name sent here (Stripe's are made by
-    hand in its dashboard; metergate finds its meter by event name)."""
-    names = sorted({event["event_name"] for event in meter_events})
+    """GET /v1/billing/meters: a meter for each event name sent here or made by POST (Stripe's
+    are made in its dashboard or by `metergate stripe ensure-products`; metergate finds its
+    meter by event name)."""
+    names = sorted({event["event_name"] for event in meter_events} | set(created_meters))
     return web.json_response({"object": "list", "url": "/v1/billing/meters", "has_more": False, "data": [
         {"id": f"mtr_{name}", "object": "billing.meter", "event_name": name, "status": "active"} for name in names]})
+
+
+async def create_meter(request: web.Request) -> web.Response:
+    """POST /v1/billing/meters: one active meter per event name, as Stripe allows."""
+    params = nested(urllib.parse.parse_qsl(await request.text()))
+    name = params.get("event_name", "")
+    if not name or name in created_meters:
+        return stripe_error(400, "invalid_request_error", f"An active meter with event_name {name!r} already exists.")
+    created_meters[name] = {"id": f"mtr_{name}", "object": "billing.meter", "status": "active", **params}
+    return web.json_response(created_meters[name])
+
+
+def _boolean(value) -> bool:
+    return str(value).lower() == "true"
+
+
+async def create_price(request: web.Request) -> web.Response:
+    """POST /v1/prices: Stripe's checks that metergate's catalog can meet (a product that
+    exists, an amount in range, a lookup key that one price holds unless transferred)."""
+    key = request.headers.get("Idempotency-Key")
+    if key and key in prices_by_key:
+        return web.json_response(prices_by_key[key])
+    params = nested(urllib.parse.parse_qsl(await request.text()))
+    try:
+        await call_upstream(request, "GET", f"/v1/products/{params.get('product', '')}")
+    except web.HTTPBadRequest:
+        return stripe_error(400, "invalid_request_error", f"No such product: '{params.get('product')}'",
+                            "resource_missing")
+    amount = int(params["unit_amount"]) if "unit_amount" in params else None
+    if amount is not None and not 0 <= amount <= UNIT_AMOUNT_MAX:
+        return stripe_error(400, "invalid_request_error",
+                            f"Invalid integer: {amount}. This value must be less than or equal to {UNIT_AMOUNT_MAX}.")
+    lookup_key = params.get("lookup_key")
+    holder = next((p for p in prices.values() if lookup_key and p["lookup_key"] == lookup_key), None)
+    if holder is not None and not _boolean(params.get("transfer_lookup_key")):
+        return stripe_error(400, "invalid_request_error",
+                            f"A price (`{holder['id']}`) already uses that lookup key.")
+    if holder is not None:
+        holder["lookup_key"] = None
+    recurring = params.get("recurring")
+    price = {"id": f"price_front_{next(counter)}", "object": "price", "active": True, "currency": params["currency"],
+             "product": params["product"], "unit_amount": amount,
+             "unit_amount_decimal": params.get("unit_amount_decimal", str(amount) if amount is not None else None),
+             "recurring": ({"interval": recurring.get("interval"), "usage_type": recurring.get("usage_type", "licensed"),
+                            "meter": recurring.get("meter")} if recurring else None),
+             "type": "recurring" if recurring else "one_time", "lookup_key": lookup_key,
+             "metadata": params.get("metadata", {}), "livemode": False, "created": int(time.time())}
+    prices[price["id"]] = price
+    if key:
+        prices_by_key[key] = price
+    return web.json_response(price)
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    """GET /v1/prices, by lookup_keys[], active and product, newest first."""
+    query = urllib.parse.parse_qsl(request.query_string)
+    keys = {value for name, value in query if name.startswith("lookup_keys")}
+    wanted = dict(query)
+    found = [p for p in reversed(prices.values())
+             if (not keys or p["lookup_key"] in keys)
+             and ("active" not in wanted or p["active"] == _boolean(wanted["active"]))
+             and ("product" not in wanted or p["product"] == wanted["product"])]
+    return web.json_response({"object": "list", "url": "/v1/prices", "has_more": False,
+                              "data": found[:int(wanted.get("limit", 10))]})
+
+
+async def price(request: web.Request) -> web.Response:
+    """GET /v1/prices/{id}; POST changes active, metadata or the lookup key (the amount never)."""
+    found = prices.get(request.match_info["id"])
+    if found is None:
+        return stripe_error(404, "invalid_request_error", f"No such price: '{request.match_info['id']}'",
+                            "resource_missing")
+    if request.method == "POST":
+        params = nested(urllib.parse.parse_qsl(await request.text()))
+        if "active" in params:
+            found["active"] = _boolean(params["active"])
+        found["metadata"].update(params.get("metadata", {}))
+    return web.json_response(found)
+
+
+@web.middleware
+async def read_only_keys(request: web.Request, handler):
+    """A restricted key without write permissions: Stripe answers its writes 403. Its reads go
+    on with a secret key (localstripe takes only `sk_` keys)."""
+    if not request.headers.get("Authorization", "").startswith(f"Bearer {READ_ONLY_KEY}"):
+        return await handler(request)
+    if request.method == "POST":
+        return stripe_error(403, "invalid_request_error",
+                            "The provided key does not have the required permissions for this endpoint.")
+    headers = request.headers.copy()
+    headers["Authorization"] = "Bearer sk_test_restricted_reads"
+    return await handler(request.clone(headers=headers))
 
 
 async def meter_event_summaries(request: web.Request) -> web.Response:
@@ -480,7 +586,7 @@ async def proxy(request: web.Request) -> web.Response:
 
 
 def app(localstripe_port: int) -> web.Application:
-    application = web.Application()
+    application = web.Application(middlewares=[read_only_keys])
     application["upstream"] = f"http://127.0.0.1:{localstripe_port}"
     application.router.add_post("/v1/checkout/sessions", lambda r: create_session(r, "checkout"))
     application.router.add_post("/v1/billing_portal/sessions", lambda r: create_session(r, "portal"))
@@ -504,6 +610,10 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_get("/v1/payment_methods", list_payment_methods)
     application.router.add_route("*", "/_fake/payment_methods", method_list_control)
     application.router.add_route("*", "/_fake/meter_events", meter_control)
+    application.router.add_post("/v1/billing/meters", create_meter)
+    application.router.add_post("/v1/prices", create_price)
+    application.router.add_get("/v1/prices", list_prices)
+    application.router.add_route("*", "/v1/prices/{id}", price)
     application.router.add_route("*", "/{tail:.*}", proxy)
     return application
 
