@@ -333,6 +333,10 @@ def generated_tokens(settings: Settings) -> tuple[Settings, set[str]]:
         clash = role_clash(name, filled)  # a previous token set to a token kept in tokens.json
         if clash:
             raise SettingsError(f"invalid settings:\n  METERGATE_{name.upper()}: {clash}")
+    previous_key = settings.capability_key_previous
+    if previous_key is not None and previous_key == update.get("capability_key"):
+        raise SettingsError("invalid settings:\n  METERGATE_CAPABILITY_KEY_PREVIOUS: is the key kept in tokens.json; "
+                            "set METERGATE_CAPABILITY_KEY to the new key")
     new = {name for name in missing if saved.get(name) != update[name]}
     if new:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,8 @@ class Capability(msgspec.Struct, frozen=True):
         for name in ("machine_type", "region"):
             asked = getattr(resources, name)
             if asked is not None and asked != getattr(granted, name):
-                raise CapabilityError(Refusal.EXCEEDS_GRANT, f"{name} {asked!r} asked, {getattr(granted, name)!r} granted")
+                raise CapabilityError(Refusal.EXCEEDS_GRANT,
+                                      f"{name} {asked!r} asked, {getattr(granted, name)!r} granted")
 
 
 _HEADER_DECODER = msgspec.json.Decoder(Header)

@@ -66,7 +66,8 @@ class Context:
 
     def __post_init__(self) -> None:
         self.org_tokens, self.previous_tokens = token_checks(self.settings)
-        # None only for an app built without generated secrets (a test that serves no lease).
+        # None without a key: an app built without generated secrets (tests), or a cluster whose
+        # nodes were not given METERGATE_CAPABILITY_KEY; answers then carry no token.
         self.capabilities = (CapabilitySigner(self.settings.capability_key, self.settings.capability_key_previous)
                              if self.settings.capability_key else None)
         self._revocations: dict[str, tuple[int, float]] = {}  # org → (tokens valid after, µs; read at)

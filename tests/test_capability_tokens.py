@@ -15,7 +15,9 @@ import httpx
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
+from config.settings import Settings, SettingsError, generated_tokens
 from metergate_client import CapabilityError, Refusal, Resources, Verifier
 from metergate_client.captoken import Claims, Grant, b64, sign, unb64
 from metergate_client.cell_example import TOKEN_HEADER, Cell, CreateBody, serve
@@ -184,3 +186,21 @@ def signed_elsewhere(token: str) -> str:
     """The same claims signed by a key metergate never published."""
     claims = msgspec.json.decode(unb64(token.split(".")[1]), type=Claims)
     return sign(Ed25519PrivateKey.generate(), claims)
+
+
+def test_a_replica_without_a_capability_key_answers_leases_without_a_token(service, new_org):
+    """A cluster node not given METERGATE_CAPABILITY_KEY: leases still work, carry no token,
+    and the key set is empty, so a cell refuses (closed) rather than billing stopping."""
+    body = {"org_id": new_org(), "lease_id": "sbx_keyless", "resources": RESOURCES, "ttl_s": 60}
+    (keys, taken), _ = replica_answers(service, [("GET", KEYS, SERVICE_TOKEN, None),
+                                                  ("POST", "/v1/leases", SERVICE_TOKEN, body)], capability_key=None)
+    assert keys == (200, {"keys": []})
+    assert taken[0] == 201 and "capability_token" not in taken[1]
+
+
+def test_a_previous_key_equal_to_the_kept_key_is_refused_at_start(tmp_path):
+    kept, _ = generated_tokens(Settings(data_dir=tmp_path))
+    with pytest.raises(SettingsError, match="METERGATE_CAPABILITY_KEY_PREVIOUS"):
+        generated_tokens(Settings(data_dir=tmp_path, capability_key_previous=kept.capability_key))
+    with pytest.raises(ValidationError, match="must differ"):
+        Settings(capability_key=kept.capability_key, capability_key_previous=kept.capability_key)

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Request, Response
 from actors import commands as cmd
 from actors.clock import now_us
 from serve_app import openapi
-from serve_app.bodies import GATE_DECODER, GateBody, checks_max_age, decode, decode_gate_checks, max_age_of, resources_of
-from serve_app.compute import current_view, record_usage, release_lease, take_lease
+from serve_app.bodies import (GATE_DECODER, GateBody, checks_max_age, decode, decode_gate_checks, max_age_of,
+                              resources_of)
+from serve_app.compute import current_view, lease_token, record_usage, release_lease, take_lease
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, api_error_of, item_error, raise_for_shard_error
 from serve_app.params import LeasePath, OrgPath
@@ -31,7 +32,7 @@ async def gate_answer(ctx: Context, raw_body: bytes) -> dict:
 def with_token(ctx: Context, body: GateBody, decision: dict) -> dict:
     """An allowed decision whose check asked for one (`"token": true`) carries a capability
     token for its org, action and resources, valid for GATE_TOKEN_TTL_S."""
-    if not (body.token and decision["allowed"]):
+    if not (body.token and decision["allowed"]) or ctx.capabilities is None:
         return decision
     token = ctx.capabilities.gate_token(body.org_id, body.action, resources_of(body), now_us())
     return {**decision, "capability_token": token}
@@ -78,9 +79,8 @@ def routes(ctx: Context) -> APIRouter:
     async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         result = raise_for_shard_error(await ctx.router.command(org_id, cmd.RenewLease(lease_id)))
-        token = ctx.capabilities.lease_token(org_id, result["lease"], now_us())  # the renewed expiry
-        return json({"org_id": org_id, **lease_view(result["lease"]), "capability_token": token,
-                     **current_view(ctx, org_id)})
+        return json({"org_id": org_id, **lease_view(result["lease"]), **lease_token(ctx, org_id, result["lease"]),
+                     **current_view(ctx, org_id)})  # a token with the renewed expiry
 
     @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204, openapi_extra=openapi.answers(
         {"204": ("Released, or already gone", None),
