@@ -146,3 +146,47 @@ def test_in_node_a_killed_shard_resyncs_alone_while_the_other_shards_org_stays_l
     print("shard killed:", measured)
     assert measured["other_not_local"] == 0 and measured["other_local"] > 0, measured
     assert measured["counters"]["resyncs"] >= 3, measured  # one per shard at the start, then the killed one
+
+
+def test_in_workerd_the_server_cut_off_leads_to_each_actions_policy_once_the_bound_has_passed(
+        built, service, new_org):
+    """test/live/workerd-cut.mjs: the Worker (isolateGate in workerd) reaches the service through
+    a relay the script cuts; local answers go on only from views within the bound, then create
+    (closed) and wake and ingest (server, unreachable) are denied by policy as unavailable, never
+    before the views' age passed the bound and never local again."""
+    done = _run(["node", "test/live/workerd-cut.mjs"], timeout_s=120, env=_live_env(service, new_org()))
+    measured = _measured(done)
+    print("workers pattern, server cut off:", measured)
+    assert measured["age_at_cut_s"] + measured["gone_to_policy_s"] >= 0.95, measured
+    assert measured["policy_answers"] >= 3, measured
+
+
+def test_in_workerd_a_killed_shard_resyncs_while_the_other_shards_org_stays_local(built, service, new_org, org_id_on):
+    """test/live/workerd-resync.mjs: shard 0 killed with SIGKILL while a Worker (isolateGate in
+    workerd) is asked about an org on each shard in turn; every answer about the org on shard 1
+    stays local, shard 1 is proved current as of after the kill while shard 0 is down, the org
+    on shard 0 is local again after the isolate's pass resynced that shard
+    and loaded its snapshot, and a credit made after the restart reaches the Worker's local
+    decision within the bound, as the server decides it."""
+    env = {**os.environ, **_live_env(service, new_org(org_id=org_id_on(0))), "METERGATE_OTHER_ORG": new_org(
+        org_id=org_id_on(1))}
+    script = subprocess.Popen(["node", "test/live/workerd-resync.mjs"], cwd=PACKAGE, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = script.stdout.readline().strip()
+        assert ready == "ready", f"{ready}\n{script.stderr.read() if script.poll() is not None else ''}"
+        os.kill(shard_pid(0), signal.SIGKILL)
+        script.stdin.write("killed\n")
+        script.stdin.flush()
+        out, err = script.communicate(timeout=150)
+    finally:
+        if script.poll() is None:
+            script.kill()
+    assert script.returncode == 0, err[-4000:]
+    measured = json.loads(out.strip().splitlines()[-1])
+    print("workers pattern, shard killed:", measured)
+    assert measured["other_not_local"] == 0 and measured["other_local"] > 0, measured
+    assert measured["other_proved_while_down"] > 0, measured  # shard 1 proved current as of after the kill
+    assert measured["counters"]["resyncs"] > measured["before"]["resyncs"], measured
+    assert measured["counters"]["snapshots"] > measured["before"]["snapshots"], measured
+    assert measured["credit_to_local_s"] <= 1.0, measured

@@ -6,35 +6,12 @@
 // METERGATE_ADMIN_TOKEN, METERGATE_ORG (an org with credit and no leases). Prints one JSON
 // line of what it measured; exits 1 with the reason on the first failed expectation.
 import assert from "node:assert/strict";
-import net from "node:net";
 
 import { GateClient } from "../../dist/index.js";
+import { relayTo } from "./helpers.mjs";
 
 const { METERGATE_URL: url, METERGATE_SERVICE_TOKEN: token, METERGATE_ADMIN_TOKEN: adminToken, METERGATE_ORG: org } = process.env;
 const BOUND_S = 1.0;
-
-/** A TCP relay to the service that close() cuts for good: every connection reset, no new one. */
-async function relayTo(target) {
-  const { hostname, port } = new URL(target);
-  const sockets = new Set();
-  const server = net.createServer((client) => {
-    const upstream = net.connect(Number(port), hostname);
-    for (const socket of [client, upstream]) {
-      sockets.add(socket);
-      socket.on("close", () => sockets.delete(socket));
-      socket.on("error", () => undefined);
-    }
-    client.pipe(upstream).pipe(client);
-  });
-  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return {
-    url: `http://127.0.0.1:${server.address().port}`,
-    close() {
-      server.close();
-      for (const socket of sockets) socket.destroy();
-    },
-  };
-}
 
 async function until(what, probe, timeoutS = 10) {
   const started = performance.now();
