@@ -254,8 +254,9 @@ class Verifier:
         if self._cache_size == 0:
             return
         if len(self._cache) >= self._cache_size:
+            # Full: the expired go, and if that frees less than a quarter, the oldest too, down to
+            # three quarters. A sweep per insert would make every new token cost the whole cache.
             now_s = self._clock()
-            self._cache = {t: c for t, c in self._cache.items() if c.claims.exp + self._leeway_s > now_s}
-            while len(self._cache) >= self._cache_size:  # all still in force: the oldest go
-                del self._cache[next(iter(self._cache))]
+            kept = [(t, c) for t, c in self._cache.items() if c.claims.exp + self._leeway_s > now_s]
+            self._cache = dict(kept[max(0, len(kept) - self._cache_size * 3 // 4):])
         self._cache[token] = capability
