@@ -15,7 +15,7 @@ import sys
 
 import typer
 
-from cli import checks, db_check, inbound, local, orgs, outbox, relay, restore
+from cli import checks, db_check, inbound, local, orgs, outbox, relay, restore, stripe_catalog
 from cli.client import CliError
 from cli.output import error_line
 
@@ -44,6 +44,7 @@ app.command("check")(db_check.check)
 app.add_typer(outbox.outbox_app, name="outbox")
 app.add_typer(inbound.inbound_app, name="inbound")
 app.add_typer(restore.restore_app, name="restore")
+app.add_typer(stripe_catalog.stripe_app, name="stripe")
 app.command("bench")(local.bench)
 app.command("relay")(relay.relay)
 

@@ -50,7 +50,8 @@ def create(org_id: OrgArg,
 @orgs_app.command("tier")
 def tier(org_id: OrgArg,
          tier_name: Annotated[str, typer.Argument(metavar="TIER", help="A paid tier of the catalog's "
-                                                                       "[stripe_prices].", show_default=False)],
+                                                                       "[stripe_prices] or [tier_monthly_micros].",
+                                                   show_default=False)],
          idempotency_key: IdempotencyKey = None,
          url: UrlOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Put an org on a paid tier through Stripe.

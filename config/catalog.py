@@ -11,6 +11,8 @@ import msgspec
 
 PERIODS = ("week", "month")
 UNIT_NAME_MAX = 64
+PAID_TIERS = ("pro", "pro_plus", "pro_plus_plus")
+MICROS_PER_CENT = 10_000  # Stripe charges whole cents
 
 
 # Each plan version's next version in the catalog that made it, by the version's own object:
@@ -68,6 +70,8 @@ class Catalog:
     plans: dict[tuple[str, int], Plan]
     packs: dict[str, Pack] = field(default_factory=dict)
     stripe_prices: dict[str, str] = field(default_factory=dict)  # paid tier -> Stripe price id
+    # paid tier -> its monthly price, published to Stripe by `metergate stripe ensure-products`
+    tier_monthly_micros: dict[str, int] = field(default_factory=dict)
     low_balance_micros: int = 0  # a new org's balance.threshold_crossed alert (0: off)
 
     def plan_version(self, plan_id: str, version: int) -> Plan:
@@ -87,6 +91,11 @@ class Catalog:
             if best is None or plan.version > best.version:
                 best = plan
         return best
+
+    def tiers_on_sale(self) -> list[str]:
+        """The paid tiers an org can buy: an explicit price id, or a monthly amount to publish."""
+        return [tier for tier in PAID_TIERS
+                if tier in self.tiers and (tier in self.stripe_prices or tier in self.tier_monthly_micros)]
 
     def plan_ids(self) -> list[str]:
         return sorted({plan_id for plan_id, _ in self.plans})
@@ -148,6 +157,18 @@ def _parse_plan(raw: dict, index: int) -> Plan:
     )
 
 
+def _tier_monthly_micros(raw: object) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        raise CatalogError("tier_monthly_micros: expected a table")
+    for tier in raw:
+        if tier not in PAID_TIERS:
+            raise CatalogError(f"tier_monthly_micros.{tier}: not a paid tier (one of {PAID_TIERS})")
+        amount = _nonneg_int(raw, tier, "tier_monthly_micros")
+        if amount == 0 or amount % MICROS_PER_CENT:
+            raise CatalogError(f"tier_monthly_micros.{tier}: expected a positive whole number of cents, got {amount}")
+    return dict(raw)
+
+
 def parse_catalog(raw: dict) -> Catalog:
     plans: dict[tuple[str, int], Plan] = {}
     for index, raw_plan in enumerate(raw.get("plans", [])):
@@ -178,6 +199,7 @@ def parse_catalog(raw: dict) -> Catalog:
         packs=packs,
         stripe_prices={str(k): str(v) for k, v in raw.get("stripe_prices", {}).items()},
         low_balance_micros=_nonneg_int(raw, "low_balance_micros", "catalog") if "low_balance_micros" in raw else 0,
+        tier_monthly_micros=_tier_monthly_micros(raw.get("tier_monthly_micros", {})),
     )
     for plan in plans.values():
         other_kind = [p.version for p in plans.values() if p.id == plan.id and p.period != plan.period]

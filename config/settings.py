@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     # bills the rest of the period is Stripe's proration_behavior: credit and charge the
     # difference on the next invoice, invoice it at once, or leave the period as paid.
     stripe_proration_behavior: Literal["create_prorations", "always_invoice", "none"] = "create_prorations"
+    # Stripe Tax on every Checkout that charges (payment and subscription): the customer's
+    # address is collected and saved on its Stripe customer; prices are then before tax.
+    stripe_automatic_tax: bool = False
+    # At start, before serving: publish the catalog to Stripe as `metergate stripe
+    # ensure-products` does; Stripe refusing stops the start.
+    stripe_ensure_products: bool = False
     svix_webhook_secret: str | None = None
     webhook_secret: str | None = None
     webhook_urls: str = ""

@@ -69,6 +69,7 @@ class BillingPage:
     packs: list[Pack]
     tiers: list[tuple[str, int]]  # the paid tiers on sale, with their concurrency caps
     notice: str | None
+    before_tax: bool = False  # METERGATE_STRIPE_AUTOMATIC_TAX: Stripe adds tax at Checkout
 
 
 def money(micros: int) -> str:
@@ -266,6 +267,13 @@ def stripe_note(page: BillingPage) -> str:
     return "" if page.stripe_ready else '<p class="muted">Card payments are not set up on this server yet.</p>'
 
 
+def tax_note(page: BillingPage) -> str:
+    if not page.before_tax:
+        return ""
+    return ('<p class="muted" data-tax="before">Prices are before tax: Stripe adds any tax due at checkout, '
+            'from the billing address you give there.</p>')
+
+
 def topup_forms(page: BillingPage) -> str:
     off = not page.stripe_ready
     amount = form(page, "topup", '<label>Amount (USD) <input type="number" name="amount_usd" min="0.50" '
@@ -279,7 +287,7 @@ def topup_forms(page: BillingPage) -> str:
     return (f'<div class="row">{amount}</div>'
             + (f'<p>Or a credit pack:</p><div class="row">{packs}</div>' if packs else "")
             + '<p class="muted">You pay on Stripe Checkout; the credit is added once Stripe confirms it.</p>'
-            + stripe_note(page))
+            + tax_note(page) + stripe_note(page))
 
 
 def card_forms(page: BillingPage) -> str:
@@ -313,7 +321,7 @@ def tier_form(page: BillingPage) -> str:
         return current
     return current + form(page, "tier", f'<fieldset>{options}</fieldset>',
                           "Change tier" if subscribed else "Continue to checkout",
-                          disabled=not page.stripe_ready) + stripe_note(page)
+                          disabled=not page.stripe_ready) + tax_note(page) + stripe_note(page)
 
 
 def auto_recharge_form(page: BillingPage) -> str:

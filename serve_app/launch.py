@@ -193,12 +193,30 @@ def start_backend(settings: Settings) -> list[int]:
     return running.slot_map
 
 
+def ensure_products_at_start(settings: Settings, catalog) -> None:
+    """METERGATE_STRIPE_ENSURE_PRODUCTS: the catalog published to Stripe before anything
+    serves, so that the first tier Checkout finds its price; Stripe refusing stops the start."""
+    from actors.stripe_products import EnsureFailed, ensure
+    from config.settings import stripe_client
+
+    client = stripe_client(settings, max_network_retries=2)
+    if client is None:
+        raise SettingsError("METERGATE_STRIPE_ENSURE_PRODUCTS needs METERGATE_STRIPE_SECRET_KEY")
+    try:
+        changes = ensure(client, catalog, f"{settings.stripe_meter_prefix}_usage_micros")
+    except EnsureFailed as exc:
+        raise SettingsError(f"METERGATE_STRIPE_ENSURE_PRODUCTS: {exc} ({len(exc.done)} changes made before it)") from None
+    log.info("stripe ensure-products at start: %d changes", len(changes))
+
+
 def start(settings: Settings, ray_init_kwargs: dict | None = None, running: Running | None = None) -> Running:
     """Bring the service up, recording in `running` what is up so far.
 
     If anything fails or a stop signal interrupts it, what was already started is stopped
     again before the exception goes on."""
-    load_catalog(settings.catalog)  # fail fast on a bad catalog
+    catalog = load_catalog(settings.catalog)  # fail fast on a bad catalog
+    if settings.stripe_ensure_products:
+        ensure_products_at_start(settings, catalog)
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         check_ray_ports(settings)
     settings, new_tokens = generated_tokens(settings)

@@ -20,6 +20,7 @@ from typing import Mapping
 from actors.commands import (Command, Credit, DisputeFunds, InvoiceFailed, InvoicePaid, RefundPayment,
                              ReverseRefund, SettleRecharge, SubscriptionChanged)
 from actors.org import MAX_AMOUNT_MICROS, MICROS_PER_CENT
+from actors.stripe_products import TIER_OF_LOOKUP_KEY
 from actors.timeutil import MAX_PLAUSIBLE_S
 from config.catalog import Catalog
 
@@ -272,15 +273,19 @@ def _checkout(session: dict, catalog: Catalog) -> list[Command]:
 
 def tier_of(subscription: dict, catalog: Catalog) -> str | None:
     """The paid tier a subscription is for: by its items' prices (a portal switch changes
-    only the price), else by the metadata metergate set when it opened it."""
+    only the price): the catalog's explicit ids, or a tier's lookup key; else by the metadata
+    metergate set when it opened it."""
     by_price = {price: tier for tier, price in catalog.stripe_prices.items() if tier in PAID_TIERS}
     items = (subscription.get("items") or {}).get("data") or []
     tiers = []
     for item in items if isinstance(items, list) else ():
         price = item.get("price") if isinstance(item, dict) else None
         price_id = price.get("id") if isinstance(price, dict) else price
+        lookup_key = price.get("lookup_key") if isinstance(price, dict) else None
         if isinstance(price_id, str) and price_id in by_price:
             tiers.append(by_price[price_id])
+        elif isinstance(lookup_key, str) and TIER_OF_LOOKUP_KEY.get(lookup_key) in catalog.tiers:
+            tiers.append(TIER_OF_LOOKUP_KEY[lookup_key])  # a price published by ensure-products
     if tiers:
         return max(tiers, key=lambda t: catalog.tiers[t])
     tier = (subscription.get("metadata") or {}).get("tier")

@@ -9,15 +9,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 
 import stripe
 
 from actors import metrics
+from actors.stripe_products import tier_lookup_key
+from config.catalog import Catalog
 from config.settings import Settings, stripe_client
 from serve_app.errors import ApiError
 
 # Within this window, the same request (a double click) gets the same Checkout Session.
 DOUBLE_CLICK_WINDOW_S = 600
+# A tier's price found by its lookup key is kept this long: after `metergate stripe
+# ensure-products` moves a key to a new price, new Checkouts take it within a minute.
+PRICE_CACHE_S = 60
 
 
 class StripeRefused(Exception):
@@ -27,6 +33,7 @@ class StripeRefused(Exception):
 class StripeGateway:
     def __init__(self, settings: Settings) -> None:
         self.client: stripe.StripeClient | None = stripe_client(settings, max_network_retries=2)
+        self._prices: dict[str, tuple[str, float]] = {}  # lookup key -> (price id, monotonic time found)
 
     def require(self) -> stripe.StripeClient:
         if self.client is None:
@@ -53,6 +60,24 @@ class StripeGateway:
                 raise StripeRefused(f"Stripe refused to show {what}: {exc.user_message or exc}") from None
             raise ApiError(503, "stripe_unavailable",
                            f"Stripe could not show {what}: {exc.user_message or exc}") from None
+
+    async def tier_price(self, catalog: Catalog, tier: str) -> str:
+        """The Stripe price of a paid tier: the catalog's explicit id, else the active price that
+        holds the tier's lookup key (published by `metergate stripe ensure-products`)."""
+        explicit = catalog.stripe_prices.get(tier)
+        if explicit is not None:
+            return explicit
+        key = tier_lookup_key(tier)
+        cached = self._prices.get(key)
+        if cached is not None and time.monotonic() - cached[1] < PRICE_CACHE_S:
+            return cached[0]
+        client = self.require()
+        page = await self.call(client.v1.prices.list, {"lookup_keys": [key], "active": True, "limit": 1})
+        if not page.data:
+            raise ApiError(503, "stripe_price_missing", f"Stripe has no active price with lookup key {key} for tier "
+                           f"{tier}: run `metergate stripe ensure-products`", tier=tier)
+        self._prices[key] = (page.data[0].id, time.monotonic())
+        return page.data[0].id
 
     async def call(self, method, params: dict, options: dict | None = None):
         try:

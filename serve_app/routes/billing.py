@@ -60,7 +60,6 @@ from serve_app.routes.self_serve import (
     tier_checkout,
     topup_checkout,
 )
-from serve_app.stripe_events import PAID_TIERS
 from serve_app.views import org_view, parse_usd, usage_groups_view
 from storage import usage
 
@@ -132,9 +131,8 @@ def routes(ctx: Context) -> APIRouter:
                                for column, quantity in quantities.items()},
             months=await recent_months_of(ctx, org_id, money_fingerprint(state)), entries=entries, cursor=cursor, next_cursor=next_cursor,
             packs=sorted(ctx.catalog.packs.values(), key=lambda pack: pack.amount_micros),
-            tiers=sorted(((tier, ctx.catalog.tiers[tier]) for tier in PAID_TIERS
-                          if tier in ctx.catalog.stripe_prices and tier in ctx.catalog.tiers), key=lambda t: t[1]),
-            notice=notice)
+            tiers=sorted(((tier, ctx.catalog.tiers[tier]) for tier in ctx.catalog.tiers_on_sale()), key=lambda t: t[1]),
+            notice=notice, before_tax=ctx.settings.stripe_automatic_tax)
 
     # ----- the forms ---------------------------------------------------------------------
 

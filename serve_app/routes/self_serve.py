@@ -16,6 +16,7 @@ from typing import NamedTuple
 from fastapi import APIRouter, Request, Response
 
 from actors.clock import now_us
+from actors.stripe_products import TIER_OF_LOOKUP_KEY
 from actors.org import MICROS_PER_CENT
 from config.settings import origin_of
 from serve_app import openapi
@@ -63,10 +64,18 @@ def price_of(item: dict) -> str | None:
     return price.get("id") if isinstance(price, dict) else price
 
 
+def tier_of_item(item: dict, tier_of_price: dict[str, str]) -> str | None:
+    """The tier of a subscription item's price: an explicit price of the catalog, or a price
+    holding a tier's lookup key (published by `metergate stripe ensure-products`)."""
+    price = item.get("price")
+    lookup_key = price.get("lookup_key") if isinstance(price, dict) else None
+    return tier_of_price.get(price_of(item)) or TIER_OF_LOOKUP_KEY.get(lookup_key)
+
+
 def tier_subscriptions(subscriptions: list[dict], org_id: str, stripe_prices: dict[str, str]) -> list[TierSubscription]:
     """The live subscriptions among a customer's that are the org's metergate tier: an item with
-    a tier's price (the catalog's `stripe_prices`), or `metadata.tier` naming a paid tier. One
-    tagged for another org is not this org's."""
+    a tier's price (the catalog's `stripe_prices`, or a tier's lookup key), or `metadata.tier`
+    naming a paid tier. One tagged for another org is not this org's."""
     tier_of_price = {price: tier for tier, price in stripe_prices.items()}
     found = []
     for subscription in subscriptions:
@@ -74,13 +83,13 @@ def tier_subscriptions(subscriptions: list[dict], org_id: str, stripe_prices: di
         if subscription.get("status") not in LIVE_SUBSCRIPTION or metadata.get("org_id", org_id) != org_id:
             continue
         items = (subscription.get("items") or {}).get("data") or []
-        priced = [item for item in items if price_of(item) in tier_of_price]
+        priced = [item for item in items if tier_of_item(item, tier_of_price)]
         if len(priced) == 1:
-            item_id, tier = priced[0]["id"], tier_of_price[price_of(priced[0])]
+            item_id, tier = priced[0]["id"], tier_of_item(priced[0], tier_of_price)
         elif not priced and metadata.get("tier") in PAID_TIERS:
             item_id, tier = (items[0]["id"] if len(items) == 1 else None), metadata["tier"]
         elif priced:
-            item_id, tier = None, tier_of_price[price_of(priced[0])]
+            item_id, tier = None, tier_of_item(priced[0], tier_of_price)
         else:
             continue
         changes = str(metadata.get(TIER_CHANGES, ""))
@@ -166,14 +175,24 @@ def setup_checkout(org_id: str) -> Checkout:
 
 
 def tier_checkout(ctx: Context, org_id: str, tier: str) -> Checkout:
-    """A paid concurrency tier (mode=subscription, the tier's price from the catalog)."""
-    price = ctx.catalog.stripe_prices.get(tier)
-    if tier not in PAID_TIERS or price is None:
-        raise ApiError(422, "invalid_request", f"tier must be one of {sorted(ctx.catalog.stripe_prices)}",
+    """A paid concurrency tier (mode=subscription); its price, the catalog's explicit id or the
+    one published under the tier's lookup key, is filled in by start_checkout."""
+    if tier not in ctx.catalog.tiers_on_sale():
+        raise ApiError(422, "invalid_request", f"tier must be one of {sorted(ctx.catalog.tiers_on_sale())}",
                        field="tier")
     tagged = {"org_id": org_id, "tier": tier}
-    return Checkout(f"tier-{tier}", {"mode": "subscription", "line_items": [{"price": price, "quantity": 1}],
-                                     "metadata": tagged, "subscription_data": {"metadata": tagged}}, tier)
+    return Checkout(f"tier-{tier}", {"mode": "subscription", "metadata": tagged,
+                                     "subscription_data": {"metadata": tagged}}, tier)
+
+
+def tax_params(checkout: Checkout) -> dict:
+    """What Stripe Tax needs on a Checkout (METERGATE_STRIPE_AUTOMATIC_TAX): the customer's
+    address, collected and saved on the customer metergate passes, and its name; a setup
+    Checkout charges nothing, so nothing to tax."""
+    if checkout.params["mode"] == "setup":
+        return {}
+    return {"automatic_tax": {"enabled": True}, "billing_address_collection": "required",
+            "customer_update": {"address": "auto", "name": "auto"}}
 
 
 async def live_tier_subscription(ctx: Context, org_id: str, customer_id: str) -> TierSubscription | None:
@@ -216,7 +235,7 @@ async def change_subscription_tier(ctx: Context, org_id: str, live: TierSubscrip
                        subscription_id=live.subscription_id)
     client = ctx.stripe.require()
     behavior = ctx.settings.stripe_proration_behavior
-    params = {"items": [{"id": live.item_id, "price": ctx.catalog.stripe_prices[tier]}],
+    params = {"items": [{"id": live.item_id, "price": await ctx.stripe.tier_price(ctx.catalog, tier)}],
               "proration_behavior": behavior,
               "metadata": {"org_id": org_id, "tier": tier, TIER_CHANGES: str(live.tier_changes + 1)}}
     key = operation_key(org_id, f"tier-change-{live.subscription_id}", params, caller_key, now_us() // 1_000_000)
@@ -237,6 +256,10 @@ async def start_checkout(ctx: Context, org_id: str, checkout: Checkout, success_
             return await change_subscription_tier(ctx, org_id, live, checkout.tier, success_url, caller_key)
     params = {"customer": customer_id, "client_reference_id": org_id, **checkout.params,
               "success_url": success_url, "cancel_url": cancel_url}
+    if checkout.tier is not None:
+        params["line_items"] = [{"price": await ctx.stripe.tier_price(ctx.catalog, checkout.tier), "quantity": 1}]
+    if ctx.settings.stripe_automatic_tax:
+        params.update(tax_params(checkout))
     key = operation_key(org_id, checkout.operation, params, caller_key, now_us() // 1_000_000)
     session = await ctx.stripe.create(client.v1.checkout.sessions.create, params, key)
     return {"url": session.url, "session_id": session.id}

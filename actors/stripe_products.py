@@ -1,0 +1,247 @@
+"""Publishing the catalog to Stripe (`metergate stripe ensure-products`): a product and a price
+for each paid tier (monthly), each credit pack (one-off) and the postpaid meter (metered, on
+the billing meter of `<prefix>_usage_micros`).
+
+Every object has a name of metergate's own, so a run finds what an earlier one made and a
+second run changes nothing: products by their id (`metergate_tier_pro`), prices by their
+`lookup_key` (`metergate_tier_pro_monthly`), the meter by its event name. A Stripe price is
+immutable: a new amount is a new price that takes the lookup key over (`transfer_lookup_key`),
+and the old one is archived, so subscriptions on it keep running and new ones get the new one.
+
+`wanted` and `changes_to_make` are pure (catalog and what Stripe holds → the changes, in
+order); `ensure` reads Stripe, and makes the changes one by one, stopping at the first that
+Stripe refuses: nothing after it is changed, and the error says what was done before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import NamedTuple
+
+import stripe
+
+from config.catalog import MICROS_PER_CENT, PAID_TIERS, Catalog
+
+LOOKUP_KEYS_PER_LIST = 10  # Stripe's limit on lookup_keys in one price list
+METERS_PAGES_MAX = 10
+# The postpaid meter counts µUSD; one unit costs 0.0001 cent.
+USAGE_CENTS_PER_MICRO = "0.0001"
+USAGE_LOOKUP_KEY = "metergate_usage_micros"
+USAGE_PRODUCT_ID = "metergate_usage"
+
+
+def tier_lookup_key(tier: str) -> str:
+    return f"metergate_tier_{tier}_monthly"
+
+
+def pack_lookup_key(pack_id: str) -> str:
+    return f"metergate_pack_{pack_id}"
+
+
+TIER_OF_LOOKUP_KEY = {tier_lookup_key(tier): tier for tier in PAID_TIERS}
+
+
+class WantedPrice(NamedTuple):
+    """One product and its one active price, as the catalog wants them in Stripe."""
+
+    lookup_key: str
+    product_id: str
+    product_name: str
+    unit_amount: int | None  # cents; None for the metered price (unit_amount_decimal)
+    recurring: dict | None  # None: one-off
+    metered: bool = False
+
+    def price_params(self, meter_id: str | None) -> dict:
+        params: dict = {"product": self.product_id, "currency": "usd", "lookup_key": self.lookup_key,
+                        "metadata": {"metergate": self.lookup_key}}
+        if self.metered:
+            assert meter_id is not None, "a metered price needs its meter"
+            params["unit_amount_decimal"] = USAGE_CENTS_PER_MICRO
+            params["recurring"] = {**(self.recurring or {}), "meter": meter_id}
+        else:
+            params["unit_amount"] = self.unit_amount
+            if self.recurring is not None:
+                params["recurring"] = self.recurring
+        return params
+
+
+class Change(NamedTuple):
+    """One write to Stripe: what it does, to what, and its parameters."""
+
+    action: str  # create_meter, create_product, update_product, create_price, replace_price
+    target: str  # the meter's event name, the product id or the lookup key
+    detail: str
+    params: dict
+    old_price_id: str | None = None  # replace_price: the price it archives
+
+
+class EnsureFailed(Exception):
+    """Stripe refused a change; `done` lists the changes made before it."""
+
+    def __init__(self, message: str, done: list[Change]) -> None:
+        super().__init__(message)
+        self.done = done
+
+
+def wanted(catalog: Catalog) -> list[WantedPrice]:
+    """The products and prices the catalog wants, in the order they are made."""
+    found = []
+    for tier in PAID_TIERS:
+        amount = catalog.tier_monthly_micros.get(tier)
+        if amount is None or tier in catalog.stripe_prices:
+            continue  # not on sale, or its price is the operator's own (an explicit id)
+        found.append(WantedPrice(tier_lookup_key(tier), f"metergate_tier_{tier}", f"metergate tier {tier}",
+                                 amount // MICROS_PER_CENT, {"interval": "month"}))
+    for pack in sorted(catalog.packs.values(), key=lambda pack: pack.id):
+        if pack.amount_micros % MICROS_PER_CENT:
+            raise EnsureFailed(f"pack {pack.id}: amount_micros {pack.amount_micros} is not a whole number of cents", [])
+        found.append(WantedPrice(pack_lookup_key(pack.id), f"metergate_pack_{pack.id}", f"metergate pack {pack.id}",
+                                 pack.amount_micros // MICROS_PER_CENT, None))
+    found.append(WantedPrice(USAGE_LOOKUP_KEY, USAGE_PRODUCT_ID, "metergate postpaid usage (µUSD)", None,
+                             {"interval": "month", "usage_type": "metered"}, metered=True))
+    return found
+
+
+def meter_params(event_name: str) -> dict:
+    """The billing meter postpaid usage is reported to (docs/integrate/stripe.md, section 6)."""
+    return {"display_name": "metergate postpaid usage (µUSD)", "event_name": event_name,
+            "default_aggregation": {"formula": "sum"},
+            "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+            "value_settings": {"event_payload_key": "value"}}
+
+
+def _same_price(price: dict, want: WantedPrice, meter_id: str | None) -> bool:
+    recurring = price.get("recurring") or None
+    if price.get("product") != want.product_id or price.get("currency") != "usd" or not price.get("active"):
+        return False
+    if want.metered:
+        return (str(price.get("unit_amount_decimal")) in (USAGE_CENTS_PER_MICRO, "0.0001000000")
+                and recurring is not None and recurring.get("usage_type") == "metered"
+                and recurring.get("interval") == "month" and recurring.get("meter") == meter_id)
+    if price.get("unit_amount") != want.unit_amount:
+        return False
+    if want.recurring is None:
+        return recurring is None
+    return recurring is not None and recurring.get("interval") == want.recurring["interval"] and (
+        recurring.get("usage_type", "licensed") == "licensed")
+
+
+def _describe(want: WantedPrice) -> str:
+    if want.metered:
+        return f"{USAGE_CENTS_PER_MICRO} cent per µUSD, metered monthly"
+    usd = f"{want.unit_amount // 100}.{want.unit_amount % 100:02d} USD"
+    return f"{usd} per month" if want.recurring else f"{usd} once"
+
+
+def changes_to_make(wants: list[WantedPrice], event_name: str, meter_id: str | None,
+                    products: dict[str, dict], prices: dict[str, dict]) -> list[Change]:
+    """What to write so that Stripe holds `wants`: products by id, prices by lookup key (what
+    Stripe holds: `products`, `prices`); the meter first, when there is none of `event_name`."""
+    changes = []
+    if meter_id is None:
+        changes.append(Change("create_meter", event_name, f"billing meter {event_name} (sum of value)",
+                              meter_params(event_name)))
+    for want in wants:
+        product = products.get(want.product_id)
+        if product is None:
+            changes.append(Change("create_product", want.product_id, want.product_name,
+                                  {"id": want.product_id, "name": want.product_name,
+                                   "metadata": {"metergate": want.lookup_key}}))
+        elif product.get("name") != want.product_name or not product.get("active", True):
+            changes.append(Change("update_product", want.product_id, f"{want.product_name} (active)",
+                                  {"name": want.product_name, "active": True}))
+        price = prices.get(want.lookup_key)
+        if price is None:
+            changes.append(Change("create_price", want.lookup_key, _describe(want), want.price_params(meter_id)
+                                  if meter_id or not want.metered else {}))
+        elif not _same_price(price, want, meter_id):
+            params = {**(want.price_params(meter_id) if meter_id or not want.metered else {}),
+                      "transfer_lookup_key": True}
+            changes.append(Change("replace_price", want.lookup_key,
+                                  f"{_describe(want)} (was {price['id']}, archived)", params, price["id"]))
+    return changes
+
+
+def _key(change: Change) -> str:
+    """The Stripe idempotency key of a change: a retried run after a crash repeats, not doubles, it."""
+    digest = hashlib.sha256(json.dumps([change.action, change.target, change.params, change.old_price_id],
+                                       sort_keys=True).encode()).hexdigest()[:32]
+    return f"metergate:ensure-products:{change.action}:{change.target}:{digest}"
+
+
+def _stripe_message(exc: stripe.StripeError) -> str:
+    return f"{exc.http_status or 'no answer'} {exc.user_message or exc}".replace("\n", " ")
+
+
+def _read(client: stripe.StripeClient, event_name: str, wants: list[WantedPrice]):
+    """What Stripe holds: the meter of event_name, the products and the prices by lookup key."""
+    meter_id = None
+    params: dict = {"limit": 100}
+    for _ in range(METERS_PAGES_MAX):
+        page = client.v1.billing.meters.list(params=params)
+        meter_id = next((m.id for m in page.data if m.event_name == event_name and m.status == "active"), None)
+        if meter_id is not None or not page.has_more or not page.data:
+            break
+        params = {**params, "starting_after": page.data[-1].id}
+    products = {}
+    for want in wants:
+        try:
+            products[want.product_id] = client.v1.products.retrieve(want.product_id).to_dict()
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status != 404:
+                raise
+    prices = {}
+    keys = [want.lookup_key for want in wants]
+    for start in range(0, len(keys), LOOKUP_KEYS_PER_LIST):
+        page = client.v1.prices.list(params={"lookup_keys": keys[start:start + LOOKUP_KEYS_PER_LIST], "limit": 100})
+        prices.update({price.lookup_key: price.to_dict() for price in page.data})
+    return meter_id, products, prices
+
+
+def _read_or_fail(client: stripe.StripeClient, event_name: str, wants: list[WantedPrice]):
+    try:
+        return _read(client, event_name, wants)
+    except stripe.StripeError as exc:
+        raise EnsureFailed(f"Stripe refused to show its products and prices: {_stripe_message(exc)}", []) from None
+
+
+def plan(client: stripe.StripeClient, catalog: Catalog, event_name: str) -> list[Change]:
+    """The changes a run would make, read from Stripe and changing nothing (--dry-run)."""
+    wants = wanted(catalog)
+    return changes_to_make(wants, event_name, *_read_or_fail(client, event_name, wants))
+
+
+def ensure(client: stripe.StripeClient, catalog: Catalog, event_name: str) -> list[Change]:
+    """Make Stripe hold what the catalog wants; the changes made (none: it already did)."""
+    wants = wanted(catalog)
+    meter_id, products, prices = _read_or_fail(client, event_name, wants)
+    by_key = {want.lookup_key: want for want in wants}
+    done: list[Change] = []
+    for change in changes_to_make(wants, event_name, meter_id, products, prices):
+        options = {"idempotency_key": _key(change)}
+        try:
+            if change.action == "create_meter":
+                meter_id = client.v1.billing.meters.create(params=change.params, options=options).id
+            elif change.action == "create_product":
+                client.v1.products.create(params=change.params, options=options)
+            elif change.action == "update_product":
+                client.v1.products.update(change.target, params=change.params, options=options)
+            elif change.action == "create_price":
+                client.v1.prices.create(params=by_key[change.target].price_params(meter_id), options=options)
+            else:
+                assert change.action == "replace_price" and change.old_price_id is not None, change
+                params = {**by_key[change.target].price_params(meter_id), "transfer_lookup_key": True}
+                new_price = client.v1.prices.create(params=params, options=options)
+                try:
+                    client.v1.prices.update(change.old_price_id, params={"active": False},
+                                            options={"idempotency_key": _key(change) + ":archive"})
+                except stripe.StripeError as exc:
+                    raise EnsureFailed(f"replace_price {change.target}: {new_price.id} holds the lookup key now, but "
+                                       f"Stripe refused to archive {change.old_price_id}: {_stripe_message(exc)}",
+                                       done) from None
+        except stripe.StripeError as exc:
+            raise EnsureFailed(f"{change.action} {change.target}: Stripe refused: {_stripe_message(exc)}",
+                               done) from None
+        done.append(change)
+    return done

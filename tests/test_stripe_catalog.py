@@ -1,0 +1,236 @@
+"""The catalog published to Stripe (`metergate stripe ensure-products`) and Stripe Tax on
+Checkout, against the Stripe-protocol server on loopback (localstripe, and tests/stripe_front.py
+for the prices and meters localstripe lacks)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config.catalog import load_catalog
+from config.settings import DEFAULT_CATALOG, Settings
+from serve_app.app import build_app
+from serve_app.billing_page import BillingPage, tier_form, topup_forms
+from serve_app.context import Context
+from tests.helpers import ADMIN_TOKEN, URLS, fake_sessions, stripe_client
+
+ROOT = Path(__file__).resolve().parent.parent
+TIER_AMOUNTS = "[tier_monthly_micros]\npro = 20_000_000\npro_plus = 100_000_000\npro_plus_plus = 150_000_000\n"
+
+
+def catalog_file(folder: Path, name: str, tiers: str = TIER_AMOUNTS, packs: str = "") -> Path:
+    """The shipped catalog with its tiers priced by amount instead of hand-copied price ids."""
+    text = Path(DEFAULT_CATALOG).read_text()
+    text, replaced = re.subn(r"\[stripe_prices\]\n(?:\w+ = \"price_\w+\"\n)+", tiers, text)
+    assert replaced == 1
+    path = folder / name
+    path.write_text(text + packs)
+    return path
+
+
+def ensure_products(service, catalog: Path, *args: str, key: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "METERGATE_STRIPE_SECRET_KEY": key or service.settings.stripe_secret_key,
+           "METERGATE_STRIPE_API_BASE": service.settings.stripe_api_base, "METERGATE_CATALOG": str(catalog),
+           "METERGATE_DATA_DIR": str(catalog.parent), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cli.main", "stripe", "ensure-products", *args], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def changes(run: subprocess.CompletedProcess) -> list[tuple[str, str]]:
+    assert run.returncode == 0, run.stderr
+    return [(c["action"], c["target"]) for c in json.loads(run.stdout)["changes"]]
+
+
+def price_of(service, lookup_key: str) -> dict | None:
+    found = stripe_client(service).v1.prices.list(params={"lookup_keys": [lookup_key]}).data
+    return found[0].to_dict() if found else None
+
+
+def request(service, catalog: Path, method: str, path: str, body: dict | None = None,
+            **settings_changes) -> httpx.Response:
+    """A request to a metergate app with the service's settings and database, and its catalog and
+    settings changed as given."""
+    settings = Settings(**{**service.settings.model_dump(), "catalog": catalog, **settings_changes})
+    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate",
+                                     timeout=60) as client:
+            return await client.request(method, path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                                        json=None if body is None else {**body, **URLS})
+
+    return asyncio.run(run())
+
+
+def checkout(service, catalog: Path, org: str, kind: str, body: dict, **settings_changes) -> httpx.Response:
+    return request(service, catalog, "POST", f"/v1/orgs/{org}/checkout/{kind}", body, **settings_changes)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("catalogs")
+
+
+def test_a_tier_whose_price_is_not_published_yet_is_a_503_naming_the_command(service, new_org, folder):
+    """First in this module: nothing is published yet."""
+    catalog = catalog_file(folder, "unpublished.toml")
+    answer = checkout(service, catalog, new_org(), "tier", {"tier": "pro"})
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "stripe_price_missing"
+    assert "metergate stripe ensure-products" in answer.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def published(service, folder) -> Path:
+    """The catalog, published once: tiers, packs and the postpaid meter."""
+    catalog = catalog_file(folder, "catalog.toml")
+    made = changes(ensure_products(service, catalog, "--json"))
+    assert ("create_meter", "metergate_usage_micros") in made
+    assert [target for action, target in made if action == "create_price"] == [
+        "metergate_tier_pro_monthly", "metergate_tier_pro_plus_monthly", "metergate_tier_pro_plus_plus_monthly",
+        "metergate_pack_extras_50_30d", "metergate_pack_starter_10", "metergate_usage_micros"]
+    return catalog
+
+
+def test_ensure_products_twice_changes_nothing_the_second_time_and_a_tier_checkout_uses_the_published_price(
+        service, new_org, published):
+    assert changes(ensure_products(service, published, "--json")) == []
+    assert changes(ensure_products(service, published, "--dry-run", "--json")) == []
+    assert "nothing to change" in ensure_products(service, published).stdout
+    pro = price_of(service, "metergate_tier_pro_monthly")
+    assert (pro["unit_amount"], pro["recurring"]["interval"], pro["product"], pro["active"]) == (
+        2000, "month", "metergate_tier_pro", True)
+    assert price_of(service, "metergate_pack_starter_10")["unit_amount"] == 1000
+    usage = price_of(service, "metergate_usage_micros")
+    assert (str(usage["unit_amount_decimal"]), usage["recurring"]["usage_type"], usage["recurring"]["meter"]) == (
+        "0.0001", "metered", "mtr_metergate_usage_micros")
+
+    org = new_org()
+    answer = checkout(service, published, org, "tier", {"tier": "pro"})
+    assert answer.status_code == 200, answer.text
+    (session,) = [s for s in fake_sessions(service, org) if s["mode"] == "subscription"]
+    assert session["line_items"] == [{"price": pro["id"], "quantity": "1"}]
+    completed = httpx.post(f"{service.settings.stripe_api_base}/_fake/sessions/{session['id']}/complete",
+                           timeout=30).json()
+    subscription = httpx.get(f"{service.settings.stripe_api_base}/v1/subscriptions/{completed['subscription']}",
+                             headers={"Authorization": f"Bearer {service.settings.stripe_secret_key}"}, timeout=30).json()
+    assert [(item["price"]["id"], item["price"]["unit_amount"]) for item in subscription["items"]["data"]] == [
+        (pro["id"], 2000)]
+
+
+def test_a_changed_amount_is_a_new_price_holding_the_key_and_the_old_one_archived(service, new_org, folder,
+                                                                                    published):
+    old = price_of(service, "metergate_tier_pro_plus_monthly")
+    dearer = catalog_file(folder, "dearer.toml", TIER_AMOUNTS.replace("pro_plus = 100_000_000",
+                                                                      "pro_plus = 120_000_000"))
+    dry = ensure_products(service, dearer, "--dry-run")
+    assert dry.returncode == 0 and "replace_price" in dry.stdout and "120.00 USD per month" in dry.stdout
+    assert price_of(service, "metergate_tier_pro_plus_monthly")["id"] == old["id"]  # a dry run changes nothing
+
+    assert changes(ensure_products(service, dearer, "--json")) == [
+        ("replace_price", "metergate_tier_pro_plus_monthly")]
+    new = price_of(service, "metergate_tier_pro_plus_monthly")
+    assert new["id"] != old["id"] and new["unit_amount"] == 12000 and new["active"]
+    archived = stripe_client(service).v1.prices.retrieve(old["id"])
+    assert (archived.active, archived.lookup_key) == (False, None)
+    assert changes(ensure_products(service, dearer, "--json")) == []
+
+    org = new_org()
+    assert checkout(service, dearer, org, "tier", {"tier": "pro_plus"}).status_code == 200
+    assert fake_sessions(service, org)[0]["line_items"][0]["price"] == new["id"]
+    # back to the catalog the other tests use
+    assert changes(ensure_products(service, published, "--json")) == [
+        ("replace_price", "metergate_tier_pro_plus_monthly")]
+
+
+def test_a_key_that_cannot_write_stops_at_the_first_change_and_changes_nothing(service, folder, published):
+    more = catalog_file(folder, "more.toml", packs='\n[[packs]]\nid = "late_20"\namount_micros = 20_000_000\n')
+    refused = ensure_products(service, more, key="rk_test_readonly_ensure")
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: create_product metergate_pack_late_20")
+    assert "403" in refused.stderr and "0 changes made before it" in refused.stderr
+    assert price_of(service, "metergate_pack_late_20") is None
+    assert changes(ensure_products(service, more, "--dry-run", "--json")) == [
+        ("create_product", "metergate_pack_late_20"), ("create_price", "metergate_pack_late_20")]
+
+
+def test_a_catalog_stripe_refuses_stops_at_the_failing_object_and_says_what_was_done(service, folder, published):
+    packs = "".join(f'\n[[packs]]\nid = "{pack_id}"\namount_micros = {amount}\n'
+                    for pack_id, amount in (("m1_ok", 5_000_000), ("m2_huge", 2_000_000_000_000), ("m3_after", 7_000_000)))
+    refused_catalog = catalog_file(folder, "refused.toml", packs=packs)
+    refused = ensure_products(service, refused_catalog, "--json")
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: create_price metergate_pack_m2_huge")
+    report = json.loads(refused.stdout)
+    assert [(c["action"], c["target"]) for c in report["done"]] == [
+        ("create_product", "metergate_pack_m1_ok"), ("create_price", "metergate_pack_m1_ok"),
+        ("create_product", "metergate_pack_m2_huge")]
+    assert price_of(service, "metergate_pack_m1_ok")["unit_amount"] == 500
+    assert price_of(service, "metergate_pack_m2_huge") is None
+    assert price_of(service, "metergate_pack_m3_after") is None  # nothing after the failing object
+    with pytest.raises(Exception, match="No such product|Not Found|404"):
+        stripe_client(service).v1.products.retrieve("metergate_pack_m3_after")
+
+
+def test_automatic_tax_is_on_every_charging_checkout_when_set_and_absent_when_not(service, admin, new_org,
+                                                                                  published):
+    taxed, untaxed = new_org(), new_org()
+    for org, tax in ((taxed, True), (untaxed, False)):
+        for path, body in (("topup", {"amount_micros": 10_000_000}), ("topup", {"pack_id": "starter_10"}),
+                           ("tier", {"tier": "pro"}), ("setup", {})):
+            answer = checkout(service, published, org, path, body, stripe_automatic_tax=tax)
+            assert answer.status_code == 200, answer.text
+    sessions = fake_sessions(service, taxed)
+    assert sorted(s["mode"] for s in sessions) == ["payment", "payment", "setup", "subscription"]
+    for session in sessions:
+        if session["mode"] == "setup":
+            assert not {"automatic_tax", "billing_address_collection", "customer_update"} & set(session)
+        else:
+            assert session["automatic_tax"] == {"enabled": "true"}
+            assert session["billing_address_collection"] == "required"
+            assert session["customer_update"] == {"address": "auto", "name": "auto"}
+            assert session["customer"].startswith("cus_")
+    for session in fake_sessions(service, untaxed):
+        assert not [key for key in session if "tax" in key or key in ("customer_update", "billing_address_collection")]
+
+    # The service runs without the setting: its billing page says nothing about tax.
+    page = admin.get(f"/billing/{untaxed}")
+    assert page.status_code == 200 and "Continue to checkout" in page.text, page.text[:300]
+    assert "before tax" not in page.text
+
+
+def test_the_billing_page_says_prices_are_before_tax_under_both_forms_when_tax_is_on():
+    """The page's wiring is serve_app/routes/billing.py (before_tax=settings.stripe_automatic_tax);
+    the service of this module runs with the setting off (the test above)."""
+    fields = {field.name: None for field in dataclasses.fields(BillingPage)}
+    page = BillingPage(**{**fields, "org": {"tier": "base", "max_concurrent": 5, "has_payment_method": False},
+                          "path": "/billing/org_x", "csrf": "proof", "stripe_ready": True, "packs": [],
+                          "tiers": [("pro", 100)], "before_tax": True})
+    for form in (topup_forms, tier_form):
+        assert "Prices are before tax" in form(page), form
+        assert "before tax" not in form(dataclasses.replace(page, before_tax=False)), form
+
+
+def test_the_start_up_setting_publishes_as_the_command_does_and_a_refusal_stops_the_start(service, folder,
+                                                                                          published):
+    """METERGATE_STRIPE_ENSURE_PRODUCTS: serve_app/launch.py runs this before anything starts."""
+    from config.settings import SettingsError
+    from serve_app.launch import ensure_products_at_start
+
+    settings = Settings(**{**service.settings.model_dump(), "catalog": published, "stripe_ensure_products": True})
+    ensure_products_at_start(settings, load_catalog(published))  # all there already: nothing to do, no error
+    more = catalog_file(folder, "at_start.toml", packs='\n[[packs]]\nid = "at_start_30"\namount_micros = 30_000_000\n')
+    read_only = Settings(**{**settings.model_dump(), "catalog": more, "stripe_secret_key": "rk_test_readonly_start"})
+    with pytest.raises(SettingsError, match="METERGATE_STRIPE_ENSURE_PRODUCTS: create_product metergate_pack_at_start_30"):
+        ensure_products_at_start(read_only, load_catalog(more))
+    ensure_products_at_start(Settings(**{**settings.model_dump(), "catalog": more}), load_catalog(more))
+    assert price_of(service, "metergate_pack_at_start_30")["unit_amount"] == 3000
