@@ -187,6 +187,8 @@ def test_in_workerd_a_killed_shard_resyncs_while_the_other_shards_org_stays_loca
     print("workers pattern, shard killed:", measured)
     assert measured["other_not_local"] == 0 and measured["other_local"] > 0, measured
     assert measured["other_proved_while_down"] > 0, measured  # shard 1 proved current as of after the kill
+    # A request about the healthy shard's org never waits for a pass while shard 0 is down.
+    assert measured["request_s"]["other_max"] < 0.5, measured
     assert measured["counters"]["resyncs"] > measured["before"]["resyncs"], measured
     assert measured["counters"]["snapshots"] > measured["before"]["snapshots"], measured
     assert measured["credit_to_local_s"] <= 1.0, measured

@@ -395,10 +395,13 @@ export class GateClient {
     if (this.allCurrent()) for (const wake of this.syncedWaiters.splice(0)) wake();
   }
 
-  /** How old the least current shard's views are, in seconds of its time (Infinity: a shard
-   * never proved current, or the shards not known yet). */
-  ageS(): number {
+  /** How old the views are, in seconds of their shard's time: the org's shard's when `orgId`
+   * names an org with a record, else the least current shard's (Infinity: a shard never
+   * proved current, or the shards not known yet). */
+  ageS(orgId?: string): number {
     if (this.shardCount === null) return Infinity;
+    const record = orgId === undefined ? undefined : this.projection.get(orgId);
+    if (record !== undefined) return this.projection.ageS(record.shard);
     let oldest = 0;
     for (let shard = 0; shard < this.shardCount; shard++) oldest = Math.max(oldest, this.projection.ageS(shard));
     return oldest;

@@ -10,9 +10,10 @@
  * - views younger than refreshAfterS: decided locally, nothing else happens;
  * - older than refreshAfterS but within maxStalenessS: decided locally, and a pass starts
  *   in ctx.waitUntil, after the response (stale-while-revalidate);
- * - older than maxStalenessS (an isolate's first request, or one after a quiet spell): the
- *   request waits for one pass (at most timeoutS), then decides locally, or by the action's
- *   policy when the pass could not prove the views current.
+ * - the org's shard's views older than maxStalenessS (an isolate's first request, one after
+ *   a quiet spell, or that shard is down): the request waits for one pass (at most
+ *   timeoutS), then decides locally, or by the action's policy when the pass could not prove
+ *   the views current. Another shard past the bound only starts a pass in waitUntil.
  *
  * The staleness rule is the protocol's (docs/gate-protocol.md 8.6), unchanged: no answer is
  * `local` from a view older than maxStalenessS in its shard's time. The projection is
@@ -56,10 +57,12 @@ export class IsolateGate {
 
   /** May the org do `action` now? See the module's comment for when it waits for a pass. */
   async check(ctx: WaitUntil, orgId: string, action: Action | string, resources?: ResourcesInput | null): Promise<Answer> {
-    const ageS = this.client.ageS();
-    if (ageS > this.client.maxStalenessS) {
+    // Waits only when the org's own shard is past the bound (an unknown org: when any is): a
+    // shard that is down keeps its own orgs waiting, not the others, which a pass in
+    // waitUntil keeps trying to bring back.
+    if (this.client.ageS(orgId) > this.client.maxStalenessS) {
       await this.client.refresh();
-    } else if (ageS > this.refreshAfterS) {
+    } else if (this.client.ageS() > this.refreshAfterS) {
       ctx.waitUntil(this.client.refresh());
     }
     return this.client.check(orgId, action, resources);

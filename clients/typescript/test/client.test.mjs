@@ -5,6 +5,7 @@ import net from "node:net";
 import test from "node:test";
 
 import { GateClient } from "../dist/index.js";
+import { IsolateGate } from "../dist/workers.js";
 
 async function closedPort() {
   const server = net.createServer();
@@ -63,5 +64,46 @@ test("a server answer whose allowed is not a boolean is no answer: the policy de
   } finally {
     server.closeAllConnections?.();
     await new Promise((resolve) => server.close(resolve));
+  }
+});
+
+test("a Worker's check waits for a pass only when its org's own shard is past the bound", async () => {
+  // Every request of a pass hangs until the pass's own timeout: a check that waits for a pass
+  // takes that long; one that starts it in waitUntil answers at once.
+  let fetches = 0;
+  const hang = (_input, init) => {
+    fetches++;
+    return new Promise((_resolve, reject) => init.signal.addEventListener("abort", () => reject(new Error("aborted"))));
+  };
+  const gate = new IsolateGate({ url: "http://127.0.0.1:1", token: "unused", maxStalenessS: 1, timeoutS: 0.4, fetch: hang });
+  const projection = gate.client.projection;
+  gate.client["shardCount"] = 2;
+  const view = { balance_micros: 5_000_000, quota_remaining_micros: 0, included_micros: 0, active_leases: 0,
+    max_concurrent: 5, max_disk_mb: 20_480, halted: null, suspended: false, degraded: false, overdraws: false,
+    needs_card: false, machine_quotas: null, machine_in_use: null };
+  for (const [org, shard] of [["org_down", 0], ["org_up", 1]]) {
+    projection.apply({ type: "view", org_id: org, shard, epoch: 1, seq: 1, valid_until_us: null, view });
+  }
+  const now = projection.mono();
+  for (const shard of [0, 1]) projection.clock(shard, now, now, now);
+  projection.heard(1, now);             // shard 1 proved current now
+  projection.heard(0, now - 5_000_000); // shard 0 last heard 5 s ago: down
+  const pending = [];
+  const ctx = { waitUntil: (promise) => pending.push(promise) };
+  const alive = setInterval(() => undefined, 50); // a pass's timeout timer does not hold the loop open
+  try {
+    const started = performance.now();
+    const up = await gate.check(ctx, "org_up", "create");
+    assert.equal(up.source, "local");
+    assert.ok(performance.now() - started < 200, `the healthy shard's org waited ${performance.now() - started} ms`);
+    assert.equal(pending.length, 1, "a pass for the other shard starts in waitUntil");
+    await Promise.allSettled(pending);
+    const waited = performance.now();
+    const down = await gate.check(ctx, "org_down", "create");
+    assert.notEqual(down.source, "local");
+    assert.ok(performance.now() - waited >= 300, "the down shard's org waits for its pass");
+    assert.ok(fetches >= 2);
+  } finally {
+    clearInterval(alive);
   }
 });

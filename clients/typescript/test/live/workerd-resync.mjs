@@ -78,7 +78,7 @@ try {
   }
   result.back_local_s = (performance.now() - killed) / 1000;
   assert.ok(result.other_proved_while_down > 0, "the other shard was not proved current while the killed one was down");
-  // A request waits for a pass while the least current shard is past the bound (workers.ts).
+  // A request waits for a pass only while its org's own shard is past the bound (workers.ts).
   result.request_s = { other_max: Math.max(...otherTook), killed_max: Math.max(...killedTook) };
   const outage = trace.filter((a) => a.at >= killed);
   for (const which of ["killed", "other"]) {
