@@ -316,10 +316,10 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
             return {"created": created, "state": org.state(now_us)}
         case cmd.Debited(micros=micros):
             return {"debited_micros": micros}
-        case cmd.LeaseGranted(lease=lease, created=created):
-            return {"lease": msgspec.structs.replace(lease), "created": created}
+        case cmd.LeaseGranted(lease=lease, created=created):  # tier and plan: for its capability token
+            return {"lease": msgspec.structs.replace(lease), "created": created, "tier": org.tier, "plan": org.plan.id}
         case cmd.LeaseRenewed(lease=lease):
-            return {"lease": msgspec.structs.replace(lease)}
+            return {"lease": msgspec.structs.replace(lease), "tier": org.tier, "plan": org.plan.id}
         case cmd.LeaseDenied(decision=decision):
             return {"denied": msgspec.to_builtins(decision)}
         case cmd.Released(released=released):

@@ -95,6 +95,8 @@ class Claims(msgspec.Struct, frozen=True, omit_defaults=True):
     exp: int  # epoch s: the lease's expiry, or the gate check's + GATE_TOKEN_TTL_S
     resources: Grant = Grant()
     lease_id: str | None = None  # a lease's; none for a gate check's token
+    tier: str | None = None  # the org's tier and plan when the lease was granted (a lease's token)
+    plan: str | None = None
 
 
 class Capability(msgspec.Struct, frozen=True):

@@ -44,12 +44,14 @@ class CapabilitySigner:
         self.key_set_body = msgspec.json.encode(self.key_set)
         self.etag = '"' + hashlib.sha256(self.key_set_body).hexdigest()[:32] + '"'
 
-    def lease_token(self, org_id: str, lease: Lease, now_us: int) -> str:
-        """The token of a granted lease: the lease's resources, valid until the lease's expiry."""
+    def lease_token(self, org_id: str, lease: Lease, now_us: int, tier: str | None = None,
+                    plan: str | None = None) -> str:
+        """The token of a granted lease: the lease's resources and the org's tier and plan when
+        it was granted, valid until the lease's expiry."""
         grant = Grant(lease.memory_mb, lease.cpu_count, lease.disk_mb, lease.machine_type, lease.region,
                       lease.quantity)
         return sign(self._private, Claims(org_id, "create", now_us // 1_000_000, lease.expires_at_us // 1_000_000,
-                                          grant, lease.lease_id))
+                                          grant, lease.lease_id, tier, plan))
 
     def gate_token(self, org_id: str, action: str, resources: Resources, now_us: int) -> str:
         """The token of an allowed gate check: its action and resources, for GATE_TOKEN_TTL_S."""

@@ -6,7 +6,6 @@ import msgspec
 
 from actors import commands as cmd
 from actors.clock import now_us
-from actors.leases import Lease
 from actors.ticks import DECODE_ERRORS, BadBody, TooManyTicks, decode_usage, max_tick_age_us
 from serve_app.bodies import LEASE_DECODER, decode, invalid_field, is_json, not_json, resources_of
 from serve_app.context import Context
@@ -24,14 +23,15 @@ async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
         denied = decision_view(result["denied"])
         return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied, **view}
     return (201 if result["created"] else 200), {"org_id": body.org_id, **lease_view(result["lease"]),
-                                                 **lease_token(ctx, body.org_id, result["lease"]), **view}
+                                                 **lease_token(ctx, body.org_id, result), **view}
 
 
-def lease_token(ctx: Context, org_id: str, lease: Lease) -> dict:
-    """{"capability_token": the lease's token}, or {} on a replica without a capability key (a
-    cluster whose nodes were not given METERGATE_CAPABILITY_KEY: cells then refuse, closed)."""
+def lease_token(ctx: Context, org_id: str, result: dict) -> dict:
+    """{"capability_token": the token of the shard's lease reply}, or {} on a replica without a
+    capability key (cells then refuse, closed)."""
     signer = ctx.capabilities
-    return {} if signer is None else {"capability_token": signer.lease_token(org_id, lease, now_us())}
+    return {} if signer is None else {"capability_token": signer.lease_token(
+        org_id, result["lease"], now_us(), result.get("tier"), result.get("plan"))}
 
 
 def current_view(ctx: Context, org_id: str) -> dict:

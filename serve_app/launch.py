@@ -158,7 +158,7 @@ def start_jobs(settings: Settings, slot_map: list[int]):
 
 # What a deploy onto a shared Ray cluster cannot make up on one machine: the database every
 # node reaches, and the secrets every ingress replica must agree on.
-CLUSTER_REQUIRED = ("database_url", "service_token", "admin_token", "org_token_secret")
+CLUSTER_REQUIRED = ("database_url", "service_token", "admin_token", "org_token_secret", "capability_key")
 
 
 def cluster_settings() -> Settings:

@@ -58,6 +58,7 @@ CREDIT_EVERY = 5  # one credit per this many tick requests, streamed with them
 START_CREDIT_MICROS = 100_000_000
 STREAM_CREDIT_MICROS = 1_000_000
 ORG_TOKEN_SECRET = "multinode-scenario-org-token-secret-0123456789"
+CAPABILITY_KEY = "multinode-scenario-capability-key-0123456789"[:43]
 WAIT_S = 90
 HELD_AFTER_S = 10  # a credit answered idempotency_in_progress this long: its first attempt holds the key
 STARTED = time.monotonic()
@@ -70,7 +71,7 @@ def say(message: str) -> None:
 def main(work_dir: Path, ray_dir: Path) -> dict:
     settings = Settings(data_dir=work_dir / "data", http_host="127.0.0.1", http_port=free_port(),
                         service_token=SERVICE_TOKEN, admin_token=ADMIN_TOKEN, org_token_secret=ORG_TOKEN_SECRET,
-                        shards=SHARDS, serve_haproxy=False)
+                        capability_key=CAPABILITY_KEY, shards=SHARDS, serve_haproxy=False)
     running = launch.Running(settings)
     cluster = None
     try:
@@ -90,6 +91,7 @@ def start_cluster(settings: Settings, ray_dir: Path) -> Cluster:
         "METERGATE_SERVICE_TOKEN": settings.service_token,
         "METERGATE_ADMIN_TOKEN": settings.admin_token,
         "METERGATE_ORG_TOKEN_SECRET": settings.org_token_secret,
+        "METERGATE_CAPABILITY_KEY": settings.capability_key,
         "METERGATE_SHARDS": str(settings.shards),
         "METERGATE_DATA_DIR": str(settings.data_dir),
     })

@@ -70,6 +70,8 @@ def test_an_allowed_lease_carries_a_token_that_verifies_with_the_published_keys(
     assert (claims.org_id, claims.lease_id, claims.action) == (org, "sbx_token", "create")
     assert claims.resources == Grant(memory_mb=2048, cpu_count=1)
     assert claims.exp == int(datetime.fromisoformat(answer["expires_at"]).timestamp())  # the lease's own expiry
+    held = admin.get(f"/v1/orgs/{org}").json()
+    assert (claims.tier, claims.plan) == (held["tier"], held["plan"]["id"])  # what the cell must enforce
     capability.requires(Resources(memory_mb=2048, cpu_count=1))
     with pytest.raises(CapabilityError) as refused:
         capability.requires(Resources(memory_mb=4096))
@@ -80,7 +82,7 @@ def test_an_allowed_lease_carries_a_token_that_verifies_with_the_published_keys(
 
     renewed = compute.post(f"/v1/leases/{org}/sbx_token/renew").json()
     again = verifier.verify(renewed["capability_token"], org, "create").claims
-    assert again.lease_id == "sbx_token" and again.exp >= claims.exp
+    assert again.lease_id == "sbx_token" and again.exp >= claims.exp and again.tier == claims.tier
 
 
 def test_a_gate_check_carries_a_token_only_when_asked_and_allowed(service, admin, compute, new_org):

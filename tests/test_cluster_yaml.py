@@ -176,14 +176,15 @@ def test_the_application_builder_refuses_what_a_cluster_cannot_run(monkeypatch):
     from config.settings import SettingsError
     from serve_app.deployment import app
 
-    for name in ("DATABASE_URL", "SERVICE_TOKEN", "ADMIN_TOKEN", "ORG_TOKEN_SECRET"):
+    for name in ("DATABASE_URL", "SERVICE_TOKEN", "ADMIN_TOKEN", "ORG_TOKEN_SECRET", "CAPABILITY_KEY"):
         monkeypatch.delenv(f"METERGATE_{name}", raising=False)
     monkeypatch.setenv("METERGATE_ADMIN_TOKEN", "an-admin-token-0123456789")
     # No embedded Postgres and no generated tokens: the builder may run on any node.
     with pytest.raises(SettingsError) as refused:
         app({})
     message = str(refused.value)
-    assert all(f"METERGATE_{name}" in message for name in ("DATABASE_URL", "SERVICE_TOKEN", "ORG_TOKEN_SECRET"))
+    assert all(f"METERGATE_{name}" in message for name in ("DATABASE_URL", "SERVICE_TOKEN", "ORG_TOKEN_SECRET",
+                                                           "CAPABILITY_KEY"))
     assert "METERGATE_ADMIN_TOKEN" not in message
     with pytest.raises(ValueError, match="takes no args"):
         app({"shards": 4})

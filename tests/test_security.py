@@ -490,7 +490,7 @@ def test_tokens_json_is_tightened_to_0600_at_every_start(tmp_path):
     from config.settings import generated_tokens
 
     settings, new = generated_tokens(Settings(data_dir=tmp_path))
-    assert new == {"service_token", "admin_token", "org_token_secret"}
+    assert new == {"service_token", "admin_token", "org_token_secret", "capability_key"}
     path = tmp_path / "tokens.json"
     path.chmod(0o644)
     again, new = generated_tokens(Settings(data_dir=tmp_path))

@@ -23,7 +23,7 @@ def test_generated_tokens_are_kept_for_the_next_start(tmp_path):
 
 def test_tokens_set_in_the_environment_win_and_are_not_written(tmp_path):
     settings = with_generated_tokens(Settings(data_dir=tmp_path, admin_token="a" * 20, service_token="s" * 20,
-                                              org_token_secret="o" * 32))
+                                              org_token_secret="o" * 32, capability_key="k" * 43))
     assert settings.admin_token == "a" * 20
     assert not (tmp_path / "tokens.json").exists()
 

@@ -79,7 +79,7 @@ def routes(ctx: Context) -> APIRouter:
     async def renew_lease(org_id: OrgPath, lease_id: LeasePath, request: Request) -> Response:
         ctx.service(request)
         result = raise_for_shard_error(await ctx.router.command(org_id, cmd.RenewLease(lease_id)))
-        return json({"org_id": org_id, **lease_view(result["lease"]), **lease_token(ctx, org_id, result["lease"]),
+        return json({"org_id": org_id, **lease_view(result["lease"]), **lease_token(ctx, org_id, result),
                      **current_view(ctx, org_id)})  # a token with the renewed expiry
 
     @router.delete("/v1/leases/{org_id}/{lease_id}", tags=["gate"], status_code=204, openapi_extra=openapi.answers(
