@@ -21,6 +21,7 @@ from actors.metering import UnknownUnit
 from actors.ticks import Tick
 from actors.timeutil import minute_us
 from actors.usage import bill_ticks
+from metergate_client.decision import NO_RESOURCES, decide
 from storage import journal as store
 from storage.times import dt_to_us
 
@@ -304,6 +305,15 @@ class BatchWork:
             recent.pop(next(iter(recent)))
 
 
+def _standing(org: OrgBillingActor, now_us: int, gated: bool) -> dict:
+    """What a lease answer's capability token may say: the org's tier and plan, and whether it
+    may be signed at all. A new lease passed the gate (`gated`); a renewal or the same lease
+    again did not, so its token is signed only while the org is neither suspended, nor halted,
+    nor out of money (the checks of `ingest`, which holds no slot: the lease holds its own)."""
+    may = gated or decide("ingest", NO_RESOURCES, org.view_as_of(now_us)[0]).allowed
+    return {"tier": org.tier, "plan": org.plan.id, "token_ok": may}
+
+
 def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
     """A command's reply, from its typed outcome. Built at once, from copies: later commands
     of the batch may change the org before the reply is sent."""
@@ -316,10 +326,10 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
             return {"created": created, "state": org.state(now_us)}
         case cmd.Debited(micros=micros):
             return {"debited_micros": micros}
-        case cmd.LeaseGranted(lease=lease, created=created):  # tier and plan: for its capability token
-            return {"lease": msgspec.structs.replace(lease), "created": created, "tier": org.tier, "plan": org.plan.id}
+        case cmd.LeaseGranted(lease=lease, created=created):  # tier, plan, standing: for its capability token
+            return {"lease": msgspec.structs.replace(lease), "created": created, **_standing(org, now_us, created)}
         case cmd.LeaseRenewed(lease=lease):
-            return {"lease": msgspec.structs.replace(lease), "tier": org.tier, "plan": org.plan.id}
+            return {"lease": msgspec.structs.replace(lease), **_standing(org, now_us, False)}
         case cmd.LeaseDenied(decision=decision):
             return {"denied": msgspec.to_builtins(decision)}
         case cmd.Released(released=released):

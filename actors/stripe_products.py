@@ -53,8 +53,10 @@ class WantedPrice(NamedTuple):
     metered: bool = False
 
     def price_params(self, meter_id: str | None) -> dict:
+        # Prices are before tax (docs/integrate/stripe.md 7): Stripe Tax adds it on top, whatever
+        # the account's default.
         params: dict = {"product": self.product_id, "currency": "usd", "lookup_key": self.lookup_key,
-                        "metadata": {"metergate": self.lookup_key}}
+                        "metadata": {"metergate": self.lookup_key}, "tax_behavior": "exclusive"}
         if self.metered:
             assert meter_id is not None, "a metered price needs its meter"
             params["unit_amount_decimal"] = USAGE_CENTS_PER_MICRO
@@ -114,6 +116,8 @@ def meter_params(event_name: str) -> dict:
 def _same_price(price: dict, want: WantedPrice, meter_id: str | None) -> bool:
     recurring = price.get("recurring") or None
     if price.get("product") != want.product_id or price.get("currency") != "usd" or not price.get("active"):
+        return False
+    if price.get("tax_behavior") != "exclusive":
         return False
     if want.metered:
         return (str(price.get("unit_amount_decimal")) in (USAGE_CENTS_PER_MICRO, "0.0001000000")

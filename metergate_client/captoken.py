@@ -133,7 +133,10 @@ def unb64(text: str) -> bytes:
     """Strict unpadded base64url: ValueError for any other character or a bad length."""
     if "=" in text or len(text) % 4 == 1:
         raise ValueError("not unpadded base64url")
-    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    if b64(raw) != text:  # the last character's unused bits set: another spelling of the same bytes
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -230,6 +233,8 @@ class Verifier:
         if len(parts) > 3:
             raise CapabilityError(Refusal.MALFORMED, f"{len(parts)} parts, not 3")
         header_b64, claims_b64, signature_b64 = parts
+        if len(signature_b64) < len(b64(bytes(SIGNATURE_BYTES))):  # cut short, before its spelling is checked
+            raise CapabilityError(Refusal.TRUNCATED, f"a signature of {len(signature_b64)} characters")
         try:
             header = _HEADER_DECODER.decode(unb64(header_b64))
             claims = _CLAIMS_DECODER.decode(unb64(claims_b64))

@@ -59,6 +59,7 @@ class Cell:
         self._fetched_s = time.monotonic()
         self.created: list[dict] = []
         self.shadow_refusals = 0
+        self._used: dict[str, int] = {}  # lease id -> slots its creates took (a token is not a ticket)
 
     def _key_set(self) -> dict:
         answer = httpx.get(self.billing_url + KEYS_PATH, timeout=10)
@@ -72,8 +73,9 @@ class Cell:
                 raise CapabilityError(Refusal.MALFORMED, "no capability token")
             with self._lock:
                 capability = self._verified(token, body.org_id)
-            capability.requires(Grant(body.memory_mb, body.cpu_count, body.disk_mb, body.machine_type,
-                                      body.region, body.quantity))
+                capability.requires(Grant(body.memory_mb, body.cpu_count, body.disk_mb, body.machine_type,
+                                          body.region, body.quantity))
+                self._take(capability, body.quantity)
         except CapabilityError as exc:
             if not self.shadow:
                 code = "capability_required" if not token else exc.refusal.value
@@ -85,6 +87,19 @@ class Cell:
                    "memory_mb": body.memory_mb}
         self.created.append(sandbox)
         return 201, {"created": sandbox}
+
+    def _take(self, capability, quantity: int) -> None:
+        """A create takes `quantity` of its lease's slots for good: a token is valid until its
+        exp and may be sent again, so the cell counts. A token without a lease (a gate check's)
+        holds no slot and creates nothing."""
+        lease_id = capability.claims.lease_id
+        if lease_id is None:
+            raise CapabilityError(Refusal.WRONG_ACTION, "a create needs a lease's token, not a gate check's")
+        used = self._used.get(lease_id, 0)
+        if used + quantity > capability.claims.resources.quantity:
+            raise CapabilityError(Refusal.EXCEEDS_GRANT, f"lease {lease_id}: {used} of its "
+                                  f"{capability.claims.resources.quantity} slots already created")
+        self._used[lease_id] = used + quantity
 
     def _verified(self, token: str, org_id: str):
         try:

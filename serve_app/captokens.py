@@ -20,7 +20,7 @@ from metergate_client.captoken import KEY_BYTES, Claims, Grant, key_id, public_j
 from metergate_client.decision import Resources
 
 GATE_TOKEN_TTL_S = 60  # a gate check's token: long enough to reach a cell and create, short enough to not be a lease
-KEYS_MAX_AGE_S = 300  # Cache-Control of the key set: a new key is published this long before it signs (rotation)
+KEYS_MAX_AGE_S = 300  # Cache-Control of the key set; a rotation publishes a new key this long before it signs
 
 
 def private_key(seed: str) -> Ed25519PrivateKey:

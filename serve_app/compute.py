@@ -28,10 +28,12 @@ async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
 
 def lease_token(ctx: Context, org_id: str, result: dict) -> dict:
     """{"capability_token": the token of the shard's lease reply}, or {} on a replica without a
-    capability key (cells then refuse, closed)."""
+    capability key (cells then refuse, closed) or when the org may not run now."""
     signer = ctx.capabilities
-    return {} if signer is None else {"capability_token": signer.lease_token(
-        org_id, result["lease"], now_us(), result.get("tier"), result.get("plan"))}
+    if signer is None or not result.get("token_ok"):  # a renewal while halted, suspended or broke: none
+        return {}
+    return {"capability_token": signer.lease_token(org_id, result["lease"], now_us(), result.get("tier"),
+                                                   result.get("plan"))}
 
 
 def current_view(ctx: Context, org_id: str) -> dict:

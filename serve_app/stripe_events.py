@@ -262,8 +262,11 @@ def _checkout(session: dict, catalog: Catalog) -> list[Command]:
         return []  # not paid yet: async methods report later with async_payment_succeeded
     _usd(session, "the payment")
     metadata = session.get("metadata") or {}
+    # Without metergate's own credit_micros (a payment link), the credit is what was paid less
+    # any tax: tax is never credit.
+    tax = (session.get("total_details") or {}).get("amount_tax") or 0
     amount = _micros(metadata["credit_micros"], "metadata.credit_micros") if metadata.get("credit_micros") else \
-        _cents(session["amount_total"], "amount_total")
+        _cents(session["amount_total"] - tax if isinstance(tax, int) else session["amount_total"], "amount_total")
     expires = metadata.get("credit_expires_at")
     intent = _str(session.get("payment_intent"))
     payment = intent or session["id"]
@@ -281,11 +284,16 @@ def tier_of(subscription: dict, catalog: Catalog) -> str | None:
     for item in items if isinstance(items, list) else ():
         price = item.get("price") if isinstance(item, dict) else None
         price_id = price.get("id") if isinstance(price, dict) else price
-        lookup_key = price.get("lookup_key") if isinstance(price, dict) else None
+        # A price ensure-products published: by its lookup key, or by the metadata it set, which
+        # stays when a repricing moves the key to a new price (a subscription keeps the old one).
+        keys = [price.get("lookup_key"), (price.get("metadata") or {}).get("metergate")] \
+            if isinstance(price, dict) else []
+        published = next((TIER_OF_LOOKUP_KEY[k] for k in keys if isinstance(k, str) and k in TIER_OF_LOOKUP_KEY
+                          and TIER_OF_LOOKUP_KEY[k] in catalog.tiers), None)
         if isinstance(price_id, str) and price_id in by_price:
             tiers.append(by_price[price_id])
-        elif isinstance(lookup_key, str) and TIER_OF_LOOKUP_KEY.get(lookup_key) in catalog.tiers:
-            tiers.append(TIER_OF_LOOKUP_KEY[lookup_key])  # a price published by ensure-products
+        elif published is not None:
+            tiers.append(published)
     if tiers:
         return max(tiers, key=lambda t: catalog.tiers[t])
     tier = (subscription.get("metadata") or {}).get("tier")

@@ -405,6 +405,7 @@ async def create_price(request: web.Request) -> web.Response:
              "recurring": ({"interval": recurring.get("interval"), "usage_type": recurring.get("usage_type", "licensed"),
                             "meter": recurring.get("meter")} if recurring else None),
              "type": "recurring" if recurring else "one_time", "lookup_key": lookup_key,
+             "tax_behavior": params.get("tax_behavior", "unspecified"),
              "metadata": params.get("metadata", {}), "livemode": False, "created": int(time.time())}
     prices[price["id"]] = price
     if key:

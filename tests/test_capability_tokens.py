@@ -85,6 +85,39 @@ def test_an_allowed_lease_carries_a_token_that_verifies_with_the_published_keys(
     assert again.lease_id == "sbx_token" and again.exp >= claims.exp and again.tier == claims.tier
 
 
+def test_a_renewal_or_the_same_lease_again_gets_a_token_only_while_the_org_may_run(service, admin, compute,
+                                                                                   new_org):
+    """Neither a renewal nor a repeated POST /v1/leases passes the gate: their tokens are signed
+    only while the org is neither halted, nor suspended, nor out of money."""
+    org = new_org()
+    first = lease(compute, org, "sbx_standing")
+    assert "capability_token" in first
+    assert admin.post(f"/v1/orgs/{org}/halt").status_code == 200
+    renewed = compute.post(f"/v1/leases/{org}/sbx_standing/renew")
+    assert renewed.status_code == 200 and "capability_token" not in renewed.json(), renewed.text
+    assert "capability_token" not in lease(compute, org, "sbx_standing")  # the same lease again
+    assert admin.post(f"/v1/orgs/{org}/resume").status_code == 200
+    assert "capability_token" in compute.post(f"/v1/leases/{org}/sbx_standing/renew").json()
+
+
+def test_a_token_has_one_spelling(service, compute, new_org):
+    """The signature's last character carries unused bits: a spelling with them set is refused
+    (else 16 strings verify for one token, and a cell counting tokens by string is fooled)."""
+    token = lease(compute, new_org())["capability_token"]
+    head, body, signature = token.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    respelled = signature[:-1] + alphabet[alphabet.index(signature[-1]) ^ 1]  # an unused bit set
+    assert _same_bytes(respelled, unb64(signature))
+    verifier = Verifier(httpx.get(service.base_url + KEYS, timeout=30).json())
+    with pytest.raises(CapabilityError):
+        verifier.verify(f"{head}.{body}.{respelled}", None, "create")
+
+
+def _same_bytes(text: str, raw: bytes) -> bool:
+    import base64
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) == raw
+
+
 def test_a_gate_check_carries_a_token_only_when_asked_and_allowed(service, admin, compute, new_org):
     org = new_org()
     verifier = Verifier(httpx.get(service.base_url + KEYS, timeout=30).json(), clock=service_clock(admin))
@@ -108,8 +141,17 @@ def test_the_cell_refuses_without_a_token_or_with_a_forged_expired_or_too_small_
     org, other = new_org(), new_org()
     token = lease(compute, org)["capability_token"]
 
-    assert create(cell_url, token, org, memory_mb=2048, cpu_count=1).status_code == 201
     assert create(cell_url, token, org, memory_mb=1024).status_code == 201  # less than granted
+    # A token is not a ticket: its lease's one slot is taken, so the same token again creates nothing.
+    again = create(cell_url, token, org, memory_mb=1024)
+    assert (again.status_code, again.json()["error"]["code"]) == (403, "exceeds_grant"), again.text
+    token = lease(compute, org)["capability_token"]
+    assert create(cell_url, token, org, memory_mb=2048, cpu_count=1).status_code == 201
+    token = lease(compute, org)["capability_token"]  # a fresh lease for the refusals below
+    checked = compute.post("/v1/gate", json={"org_id": org, "action": "create", "token": True,
+                                             "resources": {"memory_mb": 1024}}).json()
+    by_gate = create(cell_url, checked["capability_token"], org, memory_mb=1024)  # holds no slot
+    assert (by_gate.status_code, by_gate.json()["error"]["code"]) == (403, "wrong_action"), by_gate.text
 
     refused = {
         "no token": (create(cell_url, None, org, memory_mb=1024), 401, "capability_required"),

@@ -69,6 +69,7 @@ def test_no_operation_answers_a_5xx_or_an_undocumented_error(api_schema, service
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 25
     failures: list = []
+    parser_refusals: list = []  # requests HAProxy 2.8's parser refused with its own page (haproxy#3032)
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             @given(case=operation.as_strategy(generation_mode=mode), role=st.sampled_from(sorted(tokens)))
@@ -77,6 +78,9 @@ def test_no_operation_answers_a_5xx_or_an_undocumented_error(api_schema, service
             def send(case, role: str) -> None:
                 response = case.call(base_url=service.base_url, timeout=60,
                                      headers={**(case.headers or {}), "Authorization": f"Bearer {tokens[role]}"})
+                if _haproxy_parser_refusal(response):
+                    parser_refusals.append((operation.label, mode.value, case.path, case.query))
+                    return
                 problem = _problem(response) or _undocumented(case, response)
                 if problem:
                     failures.append((operation.label, mode.value, role, response.status_code, problem))
@@ -86,6 +90,19 @@ def test_no_operation_answers_a_5xx_or_an_undocumented_error(api_schema, service
             except Unsatisfiable:
                 assert mode is GenerationMode.NEGATIVE  # nothing to make invalid (no parameters)
     assert failures == [], failures[:5]
+    if parser_refusals:
+        print(f"{len(parser_refusals)} requests refused by HAProxy's parser with its own page (blocked upstream, "
+              f"tests/test_security.py): {parser_refusals[:3]}")
+
+
+def _haproxy_parser_refusal(response) -> bool:
+    """HAProxy's built-in 400 page, which its parser answers with whatever the error files say
+    before 3.2 (haproxy#3032): the one answer not in metergate's shape, and only on a HAProxy
+    that old; tests/test_security.py holds the rest to it (xfail until Ray ships a newer one)."""
+    from tests.test_security import PARSER_TAKES_ERROR_FILES_FROM, haproxy_version
+
+    return (response.status_code == 400 and response.text.startswith("<html><body><h1>400 Bad request</h1>")
+            and haproxy_version() < PARSER_TAKES_ERROR_FILES_FROM)
 
 
 def _undocumented(case, response) -> str | None:

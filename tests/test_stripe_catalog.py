@@ -110,6 +110,7 @@ def test_ensure_products_twice_changes_nothing_the_second_time_and_a_tier_checko
     assert (pro["unit_amount"], pro["recurring"]["interval"], pro["product"], pro["active"]) == (
         2000, "month", "metergate_tier_pro", True)
     assert price_of(service, "metergate_pack_starter_10")["unit_amount"] == 1000
+    assert pro["tax_behavior"] == "exclusive"  # before tax, whatever the account's default (stripe.md 7)
     usage = price_of(service, "metergate_usage_micros")
     assert (str(usage["unit_amount_decimal"]), usage["recurring"]["usage_type"], usage["recurring"]["meter"]) == (
         "0.0001", "metered", "mtr_metergate_usage_micros")

@@ -195,6 +195,30 @@ def paid(o: Org, payment: str, cents: int, at_us: int = T0) -> Facts:
     return Facts(ORG_ID, {payment: PaymentCredit(ORG_ID, booked.entry.grant_id, cents * 10_000)})
 
 
+def test_a_paid_session_without_metergates_credit_is_credited_without_its_tax():
+    """A payment link (no metadata.credit_micros): 11.00 USD paid, 1.00 of it tax: 10 USD credit."""
+    o = Org()
+    session = {"id": "cs_link", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "currency": "usd", "amount_total": 1_100, "total_details": {"amount_tax": 100},
+               "payment_intent": "pi_link", "metadata": {"org_id": ORG_ID}}
+    (booked,) = o.send("checkout.session.completed", session, T0)
+    assert booked.entry.amount_micros == 10_000_000
+    assert o.org.balance_micros == SIGNUP + 10_000_000
+
+
+def test_a_subscription_on_a_repriced_tier_price_keeps_its_tier():
+    """ensure-products moved pro's lookup key to a new price; a subscription switched to the old
+    pro price in the portal (its metadata still names the tier it was opened for) is pro."""
+    from actors.stripe_products import tier_lookup_key
+    from serve_app.stripe_events import tier_of
+
+    old_pro = {"id": "price_old_pro", "lookup_key": None, "metadata": {"metergate": tier_lookup_key("pro")}}
+    subscription = {"id": "sub_x", "metadata": {"tier": "pro_plus_plus"}, "items": {"data": [{"price": old_pro}]}}
+    assert tier_of(subscription, CATALOG) == "pro"
+    unknown = {"id": "price_other", "lookup_key": None, "metadata": {"metergate": "not_a_tier_key"}}
+    assert tier_of({**subscription, "items": {"data": [{"price": unknown}]}}, CATALOG) == "pro_plus_plus"
+
+
 def refund(refund_id: str, payment: str, cents: int, status: str) -> dict:
     return {"id": refund_id, "object": "refund", "amount": cents, "currency": "usd", "payment_intent": payment,
             "charge": "ch_1", "status": status}

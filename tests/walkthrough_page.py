@@ -23,7 +23,7 @@ from dataclasses import dataclass
 VARYING: frozenset[tuple[str, ...]] = frozenset({
     ("created_at",), ("expires_at",), ("resets_at",), ("valid_until_us",),
     ("period", "key"), ("entry_id",), ("age_ms",),
-    ("gate_view", "epoch"), ("gate_view", "seq"),
+    ("gate_view", "epoch"), ("gate_view", "seq"), ("capability_token",),
 })
 
 _HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\1")
