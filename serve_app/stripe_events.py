@@ -264,9 +264,15 @@ def _checkout(session: dict, catalog: Catalog) -> list[Command]:
     metadata = session.get("metadata") or {}
     # Without metergate's own credit_micros (a payment link), the credit is what was paid less
     # any tax: tax is never credit.
-    tax = (session.get("total_details") or {}).get("amount_tax") or 0
-    amount = _micros(metadata["credit_micros"], "metadata.credit_micros") if metadata.get("credit_micros") else \
-        _cents(session["amount_total"] - tax if isinstance(tax, int) else session["amount_total"], "amount_total")
+    if metadata.get("credit_micros"):
+        amount = _micros(metadata["credit_micros"], "metadata.credit_micros")
+    else:
+        details = session.get("total_details")
+        tax = details.get("amount_tax") if isinstance(details, dict) else None
+        amount = _cents(session["amount_total"], "amount_total") - (
+            0 if tax is None else _cents(tax, "total_details.amount_tax", low=0))
+        if amount <= 0:
+            raise EventError("amount_total is not more than its tax")
     expires = metadata.get("credit_expires_at")
     intent = _str(session.get("payment_intent"))
     payment = intent or session["id"]

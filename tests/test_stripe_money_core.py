@@ -16,7 +16,7 @@ from actors.commands import (JOURNAL_DECODER, JOURNAL_ENCODER, Advance, JournalI
                              SettleRecharge, Stale, execute, replay)
 from actors.org import OrgBillingActor, OrgSnapshot
 from actors.timeutil import US_PER_S
-from serve_app.stripe_events import DunningPolicy, Facts, PaymentCredit, Refused, Skipped, commands_for
+from serve_app.stripe_events import DunningPolicy, EventError, Facts, PaymentCredit, Refused, Skipped, commands_for
 from tests.helpers import CATALOG, DAY_US, ORG_ID, T0, make_org
 
 DUNNING = DunningPolicy(3 * 86_400, 7 * 86_400, 14 * 86_400, "free")
@@ -203,6 +203,11 @@ def test_a_paid_session_without_metergates_credit_is_credited_without_its_tax():
                "payment_intent": "pi_link", "metadata": {"org_id": ORG_ID}}
     (booked,) = o.send("checkout.session.completed", session, T0)
     assert booked.entry.amount_micros == 10_000_000
+    assert o.org.balance_micros == SIGNUP + 10_000_000
+    for details in ({"amount_tax": 1_100}, {"amount_tax": 1.5}, {"amount_tax": True}):  # all tax, or not cents
+        with pytest.raises(EventError):  # the endpoint's dead letter: nothing credited
+            o.send("checkout.session.completed", {**session, "id": "cs_bad", "payment_intent": "pi_bad",
+                                                  "total_details": details}, T0)
     assert o.org.balance_micros == SIGNUP + 10_000_000
 
 
