@@ -9,9 +9,8 @@
 // Env: METERGATE_URL, METERGATE_SERVICE_TOKEN, METERGATE_ADMIN_TOKEN, METERGATE_ORG (not halted),
 // METERGATE_CHANGES (default 50), METERGATE_POLL_MS (10), METERGATE_PAUSE_MS (250), METERGATE_JITTER_MS (2000).
 // Prints one JSON line (times in ms); exits 1 with the reason when a change takes over 10 s.
-import { fileURLToPath } from "node:url";
+import { gateMiniflare } from "../test/live/helpers.mjs";
 
-import { Miniflare } from "miniflare";
 
 const env = process.env;
 const { METERGATE_URL: url, METERGATE_SERVICE_TOKEN: token, METERGATE_ADMIN_TOKEN: adminToken, METERGATE_ORG: org } = env;
@@ -20,16 +19,8 @@ const POLL_MS = Number(env.METERGATE_POLL_MS ?? 10);
 const PAUSE_MS = Number(env.METERGATE_PAUSE_MS ?? 250);
 const JITTER_MS = Number(env.METERGATE_JITTER_MS ?? 2000);
 const GIVE_UP_MS = 10_000;
-const root = fileURLToPath(new URL("..", import.meta.url));
 
-const mf = new Miniflare({
-  modules: true,
-  scriptPath: `${root}test/live/gate-worker.mjs`,
-  modulesRoot: root,
-  modulesRules: [{ type: "ESModule", include: ["**/*.js", "**/*.mjs"] }],
-  compatibilityDate: "2025-09-01",
-  bindings: { METERGATE_URL: url, METERGATE_SERVICE_TOKEN: token },
-});
+const mf = await gateMiniflare(url, token);
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const polls = { n: 0, local: 0, ageS: [] };

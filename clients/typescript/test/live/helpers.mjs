@@ -35,16 +35,7 @@ export async function relayTo(target) {
 /** gate-worker.mjs in workerd, reaching metergate at `url`; ask(org, action) is one request
  * to it, resolving to {answer, counters, tookS} (tookS: the request's time, seen from Node). */
 export async function gateWorker(url, token) {
-  const { Miniflare } = await import("miniflare");
-  const root = fileURLToPath(new URL("../..", import.meta.url));
-  const mf = new Miniflare({
-    modules: true,
-    scriptPath: `${root}test/live/gate-worker.mjs`,
-    modulesRoot: root,
-    modulesRules: [{ type: "ESModule", include: ["**/*.js", "**/*.mjs"] }],
-    compatibilityDate: "2025-09-01",
-    bindings: { METERGATE_URL: url, METERGATE_SERVICE_TOKEN: token },
-  });
+  const mf = await gateMiniflare(url, token);
   return {
     async ask(org, action = "create") {
       const started = performance.now();
@@ -55,6 +46,20 @@ export async function gateWorker(url, token) {
     },
     dispose: () => mf.dispose(),
   };
+}
+
+/** gate-worker.mjs in workerd (Miniflare), reaching metergate at `url` with `token`. */
+export async function gateMiniflare(url, token) {
+  const { Miniflare } = await import("miniflare");
+  const root = fileURLToPath(new URL("../..", import.meta.url));
+  return new Miniflare({
+    modules: true,
+    scriptPath: `${root}test/live/gate-worker.mjs`,
+    modulesRoot: root,
+    modulesRules: [{ type: "ESModule", include: ["**/*.js", "**/*.mjs"] }],
+    compatibilityDate: "2025-09-01",
+    bindings: { METERGATE_URL: url, METERGATE_SERVICE_TOKEN: token },
+  });
 }
 
 /** The server's own decision (POST /v1/gate) without its age. */

@@ -6,23 +6,14 @@
 // first request waits for one pass and answers locally. Env as node-live.mjs. Prints one JSON
 // line; exits 1 with the reason on the first failed expectation.
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
+import { gateMiniflare } from "./helpers.mjs";
 
-import { Miniflare } from "miniflare";
 
 const { METERGATE_URL: url, METERGATE_SERVICE_TOKEN: token, METERGATE_ADMIN_TOKEN: adminToken, METERGATE_ORG: org } = process.env;
 const BOUND_S = 1.0;
 const ROUNDS = Number(process.env.METERGATE_ROUNDS ?? 4);
-const root = fileURLToPath(new URL("../..", import.meta.url));
 
-const mf = new Miniflare({
-  modules: true,
-  scriptPath: `${root}test/live/gate-worker.mjs`,
-  modulesRoot: root,
-  modulesRules: [{ type: "ESModule", include: ["**/*.js", "**/*.mjs"] }],
-  compatibilityDate: "2025-09-01",
-  bindings: { METERGATE_URL: url, METERGATE_SERVICE_TOKEN: token },
-});
+const mf = await gateMiniflare(url, token);
 
 const answers = [];
 async function ask(action = "create") {
