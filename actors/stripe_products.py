@@ -42,6 +42,26 @@ def pack_lookup_key(pack_id: str) -> str:
 TIER_OF_LOOKUP_KEY = {tier_lookup_key(tier): tier for tier in PAID_TIERS}
 
 
+def tier_of_price(price: object, catalog: Catalog) -> str | None:
+    """The paid tier a Stripe price is for (a subscription item's `price`: the object, or its
+    id): the catalog's explicit id; else a price ensure-products published, by its lookup key
+    or by the `metadata.metergate` it set, which stays on the old price when a repricing moves
+    the key (subscriptions keep their price). The webhook and self-serve both read it here, so
+    they never disagree on a subscription's tier. A price or metadata of another shape (an odd
+    event) names no tier."""
+    price_id = price.get("id") if isinstance(price, dict) else price
+    explicit = next((tier for tier, known in catalog.stripe_prices.items()
+                     if tier in PAID_TIERS and isinstance(price_id, str) and known == price_id), None)
+    if explicit is not None or not isinstance(price, dict):
+        return explicit
+    metadata = price.get("metadata")
+    for key in (price.get("lookup_key"), metadata.get("metergate") if isinstance(metadata, dict) else None):
+        tier = TIER_OF_LOOKUP_KEY.get(key) if isinstance(key, str) else None
+        if tier is not None and tier in catalog.tiers:
+            return tier
+    return None
+
+
 class WantedPrice(NamedTuple):
     """One product and its one active price, as the catalog wants them in Stripe."""
 

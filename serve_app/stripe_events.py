@@ -20,7 +20,7 @@ from typing import Mapping
 from actors.commands import (Command, Credit, DisputeFunds, InvoiceFailed, InvoicePaid, RefundPayment,
                              ReverseRefund, SettleRecharge, SubscriptionChanged)
 from actors.org import MAX_AMOUNT_MICROS, MICROS_PER_CENT
-from actors.stripe_products import TIER_OF_LOOKUP_KEY
+from actors.stripe_products import tier_of_price
 from actors.timeutil import MAX_PLAUSIBLE_S
 from config.catalog import Catalog
 
@@ -282,27 +282,19 @@ def _checkout(session: dict, catalog: Catalog) -> list[Command]:
 
 def tier_of(subscription: dict, catalog: Catalog) -> str | None:
     """The paid tier a subscription is for: by its items' prices (a portal switch changes
-    only the price): the catalog's explicit ids, or a tier's lookup key; else by the metadata
-    metergate set when it opened it."""
-    by_price = {price: tier for tier, price in catalog.stripe_prices.items() if tier in PAID_TIERS}
-    items = (subscription.get("items") or {}).get("data") or []
+    only the price; `tier_of_price`, which self-serve reads alike); else by the metadata
+    metergate set when it opened it. Parts of another shape than Stripe's count as absent."""
+    items = subscription.get("items")
+    items = items.get("data") if isinstance(items, dict) else None
     tiers = []
     for item in items if isinstance(items, list) else ():
-        price = item.get("price") if isinstance(item, dict) else None
-        price_id = price.get("id") if isinstance(price, dict) else price
-        # A price ensure-products published: by its lookup key, or by the metadata it set, which
-        # stays when a repricing moves the key to a new price (a subscription keeps the old one).
-        keys = [price.get("lookup_key"), (price.get("metadata") or {}).get("metergate")] \
-            if isinstance(price, dict) else []
-        published = next((TIER_OF_LOOKUP_KEY[k] for k in keys if isinstance(k, str) and k in TIER_OF_LOOKUP_KEY
-                          and TIER_OF_LOOKUP_KEY[k] in catalog.tiers), None)
-        if isinstance(price_id, str) and price_id in by_price:
-            tiers.append(by_price[price_id])
-        elif published is not None:
-            tiers.append(published)
+        tier = tier_of_price(item.get("price"), catalog) if isinstance(item, dict) else None
+        if tier is not None:
+            tiers.append(tier)
     if tiers:
         return max(tiers, key=lambda t: catalog.tiers[t])
-    tier = (subscription.get("metadata") or {}).get("tier")
+    metadata = subscription.get("metadata")
+    tier = metadata.get("tier") if isinstance(metadata, dict) else None
     return tier if tier in PAID_TIERS and tier in catalog.tiers else None
 
 

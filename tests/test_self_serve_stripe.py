@@ -183,23 +183,23 @@ def test_only_live_subscriptions_of_the_org_with_a_tier_price_or_tag_are_its_tie
     live = [subscription(status, sub_id=f"sub_{status}") for status in ("active", "trialing", "past_due")]
     ended = [subscription(status, sub_id=f"sub_{status}")
              for status in ("incomplete", "incomplete_expired", "canceled", "unpaid", "paused")]
-    assert [s.subscription_id for s in tier_subscriptions(live + ended, "org_a", PRICES)] == [
+    assert [s.subscription_id for s in tier_subscriptions(live + ended, "org_a", CATALOG)] == [
         "sub_active", "sub_trialing", "sub_past_due"]
     # A portal-made subscription has no metadata: its price says the tier.
-    assert tier_subscriptions([subscription(price=PRICES["pro_plus"])], "org_a", PRICES) == [
+    assert tier_subscriptions([subscription(price=PRICES["pro_plus"])], "org_a", CATALOG) == [
         TierSubscription("sub_1", "si_sub_1_0", "pro_plus", 0)]
     # Tagged only (a price metergate no longer sells): the one item carries it.
     tagged = subscription(price=None, metadata={"org_id": "org_a", "tier": "pro", "tier_changes": "3"})
-    assert tier_subscriptions([tagged], "org_a", PRICES) == [TierSubscription("sub_1", "si_sub_1_0", "pro", 3)]
+    assert tier_subscriptions([tagged], "org_a", CATALOG) == [TierSubscription("sub_1", "si_sub_1_0", "pro", 3)]
     # Several items, none a tier's price: a tier subscription whose item cannot be told.
     unpriced = subscription(price=None, items=2, metadata={"tier": "pro"})
-    assert tier_subscriptions([unpriced], "org_a", PRICES)[0].item_id is None
+    assert tier_subscriptions([unpriced], "org_a", CATALOG)[0].item_id is None
     # The tier price's item among others is the one that changes.
-    assert tier_subscriptions([subscription(items=3)], "org_a", PRICES)[0].item_id == "si_sub_1_0"
+    assert tier_subscriptions([subscription(items=3)], "org_a", CATALOG)[0].item_id == "si_sub_1_0"
     # Not metergate's (no tier price, no tag), or another org's.
-    assert tier_subscriptions([subscription(price=None)], "org_a", PRICES) == []
-    assert tier_subscriptions([subscription(metadata={"org_id": "org_b", "tier": "pro"})], "org_a", PRICES) == []
-    assert tier_subscriptions([subscription(metadata={"tier_changes": "x1"})], "org_a", PRICES)[0].tier_changes == 0
+    assert tier_subscriptions([subscription(price=None)], "org_a", CATALOG) == []
+    assert tier_subscriptions([subscription(metadata={"org_id": "org_b", "tier": "pro"})], "org_a", CATALOG) == []
+    assert tier_subscriptions([subscription(metadata={"tier_changes": "x1"})], "org_a", CATALOG)[0].tier_changes == 0
 
 
 def test_an_unknown_proration_behavior_is_refused_at_start_naming_the_variable_and_the_choices(tmp_path):
@@ -334,3 +334,20 @@ def test_two_live_tier_subscriptions_are_refused_and_left_alone(service, admin, 
     assert refused.json()["error"]["code"] == "several_tier_subscriptions"
     assert refused.json()["error"]["subscription_ids"] == sorted([first["subscription"], second.id])
     assert updates_of(service, first["subscription"]) == updates_of(service, second.id) == []
+
+
+def test_a_subscription_on_a_repriced_tier_price_is_the_org_s_tier_subscription():
+    """ensure-products moved pro's lookup key to a new price; a subscription made in the portal
+    (no metergate metadata) on the old pro price is still the org's pro subscription: otherwise
+    a tier Checkout would open a second paid subscription next to it."""
+    old_pro = {"id": "price_old_pro", "lookup_key": None, "metadata": {"metergate": "metergate_tier_pro_monthly"}}
+    portal_made = {"id": "sub_1", "status": "active", "metadata": {},
+                   "items": {"data": [{"id": "si_1", "price": old_pro}]}}
+    assert tier_subscriptions([portal_made], "org_a", CATALOG) == [TierSubscription("sub_1", "si_1", "pro", 0)]
+    # Switched in the portal to the old pro price after opening pro_plus: the price says pro.
+    switched = {**portal_made, "metadata": {"org_id": "org_a", "tier": "pro_plus"}}
+    assert [s.tier for s in tier_subscriptions([switched], "org_a", CATALOG)] == ["pro"]
+    # Not a tier's key, or odd metadata: not a tier price.
+    for odd in ({"metergate": "metergate_pack_starter_10"}, "metergate_tier_pro_monthly", ["x"]):
+        odd_price = {**portal_made, "items": {"data": [{"id": "si_1", "price": {**old_pro, "metadata": odd}}]}}
+        assert tier_subscriptions([odd_price], "org_a", CATALOG) == []

@@ -21,7 +21,7 @@ from config.settings import DEFAULT_CATALOG, Settings
 from serve_app.app import build_app
 from serve_app.billing_page import BillingPage, tier_form, topup_forms
 from serve_app.context import Context
-from tests.helpers import ADMIN_TOKEN, URLS, fake_sessions, stripe_client
+from tests.helpers import ADMIN_TOKEN, CATALOG, URLS, fake_sessions, stripe_client
 
 ROOT = Path(__file__).resolve().parent.parent
 TIER_AMOUNTS = "[tier_monthly_micros]\npro = 20_000_000\npro_plus = 100_000_000\npro_plus_plus = 150_000_000\n"
@@ -235,3 +235,30 @@ def test_the_start_up_setting_publishes_as_the_command_does_and_a_refusal_stops_
         ensure_products_at_start(read_only, load_catalog(more))
     ensure_products_at_start(Settings(**{**settings.model_dump(), "catalog": more}), load_catalog(more))
     assert price_of(service, "metergate_pack_at_start_30")["unit_amount"] == 3000
+
+
+# ----- the tier of a Stripe price, read alike by the webhook and by self-serve ----------------
+
+
+def subscription_event(price, subscription_metadata=None) -> dict:
+    items = {"data": [{"id": "si_1", "price": price}]}
+    return {"id": "evt_1", "type": "customer.subscription.updated", "created": 1_800_000_000, "data": {"object": {
+        "id": "sub_1", "object": "subscription", "status": "active", "customer": "cus_1", "items": items,
+        "metadata": {"org_id": "org_a", **({"tier": subscription_metadata} if subscription_metadata else {})}}}}
+
+
+def test_odd_price_metadata_in_a_subscription_event_is_no_metadata_not_a_refused_event():
+    """A price's metadata that is not an object (a string, a list), or a price that is neither
+    an object nor an id: the price says no tier, the subscription's own metadata does."""
+    from serve_app.stripe_events import commands_for
+
+    for price in ({"id": "price_x", "lookup_key": None, "metadata": "metergate_tier_pro_monthly"},
+                  {"id": "price_x", "metadata": ["metergate_tier_pro_monthly"]}, {"id": "price_x", "metadata": 7},
+                  ["price_x"], 7, None):
+        ((org, command),) = commands_for(subscription_event(price, "pro_plus"), CATALOG)
+        assert (org, command.tier) == ("org_a", "pro_plus"), price
+        ((_, command),) = commands_for(subscription_event(price), CATALOG)
+        assert command.tier is None, price
+    published = {"id": "price_old", "lookup_key": None, "metadata": {"metergate": "metergate_tier_pro_monthly"}}
+    ((_, command),) = commands_for(subscription_event(published, "pro_plus"), CATALOG)
+    assert command.tier == "pro"

@@ -16,8 +16,9 @@ from typing import NamedTuple
 from fastapi import APIRouter, Request, Response
 
 from actors.clock import now_us
-from actors.stripe_products import TIER_OF_LOOKUP_KEY
+from actors.stripe_products import tier_of_price
 from actors.org import MICROS_PER_CENT
+from config.catalog import Catalog
 from config.settings import origin_of
 from serve_app import openapi
 from serve_app.bodies import PortalBody, SetupBody, TierCheckoutBody, TopupBody, parse_model
@@ -59,37 +60,24 @@ class TierSubscription(NamedTuple):
     tier_changes: int  # metadata.tier_changes: the tier changes metergate made to it
 
 
-def price_of(item: dict) -> str | None:
-    price = item.get("price")
-    return price.get("id") if isinstance(price, dict) else price
-
-
-def tier_of_item(item: dict, tier_of_price: dict[str, str]) -> str | None:
-    """The tier of a subscription item's price: an explicit price of the catalog, or a price
-    holding a tier's lookup key (published by `metergate stripe ensure-products`)."""
-    price = item.get("price")
-    lookup_key = price.get("lookup_key") if isinstance(price, dict) else None
-    return tier_of_price.get(price_of(item)) or TIER_OF_LOOKUP_KEY.get(lookup_key)
-
-
-def tier_subscriptions(subscriptions: list[dict], org_id: str, stripe_prices: dict[str, str]) -> list[TierSubscription]:
+def tier_subscriptions(subscriptions: list[dict], org_id: str, catalog: Catalog) -> list[TierSubscription]:
     """The live subscriptions among a customer's that are the org's metergate tier: an item with
-    a tier's price (the catalog's `stripe_prices`, or a tier's lookup key), or `metadata.tier`
-    naming a paid tier. One tagged for another org is not this org's."""
-    tier_of_price = {price: tier for tier, price in stripe_prices.items()}
+    a tier's price (`tier_of_price`: as the webhook reads it), or `metadata.tier` naming a paid
+    tier. One tagged for another org is not this org's."""
     found = []
     for subscription in subscriptions:
         metadata = subscription.get("metadata") or {}
         if subscription.get("status") not in LIVE_SUBSCRIPTION or metadata.get("org_id", org_id) != org_id:
             continue
         items = (subscription.get("items") or {}).get("data") or []
-        priced = [item for item in items if tier_of_item(item, tier_of_price)]
+        priced = [(item["id"], tier) for item in items
+                  if (tier := tier_of_price(item.get("price"), catalog)) is not None]
         if len(priced) == 1:
-            item_id, tier = priced[0]["id"], tier_of_item(priced[0], tier_of_price)
+            item_id, tier = priced[0]
         elif not priced and metadata.get("tier") in PAID_TIERS:
             item_id, tier = (items[0]["id"] if len(items) == 1 else None), metadata["tier"]
         elif priced:
-            item_id, tier = None, tier_of_item(priced[0], tier_of_price)
+            item_id, tier = None, priced[0][1]
         else:
             continue
         changes = str(metadata.get(TIER_CHANGES, ""))
@@ -212,7 +200,7 @@ async def live_tier_subscription(ctx: Context, org_id: str, customer_id: str) ->
         raise ApiError(409, "too_many_subscriptions", "the org's Stripe customer has more than "
                        f"{SUBSCRIPTIONS_PAGE * SUBSCRIPTION_PAGES_MAX} subscriptions; change the tier in the "
                        "billing portal")
-    found = tier_subscriptions(subscriptions, org_id, ctx.catalog.stripe_prices)
+    found = tier_subscriptions(subscriptions, org_id, ctx.catalog)
     if len(found) > 1:
         raise ApiError(409, "several_tier_subscriptions", "the org has several live tier subscriptions; cancel all "
                        "but one in the billing portal, then change the tier",
