@@ -47,7 +47,7 @@ export function failingReadings(gate, vectors) {
 }
 
 // Same keys (none missing, none extra), same values: what the protocol asks of a port (section 7).
-function sameJson(a, b) {
+export function sameJson(a, b) {
   return JSON.stringify(canonical(a)) === JSON.stringify(canonical(b));
 }
 
