@@ -269,7 +269,7 @@ class BatchWork:
                 "le_" + uuid.uuid4().hex[:24], entry.idempotency_key, None)
             out.ledger.append((entry_id, org_id, entry.kind, entry.amount_micros, entry.grant_id,
                                store.us_to_dt(entry.expires_at_us) if entry.expires_at_us else None,
-                               entry.note, key, request_hash, store.us_to_dt(entry.at_us)))
+                               entry.note, key, request_hash, store.us_to_dt(entry.at_us), entry.paid_micros))
         for org_id in set(self.journal) | self.created:
             # Wake-up times only move earlier in org_due, or once the written one has passed:
             # a heartbeat that pushes a lease's expiry later costs no write.

@@ -57,6 +57,7 @@ class Credit(msgspec.Struct, tag="credit", array_like=True):
     note: str | None = None
     idempotency_key: str | None = None
     payment_id: str | None = None  # the Stripe payment that paid for this credit
+    paid_micros: int | None = None  # what that payment was, tax included: its refunds take their share (3.0)
 
 
 class RefundPayment(msgspec.Struct, tag="refund", array_like=True):
@@ -69,6 +70,8 @@ class RefundPayment(msgspec.Struct, tag="refund", array_like=True):
     note: str | None = None
     idempotency_key: str | None = None
     grant_id: str | None = None  # the grant the payment's ledger entry names (credits made before grants kept it)
+    credited_micros: int = 0  # the payment's credit and what was paid for it, from its ledger entry:
+    paid_micros: int | None = None  # the refund (money paid) takes its share of the credit (billing-rules 3.0)
 
 
 class ReverseRefund(msgspec.Struct, tag="refund_rev", array_like=True):
@@ -95,6 +98,7 @@ class DisputeFunds(msgspec.Struct, tag="dispute", array_like=True):
     note: str | None = None
     idempotency_key: str | None = None
     lapsed_micros: int = 0  # what of that credit lapsed unused (its grant's expiration entries)
+    paid_micros: int | None = None  # what the payment was, tax included: the dispute takes its share (3.0)
 
     @property
     def kind(self) -> str:
@@ -237,11 +241,24 @@ def fingerprint(command: Command) -> str:
     return hashlib.sha256(_CANONICAL_ENCODER.encode(canonical)).hexdigest()
 
 
+# Fields appended after fingerprints became canonical: the positional bytes of those releases
+# never held them, so a legacy fingerprint leaves them out while they keep their default.
+_APPENDED_SINCE_LEGACY = frozenset({"paid_micros", "credited_micros"})
+
+
 def legacy_fingerprint(command: Command) -> str:
     """The fingerprint of the releases before `fingerprint` was canonical (a hash of the
     positional bytes), still found in ledger rows written by them: a retry across that upgrade
     is compared with both (actors/batch.py)."""
-    return hashlib.sha256(_ENCODER.encode(command)).hexdigest()
+    fields = msgspec.structs.fields(command)
+    kept = len(fields)
+    while kept and fields[kept - 1].name in _APPENDED_SINCE_LEGACY \
+            and getattr(command, fields[kept - 1].name) == fields[kept - 1].default:
+        kept -= 1
+    if kept == len(fields):
+        return hashlib.sha256(_ENCODER.encode(command)).hexdigest()
+    positional = [type(command).__struct_config__.tag] + [getattr(command, f.name) for f in fields[:kept]]
+    return hashlib.sha256(_ENCODER.encode(positional)).hexdigest()
 
 
 def _canonical(value: object) -> object:
@@ -410,15 +427,17 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
             return LeaseRenewed(org.renew_lease(lease_id, now_us, fx))
         case ReleaseLease(lease_id=lease_id):
             return Released(org.release_lease(lease_id, now_us, fx))
-        case Credit(kind=kind, amount_micros=amount, expires_at_us=expires, note=note, payment_id=payment_id):
+        case Credit(kind=kind, amount_micros=amount, expires_at_us=expires, note=note, payment_id=payment_id,
+                    paid_micros=paid):
             if amount > 0:
-                entry = org.credit(kind, amount, expires, note, now_us, fx, payment_id)
+                entry = org.credit(kind, amount, expires, note, now_us, fx, payment_id, paid)
             else:
                 entry = org.debit(kind, -amount, note, now_us, fx)
             return Booked(entry, org.balance_micros)
         case RefundPayment(refund_id=refund_id, payment_id=payment_id, amount_micros=amount, note=note,
-                           idempotency_key=key, grant_id=grant_id):
-            entry, duplicate = org.refund_payment(refund_id, payment_id, amount, note, now_us, fx, key, grant_id)
+                           idempotency_key=key, grant_id=grant_id, credited_micros=credited, paid_micros=paid):
+            entry, duplicate = org.refund_payment(refund_id, payment_id, amount, note, now_us, fx, key, grant_id,
+                                                  credited, paid)
             if duplicate:
                 return STALE
             if entry is not None:

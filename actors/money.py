@@ -47,6 +47,16 @@ class LedgerEntry(msgspec.Struct, omit_defaults=True):
     note: str | None = None
     invoiced_micros: int = 0  # usage of a postpaid org that no credit covered: billed by Stripe
     idempotency_key: str | None = None  # set by the core only: a refund applied when its payment's credit came
+    paid_micros: int | None = None  # a credit's: what its payment was, tax included (billing-rules 2.3, 3.0)
+
+
+def credit_share(paid_part_micros: int, credited_micros: int, paid_micros: int | None) -> int:
+    """Billing-rules 3.0: what `paid_part_micros` of a payment (a refund, a dispute; tax
+    included) stands for in the credit it bought: `credited_micros` of `paid_micros`, rounded
+    down; the amount itself when either is unknown."""
+    if not paid_micros or paid_micros <= 0 or credited_micros <= 0:
+        return paid_part_micros
+    return paid_part_micros * credited_micros // paid_micros
 
 
 def burn_order(grant: Grant) -> tuple:
@@ -152,14 +162,16 @@ class Money:
     # ----- credit and debit -------------------------------------------------------------
 
     def credit(self, kind: str, amount_micros: int, expires_at_us: int | None, note: str | None,
-               now_us: int, fx: Effects, payment_id: str | None = None) -> LedgerEntry:
-        """Add credit (billing-rules 2.3); debt is paid first. A halt for lack of money lifts."""
+               now_us: int, fx: Effects, payment_id: str | None = None, paid_micros: int | None = None) -> LedgerEntry:
+        """Add credit (billing-rules 2.3); debt is paid first. A halt for lack of money lifts.
+        `paid_micros`: what its payment was, tax included (its refunds take their share, 3.0)."""
         self.advance(now_us, fx)
-        return self._add_credit(kind, amount_micros, expires_at_us, note, now_us, fx, payment_id)
+        return self._add_credit(kind, amount_micros, expires_at_us, note, now_us, fx, payment_id,
+                                paid_micros=paid_micros)
 
     def _add_credit(self, kind: str, amount_micros: int, expires_at_us: int | None, note: str | None,
                     now_us: int, fx: Effects, payment_id: str | None = None,
-                    entry_kind: str | None = None) -> LedgerEntry:
+                    entry_kind: str | None = None, paid_micros: int | None = None) -> LedgerEntry:
         """Credit without advancing first: the caller has, at this same `now_us`. `entry_kind`:
         the ledger entry's kind when it is not the grant's (money given back: never refused)."""
         assert kind in CREDIT_KINDS, kind
@@ -179,7 +191,8 @@ class Money:
         if amount_micros > to_debt:
             grant = Grant(grant_id, sys.intern(kind), amount_micros - to_debt, expires_at_us, payment_id)
             self.grants = (self.grants or []) + [grant]
-        entry = LedgerEntry(entry_kind or kind, amount_micros, now_us, grant_id, expires_at_us, note)
+        entry = LedgerEntry(entry_kind or kind, amount_micros, now_us, grant_id, expires_at_us, note,
+                            paid_micros=paid_micros if payment_id is not None else None)
         fx.ledger.append((self.org_id, entry))
         if expires_at_us is not None and expires_at_us <= now_us:
             # Reported after its expiry (a late payment event for a pack that lapses): it is
@@ -188,9 +201,9 @@ class Money:
             return entry
         if payment_id is not None:
             if grant is not None:
-                self._apply_waiting_refunds(grant, now_us, fx)
+                self._apply_waiting_refunds(grant, amount_micros, paid_micros, now_us, fx)
             if self.disputes:
-                self._apply_waiting_disputes(payment_id, amount_micros, now_us, fx)
+                self._apply_waiting_disputes(payment_id, amount_micros, paid_micros, now_us, fx)
         self._resume_if_funded("credit", now_us, fx)
         return entry
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import msgspec
 
 from actors.effects import Effects
-from actors.money import Grant, LedgerEntry, clawback_order
+from actors.money import Grant, LedgerEntry, clawback_order, credit_share
 from actors.recharge import AutoRecharge
 from actors.timeutil import US_PER_S
 
@@ -61,11 +61,13 @@ class Refunds:
     __slots__ = ()
 
     def refund_payment(self, refund_id: str, payment_id: str, amount_micros: int, note: str | None,
-                       now_us: int, fx: Effects, key: str | None = None,
-                       grant_id: str | None = None) -> tuple[LedgerEntry | None, bool]:
+                       now_us: int, fx: Effects, key: str | None = None, grant_id: str | None = None,
+                       credited_micros: int = 0, paid_micros: int | None = None) -> tuple[LedgerEntry | None, bool]:
         """(the clawback's ledger entry, or None when nothing was taken; whether the refund
-        was applied before). `grant_id`: the grant the payment's ledger entry names, for a
-        credit made before grants recorded their payment."""
+        was applied before). `amount_micros` is money paid; it takes its share of the credit
+        (billing-rules 3.0: `credited_micros` of `paid_micros`, as the credit's ledger entry
+        keeps them). `grant_id`: the grant the payment's ledger entry names, for a credit made
+        before grants recorded their payment."""
         assert amount_micros > 0, amount_micros
         self.advance(now_us, fx)
         if any(r.refund_id == refund_id for r in self.refunds or ()):
@@ -75,7 +77,8 @@ class Refunds:
         self._remember_refund(record)
         if not grants:
             return None, False
-        entry = self._claw_back(grants, amount_micros, note, now_us, fx, record=record)
+        entry = self._claw_back(grants, credit_share(amount_micros, credited_micros, paid_micros), note, now_us, fx,
+                                record=record)
         if entry is not None:
             self._halt_if_out_of_money(now_us, fx)
             if self.recharge is not None:
@@ -113,16 +116,18 @@ class Refunds:
         fx.ledger.append((self.org_id, entry))
         return entry
 
-    def _apply_waiting_refunds(self, grant: Grant, now_us: int, fx: Effects) -> None:
-        """A credit of a payment whose refunds came first is reduced by them at once."""
+    def _apply_waiting_refunds(self, grant: Grant, credited_micros: int, paid_micros: int | None, now_us: int,
+                               fx: Effects) -> None:
+        """A credit of a payment whose refunds came first is reduced by them at once, each by its
+        share of that credit (billing-rules 3.0, 3.3)."""
         for record in self.refunds or ():
             if record.waiting and record.payment_id == grant.payment_id:
                 record.waiting = False
                 if grant.remaining_micros:
                     # Keyed as the refund's own request would have been: Stripe lists a refund
                     # again in later events, and that must replay, never take it twice.
-                    self._claw_back([grant], record.amount_micros, f"Stripe refund {record.refund_id}", now_us,
-                                    fx, record.key, record)
+                    share = credit_share(record.amount_micros, credited_micros, paid_micros)
+                    self._claw_back([grant], share, f"Stripe refund {record.refund_id}", now_us, fx, record.key, record)
 
     def reverse_refund(self, refund_id: str, payment_id: str, now_us: int, fx: Effects,
                        key: str | None = None) -> LedgerEntry | None:
@@ -169,7 +174,8 @@ class Refunds:
             record.waiting, record.amount_micros, record.key = True, command.amount_micros, command.idempotency_key
             return None, False
         lapsed = max(command.lapsed_micros, (self.lapsed or {}).get(command.payment_id, 0))
-        entry = self._withdraw(record, command.payment_id, command.amount_micros, command.credited_micros - lapsed,
+        disputed = credit_share(command.amount_micros, command.credited_micros, command.paid_micros)
+        entry = self._withdraw(record, command.payment_id, disputed, command.credited_micros - lapsed,
                                command.grant_id, command.note, now_us, fx)
         if entry is not None:
             self._halt_if_out_of_money(now_us, fx)
@@ -197,14 +203,16 @@ class Refunds:
         fx.ledger.append((self.org_id, entry))
         return entry
 
-    def _apply_waiting_disputes(self, payment_id: str, credited_micros: int, now_us: int, fx: Effects) -> None:
+    def _apply_waiting_disputes(self, payment_id: str, credited_micros: int, paid_micros: int | None, now_us: int,
+                                fx: Effects) -> None:
         """A credit of a payment whose dispute came first is taken back by it at once (after the
         payment's waiting refunds); no halt check follows: the balance is not below what it was
         before the credit."""
         for record in self.disputes or ():
             if record.waiting and record.payment_id == payment_id:
                 record.waiting = False
-                self._withdraw(record, payment_id, record.amount_micros, credited_micros, None,
+                disputed = credit_share(record.amount_micros, credited_micros, paid_micros)
+                self._withdraw(record, payment_id, disputed, credited_micros, None,
                                f"Stripe dispute {record.dispute_id}", now_us, fx, record.key)
 
     def _remember_refund(self, record: RefundRecord) -> None:

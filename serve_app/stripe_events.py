@@ -96,6 +96,7 @@ class PaymentCredit:
     grant_id: str | None
     credited_micros: int
     lapsed_micros: int = 0  # what of that credit expired unused
+    paid_micros: int | None = None  # what the payment was, tax included (None: not kept, before 0017)
 
 
 @dataclass(frozen=True)
@@ -263,21 +264,23 @@ def _checkout(session: dict, catalog: Catalog) -> list[Command]:
     _usd(session, "the payment")
     metadata = session.get("metadata") or {}
     # Without metergate's own credit_micros (a payment link), the credit is what was paid less
-    # any tax: tax is never credit.
+    # any tax: tax is never credit. The credit keeps what was paid: its refunds take their share
+    # of it (billing-rules 3.0); a session paid nothing (a 100 % coupon) keeps nothing.
+    total = session.get("amount_total") if metadata.get("credit_micros") else session["amount_total"]
+    paid = None if total is None else _cents(total, "amount_total", low=0) or None
     if metadata.get("credit_micros"):
         amount = _micros(metadata["credit_micros"], "metadata.credit_micros")
     else:
         details = session.get("total_details")
         tax = details.get("amount_tax") if isinstance(details, dict) else None
-        amount = _cents(session["amount_total"], "amount_total") - (
-            0 if tax is None else _cents(tax, "total_details.amount_tax", low=0))
+        amount = (paid or 0) - (0 if tax is None else _cents(tax, "total_details.amount_tax", low=0))
         if amount <= 0:
             raise EventError("amount_total is not more than its tax")
     expires = metadata.get("credit_expires_at")
     intent = _str(session.get("payment_intent"))
     payment = intent or session["id"]
     return [Credit("topup", amount, _epoch_s(expires, "metadata.credit_expires_at") * 1_000_000 if expires else None,
-                   f"Stripe checkout {session['id']}", f"stripe:payment:{payment}", intent)]
+                   f"Stripe checkout {session['id']}", f"stripe:payment:{payment}", intent, paid)]
 
 
 def tier_of(subscription: dict, catalog: Catalog) -> str | None:
@@ -364,7 +367,8 @@ def _refund_command(refund: dict, payment: str, credit: PaymentCredit) -> Comman
     if status not in ("pending", "succeeded"):
         raise EventError(f"refund {refund_id} has status {str(status)[:32]!r}")
     return RefundPayment(refund_id, payment, _cents(refund["amount"], "refunds.amount"),
-                         f"Stripe refund {refund_id} of {payment}", f"stripe:refund:{refund_id}", credit.grant_id)
+                         f"Stripe refund {refund_id} of {payment}", f"stripe:refund:{refund_id}", credit.grant_id,
+                         credit.credited_micros, credit.paid_micros)
 
 
 def _refund_object(refund: dict, facts: Facts) -> list[tuple[str, Command]]:
@@ -406,4 +410,4 @@ def _dispute(dispute: dict, withdrawn: bool, facts: Facts) -> list[tuple[str, Co
     return [(credit.org_id, DisputeFunds(
         dispute_id, payment, _cents(dispute["amount"], "amount"), withdrawn, credit.credited_micros,
         credit.grant_id, f"Stripe dispute {dispute_id} of {payment}: funds {half}",
-        f"stripe:dispute:{dispute_id}:{half}", credit.lapsed_micros))]
+        f"stripe:dispute:{dispute_id}:{half}", credit.lapsed_micros, credit.paid_micros))]

@@ -27,7 +27,7 @@ class CommitBatch:
     journal: list[tuple] = field(default_factory=list)       # org_id, seq, entry
     compact: list[tuple] = field(default_factory=list)       # org_id, up-to seq (inclusive)
     ledger: list[tuple] = field(default_factory=list)        # entry_id, org_id, kind, amount, grant_id,
-                                                             # expires_at, note, key, hash, created_at
+                                                             # expires_at, note, key, hash, created_at, paid
     usage_debits: dict = field(default_factory=dict)         # (org_id, minute_us) -> [amount (<= 0), first at_us, invoiced]
     rollups: dict = field(default_factory=dict)              # (org_id, minute_us, lease_id) -> (mem, cpu, disk, ticks,
                                                              # cost_scaled, units, duration_ms)
@@ -123,10 +123,10 @@ async def write_batch(conn: asyncpg.Connection, batch: CommitBatch) -> list[int]
     if batch.ledger:
         await conn.execute(
             "INSERT INTO ledger (entry_id, org_id, kind, amount_micros, grant_id, expires_at, note,"
-            " idempotency_key, request_hash, created_at)"
+            " idempotency_key, request_hash, created_at, paid_micros)"
             " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],"
-            " $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::timestamptz[])",
-            *_columns(batch.ledger, 10))
+            " $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int8[])",
+            *_columns(batch.ledger, 11))
     if batch.usage_debits:
         keys = list(batch.usage_debits)
         await conn.execute(

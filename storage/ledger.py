@@ -61,18 +61,18 @@ async def history(conn: asyncpg.Connection, org_id: str,
 
 
 async def credits_of_payments(conn: asyncpg.Connection,
-                              payment_ids: list[str]) -> dict[str, tuple[str, str | None, int, int]]:
+                              payment_ids: list[str]) -> dict[str, tuple[str, str | None, int, int, int | None]]:
     """What each Stripe payment bought: payment id -> (org id, the grant its credit made, the
-    credit's amount, what of that grant lapsed unused), for the payments metergate credited
-    (billing-rules 3)."""
+    credit's amount, what of that grant lapsed unused, what the payment was or None), for the
+    payments metergate credited (billing-rules 3)."""
     rows = await conn.fetch(
-        "SELECT c.idempotency_key, c.org_id, c.grant_id, c.amount_micros,"
+        "SELECT c.idempotency_key, c.org_id, c.grant_id, c.amount_micros, c.paid_micros,"
         " COALESCE((SELECT -sum(e.amount_micros) FROM ledger e WHERE e.org_id = c.org_id"
         "           AND e.grant_id = c.grant_id AND e.kind = 'expiration'), 0)::bigint AS lapsed"
         " FROM ledger c WHERE c.idempotency_key = ANY($1::text[]) AND c.idempotency_key LIKE 'stripe:payment:%'",
         [f"stripe:payment:{p}" for p in payment_ids])
     return {r["idempotency_key"].removeprefix("stripe:payment:"): (r["org_id"], r["grant_id"], r["amount_micros"],
-                                                                  r["lapsed"])
+                                                                  r["lapsed"], r["paid_micros"])
             for r in rows}
 
 

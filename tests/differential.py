@@ -143,18 +143,19 @@ class EngineOrg:
         match step["type"]:
             case "credit":
                 return cmd.Credit(step["kind"], step["amount_micros"], step.get("expires_at_us"), None,
-                                  step.get("key"), step.get("payment_id"))
+                                  step.get("key"), step.get("payment_id"), step.get("paid_micros"))
             case "debit":
                 return cmd.Credit(step["kind"], -step["amount_micros"])
             case "stripe_refund":
                 return cmd.RefundPayment(step["refund_id"], step["payment_id"], step["amount_micros"], None,
-                                         step.get("key"))
+                                         step.get("key"), None, step.get("credited_micros", 0),
+                                         step.get("paid_micros"))
             case "stripe_refund_failed":
                 return cmd.ReverseRefund(step["refund_id"], step["payment_id"], step.get("key"))
             case "dispute":
                 return cmd.DisputeFunds(step["dispute_id"], step["payment_id"], step["amount_micros"],
                                         step["withdrawn"], step["credited_micros"], None, None, step.get("key"),
-                                        step["lapsed_micros"])
+                                        step["lapsed_micros"], step.get("paid_micros"))
             case "subscription":
                 return cmd.SubscriptionChanged(step["subscription_id"], step["status"], step["tier"],
                                                step["max_concurrent"], step["as_of_us"], step["base_tier"],
@@ -409,26 +410,30 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
     resources = st.sampled_from(RESOURCES)
     payments = pair.payments or ["pi_none"]
     stripe = st.one_of(
-        st.builds(lambda amount, expires, pid: {"type": "credit", "kind": "topup", "amount_micros": amount,
-                                                "expires_at_us": expires, "payment_id": pid,
-                                                "key": f"stripe:payment:{pid}"},
+        # What was paid (rule 3.0): unknown, or with tax on top, or less than the credit (a bonus).
+        st.builds(lambda amount, expires, pid, paid: {"type": "credit", "kind": "topup", "amount_micros": amount,
+                                                      "expires_at_us": expires, "payment_id": pid,
+                                                      "key": f"stripe:payment:{pid}", "paid_micros": paid},
                   amounts, st.one_of(st.none(), st.integers(-DAY_S, 40 * DAY_S).map(lambda s: now + s * US)),
-                  st.one_of(st.just(f"pi_{serial}"), st.sampled_from(payments))),
-        st.builds(lambda rid, pid, amount: {"type": "stripe_refund", "refund_id": rid, "payment_id": pid,
-                                            "amount_micros": amount, "key": f"stripe:refund:{rid}"},
+                  st.one_of(st.just(f"pi_{serial}"), st.sampled_from(payments)), st.one_of(st.none(), amounts)),
+        st.builds(lambda rid, pid, amount, credited, paid: {
+            "type": "stripe_refund", "refund_id": rid, "payment_id": pid, "amount_micros": amount,
+            "key": f"stripe:refund:{rid}", "credited_micros": credited, "paid_micros": paid},
                   st.sampled_from([f"re_{serial}", "re_again", "re_other"]),
-                  st.sampled_from(payments + [f"pi_{serial + 1}", "pi_invoice"]), amounts),
+                  st.sampled_from(payments + [f"pi_{serial + 1}", "pi_invoice"]), amounts,
+                  st.one_of(st.just(0), amounts), st.one_of(st.none(), amounts)),
         st.builds(lambda rid, pid: {"type": "stripe_refund_failed", "refund_id": rid, "payment_id": pid,
                                     "key": f"stripe:refund:{rid}:reversed"},
                   st.sampled_from([f"re_{serial}", "re_again", "re_other"]),
                   st.sampled_from(payments + [f"pi_{serial + 1}"])),
-        st.builds(lambda did, pid, amount, credited, lapsed, withdrawn: {
+        st.builds(lambda did, pid, amount, credited, lapsed, withdrawn, paid: {
             "type": "dispute", "dispute_id": did, "payment_id": pid, "amount_micros": amount,
             "credited_micros": credited, "lapsed_micros": min(lapsed, credited), "withdrawn": withdrawn,
-            "key": f"stripe:dispute:{did}:{'withdrawn' if withdrawn else 'reinstated'}"},
+            "key": f"stripe:dispute:{did}:{'withdrawn' if withdrawn else 'reinstated'}", "paid_micros": paid},
             st.sampled_from(["dp_1", "dp_2", f"dp_{serial}"]),
             st.sampled_from(payments + ["pi_invoice", f"pi_{serial + 1}"]),  # a credit still to come
-            amounts, st.one_of(st.just(0), amounts), st.one_of(st.just(0), amounts), st.booleans()),
+            amounts, st.one_of(st.just(0), amounts), st.one_of(st.just(0), amounts), st.booleans(),
+            st.one_of(st.none(), amounts)),
         st.builds(lambda sub, status, tier, back_s, period: {
             "type": "subscription", "subscription_id": sub, "status": status, "tier": tier,
             "max_concurrent": ENGINE_CATALOG.tiers[tier] if tier else 0, "as_of_us": now - back_s * US,

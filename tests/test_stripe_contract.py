@@ -254,6 +254,23 @@ def test_a_dispute_after_a_partial_refund_takes_only_the_rest(org):
     assert org.balance() == balance - 20 * US  # 5 by the refund, 15 by the dispute: never 25
 
 
+def test_a_refund_and_a_dispute_of_a_taxed_payment_take_their_share_of_the_credit_never_the_tax(org, sql):
+    """Billing-rules 3.0 through the endpoint and the ledger: 20 USD of credit paid 22 USD with
+    2 USD of tax (metergate's Checkout with automatic tax)."""
+    body = event("checkout.session.completed.payment_paid", org_id=org.id, customer=org.customer,
+                 payment_intent=org.payment, id=f"evt_{uuid.uuid4().hex}", created=int(time.time()))
+    body["data"]["object"].update(amount_total=2_200, total_details={"amount_discount": 0, "amount_shipping": 0,
+                                                                     "amount_tax": 200})
+    balance = org.balance()
+    assert stripe_deliver(org.compute, body).json()["outcome"] == "applied"
+    assert org.balance() == balance + 20 * US
+    assert sql.val("SELECT paid_micros FROM ledger WHERE org_id = $1 AND kind = 'topup'", org.id) == 22 * US
+    refund_of(org, "refund.created", "re_half", 1_100)  # half of what was paid: half the credit
+    assert org.balance() == balance + 10 * US
+    org.send("charge.dispute.funds_withdrawn", payment_intent=org.payment)  # 20 USD: its share, 18.18, > the 10 left
+    assert org.balance() == balance  # 10 by the refund, 10 by the dispute: the tax never
+
+
 def test_cancelling_a_subscription_with_a_failed_invoice_ends_its_dunning(org):
     now = int(time.time())
     org.send("customer.subscription.updated", created=now - 20)

@@ -474,3 +474,54 @@ def test_a_late_failure_of_an_ended_subscription_of_another_product_starts_nothi
     assert o.org.dunning is None and not o.org.suspended and o.org.plan.id == "payg"
     assert o.org.tier == "base"
     o.rebuilt()
+
+
+# ----- rule 3.0: a refund or a dispute takes its share of the credit, never tax -------------------
+
+
+def taxed(o: Org, payment: str, at_us: int = T0, credit_micros: int | None = None) -> Facts:
+    """11.00 USD paid, 1.00 of it tax: 10 USD of credit, as a payment link or metergate's own
+    Checkout (credit_micros) with automatic tax makes it."""
+    metadata = {"org_id": ORG_ID} | ({"credit_micros": str(credit_micros)} if credit_micros else {})
+    session = {"id": f"cs_{payment}", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "currency": "usd", "amount_total": 1_100, "total_details": {"amount_tax": 100},
+               "payment_intent": payment, "metadata": metadata}
+    (booked,) = o.send("checkout.session.completed", session, at_us)
+    assert booked.entry.paid_micros == 11_000_000
+    return Facts(ORG_ID, {payment: PaymentCredit(ORG_ID, booked.entry.grant_id, booked.entry.amount_micros, 0,
+                                                 booked.entry.paid_micros)})
+
+
+@pytest.mark.parametrize("credit_micros", [None, 10_000_000])
+def test_a_refund_of_a_taxed_payment_takes_its_share_of_the_credit_never_the_tax(credit_micros):
+    o = Org(signup_micros=0)
+    facts = taxed(o, "pi_1", credit_micros=credit_micros)
+    assert o.org.balance_micros == 10_000_000
+    o.send("refund.created", refund("re_half", "pi_1", 550, "succeeded"), T0 + 1, facts)
+    assert o.ledger("refund") == [("refund", -5_000_000)]  # half of what was paid: half the credit
+    o.send("refund.created", refund("re_tax", "pi_1", 100, "succeeded"), T0 + 2, facts)
+    assert o.ledger("refund")[-1] == ("refund", -909_090)  # 1,000,000 × 10/11, rounded down
+    o.send("refund.created", refund("re_rest", "pi_1", 450, "succeeded"), T0 + 3, facts)
+    assert o.org.balance_micros == 10_000_000 - 5_000_000 - 909_090 - 4_090_909 == 1
+    o.rebuilt()
+
+
+def test_a_refund_before_its_taxed_credit_takes_its_share_when_the_credit_comes():
+    o = Org(signup_micros=0)
+    o.send("refund.created", refund("re_1", "pi_1", 1_100, "succeeded"), T0, Facts(ORG_ID))
+    taxed(o, "pi_1", T0 + US_PER_S)
+    assert o.ledger("refund") == [("refund", -10_000_000)] and o.org.balance_micros == 0
+    o.rebuilt()
+
+
+def test_a_dispute_of_a_taxed_payment_takes_its_share_of_the_credit():
+    o = Org(signup_micros=0)
+    facts = taxed(o, "pi_1")
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 550), T0 + 1, facts)
+    assert o.ledger("dispute") == [("dispute", -5_000_000)]
+    # One that came before its credit takes its share when the credit comes.
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_2", "pi_2", 1_100), T0 + 2, Facts(ORG_ID))
+    taxed(o, "pi_2", T0 + 3)
+    assert o.ledger("dispute")[-1] == ("dispute", -10_000_000)
+    assert o.org.balance_micros == 5_000_000
+    o.rebuilt()

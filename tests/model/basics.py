@@ -3,8 +3,10 @@ an org holds (tests/model/reference.py). Written from docs/concepts/billing-rule
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
+from fractions import Fraction
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -184,6 +186,14 @@ class Lease:
     quantity: int
     ttl_s: int
     resources: dict
+
+
+def share(amount: int, credited: int, paid: int | None) -> int:
+    """Rule 3.0: a refund's or dispute's amount of money paid, as credit: amount × A / P rounded
+    down, when A and P (> 0) are both known; else the amount."""
+    if paid is None or paid <= 0 or credited <= 0:
+        return amount
+    return math.floor(Fraction(amount) * Fraction(credited, paid))
 
 
 @dataclass

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from tests.model.basics import (
+    share,
     ENDED,
     Dunning,
     ENDED_LEASE_MEMORY_US,
@@ -24,7 +25,7 @@ class Commands:
     # credit (2.3)
     def _cmd_credit(self, now, cmd):
         entry = self._credit(now, cmd["kind"], int(cmd["amount_micros"]), cmd.get("expires_at_us"),
-                             cmd.get("payment_id"))
+                             cmd.get("payment_id"), paid=cmd.get("paid_micros"))
         if entry is None:
             return {"refused": "too_many_grants"}
         return {"entry": entry}
@@ -60,7 +61,7 @@ class Commands:
                 self.waiting_refunds.pop(0)
             return {"clawed_micros": 0}
         first = mine[0]
-        c = self._take_in_order(mine, amount)
+        c = self._take_in_order(mine, share(amount, int(cmd.get("credited_micros", 0)), cmd.get("paid_micros")))
         if c == 0:
             return {"clawed_micros": 0}
         self.refund_taken[rid] = (c, first.kind, first.expires_at_us, pid)
@@ -115,7 +116,9 @@ class Commands:
             d["waiting"], d["D"], d["payment"] = True, int(cmd["amount_micros"]), pid
             return {}
         lapsed = max(int(cmd.get("lapsed_micros", 0)), self.lapsed.get(pid, 0))
-        entry = self._dispute_takes(d, pid, int(cmd["amount_micros"]), int(cmd["credited_micros"]) - lapsed)
+        credited = int(cmd["credited_micros"])
+        entry = self._dispute_takes(d, pid, share(int(cmd["amount_micros"]), credited, cmd.get("paid_micros")),
+                                    credited - lapsed)
         if entry is None:
             return {}
         self._halt_check(now)
@@ -140,12 +143,12 @@ class Commands:
         self._ledger(*entry, 0)
         return entry
 
-    def _apply_waiting_disputes(self, pid, credited):
+    def _apply_waiting_disputes(self, pid, credited, paid):
         """3.6: a credit of the payment meets its waiting disputes (no halt check)."""
         for d in self.disputes.values():
             if d["waiting"] and d["payment"] == pid:
                 d["waiting"] = False
-                self._dispute_takes(d, pid, d["D"], credited)
+                self._dispute_takes(d, pid, share(d["D"], credited, paid), credited)
 
     def _payment_grants(self, pid):
         return [g for g in self.grants if g.payment_id is not None and g.payment_id == pid]

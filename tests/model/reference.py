@@ -38,6 +38,7 @@ from tests.model.basics import (  # noqa: F401 - also what the model's tests imp
     US,
     UTC,
     WaitingRefund,
+    share,
     calendar_period,
     dt_to_us,
     kind_is_purchased,
@@ -210,7 +211,7 @@ class RefOrg(Commands):
         return left
 
     def _credit(self, now: int, kind: str, amount: int, expires: int | None, payment_id: str | None,
-                in_settle: bool = False, entry_kind: str | None = None):
+                in_settle: bool = False, entry_kind: str | None = None, paid: int | None = None):
         """Rule 2.3. Returns the entry tuple, or None when refused (1,001st grant). `entry_kind`:
         money given back (rules 3.5, 3.6), booked under that kind and never refused."""
         if amount <= 0:
@@ -247,14 +248,14 @@ class RefOrg(Commands):
             return entry
         # 7.
         if grant is not None and payment_id is not None:
-            self._apply_waiting_refunds(now, grant, in_settle=in_settle)
+            self._apply_waiting_refunds(now, grant, amount, paid)
         if payment_id is not None:
-            self._apply_waiting_disputes(payment_id, amount)
+            self._apply_waiting_disputes(payment_id, amount, paid)
         # 8.
         self._lift(now, "credit")
         return entry
 
-    def _apply_waiting_refunds(self, now: int, grant: Grant, in_settle: bool):
+    def _apply_waiting_refunds(self, now: int, grant: Grant, credited: int, paid: int | None):
         """Rule 3.3 (rule 2.3 step 7): every waiting refund of the payment stops waiting; each
         claws back what it can (nothing, with no entry, once the grant is used up). No halt or
         auto-recharge check follows."""
@@ -262,7 +263,7 @@ class RefOrg(Commands):
             if w.payment_id != grant.payment_id:
                 continue
             self.waiting_refunds.remove(w)
-            c = min(w.amount, grant.remaining)
+            c = min(share(w.amount, credited, paid), grant.remaining)  # rule 3.0
             if c > 0:
                 grant.remaining -= c
                 self.refund_taken[w.refund_id] = (c, grant.kind, grant.expires_at_us, w.payment_id)

@@ -388,6 +388,22 @@ def test_refund_before_its_credit_waits_30_days():
     assert [e[0] for e in o.take_effects()["ledger"]] == ["topup"]
 
 
+def test_a_refund_takes_its_share_of_a_taxed_credit():
+    """Rule 3.0's example: 1,000¢ of credit paid 1,100¢ with 100¢ tax."""
+    o = org()
+    o.apply(T0, {**credit("topup", 10_000_000, None, "pi_1"), "paid_micros": 11_000_000})
+    o.take_effects()
+    facts = {"credited_micros": 10_000_000, "paid_micros": 11_000_000}
+    assert o.apply(T0 + S, {**refund("re_1", "pi_1", 5_500_000), **facts}) == {"clawed_micros": 5_000_000}
+    assert o.apply(T0 + S, {**refund("re_2", "pi_1", 1_000_000), **facts}) == {"clawed_micros": 909_090}
+    # Not knowing what was paid, a refund takes what it names.
+    assert o.apply(T0 + S, refund("re_3", "pi_1", 1_000_000)) == {"clawed_micros": 1_000_000}
+    # One before its credit takes its share of the credit when it comes.
+    o.apply(T0 + S, refund("re_4", "pi_4", 11_000_000))
+    o.apply(T0 + 2 * S, {**credit("topup", 10_000_000, None, "pi_4"), "paid_micros": 11_000_000})
+    assert o.take_effects()["ledger"][-1] == ("refund", -10_000_000, "gr_3", None, 0)
+
+
 # ---------------------------------------------------------------------------------------- periods
 
 def test_month_rollover_archives_once():
