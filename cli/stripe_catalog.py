@@ -32,9 +32,12 @@ def ensure_products(dry_run: Annotated[bool, typer.Option(
     """Create or update the Stripe products and prices of the catalog: each paid tier with a
     `[tier_monthly_micros]` amount (monthly), each credit pack (one-off) and the postpaid meter
     (metered, on the `<prefix>_usage_micros` billing meter). Objects are found by their lookup
-    key, so a second run changes nothing; a changed amount is a new price that takes the
-    lookup key over, the old one archived. Stripe refusing a change stops the run there: what
-    was done before it is printed, nothing after it is changed."""
+    key, so a second run changes nothing; a changed amount (or currency, recurrence, tax
+    behaviour) is a new price that takes the lookup key over, the old one archived, and an
+    earlier price still on sale is archived. A billing meter of the event name of another
+    shape (not a sum of `value` by `stripe_customer_id`) stops the run before any change.
+    Stripe refusing a change stops the run there: what was done before it is printed, nothing
+    after it is changed."""
     from actors.stripe_products import EnsureFailed, ensure, plan
     from config.catalog import CatalogError, load_catalog
     from config.settings import SettingsError, load_settings, stripe_client

@@ -14,7 +14,7 @@ import time
 import stripe
 
 from actors import metrics
-from actors.stripe_products import tier_lookup_key
+from actors.stripe_products import tier_lookup_key, tier_price_mismatch
 from config.catalog import Catalog
 from config.settings import Settings, stripe_client
 from serve_app.errors import ApiError
@@ -22,7 +22,8 @@ from serve_app.errors import ApiError
 # Within this window, the same request (a double click) gets the same Checkout Session.
 DOUBLE_CLICK_WINDOW_S = 600
 # A tier's price found by its lookup key is kept this long: after `metergate stripe
-# ensure-products` moves a key to a new price, new Checkouts take it within a minute.
+# ensure-products` moves a key to a new price, new Checkouts take it within a minute (at once
+# when Stripe refuses the old one: it is archived).
 PRICE_CACHE_S = 60
 
 
@@ -61,23 +62,48 @@ class StripeGateway:
             raise ApiError(503, "stripe_unavailable",
                            f"Stripe could not show {what}: {exc.user_message or exc}") from None
 
-    async def tier_price(self, catalog: Catalog, tier: str) -> str:
-        """The Stripe price of a paid tier: the catalog's explicit id, else the active price that
-        holds the tier's lookup key (published by `metergate stripe ensure-products`)."""
+    async def with_tier_price(self, catalog: Catalog, tier: str, write):
+        """`await write(price_id)` with the Stripe price of a paid tier: the catalog's explicit
+        id, else the active price holding the tier's lookup key (published by `metergate stripe
+        ensure-products`). A price kept from an earlier look-up that Stripe refuses is looked up
+        again: it may have been archived since (a repricing moves the key to a new price, and
+        Stripe takes no archived price), and the write goes again once on the new one."""
         explicit = catalog.stripe_prices.get(tier)
         if explicit is not None:
-            return explicit
+            return await write(explicit)
         key = tier_lookup_key(tier)
         cached = self._prices.get(key)
-        if cached is not None and time.monotonic() - cached[1] < PRICE_CACHE_S:
-            return cached[0]
+        if cached is None or time.monotonic() - cached[1] >= PRICE_CACHE_S:
+            return await write(await self._look_up_tier_price(catalog, tier))
+        try:
+            return await write(cached[0])
+        except ApiError as exc:
+            if exc.code != "stripe_error":
+                raise
+            self._prices.pop(key, None)
+            price_id = await self._look_up_tier_price(catalog, tier)
+            if price_id == cached[0]:
+                raise  # still the price under the key: Stripe refused the write for another reason
+            return await write(price_id)
+
+    async def _look_up_tier_price(self, catalog: Catalog, tier: str) -> str:
+        """The active price under the tier's lookup key, checked against the catalog (amount,
+        USD, monthly, licensed, before tax) before it is kept: a price that differs would charge
+        what the catalog does not say, so it is an error for the operator, not a sale."""
+        key = tier_lookup_key(tier)
         client = self.require()
         page = await self.call(client.v1.prices.list, {"lookup_keys": [key], "active": True, "limit": 1})
         if not page.data:
             raise ApiError(503, "stripe_price_missing", f"Stripe has no active price with lookup key {key} for tier "
                            f"{tier}: run `metergate stripe ensure-products`", tier=tier)
-        self._prices[key] = (page.data[0].id, time.monotonic())
-        return page.data[0].id
+        price = page.data[0].to_dict()
+        mismatch = tier_price_mismatch(price, catalog, tier)
+        if mismatch is not None:
+            raise ApiError(503, "stripe_price_mismatch", f"Stripe's price {price['id']} under lookup key {key} "
+                           f"{mismatch}: tier {tier} is not sold on it; run `metergate stripe ensure-products`",
+                           tier=tier, price=price["id"])
+        self._prices[key] = (price["id"], time.monotonic())
+        return price["id"]
 
     async def call(self, method, params: dict, options: dict | None = None):
         try:

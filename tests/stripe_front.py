@@ -21,8 +21,12 @@ For tests:
 - prices (localstripe has only the legacy plans): POST/GET /v1/prices, GET/POST /v1/prices/{id},
   with `lookup_keys` lists, a lookup key held by one price at a time and moved by
   `transfer_lookup_key`, Idempotency-Key honoured, a `unit_amount` above 99999999 refused as
-  Stripe does; a subscription Checkout completed here on such a price bills its amount;
-- POST /v1/billing/meters makes a meter (listed with those of the events sent);
+  Stripe does; a subscription Checkout completed here on such a price bills its amount, and a
+  subscription item on one shows it whole (lookup key, metadata) as Stripe does; an archived
+  price is refused to a Checkout and a subscription update, as Stripe does;
+  POST /_fake/prices {"refuse_archive_next": n} refuses the next n archivings (active=false);
+- POST /v1/billing/meters makes a meter (listed with those of the events sent, which have the
+  shape metergate's meter has);
 - a restricted key named `rk_test_readonly…` may read but not write (403, as Stripe answers a
   restricted key without the write permission).
 Run: python this.py PORT LOCALSTRIPE_PORT
@@ -63,6 +67,7 @@ sent_events: list[dict] = []  # the events sent from here, for GET /v1/events (l
 prices: dict[str, dict] = {}  # id -> price (localstripe has no prices)
 prices_by_key: dict[str, dict] = {}  # Idempotency-Key -> the price it made
 created_meters: dict[str, dict] = {}  # event name -> meter made by POST /v1/billing/meters
+archive_refusals = {"next": 0}  # POST /v1/prices/{id} active=false answered 400 while > 0
 READ_ONLY_KEY = "rk_test_readonly"
 UNIT_AMOUNT_MAX = 99_999_999  # Stripe's largest unit_amount in USD cents
 CARD = {"number": "4242424242424242", "exp_month": "12", "exp_year": "2031", "cvc": "123"}
@@ -93,6 +98,9 @@ async def create_session(request: web.Request, kind: str) -> web.Response:
     if key and key in by_key:
         return web.json_response(by_key[key])
     params = nested(urllib.parse.parse_qsl(await request.text()))
+    refused = inactive_price([item.get("price") for item in params.get("line_items", [])])
+    if refused is not None:
+        return refused
     n = next(counter)
     if kind == "checkout":
         total = sum(int(item.get("price_data", {}).get("unit_amount", 0)) * int(item.get("quantity", 1))
@@ -207,9 +215,10 @@ def as_stripe(subscription: dict) -> dict:
     """A localstripe subscription as Stripe shows it: each item has its `price` (localstripe
     has only the legacy `plan`), and the metadata updates set."""
     items = subscription.get("items") or {}
-    data = [{**item, "id": shown_item_id.get(item["id"], item["id"]), "price": item.get("price") or {
-        "id": item["plan"]["id"], "object": "price", "unit_amount": item["plan"].get("amount"),
-        "currency": item["plan"].get("currency"), "recurring": {"interval": item["plan"].get("interval")}}}
+    data = [{**item, "id": shown_item_id.get(item["id"], item["id"]), "price": item.get("price") or prices.get(
+        item["plan"]["id"]) or {"id": item["plan"]["id"], "object": "price", "unit_amount": item["plan"].get("amount"),
+                                "currency": item["plan"].get("currency"),
+                                "recurring": {"interval": item["plan"].get("interval")}}}
         for item in items.get("data", [])]
     metadata = {**(subscription.get("metadata") or {}), **subscription_metadata.get(subscription["id"], {})}
     return {**subscription, "items": {**items, "data": data}, "metadata": metadata}
@@ -218,6 +227,15 @@ def as_stripe(subscription: dict) -> dict:
 def stripe_error(status: int, kind: str, message: str, code: str | None = None) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message, **({"code": code} if code else {})}},
                              status=status)
+
+
+def inactive_price(price_ids: list) -> web.Response | None:
+    """Stripe's answer to a Checkout or subscription change on an archived price (one published here)."""
+    for price_id in price_ids:
+        if price_id in prices and not prices[price_id]["active"]:
+            return stripe_error(400, "invalid_request_error", f"The price specified ({price_id}) is inactive. This "
+                                "field only accepts active prices.")
+    return None
 
 
 async def list_subscriptions(request: web.Request) -> web.Response:
@@ -251,6 +269,9 @@ async def update_subscription(request: web.Request) -> web.Response:
             return stripe_error(409, "invalid_request_error", "There is currently another in-progress request "
                                 "using this idempotent key.", "idempotency_key_in_use")
         return web.json_response(answer)
+    refused = inactive_price([item.get("price") for item in params.get("items", [])])
+    if refused is not None:
+        return refused
     behavior = params.pop("proration_behavior", None)
     if behavior is not None and behavior not in PRORATION_BEHAVIORS:
         return stripe_error(400, "invalid_request_error", f"Invalid proration_behavior: must be one of "
@@ -358,7 +379,11 @@ async def list_meters(request: web.Request) -> web.Response:
     meter by event name)."""
     names = sorted({event["event_name"] for event in meter_events} | set(created_meters))
     return web.json_response({"object": "list", "url": "/v1/billing/meters", "has_more": False, "data": [
-        {"id": f"mtr_{name}", "object": "billing.meter", "event_name": name, "status": "active"} for name in names]})
+        created_meters.get(name) or {
+            "id": f"mtr_{name}", "object": "billing.meter", "event_name": name, "status": "active",
+            "default_aggregation": {"formula": "sum"},
+            "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+            "value_settings": {"event_payload_key": "value"}} for name in names]})
 
 
 async def create_meter(request: web.Request) -> web.Response:
@@ -434,10 +459,19 @@ async def price(request: web.Request) -> web.Response:
                             "resource_missing")
     if request.method == "POST":
         params = nested(urllib.parse.parse_qsl(await request.text()))
+        if "active" in params and not _boolean(params["active"]) and archive_refusals["next"] > 0:
+            archive_refusals["next"] -= 1
+            return stripe_error(400, "invalid_request_error", "an archiving refused as the test asked")
         if "active" in params:
             found["active"] = _boolean(params["active"])
         found["metadata"].update(params.get("metadata", {}))
     return web.json_response(found)
+
+
+async def price_control(request: web.Request) -> web.Response:
+    if request.method == "POST":
+        archive_refusals["next"] = int((await request.json())["refuse_archive_next"])
+    return web.json_response(archive_refusals)
 
 
 @web.middleware
@@ -615,6 +649,7 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/v1/prices", create_price)
     application.router.add_get("/v1/prices", list_prices)
     application.router.add_route("*", "/v1/prices/{id}", price)
+    application.router.add_route("*", "/_fake/prices", price_control)
     application.router.add_route("*", "/{tail:.*}", proxy)
     return application
 

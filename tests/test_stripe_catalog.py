@@ -37,10 +37,12 @@ def catalog_file(folder: Path, name: str, tiers: str = TIER_AMOUNTS, packs: str 
     return path
 
 
-def ensure_products(service, catalog: Path, *args: str, key: str | None = None) -> subprocess.CompletedProcess:
+def ensure_products(service, catalog: Path, *args: str, key: str | None = None,
+                    meter_prefix: str = "metergate") -> subprocess.CompletedProcess:
     env = {**os.environ, "METERGATE_STRIPE_SECRET_KEY": key or service.settings.stripe_secret_key,
            "METERGATE_STRIPE_API_BASE": service.settings.stripe_api_base, "METERGATE_CATALOG": str(catalog),
-           "METERGATE_DATA_DIR": str(catalog.parent), "PYTHONPATH": str(ROOT)}
+           "METERGATE_DATA_DIR": str(catalog.parent), "PYTHONPATH": str(ROOT),
+           "METERGATE_STRIPE_METER_PREFIX": meter_prefix}
     return subprocess.run([sys.executable, "-m", "cli.main", "stripe", "ensure-products", *args], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
@@ -262,3 +264,178 @@ def test_odd_price_metadata_in_a_subscription_event_is_no_metadata_not_a_refused
     published = {"id": "price_old", "lookup_key": None, "metadata": {"metergate": "metergate_tier_pro_monthly"}}
     ((_, command),) = commands_for(subscription_event(published, "pro_plus"), CATALOG)
     assert command.tier == "pro"
+
+
+# ----- what Stripe holds is checked against the catalog, not taken on its name ----------------
+
+
+def complete(service, session_id: str) -> dict:
+    done = httpx.post(f"{service.settings.stripe_api_base}/_fake/sessions/{session_id}/complete", timeout=30)
+    assert done.status_code == 200, done.text
+    return done.json()
+
+
+def test_a_tier_change_of_a_subscription_on_a_repriced_price_starts_from_the_tier_its_price_says(
+        service, new_org, folder, published):
+    """Opened on pro_plus, switched to pro in the portal (the price only: metadata.tier still
+    says pro_plus), then pro repriced: the subscription keeps the old pro price, whose lookup key
+    moved to the new one. Asking for pro_plus moves it from pro, rather than `updated: false`
+    from the stale tag; the webhook reads the same price as pro (tier_of)."""
+    from serve_app.stripe_events import tier_of
+
+    client, org = stripe_client(service), new_org()
+    assert checkout(service, published, org, "tier", {"tier": "pro_plus"}).status_code == 200
+    (session,) = [s for s in fake_sessions(service, org) if s["mode"] == "subscription"]
+    subscription_id = complete(service, session["id"])["subscription"]
+    item = client.v1.subscriptions.retrieve(subscription_id).to_dict()["items"]["data"][0]
+    old_pro = price_of(service, "metergate_tier_pro_monthly")
+    client.v1.subscriptions.update(subscription_id, params={"items": [{"id": item["id"], "price": old_pro["id"]}]})
+    dearer = catalog_file(folder, "dearer_pro.toml", TIER_AMOUNTS.replace("pro = 20_000_000", "pro = 25_000_000"))
+    try:
+        assert changes(ensure_products(service, dearer, "--json")) == [("replace_price", "metergate_tier_pro_monthly")]
+        on_old = client.v1.subscriptions.retrieve(subscription_id).to_dict()
+        assert on_old["items"]["data"][0]["price"]["lookup_key"] is None  # the key moved to the new price
+        assert (on_old["metadata"]["tier"], tier_of(on_old, load_catalog(dearer))) == ("pro_plus", "pro")
+
+        answer = checkout(service, dearer, org, "tier", {"tier": "pro_plus"})
+        assert answer.status_code == 200, answer.text
+        assert (answer.json()["updated"], answer.json().get("previous_tier")) == (True, "pro")
+        moved = client.v1.subscriptions.retrieve(subscription_id).to_dict()
+        pro_plus = price_of(service, "metergate_tier_pro_plus_monthly")
+        assert [i["price"]["id"] for i in moved["items"]["data"]] == [pro_plus["id"]]
+        assert len([s for s in fake_sessions(service, org) if s["mode"] == "subscription"]) == 1  # no second Checkout
+    finally:
+        assert changes(ensure_products(service, published, "--json")) == [
+            ("replace_price", "metergate_tier_pro_monthly")]
+
+
+def test_a_tier_price_that_is_not_what_the_catalog_sells_is_a_503_naming_both_not_a_wrong_charge(
+        service, new_org, folder, published):
+    """The catalog's pro_plus went to 130 USD and ensure-products was not run: Stripe's price under
+    the key still bills 100 USD. No Checkout is opened on it."""
+    unpublished = catalog_file(folder, "unpublished_dearer.toml",
+                               TIER_AMOUNTS.replace("pro_plus = 100_000_000", "pro_plus = 130_000_000"))
+    org = new_org()
+    answer = checkout(service, unpublished, org, "tier", {"tier": "pro_plus"})
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "stripe_price_mismatch" and error["tier"] == "pro_plus"
+    assert "100.00 USD" in error["message"] and "130.00 USD" in error["message"]
+    assert "metergate stripe ensure-products" in error["message"]
+    assert fake_sessions(service, org) == []
+
+
+def test_a_cached_tier_price_that_stripe_archived_is_looked_up_again_not_offered(service, new_org, published):
+    """One service (its price cache) throughout: the pro price it found is archived in the
+    dashboard. A Checkout on it is refused by Stripe, so the service looks the key up again: no
+    active price is the 503 naming the command (not a minute of 502s); once ensure-products has
+    published a new one, the next Checkout gets it."""
+    settings = Settings(**{**service.settings.model_dump(), "catalog": published})
+    app = build_app(Context(settings, load_catalog(published), router=None))
+    first = price_of(service, "metergate_tier_pro_monthly")
+    orgs = [new_org() for _ in range(3)]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate",
+                                     timeout=60) as client:
+            async def tier(org: str) -> httpx.Response:
+                return await client.post(f"/v1/orgs/{org}/checkout/tier", json={"tier": "pro", **URLS},
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+            answers = [await tier(orgs[0])]
+            await asyncio.to_thread(stripe_client(service).v1.prices.update, first["id"], params={"active": False})
+            answers.append(await tier(orgs[1]))
+            made = await asyncio.to_thread(ensure_products, service, published, "--json")
+            assert changes(made) == [("replace_price", "metergate_tier_pro_monthly")]
+            answers.append(await tier(orgs[2]))
+            return answers
+
+    cached, archived, republished = asyncio.run(run())
+    assert cached.status_code == 200, cached.text
+    assert archived.status_code == 503 and archived.json()["error"]["code"] == "stripe_price_missing", archived.text
+    assert republished.status_code == 200, republished.text
+    session = next(s for s in httpx.get(f"{service.settings.stripe_api_base}/_fake/sessions", timeout=10).json()
+                   if s["id"] == republished.json()["session_id"])
+    assert session["line_items"][0]["price"] == price_of(service, "metergate_tier_pro_monthly")["id"] != first["id"]
+
+
+def test_a_meter_of_metergate_s_event_name_with_another_shape_is_reported_not_reused(service, published):
+    """Someone's meter on `other_usage_micros` counts events: metergate sends µUSD to be summed.
+    Prices on it would bill a count of hours; the run stops before any change, saying why."""
+    stripe_client(service).v1.billing.meters.create(params={
+        "display_name": "someone else's", "event_name": "other_usage_micros",
+        "default_aggregation": {"formula": "count"},
+        "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+        "value_settings": {"event_payload_key": "value"}})
+    for args in (("--json",), ("--dry-run", "--json")):
+        refused = ensure_products(service, published, *args, meter_prefix="other")
+        assert refused.returncode == 1, refused.stdout
+        assert "mtr_other_usage_micros" in refused.stderr and "'count'" in refused.stderr, refused.stderr
+        assert "METERGATE_STRIPE_METER_PREFIX" in refused.stderr
+    assert price_of(service, "metergate_usage_micros")["recurring"]["meter"] == "mtr_metergate_usage_micros"
+
+
+def test_an_archiving_stripe_refused_is_done_by_the_next_run(service, folder, published):
+    """The new price took the lookup key, the old one's archiving was refused: it stays on sale
+    until a later run finds it (active, metergate's, not holding the key) and archives it."""
+    api, key = service.settings.stripe_api_base, "metergate_tier_pro_plus_plus_monthly"
+    old = price_of(service, key)
+    dearer = catalog_file(folder, "dearer_ppp.toml",
+                          TIER_AMOUNTS.replace("pro_plus_plus = 150_000_000", "pro_plus_plus = 160_000_000"))
+    assert httpx.post(f"{api}/_fake/prices", json={"refuse_archive_next": 1}, timeout=10).status_code == 200
+    failed = ensure_products(service, dearer, "--json")
+    assert failed.returncode == 1 and f"refused to archive {old['id']}" in failed.stderr, failed.stderr
+    assert price_of(service, key)["unit_amount"] == 16000
+    assert stripe_client(service).v1.prices.retrieve(old["id"]).active  # still on sale
+
+    assert changes(ensure_products(service, dearer, "--dry-run", "--json")) == [("archive_price", key)]
+    assert changes(ensure_products(service, dearer, "--json")) == [("archive_price", key)]
+    assert not stripe_client(service).v1.prices.retrieve(old["id"]).active
+    assert changes(ensure_products(service, dearer, "--json")) == []
+    assert changes(ensure_products(service, published, "--json")) == [("replace_price", key)]
+
+
+def test_a_price_or_meter_that_differs_from_the_catalog_in_any_part_is_named_not_taken():
+    """The pure checks behind the runtime look-up and ensure-products: each part of a price or
+    meter that differs is said, in words an operator reads."""
+    from actors.stripe_products import (USAGE_LOOKUP_KEY, changes_to_make, meter_mismatch, meter_params,
+                                        tier_price_mismatch, wanted)
+
+    catalog = dataclasses.replace(CATALOG, stripe_prices={}, tier_monthly_micros={"pro": 20_000_000})
+    pro = {"id": "price_pro", "active": True, "currency": "usd", "product": "metergate_tier_pro",
+           "tax_behavior": "exclusive", "unit_amount": 2000, "recurring": {"interval": "month", "interval_count": 1,
+                                                                            "usage_type": "licensed"}}
+    assert tier_price_mismatch(pro, catalog, "pro") is None
+    for change, words in (({"active": False}, "is archived"), ({"currency": "eur"}, "'eur'"),
+                          ({"unit_amount": 2500}, "bills 25.00 USD (the catalog: 20.00 USD)"),
+                          ({"recurring": {"interval": "year"}}, "every 1 year"),
+                          ({"recurring": {"interval": "month", "interval_count": 3}}, "every 3 month"),
+                          ({"recurring": None}, "is one-off"),
+                          ({"recurring": {"interval": "month", "usage_type": "metered"}}, "is metered"),
+                          ({"tax_behavior": "inclusive"}, "'inclusive'"),
+                          ({"product": "prod_other"}, "'prod_other'"), ({"unit_amount": "2000"}, "'2000' cents")):
+        assert words in (tier_price_mismatch({**pro, **change}, catalog, "pro") or ""), change
+
+    ours = {"id": "mtr_1", **meter_params("metergate_usage_micros")}
+    assert meter_mismatch(ours) is None
+    assert "'count'" in meter_mismatch({**ours, "default_aggregation": {"formula": "count"}})
+    other_key = {"type": "by_id", "event_payload_key": "customer"}
+    assert "'customer'" in meter_mismatch({**ours, "customer_mapping": other_key})
+    assert "None" in meter_mismatch({**ours, "value_settings": "value"})
+
+    # An earlier price of a key, still active beside the one holding it, is archived; others are left.
+    wants = [want for want in wanted(catalog) if want.lookup_key in ("metergate_tier_pro_monthly", USAGE_LOOKUP_KEY)]
+    usage = {"id": "price_usage", "active": True, "currency": "usd", "product": "metergate_usage",
+             "tax_behavior": "exclusive", "unit_amount_decimal": "0.0001",
+             "recurring": {"interval": "month", "usage_type": "metered", "meter": "mtr_1"}}
+    products = {want.product_id: {"name": want.product_name, "active": True} for want in wants}
+    prices = {"metergate_tier_pro_monthly": {**pro, "lookup_key": "metergate_tier_pro_monthly"},
+              USAGE_LOOKUP_KEY: {**usage, "lookup_key": USAGE_LOOKUP_KEY}}
+    earlier = {**pro, "id": "price_pro_earlier", "lookup_key": None,
+               "metadata": {"metergate": "metergate_tier_pro_monthly"}}
+    hand_made = {**pro, "id": "price_by_hand", "lookup_key": None, "metadata": {}}
+    active = {"metergate_tier_pro": [prices["metergate_tier_pro_monthly"], earlier, hand_made]}
+    assert changes_to_make(wants, "metergate_usage_micros", "mtr_1", products, prices) == []
+    (archive,) = changes_to_make(wants, "metergate_usage_micros", "mtr_1", products, prices, active)
+    assert (archive.action, archive.target, archive.old_price_id, archive.params) == (
+        "archive_price", "metergate_tier_pro_monthly", "price_pro_earlier", {"active": False})

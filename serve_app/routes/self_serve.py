@@ -223,11 +223,14 @@ async def change_subscription_tier(ctx: Context, org_id: str, live: TierSubscrip
                        subscription_id=live.subscription_id)
     client = ctx.stripe.require()
     behavior = ctx.settings.stripe_proration_behavior
-    params = {"items": [{"id": live.item_id, "price": await ctx.stripe.tier_price(ctx.catalog, tier)}],
-              "proration_behavior": behavior,
-              "metadata": {"org_id": org_id, "tier": tier, TIER_CHANGES: str(live.tier_changes + 1)}}
-    key = operation_key(org_id, f"tier-change-{live.subscription_id}", params, caller_key, now_us() // 1_000_000)
-    await ctx.stripe.create(partial(client.v1.subscriptions.update, live.subscription_id), params, key)
+
+    async def update(price_id: str) -> None:
+        params = {"items": [{"id": live.item_id, "price": price_id}], "proration_behavior": behavior,
+                  "metadata": {"org_id": org_id, "tier": tier, TIER_CHANGES: str(live.tier_changes + 1)}}
+        key = operation_key(org_id, f"tier-change-{live.subscription_id}", params, caller_key, now_us() // 1_000_000)
+        await ctx.stripe.create(partial(client.v1.subscriptions.update, live.subscription_id), params, key)
+
+    await ctx.stripe.with_tier_price(ctx.catalog, tier, update)
     return {**answer, "updated": True, "previous_tier": live.tier, "proration_behavior": behavior}
 
 
@@ -244,12 +247,18 @@ async def start_checkout(ctx: Context, org_id: str, checkout: Checkout, success_
             return await change_subscription_tier(ctx, org_id, live, checkout.tier, success_url, caller_key)
     params = {"customer": customer_id, "client_reference_id": org_id, **checkout.params,
               "success_url": success_url, "cancel_url": cancel_url}
-    if checkout.tier is not None:
-        params["line_items"] = [{"price": await ctx.stripe.tier_price(ctx.catalog, checkout.tier), "quantity": 1}]
     if ctx.settings.stripe_automatic_tax:
         params.update(tax_params(checkout))
-    key = operation_key(org_id, checkout.operation, params, caller_key, now_us() // 1_000_000)
-    session = await ctx.stripe.create(client.v1.checkout.sessions.create, params, key)
+
+    async def create(params: dict):
+        key = operation_key(org_id, checkout.operation, params, caller_key, now_us() // 1_000_000)
+        return await ctx.stripe.create(client.v1.checkout.sessions.create, params, key)
+
+    if checkout.tier is None:
+        session = await create(params)
+    else:
+        session = await ctx.stripe.with_tier_price(ctx.catalog, checkout.tier, lambda price_id: create(
+            {**params, "line_items": [{"price": price_id, "quantity": 1}]}))
     return {"url": session.url, "session_id": session.id}
 
 
