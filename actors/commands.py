@@ -150,6 +150,7 @@ class SetAutoRecharge(msgspec.Struct, tag="ar", array_like=True):
     max_per_day: int = 1
     cooldown_s: int = 0
     lift_dispute: bool = False  # an admin's settings: they also lift a `disputed` pause
+    threshold_runway_s: int = 0  # also charge when the runway falls under this (billing-rules 9.2); 0: off
 
 
 class SettleRecharge(msgspec.Struct, tag="ar_settle", array_like=True):
@@ -208,7 +209,8 @@ class SetLimits(msgspec.Struct, tag="limits", array_like=True):
 
 
 class SetAlerts(msgspec.Struct, tag="alerts", array_like=True):
-    low_balance_micros: int  # 0: off
+    low_balance_micros: int  # 0: off; -1: unchanged (a request that sets only the runway alert)
+    runway_alert_s: int | None = None  # balance.runway_low under this runway (billing-rules 2.10); 0: off
 
 
 class Advance(msgspec.Struct, tag="advance", array_like=True):
@@ -243,7 +245,7 @@ def fingerprint(command: Command) -> str:
 
 # Fields appended after fingerprints became canonical: the positional bytes of those releases
 # never held them, so a legacy fingerprint leaves them out while they keep their default.
-_APPENDED_SINCE_LEGACY = frozenset({"paid_micros", "credited_micros"})
+_APPENDED_SINCE_LEGACY = frozenset({"paid_micros", "credited_micros", "threshold_runway_s", "runway_alert_s"})
 
 
 def legacy_fingerprint(command: Command) -> str:
@@ -411,7 +413,7 @@ def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now
         return _apply(org, command, catalog, now_us, fx)
     finally:  # after every command, also one refused after time's effects (billing-rules 2.9)
         if alerts:
-            org.check_low_balance(now_us, fx)
+            org.check_alerts(now_us, fx)
 
 
 def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int, fx: Effects) -> Outcome:
@@ -467,8 +469,9 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
         case SetPaymentMethod(present=present):
             org.set_payment_method(present, now_us, fx)
         case SetAutoRecharge(enabled=enabled, threshold_micros=threshold, amount_micros=amount,
-                             max_per_day=per_day, cooldown_s=cooldown, lift_dispute=lift_dispute):
-            org.configure_recharge(enabled, threshold, amount, per_day, cooldown, now_us, fx, lift_dispute)
+                             max_per_day=per_day, cooldown_s=cooldown, lift_dispute=lift_dispute,
+                             threshold_runway_s=runway):
+            org.configure_recharge(enabled, threshold, amount, per_day, cooldown, now_us, fx, lift_dispute, runway)
         case SettleRecharge(charge_id=charge_id, succeeded=ok, amount_micros=amount, payment_id=payment,
                             reason=reason):
             entry = org.settle_recharge(charge_id, ok, amount, payment, reason, now_us, fx)
@@ -485,8 +488,12 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
             org.reset_period(anchor_us, end_us, now_us, fx)
         case SetLimits(max_disk_mb=max_disk_mb, machine_quotas=quotas):
             org.set_limits(max_disk_mb, quotas, now_us, fx)
-        case SetAlerts(low_balance_micros=threshold):
-            org.set_low_balance_alert(threshold, now_us, fx)
+        case SetAlerts(low_balance_micros=threshold, runway_alert_s=runway):
+            org.advance(now_us, fx)  # also when it changes nothing (billing-rules 1.1)
+            if threshold >= 0:
+                org.set_low_balance_alert(threshold, now_us, fx)
+            if runway is not None:
+                org.set_runway_alert(runway, now_us, fx)
         case Advance():
             org.advance(now_us, fx)
         case CreateOrg():
@@ -504,7 +511,7 @@ def _create(org_id: str, command: CreateOrg, catalog: Catalog, now_us: int, fx: 
     org = OrgBillingActor.create(
         org_id, command.email, command.prepaid, plan, catalog.default_tier,
         catalog.tiers[catalog.default_tier], catalog.default_max_disk_mb,
-        catalog.signup_grant_micros, now_us, fx, catalog.low_balance_micros)
+        catalog.signup_grant_micros, now_us, fx, catalog.low_balance_micros, catalog.runway_alert_s)
     return OrgCreated(org, True)
 
 

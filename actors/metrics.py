@@ -53,6 +53,9 @@ class Series:
         self.commit_latency_ms = Histogram(
             "metergate_commit_latency_ms", "A group commit, from loading its orgs to answering its callers, in ms",
             boundaries=LATENCY_MS_BOUNDS, tag_keys=("shard",))
+        self.runway_low = Counter(
+            "metergate_runway_low", "balance.runway_low events committed: an org's runway fell under its alert "
+            "(billing-rules 2.10)", tag_keys=("shard",))
         # Shards: what is in memory (set at housekeeping, about every second).
         self.orgs_loaded = Gauge("metergate_orgs_loaded", "Orgs in a shard's memory", tag_keys=("shard",))
         self.leases_active = Gauge(
@@ -170,6 +173,12 @@ class ShardMetrics:
         for outcome, count in (("accepted", accepted), ("duplicate", duplicates), ("rejected", rejected)):
             if count:
                 s.ticks.inc(count, self.outcome_tags[outcome])
+
+    def runway_low(self, events: list) -> None:
+        """The runway alerts of one group commit that went through."""
+        count = sum(1 for event in events if event.type == "balance.runway_low")
+        if count:
+            series().runway_low.inc(count, self.tags)
 
     def memory(self, orgs_loaded: int, leases_active: int, tail_orgs: int, tail_entries: int,
                views_published: int) -> None:

@@ -31,6 +31,7 @@ from actors.money import (CREDIT_KINDS, DEBIT_KINDS, MAX_AMOUNT_MICROS, MAX_GRAN
 from actors.periods import ClosedPeriod, Dunning, DunningStep, Periods, SavedDunning
 from actors.recharge import MICROS_PER_CENT, AutoRecharge, ChargeRequest, Recharge
 from actors.refunds import DisputeRecord, RefundRecord, Refunds
+from actors.runway import DEFAULT_RUNWAY_ALERT_S, Runway
 from actors.subscriptions import SubscriptionRecord, Subscriptions
 from actors.refusals import BillingError, LeaseConflict, LeaseEnded, Refusal, UnknownLease
 from config.catalog import Catalog, CatalogError, Plan, plan_for_period
@@ -127,6 +128,8 @@ class OrgSnapshot(msgspec.Struct, array_like=True, tag=SNAPSHOT_VERSION):
     settled_invoices: list[str] | None = None
     lapsed: dict[str, int] | None = None
     plans: list[PlanTerms] | None = None  # the terms of every plan named above (format 2 on)
+    runway_alert_s: int = DEFAULT_RUNWAY_ALERT_S  # the balance.runway_low alert (billing-rules 2.10); 0: off
+    runway_armed: bool = True
 
 
 # Snapshot fields that are copied as they are; the plans and the lists of records need converting.
@@ -169,9 +172,13 @@ class OrgState(msgspec.Struct, frozen=True):
     has_payment_method: bool
     created_us: int
     low_balance_micros: int
+    burn_micros_per_hour: int = 0  # the live leases' burn (billing-rules 2.10)
+    runway_s: int | None = None  # None: postpaid, or nothing burns
+    runway_alert_s: int = 0
+    as_of_us: int = 0  # the instant it was read at
 
 
-class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
+class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, Runway):
     __slots__ = (
         "org_id", "email", "prepaid", "plan", "tier", "max_concurrent", "max_disk_mb",
         "machine_quotas", "grants", "debt_micros", "remainder_scaled", "period_key",
@@ -180,7 +187,8 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
         "has_payment_method", "created_us", "grant_seq", "tier_as_of_us", "recharge",
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
         "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
-        "low_balance_armed", "disputes", "subscriptions", "settled_invoices", "lapsed",
+        "low_balance_armed", "disputes", "subscriptions", "settled_invoices", "lapsed", "runway_alert_s",
+        "runway_armed",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -216,6 +224,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
         self.refunds: list[RefundRecord] | None = None
         self.ended_leases: dict[str, int] | None = None
         self.low_balance_micros, self.low_balance_armed = 0, True
+        self.runway_alert_s, self.runway_armed = 0, True
         self.disputes: list[DisputeRecord] | None = None
         self.subscriptions: list[SubscriptionRecord] | None = None
         self.settled_invoices: list[str] | None = None  # the latest invoices settled, oldest first
@@ -227,14 +236,15 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
     @classmethod
     def create(cls, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
                max_concurrent: int, max_disk_mb: int, signup_grant_micros: int,
-               now_us: int, fx: Effects, low_balance_micros: int = 0) -> "OrgBillingActor":
+               now_us: int, fx: Effects, low_balance_micros: int = 0,
+               runway_alert_s: int = 0) -> "OrgBillingActor":
         org = cls(org_id, email, prepaid, plan, tier, max_concurrent, max_disk_mb, now_us)
-        org.low_balance_micros = low_balance_micros
+        org.low_balance_micros, org.runway_alert_s = low_balance_micros, runway_alert_s
         if signup_grant_micros > 0:
             org.credit("signup_grant", signup_grant_micros, None, None, now_us, fx)
         elif prepaid:
             org._halt_if_out_of_money(now_us, fx)
-        org.check_low_balance(now_us, fx)
+        org.check_alerts(now_us, fx)
         return org
 
     # ----- reads ------------------------------------------------------------------------
@@ -322,7 +332,8 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions):
             machine_quotas={region: dict(caps) for region, caps in (self.machine_quotas or {}).items()},
             recharge=msgspec.structs.replace(self.recharge) if self.recharge is not None else None,
             has_payment_method=self.has_payment_method, created_us=self.created_us,
-            low_balance_micros=self.low_balance_micros)
+            low_balance_micros=self.low_balance_micros, burn_micros_per_hour=self.burn_at(now_us),
+            runway_s=self.runway_at(now_us), runway_alert_s=self.runway_alert_s, as_of_us=now_us)
 
     # ----- persistence ------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class AutoRecharge(msgspec.Struct, array_like=True):
     last_us: int = 0
     paused: str | None = None
     limit_noted_day: int = -1
+    threshold_runway_s: int = 0  # also charge when the runway (billing-rules 2.10) is under this; 0: off
 
 
 class Recharge:
@@ -67,7 +68,7 @@ class Recharge:
 
     def configure_recharge(self, enabled: bool, threshold_micros: int, amount_micros: int,
                            max_per_day: int, cooldown_s: int, now_us: int, fx: Effects,
-                           lift_dispute: bool = False) -> None:
+                           lift_dispute: bool = False, threshold_runway_s: int = 0) -> None:
         """Turn auto-recharge on or off. Turning it on with the balance already under the
         threshold makes the first (arming) charge at once; a charge in flight still settles.
         Turning it on lifts a pause, but a `disputed` one only when `lift_dispute` (an admin)."""
@@ -78,14 +79,15 @@ class Recharge:
                 current.enabled = False
             return
         assert threshold_micros >= 0 and amount_micros > 0 and amount_micros % MICROS_PER_CENT == 0
-        assert max_per_day >= 1 and cooldown_s >= 0
+        assert max_per_day >= 1 and cooldown_s >= 0 and threshold_runway_s >= 0
         if current is None:
-            self.recharge = AutoRecharge(True, threshold_micros, amount_micros, max_per_day, cooldown_s)
+            self.recharge = current = AutoRecharge(True, threshold_micros, amount_micros, max_per_day, cooldown_s)
         else:
             current.enabled, current.threshold_micros, current.amount_micros = True, threshold_micros, amount_micros
             current.max_per_day, current.cooldown_s = max_per_day, cooldown_s
             if current.paused != "disputed" or lift_dispute:  # a dispute's pause is the operator's to lift
                 current.paused = None
+        current.threshold_runway_s = threshold_runway_s
         self._maybe_recharge(now_us, fx)
 
     def recharge_amount(self, balance: int) -> int:
@@ -104,7 +106,7 @@ class Recharge:
         if not r.enabled or r.paused is not None or not self.has_payment_method:
             return
         balance = self.balance_micros
-        if balance >= r.threshold_micros:
+        if not self._short_of_money(now_us):
             return
         if r.last_us and now_us - r.last_us < r.cooldown_s * US_PER_S:
             return
@@ -124,6 +126,16 @@ class Recharge:
         r.pending_micros = self.recharge_amount(balance)
         r.pending_since_us = now_us
         fx.charges.append(self.pending_charge())
+
+    def _short_of_money(self, now_us: int) -> bool:
+        """Billing-rules 9.2: the balance is under the threshold, or the runway under its own."""
+        r = self.recharge
+        if self.balance_micros < r.threshold_micros:
+            return True
+        if not r.threshold_runway_s:
+            return False
+        left = self.runway_at(now_us)
+        return left is not None and left < r.threshold_runway_s
 
     def _grow_unsent_charge(self, now_us: int, fx: Effects) -> None:
         """A charge asked for at this same instant (earlier in this command, or in this
@@ -146,7 +158,7 @@ class Recharge:
         r = self.recharge
         if (r is None or not r.enabled or r.pending_id is not None or r.paused is not None
                 or not self.has_payment_method or self.balance_micros >= r.threshold_micros):
-            return None
+            return None  # (by the balance: a charge for the runway waits for the next check, 9.3)
         at = r.last_us + r.cooldown_s * US_PER_S if r.last_us else 0
         if r.day_count >= r.max_per_day:
             at = max(at, (r.day + 1) * US_PER_DAY)

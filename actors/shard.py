@@ -667,6 +667,8 @@ class ShardActor(ShardReads, ShardCharges, ShardUpkeep):
                 views.publish(org_id, lo.org, work.now, published)
         if work.fx.charges:
             self._start_charges(work.fx.charges)
+        if work.fx.events:
+            self.metrics.runway_low(work.fx.events)
         for index, item in enumerate(batch):
             if item.future.done():
                 continue  # the caller went away (its request was cancelled); the work is committed

@@ -55,5 +55,5 @@ def bill_ticks(org: OrgBillingActor, ticks: list[Tick], catalog: Catalog, now_us
         billed.commands.append(ApplyUsage(usage_by_lease(billed.ticks)))
         execute(org, billed.commands[-1], catalog, now_us, fx)  # pragma: no mutate (usage reads no catalog)
     elif billed.commands:
-        org.check_low_balance(now_us, fx)  # one check for the request: it billed nothing
+        org.check_alerts(now_us, fx)  # one check for the request: it billed nothing
     return billed

@@ -260,6 +260,7 @@ def show_state(out: Output, state: dict) -> None:
         ("status", status_text(state)),
         ("period", f"{period['key']}: {usd(period['usage_micros'])} used{quota}, resets {when(period['resets_at'])}"),
         ("leases", f"{state['active_leases']} of {state['max_concurrent']}"),
+        ("runway", _runway_text(state.get("runway") or {})),
         ("card on file", "yes" if state["has_payment_method"] else "no"),
         ("auto-recharge", _recharge_text(recharge)),
         ("created", when(state["created_at"])),
@@ -269,6 +270,14 @@ def show_state(out: Output, state: dict) -> None:
         out.table("credit by grant", ["grant", "kind", "remaining", "expires"],
                   [[g["grant_id"], g["kind"], usd(g["remaining_micros"]), when(g["expires_at"]) or "never"]
                    for g in state["grants"]], right=("remaining",))
+
+
+def _runway_text(runway: dict) -> str:
+    """Billing-rules 2.10: how long the money lasts at the burn of the live leases."""
+    if runway.get("runway_s") is None:
+        return "none (nothing running, or billed afterwards)"
+    return (f"{runway['runway_s'] // 60} min at {usd(runway['burn_micros_per_hour'])}/h,"
+            f" runs out {when(runway['runs_out_at'])}")
 
 
 def _recharge_text(recharge: dict) -> str:

@@ -73,6 +73,7 @@ class Catalog:
     # paid tier -> its monthly price, published to Stripe by `metergate stripe ensure-products`
     tier_monthly_micros: dict[str, int] = field(default_factory=dict)
     low_balance_micros: int = 0  # a new org's balance.threshold_crossed alert (0: off)
+    runway_alert_s: int = 3_600  # a new org's balance.runway_low alert, seconds of runway (0: off)
 
     def plan_version(self, plan_id: str, version: int) -> Plan:
         plan = self.plans.get((plan_id, version))
@@ -200,6 +201,7 @@ def parse_catalog(raw: dict) -> Catalog:
         stripe_prices={str(k): str(v) for k, v in raw.get("stripe_prices", {}).items()},
         low_balance_micros=_nonneg_int(raw, "low_balance_micros", "catalog") if "low_balance_micros" in raw else 0,
         tier_monthly_micros=_tier_monthly_micros(raw.get("tier_monthly_micros", {})),
+        runway_alert_s=_nonneg_int(raw, "runway_alert_s", "catalog") if "runway_alert_s" in raw else 3_600,
     )
     for plan in plans.values():
         other_kind = [p.version for p in plans.values() if p.id == plan.id and p.period != plan.period]

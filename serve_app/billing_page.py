@@ -164,10 +164,31 @@ def cards(page: BillingPage) -> str:
     return "\n".join((
         '<div class="cards">',
         balance,
+        runway_card(org),
         f'<div class="card" id="period">This period ({escape(period["key"])}){usage}</div>',
         f'<div class="card">Sandboxes running<b>{org["active_leases"]} / {org["max_concurrent"]}</b>'
         f'<span class="muted">tier {escape(org["tier"])}</span></div>',
         "</div>"))
+
+
+def duration(seconds: int) -> str:
+    """A runway as people say it: 40 minutes, 3 hours 5 minutes, 2 days 4 hours."""
+    days, hours, minutes = seconds // 86_400, seconds % 86_400 // 3_600, seconds % 3_600 // 60
+    parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]
+    said = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n][:2]
+    return " ".join(said) or "under a minute"
+
+
+def runway_card(org: dict) -> str:
+    """How long the credit lasts at the burn of what runs now (billing-rules 2.10); nothing
+    when nothing runs or the org is billed afterwards."""
+    runway = org.get("runway") or {}
+    if runway.get("runway_s") is None:
+        return ""
+    low = runway["runway_s"] < (org.get("alerts") or {}).get("runway_alert_s", 0)
+    return (f'<div class="card{" warn" if low else ""}" id="runway">Runway<b data-seconds="{runway["runway_s"]}">'
+            f'{escape(duration(runway["runway_s"]))}</b><span class="muted">at {money(runway["burn_micros_per_hour"])}'
+            f' an hour for what runs now · runs out {escape(when(runway["runs_out_at"]))}</span></div>')
 
 
 def grants_table(org: dict) -> str:
@@ -420,7 +441,7 @@ body{{font:15px/1.5 system-ui,sans-serif;max-width:920px;margin:2rem auto;paddin
 h1{{font-size:1.4rem;margin-bottom:0}} h2{{font-size:1.1rem;margin-top:2rem}} header p{{margin-top:.2rem}}
 .cards{{display:grid;grid-template-columns:repeat(auto-fit,minmax(220px,1fr));gap:.75rem;margin-top:1rem}}
 .card{{border:1px solid #d0d7de;border-radius:8px;padding:.75rem 1rem}}
-.card b{{display:block;font-size:1.35rem}} .card small{{font-size:.9rem;font-weight:normal;color:#57606a}}
+.card b{{display:block;font-size:1.35rem}} .card small{{font-size:.9rem;font-weight:normal;color:#57606a}} .card.warn{{background:#fff4e5;border-color:#f0b35b}}
 .bar{{display:block;height:8px;background:#eaeef2;border-radius:4px;margin:.3rem 0;overflow:hidden}}
 .bar span{{display:block;height:100%;background:#3b6fd4}}
 .banner{{border-radius:8px;padding:.6rem 1rem;border:1px solid}}

@@ -8,6 +8,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.org import MAX_AMOUNT_MICROS, MAX_TTL_S, Resources
+from actors.runway import MAX_RUNWAY_ALERT_S
 from actors.ticks import DECODE_ERRORS, ID_PATTERN, Id
 from metergate_client.decision import NAME_PATTERN, ResourcesIn
 from serve_app.auth import MAX_ORG_TOKEN_TTL_S, MIN_ORG_TOKEN_TTL_S
@@ -202,11 +203,15 @@ class AutoRechargeBody(StrictModel):
     threshold_micros: Annotated[int, Field(ge=1, le=10**10)] | None = None
     amount_micros: Annotated[int, Field(ge=500_000, le=10**10)] | None = None  # Stripe's least charge is 0.50 USD
     max_per_day: Annotated[int, Field(ge=1, le=100)] = 3
+    # also charged when the runway (billing-rules 2.10) falls under it; 0: by the balance alone
+    threshold_runway_s: Annotated[int, Field(ge=0, le=MAX_RUNWAY_ALERT_S)] = 0
 
 
 class AlertsBody(StrictModel):
     # balance.threshold_crossed once each time the balance falls under it; 0 turns it off
-    low_balance_micros: Annotated[int, Field(ge=0, le=MAX_AMOUNT_MICROS)]
+    low_balance_micros: Annotated[int, Field(ge=0, le=MAX_AMOUNT_MICROS)] | None = None
+    # balance.runway_low once each time the runway falls under it (billing-rules 2.10); 0: off
+    runway_alert_s: Annotated[int, Field(ge=0, le=MAX_RUNWAY_ALERT_S)] | None = None
 
 
 class LimitsBody(StrictModel):

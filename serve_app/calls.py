@@ -138,7 +138,7 @@ def auto_recharge_command(ctx: Context, body: AutoRechargeBody, by_admin: bool =
     if body.amount_micros % MICROS_PER_CENT:
         raise ApiError(422, "invalid_amount", "amount_micros must be a whole number of cents", field="amount_micros")
     return cmd.SetAutoRecharge(True, body.threshold_micros, body.amount_micros, body.max_per_day,
-                               ctx.settings.auto_recharge_cooldown_s, by_admin)
+                               ctx.settings.auto_recharge_cooldown_s, by_admin, body.threshold_runway_s)
 
 
 def time_cursor(at_us: int, row_id: str) -> str:

@@ -238,10 +238,21 @@ class AutoRechargeView(msgspec.Struct):
     pending: PendingCharge | None = None
     last_charge_at: str | None = None
     paused: str | None = None
+    threshold_runway_s: int | None = None
 
 
 class AlertsView(msgspec.Struct):
     low_balance_micros: int
+    runway_alert_s: int
+
+
+class RunwayView(msgspec.Struct):
+    """Billing-rules 2.10: the live leases' burn, and how long the money lasts at it (null:
+    postpaid, or nothing running)."""
+
+    burn_micros_per_hour: int
+    runway_s: int | None
+    runs_out_at: str | None
 
 
 class Org(msgspec.Struct):
@@ -268,6 +279,7 @@ class Org(msgspec.Struct):
     limits: LimitsView
     auto_recharge: AutoRechargeView
     alerts: AlertsView
+    runway: RunwayView
     has_payment_method: bool
     created_at: str
 

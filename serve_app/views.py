@@ -146,7 +146,10 @@ def org_view(state: OrgState) -> dict:
         "plan": {"id": state.plan_id, "version": state.plan_version},
         "limits": {"max_disk_mb": state.max_disk_mb, "machine_quotas": state.machine_quotas},
         "auto_recharge": recharge_view(state.recharge),
-        "alerts": {"low_balance_micros": state.low_balance_micros},
+        "alerts": {"low_balance_micros": state.low_balance_micros, "runway_alert_s": state.runway_alert_s},
+        "runway": {"burn_micros_per_hour": state.burn_micros_per_hour, "runway_s": state.runway_s,
+                   "runs_out_at": None if state.runway_s is None
+                   else us_to_rfc3339(state.as_of_us + state.runway_s * 1_000_000)},
         "has_payment_method": state.has_payment_method,
         "created_at": us_to_rfc3339(state.created_us),
     }
@@ -161,7 +164,7 @@ def recharge_view(r: AutoRecharge | None) -> dict:
         "pending": {"charge_id": r.pending_id, "amount_micros": r.pending_micros,
                     "requested_at": us_to_rfc3339(r.pending_since_us)} if r.pending_id else None,
         "last_charge_at": us_to_rfc3339(r.last_us) if r.last_us else None,
-        "paused": r.paused,
+        "paused": r.paused, "threshold_runway_s": r.threshold_runway_s,
     }
 
 

@@ -180,7 +180,8 @@ class EngineOrg:
                 return cmd.SetPaymentMethod(step["present"])
             case "set_auto_recharge":
                 return cmd.SetAutoRecharge(step["enabled"], step["threshold_micros"], step["amount_micros"],
-                                           step["max_per_day"], step["cooldown_s"], step.get("lift_dispute", False))
+                                           step["max_per_day"], step["cooldown_s"], step.get("lift_dispute", False),
+                                           step.get("threshold_runway_s", 0))
             case "settle":
                 return cmd.SettleRecharge.of_payment(step["charge_id"], step["succeeded"], step["amount_micros"],
                                                      step["payment_id"], step.get("reason"))
@@ -194,7 +195,7 @@ class EngineOrg:
             case "subscription_period":
                 return cmd.ResetPeriod(step["start_us"], step.get("end_us"))
             case "set_alerts":
-                return cmd.SetAlerts(step["low_balance_micros"])
+                return cmd.SetAlerts(step["low_balance_micros"], step.get("runway_alert_s"))
             case "advance":
                 return cmd.Advance()
         raise AssertionError(f"no engine command for {step!r}")
@@ -261,6 +262,7 @@ class EngineOrg:
             "leases": {l.lease_id: (l.expires_at_us, l.quantity, l.ttl_s) for l in (org.leases or {}).values()},
             "has_payment_method": org.has_payment_method, "paid_credit": org.paid_credit, "recharge": recharge,
             "low_balance_micros": org.low_balance_micros, "low_balance_armed": org.low_balance_armed,
+            "runway_alert_s": org.runway_alert_s, "runway_armed": org.runway_armed,
         }
 
 
@@ -375,6 +377,7 @@ RESOURCES = (
     {"machine_type": "a100", "region": "us-east", "quantity": 2},
     {"disk_mb": 30_000},
     {"quantity": 3},
+    {"memory_mb": 65_536, "cpu_count": 32, "quantity": 2},  # 5.3 USD an hour: a runway in minutes (2.10)
 )
 amounts = st.one_of(st.integers(1, 2_000), st.integers(1, 3_000_000), st.integers(1, 30_000_000))
 cents = st.integers(50, 3_000).map(lambda c: c * 10_000)
@@ -471,11 +474,11 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
               ] if pair.charges_seen else []
     recharge = st.one_of(
         *settle,
-        *([st.builds(lambda on, threshold, amount, per_day, cooldown, by_admin: {
+        *([st.builds(lambda on, threshold, amount, per_day, cooldown, by_admin, runway: {
             "type": "set_auto_recharge", "enabled": on, "threshold_micros": threshold, "amount_micros": amount,
-            "max_per_day": per_day, "cooldown_s": cooldown, "lift_dispute": by_admin},
+            "max_per_day": per_day, "cooldown_s": cooldown, "lift_dispute": by_admin, "threshold_runway_s": runway},
             st.booleans(), st.integers(1, 10_000_000), cents, st.integers(1, 4), st.sampled_from((0, 60, 3_600)),
-            st.booleans())]
+            st.booleans(), st.sampled_from((0, 600, 7_200, 86_400)))]
           if auto_recharge else []),
         st.builds(lambda present: {"type": "set_card", "present": present}, st.booleans()),
     )
@@ -503,8 +506,9 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
         st.builds(lambda disk, quotas: {"type": "set_limits", "max_disk_mb": disk, "machine_quotas": quotas},
                   st.one_of(st.none(), st.sampled_from((0, 20_480, 40_000))),
                   st.one_of(st.none(), st.just({}), st.just({"us-east": {"a100": 2}}))),
-        st.builds(lambda threshold: {"type": "set_alerts", "low_balance_micros": threshold},
-                  st.sampled_from((0, 1_000_000, 4_000_000))),
+        st.builds(lambda threshold, runway: {"type": "set_alerts", "low_balance_micros": threshold,
+                                             "runway_alert_s": runway},
+                  st.sampled_from((-1, 0, 1_000_000, 4_000_000)), st.sampled_from((None, 0, 600, 3_600, 86_400))),
         st.just({"type": "advance"}),
     )
     gate = st.builds(lambda action, res: {"type": "gate", "action": action, "resources": res},

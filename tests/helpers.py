@@ -259,10 +259,12 @@ DAY_US = 86_400 * US_PER_S
 
 
 def make_org(plan=PAYG, prepaid=True, signup_micros=CATALOG.signup_grant_micros,
-             tier="base", now_us=T0, card=False, low_balance_micros=0) -> tuple[OrgBillingActor, Effects]:
+             tier="base", now_us=T0, card=False, low_balance_micros=0,
+             runway_alert_s=CATALOG.runway_alert_s) -> tuple[OrgBillingActor, Effects]:
     fx = Effects()
     org = OrgBillingActor.create(ORG_ID, "ops@acme.test", prepaid, plan, tier, CATALOG.tiers[tier],
-                                 CATALOG.default_max_disk_mb, signup_micros, now_us, fx, low_balance_micros)
+                                 CATALOG.default_max_disk_mb, signup_micros, now_us, fx, low_balance_micros,
+                                 runway_alert_s)
     if card:  # a card on file: running out says halted / quota_exceeded, not no_payment_method
         org.has_payment_method = True
     return org, fx

@@ -316,3 +316,21 @@ def test_loads_of_a_page_at_once_share_one_months_computation_until_the_orgs_mon
                 await ctx.pool.close()
 
     asyncio.run(run())
+
+
+def test_the_page_says_how_long_the_credit_lasts_at_what_runs_now(service, admin, compute, new_org):
+    """Billing-rules 2.10 on the page: nothing while nothing runs; with a 4 GiB, 2 vCPU sandbox
+    (165,600 µUSD an hour) the signup's 5 USD last 108,695 s (1 day 6 hours), and under the org's
+    runway alert the card is marked."""
+    org = new_org()
+    with page_client(service) as client:
+        page = open_by_link(client, org, mint(admin, org)).text
+        assert 'id="runway"' not in page
+        assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "sbx_page", "ttl_s": 600, "resources": {
+            "memory_mb": 4096, "cpu_count": 2}}).status_code == 201
+        page = client.get(f"/billing/{org}").text
+        card = re.search(r'<div class="card" id="runway">(.*?)</div>', page, re.S).group(1)
+        assert 'data-seconds="108695"' in card and "1 day 6 hours" in card and "$0.17" in card
+        assert "runs out" in card
+        admin.put(f"/v1/orgs/{org}/alerts", json={"runway_alert_s": 2 * 86_400})
+        assert '<div class="card warn" id="runway">' in client.get(f"/billing/{org}").text

@@ -111,7 +111,7 @@ def test_the_console_script_is_installed():
     assert METERGATE.is_file(), f"{METERGATE} is missing: pip install -e . installs it"
 
 
-def test_orgs_create_then_show_the_balance_and_a_grant_changes_it(service, admin):
+def test_orgs_create_then_show_the_balance_and_a_grant_changes_it(service, admin, compute):
     org = new_org_id()
     created = ok_json(cli(service, "orgs", "create", org, "--email", f"{org}@example.com", "--json"))
     assert created["org_id"] == org and created["balance_micros"] == SIGNUP_MICROS
@@ -131,6 +131,10 @@ def test_orgs_create_then_show_the_balance_and_a_grant_changes_it(service, admin
     assert ok_json(cli(service, "orgs", "show", org, "--json"))["balance_micros"] == balance
     shown = ok(cli(service, "orgs", "show", org))
     assert "$8.73" in shown and "8.734567" not in shown and "8734567" not in shown
+    assert "none (nothing running" in shown
+    assert compute.post("/v1/leases", json={"org_id": org, "lease_id": "sbx_cli", "ttl_s": 600, "resources": {
+        "memory_mb": 4096, "cpu_count": 2}}).status_code == 201
+    assert "3164 min at $0.17/h" in ok(cli(service, "orgs", "show", org))  # 8,734,567 × 3,600 / 165,600 s
     assert "granted $1.23 to" in ok(cli(service, "credits", "grant", org, "1.23"))
 
 

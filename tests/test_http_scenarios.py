@@ -289,9 +289,9 @@ def test_a_tick_older_than_tick_ids_are_remembered_is_rejected_tick_too_old(admi
 
 def test_balance_threshold_crossed_goes_out_once_per_fall_under_the_orgs_alert(admin, compute, sql, new_org):
     org = new_org()
-    assert admin.get(f"/v1/orgs/{org}").json()["alerts"] == {"low_balance_micros": 1_000_000}  # the catalog's
+    assert admin.get(f"/v1/orgs/{org}").json()["alerts"]["low_balance_micros"] == 1_000_000  # the catalog's
     put = admin.put(f"/v1/orgs/{org}/alerts", json={"low_balance_micros": 4_900_000})
-    assert put.status_code == 200 and put.json()["alerts"] == {"low_balance_micros": 4_900_000}
+    assert put.status_code == 200 and put.json()["alerts"] == {"low_balance_micros": 4_900_000, "runway_alert_s": 3_600}
     compute.post("/v1/usage", json={"ticks": [hour_tick(org, "a1")]})  # 4.8344 USD left: under
     compute.post("/v1/usage", json={"ticks": [hour_tick(org, "a2")]})  # still under: no second one
     (crossed,) = outbox(sql, org, "balance.threshold_crossed")
@@ -299,3 +299,36 @@ def test_balance_threshold_crossed_goes_out_once_per_fall_under_the_orgs_alert(a
                        "balance_micros": SIGNUP_MICROS - HOUR_TICK_MICROS}
     bad = admin.put(f"/v1/orgs/{org}/alerts", json={"low_balance_micros": -1})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+
+
+def test_the_runway_falls_as_usage_is_billed_and_runway_low_goes_out_once(admin, compute, sql, new_org):
+    """Billing-rules 2.10 through HTTP: two sandboxes of 4 GiB and 2 vCPUs burn 331,200 µUSD an
+    hour; the signup's 5 USD last 54,347 s; under the catalog's 60 minutes, one event."""
+    org = new_org()
+    state = admin.get(f"/v1/orgs/{org}").json()
+    assert state["runway"] == {"burn_micros_per_hour": 0, "runway_s": None, "runs_out_at": None}
+    assert state["alerts"] == {"low_balance_micros": 1_000_000, "runway_alert_s": 3_600}  # the catalog's
+    for lease in ("sbx_a", "sbx_b"):
+        response = compute.post("/v1/leases", json={"org_id": org, "lease_id": lease, "ttl_s": 3_600,
+                                                    "resources": {"memory_mb": 4096, "cpu_count": 2}})
+        assert response.status_code == 201, response.text
+    before = time.time()
+    runway = admin.get(f"/v1/orgs/{org}").json()["runway"]
+    assert (runway["burn_micros_per_hour"], runway["runway_s"]) == (2 * HOUR_TICK_MICROS, 54_347)
+    runs_out = time.mktime(time.strptime(runway["runs_out_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    assert abs(runs_out - (before + 54_347)) < 30
+    answer = compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"r{n}", "sbx_a") for n in range(28)]})
+    assert answer.json()["accepted"] == 28
+    assert admin.get(f"/v1/orgs/{org}").json()["runway"]["runway_s"] == 3_947  # 363,200 µUSD left
+    assert outbox(sql, org, "balance.runway_low") == []
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "r28", "sbx_b")]})  # 197,600 left: 2,147 s
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "r29", "sbx_b")]})  # still under: no second one
+    (low,) = outbox(sql, org, "balance.runway_low")
+    assert low == {"org_id": org, "threshold_s": 3_600, "runway_s": 2_147, "burn_micros_per_hour": 331_200,
+                   "balance_micros": SIGNUP_MICROS - 29 * HOUR_TICK_MICROS, "lease_ids": ["sbx_a", "sbx_b"]}
+    # The alert is per org: another threshold, or off; an empty body names nothing to set.
+    put = admin.put(f"/v1/orgs/{org}/alerts", json={"runway_alert_s": 0})
+    assert put.status_code == 200 and put.json()["alerts"] == {"low_balance_micros": 1_000_000, "runway_alert_s": 0}
+    for bad in ({}, {"runway_alert_s": -1}, {"runway_alert_s": 30 * 86_400 + 1}, {"runway_alert_s": "1h"}):
+        response = admin.put(f"/v1/orgs/{org}/alerts", json=bad)
+        assert (response.status_code, response.json()["error"]["code"]) == (422, "invalid_request"), bad

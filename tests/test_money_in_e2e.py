@@ -132,6 +132,34 @@ def test_card_topup_auto_recharge_tiers_and_refund(service, stripe_webhooks, adm
     assert admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == ledger_sum(sql, org)
 
 
+def test_auto_recharge_on_the_runway_charges_the_card_once_when_the_runway_falls_under_it(
+        service, stripe_webhooks, admin, compute, sql, new_org):
+    """Billing-rules 9.2: two sandboxes burn 331,200 µUSD an hour; by the balance alone (1 µUSD)
+    nothing would be charged before the halt; by the runway, one charge under 2 hours."""
+    org = new_org()
+    assert admin.post(f"/v1/orgs/{org}/checkout/setup", json=URLS).status_code == 200
+    (setup,) = [s for s in fake_sessions(service, org) if s["mode"] == "setup"]
+    complete(service, setup["id"])
+    wait_for("the card on file", lambda: admin.get(f"/v1/orgs/{org}").json()["has_payment_method"])
+    for lease in ("sbx_r1", "sbx_r2"):
+        assert compute.post("/v1/leases", json={"org_id": org, "lease_id": lease, "ttl_s": 3_600, "resources": {
+            "memory_mb": 4096, "cpu_count": 2}}).status_code == 201
+    state = admin.put(f"/v1/orgs/{org}/auto-recharge", json={
+        "enabled": True, "threshold_micros": 1, "amount_micros": 10 * US, "threshold_runway_s": 7_200})
+    assert state.status_code == 200 and state.json()["auto_recharge"]["threshold_runway_s"] == 7_200
+    ticks = [hour_tick(org, f"rw_{n}", "sbx_r1") for n in range(26)]  # 694,400 µUSD left: 7,547 s
+    assert compute.post("/v1/usage", json={"ticks": ticks}).json()["accepted"] == 26
+    assert admin.get(f"/v1/orgs/{org}").json()["auto_recharge"]["pending"] is None
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, "rw_26", "sbx_r2")]})  # 528,800 left: 5,747 s
+    after = SIGNUP_MICROS - 27 * HOUR_TICK_MICROS + 10 * US
+    wait_for("the runway's charge", lambda: admin.get(f"/v1/orgs/{org}").json()["balance_micros"] == after)
+    compute.post("/v1/usage", json={"ticks": [hour_tick(org, f"rw_more_{n}", "sbx_r2") for n in range(3)]})
+    time.sleep(1.5)
+    assert [amount for kind, amount in kinds(sql, org) if kind == "auto_recharge"] == [10 * US]
+    assert admin.get(f"/v1/orgs/{org}").json()["runway"]["runway_s"] > 7_200
+    assert outbox(sql, org, "balance.runway_low") == []  # never under the 60 minutes' alert
+
+
 def test_a_declined_auto_recharge_is_reported_once_and_not_retried(service, stripe_webhooks, admin, compute, sql, new_org):
     org = new_org()
     assert admin.post(f"/v1/orgs/{org}/checkout/setup", json=URLS).status_code == 200

@@ -132,10 +132,16 @@ def routes(ctx: Context) -> APIRouter:
     @router.put("/v1/orgs/{org_id}/alerts", openapi_extra=openapi.with_body(AlertsBody, *ORG_STATE))
     async def put_alerts(org_id: OrgPath, request: Request) -> Response:
         """`balance.threshold_crossed` is sent once each time the balance falls under
-        `low_balance_micros` (and again only after it was back at or above it); 0 turns it off."""
+        `low_balance_micros`, `balance.runway_low` once each time the runway falls under
+        `runway_alert_s` (each again only after it was back at or above it); 0 turns one off, an
+        absent one stays as it is."""
         ctx.admin(request)
         body = parse_model(AlertsBody, await request.body())
-        return await state_command(ctx, request, org_id, cmd.SetAlerts(body.low_balance_micros))
+        if body.low_balance_micros is None and body.runway_alert_s is None:
+            raise ApiError(422, "invalid_request", "name low_balance_micros, runway_alert_s or both",
+                           field="low_balance_micros")
+        low = -1 if body.low_balance_micros is None else body.low_balance_micros
+        return await state_command(ctx, request, org_id, cmd.SetAlerts(low, body.runway_alert_s))
 
     @router.put("/v1/orgs/{org_id}/auto-recharge", openapi_extra=openapi.with_body(
         AutoRechargeBody, ORG_STATE[0], openapi.ORG_OR_ADMIN, *ORG_STATE[2:]))

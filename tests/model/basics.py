@@ -144,6 +144,7 @@ class RefCatalog:
         self.default_max_disk_mb: int = int(raw.get("default_max_disk_mb", 0))
         self.default_tier: str = str(raw.get("default_tier", "base"))
         self.low_balance_micros: int = int(raw.get("low_balance_micros", 0))
+        self.runway_alert_s: int = int(raw.get("runway_alert_s", 3_600))  # rule 2.10
 
     def plan(self, plan_id: str, version: int) -> RefPlan:
         return self.plans[(plan_id, version)]
@@ -233,6 +234,7 @@ class Recharge:
     day: int | None = None
     day_count: int = 0
     limit_event_day: int | None = None
+    threshold_runway_s: int = 0  # rule 9.1
 
 
 def kind_is_purchased(kind: str) -> bool:

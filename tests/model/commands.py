@@ -423,6 +423,7 @@ class Commands:
         r.amount_micros = int(cmd["amount_micros"])
         r.max_per_day = int(cmd["max_per_day"])
         r.cooldown_s = int(cmd["cooldown_s"])
+        r.threshold_runway_s = int(cmd.get("threshold_runway_s", 0))
         # Rule 9.1: turning it on (or sending the settings again) clears a pause (a dispute's
         # only when an operator sends them) and runs the check. A charge in flight stays in flight.
         if r.paused != "disputed" or cmd.get("lift_dispute"):
@@ -562,8 +563,12 @@ class Commands:
 
     # alerts (2.9)
     def _cmd_set_alerts(self, now, cmd):
-        self.low_balance_micros = int(cmd["low_balance_micros"])
-        self.low_balance_armed = True
+        if int(cmd["low_balance_micros"]) >= 0:  # -1: unchanged
+            self.low_balance_micros = int(cmd["low_balance_micros"])
+            self.low_balance_armed = True
+        if cmd.get("runway_alert_s") is not None:
+            self.runway_alert_s = int(cmd["runway_alert_s"])
+            self.runway_armed = True
         return {}
 
     def _cmd_advance(self, now, cmd):

@@ -122,6 +122,8 @@ class RefOrg(Commands):
         # alerts (rule 2.9)
         self.low_balance_micros = catalog.low_balance_micros
         self.low_balance_armed = True
+        self.runway_alert_s = catalog.runway_alert_s   # rule 2.10
+        self.runway_armed = True
 
         # effects
         self._fx_ledger: list = []
@@ -136,6 +138,7 @@ class RefOrg(Commands):
         elif self.prepaid:
             self._halt_check(now_us)
         self._low_balance_rule()
+        self._runway_rule(now_us)
 
     # ------------------------------------------------------------------ basic reads
 
@@ -499,7 +502,8 @@ class RefOrg(Commands):
             return
         if not r.enabled or r.paused or not self.has_payment_method:
             return
-        if not balance < r.threshold_micros:
+        runway = self._runway(now) if r.threshold_runway_s > 0 else None   # rule 9.2
+        if not (balance < r.threshold_micros or (runway is not None and runway < r.threshold_runway_s)):
             return
         # AMBIGUOUS 9.2: "the cooldown has passed" = now − last ask >= cooldown.
         if r.last_ask_us is not None and now - r.last_ask_us < r.cooldown_s * US:
@@ -542,6 +546,38 @@ class RefOrg(Commands):
             self.low_balance_armed = False
         elif not self.low_balance_armed and (th <= 0 or balance >= th):
             self.low_balance_armed = True
+
+    # ------------------------------------------------------------------ runway (rule 2.10)
+
+    def _burn(self, now: int) -> int:
+        """µUSD an hour of the live leases costs at the plan's rates, rounded up."""
+        plan, hour_ms, scaled = self.plan, 3_600 * 1_000, 0
+        for lease in self.leases.values():
+            if lease.expires_at_us <= now:
+                continue
+            res = lease.resources
+            scaled += plan.memory_nanos_per_gib_s * int(res.get("memory_mb") or 0) * lease.quantity * hour_ms
+            scaled += plan.disk_nanos_per_gib_s * int(res.get("disk_mb") or 0) * lease.quantity * hour_ms
+            scaled += plan.cpu_nanos_per_vcpu_s * int(res.get("cpu_count") or 0) * lease.quantity * hour_ms * 1_024
+        return (scaled + SCALE - 1) // SCALE
+
+    def _runway(self, now: int):
+        burn = self._burn(now)
+        if not self.prepaid or burn == 0:
+            return None
+        return max(0, self._balance() + self._quota_remaining()) * 3_600 // burn
+
+    def _runway_rule(self, now: int):
+        th = self.runway_alert_s
+        runway = self._runway(now)
+        if th > 0 and self.runway_armed and runway is not None and runway < th:
+            self._event("balance.runway_low", {
+                "threshold_s": th, "runway_s": runway, "burn_micros_per_hour": self._burn(now),
+                "balance_micros": self._balance(),
+                "lease_ids": sorted(lid for lid, lease in self.leases.items() if lease.expires_at_us > now)})
+            self.runway_armed = False
+        elif not self.runway_armed and (th <= 0 or runway is None or runway >= th):
+            self.runway_armed = True
 
     # ------------------------------------------------------------------ advance (rule 1.2)
 
@@ -587,8 +623,9 @@ class RefOrg(Commands):
             raise ValueError(f"unknown command type {t!r}")
         self._advance(now_us)
         result = handler(now_us, cmd)
-        # Rule 2.9 after every command, also a refused one (which still applied its advance).
+        # Rules 2.9, then 2.10, after every command, also a refused one (which still applied its advance).
         self._low_balance_rule()
+        self._runway_rule(now_us)
         self.last_now_us = now_us
         # self-checks of the model (rule 2.1, 2.7)
         assert not (self.debt > 0 and self.grants), "debt and a grant with money at the same time"
@@ -653,4 +690,6 @@ class RefOrg(Commands):
             "recharge": recharge,
             "low_balance_micros": self.low_balance_micros,
             "low_balance_armed": self.low_balance_armed,
+            "runway_alert_s": self.runway_alert_s,
+            "runway_armed": self.runway_armed,
         }

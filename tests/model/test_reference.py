@@ -404,6 +404,27 @@ def test_a_refund_takes_its_share_of_a_taxed_credit():
     assert o.take_effects()["ledger"][-1] == ("refund", -10_000_000, "gr_3", None, 0)
 
 
+def test_runway_low_once_per_crossing():
+    """Rule 2.10: an hour of RES is 1 GiB-h of memory (16,200 µUSD), 1 vCPU-h (50,400) and 1
+    GiB-h of disk (108): 66,708 µUSD an hour a lease."""
+    o = org()
+    for lid in ("l1", "l2"):
+        o.apply(T0, {"type": "acquire", "lease_id": lid, "resources": RES, "ttl_s": 3_600})
+    burn = 2 * 66_708
+    balance = o.observe()["balance_micros"]
+    ops(o, T0 + S, balance - burn, "t1")          # exactly an hour left: not under 3,600 s
+    assert [e for e in o.take_effects()["events"] if e[0] == "balance.runway_low"] == []
+    ops(o, T0 + 2 * S, 1, "t2")
+    assert o.take_effects()["events"] == [("balance.runway_low", {
+        "threshold_s": 3_600, "runway_s": 3_599, "burn_micros_per_hour": burn, "balance_micros": burn - 1,
+        "lease_ids": ["l1", "l2"]})]
+    ops(o, T0 + 3 * S, 1, "t3")                   # still under: nothing
+    assert o.take_effects()["events"] == []
+    o.apply(T0 + 4 * S, {"type": "release", "lease_id": "l1"})
+    o.apply(T0 + 4 * S, {"type": "release", "lease_id": "l2"})
+    assert o.observe()["runway_armed"] is True     # nothing runs: re-armed
+
+
 # ---------------------------------------------------------------------------------------- periods
 
 def test_month_rollover_archives_once():
