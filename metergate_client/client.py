@@ -146,7 +146,7 @@ class GateClient:
         answer = self._local(org_id, action, resources)
         if answer is not None:
             return answer
-        if resources not in _checked:  # no policy answers what no request could ask (BadResources)
+        if not _is_checked(resources):  # no policy answers what no request could ask (BadResources)
             _check(resources)
         if self.policies[action] is Policy.SERVER:
             sent = time.monotonic()
@@ -162,7 +162,7 @@ class GateClient:
         answer = self._local(org_id, action, resources)
         if answer is not None:
             return answer
-        if resources not in _checked:
+        if not _is_checked(resources):
             _check(resources)
         if self.policies[action] is Policy.SERVER:
             sent = time.monotonic()
@@ -189,12 +189,12 @@ class GateClient:
                     # resources: the last one per org is kept while all three are the same.
                     known = self._decided.get(org_id)
                     if known is not None and known[0] is record and known[1] == action and (
-                            known[2] is resources or known[2] == resources):
+                            known[2] is resources or _same(known[2], resources)):
                         decision = known[3]
                     else:
                         if action not in self.policies:
                             raise ValueError(f"no such action: {action!r}; actions are {ACTIONS}")
-                        if resources not in _checked:  # refused as the server would: BadResources
+                        if not _is_checked(resources):  # refused as the server would: BadResources
                             _check(resources)
                         decision = decide(action, resources, record.view)
                         self._decided[org_id] = (record, action, resources, decision)
@@ -530,15 +530,29 @@ def _resources(resources: Resources | Mapping | None) -> Resources:
 
 # Resources instances already checked. Bounded: a gateway uses a few shapes; one that uses
 # many starts over now and then (clear() is one step under the GIL, safe across threads).
-_checked: dict[Resources, None] = {}
+# Keyed by value, the instance checked kept: `True == 1 == 1.0` in Python, so an equal
+# instance counts only with the same types in every field (a hand-made quantity=True is
+# checked, and refused, on its own).
+_checked: dict[Resources, Resources] = {}
 _CHECKED_MAX = 4096
+
+
+def _same(known: Resources, resources: Resources) -> bool:
+    """Equal, and equal in type field by field (so never True standing for 1)."""
+    return known == resources and all(
+        type(a) is type(b) for a, b in zip(msgspec.structs.astuple(known), msgspec.structs.astuple(resources)))
+
+
+def _is_checked(resources: Resources) -> bool:
+    known = _checked.get(resources)
+    return known is resources or (known is not None and _same(known, resources))
 
 
 def _check(resources: Resources) -> None:
     resources_from(resources)
     if len(_checked) >= _CHECKED_MAX:
         _checked.clear()
-    _checked[resources] = None
+    _checked[resources] = resources
 
 
 def _gate_body(org_id: str, action: str, resources: Resources) -> dict:

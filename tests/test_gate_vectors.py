@@ -276,6 +276,12 @@ def test_the_client_refuses_resources_no_request_could_carry():
         with pytest.raises(BadResources):
             client.check("org_1", "create", bad)
     assert client.check("org_1", "create", {"region": "\U0001F600" * 64}).source == "local"  # a pair is one character
+    # An instance equal to one checked and decided before, but with True or 1.0 where the server
+    # wants an integer (True == 1 == 1.0 in Python), is checked on its own, and refused.
+    assert client.check("org_1", "create", Resources(quantity=1, memory_mb=512)).source == "local"
+    for bad in (Resources(quantity=True, memory_mb=512), Resources(quantity=1, memory_mb=512.0)):
+        with pytest.raises(BadResources):
+            client.check("org_1", "create", bad)
     client.close()
 
 

@@ -68,6 +68,7 @@ def test_node_tests_pass_the_vectors_and_the_projection_rules(built):
 def test_gate_vectors_pass_inside_workerd(built):
     done = _run(["node", "test/workerd/run.mjs"], timeout_s=120)
     assert "gate vectors pass" in done.stdout, done.stdout
+    assert "capability token vectors pass" in done.stdout, done.stdout  # the token run happened too
 
 
 # ----- against the running service ----------------------------------------------------------
