@@ -8,12 +8,23 @@ service's public keys (GET /.well-known/metergate-keys) and refuses a create who
 missing, forged, expired, for another org, or for less than it is asked to run
 (docs/integrate/capability-tokens.md).
 
-Ed25519 verification costs ~80 µs here (~12k/s on one core of the 2-core host), below what a
-cell's hot path wants; a Verifier therefore remembers the tokens whose signature it checked
-(at most `cache_size`, each until its expiry) and checks a token it saw before with a dict
-lookup: expiry, org, action and resources are still checked on every call.
+The Ed25519 check is libsodium's (PyNaCl) when it is installed, ~40 µs here, else
+`cryptography`'s (OpenSSL), ~85 µs: either is below what a cell's hot path wants, so a
+Verifier also remembers the tokens whose signature it checked (at most `cache_size`, each
+until its expiry) and checks a token it saw before with a dict lookup: expiry, org, action and
+resources are still checked on every call.
 
-Needs msgspec and `cryptography`; never the server's packages.
+The two libraries do not judge every signature alike: libsodium refuses a key or an R of small
+order, which OpenSSL accepts when the equation holds (with the identity as key, S = 0 "verifies"
+any message). So before either is asked, a key set is refused unless each key is the canonical
+encoding of a point of large order, and a signature is refused unless it is 64 bytes, its S is
+below the group order and its R is not of small order (`_signature_refused`). RFC 8032 already
+refuses a non-canonical encoding and S >= L; small order it allows, and is refused here, as
+libsodium does: no private key stands behind a small-order key, and the service's signer never
+makes a small-order R. With those checks both answer every token alike
+(tests/test_capability_vectors.py runs every vector and these edges through both).
+
+Needs msgspec and `cryptography` (PyNaCl if present); never the server's packages.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import base64
 import binascii
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 import msgspec
@@ -31,6 +42,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from metergate_client.decision import Resources
 
+try:  # PyNaCl's binding of libsodium has no detached verify: crypto_sign_open takes signature + message
+    from nacl.bindings import crypto_sign_open as _sodium_open
+    from nacl.exceptions import BadSignatureError as _SodiumRefused
+except ImportError:  # pragma: no cover - PyNaCl is a dependency of metergate, not of every cell
+    _sodium_open = None
+
 ALGORITHM = "EdDSA"
 TOKEN_TYPE = "mgcap+jwt"
 MAX_TOKEN_BYTES = 4_096  # a real token is ~400 bytes: anything longer is refused before decoding
@@ -38,6 +55,21 @@ SIGNATURE_BYTES = 64
 KEY_BYTES = 32
 DEFAULT_CACHE_SIZE = 100_000  # verified tokens remembered, each ~1 KB: ~100 MB at most
 LEEWAY_S = 5  # the cell's clock may be this far behind or ahead of the service's
+
+FIELD_PRIME = 2**255 - 19  # p: a point's encoding is y < p, and x's sign in the top bit (RFC 8032 5.1.2)
+GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493  # L: a signature's S is below it (5.1.7)
+# The encodings of the 8 points of small order (order 1, 2, 4, 8), y only (the sign bit cleared),
+# as libsodium lists them (ge25519_has_small_order), the non-canonical y = p and p + 1 included.
+# tests/test_capability_vectors.py proves each is a point whose 8th multiple is the identity.
+SMALL_ORDER_Y = frozenset(bytes.fromhex(y) for y in (
+    "0000000000000000000000000000000000000000000000000000000000000000",  # y = 0: order 4
+    "0100000000000000000000000000000000000000000000000000000000000000",  # y = 1: the identity
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p - 1: order 2
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p (0): order 4
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p + 1 (1): the identity
+))
 
 
 class Refusal(StrEnum):
@@ -120,6 +152,62 @@ class Capability(msgspec.Struct, frozen=True):
                                       f"{name} {asked!r} asked, {getattr(granted, name)!r} granted")
 
 
+class Ed25519Backend(msgspec.Struct, frozen=True):
+    """A library's Ed25519 check: `prepared` turns a raw public key into what `verifies` takes
+    (once per key set), `verifies(prepared key, signature, signed bytes)` answers."""
+
+    name: str
+    prepared: Callable[[bytes], object]
+    verifies: Callable[[object, bytes, bytes], bool]
+
+
+def _openssl_verifies(public: Ed25519PublicKey, signature: bytes, signed: bytes) -> bool:
+    try:
+        public.verify(signature, signed)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _sodium_verifies(public: bytes, signature: bytes, signed: bytes) -> bool:
+    try:
+        _sodium_open(signature + signed, public)
+    except _SodiumRefused:
+        return False
+    return True
+
+
+BACKENDS: dict[str, Ed25519Backend] = {"cryptography": Ed25519Backend(
+    "cryptography", Ed25519PublicKey.from_public_bytes, _openssl_verifies)}
+if _sodium_open is not None:
+    BACKENDS["libsodium"] = Ed25519Backend("libsodium", bytes, _sodium_verifies)
+DEFAULT_BACKEND = "libsodium" if "libsodium" in BACKENDS else "cryptography"
+
+
+def key_refused(raw: bytes) -> str | None:
+    """Why a raw Ed25519 public key is not one to verify with, or None: 32 bytes, the canonical
+    encoding (y < p), and a point of large order (see the module's note)."""
+    if len(raw) != KEY_BYTES:
+        return f"{len(raw)} bytes, not {KEY_BYTES}"
+    y = raw[:31] + bytes((raw[31] & 0x7F,))
+    if int.from_bytes(y, "little") >= FIELD_PRIME:
+        return "not the canonical encoding of a point (y >= p)"
+    if y in SMALL_ORDER_Y:
+        return "a point of small order (anyone can sign for it)"
+    return None
+
+
+def _signature_refused(signature: bytes) -> str | None:
+    """Why a signature is refused before any library is asked, or None (see the module's note)."""
+    if len(signature) != SIGNATURE_BYTES:
+        return f"of {len(signature)} bytes, not {SIGNATURE_BYTES}"
+    if int.from_bytes(signature[32:], "little") >= GROUP_ORDER:
+        return "whose S is not below the group order"
+    if signature[:31] + bytes((signature[31] & 0x7F,)) in SMALL_ORDER_Y:
+        return "whose R is a point of small order"
+    return None
+
+
 _HEADER_DECODER = msgspec.json.Decoder(Header)
 _CLAIMS_DECODER = msgspec.json.Decoder(Claims)
 _ENCODE = msgspec.json.Encoder().encode
@@ -158,20 +246,22 @@ def public_jwk(public: Ed25519PublicKey) -> dict:
             "use": "sig", "alg": ALGORITHM}
 
 
-def keys_of(key_set: dict) -> dict[str, Ed25519PublicKey]:
-    """kid → public key, from a published key set ({"keys": [jwk, ...]}); ValueError for a key
-    that is not an Ed25519 OKP key or whose kid is not its own."""
+def keys_of(key_set: dict) -> dict[str, bytes]:
+    """kid → raw public key, from a published key set ({"keys": [jwk, ...]}); ValueError for a
+    key that is not an Ed25519 OKP key, not 32 bytes, not canonical or of small order
+    (key_refused), or whose kid is not its own."""
     keys = {}
     for jwk in key_set.get("keys", []):
         if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519" or jwk.get("alg", ALGORITHM) != ALGORITHM:
             raise ValueError(f"key {jwk.get('kid')!r} is not an Ed25519 signing key")
         raw = unb64(jwk["x"])
-        if len(raw) != KEY_BYTES:
-            raise ValueError(f"key {jwk.get('kid')!r} is not 32 bytes")
+        why = key_refused(raw)
+        if why is not None:
+            raise ValueError(f"key {jwk.get('kid')!r} is {why}")
         public = Ed25519PublicKey.from_public_bytes(raw)
         if jwk.get("kid") != key_id(public):
             raise ValueError(f"key {jwk.get('kid')!r}: the kid is not the key's own ({key_id(public)})")
-        keys[jwk["kid"]] = public
+        keys[jwk["kid"]] = raw
     return keys
 
 
@@ -183,12 +273,18 @@ class Verifier:
         capability.requires(Resources(memory_mb=4096))
 
     Every refusal is a CapabilityError naming why. Not thread-safe (one per thread, or a lock).
+    `backend` names the Ed25519 library (BACKENDS: "libsodium" when PyNaCl is installed, else
+    "cryptography"); both answer every token alike.
     """
 
     def __init__(self, key_set: dict, cache_size: int = DEFAULT_CACHE_SIZE,
-                 clock: Callable[[], float] = time.time, leeway_s: int = LEEWAY_S) -> None:
+                 clock: Callable[[], float] = time.time, leeway_s: int = LEEWAY_S,
+                 backend: str = DEFAULT_BACKEND) -> None:
         assert cache_size >= 0 and leeway_s >= 0
-        self._keys = keys_of(key_set)
+        if backend not in BACKENDS:
+            raise ValueError(f"Ed25519 backend {backend!r} is not available here (have: {', '.join(BACKENDS)})")
+        self.backend = BACKENDS[backend]
+        self._keys = self._prepared(key_set)
         self._cache: dict[str, Capability] = {}  # token → what it said, signature checked
         self._cache_size = cache_size
         self._clock = clock
@@ -201,8 +297,22 @@ class Verifier:
     def set_keys(self, key_set: dict) -> None:
         """Take a new key set (after a rotation): tokens remembered under a key it drops are
         forgotten, and refused from now on."""
-        self._keys = keys_of(key_set)
+        self._keys = self._prepared(key_set)
         self._cache = {token: c for token, c in self._cache.items() if c.kid in self._keys}
+
+    def _prepared(self, key_set: dict) -> dict[str, object]:
+        return {kid: self.backend.prepared(raw) for kid, raw in keys_of(key_set).items()}
+
+    def verify_many(self, checks: Iterable[tuple[str, str | None, str | None]]) -> list[Capability | CapabilityError]:
+        """verify(token, org_id, action) of each check, in order: its Capability, or the
+        CapabilityError in its place (one refused token does not stop the others)."""
+        answers: list[Capability | CapabilityError] = []
+        for token, org_id, action in checks:
+            try:
+                answers.append(self.verify(token, org_id, action))
+            except CapabilityError as exc:
+                answers.append(exc)
+        return answers
 
     def verify(self, token: str, org_id: str | None = None, action: str | None = None) -> Capability:
         """The token's capability, if its signature is one of the keys', it is in force now,
@@ -249,10 +359,11 @@ class Verifier:
         public = self._keys.get(header.kid)
         if public is None:
             raise CapabilityError(Refusal.UNKNOWN_KEY, f"key {header.kid!r} is not in the key set")
-        try:
-            public.verify(signature, f"{header_b64}.{claims_b64}".encode())
-        except InvalidSignature:
-            raise CapabilityError(Refusal.BAD_SIGNATURE, f"not signed by key {header.kid!r}") from None
+        why = _signature_refused(signature)
+        if why is not None:
+            raise CapabilityError(Refusal.BAD_SIGNATURE, f"a signature {why}")
+        if not self.backend.verifies(public, signature, f"{header_b64}.{claims_b64}".encode()):
+            raise CapabilityError(Refusal.BAD_SIGNATURE, f"not signed by key {header.kid!r}")
         capability = Capability(claims, header.kid)
         self._remember(token, capability)
         return capability
