@@ -1,6 +1,6 @@
 """A shard's upkeep between commits (a mixin of ShardActor, actors/shard.py): parity of memory
-against the journal, housekeeping (the claim's check, idle snapshots, passivation), and the
-snapshots that compact the journal."""
+against the journal, and housekeeping (the claim's check, idle snapshots and passivation,
+actors/shard_residency.py, the views' eviction, metrics, stuck charges)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 import time
 
 from actors.batch import error
-from actors.formats import UnreadableOrg, encode_snapshot
+from actors.formats import UnreadableOrg
 from actors.org import OrgBillingActor
 from actors.refusals import Refusal
 from storage import journal as store
@@ -18,11 +18,9 @@ from storage.slots import Fenced
 
 log = logging.getLogger("metergate.shard")
 
-IDLE_SNAPSHOT_AFTER_S = 2
 RECHARGE_SCAN_EVERY_S = 30.0
 PARITY_CHUNK = 500  # orgs checked per pause of the commit loop
 REPLAY_ATTEMPTS = 3  # a replay whose org left memory before its check is tried this often
-UNSNAPSHOTTABLE_RETRY_S = 60.0  # an org whose snapshot failed is tried again after this
 
 
 class ShardUpkeep:
@@ -102,42 +100,3 @@ class ShardUpkeep:
             await self._after_fence(exc)
         except Exception:
             log.exception("shard %s: housekeeping failed (will retry)", self.shard)
-
-    async def _snapshot_dirty(self, only_idle: bool) -> dict:
-        """Snapshot orgs with a journal tail and compact their journal behind it."""
-        now_s = int(time.monotonic())
-        dirty = [(org_id, lo) for org_id, lo in self.orgs.items()
-                 if lo.tail and (not only_idle or now_s - lo.touched_s >= IDLE_SNAPSHOT_AFTER_S)]
-        if not dirty:
-            return {"snapshots": 0}
-        batch, taken = store.CommitBatch(), []
-        for org_id, lo in dirty[:5_000]:
-            if self.unsnapshottable.get(org_id, 0.0) > time.monotonic() - UNSNAPSHOTTABLE_RETRY_S:
-                continue
-            try:
-                state = encode_snapshot(lo.org.to_snapshot())
-            except Exception:  # noqa: BLE001 - a bug one org reaches: its journal keeps it; the others go on
-                self.unsnapshottable[org_id] = time.monotonic()
-                log.exception("shard %s: org %s cannot be snapshotted (its journal keeps it)", self.shard, org_id)
-                continue
-            self.unsnapshottable.pop(org_id, None)
-            batch.snapshots.append((org_id, lo.seq, state))
-            batch.compact.append((org_id, lo.seq))
-            taken.append(org_id)
-        if not taken:
-            return {"snapshots": 0}
-        await self._fenced_transaction(lambda conn: store.write_batch(conn, batch))
-        for org_id in taken:
-            lo = self.orgs.get(org_id)
-            if lo is not None:
-                self._count_out(lo)
-                lo.tail = 0
-                self._count_in(lo)
-        return {"snapshots": len(batch.snapshots)}
-
-    def _passivate(self) -> None:
-        cutoff = int(time.monotonic()) - self.settings.passivate_after_s
-        idle = [org_id for org_id, lo in self.orgs.items()
-                if lo.tail == 0 and lo.touched_s < cutoff and lo.org.pending_charge() is None]
-        for org_id in idle:
-            self._count_out(self.orgs.pop(org_id))

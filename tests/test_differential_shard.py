@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
-from actors import shard as shard_module
+from actors import shard_commit as shard_commit_module
+from actors import shard_residency as shard_residency_module
 from actors import shard_reads as shard_reads_module
 from actors.commands import CreateOrg, fingerprint
 from actors.org import Resources
@@ -219,7 +220,8 @@ class ShardAgainstModel(RuleBasedStateMachine):
 
 def test_the_shard_with_postgres_equals_the_reference_model(shard_database, monkeypatch):
     monkeypatch.setattr(ShardAgainstModel, "database_url", shard_database)
-    monkeypatch.setattr(shard_module, "now_us", lambda: RUNNING[0].now)
+    monkeypatch.setattr(shard_commit_module, "now_us", lambda: RUNNING[0].now)
+    monkeypatch.setattr(shard_residency_module, "now_us", lambda: RUNNING[0].now)
     monkeypatch.setattr(shard_reads_module, "now_us", lambda: RUNNING[0].now)  # gate reads are as of now
     run_state_machine_as_test(ShardAgainstModel, settings=settings(
         max_examples=int(os.environ.get("METERGATE_DIFF_SHARD_EXAMPLES", "15")), stateful_step_count=30,
@@ -232,7 +234,8 @@ def test_a_resent_tick_alone_after_a_period_end_still_applies_time(shard_databas
     had ended meanwhile stayed open in memory while the model (billing-rules 1.1: every command
     first applies time) began the next. The same two steps, on a fixed path."""
     monkeypatch.setattr(ShardAgainstModel, "database_url", shard_database)
-    monkeypatch.setattr(shard_module, "now_us", lambda: RUNNING[0].now)
+    monkeypatch.setattr(shard_commit_module, "now_us", lambda: RUNNING[0].now)
+    monkeypatch.setattr(shard_residency_module, "now_us", lambda: RUNNING[0].now)
     monkeypatch.setattr(shard_reads_module, "now_us", lambda: RUNNING[0].now)
     machine = ShardAgainstModel()
     try:

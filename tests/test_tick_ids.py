@@ -22,7 +22,7 @@ import pytest
 
 from actors import jobs
 from actors.jobs import JOB, SchedulerActor
-from actors.shard import tick_key
+from actors.shard_commit import tick_key
 from actors.ticks import decode_usage, max_tick_age_us
 from config.settings import Settings
 from storage import tick_ids

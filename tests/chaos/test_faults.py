@@ -20,7 +20,8 @@ import uuid
 import psutil
 import pytest
 
-from actors.shard import COMMIT_WAIT_S, OUTCOME_WAIT_S
+from actors.claim import OUTCOME_WAIT_S
+from actors.shard_fence import COMMIT_WAIT_S
 from serve_app.haproxy_front import rewrite
 from serve_app.launch import haproxy_dir, haproxy_processes
 from tests.chaos.faults import alive_pid, scheduler_pid, through_fault
