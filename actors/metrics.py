@@ -87,6 +87,12 @@ class Series:
             "(an operator should look: metergate inbound list --outcome dead_letter)", tag_keys=("outcome",))
         self.feed_streams = Gauge(
             "metergate_feed_streams", "Open GET /v1/gate/feed streams of an ingress replica")
+        self.usage_parity_org_hours = Gauge(
+            "metergate_usage_parity_org_hours", "Org-hours the last usage parity report of an ingress replica "
+            "compared (GET /v1/parity/usage)")
+        self.usage_parity_outside = Gauge(
+            "metergate_usage_parity_outside_tolerance", "Org-hours outside the tolerance in the last usage parity "
+            "report of an ingress replica (GET /v1/parity/usage)")
         self.feed_lag_ms = Histogram(
             "metergate_feed_lag_ms", "Age of a shard's knowledge in each heartbeat a feed stream sends, in ms",
             boundaries=FEED_LAG_MS_BOUNDS, tag_keys=("shard",))
@@ -137,6 +143,13 @@ class FeedMetrics:
         lag = series().feed_lag_ms
         for tags, age in zip(self.shard_tags, age_ms):
             lag.observe(age, tags)
+
+
+def usage_parity_reported(org_hours: int, outside_tolerance: int) -> None:
+    """A usage parity report answered: what it compared, and how many org-hours were outside."""
+    s = series()
+    s.usage_parity_org_hours.set(org_hours)
+    s.usage_parity_outside.set(outside_tolerance)
 
 
 def webhook_refused(source: str) -> None:

@@ -448,6 +448,62 @@ class MetersReconciled(msgspec.Struct):
     skipped: int | None = None
 
 
+# ----- usage parity (serve_app/usage_parity.py) ---------------------------------------------
+
+class OrgHour(msgspec.Struct):
+    org_id: str
+    hour: str
+
+
+class UsageParityStored(msgspec.Struct):
+    """POST /v1/parity/usage: org-hours stored, of which `replaced` had been posted before
+    (`replaced_org_hours` names them) and `created` had not."""
+
+    stored: int
+    created: int
+    replaced: int
+    replaced_org_hours: list[OrgHour]
+
+
+class QuantityParity(msgspec.Struct):
+    """One quantity of an org and hour, in metergate's units. `difference`: ours - theirs;
+    `ratio`: ours / theirs to 6 decimals (null when theirs is 0 and ours is not)."""
+
+    ours: int
+    theirs: int
+    difference: int
+    ratio: str | None
+    within_tolerance: bool
+
+
+class OrgHourParity(msgspec.Struct):
+    """`only`: metergate or platform when only that side has the org and hour (the other side
+    counts as 0), null when both do."""
+
+    org_id: str
+    hour: str
+    only: str | None
+    memory_mb_ms: QuantityParity
+    cpu_ms: QuantityParity
+    disk_mb_ms: QuantityParity
+    units: dict[str, QuantityParity]
+    within_tolerance: bool
+
+
+class UsageParity(msgspec.Struct):
+    """GET /v1/parity/usage: every org and hour of the window either side has, by hour then org."""
+
+    from_: str = msgspec.field(name="from")
+    to: str
+    tolerance_ppm: int
+    org_id: str | None
+    checked: int
+    outside_tolerance: int
+    only_metergate: int
+    only_platform: int
+    org_hours: list[OrgHourParity]
+
+
 # ----- self-serve -------------------------------------------------------------------------
 
 class CheckoutSession(msgspec.Struct):
@@ -498,7 +554,7 @@ _DOCUMENTED = (GateBody, GateBatch, GateBatchResult, LeaseBody, TypedUsageBody, 
                LeaseDenied, LeaseReleased, SvixEvent, SvixAnswer, StripeEvent, StripeAnswer, Health, Ready, Parity,
                Replay, ViewPage, GateClock, Org, OrgPage, Credited, OrgToken, TokensRevoked, LedgerPage, UsageReport,
                Months, InboundPage, OutboxList, OutboxRetried, Reconciled, MetersReconciled, CheckoutSession,
-               PortalSession, ClockNow, ClockAdvanced, KeySet)
+               PortalSession, ClockNow, ClockAdvanced, KeySet, UsageParityStored, UsageParity)
 _, COMPONENTS = msgspec.json.schema_components(_DOCUMENTED, ref_template=REF)
 COMPONENTS["GateBatchResult"]["properties"]["decisions"]["items"] = {
     "anyOf": [{"$ref": REF.format(name="GateDecision")}, {"$ref": REF.format(name="Error")}]}
