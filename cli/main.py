@@ -15,7 +15,7 @@ import sys
 
 import typer
 
-from cli import checks, db_check, inbound, local, orgs, outbox, relay, restore, stripe_catalog
+from cli import checks, db_check, inbound, local, orgs, outbox, parity_usage, relay, restore, stripe_catalog
 from cli.client import CliError
 from cli.output import error_line
 
@@ -38,7 +38,7 @@ app.command("halt")(orgs.halt)
 app.command("resume")(orgs.resume)
 app.command("ledger")(orgs.ledger)
 app.add_typer(orgs.tokens_app, name="tokens")
-app.command("parity")(checks.parity)
+app.add_typer(parity_usage.parity_app, name="parity")  # bare: cli/checks.py; `parity usage`
 app.command("replay")(checks.replay)
 app.command("check")(db_check.check)
 app.add_typer(outbox.outbox_app, name="outbox")

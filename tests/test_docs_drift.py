@@ -219,7 +219,8 @@ def cli_commands() -> dict[str, set[str]]:
         if hasattr(command, "list_commands"):
             for name in command.list_commands(context):
                 walk(command.get_command(context, name), f"{path} {name}")
-        else:
+        # A group that also runs on its own (`metergate parity`) is a command with options too.
+        if not hasattr(command, "list_commands") or command.invoke_without_command:
             # Typer may vendor its own click: an option is known by its kind, not its class.
             found[path] = {opt for param in command.params if param.param_type_name == "option"
                            for opt in param.opts + param.secondary_opts}
