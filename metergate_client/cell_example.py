@@ -9,7 +9,9 @@ disk_mb, machine_type, region, quantity}. The cell checks the token offline (Ver
 answers 201, or 401 `capability_required` without a token, or 403 with the refusal's name
 (`expired`, `bad_signature`, `exceeds_grant`, ...). The only call to metergate is for the key
 set: at start, and again when a token names a key the cell does not hold (a rotation), at
-most once every KEYS_REFETCH_S.
+most once every KEYS_REFETCH_S. That fetch holds no lock: creates whose tokens the cell can
+check go on meanwhile, and a create that finds a fetch under way waits for it rather than
+starting another.
 
 `--shadow` (the cutover's first step): refusals are logged and counted, and the create goes
 ahead, so an operator sees who still calls the cell without a token before enforcing.
@@ -27,10 +29,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import msgspec
 
-from metergate_client.captoken import CapabilityError, Grant, Refusal, Verifier
+from metergate_client.captoken import Capability, CapabilityError, Grant, Refusal, Verifier
 
 KEYS_PATH = "/.well-known/metergate-keys"
 KEYS_REFETCH_S = 10.0
+KEYS_FETCH_TIMEOUT_S = 10.0
 TOKEN_HEADER = "X-Metergate-Capability"
 MAX_BODY_BYTES = 16_384
 
@@ -50,19 +53,25 @@ class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
 class Cell:
     """The cell's decision, apart from HTTP: create or refuse, from a token and a body."""
 
-    def __init__(self, billing_url: str, shadow: bool = False, clock=time.time) -> None:
+    def __init__(self, billing_url: str, shadow: bool = False, clock=time.time,
+                 keys_refetch_s: float = KEYS_REFETCH_S) -> None:
         self.billing_url = billing_url.rstrip("/")
         self.shadow = shadow
         self._clock = clock
-        self._lock = threading.Lock()  # the Verifier's cache is not thread-safe
+        self._keys_refetch_s = keys_refetch_s
+        # Held for the Verifier (its cache is not thread-safe) and the slots taken: never
+        # across a call to metergate, which would stop every create for as long as it takes.
+        self._lock = threading.Lock()
         self._verifier = Verifier(self._key_set(), clock=clock)
         self._fetched_s = time.monotonic()
+        self._fetching: threading.Event | None = None  # set when the key-set fetch under way ends
+        self.key_refetches = 0  # fetches after the first (a token named a key the cell lacked)
         self.created: list[dict] = []
         self.shadow_refusals = 0
         self._used: dict[str, int] = {}  # lease id -> slots its creates took (a token is not a ticket)
 
     def _key_set(self) -> dict:
-        answer = httpx.get(self.billing_url + KEYS_PATH, timeout=10)
+        answer = httpx.get(self.billing_url + KEYS_PATH, timeout=KEYS_FETCH_TIMEOUT_S)
         answer.raise_for_status()
         return answer.json()
 
@@ -71,11 +80,7 @@ class Cell:
         try:
             if not token:
                 raise CapabilityError(Refusal.MALFORMED, "no capability token")
-            with self._lock:
-                capability = self._verified(token, body.org_id)
-                capability.requires(Grant(body.memory_mb, body.cpu_count, body.disk_mb, body.machine_type,
-                                          body.region, body.quantity))
-                self._take(capability, body.quantity)
+            capability = self._checked_and_taken(token, body)
         except CapabilityError as exc:
             if not self.shadow:
                 code = "capability_required" if not token else exc.refusal.value
@@ -87,6 +92,61 @@ class Cell:
                    "memory_mb": body.memory_mb}
         self.created.append(sandbox)
         return 201, {"created": sandbox}
+
+    def _checked_and_taken(self, token: str, body: CreateBody) -> Capability:
+        try:
+            with self._lock:
+                return self._taken(token, body)
+        except CapabilityError as exc:
+            if exc.refusal is not Refusal.UNKNOWN_KEY:
+                raise
+        self._refresh_keys()  # a key the cell has not seen: a rotation, maybe
+        with self._lock:
+            return self._taken(token, body)
+
+    def _taken(self, token: str, body: CreateBody) -> Capability:
+        """Under the lock: the token checked for this create, and its slots taken."""
+        capability = self._verifier.verify(token, body.org_id, "create")
+        capability.requires(Grant(body.memory_mb, body.cpu_count, body.disk_mb, body.machine_type, body.region,
+                                  body.quantity))
+        self._take(capability, body.quantity)
+        return capability
+
+    def _refresh_keys(self) -> None:
+        """Fetch the key set again, outside the lock, unless one was fetched in the last
+        keys_refetch_s; a fetch already under way is waited for instead (one at a time). A
+        failed fetch keeps the keys held (the token is then refused as unknown_key)."""
+        with self._lock:
+            fetching = self._fetching
+            if fetching is None:
+                if time.monotonic() - self._fetched_s < self._keys_refetch_s:
+                    return
+                fetching = self._fetching = threading.Event()
+                self.key_refetches += 1
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            fetching.wait(KEYS_FETCH_TIMEOUT_S)
+            return
+        key_set = None
+        try:
+            key_set = self._key_set()
+        except (httpx.HTTPError, ValueError) as exc:  # ValueError: not JSON
+            log.warning("fetching the key set from %s: %s", self.billing_url, exc)
+        finally:  # also after a bug: the next fetch must not wait for this one for ever
+            with self._lock:
+                if key_set is not None:
+                    self._take_keys(key_set)
+                self._fetched_s = time.monotonic()
+                self._fetching = None
+            fetching.set()
+
+    def _take_keys(self, key_set: dict) -> None:
+        try:
+            self._verifier.set_keys(key_set)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not a set of Ed25519 keys
+            log.warning("the key set from %s is refused, the keys held are kept: %s", self.billing_url, exc)
 
     def _take(self, capability, quantity: int) -> None:
         """A create takes `quantity` of its lease's slots for good: a token is valid until its
@@ -100,16 +160,6 @@ class Cell:
             raise CapabilityError(Refusal.EXCEEDS_GRANT, f"lease {lease_id}: {used} of its "
                                   f"{capability.claims.resources.quantity} slots already created")
         self._used[lease_id] = used + quantity
-
-    def _verified(self, token: str, org_id: str):
-        try:
-            return self._verifier.verify(token, org_id, "create")
-        except CapabilityError as exc:
-            if exc.refusal is not Refusal.UNKNOWN_KEY or time.monotonic() - self._fetched_s < KEYS_REFETCH_S:
-                raise
-        self._verifier.set_keys(self._key_set())  # a key the cell has not seen: a rotation, maybe
-        self._fetched_s = time.monotonic()
-        return self._verifier.verify(token, org_id, "create")
 
 
 def serve(cell: Cell, host: str = "127.0.0.1", port: int = 8700) -> ThreadingHTTPServer:

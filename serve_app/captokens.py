@@ -53,7 +53,14 @@ class CapabilitySigner:
         return sign(self._private, Claims(org_id, "create", now_us // 1_000_000, lease.expires_at_us // 1_000_000,
                                           grant, lease.lease_id, tier, plan))
 
-    def gate_token(self, org_id: str, action: str, resources: Resources, now_us: int) -> str:
-        """The token of an allowed gate check: its action and resources, for GATE_TOKEN_TTL_S."""
+    def gate_token(self, org_id: str, action: str, resources: Resources, now_us: int,
+                   view_until_us: int | None = None) -> str:
+        """The token of an allowed gate check: its action and resources, for GATE_TOKEN_TTL_S,
+        and never past `view_until_us` (in this replica's clock), when the view the check was
+        decided from stops being valid sooner: past it, time alone may change the answer (a
+        grant expires, a period ends), and the token would outlive the decision it stands for."""
         now_s = now_us // 1_000_000
-        return sign(self._private, Claims(org_id, action, now_s, now_s + GATE_TOKEN_TTL_S, Grant.of(resources)))
+        exp_s = now_s + GATE_TOKEN_TTL_S
+        if view_until_us is not None:
+            exp_s = max(now_s, min(exp_s, view_until_us // 1_000_000))  # floor: never past the view
+        return sign(self._private, Claims(org_id, action, now_s, exp_s, Grant.of(resources)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 import httpx
 import msgspec
@@ -22,6 +22,7 @@ from metergate_client import CapabilityError, Refusal, Resources, Verifier
 from metergate_client.captoken import Claims, Grant, b64, sign, unb64
 from metergate_client.cell_example import TOKEN_HEADER, Cell, CreateBody, serve
 from serve_app.captokens import GATE_TOKEN_TTL_S, KEYS_MAX_AGE_S
+from tests.delaying_relay import DelayingRelay
 from tests.helpers import SERVICE_TOKEN
 from tests.test_token_rotation import replica_answers
 
@@ -135,6 +136,29 @@ def test_a_gate_check_carries_a_token_only_when_asked_and_allowed(service, admin
     assert "capability_token" not in batch["decisions"][1]
 
 
+def test_a_gate_checks_token_ends_no_later_than_the_view_it_was_decided_from(service, admin, compute, new_org):
+    """A grant that expires in 20 s ends the org's view then (time alone changes its balance):
+    the token of a check decided from that view expires by then, not GATE_TOKEN_TTL_S later."""
+    org = new_org()
+    verifier = Verifier(httpx.get(service.base_url + KEYS, timeout=30).json(), clock=service_clock(admin))
+    before = compute.post("/v1/gate", json={"org_id": org, "action": "ingest"}).json()["balance_micros"]
+    expires_s = int(service_clock(admin)()) + 20
+    granted = admin.post(f"/v1/orgs/{org}/credits", json={
+        "kind": "grant", "amount_micros": 1_000_000, "expires_at": datetime.fromtimestamp(expires_s, UTC).isoformat()})
+    assert granted.status_code in (200, 201), granted.text
+    deadline = time.monotonic() + 10
+    while True:  # until the router's view of the org holds the grant
+        asked = compute.post("/v1/gate", json={"org_id": org, "action": "ingest", "token": True}).json()
+        if asked["balance_micros"] == before + 1_000_000 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    claims = verifier.verify(asked["capability_token"], org, "ingest").claims
+    assert claims.iat <= claims.exp <= expires_s < claims.iat + GATE_TOKEN_TTL_S, (claims, expires_s)
+    batch = compute.post("/v1/gate/batch", json={"checks": [{"org_id": org, "action": "wake", "token": True}]}).json()
+    claims = verifier.verify(batch["decisions"][0]["capability_token"], org, "wake").claims
+    assert claims.iat <= claims.exp <= expires_s, (claims, expires_s)
+
+
 def test_the_cell_refuses_without_a_token_or_with_a_forged_expired_or_too_small_one(service, admin, compute,
                                                                                     new_org, cell):
     cell_url, made = cell
@@ -168,6 +192,35 @@ def test_the_cell_refuses_without_a_token_or_with_a_forged_expired_or_too_small_
     status, answer = later.create(token, CreateBody(org, memory_mb=1024))
     assert (status, answer["error"]["code"]) == (403, "expired")
     assert len(made.created) == 2
+
+
+def test_a_cell_fetching_the_key_set_again_goes_on_creating_and_fetches_once(service, admin, compute, new_org):
+    """A token of a key the cell lacks makes it fetch the key set again. The fetch is slow here
+    (metergate's answers held 2 s on the way) and holds no lock: a create whose token the cell
+    can check is answered meanwhile; a second token of an unknown key waits for the same fetch
+    instead of starting another; both are refused (still unknown)."""
+    org = new_org()
+    with DelayingRelay(service.base_url) as slow:
+        made = Cell(slow.url, clock=service_clock(admin), keys_refetch_s=0)
+        unknown = [signed_elsewhere(lease(compute, org)["capability_token"]) for _ in range(2)]
+        known = lease(compute, org)["capability_token"]
+        slow.delay_s = 2.0
+        answers: list = []
+        fetching = [threading.Thread(target=lambda t=t: answers.append(made.create(t, CreateBody(org, memory_mb=1))))
+                    for t in unknown]
+        fetching[0].start()
+        deadline = time.monotonic() + 10
+        while made.key_refetches == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fetching[1].start()
+        started = time.monotonic()
+        status, answer = made.create(known, CreateBody(org, memory_mb=1024))
+        took_s = time.monotonic() - started
+        assert status == 201 and took_s < 1.0, (status, answer, took_s)
+        for thread in fetching:
+            thread.join(30)
+    assert [(status, answer["error"]["code"]) for status, answer in answers] == [(403, "unknown_key")] * 2
+    assert made.key_refetches == 1
 
 
 def test_a_shadow_cell_creates_anyway_and_counts_what_it_would_refuse(service, admin, new_org):
