@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from clients.vectors import generate
-from metergate_client import GateClient, GateView
+from metergate_client import GateClient, GateView, Verifier
 from metergate_client.projection import ViewRecord, mono_us, read_feed_line
 from metergate_client.relay import Relay, running
 from metergate_client.relay.bodies import STATUS_BY_REASON as RELAY_STATUS_BY_REASON
@@ -256,6 +256,33 @@ def test_leases_usage_and_idempotent_calls_are_forwarded_with_the_servers_status
     with http.stream("GET", "/v1/gate/feed", params={"heartbeat_s": 0.1}) as feed:
         assert feed.status_code == 200 and msgspec.json.decode(next(feed.iter_lines()))["type"] in (
             "heartbeat", "resync")
+
+
+def test_a_check_asking_for_a_capability_token_gets_the_servers_token_through_the_relay(
+        service, admin, compute, new_org, relay):
+    """Only the server signs capability tokens: a check with `"token": true` is asked of it
+    (the relay holding a current view or not), and comes back with its token; a check without
+    one is still answered locally, and a `token` of another type gets the server's refusal."""
+    http, _ = relay
+    org = new_org()
+    local_until(http, org, lambda a: a["allowed"], "a new org")
+    offset_s = admin.get("/v1/test-clock").json()["offset_s"]
+    verifier = Verifier(httpx.get(service.base_url + "/.well-known/metergate-keys", timeout=30).json(),
+                        clock=lambda: time.time() + offset_s)
+    asked = {"org_id": org, "action": "ingest", "token": True}
+    direct, relayed = compute.post("/v1/gate", json=asked), http.post("/v1/gate", json=asked)
+    assert relayed.status_code == direct.status_code == 200, relayed.text
+    answer = relayed.json()
+    assert answer["source"] == "server" and answer.keys() - {"source", "age_s"} == direct.json().keys(), answer
+    assert verifier.verify(answer["capability_token"], org, "ingest").claims.lease_id is None
+    decisions = http.post("/v1/gate/batch", json={"checks": [asked, {"org_id": org, "action": "ingest"}]}).json()[
+        "decisions"]
+    assert decisions[0]["source"] == "server" and verifier.verify(decisions[0]["capability_token"], org, "ingest")
+    assert decisions[1]["source"] == "local" and "capability_token" not in decisions[1], decisions
+    for path, body in (("/v1/gate", {**asked, "token": "yes"}),
+                       ("/v1/gate/batch", {"checks": [{**asked, "token": 1}]})):
+        direct, relayed = compute.post(path, json=body), http.post(path, json=body)
+        assert (relayed.status_code, relayed.json()) == (direct.status_code, direct.json()), (path, relayed.text)
 
 
 def test_with_the_server_unreachable_the_relay_follows_each_actions_policy_never_local_past_the_bound(

@@ -8,6 +8,9 @@ as GateClient's does: ask the server (with the bound, so the server does not ans
 older view of its own), or deny or allow at once; with the server unreachable (or answering
 5xx, or not metergate's answer) a `server` policy denies.
 
+A check asking for a capability token (`"token": true`) is always asked of the server, which
+alone holds the signing key; with no server answer it gets the relay's answer, without a token.
+
 A gate request the relay does not answer itself (another token than the relay's, or none) is
 forwarded unread, so the server's own refusals (401, 403) come back as they are. Forwarding
 streams both ways and keeps the status, the body and every end-to-end header (Authorization,
@@ -141,14 +144,17 @@ class Relay:
     async def _check(self, raw: bytes) -> tuple[int, dict | bytes]:
         check: GateBody = decode(GATE_DECODER, raw)
         answer, own = self._local(check)
-        if answer is not None:
+        if answer is not None and not check.token:
             return 200, self._local_bytes(answer)
-        if own is not None or self.client.policies[check.action] is Policy.SERVER:
+        if check.token or own is not None or self.client.policies[check.action] is Policy.SERVER:
             asked = await self._ask(check)
             if asked is not None:
                 return asked
-        if own is not None:  # no server: the view the relay's own bound holds, never a looser policy
-            return 200, self._local_bytes(own)
+        # No server: the view the relay's bound (or its own) holds, never a looser policy; a
+        # check that asked for a capability token gets none (only the server signs): cells refuse.
+        kept = answer if answer is not None else own
+        if kept is not None:
+            return 200, self._local_bytes(kept)
         return 200, _policy_fields(self.client._by_policy(check.org_id, check.action))
 
     async def _batch(self, raw: bytes) -> tuple[int, dict]:
@@ -160,12 +166,13 @@ class Relay:
                 decisions[index] = check.item()
                 continue
             answer, own = self._local(check)
-            if answer is not None:
+            kept = answer if answer is not None else own
+            if answer is not None and not check.token:
                 decisions[index] = _local_fields(answer)
-            elif own is not None or self.client.policies[check.action] is Policy.SERVER:
+            elif check.token or own is not None or self.client.policies[check.action] is Policy.SERVER:
                 to_ask.append((index, check))
-                if own is not None:
-                    decisions[index] = _local_fields(own)  # kept if the server does not answer
+                if kept is not None:
+                    decisions[index] = _local_fields(kept)  # kept if the server does not answer
             else:
                 decisions[index] = _policy_fields(self.client._by_policy(check.org_id, check.action))
         if to_ask:
@@ -211,6 +218,8 @@ class Relay:
                 "max_age_ms": bound_ms if check.max_age_ms is None else min(bound_ms, check.max_age_ms)}
         if check.resources is not None:
             body["resources"] = msgspec.to_builtins(check.resources)
+        if check.token:
+            body["token"] = True
         return body
 
     async def _ask(self, check: GateBody) -> tuple[int, dict] | None:

@@ -38,6 +38,7 @@ class GateBody(msgspec.Struct, forbid_unknown_fields=True):
     action: Literal["create", "wake", "ingest", "purchase"]
     resources: ResourcesIn | None = None
     max_age_ms: MaxAgeMs | None = None
+    token: bool = False  # a capability token: only the server signs one, so such a check is asked of it
 
 
 class _RawBatch(msgspec.Struct, forbid_unknown_fields=True):
