@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import msgspec
 
+from actors import imports
 from actors.effects import Effects
 from metergate_client.decision import Decision, Resources
 from actors.leases import Lease
@@ -217,9 +218,46 @@ class Advance(msgspec.Struct, tag="advance", array_like=True):
     """Apply what time alone changed (expired leases and grants, a new period)."""
 
 
+class ImportAmount(msgspec.Struct, array_like=True):
+    """One amount of an import (billing-rules 2.11): a grant (> 0) or a debt (< 0, `adjustment`),
+    keyed by the source's id of it."""
+
+    source_id: str
+    kind: str
+    amount_micros: int
+    expires_at_us: int | None = None
+
+
+class ImportOrg(msgspec.Struct, tag="import", array_like=True):
+    """An org brought over from another biller (billing-rules 2.11), applied whole or refused
+    whole. Journaled when the org exists; when it does not, it creates the org and, like
+    CreateOrg, is written as its first snapshot. What the edge resolved (the plan's version, the
+    tier's cap, the dunning policy) is in it, so replay needs no catalog look-up. None: the
+    line said nothing of it, and the org keeps what it has."""
+
+    email: str
+    amounts: list[ImportAmount]
+    plan_id: str | None = None  # a new org without one gets the catalog's default plan
+    plan_version: int = 0
+    prepaid: bool | None = None  # a new org without one is prepaid
+    tier: str | None = None
+    max_concurrent: int = 0
+    card: bool | None = None
+    past_due: InvoiceFailed | None = None  # since when, with the service's dunning policy
+    recharge: SetAutoRecharge | None = None
+
+
+class PreviewImport(msgspec.Struct, array_like=True):
+    """What an ImportOrg would change, answered from a copy of the org (never applied, never
+    journaled): `metergate import --dry-run`."""
+
+    command: ImportOrg
+
+
 Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | RefundPayment | ReverseRefund
            | DisputeFunds | Halt | Resume | SetPlan | SetTier | SubscriptionChanged | SetLimits | SetPaymentMethod
-           | SetAutoRecharge | SettleRecharge | InvoiceFailed | InvoicePaid | ResetPeriod | SetAlerts | Advance)
+           | SetAutoRecharge | SettleRecharge | InvoiceFailed | InvoicePaid | ResetPeriod | SetAlerts | Advance
+           | ImportOrg)
 
 # Commands that may carry an idempotency key for the ledger entry they make.
 KEYED = (Credit, SettleRecharge, RefundPayment, ReverseRefund, DisputeFunds)
@@ -391,8 +429,14 @@ class Booked(msgspec.Struct, frozen=True):
     balance_micros: int
 
 
+class Imported(msgspec.Struct, frozen=True):
+    org: OrgBillingActor
+    created: bool  # the import made the org
+    changed: list[str]  # what it changed (actors/imports.py names them); empty: unchanged
+
+
 Outcome = (Applied | Stale | OrgCreated | Debited | LeaseGranted | LeaseRenewed | LeaseDenied | Released
-           | Booked)
+           | Booked | Imported)
 
 APPLIED = Applied()
 STALE = Stale()
@@ -407,7 +451,10 @@ def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now
     command), whose alert check comes once, after the whole (billing-rules 2.9).
     """
     if org is None:
-        assert isinstance(command, CreateOrg) and org_id, (command, org_id)  # pragma: no mutate
+        assert isinstance(command, (CreateOrg, ImportOrg)) and org_id, (command, org_id)  # pragma: no mutate
+        if isinstance(command, ImportOrg):
+            created, changed = imports.create_imported(org_id, command, catalog, now_us, fx)
+            return Imported(created, True, changed)
         return _create(org_id, command, catalog, now_us, fx)
     try:
         return _apply(org, command, catalog, now_us, fx)
@@ -496,6 +543,8 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
                 org.set_runway_alert(runway, now_us, fx)
         case Advance():
             org.advance(now_us, fx)
+        case ImportOrg():
+            return Imported(org, False, imports.apply_import(org, command, catalog, now_us, fx))
         case CreateOrg():
             return OrgCreated(org, False)
         case _:

@@ -27,6 +27,7 @@ PAID_KINDS = frozenset({"topup", "auto_recharge"})
 CREDIT_KINDS = PROMOTIONAL_KINDS | PURCHASED_KINDS
 DEBIT_KINDS = frozenset({"refund", "adjustment"})
 REVERSAL_KINDS = frozenset({"refund_reversal", "dispute_reversal"})  # ledger entries giving money back
+IMPORT_KIND = "import"  # the ledger entry of an amount brought over from another biller (billing-rules 2.11)
 THRESHOLD_PERCENTS = (80, 100)
 
 
@@ -171,11 +172,14 @@ class Money:
 
     def _add_credit(self, kind: str, amount_micros: int, expires_at_us: int | None, note: str | None,
                     now_us: int, fx: Effects, payment_id: str | None = None,
-                    entry_kind: str | None = None, paid_micros: int | None = None) -> LedgerEntry:
+                    entry_kind: str | None = None, paid_micros: int | None = None,
+                    idempotency_key: str | None = None) -> LedgerEntry:
         """Credit without advancing first: the caller has, at this same `now_us`. `entry_kind`:
-        the ledger entry's kind when it is not the grant's (money given back: never refused)."""
+        the ledger entry's kind when it is not the grant's (money given back, or an import whose
+        caps were counted before: never refused here). `idempotency_key`: the entry's, stamped
+        by the core (an import's)."""
         assert kind in CREDIT_KINDS, kind
-        assert entry_kind is None or entry_kind in REVERSAL_KINDS, entry_kind
+        assert entry_kind is None or entry_kind in REVERSAL_KINDS or entry_kind == IMPORT_KIND, entry_kind
         assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
         to_debt = min(self.debt_micros, amount_micros)
         if (amount_micros > to_debt and len(self.grants or ()) >= MAX_GRANTS_PER_ORG and kind not in PAID_KINDS
@@ -192,6 +196,7 @@ class Money:
             grant = Grant(grant_id, sys.intern(kind), amount_micros - to_debt, expires_at_us, payment_id)
             self.grants = (self.grants or []) + [grant]
         entry = LedgerEntry(entry_kind or kind, amount_micros, now_us, grant_id, expires_at_us, note,
+                            idempotency_key=idempotency_key,
                             paid_micros=paid_micros if payment_id is not None else None)
         fx.ledger.append((self.org_id, entry))
         if expires_at_us is not None and expires_at_us <= now_us:
@@ -208,13 +213,16 @@ class Money:
         return entry
 
     def debit(self, kind: str, amount_micros: int, note: str | None, now_us: int,
-              fx: Effects) -> LedgerEntry:
-        """Take credit back (refund, negative adjustment): purchased credit first."""
+              fx: Effects, entry_kind: str | None = None, idempotency_key: str | None = None) -> LedgerEntry:
+        """Take credit back (refund, negative adjustment): purchased credit first. `entry_kind`
+        and `idempotency_key`: an imported debt's entry (billing-rules 2.11)."""
         assert kind in DEBIT_KINDS, kind
+        assert entry_kind is None or entry_kind == IMPORT_KIND, entry_kind
         assert 0 < amount_micros <= MAX_AMOUNT_MICROS, amount_micros
         self.advance(now_us, fx)
         self._take(amount_micros, clawback_order)
-        entry = LedgerEntry(kind, -amount_micros, now_us, None, None, note)
+        entry = LedgerEntry(entry_kind or kind, -amount_micros, now_us, None, None, note,
+                            idempotency_key=idempotency_key)
         fx.ledger.append((self.org_id, entry))
         self._halt_if_out_of_money(now_us, fx)
         if self.recharge is not None:

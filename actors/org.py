@@ -130,11 +130,12 @@ class OrgSnapshot(msgspec.Struct, array_like=True, tag=SNAPSHOT_VERSION):
     plans: list[PlanTerms] | None = None  # the terms of every plan named above (format 2 on)
     runway_alert_s: int = DEFAULT_RUNWAY_ALERT_S  # the balance.runway_low alert (billing-rules 2.10); 0: off
     runway_armed: bool = True
+    imported_ids: list[str] | None = None  # the source ids of the amounts imported (billing-rules 2.11)
 
 
 # Snapshot fields that are copied as they are; the plans and the lists of records need converting.
 _SNAPSHOT_COPIED_FIELDS = ("plan_id", "plan_version", "grants", "leases", "refunds", "ended_leases", "disputes",
-                           "subscriptions", "settled_invoices", "lapsed", "dunning", "plans")
+                           "subscriptions", "settled_invoices", "lapsed", "dunning", "plans", "imported_ids")
 _SNAPSHOT_PLAIN_FIELDS = tuple(
     name for name in OrgSnapshot.__struct_fields__ if name not in _SNAPSHOT_COPIED_FIELDS)
 
@@ -188,7 +189,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
         "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
         "low_balance_armed", "disputes", "subscriptions", "settled_invoices", "lapsed", "runway_alert_s",
-        "runway_armed",
+        "runway_armed", "imported_ids",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -229,6 +230,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         self.subscriptions: list[SubscriptionRecord] | None = None
         self.settled_invoices: list[str] | None = None  # the latest invoices settled, oldest first
         self.lapsed: dict[str, int] | None = None  # payment id -> what of its credit expired unused
+        self.imported_ids: list[str] | None = None  # source ids of imported amounts, never forgotten (2.11)
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -365,6 +367,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
             subscriptions=[msgspec.structs.replace(r) for r in self.subscriptions] if self.subscriptions else None,
             settled_invoices=list(self.settled_invoices) if self.settled_invoices else None,
             lapsed=dict(self.lapsed) if self.lapsed else None,
+            imported_ids=list(self.imported_ids) if self.imported_ids else None,
             **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
@@ -403,6 +406,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         org.ended_leases = snap.ended_leases
         org.disputes, org.subscriptions, org.settled_invoices = snap.disputes, snap.subscriptions, snap.settled_invoices
         org.lapsed = snap.lapsed
+        org.imported_ids = snap.imported_ids
         # Shared strings: thousands of orgs hold the same period key and tier.
         org.org_id, org.tier, org.period_key = (sys.intern(snap.org_id), sys.intern(snap.tier),
                                                 sys.intern(snap.period_key))

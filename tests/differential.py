@@ -63,11 +63,13 @@ def _key(command: dict) -> str | None:
 class EngineOrg:
     """One org of the engine, with the shard's journal, snapshot, key and tick memory."""
 
-    def __init__(self, plan_id: str, prepaid: bool, now_us: int) -> None:
+    def __init__(self, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None) -> None:
         fx = Effects()
-        created = execute(None, cmd.CreateOrg("diff@example.test", plan_id, prepaid), ENGINE_CATALOG, now_us, fx,
-                          org_id=ORG_ID)
+        create = (cmd.CreateOrg("diff@example.test", plan_id, prepaid) if imported is None
+                  else import_command({**imported, "plan_id": plan_id, "prepaid": prepaid}))
+        created = execute(None, create, ENGINE_CATALOG, now_us, fx, org_id=ORG_ID)
         self.org: OrgBillingActor = created.org
+        self.import_result = {"changed": created.changed} if imported is not None else None
         self.snapshot = msgspec.msgpack.encode(self.org.to_snapshot())
         self.tail: list[bytes] = []  # journal entries after the snapshot, encoded
         self.booked_keys: set[str] = set()
@@ -118,7 +120,7 @@ class EngineOrg:
         except UnknownLease:
             return {"refused": "unknown_lease"}
         except BillingError as exc:
-            return {"refused": str(exc)}
+            return {"refused": True} if kind == "import" else {"refused": str(exc)}
         if isinstance(outcome, cmd.Booked) and key is not None:
             self.booked_keys.add(key)
         return self._result(kind, outcome)
@@ -198,6 +200,8 @@ class EngineOrg:
                 return cmd.SetAlerts(step["low_balance_micros"], step.get("runway_alert_s"))
             case "advance":
                 return cmd.Advance()
+            case "import":
+                return import_command(step)
         raise AssertionError(f"no engine command for {step!r}")
 
     @staticmethod
@@ -223,6 +227,8 @@ class EngineOrg:
                 return {"expires_at_us": lease.expires_at_us}
             case cmd.Released(released=released):
                 return {"released": released}
+            case cmd.Imported(changed=changed):
+                return {"changed": changed}
         return {}
 
     def restart(self, snapshot_now: bool) -> None:
@@ -266,12 +272,29 @@ class EngineOrg:
         }
 
 
+def import_command(step: dict) -> cmd.ImportOrg:
+    """The engine's ImportOrg of the model's import step (billing-rules 2.11)."""
+    due, recharge = step.get("past_due"), step.get("recharge")
+    return cmd.ImportOrg(
+        "diff@example.test",
+        [cmd.ImportAmount(a["source_id"], a["kind"], a["amount_micros"], a.get("expires_at_us"))
+         for a in step.get("amounts") or ()],
+        step.get("plan_id"), step.get("plan_version", 0), step.get("prepaid"), step.get("tier"),
+        step.get("max_concurrent", 0), step.get("card"),
+        None if due is None else cmd.InvoiceFailed(due["since_us"], due["suspend_after_s"], due["degrade_after_s"],
+                                                   due["downgrade_after_s"], due["free_plan_id"],
+                                                   due["free_plan_version"]),
+        None if recharge is None else cmd.SetAutoRecharge(
+            recharge["enabled"], recharge["threshold_micros"], recharge["amount_micros"], recharge["max_per_day"],
+            recharge["cooldown_s"], False, recharge.get("threshold_runway_s", 0)))
+
+
 # ----- the model side: the same key memory the edge gives every command ------------------
 
 
 class ModelOrg:
-    def __init__(self, plan_id: str, prepaid: bool, now_us: int) -> None:
-        self.ref = RefOrg(RefCatalog(RAW), ORG_ID, plan_id, prepaid, now_us)
+    def __init__(self, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None) -> None:
+        self.ref = RefOrg(RefCatalog(RAW), ORG_ID, plan_id, prepaid, now_us, imported)
         self.booked_keys: set[str] = set()
 
     def apply(self, now_us: int, step: dict) -> dict:
@@ -341,9 +364,14 @@ class Pair:
         return step
 
     @classmethod
-    def create(cls, plan_id: str, prepaid: bool, now_us: int) -> "Pair":
-        pair = cls(EngineOrg(plan_id, prepaid, now_us), ModelOrg(plan_id, prepaid, now_us), now_us)
-        compare(0, {"type": "create", "plan_id": plan_id, "prepaid": prepaid}, {}, {},
+    def create(cls, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None) -> "Pair":
+        """`imported`: the org is created by this import step (billing-rules 2.11)."""
+        if imported is not None:
+            imported = {**imported, "plan_id": plan_id, "plan_version": 0, "prepaid": prepaid}
+        pair = cls(EngineOrg(plan_id, prepaid, now_us, imported), ModelOrg(plan_id, prepaid, now_us, imported),
+                   now_us)
+        compare(0, {"type": "create", "plan_id": plan_id, "prepaid": prepaid, "imported": imported},
+                pair.engine.import_result or {}, getattr(pair.model.ref, "import_result", None) or {},
                 pair.engine.take_effects(), pair.model.ref.take_effects(), pair.engine.observe(),
                 pair.model.ref.observe())
         return pair
@@ -514,7 +542,52 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
     gate = st.builds(lambda action, res: {"type": "gate", "action": action, "resources": res},
                      st.sampled_from(("create", "wake", "ingest", "purchase")), resources)
     usage = tick_specs(serial).map(lambda ticks: {"type": "usage", "ticks": ticks})
-    return st.one_of(usage, usage, leases, operator, stripe, recharge, gate)
+    return st.one_of(usage, usage, leases, operator, stripe, recharge, gate,
+                     import_strategy(now, serial, auto_recharge))
+
+
+PLANS = (("payg", 1), ("payg", 2), ("hobby_weekly", 1), ("hobby_weekly", 2), ("free", 1))
+
+
+def import_amounts(now: int, serial: int) -> st.SearchStrategy:
+    """An import's amounts (billing-rules 2.11): grants of every kind, with and without expiry
+    (some already past), and debts; source ids drawn from a few, so that re-imports happen."""
+    grant = st.builds(lambda sid, kind, amount, expires: {"source_id": sid, "kind": kind, "amount_micros": amount,
+                                                          "expires_at_us": expires},
+                      st.sampled_from(["im_a", "im_b", "im_c", f"im_{serial}"]),
+                      st.sampled_from(("grant", "topup", "adjustment", "auto_recharge")), amounts,
+                      st.one_of(st.none(), st.integers(-DAY_S, 40 * DAY_S).map(lambda s: now + s * US)))
+    debt = st.builds(lambda sid, amount: {"source_id": sid, "kind": "adjustment", "amount_micros": -amount,
+                                          "expires_at_us": None},
+                     st.sampled_from(["im_debt", f"im_d{serial}"]), amounts)
+    return st.lists(st.one_of(grant, grant, debt), max_size=4)
+
+
+def import_strategy(now: int, serial: int, auto_recharge: bool = True) -> st.SearchStrategy:
+    """An import of the org (billing-rules 2.11): its amounts, and settings that may or may not
+    differ from the org's; now and then the other billing mode (refused whole)."""
+    plan = st.one_of(st.none(), st.sampled_from(PLANS))
+    tier = st.one_of(st.none(), st.sampled_from([("base", ENGINE_CATALOG.tiers["base"]),
+                                                 ("pro", ENGINE_CATALOG.tiers["pro"]), ("custom", 2)]))
+    past_due = st.one_of(st.none(), st.integers(0, 20 * DAY_S).map(lambda s: {"since_us": now - s * US, **DUNNING}))
+    recharge = st.one_of(st.none(), st.builds(
+        lambda on, threshold, amount, per_day, cooldown, runway: {
+            "enabled": on, "threshold_micros": threshold, "amount_micros": amount, "max_per_day": per_day,
+            "cooldown_s": cooldown, "threshold_runway_s": runway},
+        st.booleans(), st.sampled_from((1_000_000, 5_000_000)), st.sampled_from((5_000_000, 10_000_000)),
+        st.integers(1, 3), st.sampled_from((0, 3_600)), st.sampled_from((0, 7_200))) if auto_recharge else st.none())
+
+    def build(amount_list, plan_pick, tier_pick, card, due, settings, prepaid):
+        step = {"type": "import", "amounts": amount_list, "card": card, "past_due": due, "recharge": settings,
+                "prepaid": prepaid}
+        if plan_pick is not None:
+            step["plan_id"], step["plan_version"] = plan_pick
+        if tier_pick is not None:
+            step["tier"], step["max_concurrent"] = tier_pick
+        return step
+
+    return st.builds(build, import_amounts(now, serial), plan, tier, st.one_of(st.none(), st.booleans()), past_due,
+                     recharge, st.sampled_from((None, None, None, True, False)))
 
 
 def jump_strategy(pair: Pair) -> st.SearchStrategy:

@@ -30,6 +30,8 @@ SCENARIOS = [(version, path.name) for version in VERSIONS
              for path in sorted((CORPUS / f"v{version}").iterdir()) if (path / "snapshot.msgpack").exists()]
 COMMAND_TYPES = {member.__name__ for member in Command.__args__}
 COMMAND = msgspec.msgpack.Decoder(Command)
+# Command types the release that wrote a corpus did not have yet (appended to the union since).
+NEWER_THAN_CORPUS = {1: {"ImportOrg"}, 2: {"ImportOrg"}}
 
 
 def catalog_of(version: int) -> Catalog:
@@ -58,9 +60,10 @@ def test_the_corpus_holds_format_1_and_the_current_format_and_every_command_type
     for version in VERSIONS:
         journaled = {type(item.command).__name__ for _, scenario in (s for s in SCENARIOS if s[0] == version)
                      for entry in rows_of(version, scenario)[1] for item in decode_journal(entry)}
-        assert journaled == COMMAND_TYPES - {"CreateOrg"}, (version, COMMAND_TYPES - journaled)
+        known = COMMAND_TYPES - NEWER_THAN_CORPUS.get(version, set())
+        assert journaled == known - {"CreateOrg"}, (version, known - journaled)
         alone = {path.stem for path in (CORPUS / f"v{version}" / "commands").glob("*.msgpack")}
-        assert alone == COMMAND_TYPES, (version, COMMAND_TYPES ^ alone)
+        assert alone == known, (version, known ^ alone)
 
 
 @pytest.mark.parametrize(("version", "scenario"), SCENARIOS)
@@ -113,7 +116,7 @@ def test_a_retry_of_a_saved_command_has_the_fingerprint_its_release_stored(versi
 def test_every_command_type_decodes_alone_with_its_fingerprint(version):
     root = CORPUS / f"v{version}" / "commands"
     recorded = json.loads((root / "fingerprints.json").read_text())
-    for type_name in sorted(COMMAND_TYPES):
+    for type_name in sorted(COMMAND_TYPES - NEWER_THAN_CORPUS.get(version, set())):
         command = COMMAND.decode((root / f"{type_name}.msgpack").read_bytes())
         assert type(command).__name__ == type_name
         assert (legacy_fingerprint if version == 1 else fingerprint)(command) == recorded[type_name], type_name

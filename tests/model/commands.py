@@ -9,6 +9,7 @@ from tests.model.basics import (
     Dunning,
     ENDED_LEASE_MEMORY_US,
     Lease,
+    MAX_GRANTS,
     MAX_LEASES,
     MAX_WAITING_REFUNDS,
     Recharge,
@@ -31,17 +32,80 @@ class Commands:
         return {"entry": entry}
 
     # operator debit (2.8)
-    def _cmd_debit(self, now, cmd):
+    def _cmd_debit(self, now, cmd, entry_kind=None):
         kind = cmd["kind"]
         amount = int(cmd["amount_micros"])
         if amount <= 0:
             raise ValueError("a debit must be > 0")
         left = self._take(amount, self._clawback_order())
         self.debt += left
-        self._ledger(kind, -amount, None, None, 0)
+        self._ledger(entry_kind or kind, -amount, None, None, 0)
         self._halt_check(now)
         self._recharge_check(now)
         return {"entry": (kind, -amount, None, None)}
+
+    # import (2.11)
+    def _cmd_import(self, now, cmd):
+        amounts = cmd.get("amounts") or []
+        # 1. caps, counted before anything changes; the billing mode never changes
+        if cmd.get("prepaid") is not None and bool(cmd["prepaid"]) != self.prepaid:
+            return {"refused": True}
+        new_ids, new_positive = [], 0
+        for a in amounts:
+            if a["source_id"] in self.imported_ids or a["source_id"] in new_ids:
+                continue
+            new_ids.append(a["source_id"])
+            new_positive += int(a["amount_micros"]) > 0
+        if len(self.grants) + new_positive > MAX_GRANTS or len(self.imported_ids) + len(new_ids) > 1_000:
+            return {"refused": True}
+        changed = []
+        # 2.
+        if cmd.get("plan_id") is not None and cmd["plan_id"] != self.plan_id:
+            self._change_plan(now, cmd["plan_id"], int(cmd["plan_version"]))
+            changed.append("plan")
+        if cmd.get("tier") is not None and (cmd["tier"], int(cmd["max_concurrent"])) != (self.tier, self.max_concurrent):
+            self.tier, self.max_concurrent = cmd["tier"], int(cmd["max_concurrent"])
+            changed.append("tier")
+        # 3.
+        for a in amounts:
+            s = a["source_id"]
+            if s in self.imported_ids:
+                continue
+            self.imported_ids.append(s)
+            amount = int(a["amount_micros"])
+            if a["kind"] == "signup_grant" or amount == 0:
+                raise ValueError("an import amount is of a kind of 2.2 other than signup_grant, and not 0")
+            if amount > 0:
+                self._credit(now, a["kind"], amount, a.get("expires_at_us"), None, entry_kind="import")
+            else:
+                if a["kind"] != "adjustment" or a.get("expires_at_us") is not None:
+                    raise ValueError("a debt is imported as an adjustment without expiry")
+                self._cmd_debit(now, {"kind": "adjustment", "amount_micros": -amount}, entry_kind="import")
+            changed.append("import:" + s)
+        # 4.
+        if cmd.get("card") is not None and bool(cmd["card"]) != self.has_payment_method:
+            self._cmd_set_card(now, {"present": bool(cmd["card"])})
+            changed.append("card")
+        # 5.
+        if cmd.get("past_due") is not None and self.dunning is None:
+            self._cmd_invoice_failed(now, {**cmd["past_due"], "invoice_id": None, "subscription_id": None})
+            if self.dunning is not None:
+                changed.append("past_due")
+        # 6.
+        settings = cmd.get("recharge")
+        if settings is not None:
+            r = self.recharge
+            if not settings["enabled"]:
+                differs = r is not None and r.enabled
+            else:
+                differs = r is None or not r.enabled or (
+                    r.threshold_micros, r.amount_micros, r.max_per_day, r.cooldown_s, r.threshold_runway_s) != (
+                    settings["threshold_micros"], settings["amount_micros"], settings["max_per_day"],
+                    settings["cooldown_s"], settings.get("threshold_runway_s", 0))
+            if differs:
+                self._cmd_set_auto_recharge(now, {**settings, "lift_dispute": False})
+                changed.append("auto_recharge")
+        return {"changed": changed}
 
     # Stripe refund (section 3)
     def _cmd_stripe_refund(self, now, cmd):

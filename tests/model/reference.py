@@ -54,7 +54,10 @@ from tests.model.commands import Commands
 # ----------------------------------------------------------------------------------------
 
 class RefOrg(Commands):
-    def __init__(self, catalog: RefCatalog, org_id: str, plan_id: str, prepaid: bool, now_us: int):
+    def __init__(self, catalog: RefCatalog, org_id: str, plan_id: str, prepaid: bool, now_us: int,
+                 imported: dict | None = None):
+        """`imported`: the org is created by this import (rule 2.11): no signup grant, and rule
+        4.5's check after the import."""
         self.catalog = catalog
         self.org_id = org_id
         self.prepaid = bool(prepaid)
@@ -131,9 +134,15 @@ class RefOrg(Commands):
         self._fx_charges: list = []
         self._fx_periods: list = []
 
+        self.imported_ids: list[str] = []             # rule 2.11: source ids imported, never forgotten
+
         # creation is a command at now_us (rule 4.5)
         signup = catalog.signup_grant_micros
-        if signup > 0:
+        if imported is not None:
+            self.import_result = self._cmd_import(now_us, imported)
+            if self.prepaid:
+                self._halt_check(now_us)
+        elif signup > 0:
             self._credit(now_us, "signup_grant", signup, None, None)
         elif self.prepaid:
             self._halt_check(now_us)
@@ -474,7 +483,7 @@ class RefOrg(Commands):
 
     # ------------------------------------------------------------------ auto-recharge (section 9)
 
-    def _recharge_amount(self, balance: int) -> int:
+    def _recharge_amount(self, balance: int, now: int) -> int:
         r = self.recharge
         # AMBIGUOUS 9.2: "above the threshold" is strict (balance + x > threshold); the 10,000 USD
         # cap applies to the result of the max (so also to a configured amount above it); the
@@ -482,6 +491,14 @@ class RefOrg(Commands):
         # Whole cents that bring the balance ABOVE the threshold: smallest multiple of 1 cent
         # x with balance + x > threshold.
         need = ((r.threshold_micros - balance) // CENT_MICROS + 1) * CENT_MICROS
+        burn = self._burn(now)
+        if r.threshold_runway_s > 0 and self.prepaid and burn > 0:
+            # Rule 9.2: whole cents x that bring the runway to at least threshold_runway_s:
+            # (F + x) × 3,600 >= T × B.
+            funds = balance + self._quota_remaining()
+            lack = r.threshold_runway_s * burn - funds * 3_600
+            x = 0 if lack <= 0 else -(-lack // 3_600)
+            need = max(need, -(-x // CENT_MICROS) * CENT_MICROS)
         return min(max(r.amount_micros, need), MAX_CHARGE_MICROS)
 
     def _recharge_check(self, now: int):
@@ -495,7 +512,7 @@ class RefOrg(Commands):
             # effects hold it: a step is one commit) grows (never shrinks) to what a charge asked
             # for now would be, whatever else holds; an older one, or one sent, stays.
             if r.pending_asked_us == now and any(c[0] == r.pending_id for c in self._fx_charges):
-                amount = self._recharge_amount(balance)
+                amount = self._recharge_amount(balance, now)
                 if amount > r.pending_micros:
                     r.pending_micros = amount
                     self._record_charge(r.pending_id, amount)
@@ -520,7 +537,7 @@ class RefOrg(Commands):
             return
         self.charge_k += 1
         cid = f"ar_{self.charge_k}"
-        amount = self._recharge_amount(balance)
+        amount = self._recharge_amount(balance, now)
         r.pending_id, r.pending_micros, r.pending_asked_us = cid, amount, now
         r.last_ask_us = now
         r.day, r.day_count = day, count + 1
@@ -576,7 +593,7 @@ class RefOrg(Commands):
                 "balance_micros": self._balance(),
                 "lease_ids": sorted(lid for lid, lease in self.leases.items() if lease.expires_at_us > now)})
             self.runway_armed = False
-        elif not self.runway_armed and (th <= 0 or runway is None or runway >= th):
+        elif not self.runway_armed and (th <= 0 or (runway is not None and runway >= th)):
             self.runway_armed = True
 
     # ------------------------------------------------------------------ advance (rule 1.2)
