@@ -52,6 +52,7 @@ ALGORITHM = "EdDSA"
 TOKEN_TYPE = "mgcap+jwt"
 MAX_TOKEN_BYTES = 4_096  # a real token is ~400 bytes: anything longer is refused before decoding
 SIGNATURE_BYTES = 64
+SIGNATURE_CHARS = 86  # 64 bytes in unpadded base64url
 KEY_BYTES = 32
 DEFAULT_CACHE_SIZE = 100_000  # verified tokens remembered, each ~1 KB: ~100 MB at most
 LEEWAY_S = 5  # the cell's clock may be this far behind or ahead of the service's
@@ -217,12 +218,22 @@ def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+_URL_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/-_")  # "+" and "/" become characters strict mode refuses
+_ALPHABET_INDEX = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_PADDING = ("", None, "==", "=")  # by len % 4 (1: never a length of base64)
+_SPARE_BITS_MASK = (0, None, 0b1111, 0b11)  # the bits of the last character that encode nothing
+
+
 def unb64(text: str) -> bytes:
-    """Strict unpadded base64url: ValueError for any other character or a bad length."""
-    if "=" in text or len(text) % 4 == 1:
+    """Strict unpadded base64url: ValueError for any other character or a bad length, and for
+    a last character with unused bits set (another spelling of the same bytes). On a first-sight
+    token's path three times, so without a second encoding to compare."""
+    rest = len(text) % 4
+    if rest == 1 or "=" in text:
         raise ValueError("not unpadded base64url")
-    raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
-    if b64(raw) != text:  # the last character's unused bits set: another spelling of the same bytes
+    standard = (text + _PADDING[rest]).encode("ascii").translate(_URL_TO_STANDARD)
+    raw = binascii.a2b_base64(standard, strict_mode=True)
+    if rest and _ALPHABET_INDEX[text[-1]] & _SPARE_BITS_MASK[rest]:
         raise ValueError("not canonical base64url")
     return raw
 
@@ -343,7 +354,7 @@ class Verifier:
         if len(parts) > 3:
             raise CapabilityError(Refusal.MALFORMED, f"{len(parts)} parts, not 3")
         header_b64, claims_b64, signature_b64 = parts
-        if len(signature_b64) < len(b64(bytes(SIGNATURE_BYTES))):  # cut short, before its spelling is checked
+        if len(signature_b64) < SIGNATURE_CHARS:  # cut short, before its spelling is checked
             raise CapabilityError(Refusal.TRUNCATED, f"a signature of {len(signature_b64)} characters")
         try:
             header = _HEADER_DECODER.decode(unb64(header_b64))
