@@ -160,7 +160,9 @@ class BatchWork:
         loaded = shard.orgs.get(item.org_id)
         if loaded is None and item.org_id in shard.unreadable:  # it exists: never created again
             return unknown_org(item.org_id, shard.unreadable[item.org_id])
-        if isinstance(command, cmd.CreateOrg):
+        if isinstance(command, cmd.PreviewImport):
+            return self._preview_import(item, loaded)
+        if isinstance(command, cmd.CreateOrg) or (isinstance(command, cmd.ImportOrg) and loaded is None):
             return self._create(item, loaded)
         if loaded is None:
             return unknown_org(item.org_id, shard.unreadable.get(item.org_id))
@@ -221,6 +223,8 @@ class BatchWork:
     def _create(self, item: CommandItem, loaded: LoadedOrg | None) -> dict:
         org_id, command = item.org_id, item.command
         org = loaded.org if loaded is not None else None
+        if isinstance(command, cmd.ImportOrg) and not cmd.well_typed(command):  # its snapshot would not load
+            return error(Refusal.INVALID_COMMAND, "ImportOrg has a field of the wrong type")
         try:
             outcome = cmd.execute(org, command, self.shard.catalog, self.now, self.fx, org_id=org_id)
         except BillingError as exc:
@@ -229,8 +233,23 @@ class BatchWork:
             self.shard.orgs[org_id] = LoadedOrg(outcome.org, 0, 0, self.now_s)
             self.created.add(org_id)
             self.shard._unanswered(org_id, item.future)
-            self.out.new_orgs.append((org_id, command.email, "prepaid" if command.prepaid else "postpaid",
+            self.out.new_orgs.append((org_id, command.email, "prepaid" if outcome.org.prepaid else "postpaid",
                                       slot_of(org_id), store.us_to_dt(self.now)))
+        return answer(outcome, outcome.org, self.now)
+
+    def _preview_import(self, item: CommandItem, loaded: LoadedOrg | None) -> dict:
+        """What an import would change (`--dry-run`): the same core run on a copy of the org (or
+        on no org), its effects thrown away; nothing is journaled, written or kept."""
+        command = item.command.command
+        if loaded is None and item.org_id in self.shard.unreadable:
+            return unknown_org(item.org_id, self.shard.unreadable[item.org_id])
+        if not cmd.well_typed(command):
+            return error(Refusal.INVALID_COMMAND, f"{type(command).__name__} has a field of the wrong type")
+        org = loaded.org._advanced_copy(self.now) if loaded is not None else None
+        try:
+            outcome = cmd.execute(org, command, self.shard.catalog, self.now, Effects(), org_id=item.org_id)
+        except BillingError as exc:
+            return error(exc.code, str(exc))
         return answer(outcome, outcome.org, self.now)
 
     def finish(self) -> store.CommitBatch:
@@ -336,6 +355,8 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
             return {"released": released}
         case cmd.Booked(entry=entry, balance_micros=balance):
             return {"entry": msgspec.to_builtins(entry), "balance_micros": balance}
+        case cmd.Imported(created=created, changed=changed):
+            return {"created": created, "changed": list(changed), "balance_micros": org.balance_micros}
         case _:
             raise AssertionError(f"unknown outcome {outcome!r}")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from actors.money import CREDIT_KINDS, REVERSAL_KINDS
+from actors.money import CREDIT_KINDS, IMPORT_KIND, REVERSAL_KINDS
 from actors.org import OrgBillingActor
 from actors.placement import slot_of
 from actors.formats import UnreadableOrg, load_org
@@ -172,7 +172,7 @@ def grants_to_look_up(org: OrgBillingActor) -> list[str]:
 
 def check_grants(org: OrgBillingActor, entries: list[GrantEntry]) -> list[Finding]:
     """Each grant the org holds was made by one credit entry of the ledger (billing-rules 2.3
-    step 4, 3.5, 3.6: its kind, or a reversal's, and its expiry), holds no more than that
+    step 4, 3.5, 3.6, 2.11: its kind, or a reversal's or an import's, and its expiry), holds no more than that
     credit, and has not expired in the ledger (2.6 removes the grant with its entry).
     `entries`: the ledger rows that name one of the org's grants."""
     by_grant: dict[str, list[GrantEntry]] = {}
@@ -182,7 +182,7 @@ def check_grants(org: OrgBillingActor, entries: list[GrantEntry]) -> list[Findin
     org_id = org.org_id
     for grant in org.grants or ():
         named = by_grant.get(grant.grant_id, [])
-        credits = [e for e in named if e.amount_micros > 0 and e.kind in CREDIT_KINDS | REVERSAL_KINDS]
+        credits = [e for e in named if e.amount_micros > 0 and e.kind in _GRANT_MAKING_KINDS]
         if len(credits) != 1:
             found.append(Finding(org_id, Invariant.GRANT_HAS_CREDIT, f"one credit entry naming {grant.grant_id}",
                                  f"{len(credits)}"))
@@ -192,7 +192,7 @@ def check_grants(org: OrgBillingActor, entries: list[GrantEntry]) -> list[Findin
             found.append(Finding(org_id, Invariant.GRANT_WITHIN_CREDIT,
                                  f"{grant.grant_id} remaining_micros <= its credit {credit.amount_micros}",
                                  f"remaining_micros {grant.remaining_micros}"))
-        kind_ok = credit.kind == grant.kind or credit.kind in REVERSAL_KINDS
+        kind_ok = credit.kind == grant.kind or credit.kind in REVERSAL_KINDS or credit.kind == IMPORT_KIND
         if not kind_ok or (credit.expires_us or None) != (grant.expires_at_us or None):
             found.append(Finding(org_id, Invariant.GRANT_MATCHES_CREDIT,
                                  f"{grant.grant_id}: kind {credit.kind}, expires {credit.expires_us} (its credit)",
@@ -201,6 +201,11 @@ def check_grants(org: OrgBillingActor, entries: list[GrantEntry]) -> list[Findin
             found.append(Finding(org_id, Invariant.GRANT_NOT_EXPIRED,
                                  f"{grant.grant_id} held: no expiration entry", "an expiration entry"))
     return found
+
+
+# Ledger kinds whose positive entry makes a grant: a credit's own kind, money given back
+# (3.5, 3.6) and an import (2.11), whose grant keeps the source's kind.
+_GRANT_MAKING_KINDS = CREDIT_KINDS | REVERSAL_KINDS | {IMPORT_KIND}
 
 
 # ----- the database as a whole ------------------------------------------------------------

@@ -11,7 +11,7 @@ from serve_app.errors import install_error_handlers
 from serve_app.limits import BodyLimit
 from serve_app.request_metrics import RequestMetrics
 from serve_app.routes import clock, gate, gate_feed, keys, ops, orgs, parity, reports, self_serve, webhooks
-from serve_app.routes import billing, docs
+from serve_app.routes import billing, docs, imports
 
 
 def build_app(ctx: Context) -> FastAPI:
@@ -23,7 +23,7 @@ def build_app(ctx: Context) -> FastAPI:
     install_error_handlers(app)
     openapi.install(app)
     app.add_middleware(BodyLimit, ctx=ctx)
-    for module in (ops, keys, gate, webhooks, orgs, reports, parity, self_serve):
+    for module in (ops, keys, gate, webhooks, orgs, reports, parity, imports, self_serve):
         app.include_router(module.routes(ctx))
     app.include_router(gate_feed.routes(ctx, serves_feed=not ctx.settings.feed_replicas))
     for module in (billing, docs):  # pages for people: the billing page and its forms, the API docs

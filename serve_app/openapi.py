@@ -550,11 +550,33 @@ class ClockAdvanced(msgspec.Struct):
     ran: dict
 
 
+# ----- import (serve_app/routes/imports.py) ---------------------------------------------------
+
+class ImportedOrg(msgspec.Struct):
+    """One org of POST /v1/import, by its place in `orgs`. `status`: created, updated, unchanged
+    (a re-run), refused (by its shard: `why`; nothing of it applied) or invalid (the line: `why`;
+    no shard saw it). `changed`: what the import changed (or, on a dry run, would): plan, tier,
+    `import:<source id>` per amount booked, card, past_due, auto_recharge, stripe_customer."""
+
+    index: int
+    status: str
+    org_id: str | None = None
+    changed: list[str] | None = None
+    balance_micros: int | None = None
+    why: str | None = None
+
+
+class ImportResult(msgspec.Struct):
+    dry_run: bool
+    orgs: list[ImportedOrg]
+
+
 _DOCUMENTED = (GateBody, GateBatch, GateBatchResult, LeaseBody, TypedUsageBody, GateDecision, Error, UsageResult, LeaseResult,
                LeaseDenied, LeaseReleased, SvixEvent, SvixAnswer, StripeEvent, StripeAnswer, Health, Ready, Parity,
                Replay, ViewPage, GateClock, Org, OrgPage, Credited, OrgToken, TokensRevoked, LedgerPage, UsageReport,
                Months, InboundPage, OutboxList, OutboxRetried, Reconciled, MetersReconciled, CheckoutSession,
-               PortalSession, ClockNow, ClockAdvanced, KeySet, UsageParityStored, UsageParity)
+               PortalSession, ClockNow, ClockAdvanced, KeySet, UsageParityStored, UsageParity,
+               ImportResult)
 _, COMPONENTS = msgspec.json.schema_components(_DOCUMENTED, ref_template=REF)
 COMPONENTS["GateBatchResult"]["properties"]["decisions"]["items"] = {
     "anyOf": [{"$ref": REF.format(name="GateDecision")}, {"$ref": REF.format(name="Error")}]}

@@ -44,3 +44,26 @@ async def forgotten_count(conn: asyncpg.Connection, org_id: str) -> int:
     """How many customers of the org Stripe deleted: the number of its next customer, so that
     the idempotency key of that creation is not the one Stripe answers with a deleted customer."""
     return await conn.fetchval("SELECT count(*) FROM stripe_customers_forgotten WHERE org_id = $1", org_id)
+
+
+async def customers_of(conn: asyncpg.Connection, org_ids: list[str]) -> dict[str, str]:
+    """The customer of each of these orgs that has one."""
+    rows = await conn.fetch("SELECT org_id, customer_id FROM stripe_customers WHERE org_id = ANY($1::text[])", org_ids)
+    return {row["org_id"]: row["customer_id"] for row in rows}
+
+
+async def remember_many(conn: asyncpg.Connection, pairs: list[tuple[str, str]]) -> tuple[set[str], dict[str, str]]:
+    """`remember` for many orgs in one statement (an import): each org gets its customer unless
+    it has one, or the customer is another org's. Returns the orgs linked now, and the customer
+    each org holds after it."""
+    rows = await conn.fetch(
+        "INSERT INTO stripe_customers (org_id, customer_id) SELECT * FROM unnest($1::text[], $2::text[])"
+        " ON CONFLICT DO NOTHING RETURNING org_id", [org for org, _ in pairs], [cus for _, cus in pairs])
+    return {row["org_id"] for row in rows}, await customers_of(conn, [org for org, _ in pairs])
+
+
+async def orgs_of_customers(conn: asyncpg.Connection, customer_ids: list[str]) -> dict[str, str]:
+    """The org of each of these customers that one holds."""
+    rows = await conn.fetch("SELECT org_id, customer_id FROM stripe_customers WHERE customer_id = ANY($1::text[])",
+                            customer_ids)
+    return {row["customer_id"]: row["org_id"] for row in rows}

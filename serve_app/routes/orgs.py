@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from actors import commands as cmd
 from actors.clock import now_us
+from actors.imports import IMPORT_KEY_PREFIX
 from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from serve_app.bodies import (AlertsBody, AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody, PlanBody, TierBody,
@@ -86,9 +87,9 @@ def routes(ctx: Context) -> APIRouter:
         expires_at_us = _expiry(body)
         amount = -body.amount_micros if body.kind == "refund" else body.amount_micros
         key = request.headers.get("idempotency-key")
-        if key is not None and key.startswith("stripe:"):  # the ledger's keys for Stripe's objects
-            raise ApiError(400, "invalid_idempotency_key", "an Idempotency-Key may not start with `stripe:`",
-                           field="Idempotency-Key")
+        if key is not None and key.startswith(("stripe:", IMPORT_KEY_PREFIX)):  # the ledger's keys for Stripe's objects
+            raise ApiError(400, "invalid_idempotency_key",  # and for imported amounts (billing-rules 2.11)
+                           "an Idempotency-Key may not start with `stripe:` or `import:`", field="Idempotency-Key")
 
         async def run() -> Response:
             command = cmd.Credit(body.kind, amount, expires_at_us, body.note, key)

@@ -1,0 +1,173 @@
+"""`metergate import` (issue 22 part 2, billing-rules 2.11) against the session's service, real
+Postgres, Ray and Serve: the file through the installed console script, the answers checked
+against Postgres (the ledger sums to each balance) and the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ADMIN_TOKEN
+
+METERGATE = Path(sys.executable).parent / "metergate"
+pytestmark = pytest.mark.usefixtures("service")
+
+
+def cli(service, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERGATE_")}
+    env.update({"METERGATE_URL": service.base_url, "METERGATE_ADMIN_TOKEN": ADMIN_TOKEN, "COLUMNS": "200"})
+    return subprocess.run([str(METERGATE), *args], env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+def run_json(service, *args: str, code: int = 0) -> dict:
+    result = cli(service, *args, "--json")
+    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    return json.loads(result.stdout)
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def org_line(prefix: str, n: int) -> dict:
+    """An org of the source: a balance, now and then a grant that expires, a debt, a tier, a card
+    with auto-recharge, a past-due state."""
+    org_id = f"{prefix}_{n}"
+    line = {"org_id": org_id, "email": f"{org_id}@example.com", "balance_micros": 1_000_000 + n}
+    if n % 3 == 0:
+        line["grants"] = [{"id": f"{org_id}_g1", "kind": "grant", "amount_micros": 500_000,
+                           "expires_at": "2031-01-01T00:00:00Z"}]
+    if n % 11 == 0:  # a debt: no grants
+        line["balance_micros"] = -5_000 - n
+        line.pop("grants", None)
+    if n % 5 == 0:
+        line["tier"] = "pro"
+    if n % 7 == 0:
+        line["card_on_file"] = True
+        line["auto_recharge"] = {"enabled": True, "threshold_micros": 1_000, "amount_micros": 5_000_000}
+    if n % 13 == 0:
+        line["past_due_since"] = "2026-01-05T00:00:00Z"
+        line["stripe_customer_id"] = f"cus_{prefix}{n}"
+    return line
+
+
+def ledger_sums(sql, prefix: str) -> dict[str, int]:
+    rows = sql.fetch("SELECT org_id, sum(amount_micros)::bigint AS total, count(*) AS entries FROM ledger"
+                     " WHERE org_id LIKE $1 GROUP BY org_id", prefix + "\\_%")
+    return {row["org_id"]: (row["total"], row["entries"]) for row in rows}
+
+
+def test_ten_thousand_orgs_imported_twice_the_second_run_changes_nothing_and_every_balance_equals_the_file(
+        service, sql, admin, tmp_path):
+    prefix = f"imp{uuid.uuid4().hex[:6]}"
+    lines = [org_line(prefix, n) for n in range(10_000)]
+    path = write_lines(tmp_path / "orgs.jsonl", lines)
+
+    first = run_json(service, "import", str(path))
+    assert (first["lines"], first["created"], first["updated"], first["unchanged"], first["bad"]) == (
+        10_000, 10_000, 0, 0, 0), {k: v for k, v in first.items() if k != "bad_lines"}
+    after_first = ledger_sums(sql, prefix)
+    assert {org: total for org, (total, _) in after_first.items()} == {
+        line["org_id"]: line["balance_micros"] for line in lines}
+    assert sql.val("SELECT count(*) FROM ledger WHERE org_id LIKE $1 AND kind <> 'import'", prefix + "\\_%") == 0
+    journal_rows = sql.val("SELECT count(*) FROM journal WHERE org_id LIKE $1", prefix + "\\_%")
+
+    second = run_json(service, "import", str(path))
+    assert (second["created"], second["updated"], second["unchanged"], second["bad"]) == (0, 0, 10_000, 0)
+    assert ledger_sums(sql, prefix) == after_first  # not one entry more, every balance as it was
+
+    for line in lines[:: 997]:  # the balance the shard holds, not only the ledger's sum
+        org = admin.get(f"/v1/orgs/{line['org_id']}").json()
+        assert org["balance_micros"] == line["balance_micros"], (line, org)
+    pro = admin.get(f"/v1/orgs/{prefix}_35").json()  # n % 5 == 0 and n % 7 == 0
+    assert (pro["tier"], pro["has_payment_method"], pro["auto_recharge"]["enabled"]) == ("pro", True, True)
+    assert sql.val("SELECT customer_id FROM stripe_customers WHERE org_id = $1", f"{prefix}_13") == f"cus_{prefix}13"
+    assert admin.get(f"/v1/orgs/{prefix}_13").json()["past_due_since"] is not None
+    assert sql.val("SELECT count(*) FROM journal WHERE org_id LIKE $1", prefix + "\\_%") >= journal_rows
+
+
+def test_a_file_with_three_bad_lines_imports_the_rest_and_names_the_three(service, sql, tmp_path):
+    prefix = f"bad{uuid.uuid4().hex[:6]}"
+    lines: list = [org_line(prefix, n) for n in range(1, 21)]
+    lines[3] = '{"org_id": "broken", '  # line 4: not JSON
+    lines[8] = {**org_line(prefix, 9), "balance_micros": 100}  # line 9: its grant is more than its balance
+    lines[14] = {**org_line(prefix, 15), "tier": "gold"}  # line 15: no such tier
+    result = run_json(service, "import", str(write_lines(tmp_path / "bad.jsonl", lines)), code=1)
+    assert [bad["line"] for bad in result["bad_lines"]] == [4, 9, 15], result["bad_lines"]
+    assert (result["created"], result["bad"]) == (17, 3)
+    imported = {f"{prefix}_{n}" for n in range(1, 21)} - {f"{prefix}_4", f"{prefix}_9", f"{prefix}_15"}
+    assert set(ledger_sums(sql, prefix)) == imported
+    assert {row["org_id"] for row in sql.fetch("SELECT org_id FROM orgs WHERE org_id LIKE $1", prefix + "\\_%")} \
+        == imported
+
+
+def test_a_dry_run_says_what_would_change_and_changes_nothing(service, sql, tmp_path):
+    prefix = f"dry{uuid.uuid4().hex[:6]}"
+    known = org_line(prefix, 3)  # a grant and a balance
+    run_json(service, "import", str(write_lines(tmp_path / "first.jsonl", [known])))
+    before = ledger_sums(sql, prefix)
+    grown = {**known, "balance_micros": known["balance_micros"] + 250_000,
+             "grants": known["grants"] + [{"id": f"{prefix}_3_g2", "kind": "topup", "amount_micros": 250_000}]}
+    path = write_lines(tmp_path / "dry.jsonl", [org_line(prefix, 1), grown, org_line(prefix, 2)])
+
+    result = run_json(service, "import", str(path), "--dry-run")
+    assert (result["created"], result["updated"], result["unchanged"]) == (2, 1, 0)
+    assert {c["line"]: (c["status"], c["changed"]) for c in result["changes"]} == {
+        1: ("created", [f"import:{prefix}_1:balance"]),
+        2: ("updated", [f"import:{prefix}_3_g2"]),
+        3: ("created", [f"import:{prefix}_2:balance"])}
+    assert ledger_sums(sql, prefix) == before
+    assert sql.val("SELECT count(*) FROM orgs WHERE org_id LIKE $1", prefix + "\\_%") == 1
+    text = cli(service, "import", str(path), "--dry-run")
+    assert text.returncode == 0 and f"line 2: {prefix}_3: would be updated: import:{prefix}_3_g2" in text.stdout
+
+
+def test_a_grant_new_in_the_source_is_imported_alone_on_a_re_run(service, sql, admin, tmp_path):
+    prefix = f"grn{uuid.uuid4().hex[:6]}"
+    line = org_line(prefix, 3)
+    run_json(service, "import", str(write_lines(tmp_path / "a.jsonl", [line])))
+    grown = {**line, "balance_micros": line["balance_micros"] + 250_000,
+             "grants": line["grants"] + [{"id": f"{prefix}_3_g2", "kind": "topup", "amount_micros": 250_000}]}
+    again = run_json(service, "import", str(write_lines(tmp_path / "b.jsonl", [grown, grown | {"org_id": None}])),
+                     code=1)
+    assert (again["updated"], again["bad"]) == (1, 1)
+    keys = [row["idempotency_key"] for row in sql.fetch(
+        "SELECT idempotency_key FROM ledger WHERE org_id = $1 ORDER BY created_at, idempotency_key", f"{prefix}_3")]
+    assert sorted(keys) == sorted([f"import:{prefix}_3_g1", f"import:{prefix}_3:balance", f"import:{prefix}_3_g2"])
+    assert admin.get(f"/v1/orgs/{prefix}_3").json()["balance_micros"] == grown["balance_micros"]
+    third = run_json(service, "import", str(write_lines(tmp_path / "c.jsonl", [grown])))
+    assert third["unchanged"] == 1
+
+
+def test_an_org_with_one_bad_grant_or_one_refused_part_imports_nothing_of_it(service, sql, admin, new_org, tmp_path):
+    prefix = f"atm{uuid.uuid4().hex[:6]}"
+    bad_second = {"org_id": f"{prefix}_1", "email": "a@example.com", "balance_micros": 3_000_000,
+                  "grants": [{"id": f"{prefix}_ok", "kind": "grant", "amount_micros": 1_000_000},
+                             {"id": f"{prefix}_bad", "kind": "bonus", "amount_micros": 1_000_000}]}
+    postpaid = new_org(billing_mode="postpaid", org_id=f"{prefix}_2")
+    entries = sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", postpaid)
+    balance = admin.get(f"/v1/orgs/{postpaid}").json()["balance_micros"]
+    refused = {"org_id": postpaid, "email": "b@example.com", "balance_micros": 7_000_000, "billing_mode": "prepaid",
+               "tier": "pro", "card_on_file": True}
+    result = run_json(service, "import", str(write_lines(tmp_path / "atomic.jsonl", [bad_second, refused])), code=1)
+    assert [(bad["line"], bad["org_id"]) for bad in result["bad_lines"]] == [(1, f"{prefix}_1"), (2, postpaid)]
+    assert "grants.1.kind" in result["bad_lines"][0]["why"] and "billing mode" in result["bad_lines"][1]["why"]
+    assert sql.val("SELECT count(*) FROM orgs WHERE org_id = $1", f"{prefix}_1") == 0
+    assert sql.val("SELECT count(*) FROM ledger WHERE org_id = $1", postpaid) == entries
+    org = admin.get(f"/v1/orgs/{postpaid}").json()
+    assert (org["balance_micros"], org["tier"], org["has_payment_method"]) == (balance, "base", False)
+
+
+def test_the_import_endpoint_refuses_a_body_it_cannot_read_and_too_many_orgs(admin):
+    assert admin.post("/v1/import", content=b"{").status_code == 400
+    assert admin.post("/v1/import", json={"orgs": []}).status_code == 422
+    assert admin.post("/v1/import", json={"orgs": [{}] * 101}).status_code == 422
+    answer = admin.post("/v1/import", json={"orgs": [{"org_id": "x y"}]}).json()
+    assert answer["orgs"][0]["status"] == "invalid" and answer["orgs"][0]["why"].startswith("org_id")
