@@ -3,7 +3,8 @@
 Every command but `up`, `migrate`, `check`, `bench` and `relay` is an admin call to the running
 service's HTTP API. A failure prints one line on stderr (`error: ...`) and exits non-zero, never with a
 traceback: 1 when the command could not do its work, 2 for a usage error, 3 when `parity` or
-`replay` found an org whose memory differs from its journal, or `check` an inconsistency, 130
+`replay` found an org whose memory differs from its journal, `parity usage` an org-hour outside
+its tolerance, or `check` an inconsistency, 130
 when interrupted (Ctrl-C; Typer ends the command with it, and an end of input at a prompt
 ends with it too). `up` runs the service and ends with its codes (serve_app/main.py).
 """
