@@ -10,6 +10,7 @@ import msgspec
 
 from actors.effects import Effects, Event
 from actors.money import LedgerEntry
+from actors.runway import HOUR_S
 from actors.timeutil import US_PER_S
 
 MICROS_PER_CENT = 10_000  # card charges are whole cents
@@ -90,11 +91,16 @@ class Recharge:
         current.threshold_runway_s = threshold_runway_s
         self._maybe_recharge(now_us, fx)
 
-    def recharge_amount(self, balance: int) -> int:
+    def recharge_amount(self, balance: int, now_us: int) -> int:
         """The configured amount, or more when that would not bring the balance above the
-        threshold in one charge; whole cents."""
+        threshold, or (with a runway threshold and something running) the runway up to its
+        threshold, in one charge; whole cents (billing-rules 9.2)."""
         r = self.recharge
         short = r.threshold_micros - balance + 1
+        burn = self.burn_at(now_us) if r.threshold_runway_s and self.prepaid else 0
+        if burn:  # runway >= T  <=>  funds x 3,600 >= T x burn
+            funds = balance + self.quota_remaining_at(now_us)
+            short = max(short, -(-r.threshold_runway_s * burn // HOUR_S) - funds)
         needed = -(-short // MICROS_PER_CENT) * MICROS_PER_CENT
         return min(max(r.amount_micros, needed), MAX_CHARGE_MICROS)
 
@@ -123,7 +129,7 @@ class Recharge:
         r.day_count += 1
         r.last_us = now_us
         r.pending_id = f"ar_{r.seq}"
-        r.pending_micros = self.recharge_amount(balance)
+        r.pending_micros = self.recharge_amount(balance, now_us)
         r.pending_since_us = now_us
         fx.charges.append(self.pending_charge())
 
@@ -148,7 +154,7 @@ class Recharge:
         if r.pending_since_us != now_us or not any(
                 c.org_id == self.org_id and c.charge_id == r.pending_id for c in fx.charges):
             return  # from an earlier instant, or sent already (an earlier commit at this instant)
-        r.pending_micros = max(r.pending_micros, self.recharge_amount(self.balance_micros))
+        r.pending_micros = max(r.pending_micros, self.recharge_amount(self.balance_micros, now_us))
         charge = self.pending_charge()
         fx.charges[:] = [charge if c.org_id == self.org_id and c.charge_id == charge.charge_id else c
                          for c in fx.charges]

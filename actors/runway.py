@@ -27,8 +27,10 @@ def lease_burn_scaled(plan: Plan, lease: Lease) -> int:
                                         cpu_ms=lease.cpu_count * per_hour, disk_mb_ms=lease.disk_mb * per_hour))
 
 
-def burn_micros_per_hour(plan: Plan, leases: list[Lease]) -> int:
-    """µUSD an hour of these leases costs, rounded up (a runway is never overstated)."""
+def burn_micros_per_hour(plan: Plan, leases) -> int:
+    """µUSD an hour of these leases' resources costs, rounded up. Units are not counted (they
+    are billed as they come, and no lease declares them): a lease whose cost is mostly units
+    burns more than this says."""
     return -(-sum(lease_burn_scaled(plan, lease) for lease in leases) // SCALED_PER_MICRO)
 
 
@@ -50,7 +52,10 @@ class Runway:
 
     def burn_at(self, now_us: int) -> int:
         """The burn of the org's live leases, µUSD per hour."""
-        return burn_micros_per_hour(self.plan, self.live_leases(now_us))
+        leases = self.leases
+        if not leases:
+            return 0
+        return burn_micros_per_hour(self.plan, (lease for lease in leases.values() if lease.expires_at_us > now_us))
 
     def runway_at(self, now_us: int) -> int | None:
         """Billing-rules 2.10: seconds until a prepaid org's money runs out at its burn; None
@@ -71,9 +76,16 @@ class Runway:
         self.check_runway(now_us, fx)
 
     def check_runway(self, now_us: int, fx: Effects) -> None:
-        """After every command (billing-rules 2.10): once per fall under the alert."""
+        """After every command (billing-rules 2.10): once per fall under the alert. Re-armed
+        only by a runway at or above it (or the alert off): starting a lease while the money is
+        low again is no new crossing."""
         alert = self.runway_alert_s
-        left = self.runway_at(now_us) if alert else None
+        if not alert:
+            self.runway_armed = True
+            return
+        if self.runway_armed and not self.leases:
+            return  # nothing runs: nothing to say, nothing to re-arm
+        left = self.runway_at(now_us)
         if self.runway_armed:
             if left is not None and left < alert:
                 self.runway_armed = False
@@ -81,5 +93,5 @@ class Runway:
                 fx.events.append(Event("balance.runway_low", self.org_id, now_us, {
                     "threshold_s": alert, "runway_s": left, "burn_micros_per_hour": self.burn_at(now_us),
                     "balance_micros": self.balance_at(now_us), "lease_ids": [lease.lease_id for lease in leases]}))
-        elif left is None or left >= alert:
+        elif left is not None and left >= alert:
             self.runway_armed = True

@@ -276,8 +276,8 @@ def _runway_text(runway: dict) -> str:
     """Billing-rules 2.10: how long the money lasts at the burn of the live leases."""
     if runway.get("runway_s") is None:
         return "none (nothing running, or billed afterwards)"
-    return (f"{runway['runway_s'] // 60} min at {usd(runway['burn_micros_per_hour'])}/h,"
-            f" runs out {when(runway['runs_out_at'])}")
+    ends = f", runs out {when(runway['runs_out_at'])}" if runway["runs_out_at"] else ""
+    return f"{runway['runway_s'] // 60} min at {usd(runway['burn_micros_per_hour'])}/h{ends}"
 
 
 def _recharge_text(recharge: dict) -> str:

@@ -32,7 +32,7 @@ KIND_LABELS = {
     "signup_grant": "Signup credit", "grant": "Promotional credit", "topup": "Top-up",
     "usage": "Usage", "refund": "Refund", "expiration": "Expired credit", "adjustment": "Adjustment",
     "auto_recharge": "Auto-recharge", "refund_reversal": "Refund reversed", "dispute": "Payment disputed",
-    "dispute_reversal": "Dispute reversed",
+    "dispute_reversal": "Dispute reversed", "import": "Imported",
 }
 
 # What a redirect back to the page may ask it to say (?notice=...); anything else says nothing.
@@ -188,7 +188,9 @@ def runway_card(org: dict) -> str:
     low = runway["runway_s"] < (org.get("alerts") or {}).get("runway_alert_s", 0)
     return (f'<div class="card{" warn" if low else ""}" id="runway">Runway<b data-seconds="{runway["runway_s"]}">'
             f'{escape(duration(runway["runway_s"]))}</b><span class="muted">at {money(runway["burn_micros_per_hour"])}'
-            f' an hour for what runs now · runs out {escape(when(runway["runs_out_at"]))}</span></div>')
+            f' an hour for what runs now'
+            + (f' · runs out {escape(when(runway["runs_out_at"]))}' if runway["runs_out_at"] else "")
+            + '</span></div>')
 
 
 def grants_table(org: dict) -> str:

@@ -266,8 +266,13 @@ def _checkout(session: dict, catalog: Catalog) -> list[Command]:
     # Without metergate's own credit_micros (a payment link), the credit is what was paid less
     # any tax: tax is never credit. The credit keeps what was paid: its refunds take their share
     # of it (billing-rules 3.0); a session paid nothing (a 100 % coupon) keeps nothing.
-    total = session.get("amount_total") if metadata.get("credit_micros") else session["amount_total"]
-    paid = None if total is None else _cents(total, "amount_total", low=0) or None
+    if metadata.get("credit_micros"):  # metergate's own Checkout: the credit is named; what was paid, if readable
+        try:
+            paid = _cents(session.get("amount_total"), "amount_total", low=0) or None
+        except EventError:
+            paid = None  # a refund of it then takes what it names (billing-rules 3.0)
+    else:
+        paid = _cents(session["amount_total"], "amount_total", low=0) or None
     if metadata.get("credit_micros"):
         amount = _micros(metadata["credit_micros"], "metadata.credit_micros")
     else:

@@ -16,7 +16,7 @@ from actors.leases import Lease
 from actors.metering import SCALED_PER_MICRO
 from actors.org import MICROS_PER_CENT, OrgState
 from actors.recharge import AutoRecharge
-from actors.timeutil import us_to_rfc3339
+from actors.timeutil import MAX_PLAUSIBLE_S, US_PER_S, us_to_rfc3339
 from storage.ledger import Entry
 from storage.orgs import OrgRow
 from storage.inbound_webhooks import InboundEvent
@@ -148,11 +148,18 @@ def org_view(state: OrgState) -> dict:
         "auto_recharge": recharge_view(state.recharge),
         "alerts": {"low_balance_micros": state.low_balance_micros, "runway_alert_s": state.runway_alert_s},
         "runway": {"burn_micros_per_hour": state.burn_micros_per_hour, "runway_s": state.runway_s,
-                   "runs_out_at": None if state.runway_s is None
-                   else us_to_rfc3339(state.as_of_us + state.runway_s * 1_000_000)},
+                   "runs_out_at": runs_out_at(state)},
         "has_payment_method": state.has_payment_method,
         "created_at": us_to_rfc3339(state.created_us),
     }
+
+
+def runs_out_at(state: OrgState) -> str | None:
+    """When the money runs out at the present burn; None with no runway, or past the last
+    instant this service writes (a tiny burn on a large balance: centuries)."""
+    if state.runway_s is None or state.as_of_us // US_PER_S + state.runway_s >= MAX_PLAUSIBLE_S:
+        return None
+    return us_to_rfc3339(state.as_of_us + state.runway_s * US_PER_S)
 
 
 def recharge_view(r: AutoRecharge | None) -> dict:

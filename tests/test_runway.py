@@ -106,8 +106,57 @@ def test_the_runway_alert_is_set_per_org_and_off_at_zero():
     o.run(SetAlerts(-1, 60))  # 100 µUSD at 66,600 an hour: 5 seconds, under 60
     assert o.events() == [{"threshold_s": 60, "runway_s": 5, "burn_micros_per_hour": SANDBOX_HOUR,
                            "balance_micros": 100, "lease_ids": ["ls_a"]}]
-    o.run(ReleaseLease("ls_a"))  # nothing runs: no runway, re-armed
-    assert o.org.runway_at(o.now) is None and o.org.runway_armed
+    o.run(ReleaseLease("ls_a"))  # nothing runs: no runway; still disarmed
+    assert o.org.runway_at(o.now) is None and not o.org.runway_armed
+    o.rebuilt()
+
+
+def test_starting_leases_again_while_the_money_is_low_is_no_new_crossing():
+    """A CI org that starts and stops short sandboxes gets one event, not one per sandbox."""
+    o = Org()
+    big = Resources(memory_mb=65_536, cpu_count=32)  # 2.6 USD an hour: 5 USD last under 2 hours
+    for n in range(5):
+        o.run(AcquireLease(f"ls_{n}", big, 600))
+        o.run(ReleaseLease(f"ls_{n}"))
+    assert len(o.events()) == 0  # 5 USD at 2.6 USD/h: 6,793 s, above the hour
+    o.run(SetAlerts(-1, 3 * 3_600))
+    for n in range(5, 10):
+        o.run(AcquireLease(f"ls_{n}", big, 600))
+        o.run(ReleaseLease(f"ls_{n}"))
+    assert [e["lease_ids"] for e in o.events()] == [["ls_5"]]
+    o.run(Credit("grant", 10 * US))  # 15 USD: 5.7 hours at that burn
+    o.run(AcquireLease("ls_10", big, 600))  # runs above the alert: re-armed
+    assert o.org.runway_armed and len(o.events()) == 1
+    o.rebuilt()
+
+
+def test_the_org_view_survives_a_runway_of_centuries():
+    """1 MB of disk burns 1 µUSD an hour: 75 USD last 270,000,000,000 s, past any date."""
+    from serve_app.views import org_view
+
+    o = Org()
+    o.run(Credit("grant", 70 * US))
+    o.run(AcquireLease("ls_a", Resources(disk_mb=1), 600))
+    runway = org_view(o.org.state(o.now))["runway"]
+    assert runway == {"burn_micros_per_hour": 1, "runway_s": 75 * US * 3_600, "runs_out_at": None}
+
+
+def test_a_charge_asked_for_on_the_runway_brings_it_back_to_its_threshold_at_once():
+    """0.50 USD would buy 11 minutes at 2.65 USD an hour: the charge is what brings the runway
+    back to 24 hours (63.67 USD, whole cents), so the card is charged once, not every minute."""
+    o = Org(card=True)
+    big = Resources(memory_mb=65_536, cpu_count=32)
+    o.run(AcquireLease("ls_a", big, 3_600))
+    burn = o.org.burn_at(o.now)
+    o.run(SetAutoRecharge(True, 1, 500_000, 100, 0, False, 86_400))
+    (charge,) = o.fx.charges
+    needed = -(-(86_400 * burn // 3_600 - 5 * US) // 10_000) * 10_000
+    assert charge.amount_micros == needed > 500_000
+    o.run(SettleRecharge.of_payment(charge.charge_id, True, charge.amount_micros, "pi_ar_1"))
+    assert o.org.runway_at(o.now) >= 86_400
+    o.spend(1_000)
+    o.run(AcquireLease("ls_a", big, 3_600))
+    assert len(o.fx.charges) == 1
     o.rebuilt()
 
 

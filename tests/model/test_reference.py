@@ -418,11 +418,15 @@ def test_runway_low_once_per_crossing():
     assert o.take_effects()["events"] == [("balance.runway_low", {
         "threshold_s": 3_600, "runway_s": 3_599, "burn_micros_per_hour": burn, "balance_micros": burn - 1,
         "lease_ids": ["l1", "l2"]})]
-    ops(o, T0 + 3 * S, 1, "t3")                   # still under: nothing
+    ops(o, T0 + 3 * S, 70_000, "t3")              # still under (63,415 left): nothing
     assert o.take_effects()["events"] == []
+    o.apply(T0 + 4 * S, {"type": "release", "lease_id": "l2"})  # l1 alone: 3,422 s, still under
     o.apply(T0 + 4 * S, {"type": "release", "lease_id": "l1"})
-    o.apply(T0 + 4 * S, {"type": "release", "lease_id": "l2"})
-    assert o.observe()["runway_armed"] is True     # nothing runs: re-armed
+    assert o.observe()["runway_armed"] is False    # nothing runs: no runway, still disarmed
+    o.apply(T0 + 5 * S, {"type": "acquire", "lease_id": "l3", "resources": RES, "ttl_s": 3_600})
+    assert o.take_effects()["events"] == []        # low again at once: no new crossing
+    o.apply(T0 + 6 * S, credit("grant", 1_000_000))  # 15 hours at l3's burn: re-armed
+    assert o.observe()["runway_armed"] is True
 
 
 # ---------------------------------------------------------------------------------------- periods
