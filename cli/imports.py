@@ -160,7 +160,7 @@ def stripe_lines() -> Iterator[tuple[int, dict | str]]:
     `metadata.org_id` (a customer without one is skipped as a bad line), its email, its credit
     balance (Stripe's customer balance, negative when it is credit) and its live credit grants
     (`paid` ones as topup, `promotional` as grant), a card on file if it has a default payment
-    method; `metadata.tier`, `metadata.plan_id` and `metadata.billing_mode` when there."""
+    method (none leaves the org's as it is); `metadata.tier`, `metadata.plan_id` and `metadata.billing_mode` when there."""
     from config.settings import SettingsError, load_settings, stripe_client
 
     try:
@@ -171,7 +171,7 @@ def stripe_lines() -> Iterator[tuple[int, dict | str]]:
         raise CliError("--from-stripe needs METERGATE_STRIPE_SECRET_KEY")
     now_s = time.time()
     for number, customer in enumerate(client.customers.list({"limit": 100}).auto_paging_iter(), start=1):
-        yield number, _line_of(client, customer, now_s)
+        yield number, _line_of(client, customer.to_dict(), now_s)
 
 
 def _line_of(client, customer, now_s: float) -> dict | str:
@@ -180,7 +180,8 @@ def _line_of(client, customer, now_s: float) -> dict | str:
     if not org_id:
         return f"customer {customer['id']}: no metadata.org_id"
     grants = []
-    for grant in client.billing.credit_grants.list({"customer": customer["id"], "limit": 100}).auto_paging_iter():
+    listed = client.billing.credit_grants.list({"customer": customer["id"], "limit": 100}).auto_paging_iter()
+    for grant in (g.to_dict() for g in listed):
         if grant.get("voided_at") or (grant.get("expires_at") and grant["expires_at"] <= now_s):
             continue
         monetary = (grant.get("amount") or {}).get("monetary") or {}
@@ -194,8 +195,9 @@ def _line_of(client, customer, now_s: float) -> dict | str:
     invoice_settings = customer.get("invoice_settings") or {}
     line = {"org_id": org_id, "email": customer.get("email") or f"{org_id}@unknown.invalid",
             "source_id": customer["id"], "stripe_customer_id": customer["id"],
-            "balance_micros": credit + sum(g["amount_micros"] for g in grants), "grants": grants,
-            "card_on_file": bool(invoice_settings.get("default_payment_method") or customer.get("default_source"))}
+            "balance_micros": credit + sum(g["amount_micros"] for g in grants), "grants": grants}
+    if invoice_settings.get("default_payment_method") or customer.get("default_source"):
+        line["card_on_file"] = True  # none in Stripe says nothing of a card metergate may hold
     for name in ("tier", "plan_id", "billing_mode"):
         if metadata.get(name):
             line[name] = metadata[name]

@@ -28,7 +28,7 @@ MAX_IMPORT_ORGS = 100  # per request; the CLI sends a file in chunks of at most 
 MAX_IMPORT_GRANTS = 100  # per org
 SourceId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@/+-]+$")]
 Amount = Annotated[int, Field(ge=-MAX_AMOUNT_MICROS, le=MAX_AMOUNT_MICROS)]
-Time = Annotated[str, Field(min_length=1, max_length=40)]
+Time = Annotated[str, Field(min_length=1, max_length=40)] | Annotated[int, Field(ge=0, le=10**11)]  # RFC 3339 or Unix s
 
 
 class ImportGrant(StrictModel):
@@ -127,7 +127,7 @@ def import_of(raw: dict, catalog: Catalog, settings: Settings, now_us: int) -> t
     return line.org_id, command, line.stripe_customer_id
 
 
-def _time(value: str | None, field: str) -> int | None:
+def _time(value: str | int | None, field: str) -> int | None:
     if value is None:
         return None
     try:

@@ -25,6 +25,8 @@ For tests:
   subscription item on one shows it whole (lookup key, metadata) as Stripe does; an archived
   price is refused to a Checkout and a subscription update, as Stripe does;
   POST /_fake/prices {"refuse_archive_next": n} refuses the next n archivings (active=false);
+- billing credit grants (localstripe has none): POST /v1/billing/credit_grants (monetary, paid or
+  promotional, optional expires_at) and GET /v1/billing/credit_grants?customer=;
 - POST /v1/billing/meters makes a meter (listed with those of the events sent, which have the
   shape metergate's meter has);
 - a restricted key named `rk_test_readonly…` may read but not write (403, as Stripe answers a
@@ -396,6 +398,33 @@ async def create_meter(request: web.Request) -> web.Response:
     return web.json_response(created_meters[name])
 
 
+credit_grants: dict[str, dict] = {}
+
+
+async def create_credit_grant(request: web.Request) -> web.Response:
+    """POST /v1/billing/credit_grants (localstripe has no billing credit grants): a monetary
+    grant of a customer, `category` paid or promotional, optional `expires_at`."""
+    params = nested(urllib.parse.parse_qsl(await request.text()))
+    monetary = (params.get("amount") or {}).get("monetary") or {}
+    grant_id = f"credgr_test_{next(counter)}"
+    credit_grants[grant_id] = {
+        "id": grant_id, "object": "billing.credit_grant", "customer": params.get("customer"),
+        "category": params.get("category", "paid"), "name": params.get("name"), "livemode": False,
+        "amount": {"type": "monetary", "monetary": {"value": int(monetary.get("value", 0)),
+                                                     "currency": monetary.get("currency", "usd")}},
+        "expires_at": int(params["expires_at"]) if params.get("expires_at") else None, "voided_at": None,
+        "created": int(time.time()), "metadata": params.get("metadata") or {}}
+    return web.json_response(credit_grants[grant_id])
+
+
+async def list_credit_grants(request: web.Request) -> web.Response:
+    """GET /v1/billing/credit_grants?customer=: the customer's grants, newest first (one page)."""
+    customer = request.query.get("customer")
+    found = [g for g in reversed(credit_grants.values()) if customer in (None, g["customer"])]
+    return web.json_response({"object": "list", "url": "/v1/billing/credit_grants", "has_more": False,
+                              "data": found})
+
+
 def _boolean(value) -> bool:
     return str(value).lower() == "true"
 
@@ -646,6 +675,8 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_route("*", "/_fake/payment_methods", method_list_control)
     application.router.add_route("*", "/_fake/meter_events", meter_control)
     application.router.add_post("/v1/billing/meters", create_meter)
+    application.router.add_post("/v1/billing/credit_grants", create_credit_grant)
+    application.router.add_get("/v1/billing/credit_grants", list_credit_grants)
     application.router.add_post("/v1/prices", create_price)
     application.router.add_get("/v1/prices", list_prices)
     application.router.add_route("*", "/v1/prices/{id}", price)
