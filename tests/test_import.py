@@ -215,4 +215,5 @@ def test_from_stripe_imports_customers_with_their_credit_balance_and_credit_gran
     assert sql.val("SELECT customer_id FROM stripe_customers WHERE org_id = $1", f"{prefix}_1") == customer.id
     again = run()
     assert again["created"] == 0 and again["updated"] == 0
+    assert not [bad for bad in again["bad_lines"] if bad["org_id"] == f"{prefix}_1"], again["bad_lines"]
     assert admin.get(f"/v1/orgs/{prefix}_1").json()["balance_micros"] == org["balance_micros"]
