@@ -19,7 +19,7 @@ from actors.refusals import BillingError, UnknownPlan
 from config.catalog import Catalog
 
 if TYPE_CHECKING:
-    from actors.commands import ImportOrg
+    from actors.commands import ImportOrg, SetAutoRecharge
 
 MAX_IMPORTED_IDS_PER_ORG = 1_000  # source ids an org remembers (never forgotten: a re-run would book twice)
 IMPORT_KEY_PREFIX = "import:"  # the ledger key of an imported amount: import:<source id>
@@ -113,7 +113,7 @@ def _refuse_past_caps(org: OrgBillingActor, command: ImportOrg) -> None:
                             f"{len(org.imported_ids or ())} and the import adds {new_ids}")
 
 
-def _recharge_differs(org: OrgBillingActor, settings) -> bool:
+def _recharge_differs(org: OrgBillingActor, settings: SetAutoRecharge) -> bool:
     current = org.recharge
     if not settings.enabled:
         return current is not None and current.enabled
