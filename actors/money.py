@@ -204,6 +204,8 @@ class Money:
             # credited and lapses at once, so the ledger shows both.
             self._expire_grants(now_us, fx)
             return entry
+        if payment_id is not None and paid_micros is not None and entry_kind is None:
+            self._remember_paid(payment_id, amount_micros, paid_micros)
         if payment_id is not None:
             if grant is not None:
                 self._apply_waiting_refunds(grant, amount_micros, paid_micros, now_us, fx)

@@ -131,11 +131,13 @@ class OrgSnapshot(msgspec.Struct, array_like=True, tag=SNAPSHOT_VERSION):
     runway_alert_s: int = DEFAULT_RUNWAY_ALERT_S  # the balance.runway_low alert (billing-rules 2.10); 0: off
     runway_armed: bool = True
     imported_ids: list[str] | None = None  # the source ids of the amounts imported (billing-rules 2.11)
+    paid_credits: dict[str, list[int]] | None = None  # payment id -> [its credit, what was paid] (3.0)
 
 
 # Snapshot fields that are copied as they are; the plans and the lists of records need converting.
 _SNAPSHOT_COPIED_FIELDS = ("plan_id", "plan_version", "grants", "leases", "refunds", "ended_leases", "disputes",
-                           "subscriptions", "settled_invoices", "lapsed", "dunning", "plans", "imported_ids")
+                           "subscriptions", "settled_invoices", "lapsed", "dunning", "plans", "imported_ids",
+                           "paid_credits")
 _SNAPSHOT_PLAIN_FIELDS = tuple(
     name for name in OrgSnapshot.__struct_fields__ if name not in _SNAPSHOT_COPIED_FIELDS)
 
@@ -189,7 +191,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
         "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
         "low_balance_armed", "disputes", "subscriptions", "settled_invoices", "lapsed", "runway_alert_s",
-        "runway_armed", "imported_ids",
+        "runway_armed", "imported_ids", "paid_credits",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -231,6 +233,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         self.settled_invoices: list[str] | None = None  # the latest invoices settled, oldest first
         self.lapsed: dict[str, int] | None = None  # payment id -> what of its credit expired unused
         self.imported_ids: list[str] | None = None  # source ids of imported amounts, never forgotten (2.11)
+        self.paid_credits: dict[str, list[int]] | None = None  # payment id -> [credit, paid], latest 1,000 (3.0)
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -368,6 +371,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
             settled_invoices=list(self.settled_invoices) if self.settled_invoices else None,
             lapsed=dict(self.lapsed) if self.lapsed else None,
             imported_ids=list(self.imported_ids) if self.imported_ids else None,
+            paid_credits={k: list(v) for k, v in self.paid_credits.items()} if self.paid_credits else None,
             **{name: getattr(self, name) for name in _SNAPSHOT_PLAIN_FIELDS})
 
     @classmethod
@@ -407,6 +411,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         org.disputes, org.subscriptions, org.settled_invoices = snap.disputes, snap.subscriptions, snap.settled_invoices
         org.lapsed = snap.lapsed
         org.imported_ids = snap.imported_ids
+        org.paid_credits = snap.paid_credits
         # Shared strings: thousands of orgs hold the same period key and tier.
         org.org_id, org.tier, org.period_key = (sys.intern(snap.org_id), sys.intern(snap.tier),
                                                 sys.intern(snap.period_key))

@@ -26,6 +26,7 @@ MAX_REFUNDS_WAITING = 100
 DISPUTE_MEMORY_S = 400 * 86_400  # a dispute can be reinstated months after its withdrawal
 MAX_DISPUTES_KEPT = 1_000
 MAX_LAPSED_KEPT = 1_000  # payments whose credit lapsed (in part) unused, the latest first kept
+MAX_PAID_KEPT = 1_000  # payments whose credit and total the org remembers (billing-rules 3.0)
 
 
 class RefundRecord(msgspec.Struct, array_like=True):
@@ -77,6 +78,7 @@ class Refunds:
         self._remember_refund(record)
         if not grants:
             return None, False
+        credited_micros, paid_micros = self._paid_of(payment_id, credited_micros, paid_micros)
         entry = self._claw_back(grants, credit_share(amount_micros, credited_micros, paid_micros), note, now_us, fx,
                                 record=record)
         if entry is not None:
@@ -169,13 +171,14 @@ class Refunds:
         if self.recharge is None:
             self.recharge = AutoRecharge(False, 0, 0, 1, 0)
         self.recharge.paused = "disputed"
-        if command.credited_micros == 0:
+        credited, paid = self._paid_of(command.payment_id, command.credited_micros, command.paid_micros)
+        if credited == 0:
             # No credit of the payment is known (yet): the credit, if it comes, meets the dispute.
             record.waiting, record.amount_micros, record.key = True, command.amount_micros, command.idempotency_key
             return None, False
         lapsed = max(command.lapsed_micros, (self.lapsed or {}).get(command.payment_id, 0))
-        disputed = credit_share(command.amount_micros, command.credited_micros, command.paid_micros)
-        entry = self._withdraw(record, command.payment_id, disputed, command.credited_micros - lapsed,
+        disputed = credit_share(command.amount_micros, credited, paid)
+        entry = self._withdraw(record, command.payment_id, disputed, credited - lapsed,
                                command.grant_id, command.note, now_us, fx)
         if entry is not None:
             self._halt_if_out_of_money(now_us, fx)
@@ -228,6 +231,21 @@ class Refunds:
             if record.waiting and now_us - record.at_us > REFUND_WAIT_S * US_PER_S:
                 record.waiting = False
         self.refunds = kept or None
+
+    def _paid_of(self, payment_id: str, credited_micros: int, paid_micros: int | None) -> tuple[int, int | None]:
+        """A payment's credit and what was paid for it (billing-rules 3.0): as the org remembers
+        them from the credit, else as the refund or dispute names them (read by the edge from
+        the credit's ledger entry, which may be older than the credit the org already holds)."""
+        known = (self.paid_credits or {}).get(payment_id)
+        return (known[0], known[1]) if known is not None else (credited_micros, paid_micros)
+
+    def _remember_paid(self, payment_id: str, credited_micros: int, paid_micros: int) -> None:
+        paid = self.paid_credits or {}
+        paid.pop(payment_id, None)
+        paid[payment_id] = [credited_micros, paid_micros]
+        while len(paid) > MAX_PAID_KEPT:
+            del paid[next(iter(paid))]
+        self.paid_credits = paid
 
     def _note_lapsed(self, payment_id: str, micros: int) -> None:
         """What of a payment's credit expired unused (a dispute does not take it again)."""

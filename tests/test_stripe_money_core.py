@@ -506,6 +506,19 @@ def test_a_refund_of_a_taxed_payment_takes_its_share_of_the_credit_never_the_tax
     o.rebuilt()
 
 
+def test_a_refund_whose_facts_were_read_before_its_credit_committed_still_takes_only_its_share():
+    """The edge read the ledger while the credit was being committed: the refund names no
+    credit (credited 0, paid unknown), but the org holds the credit and what was paid for it."""
+    o = Org(signup_micros=0)
+    taxed(o, "pi_1")
+    o.send("refund.created", refund("re_1", "pi_1", 550, "succeeded"), T0 + 1, Facts(ORG_ID))
+    assert o.ledger("refund") == [("refund", -5_000_000)]
+    o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 550), T0 + 2, Facts(ORG_ID))
+    assert o.ledger("dispute") == [("dispute", -5_000_000)]  # taken, not left waiting for a credit
+    assert o.org.balance_micros == 0
+    o.rebuilt()
+
+
 def test_a_refund_before_its_taxed_credit_takes_its_share_when_the_credit_comes():
     o = Org(signup_micros=0)
     o.send("refund.created", refund("re_1", "pi_1", 1_100, "succeeded"), T0, Facts(ORG_ID))

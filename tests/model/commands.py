@@ -125,7 +125,8 @@ class Commands:
                 self.waiting_refunds.pop(0)
             return {"clawed_micros": 0}
         first = mine[0]
-        c = self._take_in_order(mine, share(amount, int(cmd.get("credited_micros", 0)), cmd.get("paid_micros")))
+        credited, paid = self.paid_credits.get(pid, (int(cmd.get("credited_micros", 0)), cmd.get("paid_micros")))
+        c = self._take_in_order(mine, share(amount, credited, paid))
         if c == 0:
             return {"clawed_micros": 0}
         self.refund_taken[rid] = (c, first.kind, first.expires_at_us, pid)
@@ -176,13 +177,13 @@ class Commands:
             self.recharge = Recharge(False, 0, 0, 1, 0)
         self.recharge.paused = "disputed"  # 3.6: only an operator's settings lift it
         pid = cmd["payment_id"]
-        if int(cmd["credited_micros"]) == 0:  # 3.6: waits for the payment's credit
+        # 3.0: C and P as the org remembers them, else as the dispute names them.
+        credited, paid = self.paid_credits.get(pid, (int(cmd["credited_micros"]), cmd.get("paid_micros")))
+        if credited == 0:  # 3.6: waits for the payment's credit
             d["waiting"], d["D"], d["payment"] = True, int(cmd["amount_micros"]), pid
             return {}
         lapsed = max(int(cmd.get("lapsed_micros", 0)), self.lapsed.get(pid, 0))
-        credited = int(cmd["credited_micros"])
-        entry = self._dispute_takes(d, pid, share(int(cmd["amount_micros"]), credited, cmd.get("paid_micros")),
-                                    credited - lapsed)
+        entry = self._dispute_takes(d, pid, share(int(cmd["amount_micros"]), credited, paid), credited - lapsed)
         if entry is None:
             return {}
         self._halt_check(now)

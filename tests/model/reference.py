@@ -110,6 +110,7 @@ class RefOrg(Commands):
         self.reversed_refunds: set[str] = set()
         self.disputes: dict[str, dict] = {}          # dispute id -> what rule 3.6 remembers
         self.lapsed: dict[str, int] = {}             # payment id -> what of its credit lapsed (rule 2.6)
+        self.paid_credits: dict[str, tuple] = {}     # payment id -> (A, P) of its credit (rules 2.3 step 7, 3.0)
 
         # subscriptions (rule 7.7), in the order of their latest report
         self.subscriptions: dict[str, dict] = {}
@@ -259,6 +260,11 @@ class RefOrg(Commands):
             self._expire_grants(now, in_settle=in_settle, always_check=True)
             return entry
         # 7.
+        if payment_id is not None and paid is not None and entry_kind is None:
+            self.paid_credits.pop(payment_id, None)     # remembered anew, the latest 1,000 kept
+            self.paid_credits[payment_id] = (amount, paid)
+            while len(self.paid_credits) > 1_000:
+                del self.paid_credits[next(iter(self.paid_credits))]
         if grant is not None and payment_id is not None:
             self._apply_waiting_refunds(now, grant, amount, paid)
         if payment_id is not None:

@@ -396,12 +396,16 @@ def test_a_refund_takes_its_share_of_a_taxed_credit():
     facts = {"credited_micros": 10_000_000, "paid_micros": 11_000_000}
     assert o.apply(T0 + S, {**refund("re_1", "pi_1", 5_500_000), **facts}) == {"clawed_micros": 5_000_000}
     assert o.apply(T0 + S, {**refund("re_2", "pi_1", 1_000_000), **facts}) == {"clawed_micros": 909_090}
-    # Not knowing what was paid, a refund takes what it names.
-    assert o.apply(T0 + S, refund("re_3", "pi_1", 1_000_000)) == {"clawed_micros": 1_000_000}
+    # The org remembers the credit's A and P: a refund naming none (the edge read the ledger
+    # before the credit was in it) still takes its share.
+    assert o.apply(T0 + S, refund("re_3", "pi_1", 1_000_000)) == {"clawed_micros": 909_090}
+    # Not knowing what was paid at all, a refund takes what it names.
+    o.apply(T0 + S, credit("topup", 2_000_000, None, "pi_2"))
+    assert o.apply(T0 + S, refund("re_5", "pi_2", 1_000_000)) == {"clawed_micros": 1_000_000}
     # One before its credit takes its share of the credit when it comes.
     o.apply(T0 + S, refund("re_4", "pi_4", 11_000_000))
     o.apply(T0 + 2 * S, {**credit("topup", 10_000_000, None, "pi_4"), "paid_micros": 11_000_000})
-    assert o.take_effects()["ledger"][-1] == ("refund", -10_000_000, "gr_3", None, 0)
+    assert o.take_effects()["ledger"][-1] == ("refund", -10_000_000, "gr_4", None, 0)
 
 
 def test_runway_low_once_per_crossing():
