@@ -199,8 +199,9 @@ class Recharge:
                 "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,
                 "balance_micros": self.balance_micros}))
             return entry
-        if current and r.paused != "disputed":  # a dispute's pause stays the operator's to lift
-            r.paused = "payment_failed"
+        if current:  # told in any case; a dispute's pause stays the operator's to lift (rule 9.4)
+            if r.paused != "disputed":
+                r.paused = "payment_failed"
             fx.events.append(Event("auto_recharge.failed", self.org_id, now_us, {
                 "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,
                 "reason": reason or "payment_failed", "balance_micros": self.balance_micros}))

@@ -408,6 +408,9 @@ def test_a_failure_of_a_settle_keeps_the_dispute_pause():
     o.send("charge.dispute.funds_withdrawn", dispute("dp_1", "pi_1", 200), T0 + 2 * US_PER_S, facts)
     execute(o.org, SettleRecharge.of_payment(charge, False, 10_000_000, "pi_ar", "card_declined"), CATALOG,
             T0 + 3 * US_PER_S, o.fx)
+    # Rule 9.4: the failure of the charge in flight is told, the dispute's pause stays.
+    (failed,) = [e.data for e in o.fx.events if e.type == "auto_recharge.failed"]
+    assert (failed["charge_id"], failed["reason"]) == (charge, "card_declined")
     execute(o.org, SetAutoRecharge(True, 5_000_000, 10_000_000, 3, 0), CATALOG, T0 + 4 * US_PER_S, o.fx)
     assert o.org.recharge.paused == "disputed" and o.org.recharge.pending_id is None
 
