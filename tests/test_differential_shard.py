@@ -45,6 +45,8 @@ REFUSALS = {"idempotency_conflict": "conflict", "lease_ended": "lease_ended", "u
 def shard_result(kind: str, answer: dict) -> dict:
     """The shard's answer in the model's terms (tests/differential.py's EngineOrg does the same
     for `execute`'s outcomes)."""
+    if kind == "import":  # billing-rules 2.11: refused whole, or what it changed
+        return {"refused": True} if "error" in answer else {"changed": answer["changed"]}
     if "error" in answer:
         code = answer["error"]["code"]
         return {"refused": REFUSALS.get(code, answer["error"]["message"])}
