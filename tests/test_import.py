@@ -11,12 +11,10 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
 
 from tests.helpers import ADMIN_TOKEN
 
 METERGATE = Path(sys.executable).parent / "metergate"
-pytestmark = pytest.mark.usefixtures("service")
 
 
 def cli(service, *args: str) -> subprocess.CompletedProcess:
@@ -217,3 +215,22 @@ def test_from_stripe_imports_customers_with_their_credit_balance_and_credit_gran
     assert again["created"] == 0 and again["updated"] == 0
     assert not [bad for bad in again["bad_lines"] if bad["org_id"] == f"{prefix}_1"], again["bad_lines"]
     assert admin.get(f"/v1/orgs/{prefix}_1").json()["balance_micros"] == org["balance_micros"]
+
+
+def test_metergate_check_matches_an_imported_grant_to_its_import_entry():
+    """actors/check.py: a grant made by an import is held to its `import` ledger entry (its
+    kind is the grant's, not the entry's), and one without it is still a finding."""
+    from actors.check import GrantEntry, Invariant, check_grants
+    from actors.commands import ImportAmount, ImportOrg, execute
+    from actors.effects import Effects
+    from config.catalog import load_catalog
+    from config.settings import DEFAULT_CATALOG
+
+    fx = Effects()
+    org = execute(None, ImportOrg("a@example.com", [ImportAmount("g1", "grant", 5_000_000, 1_924_992_000_000_000),
+                                                    ImportAmount("o:balance", "adjustment", 7)]),
+                  load_catalog(DEFAULT_CATALOG), 1_800_000_000_000_000, fx, org_id="org_check").org
+    entries = [GrantEntry(e.grant_id, e.kind, e.amount_micros, e.expires_at_us) for _, e in fx.ledger if e.grant_id]
+    assert [e.kind for e in entries] == ["import", "import"]
+    assert check_grants(org, entries) == []
+    assert [f.invariant for f in check_grants(org, entries[1:])] == [Invariant.GRANT_HAS_CREDIT]
