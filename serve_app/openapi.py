@@ -248,7 +248,7 @@ class AlertsView(msgspec.Struct):
 
 class RunwayView(msgspec.Struct):
     """Billing-rules 2.10: the live leases' burn, and how long the money lasts at it (null:
-    postpaid, or nothing running)."""
+    postpaid, or nothing running; `runs_out_at` also null past 2100)."""
 
     burn_micros_per_hour: int
     runway_s: int | None

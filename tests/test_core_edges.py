@@ -179,7 +179,7 @@ def test_a_charge_is_sized_in_whole_cents_strictly_above_the_threshold():
     other = armed(threshold=5 * US + 10_000, amount=500_000)  # short by exactly one cent + 1 µUSD
     assert other.pending_charge().amount_micros == 500_000  # the amount covers it
     # 1.01 USD short leaves the balance exactly at the threshold: one more cent
-    assert other.recharge_amount(5 * US - 9_999) == 500_000 and other.recharge_amount(4 * US) == 1_020_000
+    assert other.recharge_amount(5 * US - 9_999, T0) == 500_000 and other.recharge_amount(4 * US, T0) == 1_020_000
 
 
 def test_the_daily_cap_and_a_settlement_emit_their_documented_payloads():

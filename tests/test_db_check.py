@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import shard_upkeep as shard_module
+from actors import shard_residency as shard_module
 from actors.commands import AcquireLease, CreateOrg, Credit, Halt, RefundPayment, Resume, fingerprint
 from actors.formats import decode_snapshot, encode_snapshot
 from actors.org import OrgBillingActor, Resources

@@ -789,8 +789,9 @@ def test_refund_that_takes_the_balance_to_zero_halts_a_prepaid_org_with_its_leas
     assert org.grants is None
     assert org.halted == "balance"
     assert ledger_of(fx) == [("refund", -1_500_000)]
-    [halted] = fx.events
+    halted, runway = fx.events  # and, the lease still held, its runway of 0 (billing-rules 2.10)
     assert halted.data == {"reason": "balance", "lease_ids": ["ls_1"], "balance_micros": 0}
+    assert (runway.type, runway.data["runway_s"], runway.data["lease_ids"]) == ("balance.runway_low", 0, ["ls_1"])
 
 
 def test_refund_larger_than_the_balance_becomes_debt_paid_by_the_next_credit():
