@@ -59,6 +59,8 @@ def import_orgs(
     if (file is None) == (not from_stripe):
         raise CliError("name a FILE or --from-stripe (one of them)", exit_code=2)
     out = Output(as_json)
+    if from_stripe and not dry_run:
+        print(STRIPE_STILL_HOLDS, file=sys.stderr)
     lines = stripe_lines() if from_stripe else file_lines(file)
     tally = Tally()
     with Api(url, token_file) as api:
@@ -155,6 +157,12 @@ def file_lines(path: str) -> Iterator[tuple[int, dict | str]]:
             yield number, line if isinstance(line, dict) else "not a JSON object"
 
 
+STRIPE_STILL_HOLDS = (
+    "note: Stripe still holds these customers' credit balances and credit grants after the import, and applies "
+    "them to their invoices as well; void the grants and zero the balances in Stripe once the orgs are billed "
+    "by metergate (docs/operations/import.md)")
+
+
 def stripe_lines() -> Iterator[tuple[int, dict | str]]:
     """Stripe's customers as import lines, numbered in the order Stripe lists them: the org of
     `metadata.org_id` (a customer without one is skipped as a bad line), its email, its credit
@@ -174,21 +182,34 @@ def stripe_lines() -> Iterator[tuple[int, dict | str]]:
         yield number, _line_of(client, customer.to_dict(), now_s)
 
 
+def _left_of(client, customer_id: str, grant_id: str) -> int:
+    """What is left of a credit grant, in cents: its amount less what invoices used (Stripe's
+    credit balance summary of that grant), never the amount it was issued for."""
+    summary = client.v1.billing.credit_balance_summary.retrieve(
+        {"customer": customer_id, "filter": {"type": "credit_grant", "credit_grant": grant_id}}).to_dict()
+    return sum(int(((b.get("available_balance") or {}).get("monetary") or {}).get("value") or 0)
+               for b in summary.get("balances") or ())
+
+
 def _line_of(client, customer, now_s: float) -> dict | str:
     metadata = dict(customer.get("metadata") or {})
     org_id = metadata.get("org_id")
     if not org_id:
         return f"customer {customer['id']}: no metadata.org_id"
+    if customer.get("balance") and (customer.get("currency") or "usd").lower() != "usd":
+        return f"customer {customer['id']}: its balance is in {customer['currency']}, not USD"
     grants = []
-    listed = client.billing.credit_grants.list({"customer": customer["id"], "limit": 100}).auto_paging_iter()
+    listed = client.v1.billing.credit_grants.list({"customer": customer["id"], "limit": 100}).auto_paging_iter()
     for grant in (g.to_dict() for g in listed):
         if grant.get("voided_at") or (grant.get("expires_at") and grant["expires_at"] <= now_s):
             continue
+        if grant.get("effective_at") and grant["effective_at"] > now_s:
+            continue  # not spendable yet: the org gets it only if imported again once it is
         monetary = (grant.get("amount") or {}).get("monetary") or {}
         if (monetary.get("currency") or "usd").lower() != "usd":
             return f"customer {customer['id']}: credit grant {grant['id']} is not in USD"
         grants.append({"id": grant["id"], "kind": "topup" if grant.get("category") == "paid" else "grant",
-                       "amount_micros": int(monetary.get("value") or 0) * CENT_MICROS,
+                       "amount_micros": _left_of(client, customer["id"], grant["id"]) * CENT_MICROS,
                        **({"expires_at": int(grant["expires_at"])} if grant.get("expires_at") else {})})
     grants = [g for g in grants if g["amount_micros"] > 0]
     credit = -int(customer.get("balance") or 0) * CENT_MICROS  # Stripe: negative is what the customer has

@@ -5,7 +5,7 @@ org's balance into amounts keyed by the source's ids. A line that is wrong in an
 refused whole, with why; nothing of it reaches a shard.
 
 The balance and the grants: each grant is an amount of its kind keyed by its id; what the
-balance holds beyond them (`balance_micros − Σ grants`) is one more amount, `<source_id>:balance`,
+balance holds beyond them (`balance_micros − Σ grants`) is one more amount, `<org_id>:balance`,
 an `adjustment` without expiry; a negative balance without grants is a debt under that id.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from actors import commands as cmd
 from actors.money import MAX_AMOUNT_MICROS
@@ -42,7 +42,7 @@ class ImportLine(StrictModel):
     org_id: OrgId
     email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")]
     balance_micros: Amount
-    source_id: SourceId | None = None  # the org's id in the source; the org_id if none
+    source_id: SourceId | None = None  # the org's id in the source: the operator's reference only
     billing_mode: Literal["prepaid", "postpaid"] | None = None
     plan_id: Text | None = None
     tier: Literal["base", "pro", "pro_plus", "pro_plus_plus", "custom"] | None = None
@@ -54,7 +54,7 @@ class ImportLine(StrictModel):
     past_due_since: Time | None = None
 
 
-class ImportBody(BaseModel):
+class ImportBody(StrictModel):
     """POST /v1/import: each org checked on its own, so a bad one is refused alone."""
 
     orgs: Annotated[list[dict], Field(min_length=1, max_length=MAX_IMPORT_ORGS)]
@@ -77,10 +77,12 @@ def import_of(raw: dict, catalog: Catalog, settings: Settings, now_us: int) -> t
     except ValidationError as exc:
         first = exc.errors()[0]
         raise BadLine(f"{'.'.join(str(p) for p in first['loc']) or 'line'}: {first['msg']}", org_id) from None
-    source = line.source_id or line.org_id
     amounts = [cmd.ImportAmount(g.id, g.kind, g.amount_micros, _time(g.expires_at, f"grants.{g.id}.expires_at"))
                for g in line.grants]
-    ids = [a.source_id for a in amounts] + [f"{source}:balance"]
+    # The rest of the balance is keyed by the org, never by its source id: a re-run that adds or
+    # changes source_id (or comes from Stripe after a file) must find the balance booked.
+    balance_id = f"{line.org_id}:balance"
+    ids = [a.source_id for a in amounts] + [balance_id]
     if len(set(ids)) != len(ids):
         raise BadLine("grants: two amounts of the org have the same id", org_id)
     rest = line.balance_micros - sum(a.amount_micros for a in amounts)
@@ -88,7 +90,7 @@ def import_of(raw: dict, catalog: Catalog, settings: Settings, now_us: int) -> t
         raise BadLine(f"balance_micros {line.balance_micros} is less than its grants ({-rest} µUSD short): an org "
                       "never holds debt and a grant at once", org_id)
     if rest:
-        amounts.append(cmd.ImportAmount(f"{source}:balance", "adjustment", rest))
+        amounts.append(cmd.ImportAmount(balance_id, "adjustment", rest))
     plan_id = plan_version = None
     if line.plan_id is not None:
         plan = catalog.current_plan(line.plan_id, now_us)

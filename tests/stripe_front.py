@@ -26,7 +26,9 @@ For tests:
   price is refused to a Checkout and a subscription update, as Stripe does;
   POST /_fake/prices {"refuse_archive_next": n} refuses the next n archivings (active=false);
 - billing credit grants (localstripe has none): POST /v1/billing/credit_grants (monetary, paid or
-  promotional, optional expires_at) and GET /v1/billing/credit_grants?customer=;
+  promotional, optional expires_at, effective_at) and GET /v1/billing/credit_grants?customer=;
+  GET /v1/billing/credit_balance_summary (one grant's available balance), and
+  POST /_fake/credit_grants/{id} {"used": cents} to say how much of a grant invoices used;
 - POST /v1/billing/meters makes a meter (listed with those of the events sent, which have the
   shape metergate's meter has);
 - a restricted key named `rk_test_readonly…` may read but not write (403, as Stripe answers a
@@ -413,14 +415,39 @@ async def create_credit_grant(request: web.Request) -> web.Response:
         "amount": {"type": "monetary", "monetary": {"value": int(monetary.get("value", 0)),
                                                      "currency": monetary.get("currency", "usd")}},
         "expires_at": int(params["expires_at"]) if params.get("expires_at") else None, "voided_at": None,
-        "created": int(time.time()), "metadata": params.get("metadata") or {}}
-    return web.json_response(credit_grants[grant_id])
+        "effective_at": int(params["effective_at"]) if params.get("effective_at") else int(time.time()),
+        "created": int(time.time()), "metadata": params.get("metadata") or {}, "_used": 0}
+    return web.json_response(_shown(credit_grants[grant_id]))
+
+
+def _shown(grant: dict) -> dict:
+    return {k: v for k, v in grant.items() if not k.startswith("_")}
+
+
+async def use_credit_grant(request: web.Request) -> web.Response:
+    """POST /_fake/credit_grants/{id} {"used": cents}: how much of a grant invoices used."""
+    grant = credit_grants[request.match_info["id"]]
+    grant["_used"] = int((await request.json())["used"])
+    return web.json_response(_shown(grant))
+
+
+async def credit_balance_summary(request: web.Request) -> web.Response:
+    """GET /v1/billing/credit_balance_summary?customer=&filter[type]=credit_grant&filter[credit_grant]=:
+    what is left of one grant (its amount less what invoices used), as Stripe answers it."""
+    grant = credit_grants.get(request.query.get("filter[credit_grant]", ""))
+    if grant is None or grant["customer"] != request.query.get("customer"):
+        return stripe_error(404, "invalid_request_error", "No such credit grant")
+    monetary = grant["amount"]["monetary"]
+    left = {"type": "monetary", "monetary": {"value": max(0, monetary["value"] - grant["_used"]),
+                                             "currency": monetary["currency"]}}
+    return web.json_response({"object": "billing.credit_balance_summary", "customer": grant["customer"],
+                              "livemode": False, "balances": [{"available_balance": left, "ledger_balance": left}]})
 
 
 async def list_credit_grants(request: web.Request) -> web.Response:
     """GET /v1/billing/credit_grants?customer=: the customer's grants, newest first (one page)."""
     customer = request.query.get("customer")
-    found = [g for g in reversed(credit_grants.values()) if customer in (None, g["customer"])]
+    found = [_shown(g) for g in reversed(credit_grants.values()) if customer in (None, g["customer"])]
     return web.json_response({"object": "list", "url": "/v1/billing/credit_grants", "has_more": False,
                               "data": found})
 
@@ -677,6 +704,8 @@ def app(localstripe_port: int) -> web.Application:
     application.router.add_post("/v1/billing/meters", create_meter)
     application.router.add_post("/v1/billing/credit_grants", create_credit_grant)
     application.router.add_get("/v1/billing/credit_grants", list_credit_grants)
+    application.router.add_get("/v1/billing/credit_balance_summary", credit_balance_summary)
+    application.router.add_post("/_fake/credit_grants/{id}", use_credit_grant)
     application.router.add_post("/v1/prices", create_price)
     application.router.add_get("/v1/prices", list_prices)
     application.router.add_route("*", "/v1/prices/{id}", price)

@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 
 from tests.helpers import ADMIN_TOKEN
 
@@ -167,6 +169,24 @@ def test_the_import_endpoint_refuses_a_body_it_cannot_read_and_too_many_orgs(adm
     assert admin.post("/v1/import", json={"orgs": [{}] * 101}).status_code == 422
     answer = admin.post("/v1/import", json={"orgs": [{"org_id": "x y"}]}).json()
     assert answer["orgs"][0]["status"] == "invalid" and answer["orgs"][0]["why"].startswith("org_id")
+    # A misspelt dry run is refused, never taken as a real import.
+    org = {"org_id": f"typo{uuid.uuid4().hex[:8]}", "email": "a@example.com", "balance_micros": 1_000_000}
+    for typo in ({"dryrun": True}, {"dry-run": True}, {"dry_run": "yes"}):
+        response = admin.post("/v1/import", json={"orgs": [org], **typo})
+        assert response.status_code == 422, (typo, response.text)
+    assert admin.get(f"/v1/orgs/{org['org_id']}").status_code == 404
+
+
+def test_the_rest_of_the_balance_is_booked_once_whatever_source_id_a_re_run_names(admin):
+    """The balance beyond the grants is keyed by the org: a re-run that adds a source id (or
+    comes from Stripe after a file) finds it booked."""
+    org_id = f"src{uuid.uuid4().hex[:8]}"
+    line = {"org_id": org_id, "email": "a@example.com", "balance_micros": 12_500_000}
+    assert admin.post("/v1/import", json={"orgs": [line]}).json()["orgs"][0]["status"] == "created"
+    for source in ("acme-42", "cus_X"):
+        again = admin.post("/v1/import", json={"orgs": [{**line, "source_id": source}]}).json()["orgs"][0]
+        assert again["status"] == "unchanged", again
+    assert admin.get(f"/v1/orgs/{org_id}").json()["balance_micros"] == 12_500_000
 
 
 def test_from_stripe_imports_customers_with_their_credit_balance_and_credit_grants(service, admin, sql):
@@ -182,7 +202,14 @@ def test_from_stripe_imports_customers_with_their_credit_balance_and_credit_gran
                                         "metadata": {"org_id": f"{prefix}_1", "tier": "pro"}})
     paid = client.billing.credit_grants.create({
         "customer": customer.id, "category": "paid", "applicability_config": {"scope": {"price_type": "metered"}},
-        "amount": {"type": "monetary", "monetary": {"value": 2_000, "currency": "usd"}}, "expires_at": 1_924_992_000})
+        "amount": {"type": "monetary", "monetary": {"value": 2_800, "currency": "usd"}}, "expires_at": 1_924_992_000})
+    # Invoices used 8 USD of it: what is left is imported, never the amount it was issued for.
+    assert httpx.post(f"{settings.stripe_api_base}/_fake/credit_grants/{paid.id}", json={"used": 800},
+                      timeout=10).status_code == 200
+    client.billing.credit_grants.create({  # not in effect yet: left out
+        "customer": customer.id, "category": "paid", "applicability_config": {"scope": {"price_type": "metered"}},
+        "amount": {"type": "monetary", "monetary": {"value": 5_000, "currency": "usd"}},
+        "effective_at": int(time.time()) + 30 * 86_400})
     promo = client.billing.credit_grants.create({
         "customer": customer.id, "category": "promotional", "applicability_config": {"scope": {"price_type": "metered"}},
         "amount": {"type": "monetary", "monetary": {"value": 1_000, "currency": "usd"}}})
