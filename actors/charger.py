@@ -32,6 +32,9 @@ RETRY_DELAYS_S = (0.5, 2.0, 8.0)  # then the charge stays pending; the shard tri
 # given up (settled as failed, auto-recharge paused) rather than sent again under a key Stripe
 # may have forgotten; if Stripe did take the money, its payment_intent.succeeded credits it.
 GIVE_UP_AFTER_US = 23 * 3_600 * 1_000_000
+# A charge of an org with no Stripe customer yet waits this long for one (an import links it just
+# after the commit that asked for the charge) before it fails as no_stripe_customer.
+CUSTOMER_WAIT_US = 10 * 60 * 1_000_000
 
 
 class StripeUnavailable(Exception):
@@ -75,6 +78,12 @@ class Charger:
             customer = await stripe_customers.customer_of(conn, request.org_id)
             request = await _under_the_key_it_was_sent_with(conn, request)
         if customer is None:
+            if request.requested_us and now_us() - request.requested_us < CUSTOMER_WAIT_US:
+                # Asked for in the same commit that made the org or its card (an import links
+                # its Stripe customer right after the org's commit): stays pending, and the shard
+                # asks again (shard_charges, every RECHARGE_RETRY_AFTER_S) once it may be there.
+                log.info("auto-recharge %s/%s: no Stripe customer yet; pending", request.org_id, request.charge_id)
+                return None
             return self._failed(request, None, "no_stripe_customer")
         for attempt, delay in enumerate((0.0,) + RETRY_DELAYS_S):
             await asyncio.sleep(delay)

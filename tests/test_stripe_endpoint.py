@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from actors.charger import Charger
@@ -299,6 +300,23 @@ def intents_by_key(service) -> dict:
 def charge_request(org: str) -> ChargeRequest:
     charge_id = uuid.uuid4().hex[:8]
     return ChargeRequest(org, charge_id, 10 * US, f"metergate:{org}:test:auto_recharge:{charge_id}", now_us())
+
+
+def test_a_charge_of_an_org_whose_customer_is_linked_just_after_waits_for_it_then_goes_through(
+        service, sql, new_org):
+    """An import asks for the charge in the org's commit and links its Stripe customer right
+    after: the charger leaves the charge pending a while (the shard asks again), then charges.
+    One asked for long ago with still no customer fails as before."""
+    org = new_org()
+    request = charge_request(org)
+    assert charge_with_new_chargers(service, request) == [None]  # pending, not failed
+    customer = customer_of_org(service, sql, org)
+    new_card(service, customer, CARD, default=True)
+    (done,) = charge_with_new_chargers(service, request)
+    assert done is not None and done.succeeded, done
+    old = msgspec.structs.replace(charge_request(new_org()), requested_us=now_us() - 11 * 60 * US)
+    (failed,) = charge_with_new_chargers(service, old)
+    assert failed is not None and (failed.succeeded, failed.reason) == (False, "no_stripe_customer")
 
 
 def test_a_charge_retried_after_a_restart_sends_what_its_first_attempt_sent(service, sql, new_org):
