@@ -91,6 +91,11 @@ def import_of(raw: dict, catalog: Catalog, settings: Settings, now_us: int) -> t
                       "never holds debt and a grant at once", org_id)
     if rest:
         amounts.append(cmd.ImportAmount(balance_id, "adjustment", rest))
+    # The core applies the amounts in the import's order (billing-rules 2.11 step 3): money that
+    # can be spent first, then grants already expired (credited and lapsed at once), then debts,
+    # so an org never halts and resumes within its own import.
+    amounts.sort(key=lambda a: 0 if a.amount_micros > 0 and (a.expires_at_us is None or a.expires_at_us > now_us)
+                 else 1 if a.amount_micros > 0 else 2)
     plan_id = plan_version = None
     if line.plan_id is not None:
         plan = catalog.current_plan(line.plan_id, now_us)

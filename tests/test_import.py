@@ -177,6 +177,20 @@ def test_the_import_endpoint_refuses_a_body_it_cannot_read_and_too_many_orgs(adm
     assert admin.get(f"/v1/orgs/{org['org_id']}").status_code == 404
 
 
+def test_a_new_org_with_an_expired_grant_listed_first_is_never_halted_by_its_own_import(admin, sql):
+    """The edge orders the amounts: spendable money first, expired grants (credited and lapsed
+    at once) after it, debts last; before, the expired grant alone halted the new org and the
+    balance after it resumed it: two events to the compute plane for nothing."""
+    org_id = f"exp{uuid.uuid4().hex[:8]}"
+    line = {"org_id": org_id, "email": "a@example.com", "balance_micros": 5_000_100,
+            "grants": [{"id": f"{org_id}_old", "kind": "grant", "amount_micros": 100, "expires_at": "2023-01-01T00:00:00Z"}]}
+    assert admin.post("/v1/import", json={"orgs": [line]}).json()["orgs"][0]["status"] == "created"
+    state = admin.get(f"/v1/orgs/{org_id}").json()
+    assert (state["balance_micros"], state["is_halted"]) == (5_000_000, False)
+    assert sql.val("SELECT count(*) FROM outbox WHERE org_id = $1 AND type IN ('org.halted', 'org.resumed')",
+                   org_id) == 0
+
+
 def test_the_rest_of_the_balance_is_booked_once_whatever_source_id_a_re_run_names(admin):
     """The balance beyond the grants is keyed by the org: a re-run that adds a source id (or
     comes from Stripe after a file) finds it booked."""
