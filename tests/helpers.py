@@ -258,6 +258,21 @@ T0 = rfc3339_to_us("2026-03-02T09:00:00Z")  # a Monday, ISO week 2026-W10
 DAY_US = 86_400 * US_PER_S
 
 
+def rebuilt_from(start: bytes, journal: list[bytes], live: OrgBillingActor) -> OrgBillingActor:
+    """The org rebuilt from its first snapshot (msgpack) and the journal rows after it, as a
+    shard recovers it; asserts it equals the live one (a replay decides the same)."""
+    import msgspec
+
+    from actors.commands import JOURNAL_DECODER, replay
+    from actors.org import OrgSnapshot
+
+    org = OrgBillingActor.from_snapshot(msgspec.msgpack.decode(start, type=OrgSnapshot), CATALOG)
+    for entry in journal:
+        replay(org, JOURNAL_DECODER.decode(entry), CATALOG)
+    assert org.to_snapshot() == live.to_snapshot()
+    return org
+
+
 def make_org(plan=PAYG, prepaid=True, signup_micros=CATALOG.signup_grant_micros,
              tier="base", now_us=T0, card=False, low_balance_micros=0,
              runway_alert_s=CATALOG.runway_alert_s) -> tuple[OrgBillingActor, Effects]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from actors.commands import (JOURNAL_DECODER, JOURNAL_ENCODER, AcquireLease, ApplyUsage, Credit, JournalItem,
-                             ReleaseLease, SetAlerts, SetAutoRecharge, SettleRecharge, execute, replay)
-from actors.org import OrgBillingActor, OrgSnapshot, Resources
+from actors.commands import (JOURNAL_ENCODER, AcquireLease, ApplyUsage, Credit, JournalItem, ReleaseLease,
+                             SetAlerts, SetAutoRecharge, SettleRecharge, execute)
+from actors.org import OrgBillingActor, Resources
 from actors.runway import burn_micros_per_hour, runway_s
-from tests.helpers import CATALOG, PAYG, T0, make_org, usage_costing
+from tests.helpers import CATALOG, PAYG, T0, make_org, rebuilt_from, usage_costing
 
 US = 1_000_000
 # 1 GiB and 1 vCPU for an hour at payg: 4,500 × 3,600 nanos of memory + 14,000 × 3,600 of CPU.
@@ -42,11 +42,7 @@ class Org:
         return [e.data for e in self.fx.events if e.type == kind]
 
     def rebuilt(self) -> OrgBillingActor:
-        org = OrgBillingActor.from_snapshot(msgspec.msgpack.decode(self.start, type=OrgSnapshot), CATALOG)
-        for entry in self.journal:
-            replay(org, JOURNAL_DECODER.decode(entry), CATALOG)
-        assert org.to_snapshot() == self.org.to_snapshot()
-        return org
+        return rebuilt_from(self.start, self.journal, self.org)
 
 
 def test_the_burn_is_an_hour_of_each_live_leases_resources_rounded_up():

@@ -12,12 +12,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from actors.commands import (JOURNAL_DECODER, JOURNAL_ENCODER, Advance, JournalItem, SetAutoRecharge, SetTier,
-                             SettleRecharge, Stale, execute, replay)
-from actors.org import OrgBillingActor, OrgSnapshot
+from actors.commands import (JOURNAL_ENCODER, Advance, JournalItem, SetAutoRecharge, SetTier, SettleRecharge,
+                             Stale, execute)
+from actors.org import OrgBillingActor
 from actors.timeutil import US_PER_S
 from serve_app.stripe_events import DunningPolicy, EventError, Facts, PaymentCredit, Refused, Skipped, commands_for
-from tests.helpers import CATALOG, DAY_US, ORG_ID, T0, make_org
+from tests.helpers import CATALOG, DAY_US, ORG_ID, T0, make_org, rebuilt_from
 
 DUNNING = DunningPolicy(3 * 86_400, 7 * 86_400, 14 * 86_400, "free")
 SIGNUP = CATALOG.signup_grant_micros
@@ -42,11 +42,7 @@ class Org:
         return outcomes
 
     def rebuilt(self) -> OrgBillingActor:
-        org = OrgBillingActor.from_snapshot(msgspec.msgpack.decode(self.start, type=OrgSnapshot), CATALOG)
-        for entry in self.journal:
-            replay(org, JOURNAL_DECODER.decode(entry), CATALOG)
-        assert org.to_snapshot() == self.org.to_snapshot()
-        return org
+        return rebuilt_from(self.start, self.journal, self.org)
 
     def ledger(self, *kinds: str) -> list[tuple[str, int]]:
         return [(e.kind, e.amount_micros) for _, e in self.fx.ledger if not kinds or e.kind in kinds]
