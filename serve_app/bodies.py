@@ -261,4 +261,25 @@ def parse_model(model: type[BaseModel], raw: bytes):
 def body_schema(model: type[BaseModel]) -> dict:
     """openapi_extra documenting a body that the handler parses itself."""
     return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
+                            "content": {"application/json": {"schema": inlined(model.model_json_schema())}}}}
+
+
+def inlined(schema: dict) -> dict:
+    """The schema with its nested models written in place: an `openapi_extra` body cannot add
+    components, and a `#/$defs/...` reference left in it does not resolve in the document."""
+    defs = schema.get("$defs", {})
+
+    def walk(node, seen: tuple[str, ...]):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                name = ref.rsplit("/", 1)[-1]
+                if name in seen:  # a recursive model: describe the inner level as any object
+                    return {"type": "object"}
+                return walk({**defs[name], **{k: v for k, v in node.items() if k != "$ref"}}, (*seen, name))
+            return {key: walk(value, seen) for key, value in node.items() if key != "$defs"}
+        if isinstance(node, list):
+            return [walk(value, seen) for value in node]
+        return node
+
+    return walk(schema, ())

@@ -365,3 +365,32 @@ def test_the_readers_see_what_they_should():
     assert listed_statuses(routes["GET /x"]) == {"200", "204", "401", "429"}
     assert set(rows(routes["POST /y"])) == {"field"}
     assert "## Part" not in part(text, "Part") and "`--url URL`" in part(text, "Part")
+
+
+def test_every_reference_in_the_openapi_document_resolves_inside_it(app):
+    """ReDoc refuses the whole document over one `$ref` it cannot follow (a nested body's
+    `#/$defs/...` broke the docs page once)."""
+    document = app.openapi()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    def resolves(ref: str) -> bool:
+        if not ref.startswith("#/"):
+            return False
+        node = document
+        for token in ref[2:].split("/"):
+            if not isinstance(node, dict) or token not in node:
+                return False
+            node = node[token]
+        return True
+
+    broken = sorted({ref for ref in refs(document) if not resolves(ref)})
+    assert not broken, broken
