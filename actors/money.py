@@ -60,6 +60,17 @@ def credit_share(paid_part_micros: int, credited_micros: int, paid_micros: int |
     return paid_part_micros * credited_micros // paid_micros
 
 
+def credit_share_after(earlier_micros: int, paid_part_micros: int, credited_micros: int,
+                       paid_micros: int | None) -> int:
+    """Billing-rules 3.0: the share of a refund whose payment's earlier refunds add up to
+    `earlier_micros`: what they stand for together, less what the earlier ones stood for, so the
+    customer keeps one rounded-down fraction per payment, not one per refund."""
+    if not paid_micros or paid_micros <= 0 or credited_micros <= 0:
+        return paid_part_micros
+    return (credit_share(earlier_micros + paid_part_micros, credited_micros, paid_micros)
+            - credit_share(earlier_micros, credited_micros, paid_micros))
+
+
 def burn_order(grant: Grant) -> tuple:
     # Expiring grants first (soonest first), then promotional credit, then purchased credit.
     expiring = grant.expires_at_us is not None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import msgspec
 
 from actors.effects import Effects
-from actors.money import Grant, LedgerEntry, clawback_order, credit_share
+from actors.money import Grant, LedgerEntry, clawback_order, credit_share, credit_share_after
 from actors.recharge import AutoRecharge
 from actors.timeutil import US_PER_S
 
@@ -79,13 +79,19 @@ class Refunds:
         if not grants:
             return None, False
         credited_micros, paid_micros = self._paid_of(payment_id, credited_micros, paid_micros)
-        entry = self._claw_back(grants, credit_share(amount_micros, credited_micros, paid_micros), note, now_us, fx,
-                                record=record)
+        share = credit_share_after(self._refunded(payment_id), amount_micros, credited_micros, paid_micros)
+        entry = self._claw_back(grants, share, note, now_us, fx, record=record)
         if entry is not None:
             self._halt_if_out_of_money(now_us, fx)
             if self.recharge is not None:
                 self._maybe_recharge(now_us, fx)
         return entry, False
+
+    def _refunded(self, payment_id: str) -> int:
+        """Billing-rules 3.0's S: what the payment's remembered refunds that took credit, not
+        reversed, refunded (so their shares round down once, together)."""
+        return sum(r.amount_micros for r in self.refunds or ()
+                   if r.payment_id == payment_id and r.taken_micros > 0 and not r.reversed)
 
     def _grants_of_payment(self, payment_id: str, grant_id: str | None = None) -> list[Grant]:
         """The live grants the payment bought, in the order the org holds them: its credit's,
@@ -128,7 +134,8 @@ class Refunds:
                 if grant.remaining_micros:
                     # Keyed as the refund's own request would have been: Stripe lists a refund
                     # again in later events, and that must replay, never take it twice.
-                    share = credit_share(record.amount_micros, credited_micros, paid_micros)
+                    share = credit_share_after(self._refunded(record.payment_id), record.amount_micros,
+                                               credited_micros, paid_micros)
                     self._claw_back([grant], share, f"Stripe refund {record.refund_id}", now_us, fx, record.key, record)
 
     def reverse_refund(self, refund_id: str, payment_id: str, now_us: int, fx: Effects,

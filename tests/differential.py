@@ -350,6 +350,7 @@ class Pair:
     steps: int = 0
     charges_seen: dict[str, int] = field(default_factory=dict)  # every charge asked for → its amount
     payments: list[str] = field(default_factory=list)
+    paid: dict[str, int] = field(default_factory=dict)  # payment → what was paid for its credit, when named
     deliveries: dict[str, dict] = field(default_factory=dict)  # idempotency key → the step first sent
 
     def delivery(self, step: dict) -> dict:
@@ -361,6 +362,8 @@ class Pair:
         step = self.deliveries.setdefault(key, step)
         if step["type"] == "credit" and step["payment_id"] not in self.payments:
             self.payments.append(step["payment_id"])
+        if step["type"] == "credit" and step.get("paid_micros"):
+            self.paid.setdefault(step["payment_id"], step["paid_micros"])
         return step
 
     @classmethod
@@ -453,6 +456,13 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
                   st.sampled_from([f"re_{serial}", "re_again", "re_other"]),
                   st.sampled_from(payments + [f"pi_{serial + 1}", "pi_invoice"]), amounts,
                   st.one_of(st.just(0), amounts), st.one_of(st.none(), amounts)),
+        # Part of a payment whose total is known (rule 3.0: several parts round down once).
+        st.builds(lambda rid, pid, part: {
+            "type": "stripe_refund", "refund_id": rid, "payment_id": pid,
+            "amount_micros": max(1, pair.paid[pid] * part[0] // part[1]), "key": f"stripe:refund:{rid}",
+            "credited_micros": 0, "paid_micros": None},
+                  st.sampled_from([f"re_{serial}", "re_again"]), st.sampled_from(sorted(pair.paid) or ["pi_none"]),
+                  st.sampled_from([(1, 3), (2, 7), (1, 2), (5, 11)])) if pair.paid else st.nothing(),
         st.builds(lambda rid, pid: {"type": "stripe_refund_failed", "refund_id": rid, "payment_id": pid,
                                     "key": f"stripe:refund:{rid}:reversed"},
                   st.sampled_from([f"re_{serial}", "re_again", "re_other"]),

@@ -501,7 +501,25 @@ def test_a_refund_of_a_taxed_payment_takes_its_share_of_the_credit_never_the_tax
     o.send("refund.created", refund("re_tax", "pi_1", 100, "succeeded"), T0 + 2, facts)
     assert o.ledger("refund")[-1] == ("refund", -909_090)  # 1,000,000 × 10/11, rounded down
     o.send("refund.created", refund("re_rest", "pi_1", 450, "succeeded"), T0 + 3, facts)
-    assert o.org.balance_micros == 10_000_000 - 5_000_000 - 909_090 - 4_090_909 == 1
+    # The three refunds add up to the whole payment: they take the whole credit, as one refund
+    # of all of it would; the fraction is rounded once per payment, not left behind per refund.
+    assert o.ledger("refund")[-1] == ("refund", -4_090_910)
+    assert o.org.balance_micros == 10_000_000 - 5_000_000 - 909_090 - 4_090_910 == 0
+    o.rebuilt()
+
+
+def test_partial_refunds_of_one_payment_round_down_once_not_once_each():
+    """Rule 3.0's example: 1.23 USD paid for 1 USD of credit, refunded as 0.61 and 0.62."""
+    o = Org(signup_micros=0)
+    session = {"id": "cs_odd", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "currency": "usd", "amount_total": 123, "total_details": {"amount_tax": 23},
+               "payment_intent": "pi_odd", "metadata": {"org_id": ORG_ID}}
+    (booked,) = o.send("checkout.session.completed", session, T0)
+    assert (booked.entry.amount_micros, booked.entry.paid_micros) == (1_000_000, 1_230_000)
+    o.send("refund.created", refund("re_a", "pi_odd", 61, "succeeded"), T0 + 1, Facts(ORG_ID))
+    o.send("refund.created", refund("re_b", "pi_odd", 62, "succeeded"), T0 + 2, Facts(ORG_ID))
+    assert o.ledger("refund") == [("refund", -495_934), ("refund", -504_066)]
+    assert o.org.balance_micros == 0
     o.rebuilt()
 
 

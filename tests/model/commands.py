@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tests.model.basics import (
     share,
+    share_after,
     ENDED,
     Dunning,
     ENDED_LEASE_MEMORY_US,
@@ -126,15 +127,22 @@ class Commands:
             return {"clawed_micros": 0}
         first = mine[0]
         credited, paid = self.paid_credits.get(pid, (int(cmd.get("credited_micros", 0)), cmd.get("paid_micros")))
-        c = self._take_in_order(mine, share(amount, credited, paid))
+        c = self._take_in_order(mine, share_after(self._refunded(pid), amount, credited, paid))
         if c == 0:
             return {"clawed_micros": 0}
         self.refund_taken[rid] = (c, first.kind, first.expires_at_us, pid)
+        self.refund_amounts[rid] = amount
         # AMBIGUOUS 3.1: the refund ledger entry names the grant id but no expiry (None).
         self._ledger("refund", -c, first.grant_id, None, 0)
         self._halt_check(now)
         self._recharge_check(now)
         return {"clawed_micros": c}
+
+    def _refunded(self, pid) -> int:
+        """Rule 3.0's S: the amounts of the payment's refunds that took credit, not reversed,
+        still remembered."""
+        return sum(amount for rid, amount in self.refund_amounts.items()
+                   if self.refund_taken[rid][3] == pid and rid not in self.reversed_refunds)
 
     # a refund that failed or was canceled (3.5)
     def _cmd_stripe_refund_failed(self, now, cmd):

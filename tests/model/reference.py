@@ -39,6 +39,7 @@ from tests.model.basics import (  # noqa: F401 - also what the model's tests imp
     UTC,
     WaitingRefund,
     share,
+    share_after,
     calendar_period,
     dt_to_us,
     kind_is_purchased,
@@ -107,6 +108,7 @@ class RefOrg(Commands):
         self.applied_refunds: dict[str, int] = {}    # refund id -> when applied
         self.waiting_refunds: list[WaitingRefund] = []
         self.refund_taken: dict[str, tuple] = {}     # refund id -> (taken, grant kind, grant expiry, payment)
+        self.refund_amounts: dict[str, int] = {}     # refund id -> its amount R, for one that took credit (rule 3.0's S)
         self.reversed_refunds: set[str] = set()
         self.disputes: dict[str, dict] = {}          # dispute id -> what rule 3.6 remembers
         self.lapsed: dict[str, int] = {}             # payment id -> what of its credit lapsed (rule 2.6)
@@ -281,10 +283,11 @@ class RefOrg(Commands):
             if w.payment_id != grant.payment_id:
                 continue
             self.waiting_refunds.remove(w)
-            c = min(share(w.amount, credited, paid), grant.remaining)  # rule 3.0
+            c = min(share_after(self._refunded(w.payment_id), w.amount, credited, paid), grant.remaining)  # rule 3.0
             if c > 0:
                 grant.remaining -= c
                 self.refund_taken[w.refund_id] = (c, grant.kind, grant.expires_at_us, w.payment_id)
+                self.refund_amounts[w.refund_id] = w.amount
                 self._ledger("refund", -c, grant.grant_id, None, 0)
         self.grants = [g for g in self.grants if g.remaining > 0]
 
@@ -612,6 +615,7 @@ class RefOrg(Commands):
         # refund that was applied later from the waiting list.
         self.applied_refunds = {rid: t for rid, t in self.applied_refunds.items() if now - t <= REFUND_MEMORY_US}
         self.refund_taken = {rid: v for rid, v in self.refund_taken.items() if rid in self.applied_refunds}
+        self.refund_amounts = {rid: v for rid, v in self.refund_amounts.items() if rid in self.applied_refunds}
         self.reversed_refunds &= set(self.applied_refunds)
         # Rule 3.4: disputes are forgotten 400 days after they were first reported (strictly more).
         self.disputes = {did: d for did, d in self.disputes.items() if now - d["at"] <= DISPUTE_MEMORY_US}

@@ -398,7 +398,8 @@ def test_a_refund_takes_its_share_of_a_taxed_credit():
     assert o.apply(T0 + S, {**refund("re_2", "pi_1", 1_000_000), **facts}) == {"clawed_micros": 909_090}
     # The org remembers the credit's A and P: a refund naming none (the edge read the ledger
     # before the credit was in it) still takes its share.
-    assert o.apply(T0 + S, refund("re_3", "pi_1", 1_000_000)) == {"clawed_micros": 909_090}
+    # (with the earlier refunds: ⌊7,500,000 × 10/11⌋ − ⌊6,500,000 × 10/11⌋ = 909,091)
+    assert o.apply(T0 + S, refund("re_3", "pi_1", 1_000_000)) == {"clawed_micros": 909_091}
     # Not knowing what was paid at all, a refund takes what it names.
     o.apply(T0 + S, credit("topup", 2_000_000, None, "pi_2"))
     assert o.apply(T0 + S, refund("re_5", "pi_2", 1_000_000)) == {"clawed_micros": 1_000_000}
@@ -406,6 +407,19 @@ def test_a_refund_takes_its_share_of_a_taxed_credit():
     o.apply(T0 + S, refund("re_4", "pi_4", 11_000_000))
     o.apply(T0 + 2 * S, {**credit("topup", 10_000_000, None, "pi_4"), "paid_micros": 11_000_000})
     assert o.take_effects()["ledger"][-1] == ("refund", -10_000_000, "gr_4", None, 0)
+
+
+def test_partial_refunds_of_a_payment_round_down_once():
+    """Rule 3.0: 1,230,000 µUSD paid for 1,000,000 of credit, refunded as 610,000 + 620,000."""
+    o = org()
+    o.apply(T0, {**credit("topup", 1_000_000, None, "pi_1"), "paid_micros": 1_230_000})
+    assert o.apply(T0 + S, refund("re_1", "pi_1", 610_000)) == {"clawed_micros": 495_934}
+    assert o.apply(T0 + S, refund("re_2", "pi_1", 620_000)) == {"clawed_micros": 504_066}
+    # Refunds waiting for their credit count in arrival order too.
+    o.apply(T0 + S, refund("re_3", "pi_3", 610_000))
+    o.apply(T0 + S, refund("re_4", "pi_3", 620_000))
+    o.apply(T0 + 2 * S, {**credit("topup", 1_000_000, None, "pi_3"), "paid_micros": 1_230_000})
+    assert [e[1] for e in o.take_effects()["ledger"] if e[0] == "refund"][-2:] == [-495_934, -504_066]
 
 
 def test_runway_low_once_per_crossing():
