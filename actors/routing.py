@@ -30,7 +30,7 @@ from actors.refusals import Refusal
 from actors.ticks import TICKS_ENCODER, Tick
 from config.version import incompatibility, this_version
 from metergate_client.decision import Decision, Resources, decide
-from metergate_client.projection import RECORD_DECODER, Projection, mono_us
+from metergate_client.projection import RECORD_DECODER, Projection, ViewRecord, mono_us
 
 log = logging.getLogger("metergate.routing")
 MAX_BATCH = 4096
@@ -108,6 +108,25 @@ def reason_of(answer: Decision | dict) -> str:
     return answer.reason if isinstance(answer, Decision) else answer["error"]["code"]
 
 
+MAX_ANSWERED_KEPT = 10_000  # unpublished views a router remembers for its tokens, the latest kept
+
+
+def view_end_us(records, shard_now_us, now: int) -> int | None:
+    """When the view a decision came from ends, in this replica's clock (a record's
+    valid_until_us is in its shard's), from the records it may have been: the router's
+    published record of the org and the unpublished one a shard last answered for it (seq 0:
+    a command of the org being committed). The soonest end is taken; one already past gives
+    `now` (fail closed: a token then ends at once, never outlives the view). None: no record
+    with an end (valid until the next record), the token keeps its own lifetime."""
+    ends = []
+    for record in records:
+        if record is None or record.valid_until_us is None:
+            continue
+        shard_now = shard_now_us(record.shard)
+        ends.append(now + record.valid_until_us - (shard_now if shard_now is not None else now))
+    return max(now, min(ends)) if ends else None
+
+
 class ShardRouter:
     def __init__(self, slot_to_shard: list[int], project_views: bool = True) -> None:
         """project_views: keep the views that replies carry (the ingress, which gates)."""
@@ -122,6 +141,7 @@ class ShardRouter:
         self.handshakes = [asyncio.Lock() for _ in range(shard_count)]
         self.views = [Batcher(k, self._sender(k, "gate_views")) for k in range(shard_count)]
         self.projection = Projection()
+        self.answered: dict[str, ViewRecord] = {}  # org → the unpublished view a shard last answered
         self.following: list[asyncio.Task] = []
         self.commands = [Batcher(k, self._sender(k, "submit")) for k in range(shard_count)]
         self.states = [Batcher(k, self._sender(k, "state")) for k in range(shard_count)]
@@ -214,7 +234,19 @@ class ShardRouter:
         record = RECORD_DECODER.decode(reply["view"])
         if record.seq:  # seq 0: a view for this answer only, not a published one
             self.projection.apply(record)
+            self.answered.pop(org_id, None)
+        else:  # kept (the latest per org) so a token of this answer ends with its view
+            self.answered.pop(org_id, None)
+            self.answered[org_id] = record
+            if len(self.answered) > MAX_ANSWERED_KEPT:
+                del self.answered[next(iter(self.answered))]
         return decide(action, resources, record.view)  # the shard's current view
+
+    def view_until_us(self, org_id: str, now: int) -> int | None:
+        """When the view the org's last decision came from ends, in this replica's clock: see
+        view_end_us. Read right after the decision, with no await between."""
+        projection = self.projection
+        return view_end_us((projection.get(org_id), self.answered.get(org_id)), projection.shard_now_us, now)
 
     async def gate_many(self, checks: list[tuple[str, str, Resources]],
                         max_age_s: float = FRESH_S) -> list[tuple[Decision | dict, float]]:

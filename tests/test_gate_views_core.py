@@ -458,3 +458,24 @@ def test_a_load_asked_for_just_as_a_loader_finishes_gets_a_loader_of_its_own():
         time.sleep(0.01)
     assert ResyncOnRelease.fired and loads == [1, 2] and client._loaded.get(0) == 2
     assert 0 not in client._loading
+
+
+def test_a_tokens_end_is_the_soonest_end_of_the_views_it_may_have_come_from_and_never_past():
+    """A capability token of a gate check ends no later than the view it was decided from
+    (routing.view_end_us). A record already past its end (the decision came from a view the
+    shard answered unpublished) fails closed: the token ends now, not GATE_TOKEN_TTL_S later."""
+    from actors.routing import view_end_us
+
+    view = _record("a", 1, 1, 1).view
+    now, shard_now = 5_000_000_000, T0  # this replica's clock and the shard's differ
+    clocks = {0: shard_now}.get
+    published = ViewRecord("a", 0, 1, 3, T0 + 20_000_000, view)
+    assert view_end_us((published, None), clocks, now) == now + 20_000_000
+    assert view_end_us((None, None), clocks, now) is None
+    assert view_end_us((ViewRecord("a", 0, 1, 3, None, view), None), clocks, now) is None  # until the next record
+    past = ViewRecord("a", 0, 1, 3, T0 - 1, view)
+    assert view_end_us((past, None), clocks, now) == now  # fails closed
+    answered = ViewRecord("a", 0, 1, 0, T0 + 5_000_000, view)  # unpublished, ends sooner
+    assert view_end_us((published, answered), clocks, now) == now + 5_000_000
+    assert view_end_us((past, answered), clocks, now) == now
+    assert view_end_us((published, None), {}.get, now) == T0 + 20_000_000  # no clock of the shard yet: ours

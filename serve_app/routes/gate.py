@@ -37,26 +37,8 @@ def with_token(ctx: Context, body: GateBody, decision: dict) -> dict:
         return decision
     now = now_us()
     token = ctx.capabilities.gate_token(body.org_id, body.action, resources_of(body), now,
-                                        view_until_us(ctx, body.org_id, now))
+                                        ctx.router.view_until_us(body.org_id, now))
     return {**decision, "capability_token": token}
-
-
-def view_until_us(ctx: Context, org_id: str, now: int) -> int | None:
-    """When the org's view that the router just decided from ends, in this replica's clock
-    (valid_until_us is in its shard's), or None: valid until the next record, or not known.
-    Read right after the decision, with no await between: the router's record of the org is
-    the view it decided from, or one it took from the shard for this decision (in a batch that
-    waited for a shard, a newer record may have come meanwhile: its end is taken). A view the
-    shard answered unpublished (seq 0: a command of the org being committed) is not kept (the
-    router returns no record with a decision): a record already past its end is then not that
-    view, and the token keeps GATE_TOKEN_TTL_S."""
-    projection = ctx.router.projection
-    record = projection.get(org_id)
-    if record is None or record.valid_until_us is None:
-        return None
-    shard_now = projection.shard_now_us(record.shard)
-    left_us = record.valid_until_us - (shard_now if shard_now is not None else now)
-    return now + left_us if left_us > 0 else None
 
 
 async def gate_batch_answer(ctx: Context, raw_body: bytes) -> dict:
