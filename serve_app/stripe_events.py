@@ -271,6 +271,9 @@ def _checkout(session: dict, catalog: Catalog) -> list[Command]:
             paid = _cents(session.get("amount_total"), "amount_total", low=0) or None
         except EventError:
             paid = None  # a refund of it then takes what it names (billing-rules 3.0)
+    elif session.get("amount_total") is None:  # (null on a session Stripe has not totalled)
+        raise EventError("a Checkout session without metergate's credit_micros and without amount_total: "
+                         "what it credits cannot be told; nothing was credited (replay it once Stripe lists its total)")
     else:
         paid = _cents(session["amount_total"], "amount_total", low=0) or None
     if metadata.get("credit_micros"):

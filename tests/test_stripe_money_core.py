@@ -204,6 +204,10 @@ def test_a_paid_session_without_metergates_credit_is_credited_without_its_tax():
         with pytest.raises(EventError):  # the endpoint's dead letter: nothing credited
             o.send("checkout.session.completed", {**session, "id": "cs_bad", "payment_intent": "pi_bad",
                                                   "total_details": details}, T0)
+    untotalled = {k: v for k, v in session.items() if k != "amount_total"} | {"id": "cs_nt", "payment_intent": "pi_nt"}
+    for bare in (untotalled, {**untotalled, "amount_total": None}):
+        with pytest.raises(EventError, match="without amount_total: what it credits cannot be told"):
+            o.send("checkout.session.completed", bare, T0)
     assert o.org.balance_micros == SIGNUP + 10_000_000
 
 
