@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from actors import commands as cmd
+from actors import imports
 from actors.metering import cost_scaled
 from actors.org import BillingError, Effects, OrgBillingActor
 from actors.placement import slot_of
@@ -172,6 +173,8 @@ class BatchWork:
             replay = self._keyed_replay(item, keyed)
             if replay is not None:
                 return replay
+        if isinstance(command, cmd.ImportOrg) and imports.changes_nothing(loaded.org, command, shard.catalog, self.now):
+            return answer(cmd.Imported(loaded.org, False, []), loaded.org, self.now)  # a re-run: nothing to write
         first_entry = len(self.fx.ledger)
         refusal = None
         try:
@@ -356,7 +359,8 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
         case cmd.Booked(entry=entry, balance_micros=balance):
             return {"entry": msgspec.to_builtins(entry), "balance_micros": balance}
         case cmd.Imported(created=created, changed=changed):
-            return {"created": created, "changed": list(changed), "balance_micros": org.balance_micros}
+            return {"created": created, "changed": list(changed), "balance_micros": org.balance_micros,
+                    "waits_for_customer": imports.waits_for_customer(org)}
         case _:
             raise AssertionError(f"unknown outcome {outcome!r}")
 

@@ -245,6 +245,7 @@ class ImportOrg(msgspec.Struct, tag="import", array_like=True):
     card: bool | None = None
     past_due: InvoiceFailed | None = None  # since when, with the service's dunning policy
     recharge: SetAutoRecharge | None = None
+    customer_linked: bool = False  # the org's Stripe customer is linked: a no_stripe_customer pause lifts
 
 
 class PreviewImport(msgspec.Struct, array_like=True):

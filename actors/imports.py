@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from actors.effects import Effects
 from actors.money import IMPORT_KIND, MAX_GRANTS_PER_ORG
 from actors.org import OrgBillingActor
+from actors.recharge import NO_STRIPE_CUSTOMER
 from actors.refusals import BillingError, UnknownPlan
 from config.catalog import Catalog
 
@@ -89,7 +90,32 @@ def apply_import(org: OrgBillingActor, command: ImportOrg, catalog: Catalog, now
                                settings.max_per_day, settings.cooldown_s, now_us, fx, False,
                                settings.threshold_runway_s)
         changed.append(AUTO_RECHARGE)
+    recharge = org.recharge
+    if command.customer_linked and recharge is not None and recharge.paused == NO_STRIPE_CUSTOMER:
+        recharge.paused = None  # step 7: the customer the failed charge lacked is there now
+        if recharge.enabled:
+            org._maybe_recharge(now_us, fx)
+        changed.append(AUTO_RECHARGE)
     return changed
+
+
+def waits_for_customer(org: OrgBillingActor) -> bool:
+    """Whether auto-recharge is paused for want of a Stripe customer (rule 9.4): what an import
+    that links the org's customer lifts (2.11 step 7)."""
+    return org.recharge is not None and org.recharge.paused == NO_STRIPE_CUSTOMER
+
+
+def changes_nothing(org: OrgBillingActor, command: ImportOrg, catalog: Catalog, now_us: int) -> bool:
+    """Whether importing `command` into `org` now would change nothing at all: nothing is due by
+    time (advance would apply nothing) and the import is unchanged (2.11). The shard then
+    writes nothing for it (no journal row), as for a usage request of duplicate ticks. Decided
+    on a copy; the org itself is left as it is."""
+    if org.next_due_us() <= now_us:
+        return False
+    try:
+        return not apply_import(org._advanced_copy(now_us), command, catalog, now_us, Effects())
+    except BillingError:
+        return False
 
 
 def _refuse_past_caps(org: OrgBillingActor, command: ImportOrg) -> None:

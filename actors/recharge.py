@@ -16,6 +16,9 @@ from actors.timeutil import US_PER_S
 MICROS_PER_CENT = 10_000  # card charges are whole cents
 MAX_CHARGE_MICROS = 10**10  # one auto-recharge charge: at most 10,000 USD (Stripe's cap is 999,999.99)
 US_PER_DAY = 86_400 * US_PER_S
+# Why auto-recharge is paused (besides "disputed", rule 3.6): a charge that failed (9.4), or one that
+# failed because the org had no Stripe customer to charge, which linking the customer lifts (2.11).
+PAYMENT_FAILED, NO_STRIPE_CUSTOMER = "payment_failed", "no_stripe_customer"
 
 
 class ChargeRequest(msgspec.Struct, frozen=True):
@@ -63,7 +66,7 @@ class Recharge:
         self.advance(now_us, fx)
         self.has_payment_method = present
         if present and self.recharge is not None:
-            if self.recharge.paused == "payment_failed":
+            if self.recharge.paused in (PAYMENT_FAILED, NO_STRIPE_CUSTOMER):
                 self.recharge.paused = None  # a new card: auto-recharge may try again
             self._maybe_recharge(now_us, fx)
 
@@ -201,7 +204,7 @@ class Recharge:
             return entry
         if current:  # told in any case; a dispute's pause stays the operator's to lift (rule 9.4)
             if r.paused != "disputed":
-                r.paused = "payment_failed"
+                r.paused = NO_STRIPE_CUSTOMER if reason == NO_STRIPE_CUSTOMER else PAYMENT_FAILED
             fx.events.append(Event("auto_recharge.failed", self.org_id, now_us, {
                 "charge_id": charge_id, "amount_micros": amount_micros, "payment_intent_id": payment_id,
                 "reason": reason or "payment_failed", "balance_micros": self.balance_micros}))

@@ -36,10 +36,11 @@ class Tally:
     unchanged: int = 0
     bad: list[dict] = field(default_factory=list)  # {"line", "org_id", "why"}
     changes: list[dict] = field(default_factory=list)  # a dry run's: {"line", "org_id", "status", "changed"}
+    notes: list[dict] = field(default_factory=list)  # an org imported with a why: {"line", "org_id", "status", "why"}
 
     def as_json(self, dry_run: bool) -> dict:
         out = {"dry_run": dry_run, "lines": self.lines, "created": self.created, "updated": self.updated,
-               "unchanged": self.unchanged, "bad": len(self.bad), "bad_lines": self.bad}
+               "unchanged": self.unchanged, "bad": len(self.bad), "bad_lines": self.bad, "notes": self.notes}
         if dry_run:
             out["changes"] = self.changes
         return out
@@ -70,6 +71,8 @@ def import_orgs(
     else:
         for bad in tally.bad:
             out.line(f"line {bad['line']}: {bad['org_id'] or '-'}: {bad['why']}")
+        for note in tally.notes:
+            out.line(f"line {note['line']}: {note['org_id']}: {note['status']}: {note['why']}")
         for change in tally.changes:
             out.line(f"line {change['line']}: {change['org_id']}: would be {change['status']}: "
                      + ", ".join(change["changed"]))
@@ -109,24 +112,40 @@ def run(api: Api, lines: Iterator[tuple[int, dict | str]], dry_run: bool, tally:
 
 
 def send(api: Api, chunk: list[tuple[int, dict]], dry_run: bool, tally: Tally) -> None:
+    """One chunk; an org answered `failed` (its shard busy, away or in error: nothing of it
+    said) is sent again with the others that failed, RETRIES times, then reported bad."""
     for attempt in range(RETRIES + 1):
         try:
             answer = api.post("/v1/import", {"orgs": [line for _, line in chunk], "dry_run": dry_run})
-            break
         except CliError:
             if api.last_status != 503 or attempt == RETRIES:
                 raise
             time.sleep(0.5 * 2 ** attempt)
-    for org in answer["orgs"]:
-        number = chunk[org["index"]][0]
-        status = org["status"]
-        if status in ("invalid", "refused"):
-            tally.bad.append({"line": number, "org_id": org.get("org_id"), "why": org["why"]})
             continue
-        setattr(tally, status, getattr(tally, status) + 1)
-        if dry_run and status != "unchanged":
-            tally.changes.append({"line": number, "org_id": org["org_id"], "status": status,
-                                  "changed": org["changed"]})
+        again = []
+        for org in answer["orgs"]:
+            number, line = chunk[org["index"]]
+            if org["status"] == "failed" and attempt < RETRIES:
+                again.append((number, line))
+            else:
+                _count(org, number, dry_run, tally)
+        if not again:
+            return
+        chunk = again
+        time.sleep(0.5 * 2 ** attempt)
+
+
+def _count(org: dict, number: int, dry_run: bool, tally: Tally) -> None:
+    status = org["status"]
+    if status in ("invalid", "refused", "failed"):
+        tally.bad.append({"line": number, "org_id": org.get("org_id"), "why": org["why"]})
+        return
+    setattr(tally, status, getattr(tally, status) + 1)
+    if org.get("why"):  # imported, with something to say (a Stripe customer not linked)
+        tally.notes.append({"line": number, "org_id": org["org_id"], "status": status, "why": org["why"]})
+    if dry_run and status != "unchanged":
+        tally.changes.append({"line": number, "org_id": org["org_id"], "status": status,
+                              "changed": org["changed"]})
 
 
 def file_lines(path: str) -> Iterator[tuple[int, dict | str]]:

@@ -262,13 +262,17 @@ def meters_table(page: BillingPage) -> str:
 def months_table(months: list[dict]) -> str:
     if not months:
         return '<p class="muted">Nothing yet.</p>'
+    imported = any(m.get("imported_applied_micros") for m in months)  # its column only for an imported org
     rows = "".join(
         f"<tr><td>{escape(m['month'])}</td><td class=\"n\">{money(m['spend_micros'])}</td>"
-        f"<td class=\"n\">{money(m['credits_applied_micros'])}</td><td class=\"n\">{money(m['billable_micros'])}</td>"
+        f"<td class=\"n\">{money(m['credits_applied_micros'])}</td>"
+        + (f"<td class=\"n\">{money(m.get('imported_applied_micros', 0))}</td>" if imported else "")
+        + f"<td class=\"n\">{money(m['billable_micros'])}</td>"
         f"<td class=\"n\">{decimal2(m['usage_ms'], MS_PER_HOUR)} h</td><td>{escape(m['status'])}</td></tr>"
         for m in reversed(months))
     return ('<table><thead><tr><th>Month</th><th class="n">Spend</th><th class="n">Free credit applied</th>'
-            '<th class="n">Billable</th><th class="n">Sandbox time</th><th>Status</th></tr></thead>'
+            + ('<th class="n">Imported credit applied</th>' if imported else "")
+            + '<th class="n">Billable</th><th class="n">Sandbox time</th><th>Status</th></tr></thead>'
             f'<tbody>{rows}</tbody></table>')
 
 

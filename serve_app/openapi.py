@@ -368,6 +368,7 @@ class Month(msgspec.Struct):
     month: str  # YYYY-MM
     spend_micros: int
     credits_applied_micros: int
+    imported_applied_micros: int  # the part credit brought over by an import covered (billing-rules 2.11)
     billable_micros: int
     usage_hours: float
     usage_ms: int
@@ -554,8 +555,9 @@ class ClockAdvanced(msgspec.Struct):
 
 class ImportedOrg(msgspec.Struct):
     """One org of POST /v1/import, by its place in `orgs`. `status`: created, updated, unchanged
-    (a re-run), refused (by its shard: `why`; nothing of it applied) or invalid (the line: `why`;
-    no shard saw it). `changed`: what the import changed (or, on a dry run, would): plan, tier,
+    (a re-run), refused (by its shard: `why`; nothing of it applied), invalid (the line: `why`;
+    no shard saw it) or failed (its shard busy, away or in error: `why`; send it again).
+    `changed`: what the import changed (or, on a dry run, would): plan, tier,
     `import:<source id>` per amount booked, card, past_due, auto_recharge, stripe_customer."""
 
     index: int

@@ -8,9 +8,11 @@ import asyncpg
 
 
 async def closed(conn: asyncpg.Connection, org_id: str) -> list[tuple[str, dict, dict]]:
-    """(month, summary, carry) of the months kept, oldest first."""
+    """(month, summary, carry) of the months kept, oldest first. A month kept before the summary
+    had `imported_applied_micros` reads with it at 0 (no import was applied in it then)."""
     rows = await conn.fetch("SELECT month, summary, carry FROM org_months WHERE org_id = $1 ORDER BY month", org_id)
-    return [(r["month"], json.loads(r["summary"]), json.loads(r["carry"])) for r in rows]
+    return [(r["month"], {"imported_applied_micros": 0, **json.loads(r["summary"])}, json.loads(r["carry"]))
+            for r in rows]
 
 
 async def keep(conn: asyncpg.Connection, org_id: str, months: list[tuple[str, dict, dict]]) -> None:

@@ -23,8 +23,9 @@ MS_PER_HOUR = 3_600_000
 def assert_consistent(months: list[dict]) -> None:
     """What holds for any month, whatever the ledger."""
     for month in months:
-        assert month["spend_micros"] == month["credits_applied_micros"] + month["billable_micros"], month
-        assert month["credits_applied_micros"] >= 0 and month["billable_micros"] >= 0, month
+        assert month["spend_micros"] == (month["credits_applied_micros"] + month["imported_applied_micros"]
+                                         + month["billable_micros"]), month
+        assert min(month["credits_applied_micros"], month["imported_applied_micros"], month["billable_micros"]) >= 0
         assert month["usage_hours"] == round(month["usage_ms"] / MS_PER_HOUR, 3), month
     assert [m["month"] for m in months] == sorted({m["month"] for m in months})  # one row a month, in order
 
@@ -36,12 +37,13 @@ def test_free_credit_is_applied_first_then_the_rest_is_billable():
                ("refund", -2 * US, None, NOV + 2), ("usage", -7 * US, None, NOV + 3)]
     months = summarize(list(entries), {"2026-10": 7_200_000}, NOV + 4)
     assert months == [
-        {"month": "2026-10", "spend_micros": 3 * US, "credits_applied_micros": 3 * US, "billable_micros": 0,
+        {"month": "2026-10", "spend_micros": 3 * US, "credits_applied_micros": 3 * US,
+         "imported_applied_micros": 0, "billable_micros": 0,
          "usage_hours": 2.0, "usage_ms": 7_200_000, "status": "closed"},
         # 2 USD of signup left + the 1 USD grant cover 3 of the 4; the grant cannot also expire.
         # Then the refund takes 2 of the 9 paid; 7 USD of usage: all billable, paid from credit.
         {"month": "2026-11", "spend_micros": 11 * US, "credits_applied_micros": 3 * US,
-         "billable_micros": 8 * US, "usage_hours": 0.0, "usage_ms": 0, "status": "open"},
+         "imported_applied_micros": 0, "billable_micros": 8 * US, "usage_hours": 0.0, "usage_ms": 0, "status": "open"},
     ]
     assert_consistent(months)
     # Free credit granted: 5 + 1 USD, of which none expired unused: at most 6 USD can be applied.
@@ -57,8 +59,28 @@ def test_a_grant_covers_only_usage_after_it_and_an_expired_grant_covers_nothing(
                ("usage", -4 * US, None, OCT + 5)]        # no free credit left: 4 billable
     months = summarize(entries, {}, OCT + 6)
     assert months == [{"month": "2026-10", "spend_micros": 7 * US, "credits_applied_micros": 1 * US,
-                       "billable_micros": 6 * US, "usage_hours": 0.0, "usage_ms": 0, "status": "open"}]
+                       "imported_applied_micros": 0, "billable_micros": 6 * US, "usage_hours": 0.0, "usage_ms": 0, "status": "open"}]
     assert_consistent(months)
+
+
+def test_imported_credit_is_neither_free_credit_nor_money_paid_and_the_usage_it_covers_is_its_own_line():
+    """Billing-rules 2.11: what an import brought over (here a 2 USD promotional grant that lapses
+    in November and 6 USD of balance) covers usage after free credit, as its own line; usage
+    past it is billable; its expiry and an imported debt take from it."""
+    entries = [("signup_grant", 1 * US, "gr_1", OCT), ("import", 2 * US, "gr_2", OCT, 0, NOV + 1),
+               ("import", 6 * US, "gr_3", OCT, 0, None), ("usage", -4 * US, None, OCT + 1),
+               ("topup", 10 * US, "gr_4", OCT + 2), ("expiration", -1 * US, "gr_2", NOV + 1, 0, NOV + 1),
+               ("usage", -5 * US, None, NOV + 2)]
+    months = summarize(entries, {}, NOV + 3)
+    assert [(m["month"], m["spend_micros"], m["credits_applied_micros"], m["imported_applied_micros"],
+             m["billable_micros"]) for m in months] == [
+        ("2026-10", 4 * US, 1 * US, 3 * US, 0),  # the signup credit first, then 3 of the 8 imported
+        ("2026-11", 5 * US, 0, 4 * US, 1 * US)]  # 5 imported were left; the grant's 1 lapsed: 4, then paid
+    assert_consistent(months)
+    # An imported debt takes paid credit first, then imported; never counted as money paid.
+    debt = summarize([("import", 3 * US, "gr_1", OCT, 0, None), ("import", -1 * US, None, OCT),
+                      ("usage", -3 * US, None, OCT + 1)], {}, OCT + 2)
+    assert (debt[0]["imported_applied_micros"], debt[0]["billable_micros"]) == (2 * US, 1 * US)
 
 
 @pytest.mark.time_travel  # moves the shared clock a minute at a time: one usage ledger row per minute

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from fastapi import APIRouter, Request, Response
 
 from actors import commands as cmd
@@ -20,10 +21,17 @@ from serve_app.imports import BadLine, ImportBody, import_of
 from storage import stripe_customers
 
 STRIPE_CUSTOMER = "stripe_customer"
-# A shard's answers that say nothing about the org: the request is answered 503, and a retry
-# (the CLI's) applies what is missing; what did apply is unchanged the second time.
+AUTO_RECHARGE = "auto_recharge"  # what a no_stripe_customer pause lifted shows in `changed`
+# A shard's answers that say nothing about the org: that org is answered `failed` (send it again;
+# what did apply is unchanged the second time), the others as their shards answered. Only a
+# request in which every org failed so is answered 503 as a whole: nothing of it applied.
 RETRY = frozenset({Refusal.SHARD_BUSY, Refusal.SHARD_UNAVAILABLE, Refusal.WRONG_SHARD, Refusal.OUTCOME_UNKNOWN,
                    Refusal.SHARD_VERSION_MISMATCH, Refusal.INTERNAL_ERROR})
+
+
+def _retry(result: dict) -> bool:
+    error = result.get("error")
+    return error is not None and Refusal(error["code"]) in RETRY
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -33,8 +41,8 @@ def routes(ctx: Context) -> APIRouter:
         ImportBody, {"200": ("Each org's outcome, in the order sent", openapi.ImportResult)}, openapi.ADMIN,
         ("500", "503")))
     async def post_import(request: Request) -> Response:
-        """Up to 100 orgs; each answered created, updated, unchanged, refused or invalid (with
-        why). Idempotent per org and per amount: sending the same orgs again changes nothing."""
+        """Up to 100 orgs; each answered created, updated, unchanged, refused, invalid or failed
+        (with why). Idempotent per org and per amount: sending the same orgs again changes nothing."""
         ctx.admin(request)
         body = parse_model(ImportBody, await request.body())
         now = now_us()
@@ -57,17 +65,26 @@ def routes(ctx: Context) -> APIRouter:
         results = await asyncio.gather(*(
             ctx.router.command(org_id, cmd.PreviewImport(command) if body.dry_run else command)
             for _, org_id, command, _ in work))
-        for result in results:
-            error = result.get("error")
-            if error is not None and Refusal(error["code"]) in RETRY:
-                raise api_error_of(error)
+        if work and all(map(_retry, results)):
+            raise api_error_of(results[0]["error"])  # nothing applied: the request as a whole, again
         linked = await _link_customers(ctx, [(org_id, customer) for (_, org_id, _, customer), result
                                              in zip(work, results) if customer and "error" not in result],
                                        body.dry_run)
+        # An org whose auto-recharge a failed charge paused for want of a customer (the link
+        # after an earlier run's commit failed) has one now: the same import again lifts the pause.
+        waiting = [(i, org_id, msgspec.structs.replace(command, customer_linked=True))
+                   for i, ((_, org_id, command, _), result) in enumerate(zip(work, results))
+                   if "error" not in result and result.get("waits_for_customer") and org_id in linked]
+        if waiting and not body.dry_run:
+            lifted = await asyncio.gather(*(ctx.router.command(org_id, command) for _, org_id, command in waiting))
+            for (i, _, _), result in zip(waiting, lifted):
+                results[i] = result if "error" in result else {
+                    **result, "created": results[i]["created"], "changed": results[i]["changed"] + result["changed"]}
         for (index, org_id, _, customer), result in zip(work, results):
             answer = answers[index]
             if "error" in result:
-                answer.update(status="refused", why=f"{result['error']['code']}: {result['error']['message']}")
+                status = "failed" if _retry(result) else "refused"
+                answer.update(status=status, why=f"{result['error']['code']}: {result['error']['message']}")
                 continue
             changed = list(result["changed"])
             held = linked.get(org_id)
@@ -76,6 +93,8 @@ def routes(ctx: Context) -> APIRouter:
             elif customer and (held is None or held[0] != customer):  # the first customer stored wins
                 answer["why"] = (f"stripe_customer_id {customer} not linked: "
                                  + (f"the org has {held[0]}" if held else "another org has it"))
+            if body.dry_run and result.get("waits_for_customer") and org_id in linked:
+                changed.append(AUTO_RECHARGE)
             status = "created" if result["created"] else "updated" if changed else "unchanged"
             answer.update(status=status, changed=changed, balance_micros=result["balance_micros"])
         return json({"dry_run": body.dry_run, "orgs": answers})
@@ -85,13 +104,14 @@ def routes(ctx: Context) -> APIRouter:
 
 async def _link_customers(ctx: Context, pairs: list[tuple[str, str]], dry_run: bool) -> dict[str, tuple[str, bool]]:
     """Each org's Stripe customer after the import, and whether the import linked it (a dry run
-    links nothing: whether it would)."""
+    links nothing: whether it would); an org without one after it is left out."""
     if not pairs:
         return {}
     async with (await ctx.db()).acquire() as conn:
         if dry_run:
             held = await stripe_customers.customers_of(conn, [org for org, _ in pairs])
             taken = await stripe_customers.orgs_of_customers(conn, [cus for _, cus in pairs])
-            return {org: (held[org], False) if org in held else (cus, cus not in taken) for org, cus in pairs}
+            return {org: (held[org], False) if org in held else (cus, True) for org, cus in pairs
+                    if org in held or cus not in taken}
         new, held = await stripe_customers.remember_many(conn, pairs)
     return {org: (held[org], org in new) for org, _ in pairs if org in held}
