@@ -88,11 +88,11 @@ class Series:
         self.feed_streams = Gauge(
             "metergate_feed_streams", "Open GET /v1/gate/feed streams of an ingress replica")
         self.usage_parity_org_hours = Gauge(
-            "metergate_usage_parity_org_hours", "Org-hours the last usage parity report of an ingress replica "
-            "compared (GET /v1/parity/usage)")
+            "metergate_usage_parity_org_hours", "Org-hours the last usage parity report over every org of an "
+            "ingress replica compared (GET /v1/parity/usage without org_id)")
         self.usage_parity_outside = Gauge(
             "metergate_usage_parity_outside_tolerance", "Org-hours outside the tolerance in the last usage parity "
-            "report of an ingress replica (GET /v1/parity/usage)")
+            "report over every org of an ingress replica (GET /v1/parity/usage without org_id)")
         self.feed_lag_ms = Histogram(
             "metergate_feed_lag_ms", "Age of a shard's knowledge in each heartbeat a feed stream sends, in ms",
             boundaries=FEED_LAG_MS_BOUNDS, tag_keys=("shard",))
@@ -146,7 +146,8 @@ class FeedMetrics:
 
 
 def usage_parity_reported(org_hours: int, outside_tolerance: int) -> None:
-    """A usage parity report answered: what it compared, and how many org-hours were outside."""
+    """A usage parity report over every org answered: what it compared, and how many org-hours
+    were outside (a report of one org sets nothing)."""
     s = series()
     s.usage_parity_org_hours.set(org_hours)
     s.usage_parity_outside.set(outside_tolerance)

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
 from cli import checks
 from cli.client import Api, CliError, JsonOption, TokenOption, UrlOption
 from cli.output import Output
@@ -23,6 +24,8 @@ from cli.output import Output
 POST_ORG_HOURS = 200
 POST_BYTES = 48 * 1024
 DEFAULT_TOLERANCE_PPM = 100
+JSON_SPACE = " \t\r"  # JSON's whitespace, besides the LF that ends a line
+MAX_SHOWN = 10  # org-hours named when a file gives some twice
 QUANTITIES = (("memory_mb_ms", "memory MB·ms"), ("cpu_ms", "vCPU·ms"), ("disk_mb_ms", "disk MB·ms"))
 
 parity_app = typer.Typer(no_args_is_help=False)
@@ -113,8 +116,9 @@ def post(file: Annotated[Path, typer.Argument(metavar="FILE", help="JSON lines: 
     Each line is one org and UTC hour ({"org_id", "hour", "memory_mb_ms", "cpu_ms",
     "disk_mb_ms", "units"}, or memory_gib_s, cpu_vcpu_s, disk_gib_s as decimal strings). Sent in
     posts of at most 200 lines; an org and hour posted before is replaced. Every line is read
-    before anything is sent; a line the service refuses stops the run there, and the posts
-    before it stay (running the file again is safe)."""
+    before anything is sent, and an org and hour on two lines is refused naming the lines (as
+    the service refuses one twice in a post). A line the service refuses stops the run there,
+    and the posts before it stay (running the file again is safe)."""
     items = read_lines(file)
     totals = {"stored": 0, "created": 0, "replaced": 0, "replaced_org_hours": []}
     with Api(url, token) as api:
@@ -134,14 +138,21 @@ def post(file: Annotated[Path, typer.Argument(metavar="FILE", help="JSON lines: 
 
 
 def read_lines(file: Path) -> list[tuple[int, dict]]:
-    """(line number, object) of every non-blank line; a CliError naming the first bad line."""
+    """(line number, object) of every non-blank line; a CliError naming the first bad line, or
+    every org and hour that is on more than one line.
+
+    Lines end at LF only (a CR before it is JSON whitespace): not str.splitlines(), which also
+    ends a line at U+2028, U+0085 and other separators that JSON allows inside a string.
+    An org and hour twice in a file is refused, as the service refuses it twice in one post:
+    which line should count is for the platform to say, not for the order of the posts."""
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    lines_of: dict[tuple, list[int]] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip(JSON_SPACE):
             continue
         try:
             item = json.loads(line)
@@ -150,9 +161,32 @@ def read_lines(file: Path) -> list[tuple[int, dict]]:
         if not isinstance(item, dict):
             raise CliError(f"{file}:{number}: not a JSON object; nothing was posted")
         items.append((number, item))
+        lines_of.setdefault(_org_hour(item), []).append(number)
     if not items:
         raise CliError(f"{file} has no lines to post")
+    twice = [(key, numbers) for key, numbers in lines_of.items() if len(numbers) > 1]
+    if twice:
+        shown = "; ".join(f"{key[0]} at {_hour_text(key[1])} on lines {', '.join(map(str, numbers))}"
+                          for key, numbers in twice[:MAX_SHOWN])
+        more = f" (and {len(twice) - MAX_SHOWN} more)" if len(twice) > MAX_SHOWN else ""
+        raise CliError(f"{file}: {len(twice)} org-hour{'' if len(twice) == 1 else 's'} on more than one line: "
+                       f"{shown}{more}. Give each org and hour once; nothing was posted")
     return items
+
+
+def _org_hour(item: dict) -> tuple:
+    """The org and hour of a line, the hour as µs when it reads as a time (so "10:00:00Z" and
+    the same epoch are one hour), else as given (the service names what is wrong with it)."""
+    org_id, hour = item.get("org_id"), item.get("hour")
+    try:
+        hour = parse_time_us(hour)
+    except (BadTime, ValueError, OverflowError):
+        hour = json.dumps(hour)
+    return org_id if isinstance(org_id, str) else json.dumps(org_id), hour
+
+
+def _hour_text(hour: int | str) -> str:
+    return us_to_rfc3339(hour) if isinstance(hour, int) else hour
 
 
 def chunks(items: list[tuple[int, dict]]) -> Iterator[list[tuple[int, dict]]]:

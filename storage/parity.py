@@ -78,6 +78,32 @@ def _window(from_us: int, to_us: int, org_id: str | None, column: str) -> tuple[
     return text, args
 
 
+class ReportTimedOut(Exception):
+    """A report's queries took longer than their statement_timeout (Postgres cancelled them)."""
+
+
+async def report_sides(conn: asyncpg.Connection, from_us: int, to_us: int, org_id: str | None, limit: int,
+                       timeout_ms: int) -> tuple[list[HourUsage], list[HourUsage]] | None:
+    """(metered, posted) for the hours from `from_us` to `to_us`, each by hour then org, or None
+    when either side holds more than `limit` org-hours (the posted side is read first: over the
+    limit, the rollups are not summed at all). Both queries run in one transaction under
+    `SET LOCAL statement_timeout`; past it, ReportTimedOut."""
+    try:
+        async with conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+            theirs = await posted(conn, from_us, to_us, org_id, limit + 1)
+            if len(theirs) > limit:
+                return None
+            ours = await metered(conn, from_us, to_us, org_id, limit + 1)
+            if len(ours) > limit:
+                return None
+    except asyncpg.QueryCanceledError as exc:
+        if exc.sqlstate != "57014" or "statement timeout" not in str(exc):
+            raise
+        raise ReportTimedOut(f"the report took longer than {timeout_ms:,} ms") from None
+    return ours, theirs
+
+
 async def posted(conn: asyncpg.Connection, from_us: int, to_us: int, org_id: str | None,
                  limit: int) -> list[HourUsage]:
     """What the platform posted for the hours from `from_us` to `to_us` (hour starts), by hour
@@ -93,11 +119,32 @@ async def posted(conn: asyncpg.Connection, from_us: int, to_us: int, org_id: str
 async def metered(conn: asyncpg.Connection, from_us: int, to_us: int, org_id: str | None,
                   limit: int) -> list[HourUsage]:
     """What metergate metered, per org and UTC hour, for the ticks that started from `from_us`
-    to `to_us`, by hour then org, at most `limit` rows."""
-    within, args = _window(from_us, to_us, org_id, "minute")
+    to `to_us` (hour starts), by hour then org: all of them when the window holds at most
+    `limit`, else `limit` of them (the earliest hours', and some of the last hour's: a caller
+    asks for one more than it takes, to learn that the window holds too many).
+
+    Hour by hour, not one GROUP BY over the window: a GROUP BY would sum every rollup of the
+    window before its LIMIT could stop it (a hash aggregate ends its input first), so a window
+    far over the limit cost as much as reading it all. Here each hour of the list is one
+    index range scan (usage_rollups_minute, or the primary key's (org_id, minute) with an
+    org), summed per org; the nested loop stops at the hour where the `limit`-th org-hour
+    appears, so the work is the hours the report needs, and no more. No ORDER BY over the
+    whole result (a sort would read every hour too): the rows are ordered here. The units are
+    summed over the rows that have some (mg_units_add is a SQL function: called for every
+    row, it cost more than the scan)."""
+    assert from_us % HOUR_US == 0 and to_us % HOUR_US == 0 and from_us < to_us
+    hours = [us_to_dt(hour_us) for hour_us in range(from_us, to_us, HOUR_US)]
+    org_filter = " AND r.org_id = $3" if org_id is not None else ""
+    args: list = [hours, limit] + ([org_id] if org_id is not None else [])
     rows = await conn.fetch(
-        "SELECT org_id, date_trunc('hour', minute, 'UTC') AS hour, sum(memory_mb_ms)::int8 AS memory_mb_ms,"
-        " sum(cpu_ms)::int8 AS cpu_ms, sum(disk_mb_ms)::int8 AS disk_mb_ms, mg_units_sum(units)::text AS units"
-        f" FROM usage_rollups WHERE {within} GROUP BY 1, 2 ORDER BY 2, 1 LIMIT ${len(args) + 1}", *args, limit)
-    return [HourUsage(r["org_id"], dt_to_us(r["hour"]), r["memory_mb_ms"], r["cpu_ms"], r["disk_mb_ms"],
-                      _units(r["units"])) for r in rows]
+        "SELECT s.org_id, h.hour, s.memory_mb_ms, s.cpu_ms, s.disk_mb_ms, s.units"
+        " FROM unnest($1::timestamptz[]) AS h(hour) CROSS JOIN LATERAL ("
+        "  SELECT r.org_id, sum(r.memory_mb_ms)::int8 AS memory_mb_ms, sum(r.cpu_ms)::int8 AS cpu_ms,"
+        "  sum(r.disk_mb_ms)::int8 AS disk_mb_ms,"
+        "  mg_units_sum(r.units) FILTER (WHERE r.units IS NOT NULL)::text AS units"
+        "  FROM usage_rollups r WHERE r.minute >= h.hour AND r.minute < h.hour + interval '1 hour'"
+        f"{org_filter} GROUP BY r.org_id) AS s LIMIT $2", *args)
+    found = [HourUsage(r["org_id"], dt_to_us(r["hour"]), r["memory_mb_ms"], r["cpu_ms"], r["disk_mb_ms"],
+                       _units(r["units"])) for r in rows]
+    found.sort(key=lambda u: (u.hour_us, u.org_id))
+    return found

@@ -20,6 +20,7 @@ from storage.parity import HOUR_US
 
 MAX_REPORT_HOURS = 31 * 24  # per report
 MAX_REPORT_ORG_HOURS = 10_000  # per side of a report: past it, a narrower window or one org
+REPORT_TIMEOUT_MS = 20_000  # statement_timeout of a report's queries: well under the CLI's 60 s
 
 
 def routes(ctx: Context) -> APIRouter:
@@ -55,13 +56,19 @@ def routes(ctx: Context) -> APIRouter:
             raise ApiError(422, "invalid_request", f"to must be after from, by at most {MAX_REPORT_HOURS} hours",
                            field="to")
         async with (await ctx.db()).acquire() as conn:
-            ours = await parity.metered(conn, from_us, to_us, org_id, MAX_REPORT_ORG_HOURS + 1)
-            theirs = await parity.posted(conn, from_us, to_us, org_id, MAX_REPORT_ORG_HOURS + 1)
-        if max(len(ours), len(theirs)) > MAX_REPORT_ORG_HOURS:
+            try:
+                sides = await parity.report_sides(conn, from_us, to_us, org_id, MAX_REPORT_ORG_HOURS,
+                                                  REPORT_TIMEOUT_MS)
+            except parity.ReportTimedOut:
+                raise ApiError(422, "invalid_request", f"the window took longer than {REPORT_TIMEOUT_MS:,} ms "
+                               "to sum: narrow it, or pass org_id", field="to") from None
+        if sides is None:
             raise ApiError(422, "invalid_request", f"the window holds more than {MAX_REPORT_ORG_HOURS:,} org-hours: "
                            "narrow it, or pass org_id", field="to")
+        ours, theirs = sides
         report = compare(ours, theirs, tolerance_ppm)
-        metrics.usage_parity_reported(len(report.org_hours), report.outside_tolerance)
+        if org_id is None:  # the gauges describe the last report over every org, never one org's
+            metrics.usage_parity_reported(len(report.org_hours), report.outside_tolerance)
         return json({"from": us_to_rfc3339(from_us), "to": us_to_rfc3339(to_us), "tolerance_ppm": tolerance_ppm,
                      "org_id": org_id, "checked": len(report.org_hours), "outside_tolerance": report.outside_tolerance,
                      "only_metergate": report.only_metergate, "only_platform": report.only_platform,
