@@ -31,6 +31,7 @@ class CreateOrg(msgspec.Struct, tag="create", array_like=True):
     email: str
     plan_id: str
     prepaid: bool
+    shadow: bool = False  # created in shadow (billing-rules 2.12)
 
 
 class AcquireLease(msgspec.Struct, tag="acq", array_like=True):
@@ -246,6 +247,16 @@ class ImportOrg(msgspec.Struct, tag="import", array_like=True):
     past_due: InvoiceFailed | None = None  # since when, with the service's dunning policy
     recharge: SetAutoRecharge | None = None
     customer_linked: bool = False  # the org's Stripe customer is linked: a no_stripe_customer pause lifts
+    shadow: bool | None = None  # a new org: created in shadow (billing-rules 2.12); an existing one keeps its own
+
+
+class SetEnforcement(msgspec.Struct, tag="enforcement", array_like=True):
+    """Billing-rules 2.12: `shadow`, or `enforce` from `at_us` (None: the command's time; a
+    cutover). `undo`: back to shadow only if nothing was charged since the cutover."""
+
+    mode: str
+    at_us: int | None = None
+    undo: bool = False
 
 
 class PreviewImport(msgspec.Struct, array_like=True):
@@ -258,7 +269,7 @@ class PreviewImport(msgspec.Struct, array_like=True):
 Command = (CreateOrg | AcquireLease | RenewLease | ReleaseLease | ApplyUsage | Credit | RefundPayment | ReverseRefund
            | DisputeFunds | Halt | Resume | SetPlan | SetTier | SubscriptionChanged | SetLimits | SetPaymentMethod
            | SetAutoRecharge | SettleRecharge | InvoiceFailed | InvoicePaid | ResetPeriod | SetAlerts | Advance
-           | ImportOrg)
+           | ImportOrg | SetEnforcement)
 
 # Commands that may carry an idempotency key for the ledger entry they make.
 KEYED = (Credit, SettleRecharge, RefundPayment, ReverseRefund, DisputeFunds)
@@ -284,7 +295,8 @@ def fingerprint(command: Command) -> str:
 
 # Fields appended after fingerprints became canonical: the positional bytes of those releases
 # never held them, so a legacy fingerprint leaves them out while they keep their default.
-_APPENDED_SINCE_LEGACY = frozenset({"paid_micros", "credited_micros", "threshold_runway_s", "runway_alert_s"})
+_APPENDED_SINCE_LEGACY = frozenset({"paid_micros", "credited_micros", "threshold_runway_s", "runway_alert_s",
+                                    "shadow"})
 
 
 def legacy_fingerprint(command: Command) -> str:
@@ -411,6 +423,7 @@ class Debited(msgspec.Struct, frozen=True):
 class LeaseGranted(msgspec.Struct, frozen=True):
     lease: Lease  # the live lease; copy it to keep it
     created: bool  # False: the same lease_id again, the lease as it is
+    shadowed: Decision | None = None  # a shadow org's: what an enforced one would get (billing-rules 2.12)
 
 
 class LeaseRenewed(msgspec.Struct, frozen=True):
@@ -453,15 +466,21 @@ def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now
     """
     if org is None:
         assert isinstance(command, (CreateOrg, ImportOrg)) and org_id, (command, org_id)  # pragma: no mutate
+        start = len(fx.events)
         if isinstance(command, ImportOrg):
             created, changed = imports.create_imported(org_id, command, catalog, now_us, fx)
+            created.shadow_events(fx, start)  # (billing-rules 2.12)
             return Imported(created, True, changed)
-        return _create(org_id, command, catalog, now_us, fx)
+        made = _create(org_id, command, catalog, now_us, fx)
+        made.org.shadow_events(fx, start)
+        return made
+    start = len(fx.events)
     try:
         return _apply(org, command, catalog, now_us, fx)
     finally:  # after every command, also one refused after time's effects (billing-rules 2.9)
         if alerts:
             org.check_alerts(now_us, fx)
+        org.shadow_events(fx, start)  # (billing-rules 2.12)
 
 
 def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int, fx: Effects) -> Outcome:
@@ -469,10 +488,10 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
         case ApplyUsage(usages=usages):
             return Debited(org.apply_usage(usages, now_us, fx))
         case AcquireLease(lease_id=lease_id, resources=resources, ttl_s=ttl_s):
-            deny, lease, created = org.acquire_lease(lease_id, resources, ttl_s, now_us, fx)
-            if deny is not None:
-                return LeaseDenied(deny)
-            return LeaseGranted(lease, created)
+            decision, lease, created = org.acquire_lease(lease_id, resources, ttl_s, now_us, fx)
+            if lease is None:
+                return LeaseDenied(decision)
+            return LeaseGranted(lease, created, decision)
         case RenewLease(lease_id=lease_id):
             return LeaseRenewed(org.renew_lease(lease_id, now_us, fx))
         case ReleaseLease(lease_id=lease_id):
@@ -544,6 +563,8 @@ def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int
                 org.set_runway_alert(runway, now_us, fx)
         case Advance():
             org.advance(now_us, fx)
+        case SetEnforcement(mode=mode, at_us=at_us, undo=undo):
+            org.set_enforcement(mode, at_us, undo, now_us, fx)
         case ImportOrg():
             return Imported(org, False, imports.apply_import(org, command, catalog, now_us, fx))
         case CreateOrg():
@@ -561,7 +582,8 @@ def _create(org_id: str, command: CreateOrg, catalog: Catalog, now_us: int, fx: 
     org = OrgBillingActor.create(
         org_id, command.email, command.prepaid, plan, catalog.default_tier,
         catalog.tiers[catalog.default_tier], catalog.default_max_disk_mb,
-        catalog.signup_grant_micros, now_us, fx, catalog.low_balance_micros, catalog.runway_alert_s)
+        catalog.signup_grant_micros, now_us, fx, catalog.low_balance_micros, catalog.runway_alert_s,
+        command.shadow)
     return OrgCreated(org, True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from actors.enforcement import SHADOW_FOREVER_US
 from actors.effects import Effects
 from actors.money import IMPORT_KIND, MAX_GRANTS_PER_ORG
 from actors.org import OrgBillingActor
@@ -44,6 +45,7 @@ def create_imported(org_id: str, command: ImportOrg, catalog: Catalog, now_us: i
     org = OrgBillingActor(org_id, command.email, prepaid, plan, catalog.default_tier,
                           catalog.tiers[catalog.default_tier], catalog.default_max_disk_mb, now_us)
     org.low_balance_micros, org.runway_alert_s = catalog.low_balance_micros, catalog.runway_alert_s
+    org.shadow_until_us = SHADOW_FOREVER_US if command.shadow else None  # (billing-rules 2.12)
     changed = apply_import(org, command, catalog, now_us, fx)
     org._halt_if_out_of_money(now_us, fx)
     org.check_alerts(now_us, fx)

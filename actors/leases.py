@@ -64,7 +64,10 @@ class Leases:
 
     def acquire_lease(self, lease_id: str, resources: Resources, ttl_s: int, now_us: int,
                       fx: Effects) -> tuple[Decision | None, Lease | None, bool]:
-        """(deny, None, False) | (None, lease, created). The same lease_id returns the lease."""
+        """(deny, None, False) | (None, lease, created) | (shadowed, lease, True): a shadow org's
+        lease (billing-rules 2.12) comes with the decision it was let through by, whose
+        would_allow/would_reason say what an enforced org would get. The same lease_id returns
+        the lease."""
         assert 0 < ttl_s <= MAX_TTL_S, ttl_s
         assert resources.quantity >= 1, resources
         self.advance(now_us, fx)
@@ -90,8 +93,9 @@ class Leases:
                       machine_type=resources.machine_type, memory_mb=resources.memory_mb,
                       cpu_count=resources.cpu_count, disk_mb=resources.disk_mb)
         self.leases[lease_id] = lease
-        assert self.active_leases_at(now_us) <= self.max_concurrent, "lease cap exceeded"
-        return None, lease, True
+        assert self.active_leases_at(now_us) <= self.max_concurrent or decision.would_allow is not None, \
+            "lease cap exceeded"  # (a shadow org's leases are not capped: billing-rules 2.12)
+        return (decision if decision.would_allow is not None else None), lease, True
 
     def renew_lease(self, lease_id: str, now_us: int, fx: Effects) -> Lease:
         self.advance(now_us, fx)

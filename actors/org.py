@@ -23,6 +23,7 @@ import sys
 import msgspec
 
 from actors.effects import Effects, Event
+from actors.enforcement import SHADOW_FOREVER_US, Enforcement
 from metergate_client.decision import ACTIONS, Decision, GateView, HaltCause, Reason, Resources, decide
 from actors.leases import MAX_LEASES_PER_ORG, MAX_TTL_S, Lease, Leases
 from actors.metering import SCALED_PER_MICRO
@@ -132,6 +133,7 @@ class OrgSnapshot(msgspec.Struct, array_like=True, tag=SNAPSHOT_VERSION):
     runway_armed: bool = True
     imported_ids: list[str] | None = None  # the source ids of the amounts imported (billing-rules 2.11)
     paid_credits: dict[str, list[int]] | None = None  # payment id -> [its credit, what was paid] (3.0)
+    shadow_until_us: int | None = None  # billed in shadow until then (billing-rules 2.12); None: enforced
 
 
 # Snapshot fields that are copied as they are; the plans and the lists of records need converting.
@@ -179,9 +181,11 @@ class OrgState(msgspec.Struct, frozen=True):
     runway_s: int | None = None  # None: postpaid, or nothing burns
     runway_alert_s: int = 0
     as_of_us: int = 0  # the instant it was read at
+    enforcement: str = "enforce"  # or "shadow" (billing-rules 2.12)
+    cutover_us: int | None = None  # when shadow ends (or ended), if a cutover is set
 
 
-class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, Runway):
+class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, Runway, Enforcement):
     __slots__ = (
         "org_id", "email", "prepaid", "plan", "tier", "max_concurrent", "max_disk_mb",
         "machine_quotas", "grants", "debt_micros", "remainder_scaled", "period_key",
@@ -191,7 +195,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
         "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
         "low_balance_armed", "disputes", "subscriptions", "settled_invoices", "lapsed", "runway_alert_s",
-        "runway_armed", "imported_ids", "paid_credits",
+        "runway_armed", "imported_ids", "paid_credits", "shadow_until_us",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -234,6 +238,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         self.lapsed: dict[str, int] | None = None  # payment id -> what of its credit expired unused
         self.imported_ids: list[str] | None = None  # source ids of imported amounts, never forgotten (2.11)
         self.paid_credits: dict[str, list[int]] | None = None  # payment id -> [credit, paid], latest 1,000 (3.0)
+        self.shadow_until_us: int | None = None  # in shadow before then (billing-rules 2.12)
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)
@@ -242,9 +247,10 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
     def create(cls, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
                max_concurrent: int, max_disk_mb: int, signup_grant_micros: int,
                now_us: int, fx: Effects, low_balance_micros: int = 0,
-               runway_alert_s: int = 0) -> "OrgBillingActor":
+               runway_alert_s: int = 0, shadow: bool = False) -> "OrgBillingActor":
         org = cls(org_id, email, prepaid, plan, tier, max_concurrent, max_disk_mb, now_us)
         org.low_balance_micros, org.runway_alert_s = low_balance_micros, runway_alert_s
+        org.shadow_until_us = SHADOW_FOREVER_US if shadow else None
         if signup_grant_micros > 0:
             org.credit("signup_grant", signup_grant_micros, None, None, now_us, fx)
         elif prepaid:
@@ -293,7 +299,13 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
             overdraws=not self.prepaid and self.plan.overage,
             needs_card=not self.has_payment_method and not self.paid_credit,
             machine_quotas=self.machine_quotas,
-            machine_in_use=self.machines_in_use_at(now_us) if self.machine_quotas else None)
+            machine_in_use=self.machines_in_use_at(now_us) if self.machine_quotas else None,
+            shadow=self.in_shadow(now_us))
+
+    def in_shadow(self, now_us: int) -> bool:
+        """Billed beside another biller at now_us (billing-rules 2.12): allowed whatever the
+        gate would say, no charge asked, its halts and suspensions not sent as such."""
+        return self.shadow_until_us is not None and now_us < self.shadow_until_us
 
     def _view_until(self, now_us: int) -> int | None:
         """The first instant after now_us at which time alone may change the view (of an org
@@ -308,6 +320,8 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
             times.append(self._dunning_due_us())
         if self._period_end_changes_view():
             times.append(self.period_end_us)
+        if self.shadow_until_us is not None and self.shadow_until_us < SHADOW_FOREVER_US:
+            times.append(self.shadow_until_us)  # a cutover (billing-rules 2.12)
         later = [t for t in times if t > now_us]
         return min(later) if later else None
 
@@ -338,7 +352,9 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
             recharge=msgspec.structs.replace(self.recharge) if self.recharge is not None else None,
             has_payment_method=self.has_payment_method, created_us=self.created_us,
             low_balance_micros=self.low_balance_micros, burn_micros_per_hour=self.burn_at(now_us),
-            runway_s=self.runway_at(now_us), runway_alert_s=self.runway_alert_s, as_of_us=now_us)
+            runway_s=self.runway_at(now_us), runway_alert_s=self.runway_alert_s, as_of_us=now_us,
+            enforcement=self.enforcement(now_us),
+            cutover_us=self.shadow_until_us if self.shadow_until_us != SHADOW_FOREVER_US else None)
 
     # ----- persistence ------------------------------------------------------------------
 

@@ -112,8 +112,8 @@ class Recharge:
         if r.pending_id is not None:
             self._grow_unsent_charge(now_us, fx)
             return
-        if not r.enabled or r.paused is not None or not self.has_payment_method:
-            return
+        if not r.enabled or r.paused is not None or not self.has_payment_method or self.in_shadow(now_us):
+            return  # (a shadow org asks for no charge: billing-rules 2.12)
         balance = self.balance_micros
         if not self._short_of_money(now_us):
             return

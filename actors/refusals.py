@@ -27,6 +27,7 @@ class Refusal(StrEnum):
     UNSTORABLE_INPUT = "unstorable_input"
     INTERNAL_ERROR = "internal_error"
     ORG_UNREADABLE = "org_unreadable"  # the org's stored rows do not decode or replay (actors/formats.py)
+    CUTOVER_CHARGED = "cutover_charged"  # an undo of a cutover after a charge was asked (billing-rules 2.12)
 
 
 class BillingError(Exception):

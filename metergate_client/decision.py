@@ -110,6 +110,10 @@ class Decision(msgspec.Struct, omit_defaults=True, frozen=True):
     requested: int | None = None
     in_use: int | None = None
     resource: str | None = None
+    # A shadow org's (billing-rules 2.12): every answer allows; the decision an enforced org
+    # would get is here. None (omitted) for an enforced org.
+    would_allow: bool | None = None
+    would_reason: Reason | None = None
 
 
 class GateView(msgspec.Struct, frozen=True):
@@ -128,12 +132,16 @@ class GateView(msgspec.Struct, frozen=True):
     needs_card: bool  # free credit used up and nothing to pay with: the user must add a card
     machine_quotas: dict[str, dict[str, int]] | None = None
     machine_in_use: dict[str, dict[str, int]] | None = None  # active, by region and machine type
+    shadow: bool = False  # billed beside another biller (billing-rules 2.12): every check is allowed
 
 
 def decide(action: str, resources: Resources, view: GateView) -> Decision:
     """The decision for `action` ("create", "wake", "ingest" or "purchase"). Called for every
     gate check of every gateway, so it is written flat: one reason, then one Decision."""
     reason = _reason(action, resources, view)
+    if view.shadow:  # allowed, whatever it would be (billing-rules 2.12)
+        return Decision(True, Reason.OK, view.balance_micros, view.active_leases, view.max_concurrent,
+                        would_allow=reason is Reason.OK, would_reason=reason)
     if reason is Reason.OK:
         return Decision(True, reason, view.balance_micros, view.active_leases, view.max_concurrent)
     if reason is Reason.RESOURCE_LIMIT:

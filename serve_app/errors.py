@@ -52,6 +52,7 @@ STATUS_BY_REFUSAL: dict[Refusal, int] = {
     Refusal.OUTCOME_UNKNOWN: 503,
     Refusal.UNSTORABLE_INPUT: 422,
     Refusal.INTERNAL_ERROR: 500,
+    Refusal.CUTOVER_CHARGED: 409,
     Refusal.ORG_UNREADABLE: 500,  # a fault of the stored data, not of the request: retrying does not help
 }
 assert set(STATUS_BY_REFUSAL) == set(Refusal), "every refusal has its HTTP status"

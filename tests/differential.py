@@ -63,9 +63,10 @@ def _key(command: dict) -> str | None:
 class EngineOrg:
     """One org of the engine, with the shard's journal, snapshot, key and tick memory."""
 
-    def __init__(self, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None) -> None:
+    def __init__(self, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None,
+                 shadow: bool = False) -> None:
         fx = Effects()
-        create = (cmd.CreateOrg("diff@example.test", plan_id, prepaid) if imported is None
+        create = (cmd.CreateOrg("diff@example.test", plan_id, prepaid, shadow) if imported is None
                   else import_command({**imported, "plan_id": plan_id, "prepaid": prepaid}))
         created = execute(None, create, ENGINE_CATALOG, now_us, fx, org_id=ORG_ID)
         self.org: OrgBillingActor = created.org
@@ -104,7 +105,10 @@ class EngineOrg:
             view, until = self.org.view_as_of(self.last_now)
             if until is not None and now_us >= until:
                 view = self.org.view_as_of(now_us)[0]
-            return {"reason": str(decide(step["action"], _resources(step["resources"]), view).reason)}
+            decision = decide(step["action"], _resources(step["resources"]), view)
+            if decision.would_reason is not None:  # a shadow org's (billing-rules 2.12)
+                return {"reason": str(decision.reason), "would": str(decision.would_reason)}
+            return {"reason": str(decision.reason)}
         key = _key(step)
         if key is not None and key in self.booked_keys:
             return {"replayed": True}  # the edge answers it from the key: the org sees nothing
@@ -120,6 +124,8 @@ class EngineOrg:
         except UnknownLease:
             return {"refused": "unknown_lease"}
         except BillingError as exc:
+            if kind == "set_enforcement":
+                return {"refused": str(exc.code)}
             return {"refused": True} if kind == "import" else {"refused": str(exc)}
         if isinstance(outcome, cmd.Booked) and key is not None:
             self.booked_keys.add(key)
@@ -200,6 +206,8 @@ class EngineOrg:
                 return cmd.SetAlerts(step["low_balance_micros"], step.get("runway_alert_s"))
             case "advance":
                 return cmd.Advance()
+            case "set_enforcement":
+                return cmd.SetEnforcement(step["mode"], step.get("at_us"), step.get("undo", False))
             case "import":
                 return import_command(step)
         raise AssertionError(f"no engine command for {step!r}")
@@ -219,8 +227,9 @@ class EngineOrg:
                 return {"clawed_micros": 0}
             case cmd.Applied() if kind == "set_tier":
                 return {"stale": False}
-            case cmd.LeaseGranted(lease=lease, created=created):
-                return {"granted": True, "created": created, "expires_at_us": lease.expires_at_us}
+            case cmd.LeaseGranted(lease=lease, created=created, shadowed=shadowed):
+                granted = {"granted": True, "created": created, "expires_at_us": lease.expires_at_us}
+                return granted if shadowed is None else {**granted, "would": str(shadowed.would_reason)}
             case cmd.LeaseDenied(decision=decision):
                 return {"denied": str(decision.reason)}
             case cmd.LeaseRenewed(lease=lease):
@@ -286,15 +295,17 @@ def import_command(step: dict) -> cmd.ImportOrg:
                                                    due["free_plan_version"]),
         None if recharge is None else cmd.SetAutoRecharge(
             recharge["enabled"], recharge["threshold_micros"], recharge["amount_micros"], recharge["max_per_day"],
-            recharge["cooldown_s"], False, recharge.get("threshold_runway_s", 0)))
+            recharge["cooldown_s"], False, recharge.get("threshold_runway_s", 0)),
+        shadow=step.get("shadow"))
 
 
 # ----- the model side: the same key memory the edge gives every command ------------------
 
 
 class ModelOrg:
-    def __init__(self, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None) -> None:
-        self.ref = RefOrg(RefCatalog(RAW), ORG_ID, plan_id, prepaid, now_us, imported)
+    def __init__(self, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None,
+                 shadow: bool = False) -> None:
+        self.ref = RefOrg(RefCatalog(RAW), ORG_ID, plan_id, prepaid, now_us, imported, shadow)
         self.booked_keys: set[str] = set()
 
     def apply(self, now_us: int, step: dict) -> dict:
@@ -367,12 +378,16 @@ class Pair:
         return step
 
     @classmethod
-    def create(cls, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None) -> "Pair":
-        """`imported`: the org is created by this import step (billing-rules 2.11)."""
+    def create(cls, plan_id: str, prepaid: bool, now_us: int, imported: dict | None = None,
+               shadow: bool = False) -> "Pair":
+        """`imported`: the org is created by this import step (billing-rules 2.11); `shadow`:
+        created in shadow (2.12)."""
         if imported is not None:
             imported = {**imported, "plan_id": plan_id, "plan_version": 0, "prepaid": prepaid}
-        pair = cls(EngineOrg(plan_id, prepaid, now_us, imported), ModelOrg(plan_id, prepaid, now_us, imported),
-                   now_us)
+            if shadow:
+                imported["shadow"] = True
+        pair = cls(EngineOrg(plan_id, prepaid, now_us, imported, shadow),
+                   ModelOrg(plan_id, prepaid, now_us, imported, shadow), now_us)
         compare(0, {"type": "create", "plan_id": plan_id, "prepaid": prepaid, "imported": imported},
                 pair.engine.import_result or {}, getattr(pair.model.ref, "import_result", None) or {},
                 pair.engine.take_effects(), pair.model.ref.take_effects(), pair.engine.observe(),
@@ -548,6 +563,12 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
                                              "runway_alert_s": runway},
                   st.sampled_from((-1, 0, 1_000_000, 4_000_000)), st.sampled_from((None, 0, 600, 3_600, 86_400))),
         st.just({"type": "advance"}),
+        # Shadow and cutover (billing-rules 2.12): a cutover now, past or ahead, and its undo.
+        st.builds(lambda mode, at_s, undo: {"type": "set_enforcement", "mode": mode,
+                                            "at_us": None if at_s is None else now + at_s * US, "undo": undo},
+                  st.sampled_from(("shadow", "enforce", "enforce")),
+                  st.one_of(st.none(), st.integers(-DAY_S, DAY_S), st.sampled_from((-1, 0, 1, 60))),
+                  st.booleans()),
     )
     gate = st.builds(lambda action, res: {"type": "gate", "action": action, "resources": res},
                      st.sampled_from(("create", "wake", "ingest", "purchase")), resources)

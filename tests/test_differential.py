@@ -20,12 +20,12 @@ from tests.differential import DAY_S, START_US, US, Pair, import_strategy, jump_
 
 class EngineAgainstModel(RuleBasedStateMachine):
     @initialize(plan_id=st.sampled_from(("payg", "hobby_weekly", "free")), prepaid=st.booleans(),
-                start_s=st.integers(0, 120 * DAY_S), data=st.data())
-    def create(self, plan_id, prepaid, start_s, data):
+                start_s=st.integers(0, 120 * DAY_S), shadow=st.sampled_from((False, False, True)), data=st.data())
+    def create(self, plan_id, prepaid, start_s, shadow, data):
         now = START_US + start_s * US
         # One org in four is created by an import (billing-rules 2.11) instead of POST /v1/orgs.
         imported = data.draw(st.one_of(st.none(), st.none(), st.none(), import_strategy(now, 0)), label="imported")
-        self.pair = Pair.create(plan_id, prepaid, now, imported)
+        self.pair = Pair.create(plan_id, prepaid, now, imported, shadow)
         self.serial = 0
 
     @rule(data=st.data())

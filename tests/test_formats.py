@@ -31,7 +31,7 @@ SCENARIOS = [(version, path.name) for version in VERSIONS
 COMMAND_TYPES = {member.__name__ for member in Command.__args__}
 COMMAND = msgspec.msgpack.Decoder(Command)
 # Command types the release that wrote a corpus did not have yet (appended to the union since).
-NEWER_THAN_CORPUS = {1: {"ImportOrg"}, 2: {"ImportOrg"}}
+NEWER_THAN_CORPUS = {1: {"ImportOrg", "SetEnforcement"}, 2: {"ImportOrg", "SetEnforcement"}}
 
 
 def catalog_of(version: int) -> Catalog:

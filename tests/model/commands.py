@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from tests.model.basics import (
+    SHADOW_FOREVER,
     share,
     share_after,
     ENDED,
@@ -401,13 +402,38 @@ class Commands:
             return {"refused": "too_many_leases"}
         reason = self._decide("create", resources, self._balance(), self._quota_remaining(),
                               list(self.leases.values()))
-        if reason != "ok":
+        shadow = self._in_shadow(now)   # rule 2.12.1: granted whatever the gate says
+        if reason != "ok" and not shadow:
             return {"denied": reason}
         qty = resources.get("quantity")
         qty = 1 if qty is None else int(qty)
         lease = Lease(lid, now + ttl * US, qty, ttl, resources)
         self.leases[lid] = lease
-        return {"granted": True, "created": True, "expires_at_us": lease.expires_at_us}
+        granted = {"granted": True, "created": True, "expires_at_us": lease.expires_at_us}
+        return {**granted, "would": reason} if shadow else granted
+
+    def _cmd_set_enforcement(self, now, cmd):
+        """Rule 2.12, after advance."""
+        self._shadow_events(self._cmd_start, now)   # what advance brought, as the org was then
+        if cmd["mode"] == "shadow":
+            if self.shadow_until == SHADOW_FOREVER:
+                return {}
+            if cmd.get("undo"):
+                r = self.recharge
+                if self.shadow_until is None:
+                    return {"refused": "invalid_command"}
+                if r is not None and (r.pending_id is not None or (
+                        r.last_ask_us is not None and r.last_ask_us >= self.shadow_until)):
+                    return {"refused": "cutover_charged"}
+            self.shadow_until = SHADOW_FOREVER
+            return {}
+        at = now if cmd.get("at_us") is None else cmd["at_us"]
+        if not self._in_shadow(now) or at == self.shadow_until:
+            return {}
+        self.shadow_until = at
+        if at <= now:
+            self._recharge_check(now)
+        return {}
 
     def _cmd_renew(self, now, cmd):
         lid = cmd["lease_id"]

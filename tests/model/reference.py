@@ -40,6 +40,8 @@ from tests.model.basics import (  # noqa: F401 - also what the model's tests imp
     WaitingRefund,
     share,
     share_after,
+    SHADOW_FOREVER,
+    SHADOWED,
     calendar_period,
     dt_to_us,
     kind_is_purchased,
@@ -56,7 +58,7 @@ from tests.model.commands import Commands
 
 class RefOrg(Commands):
     def __init__(self, catalog: RefCatalog, org_id: str, plan_id: str, prepaid: bool, now_us: int,
-                 imported: dict | None = None):
+                 imported: dict | None = None, shadow: bool = False):
         """`imported`: the org is created by this import (rule 2.11): no signup grant, and rule
         4.5's check after the import."""
         self.catalog = catalog
@@ -139,7 +141,9 @@ class RefOrg(Commands):
 
         self.imported_ids: list[str] = []             # rule 2.11: source ids imported, never forgotten
 
-        # creation is a command at now_us (rule 4.5)
+        # creation is a command at now_us (rule 4.5); in shadow if it says so (rule 2.12)
+        shadow = shadow or bool((imported or {}).get("shadow"))
+        self.shadow_until = SHADOW_FOREVER if shadow else None
         signup = catalog.signup_grant_micros
         if imported is not None:
             self.import_result = self._cmd_import(now_us, imported)
@@ -151,6 +155,7 @@ class RefOrg(Commands):
             self._halt_check(now_us)
         self._low_balance_rule()
         self._runway_rule(now_us)
+        self._shadow_events(0, now_us)
 
     # ------------------------------------------------------------------ basic reads
 
@@ -526,7 +531,7 @@ class RefOrg(Commands):
                     r.pending_micros = amount
                     self._record_charge(r.pending_id, amount)
             return
-        if not r.enabled or r.paused or not self.has_payment_method:
+        if not r.enabled or r.paused or not self.has_payment_method or self._in_shadow(now):   # rule 2.12.2
             return
         runway = self._runway(now) if r.threshold_runway_s > 0 else None   # rule 9.2
         if not (balance < r.threshold_micros or (runway is not None and runway < r.threshold_runway_s)):
@@ -644,15 +649,20 @@ class RefOrg(Commands):
     def apply(self, now_us: int, cmd: dict) -> dict:
         t = cmd["type"]
         if t == "gate":
-            return {"reason": self._gate_read(now_us, cmd.get("action"), cmd.get("resources") or {})}
+            reason = self._gate_read(now_us, cmd.get("action"), cmd.get("resources") or {})
+            if self._in_shadow(now_us):   # rule 2.12.1: allowed; the rules' decision rides along
+                return {"reason": "ok", "would": reason}
+            return {"reason": reason}
         handler = getattr(self, "_cmd_" + t, None)
         if handler is None:
             raise ValueError(f"unknown command type {t!r}")
+        self._cmd_start = len(self._fx_events)
         self._advance(now_us)
         result = handler(now_us, cmd)
         # Rules 2.9, then 2.10, after every command, also a refused one (which still applied its advance).
         self._low_balance_rule()
         self._runway_rule(now_us)
+        self._shadow_events(self._cmd_start, now_us)   # rule 2.12.3
         self.last_now_us = now_us
         # self-checks of the model (rule 2.1, 2.7)
         assert not (self.debt > 0 and self.grants), "debt and a grant with money at the same time"
@@ -668,6 +678,16 @@ class RefOrg(Commands):
         balance = org._balance_at(now)
         active = [l for l in org.leases.values() if l.expires_at_us > now]
         return org._decide(action, resources, balance, org._quota_remaining(), active)
+
+    # ------------------------------------------------------------------ enforcement (rule 2.12)
+
+    def _in_shadow(self, t: int) -> bool:
+        return self.shadow_until is not None and t < self.shadow_until
+
+    def _shadow_events(self, start: int, now: int):
+        """Rule 2.12.3: the compute plane's events of an instant in shadow get `.shadow`."""
+        if self._in_shadow(now):
+            self._fx_events[start:] = [(t + ".shadow" if t in SHADOWED else t, d) for t, d in self._fx_events[start:]]
 
     # ------------------------------------------------------------------ observe
 
