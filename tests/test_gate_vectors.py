@@ -43,6 +43,10 @@ SPEC_STATUS = {"ok": 200, "suspended": 402, "degraded": 402, "halted": 402, "no_
 def spec_decision(action: str, body_resources: dict, v: dict) -> dict:
     r = {**SPEC_RESOURCE_DEFAULTS, **body_resources}
     reason, extra = spec_reason(action, r, v)
+    if v["shadow"]:  # section 4, step 0: allowed, the rules' answer in would_allow/would_reason only
+        return {"allowed": True, "reason": "ok", "status": 200, "balance_micros": v["balance_micros"],
+                "active_leases": v["active_leases"], "max_concurrent": v["max_concurrent"],
+                "would_allow": reason == "ok", "would_reason": reason}
     return {"allowed": reason == "ok", "reason": reason, "status": SPEC_STATUS[reason],
             "balance_micros": v["balance_micros"], "active_leases": v["active_leases"],
             "max_concurrent": v["max_concurrent"], **extra}
@@ -136,6 +140,23 @@ def test_every_action_is_in_the_vectors_and_allowed_means_ok():
         assert case["decision"]["allowed"] is (case["decision"]["reason"] == "ok"), case["name"]
 
 
+def test_a_shadow_view_is_always_allowed_and_says_every_reason_it_would_give():
+    """Billing-rules 2.12: every shadow case is allowed (ok, 200) with would_allow/would_reason;
+    every reason is reached as a would_reason, each action is asked in shadow, and no enforced
+    case carries the two fields."""
+    shadow = [case for case in CASES if case["view"]["shadow"]]
+    assert len(shadow) >= 60
+    for case in CASES:
+        decision = case["decision"]
+        if case["view"]["shadow"]:
+            assert (decision["allowed"], decision["reason"], decision["status"]) == (True, "ok", 200), case["name"]
+            assert decision["would_allow"] is (decision["would_reason"] == "ok"), case["name"]
+        else:
+            assert "would_allow" not in decision and "would_reason" not in decision, case["name"]
+    assert {reason.value for reason in Reason} == {case["decision"]["would_reason"] for case in shadow}
+    assert {case["action"] for case in shadow} == {"create", "wake", "ingest", "purchase"}
+
+
 # ----- reading views and resources (docs/gate-protocol.md 2, 3.2 and 8.1) -----------------------
 
 VIEW_READINGS = VECTORS["view_readings"]
@@ -160,11 +181,14 @@ def spec_read_view(view: object) -> dict | None:
         return None
     if "halted" not in view or view["halted"] not in (None, "balance", "admin"):
         return None
+    shadow = view.get("shadow", False)  # absent: false (a view of an older server)
+    if type(shadow) is not bool:
+        return None
     quotas, in_use = view.get("machine_quotas"), view.get("machine_in_use")
     if not counts(quotas) or not counts(in_use):
         return None
     return {**{name: view[name] for name in (*SPEC_INTEGERS, *SPEC_BOOLEANS, "halted")},
-            "machine_quotas": quotas, "machine_in_use": in_use}
+            "machine_quotas": quotas, "machine_in_use": in_use, "shadow": shadow}
 
 
 def spec_read_resources(body: dict) -> dict | None:
@@ -218,7 +242,8 @@ def test_the_readings_reach_both_outcomes_and_every_field():
     assert {r["read"] is None for r in VIEW_READINGS} == {True, False}
     assert {r["read"] is None for r in RESOURCE_READINGS} == {True, False}
     named = " ".join(r["name"] for r in VIEW_READINGS)
-    assert all(name in named for name in (*SPEC_INTEGERS, *SPEC_BOOLEANS, "halted", "machine_quotas", "machine_in_use"))
+    assert all(name in named for name in (*SPEC_INTEGERS, *SPEC_BOOLEANS, "halted", "machine_quotas", "machine_in_use",
+                                          "shadow"))
 
 
 def test_an_unreadable_record_is_never_decided_from_nor_the_one_before_it_and_a_later_one_is():

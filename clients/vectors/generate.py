@@ -27,6 +27,8 @@ from serve_app.views import STATUS_BY_REASON
 VECTORS_PATH = Path(__file__).resolve().parent / "gate_decisions.json"
 SEED = 18  # issue 18: changing it rewrites every random case
 RANDOM_CASES = 300
+SHADOW_SEED = 22  # issue 22: the random sample of shadow views
+RANDOM_SHADOW_CASES = 60
 
 REGION = "us-central1"
 OTHER_REGION = "europe-west4"
@@ -38,7 +40,7 @@ HEALTHY = {
     "balance_micros": 5_000_000, "quota_remaining_micros": 0, "included_micros": 0,
     "active_leases": 1, "max_concurrent": 5, "max_disk_mb": 20_480, "halted": None,
     "suspended": False, "degraded": False, "overdraws": False, "needs_card": False,
-    "machine_quotas": None, "machine_in_use": None,
+    "machine_quotas": None, "machine_in_use": None, "shadow": False,
 }
 BROKE = {"balance_micros": 0, "quota_remaining_micros": 0}
 ON_QUOTA_PLAN = {"included_micros": 10_000_000}
@@ -254,6 +256,37 @@ def machine_cases() -> list[dict]:
     ]
 
 
+def shadow_cases() -> list[dict]:
+    """Billing-rules 2.12: a shadow view allows every check (reason ok, status 200) and says
+    what the rules would decide in would_allow/would_reason; one or more per reason."""
+    s = {"shadow": True}
+    return [
+        *each(CHECKED + ("purchase",), "shadow, healthy: would allow", **s),
+        *each(CHECKED + ("purchase",), "shadow, suspended: allowed, would say suspended", suspended=True, **s),
+        case("shadow, degraded purchase: allowed, would say degraded", "purchase", degraded=True, **s),
+        *each(CHECKED, "shadow, admin halt: allowed, would say halted", halted="admin", **s),
+        case("shadow, balance halt with no money: allowed, would say halted", "wake", halted="balance",
+             **BROKE, **s),
+        case("shadow, no money and no card: allowed, would say no_payment_method", "create", needs_card=True,
+             **BROKE, **s),
+        *each(CHECKED, "shadow, no money: allowed, would say insufficient_balance", **BROKE, **s),
+        *each(CHECKED, "shadow, quota used up: allowed, would say quota_exceeded", **BROKE, **ON_QUOTA_PLAN, **s),
+        case("shadow, debt: allowed, would say insufficient_balance", "create", balance_micros=-5_000_000, **s),
+        *each(HOLDING, "shadow, disk too big: allowed, would say resource_limit (no limit fields)",
+              {"disk_mb": 20_481}, **s),
+        case("shadow, machine quota full: allowed, would say resource_limit (no limit fields)", "create",
+             {**GPU_REQUEST, "quantity": 2}, **GPU_QUOTA, **s),
+        *each(HOLDING, "shadow, concurrency full: allowed, would say concurrency_limit", active_leases=5, **s),
+        case("shadow, far above concurrency: allowed, would say concurrency_limit", "create", {"quantity": 10_000},
+             active_leases=50, max_concurrent=0, **s),
+        case("shadow, postpaid with overage and debt: would allow", "ingest", overdraws=True,
+             balance_micros=-1_000_000, **s),
+        case("shadow, every limit broken at once: would say suspended", "create",
+             {"disk_mb": 1 << 40, "quantity": 10_000, **GPU_REQUEST}, suspended=True, halted="admin",
+             needs_card=True, active_leases=5, **BROKE, **GPU_QUOTA, **s),
+    ]
+
+
 def default_cases() -> list[dict]:
     return [
         *each(CHECKED + ("purchase",), "no resources at all (every default)", {}),
@@ -275,7 +308,7 @@ def random_view(rng: random.Random) -> dict:
         "max_concurrent": max_concurrent, "max_disk_mb": rng.choice([0, 10_240, 20_480]),
         "halted": rng.choice([None, None, None, "balance", "admin"]),
         "suspended": rng.random() < 0.1, "degraded": rng.random() < 0.15,
-        "overdraws": rng.random() < 0.25, "needs_card": rng.random() < 0.35,
+        "overdraws": rng.random() < 0.25, "needs_card": rng.random() < 0.35, "shadow": False,
     }
     view["active_leases"] = max(0, view["active_leases"])
     if rng.random() < 0.5:
@@ -305,13 +338,16 @@ def random_resources(rng: random.Random, view: dict) -> dict:
     return resources
 
 
-def random_cases(seed: int = SEED, count: int = RANDOM_CASES) -> list[dict]:
+def random_cases(seed: int = SEED, count: int = RANDOM_CASES, shadow: bool = False) -> list[dict]:
+    """The seeded sample; `shadow`: the same space with every view in shadow (its own seed, so
+    the enforced sample's cases stay as they were)."""
     rng = random.Random(seed)
     cases = []
     for index in range(count):
-        view = random_view(rng)
+        view = {**random_view(rng), "shadow": shadow}
         action = rng.choice(("create", "create", "wake", "ingest", "purchase"))
-        cases.append(case(f"random {index:03d}", action, random_resources(rng, view), **view))
+        name = f"random shadow {index:03d}" if shadow else f"random {index:03d}"
+        cases.append(case(name, action, random_resources(rng, view), **view))
     return cases
 
 
@@ -330,6 +366,8 @@ def view_readings() -> list[dict]:
         ("an empty machine_quotas", {**HEALTHY, "machine_quotas": {}, "machine_in_use": None}),
         ("a debt", {**HEALTHY, "balance_micros": -5_000_000}),
         ("halted for balance", {**HEALTHY, "halted": "balance"}),
+        ("in shadow", {**HEALTHY, "shadow": True}),
+        ("no shadow reads it as false (a view of an older server)", without("shadow")),
         ("not an object: null", None), ("not an object: an array", [HEALTHY]), ("not an object: a string", "ok"),
         *[(f"no {name}", without(name)) for name in (
             "balance_micros", "quota_remaining_micros", "included_micros", "active_leases", "max_concurrent",
@@ -343,6 +381,9 @@ def view_readings() -> list[dict]:
         ("suspended as a string", {**HEALTHY, "suspended": "false"}),
         ("suspended null", {**HEALTHY, "suspended": None}),
         ("needs_card as a number", {**HEALTHY, "needs_card": 1}),
+        ("shadow as a number", {**HEALTHY, "shadow": 1}),
+        ("shadow as a string", {**HEALTHY, "shadow": "true"}),
+        ("shadow null", {**HEALTHY, "shadow": None}),
         ("halted with a cause this reader does not know", {**HEALTHY, "halted": "fraud"}),
         ("halted as an empty string", {**HEALTHY, "halted": ""}),
         ("halted as a boolean", {**HEALTHY, "halted": False}),
@@ -399,7 +440,7 @@ def resource_readings() -> list[dict]:
 def build() -> dict:
     cases = [*suspended_cases(), *purchase_cases(), *halt_cases(), *money_cases(), *card_cases(),
              *overdraw_cases(), *disk_cases(), *concurrency_cases(), *machine_cases(), *default_cases(),
-             *random_cases()]
+             *random_cases(), *shadow_cases(), *random_cases(SHADOW_SEED, RANDOM_SHADOW_CASES, shadow=True)]
     names = [c["name"] for c in cases]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
     return {

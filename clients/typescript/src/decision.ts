@@ -52,6 +52,8 @@ export interface GateView {
   readonly needs_card: boolean;
   readonly machine_quotas: MachineCounts | null;
   readonly machine_in_use: MachineCounts | null;
+  /** Billed in shadow (billing-rules 2.12): every check is allowed, with would_allow/would_reason. */
+  readonly shadow: boolean;
 }
 
 /** The resources of a check, every field with its default applied (section 3.2). */
@@ -78,6 +80,9 @@ export interface Decision {
   readonly requested?: number;
   readonly in_use?: number;
   readonly resource?: string;
+  /** A shadow view's decision only (section 4, step 0): what an enforced org would get. */
+  readonly would_allow?: boolean;
+  readonly would_reason?: Reason;
 }
 
 export const NO_RESOURCES: Resources = Object.freeze({
@@ -142,6 +147,13 @@ function isName(value: unknown): boolean {
  * (after the suspension check, as decide() does: a port never allows an unknown action). */
 export function decide(action: string, resources: Resources, view: GateView): Decision {
   const reason = reasonFor(action, resources, view);
+  if (view.shadow) {  // allowed, whatever the rules say (docs/gate-protocol.md section 4, step 0)
+    return {
+      allowed: true, reason: "ok", status: STATUS_BY_REASON.ok, balance_micros: view.balance_micros,
+      active_leases: view.active_leases, max_concurrent: view.max_concurrent,
+      would_allow: reason === "ok", would_reason: reason,
+    };
+  }
   const base = {
     allowed: reason === "ok",
     reason,
@@ -219,7 +231,7 @@ function own<T>(map: Readonly<Record<string, T>> | null | undefined, key: string
 }
 
 /** A view as a record carries it, checked: every field of section 2 present with its JSON
- * type (an absent machine_quotas or machine_in_use reads as null), integers safe (a larger one
+ * type (an absent machine_quotas or machine_in_use reads as null, an absent shadow as false), integers safe (a larger one
  * cannot be held exactly by a JavaScript number, so such a view is refused rather than decided
  * from). Unknown fields are dropped. Throws a TypeError: the record is then unreadable (8.1). */
 export function parseView(value: unknown): GateView {
@@ -236,13 +248,15 @@ export function parseView(value: unknown): GateView {
   const inUse = value["machine_in_use"] ?? null;
   checkMachineCounts(quotas, "machine_quotas");
   checkMachineCounts(inUse, "machine_in_use");
+  const shadow = value["shadow"] === undefined ? false : value["shadow"];  // absent: an older server's view
+  if (typeof shadow !== "boolean") throw new TypeError("view.shadow: not a boolean");
   return {
     balance_micros: value["balance_micros"] as number, quota_remaining_micros: value["quota_remaining_micros"] as number,
     included_micros: value["included_micros"] as number, active_leases: value["active_leases"] as number,
     max_concurrent: value["max_concurrent"] as number, max_disk_mb: value["max_disk_mb"] as number,
     halted: halted as HaltCause | null, suspended: value["suspended"] as boolean, degraded: value["degraded"] as boolean,
     overdraws: value["overdraws"] as boolean, needs_card: value["needs_card"] as boolean,
-    machine_quotas: quotas as MachineCounts | null, machine_in_use: inUse as MachineCounts | null,
+    machine_quotas: quotas as MachineCounts | null, machine_in_use: inUse as MachineCounts | null, shadow,
   };
 }
 

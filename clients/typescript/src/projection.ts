@@ -76,7 +76,7 @@ export const UNREADABLE = 0;
 const PLACEHOLDER: GateView = Object.freeze({
   balance_micros: 0, quota_remaining_micros: 0, included_micros: 0, active_leases: 0, max_concurrent: 0,
   max_disk_mb: 0, halted: null, suspended: true, degraded: true, overdraws: false, needs_card: false,
-  machine_quotas: null, machine_in_use: null,
+  machine_quotas: null, machine_in_use: null, shadow: false,
 });
 
 /** A view record (from the feed, a snapshot page or a lease answer's gate_view), checked. A

@@ -95,3 +95,28 @@ test("limits near 2^53 compare exactly", () => {
   // decide() holds for any integers (the bounds are the edge's): quantity 0 fits exactly
   assert.equal(gate.decide("create", { ...gate.NO_RESOURCES, quantity: 0 }, view).reason, "ok");
 });
+
+test("a shadow org with no money is allowed locally, with what an enforced one would get", () => {
+  const client = new gate.GateClient({ url: "http://127.0.0.1:1", token: "unused", maxStalenessS: 3600 });
+  const projection = client.projection;
+  const broke = { ...HEALTHY, balance_micros: 0, quota_remaining_micros: 0, needs_card: true };
+  projection.apply(gate.parseRecord({ type: "view", org_id: "org_s", shard: 0, epoch: 1, seq: 1, valid_until_us: null,
+    view: { ...broke, shadow: true } }));
+  projection.apply(gate.parseRecord({ type: "view", org_id: "org_e", shard: 0, epoch: 1, seq: 1, valid_until_us: null,
+    view: broke }));
+  const now = projection.mono();
+  projection.clock(0, now + 1_000_000_000, now + 10, now);
+  projection.heard(0, now + 1_000_000_000);
+  const shadow = client.local("org_s", "create", gate.NO_RESOURCES);
+  assert.equal(shadow?.source, "local");
+  assert.equal(shadow.allowed, true);
+  assert.equal(shadow.reason, "ok");
+  assert.equal(shadow.decision.would_allow, false);
+  assert.equal(shadow.decision.would_reason, "no_payment_method");
+  const enforced = client.local("org_e", "create", gate.NO_RESOURCES);
+  assert.equal(enforced.allowed, false);
+  assert.equal(enforced.reason, "no_payment_method");
+  assert.equal("would_allow" in enforced.decision, false);
+  assert.equal(gate.parseView(broke).shadow, false, "an absent shadow reads as false");
+  assert.throws(() => gate.parseView({ ...HEALTHY, shadow: null }), /shadow/);
+});
