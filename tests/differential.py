@@ -296,7 +296,7 @@ def import_command(step: dict) -> cmd.ImportOrg:
         None if recharge is None else cmd.SetAutoRecharge(
             recharge["enabled"], recharge["threshold_micros"], recharge["amount_micros"], recharge["max_per_day"],
             recharge["cooldown_s"], False, recharge.get("threshold_runway_s", 0)),
-        shadow=step.get("shadow"))
+        customer_linked=bool(step.get("customer_linked")), shadow=step.get("shadow"))
 
 
 # ----- the model side: the same key memory the edge gives every command ------------------
@@ -518,12 +518,13 @@ def step_strategy(pair: Pair, serial: int, auto_recharge: bool = True) -> st.Sea
     # An outcome only for a charge that was asked for (early, late, twice, or after the next
     # one), of its amount or another; one payment intent per charge (the charger's
     # idempotency key sees to it), so a success delivered twice carries the same key.
-    settle = [st.builds(lambda cid, ok, amount: {"type": "settle", "charge_id": cid, "succeeded": ok,
+    settle = [st.builds(lambda cid, ok, amount, reason: {"type": "settle", "charge_id": cid, "succeeded": ok,
                                                  "amount_micros": amount or pair.charges_seen[cid],
                                                  "payment_id": f"pi_{cid}",
-                                                 "reason": None if ok else "card_declined",
+                                                 "reason": None if ok else reason,
                                                  "key": f"stripe:payment:pi_{cid}" if ok else None},
-                        st.sampled_from(sorted(pair.charges_seen)), st.booleans(), st.one_of(st.none(), cents))
+                        st.sampled_from(sorted(pair.charges_seen)), st.booleans(), st.one_of(st.none(), cents),
+                        st.sampled_from(("card_declined", "no_stripe_customer")))
               ] if pair.charges_seen else []
     recharge = st.one_of(
         *settle,
@@ -608,9 +609,9 @@ def import_strategy(now: int, serial: int, auto_recharge: bool = True) -> st.Sea
         st.booleans(), st.sampled_from((1_000_000, 5_000_000)), st.sampled_from((5_000_000, 10_000_000)),
         st.integers(1, 3), st.sampled_from((0, 3_600)), st.sampled_from((0, 7_200))) if auto_recharge else st.none())
 
-    def build(amount_list, plan_pick, tier_pick, card, due, settings, prepaid):
+    def build(amount_list, plan_pick, tier_pick, card, due, settings, prepaid, linked):
         step = {"type": "import", "amounts": amount_list, "card": card, "past_due": due, "recharge": settings,
-                "prepaid": prepaid}
+                "prepaid": prepaid, "customer_linked": linked}
         if plan_pick is not None:
             step["plan_id"], step["plan_version"] = plan_pick
         if tier_pick is not None:
@@ -618,7 +619,7 @@ def import_strategy(now: int, serial: int, auto_recharge: bool = True) -> st.Sea
         return step
 
     return st.builds(build, import_amounts(now, serial), plan, tier, st.one_of(st.none(), st.booleans()), past_due,
-                     recharge, st.sampled_from((None, None, None, True, False)))
+                     recharge, st.sampled_from((None, None, None, True, False)), st.booleans())
 
 
 def jump_strategy(pair: Pair) -> st.SearchStrategy:

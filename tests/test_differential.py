@@ -62,3 +62,41 @@ def test_a_charge_already_sent_does_not_grow_at_the_same_instant():
         pair.step(step)  # no time passes between the steps
     (sent,) = pair.charges_seen.items()
     assert pair.engine.org.recharge.pending_micros == sent[1]
+
+
+def test_a_charge_without_a_stripe_customer_pauses_until_an_import_links_one():
+    """Rules 9.4 and 2.11 step 7, engine and model alike: a charge that failed for want of a
+    Stripe customer pauses auto-recharge `no_stripe_customer`; an import that says the customer
+    is linked lifts that pause and the check asks again (the random walk rarely meets this)."""
+    pair = Pair.create("payg", True, START_US)
+    for step in ({"type": "set_card", "present": True},
+                 {"type": "set_auto_recharge", "enabled": True, "threshold_micros": 100_000_000,
+                  "amount_micros": 1_000_000, "max_per_day": 4, "cooldown_s": 0}):
+        pair.step(step)
+    (first,) = pair.charges_seen
+    pair.wait(60)
+    pair.step({"type": "settle", "charge_id": first, "succeeded": False, "amount_micros": pair.charges_seen[first],
+               "payment_id": f"pi_{first}", "reason": "no_stripe_customer", "key": None})
+    assert pair.engine.org.recharge.paused == "no_stripe_customer"
+    pair.wait(60)
+    pair.step({"type": "import", "amounts": [], "customer_linked": True})
+    assert pair.engine.org.recharge.paused is None and len(pair.charges_seen) == 2
+
+
+def test_a_shadow_org_asks_for_no_charge_and_its_cutover_asks_at_once():
+    """Rule 2.12, engine and model alike: created in shadow, out of money with auto-recharge
+    on, nothing is charged and the halt is a shadow event; a cutover now asks for the charge."""
+    pair = Pair.create("payg", True, START_US, shadow=True)
+    for step in ({"type": "set_card", "present": True},
+                 {"type": "set_auto_recharge", "enabled": True, "threshold_micros": 100_000_000,
+                  "amount_micros": 1_000_000, "max_per_day": 4, "cooldown_s": 0},
+                 {"type": "debit", "kind": "adjustment", "amount_micros": 50_000_000},
+                 {"type": "gate", "action": "create", "resources": {}}):
+        pair.step(step)
+    assert not pair.charges_seen and pair.engine.org.halted is not None
+    pair.wait(60)
+    pair.step({"type": "set_enforcement", "mode": "enforce", "at_us": None, "undo": False})
+    assert len(pair.charges_seen) == 1
+    pair.wait(60)
+    pair.step({"type": "set_enforcement", "mode": "shadow", "at_us": None, "undo": True})  # refused: charged
+    assert not pair.engine.org.in_shadow(pair.now)

@@ -107,6 +107,13 @@ class Commands:
             if differs:
                 self._cmd_set_auto_recharge(now, {**settings, "lift_dispute": False})
                 changed.append("auto_recharge")
+        # 7.
+        r = self.recharge
+        if cmd.get("customer_linked") and r is not None and r.paused == "no_stripe_customer":
+            r.paused = False
+            if r.enabled:
+                self._recharge_check(now)
+            changed.append("auto_recharge")
         return {"changed": changed}
 
     # Stripe refund (section 3)
@@ -501,8 +508,8 @@ class Commands:
     def _cmd_set_card(self, now, cmd):
         if cmd["present"]:
             self.has_payment_method = True
-            if self.recharge is not None and self.recharge.paused == "payment_failed":
-                self.recharge.paused = False      # 9.4: a new card lifts a payment_failed pause
+            if self.recharge is not None and self.recharge.paused in ("payment_failed", "no_stripe_customer"):
+                self.recharge.paused = False      # 9.4: a new card lifts either pause
             self._recharge_check(now)             # 9.3: after a card is saved
         else:
             self.has_payment_method = False
@@ -555,7 +562,7 @@ class Commands:
         if in_flight:
             r.pending_id, r.pending_micros, r.pending_asked_us = None, None, None
             if r.paused != "disputed":  # 9.4 / 3.6: a dispute's pause stays
-                r.paused = "payment_failed"
+                r.paused = "no_stripe_customer" if cmd.get("reason") == "no_stripe_customer" else "payment_failed"
             # AMBIGUOUS 9.4: the failed event's amount and payment id are the settlement's (not the
             # amount asked for); its reason is the settlement's reason.
             self._event("auto_recharge.failed", {"charge_id": cid, "amount_micros": amount,
