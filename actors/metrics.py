@@ -40,6 +40,11 @@ class Series:
             "Gate answers by reason (a refusal code when no decision was made), action, and source: "
             "local (the ingress's projection) or shard (asked the org's shard)",
             tag_keys=("reason", "action", "source"))
+        self.gate_shadow_would_deny = Counter(
+            "metergate_gate_shadow_would_deny",
+            "Gate answers and leases of orgs in shadow (billing-rules 2.12) that were allowed but would have "
+            "been denied, by the reason the rules would give (would_reason) and action (lease: a lease taken)",
+            tag_keys=("reason", "action"))
         # Shards: the commit loop.
         self.ticks = Counter(
             "metergate_ticks", "Usage ticks answered by a shard after their commit, by outcome: "
@@ -107,16 +112,27 @@ def series() -> Series:
 # ----- the ingress ---------------------------------------------------------------------------
 
 
-def gate_decided(reason: str, action: str, source: str) -> None:
-    """One gate answer. source: local (from the projection) or shard (asked the org's shard)."""
+def gate_decided(reason: str, action: str, source: str, would_reason: str | None = None) -> None:
+    """One gate answer. source: local (from the projection) or shard (asked the org's shard).
+    would_reason: a shadow org's decision's (billing-rules 2.12), counted when not ok."""
     series().gate_decisions.inc(1, {"reason": str(reason), "action": action, "source": source})
+    if would_reason is not None and would_reason != "ok":
+        shadow_would_deny(would_reason, action)
 
 
 def gates_decided(decided: Tally) -> None:
-    """A batch of gate answers, as a tally of (reason, action, source): one record per kind."""
+    """A batch of gate answers, as a tally of (reason, action, source, would_reason): one record
+    per kind (would_reason None for an enforced org's answer or a refusal)."""
     counter = series().gate_decisions
-    for (reason, action, source), count in decided.items():
+    for (reason, action, source, would_reason), count in decided.items():
         counter.inc(count, {"reason": str(reason), "action": action, "source": source})
+        if would_reason is not None and would_reason != "ok":
+            shadow_would_deny(would_reason, action, count)
+
+
+def shadow_would_deny(would_reason: str, action: str, count: int = 1) -> None:
+    """A shadow org's gate answer or lease (action `lease`) allowed though the rules would deny it."""
+    series().gate_shadow_would_deny.inc(count, {"reason": str(would_reason), "action": action})
 
 
 class FeedMetrics:

@@ -214,10 +214,10 @@ class ShardRouter:
             self._follow()
         decided = self._decide_locally(org_id, action, resources, max_age_s)
         if decided is not None:
-            metrics.gate_decided(decided[0].reason, action, "local")
+            metrics.gate_decided(decided[0].reason, action, "local", decided[0].would_reason)
             return decided
         answer = await self._decide_from_shard(org_id, action, resources)
-        metrics.gate_decided(reason_of(answer), action, "shard")
+        metrics.gate_decided(reason_of(answer), action, "shard", getattr(answer, "would_reason", None))
         return answer, 0.0
 
     async def _decide_from_shard(self, org_id: str, action: str, resources: Resources) -> Decision | dict:
@@ -261,7 +261,8 @@ class ShardRouter:
                     *(self._decide_from_shard(*checks[index]) for index in missing))):
                 answers[index] = (answer, 0.0)
         asked = set(missing)
-        metrics.gates_decided(Counter((reason_of(answer[0]), check[1], "shard" if index in asked else "local")
+        metrics.gates_decided(Counter((reason_of(answer[0]), check[1], "shard" if index in asked else "local",
+                                       getattr(answer[0], "would_reason", None))
                                       for index, (check, answer) in enumerate(zip(checks, answers))))
         return answers
 

@@ -70,6 +70,7 @@ class BillingPage:
     tiers: list[tuple[str, int]]  # the paid tiers on sale, with their concurrency caps
     notice: str | None
     before_tax: bool = False  # METERGATE_STRIPE_AUTOMATIC_TAX: Stripe adds tax at Checkout
+    shadow: bool = False  # the org is in shadow (billing-rules 2.12): a preview, nothing is charged or paused
 
 
 def money(micros: int) -> str:
@@ -119,8 +120,17 @@ def section(title: str, anchor: str, content: str) -> str:
     return f'<section id="{anchor}"><h2>{escape(title)}</h2>\n{content}\n</section>'
 
 
+PREVIEW = ("<b>Preview</b>: billing of this account is not live yet. The balance and usage here are what "
+           "would be billed; nothing is charged, no card is taken and no sandbox is paused until billing goes live.")
+
+
+PREVIEW_ID = ' id="preview"'
+
+
 def banners(page: BillingPage) -> str:
     org, out = page.org, []
+    if page.shadow:
+        out.append(("preview", PREVIEW))
     if org["suspended"]:
         out.append(("alert", f"This account is suspended: an invoice is unpaid (past due since "
                              f"{escape(when(org['past_due_since']))}). Pay it in the billing portal to resume."))
@@ -129,6 +139,8 @@ def banners(page: BillingPage) -> str:
                             "billing portal; the account is suspended if the invoice stays unpaid."))
     if org["is_halted"] and org["halt_reason"] == "admin":
         out.append(("alert", "This account is paused by an operator: no sandbox can start. Contact support."))
+    elif org["is_halted"] and page.shadow:
+        out.append(("warn", "The credit is used up: once billing is live, new sandboxes would be paused."))
     elif org["is_halted"]:
         out.append(("alert", "New sandboxes are paused: the credit is used up. Add credit to resume."))
     if org["degraded"]:
@@ -140,8 +152,8 @@ def banners(page: BillingPage) -> str:
                             "again to resume it."))
     if page.notice in NOTICES:
         out.append(("ok", escape(NOTICES[page.notice])))
-    return "\n".join(f'<p class="banner {kind}" role="{"alert" if kind == "alert" else "status"}">{text}</p>'
-                     for kind, text in out)
+    return "\n".join(f'<p class="banner {kind}" role="{"alert" if kind == "alert" else "status"}"'
+                     f'{PREVIEW_ID if kind == "preview" else ""}>{text}</p>' for kind, text in out)
 
 
 def cards(page: BillingPage) -> str:
@@ -291,6 +303,8 @@ def form(page: BillingPage, action: str, fields: str, button: str, primary: bool
 
 
 def stripe_note(page: BillingPage) -> str:
+    if page.shadow:
+        return '<p class="muted preview-note">Preview: billing is not live yet, so nothing is paid or saved here.</p>'
     return "" if page.stripe_ready else '<p class="muted">Card payments are not set up on this server yet.</p>'
 
 
@@ -301,8 +315,14 @@ def tax_note(page: BillingPage) -> str:
             'from the billing address you give there.</p>')
 
 
+def payments_off(page: BillingPage) -> bool:
+    """No Checkout from this page: Stripe is not set up, or the org is in shadow (the routes
+    refuse it too: 409 org_in_shadow)."""
+    return not page.stripe_ready or page.shadow
+
+
 def topup_forms(page: BillingPage) -> str:
-    off = not page.stripe_ready
+    off = payments_off(page)
     amount = form(page, "topup", '<label>Amount (USD) <input type="number" name="amount_usd" min="0.50" '
                   'max="10000" step="0.01" value="25.00" required></label>', "Top up", primary=True, disabled=off)
     packs = "".join(
@@ -318,11 +338,11 @@ def topup_forms(page: BillingPage) -> str:
 
 
 def card_forms(page: BillingPage) -> str:
-    off = not page.stripe_ready
+    off = payments_off(page)
     status = ("A card is on file." if page.org["has_payment_method"] else "No card on file.")
     save = form(page, "setup", "", "Change card" if page.org["has_payment_method"] else "Add a card",
                 primary=not page.org["has_payment_method"], disabled=off)
-    portal = form(page, "portal", "", "Billing portal (cards, invoices, subscription)", disabled=off)
+    portal = form(page, "portal", "", "Billing portal (cards, invoices, subscription)", disabled=not page.stripe_ready)
     return f'<p id="card-status">{status}</p><div class="row">{save}{portal}</div>{stripe_note(page)}'
 
 
@@ -348,7 +368,7 @@ def tier_form(page: BillingPage) -> str:
         return current
     return current + form(page, "tier", f'<fieldset>{options}</fieldset>',
                           "Change tier" if subscribed else "Continue to checkout",
-                          disabled=not page.stripe_ready) + tax_note(page) + stripe_note(page)
+                          disabled=payments_off(page)) + tax_note(page) + stripe_note(page)
 
 
 def auto_recharge_form(page: BillingPage) -> str:
@@ -452,7 +472,7 @@ h1{{font-size:1.4rem;margin-bottom:0}} h2{{font-size:1.1rem;margin-top:2rem}} he
 .bar span{{display:block;height:100%;background:#3b6fd4}}
 .banner{{border-radius:8px;padding:.6rem 1rem;border:1px solid}}
 .banner.alert{{background:#ffebe9;border-color:#ff8182}} .banner.warn{{background:#fff4e5;border-color:#f0b35b}}
-.banner.ok{{background:#dafbe1;border-color:#4ac26b}}
+.banner.ok{{background:#dafbe1;border-color:#4ac26b}} .banner.preview{{background:#ddf4ff;border-color:#54aeff}}
 table{{border-collapse:collapse;width:100%}} td,th{{padding:.35rem .5rem;border-bottom:1px solid #eaeef2;text-align:left;vertical-align:top}}
 .n{{text-align:right;font-variant-numeric:tabular-nums}} .muted{{color:#57606a}}
 details summary{{cursor:pointer;color:#0969da}} details{{font-size:.9rem}}

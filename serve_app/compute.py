@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from actors import commands as cmd
+from actors import metrics
 from actors.clock import now_us
 from actors.ticks import DECODE_ERRORS, BadBody, TooManyTicks, decode_usage, max_tick_age_us
 from serve_app.bodies import LEASE_DECODER, decode, invalid_field, is_json, not_json, resources_of
@@ -23,7 +24,20 @@ async def take_lease(ctx: Context, raw_body: bytes) -> tuple[int, dict]:
         denied = decision_view(result["denied"])
         return denied["status"], {**error_body(denied["reason"], f"denied: {denied['reason']}"), **denied, **view}
     return (201 if result["created"] else 200), {"org_id": body.org_id, **lease_view(result["lease"]),
-                                                 **lease_token(ctx, body.org_id, result), **view}
+                                                 **lease_token(ctx, body.org_id, result), **shadowed(result),
+                                                 **view}
+
+
+def shadowed(result: dict) -> dict:
+    """A shadow org's new lease (billing-rules 2.12): {"would_allow", "would_reason"}, what the
+    gate would have answered an enforced org (docs/gate-protocol.md 6), counted when it would
+    have denied; {} for an enforced org's lease or the same lease again."""
+    decision = result.get("shadowed")
+    if not decision or decision.get("would_allow") is None:
+        return {}
+    if not decision["would_allow"]:
+        metrics.shadow_would_deny(decision["would_reason"], "lease")
+    return {"would_allow": decision["would_allow"], "would_reason": decision["would_reason"]}
 
 
 def lease_token(ctx: Context, org_id: str, result: dict) -> dict:

@@ -55,6 +55,7 @@ from serve_app.routes.self_serve import (
     Checkout,
     billing_url,
     open_portal,
+    refuse_in_shadow,
     setup_checkout,
     start_checkout,
     tier_checkout,
@@ -132,7 +133,7 @@ def routes(ctx: Context) -> APIRouter:
             months=await recent_months_of(ctx, org_id, money_fingerprint(state)), entries=entries, cursor=cursor, next_cursor=next_cursor,
             packs=sorted(ctx.catalog.packs.values(), key=lambda pack: pack.amount_micros),
             tiers=sorted(((tier, ctx.catalog.tiers[tier]) for tier in ctx.catalog.tiers_on_sale()), key=lambda t: t[1]),
-            notice=notice, before_tax=ctx.settings.stripe_automatic_tax)
+            notice=notice, before_tax=ctx.settings.stripe_automatic_tax, shadow=state.enforcement == "shadow")
 
     # ----- the forms ---------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ def routes(ctx: Context) -> APIRouter:
         async def send() -> Response:
             caller, fields = await submitted(request, org_id)
             ctx.stripe.require()
+            await refuse_in_shadow(ctx, org_id)
             session = await to_checkout(request, org_id, caller, fields, checkout_of(fields), done)
             return RedirectResponse(session["url"], 303)
 

@@ -22,6 +22,7 @@ from config.catalog import Catalog
 from config.settings import origin_of
 from serve_app import openapi
 from serve_app.bodies import PortalBody, SetupBody, TierCheckoutBody, TopupBody, parse_model
+from serve_app.calls import org_state
 from serve_app.context import Context, json
 from serve_app.errors import ApiError, unknown_org
 from serve_app.idempotency import idempotent
@@ -283,6 +284,15 @@ TIER_ANSWER = ("A Checkout to open (not yet subscribed), or the subscription cha
                {"oneOf": [_CHECKOUT, _TIER_CHANGE]})
 
 
+async def refuse_in_shadow(ctx: Context, org_id: str) -> None:
+    """A shadow org (billing-rules 2.12) is billed by the platform's own biller until its
+    cutover: metergate starts no Checkout (top-up, card, tier) that would charge it or take
+    its card. 409 `org_in_shadow`, before anything reaches Stripe."""
+    if (await org_state(ctx, org_id)).enforcement == "shadow":
+        raise ApiError(409, "org_in_shadow", "billing of this org is not live yet (shadow mode, a preview): "
+                                             "top-ups, cards and tiers are not taken here until its cutover")
+
+
 def routes(ctx: Context) -> APIRouter:
     router = APIRouter(tags=["self-serve"])
 
@@ -298,6 +308,7 @@ def routes(ctx: Context) -> APIRouter:
         body = parse_model(body_type, await request.body())
         return_url(ctx, body.success_url, "success_url", org_id)  # refused before anything reaches Stripe
         return_url(ctx, body.cancel_url, "cancel_url", org_id)
+        await refuse_in_shadow(ctx, org_id)
         session = session_of(body)
         return await idempotent(ctx, request, lambda: checkout(request, org_id, session, body))
 
