@@ -348,8 +348,9 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
             return {"created": created, "state": org.state(now_us)}
         case cmd.Debited(micros=micros):
             return {"debited_micros": micros}
-        case cmd.LeaseGranted(lease=lease, created=created):  # tier, plan, standing: for its capability token
-            return {"lease": msgspec.structs.replace(lease), "created": created, **_standing(org, now_us, created)}
+        case cmd.LeaseGranted(lease=lease, created=created, shadowed=shadowed):  # tier, plan, standing: for its token
+            granted = {"lease": msgspec.structs.replace(lease), "created": created, **_standing(org, now_us, created)}
+            return granted if shadowed is None else {**granted, "shadowed": msgspec.to_builtins(shadowed)}
         case cmd.LeaseRenewed(lease=lease):
             return {"lease": msgspec.structs.replace(lease), **_standing(org, now_us, False)}
         case cmd.LeaseDenied(decision=decision):

@@ -96,8 +96,6 @@ def test_a_shadow_org_with_no_money_is_allowed_by_the_gate_a_client_and_the_rela
         assert (second["allowed"], second["reason"]) == (False, NO_CARD) and "would_allow" not in second, second
 
 
-@pytest.mark.xfail(strict=True, reason="actors/batch.py answer() drops LeaseGranted.shadowed (not this part's file): "
-                   "serve_app/compute.py passes result['shadowed'] through once the shard's reply carries it")
 def test_a_shadow_orgs_lease_is_granted_and_says_what_an_enforced_org_would_get(compute, broke):
     shadow, enforced = broke
     taken = compute.post("/v1/leases", json={"org_id": shadow, "lease_id": "sbx_shadow"})
