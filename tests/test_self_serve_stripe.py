@@ -15,6 +15,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from actors.routing import ShardRouter
 from config.catalog import load_catalog
 from config.settings import Settings
 from serve_app.app import build_app
@@ -133,7 +134,7 @@ def test_self_serve_refuses_bad_requests_and_other_orgs(service, admin, new_org)
 
 def test_without_stripe_keys_the_service_runs_and_self_serve_is_503(service):
     settings = Settings(**{**service.settings.model_dump(), "stripe_secret_key": None})
-    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+    app = build_app(Context(settings, load_catalog(settings.catalog), ShardRouter(service.slot_map)))
 
     async def call() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate") as client:
@@ -155,7 +156,7 @@ def test_stripe_out_of_reach_is_a_502_not_a_500(service, new_org):
     org = new_org()
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     settings = Settings(**{**service.settings.model_dump(), "stripe_api_base": closed})
-    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+    app = build_app(Context(settings, load_catalog(settings.catalog), ShardRouter(service.slot_map)))
 
     async def call() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate",
@@ -305,7 +306,7 @@ def test_the_operator_s_proration_setting_goes_to_stripe(service, admin, new_org
     org = new_org()
     session = subscribe(service, admin, org, "pro")
     settings = Settings(**{**service.settings.model_dump(), "stripe_proration_behavior": "none"})
-    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+    app = build_app(Context(settings, load_catalog(settings.catalog), ShardRouter(service.slot_map)))
 
     async def call() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate",

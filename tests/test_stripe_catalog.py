@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from actors.routing import ShardRouter
 from config.catalog import load_catalog
 from config.settings import DEFAULT_CATALOG, Settings
 from serve_app.app import build_app
@@ -62,7 +63,7 @@ def request(service, catalog: Path, method: str, path: str, body: dict | None = 
     """A request to a metergate app with the service's settings and database, and its catalog and
     settings changed as given."""
     settings = Settings(**{**service.settings.model_dump(), "catalog": catalog, **settings_changes})
-    app = build_app(Context(settings, load_catalog(settings.catalog), router=None))
+    app = build_app(Context(settings, load_catalog(settings.catalog), ShardRouter(service.slot_map)))
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://metergate",
@@ -331,7 +332,7 @@ def test_a_cached_tier_price_that_stripe_archived_is_looked_up_again_not_offered
     active price is the 503 naming the command (not a minute of 502s); once ensure-products has
     published a new one, the next Checkout gets it."""
     settings = Settings(**{**service.settings.model_dump(), "catalog": published})
-    app = build_app(Context(settings, load_catalog(published), router=None))
+    app = build_app(Context(settings, load_catalog(published), ShardRouter(service.slot_map)))
     first = price_of(service, "metergate_tier_pro_monthly")
     orgs = [new_org() for _ in range(3)]
 

@@ -228,7 +228,10 @@ async def change_subscription_tier(ctx: Context, org_id: str, live: TierSubscrip
     async def update(price_id: str) -> None:
         params = {"items": [{"id": live.item_id, "price": price_id}], "proration_behavior": behavior,
                   "metadata": {"org_id": org_id, "tier": tier, TIER_CHANGES: str(live.tier_changes + 1)}}
-        key = operation_key(org_id, f"tier-change-{live.subscription_id}", params, caller_key, now_us() // 1_000_000)
+        # The price is in the key: a write retried on a repriced tier's new price (with_tier_price) is
+        # another request to Stripe, which refuses a key used before with other parameters.
+        key = operation_key(org_id, f"tier-change-{live.subscription_id}-{price_id}", params, caller_key,
+                            now_us() // 1_000_000)
         await ctx.stripe.create(partial(client.v1.subscriptions.update, live.subscription_id), params, key)
 
     await ctx.stripe.with_tier_price(ctx.catalog, tier, update)
@@ -251,15 +254,16 @@ async def start_checkout(ctx: Context, org_id: str, checkout: Checkout, success_
     if ctx.settings.stripe_automatic_tax:
         params.update(tax_params(checkout))
 
-    async def create(params: dict):
-        key = operation_key(org_id, checkout.operation, params, caller_key, now_us() // 1_000_000)
+    async def create(params: dict, price_id: str | None = None):
+        operation = checkout.operation if price_id is None else f"{checkout.operation}-{price_id}"  # (as above)
+        key = operation_key(org_id, operation, params, caller_key, now_us() // 1_000_000)
         return await ctx.stripe.create(client.v1.checkout.sessions.create, params, key)
 
     if checkout.tier is None:
         session = await create(params)
     else:
         session = await ctx.stripe.with_tier_price(ctx.catalog, checkout.tier, lambda price_id: create(
-            {**params, "line_items": [{"price": price_id, "quantity": 1}]}))
+            {**params, "line_items": [{"price": price_id, "quantity": 1}]}, price_id))
     return {"url": session.url, "session_id": session.id}
 
 
