@@ -270,8 +270,10 @@ class SchedulerActor:
                 "shards": {r["shard"]: {"checked": r["checked"], "drift": sorted(r["drift"])} for r in results}}
 
     async def _meter(self, conn: asyncpg.Connection) -> dict:
-        """Postpaid usage per org, meter and closed hour → meter events (shadow unless turned off).
-        Nothing while a restore's `meters` hold is on (storage/holds.py)."""
+        """Postpaid usage per org, meter and closed hour → meter events (shadow unless turned off;
+        an org in shadow keeps its own 'shadow' and one cut over sends only its hours from the
+        cutover on: storage/enforcement.py). Nothing while a restore's `meters` hold is on
+        (storage/holds.py)."""
         held = await holds.held(conn, holds.METERS)
         if held is not None:
             return {"held": held}
@@ -444,7 +446,7 @@ def redacted(url: str) -> str:
 JOBS = (
     Job("parity", 300.0, 7_310_104, SchedulerActor._parity),
     Job("sweep", 10.0, 7_310_101, SchedulerActor._sweep),
-    Job("meter", 60.0, 7_310_103, SchedulerActor._meter),
+    Job("meter", 60.0, meter_events.METER_LOCK, SchedulerActor._meter),  # also taken by a cutover's undo
     Job("outbox", 1.0, 7_310_102, SchedulerActor._outbox),
     Job("prune_tick_ids", 60.0, 7_310_105, SchedulerActor._prune_tick_ids),
     Job("outbox_count", 10.0, 7_310_106, SchedulerActor._outbox_count),

@@ -16,7 +16,7 @@ import sys
 
 import typer
 
-from cli import checks, db_check, imports, inbound, local, orgs, outbox, parity_usage, relay, restore, stripe_catalog
+from cli import checks, cutover, db_check, imports, inbound, local, orgs, outbox, parity_usage, relay, restore, stripe_catalog
 from cli.client import CliError
 from cli.output import error_line
 
@@ -47,6 +47,7 @@ app.add_typer(inbound.inbound_app, name="inbound")
 app.add_typer(restore.restore_app, name="restore")
 app.add_typer(stripe_catalog.stripe_app, name="stripe")
 app.command("import")(imports.import_orgs)
+app.command("cutover")(cutover.cutover)
 app.command("bench")(local.bench)
 app.command("relay")(relay.relay)
 

@@ -263,6 +263,7 @@ def show_state(out: Output, state: dict) -> None:
         ("runway", _runway_text(state.get("runway") or {})),
         ("card on file", "yes" if state["has_payment_method"] else "no"),
         ("auto-recharge", _recharge_text(recharge)),
+        ("enforcement", enforcement_text(state)),
         ("created", when(state["created_at"])),
     ]
     out.fields(None, pairs)
@@ -270,6 +271,14 @@ def show_state(out: Output, state: dict) -> None:
         out.table("credit by grant", ["grant", "kind", "remaining", "expires"],
                   [[g["grant_id"], g["kind"], usd(g["remaining_micros"]), when(g["expires_at"]) or "never"]
                    for g in state["grants"]], right=("remaining",))
+
+
+def enforcement_text(state: dict) -> str:
+    """Billing-rules 2.12: shadow (billed beside another biller) or enforce, and the cutover."""
+    mode, cutover = state.get("enforcement", "enforce"), state.get("cutover_at")
+    if mode == "shadow":
+        return f"shadow until {when(cutover)}, enforced from then" if cutover else "shadow (no cutover set)"
+    return f"enforce (cut over at {when(cutover)})" if cutover else "enforce"
 
 
 def _runway_text(runway: dict) -> str:

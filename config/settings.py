@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     stripe_meter_shadow: bool = True
     stripe_meter_bill_from: datetime | None = None
     stripe_meter_prefix: str = "metergate"
+    # Enforcement of orgs created by POST /v1/orgs and of new orgs an import creates (an import
+    # line's own `enforcement` wins): `shadow` bills them beside another biller (billing-rules
+    # 2.12) until a cutover (`metergate cutover`).
+    enforcement: Literal["enforce", "shadow"] = "enforce"
     # The scheduler (actors/jobs.py): off only for tools that must not run it.
     jobs_enabled: bool = True
 

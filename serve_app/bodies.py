@@ -214,6 +214,16 @@ class AlertsBody(StrictModel):
     runway_alert_s: Annotated[int, Field(ge=0, le=MAX_RUNWAY_ALERT_S)] | None = None
 
 
+class EnforcementBody(StrictModel):
+    """PUT /v1/orgs/{id}/enforcement (billing-rules 2.12)."""
+
+    mode: Literal["shadow", "enforce"]
+    # enforce: the cutover, a whole UTC hour (RFC 3339); absent: the next whole hour
+    at: Annotated[str, Field(min_length=1, max_length=40)] | None = None
+    # shadow: back from a cutover only while nothing of it was charged or sent to Stripe
+    undo: bool = False
+
+
 class LimitsBody(StrictModel):
     max_disk_mb: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
     machine_quotas: dict[Text, dict[Text, Annotated[int, Field(ge=0, le=1_000_000)]]] | None = None

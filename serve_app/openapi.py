@@ -282,6 +282,8 @@ class Org(msgspec.Struct):
     runway: RunwayView
     has_payment_method: bool
     created_at: str
+    enforcement: str  # shadow | enforce (billing-rules 2.12)
+    cutover_at: str | None  # when shadow ends (or ended); null: no cutover set
 
 
 class OrgRow(msgspec.Struct):

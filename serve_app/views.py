@@ -151,6 +151,9 @@ def org_view(state: OrgState) -> dict:
                    "runs_out_at": runs_out_at(state)},
         "has_payment_method": state.has_payment_method,
         "created_at": us_to_rfc3339(state.created_us),
+        # billing-rules 2.12: shadow (billed beside another biller) or enforce, and the cutover
+        "enforcement": state.enforcement,
+        "cutover_at": us_to_rfc3339(state.cutover_us) if state.cutover_us is not None else None,
     }
 
 

@@ -12,6 +12,13 @@ from storage.times import dt_to_us, us_to_dt
 # The one meter: a postpaid org's usage that neither its quota nor its credit covered, in µUSD
 # (billing-rules 6.5). Quantities are never sent: Stripe would bill again what credit paid.
 MONEY_METER = "usage_micros"
+# The meter job's advisory lock (actors/jobs.py): held while it rolls up and sends. An undo of
+# a cutover takes it too (storage/enforcement.py), so no event is sent while it checks.
+METER_LOCK = 7_310_103
+# An org's hour as the meter may bill it (billing-rules 2.12, storage/enforcement.py): an org in
+# shadow keeps its events 'shadow'; one cut over has its hours before the cutover consumed.
+_ORG_SHADOW = "EXISTS (SELECT 1 FROM org_enforcement e WHERE e.org_id = {o} AND e.shadow)"
+_BEFORE_CUTOVER = "{h} < (SELECT e.cutover FROM org_enforcement e WHERE e.org_id = {o})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +39,8 @@ async def roll_up(conn: asyncpg.Connection, closed_before_us: int, since_us: int
     Each (org, hour) bucket of invoiced usage (the ledger's usage rows) is compared with what
     meter events already carry: usage that lands late becomes one more event with the
     difference, numbered after the ones before it, so its identifier is fixed too. Hours before
-    `bill_from` are 'consumed' (never billed); the others get `status`.
+    `bill_from` are 'consumed' (never billed), and so are an org's hours before its cutover; an
+    org in shadow's are 'shadow' (storage/enforcement.py); the others get `status`.
     """
     return await conn.fetchval(
         "WITH hours AS (SELECT l.org_id AS o, date_trunc('hour', l.usage_minute) AS h,"
@@ -44,17 +52,21 @@ async def roll_up(conn: asyncpg.Connection, closed_before_us: int, since_us: int
         " ins AS (INSERT INTO meter_events (identifier, org_id, meter, hour, value, status)"
         " SELECT 'mg_' || md5(b.o || '|' || $5 || '|' || extract(epoch FROM b.h)::bigint"
         " || '|' || coalesce(k.n, 0)), b.o, $5, b.h, b.v - coalesce(k.v, 0),"
-        " CASE WHEN $2::timestamptz IS NOT NULL AND b.h < $2 THEN 'consumed' ELSE $3 END"
+        " CASE WHEN $2::timestamptz IS NOT NULL AND b.h < $2 THEN 'consumed'"
+        f" WHEN {_ORG_SHADOW.format(o='b.o')} THEN 'shadow' WHEN {_BEFORE_CUTOVER.format(h='b.h', o='b.o')}"
+        " THEN 'consumed' ELSE $3 END"
         " FROM hours b LEFT JOIN known k ON k.o = b.o AND k.h = b.h"
         " WHERE b.v > coalesce(k.v, 0) ON CONFLICT (identifier) DO NOTHING RETURNING 1)"
         " SELECT count(*) FROM ins", us_to_dt(closed_before_us), bill_from, status, us_to_dt(since_us), MONEY_METER)
 
 
 async def release_shadow(conn: asyncpg.Connection, bill_from: datetime | None) -> int:
-    """Shadow turned off: what shadow mode computed is billed from `bill_from` on."""
+    """Shadow turned off: what shadow mode computed is billed from `bill_from` on, and from its
+    cutover on for an org cut over; an org in shadow keeps its events (billing-rules 2.12)."""
     status = await conn.execute(
-        "UPDATE meter_events SET status = CASE WHEN $1::timestamptz IS NOT NULL AND hour < $1"
-        " THEN 'consumed' ELSE 'pending' END WHERE status = 'shadow'", bill_from)
+        "UPDATE meter_events m SET status = CASE WHEN $1::timestamptz IS NOT NULL AND m.hour < $1 THEN 'consumed'"
+        f" WHEN {_BEFORE_CUTOVER.format(h='m.hour', o='m.org_id')} THEN 'consumed' ELSE 'pending' END"
+        f" WHERE m.status = 'shadow' AND NOT {_ORG_SHADOW.format(o='m.org_id')}", bill_from)
     return int(status.split()[-1])
 
 
@@ -121,8 +133,9 @@ async def hours_at_hand(conn: asyncpg.Connection, org_id: str, since_us: int) ->
 
 
 async def oldest_shadow_hour(conn: asyncpg.Connection) -> datetime | None:
-    """The oldest hour with a shadow event (turning shadow off sends those)."""
-    return await conn.fetchval("SELECT min(hour) FROM meter_events WHERE status = 'shadow'")
+    """The oldest hour with a shadow event that turning shadow off sends (not an org's in shadow)."""
+    return await conn.fetchval(f"SELECT min(m.hour) FROM meter_events m WHERE m.status = 'shadow'"
+                               f" AND NOT {_ORG_SHADOW.format(o='m.org_id')}")
 
 
 async def record_at_stripe(conn: asyncpg.Connection, org_id: str, hours: dict[int, tuple[int, list[str], int]],

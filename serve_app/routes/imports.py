@@ -18,7 +18,7 @@ from serve_app.bodies import parse_model
 from serve_app.context import Context, json
 from serve_app.errors import api_error_of
 from serve_app.imports import BadLine, ImportBody, import_of
-from storage import stripe_customers
+from storage import enforcement, stripe_customers
 
 STRIPE_CUSTOMER = "stripe_customer"
 AUTO_RECHARGE = "auto_recharge"  # what a no_stripe_customer pause lifted shows in `changed`
@@ -51,7 +51,9 @@ def routes(ctx: Context) -> APIRouter:
         seen: set[str] = set()
         for index, raw in enumerate(body.orgs):
             try:
+                raw, shadow = _enforcement_of(raw, ctx.settings.enforcement)
                 org_id, command, customer = import_of(raw, ctx.catalog, ctx.settings, now)
+                command = msgspec.structs.replace(command, shadow=shadow)
             except BadLine as bad:
                 answers.append({"index": index, "status": "invalid", "org_id": bad.org_id, "why": bad.why})
                 continue
@@ -62,9 +64,18 @@ def routes(ctx: Context) -> APIRouter:
             seen.add(org_id)
             answers.append({"index": index, "org_id": org_id})
             work.append((index, org_id, command, customer))
+        # A new org in shadow: the meter's row before the org (a crash between withholds, never
+        # sends); an org that exists keeps its own enforcement (billing-rules 2.12).
+        rows_made: list[str] = []
+        if not body.dry_run and any(command.shadow for _, _, command, _ in work):
+            async with (await ctx.db()).acquire() as conn:
+                rows_made = await enforcement.shadow_new_orgs(
+                    conn, [org_id for _, org_id, command, _ in work if command.shadow])
         results = await asyncio.gather(*(
             ctx.router.command(org_id, cmd.PreviewImport(command) if body.dry_run else command)
             for _, org_id, command, _ in work))
+        if rows_made:
+            await _settle_enforcement_rows(ctx, work, results, set(rows_made))
         if work and all(map(_retry, results)):
             raise api_error_of(results[0]["error"])  # nothing applied: the request as a whole, again
         linked = await _link_customers(ctx, [(org_id, customer) for (_, org_id, _, customer), result
@@ -100,6 +111,29 @@ def routes(ctx: Context) -> APIRouter:
         return json({"dry_run": body.dry_run, "orgs": answers})
 
     return router
+
+
+def _enforcement_of(raw: dict, default: str) -> tuple[dict, bool]:
+    """A line's `enforcement` (`shadow` or `enforce`; absent: METERGATE_ENFORCEMENT), taken out
+    of the line: whether a new org is created in shadow (billing-rules 2.12)."""
+    if "enforcement" not in raw:
+        return raw, default == "shadow"
+    mode = raw["enforcement"]
+    if mode not in ("shadow", "enforce"):
+        org_id = raw.get("org_id") if isinstance(raw.get("org_id"), str) else None
+        raise BadLine("enforcement: must be shadow or enforce", org_id)
+    return {k: v for k, v in raw.items() if k != "enforcement"}, mode == "shadow"
+
+
+async def _settle_enforcement_rows(ctx: Context, work: list, results: list[dict], made: set[str]) -> None:
+    """After the orgs' commands: a shadow row made for an org that existed already (it keeps its
+    own) or that was refused goes. An org whose outcome is unknown keeps it (withheld until the
+    import runs again)."""
+    drop = [org_id for (_, org_id, _, _), result in zip(work, results) if org_id in made and (
+        not _retry(result) if "error" in result else not result["created"])]
+    if drop:
+        async with (await ctx.db()).acquire() as conn:
+            await enforcement.forget(conn, drop)
 
 
 async def _link_customers(ctx: Context, pairs: list[tuple[str, str]], dry_run: bool) -> dict[str, tuple[str, bool]]:

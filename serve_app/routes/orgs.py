@@ -12,8 +12,8 @@ from actors.clock import now_us
 from actors.imports import IMPORT_KEY_PREFIX
 from actors.ticks import ID_PATTERN
 from actors.timeutil import BadTime, parse_time_us, us_to_rfc3339
-from serve_app.bodies import (AlertsBody, AutoRechargeBody, CreateOrgBody, CreditBody, LimitsBody, PlanBody, TierBody,
-                              TokenBody, parse_model)
+from serve_app.bodies import (AlertsBody, AutoRechargeBody, CreateOrgBody, CreditBody, EnforcementBody, LimitsBody,
+                              PlanBody, TierBody, TokenBody, parse_model)
 from serve_app import openapi
 from serve_app.calls import auto_recharge_command, org_state, require_org, state_command
 from serve_app.context import Context, json
@@ -21,7 +21,7 @@ from serve_app.errors import ApiError, raise_for_shard_error, unknown_org
 from serve_app.idempotency import idempotent, request_hash
 from serve_app.params import OrgPath
 from serve_app.views import entry_view, org_row_view, org_view
-from storage import orgs
+from storage import enforcement, orgs
 
 MAX_ORG_PAGE = 500
 MAX_ID_CHARS = 128
@@ -46,9 +46,16 @@ def routes(ctx: Context) -> APIRouter:
             plan_id = body.plan_id or ctx.catalog.default_plan
             if ctx.catalog.current_plan(plan_id, now_us()) is None:
                 raise unknown_plan(plan_id)
+            shadow = ctx.settings.enforcement == "shadow"  # (billing-rules 2.12)
+            if shadow:  # the meter's row first: a crash before the org is made withholds, never sends
+                async with (await ctx.db()).acquire() as conn:
+                    await enforcement.shadow_new_orgs(conn, [body.org_id])
             result = raise_for_shard_error(await ctx.router.command(
-                body.org_id, cmd.CreateOrg(body.email, plan_id, body.billing_mode == "prepaid")))
-            return json(org_view(result["state"]), 201 if result["created"] else 200)
+                body.org_id, cmd.CreateOrg(body.email, plan_id, body.billing_mode == "prepaid", shadow)))
+            state = result["state"]
+            if shadow or not result["created"]:  # an org that existed keeps its own enforcement
+                await _write_enforcement(ctx, body.org_id, enforcement.row_of(state.enforcement, state.cutover_us))
+            return json(org_view(state), 201 if result["created"] else 200)
 
         return await idempotent(ctx, request, run)
 
@@ -154,6 +161,19 @@ def routes(ctx: Context) -> APIRouter:
         body = parse_model(AutoRechargeBody, await request.body())
         return await state_command(ctx, request, org_id, auto_recharge_command(ctx, body, caller.role == "admin"))
 
+    @router.put("/v1/orgs/{org_id}/enforcement", openapi_extra=openapi.with_body(EnforcementBody, *ORG_STATE))
+    async def put_enforcement(org_id: OrgPath, request: Request) -> Response:
+        """Billing-rules 2.12. `shadow`: the org is billed beside the biller you run today (every
+        gate and lease answer allows, no charge, no Stripe meter event, halts go out as
+        `*.shadow`); with `undo`, back from a cutover, refused 409 `cutover_charged` once a
+        charge was asked or a meter event of an hour from the cutover on was sent. `enforce`: a
+        cutover at `at`, a whole UTC hour (absent: the next one); usage before it stays shadow,
+        from it on it is billed, the Stripe meter included."""
+        ctx.admin(request)
+        body = parse_model(EnforcementBody, await request.body())
+        at_us = _cutover_us(body, now_us())
+        return await idempotent(ctx, request, lambda: _set_enforcement(ctx, org_id, body, at_us))
+
     @router.post("/v1/orgs/{org_id}/halt", openapi_extra=openapi.answers(*ORG_STATE, openapi.ANY_BODY))
     async def halt(org_id: OrgPath, request: Request) -> Response:
         ctx.admin(request)
@@ -187,6 +207,73 @@ def routes(ctx: Context) -> APIRouter:
         return json({"org_id": org_id, "tokens_valid_after": us_to_rfc3339(at)})
 
     return router
+
+
+HOUR_US = 3_600 * 1_000_000
+
+
+def _cutover_us(body: EnforcementBody, now: int) -> int | None:
+    """A cutover's instant: `at`, a whole UTC hour, or the next whole hour (enforce only)."""
+    if body.mode == "shadow":
+        if body.at is not None:
+            raise ApiError(422, "invalid_request", "at is the instant of a cutover: only with mode enforce",
+                           field="at")
+        return None
+    if body.undo:
+        raise ApiError(422, "invalid_request", "undo goes back to shadow: only with mode shadow", field="undo")
+    if body.at is None:
+        return (now // HOUR_US + 1) * HOUR_US
+    try:
+        at_us = parse_time_us(body.at)
+    except BadTime as exc:
+        raise ApiError(422, "invalid_request", str(exc), field="at") from None
+    if at_us % HOUR_US:
+        raise ApiError(422, "invalid_request", "at must be a whole UTC hour (like 2026-12-08T10:00:00Z): the Stripe "
+                       "meter bills whole hours", field="at")
+    return at_us
+
+
+async def _write_enforcement(ctx: Context, org_id: str, row: enforcement.Row | None) -> None:
+    async with (await ctx.db()).acquire() as conn:
+        await enforcement.write(conn, org_id, row)
+
+
+async def _set_enforcement(ctx: Context, org_id: str, body: EnforcementBody, at_us: int | None) -> Response:
+    """The org's command with the meter's row around it (storage/enforcement.py): a crash
+    between the two leaves the org's meter events withheld, never sent; the same request again
+    repairs the row. Going to shadow, the row first; a cutover, the row after, from the state."""
+    if body.mode == "enforce":
+        state = raise_for_shard_error(await ctx.router.command(org_id, cmd.SetEnforcement("enforce", at_us)))["state"]
+        await _write_enforcement(ctx, org_id, enforcement.row_of(state.enforcement, state.cutover_us))
+        return json(org_view(state))
+    await require_org(ctx, org_id)
+    async with (await ctx.db()).acquire() as conn:
+        before = await enforcement.get(conn, org_id)
+    cutover = before.cutover_us if before is not None else None
+    if body.undo and cutover is None:
+        cutover = (await org_state(ctx, org_id)).cutover_us
+    moved: list[str] = []
+    async with (await ctx.db()).acquire() as conn:
+        if body.undo and cutover is not None:
+            try:
+                moved = await enforcement.begin_undo(conn, org_id, cutover)
+            except enforcement.Charged as exc:
+                raise ApiError(409, "cutover_charged", str(exc)) from None
+            except enforcement.MeterBusy as exc:
+                raise ApiError(503, "shard_busy", f"{exc}; retry shortly") from None
+        else:
+            await enforcement.write(conn, org_id, enforcement.Row(True, None))
+    try:
+        result = raise_for_shard_error(await ctx.router.command(
+            org_id, cmd.SetEnforcement("shadow", None, body.undo)))
+    except ApiError as exc:
+        if exc.status < 500:  # refused, nothing changed: the meter's row and events as they were
+            async with (await ctx.db()).acquire() as conn:
+                await enforcement.revert_undo(conn, org_id, before, moved)
+        raise  # else the outcome is unknown: withheld until the same request again repairs the row
+    state = result["state"]
+    await _write_enforcement(ctx, org_id, enforcement.row_of(state.enforcement, state.cutover_us))
+    return json(org_view(state))
 
 
 def _expiry(body: CreditBody) -> int | None:
