@@ -373,8 +373,12 @@ class ShardRouter:
     async def usage(self, ticks: list[Tick]) -> list[dict]:
         """Split ticks per shard, send the parts in parallel; one result per shard touched."""
         parts: dict[int, list[Tick]] = {}
+        part_of: dict[str, list[Tick]] = {}  # org → its shard's part (a body's orgs are few, its ticks many)
         for tick in ticks:
-            parts.setdefault(self.shard_of(tick.org_id), []).append(tick)
+            part = part_of.get(tick.org_id)
+            if part is None:
+                part = part_of[tick.org_id] = parts.setdefault(self.shard_of(tick.org_id), [])
+            part.append(tick)
 
         async def send(shard: int, part: list[Tick]) -> dict:
             handle = await self.handle(shard)

@@ -332,20 +332,35 @@ class ShardCommit:
         Marks each usage item's ticks with their key (or None when rejected) for apply_usage.
         """
         keys: dict[bytes, Tick] = {}
+        # Per org, once per batch (its ticks are many, its orgs few): the refusal of its ticks,
+        # or the prefix of their keys (tick_key's, hashed on from a copy).
+        orgs: dict[str, Refusal | object] = {}
         for item in batch:
             if not isinstance(item, UsageItem):
                 continue
-            item.keys = []
+            item.keys = keys_of_item = []
             for tick in item.ticks:
-                loaded = self.orgs.get(tick.org_id) if self.owns(tick.org_id) else None
-                if loaded is None:
-                    item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": tick.org_id,
-                                          "error": Refusal.WRONG_SHARD if not self.owns(tick.org_id)
-                                          else Refusal.ORG_UNREADABLE if tick.org_id in self.unreadable
-                                          else Refusal.UNKNOWN_ORG})
-                    item.keys.append(None)
+                org_id = tick.org_id
+                known = orgs.get(org_id)
+                if known is None:
+                    known = orgs[org_id] = self._tick_key_prefix(org_id)
+                if known.__class__ is Refusal:
+                    item.rejected.append({"index": tick.index, "tick_id": tick.tick_id, "org_id": org_id,
+                                          "error": known})
+                    keys_of_item.append(None)
                     continue
-                key = tick_key(tick.org_id, tick.tick_id)
-                item.keys.append(key)
+                hashed = known.copy()
+                hashed.update(tick.tick_id.encode())
+                key = hashed.digest()
+                keys_of_item.append(key)
                 keys.setdefault(key, tick)
         return keys
+
+    def _tick_key_prefix(self, org_id: str):
+        """A blake2b fed with what tick_key puts before the tick id, or the refusal of the
+        org's ticks (not this shard's, unreadable, unknown)."""
+        if not self.owns(org_id):
+            return Refusal.WRONG_SHARD
+        if self.orgs.get(org_id) is None:
+            return Refusal.ORG_UNREADABLE if org_id in self.unreadable else Refusal.UNKNOWN_ORG
+        return hashlib.blake2b(f"{org_id}\x1f".encode(), digest_size=16)
