@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from actors.effects import Effects, Event
 from actors.refusals import BillingError, Refusal
+from actors.timeutil import us_to_rfc3339
 
 SHADOW_FOREVER_US = 2**62  # shadow with no cutover set
 # What tells the compute plane to stop or start an org's machines: sent as `<type>.shadow`.
@@ -42,17 +43,35 @@ class Enforcement:
                 return False
             if undo:
                 self._check_undo()
-            self.shadow_until_us = SHADOW_FOREVER_US
+            self.shadow_until_us, self.cutover_told = SHADOW_FOREVER_US, False
             return True
         if not self.in_shadow(now_us):
             return False
         until = now_us if at_us is None else at_us
         if until == self.shadow_until_us:
             return False
-        self.shadow_until_us = until  # kept once past: the cutover an undo is checked against
-        if until <= now_us and self.recharge is not None:  # enforced now: a low balance may charge
-            self._maybe_recharge(now_us, fx)
+        self.shadow_until_us, self.cutover_told = until, False  # kept once past: what an undo is checked against
+        if until <= now_us:  # enforced now: the compute plane is told, a low balance may charge
+            self.tell_cutover(now_us, fx)
+            if self.recharge is not None:
+                self._maybe_recharge(now_us, fx)
         return True
+
+    def tell_cutover(self, now_us: int, fx: Effects) -> None:
+        """Once a cutover has passed (at the first advance at or after it, or at once): the compute
+        plane, which had only shadow events, is told that the org is halted or suspended, if it is
+        (billing-rules 2.12)."""
+        until = self.shadow_until_us
+        if until is None or until == SHADOW_FOREVER_US or until > now_us or self.cutover_told:
+            return
+        self.cutover_told = True
+        if self.halted is not None:
+            fx.events.append(Event("org.halted", self.org_id, now_us, {
+                "reason": self.halted, "lease_ids": sorted(self.leases or ()), "balance_micros": self.balance_micros}))
+        if self.suspended and self.dunning is not None:
+            fx.events.append(Event("org.suspended", self.org_id, now_us, {
+                "reason": "past_due", "past_due_since": us_to_rfc3339(self.dunning.since_us),
+                "lease_ids": sorted(self.leases or ())}))
 
     def _check_undo(self) -> None:
         cutover = self.shadow_until_us

@@ -134,6 +134,7 @@ class OrgSnapshot(msgspec.Struct, array_like=True, tag=SNAPSHOT_VERSION):
     imported_ids: list[str] | None = None  # the source ids of the amounts imported (billing-rules 2.11)
     paid_credits: dict[str, list[int]] | None = None  # payment id -> [its credit, what was paid] (3.0)
     shadow_until_us: int | None = None  # billed in shadow until then (billing-rules 2.12); None: enforced
+    cutover_told: bool = False  # the compute plane was told of the halt or suspension at the cutover (2.12)
 
 
 # Snapshot fields that are copied as they are; the plans and the lists of records need converting.
@@ -195,7 +196,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         "dunning", "paid_invoice", "invoice_as_of_us", "period_anchor_us", "paid_credit",
         "period_cycle_start_us", "period_cycle_us", "refunds", "ended_leases", "low_balance_micros",
         "low_balance_armed", "disputes", "subscriptions", "settled_invoices", "lapsed", "runway_alert_s",
-        "runway_armed", "imported_ids", "paid_credits", "shadow_until_us",
+        "runway_armed", "imported_ids", "paid_credits", "shadow_until_us", "cutover_told",
     )
 
     def __init__(self, org_id: str, email: str, prepaid: bool, plan: Plan, tier: str,
@@ -239,6 +240,7 @@ class OrgBillingActor(Money, Leases, Periods, Recharge, Refunds, Subscriptions, 
         self.imported_ids: list[str] | None = None  # source ids of imported amounts, never forgotten (2.11)
         self.paid_credits: dict[str, list[int]] | None = None  # payment id -> [credit, paid], latest 1,000 (3.0)
         self.shadow_until_us: int | None = None  # in shadow before then (billing-rules 2.12)
+        self.cutover_told = False
         self.created_us = now_us
         self.grant_seq = 0
         self._start_period(now_us, None)

@@ -105,6 +105,8 @@ class Periods:
 
     def advance(self, now_us: int, fx: Effects) -> None:
         """Apply what time alone changed: a new period, expired grants and leases, dunning."""
+        if self.shadow_until_us is not None and not self.cutover_told:
+            self.tell_cutover(now_us, fx)  # a cutover passed: first, as the org stood (billing-rules 2.12)
         new_period = now_us >= self.period_end_us
         if new_period:
             self._start_period(now_us, fx)

@@ -134,8 +134,6 @@ def test_a_shadow_prepaid_org_with_no_money_is_allowed_asks_no_charge_and_is_hal
     assert compute.post("/v1/leases", json={"org_id": broke, "lease_id": "shadow_2", "ttl_s": 600}).status_code == 402
 
 
-@pytest.mark.xfail(strict=True, reason="core (actors/enforcement.py): a cutover of an org halted in shadow sends no "
-                                       "org.halted; the compute plane never learns of the halt (see the report)")
 def test_a_cutover_of_an_org_halted_in_shadow_tells_the_compute_plane(admin, sql):
     org = f"shd{uuid.uuid4().hex[:6]}_halted"
     import_one(admin, {"org_id": org, "email": f"{org}@example.com", "balance_micros": 0,

@@ -114,3 +114,24 @@ def test_enforcement_of_an_enforced_org_and_an_undo_without_a_cutover():
     assert o.types()[-1] == "org.halted"
     o.run(SetEnforcement("shadow"))
     assert o.org.state(o.now).enforcement == "shadow" and o.org.state(o.now).cutover_us is None
+
+
+def test_a_cutover_tells_the_compute_plane_of_a_halt_it_only_had_as_a_shadow_event():
+    """Billing-rules 2.12: the org halted in shadow; at its cutover the compute plane gets
+    `org.halted` once, at once for a cutover now, at the first advance past it for one ahead."""
+    now = Org()
+    now.spend_all()
+    now.run(SetEnforcement("enforce"))
+    assert now.types().count("org.halted") == 1 and now.fx.events[-1].data["reason"] == "balance"
+    now.run(AcquireLease("ls_x", SMALL, 600))  # denied now; nothing told again
+    assert now.types().count("org.halted") == 1
+    ahead = Org()
+    ahead.spend_all()
+    ahead.run(SetEnforcement("enforce", ahead.now + 60 * US))
+    assert "org.halted" not in ahead.types()
+    ahead.run(AcquireLease("ls_y", SMALL, 600), seconds=30)  # before T: still shadow, granted
+    assert "org.halted" not in ahead.types()
+    ahead.run(AcquireLease("ls_z", SMALL, 600), seconds=60)  # past T: told first, then denied
+    assert ahead.types().count("org.halted") == 1
+    assert ahead.fx.events[-1].data["lease_ids"] == ["ls_y"]
+    assert ahead.rebuilt().to_snapshot() == ahead.org.to_snapshot()

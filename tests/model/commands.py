@@ -432,13 +432,14 @@ class Commands:
                 if r is not None and (r.pending_id is not None or (
                         r.last_ask_us is not None and r.last_ask_us >= self.shadow_until)):
                     return {"refused": "cutover_charged"}
-            self.shadow_until = SHADOW_FOREVER
+            self.shadow_until, self.cutover_told = SHADOW_FOREVER, False
             return {}
         at = now if cmd.get("at_us") is None else cmd["at_us"]
         if not self._in_shadow(now) or at == self.shadow_until:
             return {}
-        self.shadow_until = at
+        self.shadow_until, self.cutover_told = at, False
         if at <= now:
+            self._tell_cutover(now)
             self._recharge_check(now)
         return {}
 

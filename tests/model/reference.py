@@ -144,6 +144,7 @@ class RefOrg(Commands):
         # creation is a command at now_us (rule 4.5); in shadow if it says so (rule 2.12)
         shadow = shadow or bool((imported or {}).get("shadow"))
         self.shadow_until = SHADOW_FOREVER if shadow else None
+        self.cutover_told = False
         signup = catalog.signup_grant_micros
         if imported is not None:
             self.import_result = self._cmd_import(now_us, imported)
@@ -632,6 +633,7 @@ class RefOrg(Commands):
         self.ended_leases = {lid: t for lid, t in self.ended_leases.items() if now - t <= ENDED_LEASE_MEMORY_US}
 
     def _advance(self, now: int):
+        self._tell_cutover(now)                             # rule 2.12: a cutover passed, first
         self._forget(now)
         new_period = False
         if now >= self.period_end_us:                       # 1.
@@ -683,6 +685,21 @@ class RefOrg(Commands):
 
     def _in_shadow(self, t: int) -> bool:
         return self.shadow_until is not None and t < self.shadow_until
+
+    def _tell_cutover(self, now: int):
+        """Rule 2.12: at the first advance at or after a cutover (or at the cutover itself), a
+        halted org's `org.halted` and a suspended one's `org.suspended`, as the org stands."""
+        u = self.shadow_until
+        if u is None or u == SHADOW_FOREVER or u > now or self.cutover_told:
+            return
+        self.cutover_told = True
+        if self.halted is not None:
+            self._event("org.halted", {"reason": self.halted, "lease_ids": self._lease_ids(),
+                                       "balance_micros": self._balance()})
+        if self.suspended:
+            self._event("org.suspended", {"reason": "past_due",
+                                          "past_due_since": rfc3339(self.dunning.past_due_since_us),
+                                          "lease_ids": self._lease_ids()})
 
     def _shadow_events(self, start: int, now: int):
         """Rule 2.12.3: the compute plane's events of an instant in shadow get `.shadow`."""
