@@ -60,15 +60,16 @@ def credit_share(paid_part_micros: int, credited_micros: int, paid_micros: int |
     return paid_part_micros * credited_micros // paid_micros
 
 
-def credit_share_after(earlier_micros: int, paid_part_micros: int, credited_micros: int,
-                       paid_micros: int | None) -> int:
+def credit_share_after(earlier_micros: int, earlier_shares_micros: int, paid_part_micros: int,
+                       credited_micros: int, paid_micros: int | None) -> int:
     """Billing-rules 3.0: the share of a refund whose payment's earlier refunds add up to
-    `earlier_micros`: what they stand for together, less what the earlier ones stood for, so the
-    customer keeps one rounded-down fraction per payment, not one per refund."""
+    `earlier_micros` and took shares adding up to `earlier_shares_micros`: what they all stand
+    for together, less what the earlier ones took (never below 0), so the customer keeps one
+    rounded-down fraction per payment, not one per refund, also after one is reversed."""
     if not paid_micros or paid_micros <= 0 or credited_micros <= 0:
         return paid_part_micros
-    return (credit_share(earlier_micros + paid_part_micros, credited_micros, paid_micros)
-            - credit_share(earlier_micros, credited_micros, paid_micros))
+    return max(0, credit_share(earlier_micros + paid_part_micros, credited_micros, paid_micros)
+               - earlier_shares_micros)
 
 
 def burn_order(grant: Grant) -> tuple:

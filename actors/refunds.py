@@ -40,6 +40,7 @@ class RefundRecord(msgspec.Struct, array_like=True):
     grant_kind: str | None = None  # the kind and expiry of the grant it took from, for the give-back
     grant_expires_us: int | None = None
     reversed: bool = False  # failed or canceled (possibly before it was seen): it takes nothing more
+    share_micros: int = 0  # its share (billing-rules 3.0), set when it took credit; 0: before it was kept
 
 
 class DisputeRecord(msgspec.Struct, array_like=True):
@@ -79,7 +80,7 @@ class Refunds:
         if not grants:
             return None, False
         credited_micros, paid_micros = self._paid_of(payment_id, credited_micros, paid_micros)
-        share = credit_share_after(self._refunded(payment_id), amount_micros, credited_micros, paid_micros)
+        share = credit_share_after(*self._refunded(payment_id), amount_micros, credited_micros, paid_micros)
         entry = self._claw_back(grants, share, note, now_us, fx, record=record)
         if entry is not None:
             self._halt_if_out_of_money(now_us, fx)
@@ -87,11 +88,15 @@ class Refunds:
                 self._maybe_recharge(now_us, fx)
         return entry, False
 
-    def _refunded(self, payment_id: str) -> int:
-        """Billing-rules 3.0's S: what the payment's remembered refunds that took credit, not
-        reversed, refunded (so their shares round down once, together)."""
-        return sum(r.amount_micros for r in self.refunds or ()
-                   if r.payment_id == payment_id and r.taken_micros > 0 and not r.reversed)
+    def _refunded(self, payment_id: str) -> tuple[int, int]:
+        """Billing-rules 3.0: (S, what their shares came to) of the payment's remembered refunds
+        that took credit and were not reversed (so their shares round down once, together)."""
+        s = shares = 0
+        for r in self.refunds or ():
+            if r.payment_id == payment_id and r.taken_micros > 0 and not r.reversed:
+                s += r.amount_micros
+                shares += r.share_micros or r.taken_micros
+        return s, shares
 
     def _grants_of_payment(self, payment_id: str, grant_id: str | None = None) -> list[Grant]:
         """The live grants the payment bought, in the order the org holds them: its credit's,
@@ -120,6 +125,7 @@ class Refunds:
             return None
         if record is not None:
             record.taken_micros, record.grant_kind, record.grant_expires_us = taken, first.kind, first.expires_at_us
+            record.share_micros = amount_micros
         entry = LedgerEntry("refund", -taken, now_us, first.grant_id, None, note, idempotency_key=key)
         fx.ledger.append((self.org_id, entry))
         return entry
@@ -134,7 +140,7 @@ class Refunds:
                 if grant.remaining_micros:
                     # Keyed as the refund's own request would have been: Stripe lists a refund
                     # again in later events, and that must replay, never take it twice.
-                    share = credit_share_after(self._refunded(record.payment_id), record.amount_micros,
+                    share = credit_share_after(*self._refunded(record.payment_id), record.amount_micros,
                                                credited_micros, paid_micros)
                     self._claw_back([grant], share, f"Stripe refund {record.refund_id}", now_us, fx, record.key, record)
 

@@ -527,6 +527,22 @@ def test_partial_refunds_of_one_payment_round_down_once_not_once_each():
     o.rebuilt()
 
 
+def test_after_a_reversed_refund_the_payments_shares_still_add_up_to_no_more_than_its_refunds():
+    """Rule 3.0 (review): 0.61 then 0.01 of a 1.23 USD payment for 1 USD of credit; the first
+    fails; another 0.61: the shares taken, net, are ⌊0.62 × 1/1.23⌋ USD, never 1 µUSD more."""
+    o = Org(signup_micros=0)
+    session = {"id": "cs_odd", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "currency": "usd", "amount_total": 123, "total_details": {"amount_tax": 23},
+               "payment_intent": "pi_odd", "metadata": {"org_id": ORG_ID}}
+    o.send("checkout.session.completed", session, T0)
+    o.send("refund.created", refund("re_a", "pi_odd", 61, "succeeded"), T0 + 1, Facts(ORG_ID))
+    o.send("refund.created", refund("re_b", "pi_odd", 1, "succeeded"), T0 + 2, Facts(ORG_ID))
+    o.send("refund.failed", refund("re_a", "pi_odd", 61, "failed"), T0 + 3, Facts(ORG_ID))
+    o.send("refund.created", refund("re_c", "pi_odd", 61, "succeeded"), T0 + 4, Facts(ORG_ID))
+    assert 1_000_000 - o.org.balance_micros == 620_000 * 1_000_000 // 1_230_000 == 504_065
+    o.rebuilt()
+
+
 def test_a_refund_whose_facts_were_read_before_its_credit_committed_still_takes_only_its_share():
     """The edge read the ledger while the credit was being committed: the refund names no
     credit (credited 0, paid unknown), but the org holds the credit and what was paid for it."""

@@ -199,12 +199,12 @@ def share(amount: int, credited: int, paid: int | None) -> int:
     return math.floor(Fraction(amount) * Fraction(credited, paid))
 
 
-def share_after(earlier: int, amount: int, credited: int, paid: int | None) -> int:
-    """Rule 3.0: a refund's share when its payment's earlier refunds sum to `earlier`: what the
-    refunds stand for together, less what the earlier ones stood for."""
+def share_after(earlier: int, earlier_shares: int, amount: int, credited: int, paid: int | None) -> int:
+    """Rule 3.0: a refund's share when its payment's earlier refunds sum to `earlier` and their
+    shares to `earlier_shares`: what the refunds stand for together, less those shares, at least 0."""
     if paid is None or paid <= 0 or credited <= 0:
         return amount
-    return share(earlier + amount, credited, paid) - share(earlier, credited, paid)
+    return max(0, share(earlier + amount, credited, paid) - earlier_shares)
 
 
 @dataclass

@@ -135,22 +135,24 @@ class Commands:
             return {"clawed_micros": 0}
         first = mine[0]
         credited, paid = self.paid_credits.get(pid, (int(cmd.get("credited_micros", 0)), cmd.get("paid_micros")))
-        c = self._take_in_order(mine, share_after(self._refunded(pid), amount, credited, paid))
+        s = share_after(*self._refunded(pid), amount, credited, paid)
+        c = self._take_in_order(mine, s)
         if c == 0:
             return {"clawed_micros": 0}
         self.refund_taken[rid] = (c, first.kind, first.expires_at_us, pid)
-        self.refund_amounts[rid] = amount
+        self.refund_amounts[rid] = (amount, s)
         # AMBIGUOUS 3.1: the refund ledger entry names the grant id but no expiry (None).
         self._ledger("refund", -c, first.grant_id, None, 0)
         self._halt_check(now)
         self._recharge_check(now)
         return {"clawed_micros": c}
 
-    def _refunded(self, pid) -> int:
-        """Rule 3.0's S: the amounts of the payment's refunds that took credit, not reversed,
+    def _refunded(self, pid) -> tuple[int, int]:
+        """Rule 3.0: (S, their shares) of the payment's refunds that took credit, not reversed,
         still remembered."""
-        return sum(amount for rid, amount in self.refund_amounts.items()
-                   if self.refund_taken[rid][3] == pid and rid not in self.reversed_refunds)
+        mine = [v for rid, v in self.refund_amounts.items()
+                if self.refund_taken[rid][3] == pid and rid not in self.reversed_refunds]
+        return sum(a for a, _ in mine), sum(s for _, s in mine)
 
     # a refund that failed or was canceled (3.5)
     def _cmd_stripe_refund_failed(self, now, cmd):

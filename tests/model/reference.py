@@ -110,7 +110,7 @@ class RefOrg(Commands):
         self.applied_refunds: dict[str, int] = {}    # refund id -> when applied
         self.waiting_refunds: list[WaitingRefund] = []
         self.refund_taken: dict[str, tuple] = {}     # refund id -> (taken, grant kind, grant expiry, payment)
-        self.refund_amounts: dict[str, int] = {}     # refund id -> its amount R, for one that took credit (rule 3.0's S)
+        self.refund_amounts: dict[str, tuple] = {}   # refund id -> (its amount R, its share), one that took credit (3.0)
         self.reversed_refunds: set[str] = set()
         self.disputes: dict[str, dict] = {}          # dispute id -> what rule 3.6 remembers
         self.lapsed: dict[str, int] = {}             # payment id -> what of its credit lapsed (rule 2.6)
@@ -289,11 +289,12 @@ class RefOrg(Commands):
             if w.payment_id != grant.payment_id:
                 continue
             self.waiting_refunds.remove(w)
-            c = min(share_after(self._refunded(w.payment_id), w.amount, credited, paid), grant.remaining)  # rule 3.0
+            s = share_after(*self._refunded(w.payment_id), w.amount, credited, paid)  # rule 3.0
+            c = min(s, grant.remaining)
             if c > 0:
                 grant.remaining -= c
                 self.refund_taken[w.refund_id] = (c, grant.kind, grant.expires_at_us, w.payment_id)
-                self.refund_amounts[w.refund_id] = w.amount
+                self.refund_amounts[w.refund_id] = (w.amount, s)
                 self._ledger("refund", -c, grant.grant_id, None, 0)
         self.grants = [g for g in self.grants if g.remaining > 0]
 
