@@ -480,7 +480,8 @@ def execute(org: OrgBillingActor | None, command: Command, catalog: Catalog, now
     finally:  # after every command, also one refused after time's effects (billing-rules 2.9)
         if alerts:
             org.check_alerts(now_us, fx)
-        org.shadow_events(fx, start)  # (billing-rules 2.12)
+        if not isinstance(command, SetEnforcement):  # (which sorts its own: before and after its switch)
+            org.shadow_events(fx, start)  # (billing-rules 2.12)
 
 
 def _apply(org: OrgBillingActor, command: Command, catalog: Catalog, now_us: int, fx: Effects) -> Outcome:

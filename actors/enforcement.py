@@ -43,6 +43,8 @@ class Enforcement:
                 return False
             if undo:
                 self._check_undo()
+            if not self.in_shadow(now_us):  # the compute plane stopped it: in shadow it runs
+                self._tell_shadow(now_us, fx)
             self.shadow_until_us, self.cutover_told = SHADOW_FOREVER_US, False
             return True
         if not self.in_shadow(now_us):
@@ -56,6 +58,18 @@ class Enforcement:
             if self.recharge is not None:
                 self._maybe_recharge(now_us, fx)
         return True
+
+    def _tell_shadow(self, now_us: int, fx: Effects) -> None:
+        """An enforced org goes into shadow (billing-rules 2.12): if it is halted or suspended, the
+        compute plane, which stopped it and hears no more from it until a cutover, is told it
+        runs: `org.resumed` (reason `shadow`), `org.unsuspended`."""
+        if self.halted is not None:
+            fx.events.append(Event("org.resumed", self.org_id, now_us,
+                                   {"reason": "shadow", "balance_micros": self.balance_micros}))
+        if self.suspended and self.dunning is not None:
+            fx.events.append(Event("org.unsuspended", self.org_id, now_us, {
+                "was_suspended": True, "step": self.dunning.step,
+                "past_due_since": us_to_rfc3339(self.dunning.since_us)}))
 
     def tell_cutover(self, now_us: int, fx: Effects) -> None:
         """Once a cutover has passed (at the first advance at or after it, or at once): the compute

@@ -12,6 +12,7 @@ from enum import IntEnum
 
 import msgspec
 
+from actors.enforcement import SHADOW_FOREVER_US
 from actors.effects import Effects, Event
 from actors.timeutil import US_PER_S, period_bounds, us_to_rfc3339
 from actors.subscriptions import ENDED
@@ -142,6 +143,11 @@ class Periods:
         moments += [grant.expires_at_us for grant in self.grants or () if grant.expires_at_us is not None]
         moments += [lease.expires_at_us for lease in (self.leases or {}).values()]
         retry = self._recharge_retry_us()
+        until = self.shadow_until_us
+        if until is not None and not self.cutover_told:  # in shadow (2.12): no charge before the cutover,
+            if until != SHADOW_FOREVER_US:              # which is due itself (to tell the compute plane)
+                moments.append(until)
+            retry = None if retry is None or until == SHADOW_FOREVER_US else max(retry, until)
         if retry is not None:
             moments.append(retry)
         dunning = self.dunning

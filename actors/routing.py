@@ -141,7 +141,8 @@ class ShardRouter:
         self.handshakes = [asyncio.Lock() for _ in range(shard_count)]
         self.views = [Batcher(k, self._sender(k, "gate_views")) for k in range(shard_count)]
         self.projection = Projection()
-        self.answered: dict[str, ViewRecord] = {}  # org → the unpublished view a shard last answered
+        # org → (the unpublished view a shard last answered, the seq of the published one then)
+        self.answered: dict[str, tuple[ViewRecord, int]] = {}
         self.following: list[asyncio.Task] = []
         self.commands = [Batcher(k, self._sender(k, "submit")) for k in range(shard_count)]
         self.states = [Batcher(k, self._sender(k, "state")) for k in range(shard_count)]
@@ -235,9 +236,10 @@ class ShardRouter:
         if record.seq:  # seq 0: a view for this answer only, not a published one
             self.projection.apply(record)
             self.answered.pop(org_id, None)
-        else:  # kept (the latest per org) so a token of this answer ends with its view
-            self.answered.pop(org_id, None)
-            self.answered[org_id] = record
+        else:  # kept (the latest per org) so a token of this answer ends with its view, while no
+            self.answered.pop(org_id, None)  # newer published record came (the seq it came after)
+            published = self.projection.get(org_id)
+            self.answered[org_id] = (record, published.seq if published is not None else 0)
             if len(self.answered) > MAX_ANSWERED_KEPT:
                 del self.answered[next(iter(self.answered))]
         return decide(action, resources, record.view)  # the shard's current view
@@ -246,7 +248,12 @@ class ShardRouter:
         """When the view the org's last decision came from ends, in this replica's clock: see
         view_end_us. Read right after the decision, with no await between."""
         projection = self.projection
-        return view_end_us((projection.get(org_id), self.answered.get(org_id)), projection.shard_now_us, now)
+        published = projection.get(org_id)
+        answered = self.answered.get(org_id)
+        if answered is not None and answered[1] != (published.seq if published is not None else 0):
+            del self.answered[org_id]  # a newer published view came since: decisions are from it
+            answered = None
+        return view_end_us((published, answered[0] if answered else None), projection.shard_now_us, now)
 
     async def gate_many(self, checks: list[tuple[str, str, Resources]],
                         max_age_s: float = FRESH_S) -> list[tuple[Decision | dict, float]]:

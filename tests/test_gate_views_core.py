@@ -479,3 +479,20 @@ def test_a_tokens_end_is_the_soonest_end_of_the_views_it_may_have_come_from_and_
     assert view_end_us((published, answered), clocks, now) == now + 5_000_000
     assert view_end_us((past, answered), clocks, now) == now
     assert view_end_us((published, None), {}.get, now) == T0 + 20_000_000  # no clock of the shard yet: ours
+
+
+def test_an_unpublished_answer_bounds_tokens_only_until_a_newer_published_view_comes():
+    """Review: the unpublished view a shard answered once (seq 0) must not end every later
+    token of the org once a newer published record is what decisions come from."""
+    from actors.routing import ShardRouter
+
+    router = ShardRouter.__new__(ShardRouter)  # its token bound only: no shards needed
+    router.projection, router.answered = Projection(), {}
+    view = _record("a", 1, 1, 1).view
+    now = mono_us()
+    router.projection.clock(0, T0, now, now)
+    router.projection.apply(ViewRecord("a", 0, 1, 3, T0 + 60_000_000, view))
+    router.answered["a"] = (ViewRecord("a", 0, 1, 0, T0 - 1, view), 3)  # answered while seq 3 was published
+    assert router.view_until_us("a", now) == now  # its view already ended: fails closed
+    router.projection.apply(ViewRecord("a", 0, 1, 4, T0 + 60_000_000, view))  # a newer published view
+    assert router.view_until_us("a", now) > now + 50_000_000 and "a" not in router.answered

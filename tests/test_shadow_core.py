@@ -135,3 +135,31 @@ def test_a_cutover_tells_the_compute_plane_of_a_halt_it_only_had_as_a_shadow_eve
     assert ahead.types().count("org.halted") == 1
     assert ahead.fx.events[-1].data["lease_ids"] == ["ls_y"]
     assert ahead.rebuilt().to_snapshot() == ahead.org.to_snapshot()
+
+
+def test_an_enforced_org_put_in_shadow_while_halted_is_told_to_run_and_its_own_halt_stays_real():
+    """Billing-rules 2.12 (review): the compute plane stopped the org; in shadow it hears nothing
+    more until a cutover, so it is told the org runs (`org.resumed`, reason `shadow`). A halt that
+    time brought just before the switch went out as it was then: real."""
+    o = Org(shadow=False)
+    o.run(Halt())
+    o.run(SetEnforcement("shadow"))
+    assert o.types()[-2:] == ["org.halted", "org.resumed"] and o.fx.events[-1].data["reason"] == "shadow"
+    o.run(SetEnforcement("enforce"))  # the cutover tells it again
+    assert o.types()[-1] == "org.halted"
+    assert o.rebuilt().to_snapshot() == o.org.to_snapshot()
+
+
+def test_a_shadow_org_is_not_due_for_a_charge_and_its_cutover_is_due():
+    """Review: a shadow org under its threshold is not woken for a charge it may not ask for;
+    one with a cutover ahead is due at the cutover (to tell the compute plane then)."""
+    o = Org()
+    o.run(SetPaymentMethod(True))
+    o.run(SetAutoRecharge(True, 5_000_000, 10_000_000, 3))
+    o.spend_all()
+    o.org.recharge.last_us = o.now - 3_600 * US  # charged once before (it was enforced then)
+    assert o.org._recharge_retry_us() is not None  # a charge is wanted, by the balance alone
+    assert o.org.next_due_us() == o.org.period_end_us  # ... but not in shadow
+    cutover = o.now + 600 * US
+    o.run(SetEnforcement("enforce", cutover))
+    assert o.org.next_due_us() == cutover

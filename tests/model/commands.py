@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tests.model.basics import (
     SHADOW_FOREVER,
+    rfc3339,
     share,
     share_after,
     ENDED,
@@ -434,6 +435,12 @@ class Commands:
                 if r is not None and (r.pending_id is not None or (
                         r.last_ask_us is not None and r.last_ask_us >= self.shadow_until)):
                     return {"refused": "cutover_charged"}
+            if not self._in_shadow(now):   # rule 2.12: the compute plane is told it runs
+                if self.halted is not None:
+                    self._event("org.resumed", {"reason": "shadow", "balance_micros": self._balance()})
+                if self.suspended:
+                    self._event("org.unsuspended", {"was_suspended": True, "step": self.dunning.step,
+                                                    "past_due_since": rfc3339(self.dunning.past_due_since_us)})
             self.shadow_until, self.cutover_told = SHADOW_FOREVER, False
             return {}
         at = now if cmd.get("at_us") is None else cmd["at_us"]
