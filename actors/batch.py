@@ -331,9 +331,11 @@ def _standing(org: OrgBillingActor, now_us: int, gated: bool) -> dict:
     """What a lease answer's capability token may say: the org's tier and plan, and whether it
     may be signed at all. A new lease passed the gate (`gated`); a renewal or the same lease
     again did not, so its token is signed only while the org is neither suspended, nor halted,
-    nor out of money (the checks of `ingest`, which holds no slot: the lease holds its own)."""
+    nor out of money (the checks of `ingest`, which holds no slot: the lease holds its own).
+    `shadow`: the org is in shadow now (billing-rules 2.12): its token is a short one, which
+    a cutover does not leave in force (serve_app/captokens.py)."""
     may = gated or decide("ingest", NO_RESOURCES, org.view_as_of(now_us)[0]).allowed
-    return {"tier": org.tier, "plan": org.plan.id, "token_ok": may}
+    return {"tier": org.tier, "plan": org.plan.id, "token_ok": may, "shadow": org.in_shadow(now_us)}
 
 
 def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:

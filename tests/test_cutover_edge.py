@@ -72,3 +72,52 @@ def test_without_a_test_clock_the_hour_comes_from_the_services_date_header(fake_
     result = CliRunner().invoke(app, ["cutover", "org-old", "org-a", "--json"])
     assert result.exit_code == 0, result.output
     assert [body.get("at") for _, body in puts] == ["2026-12-08T00:00:00Z"] * 2, puts
+
+
+# --- 2. A lease granted or renewed in shadow: a token of at most GATE_TOKEN_TTL_S ---------------
+
+def _claims(token: str) -> dict:
+    from metergate_client.captoken import unb64
+    return json.loads(unb64(token.split(".")[1]))
+
+
+def _lease_tokens(monkeypatch, shadow: bool, cut_over: bool = False) -> list[dict]:
+    """The claims of the tokens of a new lease (ttl 3,600 s), the same lease again and its
+    renewal, through the shard's answers (actors/batch.py) and the edge's signer."""
+    from types import SimpleNamespace
+
+    from actors import batch
+    from actors.commands import AcquireLease, RenewLease, SetEnforcement
+    from actors.org import Resources
+    from serve_app import compute
+    from serve_app.captokens import CapabilitySigner
+    from metergate_client.captoken import b64
+    from tests.test_shadow_core import Org
+
+    o = Org(shadow=shadow)
+    ctx = SimpleNamespace(capabilities=CapabilitySigner(b64(bytes(range(32)))))
+    claims = []
+    for command in (AcquireLease("ls_1", Resources(memory_mb=1_024, cpu_count=1), 3_600),
+                    AcquireLease("ls_1", Resources(memory_mb=1_024, cpu_count=1), 3_600), RenewLease("ls_1")):
+        if cut_over and isinstance(command, RenewLease):
+            o.run(SetEnforcement("enforce", o.now))  # cut over now: the renewal is an enforced org's
+        outcome = o.run(command)
+        reply = batch.answer(outcome, o.org, o.now)
+        monkeypatch.setattr(compute, "now_us", lambda: o.now)
+        token = compute.lease_token(ctx, "org_s", reply)["capability_token"]
+        claims.append(_claims(token))
+    return claims
+
+
+def test_a_lease_granted_or_renewed_in_shadow_gets_a_token_of_a_gate_checks_ttl(monkeypatch):
+    from serve_app.captokens import GATE_TOKEN_TTL_S
+    for c in _lease_tokens(monkeypatch, shadow=True):
+        assert c["exp"] - c["iat"] <= GATE_TOKEN_TTL_S, c
+        assert c["lease_id"] == "ls_1"
+
+
+def test_an_enforced_orgs_lease_token_lasts_as_the_lease_and_so_does_a_renewal_after_the_cutover(monkeypatch):
+    for c in _lease_tokens(monkeypatch, shadow=False):
+        assert c["exp"] - c["iat"] >= 3_500, c
+    new, again, renewed = _lease_tokens(monkeypatch, shadow=True, cut_over=True)
+    assert renewed["exp"] - renewed["iat"] >= 3_500, renewed
