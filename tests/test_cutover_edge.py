@@ -121,3 +121,138 @@ def test_an_enforced_orgs_lease_token_lasts_as_the_lease_and_so_does_a_renewal_a
         assert c["exp"] - c["iat"] >= 3_500, c
     new, again, renewed = _lease_tokens(monkeypatch, shadow=True, cut_over=True)
     assert renewed["exp"] - renewed["iat"] >= 3_500, renewed
+
+
+# --- 3 and 4. The meter's row the edge writes, against fakes of the shards and of Postgres -----
+
+class FakeDb:
+    """org_enforcement rows and meter events' statuses, with storage/enforcement.py's functions
+    over them (as the real ones change them), and the orgs the `orgs` table has."""
+
+    def __init__(self, rows=None, events=None, orgs=()) -> None:
+        self.rows = dict(rows or {})
+        self.events = dict(events or {})  # identifier -> (org_id, hour_us, status)
+        self.orgs = set(orgs)
+
+    def patch(self, monkeypatch):
+        from storage import enforcement
+        monkeypatch.setattr(enforcement, "get", self.get)
+        monkeypatch.setattr(enforcement, "write", self.write)
+        monkeypatch.setattr(enforcement, "begin_undo", self.begin_undo)
+        monkeypatch.setattr(enforcement, "revert_undo", self.revert_undo)
+        monkeypatch.setattr(enforcement, "shadow_new_orgs", self.shadow_new_orgs)
+        monkeypatch.setattr(enforcement, "forget", self.forget)
+
+    async def get(self, conn, org_id):
+        return self.rows.get(org_id)
+
+    async def write(self, conn, org_id, row):
+        if row is None or (not row.shadow and row.cutover_us is None):
+            self.rows.pop(org_id, None)
+        else:
+            self.rows[org_id] = row
+
+    async def begin_undo(self, conn, org_id, cutover_us):
+        from storage.enforcement import Row
+        moved = [i for i, (o, h, s) in self.events.items() if o == org_id and h >= cutover_us and s == "pending"]
+        for i in moved:
+            self.events[i] = (org_id, self.events[i][1], "shadow")
+        await self.write(conn, org_id, Row(True, None))
+        return moved
+
+    async def revert_undo(self, conn, org_id, before, moved):
+        await self.write(conn, org_id, before)
+        for i in moved:
+            o, h, s = self.events[i]
+            if s == "shadow":
+                self.events[i] = (o, h, "pending")
+
+    async def shadow_new_orgs(self, conn, org_ids):
+        from storage.enforcement import Row
+        made = [o for o in org_ids if o not in self.orgs and o not in self.rows]
+        for o in made:
+            self.rows[o] = Row(True, None)
+        return made
+
+    async def forget(self, conn, org_ids):
+        for o in org_ids:
+            self.rows.pop(o, None)
+
+
+class FakeCtx:
+    """A replica's context: `db()` a pool of no-op connections, `router` answering each org's
+    command with `answers[org_id]` (a dict, or a callable of the command) and its state."""
+
+    def __init__(self, db: FakeDb, states: dict, answers: dict, enforcement: str = "enforce") -> None:
+        from types import SimpleNamespace
+        self.fake = db
+        self.states = states
+        self.answers = answers
+        self.settings = SimpleNamespace(enforcement=enforcement)
+        self.router = SimpleNamespace(command=self._command, state=self._state)
+        self.commands: list = []
+
+    async def db(self):
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def acquire():
+            yield object()
+        from types import SimpleNamespace
+        return SimpleNamespace(acquire=acquire)
+
+    async def _command(self, org_id, command, *rest):
+        self.commands.append((org_id, command))
+        answer = self.answers[org_id]
+        return answer(command) if callable(answer) else answer
+
+    async def _state(self, org_id):
+        if org_id not in self.states:
+            return {"error": {"code": "unknown_org", "message": f"no org {org_id}"}}
+        return {"state": self.states[org_id]}
+
+
+def _state(enforcement: str, cutover_us: int | None):
+    from types import SimpleNamespace
+    return SimpleNamespace(enforcement=enforcement, cutover_us=cutover_us)
+
+
+CHARGED = {"error": {"code": "cutover_charged", "message": "a charge was asked since the cutover"}}
+T = 1_800_000_000 * 1_000_000 // HOUR_US * HOUR_US
+
+
+def _undo(monkeypatch, db: FakeDb):
+    import asyncio
+
+    from serve_app.bodies import EnforcementBody
+    from serve_app.errors import ApiError
+    from serve_app.routes import orgs as org_routes
+
+    async def exists(org_id):
+        return None
+    db.patch(monkeypatch)
+    monkeypatch.setattr(org_routes, "require_org", lambda ctx, org_id: exists(org_id))
+    ctx = FakeCtx(db, {"org_c": _state("enforce", T)}, {"org_c": CHARGED})
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(org_routes._set_enforcement(ctx, "org_c", EnforcementBody(mode="shadow", undo=True), None))
+    assert refused.value.code == "cutover_charged"
+
+
+def test_an_undo_refused_as_charged_puts_back_the_orgs_cutover_row_and_its_events(monkeypatch):
+    from storage.enforcement import Row
+    db = FakeDb({"org_c": Row(False, T)}, {"e1": ("org_c", T, "pending"), "e0": ("org_c", T - HOUR_US, "consumed")})
+    _undo(monkeypatch, db)
+    assert db.rows["org_c"] == Row(False, T)
+    assert db.events == {"e1": ("org_c", T, "pending"), "e0": ("org_c", T - HOUR_US, "consumed")}
+
+
+def test_a_retried_undo_refused_as_charged_writes_the_row_of_the_orgs_state_not_the_first_attempts_shadow_row(
+        monkeypatch):
+    """The first attempt wrote the shadow row and moved the pending events to 'shadow', then its
+    outcome was unknown (5xx); the retry reads that shadow row as `before`. The org refuses:
+    it is enforced, cut over at T, so its row is the cutover's (the meter job then releases
+    the held events from T on), not shadow for ever."""
+    from storage.enforcement import Row
+    db = FakeDb({"org_c": Row(True, None)}, {"e1": ("org_c", T, "shadow")})
+    _undo(monkeypatch, db)
+    assert db.rows.get("org_c") == Row(False, T)
