@@ -14,6 +14,7 @@ import msgspec
 
 from actors import commands as cmd
 from actors import imports
+from actors.enforcement import SHADOW_FOREVER_US
 from actors.metering import cost_scaled
 from actors.org import BillingError, Effects, OrgBillingActor
 from actors.placement import slot_of
@@ -363,7 +364,8 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
             return {"entry": msgspec.to_builtins(entry), "balance_micros": balance}
         case cmd.Imported(created=created, changed=changed):
             return {"created": created, "changed": list(changed), "balance_micros": org.balance_micros,
-                    "waits_for_customer": imports.waits_for_customer(org)}
+                    "waits_for_customer": imports.waits_for_customer(org), "enforcement": org.enforcement(now_us),
+                    "cutover_us": None if org.shadow_until_us == SHADOW_FOREVER_US else org.shadow_until_us}
         case _:
             raise AssertionError(f"unknown outcome {outcome!r}")
 

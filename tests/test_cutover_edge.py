@@ -256,3 +256,102 @@ def test_a_retried_undo_refused_as_charged_writes_the_row_of_the_orgs_state_not_
     db = FakeDb({"org_c": Row(True, None)}, {"e1": ("org_c", T, "shadow")})
     _undo(monkeypatch, db)
     assert db.rows.get("org_c") == Row(False, T)
+
+
+def _write_many(db: FakeDb):
+    async def write_many(conn, rows):
+        for org_id, row in rows.items():
+            await db.write(conn, org_id, row)
+    return write_many
+
+
+def test_a_create_of_an_org_enforced_drops_a_shadow_row_an_earlier_create_left(monkeypatch):
+    """A create in shadow wrote the row, then crashed (or was refused) before the org was made;
+    the org created later enforced must not keep that row (its meter withheld for ever)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve_app.routes import orgs as org_routes
+    from storage.enforcement import Row
+    from tests.helpers import CATALOG
+
+    db = FakeDb({"org_n": Row(True, None)})
+    db.patch(monkeypatch)
+    monkeypatch.setattr(org_routes, "org_view", lambda state: {"enforcement": state.enforcement})
+    ctx = FakeCtx(db, {}, {"org_n": {"created": True, "state": _state("enforce", None)}})
+    ctx.catalog = CATALOG
+    ctx.admin = lambda request: None
+    app = FastAPI()
+    app.include_router(org_routes.routes(ctx))
+    answer = TestClient(app).post("/v1/orgs", json={"org_id": "org_n", "email": "ops@acme.test"})
+    assert answer.status_code == 201, answer.text
+    assert "org_n" not in db.rows
+
+
+def test_an_import_of_an_org_enforced_drops_a_shadow_row_an_earlier_run_left(monkeypatch):
+    from serve_app.routes import imports as import_routes
+    from storage import enforcement
+    from storage.enforcement import Row
+
+    db = FakeDb({"org_i": Row(True, None), "org_s": Row(True, None), "org_r": Row(True, None),
+                 "org_u": Row(True, None)})
+    db.patch(monkeypatch)
+    monkeypatch.setattr(enforcement, "write_many", _write_many(db), raising=False)
+    ctx = FakeCtx(db, {}, {})
+    work = [(0, "org_i", None, None), (1, "org_s", None, None), (2, "org_r", None, None), (3, "org_u", None, None)]
+    results = [{"created": True, "changed": [], "enforcement": "enforce", "cutover_us": None},
+               {"created": True, "changed": [], "enforcement": "shadow", "cutover_us": None},
+               {"error": {"code": "invalid_command", "message": "refused"}},
+               {"error": {"code": "outcome_unknown", "message": "maybe"}}]
+    import asyncio
+    # made by this run: org_s, org_r, org_u; org_i's row is an earlier run's (it crashed after it)
+    asyncio.run(import_routes._settle_enforcement_rows(ctx, work, results, {"org_s", "org_r", "org_u"}))
+    assert db.rows == {"org_s": Row(True, None), "org_u": Row(True, None)}
+
+
+def test_post_import_of_an_org_enforced_drops_a_shadow_row_though_the_run_made_none(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from config.settings import Settings
+    from serve_app.errors import install_error_handlers
+    from serve_app.routes import imports as import_routes
+    from storage import enforcement
+    from storage.enforcement import Row
+    from tests.helpers import CATALOG
+
+    db = FakeDb({"org_i": Row(True, None)})  # an earlier import in shadow made it, then crashed
+    db.patch(monkeypatch)
+    monkeypatch.setattr(enforcement, "write_many", _write_many(db), raising=False)
+
+    async def link(ctx, pairs, dry_run):
+        return {}
+    monkeypatch.setattr(import_routes, "_link_customers", link)
+    fake = FakeCtx(db, {}, {"org_i": {"created": True, "changed": [], "balance_micros": 0,
+                                       "waits_for_customer": False, "enforcement": "enforce", "cutover_us": None}})
+    ctx = SimpleNamespace(admin=lambda request: None, catalog=CATALOG, settings=Settings(data_dir=tmp_path),
+                          router=fake.router, db=fake.db)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(import_routes.routes(ctx))
+    answer = TestClient(app).post("/v1/import", json={"orgs": [
+        {"org_id": "org_i", "email": "o@example.com", "balance_micros": 0, "enforcement": "enforce"}]})
+    assert answer.status_code == 200 and answer.json()["orgs"][0]["status"] == "created", answer.text
+    assert db.rows == {}
+
+
+def test_the_shards_import_answer_carries_the_orgs_enforcement_for_the_meters_row():
+    from actors import batch
+    from actors.commands import Imported, SetEnforcement
+    from tests.test_shadow_core import Org
+
+    o = Org(shadow=True)
+    assert batch.answer(Imported(o.org, True, []), o.org, o.now)["enforcement"] == "shadow"
+    o.run(SetEnforcement("enforce", T))
+    reply = batch.answer(Imported(o.org, False, []), o.org, o.now)
+    assert (reply["enforcement"], reply["cutover_us"]) == ("shadow", T)
+    enforced = Org(shadow=False)
+    reply = batch.answer(Imported(enforced.org, True, []), enforced.org, enforced.now)
+    assert (reply["enforcement"], reply["cutover_us"]) == ("enforce", None)

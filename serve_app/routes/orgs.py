@@ -52,9 +52,9 @@ def routes(ctx: Context) -> APIRouter:
                     await enforcement.shadow_new_orgs(conn, [body.org_id])
             result = raise_for_shard_error(await ctx.router.command(
                 body.org_id, cmd.CreateOrg(body.email, plan_id, body.billing_mode == "prepaid", shadow)))
-            state = result["state"]
-            if shadow or not result["created"]:  # an org that existed keeps its own enforcement
-                await _write_enforcement(ctx, body.org_id, enforcement.row_of(state.enforcement, state.cutover_us))
+            state = result["state"]  # the row of the org's state, always: an org that existed keeps its own
+            # enforcement, and one created enforced loses a shadow row a create that crashed left
+            await _write_enforcement(ctx, body.org_id, enforcement.row_of(state.enforcement, state.cutover_us))
             return json(org_view(state), 201 if result["created"] else 200)
 
         return await idempotent(ctx, request, run)
