@@ -355,3 +355,37 @@ def test_the_shards_import_answer_carries_the_orgs_enforcement_for_the_meters_ro
     enforced = Org(shadow=False)
     reply = batch.answer(Imported(enforced.org, True, []), enforced.org, enforced.now)
     assert (reply["enforcement"], reply["cutover_us"]) == ("enforce", None)
+
+
+# --- 5. The billing portal of an org in shadow: 409 org_in_shadow, nothing sent to Stripe -------
+
+def test_the_portal_of_an_org_in_shadow_is_refused_before_stripe(monkeypatch):
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve_app.errors import install_error_handlers
+    from serve_app.routes import self_serve
+
+    opened = []
+
+    async def open_portal(ctx, org_id, back, key):
+        opened.append(org_id)
+        return {"url": "https://billing.stripe.test/session"}
+
+    async def org_state(ctx, org_id):
+        return _state("shadow" if org_id == "org_shadow" else "enforce", None)
+    monkeypatch.setattr(self_serve, "open_portal", open_portal)
+    monkeypatch.setattr(self_serve, "org_state", org_state)
+    monkeypatch.setattr(self_serve, "return_url", lambda ctx, url, field, org_id: url or "https://app.test/")
+    ctx = SimpleNamespace(org_or_admin=lambda request, org_id: None, stripe=SimpleNamespace(require=lambda: None))
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(self_serve.routes(ctx))
+    client = TestClient(app)
+    refused = client.post("/v1/orgs/org_shadow/portal", json={})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "org_in_shadow", refused.text
+    assert opened == []
+    assert client.post("/v1/orgs/org_live/portal", json={}).status_code == 200
+    assert opened == ["org_live"]
