@@ -14,6 +14,7 @@ import msgspec
 
 from actors import commands as cmd
 from actors import imports
+from actors.enforcement import SHADOW_FOREVER_US
 from actors.metering import cost_scaled
 from actors.org import BillingError, Effects, OrgBillingActor
 from actors.placement import slot_of
@@ -331,9 +332,11 @@ def _standing(org: OrgBillingActor, now_us: int, gated: bool) -> dict:
     """What a lease answer's capability token may say: the org's tier and plan, and whether it
     may be signed at all. A new lease passed the gate (`gated`); a renewal or the same lease
     again did not, so its token is signed only while the org is neither suspended, nor halted,
-    nor out of money (the checks of `ingest`, which holds no slot: the lease holds its own)."""
+    nor out of money (the checks of `ingest`, which holds no slot: the lease holds its own).
+    `shadow`: the org is in shadow now (billing-rules 2.12): its token is a short one, which
+    a cutover does not leave in force (serve_app/captokens.py)."""
     may = gated or decide("ingest", NO_RESOURCES, org.view_as_of(now_us)[0]).allowed
-    return {"tier": org.tier, "plan": org.plan.id, "token_ok": may}
+    return {"tier": org.tier, "plan": org.plan.id, "token_ok": may, "shadow": org.in_shadow(now_us)}
 
 
 def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
@@ -361,7 +364,8 @@ def answer(outcome: cmd.Outcome, org: OrgBillingActor, now_us: int) -> dict:
             return {"entry": msgspec.to_builtins(entry), "balance_micros": balance}
         case cmd.Imported(created=created, changed=changed):
             return {"created": created, "changed": list(changed), "balance_micros": org.balance_micros,
-                    "waits_for_customer": imports.waits_for_customer(org)}
+                    "waits_for_customer": imports.waits_for_customer(org), "enforcement": org.enforcement(now_us),
+                    "cutover_us": None if org.shadow_until_us == SHADOW_FOREVER_US else org.shadow_until_us}
         case _:
             raise AssertionError(f"unknown outcome {outcome!r}")
 

@@ -5,9 +5,11 @@ on, one org or a file of them, or an undo back to shadow. Each org is one
 from __future__ import annotations
 
 import re
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 
 from actors.ticks import ID_PATTERN
@@ -24,7 +26,7 @@ def cutover(orgs: Annotated[list[str] | None, typer.Argument(
                 metavar="[ORG]...", help="The orgs' ids.", show_default=False)] = None,
             at: Annotated[str | None, typer.Option(
                 "--at", metavar="TIME", help="The cutover: a whole UTC hour, RFC 3339 (like 2026-12-08T10:00:00Z). "
-                                             "Default: the next whole hour, the same for every org of the run.",
+                                             "Default: the next whole hour of the service's clock, the same for every org of the run.",
                 show_default=False)] = None,
             undo: Annotated[bool, typer.Option(
                 "--undo", help="Back to shadow: refused (cutover_charged) once a charge was asked or a Stripe "
@@ -52,6 +54,8 @@ def cutover(orgs: Annotated[list[str] | None, typer.Argument(
     out = Output(as_json)
     results: list[dict] = []
     with Api(url, token) as api, out.progress("undo" if undo else "cutover", total=len(ids)) as bar:
+        if at_text is None and not undo:  # decided once, sent to each org: never an org's own (old) cutover
+            at_text = us_to_rfc3339((_service_now_us(api) // HOUR_US + 1) * HOUR_US)
         for org_id in ids:
             body = {"mode": "shadow", "undo": True} if undo else {"mode": "enforce"}
             if at_text is not None:
@@ -63,8 +67,6 @@ def cutover(orgs: Annotated[list[str] | None, typer.Argument(
             else:
                 result = {"org_id": org_id, "ok": True, "enforcement": state["enforcement"],
                           "cutover_at": state["cutover_at"]}
-                if at_text is None and not undo and state["cutover_at"]:
-                    at_text = state["cutover_at"]  # the next hour, as the service saw it: the rest's too
             results.append(result)
             if not out.as_json:
                 bar.say(_line(result, undo), stderr=not result["ok"])
@@ -79,6 +81,25 @@ def cutover(orgs: Annotated[list[str] | None, typer.Argument(
         out.line(f"{summary['done']} of {summary['orgs']} org(s) {what}; {summary['failed']} failed")
     if failed:
         raise typer.Exit(1)
+
+
+def _service_now_us(api: Api) -> int:
+    """The service's time (its test clock when it runs one: GET /v1/test-clock; else the `Date`
+    header of that answer, the service's real clock), not this machine's."""
+    path = "/v1/test-clock"
+    try:
+        response = api.http.get(path)
+    except httpx.HTTPError:
+        api.call("GET", path)  # raises the CLI's error for it
+        raise
+    if response.status_code == 200:
+        return int(api._answer("GET", path, response)["now_us"])
+    if response.status_code != 404:
+        api._answer("GET", path, response)  # 401, 403, 503...: raises
+    try:
+        return int(parsedate_to_datetime(response.headers["date"]).timestamp()) * 1_000_000
+    except (KeyError, TypeError, ValueError):
+        raise CliError("cannot tell the service's time (no test clock, no Date header): give --at") from None
 
 
 def _is_id(text: str) -> bool:

@@ -316,8 +316,8 @@ def tax_note(page: BillingPage) -> str:
 
 
 def payments_off(page: BillingPage) -> bool:
-    """No Checkout from this page: Stripe is not set up, or the org is in shadow (the routes
-    refuse it too: 409 org_in_shadow)."""
+    """No Checkout nor billing portal from this page: Stripe is not set up, or the org is in
+    shadow (the routes refuse it too: 409 org_in_shadow)."""
     return not page.stripe_ready or page.shadow
 
 
@@ -342,7 +342,7 @@ def card_forms(page: BillingPage) -> str:
     status = ("A card is on file." if page.org["has_payment_method"] else "No card on file.")
     save = form(page, "setup", "", "Change card" if page.org["has_payment_method"] else "Add a card",
                 primary=not page.org["has_payment_method"], disabled=off)
-    portal = form(page, "portal", "", "Billing portal (cards, invoices, subscription)", disabled=not page.stripe_ready)
+    portal = form(page, "portal", "", "Billing portal (cards, invoices, subscription)", disabled=payments_off(page))
     return f'<p id="card-status">{status}</p><div class="row">{save}{portal}</div>{stripe_note(page)}'
 
 

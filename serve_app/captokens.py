@@ -45,13 +45,17 @@ class CapabilitySigner:
         self.etag = '"' + hashlib.sha256(self.key_set_body).hexdigest()[:32] + '"'
 
     def lease_token(self, org_id: str, lease: Lease, now_us: int, tier: str | None = None,
-                    plan: str | None = None) -> str:
+                    plan: str | None = None, short: bool = False) -> str:
         """The token of a granted lease: the lease's resources and the org's tier and plan when
-        it was granted, valid until the lease's expiry."""
+        it was granted, valid until the lease's expiry; `short` (an org in shadow, billing-rules
+        2.12): for at most GATE_TOKEN_TTL_S, so that no token of a shadow org outlives its
+        cutover by more than a gate check's does (the holder renews the lease for a new one)."""
         grant = Grant(lease.memory_mb, lease.cpu_count, lease.disk_mb, lease.machine_type, lease.region,
                       lease.quantity)
-        return sign(self._private, Claims(org_id, "create", now_us // 1_000_000, lease.expires_at_us // 1_000_000,
-                                          grant, lease.lease_id, tier, plan))
+        now_s, exp_s = now_us // 1_000_000, lease.expires_at_us // 1_000_000
+        if short:
+            exp_s = min(exp_s, now_s + GATE_TOKEN_TTL_S)
+        return sign(self._private, Claims(org_id, "create", now_s, exp_s, grant, lease.lease_id, tier, plan))
 
     def gate_token(self, org_id: str, action: str, resources: Resources, now_us: int,
                    view_until_us: int | None = None) -> str:

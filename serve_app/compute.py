@@ -42,12 +42,15 @@ def shadowed(result: dict) -> dict:
 
 def lease_token(ctx: Context, org_id: str, result: dict) -> dict:
     """{"capability_token": the token of the shard's lease reply}, or {} on a replica without a
-    capability key (cells then refuse, closed) or when the org may not run now."""
+    capability key (cells then refuse, closed) or when the org may not run now. An org in
+    shadow (billing-rules 2.12) gets a token of at most GATE_TOKEN_TTL_S, as a gate check's:
+    one until the lease's expiry would outlive a cutover (its renewals get short ones too)."""
     signer = ctx.capabilities
     if signer is None or not result.get("token_ok"):  # a renewal while halted, suspended or broke: none
         return {}
+    shadow = bool(result.get("shadow") or result.get("shadowed"))  # `shadowed`: a shard without `shadow`
     return {"capability_token": signer.lease_token(org_id, result["lease"], now_us(), result.get("tier"),
-                                                   result.get("plan"))}
+                                                   result.get("plan"), short=shadow)}
 
 
 def current_view(ctx: Context, org_id: str) -> dict:

@@ -214,6 +214,7 @@ def routes(ctx: Context) -> APIRouter:
         async def send() -> Response:
             caller, fields = await submitted(request, org_id)
             ctx.stripe.require()
+            await refuse_in_shadow(ctx, org_id)
             session = await answered_once(request, caller, fields, lambda: as_json(open_portal(
                 ctx, org_id, billing_url(ctx, org_id), fields.get("idempotency_key") or None)))
             return RedirectResponse(session["url"], 303)

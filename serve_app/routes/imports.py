@@ -74,7 +74,7 @@ def routes(ctx: Context) -> APIRouter:
         results = await asyncio.gather(*(
             ctx.router.command(org_id, cmd.PreviewImport(command) if body.dry_run else command)
             for _, org_id, command, _ in work))
-        if rows_made:
+        if not body.dry_run:
             await _settle_enforcement_rows(ctx, work, results, set(rows_made))
         if work and all(map(_retry, results)):
             raise api_error_of(results[0]["error"])  # nothing applied: the request as a whole, again
@@ -126,14 +126,23 @@ def _enforcement_of(raw: dict, default: str) -> tuple[dict, bool]:
 
 
 async def _settle_enforcement_rows(ctx: Context, work: list, results: list[dict], made: set[str]) -> None:
-    """After the orgs' commands: a shadow row made for an org that existed already (it keeps its
-    own) or that was refused goes. An org whose outcome is unknown keeps it (withheld until the
-    import runs again)."""
-    drop = [org_id for (_, org_id, _, _), result in zip(work, results) if org_id in made and (
-        not _retry(result) if "error" in result else not result["created"])]
-    if drop:
+    """After the orgs' commands, the meter's row of each org imported is its state's (an org
+    that existed keeps its own enforcement; one imported enforced loses a shadow row an earlier
+    run left, e.g. one that crashed after making it); a shadow row made for an org that was
+    refused goes. An org whose outcome is unknown keeps its row (withheld until the import
+    runs again)."""
+    rows: dict[str, enforcement.Row | None] = {}
+    for (_, org_id, _, _), result in zip(work, results):
+        if "error" in result:
+            if org_id in made and not _retry(result):
+                rows[org_id] = None
+        elif "enforcement" in result:
+            rows[org_id] = enforcement.row_of(result["enforcement"], result["cutover_us"])
+        elif org_id in made and not result["created"]:  # a shard from before `enforcement` in its answer
+            rows[org_id] = None
+    if rows:
         async with (await ctx.db()).acquire() as conn:
-            await enforcement.forget(conn, drop)
+            await enforcement.write_many(conn, rows)
 
 
 async def _link_customers(ctx: Context, pairs: list[tuple[str, str]], dry_run: bool) -> dict[str, tuple[str, bool]]:

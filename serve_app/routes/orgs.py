@@ -52,9 +52,9 @@ def routes(ctx: Context) -> APIRouter:
                     await enforcement.shadow_new_orgs(conn, [body.org_id])
             result = raise_for_shard_error(await ctx.router.command(
                 body.org_id, cmd.CreateOrg(body.email, plan_id, body.billing_mode == "prepaid", shadow)))
-            state = result["state"]
-            if shadow or not result["created"]:  # an org that existed keeps its own enforcement
-                await _write_enforcement(ctx, body.org_id, enforcement.row_of(state.enforcement, state.cutover_us))
+            state = result["state"]  # the row of the org's state, always: an org that existed keeps its own
+            # enforcement, and one created enforced loses a shadow row a create that crashed left
+            await _write_enforcement(ctx, body.org_id, enforcement.row_of(state.enforcement, state.cutover_us))
             return json(org_view(state), 201 if result["created"] else 200)
 
         return await idempotent(ctx, request, run)
@@ -267,13 +267,26 @@ async def _set_enforcement(ctx: Context, org_id: str, body: EnforcementBody, at_
         result = raise_for_shard_error(await ctx.router.command(
             org_id, cmd.SetEnforcement("shadow", None, body.undo)))
     except ApiError as exc:
-        if exc.status < 500:  # refused, nothing changed: the meter's row and events as they were
+        if exc.status < 500:  # refused, nothing changed: the events moved back, the row the org's
             async with (await ctx.db()).acquire() as conn:
-                await enforcement.revert_undo(conn, org_id, before, moved)
+                await enforcement.revert_undo(conn, org_id, await _row_now(ctx, org_id, before), moved)
         raise  # else the outcome is unknown: withheld until the same request again repairs the row
     state = result["state"]
     await _write_enforcement(ctx, org_id, enforcement.row_of(state.enforcement, state.cutover_us))
     return json(org_view(state))
+
+
+async def _row_now(ctx: Context, org_id: str, before: enforcement.Row | None) -> enforcement.Row | None:
+    """The meter's row of the org's state as its shard holds it now. Not `before`: on a retry
+    of a request whose first attempt's outcome was unknown, that is the attempt's own shadow
+    row, and an enforced org would keep its meter withheld for ever (the meter job releases
+    the events held since its cutover once the row says so). `before` only if the state
+    cannot be read (withheld, the safe side)."""
+    try:
+        state = await org_state(ctx, org_id)
+    except ApiError:
+        return before
+    return enforcement.row_of(state.enforcement, state.cutover_us)
 
 
 def _expiry(body: CreditBody) -> int | None:

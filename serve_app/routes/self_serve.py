@@ -291,7 +291,8 @@ TIER_ANSWER = ("A Checkout to open (not yet subscribed), or the subscription cha
 async def refuse_in_shadow(ctx: Context, org_id: str) -> None:
     """A shadow org (billing-rules 2.12) is billed by the platform's own biller until its
     cutover: metergate starts no Checkout (top-up, card, tier) that would charge it or take
-    its card. 409 `org_in_shadow`, before anything reaches Stripe."""
+    its card, nor a billing portal session (cards, invoices, subscriptions of its customer).
+    409 `org_in_shadow`, before anything reaches Stripe."""
     if (await org_state(ctx, org_id)).enforcement == "shadow":
         raise ApiError(409, "org_in_shadow", "billing of this org is not live yet (shadow mode, a preview): "
                                              "top-ups, cards and tiers are not taken here until its cutover")
@@ -348,6 +349,7 @@ def routes(ctx: Context) -> APIRouter:
         ctx.stripe.require()
         body = parse_model(PortalBody, await request.body())
         back = return_url(ctx, body.return_url, "return_url", org_id)
+        await refuse_in_shadow(ctx, org_id)
 
         async def run() -> Response:
             return json(await open_portal(ctx, org_id, back, request.headers.get("idempotency-key")))
