@@ -113,10 +113,12 @@ async def begin_undo(conn: asyncpg.Connection, org_id: str, cutover_us: int) -> 
     return [r["identifier"] for r in moved]
 
 
-async def revert_undo(conn: asyncpg.Connection, org_id: str, before: Row | None, moved: list[str]) -> None:
-    """The org refused the undo begin_undo prepared: its row and its moved events as they were."""
+async def revert_undo(conn: asyncpg.Connection, org_id: str, row: Row | None, moved: list[str]) -> None:
+    """The org refused the undo begin_undo prepared: its row written as given (the edge passes
+    the row of the org's state now, which a retried undo may not have had before it), and the
+    events it moved back to pending."""
     async with conn.transaction():
-        await write(conn, org_id, before)
+        await write(conn, org_id, row)
         if moved:
             await conn.execute("UPDATE meter_events SET status = 'pending' WHERE identifier = ANY($1::text[])"
                                " AND status = 'shadow'", moved)
