@@ -49,6 +49,8 @@ def shard_result(kind: str, answer: dict) -> dict:
         return {"refused": True} if "error" in answer else {"changed": answer["changed"]}
     if "error" in answer:
         code = answer["error"]["code"]
+        if kind == "set_enforcement":  # billing-rules 2.12: the model names the refusal's code
+            return {"refused": code}
         return {"refused": REFUSALS.get(code, answer["error"]["message"])}
     if answer.get("replayed"):
         return {"replayed": True}
@@ -58,8 +60,11 @@ def shard_result(kind: str, answer: dict) -> dict:
             return {"clawed_micros": -entry["amount_micros"]}
         return {"entry": (entry["kind"], entry["amount_micros"], entry.get("grant_id"), entry.get("expires_at_us"))}
     if "lease" in answer:
-        return {"granted": True, "created": answer["created"], "expires_at_us": answer["lease"].expires_at_us} \
-            if "created" in answer else {"expires_at_us": answer["lease"].expires_at_us}
+        if "created" not in answer:
+            return {"expires_at_us": answer["lease"].expires_at_us}
+        granted = {"granted": True, "created": answer["created"], "expires_at_us": answer["lease"].expires_at_us}
+        shadowed = answer.get("shadowed")  # a shadow org's (billing-rules 2.12): what it would get
+        return granted if shadowed is None else {**granted, "would": shadowed["would_reason"]}
     if "denied" in answer:
         return {"denied": answer["denied"]["reason"]}
     if "released" in answer:
@@ -144,6 +149,8 @@ class ShardAgainstModel(RuleBasedStateMachine):
         kind = step["type"]
         if kind == "gate":
             (decision,) = self.run(self.shard.gate([(self.org_id, step["action"], Resources(**step["resources"]))]))
+            if decision.get("would_reason") is not None:  # a shadow org's (billing-rules 2.12)
+                return {"reason": decision["reason"], "would": decision["would_reason"]}
             return {"reason": decision["reason"]}
         if kind == "usage":
             ticks = [Tick(t["tick_id"], self.org_id, t["lease_id"], self.now, t["duration_ms"], t["memory_mb"],
