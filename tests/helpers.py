@@ -110,6 +110,39 @@ def database_url_named(base_url: str, name: str) -> str:
     return f"{head}/{name}{query}"
 
 
+def migrated_database(folder, label: str):
+    """A generator for a module fixture: the URL of a new, migrated database named after
+    `label` (on METERGATE_DATABASE_URL's server, else on an embedded one started in `folder`),
+    dropped (or its server stopped) when the generator is closed."""
+    import os
+    from urllib.parse import urlsplit, urlunsplit
+
+    from storage.db import migrate, start_embedded_postgres, stop_embedded_postgres
+
+    external = os.environ.get("METERGATE_DATABASE_URL")
+    server = None
+    if external:
+        base = external
+    else:
+        base, server = start_embedded_postgres(folder)
+    name = f"metergate_{label}_{uuid.uuid4().hex[:10]}"
+
+    async def on_server(statement: str) -> None:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(on_server(f'CREATE DATABASE "{name}"'))
+    url = urlunsplit(urlsplit(base)._replace(path=f"/{name}"))  # (pgserver's URL keeps its socket query)
+    asyncio.run(migrate(url))
+    yield url
+    asyncio.run(on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    if server is not None:
+        stop_embedded_postgres(server)
+
+
 def ledger_sum(sql, org_id: str) -> int:
     return sql.val("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger WHERE org_id = $1", org_id)
 

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -32,8 +29,8 @@ from serve_app.context import Context
 from serve_app.errors import install_error_handlers
 from serve_app.routes import parity as parity_routes
 from storage import parity
-from storage.db import migrate
 from storage.times import us_to_dt
+from tests.helpers import migrated_database
 
 HOUR_US = 3_600_000_000
 MINUTE_US = 60_000_000
@@ -82,30 +79,7 @@ def test_an_org_and_hour_on_two_lines_is_refused_naming_the_lines(tmp_path):
 @pytest.fixture(scope="module")
 def database_url(tmp_path_factory):
     """A new, migrated database; dropped (or its server stopped) at the end."""
-    from storage.db import start_embedded_postgres, stop_embedded_postgres
-
-    external = os.environ.get("METERGATE_DATABASE_URL")
-    server = None
-    if external:
-        base = external
-    else:
-        base, server = start_embedded_postgres(tmp_path_factory.mktemp("parity_bounds"))
-    name = f"metergate_parity_{uuid.uuid4().hex[:10]}"
-
-    async def on_server(statement: str) -> None:
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(on_server(f'CREATE DATABASE "{name}"'))
-    url = urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
-    asyncio.run(migrate(url))
-    yield url
-    asyncio.run(on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    if server is not None:
-        stop_embedded_postgres(server)
+    yield from migrated_database(tmp_path_factory.mktemp("parity_bounds"), "parity")
 
 
 ORGS = 30

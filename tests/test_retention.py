@@ -8,10 +8,8 @@ database of its own: the embedded Postgres, or one on METERGATE_DATABASE_URL's s
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -23,10 +21,10 @@ from actors.months import summarize_months
 from actors.retry import US_PER_S
 from config.settings import Settings
 from storage import http_idempotency, inbound_webhooks, ledger, meter_events, outbox, usage
-from storage.db import create_pool, migrate
+from storage.db import create_pool
 from storage.journal import CommitBatch, write_batch
 from storage.times import dt_to_us, us_to_dt
-from tests.helpers import OUTBOUND_SECRET
+from tests.helpers import OUTBOUND_SECRET, migrated_database
 
 DAY_US = 86_400 * US_PER_S
 HOUR_US = 3_600 * US_PER_S
@@ -36,36 +34,7 @@ MINUTE_US = 60 * US_PER_S
 @pytest.fixture(scope="module")
 def database_url(tmp_path_factory):
     """A new, migrated database; dropped (or its server stopped) at the end."""
-    from storage.db import start_embedded_postgres, stop_embedded_postgres
-
-    external = os.environ.get("METERGATE_DATABASE_URL")
-    server = None
-    if external:
-        base = external
-    else:
-        base, server = start_embedded_postgres(tmp_path_factory.mktemp("retention"))
-    name = f"metergate_retention_{uuid.uuid4().hex[:10]}"
-
-    async def on_server(statement: str) -> None:
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(on_server(f'CREATE DATABASE "{name}"'))
-    url = named(base, name)
-    asyncio.run(migrate(url))
-    yield url
-    asyncio.run(on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    if server is not None:
-        stop_embedded_postgres(server)
-
-
-def named(url: str, database: str) -> str:
-    """`url` with another database: pgserver's URL carries its socket folder in the query."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
+    yield from migrated_database(tmp_path_factory.mktemp("retention"), "retention")
 
 
 def scheduler_on(url: str, webhook_urls: str = "", **update) -> SchedulerActor:
