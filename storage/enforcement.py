@@ -60,6 +60,13 @@ async def write(conn: asyncpg.Connection, org_id: str, row: Row | None) -> None:
         " DO UPDATE SET shadow = excluded.shadow, cutover = excluded.cutover, updated_at = now()"
         " WHERE (org_enforcement.shadow, org_enforcement.cutover) IS DISTINCT FROM (excluded.shadow, excluded.cutover)",
         org_id, row.shadow, optional_dt(row.cutover_us))
+    if not row.shadow:
+        # A cutover moved earlier (one set ahead consumed the hours before it): the org's hours
+        # from the new cutover on that were consumed unsent are its to bill again, as shadow
+        # events the meter job releases (billing-rules 2.12; a retired event has no value).
+        await conn.execute(
+            "UPDATE meter_events SET status = 'shadow' WHERE org_id = $1 AND status = 'consumed' AND value > 0"
+            " AND sent_at IS NULL AND hour >= $2", org_id, optional_dt(row.cutover_us))
 
 
 async def write_many(conn: asyncpg.Connection, rows: dict[str, Row | None]) -> None:
